@@ -1,0 +1,135 @@
+//! Settings of one partition log.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::record::MAX_BATCH_LEN;
+use super::segment::MAX_SEGMENT_BYTES;
+
+/// When appended bytes are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// An append completes only after `fdatasync` covered it. Appends that queue while a sync
+    /// runs share the next one (group commit). Nothing acknowledged is ever lost.
+    #[default]
+    Always,
+    /// Appends complete once written to the OS; the log is synced every `fsync_interval_ms`. A
+    /// crash of the machine (not just the process) can lose up to that window of acknowledged
+    /// data.
+    Interval,
+    /// Appends complete once written to the OS; syncs happen only on roll and close. A machine
+    /// crash can lose everything since the last roll. For tests and throwaway data.
+    Never,
+}
+
+/// Settings of a partition log. Each field says its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Roll to a new segment when the active one would grow past this many bytes.
+    /// Default: 256 MiB. At most 4 GiB - 1 (index positions are 32-bit).
+    pub segment_bytes: u64,
+    /// Roll when the first record of the active segment is older than this, judged by the
+    /// timestamps of incoming batches. Default: 7 days.
+    pub segment_ms: u64,
+    /// Bytes of log between two sparse index entries. Default: 4096.
+    pub index_interval_bytes: u32,
+    /// When appends are made durable. Default: `always`.
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`, the longest time between two syncs. Default: 100.
+    pub fsync_interval_ms: u64,
+    /// Largest batch accepted, framing included. Default: 8 MiB.
+    pub max_batch_bytes: usize,
+    /// Write a recovery checkpoint after this many synced bytes, so that recovery after a crash
+    /// scans at most this much of the active segment. Default: 64 MiB.
+    pub checkpoint_bytes: u64,
+    /// Appends queued for the writer before `append` waits. Default: 4096.
+    pub queue_depth: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 256 << 20,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            index_interval_bytes: 4096,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            max_batch_bytes: 8 << 20,
+            checkpoint_bytes: 64 << 20,
+            queue_depth: 4096,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Rejects settings that make no sense, with a message naming the field.
+    pub fn sanitize(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.segment_bytes < 4096 || self.segment_bytes > MAX_SEGMENT_BYTES {
+            return bad(format!(
+                "segment_bytes = {} must be between 4096 and {MAX_SEGMENT_BYTES}",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms == 0 {
+            return bad("segment_ms must be at least 1".into());
+        }
+        if self.index_interval_bytes == 0 {
+            return bad("index_interval_bytes must be at least 1".into());
+        }
+        if self.max_batch_bytes < 1024 || self.max_batch_bytes > MAX_BATCH_LEN {
+            return bad(format!(
+                "max_batch_bytes = {} must be between 1024 and {MAX_BATCH_LEN}",
+                self.max_batch_bytes
+            ));
+        }
+        if self.fsync == FsyncPolicy::Interval && self.fsync_interval_ms == 0 {
+            return bad("fsync_interval_ms must be at least 1 with fsync = \"interval\"".into());
+        }
+        if self.queue_depth == 0 {
+            return bad("queue_depth must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Entries a segment's offset index needs at most: one per interval, plus one per batch
+    /// that is larger than the interval (bounded by the same count), plus the first.
+    pub fn index_capacity(&self) -> usize {
+        (self.segment_bytes / u64::from(self.index_interval_bytes)) as usize + 2
+    }
+
+    pub(crate) fn sync_interval(&self) -> Option<Duration> {
+        (self.fsync == FsyncPolicy::Interval).then(|| Duration::from_millis(self.fsync_interval_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_pass_and_nonsense_is_named() {
+        LogConfig::default().sanitize().unwrap();
+        let c = LogConfig {
+            segment_bytes: 10,
+            ..LogConfig::default()
+        };
+        let msg = c.sanitize().unwrap_err().to_string();
+        assert!(msg.contains("segment_bytes"), "{msg}");
+        let c = LogConfig {
+            fsync: FsyncPolicy::Interval,
+            fsync_interval_ms: 0,
+            ..LogConfig::default()
+        };
+        assert!(
+            c.sanitize()
+                .unwrap_err()
+                .to_string()
+                .contains("fsync_interval_ms")
+        );
+    }
+}

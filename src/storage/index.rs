@@ -1,0 +1,171 @@
+//! The sparse offset index of one segment: `<base>.index`.
+//!
+//! One entry per `index_interval_bytes` of log (and one for a segment's first batch), each naming
+//! where a batch starts. A lookup is a binary search for the last entry at or below the wanted
+//! offset, then a forward scan of the log that is bounded by the interval plus one batch.
+//!
+//! # Layout
+//! A [`super::mapped`] file with magic `SLIX` and 8-byte entries:
+//!
+//! | offset | size | field             | notes                                        |
+//! |-------:|-----:|-------------------|----------------------------------------------|
+//! |      0 |    4 | `relative_offset` | batch base offset minus segment base (u32 LE)|
+//! |      4 |    4 | `position`        | byte position of the batch in `.log` (u32 LE)|
+//!
+//! Entries are strictly increasing in both fields.
+
+use std::io;
+use std::path::Path;
+
+use super::mapped::{MappedEntries, OpenProblem};
+
+pub const MAGIC: [u8; 4] = *b"SLIX";
+pub const ENTRY_LEN: usize = 8;
+
+/// A `(relative offset, byte position)` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub relative_offset: u32,
+    pub position: u32,
+}
+
+#[derive(Debug)]
+pub struct OffsetIndex {
+    entries: MappedEntries<ENTRY_LEN>,
+}
+
+impl OffsetIndex {
+    pub fn create(path: &Path, base_offset: u64, capacity: usize) -> io::Result<Self> {
+        MappedEntries::create(path, MAGIC, base_offset, capacity).map(|entries| Self { entries })
+    }
+
+    /// Opens an existing index and checks that its entries are strictly increasing.
+    /// `max_entries`: how many entries count (see [`MappedEntries::open`]).
+    pub fn open(
+        path: &Path,
+        base_offset: u64,
+        max_entries: Option<usize>,
+    ) -> Result<Self, OpenProblem> {
+        let index = Self {
+            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries)?,
+        };
+        let mut prev: Option<IndexEntry> = None;
+        for i in 0..index.len() {
+            let e = index.entry(i);
+            if let Some(p) = prev
+                && (e.relative_offset <= p.relative_offset || e.position <= p.position)
+            {
+                return Err(OpenProblem::Invalid("entries are not increasing"));
+            }
+            prev = Some(e);
+        }
+        Ok(index)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.entries.path()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.entries.is_full()
+    }
+
+    pub fn entry(&self, i: usize) -> IndexEntry {
+        let b = self.entries.get(i);
+        IndexEntry {
+            relative_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        }
+    }
+
+    pub fn last(&self) -> Option<IndexEntry> {
+        self.len().checked_sub(1).map(|i| self.entry(i))
+    }
+
+    /// The last entry whose relative offset is at or below `relative_offset`.
+    pub fn lookup(&self, relative_offset: u32) -> Option<IndexEntry> {
+        let n = self.len();
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.entry(mid).relative_offset <= relative_offset {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo.checked_sub(1).map(|i| self.entry(i))
+    }
+
+    pub fn push(&self, e: IndexEntry) -> bool {
+        let mut b = [0u8; ENTRY_LEN];
+        b[0..4].copy_from_slice(&e.relative_offset.to_le_bytes());
+        b[4..8].copy_from_slice(&e.position.to_le_bytes());
+        self.entries.push(b)
+    }
+
+    pub fn reset(&mut self, len: usize, capacity: usize) -> io::Result<()> {
+        self.entries.reset(len, capacity)
+    }
+
+    pub fn trim(&self) -> io::Result<()> {
+        self.entries.trim()
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.entries.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_finds_the_last_entry_at_or_below_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.index");
+        let idx = OffsetIndex::create(&path, 100, 8).unwrap();
+        for (rel, pos) in [(0, 16), (10, 4096), (25, 9000)] {
+            assert!(idx.push(IndexEntry {
+                relative_offset: rel,
+                position: pos
+            }));
+        }
+        assert_eq!(idx.lookup(0).unwrap().position, 16);
+        assert_eq!(idx.lookup(9).unwrap().position, 16);
+        assert_eq!(idx.lookup(10).unwrap().position, 4096);
+        assert_eq!(idx.lookup(24).unwrap().position, 4096);
+        assert_eq!(idx.lookup(1000).unwrap().position, 9000);
+        idx.trim().unwrap();
+        drop(idx);
+        let idx = OffsetIndex::open(&path, 100, None).unwrap();
+        assert_eq!(idx.len(), 3);
+        assert_eq!(idx.lookup(30).unwrap().relative_offset, 25);
+        assert!(matches!(
+            OffsetIndex::open(&path, 101, None),
+            Err(OpenProblem::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_index_refuses_more_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = OffsetIndex::create(&dir.path().join("0.index"), 0, 1).unwrap();
+        let e = |r| IndexEntry {
+            relative_offset: r,
+            position: r + 16,
+        };
+        assert!(idx.push(e(0)));
+        assert!(idx.is_full());
+        assert!(!idx.push(e(1)));
+    }
+}

@@ -1,0 +1,218 @@
+//! A file of fixed-size entries behind a 16-byte header, mapped with memmap2: the shared body of
+//! the offset index ([`super::index`]) and the time index ([`super::timeindex`]).
+//!
+//! # Layout
+//!
+//! | offset | size | field        | notes                                   |
+//! |-------:|-----:|--------------|-----------------------------------------|
+//! |      0 |    4 | `magic`      | `SLIX` (offset index), `SLTI` (time)    |
+//! |      4 |    2 | `version`    | 1                                       |
+//! |      6 |    2 | `entry_size` | bytes per entry                         |
+//! |      8 |    8 | `base_offset`| the segment's base offset               |
+//! |     16 |    … | entries      | `entry_size` bytes each                 |
+//!
+//! The active segment's file is preallocated to its capacity (zeros past the last entry) and
+//! trimmed to its entries on roll and clean close. The file is derived data: it is never synced
+//! per write and is rebuilt from the log whenever it does not check out.
+//!
+//! # Concurrency
+//! One writer appends while any number of readers search. Entries are written through the raw
+//! mapping into slots at or past `len`, then `len` is published with `Release`; readers load `len`
+//! with `Acquire` and only touch slots below it, so no slot is read while it is written. Writers
+//! serialise on a mutex (uncontended: one partition writer).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+pub const HEADER_LEN: usize = 16;
+pub const VERSION: u16 = 1;
+
+/// Why an existing entries file cannot be used as it is.
+#[derive(Debug)]
+pub enum OpenProblem {
+    Io(io::Error),
+    /// The file is there but does not check out; rebuild it.
+    Invalid(&'static str),
+}
+
+impl From<io::Error> for OpenProblem {
+    fn from(e: io::Error) -> Self {
+        OpenProblem::Io(e)
+    }
+}
+
+#[derive(Debug)]
+pub struct MappedEntries<const N: usize> {
+    path: PathBuf,
+    file: File,
+    map: MmapRaw,
+    /// Entries that fit in the current mapping (and file).
+    capacity: AtomicUsize,
+    /// Entries published to readers.
+    len: AtomicUsize,
+    write: Mutex<()>,
+}
+
+impl<const N: usize> MappedEntries<N> {
+    /// Creates (or overwrites) the file with room for `capacity` entries.
+    pub fn create(
+        path: &Path,
+        magic: [u8; 4],
+        base_offset: u64,
+        capacity: usize,
+    ) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&magic);
+        header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        header[6..8].copy_from_slice(&(N as u16).to_le_bytes());
+        header[8..16].copy_from_slice(&base_offset.to_le_bytes());
+        std::os::unix::fs::FileExt::write_all_at(&file, &header, 0)?;
+        Self::map(path, file, capacity, 0)
+    }
+
+    /// Opens an existing file. Every whole entry in it counts (as in a trimmed file), up to
+    /// `max_entries` when given (a preallocated file holds zeros past its entries).
+    pub fn open(
+        path: &Path,
+        magic: [u8; 4],
+        base_offset: u64,
+        max_entries: Option<usize>,
+    ) -> Result<Self, OpenProblem> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len < HEADER_LEN {
+            return Err(OpenProblem::Invalid("shorter than its header"));
+        }
+        let mut header = [0u8; HEADER_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)?;
+        if header[0..4] != magic {
+            return Err(OpenProblem::Invalid("bad magic"));
+        }
+        if header[4..6] != VERSION.to_le_bytes() || header[6..8] != (N as u16).to_le_bytes() {
+            return Err(OpenProblem::Invalid("unknown version or entry size"));
+        }
+        if header[8..16] != base_offset.to_le_bytes() {
+            return Err(OpenProblem::Invalid(
+                "base offset does not match the file name",
+            ));
+        }
+        if !(len - HEADER_LEN).is_multiple_of(N) {
+            return Err(OpenProblem::Invalid(
+                "length is not a whole number of entries",
+            ));
+        }
+        let capacity = (len - HEADER_LEN) / N;
+        let entries = max_entries.map_or(capacity, |m| m.min(capacity));
+        Self::map(path, file, capacity, entries).map_err(OpenProblem::Io)
+    }
+
+    fn map(path: &Path, file: File, capacity: usize, len: usize) -> io::Result<Self> {
+        let bytes = HEADER_LEN + capacity * N;
+        file.set_len(bytes as u64)?;
+        let map = MmapOptions::new().len(bytes).map_raw(&file)?;
+        Ok(MappedEntries {
+            path: path.to_path_buf(),
+            file,
+            map,
+            capacity: AtomicUsize::new(capacity),
+            len: AtomicUsize::new(len),
+            write: Mutex::new(()),
+        })
+    }
+
+    /// Drops entries past `len` and makes room for `capacity` entries. Only before the file is
+    /// shared with readers (it remaps).
+    pub fn reset(&mut self, len: usize, capacity: usize) -> io::Result<()> {
+        let capacity = capacity.max(len);
+        let bytes = HEADER_LEN + capacity * N;
+        self.file.set_len(bytes as u64)?;
+        self.map = MmapOptions::new().len(bytes).map_raw(&self.file)?;
+        *self.capacity.get_mut() = capacity;
+        *self.len.get_mut() = len.min(capacity);
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Entry `i`; `i` must be below a `len()` the caller loaded.
+    pub fn get(&self, i: usize) -> [u8; N] {
+        assert!(
+            i < self.len(),
+            "index entry {i} read past the published length"
+        );
+        let mut out = [0u8; N];
+        // SAFETY: `i < len <= capacity`, so the slot lies inside the mapping, which is at least
+        // `HEADER_LEN + capacity * N` bytes and inside the file (trim never cuts below `len`).
+        // The slot was written before `len` was published (Release/Acquire) and is never
+        // written again while shared, so this read races with no write.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(HEADER_LEN + i * N),
+                out.as_mut_ptr(),
+                N,
+            );
+        }
+        out
+    }
+
+    /// Appends an entry; false when the file is full (the caller rolls the segment).
+    pub fn push(&self, entry: [u8; N]) -> bool {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let len = self.len.load(Ordering::Relaxed);
+        if len >= self.capacity.load(Ordering::Relaxed) {
+            return false;
+        }
+        // SAFETY: `len < capacity`, so the slot is inside the mapping and the file. Readers never
+        // touch slots at or past the published `len`, and the mutex excludes other writers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                entry.as_ptr(),
+                self.map.as_mut_ptr().add(HEADER_LEN + len * N),
+                N,
+            );
+        }
+        self.len.store(len + 1, Ordering::Release);
+        true
+    }
+
+    /// Cuts the file to its entries; no entry can be appended afterwards. The mapping stays (the
+    /// pages past the new end are never touched again).
+    pub fn trim(&self) -> io::Result<()> {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let len = self.len.load(Ordering::Relaxed);
+        self.capacity.store(len, Ordering::Release);
+        self.file.set_len((HEADER_LEN + len * N) as u64)
+    }
+
+    /// Writes the mapped entries back to the file and syncs it (checkpoints and close only).
+    pub fn sync(&self) -> io::Result<()> {
+        let len = self.len();
+        self.map.flush_range(0, HEADER_LEN + len * N)?;
+        self.file.sync_data()
+    }
+}

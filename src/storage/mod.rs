@@ -1,0 +1,34 @@
+//! The storage engine: synchronous, no tokio, no gRPC.
+//!
+//! | module        | on disk / job                                                        |
+//! |---------------|----------------------------------------------------------------------|
+//! | [`record`]    | the record batch codec (length, magic, CRC, offsets, records)        |
+//! | [`segment`]   | `<base>.log` files and their names; positional reads and scans       |
+//! | [`index`]     | `<base>.index`: sparse offset → position, memory-mapped              |
+//! | [`timeindex`] | `<base>.timeindex`: sparse max-timestamp → offset, memory-mapped     |
+//! | [`mapped`]    | the shared body of both index files                                  |
+//! | [`checkpoint`]| `checkpoint`: where recovery resumes, and the clean-close marker     |
+//! | [`partition`] | a partition log: writer thread, group commit, readers, recovery      |
+//! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
+//! | [`io`]        | the fault seam every durable write and sync goes through             |
+//! | [`config`]    | [`LogConfig`] and [`FsyncPolicy`]                                    |
+//! | [`error`]     | [`Error`], this layer's one error type                               |
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod index;
+pub mod io;
+pub mod mapped;
+pub mod partition;
+pub mod record;
+pub mod segment;
+pub mod timeindex;
+pub mod topic;
+
+pub use config::{FsyncPolicy, LogConfig};
+pub use error::{Error, Result};
+pub use io::{FileIo, RealIo};
+pub use partition::{Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport};
+pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
+pub use topic::{DataDir, TopicConfig, validate_topic_name};

@@ -1,0 +1,546 @@
+//! The record batch: the unit that is framed, checksummed, written and read.
+//!
+//! A producer's records are encoded into one batch off the writer thread; the partition writer
+//! only stamps the base offset and the CRC ([`EncodedBatch::seal`]). Readers get whole batches
+//! back as [`Batch`] (one `Bytes` buffer) and iterate its records without copying payloads.
+//!
+//! # Batch layout (all integers little-endian)
+//!
+//! | offset | size | field               | notes                                              |
+//! |-------:|-----:|---------------------|----------------------------------------------------|
+//! |      0 |    4 | `length`            | bytes that follow this field (batch = 4 + length)  |
+//! |      4 |    1 | `magic`             | format version, [`MAGIC_V1`] = 1                   |
+//! |      5 |    4 | `crc`               | CRC-32 (IEEE, crc32fast) of bytes `9 .. 4+length`  |
+//! |      9 |    8 | `base_offset`       | offset of the first record (u64)                   |
+//! |     17 |    4 | `last_offset_delta` | last offset covered minus base (u32)               |
+//! |     21 |    4 | `record_count`      | records in the batch (u32, >= 1)                   |
+//! |     25 |    8 | `first_timestamp`   | ms since the Unix epoch of the first record (i64)  |
+//! |     33 |    8 | `max_timestamp`     | largest record timestamp (i64)                     |
+//! |     41 |    8 | `producer_id`       | i64, -1 = none                                     |
+//! |     49 |    4 | `producer_seq`      | i32, -1 = none                                     |
+//! |     53 |    2 | `attributes`        | reserved, 0                                        |
+//! |     55 |    … | records             | `record_count` records, as below                   |
+//!
+//! # Record layout (varints are LEB128; "zigzag" ones are signed)
+//!
+//! | field              | encoding                                          |
+//! |--------------------|---------------------------------------------------|
+//! | `length`           | varint: bytes of the record after this field      |
+//! | `offset_delta`     | varint: offset minus `base_offset`                |
+//! | `timestamp_delta`  | zigzag varint: timestamp minus `first_timestamp`  |
+//! | `key_length`       | zigzag varint, -1 = no key                        |
+//! | `key`              | `key_length` bytes                                |
+//! | `value_length`     | zigzag varint, -1 = no value (a tombstone)        |
+//! | `value`            | `value_length` bytes                              |
+//! | `header_count`     | varint                                            |
+//! | headers            | each: varint key length, UTF-8 key, varint value length, value |
+//!
+//! `last_offset_delta` can exceed `record_count - 1` once compaction has removed records: offsets
+//! are never reused, so the next batch always starts at `base_offset + last_offset_delta + 1`.
+
+use bytes::{Buf, Bytes};
+
+/// The only batch format version written today.
+pub const MAGIC_V1: u8 = 1;
+
+pub const LENGTH_OFFSET: usize = 0;
+pub const MAGIC_OFFSET: usize = 4;
+pub const CRC_OFFSET: usize = 5;
+/// The CRC covers everything from here to the end of the batch.
+pub const CRC_START: usize = 9;
+pub const BASE_OFFSET_OFFSET: usize = 9;
+pub const LAST_OFFSET_DELTA_OFFSET: usize = 17;
+pub const RECORD_COUNT_OFFSET: usize = 21;
+pub const FIRST_TIMESTAMP_OFFSET: usize = 25;
+pub const MAX_TIMESTAMP_OFFSET: usize = 33;
+pub const PRODUCER_ID_OFFSET: usize = 41;
+pub const PRODUCER_SEQ_OFFSET: usize = 49;
+pub const ATTRIBUTES_OFFSET: usize = 53;
+/// Size of the fixed batch header; records follow.
+pub const BATCH_HEADER_LEN: usize = 55;
+/// No batch, whatever the configuration, is larger than this: a length field above it is
+/// corruption, never an allocation.
+pub const MAX_BATCH_LEN: usize = 256 << 20;
+
+/// A header attached to a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub key: String,
+    pub value: Bytes,
+}
+
+/// A record as a producer hands it in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    /// `None` is a tombstone: for compacted topics, "delete this key".
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+}
+
+/// A record as it was stored, with its offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub offset: u64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+}
+
+/// A batch encoded by a producer-side thread, waiting for the writer to stamp its base offset.
+#[derive(Debug)]
+pub struct EncodedBatch {
+    buf: Vec<u8>,
+}
+
+impl EncodedBatch {
+    /// Encodes records with dense offset deltas `0..records.len()`.
+    pub fn new(records: &[Record]) -> Self {
+        let deltas = (0u32..).zip(records);
+        let last = records.len().saturating_sub(1) as u32;
+        Self::with_offset_deltas(deltas, last)
+    }
+
+    /// Encodes records with explicit offset deltas (compaction keeps original offsets).
+    /// `records` must not be empty: an empty batch is rejected by [`EncodedBatch::check`].
+    pub fn with_offset_deltas<'a>(
+        records: impl IntoIterator<Item = (u32, &'a Record)> + Clone,
+        last_offset_delta: u32,
+    ) -> Self {
+        let mut iter = records.clone().into_iter().peekable();
+        let first_ts = iter.peek().map_or(0, |(_, r)| r.timestamp);
+        let mut max_ts = i64::MIN;
+        let mut count: u32 = 0;
+        let mut buf = vec![0u8; BATCH_HEADER_LEN];
+        let mut scratch = Vec::new();
+        for (delta, r) in iter {
+            count += 1;
+            max_ts = max_ts.max(r.timestamp);
+            scratch.clear();
+            put_uvarint(&mut scratch, u64::from(delta));
+            put_ivarint(&mut scratch, r.timestamp.wrapping_sub(first_ts));
+            put_opt_bytes(&mut scratch, r.key.as_deref());
+            put_opt_bytes(&mut scratch, r.value.as_deref());
+            put_uvarint(&mut scratch, r.headers.len() as u64);
+            for h in &r.headers {
+                put_uvarint(&mut scratch, h.key.len() as u64);
+                scratch.extend_from_slice(h.key.as_bytes());
+                put_uvarint(&mut scratch, h.value.len() as u64);
+                scratch.extend_from_slice(&h.value);
+            }
+            put_uvarint(&mut buf, scratch.len() as u64);
+            buf.extend_from_slice(&scratch);
+        }
+        if count == 0 {
+            max_ts = first_ts;
+        }
+        let length = (buf.len() - 4) as u32;
+        buf[LENGTH_OFFSET..4].copy_from_slice(&length.to_le_bytes());
+        buf[MAGIC_OFFSET] = MAGIC_V1;
+        buf[LAST_OFFSET_DELTA_OFFSET..RECORD_COUNT_OFFSET]
+            .copy_from_slice(&last_offset_delta.to_le_bytes());
+        buf[RECORD_COUNT_OFFSET..FIRST_TIMESTAMP_OFFSET].copy_from_slice(&count.to_le_bytes());
+        buf[FIRST_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET].copy_from_slice(&first_ts.to_le_bytes());
+        buf[MAX_TIMESTAMP_OFFSET..PRODUCER_ID_OFFSET].copy_from_slice(&max_ts.to_le_bytes());
+        buf[PRODUCER_ID_OFFSET..PRODUCER_SEQ_OFFSET].copy_from_slice(&(-1i64).to_le_bytes());
+        buf[PRODUCER_SEQ_OFFSET..ATTRIBUTES_OFFSET].copy_from_slice(&(-1i32).to_le_bytes());
+        EncodedBatch { buf }
+    }
+
+    /// Rejects batches the log must not accept: empty, or over `max_bytes`.
+    pub fn check(&self, max_bytes: usize) -> crate::storage::Result<()> {
+        if self.record_count() == 0 {
+            return Err(crate::storage::Error::EmptyBatch);
+        }
+        let limit = max_bytes.min(MAX_BATCH_LEN);
+        if self.buf.len() > limit {
+            return Err(crate::storage::Error::BatchTooLarge {
+                size: self.buf.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Size on disk in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn record_count(&self) -> u32 {
+        read_u32(&self.buf, RECORD_COUNT_OFFSET)
+    }
+
+    pub fn last_offset_delta(&self) -> u32 {
+        read_u32(&self.buf, LAST_OFFSET_DELTA_OFFSET)
+    }
+
+    pub fn first_timestamp(&self) -> i64 {
+        read_i64(&self.buf, FIRST_TIMESTAMP_OFFSET)
+    }
+
+    pub fn max_timestamp(&self) -> i64 {
+        read_i64(&self.buf, MAX_TIMESTAMP_OFFSET)
+    }
+
+    /// Stamps the base offset and the CRC; the bytes are then final.
+    pub fn seal(&mut self, base_offset: u64) -> &[u8] {
+        self.buf[BASE_OFFSET_OFFSET..LAST_OFFSET_DELTA_OFFSET]
+            .copy_from_slice(&base_offset.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[CRC_START..]);
+        self.buf[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_le_bytes());
+        &self.buf
+    }
+}
+
+/// The fixed header of a batch, readable before the whole batch is in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Total size on disk, length prefix included.
+    pub size: usize,
+    pub base_offset: u64,
+    pub last_offset_delta: u32,
+    pub record_count: u32,
+    pub first_timestamp: i64,
+    pub max_timestamp: i64,
+}
+
+impl BatchHeader {
+    /// The last offset this batch covers.
+    pub fn last_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.last_offset_delta)
+    }
+
+    /// The offset the next batch starts at.
+    pub fn next_offset(&self) -> u64 {
+        self.last_offset() + 1
+    }
+
+    /// Parses the header from the start of `buf`, checking framing but not the CRC.
+    pub fn parse(buf: &[u8]) -> Decoded<BatchHeader> {
+        if buf.len() < 4 {
+            return Decoded::Torn { needed: 4 };
+        }
+        let size = read_u32(buf, LENGTH_OFFSET) as usize + 4;
+        if size < BATCH_HEADER_LEN {
+            return Decoded::Corrupt("batch length is smaller than the batch header");
+        }
+        if size > MAX_BATCH_LEN {
+            return Decoded::Corrupt("batch length exceeds the format's maximum");
+        }
+        if buf.len() < BATCH_HEADER_LEN {
+            return Decoded::Torn { needed: size };
+        }
+        if buf[MAGIC_OFFSET] != MAGIC_V1 {
+            return Decoded::Corrupt("unknown batch magic");
+        }
+        let header = BatchHeader {
+            size,
+            base_offset: read_u64(buf, BASE_OFFSET_OFFSET),
+            last_offset_delta: read_u32(buf, LAST_OFFSET_DELTA_OFFSET),
+            record_count: read_u32(buf, RECORD_COUNT_OFFSET),
+            first_timestamp: read_i64(buf, FIRST_TIMESTAMP_OFFSET),
+            max_timestamp: read_i64(buf, MAX_TIMESTAMP_OFFSET),
+        };
+        if header.record_count == 0 || header.record_count > header.last_offset_delta + 1 {
+            return Decoded::Corrupt("record count does not fit the offset range");
+        }
+        if header
+            .base_offset
+            .checked_add(u64::from(header.last_offset_delta) + 1)
+            .is_none()
+        {
+            return Decoded::Corrupt("offset range overflows");
+        }
+        Decoded::Valid(header)
+    }
+}
+
+/// What a decoder found at a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    Valid(T),
+    /// The bytes end before the item does: a write that did not finish. `needed` is the total
+    /// size the item claims (or the bytes needed to know it).
+    Torn {
+        needed: usize,
+    },
+    /// The bytes are there but wrong.
+    Corrupt(&'static str),
+}
+
+/// A whole, CRC-checked batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    header: BatchHeader,
+    bytes: Bytes,
+}
+
+impl Batch {
+    /// Decodes one batch from the start of `buf`, verifying framing and CRC.
+    pub fn decode(buf: &Bytes) -> Decoded<Batch> {
+        let header = match BatchHeader::parse(buf) {
+            Decoded::Valid(h) => h,
+            Decoded::Torn { needed } => return Decoded::Torn { needed },
+            Decoded::Corrupt(why) => return Decoded::Corrupt(why),
+        };
+        if buf.len() < header.size {
+            return Decoded::Torn {
+                needed: header.size,
+            };
+        }
+        let stored = read_u32(buf, CRC_OFFSET);
+        if crc32fast::hash(&buf[CRC_START..header.size]) != stored {
+            return Decoded::Corrupt("batch CRC mismatch");
+        }
+        Decoded::Valid(Batch {
+            header,
+            bytes: buf.slice(..header.size),
+        })
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The batch exactly as stored.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The records, payloads sliced from the batch buffer without copying. A record that does not
+    /// parse inside a CRC-valid batch yields an error with a reason and stops the iteration.
+    pub fn records(&self) -> Records {
+        Records {
+            header: self.header,
+            buf: self.bytes.slice(BATCH_HEADER_LEN..),
+            left: self.header.record_count,
+        }
+    }
+}
+
+/// Iterator over a batch's records.
+#[derive(Debug)]
+pub struct Records {
+    header: BatchHeader,
+    buf: Bytes,
+    left: u32,
+}
+
+impl Iterator for Records {
+    type Item = Result<StoredRecord, &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let result = self.decode_one();
+        if result.is_err() {
+            self.left = 0;
+        }
+        Some(result)
+    }
+}
+
+impl Records {
+    fn decode_one(&mut self) -> Result<StoredRecord, &'static str> {
+        let len = get_uvarint(&mut self.buf)? as usize;
+        if len > self.buf.len() {
+            return Err("record length runs past the batch");
+        }
+        let mut rec = self.buf.split_to(len);
+        let delta = get_uvarint(&mut rec)?;
+        if delta > u64::from(self.header.last_offset_delta) {
+            return Err("record offset delta beyond the batch's range");
+        }
+        let ts_delta = get_ivarint(&mut rec)?;
+        let key = get_opt_bytes(&mut rec)?;
+        let value = get_opt_bytes(&mut rec)?;
+        let header_count = get_uvarint(&mut rec)?;
+        let mut headers = Vec::new();
+        for _ in 0..header_count {
+            let klen = get_uvarint(&mut rec)? as usize;
+            let key = take(&mut rec, klen)?;
+            let key = String::from_utf8(key.to_vec()).map_err(|_| "header key is not UTF-8")?;
+            let vlen = get_uvarint(&mut rec)? as usize;
+            let value = take(&mut rec, vlen)?;
+            headers.push(Header { key, value });
+        }
+        if rec.has_remaining() {
+            return Err("trailing bytes in record");
+        }
+        Ok(StoredRecord {
+            offset: self.header.base_offset + delta,
+            timestamp: self.header.first_timestamp.wrapping_add(ts_delta),
+            key,
+            value,
+            headers,
+        })
+    }
+}
+
+fn take(buf: &mut Bytes, n: usize) -> Result<Bytes, &'static str> {
+    if n > buf.len() {
+        return Err("field runs past the record");
+    }
+    Ok(buf.split_to(n))
+}
+
+fn put_uvarint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn put_ivarint(buf: &mut Vec<u8>, v: i64) {
+    put_uvarint(buf, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_opt_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => put_ivarint(buf, -1),
+        Some(b) => {
+            put_ivarint(buf, b.len() as i64);
+            buf.extend_from_slice(b);
+        }
+    }
+}
+
+fn get_uvarint(buf: &mut Bytes) -> Result<u64, &'static str> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        if !buf.has_remaining() {
+            return Err("varint runs past the record");
+        }
+        let b = buf.get_u8();
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("varint longer than 10 bytes")
+}
+
+fn get_ivarint(buf: &mut Bytes) -> Result<i64, &'static str> {
+    let u = get_uvarint(buf)?;
+    Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+}
+
+fn get_opt_bytes(buf: &mut Bytes) -> Result<Option<Bytes>, &'static str> {
+    match get_ivarint(buf)? {
+        -1 => Ok(None),
+        n if n < 0 => Err("negative field length"),
+        n => take(buf, n as usize).map(Some),
+    }
+}
+
+pub(crate) fn read_u32(buf: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+pub(crate) fn read_u64(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+pub(crate) fn read_i64(buf: &[u8], at: usize) -> i64 {
+    read_u64(buf, at) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ts: i64, key: Option<&str>, value: Option<&str>) -> Record {
+        Record {
+            timestamp: ts,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            headers: vec![Header {
+                key: "h".into(),
+                value: Bytes::from_static(b"v"),
+            }],
+        }
+    }
+
+    fn sealed(records: &[Record], base: u64) -> Bytes {
+        let mut b = EncodedBatch::new(records);
+        Bytes::copy_from_slice(b.seal(base))
+    }
+
+    #[test]
+    fn batch_round_trips_keys_tombstones_headers_and_timestamps() {
+        let records = vec![
+            rec(1_000, Some("k"), Some("hello")),
+            rec(999, None, None),
+            rec(5_000, Some(""), Some("")),
+        ];
+        let bytes = sealed(&records, 42);
+        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+            panic!("valid batch did not decode")
+        };
+        assert_eq!(batch.header().base_offset, 42);
+        assert_eq!(batch.header().next_offset(), 45);
+        assert_eq!(batch.header().max_timestamp, 5_000);
+        let out: Vec<_> = batch.records().map(|r| r.unwrap()).collect();
+        assert_eq!(out.len(), 3);
+        for (i, (o, r)) in out.iter().zip(&records).enumerate() {
+            assert_eq!(o.offset, 42 + i as u64);
+            assert_eq!(o.timestamp, r.timestamp);
+            assert_eq!(o.key, r.key);
+            assert_eq!(o.value, r.value);
+            assert_eq!(o.headers, r.headers);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_batch_decodes_as_torn() {
+        let bytes = sealed(&[rec(1, Some("k"), Some("value"))], 0);
+        for cut in 0..bytes.len() {
+            match Batch::decode(&bytes.slice(..cut)) {
+                Decoded::Torn { .. } => {}
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let bytes = sealed(&[rec(1, Some("k"), Some("value"))], 7);
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.to_vec();
+            b[bit / 8] ^= 1 << (bit % 8);
+            let got = Batch::decode(&Bytes::from(b));
+            assert!(
+                !matches!(got, Decoded::Valid(_)),
+                "flipped bit {bit} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_oversize_batches_are_rejected() {
+        assert!(matches!(
+            EncodedBatch::new(&[]).check(1 << 20),
+            Err(crate::storage::Error::EmptyBatch)
+        ));
+        let big = rec(0, None, Some(&"x".repeat(2000)));
+        assert!(matches!(
+            EncodedBatch::new(&[big]).check(1000),
+            Err(crate::storage::Error::BatchTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,468 @@
+//! A segment: one `.log` file of record batches and its two sparse indexes.
+//!
+//! File names are built and parsed here and nowhere else: the base offset (the first offset the
+//! segment may hold) zero-padded to 20 digits, plus `.log`, `.index` or `.timeindex`.
+//!
+//! # Log file layout
+//!
+//! | offset | size | field         | notes                                   |
+//! |-------:|-----:|---------------|-----------------------------------------|
+//! |      0 |    4 | `magic`       | `SLLG`                                  |
+//! |      4 |    2 | `version`     | 1                                       |
+//! |      6 |    2 | reserved      | 0                                       |
+//! |      8 |    8 | `base_offset` | equals the number in the file name      |
+//! |     16 |    … | batches       | [`super::record`] batches, back to back |
+//!
+//! A [`Segment`] is shared (`Arc`) between the partition's writer and its readers. Readers see
+//! the bytes below `visible_len` and the offsets below `next_offset`, both published by the
+//! writer with `Release` after the bytes are durable under the partition's fsync policy.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+
+use super::error::{Error, Result};
+use super::index::OffsetIndex;
+use super::io::FileIo;
+use super::mapped::OpenProblem;
+use super::record::{Batch, BatchHeader, Decoded};
+use super::timeindex::TimeIndex;
+
+pub const LOG_MAGIC: [u8; 4] = *b"SLLG";
+pub const LOG_VERSION: u16 = 1;
+pub const LOG_HEADER_LEN: u64 = 16;
+/// Positions in the index are u32, so no segment may grow past this.
+pub const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
+
+const READ_CHUNK: usize = 1 << 20;
+
+/// The kinds of file a segment is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Log,
+    Index,
+    TimeIndex,
+}
+
+impl FileKind {
+    fn extension(self) -> &'static str {
+        match self {
+            FileKind::Log => "log",
+            FileKind::Index => "index",
+            FileKind::TimeIndex => "timeindex",
+        }
+    }
+}
+
+/// `<dir>/<base:020>.<ext>`
+pub fn segment_path(dir: &Path, base_offset: u64, kind: FileKind) -> PathBuf {
+    dir.join(format!("{base_offset:020}.{}", kind.extension()))
+}
+
+/// The base offset and kind of a segment file name, or `None` for any other file.
+pub fn parse_segment_file_name(name: &str) -> Option<(u64, FileKind)> {
+    let (stem, ext) = name.split_once('.')?;
+    let kind = [FileKind::Log, FileKind::Index, FileKind::TimeIndex]
+        .into_iter()
+        .find(|k| k.extension() == ext)?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem.parse().ok()?, kind))
+}
+
+/// Where and why a scan of the log stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// Position after the last valid batch.
+    pub position: u64,
+    /// Offset after the last valid batch (the scan's `expected_next` if none).
+    pub next_offset: u64,
+    pub stop: ScanStop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanStop {
+    /// Reached the end cleanly.
+    End,
+    /// The last batch is incomplete.
+    Torn,
+    /// A batch does not check out.
+    Corrupt(&'static str),
+}
+
+#[derive(Debug)]
+pub struct Segment {
+    base_offset: u64,
+    log_path: PathBuf,
+    log: File,
+    pub(crate) index: OffsetIndex,
+    pub(crate) time_index: TimeIndex,
+    visible_len: AtomicU64,
+    next_offset: AtomicU64,
+    max_timestamp: AtomicI64,
+}
+
+impl Segment {
+    /// Creates a new, empty segment: the log header is written and synced, the indexes are
+    /// preallocated. The caller syncs the directory.
+    pub fn create(
+        dir: &Path,
+        base_offset: u64,
+        index_capacity: usize,
+        io: &dyn FileIo,
+    ) -> Result<Self> {
+        let log_path = segment_path(dir, base_offset, FileKind::Log);
+        let log = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let mut header = [0u8; LOG_HEADER_LEN as usize];
+        header[0..4].copy_from_slice(&LOG_MAGIC);
+        header[4..6].copy_from_slice(&LOG_VERSION.to_le_bytes());
+        header[8..16].copy_from_slice(&base_offset.to_le_bytes());
+        io.write_at(&log_path, &log, &header, 0)
+            .map_err(|e| Error::io(&log_path, e))?;
+        io.sync_data(&log_path, &log)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let index_path = segment_path(dir, base_offset, FileKind::Index);
+        let index = OffsetIndex::create(&index_path, base_offset, index_capacity)
+            .map_err(|e| Error::io(&index_path, e))?;
+        let time_path = segment_path(dir, base_offset, FileKind::TimeIndex);
+        let time_index = TimeIndex::create(&time_path, base_offset, index_capacity + 1)
+            .map_err(|e| Error::io(&time_path, e))?;
+        Ok(Segment {
+            base_offset,
+            log_path,
+            log,
+            index,
+            time_index,
+            visible_len: AtomicU64::new(LOG_HEADER_LEN),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp: AtomicI64::new(i64::MIN),
+        })
+    }
+
+    /// Opens an existing segment's log and checks its header. Indexes are opened as they are when
+    /// they check out, else created empty; `index_ok` says which. `index_entries` limits how
+    /// many (offset, time) index entries count, for a preallocated active segment.
+    pub fn open(
+        dir: &Path,
+        base_offset: u64,
+        index_entries: Option<(usize, usize)>,
+    ) -> Result<(Self, bool)> {
+        let log_path = segment_path(dir, base_offset, FileKind::Log);
+        let log = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let len = log.metadata().map_err(|e| Error::io(&log_path, e))?.len();
+        let mut header = [0u8; LOG_HEADER_LEN as usize];
+        if len < LOG_HEADER_LEN {
+            return Err(Error::corrupt(
+                &log_path,
+                len,
+                "log shorter than its header",
+            ));
+        }
+        log.read_exact_at(&mut header, 0)
+            .map_err(|e| Error::io(&log_path, e))?;
+        if header[0..4] != LOG_MAGIC || header[4..6] != LOG_VERSION.to_le_bytes() {
+            return Err(Error::corrupt(&log_path, 0, "bad log magic or version"));
+        }
+        if header[8..16] != base_offset.to_le_bytes() {
+            return Err(Error::corrupt(
+                &log_path,
+                8,
+                "base offset in header does not match the file name",
+            ));
+        }
+        let index_path = segment_path(dir, base_offset, FileKind::Index);
+        let time_path = segment_path(dir, base_offset, FileKind::TimeIndex);
+        let opened = OffsetIndex::open(&index_path, base_offset, index_entries.map(|e| e.0))
+            .and_then(|i| {
+                TimeIndex::open(&time_path, base_offset, index_entries.map(|e| e.1)).map(|t| (i, t))
+            });
+        let (index, time_index, index_ok) = match opened {
+            Ok((i, t)) => (i, t, true),
+            Err(problem) => {
+                let why = match problem {
+                    OpenProblem::Io(e) => e.to_string(),
+                    OpenProblem::Invalid(why) => why.to_string(),
+                };
+                tracing::debug!(path = %index_path.display(), %why, "index unusable; it will be rebuilt");
+                let i = OffsetIndex::create(&index_path, base_offset, 0)
+                    .map_err(|e| Error::io(&index_path, e))?;
+                let t = TimeIndex::create(&time_path, base_offset, 0)
+                    .map_err(|e| Error::io(&time_path, e))?;
+                (i, t, false)
+            }
+        };
+        let segment = Segment {
+            base_offset,
+            log_path,
+            log,
+            index,
+            time_index,
+            visible_len: AtomicU64::new(len),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp: AtomicI64::new(i64::MIN),
+        };
+        Ok((segment, index_ok))
+    }
+
+    pub fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    pub(crate) fn log_file(&self) -> &File {
+        &self.log
+    }
+
+    /// Bytes readers may read, header included.
+    pub fn visible_len(&self) -> u64 {
+        self.visible_len.load(Ordering::Acquire)
+    }
+
+    /// One past the last offset readers may see here.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Largest record timestamp readers may see here (`i64::MIN` when empty).
+    pub fn max_timestamp(&self) -> i64 {
+        self.max_timestamp.load(Ordering::Acquire)
+    }
+
+    /// Publishes what the writer has made durable.
+    pub(crate) fn publish(&self, len: u64, next_offset: u64, max_timestamp: i64) {
+        self.max_timestamp.store(max_timestamp, Ordering::Release);
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.visible_len.store(len, Ordering::Release);
+    }
+
+    /// Size of the log on disk as readers see it.
+    pub fn size_bytes(&self) -> u64 {
+        self.visible_len()
+    }
+
+    fn read_exact(&self, pos: u64, len: usize) -> Result<Bytes> {
+        let mut buf = BytesMut::zeroed(len);
+        self.log
+            .read_exact_at(&mut buf, pos)
+            .map_err(|e| Error::io(&self.log_path, e))?;
+        Ok(buf.freeze())
+    }
+
+    /// The header of the batch at `pos`, which must be a batch boundary below `visible_len`.
+    pub fn batch_header_at(&self, pos: u64) -> Result<BatchHeader> {
+        let end = self.visible_len();
+        let n = (end.saturating_sub(pos) as usize).min(super::record::BATCH_HEADER_LEN);
+        let buf = self.read_exact(pos, n)?;
+        match BatchHeader::parse(&buf) {
+            Decoded::Valid(h) => Ok(h),
+            Decoded::Torn { .. } => Err(Error::corrupt(&self.log_path, pos, "batch cut short")),
+            Decoded::Corrupt(why) => Err(Error::corrupt(&self.log_path, pos, why)),
+        }
+    }
+
+    /// Where to start reading for `offset`: the indexed position at or below it, and the base
+    /// offset the batch there must have.
+    pub fn position_for(&self, offset: u64) -> (u64, Option<u64>) {
+        let rel = offset
+            .saturating_sub(self.base_offset)
+            .min(u64::from(u32::MAX)) as u32;
+        match self.index.lookup(rel) {
+            Some(e) => (
+                u64::from(e.position),
+                Some(self.base_offset + u64::from(e.relative_offset)),
+            ),
+            None => (LOG_HEADER_LEN, None),
+        }
+    }
+
+    /// Reads whole batches holding offsets at or after `from`, until `max_bytes` are collected
+    /// (at least one batch when there is one). Returns the bytes collected.
+    ///
+    /// The index is derived data: when the batch at the indexed position is not the one the
+    /// entry names, the read falls back to a scan from the segment's start and says so.
+    pub fn read(&self, from: u64, max_bytes: usize, out: &mut Vec<Batch>) -> Result<usize> {
+        let (pos, expected) = self.position_for(from);
+        if let Some(expected) = expected {
+            let found = self.batch_header_at(pos).map(|h| h.base_offset);
+            if !matches!(found, Ok(b) if b == expected) {
+                tracing::warn!(path = %self.log_path.display(), position = pos,
+                    "index entry does not match the log; scanning the segment instead");
+                return self.read_from(LOG_HEADER_LEN, from, max_bytes, out);
+            }
+        }
+        self.read_from(pos, from, max_bytes, out)
+    }
+
+    fn read_from(
+        &self,
+        mut pos: u64,
+        from: u64,
+        max_bytes: usize,
+        out: &mut Vec<Batch>,
+    ) -> Result<usize> {
+        let end = self.visible_len();
+        let mut collected = 0usize;
+        while pos < end && (collected == 0 || collected < max_bytes) {
+            let want = (max_bytes.saturating_sub(collected)).max(READ_CHUNK);
+            let n = (end - pos).min(want as u64) as usize;
+            let mut window = self.read_exact(pos, n)?;
+            let mut progressed = false;
+            while !window.is_empty() {
+                match Batch::decode(&window) {
+                    Decoded::Valid(batch) => {
+                        let size = batch.header().size;
+                        progressed = true;
+                        pos += size as u64;
+                        window = window.slice(size..);
+                        if batch.header().last_offset() >= from {
+                            collected += size;
+                            out.push(batch);
+                            if collected >= max_bytes {
+                                return Ok(collected);
+                            }
+                        }
+                    }
+                    Decoded::Torn { needed } => {
+                        if pos + needed as u64 > end {
+                            return Err(Error::corrupt(
+                                &self.log_path,
+                                pos,
+                                "batch runs past the end of the segment",
+                            ));
+                        }
+                        if !progressed {
+                            // The window was too small for one batch: read exactly that batch.
+                            window = self.read_exact(pos, needed)?;
+                            continue;
+                        }
+                        break;
+                    }
+                    Decoded::Corrupt(why) => {
+                        return Err(Error::corrupt(&self.log_path, pos, why));
+                    }
+                }
+            }
+        }
+        Ok(collected)
+    }
+
+    /// Walks valid batches from `pos` up to `limit` bytes, calling `each(position, header)`.
+    /// Stops at the end, a torn batch, a corrupt batch, or a batch whose base offset is below
+    /// `expected_next` (offsets must increase).
+    pub fn scan(
+        &self,
+        mut pos: u64,
+        limit: u64,
+        mut expected_next: u64,
+        mut each: impl FnMut(u64, &BatchHeader),
+    ) -> Result<ScanEnd> {
+        let mut window = Bytes::new();
+        let mut window_pos = pos;
+        loop {
+            if pos >= limit {
+                return Ok(ScanEnd {
+                    position: pos,
+                    next_offset: expected_next,
+                    stop: ScanStop::End,
+                });
+            }
+            let rel = (pos - window_pos) as usize;
+            let decoded = Batch::decode(&window.slice(rel..));
+            let stop = match decoded {
+                Decoded::Valid(batch) => {
+                    let h = *batch.header();
+                    if h.base_offset < expected_next {
+                        Some(ScanStop::Corrupt("batch offsets go backwards"))
+                    } else {
+                        each(pos, &h);
+                        pos += h.size as u64;
+                        expected_next = h.next_offset();
+                        None
+                    }
+                }
+                Decoded::Torn { needed } => {
+                    let needed = needed.max(4);
+                    if pos + needed as u64 > limit {
+                        Some(ScanStop::Torn)
+                    } else {
+                        let n = (limit - pos).min(needed.max(READ_CHUNK) as u64) as usize;
+                        window = self.read_exact(pos, n)?;
+                        window_pos = pos;
+                        None
+                    }
+                }
+                Decoded::Corrupt(why) => Some(ScanStop::Corrupt(why)),
+            };
+            if let Some(stop) = stop {
+                return Ok(ScanEnd {
+                    position: pos,
+                    next_offset: expected_next,
+                    stop,
+                });
+            }
+        }
+    }
+
+    /// Cuts the log to `len` bytes (recovery of a torn tail) and syncs it.
+    pub(crate) fn truncate_log(&self, len: u64, io: &dyn FileIo) -> Result<()> {
+        self.log
+            .set_len(len)
+            .map_err(|e| Error::io(&self.log_path, e))?;
+        io.sync_data(&self.log_path, &self.log)
+            .map_err(|e| Error::io(&self.log_path, e))?;
+        self.visible_len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Deletes the segment's three files.
+    pub(crate) fn delete_files(&self, dir: &Path) -> Result<()> {
+        for kind in [FileKind::Log, FileKind::Index, FileKind::TimeIndex] {
+            let path = segment_path(dir, self.base_offset, kind);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip_and_strangers_are_ignored() {
+        let p = segment_path(Path::new("/d"), 42, FileKind::TimeIndex);
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, "00000000000000000042.timeindex");
+        assert_eq!(
+            parse_segment_file_name(name),
+            Some((42, FileKind::TimeIndex))
+        );
+        assert_eq!(parse_segment_file_name("42.log"), None);
+        assert_eq!(parse_segment_file_name("0000000000000000004x.log"), None);
+        assert_eq!(
+            parse_segment_file_name("00000000000000000042.log.tmp"),
+            None
+        );
+        assert_eq!(parse_segment_file_name("checkpoint"), None);
+    }
+}

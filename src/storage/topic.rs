@@ -1,0 +1,357 @@
+//! Topics on disk and the data directory that holds them.
+//!
+//! ```text
+//! <data>/LOCK                               flock'ed by the one process that owns the directory
+//! <data>/topics/<topic>/topic.toml          the topic's settings (TopicConfig)
+//! <data>/topics/<topic>/<partition>/        one partition log per directory, named 0, 1, ...
+//! <data>/tmp/                               topics being created or deleted
+//! ```
+//!
+//! A topic is created in `tmp/` and renamed into `topics/` once complete, and deleted by the
+//! reverse rename, so a crash never leaves a half-made topic behind.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::io::{FileIo, replace_file};
+
+/// Longest topic name (as in Kafka; leaves room for `.dlq` and file name limits).
+pub const MAX_TOPIC_NAME_LEN: usize = 249;
+pub const TOPIC_FILE: &str = "topic.toml";
+
+/// Checks a topic name: 1 to 249 characters from `[A-Za-z0-9._-]`, and not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > MAX_TOPIC_NAME_LEN {
+        Some("must be at most 249 characters")
+    } else if name == "." || name == ".." {
+        Some("must not be `.` or `..`")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        Some("may only contain ASCII letters, digits, `.`, `_` and `-`")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidTopicName {
+            name: name.chars().take(300).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What happens to old data of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupPolicy {
+    /// Whole segments are deleted past the retention time or size.
+    #[default]
+    Delete,
+    /// Only the newest record per key is kept.
+    Compact,
+}
+
+/// A topic's settings, stored in `topic.toml`. Each field says its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Number of partitions, fixed at creation. Default: 1.
+    pub partitions: u32,
+    /// Delete closed segments whose newest record is older than this. Default: none (keep
+    /// forever: clinical data is not dropped unless someone decided so).
+    pub retention_ms: Option<u64>,
+    /// Delete the oldest closed segments while a partition is larger than this. Default: none.
+    pub retention_bytes: Option<u64>,
+    /// `delete` or `compact`. Default: `delete`.
+    pub cleanup_policy: CleanupPolicy,
+    /// Segment size for this topic. Default: none (the broker's `segment_bytes`).
+    pub segment_bytes: Option<u64>,
+    /// Keep segments a consumer group has not fully acknowledged. Default: true.
+    pub retain_until_consumed: bool,
+    /// How long compaction keeps tombstones. Default: 86400000 (24 h).
+    pub delete_retention_ms: u64,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            partitions: 1,
+            retention_ms: None,
+            retention_bytes: None,
+            cleanup_policy: CleanupPolicy::Delete,
+            segment_bytes: None,
+            retain_until_consumed: true,
+            delete_retention_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+impl TopicConfig {
+    pub fn sanitize(&self) -> Result<()> {
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return Err(Error::InvalidConfig(format!(
+                "partitions = {} must be between 1 and {MAX_PARTITIONS}",
+                self.partitions
+            )));
+        }
+        if let Some(b) = self.segment_bytes
+            && !(4096..=super::segment::MAX_SEGMENT_BYTES).contains(&b)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "segment_bytes = {b} must be between 4096 and {}",
+                super::segment::MAX_SEGMENT_BYTES
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An open data directory; holds its `LOCK` for as long as it lives.
+#[derive(Debug)]
+pub struct DataDir {
+    root: PathBuf,
+    io: Arc<dyn FileIo>,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Opens (creating if needed) a data directory and takes its lock. Fails at once with
+    /// [`Error::Locked`] when another process holds it.
+    pub fn open(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
+        for d in [root.join("topics"), root.join("tmp")] {
+            fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        }
+        let lock_path = root.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
+        // Leftovers of interrupted creations and deletions.
+        let tmp = root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let path = entry.map_err(|e| Error::io(&tmp, e))?.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            io,
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn io(&self) -> &Arc<dyn FileIo> {
+        &self.io
+    }
+
+    fn topics_dir(&self) -> PathBuf {
+        self.root.join("topics")
+    }
+
+    /// The directory of a topic (the name must be valid).
+    pub fn topic_dir(&self, topic: &str) -> Result<PathBuf> {
+        validate_topic_name(topic)?;
+        Ok(self.topics_dir().join(topic))
+    }
+
+    pub fn partition_dir(&self, topic: &str, partition: u32) -> Result<PathBuf> {
+        Ok(self.topic_dir(topic)?.join(partition.to_string()))
+    }
+
+    /// Creates a topic with its partition directories; atomic by rename.
+    pub fn create_topic(&self, topic: &str, config: &TopicConfig) -> Result<()> {
+        config.sanitize()?;
+        let dest = self.topic_dir(topic)?;
+        if dest.exists() {
+            return Err(Error::TopicExists(topic.to_string()));
+        }
+        let staging = self.root.join("tmp").join(topic);
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        }
+        fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let text = toml::to_string(config)
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode topic config: {e}")))?;
+        let file = staging.join(TOPIC_FILE);
+        replace_file(self.io.as_ref(), &file, text.as_bytes()).map_err(|e| Error::io(&file, e))?;
+        for p in 0..config.partitions {
+            let d = staging.join(p.to_string());
+            fs::create_dir(&d).map_err(|e| Error::io(&d, e))?;
+        }
+        self.io
+            .sync_dir(&staging)
+            .map_err(|e| Error::io(&staging, e))?;
+        self.io
+            .rename(&staging, &dest)
+            .map_err(|e| Error::io(&dest, e))?;
+        let topics = self.topics_dir();
+        self.io
+            .sync_dir(&topics)
+            .map_err(|e| Error::io(&topics, e))?;
+        Ok(())
+    }
+
+    /// Reads a topic's settings.
+    pub fn topic_config(&self, topic: &str) -> Result<TopicConfig> {
+        let dir = self.topic_dir(topic)?;
+        let file = dir.join(TOPIC_FILE);
+        let text = match fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::TopicNotFound(topic.to_string()));
+            }
+            Err(e) => return Err(Error::io(&file, e)),
+        };
+        let config: TopicConfig =
+            toml::from_str(&text).map_err(|e| Error::corrupt(&file, 0, e.to_string()))?;
+        config.sanitize()?;
+        Ok(config)
+    }
+
+    /// Replaces a topic's settings (the partition count cannot change).
+    pub fn set_topic_config(&self, topic: &str, config: &TopicConfig) -> Result<()> {
+        let old = self.topic_config(topic)?;
+        config.sanitize()?;
+        if old.partitions != config.partitions {
+            return Err(Error::InvalidConfig(
+                "the number of partitions of a topic cannot change".into(),
+            ));
+        }
+        let file = self.topic_dir(topic)?.join(TOPIC_FILE);
+        let text = toml::to_string(config)
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode topic config: {e}")))?;
+        replace_file(self.io.as_ref(), &file, text.as_bytes()).map_err(|e| Error::io(&file, e))
+    }
+
+    /// Names of all topics, sorted.
+    pub fn list_topics(&self) -> Result<Vec<String>> {
+        let dir = self.topics_dir();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            if let Some(name) = entry.file_name().to_str()
+                && validate_topic_name(name).is_ok()
+                && entry.path().join(TOPIC_FILE).exists()
+            {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Deletes a topic and all its data. Its partitions must be closed first.
+    pub fn delete_topic(&self, topic: &str) -> Result<()> {
+        let dir = self.topic_dir(topic)?;
+        if !dir.join(TOPIC_FILE).exists() {
+            return Err(Error::TopicNotFound(topic.to_string()));
+        }
+        let doomed = self.root.join("tmp").join(format!("{topic}.deleted"));
+        if doomed.exists() {
+            fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+        }
+        self.io
+            .rename(&dir, &doomed)
+            .map_err(|e| Error::io(&dir, e))?;
+        let topics = self.topics_dir();
+        self.io
+            .sync_dir(&topics)
+            .map_err(|e| Error::io(&topics, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::RealIo;
+
+    #[test]
+    fn topic_names_follow_the_rules() {
+        for ok in ["a", "orders", "A.b_c-9", "..x", &"x".repeat(249)] {
+            validate_topic_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(250),
+            "a\0",
+        ] {
+            let err = validate_topic_name(bad).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidTopicName { .. }),
+                "{bad:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn topics_are_created_listed_read_and_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(tmp.path(), Arc::new(RealIo)).unwrap();
+        let cfg = TopicConfig {
+            partitions: 3,
+            retention_ms: Some(1000),
+            ..TopicConfig::default()
+        };
+        dd.create_topic("prom.v1", &cfg).unwrap();
+        assert!(matches!(
+            dd.create_topic("prom.v1", &cfg),
+            Err(Error::TopicExists(_))
+        ));
+        assert!(matches!(
+            dd.create_topic("../x", &cfg),
+            Err(Error::InvalidTopicName { .. })
+        ));
+        assert_eq!(dd.list_topics().unwrap(), vec!["prom.v1".to_string()]);
+        assert_eq!(dd.topic_config("prom.v1").unwrap(), cfg);
+        assert!(dd.partition_dir("prom.v1", 2).unwrap().is_dir());
+        dd.delete_topic("prom.v1").unwrap();
+        assert!(dd.list_topics().unwrap().is_empty());
+        assert!(matches!(
+            dd.topic_config("prom.v1"),
+            Err(Error::TopicNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_second_owner_of_the_data_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _first = DataDir::open(tmp.path(), Arc::new(RealIo)).unwrap();
+        assert!(matches!(
+            DataDir::open(tmp.path(), Arc::new(RealIo)),
+            Err(Error::Locked { .. })
+        ));
+    }
+}

@@ -1,0 +1,128 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use sluice::storage::{
+    FileIo, FsyncPolicy, Header, LogConfig, Partition, RealIo, Record, StoredRecord,
+};
+
+/// A [`FileIo`] that injects faults on demand and counts data syncs.
+#[derive(Debug, Default)]
+pub struct FaultyIo {
+    /// Every `sync_data` fails with EIO.
+    pub fail_sync: AtomicBool,
+    /// Every write fails with ENOSPC before writing anything.
+    pub enospc: AtomicBool,
+    /// Every write writes half its bytes, then fails with ENOSPC.
+    pub short_write: AtomicBool,
+    pub syncs: AtomicU64,
+}
+
+impl FaultyIo {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+}
+
+impl FileIo for FaultyIo {
+    fn write_at(&self, path: &Path, file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+        if self.enospc.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        if self.short_write.load(Ordering::SeqCst) {
+            RealIo.write_at(path, file, &buf[..buf.len() / 2], pos)?;
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        RealIo.write_at(path, file, buf, pos)
+    }
+
+    fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected EIO"));
+        }
+        RealIo.sync_data(path, file)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected EIO"));
+        }
+        RealIo.sync_dir(dir)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealIo.rename(from, to)
+    }
+}
+
+/// A small config that rolls and indexes often.
+pub fn small_config(fsync: FsyncPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 10,
+        index_interval_bytes: 256,
+        fsync,
+        checkpoint_bytes: 1 << 40,
+        ..LogConfig::default()
+    }
+}
+
+pub fn open(dir: &Path, config: LogConfig) -> Partition {
+    Partition::open(dir, config, Arc::new(RealIo), None).unwrap()
+}
+
+/// A record whose value names its sequence number, with a key and a header.
+pub fn record(seq: u64, value_len: usize) -> Record {
+    let mut value = format!("value-{seq}-").into_bytes();
+    value.resize(value_len.max(value.len()), b'x');
+    Record {
+        timestamp: 1_700_000_000_000 + seq as i64,
+        key: Some(Bytes::from(format!("key-{}", seq % 7))),
+        value: Some(Bytes::from(value)),
+        headers: vec![Header {
+            key: "seq".into(),
+            value: Bytes::from(seq.to_string()),
+        }],
+    }
+}
+
+/// Every visible record, in offset order.
+pub fn read_all(p: &Partition) -> Vec<StoredRecord> {
+    let mut out = Vec::new();
+    let mut next = p.log_start();
+    while next < p.high_water() {
+        let batches = p.read(next, 256 << 10).unwrap();
+        assert!(
+            !batches.is_empty(),
+            "no batch at {next} below the high-water mark"
+        );
+        for b in &batches {
+            for r in b.records() {
+                let r = r.unwrap();
+                if r.offset >= next {
+                    out.push(r);
+                }
+            }
+            next = next.max(b.header().next_offset());
+        }
+    }
+    out
+}
+
+/// Asserts that `got` holds exactly `want`, with dense offsets from `start`.
+pub fn assert_records(got: &[StoredRecord], want: &[Record], start: u64) {
+    assert_eq!(got.len(), want.len(), "record count");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.offset, start + i as u64, "offset of record {i}");
+        assert_eq!(g.timestamp, w.timestamp, "timestamp of record {i}");
+        assert_eq!(g.key, w.key, "key of record {i}");
+        assert_eq!(g.value, w.value, "value of record {i}");
+        assert_eq!(g.headers, w.headers, "headers of record {i}");
+    }
+}

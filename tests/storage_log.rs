@@ -1,0 +1,273 @@
+//! The partition log as its users see it: appends, reads, rolls, reopen, time lookups,
+//! retention, group commit and injected I/O faults.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::{FaultyIo, assert_records, open, read_all, record, small_config};
+use sluice::storage::{Error, FsyncPolicy, LogConfig, Partition, Record};
+
+#[test]
+fn appended_batches_read_back_in_order_across_rolls_and_a_clean_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Always));
+    let mut want = Vec::new();
+    for b in 0..40u64 {
+        let batch: Vec<Record> = (0..10).map(|i| record(b * 10 + i, 300)).collect();
+        let appended = p.append_blocking(&batch).unwrap();
+        assert_eq!(appended.base_offset, b * 10);
+        assert_eq!(appended.last_offset, b * 10 + 9);
+        want.extend(batch);
+    }
+    assert!(p.stats().segments > 1, "64 KiB segments must have rolled");
+    assert_eq!(p.high_water(), 400);
+    assert_records(&read_all(&p), &want, 0);
+    p.close().unwrap();
+
+    let p = open(dir.path(), small_config(FsyncPolicy::Always));
+    assert!(p.recovery_report().clean, "a clean close needs no recovery");
+    assert_eq!(p.recovery_report().scanned_bytes, 0);
+    assert_records(&read_all(&p), &want, 0);
+    assert_eq!(
+        p.append_blocking(&[record(400, 10)]).unwrap().base_offset,
+        400
+    );
+}
+
+#[test]
+fn reading_from_any_offset_starts_with_that_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    for b in 0..30u64 {
+        let batch: Vec<Record> = (0..7)
+            .map(|i| record(b * 7 + i, 100 + i as usize * 40))
+            .collect();
+        p.append_blocking(&batch).unwrap();
+    }
+    for from in 0..p.high_water() {
+        let batches = p.read(from, 1).unwrap();
+        let first = batches[0]
+            .records()
+            .map(|r| r.unwrap())
+            .find(|r| r.offset >= from)
+            .unwrap();
+        assert_eq!(first.offset, from);
+    }
+    assert!(p.read(p.high_water(), 1024).unwrap().is_empty());
+    assert!(matches!(
+        p.read(p.high_water() + 1, 1024),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn timestamp_lookup_finds_the_first_record_at_or_after_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    // Timestamps that go back and forth, as producers' clocks do.
+    let stamps: Vec<i64> = (0..600)
+        .map(|i| 1000 + (i * 37 % 101) * 10 + i / 3)
+        .collect();
+    for chunk in stamps.chunks(6) {
+        let batch: Vec<Record> = chunk
+            .iter()
+            .map(|&ts| Record {
+                timestamp: ts,
+                value: Some(bytes::Bytes::from(vec![7u8; 200])),
+                ..Record::default()
+            })
+            .collect();
+        p.append_blocking(&batch).unwrap();
+    }
+    assert!(p.stats().segments > 1);
+    for t in (900..2300).step_by(7) {
+        let expect = stamps.iter().position(|&ts| ts >= t).map(|i| i as u64);
+        assert_eq!(p.offset_for_timestamp(t).unwrap(), expect, "timestamp {t}");
+    }
+}
+
+#[test]
+fn retention_deletes_whole_closed_segments_below_an_offset_but_never_the_active_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    for i in 0..200 {
+        p.append_blocking(&[record(i, 2000)]).unwrap();
+    }
+    let bases = p.segment_bases();
+    assert!(bases.len() >= 3);
+    let deleted = p.delete_segments_below(bases[2]).unwrap();
+    assert_eq!(deleted, 2);
+    assert_eq!(p.log_start(), bases[2]);
+    assert!(matches!(p.read(0, 10), Err(Error::OffsetOutOfRange { .. })));
+    assert_eq!(read_all(&p).first().unwrap().offset, bases[2]);
+    // Asking for everything still keeps the active segment.
+    p.delete_segments_below(u64::MAX).unwrap();
+    assert_eq!(p.segment_bases(), vec![*bases.last().unwrap()]);
+    p.close().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    assert_eq!(p.log_start(), *bases.last().unwrap());
+    assert_eq!(p.high_water(), 200);
+}
+
+#[test]
+fn empty_and_oversize_batches_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        max_batch_bytes: 4096,
+        ..small_config(FsyncPolicy::Always)
+    };
+    let p = open(dir.path(), config);
+    p.append_blocking(&[record(0, 10)]).unwrap();
+    assert!(matches!(p.append_blocking(&[]), Err(Error::EmptyBatch)));
+    assert!(matches!(
+        p.append_blocking(&[record(1, 5000)]),
+        Err(Error::BatchTooLarge { .. })
+    ));
+    assert_eq!(p.high_water(), 1);
+    assert_eq!(p.append_blocking(&[record(1, 10)]).unwrap().base_offset, 1);
+}
+
+#[test]
+fn concurrent_appenders_share_fsyncs_and_every_acknowledged_batch_is_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        ..LogConfig::default()
+    };
+    let p = Arc::new(Partition::open(dir.path(), config, io.clone(), None).unwrap());
+    let syncs_before = p.stats().syncs;
+    let threads = 64;
+    let per_thread = 40;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let p = Arc::clone(&p);
+            std::thread::spawn(move || {
+                (0..per_thread)
+                    .map(|i| {
+                        let rec = record(t * 1000 + i, 1024);
+                        let a = p.append_blocking(std::slice::from_ref(&rec)).unwrap();
+                        (a.base_offset, rec)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut acked: Vec<(u64, Record)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    acked.sort_by_key(|(o, _)| *o);
+    let appends = threads * per_thread;
+    assert_eq!(acked.len() as u64, appends);
+    let offsets: Vec<u64> = acked.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        (0..appends).collect::<Vec<_>>(),
+        "offsets are dense and unique"
+    );
+    let want: Vec<Record> = acked.into_iter().map(|(_, r)| r).collect();
+    assert_records(&read_all(&p), &want, 0);
+    let syncs = p.stats().syncs - syncs_before;
+    assert!(syncs >= 1);
+    assert!(
+        syncs * 4 <= appends,
+        "group commit: {syncs} fsyncs for {appends} appends"
+    );
+    assert!(io.syncs.load(Ordering::SeqCst) >= syncs);
+}
+
+#[test]
+fn a_failed_fsync_fails_the_append_and_latches_the_partition_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let config = small_config(FsyncPolicy::Always);
+    let p = Partition::open(dir.path(), config.clone(), io.clone(), None).unwrap();
+    p.append_blocking(&[record(0, 100)]).unwrap();
+    io.fail_sync.store(true, Ordering::SeqCst);
+    let err = p.append_blocking(&[record(1, 100)]).unwrap_err();
+    assert!(matches!(err, Error::SyncFailed { .. }), "{err}");
+    assert!(p.is_poisoned());
+    assert_eq!(p.high_water(), 1, "the unsynced batch is not visible");
+    // The disk "recovers", but a retried fsync proves nothing: writes stay refused.
+    io.fail_sync.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        p.append_blocking(&[record(2, 100)]),
+        Err(Error::Poisoned { .. })
+    ));
+    drop(p);
+    let p = Partition::open(dir.path(), config, io, None).unwrap();
+    assert!(!p.is_poisoned());
+    let all = read_all(&p);
+    assert_eq!(
+        all[0].value,
+        record(0, 100).value,
+        "the acknowledged record survives"
+    );
+    let next = p.high_water();
+    assert_eq!(
+        p.append_blocking(&[record(9, 100)]).unwrap().base_offset,
+        next
+    );
+}
+
+#[test]
+fn disk_full_is_a_clear_error_that_acknowledges_nothing_and_leaves_the_log_intact() {
+    for short_write in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let io = FaultyIo::new();
+        let config = small_config(FsyncPolicy::Always);
+        let p = Partition::open(dir.path(), config.clone(), io.clone(), None).unwrap();
+        let want: Vec<Record> = (0..5).map(|i| record(i, 500)).collect();
+        for r in &want {
+            p.append_blocking(std::slice::from_ref(r)).unwrap();
+        }
+        let flag = if short_write {
+            &io.short_write
+        } else {
+            &io.enospc
+        };
+        flag.store(true, Ordering::SeqCst);
+        let err = p.append_blocking(&[record(5, 500)]).unwrap_err();
+        assert!(err.is_storage_full(), "{err}");
+        assert!(
+            !p.is_poisoned(),
+            "a failed write that was cut back does not latch"
+        );
+        assert_eq!(p.high_water(), 5);
+        assert_records(&read_all(&p), &want, 0);
+        flag.store(false, Ordering::SeqCst);
+        // Space is back: appends continue with dense offsets.
+        assert_eq!(p.append_blocking(&[record(5, 500)]).unwrap().base_offset, 5);
+        drop(p);
+        let p = Partition::open(dir.path(), config, io, None).unwrap();
+        let mut want = want;
+        want.push(record(5, 500));
+        assert_records(&read_all(&p), &want, 0);
+    }
+}
+
+#[test]
+fn interval_and_never_policies_acknowledge_without_waiting_for_a_sync() {
+    for fsync in [FsyncPolicy::Interval, FsyncPolicy::Never] {
+        let dir = tempfile::tempdir().unwrap();
+        let io = FaultyIo::new();
+        let config = LogConfig {
+            fsync,
+            fsync_interval_ms: 60_000,
+            ..small_config(fsync)
+        };
+        let p = Partition::open(dir.path(), config.clone(), io.clone(), None).unwrap();
+        let syncs = p.stats().syncs;
+        for i in 0..20 {
+            p.append_blocking(&[record(i, 100)]).unwrap();
+        }
+        assert_eq!(p.stats().syncs, syncs, "{fsync:?} synced per append");
+        p.close().unwrap();
+        let p = Partition::open(dir.path(), config, io, None).unwrap();
+        assert_eq!(p.high_water(), 20);
+    }
+}

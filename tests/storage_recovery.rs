@@ -1,0 +1,273 @@
+//! Crash recovery: torn tails cut at every byte, flipped bits, garbage, lost and damaged
+//! indexes, an interrupted roll. "Crash" is dropping a partition without `close()`: the writer
+//! stops without a final sync or clean marker, as a killed process would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::{assert_records, open, read_all, record, small_config};
+use sluice::storage::segment::{FileKind, segment_path};
+use sluice::storage::{FsyncPolicy, Partition, Record};
+
+/// A partition with one closed segment and an active one holding `tail` batches written after
+/// the last checkpoint, then crashed. Returns the records and, per tail batch, its end position.
+struct Crashed {
+    template: tempfile::TempDir,
+    records: Vec<Record>,
+    /// (records before the tail batch i ends, byte position where batch i ends) per tail batch.
+    tail_ends: Vec<(usize, u64)>,
+    active_base: u64,
+}
+
+fn crashed_partition(tail: usize) -> Crashed {
+    let template = tempfile::tempdir().unwrap();
+    let p = open(template.path(), small_config(FsyncPolicy::Always));
+    let mut records = Vec::new();
+    for i in 0..20 {
+        let r = record(i, 150);
+        p.append_blocking(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+    }
+    p.roll().unwrap();
+    let active_base = *p.segment_bases().last().unwrap();
+    let mut tail_ends = Vec::new();
+    let log = segment_path(template.path(), active_base, FileKind::Log);
+    for b in 0..tail {
+        let batch: Vec<Record> = (0..3)
+            .map(|i| record(100 + b as u64 * 3 + i, 40 + b * 13))
+            .collect();
+        p.append_blocking(&batch).unwrap();
+        records.extend(batch);
+        tail_ends.push((records.len(), fs::metadata(&log).unwrap().len()));
+    }
+    drop(p); // crash
+    Crashed {
+        template,
+        records,
+        tail_ends,
+        active_base,
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn active_log(dir: &Path, c: &Crashed) -> PathBuf {
+    segment_path(dir, c.active_base, FileKind::Log)
+}
+
+/// Records that survive when the active segment is damaged at byte `pos`.
+fn survivors(c: &Crashed, pos: u64) -> usize {
+    let closed = c.records.len() - c.tail_ends.len() * 3;
+    c.tail_ends
+        .iter()
+        .take_while(|(_, end)| *end <= pos)
+        .last()
+        .map_or(closed, |(n, _)| *n)
+}
+
+/// Opens the damaged copy and checks it holds exactly the survivors, then keeps appending.
+fn check_recovers_to(dir: &Path, c: &Crashed, keep: usize) {
+    let p = open(dir, small_config(FsyncPolicy::Always));
+    assert_records(&read_all(&p), &c.records[..keep], 0);
+    assert_eq!(
+        p.high_water(),
+        keep as u64,
+        "log end is the last valid offset + 1"
+    );
+    let extra = record(999, 10);
+    let a = p.append_blocking(std::slice::from_ref(&extra)).unwrap();
+    assert_eq!(a.base_offset, keep as u64, "appends continue densely");
+    drop(p);
+    let p = open(dir, small_config(FsyncPolicy::Always));
+    let mut want = c.records[..keep].to_vec();
+    want.push(extra);
+    assert_records(&read_all(&p), &want, 0);
+}
+
+#[test]
+fn recovery_cuts_a_torn_tail_at_every_byte_and_keeps_the_batches_before_it() {
+    let c = crashed_partition(4);
+    let full = c.tail_ends.last().unwrap().1;
+    let first_tail_start = 16;
+    let scratch = tempfile::tempdir().unwrap();
+    for cut in first_tail_start..=full {
+        let dir = scratch.path().join(cut.to_string());
+        copy_dir(c.template.path(), &dir);
+        OpenOptions::new()
+            .write(true)
+            .open(active_log(&dir, &c))
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let keep = survivors(&c, cut);
+        let p = open(&dir, small_config(FsyncPolicy::Always));
+        assert_eq!(
+            p.recovery_report().truncated_bytes,
+            cut - c
+                .tail_ends
+                .iter()
+                .map(|e| e.1)
+                .filter(|&e| e <= cut)
+                .max()
+                .unwrap_or(16),
+            "cut at {cut}"
+        );
+        drop(p);
+        check_recovers_to(&dir, &c, keep);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn recovery_cuts_at_a_flipped_bit_anywhere_in_the_active_segment() {
+    let c = crashed_partition(3);
+    let full = c.tail_ends.last().unwrap().1;
+    let scratch = tempfile::tempdir().unwrap();
+    for pos in 16..full {
+        let dir = scratch.path().join(pos.to_string());
+        copy_dir(c.template.path(), &dir);
+        let log = active_log(&dir, &c);
+        let mut bytes = fs::read(&log).unwrap();
+        bytes[pos as usize] ^= 1 << (pos % 8);
+        fs::write(&log, &bytes).unwrap();
+        check_recovers_to(&dir, &c, survivors(&c, pos));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn garbage_or_zeros_after_the_last_batch_are_cut_and_nothing_is_lost() {
+    let c = crashed_partition(2);
+    let scratch = tempfile::tempdir().unwrap();
+    let junk: [&[u8]; 3] = [
+        &[0u8; 4096],
+        b"\xff\xff\xff\x7fgarbage",
+        &[1, 0, 0, 0, 1, 2, 3],
+    ];
+    for (i, junk) in junk.iter().enumerate() {
+        let dir = scratch.path().join(i.to_string());
+        copy_dir(c.template.path(), &dir);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(active_log(&dir, &c))
+            .unwrap();
+        f.write_all(junk).unwrap();
+        drop(f);
+        check_recovers_to(&dir, &c, c.records.len());
+    }
+}
+
+#[test]
+fn a_missing_or_damaged_index_is_rebuilt_and_agrees_with_a_full_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    let mut want = Vec::new();
+    for i in 0..600 {
+        let r = record(i, 100 + (i as usize % 5) * 100);
+        p.append_blocking(std::slice::from_ref(&r)).unwrap();
+        want.push(r);
+    }
+    let bases = p.segment_bases();
+    assert!(bases.len() >= 3);
+    p.close().unwrap();
+
+    let index_of = |i: usize, kind| segment_path(dir.path(), bases[i], kind);
+    // A deleted index, a truncated one, one overwritten with garbage, a deleted time index.
+    fs::remove_file(index_of(0, FileKind::Index)).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(index_of(1, FileKind::Index))
+        .unwrap();
+    f.set_len(16 + 8 * 3 + 5).unwrap();
+    let mut garbage = fs::read(index_of(2, FileKind::Index)).unwrap();
+    for (i, b) in garbage.iter_mut().enumerate().skip(16) {
+        *b = (i * 131 % 251) as u8;
+    }
+    fs::write(index_of(2, FileKind::Index), garbage).unwrap();
+    fs::remove_file(index_of(0, FileKind::TimeIndex)).unwrap();
+
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    let rebuilt = &p.recovery_report().rebuilt_indexes;
+    for i in 0..3 {
+        assert!(
+            rebuilt.contains(&index_of(i, FileKind::Index)),
+            "segment {i} index rebuilt: {rebuilt:?}"
+        );
+    }
+    assert_records(&read_all(&p), &want, 0);
+    for from in 0..p.high_water() {
+        let first = p.read(from, 1).unwrap()[0]
+            .records()
+            .map(|r| r.unwrap())
+            .find(|r| r.offset >= from)
+            .unwrap();
+        assert_eq!(first.offset, from);
+    }
+    for (i, r) in want.iter().enumerate().step_by(17) {
+        assert_eq!(p.offset_for_timestamp(r.timestamp).unwrap(), Some(i as u64));
+    }
+    // The rebuilt index is written back: the next open is clean and scans nothing.
+    p.close().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    assert!(p.recovery_report().rebuilt_indexes.is_empty());
+    assert!(p.recovery_report().clean);
+}
+
+#[test]
+fn a_segment_whose_creation_was_interrupted_is_dropped() {
+    let c = crashed_partition(2);
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(c.template.path(), dir.path());
+    let next = c.records.len() as u64;
+    fs::write(segment_path(dir.path(), next, FileKind::Log), b"SLLG\x01").unwrap();
+    check_recovers_to(dir.path(), &c, c.records.len());
+}
+
+#[test]
+fn recovery_after_a_crash_scans_only_the_tail_after_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sluice::storage::LogConfig {
+        segment_bytes: 16 << 20,
+        checkpoint_bytes: 256 << 10,
+        ..small_config(FsyncPolicy::Always)
+    };
+    let p = Partition::open(
+        dir.path(),
+        config.clone(),
+        std::sync::Arc::new(sluice::storage::RealIo),
+        None,
+    )
+    .unwrap();
+    let batch: Vec<Record> = (0..100).map(|i| record(i, 1000)).collect();
+    for _ in 0..40 {
+        p.append_blocking(&batch).unwrap();
+    }
+    let size = p.stats().size_bytes;
+    drop(p); // crash
+    let p = Partition::open(
+        dir.path(),
+        config,
+        std::sync::Arc::new(sluice::storage::RealIo),
+        None,
+    )
+    .unwrap();
+    let report = p.recovery_report();
+    assert!(!report.clean);
+    assert!(
+        report.scanned_bytes < (256 << 10) + 110_000,
+        "scanned {} of {size} bytes",
+        report.scanned_bytes
+    );
+    assert_eq!(p.high_water(), 4000);
+    assert_eq!(read_all(&p).len(), 4000);
+}
