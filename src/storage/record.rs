@@ -507,6 +507,23 @@ mod tests {
     }
 
     #[test]
+    fn batch_bytes_match_the_documented_example() {
+        let r = Record {
+            timestamp: 1000,
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from_static(b"hi")),
+            headers: Vec::new(),
+        };
+        let expected: [u8; 64] = [
+            0x3c, 0, 0, 0, 0x01, 0x49, 0x59, 0xb7, 0xc3, 7, 0, 0, 0, 0, 0, 0, //
+            0, 0, 0, 0, 0, 1, 0, 0, 0, 0xe8, 0x03, 0, 0, 0, 0, 0, //
+            0, 0xe8, 0x03, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, //
+            0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x08, 0, 0, 0x02, 0x6b, 0x04, 0x68, 0x69, 0,
+        ];
+        assert_eq!(&sealed(&[r], 7)[..], &expected[..]);
+    }
+
+    #[test]
     fn every_truncation_of_a_batch_decodes_as_torn() {
         let bytes = sealed(&[rec(1, Some("k"), Some("value"))], 0);
         for cut in 0..bytes.len() {

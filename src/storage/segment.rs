@@ -37,7 +37,11 @@ pub const LOG_HEADER_LEN: u64 = 16;
 /// Positions in the index are u32, so no segment may grow past this.
 pub const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
 
-const READ_CHUNK: usize = 1 << 20;
+/// Scans (recovery, rebuild) read this much at a time.
+const SCAN_CHUNK: usize = 1 << 20;
+/// Reads fetch at least this much, enough for the index's bounded forward scan to usually take
+/// one read; a batch larger than what was read is then read whole.
+const MIN_READ: usize = 64 << 10;
 
 /// The kinds of file a segment is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,7 +323,7 @@ impl Segment {
         let end = self.visible_len();
         let mut collected = 0usize;
         while pos < end && (collected == 0 || collected < max_bytes) {
-            let want = (max_bytes.saturating_sub(collected)).max(READ_CHUNK);
+            let want = (max_bytes.saturating_sub(collected)).max(MIN_READ);
             let n = (end - pos).min(want as u64) as usize;
             let mut window = self.read_exact(pos, n)?;
             let mut progressed = false;
@@ -401,7 +405,7 @@ impl Segment {
                     if pos + needed as u64 > limit {
                         Some(ScanStop::Torn)
                     } else {
-                        let n = (limit - pos).min(needed.max(READ_CHUNK) as u64) as usize;
+                        let n = (limit - pos).min(needed.max(SCAN_CHUNK) as u64) as usize;
                         window = self.read_exact(pos, n)?;
                         window_pos = pos;
                         None

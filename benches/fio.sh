@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The disk's own limits, measured with fio on the disk that holds target/ (or $SLUICE_BENCH_DIR),
+# to compare Sluice's numbers with. Needs fio (Debian package `fio`).
+set -euo pipefail
+dir="${SLUICE_BENCH_DIR:-$(dirname "$0")/../target/bench-data}/fio"
+mkdir -p "$dir"
+cd "$dir"
+run() {
+  echo "== fio $*"
+  fio --name=w --rw=write "$@" | grep -E 'WRITE:|sync \(usec\)|sync percentiles|99\.00th|50\.00th|IOPS=' || true
+  rm -f w.0.0
+}
+# Synced bandwidth: 1 MiB blocks, fdatasync after each.
+run --bs=1m --size=2g --fdatasync=1
+# fdatasync latency and rate: 4 KiB blocks, fdatasync after each (256 MiB keeps it short).
+run --bs=4k --size=256m --fdatasync=1
+# Buffered sequential write bandwidth, one fsync at the end.
+run --bs=1m --size=2g --end_fsync=1
