@@ -271,3 +271,46 @@ fn interval_and_never_policies_acknowledge_without_waiting_for_a_sync() {
         assert_eq!(p.high_water(), 20);
     }
 }
+
+#[test]
+fn a_segment_rolls_once_its_first_record_is_segment_ms_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_ms: 1000,
+        ..small_config(FsyncPolicy::Always)
+    };
+    let p = open(dir.path(), config);
+    let at = |ts: i64| Record {
+        timestamp: ts,
+        value: Some(bytes::Bytes::from_static(b"v")),
+        ..Record::default()
+    };
+    p.append_blocking(&[at(10_000)]).unwrap();
+    p.append_blocking(&[at(10_999)]).unwrap();
+    assert_eq!(p.segment_bases(), vec![0]);
+    p.append_blocking(&[at(11_000)]).unwrap();
+    assert_eq!(p.segment_bases(), vec![0, 2]);
+}
+
+#[test]
+fn the_interval_policy_syncs_on_its_timer_without_further_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let config = LogConfig {
+        fsync_interval_ms: 1000,
+        ..small_config(FsyncPolicy::Interval)
+    };
+    let p = Partition::open(dir.path(), config, io.clone(), None).unwrap();
+    let before = p.stats().syncs;
+    p.append_blocking(&[record(0, 10)]).unwrap();
+    assert_eq!(p.stats().syncs, before, "acknowledged before any sync");
+    // Wait (bounded) for the writer's timer to fire; the assertion is that it does at all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while p.stats().syncs == before && std::time::Instant::now() < deadline {
+        std::thread::park_timeout(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        p.stats().syncs > before,
+        "no sync within 20 s of a 1 s interval"
+    );
+}
