@@ -1,8 +1,9 @@
-//! The `sluice` binary.
+//! The `sluice` binary: see `sluice --help`.
 
-fn main() {
-    eprintln!(
-        "sluice {}: the broker's commands arrive with the server",
-        env!("CARGO_PKG_VERSION")
-    );
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    sluice::cli::run(sluice::cli::Cli::parse())
 }

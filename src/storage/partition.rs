@@ -277,14 +277,10 @@ impl Partition {
         self.ask(Command::Roll)
     }
 
-    /// Finishes queued appends, syncs, trims the indexes and marks the partition clean.
-    pub fn close(mut self) -> Result<()> {
-        let result = self.ask(Command::Close);
-        self.tx = None;
-        if let Some(h) = self.writer.take() {
-            let _ = h.join();
-        }
-        result
+    /// Finishes queued appends, syncs, trims the indexes and marks the partition clean. Later
+    /// appends fail with [`Error::Closed`]; reads keep working.
+    pub fn close(&self) -> Result<()> {
+        self.ask(Command::Close)
     }
 
     /// One past the last offset readers can see.

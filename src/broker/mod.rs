@@ -1,0 +1,489 @@
+//! The async core: open topics, durable sends, subscriptions woken by the writers, topic admin.
+//!
+//! Knows nothing of gRPC: `server` translates requests into these calls and errors into statuses.
+//!
+//! - **Send**: messages are routed to partitions (explicit, by key hash, or spread per request),
+//!   encoded into one batch per partition on the calling task, and handed to each partition's
+//!   writer thread. The call returns only when every batch is durable. A semaphore per partition
+//!   bounds appends in flight: a burst of producers waits its turn, nothing is dropped.
+//! - **Subscribe**: one task per subscribed partition reads whole batches (on the blocking pool)
+//!   and pushes them into a bounded channel; when the subscriber is slow the channel fills and
+//!   the reads pause. At the tail a task waits on its partition's high-water watch, which the
+//!   writer thread signals after each durable append. No polling.
+
+pub mod error;
+mod subscription;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::storage::{
+    self, DataDir, EncodedBatch, FileIo, Header, RealIo, Record, StoredRecord, TopicConfig,
+    validate_topic_name,
+};
+
+pub use error::{Error, Result};
+pub use topic::{PartitionHandle, Topic};
+
+/// A message as a producer sends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewMessage {
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+    pub partition: Option<u32>,
+}
+
+impl NewMessage {
+    /// Bytes this message counts against `max_message_bytes`.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.len())
+                .sum::<usize>()
+    }
+}
+
+/// Where a subscription starts, in each of its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Earliest,
+    Latest,
+    Offset(u64),
+    /// Milliseconds since the Unix epoch.
+    Timestamp(i64),
+}
+
+/// A message handed to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub partition: u32,
+    pub record: StoredRecord,
+    /// From 1; always 1 outside consumer groups.
+    pub attempt: u32,
+    /// Empty outside consumer groups.
+    pub ack_id: String,
+}
+
+/// What a subscription stream yields: a batch of deliveries, or the error that ended it.
+pub type DeliveryBatch = Result<Vec<Delivery>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDescription {
+    pub partition: u32,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub segments: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionDescription>,
+}
+
+/// The broker: every open topic of one data directory.
+#[derive(Debug)]
+pub struct Broker {
+    config: Config,
+    data: Arc<DataDir>,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serialises topic creation and deletion.
+    admin: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+impl Broker {
+    /// Takes the data directory's lock and opens (recovering) every topic.
+    pub async fn open(config: Config) -> Result<Arc<Broker>> {
+        Self::open_with_io(config, Arc::new(RealIo)).await
+    }
+
+    /// [`Broker::open`] with every durable write and sync going through `io` (fault injection).
+    pub async fn open_with_io(config: Config, io: Arc<dyn FileIo>) -> Result<Arc<Broker>> {
+        config
+            .sanitize()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let (data, topics) = {
+            let config = config.clone();
+            blocking(move || {
+                let data = DataDir::open(&config.data_dir, io)?;
+                let mut topics = HashMap::new();
+                for name in data.list_topics()? {
+                    let topic_config = data.topic_config(&name)?;
+                    let topic = Topic::open(&data, &name, topic_config, &config.log)?;
+                    topics.insert(name, Arc::new(topic));
+                }
+                Ok((data, topics))
+            })
+            .await?
+        };
+        tracing::info!(data_dir = %config.data_dir.display(), topics = topics.len(), "broker open");
+        Ok(Arc::new(Broker {
+            config,
+            data: Arc::new(data),
+            topics: RwLock::new(topics),
+            admin: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Cancelled when the broker shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// An open topic, or `TopicNotFound`. The name is checked first.
+    pub fn existing_topic(&self, name: &str) -> Result<Arc<Topic>> {
+        validate_topic_name(name)?;
+        self.topic(name)
+            .ok_or_else(|| Error::Storage(storage::Error::TopicNotFound(name.to_string())))
+    }
+
+    async fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>> {
+        validate_topic_name(name)?;
+        if let Some(t) = self.topic(name) {
+            return Ok(t);
+        }
+        if !self.config.auto_create_topics {
+            return Err(Error::TopicNotFound(name.to_string()));
+        }
+        let config = TopicConfig {
+            partitions: self.config.default_partitions,
+            ..TopicConfig::default()
+        };
+        match self.create_topic(name, config).await {
+            Ok(()) | Err(Error::Storage(storage::Error::TopicExists(_))) => {}
+            Err(e) => return Err(e),
+        }
+        self.existing_topic(name)
+    }
+
+    /// Appends messages and returns each one's (partition, offset), in request order, once all of
+    /// them are durable.
+    pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<(u32, u64)>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if messages.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a Send needs at least one message".into(),
+            ));
+        }
+        if messages.len() > self.config.max_batch_messages {
+            return Err(Error::InvalidArgument(format!(
+                "a Send may hold at most {} messages, this one has {}",
+                self.config.max_batch_messages,
+                messages.len()
+            )));
+        }
+        let limit = self.config.max_message_bytes;
+        if let Some((index, m)) = messages.iter().enumerate().find(|(_, m)| m.size() > limit) {
+            return Err(Error::MessageTooLarge {
+                index,
+                size: m.size(),
+                limit,
+            });
+        }
+        let topic = self.topic_or_create(topic).await?;
+        let count = topic.partitions.len() as u32;
+        let spread = topic.next_spread_partition();
+
+        // Route: (partition, records, request indexes), in request order within a partition.
+        let mut routes: Vec<(Vec<Record>, Vec<usize>)> =
+            vec![(Vec::new(), Vec::new()); count as usize];
+        let timestamp = now_ms();
+        for (i, m) in messages.into_iter().enumerate() {
+            let p = match (m.partition, &m.key) {
+                (Some(p), _) if p >= count => {
+                    return Err(Error::PartitionNotFound {
+                        topic: topic.name.to_string(),
+                        partition: p,
+                        count,
+                    });
+                }
+                (Some(p), _) => p,
+                (None, Some(key)) => topic.partition_for_key(key),
+                (None, None) => spread,
+            };
+            let route = &mut routes[p as usize];
+            route.0.push(Record {
+                timestamp,
+                key: m.key,
+                value: m.value,
+                headers: m.headers,
+            });
+            route.1.push(i);
+        }
+
+        // Hand every batch to its writer first, then wait: the partitions sync in parallel.
+        let mut pending = Vec::new();
+        for (p, (records, indexes)) in routes.into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let handle = &topic.partitions[p];
+            let batch = EncodedBatch::new(&records);
+            batch.check(self.config.log.max_batch_bytes)?;
+            let permit = Arc::clone(&handle.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            let (tx, rx) = oneshot::channel();
+            handle.log.append(
+                batch,
+                Box::new(move |r| {
+                    drop(permit);
+                    let _ = tx.send(r);
+                }),
+            );
+            pending.push((p as u32, indexes, rx));
+        }
+        let total = pending.iter().map(|(_, ix, _)| ix.len()).sum();
+        let mut positions = vec![(0u32, 0u64); total];
+        for (p, indexes, rx) in pending {
+            let appended = rx
+                .await
+                .map_err(|_| Error::Internal("partition writer dropped an append".into()))??;
+            for (k, i) in indexes.into_iter().enumerate() {
+                positions[i] = (p, appended.base_offset + k as u64);
+            }
+        }
+        Ok(positions)
+    }
+
+    /// Starts a subscription; errors in its arguments (unknown topic or partition, offset out of
+    /// range) come back here, before any delivery.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partitions: Vec<u32>,
+        start: Start,
+    ) -> Result<mpsc::Receiver<DeliveryBatch>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let topic = self.existing_topic(topic)?;
+        let count = topic.partitions.len() as u32;
+        let mut chosen: Vec<u32> = if partitions.is_empty() {
+            (0..count).collect()
+        } else {
+            partitions
+        };
+        chosen.sort_unstable();
+        chosen.dedup();
+        let mut starts = Vec::with_capacity(chosen.len());
+        for p in chosen {
+            let handle =
+                topic
+                    .partitions
+                    .get(p as usize)
+                    .ok_or_else(|| Error::PartitionNotFound {
+                        topic: topic.name.to_string(),
+                        partition: p,
+                        count,
+                    })?;
+            let offset = resolve_start(handle, start).await?;
+            starts.push((Arc::clone(handle), offset));
+        }
+        let (tx, rx) = mpsc::channel(self.config.subscriber_buffer);
+        for (handle, offset) in starts {
+            let pump = subscription::Pump {
+                topic: Arc::clone(&topic),
+                handle,
+                cursor: offset,
+                tx: tx.clone(),
+                stop: self.shutdown.child_token(),
+                batch_bytes: self.config.delivery_batch_bytes,
+            };
+            self.tasks.spawn(pump.run());
+        }
+        Ok(rx)
+    }
+
+    /// Creates a topic with its partitions and opens it.
+    pub async fn create_topic(&self, name: &str, mut config: TopicConfig) -> Result<()> {
+        validate_topic_name(name)?;
+        if config.partitions == 0 {
+            config.partitions = self.config.default_partitions;
+        }
+        config.sanitize()?;
+        let _admin = self.admin.lock().await;
+        if self.topic(name).is_some() {
+            return Err(storage::Error::TopicExists(name.to_string()).into());
+        }
+        let data = Arc::clone(&self.data);
+        let log = self.config.log.clone();
+        let owned = name.to_string();
+        let topic = blocking(move || {
+            data.create_topic(&owned, &config)?;
+            Topic::open(&data, &owned, config, &log)
+        })
+        .await?;
+        self.topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(topic));
+        tracing::info!(topic = name, "topic created");
+        Ok(())
+    }
+
+    /// Deletes a topic: its subscriptions end, its partitions close, its files go.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        validate_topic_name(name)?;
+        let _admin = self.admin.lock().await;
+        let topic = self
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .ok_or_else(|| storage::Error::TopicNotFound(name.to_string()))?;
+        topic.deleted.cancel();
+        let data = Arc::clone(&self.data);
+        let owned = name.to_string();
+        blocking(move || {
+            for p in &topic.partitions {
+                // A latched partition cannot close cleanly; its files are going anyway.
+                let _ = p.log.close();
+            }
+            data.delete_topic(&owned)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(topic = name, "topic deleted");
+        Ok(())
+    }
+
+    /// Every topic with its settings, sorted by name.
+    pub fn list_topics(&self) -> Vec<(String, TopicConfig)> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<_> = topics
+            .iter()
+            .map(|(n, t)| (n.clone(), t.config.clone()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
+    pub fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let topic = self.existing_topic(name)?;
+        let partitions = topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let s = p.log.stats();
+                PartitionDescription {
+                    partition: p.id,
+                    first_offset: s.log_start,
+                    next_offset: s.high_water,
+                    size_bytes: s.size_bytes,
+                    segments: s.segments as u32,
+                }
+            })
+            .collect();
+        Ok(TopicDescription {
+            name: name.to_string(),
+            config: topic.config.clone(),
+            partitions,
+        })
+    }
+
+    /// Stops subscriptions, waits for their tasks, then closes every partition cleanly (final
+    /// sync, trimmed indexes, clean marker). In-flight sends have finished when the server
+    /// stopped serving them.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let closed = blocking(move || {
+            for t in &topics {
+                for p in &t.partitions {
+                    if let Err(e) = p.log.close() {
+                        tracing::error!(topic = %t.name, partition = p.id, error = %e, "partition did not close cleanly");
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "closing partitions failed");
+        }
+        tracing::info!("broker closed");
+    }
+}
+
+/// The first offset a subscription reads in a partition.
+async fn resolve_start(handle: &Arc<PartitionHandle>, start: Start) -> Result<u64> {
+    let log = &handle.log;
+    match start {
+        Start::Earliest => Ok(log.log_start()),
+        Start::Latest => Ok(log.high_water()),
+        Start::Offset(o) => {
+            let (first, end) = (log.log_start(), log.high_water());
+            if o < first || o > end {
+                return Err(storage::Error::OffsetOutOfRange {
+                    requested: o,
+                    start: first,
+                    end,
+                }
+                .into());
+            }
+            Ok(o)
+        }
+        Start::Timestamp(ts) => {
+            let h = Arc::clone(handle);
+            blocking(move || {
+                let found = h.log.offset_for_timestamp(ts)?;
+                Ok(found.unwrap_or_else(|| h.log.high_water()))
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! An open topic: its partitions, each a storage [`Partition`] with a high-water watch that wakes
+//! subscribers and a semaphore that bounds appends in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::{DataDir, LogConfig, Partition, TopicConfig};
+
+use super::error::Result;
+
+/// One partition of an open topic.
+#[derive(Debug)]
+pub struct PartitionHandle {
+    pub id: u32,
+    pub log: Partition,
+    /// Wakes subscribers: the writer thread sends the new high-water mark each time data becomes
+    /// visible. It is only a signal; `log.high_water()` is the authority (read it after marking
+    /// the watch seen, then wait for a change).
+    pub high_water: watch::Receiver<u64>,
+    /// Appends in flight; bounded below the writer's queue so `append` never blocks a worker.
+    pub permits: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+pub struct Topic {
+    pub name: Arc<str>,
+    pub config: TopicConfig,
+    pub partitions: Vec<Arc<PartitionHandle>>,
+    /// Partition for the next request without keys (requests are spread round-robin; all keyless
+    /// messages of one request go to one partition, so they form one batch).
+    next: AtomicU32,
+    /// Cancelled when the topic is deleted: its subscriptions end.
+    pub deleted: CancellationToken,
+}
+
+impl Topic {
+    /// Opens every partition of a topic (blocking: recovery reads files).
+    pub fn open(
+        data: &DataDir,
+        name: &str,
+        config: TopicConfig,
+        log_config: &LogConfig,
+    ) -> Result<Topic> {
+        let mut log_config = log_config.clone();
+        if let Some(b) = config.segment_bytes {
+            log_config.segment_bytes = b;
+        }
+        let mut partitions = Vec::with_capacity(config.partitions as usize);
+        for id in 0..config.partitions {
+            let dir = data.partition_dir(name, id)?;
+            let (tx, rx) = watch::channel(0u64);
+            let listener = Arc::new(move |hwm: u64| {
+                tx.send_replace(hwm);
+            });
+            let log = Partition::open(
+                &dir,
+                log_config.clone(),
+                Arc::clone(data.io()),
+                Some(listener),
+            )?;
+            let permits = log_config.queue_depth.saturating_sub(16).max(1);
+            partitions.push(Arc::new(PartitionHandle {
+                id,
+                log,
+                high_water: rx,
+                permits: Arc::new(Semaphore::new(permits)),
+            }));
+        }
+        Ok(Topic {
+            name: Arc::from(name),
+            config,
+            partitions,
+            next: AtomicU32::new(0),
+            deleted: CancellationToken::new(),
+        })
+    }
+
+    /// The partition for a keyed message: a stable hash of the key (CRC-32), so one key always
+    /// lands in one partition and keeps its order.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        crc32fast::hash(key) % self.partitions.len() as u32
+    }
+
+    /// The partition for the keyless messages of the next request.
+    pub fn next_spread_partition(&self) -> u32 {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
+    }
+}

@@ -1,0 +1,205 @@
+//! `sluice bench`: load a running broker over gRPC and report what it does.
+//!
+//! - `bench produce`: N producers (one connection each) send M messages per request until a total
+//!   is reached; reports messages/s, MB/s of payload and ack latency percentiles.
+//! - `bench consume`: one subscriber reads a topic from earliest to the end it had when the bench
+//!   started; reports messages/s and MB/s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_client::AdminClient;
+
+use super::client::{broker_client, connect};
+use super::{BrokerArg, CliError};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Producers sending to a topic.
+    Produce(ProduceBench),
+    /// One subscriber reading a topic from earliest to its current end.
+    Consume(ConsumeBench),
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceBench {
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Concurrent producers, each on its own connection.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Messages per request.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Bytes per message value.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages to send in all.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeBench {
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+}
+
+pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
+    match cmd {
+        BenchCommand::Produce(b) => produce(b).await,
+        BenchCommand::Consume(b) => consume(b).await,
+    }
+}
+
+fn latency_histogram() -> Result<Histogram<u64>, CliError> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| CliError::Usage(format!("histogram: {e}")))
+}
+
+async fn produce(b: ProduceBench) -> Result<(), CliError> {
+    if b.producers == 0 || b.batch == 0 {
+        return Err(CliError::Usage(
+            "--producers and --batch must be at least 1".into(),
+        ));
+    }
+    let value = Bytes::from(vec![b'x'; b.size]);
+    let requests = Arc::new(AtomicU64::new(b.messages.div_ceil(b.batch as u64)));
+    let mut clients = Vec::with_capacity(b.producers);
+    for _ in 0..b.producers {
+        clients.push(broker_client(connect(&b.broker.broker).await?));
+    }
+    // One warm-up request creates the topic and the connections' state.
+    let warm = pb::SendRequest {
+        topic: b.topic.clone(),
+        messages: vec![pb::Message {
+            value: Some(value.clone()),
+            ..pb::Message::default()
+        }],
+    };
+    for c in &mut clients {
+        c.send(warm.clone()).await?;
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut client in clients {
+        let requests = Arc::clone(&requests);
+        let request = pb::SendRequest {
+            topic: b.topic.clone(),
+            messages: vec![
+                pb::Message {
+                    value: Some(value.clone()),
+                    ..pb::Message::default()
+                };
+                b.batch
+            ],
+        };
+        let mut hist = latency_histogram()?;
+        tasks.spawn(async move {
+            let mut sent = 0u64;
+            while requests
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                .is_ok()
+            {
+                let t = Instant::now();
+                client.send(request.clone()).await?;
+                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                sent += request.messages.len() as u64;
+            }
+            Ok::<_, CliError>((sent, hist))
+        });
+    }
+    let mut total = 0u64;
+    let mut hist = latency_histogram()?;
+    while let Some(joined) = tasks.join_next().await {
+        let (sent, h) = joined.map_err(|e| CliError::Usage(format!("producer task: {e}")))??;
+        total += sent;
+        let _ = hist.add(&h);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = total as f64 * b.size as f64;
+    println!(
+        "produce: {} producers x {} msg/request x {} B: {} messages in {:.2} s = {:.0} msg/s, {:.1} MB/s; ack latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        b.producers,
+        b.batch,
+        b.size,
+        total,
+        secs,
+        total as f64 / secs,
+        bytes / secs / 1e6,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+    Ok(())
+}
+
+async fn consume(b: ConsumeBench) -> Result<(), CliError> {
+    let channel = connect(&b.broker.broker).await?;
+    let described = AdminClient::new(channel.clone())
+        .describe_topic(pb::DescribeTopicRequest {
+            name: b.topic.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut remaining: u64 = described
+        .partitions
+        .iter()
+        .map(|p| p.next_offset - p.first_offset)
+        .sum();
+    let ends: Vec<u64> = described.partitions.iter().map(|p| p.next_offset).collect();
+    let mut client = broker_client(channel);
+    let start = Instant::now();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: b.topic.clone(),
+            partitions: Vec::new(),
+            start: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Earliest(true)),
+            }),
+        })
+        .await?
+        .into_inner();
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    while remaining > 0 {
+        let Some(response) = stream.message().await? else {
+            break;
+        };
+        for d in response.deliveries {
+            if ends
+                .get(d.partition as usize)
+                .is_some_and(|&end| d.offset < end)
+            {
+                remaining -= 1;
+                messages += 1;
+                bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "consume: {} messages, {:.1} MB of values in {:.2} s = {:.0} msg/s, {:.1} MB/s",
+        messages,
+        bytes as f64 / 1e6,
+        secs,
+        messages as f64 / secs,
+        bytes as f64 / secs / 1e6
+    );
+    if remaining > 0 {
+        return Err(CliError::Usage(format!(
+            "the stream ended with {remaining} messages unread"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The client subcommands: produce, consume, topics.
+
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_client::AdminClient;
+use crate::proto::v1::broker_client::BrokerClient;
+
+use super::{CliError, ConsumeArgs, OutputFormat, ProduceArgs, TopicsCommand};
+
+/// Most lines sent in one request by `produce`.
+const PRODUCE_BATCH: usize = 1000;
+/// Largest response a client accepts.
+const MAX_RESPONSE: usize = 64 << 20;
+
+/// Connects to a broker (`host:port` or a URL).
+pub async fn connect(addr: &str) -> Result<Channel, CliError> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(url).map_err(|source| CliError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .connect()
+        .await
+        .map_err(|source| CliError::Connect {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+pub fn broker_client(channel: Channel) -> BrokerClient<Channel> {
+    BrokerClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE)
+        .max_encoding_message_size(MAX_RESPONSE)
+}
+
+pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
+    let mut client = broker_client(connect(&args.broker.broker).await?);
+    // Lines are read on their own task so that a burst on stdin becomes one request, while a line
+    // typed by hand is sent at once.
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(PRODUCE_BATCH);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    if tx.send(Ok(line)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let key = args.key.map(Bytes::from);
+    let mut stdout = std::io::stdout().lock();
+    while let Some(first) = rx.recv().await {
+        let mut lines = vec![first?];
+        while lines.len() < PRODUCE_BATCH {
+            match rx.try_recv() {
+                Ok(line) => lines.push(line?),
+                Err(_) => break,
+            }
+        }
+        let messages = lines
+            .into_iter()
+            .map(|line| pb::Message {
+                key: key.clone(),
+                value: Some(Bytes::from(line)),
+                headers: Vec::new(),
+                partition: args.partition,
+            })
+            .collect();
+        let response = client
+            .send(pb::SendRequest {
+                topic: args.topic.clone(),
+                messages,
+            })
+            .await?
+            .into_inner();
+        if args.verbose {
+            for p in response.positions {
+                writeln!(stdout, "partition {} offset {}", p.partition, p.offset)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--from`: earliest, latest, an offset or an RFC 3339 time.
+pub fn parse_start(from: &str) -> Result<pb::StartPosition, CliError> {
+    use pb::start_position::Kind;
+    let kind = match from {
+        "earliest" => Kind::Earliest(true),
+        "latest" => Kind::Latest(true),
+        s if s.bytes().all(|b| b.is_ascii_digit()) => Kind::Offset(
+            s.parse()
+                .map_err(|e| CliError::Usage(format!("bad offset {s:?}: {e}")))?,
+        ),
+        s => {
+            let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+                CliError::Usage(format!(
+                    "--from {s:?} is not earliest, latest, an offset or an RFC 3339 time: {e}"
+                ))
+            })?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            Kind::TimestampMs(ms)
+        }
+    };
+    Ok(pb::StartPosition { kind: Some(kind) })
+}
+
+fn text_or_base64(b: &[u8]) -> (&'static str, serde_json::Value) {
+    match std::str::from_utf8(b) {
+        Ok(s) => ("", serde_json::Value::String(s.to_string())),
+        Err(_) => (
+            "_base64",
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        ),
+    }
+}
+
+/// One delivery as a JSON object: text fields as text, other bytes as `<field>_base64`.
+pub fn delivery_json(d: &pb::Delivery) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    o.insert("topic".into(), d.topic.clone().into());
+    o.insert("partition".into(), d.partition.into());
+    o.insert("offset".into(), d.offset.into());
+    o.insert("timestamp_ms".into(), d.timestamp_ms.into());
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(d.timestamp_ms.max(0) as u64);
+    o.insert(
+        "time".into(),
+        humantime::format_rfc3339_millis(time).to_string().into(),
+    );
+    for (name, field) in [("key", &d.key), ("value", &d.value)] {
+        match field {
+            None => {
+                o.insert(name.into(), serde_json::Value::Null);
+            }
+            Some(b) => {
+                let (suffix, v) = text_or_base64(b);
+                o.insert(format!("{name}{suffix}"), v);
+            }
+        }
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = d
+        .headers
+        .iter()
+        .map(|h| {
+            let (_, v) = text_or_base64(&h.value);
+            (h.key.clone(), v)
+        })
+        .collect();
+    o.insert("headers".into(), headers.into());
+    if !d.ack_id.is_empty() {
+        o.insert("attempt".into(), d.attempt.into());
+    }
+    serde_json::Value::Object(o)
+}
+
+pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
+    let start = parse_start(&args.from)?;
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let mut client = broker_client(connect(&args.broker.broker).await?);
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: args.topic.clone(),
+            partitions: args.partition.clone(),
+            start: Some(start),
+        })
+        .await?
+        .into_inner();
+    let mut printed = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while let Some(response) = stream.message().await? {
+        for d in response.deliveries {
+            match args.format {
+                OutputFormat::Text => {
+                    stdout.write_all(d.value.as_deref().unwrap_or_default())?;
+                    stdout.write_all(b"\n")?;
+                }
+                OutputFormat::Json => {
+                    writeln!(stdout, "{}", delivery_json(&d))?;
+                }
+            }
+            printed += 1;
+            if args.count.is_some_and(|c| printed >= c) {
+                stdout.flush()?;
+                return Ok(());
+            }
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match cmd {
+        TopicsCommand::Create {
+            broker,
+            name,
+            partitions,
+            compact,
+            retention_ms,
+            retention_bytes,
+            segment_bytes,
+        } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let cleanup_policy = if compact {
+                pb::CleanupPolicy::Compact
+            } else {
+                pb::CleanupPolicy::Delete
+            };
+            client
+                .create_topic(pb::CreateTopicRequest {
+                    name: name.clone(),
+                    settings: Some(pb::TopicSettings {
+                        partitions: partitions.unwrap_or(0),
+                        retention_ms,
+                        retention_bytes,
+                        cleanup_policy: cleanup_policy as i32,
+                        segment_bytes,
+                    }),
+                })
+                .await?;
+            writeln!(stdout, "created topic {name}")?;
+        }
+        TopicsCommand::List { broker } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let list = client
+                .list_topics(pb::ListTopicsRequest {})
+                .await?
+                .into_inner();
+            for t in list.topics {
+                let s = t.settings.unwrap_or_default();
+                writeln!(
+                    stdout,
+                    "{}\tpartitions={}\tcleanup={}",
+                    t.name,
+                    s.partitions,
+                    cleanup_name(s.cleanup_policy)
+                )?;
+            }
+        }
+        TopicsCommand::Describe { broker, name } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let d = client
+                .describe_topic(pb::DescribeTopicRequest { name })
+                .await?
+                .into_inner();
+            let s = d.settings.unwrap_or_default();
+            let opt = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
+            writeln!(stdout, "topic {}", d.name)?;
+            writeln!(
+                stdout,
+                "  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={}",
+                s.partitions,
+                cleanup_name(s.cleanup_policy),
+                opt(s.retention_ms),
+                opt(s.retention_bytes),
+                s.segment_bytes
+                    .map_or_else(|| "default".to_string(), |v| v.to_string())
+            )?;
+            writeln!(stdout, "  partition\tfirst\tnext\tbytes\tsegments")?;
+            for p in d.partitions {
+                writeln!(
+                    stdout,
+                    "  {}\t{}\t{}\t{}\t{}",
+                    p.partition, p.first_offset, p.next_offset, p.size_bytes, p.segments
+                )?;
+            }
+        }
+        TopicsCommand::Delete { broker, name } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            client
+                .delete_topic(pb::DeleteTopicRequest { name: name.clone() })
+                .await?;
+            writeln!(stdout, "deleted topic {name}")?;
+        }
+    }
+    Ok(())
+}
+
+fn cleanup_name(policy: i32) -> &'static str {
+    match pb::CleanupPolicy::try_from(policy) {
+        Ok(pb::CleanupPolicy::Compact) => "compact",
+        _ => "delete",
+    }
+}

@@ -1,0 +1,214 @@
+//! The `sluice` command line: one binary, one subcommand per job.
+//!
+//! - `serve`: run the broker.
+//! - `produce`, `consume`: move lines of text through a topic.
+//! - `topics`: create, list, describe, delete.
+//! - `bench`: load a running broker and report throughput and latency.
+
+mod bench;
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+use crate::storage::FsyncPolicy;
+
+pub use client::connect;
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "A durable message broker")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Send each line of standard input as one message.
+    Produce(ProduceArgs),
+    /// Print messages of a topic, one value per line.
+    Consume(ConsumeArgs),
+    /// Manage topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Measure a running broker.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see sluice.toml). Settings: file < SLUICE_* environment < flags.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Durability: always (fdatasync before answering), interval, never.
+    #[arg(long, value_parser = parse_fsync)]
+    pub fsync: Option<FsyncPolicy>,
+    /// Create topics on their first Send [default: true].
+    #[arg(long)]
+    pub auto_create_topics: Option<bool>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "always" => Ok(FsyncPolicy::Always),
+        "interval" => Ok(FsyncPolicy::Interval),
+        "never" => Ok(FsyncPolicy::Never),
+        _ => Err(format!("{s:?} is not one of always, interval, never")),
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BrokerArg {
+    /// Broker address.
+    #[arg(long, env = "SLUICE_BROKER", default_value = "127.0.0.1:7070")]
+    pub broker: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    #[arg(long)]
+    pub topic: String,
+    /// Key of every message (messages with one key keep their order).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Partition of every message (overrides the key).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Print each message's partition and offset.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    #[arg(long)]
+    pub topic: String,
+    /// Where to start: earliest, latest, an offset, or an RFC 3339 time.
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+    /// Exit after this many messages (otherwise follow the tail until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Only these partitions (repeatable).
+    #[arg(long)]
+    pub partition: Vec<u32>,
+    /// text: each value on a line; json: every field, one object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create a topic.
+    Create {
+        #[command(flatten)]
+        broker: BrokerArg,
+        name: String,
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Keep only the newest message per key.
+        #[arg(long)]
+        compact: bool,
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+    },
+    /// List topics.
+    List {
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Show a topic's settings and partitions.
+    Describe {
+        #[command(flatten)]
+        broker: BrokerArg,
+        name: String,
+    },
+    /// Delete a topic and all its messages.
+    Delete {
+        #[command(flatten)]
+        broker: BrokerArg,
+        name: String,
+    },
+}
+
+/// Errors of the command-line tools.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Serve(#[from] crate::server::ServeError),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs a parsed command line; the exit code is 0 only on success.
+pub fn run(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Produce(args) => client::produce(args).await,
+            Command::Consume(args) => client::consume(args).await,
+            Command::Topics(cmd) => client::topics(cmd).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `sluice serve`: load the configuration, start the server, stop cleanly on SIGINT/SIGTERM.
+
+use std::io::Write;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+use crate::server;
+
+use super::{CliError, ServeArgs};
+
+pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(f) = args.fsync {
+        config.log.fsync = f;
+    }
+    if let Some(a) = args.auto_create_topics {
+        config.auto_create_topics = a;
+    }
+    if let Some(f) = args.log_format {
+        config.log_format = f;
+    }
+    config.sanitize()?;
+    init_tracing(config.log_format, &config.log_filter);
+
+    let stop = CancellationToken::new();
+    let running = server::start(config.clone(), stop.clone()).await?;
+    // One line on stdout, for scripts and tests that asked for port 0.
+    println!("sluice listening on {}", running.addr);
+    let _ = std::io::stdout().flush();
+    tracing::info!(addr = %running.addr, data_dir = %config.data_dir.display(),
+        fsync = ?config.log.fsync, "serving");
+
+    let signals = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    match running.done.await {
+        Ok(result) => result?,
+        Err(e) => {
+            return Err(CliError::Usage(format!("server task failed: {e}")));
+        }
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the broker");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("warning: logging not initialised: {e}");
+    }
+}

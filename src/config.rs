@@ -1,0 +1,281 @@
+//! The broker's one typed configuration: TOML file < environment (`SLUICE_*`) < flags.
+//!
+//! Every field can be set in the file, and as an environment variable named `SLUICE_` plus the
+//! field's path in upper case with `_` between section and key: `listen` is `SLUICE_LISTEN`,
+//! `log.fsync` is `SLUICE_LOG_FSYNC`. An environment value is read as a TOML value when it parses
+//! as one (`SLUICE_LOG_SEGMENT_BYTES=1048576`) and as a string otherwise (`SLUICE_LOG_FSYNC=never`).
+//! `sluice.toml` at the repository root is a fully commented example.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::LogConfig;
+
+/// Errors in loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything `sluice serve` can be told. Each field says its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where topics, groups and the lock live. Default: `./data`.
+    pub data_dir: PathBuf,
+    /// Address the gRPC server listens on. Default: `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Create a topic (with `default_partitions`) on its first Send. Default: true.
+    pub auto_create_topics: bool,
+    /// Partitions of auto-created topics and of topics created without a count. Default: 1.
+    pub default_partitions: u32,
+    /// Largest message (key + value + headers) accepted. Default: 1048576 (1 MiB).
+    pub max_message_bytes: usize,
+    /// Most messages in one Send. Default: 10000.
+    pub max_batch_messages: usize,
+    /// Largest Send request on the wire. Default: 16777216 (16 MiB).
+    pub max_request_bytes: usize,
+    /// Most client connections at once; further ones wait to be accepted. Default: 1024.
+    pub max_connections: usize,
+    /// Most concurrent streams (calls) per connection. Default: 1024.
+    pub max_concurrent_streams: u32,
+    /// Responses buffered per subscription before its readers pause. Default: 8.
+    pub subscriber_buffer: usize,
+    /// Payload bytes per streamed response, at most (one message may exceed it). Default:
+    /// 1048576.
+    pub delivery_batch_bytes: usize,
+    /// Log output: `text` or `json`. Default: `text`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
+    pub log_filter: String,
+    /// Settings of every partition log.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            auto_create_topics: true,
+            default_partitions: 1,
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 10_000,
+            max_request_bytes: 16 << 20,
+            max_connections: 1024,
+            max_concurrent_streams: 1024,
+            subscriber_buffer: 8,
+            delivery_batch_bytes: 1 << 20,
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), then applies `SLUICE_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Rejects nonsense with a message naming the field.
+    pub fn sanitize(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        self.log
+            .sanitize()
+            .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
+        if self.default_partitions == 0 || self.default_partitions > 1024 {
+            return bad("default_partitions must be between 1 and 1024");
+        }
+        if self.max_message_bytes == 0 {
+            return bad("max_message_bytes must be at least 1");
+        }
+        if self.max_message_bytes + 1024 > self.log.max_batch_bytes {
+            return bad("max_message_bytes must leave 1 KiB of room below log.max_batch_bytes");
+        }
+        if self.max_batch_messages == 0 {
+            return bad("max_batch_messages must be at least 1");
+        }
+        if self.max_request_bytes < self.max_message_bytes {
+            return bad("max_request_bytes must be at least max_message_bytes");
+        }
+        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
+            return bad("max_connections and max_concurrent_streams must be at least 1");
+        }
+        if self.subscriber_buffer == 0 || self.delivery_batch_bytes == 0 {
+            return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Applies `SLUICE_<KEY>` / `SLUICE_<SECTION>_<KEY>` onto the table, checking each against the
+/// known fields so a typo is an error, not a silent no-op.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default())
+        .map_err(|e| ConfigError::Invalid(format!("cannot describe defaults: {e}")))?;
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("SLUICE_") else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase();
+        let value = parse_env_value(&raw);
+        if defaults.contains_key(&key) && !defaults[&key].is_table() {
+            table.insert(key, value);
+            continue;
+        }
+        let section = defaults.iter().find_map(|(section, v)| {
+            let sub = v.as_table()?;
+            let field = key.strip_prefix(section.as_str())?.strip_prefix('_')?;
+            sub.contains_key(field)
+                .then(|| (section.clone(), field.to_string()))
+        });
+        match section {
+            Some((section, field)) => {
+                let sub = table
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match sub.as_table_mut() {
+                    Some(t) => {
+                        t.insert(field, value);
+                    }
+                    None => {
+                        return Err(ConfigError::Env {
+                            name,
+                            reason: "its section is not a table in the config file".into(),
+                        });
+                    }
+                }
+            }
+            None if ["SLUICE_LOG", "SLUICE_CONFIG", "SLUICE_BROKER"].contains(&name.as_str()) => {}
+            None => {
+                return Err(ConfigError::Env {
+                    name,
+                    reason: "no such setting".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::FsyncPolicy;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_reaches_nested_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nmax_message_bytes = 2048\n[log]\nfsync = \"interval\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("SLUICE_MAX_MESSAGE_BYTES", "4096"),
+                ("SLUICE_LOG_SEGMENT_BYTES", "1048576"),
+                ("SLUICE_DATA_DIR", "/tmp/x"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.max_message_bytes, 4096);
+        assert_eq!(c.log.fsync, FsyncPolicy::Interval);
+        assert_eq!(c.log.segment_bytes, 1 << 20);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        c.sanitize().unwrap();
+    }
+
+    #[test]
+    fn unknown_settings_and_nonsense_are_named() {
+        let err = Config::load(None, env(&[("SLUICE_LISTN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("SLUICE_LISTN"), "{err}");
+        let err = Config::load(None, env(&[("SLUICE_LOG_FSYNC", "sometimes")])).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+        let c = Config {
+            default_partitions: 0,
+            ..Config::default()
+        };
+        assert!(
+            c.sanitize()
+                .unwrap_err()
+                .to_string()
+                .contains("default_partitions")
+        );
+    }
+
+    #[test]
+    fn the_example_config_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sluice.toml");
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+}

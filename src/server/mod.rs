@@ -1,0 +1,121 @@
+//! The gRPC front: `sluice.v1` Broker and Admin services, health, reflection, connection limits
+//! and graceful shutdown. Translation only: all storage logic lives below.
+
+mod incoming;
+mod services;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::v1::admin_server::AdminServer;
+use crate::proto::v1::broker_server::BrokerServer;
+use crate::storage::{FileIo, RealIo};
+
+pub use services::{AdminService, BrokerService};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] crate::broker::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A running server: its address, and the token that stops it.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub done: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+/// Opens the broker and serves it until `stop` is cancelled; then stops accepting, lets in-flight
+/// sends finish, ends subscriptions, and closes every partition cleanly.
+pub async fn start(config: Config, stop: CancellationToken) -> Result<Running, ServeError> {
+    start_with_io(config, Arc::new(RealIo), stop).await
+}
+
+/// [`start`] with the storage's durable writes and syncs going through `io` (fault injection).
+pub async fn start_with_io(
+    config: Config,
+    io: Arc<dyn FileIo>,
+    stop: CancellationToken,
+) -> Result<Running, ServeError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let broker = Broker::open_with_io(config.clone(), io).await?;
+    let done = tokio::spawn(serve(broker, listener, config, stop.clone()));
+    Ok(Running { addr, stop, done })
+}
+
+async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    config: Config,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<BrokerService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_in = config.max_request_bytes + (64 << 10);
+    let max_out = config.delivery_batch_bytes.max(config.max_message_bytes) * 2 + (1 << 20);
+    let broker_service = BrokerServer::new(BrokerService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(max_in)
+        .max_encoding_message_size(max_out);
+    let admin_service = AdminServer::new(AdminService::new(Arc::clone(&broker)));
+
+    let incoming = incoming::limited(listener, config.max_connections, stop.clone());
+    let shutdown = {
+        let stop = stop.clone();
+        let broker_stop = broker.shutdown_token();
+        async move {
+            stop.cancelled().await;
+            tracing::info!("shutting down: no new connections, finishing in-flight calls");
+            // Ends subscription streams so that the graceful shutdown does not wait on them.
+            broker_stop.cancel();
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(broker_service)
+        .add_service(admin_service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    broker.shutdown().await;
+    result.map_err(ServeError::from)
+}

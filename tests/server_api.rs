@@ -1,0 +1,450 @@
+//! The gRPC API over loopback against an in-process broker: start positions, the live tail,
+//! concurrent producers, restarts, and every error status.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::FaultyIo;
+use common::server::{TestServer, keyed, message, start, take, test_config};
+use sluice::proto::v1 as pb;
+use sluice::proto::v1::start_position::Kind;
+use tonic::Code;
+
+async fn send(
+    client: &mut sluice::proto::v1::broker_client::BrokerClient<tonic::transport::Channel>,
+    topic: &str,
+    messages: Vec<pb::Message>,
+) -> Result<Vec<pb::Position>, tonic::Status> {
+    client
+        .send(pb::SendRequest {
+            topic: topic.into(),
+            messages,
+        })
+        .await
+        .map(|r| r.into_inner().positions)
+}
+
+fn values(deliveries: &[pb::Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| String::from_utf8(d.value.clone().unwrap().to_vec()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_starts_at_earliest_latest_an_offset_or_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    let first: Vec<_> = (0..5).map(|i| message(format!("m{i}"))).collect();
+    send(&mut client, "t", first).await.unwrap();
+    // Timestamps are the broker's clock: make the second send visibly later.
+    let boundary = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 5;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second: Vec<_> = (5..8).map(|i| message(format!("m{i}"))).collect();
+    send(&mut client, "t", second).await.unwrap();
+
+    let subscribe = |start_at| {
+        let mut c = client.clone();
+        async move {
+            c.subscribe(pb::SubscribeRequest {
+                topic: "t".into(),
+                partitions: vec![],
+                start: start_at,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut s = subscribe(None).await;
+    assert_eq!(
+        values(&take(&mut s, 8).await),
+        ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]
+    );
+    let mut s = subscribe(start(Kind::Earliest(true))).await;
+    assert_eq!(take(&mut s, 8).await[0].offset, 0);
+    let mut s = subscribe(start(Kind::Offset(6))).await;
+    assert_eq!(values(&take(&mut s, 2).await), ["m6", "m7"]);
+    let mut s = subscribe(start(Kind::TimestampMs(boundary))).await;
+    assert_eq!(values(&take(&mut s, 3).await), ["m5", "m6", "m7"]);
+    let mut s = subscribe(start(Kind::Latest(true))).await;
+    send(&mut client, "t", vec![message("after")])
+        .await
+        .unwrap();
+    let got = take(&mut s, 1).await;
+    assert_eq!(values(&got), ["after"]);
+    assert_eq!(got[0].offset, 8);
+    assert_eq!(got[0].topic, "t");
+    assert_eq!(got[0].attempt, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_at_the_tail_receives_a_new_message_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    send(&mut client, "tail", vec![message("old")])
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "tail".into(),
+            partitions: vec![],
+            start: start(Kind::Offset(1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            send(
+                &mut c,
+                "tail",
+                vec![keyed("k", "new").clone(), message("newer")],
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let started = std::time::Instant::now();
+    let got = take(&mut stream, 2).await;
+    assert_eq!(values(&got), ["new", "newer"]);
+    assert_eq!(got[0].key.as_deref(), Some(&b"k"[..]));
+    sender.await.unwrap();
+    // Not a timing assertion: a generous bound that only a polling or stuck tail would break.
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_sends_are_all_acknowledged_and_read_back_in_order_after_a_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = server.admin().await;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "burst".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 4,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let channel = server.channel().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..1000u32 {
+        let mut c = sluice::proto::v1::broker_client::BrokerClient::new(channel.clone());
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..10u32 {
+                let value = format!("{task}:{i}");
+                let key = format!("patient-{task}");
+                let pos = send(&mut c, "burst", vec![keyed(&key, value.clone())])
+                    .await
+                    .unwrap();
+                acked.push((pos[0].partition, pos[0].offset, value));
+            }
+            acked
+        });
+    }
+    let mut acked = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        for (p, o, v) in r.unwrap() {
+            assert!(
+                acked.insert((p, o), v).is_none(),
+                "two sends got ({p}, {o})"
+            );
+        }
+    }
+    assert_eq!(acked.len(), 10_000);
+
+    server.stop().await;
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "burst".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take(&mut stream, 10_000).await;
+    assert_eq!(got.len(), 10_000, "no duplicates");
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    let mut per_key: HashMap<String, u32> = HashMap::new();
+    for d in &got {
+        if let Some(prev) = last.insert(d.partition, d.offset) {
+            assert_eq!(
+                d.offset,
+                prev + 1,
+                "partition {} in offset order",
+                d.partition
+            );
+        }
+        let value = String::from_utf8(d.value.clone().unwrap().to_vec()).unwrap();
+        assert_eq!(acked.get(&(d.partition, d.offset)), Some(&value));
+        // One key's messages keep their send order.
+        let (task, i) = value.split_once(':').unwrap();
+        let i: u32 = i.parse().unwrap();
+        let prev = per_key.insert(task.to_string(), i);
+        assert_eq!(prev.map_or(0, |p| p + 1), i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_status_codes_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.auto_create_topics = false;
+    config.max_message_bytes = 1000;
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let mut client = server.client().await;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "ok".into(),
+            settings: None,
+        })
+        .await
+        .unwrap();
+    send(&mut client, "ok", vec![message("kept")])
+        .await
+        .unwrap();
+
+    let code = |r: Result<Vec<pb::Position>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(send(&mut client, "../x", vec![message("v")]).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(send(&mut client, "", vec![message("v")]).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(send(&mut client, "ok", vec![]).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            send(
+                &mut client,
+                "ok",
+                vec![message("ok"), message(vec![0u8; 1001])]
+            )
+            .await
+        ),
+        Code::InvalidArgument,
+        "one oversize message refuses the whole batch"
+    );
+    assert_eq!(
+        code(send(&mut client, "missing", vec![message("v")]).await),
+        Code::NotFound
+    );
+    let mut bad_partition = message("v");
+    bad_partition.partition = Some(7);
+    assert_eq!(
+        code(send(&mut client, "ok", vec![bad_partition]).await),
+        Code::NotFound
+    );
+
+    let sub = |topic: &str, start_at| {
+        let mut c = client.clone();
+        let topic = topic.to_string();
+        async move {
+            c.subscribe(pb::SubscribeRequest {
+                topic,
+                partitions: vec![],
+                start: start_at,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(sub("ok", start(Kind::Offset(5))).await, Code::OutOfRange);
+    assert_eq!(sub("missing", None).await, Code::NotFound);
+    assert_eq!(sub("a/b", None).await, Code::InvalidArgument);
+    let create = |name: &str, partitions| {
+        let mut a = admin.clone();
+        let name = name.to_string();
+        async move {
+            a.create_topic(pb::CreateTopicRequest {
+                name,
+                settings: Some(pb::TopicSettings {
+                    partitions,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(create("..", 1).await, Code::InvalidArgument);
+    assert_eq!(create("big", 100_000).await, Code::InvalidArgument);
+    assert_eq!(create("ok", 1).await, Code::AlreadyExists);
+    let deleted = admin
+        .delete_topic(pb::DeleteTopicRequest {
+            name: "missing".into(),
+        })
+        .await;
+    assert_eq!(deleted.unwrap_err().code(), Code::NotFound);
+
+    // Nothing changed: one topic, one message.
+    let topics = admin
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(topics.topics.len(), 1);
+    let d = admin
+        .describe_topic(pb::DescribeTopicRequest { name: "ok".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.partitions[0].next_offset, 1);
+    assert!(!dir.path().join("topics/big").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_is_resource_exhausted_and_a_failed_fsync_makes_the_partition_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let server = TestServer::start_with_io(test_config(dir.path()), io.clone()).await;
+    let mut client = server.client().await;
+    send(&mut client, "t", vec![message("a")]).await.unwrap();
+
+    io.enospc.store(true, Ordering::SeqCst);
+    let err = send(&mut client, "t", vec![message("b")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    io.enospc.store(false, Ordering::SeqCst);
+    let pos = send(&mut client, "t", vec![message("b")]).await.unwrap();
+    assert_eq!(pos[0].offset, 1, "the failed send took no offset");
+
+    io.fail_sync.store(true, Ordering::SeqCst);
+    let err = send(&mut client, "t", vec![message("c")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    io.fail_sync.store(false, Ordering::SeqCst);
+    let err = send(&mut client, "t", vec![message("d")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "latched until reopened: {err}"
+    );
+
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(values(&take(&mut stream, 2).await), ["a", "b"]);
+    let described = server
+        .admin()
+        .await
+        .describe_topic(pb::DescribeTopicRequest { name: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        described.partitions[0].next_offset, 2,
+        "nothing unacknowledged is visible"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_ends_its_subscriptions_and_removes_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    send(&mut client, "gone", vec![message("x")]).await.unwrap();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "gone".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    take(&mut stream, 1).await;
+    server
+        .admin()
+        .await
+        .delete_topic(pb::DeleteTopicRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .unwrap();
+    assert_eq!(end.unwrap_err().code(), Code::NotFound);
+    assert!(!dir.path().join("topics/gone").exists());
+    // Auto-creation brings it back empty.
+    let pos = send(&mut client, "gone", vec![message("y")]).await.unwrap();
+    assert_eq!(pos[0].offset, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sluice.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"sluice.v1.Broker".to_string()), "{names:?}");
+    assert!(names.contains(&"sluice.v1.Admin".to_string()), "{names:?}");
+}

@@ -1,0 +1,264 @@
+//! `sluice serve` as a real process: the README round trip, the data-dir lock, clean shutdown on
+//! SIGTERM and SIGINT, nothing acknowledged lost to SIGKILL, and bounded memory under a stalled
+//! subscriber.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use common::server::{BrokerProcess, bin, message, take};
+use sluice::proto::v1 as pb;
+use sluice::storage::{LogConfig, Partition, RealIo};
+
+fn cli(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_readme_round_trip_works_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let out = cli(
+        &["produce", "--broker", &addr, "--topic", "prom-submissions"],
+        "patient 1 answered\npatient 2 answered\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "produce is quiet without --verbose");
+    let out = cli(
+        &[
+            "consume",
+            "--broker",
+            &addr,
+            "--topic",
+            "prom-submissions",
+            "--count",
+            "2",
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "patient 1 answered\npatient 2 answered\n"
+    );
+    let out = cli(
+        &[
+            "consume",
+            "--broker",
+            &addr,
+            "--topic",
+            "prom-submissions",
+            "--from",
+            "1",
+            "--count",
+            "1",
+            "--format",
+            "json",
+        ],
+        "",
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["offset"], 1);
+    assert_eq!(line["value"], "patient 2 answered");
+    // Failures exit non-zero with the status on stderr.
+    let out = cli(&["produce", "--broker", &addr, "--topic", "../x"], "v\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+    let out = cli(&["topics", "describe", "--broker", &addr, "nope"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+}
+
+#[test]
+fn a_second_broker_on_the_same_data_dir_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = BrokerProcess::spawn(dir.path(), &[]);
+    let out = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked by another process"), "{stderr}");
+}
+
+async fn send_values(addr: std::net::SocketAddr, topic: &str, n: usize) {
+    let mut client = sluice::proto::v1::broker_client::BrokerClient::new(
+        sluice::cli::connect(&addr.to_string()).await.unwrap(),
+    );
+    for i in 0..n {
+        client
+            .send(pb::SendRequest {
+                topic: topic.into(),
+                messages: vec![message(format!("v{i}"))],
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn partition_zero(dir: &std::path::Path, topic: &str) -> Partition {
+    Partition::open(
+        &dir.join("topics").join(topic).join("0"),
+        LogConfig::default(),
+        Arc::new(RealIo),
+        None,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_sigint_stop_the_broker_cleanly_with_exit_code_zero() {
+    for signal in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = BrokerProcess::spawn(dir.path(), &[]);
+        send_values(broker.addr, "t", 20).await;
+        broker.signal(signal);
+        let status = broker.wait();
+        assert!(status.success(), "SIG{signal}: {status:?}");
+        let p = partition_zero(dir.path(), "t");
+        assert!(
+            p.recovery_report().clean,
+            "SIG{signal} closed the partition cleanly"
+        );
+        assert_eq!(p.high_water(), 20);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    send_values(broker.addr, "t", 200).await;
+    broker.signal("KILL");
+    let status = broker.wait();
+    assert!(!status.success());
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let mut client = sluice::proto::v1::broker_client::BrokerClient::new(
+        sluice::cli::connect(&broker.addr.to_string())
+            .await
+            .unwrap(),
+    );
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take(&mut stream, 200).await;
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.offset, i as u64);
+        assert_eq!(d.value.as_deref(), Some(format!("v{i}").as_bytes()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_bounds_broker_memory_and_loses_nothing_when_it_resumes() {
+    const REQUESTS: usize = 500;
+    const PER_REQUEST: usize = 128;
+    const SIZE: usize = 8192; // 500 x 128 x 8 KiB = 500 MiB
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let channel = sluice::cli::connect(&broker.addr.to_string())
+        .await
+        .unwrap();
+    let mut client = sluice::proto::v1::broker_client::BrokerClient::new(channel.clone())
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    client
+        .send(pb::SendRequest {
+            topic: "flood".into(),
+            messages: vec![message(vec![0u8; 8])],
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "flood".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    take(&mut stream, 1).await; // then stop reading
+    let baseline = broker.peak_rss();
+
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..4usize {
+        let mut c = client.clone();
+        producers.spawn(async move {
+            for r in (p..REQUESTS).step_by(4) {
+                let messages = (0..PER_REQUEST)
+                    .map(|i| {
+                        let mut v = vec![b'.'; SIZE];
+                        let tag = format!("{r}:{i}");
+                        v[..tag.len()].copy_from_slice(tag.as_bytes());
+                        message(v)
+                    })
+                    .collect();
+                c.send(pb::SendRequest {
+                    topic: "flood".into(),
+                    messages,
+                })
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while let Some(r) = producers.join_next().await {
+        r.unwrap();
+    }
+    let peak = broker.peak_rss();
+    eprintln!(
+        "broker peak RSS: {} MiB before the flood, {} MiB after 500 MiB with a stalled subscriber",
+        baseline >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < 96 << 20,
+        "broker memory grew to {} MiB while 500 MiB went past a stalled subscriber",
+        peak >> 20
+    );
+
+    // The subscriber resumes and gets everything, in order.
+    let mut next = 1u64;
+    let total = (REQUESTS * PER_REQUEST) as u64 + 1;
+    while next < total {
+        let batch = take(&mut stream, 1).await;
+        for d in batch {
+            assert_eq!(d.offset, next);
+            assert_eq!(d.value.as_ref().unwrap().len(), SIZE);
+            next += 1;
+        }
+    }
+}
