@@ -35,14 +35,14 @@ fn crashed_partition(tail: usize) -> Crashed {
     p.roll().unwrap();
     let active_base = *p.segment_bases().last().unwrap();
     let mut tail_ends = Vec::new();
-    let log = segment_path(template.path(), active_base, FileKind::Log);
     for b in 0..tail {
         let batch: Vec<Record> = (0..3)
             .map(|i| record(100 + b as u64 * 3 + i, 40 + b * 13))
             .collect();
         p.append_blocking(&batch).unwrap();
         records.extend(batch);
-        tail_ends.push((records.len(), fs::metadata(&log).unwrap().len()));
+        // The file may be longer: small writes preallocate zeros after the log end.
+        tail_ends.push((records.len(), p.stats().active_segment_bytes));
     }
     drop(p); // crash
     Crashed {
@@ -270,4 +270,29 @@ fn recovery_after_a_crash_scans_only_the_tail_after_the_checkpoint() {
     );
     assert_eq!(p.high_water(), 4000);
     assert_eq!(read_all(&p).len(), 4000);
+}
+
+#[test]
+fn preallocated_zeros_are_cut_by_recovery_and_by_a_clean_close_without_counting_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Always));
+    let want: Vec<Record> = (0..10).map(|i| record(i, 100)).collect();
+    for r in &want {
+        p.append_blocking(std::slice::from_ref(r)).unwrap();
+    }
+    let log = segment_path(dir.path(), 0, FileKind::Log);
+    let data_len = p.stats().active_segment_bytes;
+    assert!(
+        fs::metadata(&log).unwrap().len() > data_len,
+        "small appends preallocate zeros after the log end"
+    );
+    drop(p); // crash with the zero tail on disk
+    let p = open(dir.path(), small_config(FsyncPolicy::Always));
+    assert_eq!(p.recovery_report().truncated_bytes, 0, "zeros are not damage");
+    assert_eq!(fs::metadata(&log).unwrap().len(), data_len);
+    assert_records(&read_all(&p), &want, 0);
+    p.append_blocking(&[record(10, 100)]).unwrap();
+    let data_len = p.stats().active_segment_bytes;
+    p.close().unwrap();
+    assert_eq!(fs::metadata(&log).unwrap().len(), data_len, "close trims the zeros");
 }

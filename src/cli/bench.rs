@@ -33,9 +33,13 @@ pub struct ProduceBench {
     pub broker: BrokerArg,
     #[arg(long, default_value = "bench")]
     pub topic: String,
-    /// Concurrent producers, each on its own connection.
+    /// Concurrent producers.
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
+    /// Connections the producers share (HTTP/2 multiplexes their requests); at most one per
+    /// producer.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
     /// Messages per request.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -75,10 +79,14 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     }
     let value = Bytes::from(vec![b'x'; b.size]);
     let requests = Arc::new(AtomicU64::new(b.messages.div_ceil(b.batch as u64)));
-    let mut clients = Vec::with_capacity(b.producers);
-    for _ in 0..b.producers {
-        clients.push(broker_client(connect(&b.broker.broker).await?));
+    let connections = b.connections.clamp(1, b.producers);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(connect(&b.broker.broker).await?);
     }
+    let mut clients: Vec<_> = (0..b.producers)
+        .map(|i| broker_client(channels[i % connections].clone()))
+        .collect();
     // One warm-up request creates the topic and the connections' state.
     let warm = pb::SendRequest {
         topic: b.topic.clone(),
@@ -129,8 +137,9 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     let secs = start.elapsed().as_secs_f64();
     let bytes = total as f64 * b.size as f64;
     println!(
-        "produce: {} producers x {} msg/request x {} B: {} messages in {:.2} s = {:.0} msg/s, {:.1} MB/s; ack latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        "produce: {} producers on {} connections x {} msg/request x {} B: {} messages in {:.2} s = {:.0} msg/s, {:.1} MB/s; ack latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
         b.producers,
+        connections,
         b.batch,
         b.size,
         total,

@@ -48,6 +48,12 @@ pub struct LogConfig {
     pub checkpoint_bytes: u64,
     /// Appends queued for the writer before `append` waits. Default: 4096.
     pub queue_depth: usize,
+    /// When a small write (under a quarter of this) would grow the log file, this many zero
+    /// bytes are written after it, so that the following small appends overwrite allocated
+    /// blocks: their `fdatasync` then flushes data only, without a file-size journal commit,
+    /// which on ext4 halves its latency. The zeros are cut on roll, close and recovery. 0 turns
+    /// it off. Default: 1048576 (1 MiB).
+    pub preallocate_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -61,6 +67,7 @@ impl Default for LogConfig {
             max_batch_bytes: 8 << 20,
             checkpoint_bytes: 64 << 20,
             queue_depth: 4096,
+            preallocate_bytes: 1 << 20,
         }
     }
 }

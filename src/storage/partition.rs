@@ -81,6 +81,8 @@ pub struct PartitionStats {
     pub size_bytes: u64,
     pub log_start: u64,
     pub high_water: u64,
+    /// Bytes of the active segment readers can see, header included.
+    pub active_segment_bytes: u64,
 }
 
 enum Command {
@@ -319,6 +321,7 @@ impl Partition {
             size_bytes: segments.iter().map(|s| s.size_bytes()).sum(),
             log_start: self.log_start(),
             high_water: self.high_water(),
+            active_segment_bytes: segments.last().map_or(0, |s| s.size_bytes()),
         }
     }
 
@@ -793,14 +796,18 @@ fn recover_active(
     }
     if scan.position < file_len {
         let cut = file_len - scan.position;
-        let why = match scan.stop {
-            ScanStop::Corrupt(why) => why,
-            _ => "torn batch",
-        };
-        tracing::warn!(path = %seg.log_path().display(), position = scan.position, bytes = cut,
-            reason = why, "cut the unacknowledged tail of the active segment");
+        if seg.is_zero(scan.position, file_len)? {
+            tracing::debug!(path = %seg.log_path().display(), bytes = cut, "cut preallocated zeros");
+        } else {
+            let why = match scan.stop {
+                ScanStop::Corrupt(why) => why,
+                _ => "torn batch",
+            };
+            tracing::warn!(path = %seg.log_path().display(), position = scan.position, bytes = cut,
+                reason = why, "cut the unacknowledged tail of the active segment");
+            report.truncated_bytes += cut;
+        }
         seg.truncate_log(scan.position, io)?;
-        report.truncated_bytes += cut;
     }
     tracing::info!(path = %seg.log_path().display(), scanned = report.scanned_bytes, "recovered the active segment");
     let state = ActiveState {
@@ -821,6 +828,8 @@ struct Writer {
     state: ActiveState,
     /// Bytes of the active log known durable.
     synced_len: u64,
+    /// Length of the active log file: `state.len` plus preallocated zeros.
+    file_len: u64,
     checkpoint_len: u64,
     last_sync: Instant,
     /// Batches stamped but not yet written, with their bytes and index entries.
@@ -845,6 +854,7 @@ impl Writer {
             shared,
             active,
             synced_len: state.len,
+            file_len: state.len,
             checkpoint_len: state.len,
             last_sync: Instant::now(),
             buffer: Vec::new(),
@@ -1008,6 +1018,13 @@ impl Writer {
         }
         let path = self.active.log_path();
         let pos = self.before_buffer.len;
+        let end = pos + self.buffer.len() as u64;
+        // A small write that grows the file takes zeros with it (see `preallocate_bytes`).
+        let prealloc = self.shared.config.preallocate_bytes;
+        if end > self.file_len && (self.buffer.len() as u64) < prealloc / 4 {
+            let target = (end + prealloc).min(self.shared.config.segment_bytes.max(end));
+            self.buffer.resize((target - pos) as usize, 0);
+        }
         match self
             .shared
             .io
@@ -1020,14 +1037,18 @@ impl Writer {
                 self.shared
                     .appends
                     .fetch_add(self.buffered.len() as u64, Ordering::Relaxed);
-                self.state.len = pos + self.buffer.len() as u64;
+                self.state.len = end;
+                self.file_len = self.file_len.max(pos + self.buffer.len() as u64);
                 self.unsynced.append(&mut self.buffered);
             }
             Err(source) => {
                 tracing::error!(path = %path.display(), error = %source, "log write failed");
-                if let Err(cut) = self.active.log_file().set_len(pos) {
-                    tracing::error!(path = %path.display(), error = %cut, "could not cut a failed write; the partition refuses writes until reopened");
-                    self.shared.poisoned.store(true, Ordering::Release);
+                match self.active.log_file().set_len(pos) {
+                    Ok(()) => self.file_len = pos,
+                    Err(cut) => {
+                        tracing::error!(path = %path.display(), error = %cut, "could not cut a failed write; the partition refuses writes until reopened");
+                        self.shared.poisoned.store(true, Ordering::Release);
+                    }
                 }
                 self.state = self.before_buffer;
                 self.buffered_index.clear();
@@ -1167,6 +1188,8 @@ impl Writer {
             self.sync()?;
         }
         self.commit(false);
+        // The zeros go before the next segment exists: only the last segment may have a tail.
+        self.trim_log()?;
         let seg = Arc::clone(&self.active);
         let next = self.state.next_offset;
         if self.state.indexer.has_records {
@@ -1190,6 +1213,7 @@ impl Writer {
         self.state = ActiveState::empty(next);
         self.state.indexer.interval = u64::from(self.shared.config.index_interval_bytes);
         self.synced_len = LOG_HEADER_LEN;
+        self.file_len = LOG_HEADER_LEN;
         self.checkpoint_len = LOG_HEADER_LEN;
         tracing::debug!(dir = %dir.display(), base = next, "rolled to a new segment");
         if let Err(e) = self.write_checkpoint(false) {
@@ -1208,7 +1232,22 @@ impl Writer {
         if let Some(e) = self.poisoned() {
             return Err(e);
         }
+        self.trim_log()?;
         trim(&self.active);
         self.write_checkpoint(true)
+    }
+
+    /// Cuts preallocated zeros off the active log and syncs the new length.
+    fn trim_log(&mut self) -> Result<()> {
+        if self.file_len <= self.state.len {
+            return Ok(());
+        }
+        let path = self.active.log_path();
+        self.active
+            .log_file()
+            .set_len(self.state.len)
+            .map_err(|e| Error::io(path, e))?;
+        self.file_len = self.state.len;
+        self.sync()
     }
 }

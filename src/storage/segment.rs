@@ -423,6 +423,23 @@ impl Segment {
         }
     }
 
+    /// True when bytes `from..to` of the log are all zero (preallocated, never written). Ranges
+    /// over 64 MiB are not read and count as not zero.
+    pub(crate) fn is_zero(&self, from: u64, to: u64) -> Result<bool> {
+        if to.saturating_sub(from) > 64 << 20 {
+            return Ok(false);
+        }
+        let mut pos = from;
+        while pos < to {
+            let n = ((to - pos) as usize).min(SCAN_CHUNK);
+            if self.read_exact(pos, n)?.iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            pos += n as u64;
+        }
+        Ok(true)
+    }
+
     /// Cuts the log to `len` bytes (recovery of a torn tail) and syncs it.
     pub(crate) fn truncate_log(&self, len: u64, io: &dyn FileIo) -> Result<()> {
         self.log

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# End-to-end gRPC benchmarks over loopback with fsync = always: starts a broker on a fresh data
+# dir (target/bench-data/grpc, or $SLUICE_BENCH_DIR/grpc), runs `sluice bench`, stops it.
+# Usage: benches/grpc.sh [total messages for the unbatched runs, default 20000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n="${1:-20000}"
+cargo build --release --quiet
+bin=target/release/sluice
+dir="${SLUICE_BENCH_DIR:-target/bench-data}/grpc"
+rm -rf "$dir"
+mkdir -p "$dir"
+out=$(mktemp)
+RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --fsync always >"$out" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f "$out"' EXIT
+for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
+addr=$(sed -n 's/^sluice listening on //p' "$out")
+b() { "$bin" bench "$@" --broker "$addr"; }
+b produce --topic lone --producers 1 --batch 1 --messages "$n"
+b produce --topic many --producers 64 --batch 1 --messages $((n * 5))
+b produce --topic batched --producers 64 --batch 100 --messages 1000000
+b consume --topic batched
+b consume --topic batched
+kill -INT $pid
+wait $pid
