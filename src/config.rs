@@ -67,8 +67,8 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Responses buffered per subscription before its readers pause. Default: 8.
     pub subscriber_buffer: usize,
-    /// Payload bytes per streamed response, at most (one message may exceed it). Default:
-    /// 1048576.
+    /// Log bytes read per streamed response: whole batches, so a response may exceed it by
+    /// one batch. Default: 262144 (256 KiB; measured faster than 64 KiB or 1 MiB on loopback).
     pub delivery_batch_bytes: usize,
     /// Log output: `text` or `json`. Default: `text`.
     pub log_format: LogFormat,
@@ -91,7 +91,7 @@ impl Default for Config {
             max_connections: 1024,
             max_concurrent_streams: 1024,
             subscriber_buffer: 8,
-            delivery_batch_bytes: 1 << 20,
+            delivery_batch_bytes: 256 << 10,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             log: LogConfig::default(),

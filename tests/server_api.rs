@@ -448,3 +448,34 @@ async fn health_and_reflection_answer() {
     assert!(names.contains(&"sluice.v1.Broker".to_string()), "{names:?}");
     assert!(names.contains(&"sluice.v1.Admin".to_string()), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_stored_batch_is_streamed_in_responses_of_bounded_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.delivery_batch_bytes = 64 << 10;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let batch: Vec<_> = (0..100).map(|i| message(vec![i as u8; 10_000])).collect();
+    send(&mut client, "big", batch).await.unwrap();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "big".into(),
+            partitions: vec![],
+            start: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0u64;
+    while seen < 100 {
+        let response = stream.message().await.unwrap().unwrap();
+        let size = prost::Message::encoded_len(&response);
+        assert!(size <= (64 << 10) + 10_100, "a response of {size} bytes");
+        for d in response.deliveries {
+            assert_eq!(d.offset, seen);
+            assert_eq!(d.value.unwrap()[0], seen as u8);
+            seen += 1;
+        }
+    }
+}

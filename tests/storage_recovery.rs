@@ -288,11 +288,19 @@ fn preallocated_zeros_are_cut_by_recovery_and_by_a_clean_close_without_counting_
     );
     drop(p); // crash with the zero tail on disk
     let p = open(dir.path(), small_config(FsyncPolicy::Always));
-    assert_eq!(p.recovery_report().truncated_bytes, 0, "zeros are not damage");
+    assert_eq!(
+        p.recovery_report().truncated_bytes,
+        0,
+        "zeros are not damage"
+    );
     assert_eq!(fs::metadata(&log).unwrap().len(), data_len);
     assert_records(&read_all(&p), &want, 0);
     p.append_blocking(&[record(10, 100)]).unwrap();
     let data_len = p.stats().active_segment_bytes;
     p.close().unwrap();
-    assert_eq!(fs::metadata(&log).unwrap().len(), data_len, "close trims the zeros");
+    assert_eq!(
+        fs::metadata(&log).unwrap().len(),
+        data_len,
+        "close trims the zeros"
+    );
 }

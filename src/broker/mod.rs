@@ -76,8 +76,49 @@ pub struct Delivery {
     pub ack_id: String,
 }
 
-/// What a subscription stream yields: a batch of deliveries, or the error that ended it.
-pub type DeliveryBatch = Result<Vec<Delivery>>;
+/// A run of messages of one partition, as a subscription hands them over.
+///
+/// Plain subscriptions pass whole batches from the log and the records are decoded where the
+/// response is encoded, so that the per-record buffer references are taken and released on one
+/// thread.
+#[derive(Debug, Clone)]
+pub enum Deliveries {
+    /// Whole batches read from the log; only records at or after `from` are delivered.
+    Log {
+        partition: u32,
+        batches: Vec<storage::Batch>,
+        from: u64,
+    },
+}
+
+impl Deliveries {
+    /// The deliveries, decoded.
+    pub fn iter(&self) -> impl Iterator<Item = Result<Delivery>> + '_ {
+        let Deliveries::Log {
+            partition,
+            batches,
+            from,
+        } = self;
+        batches
+            .iter()
+            .flat_map(|b| b.records().map(move |r| (b.header().base_offset, r)))
+            .filter_map(move |(base, r)| match r {
+                Ok(record) if record.offset < *from => None,
+                Ok(record) => Some(Ok(Delivery {
+                    partition: *partition,
+                    record,
+                    attempt: 1,
+                    ack_id: String::new(),
+                })),
+                Err(why) => Some(Err(Error::Internal(format!(
+                    "undecodable record in a CRC-valid batch at offset {base}: {why}"
+                )))),
+            })
+    }
+}
+
+/// What a subscription stream yields: messages, or the error that ended it.
+pub type DeliveryBatch = Result<Deliveries>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionDescription {

@@ -1,7 +1,7 @@
 //! One partition's reader for one subscription.
 //!
-//! Reads whole batches from the cursor on the blocking pool, cuts them into deliveries of at most
-//! `batch_bytes` of payload, and pushes them into the subscription's bounded channel. A full
+//! Reads about `batch_bytes` of whole batches from the cursor on the blocking pool and pushes them
+//! into the subscription's bounded channel (records are decoded where the response is encoded). A full
 //! channel (slow subscriber) parks the task: the broker's memory per subscription stays at the
 //! channel's capacity. At the tail it waits for the partition's high-water watch. It ends quietly
 //! when the subscriber leaves, and with an error when the topic is deleted or a read fails.
@@ -12,10 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::error::Error;
-use super::{Delivery, DeliveryBatch, PartitionHandle, Topic};
-
-/// Bytes read from the log per read call.
-const READ_BYTES: usize = 1 << 20;
+use super::{Deliveries, DeliveryBatch, PartitionHandle, Topic};
 
 pub(super) struct Pump {
     pub topic: Arc<Topic>,
@@ -56,46 +53,25 @@ impl Pump {
             }
             let handle = Arc::clone(&self.handle);
             let from = self.cursor;
-            let batches = tokio::task::spawn_blocking(move || handle.log.read(from, READ_BYTES))
+            let budget = self.batch_bytes;
+            let batches = tokio::task::spawn_blocking(move || handle.log.read(from, budget))
                 .await
                 .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            for batch in &batches {
-                for record in batch.records() {
-                    let record = record.map_err(|why| {
-                        Error::Internal(format!(
-                            "undecodable record in a CRC-valid batch at offset {}: {why}",
-                            batch.header().base_offset
-                        ))
-                    })?;
-                    if record.offset < self.cursor {
-                        continue;
-                    }
-                    let size = record.value.as_ref().map_or(0, |v| v.len())
-                        + record.key.as_ref().map_or(0, |k| k.len());
-                    if !out.is_empty() && bytes + size > self.batch_bytes {
-                        self.deliver(std::mem::take(&mut out)).await?;
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    out.push(Delivery {
-                        partition: self.handle.id,
-                        record,
-                        attempt: 1,
-                        ack_id: String::new(),
-                    });
-                }
-                self.cursor = self.cursor.max(batch.header().next_offset());
-            }
-            if !out.is_empty() {
-                self.deliver(out).await?;
-            }
+            let Some(last) = batches.last() else {
+                continue;
+            };
+            self.cursor = last.header().next_offset();
+            let deliveries = Deliveries::Log {
+                partition: self.handle.id,
+                batches,
+                from,
+            };
+            self.deliver(deliveries).await?;
         }
     }
 
     /// Hands deliveries to the subscriber, waiting while its buffer is full.
-    async fn deliver(&self, deliveries: Vec<Delivery>) -> Result<(), Error> {
+    async fn deliver(&self, deliveries: Deliveries) -> Result<(), Error> {
         tokio::select! {
             sent = self.tx.send(Ok(deliveries)) => {
                 // A closed channel: the subscriber left; stop quietly.

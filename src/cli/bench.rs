@@ -4,6 +4,8 @@
 //!   is reached; reports messages/s, MB/s of payload and ack latency percentiles.
 //! - `bench consume`: one subscriber reads a topic from earliest to the end it had when the bench
 //!   started; reports messages/s and MB/s.
+//! - `bench rpc`: callers of a call that does no work, to show what the RPC stack itself costs on
+//!   the machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +27,20 @@ pub enum BenchCommand {
     Produce(ProduceBench),
     /// One subscriber reading a topic from earliest to its current end.
     Consume(ConsumeBench),
+    /// Callers of a call that does no work (ListTopics): the floor the RPC stack sets.
+    Rpc(RpcBench),
+}
+
+#[derive(Debug, Args)]
+pub struct RpcBench {
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    #[arg(long, default_value_t = 1)]
+    pub callers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    #[arg(long, default_value_t = 20_000)]
+    pub calls: u64,
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +79,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Produce(b) => produce(b).await,
         BenchCommand::Consume(b) => consume(b).await,
+        BenchCommand::Rpc(b) => rpc(b).await,
     }
 }
 
@@ -210,5 +227,49 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
             "the stream ended with {remaining} messages unread"
         )));
     }
+    Ok(())
+}
+
+async fn rpc(b: RpcBench) -> Result<(), CliError> {
+    let connections = b.connections.clamp(1, b.callers.max(1));
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(connect(&b.broker.broker).await?);
+    }
+    let calls = Arc::new(AtomicU64::new(b.calls));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..b.callers.max(1) {
+        let mut client = AdminClient::new(channels[i % connections].clone());
+        let calls = Arc::clone(&calls);
+        let mut hist = latency_histogram()?;
+        tasks.spawn(async move {
+            while calls
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                .is_ok()
+            {
+                let t = Instant::now();
+                client.list_topics(pb::ListTopicsRequest {}).await?;
+                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            Ok::<_, CliError>(hist)
+        });
+    }
+    let mut hist = latency_histogram()?;
+    while let Some(joined) = tasks.join_next().await {
+        let h = joined.map_err(|e| CliError::Usage(format!("caller task: {e}")))??;
+        let _ = hist.add(&h);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "rpc: {} callers on {} connections: {} calls in {:.2} s = {:.0} calls/s; latency p50 {} us, p99 {} us",
+        b.callers,
+        connections,
+        hist.len(),
+        secs,
+        hist.len() as f64 / secs,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99)
+    );
     Ok(())
 }

@@ -184,11 +184,15 @@ pub enum CliError {
 
 /// Runs a parsed command line; the exit code is 0 only on success.
 pub fn run(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sluice")
-        .build()
-    {
+    // The broker and the load generator use every core; a single consumer is one stream, which
+    // a single thread decodes without handing buffers between threads.
+    let mut builder = match &cli.command {
+        Command::Serve(_) | Command::Bench(bench::BenchCommand::Produce(_)) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().thread_name("sluice").build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

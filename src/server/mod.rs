@@ -87,7 +87,8 @@ async fn serve(
         .build_v1()?;
 
     let max_in = config.max_request_bytes + (64 << 10);
-    let max_out = config.delivery_batch_bytes.max(config.max_message_bytes) * 2 + (1 << 20);
+    // A response holds at least one delivery: a message and its envelope.
+    let max_out = config.delivery_batch_bytes.max(config.max_message_bytes) + (1 << 20);
     let broker_service = BrokerServer::new(BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out);

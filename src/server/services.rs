@@ -3,9 +3,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
 use tokio_stream::Stream;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Delivery, NewMessage, Start};
@@ -120,17 +120,77 @@ impl pb::broker_server::Broker for BrokerService {
             .subscribe(&req.topic, req.partitions, start)
             .await
             .map_err(to_status)?;
-        let topic: Arc<str> = Arc::from(req.topic.as_str());
-        let stream = ReceiverStream::new(rx).map(move |batch| match batch {
-            Ok(deliveries) => Ok(pb::SubscribeResponse {
-                deliveries: deliveries
-                    .into_iter()
-                    .map(|d| delivery_to_pb(&topic, d))
-                    .collect(),
-            }),
-            Err(e) => Err(to_status(e)),
-        });
+        let stream = Responses {
+            rx,
+            topic: Arc::from(req.topic.as_str()),
+            max_bytes: self.broker.config().delivery_batch_bytes,
+            ready: VecDeque::new(),
+        };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A subscription's responses: each run of messages from the broker becomes one or more
+/// responses of about `max_bytes` encoded (at least one delivery each), so that no response
+/// outgrows what ordinary gRPC clients accept, whatever the size of the stored batches.
+struct Responses {
+    rx: tokio::sync::mpsc::Receiver<crate::broker::DeliveryBatch>,
+    topic: Arc<str>,
+    max_bytes: usize,
+    ready: VecDeque<Result<pb::SubscribeResponse, Status>>,
+}
+
+impl Responses {
+    fn split(&mut self, batch: crate::broker::DeliveryBatch) {
+        let deliveries = match batch {
+            Ok(d) => d,
+            Err(e) => return self.ready.push_back(Err(to_status(e))),
+        };
+        let mut current = Vec::new();
+        let mut bytes = 0;
+        for d in deliveries.iter() {
+            let d = match d {
+                Ok(d) => delivery_to_pb(&self.topic, d),
+                Err(e) => {
+                    self.ready.push_back(Err(to_status(e)));
+                    return;
+                }
+            };
+            let size = prost::Message::encoded_len(&d) + 8;
+            if !current.is_empty() && bytes + size > self.max_bytes {
+                let deliveries = std::mem::take(&mut current);
+                self.ready
+                    .push_back(Ok(pb::SubscribeResponse { deliveries }));
+                bytes = 0;
+            }
+            bytes += size;
+            current.push(d);
+        }
+        if !current.is_empty() {
+            self.ready.push_back(Ok(pb::SubscribeResponse {
+                deliveries: current,
+            }));
+        }
+    }
+}
+
+impl Stream for Responses {
+    type Item = Result<pb::SubscribeResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return std::task::Poll::Ready(Some(r));
+            }
+            match self.rx.poll_recv(cx) {
+                std::task::Poll::Ready(Some(batch)) => self.split(batch),
+                std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
     }
 }
 

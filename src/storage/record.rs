@@ -38,7 +38,7 @@
 //! `last_offset_delta` can exceed `record_count - 1` once compaction has removed records: offsets
 //! are never reused, so the next batch always starts at `base_offset + last_offset_delta + 1`.
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
 /// The only batch format version written today.
 pub const MAGIC_V1: u8 = 1;
@@ -320,17 +320,20 @@ impl Batch {
     pub fn records(&self) -> Records {
         Records {
             header: self.header,
-            buf: self.bytes.slice(BATCH_HEADER_LEN..),
+            buf: self.bytes.clone(),
+            pos: BATCH_HEADER_LEN,
             left: self.header.record_count,
         }
     }
 }
 
-/// Iterator over a batch's records.
+/// Iterator over a batch's records. Fields are parsed from the batch buffer by position; only
+/// the key, value and header values become `Bytes` (slices sharing the batch buffer).
 #[derive(Debug)]
 pub struct Records {
     header: BatchHeader,
     buf: Bytes,
+    pos: usize,
     left: u32,
 }
 
@@ -350,48 +353,102 @@ impl Iterator for Records {
     }
 }
 
-impl Records {
-    fn decode_one(&mut self) -> Result<StoredRecord, &'static str> {
-        let len = get_uvarint(&mut self.buf)? as usize;
-        if len > self.buf.len() {
-            return Err("record length runs past the batch");
+/// A read position inside a record, bounded by the record's end.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    end: usize,
+}
+
+impl Cursor<'_> {
+    fn uvarint(&mut self) -> Result<u64, &'static str> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            if self.pos >= self.end {
+                return Err("varint runs past the record");
+            }
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
         }
-        let mut rec = self.buf.split_to(len);
-        let delta = get_uvarint(&mut rec)?;
-        if delta > u64::from(self.header.last_offset_delta) {
-            return Err("record offset delta beyond the batch's range");
+        Err("varint longer than 10 bytes")
+    }
+
+    fn ivarint(&mut self) -> Result<i64, &'static str> {
+        let u = self.uvarint()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    fn take(&mut self, n: u64) -> Result<std::ops::Range<usize>, &'static str> {
+        let n = usize::try_from(n).map_err(|_| "field length overflows")?;
+        if n > self.end - self.pos {
+            return Err("field runs past the record");
         }
-        let ts_delta = get_ivarint(&mut rec)?;
-        let key = get_opt_bytes(&mut rec)?;
-        let value = get_opt_bytes(&mut rec)?;
-        let header_count = get_uvarint(&mut rec)?;
-        let mut headers = Vec::new();
-        for _ in 0..header_count {
-            let klen = get_uvarint(&mut rec)? as usize;
-            let key = take(&mut rec, klen)?;
-            let key = String::from_utf8(key.to_vec()).map_err(|_| "header key is not UTF-8")?;
-            let vlen = get_uvarint(&mut rec)? as usize;
-            let value = take(&mut rec, vlen)?;
-            headers.push(Header { key, value });
+        let range = self.pos..self.pos + n;
+        self.pos += n;
+        Ok(range)
+    }
+
+    fn opt(&mut self) -> Result<Option<std::ops::Range<usize>>, &'static str> {
+        match self.ivarint()? {
+            -1 => Ok(None),
+            n if n < 0 => Err("negative field length"),
+            n => self.take(n as u64).map(Some),
         }
-        if rec.has_remaining() {
-            return Err("trailing bytes in record");
-        }
-        Ok(StoredRecord {
-            offset: self.header.base_offset + delta,
-            timestamp: self.header.first_timestamp.wrapping_add(ts_delta),
-            key,
-            value,
-            headers,
-        })
     }
 }
 
-fn take(buf: &mut Bytes, n: usize) -> Result<Bytes, &'static str> {
-    if n > buf.len() {
-        return Err("field runs past the record");
+impl Records {
+    fn decode_one(&mut self) -> Result<StoredRecord, &'static str> {
+        let mut c = Cursor {
+            buf: &self.buf,
+            pos: self.pos,
+            end: self.buf.len(),
+        };
+        let len = c.uvarint()?;
+        let body = c.take(len)?;
+        let mut c = Cursor {
+            buf: &self.buf,
+            pos: body.start,
+            end: body.end,
+        };
+        let delta = c.uvarint()?;
+        if delta > u64::from(self.header.last_offset_delta) {
+            return Err("record offset delta beyond the batch's range");
+        }
+        let ts_delta = c.ivarint()?;
+        let key = c.opt()?;
+        let value = c.opt()?;
+        let header_count = c.uvarint()?;
+        let mut headers = Vec::new();
+        for _ in 0..header_count {
+            let klen = c.uvarint()?;
+            let k = c.take(klen)?;
+            let key = std::str::from_utf8(&self.buf[k])
+                .map_err(|_| "header key is not UTF-8")?
+                .to_string();
+            let vlen = c.uvarint()?;
+            let v = c.take(vlen)?;
+            headers.push(Header {
+                key,
+                value: self.buf.slice(v),
+            });
+        }
+        if c.pos != c.end {
+            return Err("trailing bytes in record");
+        }
+        self.pos = body.end;
+        Ok(StoredRecord {
+            offset: self.header.base_offset + delta,
+            timestamp: self.header.first_timestamp.wrapping_add(ts_delta),
+            key: key.map(|r| self.buf.slice(r)),
+            value: value.map(|r| self.buf.slice(r)),
+            headers,
+        })
     }
-    Ok(buf.split_to(n))
 }
 
 fn put_uvarint(buf: &mut Vec<u8>, mut v: u64) {
@@ -413,34 +470,6 @@ fn put_opt_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
             put_ivarint(buf, b.len() as i64);
             buf.extend_from_slice(b);
         }
-    }
-}
-
-fn get_uvarint(buf: &mut Bytes) -> Result<u64, &'static str> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        if !buf.has_remaining() {
-            return Err("varint runs past the record");
-        }
-        let b = buf.get_u8();
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err("varint longer than 10 bytes")
-}
-
-fn get_ivarint(buf: &mut Bytes) -> Result<i64, &'static str> {
-    let u = get_uvarint(buf)?;
-    Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
-}
-
-fn get_opt_bytes(buf: &mut Bytes) -> Result<Option<Bytes>, &'static str> {
-    match get_ivarint(buf)? {
-        -1 => Ok(None),
-        n if n < 0 => Err("negative field length"),
-        n => take(buf, n as usize).map(Some),
     }
 }
 

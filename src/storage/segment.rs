@@ -18,11 +18,12 @@
 //! writer with `Release` after the bytes are durable under the partition's fsync policy.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::index::OffsetIndex;
@@ -42,6 +43,9 @@ const SCAN_CHUNK: usize = 1 << 20;
 /// Reads fetch at least this much, enough for the index's bounded forward scan to usually take
 /// one read; a batch larger than what was read is then read whole.
 const MIN_READ: usize = 64 << 10;
+/// Reads fetch at most this much per buffer: small enough for the allocator to reuse buffers
+/// instead of mapping (and the kernel zeroing) fresh pages for every read.
+const MAX_READ: usize = 256 << 10;
 
 /// The kinds of file a segment is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,12 +264,40 @@ impl Segment {
         self.visible_len()
     }
 
+    /// Reads `len` bytes at `pos` into a fresh buffer, without zeroing it first.
     fn read_exact(&self, pos: u64, len: usize) -> Result<Bytes> {
-        let mut buf = BytesMut::zeroed(len);
-        self.log
-            .read_exact_at(&mut buf, pos)
-            .map_err(|e| Error::io(&self.log_path, e))?;
-        Ok(buf.freeze())
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let fd = self.log.as_raw_fd();
+        while buf.len() < len {
+            let done = buf.len();
+            let at = libc::off_t::try_from(pos + done as u64).map_err(|_| {
+                Error::io(
+                    &self.log_path,
+                    std::io::Error::other("read position overflows off_t"),
+                )
+            })?;
+            // SAFETY: the pointer addresses the `len - done` bytes of spare capacity after the
+            // initialised part of `buf`; pread only writes there, and `set_len` below extends the
+            // initialised part by exactly the count pread reports written.
+            let n = unsafe { libc::pread(fd, buf.as_mut_ptr().add(done).cast(), len - done, at) };
+            match n {
+                n if n > 0 => {
+                    // SAFETY: pread wrote `n` bytes right after the first `done` (see above).
+                    unsafe { buf.set_len(done + n as usize) }
+                }
+                0 => {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return Err(Error::io(&self.log_path, eof));
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(Error::io(&self.log_path, e));
+                    }
+                }
+            }
+        }
+        Ok(Bytes::from(buf))
     }
 
     /// The header of the batch at `pos`, which must be a batch boundary below `visible_len`.
@@ -323,7 +355,7 @@ impl Segment {
         let end = self.visible_len();
         let mut collected = 0usize;
         while pos < end && (collected == 0 || collected < max_bytes) {
-            let want = (max_bytes.saturating_sub(collected)).max(MIN_READ);
+            let want = (max_bytes.saturating_sub(collected)).clamp(MIN_READ, MAX_READ);
             let n = (end - pos).min(want as u64) as usize;
             let mut window = self.read_exact(pos, n)?;
             let mut progressed = false;
