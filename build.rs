@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/sluice/v1/broker.proto"];
+    let protos = ["proto/sluice/v1/broker.proto", "proto/broker.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -70,6 +70,14 @@ pub struct Config {
     /// Log bytes read per streamed response: whole batches, so a response may exceed it by
     /// one batch. Default: 262144 (256 KiB; measured faster than 64 KiB or 1 MiB on loopback).
     pub delivery_batch_bytes: usize,
+    /// A group delivery not acknowledged within this many ms is delivered again. Default: 30000.
+    pub group_ack_timeout_ms: u64,
+    /// Deliveries of one message to a group before it goes to `<topic>.dlq`. Default: 5.
+    pub group_max_deliveries: u32,
+    /// Most unacknowledged deliveries a group member may ask for. Default: 10000.
+    pub group_max_in_flight: usize,
+    /// Unacknowledged deliveries per member when the subscription does not say. Default: 1000.
+    pub group_default_in_flight: usize,
     /// Log output: `text` or `json`. Default: `text`.
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
@@ -92,6 +100,10 @@ impl Default for Config {
             max_concurrent_streams: 1024,
             subscriber_buffer: 8,
             delivery_batch_bytes: 256 << 10,
+            group_ack_timeout_ms: 30_000,
+            group_max_deliveries: 5,
+            group_max_in_flight: 10_000,
+            group_default_in_flight: 1000,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             log: LogConfig::default(),
@@ -148,6 +160,14 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_concurrent_streams == 0 {
             return bad("max_connections and max_concurrent_streams must be at least 1");
+        }
+        if self.group_ack_timeout_ms == 0 || self.group_max_deliveries == 0 {
+            return bad("group_ack_timeout_ms and group_max_deliveries must be at least 1");
+        }
+        if self.group_default_in_flight == 0
+            || self.group_default_in_flight > self.group_max_in_flight
+        {
+            return bad("group_default_in_flight must be between 1 and group_max_in_flight");
         }
         if self.subscriber_buffer == 0 || self.delivery_batch_bytes == 0 {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");

@@ -59,6 +59,7 @@ async fn subscribe_starts_at_earliest_latest_an_offset_or_a_time() {
                 topic: "t".into(),
                 partitions: vec![],
                 start: start_at,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -100,6 +101,7 @@ async fn a_subscriber_at_the_tail_receives_a_new_message_promptly() {
             topic: "tail".into(),
             partitions: vec![],
             start: start(Kind::Offset(1)),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -177,6 +179,7 @@ async fn ten_thousand_concurrent_sends_are_all_acknowledged_and_read_back_in_ord
             topic: "burst".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -268,6 +271,7 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
                 topic,
                 partitions: vec![],
                 start: start_at,
+                ..Default::default()
             })
             .await
             .map(|_| ())
@@ -357,6 +361,7 @@ async fn disk_full_is_resource_exhausted_and_a_failed_fsync_makes_the_partition_
             topic: "t".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -386,6 +391,7 @@ async fn deleting_a_topic_ends_its_subscriptions_and_removes_its_data() {
             topic: "gone".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -463,6 +469,7 @@ async fn a_large_stored_batch_is_streamed_in_responses_of_bounded_size() {
             topic: "big".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()

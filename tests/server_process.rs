@@ -170,6 +170,7 @@ async fn a_killed_broker_loses_no_acknowledged_message() {
             topic: "t".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -206,6 +207,7 @@ async fn a_stalled_subscriber_bounds_broker_memory_and_loses_nothing_when_it_res
             topic: "flood".into(),
             partitions: vec![],
             start: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -24,6 +24,8 @@ pub enum Error {
     },
     #[error("topic {0:?} was deleted")]
     TopicDeleted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]

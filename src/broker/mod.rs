@@ -12,6 +12,8 @@
 //!   writer thread signals after each durable append. No polling.
 
 pub mod error;
+mod group_ops;
+pub mod groups;
 mod subscription;
 pub mod topic;
 
@@ -89,31 +91,41 @@ pub enum Deliveries {
         batches: Vec<storage::Batch>,
         from: u64,
     },
+    /// Deliveries chosen one by one (consumer groups).
+    Records(Vec<Delivery>),
 }
 
 impl Deliveries {
     /// The deliveries, decoded.
-    pub fn iter(&self) -> impl Iterator<Item = Result<Delivery>> + '_ {
-        let Deliveries::Log {
-            partition,
-            batches,
-            from,
-        } = self;
-        batches
-            .iter()
-            .flat_map(|b| b.records().map(move |r| (b.header().base_offset, r)))
-            .filter_map(move |(base, r)| match r {
-                Ok(record) if record.offset < *from => None,
-                Ok(record) => Some(Ok(Delivery {
-                    partition: *partition,
-                    record,
-                    attempt: 1,
-                    ack_id: String::new(),
-                })),
-                Err(why) => Some(Err(Error::Internal(format!(
-                    "undecodable record in a CRC-valid batch at offset {base}: {why}"
-                )))),
-            })
+    pub fn into_deliveries(self) -> Result<Vec<Delivery>> {
+        let (partition, batches, from) = match self {
+            Deliveries::Records(d) => return Ok(d),
+            Deliveries::Log {
+                partition,
+                batches,
+                from,
+            } => (partition, batches, from),
+        };
+        let mut out = Vec::new();
+        for b in &batches {
+            for r in b.records() {
+                let record = r.map_err(|why| {
+                    Error::Internal(format!(
+                        "undecodable record in a CRC-valid batch at offset {}: {why}",
+                        b.header().base_offset
+                    ))
+                })?;
+                if record.offset >= from {
+                    out.push(Delivery {
+                        partition,
+                        record,
+                        attempt: 1,
+                        ack_id: String::new(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -144,8 +156,11 @@ pub struct Broker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises topic creation and deletion.
     admin: tokio::sync::Mutex<()>,
+    /// Open consumer groups, by (group, topic).
+    groups: tokio::sync::Mutex<HashMap<(String, String), Arc<groups::GroupTopic>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    me: std::sync::Weak<Broker>,
 }
 
 fn now_ms() -> i64 {
@@ -186,13 +201,15 @@ impl Broker {
             .await?
         };
         tracing::info!(data_dir = %config.data_dir.display(), topics = topics.len(), "broker open");
-        Ok(Arc::new(Broker {
+        Ok(Arc::new_cyclic(|me| Broker {
             config,
             data: Arc::new(data),
             topics: RwLock::new(topics),
             admin: tokio::sync::Mutex::new(()),
+            groups: tokio::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            me: me.clone(),
         }))
     }
 
@@ -220,12 +237,13 @@ impl Broker {
             .ok_or_else(|| Error::Storage(storage::Error::TopicNotFound(name.to_string())))
     }
 
-    async fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>> {
+    /// An open topic, created with the default settings when missing if `create`.
+    pub async fn topic_or_create(&self, name: &str, create: bool) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
         if let Some(t) = self.topic(name) {
             return Ok(t);
         }
-        if !self.config.auto_create_topics {
+        if !create {
             return Err(Error::TopicNotFound(name.to_string()));
         }
         let config = TopicConfig {
@@ -242,6 +260,17 @@ impl Broker {
     /// Appends messages and returns each one's (partition, offset), in request order, once all of
     /// them are durable.
     pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<(u32, u64)>> {
+        self.send_with(topic, messages, self.config.auto_create_topics)
+            .await
+    }
+
+    /// [`Broker::send`], creating the topic when missing if `create` (the seed API always does).
+    pub async fn send_with(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        create: bool,
+    ) -> Result<Vec<(u32, u64)>> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -265,7 +294,16 @@ impl Broker {
                 limit,
             });
         }
-        let topic = self.topic_or_create(topic).await?;
+        let topic = self.topic_or_create(topic, create).await?;
+        self.send_to(&topic, messages).await
+    }
+
+    /// Routes and appends messages to an open topic; returns once all are durable.
+    pub(crate) async fn send_to(
+        &self,
+        topic: &Arc<Topic>,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<(u32, u64)>> {
         let count = topic.partitions.len() as u32;
         let spread = topic.next_spread_partition();
 
@@ -419,9 +457,22 @@ impl Broker {
             .remove(name)
             .ok_or_else(|| storage::Error::TopicNotFound(name.to_string()))?;
         topic.deleted.cancel();
+        let doomed: Vec<_> = {
+            let mut groups = self.groups.lock().await;
+            let keys: Vec<_> = groups.keys().filter(|(_, t)| t == name).cloned().collect();
+            keys.into_iter().filter_map(|k| groups.remove(&k)).collect()
+        };
         let data = Arc::clone(&self.data);
         let owned = name.to_string();
         blocking(move || {
+            for g in &doomed {
+                g.close();
+            }
+            for (group, topics) in data.list_groups()? {
+                if topics.iter().any(|t| t == &owned) {
+                    data.delete_group_state(&group, Some(&owned))?;
+                }
+            }
             for p in &topic.partitions {
                 // A latched partition cannot close cleanly; its files are going anyway.
                 let _ = p.log.close();
@@ -473,8 +524,22 @@ impl Broker {
     /// stopped serving them.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        let groups: Vec<_> = self.groups.lock().await.drain().map(|(_, g)| g).collect();
+        for g in &groups {
+            g.stop.cancel();
+        }
         self.tasks.close();
         self.tasks.wait().await;
+        let closed = blocking(move || {
+            for g in &groups {
+                g.close();
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "closing groups failed");
+        }
         let topics: Vec<Arc<Topic>> = self
             .topics
             .read()
@@ -501,7 +566,7 @@ impl Broker {
 }
 
 /// The first offset a subscription reads in a partition.
-async fn resolve_start(handle: &Arc<PartitionHandle>, start: Start) -> Result<u64> {
+pub(crate) async fn resolve_start(handle: &Arc<PartitionHandle>, start: Start) -> Result<u64> {
     let log = &handle.log;
     match start {
         Start::Earliest => Ok(log.log_start()),

@@ -189,6 +189,9 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
     let start = Instant::now();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
+            group: String::new(),
+            max_in_flight: 0,
+            exclusive: false,
             topic: b.topic.clone(),
             partitions: Vec::new(),
             start: Some(pb::StartPosition {

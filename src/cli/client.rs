@@ -13,7 +13,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::broker_client::BrokerClient;
 
-use super::{CliError, ConsumeArgs, OutputFormat, ProduceArgs, TopicsCommand};
+use super::{CliError, ConsumeArgs, GroupsCommand, OutputFormat, ProduceArgs, TopicsCommand};
 
 /// Most lines sent in one request by `produce`.
 const PRODUCE_BATCH: usize = 1000;
@@ -186,18 +186,28 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let mut client = broker_client(connect(&args.broker.broker).await?);
+    let group = args.group.clone().unwrap_or_default();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
             topic: args.topic.clone(),
             partitions: args.partition.clone(),
             start: Some(start),
+            group: group.clone(),
+            max_in_flight: args.max_in_flight,
+            exclusive: false,
         })
         .await?
         .into_inner();
     let mut printed = 0u64;
     let mut stdout = std::io::stdout().lock();
     while let Some(response) = stream.message().await? {
+        let mut printed_ids = Vec::new();
         for d in response.deliveries {
+            if args.count.is_some_and(|c| printed >= c) {
+                // Not printed: left unacknowledged, so the group hands it to another member (at
+                // once, since this one leaves).
+                break;
+            }
             match args.format {
                 OutputFormat::Text => {
                     stdout.write_all(d.value.as_deref().unwrap_or_default())?;
@@ -208,12 +218,106 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
                 }
             }
             printed += 1;
-            if args.count.is_some_and(|c| printed >= c) {
-                stdout.flush()?;
-                return Ok(());
-            }
+            printed_ids.push(d.ack_id);
         }
         stdout.flush()?;
+        // Printed (and flushed): acknowledged.
+        if !group.is_empty() && !printed_ids.is_empty() {
+            client
+                .ack(pb::AckRequest {
+                    group: group.clone(),
+                    topic: args.topic.clone(),
+                    ack_ids: printed_ids,
+                })
+                .await?;
+        }
+        if args.count.is_some_and(|c| printed >= c) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match cmd {
+        GroupsCommand::List { broker } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let list = client
+                .list_groups(pb::ListGroupsRequest {})
+                .await?
+                .into_inner();
+            for g in list.groups {
+                writeln!(stdout, "{}\ttopics={}", g.name, g.topics.join(","))?;
+            }
+        }
+        GroupsCommand::Describe { broker, group } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let d = client
+                .describe_group(pb::DescribeGroupRequest { group })
+                .await?
+                .into_inner();
+            writeln!(stdout, "group {}", d.group)?;
+            for t in d.topics {
+                writeln!(stdout, "  topic {}: {} members", t.topic, t.members.len())?;
+                for m in t.members {
+                    writeln!(
+                        stdout,
+                        "    member {}\tin_flight={}/{}\t{}",
+                        m.id,
+                        m.in_flight,
+                        m.max_in_flight,
+                        if m.exclusive { "exclusive" } else { "shared" }
+                    )?;
+                }
+                writeln!(
+                    stdout,
+                    "    partition\tcommitted\tend\tlag\tin_flight\tpending\tredelivered\tdead_lettered"
+                )?;
+                for p in t.partitions {
+                    writeln!(
+                        stdout,
+                        "    {}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        p.partition,
+                        p.committed_offset,
+                        p.end_offset,
+                        p.lag,
+                        p.in_flight,
+                        p.pending,
+                        p.redeliveries,
+                        p.dead_lettered
+                    )?;
+                }
+            }
+        }
+        GroupsCommand::Reset {
+            broker,
+            group,
+            topic,
+            to,
+            force,
+        } => {
+            let to = parse_start(&to)?;
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            client
+                .reset_group(pb::ResetGroupRequest {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    to: Some(to),
+                    force,
+                })
+                .await?;
+            writeln!(stdout, "reset group {group} on {topic}")?;
+        }
+        GroupsCommand::Delete { broker, group } => {
+            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            client
+                .delete_group(pb::DeleteGroupRequest {
+                    group: group.clone(),
+                })
+                .await?;
+            writeln!(stdout, "deleted group {group}")?;
+        }
     }
     Ok(())
 }

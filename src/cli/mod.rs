@@ -37,6 +37,9 @@ pub enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Manage consumer groups.
+    #[command(subcommand)]
+    Groups(GroupsCommand),
     /// Measure a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -121,6 +124,47 @@ pub struct ConsumeArgs {
     /// text: each value on a line; json: every field, one object per line.
     #[arg(long, value_enum, default_value = "text")]
     pub format: OutputFormat,
+    /// Consume as a member of this consumer group, acknowledging each message once printed.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// With --group: unacknowledged messages this member holds at most (0: broker default).
+    #[arg(long, default_value_t = 0)]
+    pub max_in_flight: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// List consumer groups and their topics.
+    List {
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Show members and, per partition, committed offset, end, lag, in flight, redeliveries.
+    Describe {
+        #[command(flatten)]
+        broker: BrokerArg,
+        group: String,
+    },
+    /// Move a group's position on a topic.
+    Reset {
+        #[command(flatten)]
+        broker: BrokerArg,
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long)]
+        to: String,
+        /// Reset even while members are connected.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a group's state.
+    Delete {
+        #[command(flatten)]
+        broker: BrokerArg,
+        group: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +249,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Produce(args) => client::produce(args).await,
             Command::Consume(args) => client::consume(args).await,
             Command::Topics(cmd) => client::topics(cmd).await,
+            Command::Groups(cmd) => client::groups(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
     });

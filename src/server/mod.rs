@@ -2,6 +2,7 @@
 //! and graceful shutdown. Translation only: all storage logic lives below.
 
 mod incoming;
+mod seed;
 mod services;
 pub mod status;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::seed::broker_server::BrokerServer as SeedServer;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::broker_server::BrokerServer;
 use crate::storage::{FileIo, RealIo};
@@ -82,6 +84,7 @@ async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<SeedServer<seed::SeedService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -93,6 +96,9 @@ async fn serve(
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out);
     let admin_service = AdminServer::new(AdminService::new(Arc::clone(&broker)));
+    let seed_service = SeedServer::new(seed::SeedService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(max_in)
+        .max_encoding_message_size(max_out);
 
     let incoming = incoming::limited(listener, config.max_connections, stop.clone());
     let shutdown = {
@@ -115,6 +121,7 @@ async fn serve(
         .add_service(reflection)
         .add_service(broker_service)
         .add_service(admin_service)
+        .add_service(seed_service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     broker.shutdown().await;

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::broker::groups::MemberGuard;
 use crate::broker::{Broker, Delivery, NewMessage, Start};
 use crate::proto::v1 as pb;
 use crate::storage::topic::CleanupPolicy;
@@ -115,18 +116,70 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         let start = start_from_pb(req.start)?;
-        let rx = self
-            .broker
-            .subscribe(&req.topic, req.partitions, start)
-            .await
-            .map_err(to_status)?;
+        let (rx, member) = if req.group.is_empty() {
+            if req.max_in_flight != 0 || req.exclusive {
+                return Err(Status::invalid_argument(
+                    "max_in_flight and exclusive only apply to group subscriptions",
+                ));
+            }
+            let rx = self
+                .broker
+                .subscribe(&req.topic, req.partitions, start)
+                .await
+                .map_err(to_status)?;
+            (rx, None)
+        } else {
+            if !req.partitions.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a group member receives from every partition; partitions must be empty",
+                ));
+            }
+            let (guard, rx) = self
+                .broker
+                .subscribe_group(
+                    &req.topic,
+                    &req.group,
+                    start,
+                    req.max_in_flight as usize,
+                    req.exclusive,
+                )
+                .await
+                .map_err(to_status)?;
+            (rx, Some(guard))
+        };
         let stream = Responses {
             rx,
             topic: Arc::from(req.topic.as_str()),
             max_bytes: self.broker.config().delivery_batch_bytes,
             ready: VecDeque::new(),
+            member,
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let req = request.into_inner();
+        self.broker
+            .ack(&req.group, &req.topic, &req.ack_ids)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn nack(
+        &self,
+        request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        let req = request.into_inner();
+        let delay = std::time::Duration::from_millis(req.delay_ms);
+        self.broker
+            .nack(&req.group, &req.topic, &req.ack_ids, delay)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::NackResponse {}))
     }
 }
 
@@ -138,6 +191,8 @@ struct Responses {
     topic: Arc<str>,
     max_bytes: usize,
     ready: VecDeque<Result<pb::SubscribeResponse, Status>>,
+    /// Group membership: leaves the group when the stream is dropped.
+    member: Option<MemberGuard>,
 }
 
 impl Responses {
@@ -148,14 +203,12 @@ impl Responses {
         };
         let mut current = Vec::new();
         let mut bytes = 0;
-        for d in deliveries.iter() {
-            let d = match d {
-                Ok(d) => delivery_to_pb(&self.topic, d),
-                Err(e) => {
-                    self.ready.push_back(Err(to_status(e)));
-                    return;
-                }
-            };
+        let deliveries = match deliveries.into_deliveries() {
+            Ok(d) => d,
+            Err(e) => return self.ready.push_back(Err(to_status(e))),
+        };
+        for d in deliveries {
+            let d = delivery_to_pb(&self.topic, d);
             let size = prost::Message::encoded_len(&d) + 8;
             if !current.is_empty() && bytes + size > self.max_bytes {
                 let deliveries = std::mem::take(&mut current);
@@ -186,7 +239,12 @@ impl Stream for Responses {
                 return std::task::Poll::Ready(Some(r));
             }
             match self.rx.poll_recv(cx) {
-                std::task::Poll::Ready(Some(batch)) => self.split(batch),
+                std::task::Poll::Ready(Some(batch)) => {
+                    if let Some(m) = &self.member {
+                        m.group().poke();
+                    }
+                    self.split(batch);
+                }
                 std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
                 std::task::Poll::Pending => return std::task::Poll::Pending,
             }
@@ -242,6 +300,94 @@ fn settings_from_pb(s: Option<pb::TopicSettings>) -> Result<TopicConfig, Status>
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn list_groups(
+        &self,
+        _request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let groups = self
+            .broker
+            .list_groups()
+            .map_err(to_status)?
+            .into_iter()
+            .map(|(name, topics)| pb::GroupInfo { name, topics })
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let req = request.into_inner();
+        let topics = self
+            .broker
+            .describe_group(&req.group)
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .map(|t| pb::GroupTopicState {
+                topic: t.topic,
+                members: t
+                    .members
+                    .into_iter()
+                    .map(|m| pb::GroupMember {
+                        id: m.id,
+                        in_flight: m.in_flight,
+                        max_in_flight: m.max_in_flight,
+                        exclusive: m.exclusive,
+                    })
+                    .collect(),
+                partitions: t
+                    .partitions
+                    .into_iter()
+                    .map(|p| pb::GroupPartitionState {
+                        partition: p.partition,
+                        committed_offset: p.committed,
+                        end_offset: p.end,
+                        lag: p.lag,
+                        in_flight: p.in_flight,
+                        pending: p.pending,
+                        redeliveries: p.redeliveries,
+                        dead_lettered: p.dead_lettered,
+                        owner: p.owner,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeGroupResponse {
+            group: req.group,
+            topics,
+        }))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<pb::ResetGroupRequest>,
+    ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let req = request.into_inner();
+        if req.to.as_ref().and_then(|t| t.kind.as_ref()).is_none() {
+            return Err(Status::invalid_argument("reset needs a position in `to`"));
+        }
+        let to = start_from_pb(req.to)?;
+        self.broker
+            .reset_group(&req.group, &req.topic, to, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ResetGroupResponse {}))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let req = request.into_inner();
+        self.broker
+            .delete_group(&req.group)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
     async fn create_topic(
         &self,
         request: Request<pb::CreateTopicRequest>,

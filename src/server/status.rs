@@ -13,6 +13,7 @@ pub fn to_status(e: Error) -> Status {
         Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::TopicDeleted(_) => {
             Code::NotFound
         }
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::ShuttingDown => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     };
@@ -25,10 +26,13 @@ pub fn to_status(e: Error) -> Status {
 fn storage_code(e: &StorageError) -> Code {
     match e {
         StorageError::InvalidTopicName { .. }
+        | StorageError::InvalidGroupName { .. }
         | StorageError::EmptyBatch
         | StorageError::BatchTooLarge { .. }
         | StorageError::InvalidConfig(_) => Code::InvalidArgument,
-        StorageError::TopicNotFound(_) | StorageError::PartitionNotFound { .. } => Code::NotFound,
+        StorageError::TopicNotFound(_)
+        | StorageError::GroupNotFound(_)
+        | StorageError::PartitionNotFound { .. } => Code::NotFound,
         StorageError::TopicExists(_) => Code::AlreadyExists,
         StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
         // A latched partition, a failed sync, a closed writer: retry later (elsewhere).

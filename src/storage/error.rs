@@ -44,6 +44,11 @@ pub enum Error {
     /// A topic name breaks the naming rules.
     #[error("invalid topic name {name:?}: {reason}")]
     InvalidTopicName { name: String, reason: &'static str },
+    /// A consumer group name breaks the naming rules (the same as for topics).
+    #[error("invalid group name {name:?}: {reason}")]
+    InvalidGroupName { name: String, reason: &'static str },
+    #[error("consumer group {0:?} does not exist")]
+    GroupNotFound(String),
     /// A batch with no records.
     #[error("a batch must hold at least one record")]
     EmptyBatch,

@@ -31,4 +31,4 @@ pub use error::{Error, Result};
 pub use io::{FileIo, RealIo};
 pub use partition::{Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport};
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
-pub use topic::{DataDir, TopicConfig, validate_topic_name};
+pub use topic::{DataDir, TopicConfig, validate_group_name, validate_topic_name};

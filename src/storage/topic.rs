@@ -48,6 +48,29 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
     }
 }
 
+/// A short name for a directory in `tmp/` (file names are limited to 255 bytes; topic and
+/// group names may take 249).
+fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Checks a consumer group name: the same rules as topic names.
+pub fn validate_group_name(name: &str) -> Result<()> {
+    validate_topic_name(name).map_err(|e| match e {
+        Error::InvalidTopicName { name, reason } => Error::InvalidGroupName { name, reason },
+        other => other,
+    })
+}
+
 /// What happens to old data of a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -129,7 +152,7 @@ impl DataDir {
     /// Opens (creating if needed) a data directory and takes its lock. Fails at once with
     /// [`Error::Locked`] when another process holds it.
     pub fn open(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
-        for d in [root.join("topics"), root.join("tmp")] {
+        for d in [root.join("topics"), root.join("groups"), root.join("tmp")] {
             fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
         let lock_path = root.join("LOCK");
@@ -266,13 +289,82 @@ impl DataDir {
         Ok(names)
     }
 
+    fn groups_dir(&self) -> PathBuf {
+        self.root.join("groups")
+    }
+
+    /// The directory holding a group's state for a topic (a partition log).
+    pub fn group_dir(&self, group: &str, topic: &str) -> Result<PathBuf> {
+        validate_group_name(group)?;
+        validate_topic_name(topic)?;
+        Ok(self.groups_dir().join(group).join(topic))
+    }
+
+    /// Every group with the topics it has state for, sorted.
+    pub fn list_groups(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let dir = self.groups_dir();
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let Some(group) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if validate_group_name(&group).is_err() {
+                continue;
+            }
+            let mut topics = Vec::new();
+            let gdir = entry.path();
+            for t in fs::read_dir(&gdir).map_err(|e| Error::io(&gdir, e))? {
+                let t = t.map_err(|e| Error::io(&gdir, e))?;
+                if let Some(name) = t.file_name().to_str()
+                    && validate_topic_name(name).is_ok()
+                {
+                    topics.push(name.to_string());
+                }
+            }
+            topics.sort();
+            out.push((group, topics));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a group's state for one topic, or for every topic when `topic` is `None`.
+    pub fn delete_group_state(&self, group: &str, topic: Option<&str>) -> Result<()> {
+        validate_group_name(group)?;
+        let dir = match topic {
+            Some(t) => self.group_dir(group, t)?,
+            None => self.groups_dir().join(group),
+        };
+        if !dir.exists() {
+            return Err(Error::GroupNotFound(group.to_string()));
+        }
+        let doomed = self.root.join("tmp").join(unique_name("deleted-group"));
+        if doomed.exists() {
+            fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+        }
+        self.io
+            .rename(&dir, &doomed)
+            .map_err(|e| Error::io(&dir, e))?;
+        let parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+        self.io
+            .sync_dir(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+    }
+
     /// Deletes a topic and all its data. Its partitions must be closed first.
     pub fn delete_topic(&self, topic: &str) -> Result<()> {
         let dir = self.topic_dir(topic)?;
         if !dir.join(TOPIC_FILE).exists() {
             return Err(Error::TopicNotFound(topic.to_string()));
         }
-        let doomed = self.root.join("tmp").join(format!("{topic}.deleted"));
+        let doomed = self.root.join("tmp").join(unique_name("deleted-topic"));
         if doomed.exists() {
             fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         }

@@ -1,0 +1,191 @@
+//! The broker's consumer-group operations: joining, acks, and group admin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::storage::{self, validate_group_name};
+
+use super::groups::{GroupSettings, GroupTopic, GroupTopicDescription, MemberGuard, parse_ack_id};
+use super::{Broker, DeliveryBatch, Error, Result, Start, blocking, resolve_start};
+
+impl Broker {
+    fn group_settings(&self) -> GroupSettings {
+        GroupSettings {
+            ack_timeout: Duration::from_millis(self.config.group_ack_timeout_ms),
+            max_deliveries: self.config.group_max_deliveries,
+            max_in_flight_limit: self.config.group_max_in_flight,
+            default_max_in_flight: self.config.group_default_in_flight,
+            member_buffer: self.config.subscriber_buffer,
+            fsync: self.config.log.fsync,
+        }
+    }
+
+    /// The open state of `group` on `topic`, opening it (and, for a new group, starting it at
+    /// `start`) when needed.
+    pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
+        validate_group_name(group)?;
+        let topic = self.existing_topic(topic)?;
+        let key = (group.to_string(), topic.name.to_string());
+        let mut groups = self.groups.lock().await;
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(g) = groups.get(&key) {
+            return Ok(Arc::clone(g));
+        }
+        let dir = self.data.group_dir(group, &topic.name)?;
+        // Where a new group starts; an existing one resumes where it was.
+        let mut starts = Vec::new();
+        if !dir.exists() {
+            for handle in &topic.partitions {
+                starts.push(resolve_start(handle, start).await?);
+            }
+        }
+        let g = GroupTopic::open(
+            group,
+            Arc::clone(&topic),
+            dir,
+            Arc::clone(self.data.io()),
+            self.group_settings(),
+            self.me.clone(),
+            move |p| starts.get(p as usize).copied().unwrap_or(0),
+        )
+        .await?;
+        g.start(&self.tasks);
+        groups.insert(key, Arc::clone(&g));
+        Ok(g)
+    }
+
+    /// Joins `group` on `topic` as a member.
+    pub async fn subscribe_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: Start,
+        max_in_flight: usize,
+        exclusive: bool,
+    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        self.group(group, topic, start)
+            .await?
+            .join(max_in_flight, exclusive)
+    }
+
+    fn parse_ids(ids: &[String]) -> Result<Vec<(u32, u64)>> {
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument("no ack ids given".into()));
+        }
+        ids.iter().map(|id| parse_ack_id(id)).collect()
+    }
+
+    /// Acknowledges deliveries; returns once durable.
+    pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<()> {
+        let ids = Self::parse_ids(ids)?;
+        self.known_group(group, topic).await?.ack(&ids).await
+    }
+
+    /// Returns deliveries for redelivery after `delay`.
+    pub async fn nack(
+        &self,
+        group: &str,
+        topic: &str,
+        ids: &[String],
+        delay: Duration,
+    ) -> Result<()> {
+        let ids = Self::parse_ids(ids)?;
+        self.known_group(group, topic).await?.nack(&ids, delay)
+    }
+
+    /// A group that must exist already (acks for a group nobody joined are an error).
+    async fn known_group(&self, group: &str, topic: &str) -> Result<Arc<GroupTopic>> {
+        validate_group_name(group)?;
+        let t = self.existing_topic(topic)?;
+        if !self.data.group_dir(group, &t.name)?.exists() {
+            return Err(storage::Error::GroupNotFound(group.to_string()).into());
+        }
+        self.group(group, topic, Start::Earliest).await
+    }
+
+    /// Every group with the topics it has state for.
+    pub fn list_groups(&self) -> Result<Vec<(String, Vec<String>)>> {
+        Ok(self.data.list_groups()?)
+    }
+
+    /// The state of a group on each of its topics.
+    pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
+        validate_group_name(group)?;
+        let topics = self
+            .list_groups()?
+            .into_iter()
+            .find(|(g, _)| g == group)
+            .map(|(_, t)| t)
+            .ok_or_else(|| storage::Error::GroupNotFound(group.to_string()))?;
+        let mut out = Vec::new();
+        for topic in topics {
+            if self.topic(&topic).is_none() {
+                continue;
+            }
+            out.push(self.group(group, &topic, Start::Earliest).await?.describe());
+        }
+        Ok(out)
+    }
+
+    /// Moves a group's position on a topic. Refused while members are connected unless `force`.
+    pub async fn reset_group(
+        &self,
+        group: &str,
+        topic: &str,
+        to: Start,
+        force: bool,
+    ) -> Result<()> {
+        let g = self.known_group(group, topic).await?;
+        if !force && g.member_count() > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "group {group:?} has {} members connected to {topic:?}; stop them or force the reset",
+                g.member_count()
+            )));
+        }
+        let mut cursors = Vec::new();
+        for handle in &g.topic.partitions {
+            cursors.push(resolve_start(handle, to).await?);
+        }
+        g.reset(|p| cursors.get(p as usize).copied().unwrap_or(0))
+            .await?;
+        tracing::info!(group, topic, ?to, "group reset");
+        Ok(())
+    }
+
+    /// Deletes a group's state on every topic. Refused while members are connected.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        validate_group_name(group)?;
+        let mut groups = self.groups.lock().await;
+        let keys: Vec<_> = groups.keys().filter(|(g, _)| g == group).cloned().collect();
+        if let Some(busy) = keys
+            .iter()
+            .filter_map(|k| groups.get(k))
+            .find(|g| g.member_count() > 0)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "group {group:?} has members connected to {:?}",
+                &*busy.topic.name
+            )));
+        }
+        let doomed: Vec<_> = keys.into_iter().filter_map(|k| groups.remove(&k)).collect();
+        let data = Arc::clone(&self.data);
+        let owned = group.to_string();
+        blocking(move || {
+            for g in &doomed {
+                g.close();
+            }
+            data.delete_group_state(&owned, None)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(group, "group deleted");
+        Ok(())
+    }
+}

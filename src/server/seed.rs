@@ -1,0 +1,163 @@
+//! The seed design's `broker.Broker` service, served unchanged beside `sluice.v1`.
+//!
+//! - `Send` answers `success = true` only once the message is durable; every failure is a gRPC
+//!   status, never a silent `false`. Topics are created on first use.
+//! - `Subscribe` with a `consumerGroup` joins that group through the same machinery as
+//!   `sluice.v1` (competing consumers, starting at the earliest message for a new group). This API
+//!   has no Ack, so a message counts as acknowledged once the stream has handed it to the
+//!   transport: at-most-once for a consumer that crashes mid-message. `sluice.v1` with Ack is the
+//!   at-least-once path. An empty `consumerGroup` is a plain subscription from the latest message.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::broker::groups::MemberGuard;
+use crate::broker::{Broker, DeliveryBatch, NewMessage, Start};
+use crate::proto::seed as pb;
+
+use super::status::to_status;
+
+#[derive(Debug, Clone)]
+pub struct SeedService {
+    broker: Arc<Broker>,
+}
+
+impl SeedService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for SeedService {
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let msg = request
+            .into_inner()
+            .msg
+            .ok_or_else(|| Status::invalid_argument("SendRequest.msg is required"))?;
+        let message = NewMessage {
+            value: Some(msg.payload),
+            ..NewMessage::default()
+        };
+        self.broker
+            .send_with(&msg.topic, vec![message], true)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SendResponse { success: true }))
+    }
+
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        self.broker
+            .topic_or_create(&req.topic, true)
+            .await
+            .map_err(to_status)?;
+        let (rx, member) = if req.consumer_group.is_empty() {
+            let rx = self
+                .broker
+                .subscribe(&req.topic, Vec::new(), Start::Latest)
+                .await
+                .map_err(to_status)?;
+            (rx, None)
+        } else {
+            let (guard, rx) = self
+                .broker
+                .subscribe_group(&req.topic, &req.consumer_group, Start::Earliest, 0, false)
+                .await
+                .map_err(to_status)?;
+            (rx, Some(guard))
+        };
+        Ok(Response::new(Box::pin(SeedResponses {
+            rx,
+            topic: req.topic,
+            queue: VecDeque::new(),
+            handed: Vec::new(),
+            member,
+        })))
+    }
+}
+
+/// One message per response; acknowledges what it has handed over (at the latest when it would
+/// wait, or when dropped).
+struct SeedResponses {
+    rx: tokio::sync::mpsc::Receiver<DeliveryBatch>,
+    topic: String,
+    queue: VecDeque<(pb::SubscribeResponse, (u32, u64))>,
+    handed: Vec<(u32, u64)>,
+    member: Option<MemberGuard>,
+}
+
+impl SeedResponses {
+    fn ack_handed(&mut self) {
+        if self.handed.is_empty() {
+            return;
+        }
+        if let Some(m) = &self.member
+            && let Err(e) = m.group().ack_quietly(&self.handed)
+        {
+            tracing::warn!(error = %e, "seed subscription could not acknowledge");
+        }
+        self.handed.clear();
+    }
+}
+
+impl Drop for SeedResponses {
+    fn drop(&mut self) {
+        self.ack_handed();
+    }
+}
+
+impl Stream for SeedResponses {
+    type Item = Result<pb::SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some((response, id)) = self.queue.pop_front() {
+                self.handed.push(id);
+                if self.handed.len() >= 256 {
+                    self.ack_handed();
+                }
+                return Poll::Ready(Some(Ok(response)));
+            }
+            self.ack_handed();
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(batch))) => {
+                    if let Some(m) = &self.member {
+                        m.group().poke();
+                    }
+                    let deliveries = match batch.into_deliveries() {
+                        Ok(d) => d,
+                        Err(e) => return Poll::Ready(Some(Err(to_status(e)))),
+                    };
+                    for d in deliveries {
+                        let response = pb::SubscribeResponse {
+                            msg: Some(pb::Message {
+                                topic: self.topic.clone(),
+                                payload: d.record.value.unwrap_or_default(),
+                            }),
+                        };
+                        self.queue
+                            .push_back((response, (d.partition, d.record.offset)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(to_status(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
