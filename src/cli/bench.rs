@@ -73,6 +73,12 @@ pub struct ConsumeBench {
     pub broker: BrokerArg,
     #[arg(long, default_value = "bench")]
     pub topic: String,
+    /// Consume as a member of this (new) group, acknowledging every response.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// With --group: unacknowledged deliveries held at most.
+    #[arg(long, default_value_t = 1000)]
+    pub max_in_flight: u32,
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
@@ -186,11 +192,33 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         .sum();
     let ends: Vec<u64> = described.partitions.iter().map(|p| p.next_offset).collect();
     let mut client = broker_client(channel);
+    let group = b.group.clone().unwrap_or_default();
+    // Acks go out from their own task so that receiving never waits for them.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+    let acker = {
+        let mut client = client.clone();
+        let (group, topic) = (group.clone(), b.topic.clone());
+        tokio::spawn(async move {
+            while let Some(mut ids) = ack_rx.recv().await {
+                while let Ok(more) = ack_rx.try_recv() {
+                    ids.extend(more);
+                }
+                client
+                    .ack(pb::AckRequest {
+                        group: group.clone(),
+                        topic: topic.clone(),
+                        ack_ids: ids,
+                    })
+                    .await?;
+            }
+            Ok::<_, CliError>(())
+        })
+    };
     let start = Instant::now();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
-            group: String::new(),
-            max_in_flight: 0,
+            group: group.clone(),
+            max_in_flight: if group.is_empty() { 0 } else { b.max_in_flight },
             exclusive: false,
             topic: b.topic.clone(),
             partitions: Vec::new(),
@@ -205,20 +233,35 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         let Some(response) = stream.message().await? else {
             break;
         };
+        let mut ids = Vec::new();
         for d in response.deliveries {
-            if ends
-                .get(d.partition as usize)
-                .is_some_and(|&end| d.offset < end)
+            // Redeliveries (attempt > 1) are not new messages.
+            if ends.get(d.partition as usize).is_some_and(|&end| d.offset < end) && d.attempt == 1
             {
                 remaining -= 1;
                 messages += 1;
                 bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
             }
+            if !group.is_empty() {
+                ids.push(d.ack_id);
+            }
+        }
+        if !ids.is_empty() {
+            let _ = ack_tx.send(ids);
         }
     }
+    drop(ack_tx);
+    acker
+        .await
+        .map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "consume: {} messages, {:.1} MB of values in {:.2} s = {:.0} msg/s, {:.1} MB/s",
+        "consume{}: {} messages, {:.1} MB of values in {:.2} s = {:.0} msg/s, {:.1} MB/s",
+        if group.is_empty() {
+            String::new()
+        } else {
+            format!(" as group {group} (max_in_flight {})", b.max_in_flight)
+        },
         messages,
         bytes as f64 / 1e6,
         secs,
