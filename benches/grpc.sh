@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end gRPC benchmarks over loopback with fsync = always: starts a broker on a fresh data
 # dir (target/bench-data/grpc, or $SLUICE_BENCH_DIR/grpc), runs `sluice bench`, stops it.
-# Usage: benches/grpc.sh [total messages for the unbatched runs, default 20000]
+# Usage: benches/grpc.sh [messages for the lone-producer run, default 20000; x5 for 64 producers]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20000}"
@@ -17,10 +17,13 @@ trap 'kill $pid 2>/dev/null || true; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
 addr=$(sed -n 's/^sluice listening on //p' "$out")
 b() { "$bin" bench "$@" --broker "$addr"; }
+b rpc --callers 1 --calls "$n"
+b rpc --callers 64 --connections 4 --calls $((n * 5))
 b produce --topic lone --producers 1 --batch 1 --messages "$n"
-b produce --topic many --producers 64 --batch 1 --messages $((n * 5))
-b produce --topic batched --producers 64 --batch 100 --messages 1000000
+b produce --topic many --producers 64 --connections 4 --batch 1 --messages $((n * 5))
+b produce --topic batched --producers 64 --connections 4 --batch 100 --messages 1000000
 b consume --topic batched
 b consume --topic batched
+b consume --topic batched --group bench --max-in-flight 1000
 kill -INT $pid
 wait $pid

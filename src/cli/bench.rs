@@ -236,7 +236,10 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         let mut ids = Vec::new();
         for d in response.deliveries {
             // Redeliveries (attempt > 1) are not new messages.
-            if ends.get(d.partition as usize).is_some_and(|&end| d.offset < end) && d.attempt == 1
+            if ends
+                .get(d.partition as usize)
+                .is_some_and(|&end| d.offset < end)
+                && d.attempt == 1
             {
                 remaining -= 1;
                 messages += 1;

@@ -3,10 +3,12 @@
 //! - `serve`: run the broker.
 //! - `produce`, `consume`: move lines of text through a topic.
 //! - `topics`: create, list, describe, delete.
+//! - `verify`, `dump`: read a data directory's files directly.
 //! - `bench`: load a running broker and report throughput and latency.
 
 mod bench;
 mod client;
+mod offline;
 mod serve;
 
 use std::path::PathBuf;
@@ -40,6 +42,10 @@ pub enum Command {
     /// Manage consumer groups.
     #[command(subcommand)]
     Groups(GroupsCommand),
+    /// Check every CRC, index and state file of a data directory (read-only).
+    Verify(offline::VerifyArgs),
+    /// Print the records of a partition from a data directory (read-only).
+    Dump(offline::DumpArgs),
     /// Measure a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -251,6 +257,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Topics(cmd) => client::topics(cmd).await,
             Command::Groups(cmd) => client::groups(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Verify(args) => offline::verify(args),
+            Command::Dump(args) => offline::dump(args),
         }
     });
     match result {

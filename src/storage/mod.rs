@@ -11,6 +11,7 @@
 //! | [`partition`] | a partition log: writer thread, group commit, readers, recovery      |
 //! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
+//! | [`verify`]    | read-only checks of a data directory (`sluice verify`)               |
 //! | [`config`]    | [`LogConfig`] and [`FsyncPolicy`]                                    |
 //! | [`error`]     | [`Error`], this layer's one error type                               |
 
@@ -25,6 +26,7 @@ pub mod record;
 pub mod segment;
 pub mod timeindex;
 pub mod topic;
+pub mod verify;
 
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{Error, Result};

@@ -86,7 +86,8 @@ pub struct PartitionStats {
 }
 
 enum Command {
-    Append(EncodedBatch, Completion),
+    /// A batch; `true` when its completion must wait for durability.
+    Append(EncodedBatch, Completion, bool),
     Roll(mpsc::Sender<Result<()>>),
     Close(mpsc::Sender<Result<()>>),
 }
@@ -229,6 +230,18 @@ impl Partition {
     /// Queues a batch. `done` is called once, from the writer thread, when the batch is durable
     /// under the fsync policy or has failed. Waits while the writer's queue is full.
     pub fn append(&self, batch: EncodedBatch, done: Completion) {
+        self.send_append(batch, done, true);
+    }
+
+    /// Queues a batch whose completion does not wait for a sync: `done` is called once it is
+    /// written, and it becomes durable (and visible to readers under `fsync = always`) with the
+    /// next durable append, roll or close. For records whose loss in a machine crash is
+    /// harmless; a process crash loses nothing.
+    pub fn append_lazy(&self, batch: EncodedBatch, done: Completion) {
+        self.send_append(batch, done, false);
+    }
+
+    fn send_append(&self, batch: EncodedBatch, done: Completion, durable: bool) {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return done(Err(Error::Poisoned {
                 path: self.shared.dir.clone(),
@@ -237,8 +250,8 @@ impl Partition {
         let Some(tx) = &self.tx else {
             return done(Err(self.closed()));
         };
-        if let Err(mpsc::SendError(Command::Append(_, done))) =
-            tx.send(Command::Append(batch, done))
+        if let Err(mpsc::SendError(Command::Append(_, done, _))) =
+            tx.send(Command::Append(batch, done, durable))
         {
             done(Err(self.closed()));
         }
@@ -840,6 +853,8 @@ struct Writer {
     before_buffer: ActiveState,
     /// Written batches waiting for the sync that makes them durable.
     unsynced: Vec<(Completion, Appended)>,
+    /// A durable append is waiting: the next commit must sync (see `append_lazy`).
+    needs_sync: bool,
 }
 
 /// Largest amount of bytes the writer gathers before writing.
@@ -862,6 +877,7 @@ impl Writer {
             buffered_index: Vec::new(),
             before_buffer: state,
             unsynced: Vec::new(),
+            needs_sync: false,
             state,
         }
     }
@@ -887,7 +903,10 @@ impl Writer {
             while let Some(c) = cmd.take() {
                 taken += 1;
                 match c {
-                    Command::Append(batch, done) => self.stage(batch, done),
+                    Command::Append(batch, done, durable) => {
+                        self.needs_sync |= durable;
+                        self.stage(batch, done);
+                    }
                     Command::Roll(reply) => {
                         let r = self.roll();
                         let _ = reply.send(r);
@@ -912,7 +931,7 @@ impl Writer {
             let _ = reply.send(self.close());
         }
         while let Ok(c) = rx.try_recv() {
-            if let Command::Append(_, done) = c {
+            if let Command::Append(_, done, _) = c {
                 done(Err(Error::Closed {
                     path: self.shared.dir.clone(),
                 }));
@@ -1073,7 +1092,7 @@ impl Writer {
         let dirty = self.synced_len < self.state.len;
         let sync_now = dirty
             && match policy {
-                FsyncPolicy::Always => true,
+                FsyncPolicy::Always => self.needs_sync || force_sync,
                 FsyncPolicy::Interval => {
                     force_sync
                         || self
@@ -1099,8 +1118,14 @@ impl Writer {
             return;
         }
         if policy == FsyncPolicy::Always && self.synced_len < self.state.len {
+            // Only lazy appends are waiting (a durable one would have synced): they are written,
+            // and become visible with the next sync.
+            for (done, appended) in self.unsynced.drain(..) {
+                done(Ok(appended));
+            }
             return;
         }
+        self.needs_sync = false;
         self.publish();
         for (done, appended) in self.unsynced.drain(..) {
             done(Ok(appended));

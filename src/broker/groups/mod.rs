@@ -352,6 +352,16 @@ impl GroupTopic {
     /// Appends events to the group log, in the order of calls; the receiver says when they are
     /// durable.
     fn append(&self, events: &[Event]) -> oneshot::Receiver<storage::Result<storage::Appended>> {
+        self.append_with(events, true)
+    }
+
+    /// [`GroupTopic::append`]; when not `durable`, the events are synced by the next durable
+    /// append instead of one of their own (delivery records: they only keep attempt counts).
+    fn append_with(
+        &self,
+        events: &[Event],
+        durable: bool,
+    ) -> oneshot::Receiver<storage::Result<storage::Appended>> {
         let records: Vec<Record> = events
             .iter()
             .map(|e| Record {
@@ -363,12 +373,14 @@ impl GroupTopic {
         let (tx, rx) = oneshot::channel();
         self.since_snapshot
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.log.append(
-            batch,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
+        let done: storage::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if durable {
+            self.log.append(batch, done);
+        } else {
+            self.log.append_lazy(batch, done);
+        }
         rx
     }
 
@@ -1095,8 +1107,9 @@ impl GroupTopic {
             any = true;
         }
         if !events.is_empty() {
-            // Not awaited: delivery records only keep attempt counts; acks wait for durability.
-            drop(self.append(&events));
+            // Not awaited nor synced on their own: delivery records only keep attempt counts,
+            // and the next ack's sync covers them.
+            drop(self.append_with(&events, false));
         }
         any
     }
