@@ -78,6 +78,9 @@ pub struct Config {
     pub group_max_in_flight: usize,
     /// Unacknowledged deliveries per member when the subscription does not say. Default: 1000.
     pub group_default_in_flight: usize,
+    /// Apply retention (topics' `retention_ms`, `retention_bytes`, `retain_until_consumed`) every
+    /// this many ms; 0 turns the periodic run off (`sluice compact` still works). Default: 300000.
+    pub retention_check_ms: u64,
     /// Log output: `text` or `json`. Default: `text`.
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
@@ -104,6 +107,7 @@ impl Default for Config {
             group_max_deliveries: 5,
             group_max_in_flight: 10_000,
             group_default_in_flight: 1000,
+            retention_check_ms: 300_000,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             log: LogConfig::default(),

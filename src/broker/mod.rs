@@ -14,12 +14,13 @@
 pub mod error;
 mod group_ops;
 pub mod groups;
+mod maintenance;
 mod subscription;
 pub mod topic;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +34,7 @@ use crate::storage::{
 };
 
 pub use error::{Error, Result};
+pub use maintenance::PartitionMaintenance;
 pub use topic::{PartitionHandle, Topic};
 
 /// A message as a producer sends it.
@@ -139,6 +141,9 @@ pub struct PartitionDescription {
     pub next_offset: u64,
     pub size_bytes: u64,
     pub segments: u32,
+    /// Bytes retention would delete but a consumer group still needs, and that group.
+    pub held_bytes: u64,
+    pub held_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,7 +206,8 @@ impl Broker {
             .await?
         };
         tracing::info!(data_dir = %config.data_dir.display(), topics = topics.len(), "broker open");
-        Ok(Arc::new_cyclic(|me| Broker {
+        let retention_every = Duration::from_millis(config.retention_check_ms);
+        let broker = Arc::new_cyclic(|me| Broker {
             config,
             data: Arc::new(data),
             topics: RwLock::new(topics),
@@ -210,7 +216,11 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             me: me.clone(),
-        }))
+        });
+        if !retention_every.is_zero() {
+            broker.start_retention(retention_every);
+        }
+        Ok(broker)
     }
 
     pub fn config(&self) -> &Config {
@@ -496,19 +506,23 @@ impl Broker {
         list
     }
 
-    pub fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
         let topic = self.existing_topic(name)?;
+        let held = self.maintain(Some(name), true).await?;
         let partitions = topic
             .partitions
             .iter()
             .map(|p| {
                 let s = p.log.stats();
+                let hold = held.iter().find(|h| h.partition == p.id);
                 PartitionDescription {
                     partition: p.id,
                     first_offset: s.log_start,
                     next_offset: s.high_water,
                     size_bytes: s.size_bytes,
                     segments: s.segments as u32,
+                    held_bytes: hold.map_or(0, |h| h.outcome.held_bytes),
+                    held_by: hold.and_then(|h| h.held_by.clone()),
                 }
             })
             .collect();

@@ -8,6 +8,7 @@
 
 mod bench;
 mod client;
+mod compact;
 mod offline;
 mod serve;
 
@@ -42,6 +43,8 @@ pub enum Command {
     /// Manage consumer groups.
     #[command(subcommand)]
     Groups(GroupsCommand),
+    /// Maintenance: retention of old segments, offline (--data-dir) or through a running broker.
+    Compact(compact::CompactArgs),
     /// Check every CRC, index and state file of a data directory (read-only).
     Verify(offline::VerifyArgs),
     /// Print the records of a partition from a data directory (read-only).
@@ -257,6 +260,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Topics(cmd) => client::topics(cmd).await,
             Command::Groups(cmd) => client::groups(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Compact(args) => compact::run(args).await,
             Command::Verify(args) => offline::verify(args),
             Command::Dump(args) => offline::dump(args),
         }

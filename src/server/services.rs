@@ -263,6 +263,23 @@ impl AdminService {
     }
 }
 
+pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::PartitionCompaction {
+    let o = m.outcome;
+    pb::PartitionCompaction {
+        topic: m.topic,
+        partition: m.partition,
+        segments_before: o.segments_before as u32,
+        bytes_before: o.bytes_before,
+        deleted_segments: o.deleted_segments as u32,
+        deleted_bytes: o.deleted_bytes,
+        held_segments: o.held_segments as u32,
+        held_bytes: o.held_bytes,
+        held_by: m.held_by.unwrap_or_default(),
+        first_offset: o.log_start,
+        records_dropped: o.log_start - o.log_start_before,
+    }
+}
+
 fn settings_to_pb(c: &TopicConfig) -> pb::TopicSettings {
     pb::TopicSettings {
         partitions: c.partitions,
@@ -376,6 +393,22 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ResetGroupResponse {}))
     }
 
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let req = request.into_inner();
+        let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
+        let report = self
+            .broker
+            .maintain(topic, req.dry_run)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CompactResponse {
+            partitions: report.into_iter().map(compaction_to_pb).collect(),
+        }))
+    }
+
     async fn delete_group(
         &self,
         request: Request<pb::DeleteGroupRequest>,
@@ -434,7 +467,11 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
         let req = request.into_inner();
-        let d = self.broker.describe_topic(&req.name).map_err(to_status)?;
+        let d = self
+            .broker
+            .describe_topic(&req.name)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::DescribeTopicResponse {
             name: d.name,
             settings: Some(settings_to_pb(&d.config)),
@@ -447,6 +484,8 @@ impl pb::admin_server::Admin for AdminService {
                     next_offset: p.next_offset,
                     size_bytes: p.size_bytes,
                     segments: p.segments,
+                    retention_held_bytes: p.held_bytes,
+                    retention_held_by: p.held_by.unwrap_or_default(),
                 })
                 .collect(),
         }))

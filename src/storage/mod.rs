@@ -31,6 +31,9 @@ pub mod verify;
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{Error, Result};
 pub use io::{FileIo, RealIo};
-pub use partition::{Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport};
+pub use partition::{
+    Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport, Retention,
+    RetentionOutcome,
+};
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
 pub use topic::{DataDir, TopicConfig, validate_group_name, validate_topic_name};

@@ -1276,3 +1276,81 @@ impl Writer {
         self.sync()
     }
 }
+
+/// What retention may delete: whole closed segments, oldest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete segments whose newest record is older than this (ms).
+    pub max_age_ms: Option<u64>,
+    /// Delete the oldest segments while the partition is larger than this.
+    pub max_bytes: Option<u64>,
+    /// Keep every segment holding an offset at or above this (what consumers still need).
+    pub keep_from: Option<u64>,
+}
+
+/// What retention deleted (or would delete, in a dry run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub segments_before: usize,
+    pub bytes_before: u64,
+    pub deleted_segments: usize,
+    pub deleted_bytes: u64,
+    /// Segments retention would delete but `keep_from` holds back.
+    pub held_segments: usize,
+    pub held_bytes: u64,
+    /// The first offset held before, and kept after.
+    pub log_start_before: u64,
+    pub log_start: u64,
+}
+
+impl Partition {
+    /// Works out what `retention` deletes at time `now_ms`, and deletes it unless `dry_run`.
+    /// The active segment is never deleted.
+    pub fn retain(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        dry_run: bool,
+    ) -> Result<RetentionOutcome> {
+        let segments = self.shared.segments();
+        let mut total: u64 = segments.iter().map(|s| s.size_bytes()).sum();
+        let mut out = RetentionOutcome {
+            segments_before: segments.len(),
+            bytes_before: total,
+            log_start: segments.first().map_or(0, |s| s.base_offset()),
+            log_start_before: segments.first().map_or(0, |s| s.base_offset()),
+            ..RetentionOutcome::default()
+        };
+        let mut delete_below = None;
+        for (i, seg) in segments.iter().enumerate() {
+            let Some(next) = segments.get(i + 1) else {
+                break; // the active segment
+            };
+            let too_old = retention.max_age_ms.is_some_and(|age| {
+                seg.max_timestamp() < now_ms.saturating_sub(age.min(i64::MAX as u64) as i64)
+            });
+            let too_big = retention.max_bytes.is_some_and(|max| total > max);
+            if !(too_old || too_big) {
+                break;
+            }
+            if retention.keep_from.is_some_and(|k| next.base_offset() > k) {
+                out.held_segments += 1;
+                out.held_bytes += seg.size_bytes();
+                total = total.saturating_sub(seg.size_bytes());
+                continue;
+            }
+            if out.held_segments > 0 {
+                break; // never delete past a held segment: the log stays contiguous
+            }
+            out.deleted_segments += 1;
+            out.deleted_bytes += seg.size_bytes();
+            total = total.saturating_sub(seg.size_bytes());
+            delete_below = Some(next.base_offset());
+            out.log_start = next.base_offset();
+        }
+        if !dry_run && let Some(offset) = delete_below {
+            self.delete_segments_below(offset)?;
+        }
+        Ok(out)
+    }
+}

@@ -265,25 +265,28 @@ impl Verifier {
             }
         }
         let data_end = pos as u64;
+        // Past damage the log was not read: index entries there cannot be judged.
+        let damaged = self.problems.last().is_some_and(|p| p.path == path);
+        let scanned_to = if damaged { next - base } else { u64::MAX };
         if let Some(entries) = index {
             self.check_offset_index(
                 &index_path,
                 &entries,
                 base,
                 &batches,
-                data_end,
+                (data_end, if damaged { data_end } else { u64::MAX }),
                 index_limit.map(|l| l.0),
             );
         }
         if let Some(entries) = time {
-            let closed_end = next_base.map(|nb| nb - base);
+            let closed_end = next_base.filter(|_| !damaged).map(|nb| nb - base);
             self.check_time_index(
                 &time_path,
                 &entries,
                 base,
                 &max_before,
                 (max_ts, closed_end),
-                index_limit.map(|l| l.1),
+                (index_limit.map(|l| l.1), scanned_to),
             );
         }
         next
@@ -338,7 +341,7 @@ impl Verifier {
         entries: &[u8],
         base: u64,
         batches: &HashMap<u64, u64>,
-        data_end: u64,
+        (data_end, judged_end): (u64, u64),
         limit: Option<usize>,
     ) {
         let mut prev: Option<(u32, u32)> = None;
@@ -351,6 +354,9 @@ impl Verifier {
                 break; // preallocated, unused
             }
             let at = (HEADER_LEN + i * index::ENTRY_LEN) as u64;
+            if u64::from(position) >= judged_end {
+                break;
+            }
             if prev.is_some_and(|(r, p)| rel <= r || position <= p) {
                 self.problem(path, at, "index entries do not increase");
             }
@@ -386,7 +392,7 @@ impl Verifier {
         base: u64,
         max_before: &[(u64, i64)],
         (max_ts, closed_end): (i64, Option<u64>),
-        limit: Option<usize>,
+        (limit, scanned_to): (Option<usize>, u64),
     ) {
         let truth: HashMap<u64, i64> = max_before.iter().copied().collect();
         let mut last = None;
@@ -399,6 +405,9 @@ impl Verifier {
                 break; // preallocated, unused
             }
             let at = (HEADER_LEN + i * timeindex::ENTRY_LEN) as u64;
+            if rel >= scanned_to {
+                break;
+            }
             let expected = if closed_end == Some(rel) {
                 Some(max_ts)
             } else {

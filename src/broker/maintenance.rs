@@ -1,0 +1,110 @@
+//! Retention: the same code serves `sluice compact` (offline, on a stopped broker's data
+//! directory), the `Compact` admin RPC (online) and the broker's periodic retention task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::storage::{Retention, RetentionOutcome};
+
+use super::{Broker, Result, Start, Topic, blocking, now_ms};
+
+/// What maintenance did to one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMaintenance {
+    pub topic: String,
+    pub partition: u32,
+    pub outcome: RetentionOutcome,
+    /// The consumer group whose position holds segments back, if any.
+    pub held_by: Option<String>,
+}
+
+impl Broker {
+    /// Per partition, the offset below which every consumer group has acknowledged everything,
+    /// and the group furthest behind. `None` where no group reads the topic.
+    pub async fn consumed_below(&self, topic: &Arc<Topic>) -> Result<Vec<Option<(u64, String)>>> {
+        let mut out: Vec<Option<(u64, String)>> = vec![None; topic.partitions.len()];
+        for (group, topics) in self.list_groups()? {
+            if !topics.iter().any(|t| *t == *topic.name) {
+                continue;
+            }
+            let state = self
+                .group(&group, &topic.name, Start::Earliest)
+                .await?
+                .describe();
+            for p in state.partitions {
+                let slot = &mut out[p.partition as usize];
+                if slot.as_ref().is_none_or(|(c, _)| p.committed < *c) {
+                    *slot = Some((p.committed, group.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies retention (time, size, and what consumer groups still need) to one topic or all.
+    pub async fn maintain(
+        &self,
+        topic: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Vec<PartitionMaintenance>> {
+        let topics: Vec<Arc<Topic>> = match topic {
+            Some(name) => vec![self.existing_topic(name)?],
+            None => self
+                .list_topics()
+                .into_iter()
+                .filter_map(|(name, _)| self.existing_topic(&name).ok())
+                .collect(),
+        };
+        let mut report = Vec::new();
+        for topic in topics {
+            let config = &topic.config;
+            let consumed = if config.retain_until_consumed {
+                self.consumed_below(&topic).await?
+            } else {
+                vec![None; topic.partitions.len()]
+            };
+            for (handle, consumed) in topic.partitions.iter().zip(consumed) {
+                let retention = Retention {
+                    max_age_ms: config.retention_ms,
+                    max_bytes: config.retention_bytes,
+                    keep_from: consumed.as_ref().map(|(c, _)| *c),
+                };
+                let h = Arc::clone(handle);
+                let now = now_ms();
+                let outcome = blocking(move || Ok(h.log.retain(&retention, now, dry_run)?)).await?;
+                if outcome.deleted_segments > 0 && !dry_run {
+                    tracing::info!(topic = %topic.name, partition = handle.id,
+                        segments = outcome.deleted_segments, bytes = outcome.deleted_bytes,
+                        "retention deleted segments");
+                }
+                report.push(PartitionMaintenance {
+                    topic: topic.name.to_string(),
+                    partition: handle.id,
+                    outcome,
+                    held_by: (outcome.held_segments > 0)
+                        .then(|| consumed.map(|(_, g)| g))
+                        .flatten(),
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs retention every `interval` until the broker shuts down.
+    pub(crate) fn start_retention(self: &Arc<Self>, interval: Duration) {
+        let me = Arc::downgrade(self);
+        let stop = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = stop.cancelled() => return,
+                }
+                let Some(broker) = me.upgrade() else { return };
+                if let Err(e) = broker.maintain(None, false).await {
+                    tracing::warn!(error = %e, "periodic retention failed");
+                }
+            }
+        });
+    }
+}
