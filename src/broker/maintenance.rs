@@ -1,10 +1,11 @@
-//! Retention: the same code serves `sluice compact` (offline, on a stopped broker's data
+//! Retention and key compaction: the same code serves `sluice compact` (offline, on a stopped broker's data
 //! directory), the `Compact` admin RPC (online) and the broker's periodic retention task.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::storage::{Retention, RetentionOutcome};
+use crate::storage::topic::CleanupPolicy;
+use crate::storage::{CompactionOptions, CompactionOutcome, Retention, RetentionOutcome};
 
 use super::{Broker, Result, Start, Topic, blocking, now_ms};
 
@@ -16,6 +17,8 @@ pub struct PartitionMaintenance {
     pub outcome: RetentionOutcome,
     /// The consumer group whose position holds segments back, if any.
     pub held_by: Option<String>,
+    /// Key compaction, for topics with `cleanup_policy = compact` (not in a dry run).
+    pub compaction: Option<CompactionOutcome>,
 }
 
 impl Broker {
@@ -72,6 +75,17 @@ impl Broker {
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 let outcome = blocking(move || Ok(h.log.retain(&retention, now, dry_run)?)).await?;
+                let compaction = if config.cleanup_policy == CleanupPolicy::Compact && !dry_run {
+                    let opts = CompactionOptions {
+                        now_ms: now,
+                        delete_retention_ms: config.delete_retention_ms,
+                        segment_bytes: handle.log.config().segment_bytes,
+                    };
+                    let h = Arc::clone(handle);
+                    Some(blocking(move || Ok(h.log.compact_keys(&opts)?)).await?)
+                } else {
+                    None
+                };
                 if outcome.deleted_segments > 0 && !dry_run {
                     tracing::info!(topic = %topic.name, partition = handle.id,
                         segments = outcome.deleted_segments, bytes = outcome.deleted_bytes,
@@ -84,6 +98,7 @@ impl Broker {
                     held_by: (outcome.held_segments > 0)
                         .then(|| consumed.map(|(_, g)| g))
                         .flatten(),
+                    compaction,
                 });
             }
         }

@@ -55,9 +55,9 @@ pub async fn run(args: CompactArgs) -> Result<(), CliError> {
         (0u64, 0u64, 0u64, 0u64, 0u64);
     for (i, p) in report.iter().enumerate() {
         seg_before += u64::from(p.segments_before);
-        seg_after += u64::from(p.segments_before - p.deleted_segments);
+        seg_after += u64::from(p.segments_after);
         bytes_before += p.bytes_before;
-        bytes_after += p.bytes_before - p.deleted_bytes;
+        bytes_after += p.bytes_after;
         dropped += p.records_dropped;
         let held = if p.held_segments > 0 {
             format!(
@@ -68,13 +68,14 @@ pub async fn run(args: CompactArgs) -> Result<(), CliError> {
             String::new()
         };
         let line = format!(
-            "{}/{}: deleted {} of {} segments, {} of {} bytes, first offset now {}{held}",
+            "{}/{}: segments {} -> {}, bytes {} -> {}, records dropped {}, first offset {}{held}",
             p.topic,
             p.partition,
-            p.deleted_segments,
             p.segments_before,
-            p.deleted_bytes,
+            p.segments_after,
             p.bytes_before,
+            p.bytes_after,
+            p.records_dropped,
             p.first_offset
         );
         if terminal {

@@ -276,7 +276,17 @@ pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::Partition
         held_bytes: o.held_bytes,
         held_by: m.held_by.unwrap_or_default(),
         first_offset: o.log_start,
-        records_dropped: o.log_start - o.log_start_before,
+        records_dropped: o.log_start - o.log_start_before
+            + m.compaction
+                .map_or(0, |c| c.records_before - c.records_after),
+        segments_after: m
+            .compaction
+            .map_or((o.segments_before - o.deleted_segments) as u32, |c| {
+                c.segments_after as u32
+            }),
+        bytes_after: m
+            .compaction
+            .map_or(o.bytes_before - o.deleted_bytes, |c| c.bytes_after),
     }
 }
 

@@ -8,6 +8,7 @@
 //! | [`timeindex`] | `<base>.timeindex`: sparse max-timestamp → offset, memory-mapped     |
 //! | [`mapped`]    | the shared body of both index files                                  |
 //! | [`checkpoint`]| `checkpoint`: where recovery resumes, and the clean-close marker     |
+//! | [`compaction`]| key compaction: cleaning closed segments, the crash-safe swap        |
 //! | [`partition`] | a partition log: writer thread, group commit, readers, recovery      |
 //! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
@@ -16,6 +17,7 @@
 //! | [`error`]     | [`Error`], this layer's one error type                               |
 
 pub mod checkpoint;
+pub mod compaction;
 pub mod config;
 pub mod error;
 pub mod index;
@@ -28,6 +30,7 @@ pub mod timeindex;
 pub mod topic;
 pub mod verify;
 
+pub use compaction::{CompactionOptions, CompactionOutcome};
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{Error, Result};
 pub use io::{FileIo, RealIo};

@@ -26,11 +26,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::checkpoint::{self, Checkpoint};
+use super::compaction::{CompactionOptions, CompactionOutcome};
 use super::config::{FsyncPolicy, LogConfig};
 use super::error::{Error, Result};
 use super::index::IndexEntry;
@@ -103,6 +104,8 @@ struct Shared {
     syncs: AtomicU64,
     appends: AtomicU64,
     listener: Option<Listener>,
+    /// Serialises retention and compaction of this partition.
+    maintenance: Mutex<()>,
 }
 
 impl Shared {
@@ -152,6 +155,7 @@ impl Partition {
         config.sanitize()?;
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut report = RecoveryReport::default();
+        super::compaction::recover(dir, io.as_ref())?;
         let mut bases = list_segments(dir)?;
         drop_unborn_segment(dir, &mut bases, &mut report)?;
         let cp = read_checkpoint(dir)?;
@@ -208,6 +212,7 @@ impl Partition {
             syncs: AtomicU64::new(0),
             appends: AtomicU64::new(0),
             listener,
+            maintenance: Mutex::new(()),
         });
 
         let mut writer = Writer::new(Arc::clone(&shared), active, writer_state);
@@ -1312,6 +1317,11 @@ impl Partition {
         now_ms: i64,
         dry_run: bool,
     ) -> Result<RetentionOutcome> {
+        let _maintenance = self
+            .shared
+            .maintenance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let segments = self.shared.segments();
         let mut total: u64 = segments.iter().map(|s| s.size_bytes()).sum();
         let mut out = RetentionOutcome {
@@ -1352,5 +1362,112 @@ impl Partition {
             self.delete_segments_below(offset)?;
         }
         Ok(out)
+    }
+}
+
+impl Partition {
+    /// Key compaction of the closed segments (see [`super::compaction`]). The active segment is
+    /// never rewritten, but its keys count: a newer record there drops older ones before it.
+    pub fn compact_keys(&self, opts: &CompactionOptions) -> Result<CompactionOutcome> {
+        use super::compaction::{KeyMap, clean_segment};
+        let _maintenance = self
+            .shared
+            .maintenance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let segments = self.shared.segments();
+        let mut out = CompactionOutcome {
+            segments_before: segments.len(),
+            bytes_before: segments.iter().map(|s| s.size_bytes()).sum(),
+            ..CompactionOutcome::default()
+        };
+        let closed = &segments[..segments.len().saturating_sub(1)];
+        if closed.is_empty() {
+            out.segments_after = out.segments_before;
+            out.bytes_after = out.bytes_before;
+            return Ok(out);
+        }
+        let mut keys = KeyMap::default();
+        let end = self.high_water();
+        let mut next = self.log_start();
+        while next < end {
+            let batches = self.read(next, 4 << 20)?;
+            if batches.is_empty() {
+                break;
+            }
+            for batch in &batches {
+                for r in batch.records() {
+                    let r = r.map_err(|why| Error::corrupt(&self.shared.dir, next, why))?;
+                    if let Some(k) = &r.key
+                        && r.offset >= next
+                    {
+                        keys.add(k, r.offset);
+                    }
+                }
+                next = next.max(batch.header().next_offset());
+            }
+        }
+        let mut group: Vec<u64> = Vec::new();
+        let mut body: Vec<u8> = Vec::new();
+        let mut dropped_in_group = false;
+        for (i, seg) in closed.iter().enumerate() {
+            let path = seg.log_path();
+            let bytes = bytes::Bytes::from(fs::read(path).map_err(|e| Error::io(path, e))?);
+            let (cleaned, before, after) = clean_segment(&bytes, &keys, opts, path)?;
+            out.records_before += before;
+            out.records_after += after;
+            let fits = LOG_HEADER_LEN + (body.len() + cleaned.len()) as u64 <= opts.segment_bytes;
+            if !group.is_empty() && !fits {
+                self.replace_segments(&group, &body, seg.base_offset(), dropped_in_group)?;
+                group.clear();
+                body.clear();
+                dropped_in_group = false;
+            }
+            group.push(seg.base_offset());
+            body.extend_from_slice(&cleaned);
+            dropped_in_group |= after < before;
+            let next_base = segments[i + 1].base_offset();
+            if i + 1 == closed.len() {
+                self.replace_segments(&group, &body, next_base, dropped_in_group)?;
+            }
+        }
+        let after = self.shared.segments();
+        out.segments_after = after.len();
+        out.bytes_after = after.iter().map(|s| s.size_bytes()).sum();
+        Ok(out)
+    }
+
+    /// Installs `body` as the one segment replacing `bases` (unless nothing would change).
+    fn replace_segments(
+        &self,
+        bases: &[u64],
+        body: &[u8],
+        next_base: u64,
+        dropped: bool,
+    ) -> Result<()> {
+        if bases.len() == 1 && !dropped {
+            return Ok(());
+        }
+        let dir = &self.shared.dir;
+        let io = self.shared.io.as_ref();
+        super::compaction::write_cleaned(dir, bases[0], body, io)?;
+        super::compaction::install(dir, bases, io)?;
+        let (seg, index_ok) = Segment::open(dir, bases[0], None)?;
+        let seg = open_closed_segment(
+            seg,
+            index_ok,
+            next_base,
+            &self.shared.config,
+            &mut RecoveryReport::default(),
+        )?;
+        let seg = Arc::new(seg);
+        self.shared.set_segments(|list| {
+            if let Some(i) = list.iter().position(|s| s.base_offset() == bases[0]) {
+                let end = (i + bases.len()).min(list.len());
+                list.splice(i..end, [Arc::clone(&seg)]);
+            }
+        });
+        tracing::info!(dir = %dir.display(), segments = bases.len(), base = bases[0], "compacted segments");
+        Ok(())
     }
 }

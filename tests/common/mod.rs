@@ -15,7 +15,7 @@ use sluice::storage::{
 };
 
 /// A [`FileIo`] that injects faults on demand and counts data syncs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FaultyIo {
     /// Every `sync_data` fails with EIO.
     pub fail_sync: AtomicBool,
@@ -24,16 +24,44 @@ pub struct FaultyIo {
     /// Every write writes half its bytes, then fails with ENOSPC.
     pub short_write: AtomicBool,
     pub syncs: AtomicU64,
+    /// Operations (writes, syncs, renames) so far.
+    pub ops: AtomicU64,
+    /// Every operation from this count on fails with EIO (a crash at that step).
+    pub fail_from: AtomicU64,
+}
+
+impl Default for FaultyIo {
+    fn default() -> Self {
+        FaultyIo {
+            fail_sync: AtomicBool::new(false),
+            enospc: AtomicBool::new(false),
+            short_write: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            fail_from: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl FaultyIo {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
+
+    fn step(&self) -> io::Result<()> {
+        let n = self.ops.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_from.load(Ordering::SeqCst) {
+            return Err(io::Error::other(format!(
+                "injected failure at operation {n}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl FileIo for FaultyIo {
     fn write_at(&self, path: &Path, file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.step()?;
         if self.enospc.load(Ordering::SeqCst) {
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
@@ -45,6 +73,7 @@ impl FileIo for FaultyIo {
     }
 
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
+        self.step()?;
         self.syncs.fetch_add(1, Ordering::SeqCst);
         if self.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected EIO"));
@@ -53,6 +82,7 @@ impl FileIo for FaultyIo {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.step()?;
         if self.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected EIO"));
         }
@@ -60,6 +90,7 @@ impl FileIo for FaultyIo {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.step()?;
         RealIo.rename(from, to)
     }
 }

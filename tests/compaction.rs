@@ -1,0 +1,328 @@
+//! Key compaction: what survives (property test), crash safety at every step through the fault
+//! seam, and compaction online while a producer and a group consumer run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use common::server::{TestServer, take, test_config};
+use common::{FaultyIo, read_all};
+use proptest::prelude::*;
+use sluice::proto::v1 as pb;
+use sluice::storage::{
+    CompactionOptions, FsyncPolicy, Header, LogConfig, Partition, RealIo, Record, StoredRecord,
+};
+
+fn config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 8 << 10,
+        index_interval_bytes: 512,
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    }
+}
+
+fn open(dir: &Path) -> Partition {
+    Partition::open(dir, config(), Arc::new(RealIo), None).unwrap()
+}
+
+fn rec(key: u8, value: Option<u16>, ts: i64) -> Record {
+    Record {
+        timestamp: ts,
+        key: Some(Bytes::from(vec![b'k', key])),
+        value: value.map(|v| Bytes::from(format!("v{v}-{}", "x".repeat(v as usize % 300)))),
+        headers: vec![Header {
+            key: "h".into(),
+            value: Bytes::from(vec![key]),
+        }],
+    }
+}
+
+/// What a full replay gives: the newest value per key (None for a tombstone).
+fn replay(records: &[StoredRecord]) -> BTreeMap<Bytes, Option<Bytes>> {
+    let mut m = BTreeMap::new();
+    for r in records {
+        if let Some(k) = &r.key {
+            m.insert(k.clone(), r.value.clone());
+        }
+    }
+    m
+}
+
+fn check_compacted(before: &[StoredRecord], after: &[StoredRecord], tombstones_kept: bool) {
+    let by_offset: HashMap<u64, &StoredRecord> = before.iter().map(|r| (r.offset, r)).collect();
+    let mut last = None;
+    for r in after {
+        assert!(
+            last.is_none_or(|l| r.offset > l),
+            "offsets strictly increase"
+        );
+        last = Some(r.offset);
+        assert_eq!(
+            by_offset.get(&r.offset),
+            Some(&r),
+            "a surviving record keeps its offset and bytes"
+        );
+    }
+    let want = replay(before);
+    let got = replay(after);
+    for (k, v) in &want {
+        match v {
+            Some(_) => assert_eq!(got.get(k), Some(v), "newest value of {k:?}"),
+            None if tombstones_kept => assert_eq!(got.get(k), Some(&None)),
+            None => assert!(matches!(got.get(k), None | Some(None))),
+        }
+    }
+    assert!(got.keys().all(|k| want.contains_key(k)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compaction_keeps_exactly_the_newest_record_per_key(
+        batches in proptest::collection::vec(
+            proptest::collection::vec((0u8..12, proptest::option::weighted(0.85, 0u16..2000)), 1..8),
+            1..40),
+        tombstones_kept in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let mut ts = 1_000;
+        for batch in &batches {
+            let records: Vec<Record> = batch.iter().map(|&(k, v)| { ts += 1; rec(k, v, ts) }).collect();
+            p.append_blocking(&records).unwrap();
+        }
+        let before = read_all(&p);
+        let opts = CompactionOptions {
+            now_ms: 10_000,
+            delete_retention_ms: if tombstones_kept { 1 << 40 } else { 0 },
+            segment_bytes: 8 << 10,
+        };
+        let outcome = p.compact_keys(&opts).unwrap();
+        prop_assert!(outcome.records_after <= outcome.records_before);
+        let after = read_all(&p);
+        // Only closed segments are compacted: keep the check on what the rule allows.
+        check_compacted(&before, &after, tombstones_kept);
+        prop_assert_eq!(p.high_water(), before.len() as u64);
+        // The same after a reopen, and appends continue at the same offset.
+        drop(p);
+        let p = open(dir.path());
+        prop_assert_eq!(read_all(&p), after.clone());
+        let next = p.append_blocking(&[rec(0, Some(1), 99_999)]).unwrap();
+        prop_assert_eq!(next.base_offset, before.len() as u64);
+        // Timestamp lookups still agree with a scan of what is left.
+        let mut all = after;
+        all.extend(read_all(&p).into_iter().filter(|r| r.offset >= before.len() as u64));
+        for probe in [0, 1_005, 1_050, 99_999] {
+            let scan = all.iter().find(|r| r.timestamp >= probe).map(|r| r.offset);
+            prop_assert_eq!(p.offset_for_timestamp(probe).unwrap(), scan);
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_compaction_interrupted_at_any_step_leaves_the_partition_as_before_or_as_after() {
+    let template = tempfile::tempdir().unwrap();
+    let p = open(template.path());
+    for i in 0..300u32 {
+        let k = (i % 20) as u8;
+        let v = if i % 37 == 0 { None } else { Some(i as u16) };
+        p.append_blocking(&[rec(k, v, 1_000 + i64::from(i))])
+            .unwrap();
+    }
+    p.close().unwrap();
+    drop(p);
+    let opts = CompactionOptions {
+        now_ms: 10_000,
+        delete_retention_ms: 0,
+        segment_bytes: 8 << 10,
+    };
+    let before = read_all(&open(template.path()));
+    let reference = tempfile::tempdir().unwrap();
+    copy_dir(template.path(), reference.path());
+    let r = open(reference.path());
+    r.compact_keys(&opts).unwrap();
+    let after = read_all(&r);
+    assert_ne!(before, after, "the workload has something to compact");
+    drop(r);
+
+    let mut step = 0u64;
+    loop {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let io = FaultyIo::new();
+        let p = Partition::open(dir.path(), config(), io.clone(), None).unwrap();
+        let base = io.ops.load(Ordering::SeqCst);
+        io.fail_from.store(base + step, Ordering::SeqCst);
+        let result = p.compact_keys(&opts);
+        let finished = result.is_ok();
+        drop(p); // crash
+        let p = open(dir.path());
+        let got = read_all(&p);
+        assert!(
+            got == before || got == after,
+            "step {step}: a mix of before and after"
+        );
+        drop(p);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".cleaned") || n == "compaction" || n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "step {step}: {leftovers:?}");
+        if finished {
+            assert_eq!(got, after);
+            break;
+        }
+        step += 1;
+    }
+    assert!(step > 5, "every step was tried ({step})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "state".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 1,
+                cleanup_policy: pb::CleanupPolicy::Compact as i32,
+                segment_bytes: Some(8 << 10),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut member = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "state".into(),
+            group: "g".into(),
+            max_in_flight: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let producer = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            for round in 0..20u32 {
+                let messages = (0..50u32)
+                    .map(|k| pb::Message {
+                        key: Some(format!("patient-{k}").into()),
+                        value: Some(format!("{round}").into()),
+                        ..Default::default()
+                    })
+                    .collect();
+                c.send(pb::SendRequest {
+                    topic: "state".into(),
+                    messages,
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let compactor = {
+        let mut a = admin.clone();
+        tokio::spawn(async move {
+            let mut rewritten = 0;
+            for _ in 0..30 {
+                let r = a
+                    .compact(pb::CompactRequest {
+                        topic: "state".into(),
+                        dry_run: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                rewritten += r.partitions[0].records_dropped;
+                tokio::task::yield_now().await;
+            }
+            rewritten
+        })
+    };
+    // Consume until every key's final value (round 19) has arrived.
+    let mut offsets = BTreeSet::new();
+    let mut latest: BTreeMap<String, u32> = BTreeMap::new();
+    while latest.values().filter(|&&r| r == 19).count() < 50 {
+        let got = take(&mut member, 1).await;
+        for d in &got {
+            assert!(
+                offsets.insert(d.offset),
+                "offset {} delivered twice",
+                d.offset
+            );
+            let key = String::from_utf8(d.key.clone().unwrap().to_vec()).unwrap();
+            let round: u32 = String::from_utf8(d.value.clone().unwrap().to_vec())
+                .unwrap()
+                .parse()
+                .unwrap();
+            let prev = latest.insert(key, round);
+            assert!(prev.is_none_or(|p| p < round), "a key went back in time");
+        }
+        client
+            .ack(pb::AckRequest {
+                group: "g".into(),
+                topic: "state".into(),
+                ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
+            })
+            .await
+            .unwrap();
+    }
+    producer.await.unwrap();
+    let dropped = compactor.await.unwrap();
+    assert!(dropped > 0, "compaction had superseded records to drop");
+    // A new reader sees each key once at most in the compacted part, newest last.
+    let mut reader = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "state".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "state".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let end = d.partitions[0].next_offset;
+    assert_eq!(end, 1000);
+    let mut seen = BTreeMap::new();
+    let mut last = None;
+    loop {
+        let got = take(&mut reader, 1).await;
+        let done = got.iter().any(|d| d.offset == end - 1);
+        for d in got {
+            assert!(last.is_none_or(|l| d.offset > l));
+            last = Some(d.offset);
+            seen.insert(d.key.unwrap(), d.value.unwrap());
+        }
+        if done {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 50);
+    assert!(seen.values().all(|v| v.as_ref() == b"19"));
+}
