@@ -1,5 +1,6 @@
 //! Storage benchmarks: append throughput (1 KiB records, batches of 100) under `never` and
-//! `always` with 1 and 64 appenders, sequential read throughput, index lookup latency.
+//! `always` with 1 and 64 appenders, sequential read throughput, index lookup latency, key
+//! compaction throughput.
 //!
 //! Run with `cargo bench --bench storage`. Data goes to `target/bench-data` (or
 //! `$SLUICE_BENCH_DIR`), which must be on the disk being measured, not tmpfs.
@@ -160,5 +161,67 @@ fn index_lookup(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-criterion_group!(benches, append, read, index_lookup);
+/// Key compaction rewriting 64 MiB of closed segments (1 KiB records over 4,096 keys: most are
+/// superseded), from a fresh copy of the partition each iteration.
+fn compaction(c: &mut Criterion) {
+    let template = bench_dir("compaction-template");
+    let config = LogConfig {
+        fsync: FsyncPolicy::Never,
+        segment_bytes: 8 << 20,
+        ..LogConfig::default()
+    };
+    let p = Partition::open(&template, config.clone(), Arc::new(RealIo), None).unwrap();
+    let mut i = 0u64;
+    for _ in 0..640 {
+        let records: Vec<Record> = (0..BATCH)
+            .map(|_| {
+                i += 1;
+                Record {
+                    timestamp: 1_700_000_000_000 + i as i64,
+                    key: Some(Bytes::from(format!("patient-{}", i % 4096))),
+                    value: Some(Bytes::from(vec![b'x'; RECORD])),
+                    headers: Vec::new(),
+                }
+            })
+            .collect();
+        p.append_encoded_blocking(EncodedBatch::new(&records)).unwrap();
+    }
+    p.roll().unwrap();
+    let closed_bytes = p.stats().size_bytes;
+    p.close().unwrap();
+    drop(p);
+    let work = bench_dir("compaction-work");
+    let opts = sluice::storage::CompactionOptions {
+        now_ms: 1_800_000_000_000,
+        delete_retention_ms: 0,
+        segment_bytes: 8 << 20,
+    };
+    let mut g = c.benchmark_group("compaction");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(closed_bytes));
+    g.bench_function("rewrite_64MiB_4096_keys", |b| {
+        b.iter_batched(
+            || {
+                let _ = std::fs::remove_dir_all(&work);
+                std::fs::create_dir_all(&work).unwrap();
+                for e in std::fs::read_dir(&template).unwrap() {
+                    let e = e.unwrap();
+                    std::fs::copy(e.path(), work.join(e.file_name())).unwrap();
+                }
+                Partition::open(&work, config.clone(), Arc::new(RealIo), None).unwrap()
+            },
+            |p| {
+                let out = p.compact_keys(&opts).unwrap();
+                assert!(out.records_after < out.records_before);
+                p
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&template);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+criterion_group!(benches, append, read, index_lookup, compaction);
 criterion_main!(benches);
