@@ -184,7 +184,8 @@ fn compaction(c: &mut Criterion) {
                 }
             })
             .collect();
-        p.append_encoded_blocking(EncodedBatch::new(&records)).unwrap();
+        p.append_encoded_blocking(EncodedBatch::new(&records))
+            .unwrap();
     }
     p.roll().unwrap();
     let closed_bytes = p.stats().size_bytes;

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use super::error::{Error, Result};
 use super::io::{FileIo, replace_file};
 use super::record::{Batch, Decoded, EncodedBatch, Record, read_u32, read_u64};
-use super::segment::{FileKind, LOG_HEADER_LEN, LOG_MAGIC, LOG_VERSION, segment_path};
+use super::segment::{FileKind, LOG_HEADER_LEN, log_header, segment_path};
 
 pub const MANIFEST: &str = "compaction";
 const MAGIC: [u8; 4] = *b"SLCM";
@@ -250,10 +250,7 @@ pub fn write_cleaned(dir: &Path, base: u64, body: &[u8], io: &dyn FileIo) -> Res
         .write(true)
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
-    let mut header = [0u8; LOG_HEADER_LEN as usize];
-    header[0..4].copy_from_slice(&LOG_MAGIC);
-    header[4..6].copy_from_slice(&LOG_VERSION.to_le_bytes());
-    header[8..16].copy_from_slice(&base.to_le_bytes());
+    let header = log_header(base);
     let mut all = Vec::with_capacity(header.len() + body.len());
     all.extend_from_slice(&header);
     all.extend_from_slice(body);

@@ -47,6 +47,15 @@ const MIN_READ: usize = 64 << 10;
 /// instead of mapping (and the kernel zeroing) fresh pages for every read.
 const MAX_READ: usize = 256 << 10;
 
+/// The 16-byte header every segment log starts with.
+pub fn log_header(base_offset: u64) -> [u8; LOG_HEADER_LEN as usize] {
+    let mut header = [0u8; LOG_HEADER_LEN as usize];
+    header[0..4].copy_from_slice(&LOG_MAGIC);
+    header[4..6].copy_from_slice(&LOG_VERSION.to_le_bytes());
+    header[8..16].copy_from_slice(&base_offset.to_le_bytes());
+    header
+}
+
 /// The kinds of file a segment is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -130,10 +139,7 @@ impl Segment {
             .create_new(true)
             .open(&log_path)
             .map_err(|e| Error::io(&log_path, e))?;
-        let mut header = [0u8; LOG_HEADER_LEN as usize];
-        header[0..4].copy_from_slice(&LOG_MAGIC);
-        header[4..6].copy_from_slice(&LOG_VERSION.to_le_bytes());
-        header[8..16].copy_from_slice(&base_offset.to_le_bytes());
+        let header = log_header(base_offset);
         io.write_at(&log_path, &log, &header, 0)
             .map_err(|e| Error::io(&log_path, e))?;
         io.sync_data(&log_path, &log)

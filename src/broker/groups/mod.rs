@@ -155,6 +155,19 @@ struct State {
     timeouts: BTreeSet<(Instant, u32, u64)>,
 }
 
+impl State {
+    /// Takes a delivery out of flight (acked, nacked or expired), with its deadline and its
+    /// member's count.
+    fn land(&mut self, p: u32, offset: u64) -> Option<Flight> {
+        let f = self.parts[p as usize].in_flight.remove(&offset)?;
+        self.timeouts.remove(&(f.deadline, p, offset));
+        if let Some(m) = self.members.get_mut(&f.member) {
+            m.in_flight = m.in_flight.saturating_sub(1);
+        }
+        Some(f)
+    }
+}
+
 /// One member's view of a partition in `describe`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPartitionDescription {
@@ -503,21 +516,9 @@ impl GroupTopic {
         self.check_partitions(ids)?;
         let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         let mut st = lock(&self.state);
-        let State {
-            parts,
-            members,
-            timeouts,
-            ..
-        } = &mut *st;
         for &(p, offset) in ids {
-            let part = &mut parts[p as usize];
-            let acked = if let Some(f) = part.in_flight.remove(&offset) {
-                timeouts.remove(&(f.deadline, p, offset));
-                if let Some(m) = members.get_mut(&f.member) {
-                    m.in_flight = m.in_flight.saturating_sub(1);
-                }
-                true
-            } else {
+            let acked = st.land(p, offset).is_some() || {
+                let part = &mut st.parts[p as usize];
                 part.ready.remove(&offset);
                 part.pending.remove(&offset).is_some()
             };
@@ -548,19 +549,9 @@ impl GroupTopic {
         let now = Instant::now();
         let mut st = lock(&self.state);
         let max = self.settings.max_deliveries;
-        let State {
-            parts,
-            members,
-            timeouts,
-            ..
-        } = &mut *st;
         for &(p, offset) in ids {
-            let part = &mut parts[p as usize];
-            if let Some(f) = part.in_flight.remove(&offset) {
-                timeouts.remove(&(f.deadline, p, offset));
-                if let Some(m) = members.get_mut(&f.member) {
-                    m.in_flight = m.in_flight.saturating_sub(1);
-                }
+            if let Some(f) = st.land(p, offset) {
+                let part = &mut st.parts[p as usize];
                 give_back(part, offset, f.attempt, now + delay, max, Reason::Nacked);
             }
         }
@@ -707,25 +698,24 @@ impl GroupTopic {
         let now = Instant::now();
         let max = self.settings.max_deliveries;
         let mut st = lock(&self.state);
-        let State {
-            parts,
-            members,
-            timeouts,
-            ..
-        } = &mut *st;
-        while let Some(&(deadline, p, offset)) = timeouts.first() {
+        while let Some(&(deadline, p, offset)) = st.timeouts.first() {
             if deadline > now {
                 break;
             }
-            timeouts.pop_first();
-            let part = &mut parts[p as usize];
-            if let Some(f) = part.in_flight.remove(&offset) {
-                if let Some(m) = members.get_mut(&f.member) {
-                    m.in_flight = m.in_flight.saturating_sub(1);
+            match st.land(p, offset) {
+                Some(f) => {
+                    let part = &mut st.parts[p as usize];
+                    give_back(part, offset, f.attempt, now, max, Reason::AckTimeout);
                 }
-                give_back(part, offset, f.attempt, now, max, Reason::AckTimeout);
+                // A stale deadline (cannot happen: landing removes it); never spin on it.
+                None => {
+                    st.timeouts.remove(&(deadline, p, offset));
+                }
             }
         }
+        let State {
+            parts, timeouts, ..
+        } = &*st;
         let next_pending = parts
             .iter()
             .flat_map(|p| p.pending.values().map(|x| x.not_before))
