@@ -20,6 +20,8 @@ fn appended_batches_read_back_in_order_across_rolls_and_a_clean_reopen() {
         let appended = p.append_blocking(&batch).unwrap();
         assert_eq!(appended.base_offset, b * 10);
         assert_eq!(appended.last_offset, b * 10 + 9);
+        // Acknowledged under `always` means synced, and so visible, also right after a roll.
+        assert_eq!(p.high_water(), appended.last_offset + 1, "batch {b}");
         want.extend(batch);
     }
     assert!(p.stats().segments > 1, "64 KiB segments must have rolled");

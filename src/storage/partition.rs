@@ -909,8 +909,9 @@ impl Writer {
                 taken += 1;
                 match c {
                     Command::Append(batch, done, durable) => {
-                        self.needs_sync |= durable;
+                        // After staging: a roll inside `stage` commits, which clears the flag.
                         self.stage(batch, done);
+                        self.needs_sync |= durable;
                     }
                     Command::Roll(reply) => {
                         let r = self.roll();
