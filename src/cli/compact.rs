@@ -36,24 +36,13 @@ pub struct CompactArgs {
 pub async fn run(args: CompactArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let report = match &args.broker {
-        Some(addr) => {
-            let mut admin = AdminClient::new(connect(addr).await?);
-            admin
-                .compact(pb::CompactRequest {
-                    topic: args.topic.clone().unwrap_or_default(),
-                    dry_run: args.dry_run,
-                })
-                .await?
-                .into_inner()
-                .partitions
-        }
+        Some(addr) => online(&args, addr).await?,
         None => offline(&args).await?,
     };
     let mut out = std::io::stdout().lock();
-    let terminal = out.is_terminal();
     let (mut seg_before, mut seg_after, mut bytes_before, mut bytes_after, mut dropped) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    for (i, p) in report.iter().enumerate() {
+    for p in &report {
         seg_before += u64::from(p.segments_before);
         seg_after += u64::from(p.segments_after);
         bytes_before += p.bytes_before;
@@ -78,11 +67,7 @@ pub async fn run(args: CompactArgs) -> Result<(), CliError> {
             p.records_dropped,
             p.first_offset
         );
-        if terminal {
-            writeln!(out, "[{}/{}] {line}", i + 1, report.len())?;
-        } else {
-            writeln!(out, "{line}")?;
-        }
+        writeln!(out, "{line}")?;
     }
     writeln!(
         out,
@@ -91,6 +76,79 @@ pub async fn run(args: CompactArgs) -> Result<(), CliError> {
         started.elapsed().as_secs_f64()
     )?;
     Ok(())
+}
+
+/// Shows which topic is being worked on: a progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    total: usize,
+    done: usize,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Progress {
+            total,
+            done: 0,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn start(&self, topic: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let width = 30;
+            let filled = (self.done * width).checked_div(self.total).unwrap_or(width);
+            let _ = write!(
+                err,
+                "\r[{}{}] {}/{} {topic:<40.40}",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                self.done,
+                self.total
+            );
+            let _ = err.flush();
+        } else {
+            let _ = writeln!(err, "compacting {topic} ({}/{})", self.done + 1, self.total);
+        }
+    }
+
+    fn finish_one(&mut self) {
+        self.done += 1;
+        if self.terminal && self.done == self.total {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+async fn online(args: &CompactArgs, addr: &str) -> Result<Vec<pb::PartitionCompaction>, CliError> {
+    let mut admin = AdminClient::new(connect(addr).await?);
+    let topics = match &args.topic {
+        Some(t) => vec![t.clone()],
+        None => admin
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics
+            .into_iter()
+            .map(|t| t.name)
+            .collect(),
+    };
+    let mut progress = Progress::new(topics.len());
+    let mut report = Vec::new();
+    for topic in topics {
+        progress.start(&topic);
+        let r = admin
+            .compact(pb::CompactRequest {
+                topic,
+                dry_run: args.dry_run,
+            })
+            .await?
+            .into_inner();
+        report.extend(r.partitions);
+        progress.finish_one();
+    }
+    Ok(report)
 }
 
 async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, CliError> {
@@ -113,11 +171,27 @@ async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, Cli
         }
         Err(e) => return Err(CliError::Usage(e.to_string())),
     };
-    let result = broker.maintain(args.topic.as_deref(), args.dry_run).await;
+    let topics = match &args.topic {
+        Some(t) => vec![t.clone()],
+        None => broker.list_topics().into_iter().map(|(t, _)| t).collect(),
+    };
+    let mut progress = Progress::new(topics.len());
+    let mut report = Vec::new();
+    let mut failure = None;
+    for topic in topics {
+        progress.start(&topic);
+        match broker.maintain(Some(&topic), args.dry_run).await {
+            Ok(r) => report.extend(r.into_iter().map(compaction_to_pb)),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+        progress.finish_one();
+    }
     broker.shutdown().await;
-    Ok(result
-        .map_err(|e| CliError::Usage(e.to_string()))?
-        .into_iter()
-        .map(compaction_to_pb)
-        .collect())
+    match failure {
+        Some(e) => Err(CliError::Usage(e.to_string())),
+        None => Ok(report),
+    }
 }
