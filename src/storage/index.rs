@@ -29,6 +29,13 @@ pub struct IndexEntry {
     pub position: u32,
 }
 
+fn decode(b: &[u8; ENTRY_LEN]) -> IndexEntry {
+    IndexEntry {
+        relative_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    }
+}
+
 #[derive(Debug)]
 pub struct OffsetIndex {
     entries: MappedEntries<ENTRY_LEN>,
@@ -79,11 +86,7 @@ impl OffsetIndex {
     }
 
     pub fn entry(&self, i: usize) -> IndexEntry {
-        let b = self.entries.get(i);
-        IndexEntry {
-            relative_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-        }
+        decode(&self.entries.get(i))
     }
 
     pub fn last(&self) -> Option<IndexEntry> {
@@ -92,17 +95,10 @@ impl OffsetIndex {
 
     /// The last entry whose relative offset is at or below `relative_offset`.
     pub fn lookup(&self, relative_offset: u32) -> Option<IndexEntry> {
-        let n = self.len();
-        let (mut lo, mut hi) = (0, n);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.entry(mid).relative_offset <= relative_offset {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo.checked_sub(1).map(|i| self.entry(i))
+        self.entries
+            .partition_point(|b| decode(b).relative_offset <= relative_offset)
+            .checked_sub(1)
+            .map(|i| self.entry(i))
     }
 
     pub fn push(&self, e: IndexEntry) -> bool {

@@ -180,6 +180,21 @@ impl<const N: usize> MappedEntries<N> {
         out
     }
 
+    /// How many leading entries satisfy `before` (which must hold for a prefix of the entries):
+    /// a binary search over the published entries.
+    pub fn partition_point(&self, before: impl Fn(&[u8; N]) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if before(&self.get(mid)) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
     /// Appends an entry; false when the file is full (the caller rolls the segment).
     pub fn push(&self, entry: [u8; N]) -> bool {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());

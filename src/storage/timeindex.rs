@@ -31,6 +31,15 @@ pub struct TimeEntry {
     pub relative_offset: u32,
 }
 
+fn decode(b: &[u8; ENTRY_LEN]) -> TimeEntry {
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&b[0..8]);
+    TimeEntry {
+        max_timestamp: i64::from_le_bytes(ts),
+        relative_offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+    }
+}
+
 #[derive(Debug)]
 pub struct TimeIndex {
     entries: MappedEntries<ENTRY_LEN>,
@@ -77,13 +86,7 @@ impl TimeIndex {
     }
 
     pub fn entry(&self, i: usize) -> TimeEntry {
-        let b = self.entries.get(i);
-        let mut ts = [0u8; 8];
-        ts.copy_from_slice(&b[0..8]);
-        TimeEntry {
-            max_timestamp: i64::from_le_bytes(ts),
-            relative_offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-        }
+        decode(&self.entries.get(i))
     }
 
     pub fn last(&self) -> Option<TimeEntry> {
@@ -93,17 +96,9 @@ impl TimeIndex {
     /// The relative offset to start scanning from for the first record at or after `timestamp`:
     /// every record before it is older than `timestamp`.
     pub fn scan_start(&self, timestamp: i64) -> u32 {
-        let n = self.len();
-        let (mut lo, mut hi) = (0, n);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.entry(mid).max_timestamp < timestamp {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo.checked_sub(1)
+        self.entries
+            .partition_point(|b| decode(b).max_timestamp < timestamp)
+            .checked_sub(1)
             .map_or(0, |i| self.entry(i).relative_offset)
     }
 
