@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use common::server::{TestServer, take, test_config};
+use common::server::{TestServer, subscribe_from, take, test_config};
 use common::{FaultyIo, read_all};
 use proptest::prelude::*;
 use sluice::proto::v1 as pb;
@@ -292,14 +292,7 @@ async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_no
     let dropped = compactor.await.unwrap();
     assert!(dropped > 0, "compaction had superseded records to drop");
     // A new reader sees each key once at most in the compacted part, newest last.
-    let mut reader = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "state".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut reader = subscribe_from(&mut client, "state", None).await;
     let d = admin
         .describe_topic(pb::DescribeTopicRequest {
             name: "state".into(),

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::server::{BrokerProcess, TestServer, message, take, test_config};
+use common::server::{BrokerProcess, TestServer, message, subscribe_from, take, test_config};
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::broker_client::BrokerClient;
 use sluice::proto::v1::start_position::Kind;
@@ -211,14 +211,7 @@ async fn a_message_nacked_max_deliveries_times_lands_in_the_dead_letter_topic_on
         })
         .await
         .unwrap();
-    let dlq_stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t.dlq".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dlq_stream = subscribe_from(&mut client, "t.dlq", None).await;
     let mut member = join(&mut client, "t", "g", 10, false).await;
     for attempt in 1..=3 {
         let d = take(&mut member, 1).await;

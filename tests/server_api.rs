@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::FaultyIo;
-use common::server::{TestServer, keyed, message, start, take, test_config};
+use common::server::{TestServer, keyed, message, start, subscribe_from, take, test_config};
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::start_position::Kind;
 use tonic::Code;
@@ -54,17 +54,7 @@ async fn subscribe_starts_at_earliest_latest_an_offset_or_a_time() {
 
     let subscribe = |start_at| {
         let mut c = client.clone();
-        async move {
-            c.subscribe(pb::SubscribeRequest {
-                topic: "t".into(),
-                partitions: vec![],
-                start: start_at,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
+        async move { subscribe_from(&mut c, "t", start_at).await }
     };
     let mut s = subscribe(None).await;
     assert_eq!(
@@ -96,16 +86,7 @@ async fn a_subscriber_at_the_tail_receives_a_new_message_promptly() {
     send(&mut client, "tail", vec![message("old")])
         .await
         .unwrap();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "tail".into(),
-            partitions: vec![],
-            start: start(Kind::Offset(1)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "tail", start(Kind::Offset(1))).await;
     let sender = {
         let mut c = client.clone();
         tokio::spawn(async move {
@@ -174,16 +155,7 @@ async fn ten_thousand_concurrent_sends_are_all_acknowledged_and_read_back_in_ord
     server.stop().await;
     let server = TestServer::start(test_config(dir.path())).await;
     let mut client = server.client().await;
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "burst".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "burst", None).await;
     let got = take(&mut stream, 10_000).await;
     assert_eq!(got.len(), 10_000, "no duplicates");
     let mut last: HashMap<u32, u64> = HashMap::new();
@@ -356,16 +328,7 @@ async fn disk_full_is_resource_exhausted_and_a_failed_fsync_makes_the_partition_
         "latched until reopened: {err}"
     );
 
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "t", None).await;
     assert_eq!(values(&take(&mut stream, 2).await), ["a", "b"]);
     let described = server
         .admin()
@@ -386,16 +349,7 @@ async fn deleting_a_topic_ends_its_subscriptions_and_removes_its_data() {
     let server = TestServer::start(test_config(dir.path())).await;
     let mut client = server.client().await;
     send(&mut client, "gone", vec![message("x")]).await.unwrap();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "gone".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "gone", None).await;
     take(&mut stream, 1).await;
     server
         .admin()
@@ -464,16 +418,7 @@ async fn a_large_stored_batch_is_streamed_in_responses_of_bounded_size() {
     let mut client = server.client().await;
     let batch: Vec<_> = (0..100).map(|i| message(vec![i as u8; 10_000])).collect();
     send(&mut client, "big", batch).await.unwrap();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "big".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "big", None).await;
     let mut seen = 0u64;
     while seen < 100 {
         let response = stream.message().await.unwrap().unwrap();

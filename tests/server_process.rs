@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use common::server::{BrokerProcess, bin, message, take};
+use common::server::{BrokerProcess, bin, message, subscribe_from, take};
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
 
@@ -165,16 +165,7 @@ async fn a_killed_broker_loses_no_acknowledged_message() {
             .await
             .unwrap(),
     );
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "t", None).await;
     let got = take(&mut stream, 200).await;
     for (i, d) in got.iter().enumerate() {
         assert_eq!(d.offset, i as u64);
@@ -202,16 +193,7 @@ async fn a_stalled_subscriber_bounds_broker_memory_and_loses_nothing_when_it_res
         })
         .await
         .unwrap();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "flood".into(),
-            partitions: vec![],
-            start: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_from(&mut client, "flood", None).await;
     take(&mut stream, 1).await; // then stop reading
     let baseline = broker.peak_rss();
 

@@ -188,3 +188,20 @@ pub async fn take(
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
+
+/// A plain subscription to `topic` from `start` (absent: earliest).
+pub async fn subscribe_from(
+    client: &mut BrokerClient<Channel>,
+    topic: &str,
+    start: Option<pb::StartPosition>,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    client
+        .subscribe(pb::SubscribeRequest {
+            topic: topic.into(),
+            start,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
