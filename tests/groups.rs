@@ -361,6 +361,16 @@ async fn reset_moves_a_group_and_describe_reports_lag() {
         (3..10).collect::<Vec<_>>()
     );
     drop(m);
+    // A member may not ask for more in flight than the broker allows (10,000 by default).
+    let greedy = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            max_in_flight: 20_000,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(greedy.map(|_| ()).unwrap_err().code(), Code::InvalidArgument);
     // Unknown groups and bad names.
     let err = admin
         .describe_group(pb::DescribeGroupRequest {
