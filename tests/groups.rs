@@ -242,9 +242,18 @@ async fn a_message_nacked_max_deliveries_times_lands_in_the_dead_letter_topic_on
     assert_eq!(headers["sluice.dlq.attempts"], "3");
     assert_eq!(headers["sluice.dlq.reason"], "nacked");
     assert_eq!(headers["sluice.dlq.group"], "g");
-    // Counted as acknowledged, dead-lettered exactly once.
+    // Counted as acknowledged, dead-lettered exactly once. (The group records the dead letter
+    // right after the DLQ append became durable: wait for that record, bounded.)
     let mut admin = server.admin().await;
-    let d = describe(&mut admin, "g").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let d = loop {
+        let d = describe(&mut admin, "g").await;
+        if d.topics[0].partitions[0].dead_lettered > 0 {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "{d:?}");
+        tokio::task::yield_now().await;
+    };
     let p = &d.topics[0].partitions[0];
     assert_eq!(
         (p.committed_offset, p.dead_lettered, p.pending, p.in_flight),
@@ -370,7 +379,10 @@ async fn reset_moves_a_group_and_describe_reports_lag() {
             ..Default::default()
         })
         .await;
-    assert_eq!(greedy.map(|_| ()).unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        greedy.map(|_| ()).unwrap_err().code(),
+        Code::InvalidArgument
+    );
     // Unknown groups and bad names.
     let err = admin
         .describe_group(pb::DescribeGroupRequest {

@@ -299,7 +299,8 @@ fn the_interval_policy_syncs_on_its_timer_without_further_appends() {
     let dir = tempfile::tempdir().unwrap();
     let io = FaultyIo::new();
     let config = LogConfig {
-        fsync_interval_ms: 1000,
+        // Long enough that the append below comes well before it, even on a loaded machine.
+        fsync_interval_ms: 3000,
         ..small_config(FsyncPolicy::Interval)
     };
     let p = Partition::open(dir.path(), config, io.clone(), None).unwrap();
@@ -307,7 +308,7 @@ fn the_interval_policy_syncs_on_its_timer_without_further_appends() {
     p.append_blocking(&[record(0, 10)]).unwrap();
     assert_eq!(p.stats().syncs, before, "acknowledged before any sync");
     // Wait (bounded) for the writer's timer to fire; the assertion is that it does at all.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while p.stats().syncs == before && std::time::Instant::now() < deadline {
         std::thread::park_timeout(std::time::Duration::from_millis(10));
     }
