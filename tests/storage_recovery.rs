@@ -304,3 +304,41 @@ fn preallocated_zeros_are_cut_by_recovery_and_by_a_clean_close_without_counting_
         "close trims the zeros"
     );
 }
+
+#[test]
+fn a_wrong_index_entry_that_passes_the_open_checks_is_caught_by_the_read_that_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    let mut want = Vec::new();
+    for i in 0..300 {
+        let r = record(i, 300);
+        p.append_blocking(std::slice::from_ref(&r)).unwrap();
+        want.push(r);
+    }
+    let first = p.segment_bases()[0];
+    p.close().unwrap();
+    drop(p);
+    // Move a middle entry's position one byte into its batch: still increasing, last entry intact.
+    let index = segment_path(dir.path(), first, FileKind::Index);
+    let mut bytes = fs::read(&index).unwrap();
+    let entries = (bytes.len() - 16) / 8;
+    assert!(entries >= 4);
+    let at = 16 + (entries / 2) * 8 + 4;
+    let pos = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) + 1;
+    bytes[at..at + 4].copy_from_slice(&pos.to_le_bytes());
+    fs::write(&index, bytes).unwrap();
+    let p = open(dir.path(), small_config(FsyncPolicy::Never));
+    assert!(
+        p.recovery_report().rebuilt_indexes.is_empty(),
+        "the open checks pass"
+    );
+    for from in 0..p.high_water() {
+        let first = p.read(from, 1).unwrap()[0]
+            .records()
+            .map(|r| r.unwrap())
+            .find(|r| r.offset >= from)
+            .unwrap();
+        assert_eq!(first.offset, from);
+    }
+    assert_records(&read_all(&p), &want, 0);
+}

@@ -340,30 +340,40 @@ impl Segment {
     /// entry names, the read falls back to a scan from the segment's start and says so.
     pub fn read(&self, from: u64, max_bytes: usize, out: &mut Vec<Batch>) -> Result<usize> {
         let (pos, expected) = self.position_for(from);
-        if let Some(expected) = expected {
-            let found = self.batch_header_at(pos).map(|h| h.base_offset);
-            if !matches!(found, Ok(b) if b == expected) {
+        match self.read_from(pos, expected, from, max_bytes, out)? {
+            Some(collected) => Ok(collected),
+            None => {
                 tracing::warn!(path = %self.log_path.display(), position = pos,
                     "index entry does not match the log; scanning the segment instead");
-                return self.read_from(LOG_HEADER_LEN, from, max_bytes, out);
+                // Nothing was added to `out` before the mismatch showed.
+                Ok(self
+                    .read_from(LOG_HEADER_LEN, None, from, max_bytes, out)?
+                    .unwrap_or(0))
             }
         }
-        self.read_from(pos, from, max_bytes, out)
     }
 
+    /// Reads from `pos`; when `expected` is given, the batch there must start at that offset,
+    /// else `None` (checked on the first window read, without a read of its own).
     fn read_from(
         &self,
         mut pos: u64,
+        mut expected: Option<u64>,
         from: u64,
         max_bytes: usize,
         out: &mut Vec<Batch>,
-    ) -> Result<usize> {
+    ) -> Result<Option<usize>> {
         let end = self.visible_len();
         let mut collected = 0usize;
         while pos < end && (collected == 0 || collected < max_bytes) {
             let want = (max_bytes.saturating_sub(collected)).clamp(MIN_READ, MAX_READ);
             let n = (end - pos).min(want as u64) as usize;
             let mut window = self.read_exact(pos, n)?;
+            if let Some(e) = expected.take()
+                && !matches!(BatchHeader::parse(&window), Decoded::Valid(h) if h.base_offset == e)
+            {
+                return Ok(None);
+            }
             let mut progressed = false;
             while !window.is_empty() {
                 match Batch::decode(&window) {
@@ -376,7 +386,7 @@ impl Segment {
                             collected += size;
                             out.push(batch);
                             if collected >= max_bytes {
-                                return Ok(collected);
+                                return Ok(Some(collected));
                             }
                         }
                     }
@@ -401,7 +411,7 @@ impl Segment {
                 }
             }
         }
-        Ok(collected)
+        Ok(Some(collected))
     }
 
     /// Walks valid batches from `pos` up to `limit` bytes, calling `each(position, header)`.
