@@ -10,7 +10,9 @@ use crate::broker::groups::events::Event;
 use crate::storage::StoredRecord;
 use crate::storage::verify::{Verifier, for_each_record};
 
+use super::client::delivery_json;
 use super::{CliError, OutputFormat};
+use crate::proto::v1 as pb;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -136,14 +138,24 @@ pub fn dump(args: DumpArgs) -> Result<(), CliError> {
                     .as_deref()
                     .map_or("(tombstone)".to_string(), text_or_base64)
             ),
-            OutputFormat::Json => serde_json::json!({
-                "offset": r.offset,
-                "timestamp_ms": r.timestamp,
-                "key": r.key.as_deref().map(text_or_base64),
-                "value": r.value.as_deref().map(text_or_base64),
-                "headers": r.headers.iter()
-                    .map(|h| (h.key.clone(), serde_json::Value::String(text_or_base64(&h.value))))
-                    .collect::<serde_json::Map<_, _>>(),
+            // The same JSON as `sluice consume --format json`.
+            OutputFormat::Json => delivery_json(&pb::Delivery {
+                topic: args.topic.clone(),
+                partition: args.partition,
+                offset: r.offset,
+                timestamp_ms: r.timestamp,
+                key: r.key,
+                value: r.value,
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|h| pb::Header {
+                        key: h.key,
+                        value: h.value,
+                    })
+                    .collect(),
+                attempt: 1,
+                ack_id: String::new(),
             })
             .to_string(),
         };
