@@ -95,6 +95,89 @@ fn the_readme_round_trip_works_from_the_command_line() {
 }
 
 #[test]
+fn the_bench_load_generator_sends_exactly_what_it_reports_with_either_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    for (client, topic) in [("lean", "bench-lean"), ("tonic", "bench-tonic")] {
+        // 5 producers on 2 connections, 3 messages per request, 100 messages: 34 requests
+        // (the last one full too: 102 messages), plus one warm-up message per producer.
+        let args = [
+            "bench",
+            "produce",
+            "--broker",
+            &addr,
+            "--client",
+            client,
+            "--topic",
+            topic,
+            "--producers",
+            "5",
+            "--connections",
+            "2",
+            "--batch",
+            "3",
+            "--size",
+            "10",
+            "--messages",
+            "100",
+        ];
+        let out = cli(&args, "");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{client}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("102 messages"), "{client}: {stdout}");
+        let out = cli(&["topics", "describe", "--broker", &addr, topic], "");
+        let described = String::from_utf8_lossy(&out.stdout);
+        assert!(described.contains("  0\t0\t107\t"), "{client}: {described}");
+        let out = cli(
+            &[
+                "bench",
+                "rpc",
+                "--broker",
+                &addr,
+                "--client",
+                client,
+                "--callers",
+                "3",
+                "--calls",
+                "30",
+            ],
+            "",
+        );
+        assert!(
+            out.status.success(),
+            "{client}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("30 calls"));
+    }
+    // The broker's refusal comes back through the lean client as the gRPC status.
+    let out = cli(
+        &[
+            "bench",
+            "produce",
+            "--broker",
+            &addr,
+            "--topic",
+            "../x",
+            "--messages",
+            "1",
+        ],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_second_broker_on_the_same_data_dir_fails_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let _first = BrokerProcess::spawn(dir.path(), &[]);

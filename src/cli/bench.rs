@@ -14,11 +14,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
+use tonic::transport::Channel;
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 
 use super::client::{broker_client, connect};
+use super::lean::LeanChannel;
 use super::{BrokerArg, CliError};
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +43,17 @@ pub struct RpcBench {
     pub connections: usize,
     #[arg(long, default_value_t = 20_000)]
     pub calls: u64,
+    #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
+    pub client: ClientKind,
+}
+
+/// The gRPC client the load generator uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    /// Unary calls straight on HTTP/2 (see `lean.rs`): the least CPU taken from the broker.
+    Lean,
+    /// tonic's generated client, as an application would use it.
+    Tonic,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +78,53 @@ pub struct ProduceBench {
     /// Messages to send in all.
     #[arg(long, default_value_t = 20_000)]
     pub messages: u64,
+    #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
+    pub client: ClientKind,
+}
+
+/// One caller's handle on a connection, through either client.
+#[derive(Debug, Clone)]
+enum Caller {
+    Lean(LeanChannel),
+    Tonic(Channel),
+}
+
+impl Caller {
+    async fn connect(kind: ClientKind, addr: &str) -> Result<Self, CliError> {
+        Ok(match kind {
+            ClientKind::Lean => Caller::Lean(LeanChannel::connect(addr).await?),
+            ClientKind::Tonic => Caller::Tonic(connect(addr).await?),
+        })
+    }
+
+    async fn send(&self, request: &pb::SendRequest) -> Result<pb::SendResponse, CliError> {
+        match self {
+            Caller::Lean(c) => c.unary("/sluice.v1.Broker/Send", request).await,
+            Caller::Tonic(c) => Ok(broker_client(c.clone())
+                .send(request.clone())
+                .await?
+                .into_inner()),
+        }
+    }
+
+    async fn list_topics(&self) -> Result<pb::ListTopicsResponse, CliError> {
+        let request = pb::ListTopicsRequest {};
+        match self {
+            Caller::Lean(c) => c.unary("/sluice.v1.Admin/ListTopics", &request).await,
+            Caller::Tonic(c) => Ok(AdminClient::new(c.clone())
+                .list_topics(request)
+                .await?
+                .into_inner()),
+        }
+    }
+}
+
+async fn connect_all(kind: ClientKind, addr: &str, n: usize) -> Result<Vec<Caller>, CliError> {
+    let mut callers = Vec::with_capacity(n);
+    for _ in 0..n {
+        callers.push(Caller::connect(kind, addr).await?);
+    }
+    Ok(callers)
 }
 
 #[derive(Debug, Args)]
@@ -103,12 +163,9 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     let value = Bytes::from(vec![b'x'; b.size]);
     let requests = Arc::new(AtomicU64::new(b.messages.div_ceil(b.batch as u64)));
     let connections = b.connections.clamp(1, b.producers);
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(connect(&b.broker.broker).await?);
-    }
-    let mut clients: Vec<_> = (0..b.producers)
-        .map(|i| broker_client(channels[i % connections].clone()))
+    let channels = connect_all(b.client, &b.broker.broker, connections).await?;
+    let clients: Vec<_> = (0..b.producers)
+        .map(|i| channels[i % connections].clone())
         .collect();
     // One warm-up request creates the topic and the connections' state.
     let warm = pb::SendRequest {
@@ -118,12 +175,12 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
             ..pb::Message::default()
         }],
     };
-    for c in &mut clients {
-        c.send(warm.clone()).await?;
+    for c in &clients {
+        c.send(&warm).await?;
     }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for mut client in clients {
+    for client in clients {
         let requests = Arc::clone(&requests);
         let request = pb::SendRequest {
             topic: b.topic.clone(),
@@ -143,7 +200,7 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
                 .is_ok()
             {
                 let t = Instant::now();
-                client.send(request.clone()).await?;
+                client.send(&request).await?;
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                 sent += request.messages.len() as u64;
             }
@@ -281,15 +338,12 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
 
 async fn rpc(b: RpcBench) -> Result<(), CliError> {
     let connections = b.connections.clamp(1, b.callers.max(1));
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(connect(&b.broker.broker).await?);
-    }
+    let channels = connect_all(b.client, &b.broker.broker, connections).await?;
     let calls = Arc::new(AtomicU64::new(b.calls));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..b.callers.max(1) {
-        let mut client = AdminClient::new(channels[i % connections].clone());
+        let client = channels[i % connections].clone();
         let calls = Arc::clone(&calls);
         let mut hist = latency_histogram()?;
         tasks.spawn(async move {
@@ -298,7 +352,7 @@ async fn rpc(b: RpcBench) -> Result<(), CliError> {
                 .is_ok()
             {
                 let t = Instant::now();
-                client.list_topics(pb::ListTopicsRequest {}).await?;
+                client.list_topics().await?;
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
             }
             Ok::<_, CliError>(hist)
