@@ -317,3 +317,42 @@ fn the_interval_policy_syncs_on_its_timer_without_further_appends() {
         "no sync within 20 s of a 1 s interval"
     );
 }
+
+#[test]
+fn a_writer_polling_for_a_lone_appender_still_stops_like_a_crash_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        // A window far longer than the test: if dropping did not end the poll, `drop` would hang.
+        writer_spin_us: 600_000_000,
+        ..small_config(FsyncPolicy::Always)
+    };
+    let p = open(dir.path(), config.clone());
+    let mut want = Vec::new();
+    // One append at a time, each right after the previous acknowledgement: the writer polls.
+    for seq in 0..50 {
+        let r = record(seq, 100);
+        assert_eq!(
+            p.append_blocking(std::slice::from_ref(&r))
+                .unwrap()
+                .base_offset,
+            seq
+        );
+        assert_eq!(
+            p.high_water(),
+            seq + 1,
+            "acknowledged means durable and visible"
+        );
+        want.push(r);
+    }
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(p);
+        let _ = dropped_tx.send(());
+    });
+    dropped
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("dropping the partition must end its writer's poll at once");
+    let p = open(dir.path(), config);
+    assert!(!p.recovery_report().clean, "a drop is not a clean close");
+    assert_records(&read_all(&p), &want, 0);
+}

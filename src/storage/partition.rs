@@ -867,6 +867,20 @@ const MAX_GATHER_BYTES: usize = 16 << 20;
 /// Commands taken from the queue per round at most.
 const MAX_GATHER_COMMANDS: usize = 4096;
 
+/// Polls the queue for up to `window`, yielding the core to any other runnable thread between
+/// looks. `Err` when every sender is gone.
+fn poll(rx: &Receiver<Command>, window: Duration) -> std::result::Result<Option<Command>, ()> {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        match rx.try_recv() {
+            Ok(c) => return Ok(Some(c)),
+            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(()),
+        }
+    }
+    Ok(None)
+}
+
 impl Writer {
     fn new(shared: Arc<Shared>, active: Arc<Segment>, mut state: ActiveState) -> Self {
         state.indexer.interval = u64::from(shared.config.index_interval_bytes);
@@ -889,11 +903,26 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Command>) {
         let mut closing = None;
+        let spin = self.shared.config.writer_spin();
+        // Poll before sleeping: set after a round of one append that followed the previous one
+        // closely (see `LogConfig::writer_spin_us`).
+        let mut poll_next = false;
+        let mut lone_rounds = 0u32;
         'outer: loop {
-            let first = match self.next_wait() {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_timeout(d),
+            let idle_since = Instant::now();
+            let polled = match spin {
+                Some(window) if poll_next => poll(&rx, window),
+                _ => Ok(None),
             };
+            let first = match polled {
+                Ok(Some(c)) => Ok(c),
+                Err(()) => Err(RecvTimeoutError::Disconnected),
+                Ok(None) => match self.next_wait() {
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(d) => rx.recv_timeout(d),
+                },
+            };
+            let idle = idle_since.elapsed();
             let first = match first {
                 Ok(c) => c,
                 Err(RecvTimeoutError::Timeout) => {
@@ -932,6 +961,12 @@ impl Writer {
             if closing.is_some() {
                 break 'outer;
             }
+            lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
+                lone_rounds + 1
+            } else {
+                0
+            };
+            poll_next = lone_rounds >= 2;
         }
         if let Some(reply) = closing {
             let _ = reply.send(self.close());
