@@ -2,6 +2,8 @@
 # End-to-end gRPC benchmarks over loopback with fsync = always: starts a broker on a fresh data
 # dir (target/bench-data/grpc, or $SLUICE_BENCH_DIR/grpc), runs `sluice bench`, stops it.
 # Usage: benches/grpc.sh [messages for the lone-producer run, default 20000; x5 for 64 producers]
+# The load generator is `sluice bench`'s lean client (one thread, gRPC straight on HTTP/2); the
+# runs marked "tonic" repeat two of them with tonic's full client for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20000}"
@@ -21,6 +23,8 @@ b rpc --callers 1 --calls "$n"
 b rpc --callers 64 --connections 4 --calls $((n * 5))
 b produce --topic lone --producers 1 --batch 1 --messages "$n"
 b produce --topic many --producers 64 --connections 4 --batch 1 --messages $((n * 5))
+b rpc --callers 64 --connections 4 --calls $((n * 5)) --client tonic
+b produce --topic many --producers 64 --connections 4 --batch 1 --messages $((n * 5)) --client tonic
 b produce --topic batched --producers 64 --connections 4 --batch 100 --messages 1000000
 b consume --topic batched
 b consume --topic batched

@@ -36,6 +36,8 @@ pub async fn connect(addr: &str) -> Result<Channel, CliError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        // A subscription's responses are up to `delivery_batch_bytes` (256 KiB): one frame each.
+        .max_frame_size(1 << 20)
         .connect()
         .await
         .map_err(|source| CliError::Connect {
