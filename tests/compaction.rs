@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use common::server::{TestServer, subscribe_from, take, test_config};
@@ -221,8 +221,10 @@ async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_no
         .await
         .unwrap()
         .into_inner();
+    let produced = Arc::new(AtomicBool::new(false));
     let producer = {
         let mut c = client.clone();
+        let produced = Arc::clone(&produced);
         tokio::spawn(async move {
             for round in 0..20u32 {
                 let messages = (0..50u32)
@@ -239,13 +241,17 @@ async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_no
                 .await
                 .unwrap();
             }
+            produced.store(true, Ordering::Release);
         })
     };
+    // Compacts over and over while the producer runs, and once more after it is done, when
+    // superseded records are sure to sit in closed segments.
     let compactor = {
         let mut a = admin.clone();
         tokio::spawn(async move {
             let mut rewritten = 0;
-            for _ in 0..30 {
+            loop {
+                let last = produced.load(Ordering::Acquire);
                 let r = a
                     .compact(pb::CompactRequest {
                         topic: "state".into(),
@@ -255,6 +261,9 @@ async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_no
                     .unwrap()
                     .into_inner();
                 rewritten += r.partitions[0].records_dropped;
+                if last {
+                    break;
+                }
                 tokio::task::yield_now().await;
             }
             rewritten
