@@ -140,6 +140,39 @@ async fn two_members_share_a_topic_and_no_message_goes_to_both_while_they_ack() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gets_every_message_of_a_long_partition_once_and_in_order() {
+    // 30 MiB: the dispatcher reads the partition ahead in many reads while the member acks.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    let value = bytes::Bytes::from(vec![b'v'; 1024]);
+    for _ in 0..60 {
+        let messages = (0..500).map(|_| message(value.clone())).collect();
+        client
+            .send(pb::SendRequest {
+                topic: "long".into(),
+                messages,
+            })
+            .await
+            .unwrap();
+    }
+    let mut stream = join(&mut client, "long", "g", 1000, false).await;
+    let mut next = 0u64;
+    while next < 30_000 {
+        let r = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the member keeps receiving")
+            .unwrap()
+            .unwrap();
+        for d in &r.deliveries {
+            assert_eq!((d.offset, d.attempt), (next, 1), "in order, each once");
+            next += 1;
+        }
+        ack(&mut client, "long", "g", &r.deliveries).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_leaves_without_acking_has_its_messages_redelivered_to_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(test_config(dir.path())).await;

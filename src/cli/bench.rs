@@ -234,6 +234,9 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Acknowledgements a group consumer keeps in flight at once.
+const ACKS_IN_FLIGHT: usize = 4;
+
 async fn consume(b: ConsumeBench) -> Result<(), CliError> {
     let channel = connect(&b.broker.broker).await?;
     let described = AdminClient::new(channel.clone())
@@ -250,23 +253,34 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
     let ends: Vec<u64> = described.partitions.iter().map(|p| p.next_offset).collect();
     let mut client = broker_client(channel);
     let group = b.group.clone().unwrap_or_default();
-    // Acks go out from their own task so that receiving never waits for them.
+    // Acks go out from their own task so that receiving never waits for them, up to
+    // `ACKS_IN_FLIGHT` at once: an ack answers once it is durable (an fsync), and the broker
+    // frees a member's in-flight slots when an ack arrives, not when it is answered.
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
     let acker = {
-        let mut client = client.clone();
+        let client = client.clone();
         let (group, topic) = (group.clone(), b.topic.clone());
         tokio::spawn(async move {
+            let mut acks = tokio::task::JoinSet::new();
             while let Some(mut ids) = ack_rx.recv().await {
+                while acks.len() >= ACKS_IN_FLIGHT {
+                    if let Some(done) = acks.join_next().await {
+                        done.map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
+                    }
+                }
                 while let Ok(more) = ack_rx.try_recv() {
                     ids.extend(more);
                 }
-                client
-                    .ack(pb::AckRequest {
-                        group: group.clone(),
-                        topic: topic.clone(),
-                        ack_ids: ids,
-                    })
-                    .await?;
+                let mut client = client.clone();
+                let request = pb::AckRequest {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    ack_ids: ids,
+                };
+                acks.spawn(async move { client.ack(request).await.map(drop) });
+            }
+            while let Some(done) = acks.join_next().await {
+                done.map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
             }
             Ok::<_, CliError>(())
         })

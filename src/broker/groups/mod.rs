@@ -88,8 +88,12 @@ struct PState {
     dead_lettering: BTreeMap<u64, (DeadLetter, bool)>,
     /// Records read at or after `cursor`, not yet delivered.
     lookahead: VecDeque<StoredRecord>,
+    /// Key and value bytes in `lookahead`.
+    lookahead_bytes: usize,
     /// Next offset to read into `lookahead`.
     read_pos: u64,
+    /// A read into `lookahead` from this offset is under way.
+    reading: Option<u64>,
     owner: Option<u64>,
     redeliveries: u64,
     dead_lettered: u64,
@@ -879,7 +883,7 @@ impl GroupTopic {
     }
 
     /// Hands due messages to members with room, until no member has room or nothing is due.
-    async fn dispatch(&self) -> Result<()> {
+    async fn dispatch(self: &Arc<Self>) -> Result<()> {
         loop {
             self.fill().await?;
             if !self.assign() {
@@ -888,42 +892,54 @@ impl GroupTopic {
         }
     }
 
-    /// Reads what the next assignment needs: records for due redeliveries, and look-ahead.
-    async fn fill(&self) -> Result<()> {
+    /// Reads what the next assignment needs: records for due redeliveries, now, and look-ahead,
+    /// in the background (see [`GroupTopic::read_ahead`]).
+    async fn fill(self: &Arc<Self>) -> Result<()> {
         let now = Instant::now();
         let (fetch, refill) = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            // The next read starts when less than one read is left, also while every member is
+            // full: it is in when their acks come. At most two reads' worth is held.
+            let mut refill = Vec::new();
+            let members = !st.members.is_empty();
+            for (p, part) in st.parts.iter_mut().enumerate() {
+                if members
+                    && part.reading.is_none()
+                    && part.lookahead_bytes < READ_AHEAD_BYTES
+                    && part.read_pos < self.topic.partitions[p].log.high_water()
+                {
+                    part.reading = Some(part.read_pos);
+                    refill.push((p as u32, part.read_pos));
+                }
+            }
             let room: usize = st
                 .members
                 .values()
                 .map(|m| m.max_in_flight.saturating_sub(m.in_flight))
                 .sum();
-            if room == 0 {
-                return Ok(());
-            }
             let mut fetch = Vec::new();
-            let mut refill = Vec::new();
-            for (p, part) in st.parts.iter().enumerate() {
-                let due = part
-                    .pending
-                    .iter()
-                    .filter(|(o, x)| x.not_before <= now && !part.ready.contains_key(o))
-                    .take(room)
-                    .map(|(&o, _)| (p as u32, o));
-                fetch.extend(due);
-                if part.lookahead.is_empty()
-                    && part.read_pos < self.topic.partitions[p].log.high_water()
-                {
-                    refill.push((p as u32, part.read_pos));
+            if room > 0 {
+                for (p, part) in st.parts.iter().enumerate() {
+                    let due = part
+                        .pending
+                        .iter()
+                        .filter(|(o, x)| x.not_before <= now && !part.ready.contains_key(o))
+                        .take(room)
+                        .map(|(&o, _)| (p as u32, o));
+                    fetch.extend(due);
                 }
             }
             (fetch, refill)
         };
-        if fetch.is_empty() && refill.is_empty() {
+        for (p, from) in refill {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.read_ahead(p, from).await });
+        }
+        if fetch.is_empty() {
             return Ok(());
         }
         let topic = Arc::clone(&self.topic);
-        let (fetched, refilled) = tokio::task::spawn_blocking(move || {
+        let fetched = tokio::task::spawn_blocking(move || {
             let mut fetched = Vec::new();
             for (p, offset) in fetch {
                 let log = &topic.partitions[p as usize].log;
@@ -936,26 +952,7 @@ impl GroupTopic {
                     Err(e) => return Err(e),
                 }
             }
-            let mut refilled = Vec::new();
-            for (p, from) in refill {
-                let log = &topic.partitions[p as usize].log;
-                let from = from.max(log.log_start());
-                let mut records = Vec::new();
-                let mut next = from;
-                for batch in log.read(from, READ_AHEAD_BYTES)? {
-                    for r in batch.records() {
-                        let r = r.map_err(|why| {
-                            Error::Internal(format!("undecodable record in a valid batch: {why}"))
-                        })?;
-                        if r.offset >= from {
-                            records.push(r);
-                        }
-                    }
-                    next = next.max(batch.header().next_offset());
-                }
-                refilled.push((p, from, next, records));
-            }
-            Ok((fetched, refilled))
+            Ok(fetched)
         })
         .await
         .map_err(|e| Error::Internal(format!("group read task: {e}")))??;
@@ -973,19 +970,61 @@ impl GroupTopic {
                 }
             }
         }
-        for (p, from, next, records) in refilled {
-            let part = &mut st.parts[p as usize];
-            // A reset while reading makes the read stale.
-            if part.read_pos <= from && part.lookahead.is_empty() {
-                if part.cursor < from {
-                    // Retention removed what the cursor pointed at.
-                    part.cursor = from;
+        Ok(())
+    }
+
+    /// Reads the records after a partition's look-ahead, on the blocking pool, while the
+    /// dispatcher goes on assigning what it has; wakes the dispatcher when they are in. Started
+    /// when the look-ahead runs low, so that deliveries rarely wait for the disk.
+    async fn read_ahead(self: Arc<Self>, p: u32, from: u64) {
+        let topic = Arc::clone(&self.topic);
+        let read = tokio::task::spawn_blocking(move || {
+            let log = &topic.partitions[p as usize].log;
+            let start = from.max(log.log_start());
+            let mut records = Vec::new();
+            let mut next = start;
+            for batch in log.read(start, READ_AHEAD_BYTES)? {
+                for r in batch.records() {
+                    let r = r.map_err(|why| {
+                        Error::Internal(format!("undecodable record in a valid batch: {why}"))
+                    })?;
+                    if r.offset >= start {
+                        records.push(r);
+                    }
                 }
+                next = next.max(batch.header().next_offset());
+            }
+            Ok::<_, Error>((start, next, records))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("group read task: {e}")))
+        .and_then(|r| r);
+        let mut st = lock(&self.state);
+        let part = &mut st.parts[p as usize];
+        if part.reading == Some(from) {
+            part.reading = None;
+        }
+        match read {
+            // A reset (or another read) moved the look-ahead on while this one ran: stale.
+            Ok((start, next, records)) if part.read_pos == from => {
+                if part.lookahead.is_empty() && part.cursor < start {
+                    // Retention removed what the cursor pointed at. (With records still in the
+                    // look-ahead, the cursor is behind `start` and moves on as they go out.)
+                    part.cursor = start;
+                }
+                part.lookahead_bytes += records.iter().map(record_bytes).sum::<usize>();
                 part.lookahead.extend(records);
                 part.read_pos = next;
             }
+            Ok(_) => {}
+            Err(e) => {
+                // Not retried at once: the next wake-up (an ack, a new message) tries again.
+                tracing::error!(group = %self.group, topic = %self.topic.name, partition = p, error = %e, "group read-ahead failed; will retry");
+                return;
+            }
         }
-        Ok(())
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// One round: every member with room takes up to its quota. True if anything was sent.
@@ -1046,6 +1085,8 @@ impl GroupTopic {
                     let Some(record) = part.lookahead.pop_front() else {
                         break;
                     };
+                    part.lookahead_bytes =
+                        part.lookahead_bytes.saturating_sub(record_bytes(&record));
                     if record.offset < part.cursor {
                         continue;
                     }
@@ -1137,6 +1178,11 @@ impl GroupTopic {
 
 /// A delivery that came back unacknowledged: pending again, or dead-lettered after
 /// `max_deliveries`.
+/// What a record in the look-ahead counts for against `READ_AHEAD_BYTES`.
+fn record_bytes(r: &StoredRecord) -> usize {
+    r.value.as_ref().map_or(0, |v| v.len()) + r.key.as_ref().map_or(0, |k| k.len())
+}
+
 fn give_back(part: &mut PState, offset: u64, attempt: u32, when: Instant, max: u32, why: Reason) {
     if attempt >= max {
         part.dead_lettering.insert(
