@@ -996,6 +996,9 @@ impl GroupTopic {
     /// dispatcher goes on assigning what it has; wakes the dispatcher when they are in. Started
     /// when the look-ahead runs low, so that deliveries rarely wait for the disk.
     async fn read_ahead(self: Arc<Self>, p: u32, from: u64) {
+        if self.stop.is_cancelled() {
+            return;
+        }
         let topic = Arc::clone(&self.topic);
         let read = tokio::task::spawn_blocking(move || {
             let log = &topic.partitions[p as usize].log;
@@ -1036,6 +1039,7 @@ impl GroupTopic {
                 part.read_pos = next;
             }
             Ok(_) => {}
+            Err(_) if self.stop.is_cancelled() => return,
             Err(e) => {
                 // Not retried at once: the next wake-up (an ack, a new message) tries again.
                 tracing::error!(group = %self.group, topic = %self.topic.name, partition = p, error = %e, "group read-ahead failed; will retry");
@@ -1195,13 +1199,13 @@ impl GroupTopic {
     }
 }
 
-/// A delivery that came back unacknowledged: pending again, or dead-lettered after
-/// `max_deliveries`.
 /// What a record in the look-ahead counts for against `READ_AHEAD_BYTES`.
 fn record_bytes(r: &StoredRecord) -> usize {
     r.value.as_ref().map_or(0, |v| v.len()) + r.key.as_ref().map_or(0, |k| k.len())
 }
 
+/// A delivery that came back unacknowledged: pending again, or dead-lettered after
+/// `max_deliveries`.
 fn give_back(part: &mut PState, offset: u64, attempt: u32, when: Instant, max: u32, why: Reason) {
     if attempt >= max {
         part.dead_lettering.insert(
