@@ -12,7 +12,8 @@ use crate::storage::verify::{Verifier, for_each_record};
 
 use super::client::delivery_json;
 use super::{CliError, OutputFormat};
-use crate::proto::v1 as pb;
+use crate::broker::Delivery;
+use crate::server::delivery_to_pb;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -139,24 +140,15 @@ pub fn dump(args: DumpArgs) -> Result<(), CliError> {
                     .map_or("(tombstone)".to_string(), text_or_base64)
             ),
             // The same JSON as `sluice consume --format json`.
-            OutputFormat::Json => delivery_json(&pb::Delivery {
-                topic: args.topic.clone(),
-                partition: args.partition,
-                offset: r.offset,
-                timestamp_ms: r.timestamp,
-                key: r.key,
-                value: r.value,
-                headers: r
-                    .headers
-                    .into_iter()
-                    .map(|h| pb::Header {
-                        key: h.key,
-                        value: h.value,
-                    })
-                    .collect(),
-                attempt: 1,
-                ack_id: String::new(),
-            })
+            OutputFormat::Json => delivery_json(&delivery_to_pb(
+                &args.topic,
+                Delivery {
+                    partition: args.partition,
+                    record: r,
+                    attempt: 1,
+                    ack_id: String::new(),
+                },
+            ))
             .to_string(),
         };
         if let Err(e) = writeln!(out, "{line}") {

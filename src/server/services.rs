@@ -39,7 +39,8 @@ fn headers_from_pb(headers: Vec<pb::Header>) -> Vec<Header> {
         .collect()
 }
 
-fn delivery_to_pb(topic: &str, d: Delivery) -> pb::Delivery {
+/// A delivery as the API sends it (also `sluice dump --format json`'s, via `consume`'s JSON).
+pub fn delivery_to_pb(topic: &str, d: Delivery) -> pb::Delivery {
     pb::Delivery {
         topic: topic.to_string(),
         partition: d.partition,
