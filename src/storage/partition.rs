@@ -113,6 +113,11 @@ impl Shared {
         Arc::clone(&self.segments.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Held by retention and compaction for their whole run.
+    fn maintenance(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.maintenance.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn set_segments(&self, f: impl FnOnce(&mut Vec<Arc<Segment>>)) {
         let mut guard = self.segments.write().unwrap_or_else(|p| p.into_inner());
         let mut list = guard.as_ref().clone();
@@ -904,14 +909,13 @@ impl Writer {
     fn run(mut self, rx: Receiver<Command>) {
         let mut closing = None;
         let spin = self.shared.config.writer_spin();
-        // Poll before sleeping: set after a round of one append that followed the previous one
-        // closely (see `LogConfig::writer_spin_us`).
-        let mut poll_next = false;
+        // Rounds in a row of one append that followed the previous round closely: from two on,
+        // the writer polls before sleeping (see `LogConfig::writer_spin_us`).
         let mut lone_rounds = 0u32;
         'outer: loop {
             let idle_since = Instant::now();
             let polled = match spin {
-                Some(window) if poll_next => poll(&rx, window),
+                Some(window) if lone_rounds >= 2 => poll(&rx, window),
                 _ => Ok(None),
             };
             let first = match polled {
@@ -962,11 +966,10 @@ impl Writer {
                 break 'outer;
             }
             lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
-                lone_rounds + 1
+                lone_rounds.saturating_add(1)
             } else {
                 0
             };
-            poll_next = lone_rounds >= 2;
         }
         if let Some(reply) = closing {
             let _ = reply.send(self.close());
@@ -1353,11 +1356,7 @@ impl Partition {
         now_ms: i64,
         dry_run: bool,
     ) -> Result<RetentionOutcome> {
-        let _maintenance = self
-            .shared
-            .maintenance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _maintenance = self.shared.maintenance();
         let segments = self.shared.segments();
         let mut total: u64 = segments.iter().map(|s| s.size_bytes()).sum();
         let mut out = RetentionOutcome {
@@ -1406,11 +1405,7 @@ impl Partition {
     /// never rewritten, but its keys count: a newer record there drops older ones before it.
     pub fn compact_keys(&self, opts: &CompactionOptions) -> Result<CompactionOutcome> {
         use super::compaction::{KeyMap, clean_segment};
-        let _maintenance = self
-            .shared
-            .maintenance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _maintenance = self.shared.maintenance();
         let segments = self.shared.segments();
         let mut out = CompactionOutcome {
             segments_before: segments.len(),
