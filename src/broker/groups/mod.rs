@@ -255,27 +255,8 @@ pub fn parse_ack_id(id: &str) -> Result<(u32, u64)> {
     Ok((p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?))
 }
 
-/// `<partition>:<offset>`, without the formatting machinery (one per delivery: a hot path).
 fn ack_id(partition: u32, offset: u64) -> String {
-    let mut id = String::with_capacity(24);
-    push_decimal(&mut id, u64::from(partition));
-    id.push(':');
-    push_decimal(&mut id, offset);
-    id
-}
-
-fn push_decimal(s: &mut String, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    s.extend(digits[i..].iter().map(|&d| char::from(d)));
+    format!("{partition}:{offset}")
 }
 
 impl GroupTopic {
