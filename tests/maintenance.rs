@@ -358,21 +358,15 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
         )
         .await
         .unwrap();
-    let send = |from: usize, n: usize| {
-        let broker = Arc::clone(&broker);
-        async move {
-            for i in from..from + n {
-                let m = NewMessage {
-                    key: None,
-                    value: Some(format!("{i}-{}", "x".repeat(900)).into()),
-                    headers: Vec::new(),
-                    partition: None,
-                };
-                broker.send("t", vec![m]).await.unwrap();
-            }
-        }
-    };
-    send(0, 100).await;
+    for i in 0..100 {
+        let m = NewMessage {
+            key: None,
+            value: Some(format!("{i}-{}", "x".repeat(900)).into()),
+            headers: Vec::new(),
+            partition: None,
+        };
+        broker.send("t", vec![m]).await.unwrap();
+    }
     // The group takes and acknowledges the first 10, then its member leaves.
     let (member, mut rx) = broker
         .subscribe_group("t", "g", Start::Earliest, 10, false)
