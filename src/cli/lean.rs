@@ -10,6 +10,7 @@
 //! tonic client instead.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use tokio::net::TcpStream;
 
@@ -19,7 +20,7 @@ use super::CliError;
 #[derive(Clone, Debug)]
 pub struct LeanChannel {
     send: h2::client::SendRequest<Bytes>,
-    authority: String,
+    authority: Authority,
 }
 
 fn h2_error(e: h2::Error) -> CliError {
@@ -29,8 +30,11 @@ fn h2_error(e: h2::Error) -> CliError {
 impl LeanChannel {
     /// Connects to `host:port` (or `http://host:port`) and runs the connection on its own task.
     pub async fn connect(addr: &str) -> Result<Self, CliError> {
-        let authority = addr.trim_start_matches("http://").to_string();
-        let tcp = TcpStream::connect(&authority).await?;
+        let host_port = addr.trim_start_matches("http://");
+        let authority: Authority = host_port
+            .parse()
+            .map_err(|e| CliError::Usage(format!("bad address {addr}: {e}")))?;
+        let tcp = TcpStream::connect(host_port).await?;
         tcp.set_nodelay(true)?;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(4 << 20)
@@ -61,10 +65,10 @@ impl LeanChannel {
             .map_err(|e| CliError::Usage(format!("encode: {e}")))?;
         let uri = Uri::builder()
             .scheme("http")
-            .authority(self.authority.as_str())
+            .authority(self.authority.clone())
             .path_and_query(path)
             .build()
-            .map_err(|e| CliError::Usage(format!("bad address {}: {e}", self.authority)))?;
+            .map_err(|e| CliError::Usage(format!("bad method path {path}: {e}")))?;
         let mut head = Request::new(());
         *head.method_mut() = Method::POST;
         *head.uri_mut() = uri;
