@@ -81,6 +81,12 @@ pub struct Config {
     /// Apply retention (topics' `retention_ms`, `retention_bytes`, `retain_until_consumed`) every
     /// this many ms; 0 turns the periodic run off (`sluice compact` still works). Default: 300000.
     pub retention_check_ms: u64,
+    /// While a partition's writer serves a lone producer (see `log.writer_spin_us`) and its
+    /// syncs take no longer than this, the Send waiting for that producer's acknowledgement
+    /// polls for it for up to this many microseconds instead of sleeping, so the answer leaves
+    /// without a thread wake-up. At most one Send in the broker polls at a time. 0 turns it
+    /// off. Default: 500.
+    pub send_spin_us: u64,
     /// Log output: `text` or `json`. Default: `text`.
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
@@ -108,6 +114,7 @@ impl Default for Config {
             group_max_in_flight: 10_000,
             group_default_in_flight: 1000,
             retention_check_ms: 300_000,
+            send_spin_us: 500,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             log: LogConfig::default(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::{FaultyIo, assert_records, open, read_all, record, small_config};
-use sluice::storage::{Error, FsyncPolicy, LogConfig, Partition, Record};
+use sluice::storage::{EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record};
 
 #[test]
 fn appended_batches_read_back_in_order_across_rolls_and_a_clean_reopen() {
@@ -344,6 +344,10 @@ fn a_writer_polling_for_a_lone_appender_still_stops_like_a_crash_when_dropped() 
         );
         want.push(r);
     }
+    assert!(
+        p.lone_sync_time().is_some(),
+        "a writer serving one appender at a time says so (the broker then polls for its answer)"
+    );
     let (dropped_tx, dropped) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         drop(p);
@@ -355,4 +359,40 @@ fn a_writer_polling_for_a_lone_appender_still_stops_like_a_crash_when_dropped() 
     let p = open(dir.path(), config);
     assert!(!p.recovery_report().clean, "a drop is not a clean close");
     assert_records(&read_all(&p), &want, 0);
+}
+
+#[test]
+fn a_writer_that_batches_appends_stops_calling_itself_lone() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let config = LogConfig {
+        writer_spin_us: 600_000_000,
+        ..small_config(FsyncPolicy::Always)
+    };
+    let p = Partition::open(dir.path(), config, io.clone(), None).unwrap();
+    assert_eq!(p.lone_sync_time(), None, "no appends yet");
+    for seq in 0..5 {
+        p.append_blocking(&[record(seq, 100)]).unwrap();
+    }
+    assert!(p.lone_sync_time().is_some());
+
+    // Hold the next sync: the appends queued meanwhile are taken in one round.
+    let gate = io.sync_gate.write().unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    for seq in 5..8 {
+        let done_tx = done_tx.clone();
+        p.append(
+            EncodedBatch::new(&[record(seq, 100)]),
+            Box::new(move |r| done_tx.send(r.map(|a| a.base_offset)).unwrap()),
+        );
+    }
+    drop(gate);
+    let mut offsets: Vec<u64> = (0..3).map(|_| done.recv().unwrap().unwrap()).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, [5, 6, 7]);
+    assert_eq!(
+        p.lone_sync_time(),
+        None,
+        "a round of several appends is not a lone producer's"
+    );
 }

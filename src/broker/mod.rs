@@ -11,6 +11,7 @@
 //!   the reads pause. At the tail a task waits on its partition's high-water watch, which the
 //!   writer thread signals after each durable append. No polling.
 
+mod ack_poll;
 pub mod error;
 mod group_ops;
 pub mod groups;
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::ack_poll::AckPoller;
 use crate::config::Config;
 use crate::storage::{
     self, DataDir, EncodedBatch, FileIo, Header, RealIo, Record, StoredRecord, TopicConfig,
@@ -165,6 +167,8 @@ pub struct Broker {
     groups: tokio::sync::Mutex<HashMap<(String, String), Arc<groups::GroupTopic>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Lets a lone producer's Send poll for its acknowledgement (see [`ack_poll`]).
+    acks: AckPoller,
     me: std::sync::Weak<Broker>,
 }
 
@@ -207,6 +211,7 @@ impl Broker {
         };
         tracing::info!(data_dir = %config.data_dir.display(), topics = topics.len(), "broker open");
         let retention_every = Duration::from_millis(config.retention_check_ms);
+        let acks = AckPoller::new(Duration::from_micros(config.send_spin_us));
         let broker = Arc::new_cyclic(|me| Broker {
             config,
             data: Arc::new(data),
@@ -215,6 +220,7 @@ impl Broker {
             groups: tokio::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            acks,
             me: me.clone(),
         });
         if !retention_every.is_zero() {
@@ -365,14 +371,15 @@ impl Broker {
                     let _ = tx.send(r);
                 }),
             );
-            pending.push((p as u32, indexes, rx));
+            pending.push((p as u32, indexes, handle.log.lone_sync_time(), rx));
         }
-        let total = pending.iter().map(|(_, ix, _)| ix.len()).sum();
+        let total = pending.iter().map(|(_, ix, _, _)| ix.len()).sum();
         let mut positions = vec![(0u32, 0u64); total];
-        for (p, indexes, rx) in pending {
-            let appended = rx
-                .await
-                .map_err(|_| Error::Internal("partition writer dropped an append".into()))??;
+        for (p, indexes, lone_sync, rx) in pending {
+            let appended =
+                self.acks.wait(lone_sync, rx).await.ok_or_else(|| {
+                    Error::Internal("partition writer dropped an append".into())
+                })??;
             for (k, i) in indexes.into_iter().enumerate() {
                 positions[i] = (p, appended.base_offset + k as u64);
             }

@@ -103,6 +103,10 @@ struct Shared {
     poisoned: AtomicBool,
     syncs: AtomicU64,
     appends: AtomicU64,
+    /// Set while the writer polls for a lone producer's next append (`writer_spin_us`).
+    polling: AtomicBool,
+    /// How long the last successful fdatasync took, in microseconds.
+    last_sync_micros: AtomicU64,
     listener: Option<Listener>,
     /// Serialises retention and compaction of this partition.
     maintenance: Mutex<()>,
@@ -216,6 +220,8 @@ impl Partition {
             poisoned: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             appends: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            last_sync_micros: AtomicU64::new(0),
             listener,
             maintenance: Mutex::new(()),
         });
@@ -324,6 +330,16 @@ impl Partition {
 
     pub fn config(&self) -> &LogConfig {
         &self.shared.config
+    }
+
+    /// While the writer serves a lone appender (one append per round, each soon after the
+    /// previous, see `LogConfig::writer_spin_us`): how long its last sync took, about how long
+    /// the next acknowledgement will take. None otherwise.
+    pub fn lone_sync_time(&self) -> Option<Duration> {
+        self.shared
+            .polling
+            .load(Ordering::Relaxed)
+            .then(|| Duration::from_micros(self.shared.last_sync_micros.load(Ordering::Relaxed)))
     }
 
     /// True once a failed fsync has latched the partition.
@@ -960,16 +976,21 @@ impl Writer {
                 }
                 cmd = rx.try_recv().ok();
             }
-            self.flush();
-            self.commit(false);
-            if closing.is_some() {
-                break 'outer;
-            }
             lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
                 lone_rounds.saturating_add(1)
             } else {
                 0
             };
+            // Before the round completes, so its senders see how the writer serves them.
+            let polling = lone_rounds >= 2;
+            if self.shared.polling.load(Ordering::Relaxed) != polling {
+                self.shared.polling.store(polling, Ordering::Relaxed);
+            }
+            self.flush();
+            self.commit(false);
+            if closing.is_some() {
+                break 'outer;
+            }
         }
         if let Some(reply) = closing {
             let _ = reply.send(self.close());
@@ -1194,6 +1215,10 @@ impl Writer {
         match self.shared.io.sync_data(path, self.active.log_file()) {
             Ok(()) => {
                 self.synced_len = self.state.len;
+                let took = self.last_sync.elapsed().as_micros();
+                self.shared
+                    .last_sync_micros
+                    .store(u64::try_from(took).unwrap_or(u64::MAX), Ordering::Relaxed);
                 Ok(())
             }
             Err(source) => {

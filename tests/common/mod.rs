@@ -6,8 +6,8 @@ pub mod server;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use sluice::storage::{
@@ -28,6 +28,8 @@ pub struct FaultyIo {
     pub ops: AtomicU64,
     /// Every operation from this count on fails with EIO (a crash at that step).
     pub fail_from: AtomicU64,
+    /// `sync_data` waits while a test holds this lock for writing.
+    pub sync_gate: RwLock<()>,
 }
 
 impl Default for FaultyIo {
@@ -39,6 +41,7 @@ impl Default for FaultyIo {
             syncs: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             fail_from: AtomicU64::new(u64::MAX),
+            sync_gate: RwLock::new(()),
         }
     }
 }
@@ -73,6 +76,7 @@ impl FileIo for FaultyIo {
     }
 
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
+        drop(self.sync_gate.read().unwrap());
         self.step()?;
         self.syncs.fetch_add(1, Ordering::SeqCst);
         if self.fail_sync.load(Ordering::SeqCst) {
