@@ -35,20 +35,24 @@ impl AckPoller {
         }
     }
 
-    /// Waits for `rx`'s value; None if its sender was dropped without one. `lone_sync` is the
-    /// partition's [`lone_sync_time`]: when it fits in the window and no other Send is polling,
-    /// this one polls for the answer for up to the window before it sleeps.
+    /// Waits for `rx`'s value; None if its sender was dropped without one. `lone_sync` reads
+    /// the partition's [`lone_sync_time`]: while that fits in the window and no other Send is
+    /// polling, this one polls for the answer, for up to the window, before it sleeps. It stops
+    /// as soon as the writer no longer serves a lone producer.
     ///
     /// [`lone_sync_time`]: crate::storage::Partition::lone_sync_time
     pub(crate) async fn wait<T>(
         &self,
-        lone_sync: Option<Duration>,
+        lone_sync: impl Fn() -> Option<Duration>,
         mut rx: oneshot::Receiver<T>,
     ) -> Option<T> {
-        let fits = !self.window.is_zero() && lone_sync.is_some_and(|sync| sync <= self.window);
-        if let Some(_turn) = fits.then(|| Turn::take(&self.busy)).flatten() {
+        let fits = || lone_sync().is_some_and(|sync| sync <= self.window);
+        if let Some(_turn) = (!self.window.is_zero() && fits())
+            .then(|| Turn::take(&self.busy))
+            .flatten()
+        {
             let start = Instant::now();
-            while start.elapsed() < self.window {
+            while start.elapsed() < self.window && fits() {
                 match rx.try_recv() {
                     Ok(value) => return Some(value),
                     Err(TryRecvError::Empty) => tokio::task::yield_now().await,
@@ -92,7 +96,7 @@ mod tests {
         let poller = AckPoller::new(LONG);
         let (tx, rx) = oneshot::channel();
         let sender = std::thread::spawn(move || tx.send(7u64));
-        assert_eq!(poller.wait(FAST_SYNC, rx).await, Some(7));
+        assert_eq!(poller.wait(|| FAST_SYNC, rx).await, Some(7));
         sender.join().unwrap().unwrap();
         assert!(
             !poller.busy.load(Ordering::Relaxed),
@@ -106,7 +110,7 @@ mod tests {
         let poller = AckPoller::new(LONG);
         let (tx, rx) = oneshot::channel::<u64>();
         let dropper = std::thread::spawn(move || drop(tx));
-        assert_eq!(poller.wait(FAST_SYNC, rx).await, None);
+        assert_eq!(poller.wait(|| FAST_SYNC, rx).await, None);
         dropper.join().unwrap();
     }
 
@@ -116,13 +120,13 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
 
         let (_tx1, rx1) = oneshot::channel::<u64>();
-        let mut first = Box::pin(poller.wait(FAST_SYNC, rx1));
+        let mut first = Box::pin(poller.wait(|| FAST_SYNC, rx1));
         assert!(first.as_mut().poll(&mut cx).is_pending());
         assert!(poller.busy.load(Ordering::Relaxed), "the first wait polls");
 
         // A second wait meanwhile sleeps on its channel and still gets its answer.
         let (tx2, rx2) = oneshot::channel::<u64>();
-        let mut second = pin!(poller.wait(FAST_SYNC, rx2));
+        let mut second = pin!(poller.wait(|| FAST_SYNC, rx2));
         assert!(second.as_mut().poll(&mut cx).is_pending());
         tx2.send(2).unwrap();
         assert_eq!(second.as_mut().poll(&mut cx), Poll::Ready(Some(2)));
@@ -134,12 +138,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn polling_stops_when_the_writer_stops_serving_a_lone_producer() {
+        let poller = AckPoller::new(LONG);
+        let lone = AtomicBool::new(true);
+        let (tx, rx) = oneshot::channel::<u64>();
+        let mut wait = Box::pin(poller.wait(
+            || lone.load(Ordering::Relaxed).then_some(Duration::ZERO),
+            rx,
+        ));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(poller.busy.load(Ordering::Relaxed));
+        // The writer took a round of several appends: the next look gives up polling.
+        lone.store(false, Ordering::Relaxed);
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(
+            !poller.busy.load(Ordering::Relaxed),
+            "asleep, the turn given back"
+        );
+        tx.send(3).unwrap();
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(Some(3)));
+    }
+
     #[tokio::test]
     async fn a_slow_disk_or_a_batching_partition_is_waited_for_asleep() {
         let poller = AckPoller::new(Duration::from_micros(500));
         for lone_sync in [None, Some(Duration::from_millis(5))] {
             let (tx, rx) = oneshot::channel::<u64>();
-            let mut wait = Box::pin(poller.wait(lone_sync, rx));
+            let mut wait = Box::pin(poller.wait(|| lone_sync, rx));
             let mut cx = Context::from_waker(Waker::noop());
             assert!(wait.as_mut().poll(&mut cx).is_pending());
             assert!(

@@ -371,15 +371,17 @@ impl Broker {
                     let _ = tx.send(r);
                 }),
             );
-            pending.push((p as u32, indexes, handle.log.lone_sync_time(), rx));
+            pending.push((p as u32, indexes, rx));
         }
-        let total = pending.iter().map(|(_, ix, _, _)| ix.len()).sum();
+        let total = pending.iter().map(|(_, ix, _)| ix.len()).sum();
         let mut positions = vec![(0u32, 0u64); total];
-        for (p, indexes, lone_sync, rx) in pending {
-            let appended =
-                self.acks.wait(lone_sync, rx).await.ok_or_else(|| {
-                    Error::Internal("partition writer dropped an append".into())
-                })??;
+        for (p, indexes, rx) in pending {
+            let log = &topic.partitions[p as usize].log;
+            let appended = self
+                .acks
+                .wait(|| log.lone_sync_time(), rx)
+                .await
+                .ok_or_else(|| Error::Internal("partition writer dropped an append".into()))??;
             for (k, i) in indexes.into_iter().enumerate() {
                 positions[i] = (p, appended.base_offset + k as u64);
             }
