@@ -231,9 +231,15 @@ impl Partition {
         writer.write_checkpoint(false)?;
         let (tx, rx) = mpsc::sync_channel(shared.config.queue_depth);
         let name = format!("sluice-writer-{}", dir.display());
+        let nice = shared.config.writer_nice;
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                if let Err(e) = lower_thread_priority(nice) {
+                    tracing::warn!(error = %e, nice, "could not lower the partition writer's priority");
+                }
+                writer.run(rx)
+            })
             .map_err(|e| Error::io(dir, e))?;
         Ok(Partition {
             shared,
@@ -890,6 +896,31 @@ const MAX_GATHER_COMMANDS: usize = 4096;
 
 /// Polls the queue for up to `window`, yielding the core to any other runnable thread between
 /// looks. `Err` when every sender is gone.
+/// Adds `by` to the calling thread's nice value (capped at 19; see `LogConfig::writer_nice`).
+/// On Linux, `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling thread only. Elsewhere a
+/// no-op.
+fn lower_thread_priority(by: u8) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if by > 0 {
+        // SAFETY: plain system calls on the calling thread; errno is this thread's own, reset
+        // first because -1 is also a valid nice value.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+            if now == -1 && *libc::__errno_location() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let target = (now + i32::from(by)).min(19);
+            if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
+    Ok(())
+}
+
 fn poll(rx: &Receiver<Command>, window: Duration) -> std::result::Result<Option<Command>, ()> {
     let start = Instant::now();
     while start.elapsed() < window {
