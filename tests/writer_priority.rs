@@ -1,4 +1,5 @@
-//! Partition writer threads run below the broker's priority (`LogConfig::writer_nice`).
+//! Partition writer threads run below the broker's priority (`LogConfig::writer_nice`), except
+//! while they serve a lone producer.
 //! In a test binary of its own: it looks at every thread of the process.
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -43,6 +44,8 @@ fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
     let dir = tempfile::tempdir().unwrap();
     let config = |writer_nice| LogConfig {
         writer_nice,
+        // Every round counts as following the previous one closely (see below).
+        writer_spin_us: 600_000_000,
         ..small_config(FsyncPolicy::Always)
     };
 
@@ -59,11 +62,21 @@ fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
     // The writer lowers itself when it starts; an acknowledged append means it has.
     lowered.append_blocking(&[common::record(0, 10)]).unwrap();
     let after = writer_nice_values();
-    let new: Vec<i32> = after
-        .iter()
-        .filter(|(tid, _)| !before.contains_key(tid))
-        .map(|(_, &nice)| nice)
+    let new: Vec<u32> = after
+        .keys()
+        .filter(|tid| !before.contains_key(tid))
+        .copied()
         .collect();
-    assert_eq!(new, [(base + 7).min(19)]);
+    assert_eq!(new.len(), 1, "one new writer thread");
+    let tid = new[0];
+    assert_eq!(after[&tid], (base + 7).min(19));
+
+    // One append at a time, each right after the previous answer: a lone producer, whose Send
+    // polls for its answer on a worker thread. The writer serves it at the broker's priority.
+    for seq in 1..5 {
+        lowered.append_blocking(&[common::record(seq, 10)]).unwrap();
+    }
+    assert!(lowered.lone_sync_time().is_some());
+    assert_eq!(writer_nice_values()[&tid], base);
     drop((kept, lowered));
 }

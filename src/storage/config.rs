@@ -65,7 +65,9 @@ pub struct LogConfig {
     /// runs: added to the thread's nice value (Linux; capped at 19). The writer mostly waits on
     /// `fdatasync`; at a lower priority its wake-up does not preempt the threads that serve
     /// requests, and it runs once they have queued the next group of appends, so group commits
-    /// get larger. 0 keeps the broker's priority. Default: 10.
+    /// get larger. While it serves a lone producer (see `writer_spin_us`) it runs at the
+    /// broker's priority: that producer's Send polls for the answer on a worker thread, which
+    /// must not hold the writer off its CPU. 0 keeps the broker's priority. Default: 10.
     pub writer_nice: u8,
 }
 

@@ -231,15 +231,9 @@ impl Partition {
         writer.write_checkpoint(false)?;
         let (tx, rx) = mpsc::sync_channel(shared.config.queue_depth);
         let name = format!("sluice-writer-{}", dir.display());
-        let nice = shared.config.writer_nice;
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || {
-                if let Err(e) = lower_thread_priority(nice) {
-                    tracing::warn!(error = %e, nice, "could not lower the partition writer's priority");
-                }
-                writer.run(rx)
-            })
+            .spawn(move || writer.run(rx))
             .map_err(|e| Error::io(dir, e))?;
         Ok(Partition {
             shared,
@@ -896,28 +890,81 @@ const MAX_GATHER_COMMANDS: usize = 4096;
 
 /// Polls the queue for up to `window`, yielding the core to any other runnable thread between
 /// looks. `Err` when every sender is gone.
-/// Adds `by` to the calling thread's nice value (capped at 19; see `LogConfig::writer_nice`).
-/// On Linux, `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling thread only. Elsewhere a
-/// no-op.
-fn lower_thread_priority(by: u8) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    if by > 0 {
-        // SAFETY: plain system calls on the calling thread; errno is this thread's own, reset
-        // first because -1 is also a valid nice value.
-        unsafe {
-            *libc::__errno_location() = 0;
-            let now = libc::getpriority(libc::PRIO_PROCESS, 0);
-            if now == -1 && *libc::__errno_location() != 0 {
-                return Err(std::io::Error::last_os_error());
+/// The writer thread's scheduling priority (see `LogConfig::writer_nice`): `lowered` nice
+/// levels below the broker's while it batches, the broker's own while it serves a lone producer
+/// (whose Send polls for the answer on a worker thread and must not be able to starve it).
+/// Linux only: there `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling thread alone.
+struct Priority {
+    base: i32,
+    lowered: i32,
+    low: bool,
+}
+
+impl Priority {
+    /// Reads the calling thread's nice value and lowers its priority by `by` (capped at 19).
+    fn lower(by: u8) -> Priority {
+        let (base, by) = match thread_nice() {
+            Ok(base) => (base, by),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the partition writer's priority");
+                (0, 0)
             }
-            let target = (now + i32::from(by)).min(19);
-            if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
-                return Err(std::io::Error::last_os_error());
+        };
+        let mut p = Priority {
+            base,
+            lowered: (base + i32::from(by)).min(19),
+            low: false,
+        };
+        p.set_low(true);
+        p
+    }
+
+    fn set_low(&mut self, low: bool) {
+        if low == self.low || self.lowered == self.base {
+            return;
+        }
+        let nice = if low { self.lowered } else { self.base };
+        match set_thread_nice(nice) {
+            Ok(()) => self.low = low,
+            Err(e) => {
+                tracing::warn!(error = %e, nice, "could not change the partition writer's priority");
+                // Do not try again on every round.
+                self.lowered = self.base;
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = by;
+}
+
+#[cfg(target_os = "linux")]
+fn thread_nice() -> std::io::Result<i32> {
+    // SAFETY: a plain system call on the calling thread; errno is this thread's own, reset
+    // first because -1 is also a valid nice value.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(nice)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: a plain system call on the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_nice() -> std::io::Result<i32> {
+    Ok(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -954,6 +1001,7 @@ impl Writer {
     }
 
     fn run(mut self, rx: Receiver<Command>) {
+        let mut priority = Priority::lower(self.shared.config.writer_nice);
         let mut closing = None;
         let spin = self.shared.config.writer_spin();
         // Rounds in a row of one append that followed the previous round closely: from two on,
@@ -1016,6 +1064,7 @@ impl Writer {
             let polling = lone_rounds >= 2;
             if self.shared.polling.load(Ordering::Relaxed) != polling {
                 self.shared.polling.store(polling, Ordering::Relaxed);
+                priority.set_low(!polling);
             }
             self.flush();
             self.commit(false);
