@@ -148,32 +148,31 @@ mod tests {
     #[test]
     fn defaults_pass_and_nonsense_is_named() {
         LogConfig::default().sanitize().unwrap();
-        let c = LogConfig {
-            segment_bytes: 10,
-            ..LogConfig::default()
+        let rejected = |c: LogConfig, field: &str| {
+            let msg = c.sanitize().unwrap_err().to_string();
+            assert!(msg.contains(field), "{msg}");
         };
-        let msg = c.sanitize().unwrap_err().to_string();
-        assert!(msg.contains("segment_bytes"), "{msg}");
-        let c = LogConfig {
-            fsync: FsyncPolicy::Interval,
-            fsync_interval_ms: 0,
-            ..LogConfig::default()
-        };
-        assert!(
-            c.sanitize()
-                .unwrap_err()
-                .to_string()
-                .contains("fsync_interval_ms")
+        rejected(
+            LogConfig {
+                segment_bytes: 10,
+                ..LogConfig::default()
+            },
+            "segment_bytes",
         );
-        let c = LogConfig {
-            writer_nice: 20,
-            ..LogConfig::default()
-        };
-        assert!(
-            c.sanitize()
-                .unwrap_err()
-                .to_string()
-                .contains("writer_nice")
+        rejected(
+            LogConfig {
+                fsync: FsyncPolicy::Interval,
+                fsync_interval_ms: 0,
+                ..LogConfig::default()
+            },
+            "fsync_interval_ms",
+        );
+        rejected(
+            LogConfig {
+                writer_nice: 20,
+                ..LogConfig::default()
+            },
+            "writer_nice",
         );
     }
 }
