@@ -888,8 +888,6 @@ const MAX_GATHER_BYTES: usize = 16 << 20;
 /// Commands taken from the queue per round at most.
 const MAX_GATHER_COMMANDS: usize = 4096;
 
-/// Polls the queue for up to `window`, yielding the core to any other runnable thread between
-/// looks. `Err` when every sender is gone.
 /// The writer thread's scheduling priority (see `LogConfig::writer_nice`): `lowered` nice
 /// levels below the broker's while it batches, the broker's own while it serves a lone producer
 /// (whose Send polls for the answer on a worker thread and must not be able to starve it).
@@ -968,6 +966,8 @@ fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Polls the queue for up to `window`, yielding the core to any other runnable thread between
+/// looks. `Err` when every sender is gone.
 fn poll(rx: &Receiver<Command>, window: Duration) -> std::result::Result<Option<Command>, ()> {
     let start = Instant::now();
     while start.elapsed() < window {
