@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use common::{open, small_config};
 use sluice::storage::{FsyncPolicy, LogConfig};
@@ -22,25 +23,23 @@ fn writer_nice_values() -> BTreeMap<u32, i32> {
         if !comm.starts_with("sluice-writer") {
             continue;
         }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        // Fields after the parenthesised name: state is field 3, nice field 19.
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = after_name.split(' ').nth(16).unwrap().parse().unwrap();
         let tid = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        found.insert(tid, nice);
+        found.insert(tid, nice_of(&dir));
     }
     found
 }
 
-fn own_nice() -> i32 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+/// The nice value in a `/proc/.../task/<tid>` (or `/proc/thread-self`) directory's `stat`.
+fn nice_of(task: &Path) -> i32 {
+    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+    // Fields after the parenthesised name: state is field 3, nice field 19.
     let after_name = &stat[stat.rfind(')').unwrap() + 2..];
     after_name.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
 #[test]
 fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
-    let base = own_nice();
+    let base = nice_of(Path::new("/proc/thread-self"));
     let dir = tempfile::tempdir().unwrap();
     let config = |writer_nice| LogConfig {
         writer_nice,
