@@ -9,7 +9,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::{assert_records, open, read_all, record, small_config};
+use common::{append_each, assert_records, open, read_all, record, small_config};
 use sluice::storage::segment::{FileKind, segment_path};
 use sluice::storage::{FsyncPolicy, Partition, Record};
 
@@ -26,12 +26,7 @@ struct Crashed {
 fn crashed_partition(tail: usize) -> Crashed {
     let template = tempfile::tempdir().unwrap();
     let p = open(template.path(), small_config(FsyncPolicy::Always));
-    let mut records = Vec::new();
-    for i in 0..20 {
-        let r = record(i, 150);
-        p.append_blocking(std::slice::from_ref(&r)).unwrap();
-        records.push(r);
-    }
+    let mut records = append_each(&p, (0..20).map(|i| record(i, 150)));
     p.roll().unwrap();
     let active_base = *p.segment_bases().last().unwrap();
     let mut tail_ends = Vec::new();
@@ -171,12 +166,10 @@ fn garbage_or_zeros_after_the_last_batch_are_cut_and_nothing_is_lost() {
 fn a_missing_or_damaged_index_is_rebuilt_and_agrees_with_a_full_scan() {
     let dir = tempfile::tempdir().unwrap();
     let p = open(dir.path(), small_config(FsyncPolicy::Never));
-    let mut want = Vec::new();
-    for i in 0..600 {
-        let r = record(i, 100 + (i as usize % 5) * 100);
-        p.append_blocking(std::slice::from_ref(&r)).unwrap();
-        want.push(r);
-    }
+    let want = append_each(
+        &p,
+        (0..600).map(|i| record(i, 100 + (i as usize % 5) * 100)),
+    );
     let bases = p.segment_bases();
     assert!(bases.len() >= 3);
     p.close().unwrap();
@@ -309,12 +302,7 @@ fn preallocated_zeros_are_cut_by_recovery_and_by_a_clean_close_without_counting_
 fn a_wrong_index_entry_that_passes_the_open_checks_is_caught_by_the_read_that_uses_it() {
     let dir = tempfile::tempdir().unwrap();
     let p = open(dir.path(), small_config(FsyncPolicy::Never));
-    let mut want = Vec::new();
-    for i in 0..300 {
-        let r = record(i, 300);
-        p.append_blocking(std::slice::from_ref(&r)).unwrap();
-        want.push(r);
-    }
+    let want = append_each(&p, (0..300).map(|i| record(i, 300)));
     let first = p.segment_bases()[0];
     p.close().unwrap();
     drop(p);

@@ -130,6 +130,17 @@ pub fn record(seq: u64, value_len: usize) -> Record {
 }
 
 /// Every visible record, in offset order.
+/// Appends each record as a batch of its own, waiting for each; returns them to compare reads
+/// with.
+pub fn append_each(p: &Partition, records: impl IntoIterator<Item = Record>) -> Vec<Record> {
+    records
+        .into_iter()
+        .inspect(|r| {
+            p.append_blocking(std::slice::from_ref(r)).unwrap();
+        })
+        .collect()
+}
+
 pub fn read_all(p: &Partition) -> Vec<StoredRecord> {
     let mut out = Vec::new();
     let mut next = p.log_start();
