@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::server::{BrokerProcess, TestServer, bin, message, take, test_config};
+use common::server::{
+    BrokerProcess, TestServer, assert_succeeded, bin, message, take, test_config,
+};
 use sluice::proto::v1 as pb;
 use sluice::storage::{FsyncPolicy, LogConfig, Partition, RealIo, Record, Retention};
 
@@ -86,11 +88,7 @@ async fn verify_passes_a_sound_data_dir_and_names_each_damage_with_path_and_posi
     let data_arg = data.to_str().unwrap();
     let out = sluice(&["verify", "--data-dir", data_arg]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, &stdout);
     assert!(stdout.contains(": 0 problems"), "{stdout}");
 
     // One flipped bit in a closed segment.
@@ -148,11 +146,7 @@ async fn dump_prints_records_from_an_offset() {
         "--format",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "");
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use common::server::{BrokerProcess, bin, message, subscribe_from, take};
+use common::server::{BrokerProcess, assert_succeeded, bin, message, subscribe_from, take};
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
 
@@ -39,11 +39,7 @@ fn the_readme_round_trip_works_from_the_command_line() {
         &["produce", "--broker", &addr, "--topic", "prom-submissions"],
         "patient 1 answered\npatient 2 answered\n",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "");
     assert!(out.stdout.is_empty(), "produce is quiet without --verbose");
     let out = cli(
         &[
@@ -57,11 +53,7 @@ fn the_readme_round_trip_works_from_the_command_line() {
         ],
         "",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "");
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "patient 1 answered\npatient 2 answered\n"
@@ -124,11 +116,7 @@ fn the_bench_load_generator_sends_exactly_what_it_reports_with_either_client() {
         ];
         let out = cli(&args, "");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{client}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, &format!("{client}: "));
         assert!(stdout.contains("102 messages"), "{client}: {stdout}");
         let out = cli(&["topics", "describe", "--broker", &addr, topic], "");
         let described = String::from_utf8_lossy(&out.stdout);
@@ -148,11 +136,7 @@ fn the_bench_load_generator_sends_exactly_what_it_reports_with_either_client() {
             ],
             "",
         );
-        assert!(
-            out.status.success(),
-            "{client}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, &format!("{client}: "));
         assert!(String::from_utf8_lossy(&out.stdout).contains("30 calls"));
     }
     // The broker's refusal comes back through the lean client as the gRPC status.

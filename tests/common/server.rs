@@ -189,6 +189,15 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
 
+/// Asserts that a `sluice` command exited 0, showing `context` and its standard error if not.
+pub fn assert_succeeded(out: &std::process::Output, context: &str) {
+    assert!(
+        out.status.success(),
+        "{context}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A plain subscription to `topic` from `start` (absent: earliest).
 pub async fn subscribe_from(
     client: &mut BrokerClient<Channel>,
