@@ -65,6 +65,16 @@ pub struct Config {
     pub max_connections: usize,
     /// Most concurrent streams (calls) per connection. Default: 1024.
     pub max_concurrent_streams: u32,
+    /// A connection that has not sent the HTTP/2 preface and its first frame within this many
+    /// ms is closed, so that silent connections cannot hold the `max_connections` slots.
+    /// Default: 5000.
+    pub handshake_timeout_ms: u64,
+    /// A connection with no call open for this many ms is closed (GOAWAY; clients reconnect on
+    /// their next call). Default: 300000 (5 min).
+    pub idle_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long calls in flight may take to finish before their connections
+    /// are dropped; the clean close of every partition runs either way. Default: 10000.
+    pub shutdown_timeout_ms: u64,
     /// Responses buffered per subscription before its readers pause. Default: 8.
     pub subscriber_buffer: usize,
     /// Log bytes read per streamed response: whole batches, so a response may exceed it by
@@ -107,6 +117,9 @@ impl Default for Config {
             max_request_bytes: 16 << 20,
             max_connections: 1024,
             max_concurrent_streams: 1024,
+            handshake_timeout_ms: 5000,
+            idle_timeout_ms: 300_000,
+            shutdown_timeout_ms: 10_000,
             subscriber_buffer: 8,
             delivery_batch_bytes: 256 << 10,
             group_ack_timeout_ms: 30_000,
@@ -171,6 +184,9 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_concurrent_streams == 0 {
             return bad("max_connections and max_concurrent_streams must be at least 1");
+        }
+        if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+            return bad("handshake_timeout_ms and idle_timeout_ms must be at least 1");
         }
         if self.group_ack_timeout_ms == 0 || self.group_max_deliveries == 0 {
             return bad("group_ack_timeout_ms and group_max_deliveries must be at least 1");

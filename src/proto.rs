@@ -20,3 +20,59 @@ pub mod seed {
 /// The encoded descriptors of every proto file, served by the reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
+
+/// The protobuf codec of every service and client: prost's, except that a body that does not
+/// decode is `INVALID_ARGUMENT` (malformed input) rather than prost's `INTERNAL`.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::Status;
+    use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    #[derive(Debug, Clone)]
+    pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for Codec<T, U> {
+        fn default() -> Self {
+            Codec(PhantomData)
+        }
+    }
+
+    impl<T, U> TonicCodec for Codec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = MalformedIsInvalid<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::default().encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            MalformedIsInvalid(ProstCodec::<T, U>::default().decoder())
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct MalformedIsInvalid<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for MalformedIsInvalid<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|s| {
+                Status::invalid_argument(format!("malformed request: {}", s.message()))
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}

@@ -378,6 +378,7 @@ async fn reset_moves_a_group_and_describe_reports_lag() {
                     kind: Some(Kind::Offset(3)),
                 }),
                 force,
+                partitions: vec![],
             })
             .await
         }

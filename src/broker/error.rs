@@ -22,10 +22,16 @@ pub enum Error {
         size: usize,
         limit: usize,
     },
+    /// A request over a size or count limit that the client could split.
+    #[error("{0}")]
+    LimitExceeded(String),
     #[error("topic {0:?} was deleted")]
     TopicDeleted(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A read stopped at damage in the log; the text names topic, partition, offsets and file.
+    #[error("{0}")]
+    Damaged(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -33,3 +39,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A read error of one partition, with the topic and partition named when it is damage.
+    pub fn in_partition(self, topic: &str, partition: u32) -> Error {
+        match self {
+            Error::Storage(
+                e @ (storage::Error::Damaged { .. } | storage::Error::Corrupt { .. }),
+            ) => Error::Damaged(format!("topic {topic:?} partition {partition}: {e}")),
+            other => other,
+        }
+    }
+}

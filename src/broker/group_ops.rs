@@ -70,6 +70,8 @@ impl Broker {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        // Checked before the group is opened: a refused Subscribe creates nothing.
+        self.group_settings().max_in_flight(max_in_flight)?;
         self.group(group, topic, start)
             .await?
             .join(max_in_flight, exclusive)
@@ -82,8 +84,9 @@ impl Broker {
         ids.iter().map(|id| parse_ack_id(id)).collect()
     }
 
-    /// Acknowledges deliveries; returns once durable.
-    pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<()> {
+    /// Acknowledges deliveries; returns once durable, with whether each id applied (false: it
+    /// was not in flight or pending for this group).
+    pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<Vec<bool>> {
         let ids = Self::parse_ids(ids)?;
         self.known_group(group, topic).await?.ack(&ids).await
     }
@@ -95,7 +98,7 @@ impl Broker {
         topic: &str,
         ids: &[String],
         delay: Duration,
-    ) -> Result<()> {
+    ) -> Result<Vec<bool>> {
         let ids = Self::parse_ids(ids)?;
         self.known_group(group, topic).await?.nack(&ids, delay)
     }
@@ -134,11 +137,13 @@ impl Broker {
         Ok(out)
     }
 
-    /// Moves a group's position on a topic. Refused while members are connected unless `force`.
+    /// Moves a group's position on a topic, in the chosen partitions (all when empty). Refused
+    /// while members are connected unless `force`.
     pub async fn reset_group(
         &self,
         group: &str,
         topic: &str,
+        partitions: &[u32],
         to: Start,
         force: bool,
     ) -> Result<()> {
@@ -149,13 +154,28 @@ impl Broker {
                 g.member_count()
             )));
         }
+        let count = g.topic.partitions.len() as u32;
+        if let Some(&p) = partitions.iter().find(|&&p| p >= count) {
+            return Err(Error::PartitionNotFound {
+                topic: topic.to_string(),
+                partition: p,
+                count,
+            });
+        }
         let mut cursors = Vec::new();
         for handle in &g.topic.partitions {
-            cursors.push(resolve_start(handle, to).await?);
+            let chosen = partitions.is_empty() || partitions.contains(&handle.id);
+            cursors.push(if chosen {
+                resolve_start(handle, to).await?
+            } else {
+                0
+            });
         }
-        g.reset(|p| cursors.get(p as usize).copied().unwrap_or(0))
-            .await?;
-        tracing::info!(group, topic, ?to, "group reset");
+        g.reset(partitions, |p| {
+            cursors.get(p as usize).copied().unwrap_or(0)
+        })
+        .await?;
+        tracing::info!(group, topic, ?partitions, ?to, "group reset");
         Ok(())
     }
 

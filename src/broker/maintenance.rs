@@ -75,14 +75,24 @@ impl Broker {
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 let outcome = blocking(move || Ok(h.log.retain(&retention, now, dry_run)?)).await?;
-                let compaction = if config.cleanup_policy == CleanupPolicy::Compact && !dry_run {
+                let compaction = if config.cleanup_policy == CleanupPolicy::Compact {
                     let opts = CompactionOptions {
                         now_ms: now,
                         delete_retention_ms: config.delete_retention_ms,
                         segment_bytes: handle.log.config().segment_bytes,
                     };
                     let h = Arc::clone(handle);
-                    Some(blocking(move || Ok(h.log.compact_keys(&opts)?)).await?)
+                    // A dry run counts exactly what the real run would drop.
+                    Some(
+                        blocking(move || {
+                            Ok(if dry_run {
+                                h.log.plan_compaction(&opts)?
+                            } else {
+                                h.log.compact_keys(&opts)?
+                            })
+                        })
+                        .await?,
+                    )
                 } else {
                     None
                 };

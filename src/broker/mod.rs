@@ -155,6 +155,18 @@ pub struct TopicDescription {
     pub partitions: Vec<PartitionDescription>,
 }
 
+/// A Send routed and encoded, not yet written.
+struct SendPlan {
+    batches: Vec<PlannedBatch>,
+}
+
+struct PlannedBatch {
+    partition: u32,
+    batch: EncodedBatch,
+    /// Request indexes of the batch's records, in order.
+    indexes: Vec<usize>,
+}
+
 /// The broker: every open topic of one data directory.
 #[derive(Debug)]
 pub struct Broker {
@@ -281,6 +293,11 @@ impl Broker {
     }
 
     /// [`Broker::send`], creating the topic when missing if `create` (the seed API always does).
+    ///
+    /// All or nothing up to the disk: every check (counts, sizes, routing, partition existence,
+    /// each partition's batch size, topic creation) runs before the first byte reaches a writer,
+    /// so a refused Send stores nothing. Only an I/O failure in one partition can leave the
+    /// others' messages stored (see docs/api.md).
     pub async fn send_with(
         &self,
         topic: &str,
@@ -296,7 +313,7 @@ impl Broker {
             ));
         }
         if messages.len() > self.config.max_batch_messages {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::LimitExceeded(format!(
                 "a Send may hold at most {} messages, this one has {}",
                 self.config.max_batch_messages,
                 messages.len()
@@ -310,8 +327,27 @@ impl Broker {
                 limit,
             });
         }
-        let topic = self.topic_or_create(topic, create).await?;
-        self.send_to(&topic, messages).await
+        validate_topic_name(topic)?;
+        let plan = match self.topic(topic) {
+            Some(t) => {
+                let spread = t.next_spread_partition();
+                let plan = self.plan(&t.name, t.partitions.len() as u32, spread, messages)?;
+                return self.append_planned(&t, plan).await;
+            }
+            None if !create => return Err(Error::TopicNotFound(topic.to_string())),
+            // Planned against the partitions the topic will have, before it is created.
+            None => self.plan(topic, self.config.default_partitions, 0, messages)?,
+        };
+        let t = self.topic_or_create(topic, true).await?;
+        if t.partitions.len() as u32 != self.config.default_partitions {
+            // Created meanwhile by someone else, with another partition count.
+            return Err(Error::FailedPrecondition(format!(
+                "topic {topic:?} was created meanwhile with {} partitions; nothing was stored, \
+                 send again",
+                t.partitions.len()
+            )));
+        }
+        self.append_planned(&t, plan).await
     }
 
     /// Routes and appends messages to an open topic; returns once all are durable.
@@ -320,10 +356,20 @@ impl Broker {
         topic: &Arc<Topic>,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<(u32, u64)>> {
-        let count = topic.partitions.len() as u32;
         let spread = topic.next_spread_partition();
+        let plan = self.plan(&topic.name, topic.partitions.len() as u32, spread, messages)?;
+        self.append_planned(topic, plan).await
+    }
 
-        // Route: (partition, records, request indexes), in request order within a partition.
+    /// Routes messages to `count` partitions and encodes one batch per partition, checking each
+    /// against `log.max_batch_bytes`. Writes nothing.
+    fn plan(
+        &self,
+        topic: &str,
+        count: u32,
+        spread: u32,
+        messages: Vec<NewMessage>,
+    ) -> Result<SendPlan> {
         let mut routes: Vec<(Vec<Record>, Vec<usize>)> =
             vec![(Vec::new(), Vec::new()); count as usize];
         let timestamp = now_ms();
@@ -331,14 +377,14 @@ impl Broker {
             let p = match (m.partition, &m.key) {
                 (Some(p), _) if p >= count => {
                     return Err(Error::PartitionNotFound {
-                        topic: topic.name.to_string(),
+                        topic: topic.to_string(),
                         partition: p,
                         count,
                     });
                 }
                 (Some(p), _) => p,
-                (None, Some(key)) => topic.partition_for_key(key),
-                (None, None) => spread,
+                (None, Some(key)) => topic::key_partition(key, count),
+                (None, None) => spread % count,
             };
             let route = &mut routes[p as usize];
             route.0.push(Record {
@@ -349,31 +395,59 @@ impl Broker {
             });
             route.1.push(i);
         }
-
-        // Hand every batch to its writer first, then wait: the partitions sync in parallel.
-        let mut pending = Vec::new();
+        let mut batches = Vec::new();
         for (p, (records, indexes)) in routes.into_iter().enumerate() {
             if records.is_empty() {
                 continue;
             }
-            let handle = &topic.partitions[p];
             let batch = EncodedBatch::new(&records);
-            batch.check(self.config.log.max_batch_bytes)?;
+            if let Err(e) = batch.check(self.config.log.max_batch_bytes) {
+                return Err(match e {
+                    storage::Error::BatchTooLarge { size, limit } => Error::LimitExceeded(format!(
+                        "the {} messages of this Send routed to partition {p} encode to {size} \
+                             bytes; one partition's share of a Send is limited to {limit} \
+                             (log.max_batch_bytes): split the request",
+                        indexes.len()
+                    )),
+                    other => other.into(),
+                });
+            }
+            batches.push(PlannedBatch {
+                partition: p as u32,
+                batch,
+                indexes,
+            });
+        }
+        Ok(SendPlan { batches })
+    }
+
+    /// Hands every planned batch to its partition's writer, then waits until all are durable.
+    /// The permits of every partition are taken first (in partition order, so two Sends cannot
+    /// hold each other up), so that nothing is handed over unless everything can be.
+    async fn append_planned(&self, topic: &Arc<Topic>, plan: SendPlan) -> Result<Vec<(u32, u64)>> {
+        let mut permits = Vec::with_capacity(plan.batches.len());
+        for b in &plan.batches {
+            let handle = &topic.partitions[b.partition as usize];
             let permit = Arc::clone(&handle.permits)
                 .acquire_owned()
                 .await
                 .map_err(|_| Error::ShuttingDown)?;
+            permits.push(permit);
+        }
+        let total = plan.batches.iter().map(|b| b.indexes.len()).sum();
+        // Hand every batch to its writer first, then wait: the partitions sync in parallel.
+        let mut pending = Vec::with_capacity(plan.batches.len());
+        for (b, permit) in plan.batches.into_iter().zip(permits) {
             let (tx, rx) = oneshot::channel();
-            handle.log.append(
-                batch,
+            topic.partitions[b.partition as usize].log.append(
+                b.batch,
                 Box::new(move |r| {
                     drop(permit);
                     let _ = tx.send(r);
                 }),
             );
-            pending.push((p as u32, indexes, rx));
+            pending.push((b.partition, b.indexes, rx));
         }
-        let total = pending.iter().map(|(_, ix, _)| ix.len()).sum();
         let mut positions = vec![(0u32, 0u64); total];
         for (p, indexes, rx) in pending {
             let log = &topic.partitions[p as usize].log;

@@ -56,7 +56,8 @@ impl Pump {
             let budget = self.batch_bytes;
             let batches = tokio::task::spawn_blocking(move || handle.log.read(from, budget))
                 .await
-                .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
+                .map_err(|e| Error::Internal(format!("read task failed: {e}")))?
+                .map_err(|e| Error::from(e).in_partition(&self.topic.name, self.handle.id))?;
             let Some(last) = batches.last() else {
                 continue;
             };

@@ -78,14 +78,14 @@ impl Topic {
         })
     }
 
-    /// The partition for a keyed message: a stable hash of the key (CRC-32), so one key always
-    /// lands in one partition and keeps its order.
-    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
-        crc32fast::hash(key) % self.partitions.len() as u32
-    }
-
     /// The partition for the keyless messages of the next request.
     pub fn next_spread_partition(&self) -> u32 {
         self.next.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
     }
+}
+
+/// The partition for a keyed message among `count`: a stable hash of the key (CRC-32), so one
+/// key always lands in one partition and keeps its order.
+pub fn key_partition(key: &[u8], count: u32) -> u32 {
+    crc32fast::hash(key) % count
 }

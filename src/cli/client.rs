@@ -195,7 +195,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
             partitions: args.partition.clone(),
             start: Some(start),
             group: group.clone(),
-            max_in_flight: args.max_in_flight,
+            max_in_flight: member_in_flight(args.max_in_flight, args.count),
             exclusive: false,
         })
         .await?
@@ -238,6 +238,20 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What a group member asks to hold: with `--count N`, never more than N, so that messages it
+/// will not print are not taken from the other members (nor counted as attempts). Without
+/// `--max-in-flight`, at most the broker's default default (1000).
+fn member_in_flight(asked: u32, count: Option<u64>) -> u32 {
+    let Some(count) = count.map(|c| u32::try_from(c).unwrap_or(u32::MAX)) else {
+        return asked;
+    };
+    if asked == 0 {
+        count.min(1000)
+    } else {
+        asked.min(count)
+    }
 }
 
 pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
@@ -289,6 +303,9 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
                         p.redeliveries,
                         p.dead_lettered
                     )?;
+                    if !p.blocked.is_empty() {
+                        writeln!(stdout, "    {}\tBLOCKED: {}", p.partition, p.blocked)?;
+                    }
                 }
             }
         }
@@ -297,6 +314,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
             group,
             topic,
             to,
+            partition,
             force,
         } => {
             let to = parse_start(&to)?;
@@ -307,6 +325,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
                     topic: topic.clone(),
                     to: Some(to),
                     force,
+                    partitions: partition,
                 })
                 .await?;
             writeln!(stdout, "reset group {group} on {topic}")?;

@@ -9,6 +9,7 @@
 mod bench;
 mod client;
 mod compact;
+mod fdlimit;
 mod lean;
 mod offline;
 mod serve;
@@ -137,7 +138,8 @@ pub struct ConsumeArgs {
     /// Consume as a member of this consumer group, acknowledging each message once printed.
     #[arg(long)]
     pub group: Option<String>,
-    /// With --group: unacknowledged messages this member holds at most (0: broker default).
+    /// With --group: unacknowledged messages this member holds at most (0: the broker's
+    /// default, or --count when that is smaller: the member never takes more than it prints).
     #[arg(long, default_value_t = 0)]
     pub max_in_flight: u32,
 }
@@ -165,6 +167,10 @@ pub enum GroupsCommand {
         /// earliest, latest, an offset, or an RFC 3339 time.
         #[arg(long)]
         to: String,
+        /// Only this partition (repeatable; default: every partition). Moves a group past
+        /// damage in one partition without touching the others.
+        #[arg(long)]
+        partition: Vec<u32>,
         /// Reset even while members are connected.
         #[arg(long)]
         force: bool,
@@ -234,6 +240,9 @@ pub enum CliError {
     Status(#[from] tonic::Status),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// `verify` or `dump` pointed at a directory that is not a data directory (exit code 2).
+    #[error("{0}")]
+    NotDataDir(String),
 }
 
 /// Runs a parsed command line; the exit code is 0 only on success.
@@ -269,7 +278,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e {
+                CliError::NotDataDir(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::broker::groups::events::Event;
 use crate::storage::StoredRecord;
-use crate::storage::verify::{Verifier, for_each_record};
+use crate::storage::verify::{Verifier, for_each_record, is_data_dir};
 
 use super::client::delivery_json;
 use super::{CliError, OutputFormat};
@@ -40,12 +40,7 @@ pub struct DumpArgs {
 
 /// Checks everything; prints each problem as `path:byte: what`. Fails when any is found.
 pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
-    if !args.data_dir.is_dir() {
-        return Err(CliError::Usage(format!(
-            "{} is not a directory",
-            args.data_dir.display()
-        )));
-    }
+    data_dir_or_refuse(&args.data_dir)?;
     let mut v = Verifier::default();
     v.check_topics(&args.data_dir);
     let groups = args.data_dir.join("groups");
@@ -91,6 +86,18 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
     }
 }
 
+/// Refuses a directory that is not a Sluice data directory (exit 2), rather than finding "no
+/// problems" in it.
+fn data_dir_or_refuse(dir: &std::path::Path) -> Result<(), CliError> {
+    if is_data_dir(dir) {
+        return Ok(());
+    }
+    Err(CliError::NotDataDir(format!(
+        "{} is not a Sluice data directory (it has no topics/ directory)",
+        dir.display()
+    )))
+}
+
 fn text_or_base64(b: &[u8]) -> String {
     match std::str::from_utf8(b) {
         Ok(s) => s.to_string(),
@@ -103,6 +110,7 @@ fn text_or_base64(b: &[u8]) -> String {
 
 /// Prints the records of one partition.
 pub fn dump(args: DumpArgs) -> Result<(), CliError> {
+    data_dir_or_refuse(&args.data_dir)?;
     crate::storage::validate_topic_name(&args.topic).map_err(|e| CliError::Usage(e.to_string()))?;
     let dir = args
         .data_dir
@@ -120,7 +128,7 @@ pub fn dump(args: DumpArgs) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     let mut printed = 0u64;
     let mut failed = None;
-    for_each_record(&dir, args.from, |r| {
+    let damage = for_each_record(&dir, args.from, |r| {
         if args.count.is_some_and(|c| printed >= c) {
             return false;
         }
@@ -159,8 +167,20 @@ pub fn dump(args: DumpArgs) -> Result<(), CliError> {
         true
     })
     .map_err(|e| CliError::Usage(e.to_string()))?;
-    match failed {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    for d in &damage {
+        eprintln!("damaged: {d}");
+    }
+    if damage.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "{} damaged range(s) in {}: the records listed above were skipped (`sluice verify` \
+             checks the whole directory)",
+            damage.len(),
+            dir.display()
+        )))
     }
 }

@@ -29,6 +29,15 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     config.sanitize()?;
     init_tracing(config.log_format, &config.log_filter);
+    let limit = super::fdlimit::raise()?;
+    let needed = super::fdlimit::needed(&config.data_dir, config.max_connections);
+    if needed > limit {
+        return Err(CliError::Usage(super::fdlimit::too_low(
+            limit,
+            needed,
+            &config.data_dir,
+        )));
+    }
 
     let stop = CancellationToken::new();
     let running = server::start(config.clone(), stop.clone()).await?;

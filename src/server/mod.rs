@@ -1,7 +1,13 @@
 //! The gRPC front: `sluice.v1` Broker and Admin services, health, reflection, connection limits
 //! and graceful shutdown. Translation only: all storage logic lives below.
+//!
+//! Shutdown (`stop` cancelled): the listening socket closes, every subscription and group
+//! stream ends with `UNAVAILABLE`, new Sends are refused with `UNAVAILABLE` while the ones in
+//! flight are answered, every connection gets a GOAWAY; connections still open after
+//! `shutdown_timeout_ms` are dropped. Then every partition and group log closes cleanly.
 
-mod incoming;
+mod conn;
+mod ending;
 mod seed;
 mod services;
 pub mod status;
@@ -34,8 +40,6 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Broker(#[from] crate::broker::Error),
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -89,41 +93,48 @@ async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let max_in = config.max_request_bytes + (64 << 10);
+    let max_in = config.max_request_bytes;
     // A response holds at least one delivery: a message and its envelope.
     let max_out = config.delivery_batch_bytes.max(config.max_message_bytes) + (1 << 20);
     let broker_service = BrokerServer::new(BrokerService::new(Arc::clone(&broker)))
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out);
-    let admin_service = AdminServer::new(AdminService::new(Arc::clone(&broker)));
+    let admin_service =
+        AdminServer::new(AdminService::new(Arc::clone(&broker))).max_decoding_message_size(max_in);
     let seed_service = SeedServer::new(seed::SeedService::new(Arc::clone(&broker)))
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out);
-
-    let incoming = incoming::limited(listener, config.max_connections, stop.clone());
-    let shutdown = {
-        let stop = stop.clone();
-        let broker_stop = broker.shutdown_token();
-        async move {
-            stop.cancelled().await;
-            tracing::info!("shutting down: no new connections, finishing in-flight calls");
-            // Ends subscription streams so that the graceful shutdown does not wait on them.
-            broker_stop.cancel();
-        }
-    };
-    let result = tonic::transport::Server::builder()
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(broker_service)
         .add_service(admin_service)
-        .add_service(seed_service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(seed_service);
+
+    let settings = conn::ConnSettings {
+        max_connections: config.max_connections,
+        max_concurrent_streams: config.max_concurrent_streams,
+        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+    };
+    let connections = conn::Connections::serve(listener, routes, settings, stop.clone());
+    stop.cancelled().await;
+    tracing::info!(
+        connections = connections.open(),
+        "shutting down: no new connections, ending subscriptions, answering sends in flight"
+    );
+    // Ends subscription and group streams, and refuses new calls that would start work.
+    broker.shutdown_token().cancel();
+    let deadline = Duration::from_millis(config.shutdown_timeout_ms);
+    let cut = connections.drain(deadline).await;
+    if cut > 0 {
+        tracing::warn!(
+            connections = cut,
+            timeout_ms = config.shutdown_timeout_ms,
+            "shutdown deadline passed: dropped connections whose calls had not finished"
+        );
+    }
     broker.shutdown().await;
-    result.map_err(ServeError::from)
+    Ok(())
 }

@@ -20,6 +20,7 @@ use crate::broker::groups::MemberGuard;
 use crate::broker::{Broker, DeliveryBatch, NewMessage, Start};
 use crate::proto::seed as pb;
 
+use super::ending::Ending;
 use super::status::to_status;
 
 #[derive(Debug, Clone)]
@@ -81,13 +82,15 @@ impl pb::broker_server::Broker for SeedService {
                 .map_err(to_status)?;
             (rx, Some(guard))
         };
-        Ok(Response::new(Box::pin(SeedResponses {
+        let stream = SeedResponses {
             rx,
             topic: req.topic,
             queue: VecDeque::new(),
             handed: Vec::new(),
             member,
-        })))
+        };
+        let stop = self.broker.shutdown_token();
+        Ok(Response::new(Box::pin(Ending::new(stream, stop))))
     }
 }
 
@@ -127,6 +130,14 @@ impl Stream for SeedResponses {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             if let Some((response, id)) = self.queue.pop_front() {
+                if let Some(m) = &self.member {
+                    // A delivery that is no longer this member's does not go out.
+                    let mut one = vec![id];
+                    m.hand_over(&mut one, |&id| id);
+                    if one.is_empty() {
+                        continue;
+                    }
+                }
                 self.handed.push(id);
                 if self.handed.len() >= 256 {
                     self.ack_handed();

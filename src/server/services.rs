@@ -14,6 +14,7 @@ use crate::proto::v1 as pb;
 use crate::storage::topic::CleanupPolicy;
 use crate::storage::{Header, TopicConfig};
 
+use super::ending::Ending;
 use super::status::to_status;
 
 #[derive(Debug, Clone)]
@@ -155,7 +156,8 @@ impl pb::broker_server::Broker for BrokerService {
             ready: VecDeque::new(),
             member,
         };
-        Ok(Response::new(Box::pin(stream)))
+        let stop = self.broker.shutdown_token();
+        Ok(Response::new(Box::pin(Ending::new(stream, stop))))
     }
 
     async fn ack(
@@ -163,11 +165,16 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let req = request.into_inner();
-        self.broker
+        let applied = self
+            .broker
             .ack(&req.group, &req.topic, &req.ack_ids)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::AckResponse {}))
+        let (acked, not_in_flight) = split_applied(req.ack_ids, &applied);
+        Ok(Response::new(pb::AckResponse {
+            acked,
+            not_in_flight,
+        }))
     }
 
     async fn nack(
@@ -176,12 +183,29 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::NackResponse>, Status> {
         let req = request.into_inner();
         let delay = std::time::Duration::from_millis(req.delay_ms);
-        self.broker
+        let applied = self
+            .broker
             .nack(&req.group, &req.topic, &req.ack_ids, delay)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::NackResponse {}))
+        let (nacked, not_in_flight) = split_applied(req.ack_ids, &applied);
+        Ok(Response::new(pb::NackResponse {
+            nacked,
+            not_in_flight,
+        }))
     }
+}
+
+/// The ids that applied, and those that did not.
+fn split_applied(ids: Vec<String>, applied: &[bool]) -> (Vec<String>, Vec<String>) {
+    let (yes, no): (Vec<_>, Vec<_>) = ids
+        .into_iter()
+        .zip(applied.iter().copied())
+        .partition(|(_, a)| *a);
+    (
+        yes.into_iter().map(|(id, _)| id).collect(),
+        no.into_iter().map(|(id, _)| id).collect(),
+    )
 }
 
 /// A subscription's responses: each run of messages from the broker becomes one or more
@@ -237,6 +261,18 @@ impl Stream for Responses {
     ) -> std::task::Poll<Option<Self::Item>> {
         loop {
             if let Some(r) = self.ready.pop_front() {
+                let r = match (r, &self.member) {
+                    // Only deliveries still this member's reach the transport; each counts as
+                    // an attempt from here.
+                    (Ok(mut response), Some(m)) => {
+                        m.hand_over(&mut response.deliveries, |d| (d.partition, d.offset));
+                        if response.deliveries.is_empty() {
+                            continue;
+                        }
+                        Ok(response)
+                    }
+                    (r, _) => r,
+                };
                 return std::task::Poll::Ready(Some(r));
             }
             match self.rx.poll_recv(cx) {
@@ -378,6 +414,7 @@ impl pb::admin_server::Admin for AdminService {
                         redeliveries: p.redeliveries,
                         dead_lettered: p.dead_lettered,
                         owner: p.owner,
+                        blocked: p.blocked.unwrap_or_default(),
                     })
                     .collect(),
             })
@@ -398,7 +435,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let to = start_from_pb(req.to)?;
         self.broker
-            .reset_group(&req.group, &req.topic, to, req.force)
+            .reset_group(&req.group, &req.topic, &req.partitions, to, req.force)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ResetGroupResponse {}))

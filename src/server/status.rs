@@ -13,8 +13,10 @@ pub fn to_status(e: Error) -> Status {
         Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::TopicDeleted(_) => {
             Code::NotFound
         }
+        Error::LimitExceeded(_) => Code::ResourceExhausted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::ShuttingDown => Code::Unavailable,
+        Error::Damaged(_) => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
     };
     if code == Code::Internal || code == Code::DataLoss {
@@ -23,17 +25,30 @@ pub fn to_status(e: Error) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// tonic's own answer to a request over `max_request_bytes` is `OUT_OF_RANGE`; by the gRPC
+/// convention (and ours) a size limit the client can split is `RESOURCE_EXHAUSTED`. Returns the
+/// code to send instead, for response headers carrying that one status.
+pub fn rewrite_transport_status(headers: &http::HeaderMap) -> Option<Code> {
+    // As sent: percent-encoded, spaces as %20.
+    const TOO_LARGE: &[u8] = b"Error,%20decoded%20message%20length%20too%20large";
+    let status = headers.get("grpc-status")?;
+    let message = headers.get("grpc-message")?;
+    let out_of_range = (Code::OutOfRange as i32).to_string();
+    (status.as_bytes() == out_of_range.as_bytes() && message.as_bytes().starts_with(TOO_LARGE))
+        .then_some(Code::ResourceExhausted)
+}
+
 fn storage_code(e: &StorageError) -> Code {
     match e {
         StorageError::InvalidTopicName { .. }
         | StorageError::InvalidGroupName { .. }
         | StorageError::EmptyBatch
-        | StorageError::BatchTooLarge { .. }
         | StorageError::InvalidConfig(_) => Code::InvalidArgument,
         StorageError::TopicNotFound(_)
         | StorageError::GroupNotFound(_)
         | StorageError::PartitionNotFound { .. } => Code::NotFound,
         StorageError::TopicExists(_) => Code::AlreadyExists,
+        StorageError::BatchTooLarge { .. } => Code::ResourceExhausted,
         StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
         // A latched partition, a failed sync, a closed writer: retry later (elsewhere).
         StorageError::Poisoned { .. }
@@ -41,7 +56,7 @@ fn storage_code(e: &StorageError) -> Code {
         | StorageError::Closed { .. } => Code::Unavailable,
         StorageError::Io { .. } if e.is_storage_full() => Code::ResourceExhausted,
         StorageError::Io { .. } => Code::Internal,
-        StorageError::Corrupt { .. } => Code::DataLoss,
+        StorageError::Corrupt { .. } | StorageError::Damaged { .. } => Code::DataLoss,
         StorageError::Locked { .. } => Code::FailedPrecondition,
     }
 }

@@ -244,11 +244,11 @@ pub fn clean_segment(
 /// A new segment file `<base>.log.cleaned` holding `body` after the header, synced.
 pub fn write_cleaned(dir: &Path, base: u64, body: &[u8], io: &dyn FileIo) -> Result<()> {
     let path = cleaned_path(dir, base);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
+    let file = io
+        .create_file(
+            &path,
+            OpenOptions::new().create(true).truncate(true).write(true),
+        )
         .map_err(|e| Error::io(&path, e))?;
     let header = log_header(base);
     let mut all = Vec::with_capacity(header.len() + body.len());

@@ -34,6 +34,15 @@ pub enum Error {
         position: u64,
         reason: String,
     },
+    /// A read met damage: the records from `from` up to (not including) `to` cannot be read.
+    #[error("records {from} to {} cannot be read: corrupt data in {} at byte {position}: {reason}", to.saturating_sub(1), path.display())]
+    Damaged {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+        from: u64,
+        to: u64,
+    },
     /// A read asked for an offset the partition does not hold.
     #[error("offset {requested} is out of range: the partition holds [{start}, {end})")]
     OffsetOutOfRange {

@@ -162,7 +162,7 @@ impl Partition {
         listener: Option<Listener>,
     ) -> Result<Partition> {
         config.sanitize()?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        super::io::create_dir_all(io.as_ref(), dir).map_err(|e| Error::io(dir, e))?;
         let mut report = RecoveryReport::default();
         super::compaction::recover(dir, io.as_ref())?;
         let mut bases = list_segments(dir)?;
@@ -401,7 +401,25 @@ impl Partition {
                 break;
             }
             cursor = cursor.max(seg.base_offset());
-            collected += seg.read(cursor, max_bytes.saturating_sub(collected), &mut out)?;
+            match seg.read(cursor, max_bytes.saturating_sub(collected), &mut out) {
+                Ok(n) => collected += n,
+                // What was read before the damage is intact: it goes out first.
+                Err(Error::Corrupt { .. }) if !out.is_empty() => break,
+                Err(Error::Corrupt {
+                    path,
+                    position,
+                    reason,
+                }) => {
+                    return Err(Error::Damaged {
+                        path,
+                        position,
+                        reason,
+                        from: cursor,
+                        to: seg.next_offset().min(end).max(cursor + 1),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
             if collected >= max_bytes {
                 break;
             }
@@ -1509,6 +1527,20 @@ impl Partition {
     /// Key compaction of the closed segments (see [`super::compaction`]). The active segment is
     /// never rewritten, but its keys count: a newer record there drops older ones before it.
     pub fn compact_keys(&self, opts: &CompactionOptions) -> Result<CompactionOutcome> {
+        self.compact_keys_or_plan(opts, false)
+    }
+
+    /// What [`Partition::compact_keys`] would do, changing nothing: the same outcome, counted
+    /// from the same cleaned segments, none of them installed.
+    pub fn plan_compaction(&self, opts: &CompactionOptions) -> Result<CompactionOutcome> {
+        self.compact_keys_or_plan(opts, true)
+    }
+
+    fn compact_keys_or_plan(
+        &self,
+        opts: &CompactionOptions,
+        dry_run: bool,
+    ) -> Result<CompactionOutcome> {
         use super::compaction::{KeyMap, clean_segment};
         let _maintenance = self.shared.maintenance();
         let segments = self.shared.segments();
@@ -1546,6 +1578,22 @@ impl Partition {
         let mut group: Vec<u64> = Vec::new();
         let mut body: Vec<u8> = Vec::new();
         let mut dropped_in_group = false;
+        // A dry run's count of the segments and bytes the closed ones would become.
+        let mut planned = (0usize, 0u64);
+        let mut group_bytes = 0u64;
+        let mut install = |bases: &[u64], body: &[u8], next_base: u64, dropped: bool, old: u64| {
+            if !dry_run {
+                return self.replace_segments(bases, body, next_base, dropped);
+            }
+            let unchanged = bases.len() == 1 && !dropped;
+            planned.0 += 1;
+            planned.1 += if unchanged {
+                old
+            } else {
+                LOG_HEADER_LEN + body.len() as u64
+            };
+            Ok(())
+        };
         for (i, seg) in closed.iter().enumerate() {
             let path = seg.log_path();
             let bytes = bytes::Bytes::from(fs::read(path).map_err(|e| Error::io(path, e))?);
@@ -1554,18 +1602,32 @@ impl Partition {
             out.records_after += after;
             let fits = LOG_HEADER_LEN + (body.len() + cleaned.len()) as u64 <= opts.segment_bytes;
             if !group.is_empty() && !fits {
-                self.replace_segments(&group, &body, seg.base_offset(), dropped_in_group)?;
+                install(
+                    &group,
+                    &body,
+                    seg.base_offset(),
+                    dropped_in_group,
+                    group_bytes,
+                )?;
                 group.clear();
                 body.clear();
                 dropped_in_group = false;
+                group_bytes = 0;
             }
             group.push(seg.base_offset());
             body.extend_from_slice(&cleaned);
+            group_bytes += seg.size_bytes();
             dropped_in_group |= after < before;
             let next_base = segments[i + 1].base_offset();
             if i + 1 == closed.len() {
-                self.replace_segments(&group, &body, next_base, dropped_in_group)?;
+                install(&group, &body, next_base, dropped_in_group, group_bytes)?;
             }
+        }
+        if dry_run {
+            let active = segments.last().map_or(0, |s| s.size_bytes());
+            out.segments_after = planned.0 + 1;
+            out.bytes_after = planned.1 + active;
+            return Ok(out);
         }
         let after = self.shared.segments();
         out.segments_after = after.len();

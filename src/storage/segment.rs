@@ -133,11 +133,11 @@ impl Segment {
         io: &dyn FileIo,
     ) -> Result<Self> {
         let log_path = segment_path(dir, base_offset, FileKind::Log);
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&log_path)
+        let log = io
+            .create_file(
+                &log_path,
+                OpenOptions::new().read(true).write(true).create_new(true),
+            )
             .map_err(|e| Error::io(&log_path, e))?;
         let header = log_header(base_offset);
         io.write_at(&log_path, &log, &header, 0)
@@ -392,6 +392,10 @@ impl Segment {
                     }
                     Decoded::Torn { needed } => {
                         if pos + needed as u64 > end {
+                            if collected > 0 {
+                                // Intact batches first; the next read meets the damage.
+                                return Ok(Some(collected));
+                            }
                             return Err(Error::corrupt(
                                 &self.log_path,
                                 pos,
@@ -405,6 +409,7 @@ impl Segment {
                         }
                         break;
                     }
+                    Decoded::Corrupt(_) if collected > 0 => return Ok(Some(collected)),
                     Decoded::Corrupt(why) => {
                         return Err(Error::corrupt(&self.log_path, pos, why));
                     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::io::{FileIo, replace_file};
+use super::io::{FileIo, create_dir_all, replace_file};
 
 /// Longest topic name (as in Kafka; leaves room for `.dlq` and file name limits).
 pub const MAX_TOPIC_NAME_LEN: usize = 249;
@@ -152,16 +152,22 @@ impl DataDir {
     /// Opens (creating if needed) a data directory and takes its lock. Fails at once with
     /// [`Error::Locked`] when another process holds it.
     pub fn open(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
+        // Each new directory's entry is synced into its parent (the root's too, and its own
+        // parent's when the root is new): the first topics must not vanish with a power cut.
         for d in [root.join("topics"), root.join("groups"), root.join("tmp")] {
-            fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            create_dir_all(io.as_ref(), &d).map_err(|e| Error::io(&d, e))?;
         }
         let lock_path = root.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let new_lock = !lock_path.exists();
+        let lock = io
+            .create_file(
+                &lock_path,
+                OpenOptions::new().create(true).truncate(false).write(true),
+            )
             .map_err(|e| Error::io(&lock_path, e))?;
+        if new_lock {
+            io.sync_dir(root).map_err(|e| Error::io(root, e))?;
+        }
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
@@ -218,14 +224,14 @@ impl DataDir {
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         }
-        fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        create_dir_all(self.io.as_ref(), &staging).map_err(|e| Error::io(&staging, e))?;
         let text = toml::to_string(config)
             .map_err(|e| Error::InvalidConfig(format!("cannot encode topic config: {e}")))?;
         let file = staging.join(TOPIC_FILE);
         replace_file(self.io.as_ref(), &file, text.as_bytes()).map_err(|e| Error::io(&file, e))?;
         for p in 0..config.partitions {
             let d = staging.join(p.to_string());
-            fs::create_dir(&d).map_err(|e| Error::io(&d, e))?;
+            self.io.create_dir(&d).map_err(|e| Error::io(&d, e))?;
         }
         self.io
             .sync_dir(&staging)

@@ -447,7 +447,7 @@ pub fn for_each_record(
     dir: &Path,
     from: u64,
     mut f: impl FnMut(StoredRecord) -> bool,
-) -> super::Result<()> {
+) -> super::Result<Vec<Damage>> {
     let mut bases = Vec::new();
     for e in fs::read_dir(dir).map_err(|e| super::Error::io(dir, e))? {
         let e = e.map_err(|e| super::Error::io(dir, e))?;
@@ -458,27 +458,85 @@ pub fn for_each_record(
         }
     }
     bases.sort_unstable();
+    let mut damage = Vec::new();
     for (i, &base) in bases.iter().enumerate() {
-        if bases.get(i + 1).is_some_and(|&next| next <= from) {
+        let next_base = bases.get(i + 1).copied();
+        if next_base.is_some_and(|next| next <= from) {
             continue;
         }
         let path = segment_path(dir, base, FileKind::Log);
         let bytes = Bytes::from(fs::read(&path).map_err(|e| super::Error::io(&path, e))?);
         let mut pos = LOG_HEADER_LEN as usize;
+        let mut next = base;
         while pos < bytes.len() {
-            let Decoded::Valid(batch) = Batch::decode(&bytes.slice(pos..)) else {
-                break;
+            let batch = match Batch::decode(&bytes.slice(pos..)) {
+                Decoded::Valid(batch) => batch,
+                // The active segment's preallocated tail: zeros, not damage.
+                _ if next_base.is_none() && bytes[pos..].iter().all(|&b| b == 0) => break,
+                Decoded::Torn { .. } => {
+                    damage.push(Damage {
+                        path: path.clone(),
+                        position: pos as u64,
+                        from: next.max(from),
+                        to: next_base,
+                        reason: "batch cut short".into(),
+                    });
+                    break;
+                }
+                Decoded::Corrupt(why) => {
+                    damage.push(Damage {
+                        path: path.clone(),
+                        position: pos as u64,
+                        from: next.max(from),
+                        to: next_base,
+                        reason: why.to_string(),
+                    });
+                    break;
+                }
             };
+            next = batch.header().next_offset();
             if batch.header().last_offset() >= from {
                 for r in batch.records() {
                     let r = r.map_err(|why| super::Error::corrupt(&path, pos as u64, why))?;
                     if r.offset >= from && !f(r) {
-                        return Ok(());
+                        return Ok(damage);
                     }
                 }
             }
             pos += batch.header().size;
         }
     }
-    Ok(())
+    Ok(damage)
+}
+
+/// Damage [`for_each_record`] read around: the records from `from` to the next segment's base
+/// (`to`; the end of the log when `None`) were skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub path: std::path::PathBuf,
+    pub position: u64,
+    pub from: u64,
+    pub to: Option<u64>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let to = self.to.map_or("the end of the log".to_string(), |t| {
+            format!("offset {}", t.saturating_sub(1))
+        });
+        write!(
+            f,
+            "{}:{}: {}; records from offset {} to {to} skipped",
+            self.path.display(),
+            self.position,
+            self.reason,
+            self.from
+        )
+    }
+}
+
+/// Whether `dir` looks like a Sluice data directory (it has `topics/`).
+pub fn is_data_dir(dir: &Path) -> bool {
+    dir.join("topics").is_dir()
 }

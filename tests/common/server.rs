@@ -88,6 +88,11 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::spawn_with_env(data_dir, extra, &[])
+    }
+
+    /// [`BrokerProcess::spawn`] with settings in `SLUICE_*` variables.
+    pub fn spawn_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("serve")
             .arg("--data-dir")
@@ -95,6 +100,7 @@ impl BrokerProcess {
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

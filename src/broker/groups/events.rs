@@ -17,14 +17,19 @@
 //!
 //! | kind | name                | body                                                              |
 //! |-----:|---------------------|-------------------------------------------------------------------|
-//! |    1 | `Delivered`         | varint n, then n × (varint offset delta, varint attempt)          |
+//! |    1 | `Delivered`         | varint n, then n × (varint offset delta, varint attempts handed before this delivery) |
 //! |    2 | `Acked`             | varint n, then n × varint offset delta                            |
 //! |    3 | `Reset`             | u64 cursor: next offset to deliver; nothing outstanding          |
 //! |    4 | `DeadLetterPending` | u64 offset, u32 attempts, u64 DLQ high-water mark, u8 reason     |
 //! |    5 | `DeadLettered`      | u64 offset                                                        |
 //! |    6 | `Snapshot`          | u64 cursor, u64 redeliveries, u64 dead-lettered, varint n, n × (varint offset delta, varint attempt), varint m, m × (u64 offset, u32 attempts, u64 DLQ mark, u8 reason) |
 //!
-//! Offset lists are ascending; each delta is from the previous offset (the first from 0).
+//! |    7 | `Handed`            | varint n, then n × (varint offset delta, varint attempt): deliveries handed to the transport, the attempt now counted |
+//!
+//! A delivery counts as an attempt when it is handed to the transport (`Handed`), not when it is
+//! assigned to a member (`Delivered`, which moves the cursor). Logs written before `Handed`
+//! existed recorded the attempt in `Delivered`; read as "handed before", they count it once
+//! more at most. Offset lists are ascending; each delta is from the previous offset (the first from 0).
 
 use std::collections::BTreeMap;
 
@@ -33,6 +38,10 @@ use std::collections::BTreeMap;
 pub enum Reason {
     Nacked,
     AckTimeout,
+    /// The member holding it left (or its connection went away).
+    MemberLeft,
+    /// It was out, at its last attempt, when the broker stopped.
+    Restarted,
 }
 
 impl Reason {
@@ -40,6 +49,8 @@ impl Reason {
         match self {
             Reason::Nacked => "nacked",
             Reason::AckTimeout => "ack timeout",
+            Reason::MemberLeft => "member left",
+            Reason::Restarted => "unacknowledged at restart",
         }
     }
 
@@ -47,6 +58,8 @@ impl Reason {
         match self {
             Reason::Nacked => 1,
             Reason::AckTimeout => 2,
+            Reason::MemberLeft => 3,
+            Reason::Restarted => 4,
         }
     }
 
@@ -54,6 +67,8 @@ impl Reason {
         match c {
             1 => Some(Reason::Nacked),
             2 => Some(Reason::AckTimeout),
+            3 => Some(Reason::MemberLeft),
+            4 => Some(Reason::Restarted),
             _ => None,
         }
     }
@@ -82,9 +97,14 @@ pub struct PartitionSnapshot {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Assigned to a member: (offset, attempts handed before), ascending by offset.
     Delivered {
         partition: u32,
-        /// (offset, attempt), ascending by offset.
+        deliveries: Vec<(u64, u32)>,
+    },
+    /// Handed to the transport: (offset, attempt), ascending by offset.
+    Handed {
+        partition: u32,
         deliveries: Vec<(u64, u32)>,
     },
     Acked {
@@ -123,6 +143,7 @@ impl Event {
     pub fn partition(&self) -> u32 {
         match self {
             Event::Delivered { partition, .. }
+            | Event::Handed { partition, .. }
             | Event::Acked { partition, .. }
             | Event::Reset { partition, .. }
             | Event::DeadLetterPending { partition, .. }
@@ -152,6 +173,10 @@ impl Event {
         match self {
             Event::Delivered { deliveries, .. } => {
                 b[1] = 1;
+                put_pairs(&mut b, &mut deliveries.iter().copied(), deliveries.len());
+            }
+            Event::Handed { deliveries, .. } => {
+                b[1] = 7;
                 put_pairs(&mut b, &mut deliveries.iter().copied(), deliveries.len());
             }
             Event::Acked { offsets, .. } => {
@@ -249,6 +274,10 @@ impl Event {
                     },
                 }
             }
+            7 => Event::Handed {
+                partition,
+                deliveries: r.pairs()?,
+            },
             _ => return Err("unknown group event kind"),
         };
         if r.pos != b.len() {
@@ -349,6 +378,10 @@ mod tests {
                 partition: 2,
                 deliveries: vec![(5, 1), (7, 3), (1000, 1)],
             },
+            Event::Handed {
+                partition: 2,
+                deliveries: vec![(5, 2), (7, 4)],
+            },
             Event::Acked {
                 partition: 0,
                 offsets: vec![1, 2, 900],
@@ -360,6 +393,20 @@ mod tests {
             Event::DeadLetterPending {
                 partition: 3,
                 dead_letter: dead,
+            },
+            Event::DeadLetterPending {
+                partition: 3,
+                dead_letter: DeadLetter {
+                    reason: Reason::MemberLeft,
+                    ..dead
+                },
+            },
+            Event::DeadLetterPending {
+                partition: 3,
+                dead_letter: DeadLetter {
+                    reason: Reason::Restarted,
+                    ..dead
+                },
             },
             Event::DeadLettered {
                 partition: 3,

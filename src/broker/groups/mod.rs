@@ -44,6 +44,20 @@ pub struct GroupSettings {
     pub fsync: FsyncPolicy,
 }
 
+impl GroupSettings {
+    /// The in-flight limit a member asking for `asked` gets (0: the default), or why not.
+    pub fn max_in_flight(&self, asked: usize) -> Result<usize> {
+        match asked {
+            0 => Ok(self.default_max_in_flight),
+            n if n > self.max_in_flight_limit => Err(Error::InvalidArgument(format!(
+                "max_in_flight {n} is over the broker's limit of {}",
+                self.max_in_flight_limit
+            ))),
+            n => Ok(n),
+        }
+    }
+}
+
 /// Headers a dead-lettered message carries, besides its own.
 pub const DLQ_GROUP: &str = "sluice.dlq.group";
 pub const DLQ_TOPIC: &str = "sluice.dlq.topic";
@@ -68,12 +82,19 @@ const ROUND_QUOTA: usize = 512;
 struct Flight {
     member: u64,
     deadline: Instant,
+    /// The attempt this delivery is; it counts only once `handed`.
     attempt: u32,
+    /// Handed to the member's transport (see [`GroupTopic::hand_over`]).
+    handed: bool,
 }
+
+/// Longest delay a Nack may ask for.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug)]
 struct Pending {
     not_before: Instant,
+    /// Attempts handed so far.
     attempt: u32,
 }
 
@@ -97,6 +118,8 @@ struct PState {
     owner: Option<u64>,
     redeliveries: u64,
     dead_lettered: u64,
+    /// Reads stopped at a damaged batch: why. Cleared by a reset.
+    blocked: Option<String>,
 }
 
 impl PState {
@@ -127,7 +150,7 @@ impl PState {
         let mut outstanding: BTreeMap<u64, u32> = self
             .in_flight
             .iter()
-            .map(|(&o, f)| (o, f.attempt))
+            .map(|(&o, f)| (o, f.counted()))
             .collect();
         outstanding.extend(self.pending.iter().map(|(&o, p)| (o, p.attempt)));
         PartitionSnapshot {
@@ -159,6 +182,17 @@ struct State {
     timeouts: BTreeSet<(Instant, u32, u64)>,
 }
 
+impl Flight {
+    /// Attempts that count: this one only if it was handed.
+    fn counted(&self) -> u32 {
+        if self.handed {
+            self.attempt
+        } else {
+            self.attempt - 1
+        }
+    }
+}
+
 impl State {
     /// Takes a delivery out of flight (acked, nacked or expired), with its deadline and its
     /// member's count.
@@ -184,6 +218,8 @@ pub struct GroupPartitionDescription {
     pub redeliveries: u64,
     pub dead_lettered: u64,
     pub owner: Option<u64>,
+    /// Deliveries stopped at damage in the log: why (see `docs/operations.md`).
+    pub blocked: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +271,12 @@ pub struct MemberGuard {
 impl MemberGuard {
     pub fn group(&self) -> &Arc<GroupTopic> {
         &self.group
+    }
+
+    /// Keeps the deliveries this member may hand to its transport, counting their attempt
+    /// (see [`GroupTopic::hand_over`]).
+    pub fn hand_over<T>(&self, deliveries: &mut Vec<T>, id: impl Fn(&T) -> (u32, u64)) {
+        self.group.hand_over(self.member, deliveries, id);
     }
 }
 
@@ -302,8 +344,19 @@ impl GroupTopic {
             p.reset(s.cursor);
             p.redeliveries = s.redeliveries;
             p.dead_lettered = s.dead_lettered;
-            // Delivered before the restart and never acknowledged: deliver again.
+            // Delivered before the restart and never acknowledged: deliver again, unless that
+            // was its last attempt.
             for (&offset, &attempt) in &s.outstanding {
+                if attempt >= settings.max_deliveries {
+                    let d = DeadLetter {
+                        offset,
+                        attempts: attempt,
+                        dlq_mark: u64::MAX,
+                        reason: Reason::Restarted,
+                    };
+                    p.dead_lettering.insert(offset, (d, false));
+                    continue;
+                }
                 p.pending.insert(
                     offset,
                     Pending {
@@ -407,16 +460,7 @@ impl GroupTopic {
         max_in_flight: usize,
         exclusive: bool,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
-        let max_in_flight = match max_in_flight {
-            0 => self.settings.default_max_in_flight,
-            n if n > self.settings.max_in_flight_limit => {
-                return Err(Error::InvalidArgument(format!(
-                    "max_in_flight {n} is over the broker's limit of {}",
-                    self.settings.max_in_flight_limit
-                )));
-            }
-            n => n,
-        };
+        let max_in_flight = self.settings.max_in_flight(max_in_flight)?;
         let mut st = lock(&self.state);
         if let Some(other) = st.members.values().find(|m| m.exclusive != exclusive) {
             return Err(Error::FailedPrecondition(format!(
@@ -436,6 +480,12 @@ impl GroupTopic {
             )));
         }
         let (tx, rx) = mpsc::channel(self.settings.member_buffer);
+        // A partition stopped at damage: the new member hears of it at once, like the others.
+        for part in &st.parts {
+            if let Some(why) = &part.blocked {
+                let _ = tx.try_send(Err(Error::Damaged(why.clone())));
+            }
+        }
         let id = st.next_member;
         st.next_member += 1;
         st.members.insert(
@@ -465,6 +515,7 @@ impl GroupTopic {
     /// A member left: what it had in flight goes to the others.
     fn leave(&self, member: u64) {
         let now = Instant::now();
+        let max = self.settings.max_deliveries;
         let mut st = lock(&self.state);
         if st.members.remove(&member).is_none() {
             return;
@@ -482,13 +533,7 @@ impl GroupTopic {
             for offset in mine {
                 if let Some(f) = part.in_flight.remove(&offset) {
                     timeouts.remove(&(f.deadline, p as u32, offset));
-                    part.pending.insert(
-                        offset,
-                        Pending {
-                            not_before: now,
-                            attempt: f.attempt,
-                        },
-                    );
+                    give_back(part, offset, &f, now, max, Reason::MemberLeft);
                 }
             }
             if part.owner == Some(member) {
@@ -501,24 +546,29 @@ impl GroupTopic {
         self.wake.notify_one();
     }
 
-    /// Acknowledges deliveries; returns once the acknowledgement is durable. Unknown or already
-    /// acknowledged ids are accepted and change nothing.
-    pub async fn ack(&self, ids: &[(u32, u64)]) -> Result<()> {
-        let done = self.ack_quietly(ids)?;
+    /// Acknowledges deliveries; returns once the acknowledgement is durable, with whether each
+    /// id was applied (false: not in flight or pending for this group: never delivered,
+    /// acknowledged already, or dead-lettered).
+    pub async fn ack(&self, ids: &[(u32, u64)]) -> Result<Vec<bool>> {
+        let (applied, done) = self.ack_quietly(ids)?;
         if let Some(done) = done {
             wait(done).await?;
         }
-        Ok(())
+        Ok(applied)
     }
 
-    /// Records acknowledgements without waiting for them to be durable.
+    /// Records acknowledgements without waiting for them to be durable; says which applied.
     #[allow(clippy::type_complexity)]
     pub fn ack_quietly(
         &self,
         ids: &[(u32, u64)],
-    ) -> Result<Option<oneshot::Receiver<storage::Result<storage::Appended>>>> {
+    ) -> Result<(
+        Vec<bool>,
+        Option<oneshot::Receiver<storage::Result<storage::Appended>>>,
+    )> {
         self.check_partitions(ids)?;
         let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut applied = Vec::with_capacity(ids.len());
         let mut st = lock(&self.state);
         for &(p, offset) in ids {
             let acked = st.land(p, offset).is_some() || {
@@ -529,9 +579,10 @@ impl GroupTopic {
             if acked {
                 by_partition.entry(p).or_default().push(offset);
             }
+            applied.push(acked);
         }
         if by_partition.is_empty() {
-            return Ok(None);
+            return Ok((applied, None));
         }
         let events: Vec<Event> = by_partition
             .into_iter()
@@ -544,24 +595,81 @@ impl GroupTopic {
         let done = self.append(&events);
         drop(st);
         self.wake.notify_one();
-        Ok(Some(done))
+        Ok((applied, Some(done)))
     }
 
-    /// Gives deliveries back for redelivery after `delay` (to any member).
-    pub fn nack(&self, ids: &[(u32, u64)], delay: Duration) -> Result<()> {
+    /// Gives deliveries back for redelivery after `delay` (to any member); says which ids were
+    /// in flight. A delivery at its last attempt is dead-lettered.
+    pub fn nack(&self, ids: &[(u32, u64)], delay: Duration) -> Result<Vec<bool>> {
+        if delay > MAX_NACK_DELAY {
+            return Err(Error::InvalidArgument(format!(
+                "a Nack delay may be at most {} ms; {} ms asked",
+                MAX_NACK_DELAY.as_millis(),
+                delay.as_millis()
+            )));
+        }
         self.check_partitions(ids)?;
         let now = Instant::now();
         let mut st = lock(&self.state);
         let max = self.settings.max_deliveries;
+        let mut applied = Vec::with_capacity(ids.len());
         for &(p, offset) in ids {
-            if let Some(f) = st.land(p, offset) {
+            let landed = st.land(p, offset);
+            if let Some(f) = &landed {
                 let part = &mut st.parts[p as usize];
-                give_back(part, offset, f.attempt, now + delay, max, Reason::Nacked);
+                give_back(part, offset, f, now + delay, max, Reason::Nacked);
             }
+            applied.push(landed.is_some());
         }
         drop(st);
         self.wake.notify_one();
-        Ok(())
+        Ok(applied)
+    }
+
+    /// A member's stream is about to hand these deliveries to the transport: keeps those still
+    /// in flight to that member and not handed yet (a delivery that timed out or went to another
+    /// member while it waited in the stream's buffer is dropped), and counts their attempt.
+    /// `id` names each delivery's (partition, offset).
+    pub fn hand_over<T>(
+        &self,
+        member: u64,
+        deliveries: &mut Vec<T>,
+        id: impl Fn(&T) -> (u32, u64),
+    ) {
+        let mut handed: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        let mut st = lock(&self.state);
+        deliveries.retain(|d| {
+            let (p, offset) = id(d);
+            let Some(part) = st.parts.get_mut(p as usize) else {
+                return false;
+            };
+            match part.in_flight.get_mut(&offset) {
+                Some(f) if f.member == member && !f.handed => {
+                    f.handed = true;
+                    if f.attempt > 1 {
+                        part.redeliveries += 1;
+                    }
+                    handed.entry(p).or_default().push((offset, f.attempt));
+                    true
+                }
+                _ => false,
+            }
+        });
+        if handed.is_empty() {
+            return;
+        }
+        let events: Vec<Event> = handed
+            .into_iter()
+            .map(|(partition, mut deliveries)| {
+                deliveries.sort_unstable();
+                Event::Handed {
+                    partition,
+                    deliveries,
+                }
+            })
+            .collect();
+        // Synced with the next durable append, like `Delivered`.
+        drop(self.append_with(&events, false));
     }
 
     fn check_partitions(&self, ids: &[(u32, u64)]) -> Result<()> {
@@ -585,8 +693,11 @@ impl GroupTopic {
         lock(&self.state).members.len()
     }
 
-    /// Moves every partition to `cursor(p)`, abandoning what is outstanding.
-    pub async fn reset(&self, cursor: impl Fn(u32) -> u64) -> Result<()> {
+    /// Moves the chosen partitions (all when `only` is empty) to `cursor(p)`, abandoning what
+    /// is outstanding there, and unblocking them if damage had stopped them.
+    pub async fn reset(&self, only: &[u32], cursor: impl Fn(u32) -> u64) -> Result<()> {
+        self.check_partitions(&only.iter().map(|&p| (p, 0)).collect::<Vec<_>>())?;
+        let chosen = |p: u32| only.is_empty() || only.contains(&p);
         let done = {
             let mut st = lock(&self.state);
             let State {
@@ -595,12 +706,22 @@ impl GroupTopic {
                 timeouts,
                 ..
             } = &mut *st;
-            timeouts.clear();
-            for m in members.values_mut() {
-                m.in_flight = 0;
+            timeouts.retain(|&(_, p, _)| !chosen(p));
+            for (p, part) in parts.iter().enumerate() {
+                if !chosen(p as u32) {
+                    continue;
+                }
+                for f in part.in_flight.values() {
+                    if let Some(m) = members.get_mut(&f.member) {
+                        m.in_flight = m.in_flight.saturating_sub(1);
+                    }
+                }
             }
             let mut events = Vec::new();
             for (p, part) in parts.iter_mut().enumerate() {
+                if !chosen(p as u32) {
+                    continue;
+                }
                 let c = cursor(p as u32);
                 let owner = part.owner;
                 part.reset(c);
@@ -649,6 +770,7 @@ impl GroupTopic {
                         redeliveries: part.redeliveries,
                         dead_lettered: part.dead_lettered,
                         owner: part.owner,
+                        blocked: part.blocked.clone(),
                     }
                 })
                 .collect(),
@@ -709,7 +831,7 @@ impl GroupTopic {
             match st.land(p, offset) {
                 Some(f) => {
                     let part = &mut st.parts[p as usize];
-                    give_back(part, offset, f.attempt, now, max, Reason::AckTimeout);
+                    give_back(part, offset, &f, now, max, Reason::AckTimeout);
                 }
                 // A stale deadline (cannot happen: landing removes it); never spin on it.
                 None => {
@@ -904,6 +1026,7 @@ impl GroupTopic {
             let members = !st.members.is_empty();
             for (p, part) in st.parts.iter_mut().enumerate() {
                 if members
+                    && part.blocked.is_none()
                     && part.reading.is_none()
                     && part.lookahead_bytes < READ_AHEAD_BYTES
                     && part.read_pos < self.topic.partitions[p].log.high_water()
@@ -1021,11 +1144,23 @@ impl GroupTopic {
             }
             Ok(_) => {}
             Err(_) if self.stop.is_cancelled() => return,
-            Err(e) => {
-                // Not retried at once: the next wake-up (an ack, a new message) tries again.
-                tracing::error!(group = %self.group, topic = %self.topic.name, partition = p, error = %e, "group read-ahead failed; will retry");
-                return;
-            }
+            Err(e) => match e.in_partition(&self.topic.name, p) {
+                Error::Damaged(why) => {
+                    // Not retried: the group waits here until an operator moves it past the
+                    // damage (`groups reset --partition`); every member is told.
+                    tracing::error!(group = %self.group, error = %why, "group deliveries stopped at damage");
+                    part.blocked = Some(why.clone());
+                    for m in st.members.values() {
+                        let _ = m.tx.try_send(Err(Error::Damaged(why.clone())));
+                    }
+                    return;
+                }
+                e => {
+                    // Not retried at once: the next wake-up (an ack, a new message) tries again.
+                    tracing::error!(group = %self.group, topic = %self.topic.name, partition = p, error = %e, "group read-ahead failed; will retry");
+                    return;
+                }
+            },
         }
         drop(st);
         self.wake.notify_one();
@@ -1081,7 +1216,6 @@ impl GroupTopic {
                         continue;
                     };
                     let attempt = pending.attempt + 1;
-                    part.redeliveries += 1;
                     delivered.push((offset, attempt));
                     out.push((p as u32, record, attempt));
                 }
@@ -1098,16 +1232,19 @@ impl GroupTopic {
                     delivered.push((record.offset, 1));
                     out.push((p as u32, record, 1));
                 }
-                for &(offset, attempt) in &delivered {
+                for (offset, attempt) in &mut delivered {
                     part.in_flight.insert(
-                        offset,
+                        *offset,
                         Flight {
                             member: id,
                             deadline,
-                            attempt,
+                            attempt: *attempt,
+                            handed: false,
                         },
                     );
-                    timeouts.insert((deadline, p as u32, offset));
+                    timeouts.insert((deadline, p as u32, *offset));
+                    // The log records the attempts handed so far; this one counts once handed.
+                    *attempt -= 1;
                 }
                 if !delivered.is_empty() {
                     delivered.sort_unstable();
@@ -1186,8 +1323,20 @@ fn record_bytes(r: &StoredRecord) -> usize {
 }
 
 /// A delivery that came back unacknowledged: pending again, or dead-lettered after
-/// `max_deliveries`.
-fn give_back(part: &mut PState, offset: u64, attempt: u32, when: Instant, max: u32, why: Reason) {
+/// `max_deliveries` attempts. One that never reached the transport did not count: it is pending
+/// again at once, with its attempts as they were.
+fn give_back(part: &mut PState, offset: u64, f: &Flight, when: Instant, max: u32, why: Reason) {
+    if !f.handed {
+        part.pending.insert(
+            offset,
+            Pending {
+                not_before: Instant::now(),
+                attempt: f.counted(),
+            },
+        );
+        return;
+    }
+    let attempt = f.attempt;
     if attempt >= max {
         part.dead_lettering.insert(
             offset,
@@ -1308,12 +1457,17 @@ fn replay(log: &Partition, partitions: usize) -> Result<Option<Vec<PartitionSnap
 fn apply(s: &mut PartitionSnapshot, event: Event) {
     match event {
         Event::Delivered { deliveries, .. } => {
+            for (offset, handed_before) in deliveries {
+                s.outstanding.insert(offset, handed_before);
+                s.cursor = s.cursor.max(offset + 1);
+            }
+        }
+        Event::Handed { deliveries, .. } => {
             for (offset, attempt) in deliveries {
                 if attempt > 1 {
                     s.redeliveries += 1;
                 }
                 s.outstanding.insert(offset, attempt);
-                s.cursor = s.cursor.max(offset + 1);
             }
         }
         Event::Acked { offsets, .. } => {

@@ -1,0 +1,373 @@
+//! Connections: accepted, served and ended here, so that none of them can hold the broker.
+//!
+//! - At most `max_connections` at once: the accept loop takes a permit before each accept; past
+//!   the limit new clients wait in the kernel's backlog.
+//! - A connection that has not sent the HTTP/2 preface and its first frame within
+//!   `handshake_timeout_ms` is closed, so silent sockets cannot fill the permits.
+//! - A connection with no call open for `idle_timeout_ms` is closed gracefully (GOAWAY: calls
+//!   arriving meanwhile still finish; a peer that does not answer it within the handshake
+//!   deadline is dropped); HTTP/2 keepalive pings find dead peers.
+//! - On shutdown every connection gets a GOAWAY and ends when its calls have; whatever is still
+//!   open at the drain deadline is dropped ([`Connections::drain`]).
+//!
+//! Each connection is one task serving tonic's routes through hyper, with its own count of calls
+//! in flight (a call lasts until its response body is done or dropped).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tower_service::Service;
+
+/// Bytes a client sends before anything else: the 24-byte preface and a 9-byte frame header
+/// (its SETTINGS frame).
+const HANDSHAKE_BYTES: u64 = 24 + 9;
+
+/// How connections are served.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+/// Every open connection of a server.
+#[derive(Debug)]
+pub struct Connections {
+    tasks: TaskTracker,
+    /// Sends GOAWAY on every connection.
+    goaway: CancellationToken,
+    /// Drops every connection at once.
+    kill: CancellationToken,
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Connections {
+    /// Accepts and serves connections until `stop` is cancelled; then stops accepting (the
+    /// listening socket closes).
+    pub fn serve(
+        listener: TcpListener,
+        routes: Routes,
+        settings: ConnSettings,
+        stop: CancellationToken,
+    ) -> Arc<Connections> {
+        let connections = Arc::new(Connections {
+            tasks: TaskTracker::new(),
+            goaway: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            permits: Arc::new(Semaphore::new(settings.max_connections)),
+            max: settings.max_connections,
+        });
+        let me = Arc::clone(&connections);
+        connections
+            .tasks
+            .spawn(async move { me.accept_loop(listener, routes, settings, stop).await });
+        connections
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        routes: Routes,
+        settings: ConnSettings,
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&self.permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = stop.cancelled() => return,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+                    }
+                    let conn = Conn {
+                        routes: routes.clone(),
+                        settings: settings.clone(),
+                        goaway: self.goaway.clone(),
+                        kill: self.kill.clone(),
+                    };
+                    self.tasks.spawn(async move {
+                        conn.run(stream, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Ends every connection: a GOAWAY to each, then waits for their calls to finish until
+    /// `deadline`, and drops what is left. Returns how many connections were dropped.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.goaway.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let cut = self.open();
+        self.kill.cancel();
+        self.tasks.wait().await;
+        cut
+    }
+}
+
+/// One connection's task.
+struct Conn {
+    routes: Routes,
+    settings: ConnSettings,
+    goaway: CancellationToken,
+    kill: CancellationToken,
+}
+
+impl Conn {
+    async fn run(self, stream: TcpStream, peer: SocketAddr) {
+        tracing::debug!(%peer, "connection opened");
+        let read = Arc::new(AtomicU64::new(0));
+        let io = Counted {
+            stream,
+            read: Arc::clone(&read),
+        };
+        let (calls_tx, mut calls) = watch::channel(0usize);
+        let calls_tx = Arc::new(calls_tx);
+        let routes = self.routes;
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let call = Call::start(&calls_tx);
+            let mut routes = routes.clone();
+            async move {
+                let response = routes.call(req.map(Body::new)).await?;
+                Ok::<_, Infallible>(finish_response(response, call))
+            }
+        });
+        let s = &self.settings;
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .keep_alive_interval(Some(s.keepalive_interval))
+            .keep_alive_timeout(s.keepalive_timeout);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+
+        let handshake = tokio::time::sleep(s.handshake_timeout);
+        let mut handshake = std::pin::pin!(handshake);
+        let mut handshake_done = false;
+        let idle_timeout = s.idle_timeout;
+        let idle = async move {
+            loop {
+                if calls.wait_for(|&n| n == 0).await.is_err() {
+                    return std::future::pending().await;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(idle_timeout) => return,
+                    changed = calls.changed() => if changed.is_err() {
+                        return std::future::pending().await;
+                    },
+                }
+            }
+        };
+        let mut idle = std::pin::pin!(idle);
+        let mut idle_done = false;
+        // After an idle GOAWAY, the peer has the handshake deadline to answer it (h2 waits for
+        // a PING's answer before it closes); a peer that does not is dropped.
+        let closing = tokio::time::sleep(Duration::MAX);
+        let mut closing = std::pin::pin!(closing);
+        let mut goaway_sent = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = &mut handshake, if !handshake_done => {
+                    if read.load(Ordering::Relaxed) < HANDSHAKE_BYTES {
+                        tracing::debug!(%peer, "no HTTP/2 handshake in time; closing");
+                        break;
+                    }
+                    handshake_done = true;
+                }
+                () = &mut idle, if !idle_done => {
+                    tracing::debug!(%peer, "idle; closing");
+                    idle_done = true;
+                    conn.as_mut().graceful_shutdown();
+                    closing
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + s.handshake_timeout);
+                }
+                () = &mut closing, if idle_done => {
+                    tracing::debug!(%peer, "no answer to the idle GOAWAY; dropping");
+                    break;
+                }
+                () = self.goaway.cancelled(), if !goaway_sent => {
+                    goaway_sent = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = self.kill.cancelled() => {
+                    tracing::debug!(%peer, "dropped at the shutdown deadline");
+                    break;
+                }
+            }
+        }
+        tracing::debug!(%peer, "connection closed");
+    }
+}
+
+/// One call in flight on a connection; counts down when dropped.
+struct Call {
+    calls: Arc<watch::Sender<usize>>,
+}
+
+impl Call {
+    fn start(calls: &Arc<watch::Sender<usize>>) -> Call {
+        calls.send_modify(|n| *n += 1);
+        Call {
+            calls: Arc::clone(calls),
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.calls.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The response as sent: its status code rewritten where tonic's own differs from ours (see
+/// [`super::status::rewrite_transport_status`]), its body holding the call open until done.
+fn finish_response(response: Response<Body>, call: Call) -> Response<CallBody> {
+    let (mut parts, body) = response.into_parts();
+    if let Some(code) = super::status::rewrite_transport_status(&parts.headers) {
+        parts
+            .headers
+            .insert("grpc-status", HeaderValue::from(code as i32));
+    }
+    Response::from_parts(parts, CallBody { body, _call: call })
+}
+
+/// A response body that keeps its call counted until it is done or dropped.
+struct CallBody {
+    body: Body,
+    _call: Call,
+}
+
+impl http_body::Body for CallBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A TCP stream that counts the bytes read from it (for the handshake deadline).
+struct Counted {
+    stream: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
