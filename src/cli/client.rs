@@ -224,17 +224,22 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
         }
         stdout.flush()?;
         // Printed (and flushed): acknowledged.
-        if !group.is_empty() && !printed_ids.is_empty() {
-            client
-                .ack(pb::AckRequest {
-                    group: group.clone(),
-                    topic: args.topic.clone(),
-                    ack_ids: printed_ids,
-                })
-                .await?;
-        }
+        let ack = (!group.is_empty() && !printed_ids.is_empty()).then(|| pb::AckRequest {
+            group: group.clone(),
+            topic: args.topic.clone(),
+            ack_ids: printed_ids,
+        });
         if args.count.is_some_and(|c| printed >= c) {
+            // Leave the group before the last ack: once acked, the slot it frees would be
+            // filled with a message this member will not print.
+            drop(stream);
+            if let Some(ack) = ack {
+                client.ack(ack).await?;
+            }
             return Ok(());
+        }
+        if let Some(ack) = ack {
+            client.ack(ack).await?;
         }
     }
     Ok(())

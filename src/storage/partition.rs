@@ -403,7 +403,8 @@ impl Partition {
             cursor = cursor.max(seg.base_offset());
             match seg.read(cursor, max_bytes.saturating_sub(collected), &mut out) {
                 Ok(n) => collected += n,
-                // What was read before the damage is intact: it goes out first.
+                // What was read before the damage (segments append to `out` as they go) is
+                // intact: it goes out first, and the next read starts at the damage.
                 Err(Error::Corrupt { .. }) if !out.is_empty() => break,
                 Err(Error::Corrupt {
                     path,

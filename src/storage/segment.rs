@@ -334,7 +334,8 @@ impl Segment {
     }
 
     /// Reads whole batches holding offsets at or after `from`, until `max_bytes` are collected
-    /// (at least one batch when there is one). Returns the bytes collected.
+    /// (at least one batch when there is one). Returns the bytes collected. On damage the error
+    /// comes back with the intact batches before it already in `out`.
     ///
     /// The index is derived data: when the batch at the indexed position is not the one the
     /// entry names, the read falls back to a scan from the segment's start and says so.
@@ -392,10 +393,6 @@ impl Segment {
                     }
                     Decoded::Torn { needed } => {
                         if pos + needed as u64 > end {
-                            if collected > 0 {
-                                // Intact batches first; the next read meets the damage.
-                                return Ok(Some(collected));
-                            }
                             return Err(Error::corrupt(
                                 &self.log_path,
                                 pos,
@@ -409,7 +406,6 @@ impl Segment {
                         }
                         break;
                     }
-                    Decoded::Corrupt(_) if collected > 0 => return Ok(Some(collected)),
                     Decoded::Corrupt(why) => {
                         return Err(Error::corrupt(&self.log_path, pos, why));
                     }

@@ -1,0 +1,347 @@
+//! `group_max_deliveries` holds on every path: a message is handed to members at most that many
+//! times, whatever fails it (Nack, ack timeout, a member leaving, a broker restart, exclusive
+//! failover), and the next failure dead-letters it exactly once. Read-ahead that never reached a
+//! client does not count; acks say what they applied; a refused Subscribe creates nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::server::{
+    BrokerProcess, TestServer, assert_succeeded, bin, message, take, test_config,
+};
+use sluice::proto::v1 as pb;
+use tonic::Code;
+
+const MAX: u32 = 3;
+const MESSAGES: usize = 6;
+
+fn config(dir: &Path) -> sluice::config::Config {
+    let mut c = test_config(dir);
+    c.group_max_deliveries = MAX;
+    c.group_ack_timeout_ms = 300;
+    c.default_partitions = 2;
+    c
+}
+
+/// A small deterministic generator (xorshift), so each seed is one reproducible interleaving.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Nack,
+    Leave,
+    AckTimeout,
+    Restart,
+}
+
+async fn dlq_records(server: &TestServer) -> Vec<pb::Delivery> {
+    let mut admin = server.admin().await;
+    let Ok(d) = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "p.dlq".into(),
+        })
+        .await
+    else {
+        return Vec::new();
+    };
+    let n = d.into_inner().partitions[0].next_offset as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut client = server.client().await;
+    let mut s = common::server::subscribe_from(&mut client, "p.dlq", None).await;
+    take(&mut s, n).await
+}
+
+fn header<'a>(d: &'a pb::Delivery, key: &str) -> &'a str {
+    let h = d.headers.iter().find(|h| h.key == key).unwrap();
+    std::str::from_utf8(&h.value).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_is_handed_out_more_than_max_deliveries_on_any_path() {
+    for seed in 1..=4u64 {
+        let exclusive = seed % 2 == 0;
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start(config(dir.path())).await;
+        let mut client = server.client().await;
+        client
+            .send(pb::SendRequest {
+                topic: "p".into(),
+                messages: (0..MESSAGES).map(|i| message(format!("m{i}"))).collect(),
+            })
+            .await
+            .unwrap();
+        let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
+        // Every handing observed by a client: (partition, offset) -> attempts, in order.
+        let mut seen: BTreeMap<(u32, u64), Vec<u32>> = BTreeMap::new();
+        let mut trace = Vec::new();
+        for _step in 0..200 {
+            let failure = match rng.below(4) {
+                0 => Failure::Nack,
+                1 => Failure::Leave,
+                2 => Failure::AckTimeout,
+                _ => Failure::Restart,
+            };
+            trace.push(failure);
+            let mut stream = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "p".into(),
+                    group: "g".into(),
+                    max_in_flight: 1 + rng.below(3) as u32,
+                    exclusive,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            // The next delivery, unless the group has nothing left: every message acknowledged
+            // or dead-lettered.
+            let mut admin = server.admin().await;
+            let done = async {
+                loop {
+                    let d = admin
+                        .describe_group(pb::DescribeGroupRequest { group: "g".into() })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if d.topics[0].partitions.iter().all(|p| p.lag == 0) {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            };
+            let mut got = tokio::select! {
+                got = take(&mut stream, 1) => got,
+                () = done => break,
+            };
+            if matches!(failure, Failure::AckTimeout) && got.iter().any(|d| d.attempt < MAX) {
+                // Not acked: it comes back after the timeout (to this member, the only one).
+                let again = take(&mut stream, 1).await;
+                got.extend(again);
+            }
+            for d in &got {
+                seen.entry((d.partition, d.offset))
+                    .or_default()
+                    .push(d.attempt);
+            }
+            match failure {
+                Failure::Nack => {
+                    let ids = got.iter().map(|d| d.ack_id.clone()).collect();
+                    client
+                        .nack(pb::NackRequest {
+                            group: "g".into(),
+                            topic: "p".into(),
+                            ack_ids: ids,
+                            delay_ms: 0,
+                        })
+                        .await
+                        .unwrap();
+                    drop(stream);
+                }
+                Failure::Leave | Failure::AckTimeout => drop(stream),
+                Failure::Restart => {
+                    server.stop().await;
+                    drop(stream);
+                    server = TestServer::start(config(dir.path())).await;
+                    client = server.client().await;
+                }
+            }
+        }
+        let context = format!("seed {seed} (exclusive: {exclusive}), steps {trace:?}");
+        for (id, attempts) in &seen {
+            // Strictly increasing and never past MAX. (A number can be missing: a delivery
+            // handed to the transport counts even when the client dropped its stream before
+            // reading it.)
+            assert!(
+                attempts.windows(2).all(|w| w[0] < w[1]) && attempts.iter().all(|&a| a <= MAX),
+                "{id:?} was handed out as {attempts:?}; {context}"
+            );
+        }
+        assert_eq!(seen.len(), MESSAGES, "{context}");
+        // Each message failed MAX times: dead-lettered exactly once.
+        let dlq = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let d = dlq_records(&server).await;
+                if d.len() >= MESSAGES {
+                    return d;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every message reached the dead-letter topic");
+        let mut dead: Vec<(u32, u64)> = dlq
+            .iter()
+            .map(|d| {
+                assert_eq!(
+                    header(d, "sluice.dlq.attempts"),
+                    MAX.to_string(),
+                    "{context}"
+                );
+                (
+                    header(d, "sluice.dlq.partition").parse().unwrap(),
+                    header(d, "sluice.dlq.offset").parse().unwrap(),
+                )
+            })
+            .collect();
+        dead.sort_unstable();
+        let want: Vec<(u32, u64)> = seen.keys().copied().collect();
+        assert_eq!(dead, want, "{context}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_nacks_say_what_they_applied_and_a_refused_subscribe_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = test_config(dir.path());
+    c.default_partitions = 1;
+    let server = TestServer::start(c).await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    client
+        .send(pb::SendRequest {
+            topic: "t".into(),
+            messages: (0..3).map(|i| message(format!("m{i}"))).collect(),
+        })
+        .await
+        .unwrap();
+    let refused = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            max_in_flight: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert!(groups.is_empty(), "{groups:?}");
+    assert!(!dir.path().join("groups/g").exists());
+
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    take(&mut stream, 3).await;
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let acked = client
+        .ack(pb::AckRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            ack_ids: ids(&["0:0", "0:0", "0:7", "0:1"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acked.acked, ids(&["0:0", "0:1"]));
+    assert_eq!(acked.not_in_flight, ids(&["0:0", "0:7"]));
+
+    let too_long = client
+        .nack(pb::NackRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            ack_ids: ids(&["0:2"]),
+            delay_ms: u64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    for (want_nacked, want_not) in [(ids(&["0:2"]), vec![]), (vec![], ids(&["0:2"]))] {
+        let nacked = client
+            .nack(pb::NackRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                ack_ids: ids(&["0:2"]),
+                delay_ms: 3_600_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (nacked.nacked, nacked.not_in_flight),
+            (want_nacked, want_not)
+        );
+    }
+}
+
+fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_with_a_count_takes_only_what_it_prints_so_attempts_are_not_burnt() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let mut client =
+        pb::broker_client::BrokerClient::new(sluice::cli::connect(&addr).await.unwrap());
+    client
+        .send(pb::SendRequest {
+            topic: "t".into(),
+            messages: (0..20).map(|i| message(format!("m{i}"))).collect(),
+        })
+        .await
+        .unwrap();
+    for i in 0..6 {
+        let out = sluice(&[
+            "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "1",
+        ]);
+        assert_succeeded(&out, "");
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("m{i}\n"));
+    }
+    let out = sluice(&[
+        "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "14", "--format",
+        "json",
+    ]);
+    assert_succeeded(&out, "");
+    let rest: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let offsets: Vec<u64> = rest.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (6..20).collect::<Vec<u64>>());
+    assert!(
+        rest.iter().all(|d| d["attempt"].as_u64() == Some(1)),
+        "no message was handed out before: {rest:?}"
+    );
+    let mut admin = pb::admin_client::AdminClient::new(sluice::cli::connect(&addr).await.unwrap());
+    let d = admin
+        .describe_group(pb::DescribeGroupRequest { group: "G".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &d.topics[0].partitions[0];
+    assert_eq!(
+        (p.committed_offset, p.redeliveries, p.dead_lettered),
+        (20, 0, 0)
+    );
+}
