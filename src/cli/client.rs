@@ -195,7 +195,11 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
             partitions: args.partition.clone(),
             start: Some(start),
             group: group.clone(),
-            max_in_flight: member_in_flight(args.max_in_flight, args.count),
+            max_in_flight: if group.is_empty() {
+                args.max_in_flight
+            } else {
+                member_in_flight(args.max_in_flight, args.count)
+            },
             exclusive: false,
         })
         .await?
