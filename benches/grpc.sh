@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end gRPC benchmarks over loopback with fsync = always: starts a broker on a fresh data
 # dir (target/bench-data/grpc, or $SLUICE_BENCH_DIR/grpc), runs `sluice bench`, stops it.
-# Usage: [SLUICE_BIN=path] benches/grpc.sh [messages for the lone-producer run, default 20000;
+# Usage: [BENCH_BIN=path] benches/grpc.sh [messages for the lone-producer run, default 20000;
 # x5 for 64 producers]
 # The load generator is `sluice bench`'s lean client (one thread, gRPC straight on HTTP/2); the
 # runs marked "tonic" repeat two of them with tonic's full client for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20000}"
-# SLUICE_BIN: measure another build (e.g. the previous commit's, for an interleaved A/B).
-if [ -z "${SLUICE_BIN:-}" ]; then cargo build --release --quiet; fi
-bin="${SLUICE_BIN:-target/release/sluice}"
+# BENCH_BIN: measure another build (e.g. the previous commit's, for an interleaved A/B).
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
+bin="${BENCH_BIN:-target/release/sluice}"
 dir="${SLUICE_BENCH_DIR:-target/bench-data}/grpc"
 rm -rf "$dir"
 mkdir -p "$dir"

@@ -297,7 +297,8 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_full_is_resource_exhausted_and_a_failed_fsync_makes_the_partition_unavailable() {
+async fn disk_full_is_resource_exhausted_another_io_error_internal_and_a_failed_fsync_unavailable()
+{
     let dir = tempfile::tempdir().unwrap();
     let io = FaultyIo::new();
     let server = TestServer::start_with_io(test_config(dir.path()), io.clone()).await;
@@ -312,6 +313,15 @@ async fn disk_full_is_resource_exhausted_and_a_failed_fsync_makes_the_partition_
     io.enospc.store(false, Ordering::SeqCst);
     let pos = send(&mut client, "t", vec![message("b")]).await.unwrap();
     assert_eq!(pos[0].offset, 1, "the failed send took no offset");
+
+    // Any other I/O error on the write: INTERNAL, and nothing visible.
+    io.fail_from
+        .store(io.ops.load(Ordering::SeqCst), Ordering::SeqCst);
+    let err = send(&mut client, "t", vec![message("x")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    io.fail_from.store(u64::MAX, Ordering::SeqCst);
 
     io.fail_sync.store(true, Ordering::SeqCst);
     let err = send(&mut client, "t", vec![message("c")])

@@ -18,9 +18,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::body::Body;
@@ -174,11 +174,11 @@ impl Conn {
             stream,
             read: Arc::clone(&read),
         };
-        let (calls_tx, mut calls) = watch::channel(0usize);
-        let calls_tx = Arc::new(calls_tx);
+        let activity = Arc::new(Activity::new());
+        let calls = Arc::clone(&activity);
         let routes = self.routes;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let call = Call::start(&calls_tx);
+            let call = Call::start(&calls);
             let mut routes = routes.clone();
             async move {
                 let response = routes.call(req.map(Body::new)).await?;
@@ -201,16 +201,15 @@ impl Conn {
         let mut handshake = std::pin::pin!(handshake);
         let mut handshake_done = false;
         let idle_timeout = s.idle_timeout;
+        // Checked when it could have passed (no timer per call: calls only touch atomics).
         let idle = async move {
+            let mut wait = idle_timeout;
             loop {
-                if calls.wait_for(|&n| n == 0).await.is_err() {
-                    return std::future::pending().await;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(idle_timeout) => return,
-                    changed = calls.changed() => if changed.is_err() {
-                        return std::future::pending().await;
-                    },
+                tokio::time::sleep(wait).await;
+                match activity.idle_for() {
+                    Some(idle) if idle >= idle_timeout => return,
+                    Some(idle) => wait = idle_timeout - idle,
+                    None => wait = idle_timeout,
                 }
             }
         };
@@ -262,23 +261,53 @@ impl Conn {
     }
 }
 
+/// A connection's calls in flight and when the last one ended.
+struct Activity {
+    calls: AtomicUsize,
+    started: Instant,
+    /// Nanoseconds from `started` to the end of the last call.
+    last_end: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            calls: AtomicUsize::new(0),
+            started: Instant::now(),
+            last_end: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the connection has had no call open; `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = Duration::from_nanos(self.last_end.load(Ordering::SeqCst));
+        Some(self.started.elapsed().saturating_sub(last))
+    }
+}
+
 /// One call in flight on a connection; counts down when dropped.
 struct Call {
-    calls: Arc<watch::Sender<usize>>,
+    activity: Arc<Activity>,
 }
 
 impl Call {
-    fn start(calls: &Arc<watch::Sender<usize>>) -> Call {
-        calls.send_modify(|n| *n += 1);
+    fn start(activity: &Arc<Activity>) -> Call {
+        activity.calls.fetch_add(1, Ordering::SeqCst);
         Call {
-            calls: Arc::clone(calls),
+            activity: Arc::clone(activity),
         }
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        self.calls.send_modify(|n| *n = n.saturating_sub(1));
+        let a = &self.activity;
+        let now = a.started.elapsed().as_nanos() as u64;
+        a.last_end.fetch_max(now, Ordering::SeqCst);
+        a.calls.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -169,6 +169,23 @@ struct Member {
     in_flight: usize,
     max_in_flight: usize,
     exclusive: bool,
+    /// Told (on its stream) that a partition is blocked by damage.
+    told_blocked: bool,
+}
+
+impl Member {
+    /// Tells the member, once, why a partition is blocked; false while its buffer is full (the
+    /// next dispatch round tries again).
+    fn tell_blocked(&mut self, parts: &[PState]) -> bool {
+        if self.told_blocked {
+            return true;
+        }
+        let Some(why) = parts.iter().find_map(|p| p.blocked.as_ref()) else {
+            return true;
+        };
+        self.told_blocked = self.tx.try_send(Err(Error::Damaged(why.clone()))).is_ok();
+        self.told_blocked
+    }
 }
 
 #[derive(Debug, Default)]
@@ -480,12 +497,6 @@ impl GroupTopic {
             )));
         }
         let (tx, rx) = mpsc::channel(self.settings.member_buffer);
-        // A partition stopped at damage: the new member hears of it at once, like the others.
-        for part in &st.parts {
-            if let Some(why) = &part.blocked {
-                let _ = tx.try_send(Err(Error::Damaged(why.clone())));
-            }
-        }
         let id = st.next_member;
         st.next_member += 1;
         st.members.insert(
@@ -495,8 +506,14 @@ impl GroupTopic {
                 in_flight: 0,
                 max_in_flight,
                 exclusive,
+                told_blocked: false,
             },
         );
+        // A partition stopped at damage: the new member hears of it at once, like the others.
+        let State { parts, members, .. } = &mut *st;
+        if let Some(m) = members.get_mut(&id) {
+            m.tell_blocked(parts);
+        }
         if exclusive {
             assign_owners(&mut st);
         }
@@ -1149,9 +1166,10 @@ impl GroupTopic {
                     // Not retried: the group waits here until an operator moves it past the
                     // damage (`groups reset --partition`); every member is told.
                     tracing::error!(group = %self.group, error = %why, "group deliveries stopped at damage");
-                    part.blocked = Some(why.clone());
-                    for m in st.members.values() {
-                        let _ = m.tx.try_send(Err(Error::Damaged(why.clone())));
+                    part.blocked = Some(why);
+                    let State { parts, members, .. } = &mut *st;
+                    for m in members.values_mut() {
+                        m.tell_blocked(parts);
                     }
                     return;
                 }
@@ -1179,6 +1197,13 @@ impl GroupTopic {
         };
         let mut any = false;
         let mut events = Vec::new();
+        {
+            // Members whose buffer was full when a partition was blocked hear of it now.
+            let State { parts, members, .. } = &mut *st;
+            for m in members.values_mut() {
+                m.tell_blocked(parts);
+            }
+        }
         for id in ids {
             let (room, tx) = match st.members.get(&id) {
                 Some(m) if m.tx.capacity() > 0 => (
