@@ -61,7 +61,8 @@ pub struct Config {
     pub max_batch_messages: usize,
     /// Largest Send request on the wire. Default: 16777216 (16 MiB).
     pub max_request_bytes: usize,
-    /// Most client connections at once; further ones wait to be accepted. Default: 1024.
+    /// Most client connections at once. At the limit a new connection replaces the one with no
+    /// call open for longest; when every connection has a call open, it waits. Default: 1024.
     pub max_connections: usize,
     /// Most concurrent streams (calls) per connection. Default: 1024.
     pub max_concurrent_streams: u32,

@@ -1,7 +1,9 @@
 //! Connections: accepted, served and ended here, so that none of them can hold the broker.
 //!
-//! - At most `max_connections` at once: the accept loop takes a permit before each accept; past
-//!   the limit new clients wait in the kernel's backlog.
+//! - At most `max_connections` at once. At the limit, a new connection takes the place of the
+//!   one that has had no call open for longest (dropped); when every connection has a call
+//!   open, it waits for one to close, and the clients after it wait in the kernel's backlog.
+//!   So idle connections, however many, cannot lock new clients out.
 //! - A connection that has not sent the HTTP/2 preface and its first frame within
 //!   `handshake_timeout_ms` is closed, so silent sockets cannot fill the permits.
 //! - A connection with no call open for `idle_timeout_ms` is closed gracefully (GOAWAY: calls
@@ -13,12 +15,13 @@
 //! Each connection is one task serving tonic's routes through hyper, with its own count of calls
 //! in flight (a call lasts until its response body is done or dropped).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -60,6 +63,9 @@ pub struct Connections {
     kill: CancellationToken,
     permits: Arc<Semaphore>,
     max: usize,
+    /// Every open connection: its activity, and the token that drops it to make room.
+    open: Mutex<HashMap<u64, (Arc<Activity>, CancellationToken)>>,
+    next_id: AtomicU64,
 }
 
 impl Connections {
@@ -77,6 +83,8 @@ impl Connections {
             kill: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(settings.max_connections)),
             max: settings.max_connections,
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         });
         let me = Arc::clone(&connections);
         connections
@@ -99,13 +107,6 @@ impl Connections {
     ) {
         let mut backoff = Duration::from_millis(10);
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&self.permits).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                () = stop.cancelled() => return,
-            };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = stop.cancelled() => return,
@@ -113,17 +114,39 @@ impl Connections {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            self.evict_idlest();
+                            tokio::select! {
+                                p = Arc::clone(&self.permits).acquire_owned() => match p {
+                                    Ok(p) => p,
+                                    Err(_) => return,
+                                },
+                                () = stop.cancelled() => return,
+                            }
+                        }
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
                     }
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let activity = Arc::new(Activity::new());
+                    let evict = CancellationToken::new();
+                    self.registry()
+                        .insert(id, (Arc::clone(&activity), evict.clone()));
                     let conn = Conn {
                         routes: routes.clone(),
                         settings: settings.clone(),
                         goaway: self.goaway.clone(),
                         kill: self.kill.clone(),
+                        evict,
+                        activity,
                     };
+                    let me = Arc::clone(&self);
                     self.tasks.spawn(async move {
                         conn.run(stream, peer).await;
+                        me.registry().remove(&id);
                         drop(permit);
                     });
                 }
@@ -137,6 +160,29 @@ impl Connections {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+
+    fn registry(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<Activity>, CancellationToken)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the connection that has had no call open for longest, if any has none open.
+    fn evict_idlest(&self) {
+        let registry = self.registry();
+        let idlest = registry
+            .values()
+            .filter_map(|(a, evict)| Some((a.idle_for()?, evict)))
+            .filter(|(_, evict)| !evict.is_cancelled())
+            .max_by_key(|(idle, _)| *idle);
+        if let Some((idle, evict)) = idlest {
+            tracing::debug!(
+                idle_ms = idle.as_millis() as u64,
+                "at max_connections: dropping the idlest connection"
+            );
+            evict.cancel();
         }
     }
 
@@ -164,6 +210,9 @@ struct Conn {
     settings: ConnSettings,
     goaway: CancellationToken,
     kill: CancellationToken,
+    /// Cancelled to make room for a new connection (only while this one has no call open).
+    evict: CancellationToken,
+    activity: Arc<Activity>,
 }
 
 impl Conn {
@@ -174,7 +223,7 @@ impl Conn {
             stream,
             read: Arc::clone(&read),
         };
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::clone(&self.activity);
         let calls = Arc::clone(&activity);
         let routes = self.routes;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -255,6 +304,10 @@ impl Conn {
                     tracing::debug!(%peer, "dropped at the shutdown deadline");
                     break;
                 }
+                () = self.evict.cancelled() => {
+                    tracing::debug!(%peer, "dropped to make room for a new connection");
+                    break;
+                }
             }
         }
         tracing::debug!(%peer, "connection closed");
@@ -262,6 +315,7 @@ impl Conn {
 }
 
 /// A connection's calls in flight and when the last one ended.
+#[derive(Debug)]
 struct Activity {
     calls: AtomicUsize,
     started: Instant,
