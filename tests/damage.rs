@@ -208,6 +208,64 @@ async fn readers_get_every_intact_record_before_damage_then_data_loss_and_groups
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_that_meets_damage_stops_the_group_and_tells_its_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut client = server.client().await;
+    for chunk in 0..100u64 {
+        client
+            .send(pb::SendRequest {
+                topic: "t".into(),
+                messages: (0..10)
+                    .map(|i| message(format!("{:0100}", chunk * 10 + i)))
+                    .collect(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut member = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            max_in_flight: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take(&mut member, 5).await;
+    // The first batch (offsets 0-9, in a closed segment) is damaged after it was delivered.
+    let first = &logs(&dir.path().join("topics/t/0"))[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    bytes[16 + 200] ^= 0x01;
+    std::fs::write(first, bytes).unwrap();
+    client
+        .nack(pb::NackRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let (_, status) = read_to_end(&mut member, u64::MAX).await;
+    let status = status.expect("the member is told");
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains("topic \"t\" partition 0"),
+        "{status:?}"
+    );
+    let d = server
+        .admin()
+        .await
+        .describe_group(pb::DescribeGroupRequest { group: "g".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.topics[0].partitions[0].blocked.is_empty(), "{d:?}");
+}
+
 #[test]
 fn verify_and_dump_refuse_a_directory_that_is_not_a_data_directory() {
     let dir = tempfile::tempdir().unwrap();

@@ -211,6 +211,14 @@ impl Flight {
 }
 
 impl State {
+    /// Tells every member not told yet that a partition is blocked by damage.
+    fn tell_blocked(&mut self) {
+        let State { parts, members, .. } = self;
+        for m in members.values_mut() {
+            m.tell_blocked(parts);
+        }
+    }
+
     /// Takes a delivery out of flight (acked, nacked or expired), with its deadline and its
     /// member's count.
     fn land(&mut self, p: u32, offset: u64) -> Option<Flight> {
@@ -510,10 +518,7 @@ impl GroupTopic {
             },
         );
         // A partition stopped at damage: the new member hears of it at once, like the others.
-        let State { parts, members, .. } = &mut *st;
-        if let Some(m) = members.get_mut(&id) {
-            m.tell_blocked(parts);
-        }
+        st.tell_blocked();
         if exclusive {
             assign_owners(&mut st);
         }
@@ -1060,6 +1065,9 @@ impl GroupTopic {
             let mut fetch = Vec::new();
             if room > 0 {
                 for (p, part) in st.parts.iter().enumerate() {
+                    if part.blocked.is_some() {
+                        continue;
+                    }
                     let due = part
                         .pending
                         .iter()
@@ -1079,8 +1087,9 @@ impl GroupTopic {
             return Ok(());
         }
         let topic = Arc::clone(&self.topic);
-        let fetched = tokio::task::spawn_blocking(move || {
+        let (fetched, damaged) = tokio::task::spawn_blocking(move || {
             let mut fetched = Vec::new();
+            let mut damaged = Vec::new();
             for (p, offset) in fetch {
                 let log = &topic.partitions[p as usize].log;
                 match read_record_blocking(log, offset) {
@@ -1089,14 +1098,23 @@ impl GroupTopic {
                     Err(Error::Storage(storage::Error::OffsetOutOfRange { .. })) => {
                         fetched.push((p, offset, None));
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => match e.in_partition(&topic.name, p) {
+                        // Damaged since it was first delivered: the partition stops here.
+                        Error::Damaged(why) => damaged.push((p, why)),
+                        e => return Err(e),
+                    },
                 }
             }
-            Ok(fetched)
+            Ok((fetched, damaged))
         })
         .await
         .map_err(|e| Error::Internal(format!("group read task: {e}")))??;
         let mut st = lock(&self.state);
+        for (p, why) in damaged {
+            tracing::error!(group = %self.group, error = %why, "group redelivery stopped at damage");
+            st.parts[p as usize].blocked.get_or_insert(why);
+        }
+        st.tell_blocked();
         for (p, offset, record) in fetched {
             let part = &mut st.parts[p as usize];
             match record {
@@ -1167,10 +1185,7 @@ impl GroupTopic {
                     // damage (`groups reset --partition`); every member is told.
                     tracing::error!(group = %self.group, error = %why, "group deliveries stopped at damage");
                     part.blocked = Some(why);
-                    let State { parts, members, .. } = &mut *st;
-                    for m in members.values_mut() {
-                        m.tell_blocked(parts);
-                    }
+                    st.tell_blocked();
                     return;
                 }
                 e => {
@@ -1197,13 +1212,8 @@ impl GroupTopic {
         };
         let mut any = false;
         let mut events = Vec::new();
-        {
-            // Members whose buffer was full when a partition was blocked hear of it now.
-            let State { parts, members, .. } = &mut *st;
-            for m in members.values_mut() {
-                m.tell_blocked(parts);
-            }
-        }
+        // Members whose buffer was full when a partition was blocked hear of it now.
+        st.tell_blocked();
         for id in ids {
             let (room, tx) = match st.members.get(&id) {
                 Some(m) if m.tx.capacity() > 0 => (
