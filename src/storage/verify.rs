@@ -243,7 +243,7 @@ impl Verifier {
                     next = h.next_offset();
                     pos += h.size;
                 }
-                Decoded::Torn { .. } if active => break,
+                ref d if normal_end(d, active, &bytes[pos..]) => break,
                 Decoded::Torn { needed } => {
                     self.problem(
                         &path,
@@ -256,10 +256,7 @@ impl Verifier {
                     break;
                 }
                 Decoded::Corrupt(why) => {
-                    let rest_zero = bytes[pos..].iter().all(|&b| b == 0);
-                    if !(active && rest_zero) {
-                        self.problem(&path, pos as u64, why);
-                    }
+                    self.problem(&path, pos as u64, why);
                     break;
                 }
             }
@@ -471,25 +468,18 @@ pub fn for_each_record(
         while pos < bytes.len() {
             let batch = match Batch::decode(&bytes.slice(pos..)) {
                 Decoded::Valid(batch) => batch,
-                // The active segment's preallocated tail: zeros, not damage.
-                _ if next_base.is_none() && bytes[pos..].iter().all(|&b| b == 0) => break,
-                Decoded::Torn { .. } => {
+                ref d if normal_end(d, next_base.is_none(), &bytes[pos..]) => break,
+                bad => {
+                    let reason = match bad {
+                        Decoded::Corrupt(why) => why,
+                        _ => "batch cut short",
+                    };
                     damage.push(Damage {
                         path: path.clone(),
                         position: pos as u64,
                         from: next.max(from),
                         to: next_base,
-                        reason: "batch cut short".into(),
-                    });
-                    break;
-                }
-                Decoded::Corrupt(why) => {
-                    damage.push(Damage {
-                        path: path.clone(),
-                        position: pos as u64,
-                        from: next.max(from),
-                        to: next_base,
-                        reason: why.to_string(),
+                        reason: reason.to_string(),
                     });
                     break;
                 }
@@ -534,6 +524,18 @@ impl std::fmt::Display for Damage {
             self.from
         )
     }
+}
+
+/// Whether a scan of a segment that stopped on `d`, with `rest` left, met a normal end rather
+/// than damage: in the active segment (a broker may be writing it), a batch still being
+/// written, or preallocated zeros.
+fn normal_end<T>(d: &Decoded<T>, active: bool, rest: &[u8]) -> bool {
+    active
+        && match d {
+            Decoded::Valid(_) => false,
+            Decoded::Torn { .. } => true,
+            Decoded::Corrupt(_) => rest.iter().all(|&b| b == 0),
+        }
 }
 
 /// Whether `dir` looks like a Sluice data directory (it has `topics/`).
