@@ -155,11 +155,7 @@ pub struct TopicDescription {
     pub partitions: Vec<PartitionDescription>,
 }
 
-/// A Send routed and encoded, not yet written.
-struct SendPlan {
-    batches: Vec<PlannedBatch>,
-}
-
+/// One partition's share of a Send, routed and encoded, not yet written.
 struct PlannedBatch {
     partition: u32,
     batch: EncodedBatch,
@@ -329,11 +325,7 @@ impl Broker {
         }
         validate_topic_name(topic)?;
         let plan = match self.topic(topic) {
-            Some(t) => {
-                let spread = t.next_spread_partition();
-                let plan = self.plan(&t.name, t.partitions.len() as u32, spread, messages)?;
-                return self.append_planned(&t, plan).await;
-            }
+            Some(t) => return self.send_to(&t, messages).await,
             None if !create => return Err(Error::TopicNotFound(topic.to_string())),
             // Planned against the partitions the topic will have, before it is created.
             None => self.plan(topic, self.config.default_partitions, 0, messages)?,
@@ -369,7 +361,7 @@ impl Broker {
         count: u32,
         spread: u32,
         messages: Vec<NewMessage>,
-    ) -> Result<SendPlan> {
+    ) -> Result<Vec<PlannedBatch>> {
         let mut routes: Vec<(Vec<Record>, Vec<usize>)> =
             vec![(Vec::new(), Vec::new()); count as usize];
         let timestamp = now_ms();
@@ -418,15 +410,19 @@ impl Broker {
                 indexes,
             });
         }
-        Ok(SendPlan { batches })
+        Ok(batches)
     }
 
     /// Hands every planned batch to its partition's writer, then waits until all are durable.
     /// The permits of every partition are taken first (in partition order, so two Sends cannot
     /// hold each other up), so that nothing is handed over unless everything can be.
-    async fn append_planned(&self, topic: &Arc<Topic>, plan: SendPlan) -> Result<Vec<(u32, u64)>> {
-        let mut permits = Vec::with_capacity(plan.batches.len());
-        for b in &plan.batches {
+    async fn append_planned(
+        &self,
+        topic: &Arc<Topic>,
+        plan: Vec<PlannedBatch>,
+    ) -> Result<Vec<(u32, u64)>> {
+        let mut permits = Vec::with_capacity(plan.len());
+        for b in &plan {
             let handle = &topic.partitions[b.partition as usize];
             let permit = Arc::clone(&handle.permits)
                 .acquire_owned()
@@ -434,10 +430,10 @@ impl Broker {
                 .map_err(|_| Error::ShuttingDown)?;
             permits.push(permit);
         }
-        let total = plan.batches.iter().map(|b| b.indexes.len()).sum();
+        let total = plan.iter().map(|b| b.indexes.len()).sum();
         // Hand every batch to its writer first, then wait: the partitions sync in parallel.
-        let mut pending = Vec::with_capacity(plan.batches.len());
-        for (b, permit) in plan.batches.into_iter().zip(permits) {
+        let mut pending = Vec::with_capacity(plan.len());
+        for (b, permit) in plan.into_iter().zip(permits) {
             let (tx, rx) = oneshot::channel();
             topic.partitions[b.partition as usize].log.append(
                 b.batch,
