@@ -154,14 +154,7 @@ impl Broker {
                 g.member_count()
             )));
         }
-        let count = g.topic.partitions.len() as u32;
-        if let Some(&p) = partitions.iter().find(|&&p| p >= count) {
-            return Err(Error::PartitionNotFound {
-                topic: topic.to_string(),
-                partition: p,
-                count,
-            });
-        }
+        // Unknown partitions are refused by `GroupTopic::reset`, before anything changes.
         let mut cursors = Vec::new();
         for handle in &g.topic.partitions {
             let chosen = partitions.is_empty() || partitions.contains(&handle.id);

@@ -135,6 +135,26 @@ impl PState {
         .fold(self.cursor, u64::min)
     }
 
+    /// Waiting for redelivery no sooner than `not_before`, after `attempts` handed.
+    fn retry(&mut self, offset: u64, attempts: u32, not_before: Instant) {
+        let pending = Pending {
+            not_before,
+            attempt: attempts,
+        };
+        self.pending.insert(offset, pending);
+    }
+
+    /// To be dead-lettered after `attempts`; the dispatcher starts on it.
+    fn dead_letter_later(&mut self, offset: u64, attempts: u32, reason: Reason) {
+        let d = DeadLetter {
+            offset,
+            attempts,
+            dlq_mark: u64::MAX,
+            reason,
+        };
+        self.dead_lettering.insert(offset, (d, false));
+    }
+
     fn reset(&mut self, cursor: u64) {
         let (redeliveries, dead_lettered) = (self.redeliveries, self.dead_lettered);
         *self = PState {
@@ -173,21 +193,6 @@ struct Member {
     told_blocked: bool,
 }
 
-impl Member {
-    /// Tells the member, once, why a partition is blocked; false while its buffer is full (the
-    /// next dispatch round tries again).
-    fn tell_blocked(&mut self, parts: &[PState]) -> bool {
-        if self.told_blocked {
-            return true;
-        }
-        let Some(why) = parts.iter().find_map(|p| p.blocked.as_ref()) else {
-            return true;
-        };
-        self.told_blocked = self.tx.try_send(Err(Error::Damaged(why.clone()))).is_ok();
-        self.told_blocked
-    }
-}
-
 #[derive(Debug, Default)]
 struct State {
     parts: Vec<PState>,
@@ -211,11 +216,15 @@ impl Flight {
 }
 
 impl State {
-    /// Tells every member not told yet that a partition is blocked by damage.
+    /// Tells every member not told yet (on its stream) why a partition is blocked by damage;
+    /// one whose buffer is full is told by a later dispatch round.
     fn tell_blocked(&mut self) {
         let State { parts, members, .. } = self;
-        for m in members.values_mut() {
-            m.tell_blocked(parts);
+        let Some(why) = parts.iter().find_map(|p| p.blocked.as_ref()) else {
+            return;
+        };
+        for m in members.values_mut().filter(|m| !m.told_blocked) {
+            m.told_blocked = m.tx.try_send(Err(Error::Damaged(why.clone()))).is_ok();
         }
     }
 
@@ -373,22 +382,10 @@ impl GroupTopic {
             // was its last attempt.
             for (&offset, &attempt) in &s.outstanding {
                 if attempt >= settings.max_deliveries {
-                    let d = DeadLetter {
-                        offset,
-                        attempts: attempt,
-                        dlq_mark: u64::MAX,
-                        reason: Reason::Restarted,
-                    };
-                    p.dead_lettering.insert(offset, (d, false));
-                    continue;
+                    p.dead_letter_later(offset, attempt, Reason::Restarted);
+                } else {
+                    p.retry(offset, attempt, now);
                 }
-                p.pending.insert(
-                    offset,
-                    Pending {
-                        not_before: now,
-                        attempt,
-                    },
-                );
             }
             for d in &s.dead_letters {
                 p.dead_lettering.insert(d.offset, (*d, false));
@@ -588,7 +585,7 @@ impl GroupTopic {
         Vec<bool>,
         Option<oneshot::Receiver<storage::Result<storage::Appended>>>,
     )> {
-        self.check_partitions(ids)?;
+        self.check_partitions(ids.iter().map(|&(p, _)| p))?;
         let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         let mut applied = Vec::with_capacity(ids.len());
         let mut st = lock(&self.state);
@@ -630,7 +627,7 @@ impl GroupTopic {
                 delay.as_millis()
             )));
         }
-        self.check_partitions(ids)?;
+        self.check_partitions(ids.iter().map(|&(p, _)| p))?;
         let now = Instant::now();
         let mut st = lock(&self.state);
         let max = self.settings.max_deliveries;
@@ -694,10 +691,10 @@ impl GroupTopic {
         drop(self.append_with(&events, false));
     }
 
-    fn check_partitions(&self, ids: &[(u32, u64)]) -> Result<()> {
+    fn check_partitions(&self, partitions: impl IntoIterator<Item = u32>) -> Result<()> {
         let n = self.topic.partitions.len() as u32;
-        match ids.iter().find(|(p, _)| *p >= n) {
-            Some(&(p, _)) => Err(Error::PartitionNotFound {
+        match partitions.into_iter().find(|&p| p >= n) {
+            Some(p) => Err(Error::PartitionNotFound {
                 topic: self.topic.name.to_string(),
                 partition: p,
                 count: n,
@@ -718,7 +715,7 @@ impl GroupTopic {
     /// Moves the chosen partitions (all when `only` is empty) to `cursor(p)`, abandoning what
     /// is outstanding there, and unblocking them if damage had stopped them.
     pub async fn reset(&self, only: &[u32], cursor: impl Fn(u32) -> u64) -> Result<()> {
-        self.check_partitions(&only.iter().map(|&p| (p, 0)).collect::<Vec<_>>())?;
+        self.check_partitions(only.iter().copied())?;
         let chosen = |p: u32| only.is_empty() || only.contains(&p);
         let done = {
             let mut st = lock(&self.state);
@@ -1362,37 +1359,11 @@ fn record_bytes(r: &StoredRecord) -> usize {
 /// again at once, with its attempts as they were.
 fn give_back(part: &mut PState, offset: u64, f: &Flight, when: Instant, max: u32, why: Reason) {
     if !f.handed {
-        part.pending.insert(
-            offset,
-            Pending {
-                not_before: Instant::now(),
-                attempt: f.counted(),
-            },
-        );
-        return;
-    }
-    let attempt = f.attempt;
-    if attempt >= max {
-        part.dead_lettering.insert(
-            offset,
-            (
-                DeadLetter {
-                    offset,
-                    attempts: attempt,
-                    dlq_mark: u64::MAX,
-                    reason: why,
-                },
-                false,
-            ),
-        );
+        part.retry(offset, f.counted(), Instant::now());
+    } else if f.attempt >= max {
+        part.dead_letter_later(offset, f.attempt, why);
     } else {
-        part.pending.insert(
-            offset,
-            Pending {
-                not_before: when,
-                attempt,
-            },
-        );
+        part.retry(offset, f.attempt, when);
     }
 }
 
