@@ -10,7 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::server::{TestServer, bin, keyed, message, subscribe_from, take, test_config};
+use common::server::{
+    TestServer, ack_deliveries, bin, join_group, keyed, message, subscribe_from, take, test_config,
+};
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::start_position::Kind;
 use tonic::Code;
@@ -33,6 +35,25 @@ fn logs(dir: &Path) -> Vec<PathBuf> {
 
 fn base_of(path: &Path) -> u64 {
     path.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Sends `n` messages to topic `t`, ten per request (so ten per batch on disk), each value its
+/// offset as 100 digits.
+async fn send_numbered(
+    client: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    n: u64,
+) {
+    for chunk in 0..n / 10 {
+        client
+            .send(pb::SendRequest {
+                topic: "t".into(),
+                messages: (0..10)
+                    .map(|i| message(format!("{:0100}", chunk * 10 + i)))
+                    .collect(),
+            })
+            .await
+            .unwrap();
+    }
 }
 
 /// Reads a stream until it ends; returns the deliveries and the status that ended it.
@@ -62,17 +83,7 @@ async fn readers_get_every_intact_record_before_damage_then_data_loss_and_groups
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
     let mut client = server.client().await;
-    for chunk in 0..N / 10 {
-        client
-            .send(pb::SendRequest {
-                topic: "t".into(),
-                messages: (0..10)
-                    .map(|i| message(format!("{:0100}", chunk * 10 + i)))
-                    .collect(),
-            })
-            .await
-            .unwrap();
-    }
+    send_numbered(&mut client, N).await;
     server.stop().await;
     // One flipped byte in the middle of the second (closed) segment.
     let partition = dir.path().join("topics/t/0");
@@ -130,29 +141,11 @@ async fn readers_get_every_intact_record_before_damage_then_data_loss_and_groups
 
     // A group member: every intact record, then DATA_LOSS on its stream, and DescribeGroup says
     // why; a reset of the partition past the damage lets the group go on.
-    let join = |mut c: pb::broker_client::BrokerClient<_>| async move {
-        c.subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "g".into(),
-            max_in_flight: 5000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    };
-    let mut member = join(client.clone()).await;
+    let mut member = join_group(&mut client, "t", "g", 5000, false).await;
     let (got, status) = read_to_end(&mut member, N).await;
     assert_eq!(got.len() as u64, intact_end);
     assert_eq!(status.unwrap().code(), Code::DataLoss);
-    client
-        .ack(pb::AckRequest {
-            group: "g".into(),
-            topic: "t".into(),
-            ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
-        })
-        .await
-        .unwrap();
+    ack_deliveries(&mut client, "t", "g", &got).await;
     drop(member);
     let mut admin = server.admin().await;
     let d = admin
@@ -176,7 +169,7 @@ async fn readers_get_every_intact_record_before_damage_then_data_loss_and_groups
         })
         .await
         .unwrap();
-    let mut member = join(client.clone()).await;
+    let mut member = join_group(&mut client, "t", "g", 5000, false).await;
     let got = take(&mut member, (N - next) as usize).await;
     assert_eq!(got[0].offset, next);
     assert_eq!(got.last().unwrap().offset, N - 1);
@@ -213,27 +206,8 @@ async fn a_redelivery_that_meets_damage_stops_the_group_and_tells_its_members() 
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
     let mut client = server.client().await;
-    for chunk in 0..100u64 {
-        client
-            .send(pb::SendRequest {
-                topic: "t".into(),
-                messages: (0..10)
-                    .map(|i| message(format!("{:0100}", chunk * 10 + i)))
-                    .collect(),
-            })
-            .await
-            .unwrap();
-    }
-    let mut member = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "g".into(),
-            max_in_flight: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    send_numbered(&mut client, 1000).await;
+    let mut member = join_group(&mut client, "t", "g", 5, false).await;
     let got = take(&mut member, 5).await;
     // The first batch (offsets 0-9, in a closed segment) is damaged after it was delivered.
     let first = &logs(&dir.path().join("topics/t/0"))[0];

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::server::{
-    BrokerProcess, TestServer, assert_succeeded, bin, message, take, test_config,
+    BrokerProcess, TestServer, assert_succeeded, bin, join_group, message, take, test_config,
 };
 use sluice::proto::v1 as pb;
 use tonic::Code;
@@ -98,17 +98,8 @@ async fn no_message_is_handed_out_more_than_max_deliveries_on_any_path() {
                 _ => Failure::Restart,
             };
             trace.push(failure);
-            let mut stream = client
-                .subscribe(pb::SubscribeRequest {
-                    topic: "p".into(),
-                    group: "g".into(),
-                    max_in_flight: 1 + rng.below(3) as u32,
-                    exclusive,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let max_in_flight = 1 + rng.below(3) as u32;
+            let mut stream = join_group(&mut client, "p", "g", max_in_flight, exclusive).await;
             // The next delivery, unless the group has nothing left: every message acknowledged
             // or dead-lettered.
             let mut admin = server.admin().await;
@@ -241,15 +232,7 @@ async fn acks_and_nacks_say_what_they_applied_and_a_refused_subscribe_creates_no
     assert!(groups.is_empty(), "{groups:?}");
     assert!(!dir.path().join("groups/g").exists());
 
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "g".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = join_group(&mut client, "t", "g", 0, false).await;
     take(&mut stream, 3).await;
     let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let acked = client

@@ -319,12 +319,8 @@ async fn two_thousand_idle_connections_do_not_lock_a_new_client_out() {
     for i in 0..2000 {
         let mut c = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         if i % 2 == 0 {
-            // Half complete the client's side of the handshake (preface and SETTINGS), half
-            // send nothing at all.
-            c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                .await
-                .unwrap();
-            c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            // Half complete the client's side of the handshake, half send nothing at all.
+            send_client_preface(&mut c).await;
         }
         idle.push(c);
     }
@@ -397,6 +393,14 @@ async fn at_the_connection_limit_only_idle_connections_give_way() {
     assert_eq!(got[0].value.as_deref(), Some(&b"third"[..]));
 }
 
+/// The client's side of the HTTP/2 handshake: the preface and an empty SETTINGS frame.
+async fn send_client_preface(c: &mut tokio::net::TcpStream) {
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+}
+
 /// Reads from a raw connection until the server closes it; returns how long that took.
 async fn until_closed(mut s: tokio::net::TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -425,10 +429,7 @@ async fn silent_and_idle_connections_are_closed_and_calls_keep_one_open() {
 
     // The preface and settings, then nothing: closed once idle.
     let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    idle.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    send_client_preface(&mut idle).await;
     let took = until_closed(idle, Duration::from_secs(10)).await;
     assert!(took >= Duration::from_millis(550), "closed after {took:?}");
 

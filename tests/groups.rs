@@ -8,7 +8,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::server::{BrokerProcess, TestServer, message, subscribe_from, take, test_config};
+use common::server::{
+    BrokerProcess, TestServer, ack_deliveries as ack, join_group as join, message, subscribe_from,
+    take, test_config,
+};
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::broker_client::BrokerClient;
 use sluice::proto::v1::start_position::Kind;
@@ -23,37 +26,6 @@ async fn produce(client: &mut Client, topic: &str, n: usize) {
         .send(pb::SendRequest {
             topic: topic.into(),
             messages,
-        })
-        .await
-        .unwrap();
-}
-
-async fn join(
-    client: &mut Client,
-    topic: &str,
-    group: &str,
-    max_in_flight: u32,
-    exclusive: bool,
-) -> tonic::Streaming<pb::SubscribeResponse> {
-    client
-        .subscribe(pb::SubscribeRequest {
-            topic: topic.into(),
-            group: group.into(),
-            max_in_flight,
-            exclusive,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn ack(client: &mut Client, topic: &str, group: &str, deliveries: &[pb::Delivery]) {
-    client
-        .ack(pb::AckRequest {
-            group: group.into(),
-            topic: topic.into(),
-            ack_ids: deliveries.iter().map(|d| d.ack_id.clone()).collect(),
         })
         .await
         .unwrap();

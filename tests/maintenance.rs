@@ -11,7 +11,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::server::{
-    BrokerProcess, TestServer, assert_succeeded, bin, message, take, test_config,
+    BrokerProcess, TestServer, ack_deliveries, assert_succeeded, bin, join_group, message, take,
+    test_config,
 };
 use sluice::proto::v1 as pb;
 use sluice::storage::{FsyncPolicy, LogConfig, Partition, RealIo, Record, Retention};
@@ -57,24 +58,9 @@ async fn populated_data_dir() -> tempfile::TempDir {
             .await
             .unwrap();
     }
-    let mut member = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "g".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut member = join_group(&mut client, "t", "g", 0, false).await;
     let got = take(&mut member, 50).await;
-    client
-        .ack(pb::AckRequest {
-            group: "g".into(),
-            topic: "t".into(),
-            ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
-        })
-        .await
-        .unwrap();
+    ack_deliveries(&mut client, "t", "g", &got).await;
     drop(member);
     broker.signal("TERM");
     assert!(broker.wait().success());
@@ -267,25 +253,9 @@ async fn online_compaction_honours_a_lagging_group_and_reports_it_in_describe() 
             .unwrap();
     }
     // A group that has acknowledged the first 30 messages.
-    let mut member = client
-        .subscribe(pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "slow".into(),
-            max_in_flight: 30,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut member = join_group(&mut client, "t", "slow", 30, false).await;
     let got = take(&mut member, 30).await;
-    client
-        .ack(pb::AckRequest {
-            group: "slow".into(),
-            topic: "t".into(),
-            ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
-        })
-        .await
-        .unwrap();
+    ack_deliveries(&mut client, "t", "slow", &got).await;
     let describe = |a: &mut pb::admin_client::AdminClient<tonic::transport::Channel>| {
         let mut a = a.clone();
         async move {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::server::{BrokerProcess, bin, message, subscribe_from, take};
+use common::server::{BrokerProcess, bin, join_group, message, subscribe_from, take};
 use sluice::proto::seed;
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
@@ -72,15 +72,6 @@ async fn fill(addr: std::net::SocketAddr, topic: &str, requests: usize, per: usi
     }
 }
 
-fn group_request(topic: &str) -> pb::SubscribeRequest {
-    pb::SubscribeRequest {
-        topic: topic.into(),
-        group: "g".into(),
-        max_in_flight: 10,
-        ..Default::default()
-    }
-}
-
 /// What stays connected while the broker is told to stop.
 #[derive(Debug, Clone, Copy)]
 enum Holder {
@@ -99,19 +90,21 @@ enum Holder {
 /// What the holder's stream ended with, if it can tell.
 type Ended = tokio::task::JoinHandle<Option<Code>>;
 
+/// Reads a stream (either API's) to its end in the background.
+fn ends<T: prost::Message + Default + Send + 'static>(mut s: tonic::Streaming<T>) -> Ended {
+    tokio::spawn(async move {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Some(Code::Ok),
+                Err(e) => return Some(e.code()),
+            }
+        }
+    })
+}
+
 async fn hold(holder: Holder, addr: std::net::SocketAddr) -> (Ended, Option<std::process::Child>) {
     let mut c = client(addr).await;
-    let ends = |mut s: tonic::Streaming<pb::SubscribeResponse>| -> Ended {
-        tokio::spawn(async move {
-            loop {
-                match s.message().await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Some(Code::Ok),
-                    Err(e) => return Some(e.code()),
-                }
-            }
-        })
-    };
     match holder {
         Holder::StalledSubscriber => {
             fill(addr, "big", 100, 128, 8192).await; // 100 MiB
@@ -149,11 +142,7 @@ async fn hold(holder: Holder, addr: std::net::SocketAddr) -> (Ended, Option<std:
             })
             .await
             .unwrap();
-            let mut s = c
-                .subscribe(group_request(topic))
-                .await
-                .unwrap()
-                .into_inner();
+            let mut s = join_group(&mut c, topic, "g", 10, false).await;
             take(&mut s, 1).await;
             if n > 0 {
                 fill(addr, topic, 1, n, 10).await;
@@ -177,16 +166,7 @@ async fn hold(holder: Holder, addr: std::net::SocketAddr) -> (Ended, Option<std:
                 fill(addr, "s", 1, 50, 10).await;
                 s.message().await.unwrap().unwrap();
             }
-            let ended = tokio::spawn(async move {
-                loop {
-                    match s.message().await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => return Some(Code::Ok),
-                        Err(e) => return Some(e.code()),
-                    }
-                }
-            });
-            (ended, None)
+            (ends(s), None)
         }
         Holder::CliGroupMember => {
             fill(addr, "c", 1, 1, 10).await;

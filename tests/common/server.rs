@@ -204,6 +204,44 @@ pub fn assert_succeeded(out: &std::process::Output, context: &str) {
     );
 }
 
+/// Joins `group` on `topic` as a member.
+pub async fn join_group(
+    client: &mut BrokerClient<Channel>,
+    topic: &str,
+    group: &str,
+    max_in_flight: u32,
+    exclusive: bool,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    client
+        .subscribe(pb::SubscribeRequest {
+            topic: topic.into(),
+            group: group.into(),
+            max_in_flight,
+            exclusive,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Acknowledges `deliveries` for `group` on `topic`.
+pub async fn ack_deliveries(
+    client: &mut BrokerClient<Channel>,
+    topic: &str,
+    group: &str,
+    deliveries: &[pb::Delivery],
+) {
+    client
+        .ack(pb::AckRequest {
+            group: group.into(),
+            topic: topic.into(),
+            ack_ids: deliveries.iter().map(|d| d.ack_id.clone()).collect(),
+        })
+        .await
+        .unwrap();
+}
+
 /// A plain subscription to `topic` from `start` (absent: earliest).
 pub async fn subscribe_from(
     client: &mut BrokerClient<Channel>,
