@@ -1,4 +1,4 @@
-//! Partition writer threads run below the broker's priority (`LogConfig::writer_nice`), except
+//! Writer pool threads run below the broker's priority (`LogConfig::writer_nice`), except
 //! while they serve a lone producer.
 //! In a test binary of its own: it looks at every thread of the process.
 #![cfg(target_os = "linux")]
@@ -9,8 +9,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{open, small_config};
-use sluice::storage::{FsyncPolicy, LogConfig};
+use std::sync::Arc;
+
+use common::small_config;
+use sluice::storage::{FsyncPolicy, LogConfig, Partition, RealIo, WriterPool};
 
 /// Nice value of every partition writer thread of this process, by thread id.
 fn writer_nice_values() -> BTreeMap<u32, i32> {
@@ -38,7 +40,7 @@ fn nice_of(task: &Path) -> i32 {
 }
 
 #[test]
-fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
+fn pool_threads_run_below_the_broker_priority_by_the_configured_amount() {
     let base = nice_of(Path::new("/proc/thread-self"));
     let dir = tempfile::tempdir().unwrap();
     let config = |writer_nice| LogConfig {
@@ -47,28 +49,38 @@ fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
         writer_spin_us: 600_000_000,
         ..small_config(FsyncPolicy::Always)
     };
-
-    let kept = open(&dir.path().join("kept"), config(0));
-    kept.append_blocking(&[common::record(0, 10)]).unwrap();
     let before = writer_nice_values();
-    assert_eq!(
-        before.values().copied().collect::<Vec<_>>(),
-        [base],
-        "writer_nice = 0 keeps the priority"
-    );
+    // A pool of one thread, so that every partition below is served by the same thread.
+    let pool = WriterPool::new(1).unwrap();
+    let open = |name: &str, nice| {
+        Partition::open_in(
+            &pool,
+            &dir.path().join(name),
+            config(nice),
+            Arc::new(RealIo),
+            None,
+        )
+        .unwrap()
+    };
+    let new_writer = || {
+        let after = writer_nice_values();
+        let new: Vec<(u32, i32)> = after
+            .into_iter()
+            .filter(|(tid, _)| !before.contains_key(tid))
+            .collect();
+        assert_eq!(new.len(), 1, "one thread in the new pool: {new:?}");
+        new[0].1
+    };
 
-    let lowered = open(&dir.path().join("lowered"), config(7));
-    // The writer lowers itself when it starts; an acknowledged append means it has.
+    let kept = open("kept", 0);
+    kept.append_blocking(&[common::record(0, 10)]).unwrap();
+    assert_eq!(new_writer(), base, "writer_nice = 0 keeps the priority");
+
+    // The thread takes the priority of the partition it serves; an acknowledged append means
+    // it has.
+    let lowered = open("lowered", 7);
     lowered.append_blocking(&[common::record(0, 10)]).unwrap();
-    let after = writer_nice_values();
-    let new: Vec<u32> = after
-        .keys()
-        .filter(|tid| !before.contains_key(tid))
-        .copied()
-        .collect();
-    assert_eq!(new.len(), 1, "one new writer thread");
-    let tid = new[0];
-    assert_eq!(after[&tid], (base + 7).min(19));
+    assert_eq!(new_writer(), (base + 7).min(19));
 
     // One append at a time, each right after the previous answer: a lone producer, whose Send
     // polls for its answer on a worker thread. The writer serves it at the broker's priority.
@@ -76,6 +88,7 @@ fn writer_threads_run_below_the_broker_priority_by_the_configured_amount() {
         lowered.append_blocking(&[common::record(seq, 10)]).unwrap();
     }
     assert!(lowered.lone_sync_time().is_some());
-    assert_eq!(writer_nice_values()[&tid], base);
+    assert_eq!(new_writer(), base);
+    // Dropping the partition ends the writer's wait for that producer's next append.
     drop((kept, lowered));
 }

@@ -5,16 +5,19 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Everything that can go wrong in `storage`.
-#[derive(Debug, thiserror::Error)]
+/// Cloneable so that one failed write or sync can fail every append it carried; the source
+/// `io::Error` is shared, never rebuilt.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A file operation failed; `source.kind()` tells e.g. `StorageFull` apart.
     #[error("I/O error on {}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// An `fdatasync` failed. The partition is latched read-only until reopened: the kernel may
     /// have dropped the dirty pages, so retrying the sync could report success for lost data.
@@ -22,7 +25,7 @@ pub enum Error {
     SyncFailed {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// A write was refused because an earlier fsync failed on this partition.
     #[error("partition {} refuses writes after a failed fsync; reopen it", path.display())]
@@ -86,7 +89,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 

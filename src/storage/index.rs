@@ -17,6 +17,7 @@
 use std::io;
 use std::path::Path;
 
+use super::io::FileIo;
 use super::mapped::{MappedEntries, OpenProblem};
 
 pub const MAGIC: [u8; 4] = *b"SLIX";
@@ -42,19 +43,26 @@ pub struct OffsetIndex {
 }
 
 impl OffsetIndex {
-    pub fn create(path: &Path, base_offset: u64, capacity: usize) -> io::Result<Self> {
-        MappedEntries::create(path, MAGIC, base_offset, capacity).map(|entries| Self { entries })
+    pub fn create(
+        path: &Path,
+        base_offset: u64,
+        capacity: usize,
+        io: &dyn FileIo,
+    ) -> io::Result<Self> {
+        MappedEntries::create(path, MAGIC, base_offset, capacity, io)
+            .map(|entries| Self { entries })
     }
 
     /// Opens an existing index and checks that its entries are strictly increasing.
-    /// `max_entries`: how many entries count (see [`MappedEntries::open`]).
+    /// `max_entries` and `map_capacity`: see [`MappedEntries::open`].
     pub fn open(
         path: &Path,
         base_offset: u64,
         max_entries: Option<usize>,
+        map_capacity: usize,
     ) -> Result<Self, OpenProblem> {
         let index = Self {
-            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries)?,
+            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries, map_capacity)?,
         };
         let mut prev: Option<IndexEntry> = None;
         for i in 0..index.len() {
@@ -108,16 +116,20 @@ impl OffsetIndex {
         self.entries.push(b)
     }
 
-    pub fn reset(&mut self, len: usize, capacity: usize) -> io::Result<()> {
-        self.entries.reset(len, capacity)
+    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.reset(len, capacity, io)
     }
 
-    pub fn trim(&self) -> io::Result<()> {
-        self.entries.trim()
+    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.grow(io)
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        self.entries.sync()
+    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.trim(io)
+    }
+
+    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.sync(io)
     }
 }
 
@@ -129,7 +141,7 @@ mod tests {
     fn lookup_finds_the_last_entry_at_or_below_the_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0.index");
-        let idx = OffsetIndex::create(&path, 100, 8).unwrap();
+        let idx = OffsetIndex::create(&path, 100, 8, &crate::storage::RealIo).unwrap();
         for (rel, pos) in [(0, 16), (10, 4096), (25, 9000)] {
             assert!(idx.push(IndexEntry {
                 relative_offset: rel,
@@ -141,13 +153,13 @@ mod tests {
         assert_eq!(idx.lookup(10).unwrap().position, 4096);
         assert_eq!(idx.lookup(24).unwrap().position, 4096);
         assert_eq!(idx.lookup(1000).unwrap().position, 9000);
-        idx.trim().unwrap();
+        idx.trim(&crate::storage::RealIo).unwrap();
         drop(idx);
-        let idx = OffsetIndex::open(&path, 100, None).unwrap();
+        let idx = OffsetIndex::open(&path, 100, None, 0).unwrap();
         assert_eq!(idx.len(), 3);
         assert_eq!(idx.lookup(30).unwrap().relative_offset, 25);
         assert!(matches!(
-            OffsetIndex::open(&path, 101, None),
+            OffsetIndex::open(&path, 101, None, 0),
             Err(OpenProblem::Invalid(_))
         ));
     }
@@ -155,7 +167,8 @@ mod tests {
     #[test]
     fn a_full_index_refuses_more_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let idx = OffsetIndex::create(&dir.path().join("0.index"), 0, 1).unwrap();
+        let idx = OffsetIndex::create(&dir.path().join("0.index"), 0, 1, &crate::storage::RealIo)
+            .unwrap();
         let e = |r| IndexEntry {
             relative_offset: r,
             position: r + 16,

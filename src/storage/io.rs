@@ -1,9 +1,11 @@
-//! The fault seam: every write and sync of data the log promises to keep goes through [`FileIo`].
+//! The fault seam: every call that changes a file of a data directory goes through [`FileIo`]:
+//! writes (plain and vectored), length changes (preallocation cuts, index growth and trims),
+//! data and directory syncs (logs, indexes, checkpoints), creation and renames.
 //!
 //! Production uses [`RealIo`]. Tests hand a partition their own implementation to inject a short
-//! write, `ENOSPC` or a failed `fdatasync`, to count syncs, and to record every directory entry
-//! made (file and directory creation, rename) and every directory sync. The seam is deliberately
-//! narrow so that a fault model covers it all. Small state files (checkpoints, topic configs) are
+//! write, `ENOSPC`, a failed `set_len` or `fdatasync`, to count syncs, and to record every
+//! directory entry made (file and directory creation, rename) and every directory sync. The seam
+//! is deliberately narrow so that a fault model covers it all. Small state files (checkpoints, topic configs) are
 //! replaced with [`replace_file`]; directories are made with [`create_dir_all`], which syncs
 //! the parent of every directory it creates (a new entry exists after a power cut only once its
 //! parent directory was synced).
@@ -17,6 +19,25 @@ use std::path::Path;
 pub trait FileIo: Send + Sync + std::fmt::Debug + 'static {
     /// Writes all of `buf` at `pos`. A failure may leave a prefix written.
     fn write_at(&self, path: &Path, file: &File, buf: &[u8], pos: u64) -> io::Result<()>;
+    /// Writes the buffers back to back from `pos`. A failure may leave a prefix written.
+    /// The default writes them one by one through [`FileIo::write_at`].
+    fn write_vectored_at(
+        &self,
+        path: &Path,
+        file: &File,
+        bufs: &[&[u8]],
+        mut pos: u64,
+    ) -> io::Result<()> {
+        for buf in bufs {
+            self.write_at(path, file, buf, pos)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+    /// Cuts or extends a file (`ftruncate`).
+    fn set_len(&self, _path: &Path, file: &File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
     /// `fdatasync`: the written bytes (and the file length) are on stable storage.
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()>;
     /// `fsync` of a directory, so that created, renamed or removed entries are durable.
@@ -70,6 +91,16 @@ impl FileIo for RealIo {
         file.write_all_at(buf, pos)
     }
 
+    fn write_vectored_at(
+        &self,
+        _path: &Path,
+        file: &File,
+        bufs: &[&[u8]],
+        pos: u64,
+    ) -> io::Result<()> {
+        pwritev_all(file, bufs, pos)
+    }
+
     fn sync_data(&self, _path: &Path, file: &File) -> io::Result<()> {
         file.sync_data()
     }
@@ -101,4 +132,90 @@ pub fn replace_file(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result
     drop(file);
     io.rename(&tmp, path)?;
     io.sync_dir(dir)
+}
+
+/// `pwritev` until every buffer is written, at most `IOV_MAX` buffers per call.
+fn pwritev_all(file: &File, bufs: &[&[u8]], mut pos: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const IOV_MAX: usize = 1024;
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
+    let mut rest = bufs;
+    // How much of `rest[0]` an earlier short write already wrote.
+    let mut skip = 0usize;
+    while let Some(first) = rest.first() {
+        if skip == first.len() {
+            rest = &rest[1..];
+            skip = 0;
+            continue;
+        }
+        iov.clear();
+        for (i, b) in rest.iter().take(IOV_MAX).enumerate() {
+            let b = if i == 0 { &b[skip..] } else { b };
+            iov.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+        }
+        let offset = libc::off_t::try_from(pos)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "write position too large"))?;
+        // SAFETY: every iovec points into a live slice borrowed for this call, with its length;
+        // the kernel only reads them.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, offset) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        let mut n = n as usize;
+        pos += n as u64;
+        // Advance past what was written.
+        while n > 0 {
+            let Some(b) = rest.first() else { break };
+            let left = b.len() - skip;
+            if n < left {
+                skip += n;
+                n = 0;
+            } else {
+                n -= left;
+                rest = &rest[1..];
+                skip = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectored_writes_land_back_to_back_whatever_the_buffer_count() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("f");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // More buffers than one call takes, of varied sizes, some empty.
+        let owned: Vec<Vec<u8>> = (0..2500u32)
+            .map(|i| vec![(i % 251) as u8; (i % 7) as usize])
+            .collect();
+        let bufs: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+        RealIo
+            .write_vectored_at(&path, &file, &bufs, 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got = fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut want = vec![0u8; 3];
+        want.extend(owned.concat());
+        assert_eq!(got, want);
+    }
 }

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::io::FileIo;
+
 pub const HEADER_LEN: usize = 16;
 pub const VERSION: u16 = 1;
 
@@ -46,16 +48,25 @@ impl From<io::Error> for OpenProblem {
     }
 }
 
+/// An entries file, mapped. It holds no file descriptor: the few calls that change the file's
+/// length or sync it open it by path, through the [`FileIo`] seam.
 #[derive(Debug)]
 pub struct MappedEntries<const N: usize> {
     path: PathBuf,
-    file: File,
     map: MmapRaw,
-    /// Entries that fit in the current mapping (and file).
+    /// Entries that fit in the mapping (which may reach past the file's end until [`grow`]).
+    ///
+    /// [`grow`]: MappedEntries::grow
     capacity: AtomicUsize,
+    /// Entries the file itself has room for; no entry is written past them.
+    file_entries: AtomicUsize,
     /// Entries published to readers.
     len: AtomicUsize,
     write: Mutex<()>,
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).open(path)
 }
 
 impl<const N: usize> MappedEntries<N> {
@@ -65,31 +76,38 @@ impl<const N: usize> MappedEntries<N> {
         magic: [u8; 4],
         base_offset: u64,
         capacity: usize,
+        io: &dyn FileIo,
     ) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        let file = io.create_file(
+            path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )?;
         let mut header = [0u8; HEADER_LEN];
         header[0..4].copy_from_slice(&magic);
         header[4..6].copy_from_slice(&VERSION.to_le_bytes());
         header[6..8].copy_from_slice(&(N as u16).to_le_bytes());
         header[8..16].copy_from_slice(&base_offset.to_le_bytes());
-        std::os::unix::fs::FileExt::write_all_at(&file, &header, 0)?;
-        Self::map(path, file, capacity, 0)
+        io.write_at(path, &file, &header, 0)?;
+        io.set_len(path, &file, (HEADER_LEN + capacity * N) as u64)?;
+        Self::map(path, &file, capacity, capacity, 0)
     }
 
     /// Opens an existing file. Every whole entry in it counts (as in a trimmed file), up to
-    /// `max_entries` when given (a preallocated file holds zeros past its entries).
+    /// `max_entries` when given (a preallocated file holds zeros past its entries). The mapping
+    /// has room for `map_capacity` entries when that is more than the file holds (an active
+    /// segment's index, grown on its first write): nothing changes on disk until then.
     pub fn open(
         path: &Path,
         magic: [u8; 4],
         base_offset: u64,
         max_entries: Option<usize>,
+        map_capacity: usize,
     ) -> Result<Self, OpenProblem> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let file = open_rw(path)?;
         let len = file.metadata()?.len() as usize;
         if len < HEADER_LEN {
             return Err(OpenProblem::Invalid("shorter than its header"));
@@ -112,34 +130,55 @@ impl<const N: usize> MappedEntries<N> {
                 "length is not a whole number of entries",
             ));
         }
-        let capacity = (len - HEADER_LEN) / N;
-        let entries = max_entries.map_or(capacity, |m| m.min(capacity));
-        Self::map(path, file, capacity, entries).map_err(OpenProblem::Io)
+        let in_file = (len - HEADER_LEN) / N;
+        let entries = max_entries.map_or(in_file, |m| m.min(in_file));
+        Self::map(path, &file, in_file.max(map_capacity), in_file, entries).map_err(OpenProblem::Io)
     }
 
-    fn map(path: &Path, file: File, capacity: usize, len: usize) -> io::Result<Self> {
-        let bytes = HEADER_LEN + capacity * N;
-        file.set_len(bytes as u64)?;
-        let map = MmapOptions::new().len(bytes).map_raw(&file)?;
+    fn map(
+        path: &Path,
+        file: &File,
+        capacity: usize,
+        file_entries: usize,
+        len: usize,
+    ) -> io::Result<Self> {
+        let map = MmapOptions::new()
+            .len(HEADER_LEN + capacity * N)
+            .map_raw(file)?;
         Ok(MappedEntries {
             path: path.to_path_buf(),
-            file,
             map,
             capacity: AtomicUsize::new(capacity),
+            file_entries: AtomicUsize::new(file_entries),
             len: AtomicUsize::new(len),
             write: Mutex::new(()),
         })
     }
 
-    /// Drops entries past `len` and makes room for `capacity` entries. Only before the file is
-    /// shared with readers (it remaps).
-    pub fn reset(&mut self, len: usize, capacity: usize) -> io::Result<()> {
+    /// Drops entries past `len` and gives the file room for `capacity` entries. Only before the
+    /// file is shared with readers (it remaps).
+    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
         let capacity = capacity.max(len);
         let bytes = HEADER_LEN + capacity * N;
-        self.file.set_len(bytes as u64)?;
-        self.map = MmapOptions::new().len(bytes).map_raw(&self.file)?;
+        let file = open_rw(&self.path)?;
+        io.set_len(&self.path, &file, bytes as u64)?;
+        self.map = MmapOptions::new().len(bytes).map_raw(&file)?;
         *self.capacity.get_mut() = capacity;
+        *self.file_entries.get_mut() = capacity;
         *self.len.get_mut() = len.min(capacity);
+        Ok(())
+    }
+
+    /// Gives the file room for every entry the mapping has room for (before the first push).
+    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        if self.file_entries.load(Ordering::Relaxed) >= capacity {
+            return Ok(());
+        }
+        let file = open_rw(&self.path)?;
+        io.set_len(&self.path, &file, (HEADER_LEN + capacity * N) as u64)?;
+        self.file_entries.store(capacity, Ordering::Relaxed);
         Ok(())
     }
 
@@ -167,7 +206,8 @@ impl<const N: usize> MappedEntries<N> {
         );
         let mut out = [0u8; N];
         // SAFETY: `i < len <= capacity`, so the slot lies inside the mapping, which is at least
-        // `HEADER_LEN + capacity * N` bytes and inside the file (trim never cuts below `len`).
+        // `HEADER_LEN + capacity * N` bytes and inside the file (entries are only written below `file_entries`, and trim never
+        // cuts below `len`).
         // The slot was written before `len` was published (Release/Acquire) and is never
         // written again while shared, so this read races with no write.
         unsafe {
@@ -199,11 +239,14 @@ impl<const N: usize> MappedEntries<N> {
     pub fn push(&self, entry: [u8; N]) -> bool {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let len = self.len.load(Ordering::Relaxed);
-        if len >= self.capacity.load(Ordering::Relaxed) {
+        if len >= self.capacity.load(Ordering::Relaxed)
+            || len >= self.file_entries.load(Ordering::Relaxed)
+        {
             return false;
         }
-        // SAFETY: `len < capacity`, so the slot is inside the mapping and the file. Readers never
-        // touch slots at or past the published `len`, and the mutex excludes other writers.
+        // SAFETY: `len < capacity` and `len < file_entries`, so the slot is inside the mapping
+        // and the file. Readers never touch slots at or past the published `len`, and the mutex
+        // excludes other writers.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 entry.as_ptr(),
@@ -217,17 +260,20 @@ impl<const N: usize> MappedEntries<N> {
 
     /// Cuts the file to its entries; no entry can be appended afterwards. The mapping stays (the
     /// pages past the new end are never touched again).
-    pub fn trim(&self) -> io::Result<()> {
+    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let len = self.len.load(Ordering::Relaxed);
         self.capacity.store(len, Ordering::Release);
-        self.file.set_len((HEADER_LEN + len * N) as u64)
+        self.file_entries.store(len, Ordering::Relaxed);
+        let file = open_rw(&self.path)?;
+        io.set_len(&self.path, &file, (HEADER_LEN + len * N) as u64)
     }
 
-    /// Writes the mapped entries back to the file and syncs it (checkpoints and close only).
-    pub fn sync(&self) -> io::Result<()> {
+    /// Writes the mapped entries back to the file and syncs it (checkpoints, rolls and close).
+    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
         let len = self.len();
         self.map.flush_range(0, HEADER_LEN + len * N)?;
-        self.file.sync_data()
+        let file = open_rw(&self.path)?;
+        io.sync_data(&self.path, &file)
     }
 }

@@ -9,7 +9,7 @@
 //! | [`mapped`]    | the shared body of both index files                                  |
 //! | [`checkpoint`]| `checkpoint`: where recovery resumes, and the clean-close marker     |
 //! | [`compaction`]| key compaction: cleaning closed segments, the crash-safe swap        |
-//! | [`partition`] | a partition log: writer thread, group commit, readers, recovery      |
+//! | [`partition`] | a partition log: writer pool, group commit, readers, recovery        |
 //! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
 //! | [`verify`]    | read-only checks of a data directory (`sluice verify`)               |
@@ -36,7 +36,7 @@ pub use error::{Error, Result};
 pub use io::{FileIo, RealIo};
 pub use partition::{
     Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport, Retention,
-    RetentionOutcome,
+    RetentionOutcome, WriterPool,
 };
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
 pub use topic::{DataDir, TopicConfig, validate_group_name, validate_topic_name};

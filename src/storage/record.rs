@@ -190,6 +190,11 @@ impl EncodedBatch {
         read_i64(&self.buf, MAX_TIMESTAMP_OFFSET)
     }
 
+    /// The encoded bytes (final once sealed).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Stamps the base offset and the CRC; the bytes are then final.
     pub fn seal(&mut self, base_offset: u64) -> &[u8] {
         self.buf[BASE_OFFSET_OFFSET..LAST_OFFSET_DELTA_OFFSET]

@@ -145,10 +145,10 @@ impl Segment {
         io.sync_data(&log_path, &log)
             .map_err(|e| Error::io(&log_path, e))?;
         let index_path = segment_path(dir, base_offset, FileKind::Index);
-        let index = OffsetIndex::create(&index_path, base_offset, index_capacity)
+        let index = OffsetIndex::create(&index_path, base_offset, index_capacity, io)
             .map_err(|e| Error::io(&index_path, e))?;
         let time_path = segment_path(dir, base_offset, FileKind::TimeIndex);
-        let time_index = TimeIndex::create(&time_path, base_offset, index_capacity + 1)
+        let time_index = TimeIndex::create(&time_path, base_offset, index_capacity + 1, io)
             .map_err(|e| Error::io(&time_path, e))?;
         Ok(Segment {
             base_offset,
@@ -163,13 +163,17 @@ impl Segment {
     }
 
     /// Opens an existing segment's log and checks its header. Indexes are opened as they are when
-    /// they check out, else created empty; `index_ok` says which. `index_entries` limits how
-    /// many (offset, time) index entries count, for a preallocated active segment.
+    /// they check out, else created empty; `index_ok` says which. For the active segment,
+    /// `active` gives how many (offset, time) index entries count (a preallocated index holds
+    /// zeros past them) and the index capacity to map (the files grow on the first write).
     pub fn open(
         dir: &Path,
         base_offset: u64,
-        index_entries: Option<(usize, usize)>,
+        active: Option<((usize, usize), usize)>,
+        io: &dyn FileIo,
     ) -> Result<(Self, bool)> {
+        let index_entries = active.map(|a| a.0);
+        let capacity = active.map_or(0, |a| a.1);
         let log_path = segment_path(dir, base_offset, FileKind::Log);
         let log = OpenOptions::new()
             .read(true)
@@ -199,10 +203,21 @@ impl Segment {
         }
         let index_path = segment_path(dir, base_offset, FileKind::Index);
         let time_path = segment_path(dir, base_offset, FileKind::TimeIndex);
-        let opened = OffsetIndex::open(&index_path, base_offset, index_entries.map(|e| e.0))
-            .and_then(|i| {
-                TimeIndex::open(&time_path, base_offset, index_entries.map(|e| e.1)).map(|t| (i, t))
-            });
+        let opened = OffsetIndex::open(
+            &index_path,
+            base_offset,
+            index_entries.map(|e| e.0),
+            capacity,
+        )
+        .and_then(|i| {
+            TimeIndex::open(
+                &time_path,
+                base_offset,
+                index_entries.map(|e| e.1),
+                capacity + 1,
+            )
+            .map(|t| (i, t))
+        });
         let (index, time_index, index_ok) = match opened {
             Ok((i, t)) => (i, t, true),
             Err(problem) => {
@@ -211,9 +226,9 @@ impl Segment {
                     OpenProblem::Invalid(why) => why.to_string(),
                 };
                 tracing::debug!(path = %index_path.display(), %why, "index unusable; it will be rebuilt");
-                let i = OffsetIndex::create(&index_path, base_offset, 0)
+                let i = OffsetIndex::create(&index_path, base_offset, 0, io)
                     .map_err(|e| Error::io(&index_path, e))?;
-                let t = TimeIndex::create(&time_path, base_offset, 0)
+                let t = TimeIndex::create(&time_path, base_offset, 0, io)
                     .map_err(|e| Error::io(&time_path, e))?;
                 (i, t, false)
             }
@@ -489,12 +504,11 @@ impl Segment {
         Ok(true)
     }
 
-    /// Cuts the log to `len` bytes (recovery of a torn tail) and syncs it.
+    /// Cuts the log to `len` bytes (recovery of a torn tail or of preallocated zeros). Not
+    /// synced: should a crash undo the cut, the next recovery cuts the same bytes again, and the
+    /// first sync of an append written at `len` makes the new length durable with it.
     pub(crate) fn truncate_log(&self, len: u64, io: &dyn FileIo) -> Result<()> {
-        self.log
-            .set_len(len)
-            .map_err(|e| Error::io(&self.log_path, e))?;
-        io.sync_data(&self.log_path, &self.log)
+        io.set_len(&self.log_path, &self.log, len)
             .map_err(|e| Error::io(&self.log_path, e))?;
         self.visible_len.store(len, Ordering::Release);
         Ok(())

@@ -20,6 +20,7 @@
 use std::io;
 use std::path::Path;
 
+use super::io::FileIo;
 use super::mapped::{MappedEntries, OpenProblem};
 
 pub const MAGIC: [u8; 4] = *b"SLTI";
@@ -46,19 +47,26 @@ pub struct TimeIndex {
 }
 
 impl TimeIndex {
-    pub fn create(path: &Path, base_offset: u64, capacity: usize) -> io::Result<Self> {
-        MappedEntries::create(path, MAGIC, base_offset, capacity).map(|entries| Self { entries })
+    pub fn create(
+        path: &Path,
+        base_offset: u64,
+        capacity: usize,
+        io: &dyn FileIo,
+    ) -> io::Result<Self> {
+        MappedEntries::create(path, MAGIC, base_offset, capacity, io)
+            .map(|entries| Self { entries })
     }
 
     /// Opens an existing time index and checks that it never goes backwards.
-    /// `max_entries`: how many entries count (see [`MappedEntries::open`]).
+    /// `max_entries` and `map_capacity`: see [`MappedEntries::open`].
     pub fn open(
         path: &Path,
         base_offset: u64,
         max_entries: Option<usize>,
+        map_capacity: usize,
     ) -> Result<Self, OpenProblem> {
         let index = Self {
-            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries)?,
+            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries, map_capacity)?,
         };
         let mut prev: Option<TimeEntry> = None;
         for i in 0..index.len() {
@@ -71,6 +79,10 @@ impl TimeIndex {
             prev = Some(e);
         }
         Ok(index)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.entries.path()
     }
 
     pub fn len(&self) -> usize {
@@ -109,16 +121,20 @@ impl TimeIndex {
         self.entries.push(b)
     }
 
-    pub fn reset(&mut self, len: usize, capacity: usize) -> io::Result<()> {
-        self.entries.reset(len, capacity)
+    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.reset(len, capacity, io)
     }
 
-    pub fn trim(&self) -> io::Result<()> {
-        self.entries.trim()
+    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.grow(io)
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        self.entries.sync()
+    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.trim(io)
+    }
+
+    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.sync(io)
     }
 }
 
@@ -129,7 +145,13 @@ mod tests {
     #[test]
     fn scan_start_skips_only_entries_that_are_all_older() {
         let dir = tempfile::tempdir().unwrap();
-        let idx = TimeIndex::create(&dir.path().join("0.timeindex"), 0, 8).unwrap();
+        let idx = TimeIndex::create(
+            &dir.path().join("0.timeindex"),
+            0,
+            8,
+            &crate::storage::RealIo,
+        )
+        .unwrap();
         for (ts, rel) in [(100, 10), (100, 20), (300, 30)] {
             assert!(idx.push(TimeEntry {
                 max_timestamp: ts,

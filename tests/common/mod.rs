@@ -23,6 +23,8 @@ pub struct FaultyIo {
     pub enospc: AtomicBool,
     /// Every write writes half its bytes, then fails with ENOSPC.
     pub short_write: AtomicBool,
+    /// Every `set_len` fails with EIO.
+    pub fail_set_len: AtomicBool,
     pub syncs: AtomicU64,
     /// Operations (writes, syncs, renames) so far.
     pub ops: AtomicU64,
@@ -38,6 +40,7 @@ impl Default for FaultyIo {
             fail_sync: AtomicBool::new(false),
             enospc: AtomicBool::new(false),
             short_write: AtomicBool::new(false),
+            fail_set_len: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             fail_from: AtomicU64::new(u64::MAX),
@@ -73,6 +76,25 @@ impl FileIo for FaultyIo {
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
         RealIo.write_at(path, file, buf, pos)
+    }
+
+    /// One operation, like a plain write: the buffers are written as one.
+    fn write_vectored_at(
+        &self,
+        path: &Path,
+        file: &File,
+        bufs: &[&[u8]],
+        pos: u64,
+    ) -> io::Result<()> {
+        self.write_at(path, file, &bufs.concat(), pos)
+    }
+
+    fn set_len(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
+        self.step()?;
+        if self.fail_set_len.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected set_len failure"));
+        }
+        RealIo.set_len(path, file, len)
     }
 
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {

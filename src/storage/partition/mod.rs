@@ -1,0 +1,531 @@
+//! A partition log: an ordered run of segments, written by the process's writer pool and read
+//! lock-free.
+//!
+//! | file           | owns                                                                  |
+//! |----------------|-----------------------------------------------------------------------|
+//! | `mod.rs`       | the handle: open, the append/roll/close API, the inbox, stats         |
+//! | [`pool`]       | the writer threads, the ready queue, interval-sync timers, priority   |
+//! | [`writer`]     | the active segment's state and one round of group commit              |
+//! | [`recovery`]   | what open does to the files: checks, index rebuilds, torn-tail cuts   |
+//! | [`read`]       | reads by offset and by timestamp                                      |
+//! | [`retention`]  | retention and key compaction of closed segments                       |
+//!
+//! # Writing and group commit
+//! [`Partition::append`] puts an encoded batch and a completion in the partition's inbox and, if
+//! the partition is idle, schedules it with the [`WriterPool`]. The pool thread that serves it
+//! takes every queued command, writes the batches with one vectored write and — under
+//! `fsync = always` — one `fdatasync`, then publishes the new high-water mark and calls the
+//! completions. Appends that arrive meanwhile wait in the inbox and share the next sync: that is
+//! the group commit. A full inbox (`queue_depth`) makes `append` wait: backpressure, never a drop.
+//! An idle partition costs no thread, no wake-up and no buffer.
+//!
+//! # Reading
+//! Readers load the segment list, the high-water mark and a segment's visible length, all
+//! published with `Release` after the bytes are durable under the fsync policy, then use
+//! positional reads. Readers never see bytes that are not yet durable under the fsync policy.
+
+mod pool;
+mod read;
+mod recovery;
+mod retention;
+mod writer;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
+use std::time::Duration;
+
+use self::pool::PoolInner;
+use self::recovery::{ActiveState, drop_unborn_segment, list_segments, read_checkpoint};
+use self::writer::{Writer, wait_reply};
+use super::config::LogConfig;
+use super::error::{Error, Result};
+use super::io::FileIo;
+use super::record::{EncodedBatch, Record};
+use super::segment::Segment;
+
+pub use self::pool::WriterPool;
+pub use self::retention::{Retention, RetentionOutcome};
+
+/// Called with the new high-water mark each time more data becomes visible to readers.
+pub type Listener = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Called once with the outcome of an append, after it is durable under the fsync policy.
+pub type Completion = Box<dyn FnOnce(Result<Appended>) + Send>;
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: u64,
+    pub last_offset: u64,
+}
+
+/// What opening the partition had to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The previous close was clean and no scan was needed.
+    pub clean: bool,
+    /// Bytes of log scanned to recover.
+    pub scanned_bytes: u64,
+    /// Bytes cut off the active segment's tail.
+    pub truncated_bytes: u64,
+    /// Index files that were rebuilt from their logs.
+    pub rebuilt_indexes: Vec<PathBuf>,
+    /// Damage found inside closed segments: path, byte position, reason. Reads that reach it
+    /// fail with [`Error::Corrupt`].
+    pub damaged: Vec<(PathBuf, u64, String)>,
+}
+
+/// Counters for tests, metrics and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// `fdatasync` calls on segment logs since open.
+    pub syncs: u64,
+    /// Batches appended since open.
+    pub appends: u64,
+    pub segments: usize,
+    pub size_bytes: u64,
+    pub log_start: u64,
+    pub high_water: u64,
+    /// Bytes of the active segment readers can see, header included.
+    pub active_segment_bytes: u64,
+}
+
+enum Command {
+    /// A batch; `true` when its completion must wait for durability.
+    Append(EncodedBatch, Completion, bool),
+    Roll(mpsc::Sender<Result<()>>),
+    Close(mpsc::Sender<Result<()>>),
+}
+
+/// Commands waiting for the writer, and whether the partition is scheduled.
+#[derive(Default)]
+struct Inbox {
+    cmds: VecDeque<Command>,
+    /// An interval sync is due.
+    tick: bool,
+    /// In the pool's ready queue or being served: exactly one thread may serve it.
+    scheduled: bool,
+    /// Closed: appends fail at once.
+    closed: bool,
+    /// The handle is gone: timers no longer schedule it.
+    detached: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    io: Arc<dyn FileIo>,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    high_water: AtomicU64,
+    log_start: AtomicU64,
+    poisoned: AtomicBool,
+    syncs: AtomicU64,
+    appends: AtomicU64,
+    /// Set while the writer polls for a lone producer's next append (`writer_spin_us`).
+    polling: AtomicBool,
+    /// How long the last successful fdatasync took, in microseconds.
+    last_sync_micros: AtomicU64,
+    listener: Option<Listener>,
+    /// Serialises retention and compaction of this partition.
+    maintenance: Mutex<()>,
+    inbox: Mutex<Inbox>,
+    /// Signalled when the inbox has room again and when the partition goes idle.
+    changed: Condvar,
+    writer: Mutex<Writer>,
+    pool: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.segments.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Held by retention and compaction for their whole run.
+    fn maintenance(&self) -> MutexGuard<'_, ()> {
+        self.maintenance.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_segments(&self, f: impl FnOnce(&mut Vec<Arc<Segment>>)) {
+        let mut guard = self.segments.write().unwrap_or_else(|p| p.into_inner());
+        let mut list = guard.as_ref().clone();
+        f(&mut list);
+        *guard = Arc::new(list);
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed {
+            path: self.dir.clone(),
+        }
+    }
+
+    fn poisoned_error(&self) -> Option<Error> {
+        self.poisoned
+            .load(Ordering::Acquire)
+            .then(|| Error::Poisoned {
+                path: self.dir.clone(),
+            })
+    }
+
+    /// Queues a command and schedules the partition if it was idle. With `bounded`, waits while
+    /// the inbox holds `queue_depth` commands.
+    fn post(self: &Arc<Self>, cmd: Command, bounded: bool) {
+        let mut inbox = self.inbox();
+        while bounded && inbox.cmds.len() >= self.config.queue_depth && !inbox.closed {
+            inbox = self.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
+        }
+        if inbox.closed {
+            drop(inbox);
+            return self.refuse(cmd);
+        }
+        inbox.cmds.push_back(cmd);
+        if !inbox.scheduled {
+            inbox.scheduled = true;
+            if !self.pool.schedule(Arc::clone(self)) {
+                // The pool has stopped: nothing will serve this partition again.
+                inbox.scheduled = false;
+                inbox.closed = true;
+                let cmds: Vec<Command> = inbox.cmds.drain(..).collect();
+                drop(inbox);
+                cmds.into_iter().for_each(|c| self.refuse(c));
+            }
+        }
+    }
+
+    fn refuse(&self, cmd: Command) {
+        match cmd {
+            Command::Append(_, done, _) => done(Err(self.closed_error())),
+            Command::Roll(reply) | Command::Close(reply) => {
+                let _ = reply.send(Err(self.closed_error()));
+            }
+        }
+    }
+
+    /// The commands to serve now (at most `max`) and whether an interval sync is due.
+    fn take_commands(&self, max: usize) -> (Vec<Command>, bool) {
+        let mut inbox = self.inbox();
+        let n = inbox.cmds.len().min(max);
+        let full = inbox.cmds.len() >= self.config.queue_depth;
+        let cmds: Vec<Command> = inbox.cmds.drain(..n).collect();
+        if cmds.iter().any(|c| matches!(c, Command::Close(_))) {
+            inbox.closed = true;
+        }
+        let tick = std::mem::take(&mut inbox.tick);
+        drop(inbox);
+        if full {
+            self.changed.notify_all();
+        }
+        (cmds, tick)
+    }
+
+    /// Something for the writer to do now: a command, or a dropped handle to let go of.
+    fn wants_writer(&self) -> bool {
+        let inbox = self.inbox();
+        !inbox.cmds.is_empty() || inbox.detached
+    }
+
+    /// After a round: true to serve another one on this thread. Otherwise the partition is either
+    /// idle (nothing queued) or back in the pool's queue behind the partitions waiting there.
+    fn more_work(self: &Arc<Self>, pool: &PoolInner) -> bool {
+        let mut inbox = self.inbox();
+        if inbox.cmds.is_empty() && !inbox.tick {
+            inbox.scheduled = false;
+            if inbox.cmds.capacity() > 64 {
+                inbox.cmds.shrink_to(16);
+            }
+            drop(inbox);
+            self.changed.notify_all();
+            return false;
+        }
+        !(pool.others_waiting() && pool.schedule(Arc::clone(self)))
+    }
+
+    /// An interval sync is due (from the pool's timer).
+    fn tick(self: &Arc<Self>, pool: &PoolInner) {
+        let mut inbox = self.inbox();
+        if inbox.detached || inbox.closed {
+            return;
+        }
+        inbox.tick = true;
+        if !inbox.scheduled {
+            inbox.scheduled = pool.schedule(Arc::clone(self));
+        }
+    }
+}
+
+/// An open partition log.
+pub struct Partition {
+    shared: Arc<Shared>,
+    report: RecoveryReport,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("dir", &self.shared.dir)
+            .field("high_water", &self.high_water())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Partition {
+    /// Opens (creating if needed) the partition in `dir`, written by the process's
+    /// [`WriterPool::global`]. See [`Partition::open_in`].
+    pub fn open(
+        dir: &Path,
+        config: LogConfig,
+        io: Arc<dyn FileIo>,
+        listener: Option<Listener>,
+    ) -> Result<Partition> {
+        let pool = WriterPool::global().map_err(|e| Error::io(dir, e))?;
+        Self::open_in(pool, dir, config, io, listener)
+    }
+
+    /// Opens (creating if needed) the partition in `dir`, written by `pool`'s threads.
+    ///
+    /// Recovery (see [`recovery`]): when the checkpoint says the last close was clean and the
+    /// files agree, nothing is scanned and nothing is written. Otherwise closed segments only get
+    /// their indexes checked (and rebuilt when they do not check out), and the active segment is
+    /// scanned from the last checkpoint, its torn or corrupt tail cut.
+    pub fn open_in(
+        pool: &WriterPool,
+        dir: &Path,
+        config: LogConfig,
+        io: Arc<dyn FileIo>,
+        listener: Option<Listener>,
+    ) -> Result<Partition> {
+        config.sanitize()?;
+        super::io::create_dir_all(io.as_ref(), dir).map_err(|e| Error::io(dir, e))?;
+        let mut report = RecoveryReport::default();
+        super::compaction::recover(dir, io.as_ref())?;
+        let mut bases = list_segments(dir)?;
+        drop_unborn_segment(dir, &mut bases, &mut report)?;
+        let cp = read_checkpoint(dir)?;
+
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        for (i, &base) in bases.iter().enumerate() {
+            let Some(&next_base) = bases.get(i + 1) else {
+                break;
+            };
+            let (seg, index_ok) = Segment::open(dir, base, None, io.as_ref())?;
+            let seg = recovery::open_closed_segment(
+                seg,
+                index_ok,
+                next_base,
+                &config,
+                io.as_ref(),
+                &mut report,
+            )?;
+            segments.push(Arc::new(seg));
+        }
+
+        let mut clean_on_disk = false;
+        let writer_state = match bases.last() {
+            None => {
+                report.clean = true;
+                let seg = Segment::create(dir, 0, config.index_capacity(), io.as_ref())?;
+                io.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+                segments.push(Arc::new(seg));
+                ActiveState::empty(0)
+            }
+            Some(&base) => {
+                // Past the checkpoint's entries the active index holds zeros or unsynced ones.
+                let counts = cp.filter(|c| c.active_base == base).map_or((0, 0), |c| {
+                    (c.index_entries as usize, c.time_entries as usize)
+                });
+                let active = Some((counts, config.index_capacity()));
+                let (seg, index_ok) = Segment::open(dir, base, active, io.as_ref())?;
+                let (seg, state) =
+                    recovery::recover_active(seg, index_ok, cp, &config, io.as_ref(), &mut report)?;
+                clean_on_disk = report.clean;
+                segments.push(Arc::new(seg));
+                state
+            }
+        };
+
+        let active =
+            Arc::clone(segments.last().ok_or_else(|| {
+                Error::corrupt(dir, 0, "partition has no segment after recovery")
+            })?);
+        active.publish(
+            writer_state.len,
+            writer_state.next_offset,
+            writer_state.max_timestamp,
+        );
+        let log_start = segments.first().map_or(0, |s| s.base_offset());
+        let shared = Arc::new_cyclic(|_| Shared {
+            dir: dir.to_path_buf(),
+            io,
+            segments: RwLock::new(Arc::new(segments)),
+            high_water: AtomicU64::new(writer_state.next_offset),
+            log_start: AtomicU64::new(log_start),
+            poisoned: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            last_sync_micros: AtomicU64::new(0),
+            listener,
+            maintenance: Mutex::new(()),
+            inbox: Mutex::new(Inbox::default()),
+            changed: Condvar::new(),
+            writer: Mutex::new(Writer::new(&config, active, writer_state, clean_on_disk)),
+            pool: Arc::clone(pool.inner()),
+            config,
+        });
+        Ok(Partition { shared, report })
+    }
+
+    /// Queues a batch. `done` is called once, from a writer thread, when the batch is durable
+    /// under the fsync policy or has failed. Waits while the partition's inbox is full.
+    pub fn append(&self, batch: EncodedBatch, done: Completion) {
+        self.send_append(batch, done, true);
+    }
+
+    /// Queues a batch whose completion does not wait for a sync: `done` is called once it is
+    /// written, and it becomes durable (and visible to readers under `fsync = always`) with the
+    /// next durable append, roll or close. For records whose loss in a machine crash is
+    /// harmless; a process crash loses nothing.
+    pub fn append_lazy(&self, batch: EncodedBatch, done: Completion) {
+        self.send_append(batch, done, false);
+    }
+
+    fn send_append(&self, batch: EncodedBatch, done: Completion, durable: bool) {
+        if let Some(e) = self.shared.poisoned_error() {
+            return done(Err(e));
+        }
+        self.shared
+            .post(Command::Append(batch, done, durable), true);
+    }
+
+    /// Appends records and waits until they are durable.
+    pub fn append_blocking(&self, records: &[Record]) -> Result<Appended> {
+        self.append_encoded_blocking(EncodedBatch::new(records))
+    }
+
+    /// Appends an encoded batch and waits until it is durable.
+    pub fn append_encoded_blocking(&self, batch: EncodedBatch) -> Result<Appended> {
+        let (tx, rx) = mpsc::channel();
+        self.append(
+            batch,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().map_err(|_| self.shared.closed_error())?
+    }
+
+    fn ask(&self, make: impl FnOnce(mpsc::Sender<Result<()>>) -> Command) -> Result<()> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.shared.post(make(reply_tx), false);
+        wait_reply(&self.shared, reply_rx)
+    }
+
+    /// Closes the active segment and starts a new one (no-op when the active one is empty).
+    pub fn roll(&self) -> Result<()> {
+        self.ask(Command::Roll)
+    }
+
+    /// Finishes queued appends, syncs, trims the indexes and marks the partition clean (nothing
+    /// to do when nothing was written since a clean open). Later appends fail with
+    /// [`Error::Closed`]; reads keep working.
+    pub fn close(&self) -> Result<()> {
+        self.ask(Command::Close)
+    }
+
+    /// Starts [`Partition::close`] and returns at once; the receiver gets its outcome. Closing
+    /// many partitions this way lets the pool's threads close them side by side.
+    pub fn begin_close(&self) -> mpsc::Receiver<Result<()>> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.shared.post(Command::Close(reply_tx), false);
+        reply_rx
+    }
+
+    /// One past the last offset readers can see.
+    pub fn high_water(&self) -> u64 {
+        self.shared.high_water.load(Ordering::Acquire)
+    }
+
+    /// The first offset still held (retention moves it up).
+    pub fn log_start(&self) -> u64 {
+        self.shared.log_start.load(Ordering::Acquire)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// While the writer serves a lone appender (one append per round, each soon after the
+    /// previous, see `LogConfig::writer_spin_us`): how long its last sync took, about how long
+    /// the next acknowledgement will take. None otherwise.
+    pub fn lone_sync_time(&self) -> Option<Duration> {
+        self.shared
+            .polling
+            .load(Ordering::Relaxed)
+            .then(|| Duration::from_micros(self.shared.last_sync_micros.load(Ordering::Relaxed)))
+    }
+
+    /// True once a failed fsync (or a failed cut of a failed write) has latched the partition.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    pub fn stats(&self) -> PartitionStats {
+        let segments = self.shared.segments();
+        PartitionStats {
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            appends: self.shared.appends.load(Ordering::Relaxed),
+            segments: segments.len(),
+            size_bytes: segments.iter().map(|s| s.size_bytes()).sum(),
+            log_start: self.log_start(),
+            high_water: self.high_water(),
+            active_segment_bytes: segments.last().map_or(0, |s| s.size_bytes()),
+        }
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<u64> {
+        self.shared
+            .segments()
+            .iter()
+            .map(|s| s.base_offset())
+            .collect()
+    }
+}
+
+impl Drop for Partition {
+    /// Dropping without [`Partition::close`] stops the partition like a crash would: appends
+    /// already queued are written, but there is no final sync and no clean marker, so the next
+    /// open recovers. Waits until no pool thread is serving it any more.
+    fn drop(&mut self) {
+        let sh = &self.shared;
+        let mut inbox = sh.inbox();
+        inbox.detached = true;
+        if pool::serving(sh) {
+            return;
+        }
+        while inbox.scheduled {
+            inbox = sh.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}

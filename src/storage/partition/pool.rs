@@ -1,0 +1,315 @@
+//! The writer pool: a few threads (about one per core) that run group commit for every partition
+//! of the process, topic partitions and group state logs alike.
+//!
+//! A partition with work is *scheduled*: it sits once in the pool's ready queue, or is being
+//! served by exactly one thread. Serving a partition means taking every command queued in its
+//! inbox, writing them with one vectored write and one sync ([`super::writer`]), and looking
+//! again: appends that queued during the sync are the next group commit. When the inbox is empty
+//! the partition goes idle and costs nothing: no thread, no wake-up, no buffer. When other
+//! partitions are waiting, a busy one goes to the back of the queue after each round, so one hot
+//! partition cannot starve the rest. `fsync = "interval"` partitions register a timer here; a due
+//! timer schedules its partition for a sync round.
+//!
+//! Lock order: a partition's inbox, then the pool's queue; never the other way round.
+
+use std::cell::Cell;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::Shared;
+
+/// A pool of partition writer threads. Dropping it stops its threads once their queue is empty;
+/// partitions that outlive it fail their appends with `Closed`.
+#[derive(Debug)]
+pub struct WriterPool {
+    inner: Arc<PoolInner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+pub(super) struct PoolInner {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Partitions in the ready queue, readable without the lock (a polling writer checks it).
+    ready_len: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    ready: VecDeque<Arc<Shared>>,
+    timers: BinaryHeap<Timer>,
+    stopping: bool,
+}
+
+/// A partition's interval-sync deadline.
+#[derive(Debug)]
+struct Timer {
+    at: Instant,
+    part: Weak<Shared>,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timer {
+    /// Reversed: the heap's top is the earliest deadline.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        other.at.cmp(&self.at)
+    }
+}
+
+fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// The partition this thread is serving (its `Shared` address), so that dropping that
+    /// partition's handle from one of its own completions does not wait for itself.
+    static SERVING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// True when the calling thread is a pool thread serving `part` right now.
+pub(super) fn serving(part: &Shared) -> bool {
+    SERVING.with(|s| s.get() == part as *const Shared as usize)
+}
+
+impl WriterPool {
+    /// Starts `threads` writer threads (at least one), named `sluice-writer-<n>`.
+    pub fn new(threads: usize) -> std::io::Result<WriterPool> {
+        let inner = Arc::new(PoolInner {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            ready_len: AtomicUsize::new(0),
+        });
+        let mut pool = WriterPool {
+            inner,
+            threads: Vec::new(),
+        };
+        for n in 0..threads.max(1) {
+            let inner = Arc::clone(&pool.inner);
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-writer-{n}"))
+                .spawn(move || inner.work())?;
+            pool.threads.push(handle);
+        }
+        Ok(pool)
+    }
+
+    /// The process's pool, started on first use with one thread per core (or the count given to
+    /// [`WriterPool::configure_global`] before that).
+    pub fn global() -> std::io::Result<&'static WriterPool> {
+        if let Some(p) = GLOBAL.get() {
+            return Ok(p);
+        }
+        let threads = GLOBAL_THREADS.load(Ordering::Relaxed);
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = WriterPool::new(threads)?;
+        // Two first callers at once: one pool wins, the other stops its threads on drop.
+        Ok(GLOBAL.get_or_init(|| pool))
+    }
+
+    /// Sets how many threads the process's pool starts (0: one per core). Only has an effect
+    /// before the pool's first use; returns whether it did.
+    pub fn configure_global(threads: usize) -> bool {
+        GLOBAL_THREADS.store(threads, Ordering::Relaxed);
+        GLOBAL.get().is_none()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub(super) fn inner(&self) -> &Arc<PoolInner> {
+        &self.inner
+    }
+}
+
+static GLOBAL: OnceLock<WriterPool> = OnceLock::new();
+static GLOBAL_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for WriterPool {
+    fn drop(&mut self) {
+        lock(&self.inner.queue).stopping = true;
+        self.inner.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PoolInner {
+    /// Puts a partition at the back of the ready queue. False when the pool has stopped.
+    pub(super) fn schedule(&self, part: Arc<Shared>) -> bool {
+        let mut q = lock(&self.queue);
+        if q.stopping {
+            return false;
+        }
+        q.ready.push_back(part);
+        self.ready_len.fetch_add(1, Ordering::Release);
+        drop(q);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Other partitions are waiting for a thread.
+    pub(super) fn others_waiting(&self) -> bool {
+        self.ready_len.load(Ordering::Acquire) > 0
+    }
+
+    /// Asks for `part` to be scheduled for a sync round at `at`.
+    pub(super) fn add_timer(&self, at: Instant, part: &Arc<Shared>) {
+        let mut q = lock(&self.queue);
+        let earliest = q.timers.peek().is_none_or(|t| at < t.at);
+        q.timers.push(Timer {
+            at,
+            part: Arc::downgrade(part),
+        });
+        drop(q);
+        if earliest {
+            // A sleeping thread may be waiting for a later deadline.
+            self.wake.notify_one();
+        }
+    }
+
+    /// A writer thread's life: serve ready partitions, fire due timers, sleep.
+    fn work(self: Arc<Self>) {
+        let mut ctx = super::writer::ThreadCtx::new();
+        let mut q = lock(&self.queue);
+        loop {
+            if let Some(part) = q.ready.pop_front() {
+                self.ready_len.fetch_sub(1, Ordering::Release);
+                drop(q);
+                SERVING.with(|s| s.set(Arc::as_ptr(&part) as usize));
+                super::writer::serve(&self, &part, &mut ctx);
+                SERVING.with(|s| s.set(0));
+                drop(part);
+                q = lock(&self.queue);
+                continue;
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while q.timers.peek().is_some_and(|t| t.at <= now) {
+                if let Some(t) = q.timers.pop() {
+                    due.push(t.part);
+                }
+            }
+            if !due.is_empty() {
+                drop(q);
+                for part in due.iter().filter_map(Weak::upgrade) {
+                    part.tick(&self);
+                }
+                q = lock(&self.queue);
+                continue;
+            }
+            if q.stopping {
+                return;
+            }
+            q = match q.timers.peek().map(|t| t.at.saturating_duration_since(now)) {
+                Some(wait) => {
+                    self.wake
+                        .wait_timeout(q, wait.max(Duration::from_micros(50)))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
+            };
+        }
+    }
+}
+
+/// The calling thread's scheduling priority (see `LogConfig::writer_nice`): a pool thread runs
+/// `writer_nice` levels below the broker while it batches, at the broker's own priority while it
+/// serves a lone producer (whose Send polls for the answer on a worker thread and must not be
+/// able to starve it). Linux only: there `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling
+/// thread alone.
+#[derive(Debug)]
+pub(super) struct Priority {
+    base: i32,
+    current: i32,
+    /// Set after a failure: stop trying.
+    broken: bool,
+}
+
+impl Priority {
+    pub(super) fn of_this_thread() -> Priority {
+        match thread_nice() {
+            Ok(base) => Priority {
+                base,
+                current: base,
+                broken: false,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the partition writer's priority");
+                Priority {
+                    base: 0,
+                    current: 0,
+                    broken: true,
+                }
+            }
+        }
+    }
+
+    /// Runs the thread `lowered_by` levels below the broker (capped at 19).
+    pub(super) fn set(&mut self, lowered_by: u8) {
+        let nice = (self.base + i32::from(lowered_by)).min(19);
+        if self.broken || nice == self.current {
+            return;
+        }
+        match set_thread_nice(nice) {
+            Ok(()) => self.current = nice,
+            Err(e) => {
+                tracing::warn!(error = %e, nice, "could not change the partition writer's priority");
+                self.broken = true;
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn thread_nice() -> std::io::Result<i32> {
+    // SAFETY: a plain system call on the calling thread; errno is this thread's own, reset
+    // first because -1 is also a valid nice value.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(nice)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: a plain system call on the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_nice() -> std::io::Result<i32> {
+    Ok(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
+    Ok(())
+}
