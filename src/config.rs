@@ -98,6 +98,9 @@ pub struct Config {
     /// without a thread wake-up. At most one Send in the broker polls at a time. 0 turns it
     /// off. Default: 500.
     pub send_spin_us: u64,
+    /// Threads of the writer pool that runs group commit for every partition and group log
+    /// (see docs/storage.md); 0 means one per core. Default: 0.
+    pub writer_threads: usize,
     /// Log output: `text` or `json`. Default: `text`.
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
@@ -129,6 +132,7 @@ impl Default for Config {
             group_default_in_flight: 1000,
             retention_check_ms: 300_000,
             send_spin_us: 500,
+            writer_threads: 0,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             log: LogConfig::default(),

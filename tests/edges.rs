@@ -516,9 +516,12 @@ impl EntryRecorder {
                 }
             }
         }
+        // A partition's recovery checkpoint is a checksummed hint no answer depends on: lost or
+        // torn, recovery scans further back (docs/storage.md). It is replaced without syncs.
         entries
             .into_iter()
             .filter(|(k, durable)| !durable && k.exists())
+            .filter(|(k, _)| k.file_name() != Some(std::ffi::OsStr::new("checkpoint")))
             .map(|(k, _)| k)
             .collect()
     }

@@ -623,16 +623,8 @@ impl Broker {
         }
         self.tasks.close();
         self.tasks.wait().await;
-        let closed = blocking(move || {
-            for g in &groups {
-                g.close();
-            }
-            Ok(())
-        })
-        .await;
-        if let Err(e) = closed {
-            tracing::error!(error = %e, "closing groups failed");
-        }
+        // Every close is handed to the writer pool first, then awaited: the pool's threads
+        // close partitions side by side.
         let topics: Vec<Arc<Topic>> = self
             .topics
             .read()
@@ -641,18 +633,27 @@ impl Broker {
             .cloned()
             .collect();
         let closed = blocking(move || {
-            for t in &topics {
-                for p in &t.partitions {
-                    if let Err(e) = p.log.close() {
-                        tracing::error!(topic = %t.name, partition = p.id, error = %e, "partition did not close cleanly");
-                    }
+            let groups: Vec<_> = groups.iter().map(|g| (g, g.begin_close())).collect();
+            let parts: Vec<_> = topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(move |p| (t, p, p.log.begin_close())))
+                .collect();
+            for (g, closing) in groups {
+                groups::GroupTopic::closed(&g.group, closing);
+            }
+            for (t, p, closing) in parts {
+                let outcome = closing
+                    .recv()
+                    .unwrap_or_else(|_| Err(storage::Error::Closed { path: p.log.dir().into() }));
+                if let Err(e) = outcome {
+                    tracing::error!(topic = %t.name, partition = p.id, error = %e, "partition did not close cleanly");
                 }
             }
             Ok(())
         })
         .await;
         if let Err(e) = closed {
-            tracing::error!(error = %e, "closing partitions failed");
+            tracing::error!(error = %e, "closing the logs failed");
         }
         tracing::info!("broker closed");
     }

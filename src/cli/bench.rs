@@ -6,6 +6,7 @@
 //!   started; reports messages/s and MB/s.
 //! - `bench rpc`: callers of a call that does no work, to show what the RPC stack itself costs on
 //!   the machine.
+//! - `bench partitions`: thousands of partitions and groups ([`super::bench_partitions`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,8 @@ pub enum BenchCommand {
     Consume(ConsumeBench),
     /// Callers of a call that does no work (ListTopics): the floor the RPC stack sets.
     Rpc(RpcBench),
+    /// Many topics, partitions and groups: the broker's threads, descriptors and memory.
+    Partitions(super::bench_partitions::PartitionsBench),
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +149,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Produce(b) => produce(b).await,
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::Rpc(b) => rpc(b).await,
+        BenchCommand::Partitions(b) => super::bench_partitions::run(b).await,
     }
 }
 

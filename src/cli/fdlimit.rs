@@ -38,13 +38,13 @@ pub fn raise() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// Descriptors the broker needs for `data_dir` (every segment's log and two indexes stay open)
-/// and `max_connections`.
+/// Descriptors the broker needs for `data_dir` (every segment's log stays open; the indexes are
+/// mapped and hold none) and `max_connections`.
 pub fn needed(data_dir: &Path, max_connections: usize) -> u64 {
     segment_files(data_dir) + max_connections as u64 + SPARE
 }
 
-/// The segment files (`.log`, `.index`, `.timeindex`) under `dir`, at any depth.
+/// The segment logs under `dir`, at any depth.
 fn segment_files(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -56,7 +56,7 @@ fn segment_files(dir: &Path) -> u64 {
             Ok(t) if t.is_dir() => n += segment_files(&path),
             Ok(t) if t.is_file() => {
                 let ext = path.extension().and_then(|e| e.to_str());
-                if matches!(ext, Some("log" | "index" | "timeindex")) {
+                if ext == Some("log") {
                     n += 1;
                 }
             }

@@ -39,6 +39,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         )));
     }
 
+    if !crate::storage::WriterPool::configure_global(config.writer_threads) {
+        tracing::warn!("the writer pool was started before its thread count was set");
+    }
     let stop = CancellationToken::new();
     let running = server::start(config.clone(), stop.clone()).await?;
     // One line on stdout, for scripts and tests that asked for port 0.

@@ -117,6 +117,19 @@ impl FileIo for RealIo {
 /// Replaces `path` atomically with `contents`: write a temp file beside it, sync it, rename it
 /// over the old one, sync the directory. A crash leaves either the old or the new file.
 pub fn replace_file(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result<()> {
+    let (dir, tmp, file) = write_temp(io, path, contents)?;
+    io.sync_data(&tmp, &file)?;
+    drop(file);
+    io.rename(&tmp, path)?;
+    io.sync_dir(dir)
+}
+
+/// Writes `contents` to `<path>.tmp`; returns the directory, the temp path and its file.
+fn write_temp<'p>(
+    io: &dyn FileIo,
+    path: &'p Path,
+    contents: &[u8],
+) -> io::Result<(&'p Path, std::path::PathBuf, File)> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -128,10 +141,7 @@ pub fn replace_file(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result
         OpenOptions::new().create(true).write(true).truncate(true),
     )?;
     io.write_at(&tmp, &file, contents, 0)?;
-    io.sync_data(&tmp, &file)?;
-    drop(file);
-    io.rename(&tmp, path)?;
-    io.sync_dir(dir)
+    Ok((dir, tmp, file))
 }
 
 /// `pwritev` until every buffer is written, at most `IOV_MAX` buffers per call.
@@ -218,4 +228,14 @@ mod tests {
         want.extend(owned.concat());
         assert_eq!(got, want);
     }
+}
+
+/// Replaces `path` with `contents` through a temp file and a rename, with no sync: for a file
+/// whose loss or damage in a machine crash is harmless because it carries its own checksum and
+/// is only a hint (the recovery checkpoint: without it recovery scans further back). Whatever
+/// it describes must be durable before this is called.
+pub fn replace_file_unsynced(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result<()> {
+    let (_, tmp, file) = write_temp(io, path, contents)?;
+    drop(file);
+    io.rename(&tmp, path)
 }

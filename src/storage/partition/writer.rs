@@ -12,9 +12,10 @@
 //! write is cut back off the file (through [`FileIo::set_len`]) and only the batches in it fail;
 //! the next append writes the same bytes again. If the cut fails the partition latches too.
 //!
-//! The first write after open marks the directory open (an unclean checkpoint) and grows the
-//! active indexes to their capacity; a partition that is opened and closed without a write
-//! touches no file.
+//! The first write after open grows the active indexes to their capacity; a partition that is
+//! opened and closed without a write touches no file. No "open" marker is written: a clean
+//! checkpoint counts only while the log is exactly as long as it records, and every write makes
+//! the log longer.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
@@ -27,7 +28,7 @@ use crate::storage::checkpoint::{self, Checkpoint};
 use crate::storage::config::{FsyncPolicy, LogConfig};
 use crate::storage::error::{Error, Result};
 use crate::storage::index::IndexEntry;
-use crate::storage::io::replace_file;
+use crate::storage::io::replace_file_unsynced;
 use crate::storage::record::{BatchHeader, Decoded, EncodedBatch};
 use crate::storage::segment::{LOG_HEADER_LEN, Segment};
 use crate::storage::timeindex::TimeEntry;
@@ -279,8 +280,9 @@ impl Writer {
         ));
     }
 
-    /// Before the first change to the files since open: the checkpoint says "open" (a crash from
-    /// here on recovers) and the active indexes get their full size.
+    /// Before the first write since open: the active indexes get their full size. Nothing else
+    /// is needed to make a crash from here on recover: a clean checkpoint only counts while the
+    /// log is exactly as long as it says, and every write makes the log longer.
     fn mark_open(&mut self, sh: &Shared) -> Result<()> {
         if self.marked_open {
             return Ok(());
@@ -293,7 +295,6 @@ impl Writer {
         seg.time_index
             .grow(io)
             .map_err(|e| Error::io(seg.time_index.path(), e))?;
-        self.write_checkpoint(sh, false)?;
         self.marked_open = true;
         self.clean_on_disk = false;
         Ok(())
@@ -309,10 +310,12 @@ impl Writer {
         let path = active.log_path();
         let pos = self.before_buffer.len;
         let end = pos + self.staged_bytes as u64;
-        // A small write that grows the file takes zeros with it (see `preallocate_bytes`).
+        // A small write that grows the file takes zeros with it (see `preallocate_bytes`), once
+        // the segment has had a write before: a partition written once costs no zeros to cut.
         let prealloc = sh.config.preallocate_bytes;
         let mut zeros = 0u64;
-        if end > self.file_len && (self.staged_bytes as u64) < prealloc / 4 {
+        if end > self.file_len && pos > LOG_HEADER_LEN && (self.staged_bytes as u64) < prealloc / 4
+        {
             zeros = (end + prealloc).min(sh.config.segment_bytes.max(end)) - end;
         }
         let written = {
@@ -444,8 +447,9 @@ impl Writer {
         }
     }
 
-    /// Syncs indexes, then atomically replaces the checkpoint. Only call when everything written
-    /// is synced (or when `clean`, after the final sync).
+    /// Syncs indexes, then atomically replaces the checkpoint (unsynced: see
+    /// [`replace_file_unsynced`]). Only call when everything written is synced (or when `clean`,
+    /// after the final sync).
     fn write_checkpoint(&mut self, sh: &Shared, clean: bool) -> Result<()> {
         let seg = &self.active;
         let io = sh.io.as_ref();
@@ -465,7 +469,7 @@ impl Writer {
             time_entries: seg.time_index.len() as u32,
         };
         let path = sh.dir.join(checkpoint::FILE_NAME);
-        replace_file(io, &path, &cp.encode()).map_err(|e| Error::io(&path, e))?;
+        replace_file_unsynced(io, &path, &cp.encode()).map_err(|e| Error::io(&path, e))?;
         self.checkpoint_len = self.synced_len;
         Ok(())
     }
