@@ -25,6 +25,8 @@ pub struct FaultyIo {
     pub short_write: AtomicBool,
     /// Every `set_len` fails with EIO.
     pub fail_set_len: AtomicBool,
+    /// Every `sync_data` of an index file (`.index`, `.timeindex`) fails with EIO.
+    pub fail_index_sync: AtomicBool,
     pub syncs: AtomicU64,
     /// Operations (writes, syncs, renames) so far.
     pub ops: AtomicU64,
@@ -41,6 +43,7 @@ impl Default for FaultyIo {
             enospc: AtomicBool::new(false),
             short_write: AtomicBool::new(false),
             fail_set_len: AtomicBool::new(false),
+            fail_index_sync: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             fail_from: AtomicU64::new(u64::MAX),
@@ -101,6 +104,13 @@ impl FileIo for FaultyIo {
         drop(self.sync_gate.read().unwrap());
         self.step()?;
         self.syncs.fetch_add(1, Ordering::SeqCst);
+        let index = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("index" | "timeindex")
+        );
+        if index && self.fail_index_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected index sync EIO"));
+        }
         if self.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected EIO"));
         }
