@@ -143,7 +143,13 @@ fn index_lookup(c: &mut Criterion) {
     let dir = bench_dir("index");
     // A full 1 GiB segment's worth of entries at the default 4 KiB interval.
     let entries = 262_144u32;
-    let idx = OffsetIndex::create(&dir.join("0.index"), 0, entries as usize).unwrap();
+    let idx = OffsetIndex::create(
+        &dir.join("0.index"),
+        0,
+        entries as usize,
+        &sluice::storage::RealIo,
+    )
+    .unwrap();
     for i in 0..entries {
         idx.push(IndexEntry {
             relative_offset: i * 4,

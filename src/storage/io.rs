@@ -144,6 +144,16 @@ fn write_temp<'p>(
     Ok((dir, tmp, file))
 }
 
+/// Replaces `path` with `contents` through a temp file and a rename, with no sync: for a file
+/// whose loss or damage in a machine crash is harmless because it carries its own checksum and
+/// is only a hint (the recovery checkpoint: without it recovery scans further back). Whatever
+/// it describes must be durable before this is called.
+pub fn replace_file_unsynced(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result<()> {
+    let (_, tmp, file) = write_temp(io, path, contents)?;
+    drop(file);
+    io.rename(&tmp, path)
+}
+
 /// `pwritev` until every buffer is written, at most `IOV_MAX` buffers per call.
 fn pwritev_all(file: &File, bufs: &[&[u8]], mut pos: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -228,14 +238,4 @@ mod tests {
         want.extend(owned.concat());
         assert_eq!(got, want);
     }
-}
-
-/// Replaces `path` with `contents` through a temp file and a rename, with no sync: for a file
-/// whose loss or damage in a machine crash is harmless because it carries its own checksum and
-/// is only a hint (the recovery checkpoint: without it recovery scans further back). Whatever
-/// it describes must be durable before this is called.
-pub fn replace_file_unsynced(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result<()> {
-    let (_, tmp, file) = write_temp(io, path, contents)?;
-    drop(file);
-    io.rename(&tmp, path)
 }
