@@ -83,6 +83,9 @@ pub struct ProduceBench {
     pub messages: u64,
     #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
     pub client: ClientKind,
+    /// The broker's process id (a broker on this machine): prints the CPU time it spent.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
 }
 
 /// One caller's handle on a connection, through either client.
@@ -142,6 +145,59 @@ pub struct ConsumeBench {
     /// With --group: unacknowledged deliveries held at most.
     #[arg(long, default_value_t = 1000)]
     pub max_in_flight: u32,
+    /// The broker's process id (a broker on this machine): prints the CPU time it spent.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+}
+
+/// CPU time (user + system) a process has used, from `/proc/<pid>/stat`.
+fn process_cpu_secs(pid: u32) -> Result<f64, CliError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| CliError::Usage(format!("cannot read /proc/{pid}/stat: {e}")))?;
+    // Fields after the parenthesised name: utime is field 14, stime 15 (1-based).
+    let after_name = stat
+        .rfind(')')
+        .map(|i| &stat[i + 2..])
+        .ok_or_else(|| CliError::Usage(format!("unexpected /proc/{pid}/stat")))?;
+    let field = |n: usize| -> f64 {
+        after_name
+            .split(' ')
+            .nth(n - 3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((field(14) + field(15)) / ticks)
+}
+
+/// The broker's CPU time over a run, per GB of payload.
+struct BrokerCpu {
+    pid: u32,
+    start: f64,
+}
+
+impl BrokerCpu {
+    fn start(pid: Option<u32>) -> Result<Option<BrokerCpu>, CliError> {
+        pid.map(|pid| {
+            Ok(BrokerCpu {
+                pid,
+                start: process_cpu_secs(pid)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn report(cpu: Option<BrokerCpu>, payload_bytes: f64) -> Result<(), CliError> {
+        if let Some(c) = cpu {
+            let used = process_cpu_secs(c.pid)? - c.start;
+            println!(
+                "broker CPU: {used:.2} s (user + system) = {:.3} CPU-s per GB of payload",
+                used / (payload_bytes / 1e9)
+            );
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
@@ -182,6 +238,7 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     for c in &clients {
         c.send(&warm).await?;
     }
+    let cpu = BrokerCpu::start(b.broker_pid)?;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
@@ -235,7 +292,7 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
         hist.value_at_quantile(0.999),
         hist.max()
     );
-    Ok(())
+    BrokerCpu::report(cpu, bytes)
 }
 
 /// Acknowledgements a group consumer keeps in flight at once.
@@ -289,6 +346,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
             Ok::<_, CliError>(())
         })
     };
+    let cpu = BrokerCpu::start(b.broker_pid)?;
     let start = Instant::now();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
@@ -351,7 +409,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
             "the stream ended with {remaining} messages unread"
         )));
     }
-    Ok(())
+    BrokerCpu::report(cpu, bytes as f64)
 }
 
 async fn rpc(b: RpcBench) -> Result<(), CliError> {

@@ -12,6 +12,7 @@
 //! | [`partition`] | a partition log: writer pool, group commit, readers, recovery        |
 //! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
+//! | [`varint`]    | the LEB128 varint codec of records and group events                  |
 //! | [`verify`]    | read-only checks of a data directory (`sluice verify`)               |
 //! | [`config`]    | [`LogConfig`] and [`FsyncPolicy`]                                    |
 //! | [`error`]     | [`Error`], this layer's one error type                               |
@@ -28,6 +29,7 @@ pub mod record;
 pub mod segment;
 pub mod timeindex;
 pub mod topic;
+pub mod varint;
 pub mod verify;
 
 pub use compaction::{CompactionOptions, CompactionOutcome};

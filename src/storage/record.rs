@@ -40,6 +40,8 @@
 
 use bytes::Bytes;
 
+use super::varint;
+
 /// The only batch format version written today.
 pub const MAGIC_V1: u8 = 1;
 
@@ -114,25 +116,48 @@ impl EncodedBatch {
         let first_ts = iter.peek().map_or(0, |(_, r)| r.timestamp);
         let mut max_ts = i64::MIN;
         let mut count: u32 = 0;
-        let mut buf = vec![0u8; BATCH_HEADER_LEN];
-        let mut scratch = Vec::new();
+        // Sized first and written once: no per-record scratch copy, no reallocation.
+        let body_len = |delta: u32, r: &Record| {
+            varint::len_u(u64::from(delta))
+                + varint::len_i(r.timestamp.wrapping_sub(first_ts))
+                + opt_bytes_len(r.key.as_deref())
+                + opt_bytes_len(r.value.as_deref())
+                + varint::len_u(r.headers.len() as u64)
+                + r.headers
+                    .iter()
+                    .map(|h| {
+                        varint::len_u(h.key.len() as u64)
+                            + h.key.len()
+                            + varint::len_u(h.value.len() as u64)
+                            + h.value.len()
+                    })
+                    .sum::<usize>()
+        };
+        let total: usize = records
+            .clone()
+            .into_iter()
+            .map(|(delta, r)| {
+                let n = body_len(delta, r);
+                varint::len_u(n as u64) + n
+            })
+            .sum();
+        let mut buf = Vec::with_capacity(BATCH_HEADER_LEN + total);
+        buf.resize(BATCH_HEADER_LEN, 0);
         for (delta, r) in iter {
             count += 1;
             max_ts = max_ts.max(r.timestamp);
-            scratch.clear();
-            put_uvarint(&mut scratch, u64::from(delta));
-            put_ivarint(&mut scratch, r.timestamp.wrapping_sub(first_ts));
-            put_opt_bytes(&mut scratch, r.key.as_deref());
-            put_opt_bytes(&mut scratch, r.value.as_deref());
-            put_uvarint(&mut scratch, r.headers.len() as u64);
+            varint::put_u(&mut buf, body_len(delta, r) as u64);
+            varint::put_u(&mut buf, u64::from(delta));
+            varint::put_i(&mut buf, r.timestamp.wrapping_sub(first_ts));
+            put_opt_bytes(&mut buf, r.key.as_deref());
+            put_opt_bytes(&mut buf, r.value.as_deref());
+            varint::put_u(&mut buf, r.headers.len() as u64);
             for h in &r.headers {
-                put_uvarint(&mut scratch, h.key.len() as u64);
-                scratch.extend_from_slice(h.key.as_bytes());
-                put_uvarint(&mut scratch, h.value.len() as u64);
-                scratch.extend_from_slice(&h.value);
+                varint::put_u(&mut buf, h.key.len() as u64);
+                buf.extend_from_slice(h.key.as_bytes());
+                varint::put_u(&mut buf, h.value.len() as u64);
+                buf.extend_from_slice(&h.value);
             }
-            put_uvarint(&mut buf, scratch.len() as u64);
-            buf.extend_from_slice(&scratch);
         }
         if count == 0 {
             max_ts = first_ts;
@@ -367,24 +392,13 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn uvarint(&mut self) -> Result<u64, &'static str> {
-        let mut v: u64 = 0;
-        for shift in (0..64).step_by(7) {
-            if self.pos >= self.end {
-                return Err("varint runs past the record");
-            }
-            let b = self.buf[self.pos];
-            self.pos += 1;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint longer than 10 bytes")
+        varint::get_u(self.buf, &mut self.pos, self.end)
+            .map_err(|e| e.describe("varint runs past the record"))
     }
 
     fn ivarint(&mut self) -> Result<i64, &'static str> {
-        let u = self.uvarint()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+        varint::get_i(self.buf, &mut self.pos, self.end)
+            .map_err(|e| e.describe("varint runs past the record"))
     }
 
     fn take(&mut self, n: u64) -> Result<std::ops::Range<usize>, &'static str> {
@@ -456,25 +470,20 @@ impl Records {
     }
 }
 
-fn put_uvarint(buf: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
-}
-
-fn put_ivarint(buf: &mut Vec<u8>, v: i64) {
-    put_uvarint(buf, ((v << 1) ^ (v >> 63)) as u64);
-}
-
 fn put_opt_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
     match b {
-        None => put_ivarint(buf, -1),
+        None => varint::put_i(buf, -1),
         Some(b) => {
-            put_ivarint(buf, b.len() as i64);
+            varint::put_i(buf, b.len() as i64);
             buf.extend_from_slice(b);
         }
+    }
+}
+
+fn opt_bytes_len(b: Option<&[u8]>) -> usize {
+    match b {
+        None => varint::len_i(-1),
+        Some(b) => varint::len_i(b.len() as i64) + b.len(),
     }
 }
 

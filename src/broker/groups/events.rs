@@ -33,6 +33,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::storage::varint;
+
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -131,12 +133,8 @@ pub enum Event {
 
 const VERSION: u8 = 1;
 
-fn put_varint(b: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        b.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    b.push(v as u8);
+fn put_varint(b: &mut Vec<u8>, v: u64) {
+    varint::put_u(b, v);
 }
 
 impl Event {
@@ -319,15 +317,8 @@ impl Reader<'_> {
     }
 
     fn varint(&mut self) -> Result<u64, &'static str> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint longer than 10 bytes")
+        varint::get_u(self.b, &mut self.pos, self.b.len())
+            .map_err(|e| e.describe("group event cut short"))
     }
 
     /// A count, bounded by the bytes left (each item takes at least one byte).
