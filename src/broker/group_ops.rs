@@ -28,34 +28,38 @@ impl Broker {
         validate_group_name(group)?;
         let topic = self.existing_topic(topic)?;
         let key = (group.to_string(), topic.name.to_string());
-        let mut groups = self.groups.lock().await;
+        let cell = Arc::clone(self.groups().entry(key).or_default());
+        let g = cell
+            .get_or_try_init(|| async {
+                if self.shutdown.is_cancelled() {
+                    return Err(Error::ShuttingDown);
+                }
+                let dir = self.data.group_dir(group, &topic.name)?;
+                // Where a new group starts; an existing one resumes where it was.
+                let mut starts = Vec::new();
+                if !dir.exists() {
+                    for handle in &topic.partitions {
+                        starts.push(resolve_start(handle, start).await?);
+                    }
+                }
+                let g = GroupTopic::open(
+                    group,
+                    Arc::clone(&topic),
+                    dir,
+                    Arc::clone(self.data.io()),
+                    self.group_settings(),
+                    self.me.clone(),
+                    move |p| starts.get(p as usize).copied().unwrap_or(0),
+                )
+                .await?;
+                g.start(&self.tasks);
+                Ok(g)
+            })
+            .await?;
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if let Some(g) = groups.get(&key) {
-            return Ok(Arc::clone(g));
-        }
-        let dir = self.data.group_dir(group, &topic.name)?;
-        // Where a new group starts; an existing one resumes where it was.
-        let mut starts = Vec::new();
-        if !dir.exists() {
-            for handle in &topic.partitions {
-                starts.push(resolve_start(handle, start).await?);
-            }
-        }
-        let g = GroupTopic::open(
-            group,
-            Arc::clone(&topic),
-            dir,
-            Arc::clone(self.data.io()),
-            self.group_settings(),
-            self.me.clone(),
-            move |p| starts.get(p as usize).copied().unwrap_or(0),
-        )
-        .await?;
-        g.start(&self.tasks);
-        groups.insert(key, Arc::clone(&g));
-        Ok(g)
+        Ok(Arc::clone(g))
     }
 
     /// Joins `group` on `topic` as a member.
@@ -175,19 +179,31 @@ impl Broker {
     /// Deletes a group's state on every topic. Refused while members are connected.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         validate_group_name(group)?;
-        let mut groups = self.groups.lock().await;
-        let keys: Vec<_> = groups.keys().filter(|(g, _)| g == group).cloned().collect();
-        if let Some(busy) = keys
-            .iter()
-            .filter_map(|k| groups.get(k))
-            .find(|g| g.member_count() > 0)
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "group {group:?} has members connected to {:?}",
-                &*busy.topic.name
-            )));
-        }
-        let doomed: Vec<_> = keys.into_iter().filter_map(|k| groups.remove(&k)).collect();
+        let doomed: Vec<_> = {
+            let mut groups = self.groups();
+            let keys: Vec<_> = groups.keys().filter(|(g, _)| g == group).cloned().collect();
+            for k in &keys {
+                match groups.get(k).map(|cell| cell.get()) {
+                    Some(None) => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "group {group:?} is being opened on {:?}; try again",
+                            k.1
+                        )));
+                    }
+                    Some(Some(g)) if g.member_count() > 0 => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "group {group:?} has members connected to {:?}",
+                            &*g.topic.name
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            keys.into_iter()
+                .filter_map(|k| groups.remove(&k))
+                .filter_map(|cell| cell.get().cloned())
+                .collect()
+        };
         let data = Arc::clone(&self.data);
         let owned = group.to_string();
         blocking(move || {

@@ -163,6 +163,9 @@ struct PlannedBatch {
     indexes: Vec<usize>,
 }
 
+/// A consumer group's slot: empty while it is being opened.
+type GroupCell = Arc<tokio::sync::OnceCell<Arc<groups::GroupTopic>>>;
+
 /// The broker: every open topic of one data directory.
 #[derive(Debug)]
 pub struct Broker {
@@ -171,8 +174,10 @@ pub struct Broker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises topic creation and deletion.
     admin: tokio::sync::Mutex<()>,
-    /// Open consumer groups, by (group, topic).
-    groups: tokio::sync::Mutex<HashMap<(String, String), Arc<groups::GroupTopic>>>,
+    /// Consumer groups, by (group, topic): each opens once, in its own cell, so that opening or
+    /// replaying one group never holds up another (the map's lock is never held across an
+    /// `.await`).
+    groups: std::sync::Mutex<HashMap<(String, String), GroupCell>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Lets a lone producer's Send poll for its acknowledgement (see [`ack_poll`]).
@@ -225,7 +230,7 @@ impl Broker {
             data: Arc::new(data),
             topics: RwLock::new(topics),
             admin: tokio::sync::Mutex::new(()),
-            groups: tokio::sync::Mutex::new(HashMap::new()),
+            groups: std::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acks,
@@ -244,6 +249,10 @@ impl Broker {
     /// Cancelled when the broker shuts down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), GroupCell>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn topic(&self, name: &str) -> Option<Arc<Topic>> {
@@ -547,9 +556,12 @@ impl Broker {
             .ok_or_else(|| storage::Error::TopicNotFound(name.to_string()))?;
         topic.deleted.cancel();
         let doomed: Vec<_> = {
-            let mut groups = self.groups.lock().await;
+            let mut groups = self.groups();
             let keys: Vec<_> = groups.keys().filter(|(_, t)| t == name).cloned().collect();
-            keys.into_iter().filter_map(|k| groups.remove(&k)).collect()
+            keys.into_iter()
+                .filter_map(|k| groups.remove(&k))
+                .filter_map(|cell| cell.get().cloned())
+                .collect()
         };
         let data = Arc::clone(&self.data);
         let owned = name.to_string();
@@ -617,7 +629,11 @@ impl Broker {
     /// stopped serving them.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let groups: Vec<_> = self.groups.lock().await.drain().map(|(_, g)| g).collect();
+        let groups: Vec<_> = self
+            .groups()
+            .drain()
+            .filter_map(|(_, cell)| cell.get().cloned())
+            .collect();
         for g in &groups {
             g.stop.cancel();
         }

@@ -1,0 +1,375 @@
+//! The dispatcher: one task per group and topic that reads ahead in each partition, assigns due
+//! messages to members with room (taking turns), and snapshots the state into the group log
+//! from time to time so that replay stays short.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::storage::{self};
+
+use super::events::Event;
+use super::replay::read_record_blocking;
+use super::state::*;
+use super::*;
+use crate::broker::error::{Error, Result};
+use crate::broker::{Deliveries, Delivery};
+
+impl GroupTopic {
+    pub(super) async fn run(self: Arc<Self>) {
+        // Dead letters left half-done by a crash are finished first.
+        loop {
+            let next = self.expire();
+            if let Err(e) = self.dead_letter().await {
+                tracing::error!(group = %self.group, topic = %self.topic.name, error = %e, "dead-lettering failed; will retry");
+            }
+            if let Err(e) = self.dispatch().await {
+                tracing::error!(group = %self.group, topic = %self.topic.name, error = %e, "dispatch failed; will retry");
+            }
+            if let Err(e) = self.maybe_snapshot().await {
+                tracing::warn!(group = %self.group, error = %e, "group snapshot failed");
+            }
+            let sleep = next.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = self.stop.cancelled() => break,
+            }
+        }
+        // Members' streams end: their guards remove them when dropped.
+        let members: Vec<_> = lock(&self.state)
+            .members
+            .values()
+            .map(|m| m.tx.clone())
+            .collect();
+        for tx in members {
+            let _ = tx.try_send(Err(Error::ShuttingDown));
+        }
+    }
+
+    /// Hands due messages to members with room, until no member has room or nothing is due.
+    pub(super) async fn dispatch(self: &Arc<Self>) -> Result<()> {
+        loop {
+            self.fill().await?;
+            if !self.assign() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads what the next assignment needs: records for due redeliveries, now, and look-ahead,
+    /// in the background (see [`GroupTopic::read_ahead`]).
+    pub(super) async fn fill(self: &Arc<Self>) -> Result<()> {
+        let now = Instant::now();
+        let (fetch, refill) = {
+            let mut st = lock(&self.state);
+            // The next read starts when less than one read is left, also while every member is
+            // full: it is in when their acks come. At most two reads' worth is held.
+            let mut refill = Vec::new();
+            let members = !st.members.is_empty();
+            for (p, part) in st.parts.iter_mut().enumerate() {
+                if members
+                    && part.blocked.is_none()
+                    && part.reading.is_none()
+                    && part.lookahead_bytes < READ_AHEAD_BYTES
+                    && part.read_pos < self.topic.partitions[p].log.high_water()
+                {
+                    part.reading = Some(part.read_pos);
+                    refill.push((p as u32, part.read_pos));
+                }
+            }
+            let room: usize = st
+                .members
+                .values()
+                .map(|m| m.max_in_flight.saturating_sub(m.in_flight))
+                .sum();
+            let mut fetch = Vec::new();
+            if room > 0 {
+                for (p, part) in st.parts.iter().enumerate() {
+                    if part.blocked.is_some() {
+                        continue;
+                    }
+                    let due = part
+                        .pending
+                        .iter()
+                        .filter(|(o, x)| x.not_before <= now && !part.ready.contains_key(o))
+                        .take(room)
+                        .map(|(&o, _)| (p as u32, o));
+                    fetch.extend(due);
+                }
+            }
+            (fetch, refill)
+        };
+        for (p, from) in refill {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.read_ahead(p, from).await });
+        }
+        if fetch.is_empty() {
+            return Ok(());
+        }
+        let topic = Arc::clone(&self.topic);
+        let (fetched, damaged) = tokio::task::spawn_blocking(move || {
+            let mut fetched = Vec::new();
+            let mut damaged = Vec::new();
+            for (p, offset) in fetch {
+                let log = &topic.partitions[p as usize].log;
+                match read_record_blocking(log, offset) {
+                    Ok(r) => fetched.push((p, offset, r)),
+                    // Retention removed it: nothing left to redeliver.
+                    Err(Error::Storage(storage::Error::OffsetOutOfRange { .. })) => {
+                        fetched.push((p, offset, None));
+                    }
+                    Err(e) => match e.in_partition(&topic.name, p) {
+                        // Damaged since it was first delivered: the partition stops here.
+                        Error::Damaged(why) => damaged.push((p, why)),
+                        e => return Err(e),
+                    },
+                }
+            }
+            Ok((fetched, damaged))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("group read task: {e}")))??;
+        let mut st = lock(&self.state);
+        for (p, why) in damaged {
+            tracing::error!(group = %self.group, error = %why, "group redelivery stopped at damage");
+            st.parts[p as usize].blocked.get_or_insert(why);
+        }
+        st.tell_blocked();
+        for (p, offset, record) in fetched {
+            let part = &mut st.parts[p as usize];
+            match record {
+                Some(r) if part.pending.contains_key(&offset) => {
+                    part.ready.insert(offset, r);
+                }
+                Some(_) => {}
+                None => {
+                    // Gone from the log (retention or compaction): nothing to redeliver.
+                    part.pending.remove(&offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the records after a partition's look-ahead, on the blocking pool, while the
+    /// dispatcher goes on assigning what it has; wakes the dispatcher when they are in. Started
+    /// when the look-ahead runs low, so that deliveries rarely wait for the disk.
+    pub(super) async fn read_ahead(self: Arc<Self>, p: u32, from: u64) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let topic = Arc::clone(&self.topic);
+        let read = tokio::task::spawn_blocking(move || {
+            let log = &topic.partitions[p as usize].log;
+            let start = from.max(log.log_start());
+            let mut records = Vec::new();
+            let mut next = start;
+            for batch in log.read(start, READ_AHEAD_BYTES)? {
+                for r in batch.records() {
+                    let r = r.map_err(|why| {
+                        Error::Internal(format!("undecodable record in a valid batch: {why}"))
+                    })?;
+                    if r.offset >= start {
+                        records.push(r);
+                    }
+                }
+                next = next.max(batch.header().next_offset());
+            }
+            Ok::<_, Error>((start, next, records))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("group read task: {e}")))
+        .and_then(|r| r);
+        let mut st = lock(&self.state);
+        let part = &mut st.parts[p as usize];
+        if part.reading == Some(from) {
+            part.reading = None;
+        }
+        match read {
+            // A reset (or another read) moved the look-ahead on while this one ran: stale.
+            Ok((start, next, records)) if part.read_pos == from => {
+                if part.lookahead.is_empty() && part.cursor < start {
+                    // Retention removed what the cursor pointed at. (With records still in the
+                    // look-ahead, the cursor is behind `start` and moves on as they go out.)
+                    part.cursor = start;
+                }
+                part.lookahead_bytes += records.iter().map(record_bytes).sum::<usize>();
+                part.lookahead.extend(records);
+                part.read_pos = next;
+            }
+            Ok(_) => {}
+            Err(_) if self.stop.is_cancelled() => return,
+            Err(e) => match e.in_partition(&self.topic.name, p) {
+                Error::Damaged(why) => {
+                    // Not retried: the group waits here until an operator moves it past the
+                    // damage (`groups reset --partition`); every member is told.
+                    tracing::error!(group = %self.group, error = %why, "group deliveries stopped at damage");
+                    part.blocked = Some(why);
+                    st.tell_blocked();
+                    return;
+                }
+                e => {
+                    // Not retried at once: the next wake-up (an ack, a new message) tries again.
+                    tracing::error!(group = %self.group, topic = %self.topic.name, partition = p, error = %e, "group read-ahead failed; will retry");
+                    return;
+                }
+            },
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// One round: every member with room takes up to its quota. True if anything was sent.
+    pub(super) fn assign(&self) -> bool {
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        let exclusive = st.members.values().any(|m| m.exclusive);
+        let ids: Vec<u64> = {
+            let turn = st.turn;
+            let mut ids: Vec<u64> = st.members.range(turn..).map(|(&id, _)| id).collect();
+            ids.extend(st.members.range(..turn).map(|(&id, _)| id));
+            ids
+        };
+        let mut any = false;
+        let mut events = Vec::new();
+        // Members whose buffer was full when a partition was blocked hear of it now.
+        st.tell_blocked();
+        for id in ids {
+            let (room, tx) = match st.members.get(&id) {
+                Some(m) if m.tx.capacity() > 0 => (
+                    m.max_in_flight.saturating_sub(m.in_flight).min(ROUND_QUOTA),
+                    m.tx.clone(),
+                ),
+                _ => continue,
+            };
+            if room == 0 {
+                continue;
+            }
+            let deadline = now + self.settings.ack_timeout;
+            let mut out = Vec::new();
+            let State {
+                parts, timeouts, ..
+            } = &mut *st;
+            let n = parts.len();
+            let first = (id as usize) % n.max(1);
+            for k in 0..n {
+                let p = (first + k) % n;
+                let part = &mut parts[p];
+                if exclusive && part.owner != Some(id) {
+                    continue;
+                }
+                let mut delivered = Vec::new();
+                // Redeliveries first, oldest first.
+                while out.len() < room {
+                    let Some(offset) = part.ready.keys().next().copied() else {
+                        break;
+                    };
+                    let Some(record) = part.ready.remove(&offset) else {
+                        break;
+                    };
+                    let Some(pending) = part.pending.remove(&offset) else {
+                        continue;
+                    };
+                    let attempt = pending.attempt + 1;
+                    delivered.push((offset, attempt));
+                    out.push((p as u32, record, attempt));
+                }
+                while out.len() < room {
+                    let Some(record) = part.lookahead.pop_front() else {
+                        break;
+                    };
+                    part.lookahead_bytes =
+                        part.lookahead_bytes.saturating_sub(record_bytes(&record));
+                    if record.offset < part.cursor {
+                        continue;
+                    }
+                    part.cursor = record.offset + 1;
+                    delivered.push((record.offset, 1));
+                    out.push((p as u32, record, 1));
+                }
+                for (offset, attempt) in &mut delivered {
+                    part.in_flight.insert(
+                        *offset,
+                        Flight {
+                            member: id,
+                            deadline,
+                            attempt: *attempt,
+                            handed: false,
+                        },
+                    );
+                    timeouts.insert((deadline, p as u32, *offset));
+                    // The log records the attempts handed so far; this one counts once handed.
+                    *attempt -= 1;
+                }
+                if !delivered.is_empty() {
+                    delivered.sort_unstable();
+                    events.push(Event::Delivered {
+                        partition: p as u32,
+                        deliveries: delivered,
+                    });
+                }
+                if out.len() >= room {
+                    break;
+                }
+            }
+            if out.is_empty() {
+                continue;
+            }
+            if let Some(m) = st.members.get_mut(&id) {
+                m.in_flight += out.len();
+            }
+            let deliveries: Vec<Delivery> = out
+                .into_iter()
+                .map(|(partition, record, attempt)| Delivery {
+                    ack_id: ack_id(partition, record.offset),
+                    partition,
+                    record,
+                    attempt,
+                })
+                .collect();
+            // Room in the channel was checked under the lock; only a departed member fails here,
+            // and its guard gives its deliveries back.
+            let _ = tx.try_send(Ok(Deliveries::Records(deliveries)));
+            st.turn = id + 1;
+            any = true;
+        }
+        if !events.is_empty() {
+            // Not awaited nor synced on their own: delivery records only keep attempt counts,
+            // and the next ack's sync covers them.
+            drop(self.append_with(&events, false));
+        }
+        any
+    }
+
+    pub(super) async fn maybe_snapshot(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.since_snapshot.load(Ordering::Relaxed) < SNAPSHOT_EVERY_BYTES {
+            return Ok(());
+        }
+        let done = {
+            let st = lock(&self.state);
+            let events: Vec<Event> = st
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(p, part)| Event::Snapshot {
+                    partition: p as u32,
+                    state: part.snapshot(),
+                })
+                .collect();
+            let done = self.append(&events);
+            self.since_snapshot.store(0, Ordering::Relaxed);
+            done
+        };
+        let appended = done
+            .await
+            .map_err(|_| Error::Internal("group log writer went away".into()))??;
+        let log_offset = appended.base_offset;
+        // Everything before the snapshot is no longer needed.
+        let log = &self.log;
+        log.delete_segments_below(log_offset)?;
+        Ok(())
+    }
+}

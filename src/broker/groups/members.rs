@@ -1,0 +1,262 @@
+//! Members: joining a group (a subscription becomes a member with a delivery buffer), leaving
+//! it (what it held goes back, or to the dead letters at its last attempt), acknowledging and
+//! negatively acknowledging deliveries, and handing deliveries over to the transport (where an
+//! attempt starts to count).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::storage::{self};
+
+use super::DeliveryBatch;
+use super::events::{Event, Reason};
+use super::replay::wait;
+use super::state::*;
+use crate::broker::error::{Error, Result};
+
+use super::*;
+
+/// Removes a member from its group when its subscription ends (the stream is dropped).
+#[derive(Debug)]
+pub struct MemberGuard {
+    group: Arc<GroupTopic>,
+    member: u64,
+}
+
+impl MemberGuard {
+    pub fn group(&self) -> &Arc<GroupTopic> {
+        &self.group
+    }
+
+    /// Keeps the deliveries this member may hand to its transport, counting their attempt
+    /// (see [`GroupTopic::hand_over`]).
+    pub fn hand_over<T>(&self, deliveries: &mut Vec<T>, id: impl Fn(&T) -> (u32, u64)) {
+        self.group.hand_over(self.member, deliveries, id);
+    }
+}
+
+impl Drop for MemberGuard {
+    fn drop(&mut self) {
+        self.group.leave(self.member);
+    }
+}
+
+impl GroupTopic {
+    /// Adds a member; its deliveries arrive on the returned channel.
+    pub fn join(
+        self: &Arc<Self>,
+        max_in_flight: usize,
+        exclusive: bool,
+    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        let max_in_flight = self.settings.max_in_flight(max_in_flight)?;
+        let mut st = lock(&self.state);
+        if let Some(other) = st.members.values().find(|m| m.exclusive != exclusive) {
+            return Err(Error::FailedPrecondition(format!(
+                "group {:?} has {} members on topic {:?}; a member cannot join it {}",
+                self.group,
+                if other.exclusive {
+                    "exclusive"
+                } else {
+                    "shared"
+                },
+                &*self.topic.name,
+                if exclusive {
+                    "exclusively"
+                } else {
+                    "as shared"
+                }
+            )));
+        }
+        let (tx, rx) = mpsc::channel(self.settings.member_buffer);
+        let id = st.next_member;
+        st.next_member += 1;
+        st.members.insert(
+            id,
+            Member {
+                tx,
+                in_flight: 0,
+                max_in_flight,
+                exclusive,
+                told_blocked: false,
+            },
+        );
+        // A partition stopped at damage: the new member hears of it at once, like the others.
+        st.tell_blocked();
+        if exclusive {
+            assign_owners(&mut st);
+        }
+        drop(st);
+        tracing::debug!(group = %self.group, topic = %self.topic.name, member = id, exclusive, "member joined");
+        self.wake.notify_one();
+        Ok((
+            MemberGuard {
+                group: Arc::clone(self),
+                member: id,
+            },
+            rx,
+        ))
+    }
+
+    /// A member left: what it had in flight goes to the others.
+    pub(super) fn leave(&self, member: u64) {
+        let now = Instant::now();
+        let max = self.settings.max_deliveries;
+        let mut st = lock(&self.state);
+        if st.members.remove(&member).is_none() {
+            return;
+        }
+        let State {
+            parts, timeouts, ..
+        } = &mut *st;
+        for (p, part) in parts.iter_mut().enumerate() {
+            let mine: Vec<u64> = part
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.member == member)
+                .map(|(&o, _)| o)
+                .collect();
+            for offset in mine {
+                if let Some(f) = part.in_flight.remove(&offset) {
+                    timeouts.remove(&(f.deadline, p as u32, offset));
+                    give_back(part, offset, &f, now, max, Reason::MemberLeft);
+                }
+            }
+            if part.owner == Some(member) {
+                part.owner = None;
+            }
+        }
+        assign_owners(&mut st);
+        drop(st);
+        tracing::debug!(group = %self.group, topic = %self.topic.name, member, "member left");
+        self.wake.notify_one();
+    }
+
+    /// Acknowledges deliveries; returns once the acknowledgement is durable, with whether each
+    /// id was applied (false: not in flight or pending for this group: never delivered,
+    /// acknowledged already, or dead-lettered).
+    pub async fn ack(&self, ids: &[(u32, u64)]) -> Result<Vec<bool>> {
+        let (applied, done) = self.ack_quietly(ids)?;
+        if let Some(done) = done {
+            wait(done).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Records acknowledgements without waiting for them to be durable; says which applied.
+    #[allow(clippy::type_complexity)]
+    pub fn ack_quietly(
+        &self,
+        ids: &[(u32, u64)],
+    ) -> Result<(
+        Vec<bool>,
+        Option<oneshot::Receiver<storage::Result<storage::Appended>>>,
+    )> {
+        self.check_partitions(ids.iter().map(|&(p, _)| p))?;
+        let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut applied = Vec::with_capacity(ids.len());
+        let mut st = lock(&self.state);
+        for &(p, offset) in ids {
+            let acked = st.land(p, offset).is_some() || {
+                let part = &mut st.parts[p as usize];
+                part.ready.remove(&offset);
+                part.pending.remove(&offset).is_some()
+            };
+            if acked {
+                by_partition.entry(p).or_default().push(offset);
+            }
+            applied.push(acked);
+        }
+        if by_partition.is_empty() {
+            return Ok((applied, None));
+        }
+        let events: Vec<Event> = by_partition
+            .into_iter()
+            .map(|(partition, mut offsets)| {
+                offsets.sort_unstable();
+                offsets.dedup();
+                Event::Acked { partition, offsets }
+            })
+            .collect();
+        let done = self.append(&events);
+        drop(st);
+        self.wake.notify_one();
+        Ok((applied, Some(done)))
+    }
+
+    /// Gives deliveries back for redelivery after `delay` (to any member); says which ids were
+    /// in flight. A delivery at its last attempt is dead-lettered.
+    pub fn nack(&self, ids: &[(u32, u64)], delay: Duration) -> Result<Vec<bool>> {
+        if delay > MAX_NACK_DELAY {
+            return Err(Error::InvalidArgument(format!(
+                "a Nack delay may be at most {} ms; {} ms asked",
+                MAX_NACK_DELAY.as_millis(),
+                delay.as_millis()
+            )));
+        }
+        self.check_partitions(ids.iter().map(|&(p, _)| p))?;
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        let max = self.settings.max_deliveries;
+        let mut applied = Vec::with_capacity(ids.len());
+        for &(p, offset) in ids {
+            let landed = st.land(p, offset);
+            if let Some(f) = &landed {
+                let part = &mut st.parts[p as usize];
+                give_back(part, offset, f, now + delay, max, Reason::Nacked);
+            }
+            applied.push(landed.is_some());
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(applied)
+    }
+
+    /// A member's stream is about to hand these deliveries to the transport: keeps those still
+    /// in flight to that member and not handed yet (a delivery that timed out or went to another
+    /// member while it waited in the stream's buffer is dropped), and counts their attempt.
+    /// `id` names each delivery's (partition, offset).
+    pub fn hand_over<T>(
+        &self,
+        member: u64,
+        deliveries: &mut Vec<T>,
+        id: impl Fn(&T) -> (u32, u64),
+    ) {
+        let mut handed: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        let mut st = lock(&self.state);
+        deliveries.retain(|d| {
+            let (p, offset) = id(d);
+            let Some(part) = st.parts.get_mut(p as usize) else {
+                return false;
+            };
+            match part.in_flight.get_mut(&offset) {
+                Some(f) if f.member == member && !f.handed => {
+                    f.handed = true;
+                    if f.attempt > 1 {
+                        part.redeliveries += 1;
+                    }
+                    handed.entry(p).or_default().push((offset, f.attempt));
+                    true
+                }
+                _ => false,
+            }
+        });
+        if handed.is_empty() {
+            return;
+        }
+        let events: Vec<Event> = handed
+            .into_iter()
+            .map(|(partition, mut deliveries)| {
+                deliveries.sort_unstable();
+                Event::Handed {
+                    partition,
+                    deliveries,
+                }
+            })
+            .collect();
+        // Synced with the next durable append, like `Delivered`.
+        drop(self.append_with(&events, false));
+    }
+}

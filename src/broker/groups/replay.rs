@@ -1,0 +1,212 @@
+//! Opening a group: replaying its event log into the state (or starting a new group at its start
+//! positions), and the helpers that wait for the log and read records back.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::{self, FileIo, LogConfig, Partition, StoredRecord};
+
+use super::events::{Event, PartitionSnapshot, Reason};
+use super::state::*;
+use super::*;
+use crate::broker::error::{Error, Result};
+use crate::broker::{Broker, Topic};
+
+impl GroupTopic {
+    /// Opens (creating if needed) the state of `group` on `topic` and starts its dispatcher.
+    /// A new group starts at `start` in every partition.
+    pub(crate) async fn open(
+        group: &str,
+        topic: Arc<Topic>,
+        dir: PathBuf,
+        io: Arc<dyn FileIo>,
+        settings: GroupSettings,
+        broker: Weak<Broker>,
+        start: impl Fn(u32) -> u64,
+    ) -> Result<Arc<GroupTopic>> {
+        let config = LogConfig {
+            segment_bytes: 1 << 20,
+            fsync: settings.fsync,
+            queue_depth: 1 << 16,
+            preallocate_bytes: 64 << 10,
+            ..LogConfig::default()
+        };
+        let n = topic.partitions.len();
+        let (log, replayed) = tokio::task::spawn_blocking(move || {
+            let log = Partition::open(&dir, config, io, None)?;
+            let replayed = replay(&log, n)?;
+            Ok::<_, Error>((log, replayed))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("group open task: {e}")))??;
+        let fresh = replayed.is_none();
+        let snapshots = replayed.unwrap_or_else(|| {
+            (0..n as u32)
+                .map(|p| PartitionSnapshot {
+                    cursor: start(p),
+                    ..PartitionSnapshot::default()
+                })
+                .collect()
+        });
+        let now = Instant::now();
+        let mut state = State::default();
+        for s in &snapshots {
+            let mut p = PState::default();
+            p.reset(s.cursor);
+            p.redeliveries = s.redeliveries;
+            p.dead_lettered = s.dead_lettered;
+            // Delivered before the restart and never acknowledged: deliver again, unless that
+            // was its last attempt.
+            for (&offset, &attempt) in &s.outstanding {
+                if attempt >= settings.max_deliveries {
+                    p.dead_letter_later(offset, attempt, Reason::Restarted);
+                } else {
+                    p.retry(offset, attempt, now);
+                }
+            }
+            for d in &s.dead_letters {
+                p.dead_lettering.insert(d.offset, (*d, false));
+            }
+            state.parts.push(p);
+        }
+        let group_topic = Arc::new(GroupTopic {
+            group: group.to_string(),
+            topic,
+            log,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            settings,
+            broker,
+            stop: CancellationToken::new(),
+            since_snapshot: std::sync::atomic::AtomicU64::new(0),
+        });
+        if fresh {
+            let events: Vec<Event> = snapshots
+                .iter()
+                .enumerate()
+                .map(|(p, s)| Event::Reset {
+                    partition: p as u32,
+                    cursor: s.cursor,
+                })
+                .collect();
+            let done = group_topic.append(&events);
+            wait(done).await?;
+        }
+        Ok(group_topic)
+    }
+}
+
+pub(super) async fn wait(
+    done: oneshot::Receiver<storage::Result<storage::Appended>>,
+) -> Result<()> {
+    done.await
+        .map_err(|_| Error::Internal("group log writer went away".into()))??;
+    Ok(())
+}
+
+pub(super) fn read_record_blocking(log: &Partition, offset: u64) -> Result<Option<StoredRecord>> {
+    for batch in log.read(offset, 1)? {
+        for r in batch.records() {
+            let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;
+            if r.offset == offset {
+                return Ok(Some(r));
+            }
+            if r.offset > offset {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub(super) async fn read_record(
+    handle: &Arc<crate::broker::PartitionHandle>,
+    offset: u64,
+) -> Result<Option<StoredRecord>> {
+    let handle = Arc::clone(handle);
+    tokio::task::spawn_blocking(move || read_record_blocking(&handle.log, offset))
+        .await
+        .map_err(|e| Error::Internal(format!("read task: {e}")))?
+}
+
+/// Rebuilds the partitions' state from the group log; `None` when the log is empty (a new
+/// group).
+pub(super) fn replay(log: &Partition, partitions: usize) -> Result<Option<Vec<PartitionSnapshot>>> {
+    let mut state = vec![PartitionSnapshot::default(); partitions];
+    let mut next = log.log_start();
+    let end = log.high_water();
+    if next == end {
+        return Ok(None);
+    }
+    while next < end {
+        let batches = log.read(next, 1 << 20)?;
+        for batch in &batches {
+            for r in batch.records() {
+                let r = r.map_err(|why| Error::Internal(format!("group log record: {why}")))?;
+                if r.offset < next {
+                    continue;
+                }
+                let bytes = r.value.unwrap_or_default();
+                let event = Event::decode(&bytes).map_err(|why| {
+                    Error::Storage(storage::Error::corrupt(
+                        log.dir(),
+                        r.offset,
+                        format!("group event: {why}"),
+                    ))
+                })?;
+                let Some(s) = state.get_mut(event.partition() as usize) else {
+                    continue;
+                };
+                apply(s, event);
+            }
+            next = next.max(batch.header().next_offset());
+        }
+    }
+    Ok(Some(state))
+}
+
+pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
+    match event {
+        Event::Delivered { deliveries, .. } => {
+            for (offset, handed_before) in deliveries {
+                s.outstanding.insert(offset, handed_before);
+                s.cursor = s.cursor.max(offset + 1);
+            }
+        }
+        Event::Handed { deliveries, .. } => {
+            for (offset, attempt) in deliveries {
+                if attempt > 1 {
+                    s.redeliveries += 1;
+                }
+                s.outstanding.insert(offset, attempt);
+            }
+        }
+        Event::Acked { offsets, .. } => {
+            for o in offsets {
+                s.outstanding.remove(&o);
+            }
+        }
+        Event::Reset { cursor, .. } => {
+            s.outstanding.clear();
+            s.dead_letters.clear();
+            s.cursor = cursor;
+        }
+        Event::DeadLetterPending { dead_letter, .. } => {
+            s.outstanding.remove(&dead_letter.offset);
+            s.dead_letters.retain(|d| d.offset != dead_letter.offset);
+            s.dead_letters.push(dead_letter);
+        }
+        Event::DeadLettered { offset, .. } => {
+            let before = s.dead_letters.len();
+            s.dead_letters.retain(|d| d.offset != offset);
+            if s.dead_letters.len() < before {
+                s.dead_lettered += 1;
+            }
+        }
+        Event::Snapshot { state, .. } => *s = state,
+    }
+}
