@@ -2,6 +2,7 @@
 //! events (`broker::groups::events`). Signed values use zigzag encoding.
 
 /// Appends `v` as an unsigned varint.
+#[inline]
 pub fn put_u(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
@@ -11,21 +12,25 @@ pub fn put_u(buf: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Appends `v` as a zigzag varint.
+#[inline]
 pub fn put_i(buf: &mut Vec<u8>, v: i64) {
     put_u(buf, zigzag(v));
 }
 
 /// Bytes [`put_u`] writes for `v`.
+#[inline]
 pub fn len_u(v: u64) -> usize {
     // One byte per started group of 7 bits; zero takes one byte.
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Bytes [`put_i`] writes for `v`.
+#[inline]
 pub fn len_i(v: i64) -> usize {
     len_u(zigzag(v))
 }
 
+#[inline]
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
@@ -49,6 +54,7 @@ impl Malformed {
 }
 
 /// Reads an unsigned varint from `buf[*pos..end]`, moving `pos` past it.
+#[inline]
 pub fn get_u(buf: &[u8], pos: &mut usize, end: usize) -> Result<u64, Malformed> {
     let mut v: u64 = 0;
     for shift in (0..64).step_by(7) {
@@ -66,6 +72,7 @@ pub fn get_u(buf: &[u8], pos: &mut usize, end: usize) -> Result<u64, Malformed> 
 }
 
 /// Reads a zigzag varint (see [`get_u`]).
+#[inline]
 pub fn get_i(buf: &[u8], pos: &mut usize, end: usize) -> Result<i64, Malformed> {
     let u = get_u(buf, pos, end)?;
     Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
