@@ -34,6 +34,8 @@ pub enum BenchCommand {
     Rpc(RpcBench),
     /// Many topics, partitions and groups: the broker's threads, descriptors and memory.
     Partitions(super::bench_partitions::PartitionsBench),
+    /// Many seed-API Sends at once (one per patient): how long the last one waits.
+    Burst(super::bench_partitions::BurstBench),
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +208,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::Rpc(b) => rpc(b).await,
         BenchCommand::Partitions(b) => super::bench_partitions::run(b).await,
+        BenchCommand::Burst(b) => super::bench_partitions::burst(b).await,
     }
 }
 
