@@ -111,6 +111,8 @@ struct Inbox {
     closed: bool,
     /// The handle is gone: timers no longer schedule it.
     detached: bool,
+    /// Threads waiting on `changed` (for room, or for the partition to go idle).
+    waiters: usize,
 }
 
 struct Shared {
@@ -205,6 +207,16 @@ impl Shared {
         }
     }
 
+    fn wait_changed<'a>(&self, mut inbox: MutexGuard<'a, Inbox>) -> MutexGuard<'a, Inbox> {
+        inbox.waiters += 1;
+        let mut inbox = self
+            .changed
+            .wait(inbox)
+            .unwrap_or_else(|p| p.into_inner());
+        inbox.waiters -= 1;
+        inbox
+    }
+
     fn refuse(&self, cmd: Command) {
         match cmd {
             Command::Append(_, done, _) => done(Err(self.closed_error())),
@@ -218,14 +230,14 @@ impl Shared {
     fn take_commands(&self, max: usize) -> (Vec<Command>, bool) {
         let mut inbox = self.inbox();
         let n = inbox.cmds.len().min(max);
-        let full = inbox.cmds.len() >= self.config.queue_depth;
+        let wake = inbox.waiters > 0;
         let cmds: Vec<Command> = inbox.cmds.drain(..n).collect();
         if cmds.iter().any(|c| matches!(c, Command::Close(_))) {
             inbox.closed = true;
         }
         let tick = std::mem::take(&mut inbox.tick);
         drop(inbox);
-        if full {
+        if wake {
             self.changed.notify_all();
         }
         (cmds, tick)
@@ -246,8 +258,11 @@ impl Shared {
             if inbox.cmds.capacity() > 64 {
                 inbox.cmds.shrink_to(16);
             }
+            let wake = inbox.waiters > 0;
             drop(inbox);
-            self.changed.notify_all();
+            if wake {
+                self.changed.notify_all();
+            }
             return false;
         }
         !(pool.others_waiting() && pool.schedule(Arc::clone(self)))
@@ -525,7 +540,7 @@ impl Drop for Partition {
             return;
         }
         while inbox.scheduled {
-            inbox = sh.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
+            inbox = sh.wait_changed(inbox);
         }
     }
 }

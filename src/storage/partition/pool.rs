@@ -43,6 +43,8 @@ struct Queue {
     ready: VecDeque<Arc<Shared>>,
     timers: BinaryHeap<Timer>,
     stopping: bool,
+    /// Threads waiting on `wake` (a notification with none waiting would be a wasted syscall).
+    sleeping: usize,
 }
 
 /// A partition's interval-sync deadline.
@@ -162,8 +164,11 @@ impl PoolInner {
         }
         q.ready.push_back(part);
         self.ready_len.fetch_add(1, Ordering::Release);
+        let sleeping = q.sleeping > 0;
         drop(q);
-        self.wake.notify_one();
+        if sleeping {
+            self.wake.notify_one();
+        }
         true
     }
 
@@ -220,6 +225,7 @@ impl PoolInner {
             if q.stopping {
                 return;
             }
+            q.sleeping += 1;
             q = match q.timers.peek().map(|t| t.at.saturating_duration_since(now)) {
                 Some(wait) => {
                     self.wake
@@ -229,6 +235,7 @@ impl PoolInner {
                 }
                 None => self.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
             };
+            q.sleeping -= 1;
         }
     }
 }

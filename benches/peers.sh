@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Sluice beside Redis Streams in one sitting: unbatched durable sends from many clients.
+#   Redis: appendonly yes, appendfsync always; redis-benchmark -c 50 -P 1 -x XADD (1 KB values)
+#   Sluice: fsync = always (default); sluice bench produce, 64 producers x 1 message per request,
+#           1 KB values, with tonic's generated client and with the lean one.
+# Installs redis-server/redis-tools with apt when missing. Not part of CI.
+# Usage: benches/peers.sh [ROUNDS]   (rounds are interleaved: redis, sluice tonic, sluice lean)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-2}
+n=${MESSAGES:-100000}
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+    apt-get install -y redis-server redis-tools >/dev/null
+fi
+cargo build --release --quiet
+bin=target/release/sluice
+work=$(mktemp -d)
+trap 'kill -9 "${rpid:-0}" "${spid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+head -c 1024 /dev/zero | tr '\0' 'v' >"$work/value"
+
+redis_round() {
+    rm -rf "$work/redis"; mkdir -p "$work/redis"
+    redis-server --port 6399 --dir "$work/redis" --appendonly yes --appendfsync always \
+        --save '' --daemonize no >/dev/null &
+    rpid=$!
+    until redis-cli -p 6399 ping >/dev/null 2>&1; do sleep 0.05; done
+    redis-benchmark -p 6399 -c 50 -P 1 -n "$n" -x XADD s '*' f <"$work/value" 2>/dev/null \
+        | tr '\r' '\n' | grep -E "requests per second" | tail -1 | sed 's/^/redis XADD (c50, P1): /'
+    kill "$rpid"; wait "$rpid" 2>/dev/null || true
+}
+
+sluice_round() {
+    rm -rf "$work/sluice"
+    "$bin" serve --data-dir "$work/sluice" --listen 127.0.0.1:0 >"$work/log" 2>/dev/null &
+    spid=$!
+    until grep -q "listening on" "$work/log"; do sleep 0.01; done
+    addr=http://$(sed -n 's/^sluice listening on //p' "$work/log")
+    "$bin" bench produce --broker "$addr" --topic peers --producers 64 --connections 64 \
+        --batch 1 --size 1024 --messages "$n" --client "$1" --broker-pid "$spid" \
+        | sed "s/^/sluice ($1 client): /"
+    kill -TERM "$spid"; wait "$spid" || true
+}
+
+for _ in $(seq "$rounds"); do
+    redis_round
+    sluice_round tonic
+    sluice_round lean
+done
