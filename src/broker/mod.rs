@@ -4,12 +4,13 @@
 //!
 //! - **Send**: messages are routed to partitions (explicit, by key hash, or spread per request),
 //!   encoded into one batch per partition on the calling task, and handed to each partition's
-//!   writer thread. The call returns only when every batch is durable. A semaphore per partition
-//!   bounds appends in flight: a burst of producers waits its turn, nothing is dropped.
+//!   writer (the writer pool). The call returns only when every batch is durable. A semaphore
+//!   per partition bounds appends in flight: a burst of producers waits its turn, nothing is
+//!   dropped.
 //! - **Subscribe**: one task per subscribed partition reads whole batches (on the blocking pool)
 //!   and pushes them into a bounded channel; when the subscriber is slow the channel fills and
 //!   the reads pause. At the tail a task waits on its partition's high-water watch, which the
-//!   writer thread signals after each durable append. No polling.
+//!   writer pool signals after each durable append. No polling.
 
 mod ack_poll;
 pub mod error;

@@ -16,7 +16,7 @@ use super::error::Result;
 pub struct PartitionHandle {
     pub id: u32,
     pub log: Partition,
-    /// Wakes subscribers: the writer thread sends the new high-water mark each time data becomes
+    /// Wakes subscribers: the partition's writer sends the new high-water mark each time data becomes
     /// visible. It is only a signal; `log.high_water()` is the authority (read it after marking
     /// the watch seen, then wait for a change).
     pub high_water: watch::Receiver<u64>,

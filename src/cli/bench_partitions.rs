@@ -221,7 +221,8 @@ pub async fn burst(b: BurstBench) -> Result<(), CliError> {
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for i in 0..b.sends {
-        let mut client = seed::broker_client::BrokerClient::new(channels[i % channels.len()].clone());
+        let mut client =
+            seed::broker_client::BrokerClient::new(channels[i % channels.len()].clone());
         let req = request(&b.topic);
         tasks.spawn(async move {
             let t = Instant::now();

@@ -61,8 +61,8 @@ pub struct LogConfig {
     /// virtual machine). A quiet partition never polls and a busy one is already batching.
     /// 0 turns it off. Default: 200.
     pub writer_spin_us: u64,
-    /// How much lower than the broker's own scheduling priority each partition writer thread
-    /// runs: added to the thread's nice value (Linux; capped at 19). The writer mostly waits on
+    /// How much lower than the broker's own scheduling priority a writer pool thread runs while
+    /// it serves this partition: added to the thread's nice value (Linux; capped at 19). The writer mostly waits on
     /// `fdatasync`; at a lower priority its wake-up does not preempt the threads that serve
     /// requests, and it runs once they have queued the next group of appends, so group commits
     /// get larger. While it serves a lone producer (see `writer_spin_us`) it runs at the

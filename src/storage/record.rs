@@ -1,6 +1,6 @@
 //! The record batch: the unit that is framed, checksummed, written and read.
 //!
-//! A producer's records are encoded into one batch off the writer thread; the partition writer
+//! A producer's records are encoded into one batch off the writer pool; the partition writer
 //! only stamps the base offset and the CRC ([`EncodedBatch::seal`]). Readers get whole batches
 //! back as [`Batch`] (one `Bytes` buffer) and iterate its records without copying payloads.
 //!

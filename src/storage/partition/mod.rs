@@ -209,10 +209,7 @@ impl Shared {
 
     fn wait_changed<'a>(&self, mut inbox: MutexGuard<'a, Inbox>) -> MutexGuard<'a, Inbox> {
         inbox.waiters += 1;
-        let mut inbox = self
-            .changed
-            .wait(inbox)
-            .unwrap_or_else(|p| p.into_inner());
+        let mut inbox = self.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
         inbox.waiters -= 1;
         inbox
     }
