@@ -101,9 +101,13 @@ impl GroupTopic {
             }
             (fetch, refill)
         };
-        for (p, from) in refill {
-            let me = Arc::clone(self);
-            tokio::spawn(async move { me.read_ahead(p, from).await });
+        if let Some(broker) = self.broker.upgrade() {
+            for (p, from) in refill {
+                let me = Arc::clone(self);
+                broker
+                    .tasks
+                    .spawn(async move { me.read_ahead(p, from).await });
+            }
         }
         if fetch.is_empty() {
             return Ok(());

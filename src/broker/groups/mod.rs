@@ -212,11 +212,8 @@ impl GroupTopic {
         let done: storage::Completion = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        if durable {
-            self.log.append(batch, done);
-        } else {
-            self.log.append_lazy(batch, done);
-        }
+        // Never waits on a tokio worker: the group's events are bounded by its in-flight limits.
+        self.log.append_nowait(batch, done, durable);
         rx
     }
 

@@ -414,12 +414,23 @@ impl Partition {
         self.send_append(batch, done, false);
     }
 
+    /// [`Partition::append`] (or, unless `durable`, [`Partition::append_lazy`]) that never
+    /// waits, whatever the inbox holds: for callers on an async runtime that bound their appends
+    /// themselves (consumer groups, by their members' in-flight limits).
+    pub fn append_nowait(&self, batch: EncodedBatch, done: Completion, durable: bool) {
+        self.post_append(batch, done, durable, false);
+    }
+
     fn send_append(&self, batch: EncodedBatch, done: Completion, durable: bool) {
+        self.post_append(batch, done, durable, true);
+    }
+
+    fn post_append(&self, batch: EncodedBatch, done: Completion, durable: bool, bounded: bool) {
         if let Some(e) = self.shared.poisoned_error() {
             return done(Err(e));
         }
         self.shared
-            .post(Command::Append(batch, done, durable), true);
+            .post(Command::Append(batch, done, durable), bounded);
     }
 
     /// Appends records and waits until they are durable.
