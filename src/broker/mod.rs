@@ -640,8 +640,6 @@ impl Broker {
         }
         self.tasks.close();
         self.tasks.wait().await;
-        // Every close is handed to the writer pool first, then awaited: the pool's threads
-        // close partitions side by side.
         let topics: Vec<Arc<Topic>> = self
             .topics
             .read()
@@ -650,22 +648,16 @@ impl Broker {
             .cloned()
             .collect();
         let closed = blocking(move || {
-            let groups: Vec<_> = groups.iter().map(|g| (g, g.begin_close())).collect();
+            side_by_side(&groups, |g| g.close());
             let parts: Vec<_> = topics
                 .iter()
-                .flat_map(|t| t.partitions.iter().map(move |p| (t, p, p.log.begin_close())))
+                .flat_map(|t| t.partitions.iter().map(move |p| (t, p)))
                 .collect();
-            for (g, closing) in groups {
-                groups::GroupTopic::closed(&g.group, closing);
-            }
-            for (t, p, closing) in parts {
-                let outcome = closing
-                    .recv()
-                    .unwrap_or_else(|_| Err(storage::Error::Closed { path: p.log.dir().into() }));
-                if let Err(e) = outcome {
+            side_by_side(&parts, |(t, p)| {
+                if let Err(e) = p.log.close() {
                     tracing::error!(topic = %t.name, partition = p.id, error = %e, "partition did not close cleanly");
                 }
-            }
+            });
             Ok(())
         })
         .await;
@@ -674,6 +666,25 @@ impl Broker {
         }
         tracing::info!("broker closed");
     }
+}
+
+/// Threads that close logs at shutdown: a close mostly waits on syncs, so many run at once.
+const CLOSING_THREADS: usize = 16;
+
+/// Runs `f` on every item, on up to [`CLOSING_THREADS`] threads (blocking).
+fn side_by_side<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        while let Some(item) = items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            f(item);
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..CLOSING_THREADS.min(items.len()) {
+            s.spawn(work);
+        }
+        work();
+    });
 }
 
 /// The first offset a subscription reads in a partition.

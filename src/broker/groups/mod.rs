@@ -322,25 +322,11 @@ impl GroupTopic {
         }
     }
 
-    /// Stops the dispatcher and closes the group log cleanly.
+    /// Stops the dispatcher and closes the group log cleanly (blocking).
     pub(crate) fn close(&self) {
-        Self::closed(&self.group, self.begin_close());
-    }
-
-    /// Stops the group and starts closing its log; see [`GroupTopic::closed`].
-    pub(crate) fn begin_close(&self) -> std::sync::mpsc::Receiver<storage::Result<()>> {
         self.stop.cancel();
-        self.log.begin_close()
-    }
-
-    /// Waits for a close begun with [`GroupTopic::begin_close`] (blocking).
-    pub(crate) fn closed(group: &str, closing: std::sync::mpsc::Receiver<storage::Result<()>>) {
-        match closing.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(group, error = %e, "group log did not close cleanly");
-            }
-            Err(_) => tracing::warn!(group, "group log writer went away before closing"),
+        if let Err(e) = self.log.close() {
+            tracing::warn!(group = %self.group, error = %e, "group log did not close cleanly");
         }
     }
 }

@@ -464,16 +464,24 @@ impl Partition {
     /// Finishes queued appends, syncs, trims the indexes and marks the partition clean (nothing
     /// to do when nothing was written since a clean open). Later appends fail with
     /// [`Error::Closed`]; reads keep working.
+    ///
+    /// Runs on the calling thread (once no pool thread is serving the partition), so that many
+    /// threads can close many partitions side by side: a close waits on syncs.
     pub fn close(&self) -> Result<()> {
-        self.ask(Command::Close)
-    }
-
-    /// Starts [`Partition::close`] and returns at once; the receiver gets its outcome. Closing
-    /// many partitions this way lets the pool's threads close them side by side.
-    pub fn begin_close(&self) -> mpsc::Receiver<Result<()>> {
+        let sh = &self.shared;
         let (reply_tx, reply_rx) = mpsc::channel();
-        self.shared.post(Command::Close(reply_tx), false);
-        reply_rx
+        let mut inbox = sh.inbox();
+        while inbox.scheduled {
+            inbox = sh.wait_changed(inbox);
+        }
+        if inbox.closed {
+            return Err(sh.closed_error());
+        }
+        inbox.cmds.push_back(Command::Close(reply_tx));
+        inbox.scheduled = true;
+        drop(inbox);
+        pool::serve_here(&sh.pool, sh, &mut writer::ThreadCtx::foreign());
+        wait_reply(sh, reply_rx)
     }
 
     /// One past the last offset readers can see.

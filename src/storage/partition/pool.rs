@@ -82,7 +82,14 @@ thread_local! {
     static SERVING: Cell<usize> = const { Cell::new(0) };
 }
 
-/// True when the calling thread is a pool thread serving `part` right now.
+/// Serves `part` on the calling thread, which must have claimed it (set `scheduled`).
+pub(super) fn serve_here(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut super::writer::ThreadCtx) {
+    SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
+    super::writer::serve(pool, part, ctx);
+    SERVING.with(|s| s.set(0));
+}
+
+/// True when the calling thread is serving `part` right now.
 pub(super) fn serving(part: &Shared) -> bool {
     SERVING.with(|s| s.get() == part as *const Shared as usize)
 }
@@ -200,9 +207,7 @@ impl PoolInner {
             if let Some(part) = q.ready.pop_front() {
                 self.ready_len.fetch_sub(1, Ordering::Release);
                 drop(q);
-                SERVING.with(|s| s.set(Arc::as_ptr(&part) as usize));
-                super::writer::serve(&self, &part, &mut ctx);
-                SERVING.with(|s| s.set(0));
+                serve_here(&self, &part, &mut ctx);
                 drop(part);
                 q = lock(&self.queue);
                 continue;
@@ -269,6 +274,16 @@ impl Priority {
                     broken: true,
                 }
             }
+        }
+    }
+
+    /// For a thread that is not the pool's (a caller closing a partition itself): its priority
+    /// is left alone.
+    pub(super) fn unchanged() -> Priority {
+        Priority {
+            base: 0,
+            current: 0,
+            broken: true,
         }
     }
 

@@ -52,6 +52,13 @@ impl ThreadCtx {
             priority: Priority::of_this_thread(),
         }
     }
+
+    /// For a thread outside the pool: its priority is never changed.
+    pub(super) fn foreign() -> ThreadCtx {
+        ThreadCtx {
+            priority: Priority::unchanged(),
+        }
+    }
 }
 
 /// One partition's writer state; lives in the partition, locked by the thread serving it.
