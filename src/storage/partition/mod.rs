@@ -3,9 +3,10 @@
 //!
 //! | file           | owns                                                                  |
 //! |----------------|-----------------------------------------------------------------------|
-//! | `mod.rs`       | the handle: open, the append/roll/close API, the inbox, stats         |
-//! | [`pool`]       | the writer threads, the ready queue, interval-sync timers, priority   |
-//! | [`writer`]     | the active segment's state and one round of group commit              |
+//! | `mod.rs`       | the handle: open, the append/roll/close API, stats                    |
+//! | [`inbox`]      | queued commands and the scheduled flag                                |
+//! | [`pool`]       | the writer threads, the ready queue, timers, priority, a serving round|
+//! | [`writer`]     | the active segment's state: stage, write, sync, roll, close           |
 //! | [`recovery`]   | what open does to the files: checks, index rebuilds, torn-tail cuts   |
 //! | [`read`]       | reads by offset and by timestamp                                      |
 //! | [`retention`]  | retention and key compaction of closed segments                       |
@@ -24,18 +25,19 @@
 //! published with `Release` after the bytes are durable under the fsync policy, then use
 //! positional reads. Readers never see bytes that are not yet durable under the fsync policy.
 
+mod inbox;
 mod pool;
 mod read;
 mod recovery;
 mod retention;
 mod writer;
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::Duration;
 
+use self::inbox::Inbox;
 use self::pool::PoolInner;
 use self::recovery::{ActiveState, drop_unborn_segment, list_segments, read_checkpoint};
 use self::writer::{Writer, wait_reply};
@@ -99,22 +101,6 @@ enum Command {
     Close(mpsc::Sender<Result<()>>),
 }
 
-/// Commands waiting for the writer, and whether the partition is scheduled.
-#[derive(Default)]
-struct Inbox {
-    cmds: VecDeque<Command>,
-    /// An interval sync is due.
-    tick: bool,
-    /// In the pool's ready queue or being served: exactly one thread may serve it.
-    scheduled: bool,
-    /// Closed: appends fail at once.
-    closed: bool,
-    /// The handle is gone: timers no longer schedule it.
-    detached: bool,
-    /// Threads waiting on `changed` (for room, or for the partition to go idle).
-    waiters: usize,
-}
-
 struct Shared {
     dir: PathBuf,
     config: LogConfig,
@@ -162,119 +148,6 @@ impl Shared {
         let mut list = guard.as_ref().clone();
         f(&mut list);
         *guard = Arc::new(list);
-    }
-
-    fn inbox(&self) -> MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn closed_error(&self) -> Error {
-        Error::Closed {
-            path: self.dir.clone(),
-        }
-    }
-
-    fn poisoned_error(&self) -> Option<Error> {
-        self.poisoned
-            .load(Ordering::Acquire)
-            .then(|| Error::Poisoned {
-                path: self.dir.clone(),
-            })
-    }
-
-    /// Queues a command and schedules the partition if it was idle. With `bounded`, waits while
-    /// the inbox holds `queue_depth` commands.
-    fn post(self: &Arc<Self>, cmd: Command, bounded: bool) {
-        let mut inbox = self.inbox();
-        while bounded && inbox.cmds.len() >= self.config.queue_depth && !inbox.closed {
-            inbox = self.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
-        }
-        if inbox.closed {
-            drop(inbox);
-            return self.refuse(cmd);
-        }
-        inbox.cmds.push_back(cmd);
-        if !inbox.scheduled {
-            inbox.scheduled = true;
-            if !self.pool.schedule(Arc::clone(self)) {
-                // The pool has stopped: nothing will serve this partition again.
-                inbox.scheduled = false;
-                inbox.closed = true;
-                let cmds: Vec<Command> = inbox.cmds.drain(..).collect();
-                drop(inbox);
-                cmds.into_iter().for_each(|c| self.refuse(c));
-            }
-        }
-    }
-
-    fn wait_changed<'a>(&self, mut inbox: MutexGuard<'a, Inbox>) -> MutexGuard<'a, Inbox> {
-        inbox.waiters += 1;
-        let mut inbox = self.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
-        inbox.waiters -= 1;
-        inbox
-    }
-
-    fn refuse(&self, cmd: Command) {
-        match cmd {
-            Command::Append(_, done, _) => done(Err(self.closed_error())),
-            Command::Roll(reply) | Command::Close(reply) => {
-                let _ = reply.send(Err(self.closed_error()));
-            }
-        }
-    }
-
-    /// The commands to serve now (at most `max`) and whether an interval sync is due.
-    fn take_commands(&self, max: usize) -> (Vec<Command>, bool) {
-        let mut inbox = self.inbox();
-        let n = inbox.cmds.len().min(max);
-        let wake = inbox.waiters > 0;
-        let cmds: Vec<Command> = inbox.cmds.drain(..n).collect();
-        if cmds.iter().any(|c| matches!(c, Command::Close(_))) {
-            inbox.closed = true;
-        }
-        let tick = std::mem::take(&mut inbox.tick);
-        drop(inbox);
-        if wake {
-            self.changed.notify_all();
-        }
-        (cmds, tick)
-    }
-
-    /// Something for the writer to do now: a command, or a dropped handle to let go of.
-    fn wants_writer(&self) -> bool {
-        let inbox = self.inbox();
-        !inbox.cmds.is_empty() || inbox.detached
-    }
-
-    /// After a round: true to serve another one on this thread. Otherwise the partition is either
-    /// idle (nothing queued) or back in the pool's queue behind the partitions waiting there.
-    fn more_work(self: &Arc<Self>, pool: &PoolInner) -> bool {
-        let mut inbox = self.inbox();
-        if inbox.cmds.is_empty() && !inbox.tick {
-            inbox.scheduled = false;
-            if inbox.cmds.capacity() > 64 {
-                inbox.cmds.shrink_to(16);
-            }
-            let wake = inbox.waiters > 0;
-            drop(inbox);
-            if wake {
-                self.changed.notify_all();
-            }
-            return false;
-        }
-        !(pool.others_waiting() && pool.schedule(Arc::clone(self)))
-    }
-
-    /// An interval sync is due (from the pool's timer).
-    fn tick(self: &Arc<Self>, pool: &PoolInner) {
-        let mut inbox = self.inbox();
-        if inbox.detached || inbox.closed {
-            return;
-        }
-        inbox.tick = true;
-        if !inbox.scheduled {
-            inbox.scheduled = pool.schedule(Arc::clone(self));
-        }
     }
 }
 
@@ -480,7 +353,7 @@ impl Partition {
         inbox.cmds.push_back(Command::Close(reply_tx));
         inbox.scheduled = true;
         drop(inbox);
-        pool::serve_here(&sh.pool, sh, &mut writer::ThreadCtx::foreign());
+        pool::serve_here(&sh.pool, sh, &mut pool::ThreadCtx::foreign());
         wait_reply(sh, reply_rx)
     }
 

@@ -20,7 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::Shared;
+use super::writer::{MAX_GATHER_BYTES, MAX_GATHER_COMMANDS};
+use super::{Command, Shared};
 
 /// A pool of partition writer threads. Dropping it stops its threads once their queue is empty;
 /// partitions that outlive it fail their appends with `Closed`.
@@ -83,9 +84,9 @@ thread_local! {
 }
 
 /// Serves `part` on the calling thread, which must have claimed it (set `scheduled`).
-pub(super) fn serve_here(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut super::writer::ThreadCtx) {
+pub(super) fn serve_here(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
     SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
-    super::writer::serve(pool, part, ctx);
+    serve(pool, part, ctx);
     SERVING.with(|s| s.set(0));
 }
 
@@ -201,7 +202,7 @@ impl PoolInner {
 
     /// A writer thread's life: serve ready partitions, fire due timers, sleep.
     fn work(self: Arc<Self>) {
-        let mut ctx = super::writer::ThreadCtx::new();
+        let mut ctx = ThreadCtx::new();
         let mut q = lock(&self.queue);
         loop {
             if let Some(part) = q.ready.pop_front() {
@@ -334,4 +335,99 @@ fn thread_nice() -> std::io::Result<i32> {
 #[cfg(not(target_os = "linux"))]
 fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
     Ok(())
+}
+
+/// What a pool thread keeps between the partitions it serves.
+#[derive(Debug)]
+pub(super) struct ThreadCtx {
+    priority: Priority,
+}
+
+impl ThreadCtx {
+    pub(super) fn new() -> ThreadCtx {
+        ThreadCtx {
+            priority: Priority::of_this_thread(),
+        }
+    }
+
+    /// For a thread outside the pool: its priority is never changed.
+    pub(super) fn foreign() -> ThreadCtx {
+        ThreadCtx {
+            priority: Priority::unchanged(),
+        }
+    }
+}
+
+/// Serves one scheduled partition until its inbox is empty or other partitions are waiting.
+pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
+    let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
+    let spin = part.config.writer_spin();
+    loop {
+        let idle = w.round_end.elapsed();
+        let (cmds, tick) = part.take_commands(MAX_GATHER_COMMANDS);
+        let taken = cmds.len();
+        for c in cmds {
+            match c {
+                Command::Append(batch, done, _) if w.closed => {
+                    drop(batch);
+                    done(Err(part.closed_error()));
+                }
+                Command::Append(batch, done, durable) => {
+                    // After staging: a roll inside `stage` commits, which clears the flag.
+                    w.stage(part, batch, done);
+                    w.needs_sync |= durable;
+                    if w.staged_bytes >= MAX_GATHER_BYTES {
+                        w.flush(part);
+                    }
+                }
+                Command::Roll(reply) if w.closed => {
+                    let _ = reply.send(Err(part.closed_error()));
+                }
+                Command::Roll(reply) => {
+                    let r = w.roll(part);
+                    let _ = reply.send(r);
+                }
+                Command::Close(reply) => {
+                    let r = if w.closed { Ok(()) } else { w.close(part) };
+                    w.closed = true;
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        if tick {
+            w.timer_pending = false;
+        }
+        w.lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
+            w.lone_rounds.saturating_add(1)
+        } else {
+            0
+        };
+        // Before the round completes, so its senders see how the writer serves them.
+        let polling = w.lone_rounds >= 2 && !w.closed;
+        if part.polling.load(Ordering::Relaxed) != polling {
+            part.polling.store(polling, Ordering::Relaxed);
+        }
+        ctx.priority
+            .set(if polling { 0 } else { part.config.writer_nice });
+        w.flush(part);
+        w.commit(part, tick);
+        w.round_end = Instant::now();
+        if polling && let Some(window) = spin {
+            // A lone producer's next append usually comes within the window: stay awake for it
+            // unless another partition needs this thread.
+            while w.round_end.elapsed() < window && !part.wants_writer() && !pool.others_waiting() {
+                std::thread::yield_now();
+            }
+        }
+        if !part.more_work(pool) {
+            if !w.timer_pending
+                && !w.closed
+                && let Some(wait) = w.next_wait(part)
+            {
+                w.timer_pending = true;
+                pool.add_timer(Instant::now() + wait, part);
+            }
+            return;
+        }
+    }
 }

@@ -21,9 +21,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use super::pool::{PoolInner, Priority};
 use super::recovery::{ActiveState, push_entries, trim};
-use super::{Appended, Command, Completion, Shared};
+use super::{Appended, Completion, Shared};
 use crate::storage::checkpoint::{self, Checkpoint};
 use crate::storage::config::{FsyncPolicy, LogConfig};
 use crate::storage::error::{Error, Result};
@@ -34,140 +33,45 @@ use crate::storage::segment::{LOG_HEADER_LEN, Segment};
 use crate::storage::timeindex::TimeEntry;
 
 /// Largest amount of bytes staged before a write.
-const MAX_GATHER_BYTES: usize = 16 << 20;
+pub(super) const MAX_GATHER_BYTES: usize = 16 << 20;
 /// Commands taken from the inbox per round at most.
 pub(super) const MAX_GATHER_COMMANDS: usize = 4096;
 /// Preallocation zeros are written from this (read-only, never touched: no resident memory).
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-/// What a pool thread keeps between the partitions it serves.
-#[derive(Debug)]
-pub(super) struct ThreadCtx {
-    priority: Priority,
-}
-
-impl ThreadCtx {
-    pub(super) fn new() -> ThreadCtx {
-        ThreadCtx {
-            priority: Priority::of_this_thread(),
-        }
-    }
-
-    /// For a thread outside the pool: its priority is never changed.
-    pub(super) fn foreign() -> ThreadCtx {
-        ThreadCtx {
-            priority: Priority::unchanged(),
-        }
-    }
-}
-
 /// One partition's writer state; lives in the partition, locked by the thread serving it.
 pub(super) struct Writer {
-    active: Arc<Segment>,
+    pub(super) active: Arc<Segment>,
     /// State of what is written to the file (possibly not yet synced).
-    state: ActiveState,
+    pub(super) state: ActiveState,
     /// Bytes of the active log known durable.
-    synced_len: u64,
+    pub(super) synced_len: u64,
     /// Length of the active log file: `state.len` plus preallocated zeros.
-    file_len: u64,
-    checkpoint_len: u64,
-    last_sync: Instant,
+    pub(super) file_len: u64,
+    pub(super) checkpoint_len: u64,
+    pub(super) last_sync: Instant,
     /// Sealed batches not yet written, and their total size.
-    staged: Vec<EncodedBatch>,
-    staged_bytes: usize,
-    buffered: Vec<(Completion, Appended)>,
-    buffered_index: Vec<(IndexEntry, Option<TimeEntry>)>,
+    pub(super) staged: Vec<EncodedBatch>,
+    pub(super) staged_bytes: usize,
+    pub(super) buffered: Vec<(Completion, Appended)>,
+    pub(super) buffered_index: Vec<(IndexEntry, Option<TimeEntry>)>,
     /// State before the first staged batch, to undo a failed write.
-    before_buffer: ActiveState,
+    pub(super) before_buffer: ActiveState,
     /// Written batches waiting for the sync that makes them durable.
-    unsynced: Vec<(Completion, Appended)>,
+    pub(super) unsynced: Vec<(Completion, Appended)>,
     /// A durable append is waiting: the next commit must sync (see `append_lazy`).
-    needs_sync: bool,
+    pub(super) needs_sync: bool,
     /// The checkpoint on disk says "open" and the active indexes have their full size: files
     /// may change. False from open until the first write.
-    marked_open: bool,
+    pub(super) marked_open: bool,
     /// The checkpoint on disk is a clean one that matches the files (nothing to do on close).
-    clean_on_disk: bool,
-    closed: bool,
+    pub(super) clean_on_disk: bool,
+    pub(super) closed: bool,
     /// Rounds in a row of one append that followed the previous round closely.
-    lone_rounds: u32,
-    round_end: Instant,
+    pub(super) lone_rounds: u32,
+    pub(super) round_end: Instant,
     /// An interval-sync timer is pending with the pool.
-    timer_pending: bool,
-}
-
-/// Serves one scheduled partition until its inbox is empty or other partitions are waiting.
-pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
-    let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
-    let spin = part.config.writer_spin();
-    loop {
-        let idle = w.round_end.elapsed();
-        let (cmds, tick) = part.take_commands(MAX_GATHER_COMMANDS);
-        let taken = cmds.len();
-        for c in cmds {
-            match c {
-                Command::Append(batch, done, _) if w.closed => {
-                    drop(batch);
-                    done(Err(part.closed_error()));
-                }
-                Command::Append(batch, done, durable) => {
-                    // After staging: a roll inside `stage` commits, which clears the flag.
-                    w.stage(part, batch, done);
-                    w.needs_sync |= durable;
-                    if w.staged_bytes >= MAX_GATHER_BYTES {
-                        w.flush(part);
-                    }
-                }
-                Command::Roll(reply) if w.closed => {
-                    let _ = reply.send(Err(part.closed_error()));
-                }
-                Command::Roll(reply) => {
-                    let r = w.roll(part);
-                    let _ = reply.send(r);
-                }
-                Command::Close(reply) => {
-                    let r = if w.closed { Ok(()) } else { w.close(part) };
-                    w.closed = true;
-                    let _ = reply.send(r);
-                }
-            }
-        }
-        if tick {
-            w.timer_pending = false;
-        }
-        w.lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
-            w.lone_rounds.saturating_add(1)
-        } else {
-            0
-        };
-        // Before the round completes, so its senders see how the writer serves them.
-        let polling = w.lone_rounds >= 2 && !w.closed;
-        if part.polling.load(Ordering::Relaxed) != polling {
-            part.polling.store(polling, Ordering::Relaxed);
-        }
-        ctx.priority
-            .set(if polling { 0 } else { part.config.writer_nice });
-        w.flush(part);
-        w.commit(part, tick);
-        w.round_end = Instant::now();
-        if polling && let Some(window) = spin {
-            // A lone producer's next append usually comes within the window: stay awake for it
-            // unless another partition needs this thread.
-            while w.round_end.elapsed() < window && !part.wants_writer() && !pool.others_waiting() {
-                std::thread::yield_now();
-            }
-        }
-        if !part.more_work(pool) {
-            if !w.timer_pending
-                && !w.closed
-                && let Some(wait) = w.next_wait(part)
-            {
-                w.timer_pending = true;
-                pool.add_timer(Instant::now() + wait, part);
-            }
-            return;
-        }
-    }
+    pub(super) timer_pending: bool,
 }
 
 impl Writer {
@@ -203,7 +107,7 @@ impl Writer {
     }
 
     /// How long the writer may wait for work before an interval sync is due.
-    fn next_wait(&self, sh: &Shared) -> Option<Duration> {
+    pub(super) fn next_wait(&self, sh: &Shared) -> Option<Duration> {
         let interval = sh.config.sync_interval()?;
         if self.synced_len == self.state.len {
             return None;
@@ -211,7 +115,7 @@ impl Writer {
         Some(interval.saturating_sub(self.last_sync.elapsed()))
     }
 
-    fn should_roll(&self, sh: &Shared, batch: &EncodedBatch) -> bool {
+    pub(super) fn should_roll(&self, sh: &Shared, batch: &EncodedBatch) -> bool {
         let len = self.state.len + self.staged_bytes as u64;
         if len <= LOG_HEADER_LEN {
             return false;
@@ -230,7 +134,7 @@ impl Writer {
     }
 
     /// Stamps a batch and stages it for the next write.
-    fn stage(&mut self, sh: &Shared, mut batch: EncodedBatch, done: Completion) {
+    pub(super) fn stage(&mut self, sh: &Shared, mut batch: EncodedBatch, done: Completion) {
         if let Some(e) = sh.poisoned_error() {
             return done(Err(e));
         }
@@ -290,7 +194,7 @@ impl Writer {
     /// Before the first write since open: the active indexes get their full size. Nothing else
     /// is needed to make a crash from here on recover: a clean checkpoint only counts while the
     /// log is exactly as long as it says, and every write makes the log longer.
-    fn mark_open(&mut self, sh: &Shared) -> Result<()> {
+    pub(super) fn mark_open(&mut self, sh: &Shared) -> Result<()> {
         if self.marked_open {
             return Ok(());
         }
@@ -309,7 +213,7 @@ impl Writer {
 
     /// Writes the staged batches. On failure they fail, the file is cut back and the state
     /// restored; if the cut fails the partition latches.
-    fn flush(&mut self, sh: &Shared) {
+    pub(super) fn flush(&mut self, sh: &Shared) {
         if self.staged.is_empty() {
             return;
         }
@@ -370,7 +274,7 @@ impl Writer {
 
     /// Makes written batches durable as the policy asks, publishes them and completes them.
     /// `force_sync` syncs under any policy that syncs at all (interval timer, roll, close).
-    fn commit(&mut self, sh: &Shared, force_sync: bool) {
+    pub(super) fn commit(&mut self, sh: &Shared, force_sync: bool) {
         let policy = sh.config.fsync;
         let dirty = self.synced_len < self.state.len;
         let sync_now = dirty
@@ -413,7 +317,7 @@ impl Writer {
         }
     }
 
-    fn sync(&mut self, sh: &Shared) -> Result<()> {
+    pub(super) fn sync(&mut self, sh: &Shared) -> Result<()> {
         if let Some(e) = sh.poisoned_error() {
             return Err(e);
         }
@@ -439,7 +343,7 @@ impl Writer {
         }
     }
 
-    fn publish(&self, sh: &Shared) {
+    pub(super) fn publish(&self, sh: &Shared) {
         let len = if sh.config.fsync == FsyncPolicy::Always {
             self.synced_len
         } else {
@@ -457,7 +361,7 @@ impl Writer {
     /// Syncs indexes, then atomically replaces the checkpoint (unsynced: see
     /// [`replace_file_unsynced`]). Only call when everything written is synced (or when `clean`,
     /// after the final sync).
-    fn write_checkpoint(&mut self, sh: &Shared, clean: bool) -> Result<()> {
+    pub(super) fn write_checkpoint(&mut self, sh: &Shared, clean: bool) -> Result<()> {
         let seg = &self.active;
         let io = sh.io.as_ref();
         seg.index
@@ -528,7 +432,7 @@ impl Writer {
 
     /// Final sync, trimmed indexes, clean checkpoint. Nothing at all when nothing changed since
     /// a clean open.
-    fn close(&mut self, sh: &Shared) -> Result<()> {
+    pub(super) fn close(&mut self, sh: &Shared) -> Result<()> {
         self.flush(sh);
         if self.synced_len < self.state.len {
             self.sync(sh)?;
@@ -549,7 +453,7 @@ impl Writer {
     }
 
     /// Cuts preallocated zeros off the active log and syncs the new length.
-    fn trim_log(&mut self, sh: &Shared) -> Result<()> {
+    pub(super) fn trim_log(&mut self, sh: &Shared) -> Result<()> {
         if self.file_len <= self.state.len {
             return Ok(());
         }
