@@ -14,11 +14,7 @@
 //!
 //! Entries are strictly increasing in both fields.
 
-use std::io;
-use std::path::Path;
-
-use super::io::FileIo;
-use super::mapped::{MappedEntries, OpenProblem};
+use super::mapped::{Entry, MappedIndex};
 
 pub const MAGIC: [u8; 4] = *b"SLIX";
 pub const ENTRY_LEN: usize = 8;
@@ -30,112 +26,45 @@ pub struct IndexEntry {
     pub position: u32,
 }
 
-fn decode(b: &[u8; ENTRY_LEN]) -> IndexEntry {
-    IndexEntry {
-        relative_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+impl Entry<ENTRY_LEN> for IndexEntry {
+    const MAGIC: [u8; 4] = MAGIC;
+    const DISORDER: &'static str = "entries are not increasing";
+
+    fn decode(b: &[u8; ENTRY_LEN]) -> Self {
+        IndexEntry {
+            relative_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        }
+    }
+
+    fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut b = [0u8; ENTRY_LEN];
+        b[0..4].copy_from_slice(&self.relative_offset.to_le_bytes());
+        b[4..8].copy_from_slice(&self.position.to_le_bytes());
+        b
+    }
+
+    fn follows(&self, prev: &Self) -> bool {
+        self.relative_offset > prev.relative_offset && self.position > prev.position
     }
 }
 
-#[derive(Debug)]
-pub struct OffsetIndex {
-    entries: MappedEntries<ENTRY_LEN>,
-}
+/// The offset index of a segment.
+pub type OffsetIndex = MappedIndex<IndexEntry, ENTRY_LEN>;
 
 impl OffsetIndex {
-    pub fn create(
-        path: &Path,
-        base_offset: u64,
-        capacity: usize,
-        io: &dyn FileIo,
-    ) -> io::Result<Self> {
-        MappedEntries::create(path, MAGIC, base_offset, capacity, io)
-            .map(|entries| Self { entries })
-    }
-
-    /// Opens an existing index and checks that its entries are strictly increasing.
-    /// `max_entries` and `map_capacity`: see [`MappedEntries::open`].
-    pub fn open(
-        path: &Path,
-        base_offset: u64,
-        max_entries: Option<usize>,
-        map_capacity: usize,
-    ) -> Result<Self, OpenProblem> {
-        let index = Self {
-            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries, map_capacity)?,
-        };
-        let mut prev: Option<IndexEntry> = None;
-        for i in 0..index.len() {
-            let e = index.entry(i);
-            if let Some(p) = prev
-                && (e.relative_offset <= p.relative_offset || e.position <= p.position)
-            {
-                return Err(OpenProblem::Invalid("entries are not increasing"));
-            }
-            prev = Some(e);
-        }
-        Ok(index)
-    }
-
-    pub fn path(&self) -> &Path {
-        self.entries.path()
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.entries.is_full()
-    }
-
-    pub fn entry(&self, i: usize) -> IndexEntry {
-        decode(&self.entries.get(i))
-    }
-
-    pub fn last(&self) -> Option<IndexEntry> {
-        self.len().checked_sub(1).map(|i| self.entry(i))
-    }
-
     /// The last entry whose relative offset is at or below `relative_offset`.
     pub fn lookup(&self, relative_offset: u32) -> Option<IndexEntry> {
-        self.entries
-            .partition_point(|b| decode(b).relative_offset <= relative_offset)
+        self.partition_point(|e| e.relative_offset <= relative_offset)
             .checked_sub(1)
             .map(|i| self.entry(i))
-    }
-
-    pub fn push(&self, e: IndexEntry) -> bool {
-        let mut b = [0u8; ENTRY_LEN];
-        b[0..4].copy_from_slice(&e.relative_offset.to_le_bytes());
-        b[4..8].copy_from_slice(&e.position.to_le_bytes());
-        self.entries.push(b)
-    }
-
-    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.reset(len, capacity, io)
-    }
-
-    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.grow(io)
-    }
-
-    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.trim(io)
-    }
-
-    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.sync(io)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::mapped::OpenProblem;
 
     #[test]
     fn lookup_finds_the_last_entry_at_or_below_the_offset() {

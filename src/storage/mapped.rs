@@ -1,5 +1,6 @@
-//! A file of fixed-size entries behind a 16-byte header, mapped with memmap2: the shared body of
-//! the offset index ([`super::index`]) and the time index ([`super::timeindex`]).
+//! A file of fixed-size entries behind a 16-byte header, mapped with memmap2: the one index type
+//! ([`MappedIndex`]) behind both the offset index ([`super::index`]) and the time index
+//! ([`super::timeindex`]), which only say how their entries are encoded and ordered.
 //!
 //! # Layout
 //!
@@ -23,6 +24,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -275,5 +277,117 @@ impl<const N: usize> MappedEntries<N> {
         self.map.flush_range(0, HEADER_LEN + len * N)?;
         let file = open_rw(&self.path)?;
         io.sync_data(&self.path, &file)
+    }
+}
+
+/// An index entry of `N` bytes: how it is encoded, and the order entries must keep.
+pub trait Entry<const N: usize>: Copy {
+    /// The file's magic.
+    const MAGIC: [u8; 4];
+    /// Why an opened file is refused when two entries are out of order.
+    const DISORDER: &'static str;
+    fn decode(b: &[u8; N]) -> Self;
+    fn encode(&self) -> [u8; N];
+    /// True when `self` may follow `prev`.
+    fn follows(&self, prev: &Self) -> bool;
+}
+
+/// A mapped index of typed entries: the offset index and the time index are both this.
+#[derive(Debug)]
+pub struct MappedIndex<E, const N: usize> {
+    entries: MappedEntries<N>,
+    entry: PhantomData<fn() -> E>,
+}
+
+impl<E: Entry<N>, const N: usize> MappedIndex<E, N> {
+    /// Creates (or overwrites) the file with room for `capacity` entries.
+    pub fn create(
+        path: &Path,
+        base_offset: u64,
+        capacity: usize,
+        io: &dyn FileIo,
+    ) -> io::Result<Self> {
+        MappedEntries::create(path, E::MAGIC, base_offset, capacity, io).map(Self::wrap)
+    }
+
+    /// Opens an existing index and checks that its entries keep their order.
+    /// `max_entries` and `map_capacity`: see [`MappedEntries::open`].
+    pub fn open(
+        path: &Path,
+        base_offset: u64,
+        max_entries: Option<usize>,
+        map_capacity: usize,
+    ) -> Result<Self, OpenProblem> {
+        let index = Self::wrap(MappedEntries::open(
+            path,
+            E::MAGIC,
+            base_offset,
+            max_entries,
+            map_capacity,
+        )?);
+        for i in 1..index.len() {
+            if !index.entry(i).follows(&index.entry(i - 1)) {
+                return Err(OpenProblem::Invalid(E::DISORDER));
+            }
+        }
+        Ok(index)
+    }
+
+    fn wrap(entries: MappedEntries<N>) -> Self {
+        MappedIndex {
+            entries,
+            entry: PhantomData,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.entries.path()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.entries.is_full()
+    }
+
+    /// Entry `i`; `i` must be below a `len()` the caller loaded.
+    pub fn entry(&self, i: usize) -> E {
+        E::decode(&self.entries.get(i))
+    }
+
+    pub fn last(&self) -> Option<E> {
+        self.len().checked_sub(1).map(|i| self.entry(i))
+    }
+
+    /// How many leading entries satisfy `before` (which must hold for a prefix).
+    pub fn partition_point(&self, before: impl Fn(&E) -> bool) -> usize {
+        self.entries.partition_point(|b| before(&E::decode(b)))
+    }
+
+    /// Appends an entry; false when the file is full (the caller rolls the segment).
+    pub fn push(&self, e: E) -> bool {
+        self.entries.push(e.encode())
+    }
+
+    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.reset(len, capacity, io)
+    }
+
+    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.grow(io)
+    }
+
+    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.trim(io)
+    }
+
+    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
+        self.entries.sync(io)
     }
 }

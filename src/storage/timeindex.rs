@@ -17,11 +17,7 @@
 //! |      0 |    8 | `max_timestamp`   | largest timestamp before `relative_offset` (i64 LE, ms) |
 //! |      8 |    4 | `relative_offset` | offset minus segment base (u32 LE)            |
 
-use std::io;
-use std::path::Path;
-
-use super::io::FileIo;
-use super::mapped::{MappedEntries, OpenProblem};
+use super::mapped::{Entry, MappedIndex};
 
 pub const MAGIC: [u8; 4] = *b"SLTI";
 pub const ENTRY_LEN: usize = 12;
@@ -32,109 +28,41 @@ pub struct TimeEntry {
     pub relative_offset: u32,
 }
 
-fn decode(b: &[u8; ENTRY_LEN]) -> TimeEntry {
-    let mut ts = [0u8; 8];
-    ts.copy_from_slice(&b[0..8]);
-    TimeEntry {
-        max_timestamp: i64::from_le_bytes(ts),
-        relative_offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+impl Entry<ENTRY_LEN> for TimeEntry {
+    const MAGIC: [u8; 4] = MAGIC;
+    const DISORDER: &'static str = "entries go backwards";
+
+    fn decode(b: &[u8; ENTRY_LEN]) -> Self {
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[0..8]);
+        TimeEntry {
+            max_timestamp: i64::from_le_bytes(ts),
+            relative_offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        }
+    }
+
+    fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut b = [0u8; ENTRY_LEN];
+        b[0..8].copy_from_slice(&self.max_timestamp.to_le_bytes());
+        b[8..12].copy_from_slice(&self.relative_offset.to_le_bytes());
+        b
+    }
+
+    fn follows(&self, prev: &Self) -> bool {
+        self.max_timestamp >= prev.max_timestamp && self.relative_offset > prev.relative_offset
     }
 }
 
-#[derive(Debug)]
-pub struct TimeIndex {
-    entries: MappedEntries<ENTRY_LEN>,
-}
+/// The time index of a segment.
+pub type TimeIndex = MappedIndex<TimeEntry, ENTRY_LEN>;
 
 impl TimeIndex {
-    pub fn create(
-        path: &Path,
-        base_offset: u64,
-        capacity: usize,
-        io: &dyn FileIo,
-    ) -> io::Result<Self> {
-        MappedEntries::create(path, MAGIC, base_offset, capacity, io)
-            .map(|entries| Self { entries })
-    }
-
-    /// Opens an existing time index and checks that it never goes backwards.
-    /// `max_entries` and `map_capacity`: see [`MappedEntries::open`].
-    pub fn open(
-        path: &Path,
-        base_offset: u64,
-        max_entries: Option<usize>,
-        map_capacity: usize,
-    ) -> Result<Self, OpenProblem> {
-        let index = Self {
-            entries: MappedEntries::open(path, MAGIC, base_offset, max_entries, map_capacity)?,
-        };
-        let mut prev: Option<TimeEntry> = None;
-        for i in 0..index.len() {
-            let e = index.entry(i);
-            if let Some(p) = prev
-                && (e.max_timestamp < p.max_timestamp || e.relative_offset <= p.relative_offset)
-            {
-                return Err(OpenProblem::Invalid("entries go backwards"));
-            }
-            prev = Some(e);
-        }
-        Ok(index)
-    }
-
-    pub fn path(&self) -> &Path {
-        self.entries.path()
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.entries.is_full()
-    }
-
-    pub fn entry(&self, i: usize) -> TimeEntry {
-        decode(&self.entries.get(i))
-    }
-
-    pub fn last(&self) -> Option<TimeEntry> {
-        self.len().checked_sub(1).map(|i| self.entry(i))
-    }
-
     /// The relative offset to start scanning from for the first record at or after `timestamp`:
     /// every record before it is older than `timestamp`.
     pub fn scan_start(&self, timestamp: i64) -> u32 {
-        self.entries
-            .partition_point(|b| decode(b).max_timestamp < timestamp)
+        self.partition_point(|e| e.max_timestamp < timestamp)
             .checked_sub(1)
             .map_or(0, |i| self.entry(i).relative_offset)
-    }
-
-    pub fn push(&self, e: TimeEntry) -> bool {
-        let mut b = [0u8; ENTRY_LEN];
-        b[0..8].copy_from_slice(&e.max_timestamp.to_le_bytes());
-        b[8..12].copy_from_slice(&e.relative_offset.to_le_bytes());
-        self.entries.push(b)
-    }
-
-    pub fn reset(&mut self, len: usize, capacity: usize, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.reset(len, capacity, io)
-    }
-
-    pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.grow(io)
-    }
-
-    pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.trim(io)
-    }
-
-    pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
-        self.entries.sync(io)
     }
 }
 
