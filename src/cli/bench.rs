@@ -7,6 +7,7 @@
 //! - `bench rpc`: callers of a call that does no work, to show what the RPC stack itself costs on
 //!   the machine.
 //! - `bench partitions`: thousands of partitions and groups ([`super::bench_partitions`]).
+//! - `bench burst`: many seed-API Sends at once ([`super::bench_burst`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +36,7 @@ pub enum BenchCommand {
     /// Many topics, partitions and groups: the broker's threads, descriptors and memory.
     Partitions(super::bench_partitions::PartitionsBench),
     /// Many seed-API Sends at once (one per patient): how long the last one waits.
-    Burst(super::bench_partitions::BurstBench),
+    Burst(super::bench_burst::BurstBench),
 }
 
 #[derive(Debug, Args)]
@@ -208,7 +209,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::Rpc(b) => rpc(b).await,
         BenchCommand::Partitions(b) => super::bench_partitions::run(b).await,
-        BenchCommand::Burst(b) => super::bench_partitions::burst(b).await,
+        BenchCommand::Burst(b) => super::bench_burst::burst(b).await,
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `bench`: load a running broker and report throughput and latency.
 
 mod bench;
+mod bench_burst;
 mod bench_partitions;
 mod client;
 mod compact;

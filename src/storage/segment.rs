@@ -514,6 +514,26 @@ impl Segment {
         Ok(())
     }
 
+    /// Gives both index files room for their full capacity (before the first write).
+    pub(crate) fn grow_indexes(&self, io: &dyn FileIo) -> Result<()> {
+        self.index
+            .grow(io)
+            .map_err(|e| Error::io(self.index.path(), e))?;
+        self.time_index
+            .grow(io)
+            .map_err(|e| Error::io(self.time_index.path(), e))
+    }
+
+    /// Writes both index files' entries back and syncs them.
+    pub(crate) fn sync_indexes(&self, io: &dyn FileIo) -> Result<()> {
+        self.index
+            .sync(io)
+            .map_err(|e| Error::io(self.index.path(), e))?;
+        self.time_index
+            .sync(io)
+            .map_err(|e| Error::io(self.time_index.path(), e))
+    }
+
     /// Deletes the segment's three files.
     pub(crate) fn delete_files(&self, dir: &Path) -> Result<()> {
         for kind in [FileKind::Log, FileKind::Index, FileKind::TimeIndex] {

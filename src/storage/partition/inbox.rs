@@ -71,6 +71,15 @@ impl Shared {
         }
     }
 
+    /// The inbox, once no thread is serving the partition (nor will until the guard drops).
+    pub(super) fn idle_inbox(&self) -> MutexGuard<'_, Inbox> {
+        let mut inbox = self.inbox();
+        while inbox.scheduled {
+            inbox = self.wait_changed(inbox);
+        }
+        inbox
+    }
+
     pub(super) fn wait_changed<'a>(
         &self,
         mut inbox: MutexGuard<'a, Inbox>,

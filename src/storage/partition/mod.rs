@@ -251,7 +251,7 @@ impl Partition {
             writer_state.max_timestamp,
         );
         let log_start = segments.first().map_or(0, |s| s.base_offset());
-        let shared = Arc::new_cyclic(|_| Shared {
+        let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             io,
             segments: RwLock::new(Arc::new(segments)),
@@ -343,10 +343,7 @@ impl Partition {
     pub fn close(&self) -> Result<()> {
         let sh = &self.shared;
         let (reply_tx, reply_rx) = mpsc::channel();
-        let mut inbox = sh.inbox();
-        while inbox.scheduled {
-            inbox = sh.wait_changed(inbox);
-        }
+        let mut inbox = sh.idle_inbox();
         if inbox.closed {
             return Err(sh.closed_error());
         }
@@ -423,13 +420,9 @@ impl Drop for Partition {
     /// open recovers. Waits until no pool thread is serving it any more.
     fn drop(&mut self) {
         let sh = &self.shared;
-        let mut inbox = sh.inbox();
-        inbox.detached = true;
-        if pool::serving(sh) {
-            return;
-        }
-        while inbox.scheduled {
-            inbox = sh.wait_changed(inbox);
+        sh.inbox().detached = true;
+        if !pool::serving(sh) {
+            drop(sh.idle_inbox());
         }
     }
 }

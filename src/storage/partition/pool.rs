@@ -269,11 +269,7 @@ impl Priority {
             },
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the partition writer's priority");
-                Priority {
-                    base: 0,
-                    current: 0,
-                    broken: true,
-                }
+                Priority::unchanged()
             }
         }
     }

@@ -61,9 +61,9 @@ pub(super) struct Writer {
     pub(super) unsynced: Vec<(Completion, Appended)>,
     /// A durable append is waiting: the next commit must sync (see `append_lazy`).
     pub(super) needs_sync: bool,
-    /// The checkpoint on disk says "open" and the active indexes have their full size: files
-    /// may change. False from open until the first write.
-    pub(super) marked_open: bool,
+    /// The active indexes have their full size (see `prepare_write`). False from open until
+    /// the first write.
+    pub(super) indexes_grown: bool,
     /// The checkpoint on disk is a clean one that matches the files (nothing to do on close).
     pub(super) clean_on_disk: bool,
     pub(super) closed: bool,
@@ -96,7 +96,7 @@ impl Writer {
             before_buffer: state,
             unsynced: Vec::new(),
             needs_sync: false,
-            marked_open: false,
+            indexes_grown: false,
             clean_on_disk,
             closed: false,
             lone_rounds: 0,
@@ -148,7 +148,7 @@ impl Writer {
             return done(Err(e));
         }
         // Before the state moves past what is durable: the checkpoint describes that.
-        if let Err(e) = self.mark_open(sh) {
+        if let Err(e) = self.prepare_write(sh) {
             return done(Err(e));
         }
         if self.staged.is_empty() {
@@ -194,19 +194,12 @@ impl Writer {
     /// Before the first write since open: the active indexes get their full size. Nothing else
     /// is needed to make a crash from here on recover: a clean checkpoint only counts while the
     /// log is exactly as long as it says, and every write makes the log longer.
-    pub(super) fn mark_open(&mut self, sh: &Shared) -> Result<()> {
-        if self.marked_open {
+    pub(super) fn prepare_write(&mut self, sh: &Shared) -> Result<()> {
+        if self.indexes_grown {
             return Ok(());
         }
-        let io = sh.io.as_ref();
-        let seg = &self.active;
-        seg.index
-            .grow(io)
-            .map_err(|e| Error::io(seg.index.path(), e))?;
-        seg.time_index
-            .grow(io)
-            .map_err(|e| Error::io(seg.time_index.path(), e))?;
-        self.marked_open = true;
+        self.active.grow_indexes(sh.io.as_ref())?;
+        self.indexes_grown = true;
         self.clean_on_disk = false;
         Ok(())
     }
@@ -364,12 +357,7 @@ impl Writer {
     pub(super) fn write_checkpoint(&mut self, sh: &Shared, clean: bool) -> Result<()> {
         let seg = &self.active;
         let io = sh.io.as_ref();
-        seg.index
-            .sync(io)
-            .map_err(|e| Error::io(seg.index.path(), e))?;
-        seg.time_index
-            .sync(io)
-            .map_err(|e| Error::io(seg.time_index.path(), e))?;
+        seg.sync_indexes(io)?;
         let cp = Checkpoint {
             clean,
             active_base: seg.base_offset(),
@@ -391,7 +379,7 @@ impl Writer {
         if self.state.len <= LOG_HEADER_LEN {
             return Ok(());
         }
-        self.mark_open(sh)?;
+        self.prepare_write(sh)?;
         if self.synced_len < self.state.len {
             self.sync(sh)?;
         }
@@ -408,7 +396,7 @@ impl Writer {
         }
         let io = sh.io.as_ref();
         trim(&seg, io);
-        if let Err(e) = seg.index.sync(io).and_then(|()| seg.time_index.sync(io)) {
+        if let Err(e) = seg.sync_indexes(io) {
             tracing::warn!(path = %seg.log_path().display(), error = %e, "could not sync a closed segment's index; it will be checked on open");
         }
         let dir = &sh.dir;
@@ -448,7 +436,7 @@ impl Writer {
         trim(&self.active, sh.io.as_ref());
         self.write_checkpoint(sh, true)?;
         self.clean_on_disk = true;
-        self.marked_open = false;
+        self.indexes_grown = false;
         Ok(())
     }
 
