@@ -31,12 +31,13 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use super::error::{Error, Result};
-use super::io::{FileIo, replace_file};
+use super::io::{FileIo, PRIVATE_FILE, replace_file};
 use super::record::{Batch, Decoded, EncodedBatch, Record, read_u32, read_u64};
 use super::segment::{FileKind, LOG_HEADER_LEN, log_header, segment_path};
 
@@ -247,7 +248,11 @@ pub fn write_cleaned(dir: &Path, base: u64, body: &[u8], io: &dyn FileIo) -> Res
     let file = io
         .create_file(
             &path,
-            OpenOptions::new().create(true).truncate(true).write(true),
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(PRIVATE_FILE),
         )
         .map_err(|e| Error::io(&path, e))?;
     let header = log_header(base);

@@ -12,8 +12,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Mode of every file the broker creates: its owner only, whatever the umask adds.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Mode of every directory the broker creates (the data directory included).
+pub const PRIVATE_DIR: u32 = 0o700;
 
 /// The file operations whose failure matters for durability.
 pub trait FileIo: Send + Sync + std::fmt::Debug + 'static {
@@ -44,9 +49,10 @@ pub trait FileIo: Send + Sync + std::fmt::Debug + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Atomic rename within one filesystem.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
-    /// Creates one directory (its parent exists).
+    /// Creates one directory (its parent exists), readable by its owner only
+    /// ([`PRIVATE_DIR`]).
     fn create_dir(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir(dir)
+        fs::DirBuilder::new().mode(PRIVATE_DIR).create(dir)
     }
     /// Opens a file that `options` may create.
     fn create_file(&self, path: &Path, options: &OpenOptions) -> io::Result<File> {
@@ -138,7 +144,11 @@ fn write_temp<'p>(
     let tmp = dir.join(tmp_name);
     let file = io.create_file(
         &tmp,
-        OpenOptions::new().create(true).write(true).truncate(true),
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE),
     )?;
     io.write_at(&tmp, &file, contents, 0)?;
     Ok((dir, tmp, file))

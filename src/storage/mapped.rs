@@ -25,13 +25,14 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::io::FileIo;
+use super::io::{FileIo, PRIVATE_FILE};
 
 pub const HEADER_LEN: usize = 16;
 pub const VERSION: u16 = 1;
@@ -86,7 +87,8 @@ impl<const N: usize> MappedEntries<N> {
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(true),
+                .truncate(true)
+                .mode(PRIVATE_FILE),
         )?;
         let mut header = [0u8; HEADER_LEN];
         header[0..4].copy_from_slice(&magic);

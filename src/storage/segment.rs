@@ -19,7 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -27,7 +27,7 @@ use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::index::OffsetIndex;
-use super::io::FileIo;
+use super::io::{FileIo, PRIVATE_FILE};
 use super::mapped::OpenProblem;
 use super::record::{Batch, BatchHeader, Decoded};
 use super::timeindex::TimeIndex;
@@ -136,7 +136,11 @@ impl Segment {
         let log = io
             .create_file(
                 &log_path,
-                OpenOptions::new().read(true).write(true).create_new(true),
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(PRIVATE_FILE),
             )
             .map_err(|e| Error::io(&log_path, e))?;
         let header = log_header(base_offset);

@@ -11,13 +11,14 @@
 //! reverse rename, so a crash never leaves a half-made topic behind.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::io::{FileIo, create_dir_all, replace_file};
+use super::io::{FileIo, PRIVATE_DIR, PRIVATE_FILE, create_dir_all, replace_file};
 
 /// Longest topic name (as in Kafka; leaves room for `.dlq` and file name limits).
 pub const MAX_TOPIC_NAME_LEN: usize = 249;
@@ -157,12 +158,19 @@ impl DataDir {
         for d in [root.join("topics"), root.join("groups"), root.join("tmp")] {
             create_dir_all(io.as_ref(), &d).map_err(|e| Error::io(&d, e))?;
         }
+        // A data directory made by hand, or by an older version, becomes private too.
+        fs::set_permissions(root, fs::Permissions::from_mode(PRIVATE_DIR))
+            .map_err(|e| Error::io(root, e))?;
         let lock_path = root.join("LOCK");
         let new_lock = !lock_path.exists();
         let lock = io
             .create_file(
                 &lock_path,
-                OpenOptions::new().create(true).truncate(false).write(true),
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(PRIVATE_FILE),
             )
             .map_err(|e| Error::io(&lock_path, e))?;
         if new_lock {
