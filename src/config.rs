@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{AuthConfig, Policy, TlsConfig};
 use crate::storage::LogConfig;
 
 /// Errors in loading or checking the configuration.
@@ -105,8 +106,18 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`RUST_LOG` wins when set). Default: `info`.
     pub log_filter: String,
+    /// Serve plaintext on an address other than loopback (without `[tls]`), with a warning at
+    /// every start. Default: false (refused).
+    pub allow_plaintext: bool,
     /// Settings of every partition log.
     pub log: LogConfig,
+    /// TLS on the gRPC port (see docs/security.md).
+    pub tls: TlsConfig,
+    /// Principals, grants and the audit trail's retention (see docs/security.md).
+    pub auth: AuthConfig,
+    /// The file the settings came from, read again on SIGHUP (not a setting).
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -135,7 +146,11 @@ impl Default for Config {
             writer_threads: 0,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
+            allow_plaintext: false,
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -152,10 +167,13 @@ impl Config {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                toml::from_str::<toml::Table>(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    source,
-                })?
+                let table =
+                    toml::from_str::<toml::Table>(&text).map_err(|source| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                refuse_loose_secrets(path, &table)?;
+                table
             }
             None => toml::Table::new(),
         };
@@ -204,8 +222,47 @@ impl Config {
         if self.subscriber_buffer == 0 || self.delivery_batch_bytes == 0 {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
         }
+        Policy::from_config(&self.auth).map_err(ConfigError::Invalid)?;
+        if !self.listen.ip().is_loopback() && !self.tls.enabled() && !self.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "listen = {}: serving plaintext beyond this machine needs [tls] (or \
+                 allow_plaintext = true, which sends tokens and data unencrypted)",
+                self.listen
+            )));
+        }
         Ok(())
     }
+}
+
+/// Refuses a config file holding token hashes that anyone but its owner can read or write, as
+/// ssh refuses a loose private key.
+fn refuse_loose_secrets(path: &Path, table: &toml::Table) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let holds_tokens = table
+        .get("auth")
+        .and_then(|a| a.get("principals"))
+        .and_then(|p| p.as_array())
+        .is_some_and(|ps| ps.iter().any(|p| p.get("token_sha256").is_some()));
+    if !holds_tokens {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(path)
+        .map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{} holds token hashes and its permissions are {:o}: others may read or change \
+             it; run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Applies `SLUICE_<KEY>` / `SLUICE_<SECTION>_<KEY>` onto the table, checking each against the

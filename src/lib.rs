@@ -21,6 +21,7 @@
 //! The byte layouts are documented in each storage module's header and drawn in
 //! `docs/format.md`.
 
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -32,6 +32,9 @@ pub enum Error {
     /// A read stopped at damage in the log; the text names topic, partition, offsets and file.
     #[error("{0}")]
     Damaged(String),
+    /// Refused whoever asks (the audit trail).
+    #[error("{0}")]
+    Protected(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]

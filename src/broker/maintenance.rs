@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::storage::topic::CleanupPolicy;
 use crate::storage::{CompactionOptions, CompactionOutcome, Retention, RetentionOutcome};
 
+use super::audit::{AUDIT_TOPIC, AuditEvent};
 use super::{Broker, Result, Start, Topic, blocking, now_ms};
 
 /// What maintenance did to one partition.
@@ -44,12 +45,19 @@ impl Broker {
         Ok(out)
     }
 
-    /// Applies retention (time, size, and what consumer groups still need) to one topic or all.
+    /// Applies retention (time, size, and what consumer groups still need) to one topic or all
+    /// (`_audit` is not among them, and refused by name unless `dry_run`: only the periodic run
+    /// applies its configured retention).
     pub async fn maintain(
         &self,
         topic: Option<&str>,
         dry_run: bool,
     ) -> Result<Vec<PartitionMaintenance>> {
+        if let Some(name) = topic
+            && !dry_run
+        {
+            super::refuse_audit_topic(name, "compacted or shortened")?;
+        }
         let topics: Vec<Arc<Topic>> = match topic {
             Some(name) => vec![self.existing_topic(name)?],
             None => self
@@ -58,6 +66,14 @@ impl Broker {
                 .filter_map(|(name, _)| self.existing_topic(&name).ok())
                 .collect(),
         };
+        self.maintain_topics(topics, dry_run).await
+    }
+
+    async fn maintain_topics(
+        &self,
+        topics: Vec<Arc<Topic>>,
+        dry_run: bool,
+    ) -> Result<Vec<PartitionMaintenance>> {
         let mut report = Vec::new();
         for topic in topics {
             let config = &topic.config;
@@ -115,6 +131,36 @@ impl Broker {
         Ok(report)
     }
 
+    /// Retention over every topic, `_audit` included; what it deleted goes into the audit trail.
+    async fn periodic_retention(&self) -> Result<()> {
+        let mut topics: Vec<Arc<Topic>> = Vec::new();
+        for (name, _) in self.list_topics() {
+            topics.extend(self.existing_topic(&name).ok());
+        }
+        topics.extend(self.existing_topic(AUDIT_TOPIC).ok());
+        for m in self.maintain_topics(topics, false).await? {
+            let dropped = m.outcome.log_start - m.outcome.log_start_before;
+            if m.outcome.deleted_segments == 0
+                && m.compaction
+                    .is_none_or(|c| c.records_before == c.records_after)
+            {
+                continue;
+            }
+            let compacted = m
+                .compaction
+                .map_or(0, |c| c.records_before - c.records_after);
+            let event = AuditEvent {
+                resource: format!("topic {:?} partition {}", m.topic, m.partition),
+                ..AuditEvent::system("broker/retention", "ok")
+            }
+            .count("deleted_segments", m.outcome.deleted_segments as u64)
+            .count("deleted_bytes", m.outcome.deleted_bytes)
+            .count("records_dropped", dropped + compacted);
+            self.audit().record(event).await?;
+        }
+        Ok(())
+    }
+
     /// Runs retention every `interval` until the broker shuts down.
     pub(crate) fn start_retention(self: &Arc<Self>, interval: Duration) {
         let me = Arc::downgrade(self);
@@ -126,7 +172,7 @@ impl Broker {
                     () = stop.cancelled() => return,
                 }
                 let Some(broker) = me.upgrade() else { return };
-                if let Err(e) = broker.maintain(None, false).await {
+                if let Err(e) = broker.periodic_retention().await {
                     tracing::warn!(error = %e, "periodic retention failed");
                 }
             }

@@ -13,6 +13,7 @@
 //!   writer pool signals after each durable append. No polling.
 
 mod ack_poll;
+pub mod audit;
 pub mod error;
 mod group_ops;
 pub mod groups;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::ack_poll::AckPoller;
+use self::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail};
 use crate::config::Config;
 use crate::storage::{
     self, DataDir, EncodedBatch, FileIo, Header, RealIo, Record, StoredRecord, TopicConfig,
@@ -183,6 +185,8 @@ pub struct Broker {
     tasks: TaskTracker,
     /// Lets a lone producer's Send poll for its acknowledgement (see [`ack_poll`]).
     acks: AckPoller,
+    /// The `_audit` topic's appender.
+    audit: AuditTrail,
     me: std::sync::Weak<Broker>,
 }
 
@@ -215,15 +219,29 @@ impl Broker {
                 let data = DataDir::open(&config.data_dir, io)?;
                 let mut topics = HashMap::new();
                 for name in data.list_topics()? {
-                    let topic_config = data.topic_config(&name)?;
+                    let mut topic_config = data.topic_config(&name)?;
+                    if name == AUDIT_TOPIC {
+                        topic_config = audit_topic_config(&config);
+                    }
                     let topic = Topic::open(&data, &name, topic_config, &config.log)?;
                     topics.insert(name, Arc::new(topic));
+                }
+                if !topics.contains_key(AUDIT_TOPIC) {
+                    let c = audit_topic_config(&config);
+                    data.create_topic(AUDIT_TOPIC, &c)?;
+                    let topic = Topic::open(&data, AUDIT_TOPIC, c, &config.log)?;
+                    topics.insert(AUDIT_TOPIC.to_string(), Arc::new(topic));
                 }
                 Ok((data, topics))
             })
             .await?
         };
-        tracing::info!(data_dir = %config.data_dir.display(), topics = topics.len(), "broker open");
+        let audit = match topics.get(AUDIT_TOPIC).and_then(|t| t.partitions.first()) {
+            Some(p) => AuditTrail::open(Arc::clone(p))?,
+            None => return Err(Error::Internal("the audit topic has no partition".into())),
+        };
+        let topic_count = topics.len() as u64 - 1;
+        tracing::info!(data_dir = %config.data_dir.display(), topics = topic_count, "broker open");
         let retention_every = Duration::from_millis(config.retention_check_ms);
         let acks = AckPoller::new(Duration::from_micros(config.send_spin_us));
         let broker = Arc::new_cyclic(|me| Broker {
@@ -235,12 +253,22 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acks,
+            audit,
             me: me.clone(),
         });
+        broker
+            .audit
+            .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
+            .await?;
         if !retention_every.is_zero() {
             broker.start_retention(retention_every);
         }
         Ok(broker)
+    }
+
+    /// The audit trail (`_audit`).
+    pub fn audit(&self) -> &AuditTrail {
+        &self.audit
     }
 
     pub fn config(&self) -> &Config {
@@ -271,34 +299,69 @@ impl Broker {
             .ok_or_else(|| Error::Storage(storage::Error::TopicNotFound(name.to_string())))
     }
 
-    /// An open topic, created with the default settings when missing if `create`.
-    pub async fn topic_or_create(&self, name: &str, create: bool) -> Result<Arc<Topic>> {
+    /// An open topic, created with the default settings when missing if `create` says who
+    /// asks (the creation goes into the audit trail).
+    pub async fn topic_or_create(
+        &self,
+        name: &str,
+        create: Option<AuditEvent>,
+    ) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
         if let Some(t) = self.topic(name) {
             return Ok(t);
         }
-        if !create {
+        let Some(event) = create else {
             return Err(Error::TopicNotFound(name.to_string()));
+        };
+        self.create_if_missing(name, event).await?;
+        self.existing_topic(name)
+    }
+
+    /// Creates a topic with the default settings unless it exists, recording the creation as
+    /// `event` (its outcome and settings filled in); true if this call created it.
+    pub async fn create_if_missing(&self, name: &str, event: AuditEvent) -> Result<bool> {
+        validate_topic_name(name)?;
+        if self.topic(name).is_some() {
+            return Ok(false);
         }
         let config = TopicConfig {
             partitions: self.config.default_partitions,
             ..TopicConfig::default()
         };
         match self.create_topic(name, config).await {
-            Ok(()) | Err(Error::Storage(storage::Error::TopicExists(_))) => {}
-            Err(e) => return Err(e),
+            Ok(()) => {
+                let event = AuditEvent {
+                    resource: format!("topic {name:?}"),
+                    outcome: "ok: topic created on first use".into(),
+                    after: self.topic_settings_json(name),
+                    ..event
+                };
+                self.audit.record(event).await?;
+                Ok(true)
+            }
+            Err(Error::Storage(storage::Error::TopicExists(_))) => Ok(false),
+            Err(e) => Err(e),
         }
-        self.existing_topic(name)
+    }
+
+    /// A topic's settings as JSON (for audit records), if it exists.
+    pub fn topic_settings_json(&self, name: &str) -> Option<serde_json::Value> {
+        self.topic(name)
+            .and_then(|t| serde_json::to_value(&t.config).ok())
     }
 
     /// Appends messages and returns each one's (partition, offset), in request order, once all of
     /// them are durable.
     pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<(u32, u64)>> {
-        self.send_with(topic, messages, self.config.auto_create_topics)
-            .await
+        let create = self
+            .config
+            .auto_create_topics
+            .then(|| AuditEvent::system("broker/send", ""));
+        self.send_with(topic, messages, create).await
     }
 
-    /// [`Broker::send`], creating the topic when missing if `create` (the seed API always does).
+    /// [`Broker::send`], creating the topic when missing if `create` says who asks (the seed
+    /// API always creates).
     ///
     /// All or nothing up to the disk: every check (counts, sizes, routing, partition existence,
     /// each partition's batch size, topic creation) runs before the first byte reaches a writer,
@@ -308,11 +371,12 @@ impl Broker {
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
-        create: bool,
+        create: Option<AuditEvent>,
     ) -> Result<Vec<(u32, u64)>> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        refuse_audit_topic(topic, "written to")?;
         if messages.is_empty() {
             return Err(Error::InvalidArgument(
                 "a Send needs at least one message".into(),
@@ -334,13 +398,16 @@ impl Broker {
             });
         }
         validate_topic_name(topic)?;
-        let plan = match self.topic(topic) {
-            Some(t) => return self.send_to(&t, messages).await,
-            None if !create => return Err(Error::TopicNotFound(topic.to_string())),
+        let (plan, create) = match (self.topic(topic), create) {
+            (Some(t), _) => return self.send_to(&t, messages).await,
+            (None, None) => return Err(Error::TopicNotFound(topic.to_string())),
             // Planned against the partitions the topic will have, before it is created.
-            None => self.plan(topic, self.config.default_partitions, 0, messages)?,
+            (None, Some(event)) => (
+                self.plan(topic, self.config.default_partitions, 0, messages)?,
+                event,
+            ),
         };
-        let t = self.topic_or_create(topic, true).await?;
+        let t = self.topic_or_create(topic, Some(create)).await?;
         if t.partitions.len() as u32 != self.config.default_partitions {
             // Created meanwhile by someone else, with another partition count.
             return Err(Error::FailedPrecondition(format!(
@@ -548,6 +615,7 @@ impl Broker {
     /// Deletes a topic: its subscriptions end, its partitions close, its files go.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         validate_topic_name(name)?;
+        refuse_audit_topic(name, "deleted")?;
         let _admin = self.admin.lock().await;
         let topic = self
             .topics
@@ -587,11 +655,12 @@ impl Broker {
         Ok(())
     }
 
-    /// Every topic with its settings, sorted by name.
+    /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.
     pub fn list_topics(&self) -> Vec<(String, TopicConfig)> {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<_> = topics
             .iter()
+            .filter(|(n, _)| n.as_str() != AUDIT_TOPIC)
             .map(|(n, t)| (n.clone(), t.config.clone()))
             .collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
@@ -640,6 +709,13 @@ impl Broker {
         }
         self.tasks.close();
         self.tasks.wait().await;
+        if let Err(e) = self
+            .audit
+            .record(AuditEvent::system("broker/stop", "ok"))
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the clean stop in the audit trail");
+        }
         let topics: Vec<Arc<Topic>> = self
             .topics
             .read()
@@ -665,6 +741,28 @@ impl Broker {
             tracing::error!(error = %e, "closing the logs failed");
         }
         tracing::info!("broker closed");
+    }
+}
+
+/// `_audit` is written by the broker alone and shortened only by `auth.audit_retention_ms`.
+fn refuse_audit_topic(name: &str, what: &str) -> Result<()> {
+    if name == AUDIT_TOPIC {
+        return Err(Error::Protected(format!(
+            "{AUDIT_TOPIC} is the audit trail: it cannot be {what} through the API"
+        )));
+    }
+    Ok(())
+}
+
+/// The settings of `_audit`: one partition, retention from the configuration only.
+fn audit_topic_config(config: &Config) -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        retention_ms: (config.auth.audit_retention_ms > 0)
+            .then_some(config.auth.audit_retention_ms),
+        retention_bytes: None,
+        retain_until_consumed: false,
+        ..TopicConfig::default()
     }
 }
 

@@ -16,12 +16,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
-use tonic::transport::Channel;
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 
-use super::client::{broker_client, connect};
+use super::client::{Link, broker_client, link};
 use super::lean::LeanChannel;
 use super::{BrokerArg, CliError};
 
@@ -95,14 +94,14 @@ pub struct ProduceBench {
 #[derive(Debug, Clone)]
 enum Caller {
     Lean(LeanChannel),
-    Tonic(Channel),
+    Tonic(Link),
 }
 
 impl Caller {
-    async fn connect(kind: ClientKind, addr: &str) -> Result<Self, CliError> {
+    async fn connect(kind: ClientKind, broker: &BrokerArg) -> Result<Self, CliError> {
         Ok(match kind {
-            ClientKind::Lean => Caller::Lean(LeanChannel::connect(addr).await?),
-            ClientKind::Tonic => Caller::Tonic(connect(addr).await?),
+            ClientKind::Lean => Caller::Lean(LeanChannel::connect(&broker.broker).await?),
+            ClientKind::Tonic => Caller::Tonic(link(broker).await?),
         })
     }
 
@@ -128,10 +127,14 @@ impl Caller {
     }
 }
 
-async fn connect_all(kind: ClientKind, addr: &str, n: usize) -> Result<Vec<Caller>, CliError> {
+async fn connect_all(
+    kind: ClientKind,
+    broker: &BrokerArg,
+    n: usize,
+) -> Result<Vec<Caller>, CliError> {
     let mut callers = Vec::with_capacity(n);
     for _ in 0..n {
-        callers.push(Caller::connect(kind, addr).await?);
+        callers.push(Caller::connect(kind, broker).await?);
     }
     Ok(callers)
 }
@@ -227,7 +230,7 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     let value = Bytes::from(vec![b'x'; b.size]);
     let requests = Arc::new(AtomicU64::new(b.messages.div_ceil(b.batch as u64)));
     let connections = b.connections.clamp(1, b.producers);
-    let channels = connect_all(b.client, &b.broker.broker, connections).await?;
+    let channels = connect_all(b.client, &b.broker, connections).await?;
     let clients: Vec<_> = (0..b.producers)
         .map(|i| channels[i % connections].clone())
         .collect();
@@ -303,7 +306,7 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
 const ACKS_IN_FLIGHT: usize = 4;
 
 async fn consume(b: ConsumeBench) -> Result<(), CliError> {
-    let channel = connect(&b.broker.broker).await?;
+    let channel = link(&b.broker).await?;
     let described = AdminClient::new(channel.clone())
         .describe_topic(pb::DescribeTopicRequest {
             name: b.topic.clone(),
@@ -418,7 +421,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
 
 async fn rpc(b: RpcBench) -> Result<(), CliError> {
     let connections = b.connections.clamp(1, b.callers.max(1));
-    let channels = connect_all(b.client, &b.broker.broker, connections).await?;
+    let channels = connect_all(b.client, &b.broker, connections).await?;
     let calls = Arc::new(AtomicU64::new(b.calls));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

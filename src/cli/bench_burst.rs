@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use tokio::task::JoinSet;
 
-use super::client::connect;
+use super::client::link;
 use super::{BrokerArg, CliError};
 
 /// Options of `sluice bench burst`.
@@ -31,7 +31,7 @@ pub async fn burst(b: BurstBench) -> Result<(), CliError> {
     use crate::proto::seed;
     let mut channels = Vec::with_capacity(b.connections.max(1));
     for _ in 0..b.connections.max(1) {
-        channels.push(connect(&b.broker.broker).await?);
+        channels.push(link(&b.broker).await?);
     }
     let payload = bytes::Bytes::from(vec![b'p'; b.size]);
     let request = |topic: &str| seed::SendRequest {

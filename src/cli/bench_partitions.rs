@@ -7,12 +7,11 @@ use std::time::Instant;
 
 use clap::Args;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 
-use super::client::{broker_client, connect};
+use super::client::{broker_client, link};
 use super::{BrokerArg, CliError};
 
 #[derive(Debug, Args)]
@@ -90,7 +89,7 @@ where
 }
 
 pub async fn run(b: PartitionsBench) -> Result<(), CliError> {
-    let channel: Channel = connect(&b.broker.broker).await?;
+    let channel = link(&b.broker).await?;
     let before = cost(b.pid)?;
     println!(
         "before: threads {}, fds {}, rss {} MiB",

@@ -7,30 +7,93 @@ use base64::Engine;
 use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::broker_client::BrokerClient;
 
-use super::{CliError, ConsumeArgs, GroupsCommand, OutputFormat, ProduceArgs, TopicsCommand};
+use super::{
+    BrokerArg, CliError, ConsumeArgs, Credentials, GroupsCommand, OutputFormat, ProduceArgs,
+    TopicsCommand,
+};
 
 /// Most lines sent in one request by `produce`.
 const PRODUCE_BATCH: usize = 1000;
 /// Largest response a client accepts.
 const MAX_RESPONSE: usize = 64 << 20;
 
-/// Connects to a broker (`host:port` or a URL).
-pub async fn connect(addr: &str) -> Result<Channel, CliError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// A connection to a broker that sends the caller's bearer token with every call.
+pub type Link = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to a broker at `broker.broker` with its credentials.
+pub async fn link(broker: &BrokerArg) -> Result<Link, CliError> {
+    link_with(&broker.broker, &broker.credentials).await
+}
+
+/// [`link`] to an address with credentials.
+pub async fn link_with(addr: &str, credentials: &Credentials) -> Result<Link, CliError> {
+    let bearer = match &credentials.token {
+        None => Bearer(None),
+        Some(t) => Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
+            CliError::Usage("--token holds characters a header cannot carry".into())
+        })?)),
     };
-    let endpoint = Endpoint::from_shared(url).map_err(|source| CliError::Connect {
+    Ok(InterceptedService::new(
+        channel(addr, credentials).await?,
+        bearer,
+    ))
+}
+
+/// Connects to a broker (`host:port` or a URL) without credentials, over plaintext unless the
+/// address is `https://`.
+pub async fn connect(addr: &str) -> Result<Channel, CliError> {
+    channel(addr, &Credentials::default()).await
+}
+
+/// Connects to a broker (`host:port` or a URL; `https://` or any TLS file means TLS).
+pub async fn channel(addr: &str, credentials: &Credentials) -> Result<Channel, CliError> {
+    let c = credentials;
+    let tls = addr.starts_with("https://") || c.tls_ca.is_some() || c.tls_cert.is_some();
+    let url = match addr.split_once("://") {
+        Some(("http", _)) if tls => {
+            return Err(CliError::Usage(format!(
+                "{addr}: TLS options need an https:// address (or host:port)"
+            )));
+        }
+        Some(_) => addr.to_string(),
+        None if tls => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(url).map_err(|source| CliError::Connect {
         addr: addr.to_string(),
         source,
     })?;
+    if tls {
+        endpoint = endpoint
+            .tls_config(client_tls(c)?)
+            .map_err(|source| CliError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+    }
     endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -46,14 +109,32 @@ pub async fn connect(addr: &str) -> Result<Channel, CliError> {
         })
 }
 
-pub fn broker_client(channel: Channel) -> BrokerClient<Channel> {
+fn client_tls(c: &Credentials) -> Result<ClientTlsConfig, CliError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &c.tls_ca {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(d) = &c.tls_domain {
+        tls = tls.domain_name(d.clone());
+    }
+    Ok(tls)
+}
+
+pub fn broker_client(channel: Link) -> BrokerClient<Link> {
     BrokerClient::new(channel)
         .max_decoding_message_size(MAX_RESPONSE)
         .max_encoding_message_size(MAX_RESPONSE)
 }
 
 pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
-    let mut client = broker_client(connect(&args.broker.broker).await?);
+    let mut client = broker_client(link(&args.broker).await?);
     // Lines are read on their own task so that a burst on stdin becomes one request, while a line
     // typed by hand is sent at once.
     let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(PRODUCE_BATCH);
@@ -187,7 +268,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let mut client = broker_client(connect(&args.broker.broker).await?);
+    let mut client = broker_client(link(&args.broker).await?);
     let group = args.group.clone().unwrap_or_default();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
@@ -267,7 +348,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
     match cmd {
         GroupsCommand::List { broker } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             let list = client
                 .list_groups(pb::ListGroupsRequest {})
                 .await?
@@ -277,7 +358,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
             }
         }
         GroupsCommand::Describe { broker, group } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             let d = client
                 .describe_group(pb::DescribeGroupRequest { group })
                 .await?
@@ -327,7 +408,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
             force,
         } => {
             let to = parse_start(&to)?;
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             client
                 .reset_group(pb::ResetGroupRequest {
                     group: group.clone(),
@@ -340,7 +421,7 @@ pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {
             writeln!(stdout, "reset group {group} on {topic}")?;
         }
         GroupsCommand::Delete { broker, group } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             client
                 .delete_group(pb::DeleteGroupRequest {
                     group: group.clone(),
@@ -364,7 +445,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             retention_bytes,
             segment_bytes,
         } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             let cleanup_policy = if compact {
                 pb::CleanupPolicy::Compact
             } else {
@@ -385,7 +466,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             writeln!(stdout, "created topic {name}")?;
         }
         TopicsCommand::List { broker } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             let list = client
                 .list_topics(pb::ListTopicsRequest {})
                 .await?
@@ -402,7 +483,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             }
         }
         TopicsCommand::Describe { broker, name } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             let d = client
                 .describe_topic(pb::DescribeTopicRequest { name })
                 .await?
@@ -430,7 +511,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             }
         }
         TopicsCommand::Delete { broker, name } => {
-            let mut client = AdminClient::new(connect(&broker.broker).await?);
+            let mut client = AdminClient::new(link(&broker).await?);
             client
                 .delete_topic(pb::DeleteTopicRequest { name: name.clone() })
                 .await?;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::broker::audit::{AuditEvent, Decision};
 use crate::broker::{self, Broker};
 use crate::config::Config;
 use crate::proto::v1 as pb;
@@ -14,8 +15,8 @@ use crate::proto::v1::admin_client::AdminClient;
 use crate::server::compaction_to_pb;
 use crate::storage;
 
-use super::CliError;
-use super::client::connect;
+use super::client::link_with;
+use super::{CliError, Credentials};
 
 #[derive(Debug, Args)]
 pub struct CompactArgs {
@@ -31,6 +32,8 @@ pub struct CompactArgs {
     /// Say what would be done; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub credentials: Credentials,
 }
 
 pub async fn run(args: CompactArgs) -> Result<(), CliError> {
@@ -122,7 +125,7 @@ impl Progress {
 }
 
 async fn online(args: &CompactArgs, addr: &str) -> Result<Vec<pb::PartitionCompaction>, CliError> {
-    let mut admin = AdminClient::new(connect(addr).await?);
+    let mut admin = AdminClient::new(link_with(addr, &args.credentials).await?);
     let topics = match &args.topic {
         Some(t) => vec![t.clone()],
         None => admin
@@ -189,9 +192,42 @@ async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, Cli
         }
         progress.finish_one();
     }
+    if !args.dry_run {
+        // Offline compaction is an administrative action like the RPC: it goes on record.
+        let event = AuditEvent {
+            principal: format!("local user {}", current_uid()),
+            rpc: "sluice compact --data-dir".into(),
+            resource: args
+                .topic
+                .as_ref()
+                .map_or("every topic".into(), |t| format!("topic {t:?}")),
+            decision: Some(Decision::Allowed),
+            outcome: failure.as_ref().map_or("ok".into(), |e| e.to_string()),
+            ..AuditEvent::default()
+        }
+        .count("partitions", report.len() as u64)
+        .count(
+            "deleted_segments",
+            report.iter().map(|p| p.deleted_segments as u64).sum(),
+        )
+        .count(
+            "deleted_bytes",
+            report.iter().map(|p| p.deleted_bytes).sum(),
+        );
+        if let Err(e) = broker.audit().record(event).await {
+            failure.get_or_insert(e);
+        }
+    }
     broker.shutdown().await;
     match failure {
         Some(e) => Err(CliError::Usage(e.to_string())),
         None => Ok(report),
     }
+}
+
+/// The user running the command, by id (the audit trail's principal for offline actions).
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's (effective) user.
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }

@@ -6,6 +6,7 @@
 //! - `verify`, `dump`: read a data directory's files directly.
 //! - `bench`: load a running broker and report throughput and latency.
 
+mod audit;
 mod bench;
 mod bench_burst;
 mod bench_partitions;
@@ -24,7 +25,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::LogFormat;
 use crate::storage::FsyncPolicy;
 
-pub use client::connect;
+pub use client::{Link, channel, connect, link_with};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A durable message broker")]
@@ -56,6 +57,21 @@ pub enum Command {
     /// Measure a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Access control helpers.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Print the audit trail (`_audit`), online (--broker) or offline (--data-dir).
+    Audit(audit::AuditArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Make a new bearer token for a principal: prints the token once, and the lines to paste
+    /// into the config file (which holds only its SHA-256).
+    Token {
+        /// The principal's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -91,9 +107,32 @@ fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
 
 #[derive(Debug, Args, Clone)]
 pub struct BrokerArg {
-    /// Broker address.
+    /// Broker address: host:port, http://host:port, or https://host:port (TLS).
     #[arg(long, env = "SLUICE_BROKER", default_value = "127.0.0.1:7070")]
     pub broker: String,
+    #[command(flatten)]
+    pub credentials: Credentials,
+}
+
+/// How a client proves who it is and checks the broker (see docs/security.md).
+#[derive(Debug, Args, Clone, Default)]
+pub struct Credentials {
+    /// Bearer token (`sluice auth token` makes one).
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate that signs the broker's certificate (implies TLS) [default: the
+    /// system's roots for https:// addresses].
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --tls-key).
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the broker's certificate must carry [default: the address's host].
+    #[arg(long, env = "SLUICE_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +322,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Compact(args) => compact::run(args).await,
             Command::Verify(args) => offline::verify(args),
             Command::Dump(args) => offline::dump(args),
+            Command::Auth(AuthCommand::Token { name }) => audit::new_token(&name),
+            Command::Audit(args) => audit::run(args).await,
         }
     });
     match result {

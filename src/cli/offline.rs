@@ -64,23 +64,30 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
     for p in &v.problems {
         writeln!(out, "{p}")?;
     }
+    let breaks = super::audit::verify_chain(&args.data_dir)?;
+    let trail = super::audit::audit_dir(&args.data_dir);
+    for b in &breaks {
+        writeln!(
+            out,
+            "{}: audit record {}: {}",
+            trail.display(),
+            b.offset,
+            b.problem
+        )?;
+    }
+    let problems = v.problems.len() + breaks.len();
     let s = &v.summary;
     writeln!(
         out,
         "checked {} partitions, {} segments, {} batches, {} records, {} bytes: {} problems",
-        s.partitions,
-        s.segments,
-        s.batches,
-        s.records,
-        s.bytes,
-        v.problems.len()
+        s.partitions, s.segments, s.batches, s.records, s.bytes, problems
     )?;
-    if v.problems.is_empty() {
+    if problems == 0 {
         Ok(())
     } else {
         Err(CliError::Usage(format!(
             "{} problems found in {}",
-            v.problems.len(),
+            problems,
             args.data_dir.display()
         )))
     }

@@ -12,6 +12,7 @@ use super::{CliError, ServeArgs};
 
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    config.config_file = args.config.clone();
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }

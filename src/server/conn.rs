@@ -38,6 +38,10 @@ use tonic::body::Body;
 use tonic::service::Routes;
 use tower_service::Service;
 
+use super::front::Front;
+use crate::auth::Peer;
+use crate::auth::tls::certificate_names;
+
 /// Bytes a client sends before anything else: the 24-byte preface and a 9-byte frame header
 /// (its SETTINGS frame).
 const HANDSHAKE_BYTES: u64 = 24 + 9;
@@ -74,6 +78,7 @@ impl Connections {
     pub fn serve(
         listener: TcpListener,
         routes: Routes,
+        front: Arc<Front>,
         settings: ConnSettings,
         stop: CancellationToken,
     ) -> Arc<Connections> {
@@ -87,9 +92,10 @@ impl Connections {
             next_id: AtomicU64::new(0),
         });
         let me = Arc::clone(&connections);
-        connections
-            .tasks
-            .spawn(async move { me.accept_loop(listener, routes, settings, stop).await });
+        connections.tasks.spawn(async move {
+            me.accept_loop(listener, routes, front, settings, stop)
+                .await
+        });
         connections
     }
 
@@ -102,6 +108,7 @@ impl Connections {
         self: Arc<Self>,
         listener: TcpListener,
         routes: Routes,
+        front: Arc<Front>,
         settings: ConnSettings,
         stop: CancellationToken,
     ) {
@@ -137,6 +144,7 @@ impl Connections {
                         .insert(id, (Arc::clone(&activity), evict.clone()));
                     let conn = Conn {
                         routes: routes.clone(),
+                        front: Arc::clone(&front),
                         settings: settings.clone(),
                         goaway: self.goaway.clone(),
                         kill: self.kill.clone(),
@@ -207,6 +215,7 @@ impl Connections {
 /// One connection's task.
 struct Conn {
     routes: Routes,
+    front: Arc<Front>,
     settings: ConnSettings,
     goaway: CancellationToken,
     kill: CancellationToken,
@@ -216,24 +225,72 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(self, stream: TcpStream, peer: SocketAddr) {
-        tracing::debug!(%peer, "connection opened");
+    async fn run(self, stream: TcpStream, addr: SocketAddr) {
+        tracing::debug!(peer = %addr, "connection opened");
         let read = Arc::new(AtomicU64::new(0));
         let io = Counted {
             stream,
             read: Arc::clone(&read),
         };
+        let Some(acceptor) = self.front.acceptor() else {
+            let peer = Arc::new(Peer {
+                addr,
+                certificate_names: Vec::new(),
+            });
+            return self.serve(io, peer, read).await;
+        };
+        // The TLS handshake has the handshake deadline; the HTTP/2 one starts after it.
+        let accepted = tokio::select! {
+            a = tokio::time::timeout(self.settings.handshake_timeout, acceptor.accept(io)) => a,
+            () = self.kill.cancelled() => return,
+            () = self.evict.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+            }
+            Err(_) => return tracing::debug!(peer = %addr, "no TLS handshake in time; closing"),
+        };
+        let certificate_names = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| certificate_names(c))
+            .unwrap_or_default();
+        read.store(0, Ordering::Relaxed);
+        let peer = Arc::new(Peer {
+            addr,
+            certificate_names,
+        });
+        self.serve(stream, peer, read).await
+    }
+
+    async fn serve<I>(self, io: I, peer: Arc<Peer>, read: Arc<AtomicU64>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::clone(&self.activity);
         let calls = Arc::clone(&activity);
         let routes = self.routes;
+        let front = Arc::clone(&self.front);
+        let caller_peer = Arc::clone(&peer);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let call = Call::start(&calls);
             let mut routes = routes.clone();
+            let front = Arc::clone(&front);
+            let peer = Arc::clone(&caller_peer);
             async move {
-                let response = routes.call(req.map(Body::new)).await?;
+                let mut req = req.map(Body::new);
+                let response = match front.admit(&mut req, &peer).await {
+                    Ok(()) => routes.call(req).await?,
+                    Err(answer) => answer,
+                };
                 Ok::<_, Infallible>(finish_response(response, call))
             }
         });
+        let peer = peer.addr;
         let s = &self.settings;
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder

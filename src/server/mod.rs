@@ -6,8 +6,10 @@
 //! flight are answered, every connection gets a GOAWAY; connections still open after
 //! `shutdown_timeout_ms` are dropped. Then every partition and group log closes cleanly.
 
+mod access;
 mod conn;
 mod ending;
+mod front;
 mod seed;
 mod services;
 pub mod status;
@@ -42,6 +44,10 @@ pub enum ServeError {
     Broker(#[from] crate::broker::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Security(#[from] front::FrontError),
+    #[error("cannot watch for SIGHUP: {0}")]
+    Signal(std::io::Error),
 }
 
 /// A running server: its address, and the token that stops it.
@@ -74,13 +80,24 @@ pub async fn start_with_io(
         addr: config.listen,
         source,
     })?;
+    if !config.listen.ip().is_loopback() && !config.tls.enabled() {
+        tracing::warn!(listen = %config.listen,
+            "allow_plaintext: serving without TLS beyond this machine; tokens and data travel unencrypted");
+    }
+    // TLS files are checked before the data directory is touched.
+    crate::auth::tls::server_config(&config.tls).map_err(front::FrontError::from)?;
     let broker = Broker::open_with_io(config.clone(), io).await?;
-    let done = tokio::spawn(serve(broker, listener, config, stop.clone()));
+    let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
+    let done = tokio::spawn(serve(broker, front, hangup, listener, config, stop.clone()));
     Ok(Running { addr, stop, done })
 }
 
 async fn serve(
     broker: Arc<Broker>,
+    front: Arc<front::Front>,
+    mut hangup: tokio::signal::unix::Signal,
     listener: TcpListener,
     config: Config,
     stop: CancellationToken,
@@ -118,8 +135,14 @@ async fn serve(
         keepalive_interval: Duration::from_secs(30),
         keepalive_timeout: Duration::from_secs(10),
     };
-    let connections = conn::Connections::serve(listener, routes, settings, stop.clone());
-    stop.cancelled().await;
+    let connections =
+        conn::Connections::serve(listener, routes, Arc::clone(&front), settings, stop.clone());
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => front.reload().await,
+            () = stop.cancelled() => break,
+        }
+    }
     tracing::info!(
         connections = connections.open(),
         "shutting down: no new connections, ending subscriptions, answering sends in flight"

@@ -20,19 +20,26 @@ use crate::broker::groups::MemberGuard;
 use crate::broker::{Broker, DeliveryBatch, NewMessage, Start};
 use crate::proto::seed as pb;
 
+use super::access::{Access, caller};
 use super::ending::Ending;
 use super::status::to_status;
+use crate::auth::{Action, Resource};
 
 #[derive(Debug, Clone)]
 pub struct SeedService {
     broker: Arc<Broker>,
+    access: Access,
 }
 
 impl SeedService {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        let access = Access::new(Arc::clone(&broker));
+        Self { broker, access }
     }
 }
+
+const SEND: &str = "broker.Broker/Send";
+const SUBSCRIBE: &str = "broker.Broker/Subscribe";
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for SeedService {
@@ -40,16 +47,21 @@ impl pb::broker_server::Broker for SeedService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        let caller = caller(&request)?;
         let msg = request
             .into_inner()
             .msg
             .ok_or_else(|| Status::invalid_argument("SendRequest.msg is required"))?;
+        let a = &self.access;
+        a.require(&caller, SEND, Action::Produce, Resource::Topic(&msg.topic))
+            .await?;
+        let create = a.may_create(&caller, SEND, &msg.topic, true).await?;
         let message = NewMessage {
             value: Some(msg.payload),
             ..NewMessage::default()
         };
         self.broker
-            .send_with(&msg.topic, vec![message], true)
+            .send_with(&msg.topic, vec![message], create)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SendResponse { success: true }))
@@ -62,9 +74,28 @@ impl pb::broker_server::Broker for SeedService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        let a = &self.access;
+        a.require(
+            &caller,
+            SUBSCRIBE,
+            Action::Consume,
+            Resource::Topic(&req.topic),
+        )
+        .await?;
+        if !req.consumer_group.is_empty() {
+            a.require(
+                &caller,
+                SUBSCRIBE,
+                Action::Consume,
+                Resource::Group(&req.consumer_group),
+            )
+            .await?;
+        }
+        let create = a.may_create(&caller, SUBSCRIBE, &req.topic, true).await?;
         self.broker
-            .topic_or_create(&req.topic, true)
+            .topic_or_create(&req.topic, create)
             .await
             .map_err(to_status)?;
         let (rx, member) = if req.consumer_group.is_empty() {

@@ -14,19 +14,36 @@ use crate::proto::v1 as pb;
 use crate::storage::topic::CleanupPolicy;
 use crate::storage::{Header, TopicConfig};
 
+use super::access::{Access, caller};
 use super::ending::Ending;
 use super::status::to_status;
+use crate::auth::{Action, Caller, Resource};
+use crate::broker::audit::Decision;
 
 #[derive(Debug, Clone)]
 pub struct BrokerService {
     broker: Arc<Broker>,
+    access: Access,
 }
 
 impl BrokerService {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        let access = Access::new(Arc::clone(&broker));
+        Self { broker, access }
     }
 }
+
+const SEND: &str = "sluice.v1.Broker/Send";
+const SUBSCRIBE: &str = "sluice.v1.Broker/Subscribe";
+const ACK: &str = "sluice.v1.Broker/Ack";
+const NACK: &str = "sluice.v1.Broker/Nack";
+const DESCRIBE_GROUP: &str = "sluice.v1.Admin/DescribeGroup";
+const RESET_GROUP: &str = "sluice.v1.Admin/ResetGroup";
+const DELETE_GROUP: &str = "sluice.v1.Admin/DeleteGroup";
+const COMPACT: &str = "sluice.v1.Admin/Compact";
+const CREATE_TOPIC: &str = "sluice.v1.Admin/CreateTopic";
+const DELETE_TOPIC: &str = "sluice.v1.Admin/DeleteTopic";
+const DESCRIBE_TOPIC: &str = "sluice.v1.Admin/DescribeTopic";
 
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
@@ -86,7 +103,19 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        let a = &self.access;
+        a.require(&caller, SEND, Action::Produce, Resource::Topic(&req.topic))
+            .await?;
+        let create = a
+            .may_create(
+                &caller,
+                SEND,
+                &req.topic,
+                self.broker.config().auto_create_topics,
+            )
+            .await?;
         let messages = req
             .messages
             .into_iter()
@@ -99,7 +128,7 @@ impl pb::broker_server::Broker for BrokerService {
             .collect();
         let positions = self
             .broker
-            .send(&req.topic, messages)
+            .send_with(&req.topic, messages, create)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SendResponse {
@@ -116,7 +145,25 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        let a = &self.access;
+        a.require(
+            &caller,
+            SUBSCRIBE,
+            Action::Consume,
+            Resource::Topic(&req.topic),
+        )
+        .await?;
+        if !req.group.is_empty() {
+            a.require(
+                &caller,
+                SUBSCRIBE,
+                Action::Consume,
+                Resource::Group(&req.group),
+            )
+            .await?;
+        }
         let start = start_from_pb(req.start)?;
         let (rx, member) = if req.group.is_empty() {
             if req.max_in_flight != 0 || req.exclusive {
@@ -164,7 +211,10 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        self.check_member(&caller, ACK, &req.topic, &req.group)
+            .await?;
         let applied = self
             .broker
             .ack(&req.group, &req.topic, &req.ack_ids)
@@ -181,7 +231,10 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        self.check_member(&caller, NACK, &req.topic, &req.group)
+            .await?;
         let delay = std::time::Duration::from_millis(req.delay_ms);
         let applied = self
             .broker
@@ -193,6 +246,23 @@ impl pb::broker_server::Broker for BrokerService {
             nacked,
             not_in_flight,
         }))
+    }
+}
+
+impl BrokerService {
+    /// Ack and Nack: `consume` on both the topic and the group.
+    async fn check_member(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        topic: &str,
+        group: &str,
+    ) -> Result<(), Status> {
+        let a = &self.access;
+        a.require(caller, rpc, Action::Consume, Resource::Topic(topic))
+            .await?;
+        a.require(caller, rpc, Action::Consume, Resource::Group(group))
+            .await
     }
 }
 
@@ -292,11 +362,36 @@ impl Stream for Responses {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     broker: Arc<Broker>,
+    access: Access,
 }
 
 impl AdminService {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        let access = Access::new(Arc::clone(&broker));
+        Self { broker, access }
+    }
+
+    /// Checks `admin` on `resource`, runs the action, records its outcome, answers.
+    async fn admin<T>(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        resource: Resource<'_>,
+        before: Option<serde_json::Value>,
+        action: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        self.access
+            .require(caller, rpc, Action::Admin, resource)
+            .await?;
+        let result = action.await;
+        let mut event = super::access::event(caller, rpc, resource.to_string(), Decision::Allowed);
+        event.before = before;
+        if let Resource::Topic(t) = resource
+            && result.is_ok()
+        {
+            event.after = self.broker.topic_settings_json(t);
+        }
+        self.access.record_admin(event, result).await
     }
 }
 
@@ -366,13 +461,15 @@ fn settings_from_pb(s: Option<pb::TopicSettings>) -> Result<TopicConfig, Status>
 impl pb::admin_server::Admin for AdminService {
     async fn list_groups(
         &self,
-        _request: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let caller = caller(&request)?;
         let groups = self
             .broker
             .list_groups()
             .map_err(to_status)?
             .into_iter()
+            .filter(|(name, _)| caller.allows(Action::Describe, Resource::Group(name)))
             .map(|(name, topics)| pb::GroupInfo { name, topics })
             .collect();
         Ok(Response::new(pb::ListGroupsResponse { groups }))
@@ -382,7 +479,16 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        self.access
+            .require(
+                &caller,
+                DESCRIBE_GROUP,
+                Action::Describe,
+                Resource::Group(&req.group),
+            )
+            .await?;
         let topics = self
             .broker
             .describe_group(&req.group)
@@ -429,15 +535,21 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ResetGroupRequest>,
     ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        if req.to.as_ref().and_then(|t| t.kind.as_ref()).is_none() {
-            return Err(Status::invalid_argument("reset needs a position in `to`"));
-        }
-        let to = start_from_pb(req.to)?;
-        self.broker
-            .reset_group(&req.group, &req.topic, &req.partitions, to, req.force)
-            .await
-            .map_err(to_status)?;
+        let resource = Resource::Group(&req.group);
+        let reset = async {
+            if req.to.as_ref().and_then(|t| t.kind.as_ref()).is_none() {
+                return Err(Status::invalid_argument("reset needs a position in `to`"));
+            }
+            let to = start_from_pb(req.to)?;
+            self.broker
+                .reset_group(&req.group, &req.topic, &req.partitions, to, req.force)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(&caller, RESET_GROUP, resource, None, reset)
+            .await?;
         Ok(Response::new(pb::ResetGroupResponse {}))
     }
 
@@ -445,13 +557,55 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CompactRequest>,
     ) -> Result<Response<pb::CompactResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
+        // Every topic it would touch needs `admin` (`describe` for a dry run).
+        let action = if req.dry_run {
+            Action::Describe
+        } else {
+            Action::Admin
+        };
+        let names: Vec<String> = match topic {
+            Some(t) => vec![t.to_string()],
+            None => self
+                .broker
+                .list_topics()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        };
+        for name in &names {
+            self.access
+                .require(&caller, COMPACT, action, Resource::Topic(name))
+                .await?;
+        }
         let report = self
             .broker
             .maintain(topic, req.dry_run)
             .await
-            .map_err(to_status)?;
+            .map_err(to_status);
+        if !req.dry_run {
+            let resource = match topic {
+                Some(t) => Resource::Topic(t).to_string(),
+                None => "every topic".into(),
+            };
+            let mut event = super::access::event(&caller, COMPACT, resource, Decision::Allowed);
+            if let Ok(report) = &report {
+                let sum = |f: &dyn Fn(&crate::broker::PartitionMaintenance) -> u64| {
+                    report.iter().map(f).sum::<u64>()
+                };
+                event = event
+                    .count("partitions", report.len() as u64)
+                    .count(
+                        "deleted_segments",
+                        sum(&|m| m.outcome.deleted_segments as u64),
+                    )
+                    .count("deleted_bytes", sum(&|m| m.outcome.deleted_bytes));
+            }
+            self.access.record_admin(event, Ok(())).await.and(Ok(()))?;
+        }
+        let report = report?;
         Ok(Response::new(pb::CompactResponse {
             partitions: report.into_iter().map(compaction_to_pb).collect(),
         }))
@@ -461,11 +615,22 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.broker
-            .delete_group(&req.group)
-            .await
-            .map_err(to_status)?;
+        let delete = async {
+            self.broker
+                .delete_group(&req.group)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(
+            &caller,
+            DELETE_GROUP,
+            Resource::Group(&req.group),
+            None,
+            delete,
+        )
+        .await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
@@ -473,12 +638,23 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        let config = settings_from_pb(req.settings)?;
-        self.broker
-            .create_topic(&req.name, config)
-            .await
-            .map_err(to_status)?;
+        let create = async {
+            let config = settings_from_pb(req.settings)?;
+            self.broker
+                .create_topic(&req.name, config)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(
+            &caller,
+            CREATE_TOPIC,
+            Resource::Topic(&req.name),
+            None,
+            create,
+        )
+        .await?;
         Ok(Response::new(pb::CreateTopicResponse {}))
     }
 
@@ -486,22 +662,31 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.broker
-            .delete_topic(&req.name)
-            .await
-            .map_err(to_status)?;
+        let before = self.broker.topic_settings_json(&req.name);
+        let delete = async { self.broker.delete_topic(&req.name).await.map_err(to_status) };
+        self.admin(
+            &caller,
+            DELETE_TOPIC,
+            Resource::Topic(&req.name),
+            before,
+            delete,
+        )
+        .await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let caller = caller(&request)?;
         let topics = self
             .broker
             .list_topics()
             .into_iter()
+            .filter(|(name, _)| caller.allows(Action::Describe, Resource::Topic(name)))
             .map(|(name, config)| pb::TopicInfo {
                 name,
                 settings: Some(settings_to_pb(&config)),
@@ -514,7 +699,16 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        self.access
+            .require(
+                &caller,
+                DESCRIBE_TOPIC,
+                Action::Describe,
+                Resource::Topic(&req.name),
+            )
+            .await?;
         let d = self
             .broker
             .describe_topic(&req.name)

@@ -14,6 +14,7 @@ use super::events::{DeadLetter, Event, Reason};
 use super::replay::{read_record, wait};
 use super::state::*;
 use super::*;
+use crate::broker::audit::AuditEvent;
 use crate::broker::error::{Error, Result};
 use crate::broker::{Broker, NewMessage};
 
@@ -100,7 +101,9 @@ impl GroupTopic {
         d: &mut DeadLetter,
     ) -> Result<()> {
         // Created when missing, whatever `auto_create_topics` says: the broker writes it.
-        let dlq_topic = broker.topic_or_create(dlq, true).await?;
+        let dlq_topic = broker
+            .topic_or_create(dlq, Some(AuditEvent::system("broker/dead-letter", "")))
+            .await?;
         let dlq_partition = &dlq_topic.partitions[0];
         if d.dlq_mark == u64::MAX {
             // First try: record the intent with the DLQ's current end.

@@ -1,0 +1,207 @@
+//! TLS on the gRPC port (rustls with the `ring` provider): the `[tls]` settings, the server
+//! configuration built from their files, and the names a client certificate carries.
+//!
+//! Every problem with a file (unreadable, no certificate or key in it, a key that does not
+//! belong to the certificate, a certificate not yet or no longer valid) is a start-up error
+//! naming the file and the problem; on SIGHUP the same checks decide whether the new files
+//! replace the old ones (a failed reload keeps serving with the old ones).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+
+/// Whether clients must present a certificate under mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A client without a certificate signed by `client_ca_file` cannot connect.
+    #[default]
+    Required,
+    /// A client may connect without one (and authenticate with a token instead).
+    Optional,
+}
+
+/// `[tls]`. TLS is on when `cert_file` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own certificate first. Default: empty (no TLS).
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the first certificate.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that sign client certificates: turns on mutual TLS.
+    pub client_ca_file: PathBuf,
+    /// `required` or `optional` (with `client_ca_file`). Default: `required`.
+    pub client_auth: ClientAuth,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// A TLS setting that cannot be used, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("tls: {}: {problem}", file.display())]
+pub struct TlsError {
+    pub file: PathBuf,
+    pub problem: String,
+}
+
+fn fail(file: &Path, problem: impl Into<String>) -> TlsError {
+    TlsError {
+        file: file.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file, checking each is valid now.
+fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(file).map_err(|e| fail(file, format!("cannot read: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(file, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(fail(file, "holds no certificate"));
+    }
+    let now = x509_parser::time::ASN1Time::now();
+    for (i, der) in certs.iter().enumerate() {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| fail(file, format!("certificate {i} does not parse: {e}")))?;
+        let v = cert.validity();
+        if now < v.not_before {
+            return Err(fail(
+                file,
+                format!("certificate {i} is not valid before {}", v.not_before),
+            ));
+        }
+        if now > v.not_after {
+            return Err(fail(
+                file,
+                format!("certificate {i} expired at {}", v.not_after),
+            ));
+        }
+    }
+    Ok(certs)
+}
+
+/// The server's rustls configuration from `[tls]`, or `None` when TLS is off. HTTP/2 only.
+pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    if !tls.enabled() {
+        if !tls.key_file.as_os_str().is_empty() || !tls.client_ca_file.as_os_str().is_empty() {
+            return Err(fail(
+                &tls.key_file,
+                "tls.key_file and tls.client_ca_file need tls.cert_file",
+            ));
+        }
+        return Ok(None);
+    }
+    let chain = certificates(&tls.cert_file)?;
+    let key_file = &tls.key_file;
+    if key_file.as_os_str().is_empty() {
+        return Err(fail(&tls.cert_file, "tls.key_file is not set"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| fail(key_file, format!("no usable private key: {e}")))?;
+    let provider = provider();
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+        fail(
+            key_file,
+            format!(
+                "does not match the certificate in {}: {e}",
+                tls.cert_file.display()
+            ),
+        )
+    })?;
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(&tls.cert_file, e.to_string()))?;
+    let builder = if tls.client_ca_file.as_os_str().is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let ca_file = &tls.client_ca_file;
+        let mut roots = RootCertStore::empty();
+        for ca in certificates(ca_file)? {
+            roots
+                .add(ca)
+                .map_err(|e| fail(ca_file, format!("not a usable CA certificate: {e}")))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        let verifier = match tls.client_auth {
+            ClientAuth::Required => verifier,
+            ClientAuth::Optional => verifier.allow_unauthenticated(),
+        };
+        let verifier = verifier.build().map_err(|e| fail(ca_file, e.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Single(Arc::new(certified))));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+/// One certificate for every handshake.
+#[derive(Debug)]
+struct Single(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Single {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// A client certificate's names: its subject (RFC 2253 order, as `openssl x509 -subject
+/// -nameopt RFC2253` prints it) first, then its DNS, email and URI alternative names.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names = vec![rfc2253(cert.subject())];
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        use x509_parser::extensions::GeneralName;
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                    names.push((*s).to_string())
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+/// `CN=alice,O=Clinic`: the subject's attributes, most specific first, comma separated.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for rdn in name.iter() {
+        let attrs: Vec<String> = rdn
+            .iter()
+            .map(|a| {
+                let key = x509_parser::objects::oid2abbrev(
+                    a.attr_type(),
+                    x509_parser::objects::oid_registry(),
+                )
+                .map(str::to_string)
+                .unwrap_or_else(|_| a.attr_type().to_id_string());
+                let value = a.as_str().map(str::to_string).unwrap_or_default();
+                format!("{key}={value}")
+            })
+            .collect();
+        parts.push(attrs.join("+"));
+    }
+    parts.reverse();
+    parts.join(",")
+}

@@ -1,0 +1,278 @@
+//! The audit trail: the internal topic `_audit` (one partition), appended to by the broker only,
+//! one JSON record per event — authentication failures, permission denials, administrative
+//! actions with their outcome, retention deletions, reloads, start and clean stop — never any
+//! message content. Each record is durable before the action it records is answered.
+//!
+//! Records form a hash chain: each carries `seq` (its own offset) and `prev`, the hex SHA-256 of
+//! the previous record's bytes as stored (64 zeros for the first). [`check_chain`] finds the
+//! first record where the chain breaks: a record changed after it was written (the next one's
+//! `prev` no longer matches it), removed (a `seq` is skipped) or moved (a `seq` out of place).
+//! The chain cannot show a change to the newest record alone (nothing follows it yet); each
+//! record's batch CRC still does for accidental damage. `_audit` cannot be written, deleted,
+//! compacted or shortened through the API; only `auth.audit_retention_ms` removes old records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::auth::policy::to_hex;
+use crate::storage::{EncodedBatch, Record};
+
+use super::topic::PartitionHandle;
+use super::{Error, Result, now_ms};
+
+/// The audit trail's topic.
+pub const AUDIT_TOPIC: &str = "_audit";
+
+/// `prev` of the first record.
+const GENESIS: [u8; 32] = [0; 32];
+
+/// What was decided about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// The caller may; `outcome` says how the action went.
+    Allowed,
+    /// A known caller without the permission: `PERMISSION_DENIED`.
+    Denied,
+    /// Missing or invalid credentials: `UNAUTHENTICATED`.
+    Unauthenticated,
+    /// An event of the broker itself (start, stop, retention, reload).
+    System,
+}
+
+/// One record of `_audit`, as stored (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// The record's own offset in `_audit`.
+    pub seq: u64,
+    /// Server time, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    pub principal: String,
+    /// The client's address; empty for the broker's own events.
+    #[serde(default)]
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_subject: String,
+    /// `sluice.v1.Admin/DeleteTopic`, `broker/start`, …
+    pub rpc: String,
+    /// `topic "x"`, `group "g"`, or empty.
+    #[serde(default)]
+    pub resource: String,
+    pub decision: Decision,
+    /// `ok`, or the error answered.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
+    /// Settings before and after a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
+    /// Hex SHA-256 of the previous record's stored bytes.
+    pub prev: String,
+}
+
+/// An event to record: the trail adds `seq`, `time` and `prev`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEvent {
+    pub principal: String,
+    pub peer: String,
+    pub tls_subject: String,
+    pub rpc: String,
+    pub resource: String,
+    pub decision: Option<Decision>,
+    pub outcome: String,
+    pub request_id: String,
+    pub counts: BTreeMap<String, u64>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+impl AuditEvent {
+    /// An event of the broker itself.
+    pub fn system(rpc: &str, outcome: impl Into<String>) -> AuditEvent {
+        AuditEvent {
+            principal: "sluice".into(),
+            rpc: rpc.into(),
+            decision: Some(Decision::System),
+            outcome: outcome.into(),
+            ..AuditEvent::default()
+        }
+    }
+
+    pub fn count(mut self, name: &str, n: u64) -> AuditEvent {
+        self.counts.insert(name.to_string(), n);
+        self
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    crate::auth::policy::sha256(bytes)
+}
+
+/// Where the chain stands: the next record's offset and the hash of the last one.
+#[derive(Debug)]
+struct Chain {
+    next: u64,
+    prev: [u8; 32],
+}
+
+/// The broker's appender to `_audit`.
+#[derive(Debug)]
+pub struct AuditTrail {
+    partition: Arc<PartitionHandle>,
+    chain: tokio::sync::Mutex<Chain>,
+}
+
+impl AuditTrail {
+    /// Picks the chain up where the log ends (reading its last record).
+    pub fn open(partition: Arc<PartitionHandle>) -> Result<AuditTrail> {
+        let end = partition.log.stats().high_water;
+        let mut prev = GENESIS;
+        if end > 0 {
+            for batch in partition.log.read(end - 1, 1)? {
+                for r in batch.records() {
+                    let r = r.map_err(|e| {
+                        Error::Internal(format!("the audit trail's last record: {e}"))
+                    })?;
+                    if r.offset == end - 1 {
+                        prev = sha256(r.value.as_deref().unwrap_or_default());
+                    }
+                }
+            }
+        }
+        Ok(AuditTrail {
+            partition,
+            chain: tokio::sync::Mutex::new(Chain { next: end, prev }),
+        })
+    }
+
+    /// Appends one record and waits until it is durable.
+    pub async fn record(&self, event: AuditEvent) -> Result<()> {
+        let mut chain = self.chain.lock().await;
+        let record = AuditRecord {
+            seq: chain.next,
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            principal: event.principal,
+            peer: event.peer,
+            tls_subject: event.tls_subject,
+            rpc: event.rpc,
+            resource: event.resource,
+            decision: event.decision.unwrap_or(Decision::Allowed),
+            outcome: event.outcome,
+            request_id: event.request_id,
+            counts: event.counts,
+            before: event.before,
+            after: event.after,
+            prev: to_hex(&chain.prev),
+        };
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+        let hash = sha256(&bytes);
+        let batch = EncodedBatch::new(&[Record {
+            timestamp: now_ms(),
+            key: None,
+            value: Some(bytes.into()),
+            headers: Vec::new(),
+        }]);
+        let (tx, rx) = oneshot::channel();
+        self.partition.log.append(
+            batch,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let appended = rx
+            .await
+            .map_err(|_| Error::Internal("the audit trail's writer dropped an append".into()))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot append to the audit trail");
+                Error::from(e)
+            })?;
+        if appended.base_offset != record.seq {
+            return Err(Error::Internal(format!(
+                "audit record {} stored at offset {}",
+                record.seq, appended.base_offset
+            )));
+        }
+        chain.next = record.seq + 1;
+        chain.prev = hash;
+        Ok(())
+    }
+}
+
+/// A break in the chain, at the offset where it shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    pub offset: u64,
+    pub problem: String,
+}
+
+/// Checks records (offset, stored bytes) in log order. Returns every break, first first; after a
+/// break the check goes on from the record that showed it.
+pub fn check_chain(records: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Vec<ChainBreak> {
+    let mut breaks = Vec::new();
+    let mut last: Option<(u64, [u8; 32])> = None;
+    for (offset, bytes) in records {
+        let hash = sha256(&bytes);
+        let record: AuditRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                breaks.push(ChainBreak {
+                    offset,
+                    problem: format!("not an audit record: {e}"),
+                });
+                last = Some((offset, hash));
+                continue;
+            }
+        };
+        if record.seq != offset {
+            let problem = if record.seq > offset {
+                format!(
+                    "holds record {} where record {offset} belongs: a record before it was \
+                     removed",
+                    record.seq
+                )
+            } else {
+                format!(
+                    "holds record {} where record {offset} belongs: records were moved",
+                    record.seq
+                )
+            };
+            breaks.push(ChainBreak { offset, problem });
+        } else {
+            let expected = match last {
+                Some((_, h)) => Some(h),
+                None if offset == 0 => Some(GENESIS),
+                // Retention removed what came before: the chain starts here.
+                None => None,
+            };
+            if let Some(expected) = expected
+                && record.prev != to_hex(&expected)
+            {
+                let (at, problem) = match last {
+                    Some((prev_offset, _)) => (
+                        prev_offset,
+                        format!(
+                            "changed after it was written: record {offset} says it hashed to \
+                             {}",
+                            record.prev
+                        ),
+                    ),
+                    None => (offset, "the first record does not start the chain".into()),
+                };
+                breaks.push(ChainBreak {
+                    offset: at,
+                    problem,
+                });
+            }
+        }
+        last = Some((offset, hash));
+    }
+    breaks
+}

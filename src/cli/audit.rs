@@ -1,0 +1,191 @@
+//! `sluice auth token` and `sluice audit`: making a principal's token, and reading the audit
+//! trail through a running broker or from a data directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::auth::policy::{to_hex, token_hash};
+use crate::broker::audit::{AUDIT_TOPIC, AuditRecord, ChainBreak, check_chain};
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_client::AdminClient;
+use crate::storage::verify::for_each_record;
+
+use super::client::{broker_client, link};
+use super::{BrokerArg, CliError, OutputFormat};
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Read a stopped (or running) broker's data directory instead of asking a broker.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    /// Only records from this time on (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records of this principal.
+    #[arg(long)]
+    pub principal: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+}
+
+/// Prints a new token and the config lines holding its hash.
+pub fn new_token(name: &str) -> Result<(), CliError> {
+    if name.is_empty() || name == "*" || name == crate::auth::policy::ANONYMOUS {
+        return Err(CliError::Usage(format!("{name:?} cannot name a principal")));
+    }
+    let token = crate::auth::new_token().map_err(CliError::Usage)?;
+    let hash = to_hex(&token_hash(&token));
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "token for {name} (shown once; the broker stores only its hash):"
+    )?;
+    writeln!(out, "{token}")?;
+    writeln!(out)?;
+    writeln!(out, "add to the broker's config file (chmod 600):")?;
+    writeln!(out, "[[auth.principals]]")?;
+    writeln!(out, "name = {}", toml::Value::String(name.to_string()))?;
+    writeln!(out, "token_sha256 = \"{hash}\"")?;
+    Ok(())
+}
+
+pub async fn run(args: AuditArgs) -> Result<(), CliError> {
+    let since_ms = match &args.since {
+        None => None,
+        Some(t) => Some(
+            humantime::parse_rfc3339(t)
+                .map_err(|e| CliError::Usage(format!("--since {t:?}: {e}")))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        ),
+    };
+    let records = match &args.data_dir {
+        Some(dir) => offline_records(dir)?,
+        None => online_records(&args.broker).await?,
+    };
+    let mut out = std::io::stdout().lock();
+    for (_, bytes) in records {
+        let Ok(r) = serde_json::from_slice::<AuditRecord>(&bytes) else {
+            continue;
+        };
+        if args.principal.as_ref().is_some_and(|p| *p != r.principal) {
+            continue;
+        }
+        if let Some(since) = since_ms {
+            let at = humantime::parse_rfc3339(&r.time)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            if at < since {
+                continue;
+            }
+        }
+        let line = match args.format {
+            OutputFormat::Json => String::from_utf8_lossy(&bytes).into_owned(),
+            OutputFormat::Text => text(&r),
+        };
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn text(r: &AuditRecord) -> String {
+    let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut line = format!(
+        "{} #{} {} {:?} {} {} -> {}",
+        r.time,
+        r.seq,
+        r.principal,
+        r.decision,
+        r.rpc,
+        if r.resource.is_empty() {
+            "-"
+        } else {
+            &r.resource
+        },
+        r.outcome
+    );
+    if !r.peer.is_empty() {
+        line += &format!(" peer={}", r.peer);
+    }
+    if !counts.is_empty() {
+        line += &format!(" {}", counts.join(" "));
+    }
+    line
+}
+
+/// The partition directory of `_audit` in a data directory.
+pub fn audit_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("topics").join(AUDIT_TOPIC).join("0")
+}
+
+/// Every audit record of a data directory, as stored: (offset, bytes).
+pub fn offline_records(data_dir: &Path) -> Result<Vec<(u64, Vec<u8>)>, CliError> {
+    let dir = audit_dir(data_dir);
+    if !dir.is_dir() {
+        return Err(CliError::NotDataDir(format!(
+            "{} holds no audit trail ({} is missing)",
+            data_dir.display(),
+            dir.display()
+        )));
+    }
+    let mut records = Vec::new();
+    for_each_record(&dir, 0, |r| {
+        records.push((r.offset, r.value.map(|v| v.to_vec()).unwrap_or_default()));
+        true
+    })
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(records)
+}
+
+/// Every audit record, read through a broker (needs `consume` on `_audit`).
+async fn online_records(broker: &BrokerArg) -> Result<Vec<(u64, Vec<u8>)>, CliError> {
+    let link = link(broker).await?;
+    let end = AdminClient::new(link.clone())
+        .describe_topic(pb::DescribeTopicRequest {
+            name: AUDIT_TOPIC.into(),
+        })
+        .await?
+        .into_inner()
+        .partitions
+        .first()
+        .map_or(0, |p| p.next_offset);
+    let mut records = Vec::new();
+    if end == 0 {
+        return Ok(records);
+    }
+    let mut stream = broker_client(link)
+        .subscribe(pb::SubscribeRequest {
+            topic: AUDIT_TOPIC.into(),
+            start: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Earliest(true)),
+            }),
+            ..pb::SubscribeRequest::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(response) = stream.message().await? {
+        for d in response.deliveries {
+            let last = d.offset + 1 >= end;
+            records.push((d.offset, d.value.map(|v| v.to_vec()).unwrap_or_default()));
+            if last {
+                return Ok(records);
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The chain's breaks in a data directory's audit trail (none if it has no trail).
+pub fn verify_chain(data_dir: &Path) -> Result<Vec<ChainBreak>, CliError> {
+    if !audit_dir(data_dir).is_dir() {
+        return Ok(Vec::new());
+    }
+    Ok(check_chain(offline_records(data_dir)?))
+}

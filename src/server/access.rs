@@ -1,0 +1,121 @@
+//! Permission checks inside the RPCs, and their audit records.
+//!
+//! Every RPC of `sluice.v1.Broker`, `sluice.v1.Admin` and the seed `broker.Broker` asks
+//! [`Access::require`] before it touches anything: a denial is recorded in `_audit` and answered
+//! `PERMISSION_DENIED`, with nothing changed. Administrative actions are recorded with their
+//! outcome ([`Access::record_admin`]) before they are answered; if that record cannot be
+//! written the call fails (`UNAVAILABLE`), saying whether the action itself happened.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::auth::{Action, Caller, Resource};
+use crate::broker::Broker;
+use crate::broker::audit::{AuditEvent, Decision};
+
+use super::status::to_status;
+
+/// The caller a request was admitted as (set by the connection layer for every request).
+pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing or invalid credentials"))
+}
+
+/// An event about `caller`'s call.
+pub fn event(caller: &Caller, rpc: &str, resource: String, decision: Decision) -> AuditEvent {
+    AuditEvent {
+        principal: caller.name().to_string(),
+        peer: caller.peer.addr.to_string(),
+        tls_subject: caller.peer.tls_subject().to_string(),
+        rpc: rpc.to_string(),
+        resource,
+        decision: Some(decision),
+        request_id: caller.request_id.clone(),
+        ..AuditEvent::default()
+    }
+}
+
+/// The checks and records of one service.
+#[derive(Debug, Clone)]
+pub struct Access {
+    broker: Arc<Broker>,
+}
+
+impl Access {
+    pub fn new(broker: Arc<Broker>) -> Access {
+        Access { broker }
+    }
+
+    /// Ok when `caller` may do `action` to `resource`; otherwise records the denial and
+    /// answers `PERMISSION_DENIED`.
+    pub async fn require(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        action: Action,
+        resource: Resource<'_>,
+    ) -> Result<(), Status> {
+        if caller.allows(action, resource) {
+            return Ok(());
+        }
+        let mut e = event(caller, rpc, resource.to_string(), Decision::Denied);
+        e.outcome = format!("PERMISSION_DENIED: {} not granted", action.as_str());
+        self.broker.audit().record(e).await.map_err(to_status)?;
+        Err(Status::permission_denied(format!(
+            "{} may not {} {resource}",
+            caller.name(),
+            action.as_str()
+        )))
+    }
+
+    /// Whether a call may create the topic it names on first use: when the topic is missing
+    /// and `auto_create` applies, that needs `admin` on it. Returns the event that records the
+    /// creation, for the broker to fill in if it creates the topic.
+    pub async fn may_create(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        topic: &str,
+        auto_create: bool,
+    ) -> Result<Option<AuditEvent>, Status> {
+        if !auto_create || self.broker.existing_topic(topic).is_ok() {
+            return Ok(None);
+        }
+        self.require(caller, rpc, Action::Admin, Resource::Topic(topic))
+            .await?;
+        Ok(Some(event(caller, rpc, String::new(), Decision::Allowed)))
+    }
+
+    /// Records an administrative action's outcome. `done`: whether the action happened (said in
+    /// the error when the record cannot be written).
+    pub async fn record(&self, event: AuditEvent, done: bool) -> Result<(), Status> {
+        self.broker.audit().record(event).await.map_err(|e| {
+            Status::unavailable(format!(
+                "the audit trail cannot be written ({e}); the action {}",
+                if done {
+                    "was carried out"
+                } else {
+                    "was not carried out"
+                }
+            ))
+        })
+    }
+
+    /// Records the outcome of an administrative call, then passes its result on.
+    pub async fn record_admin<T>(
+        &self,
+        mut event: AuditEvent,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        event.outcome = match &result {
+            Ok(_) => "ok".into(),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        };
+        self.record(event, result.is_ok()).await?;
+        result
+    }
+}

@@ -1,0 +1,750 @@
+//! Access control from outside: TLS and mutual TLS, bearer tokens, grants checked in every RPC
+//! of the three services, the audit trail (one record per denial and per administrative action,
+//! its hash chain checked by `verify`), private files, and start-up errors that name the file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use bytes::Bytes;
+use common::pki::Ca;
+use common::server::{TestServer, message, test_config};
+use sluice::auth::policy::{AuthConfig, GrantConfig, PrincipalConfig, to_hex, token_hash};
+use sluice::auth::{Action, ClientAuth, TlsConfig};
+use sluice::broker::audit::{AuditRecord, Decision, check_chain};
+use sluice::cli::{Credentials, Link, link_with};
+use sluice::proto::seed;
+use sluice::proto::v1 as pb;
+use tonic::Code;
+
+const ALL: &str = "all-token-0000000000000000000000000000000000";
+const NONE: &str = "none-token-000000000000000000000000000000000";
+const WRITER: &str = "writer-token-0000000000000000000000000000000";
+
+fn principal(name: &str, token: &str) -> PrincipalConfig {
+    PrincipalConfig {
+        name: name.into(),
+        token_sha256: to_hex(&token_hash(token)),
+        tls_subject: String::new(),
+    }
+}
+
+fn grant(who: &str, topics: &[&str], groups: &[&str], allow: &[Action]) -> GrantConfig {
+    GrantConfig {
+        principal: who.into(),
+        topics: topics.iter().map(|s| s.to_string()).collect(),
+        groups: groups.iter().map(|s| s.to_string()).collect(),
+        allow: allow.to_vec(),
+        deny: Vec::new(),
+    }
+}
+
+const EVERYTHING: [Action; 4] = [
+    Action::Produce,
+    Action::Consume,
+    Action::Describe,
+    Action::Admin,
+];
+
+/// `all` may do everything (but never admin on `locked.*`), `none` nothing, `writer` produce
+/// and describe on `epro.*`.
+fn auth() -> AuthConfig {
+    let mut locked = grant("all", &["locked.*"], &[], &[]);
+    locked.deny = vec![Action::Admin];
+    AuthConfig {
+        required: true,
+        principals: vec![
+            principal("all", ALL),
+            principal("none", NONE),
+            principal("writer", WRITER),
+        ],
+        grants: vec![
+            grant("all", &["*"], &["*"], &EVERYTHING),
+            locked,
+            grant(
+                "writer",
+                &["epro.*"],
+                &[],
+                &[Action::Produce, Action::Describe],
+            ),
+        ],
+        ..AuthConfig::default()
+    }
+}
+
+async fn as_principal(server: &TestServer, token: Option<&str>) -> Link {
+    let credentials = Credentials {
+        token: token.map(str::to_string),
+        ..Credentials::default()
+    };
+    link_with(&server.addr.to_string(), &credentials)
+        .await
+        .unwrap()
+}
+
+fn broker(link: &Link) -> pb::broker_client::BrokerClient<Link> {
+    pb::broker_client::BrokerClient::new(link.clone())
+}
+
+fn admin(link: &Link) -> pb::admin_client::AdminClient<Link> {
+    pb::admin_client::AdminClient::new(link.clone())
+}
+
+/// Every record of `_audit`, read through the API as `all`.
+async fn audit_records(link: &Link) -> Vec<AuditRecord> {
+    let end = admin(link)
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "_audit".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .partitions[0]
+        .next_offset;
+    let mut stream = broker(link)
+        .subscribe(pb::SubscribeRequest {
+            topic: "_audit".into(),
+            ..pb::SubscribeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while (out.len() as u64) < end {
+        for d in stream.message().await.unwrap().unwrap().deliveries {
+            out.push(serde_json::from_slice(&d.value.unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+/// What a refused call must leave as it was: every topic file (but the audit trail's) with its
+/// length, and every consumer group's directory. (Group logs' lengths are left out: members of
+/// earlier calls leave their groups in the background.)
+fn files(dir: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.join("topics"), dir.join("groups")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let name = path.strip_prefix(dir).unwrap().display().to_string();
+            if name.starts_with("topics/_audit") {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                out.insert(name.clone(), 0);
+                if name.starts_with("topics") {
+                    stack.push(path);
+                }
+            } else {
+                out.insert(name, e.metadata().unwrap().len());
+            }
+        }
+    }
+    out
+}
+
+/// One call of each RPC of the three services, on topic `epro.t` and group `etl`.
+async fn call(rpc: &str, link: &Link) -> Result<(), tonic::Status> {
+    let topic = "epro.t".to_string();
+    let group = "etl".to_string();
+    match rpc {
+        "Send" => broker(link)
+            .send(pb::SendRequest {
+                topic,
+                messages: vec![message("x")],
+            })
+            .await
+            .map(drop),
+        "Send(auto-create)" => broker(link)
+            .send(pb::SendRequest {
+                topic: "epro.new".into(),
+                messages: vec![message("x")],
+            })
+            .await
+            .map(drop),
+        "Subscribe" => broker(link)
+            .subscribe(pb::SubscribeRequest {
+                topic,
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .map(drop),
+        "Subscribe(group)" => broker(link)
+            .subscribe(pb::SubscribeRequest {
+                topic,
+                group,
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .map(drop),
+        "Ack" => broker(link)
+            .ack(pb::AckRequest {
+                topic,
+                group,
+                ack_ids: vec!["0:0:1".into()],
+            })
+            .await
+            .map(drop),
+        "Nack" => broker(link)
+            .nack(pb::NackRequest {
+                topic,
+                group,
+                ack_ids: vec!["0:0:1".into()],
+                delay_ms: 0,
+            })
+            .await
+            .map(drop),
+        "CreateTopic" => admin(link)
+            .create_topic(pb::CreateTopicRequest {
+                name: "epro.created".into(),
+                settings: None,
+            })
+            .await
+            .map(drop),
+        "DeleteTopic" => admin(link)
+            .delete_topic(pb::DeleteTopicRequest {
+                name: "epro.doomed".into(),
+            })
+            .await
+            .map(drop),
+        "DescribeTopic" => admin(link)
+            .describe_topic(pb::DescribeTopicRequest { name: topic })
+            .await
+            .map(drop),
+        "DescribeGroup" => admin(link)
+            .describe_group(pb::DescribeGroupRequest { group })
+            .await
+            .map(drop),
+        "ResetGroup" => admin(link)
+            .reset_group(pb::ResetGroupRequest {
+                group,
+                topic,
+                to: common::server::start(pb::start_position::Kind::Earliest(true)),
+                force: true,
+                ..pb::ResetGroupRequest::default()
+            })
+            .await
+            .map(drop),
+        "DeleteGroup" => admin(link)
+            .delete_group(pb::DeleteGroupRequest {
+                group: "etl-doomed".into(),
+            })
+            .await
+            .map(drop),
+        "Compact" => admin(link)
+            .compact(pb::CompactRequest {
+                topic,
+                dry_run: false,
+            })
+            .await
+            .map(drop),
+        "seed Send" => seed::broker_client::BrokerClient::new(link.clone())
+            .send(seed::SendRequest {
+                msg: Some(seed::Message {
+                    topic,
+                    payload: Bytes::from_static(b"s"),
+                }),
+            })
+            .await
+            .map(drop),
+        "seed Subscribe" => seed::broker_client::BrokerClient::new(link.clone())
+            .subscribe(seed::SubscribeRequest {
+                topic,
+                consumer_group: group,
+            })
+            .await
+            .map(drop),
+        other => panic!("no call for {other}"),
+    }
+}
+
+/// (RPC, whether it is administrative and so recorded when allowed).
+const RPCS: [(&str, bool); 15] = [
+    ("Send", false),
+    ("Send(auto-create)", true),
+    ("Subscribe", false),
+    ("Subscribe(group)", false),
+    ("Ack", false),
+    ("Nack", false),
+    ("CreateTopic", true),
+    ("DeleteTopic", true),
+    ("DescribeTopic", false),
+    ("DescribeGroup", false),
+    ("ResetGroup", true),
+    ("DeleteGroup", true),
+    ("Compact", true),
+    ("seed Send", false),
+    ("seed Subscribe", false),
+];
+
+#[tokio::test]
+async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audit_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    let none = as_principal(&server, Some(NONE)).await;
+    // What the calls act on.
+    for name in ["epro.t", "epro.doomed"] {
+        admin(&all)
+            .create_topic(pb::CreateTopicRequest {
+                name: name.into(),
+                settings: None,
+            })
+            .await
+            .unwrap();
+    }
+    call("Send", &all).await.unwrap();
+    for g in ["etl", "etl-doomed"] {
+        drop(
+            broker(&all)
+                .subscribe(pb::SubscribeRequest {
+                    topic: "epro.t".into(),
+                    group: g.into(),
+                    ..pb::SubscribeRequest::default()
+                })
+                .await
+                .unwrap(),
+        );
+    }
+
+    for (rpc, administrative) in RPCS {
+        // Refused: PERMISSION_DENIED, nothing changed, one record of the denial.
+        let before_files = files(dir.path());
+        let before = audit_records(&all).await.len();
+        let status = call(rpc, &none).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        assert_eq!(
+            files(dir.path()),
+            before_files,
+            "{rpc}: a denied call changed files"
+        );
+        let records = audit_records(&all).await;
+        assert_eq!(records.len(), before + 1, "{rpc}: one record per denial");
+        let r = records.last().unwrap();
+        assert_eq!(
+            (r.principal.as_str(), r.decision),
+            ("none", Decision::Denied),
+            "{rpc}"
+        );
+
+        // Allowed: whatever the answer, it is not a refusal; administrative actions leave
+        // exactly one record, the others none.
+        let before = audit_records(&all).await.len();
+        if let Err(status) = call(rpc, &all).await {
+            assert!(
+                !matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated
+                ),
+                "{rpc}: {status:?}"
+            );
+        }
+        let records = audit_records(&all).await;
+        let added = records.len() - before;
+        assert_eq!(added, usize::from(administrative), "{rpc}: {records:?}");
+        if administrative {
+            let r = records.last().unwrap();
+            assert_eq!(
+                (r.principal.as_str(), r.decision),
+                ("all", Decision::Allowed),
+                "{rpc}"
+            );
+        }
+    }
+
+    // Listing shows only what may be described; deny wins over allow.
+    let writer = as_principal(&server, Some(WRITER)).await;
+    let listed: Vec<String> = admin(&writer)
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(listed.iter().all(|t| t.starts_with("epro.")), "{listed:?}");
+    assert!(listed.contains(&"epro.t".to_string()));
+    let groups = admin(&writer)
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert!(
+        groups.is_empty(),
+        "writer may describe no group: {groups:?}"
+    );
+    let status = admin(&all)
+        .create_topic(pb::CreateTopicRequest {
+            name: "locked.x".into(),
+            settings: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_wrong_credentials_are_unauthenticated_with_the_same_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    let mut messages = Vec::new();
+    for token in [None, Some("wrong-token-00000000000000000000000000000000")] {
+        let before = audit_records(&all).await.len();
+        let link = as_principal(&server, token).await;
+        let status = call("Send", &link).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
+        messages.push(status.message().to_string());
+        let records = audit_records(&all).await;
+        assert_eq!(records.len(), before + 1);
+        assert_eq!(records.last().unwrap().decision, Decision::Unauthenticated);
+        assert_eq!(
+            records.last().unwrap().rpc,
+            "sluice.v1.Broker/Send",
+            "the record names the call"
+        );
+    }
+    assert_eq!(
+        messages[0], messages[1],
+        "no hint about which part was wrong"
+    );
+    // Health stays open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        sluice::cli::connect(&server.addr.to_string())
+            .await
+            .unwrap(),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+fn tls_config(dir: &Path, ca: &Ca, client_auth: Option<ClientAuth>) -> TlsConfig {
+    let server = ca.server("server");
+    TlsConfig {
+        cert_file: server.cert,
+        key_file: server.key,
+        client_ca_file: if client_auth.is_some() {
+            ca.cert.clone()
+        } else {
+            dir.join("none")
+        },
+        client_auth: client_auth.unwrap_or_default(),
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_certificates_of_its_ca_and_maps_them_to_principals() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "clinic");
+    let other = Ca::new(pki.path(), "other");
+    let alice = ca.client("alice");
+    let mallory = other.client("mallory");
+    let mut config = test_config(dir.path());
+    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Required));
+    let mut auth = auth();
+    auth.principals.push(PrincipalConfig {
+        name: "alice".into(),
+        tls_subject: "CN=alice,O=Clinic".into(),
+        ..PrincipalConfig::default()
+    });
+    auth.grants.push(grant(
+        "alice",
+        &["epro.*"],
+        &[],
+        &[Action::Describe, Action::Admin],
+    ));
+    config.auth = auth;
+    let server = TestServer::start(config).await;
+    let addr = format!("https://127.0.0.1:{}", server.addr.port());
+    let creds = |pair: Option<&common::pki::Pair>| Credentials {
+        tls_ca: Some(ca.cert.clone()),
+        tls_cert: pair.map(|p| p.cert.clone()),
+        tls_key: pair.map(|p| p.key.clone()),
+        tls_domain: Some("localhost".into()),
+        ..Credentials::default()
+    };
+
+    // Alice's certificate is her principal: no token needed.
+    let link = link_with(&addr, &creds(Some(&alice))).await.unwrap();
+    admin(&link)
+        .create_topic(pb::CreateTopicRequest {
+            name: "epro.mtls".into(),
+            settings: None,
+        })
+        .await
+        .unwrap();
+    let status = call("Send", &link).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "alice may not produce"
+    );
+
+    // No certificate, another CA's certificate, or plaintext: no call gets through.
+    for (what, result) in [
+        ("no certificate", link_with(&addr, &creds(None)).await),
+        ("another CA", link_with(&addr, &creds(Some(&mallory))).await),
+        (
+            "plaintext",
+            link_with(&server.addr.to_string(), &Credentials::default()).await,
+        ),
+    ] {
+        if let Ok(link) = result {
+            let r = admin(&link).list_topics(pb::ListTopicsRequest {}).await;
+            assert!(r.is_err(), "{what}: {r:?}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn optional_client_certificates_let_token_holders_in_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "clinic");
+    let mut config = test_config(dir.path());
+    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Optional));
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let creds = Credentials {
+        token: Some(WRITER.into()),
+        tls_ca: Some(ca.cert.clone()),
+        tls_domain: Some("localhost".into()),
+        ..Credentials::default()
+    };
+    let link = link_with(&format!("127.0.0.1:{}", server.addr.port()), &creds)
+        .await
+        .unwrap();
+    let sent = broker(&link)
+        .send(pb::SendRequest {
+            topic: "epro.t".into(),
+            messages: vec![message("over tls")],
+        })
+        .await;
+    // The topic does not exist and the writer has no admin: auto-creation is refused.
+    assert_eq!(sent.unwrap_err().code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_certificate_files_stop_the_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "clinic");
+    let good = ca.server("good");
+    let other = ca.server("other");
+    let expired = ca.expired_server("expired");
+    let cases = [
+        (
+            "missing",
+            pki.path().join("nope.pem"),
+            good.key.clone(),
+            "nope.pem",
+        ),
+        (
+            "mismatched key",
+            good.cert.clone(),
+            other.key.clone(),
+            "does not match",
+        ),
+        (
+            "expired",
+            expired.cert.clone(),
+            expired.key.clone(),
+            "expired",
+        ),
+        (
+            "not a certificate",
+            good.key.clone(),
+            good.key.clone(),
+            "good.key",
+        ),
+    ];
+    for (what, cert, key, want) in cases {
+        let mut config = test_config(dir.path());
+        config.tls = TlsConfig {
+            cert_file: cert,
+            key_file: key,
+            ..TlsConfig::default()
+        };
+        let err = sluice::server::start(config, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{what}: {err}");
+    }
+}
+
+#[test]
+fn plaintext_beyond_loopback_is_refused_unless_allowed() {
+    let mut config = sluice::config::Config {
+        listen: "0.0.0.0:7070".parse().unwrap(),
+        ..sluice::config::Config::default()
+    };
+    let err = config.sanitize().unwrap_err().to_string();
+    assert!(err.contains("allow_plaintext"), "{err}");
+    config.allow_plaintext = true;
+    config.sanitize().unwrap();
+}
+
+#[test]
+fn a_config_file_with_token_hashes_readable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[auth.principals]]\nname = \"app\"\ntoken_sha256 = \"{}\"\n",
+            to_hex(&token_hash(ALL))
+        ),
+    )
+    .unwrap();
+    for (mode, ok) in [(0o644, false), (0o640, false), (0o600, true), (0o400, true)] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let loaded = sluice::config::Config::load(Some(&file), Vec::new());
+        assert_eq!(loaded.is_ok(), ok, "mode {mode:o}: {loaded:?}");
+        if let Err(e) = loaded {
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_data_directory_is_private_whatever_the_umask() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let server = TestServer::start(test_config(&dir)).await;
+    let link = as_principal(&server, None).await;
+    call("Send", &link).await.unwrap();
+    drop(
+        broker(&link)
+            .subscribe(pb::SubscribeRequest {
+                topic: "epro.t".into(),
+                group: "etl".into(),
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .unwrap(),
+    );
+    server.stop().await;
+    let mut stack = vec![dir.clone()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", e.path().display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen > 5, "checked {seen} files");
+}
+
+#[tokio::test]
+async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let link = as_principal(&server, None).await;
+    for name in ["a", "b", "c", "d"] {
+        admin(&link)
+            .create_topic(pb::CreateTopicRequest {
+                name: name.into(),
+                settings: None,
+            })
+            .await
+            .unwrap();
+    }
+    server.stop().await;
+    let trail = dir.path().join("topics/_audit/0");
+    let mut stored: Vec<Vec<u8>> = Vec::new();
+    sluice::storage::verify::for_each_record(&trail, 0, |r| {
+        stored.push(r.value.unwrap().to_vec());
+        true
+    })
+    .unwrap();
+    // start, four creations, stop.
+    assert_eq!(stored.len(), 6);
+    let indexed = |v: &[Vec<u8>]| -> Vec<(u64, Vec<u8>)> {
+        v.iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, b)| (i as u64, b))
+            .collect()
+    };
+    assert!(check_chain(indexed(&stored)).is_empty());
+
+    let mut changed = stored.clone();
+    let mut r: AuditRecord = serde_json::from_slice(&changed[2]).unwrap();
+    r.principal = "someone else".into();
+    changed[2] = serde_json::to_vec(&r).unwrap();
+    let mut removed = stored.clone();
+    removed.remove(2);
+    let mut moved = stored.clone();
+    moved.swap(2, 3);
+    for (what, records, word) in [
+        ("changed", &changed, "changed"),
+        ("removed", &removed, "removed"),
+        ("moved", &moved, "moved"),
+    ] {
+        let breaks = check_chain(indexed(records));
+        assert_eq!(
+            breaks.first().map(|b| b.offset),
+            Some(2),
+            "{what}: {breaks:?}"
+        );
+        assert!(breaks[0].problem.contains(word), "{what}: {breaks:?}");
+    }
+
+    // `sluice verify` reports it, on a data directory whose trail was rewritten with valid CRCs.
+    for file in std::fs::read_dir(&trail).unwrap() {
+        std::fs::remove_file(file.unwrap().path()).unwrap();
+    }
+    let p = sluice::storage::Partition::open(
+        &trail,
+        sluice::storage::LogConfig::default(),
+        std::sync::Arc::new(sluice::storage::RealIo),
+        None,
+    )
+    .unwrap();
+    for value in &changed {
+        p.append_blocking(&[sluice::storage::Record {
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from(value.clone())),
+            headers: Vec::new(),
+        }])
+        .unwrap();
+    }
+    p.close().unwrap();
+    drop(p);
+    let out = std::process::Command::new(common::server::bin())
+        .args(["verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("audit record 2: changed"), "{stdout}");
+}
