@@ -748,3 +748,156 @@ async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("audit record 2: changed"), "{stdout}");
 }
+
+#[tokio::test]
+async fn without_required_credentials_callers_are_anonymous_but_a_wrong_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let mut auth = auth();
+    auth.required = false;
+    auth.reflection = false;
+    auth.grants.push(grant(
+        "anonymous",
+        &["public.*"],
+        &[],
+        &[Action::Describe, Action::Admin, Action::Produce],
+    ));
+    config.auth = auth;
+    let server = TestServer::start(config).await;
+    let anonymous = as_principal(&server, None).await;
+    broker(&anonymous)
+        .send(pb::SendRequest {
+            topic: "public.board".into(),
+            messages: vec![message("hi")],
+        })
+        .await
+        .unwrap();
+    let status = call("Send", &anonymous).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "anonymous has only its grants"
+    );
+    let wrong = as_principal(&server, Some("wrong-token-0000000000000000000000000000000")).await;
+    let status = call("DescribeTopic", &wrong).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Reflection is off: not served, to anyone.
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let all = as_principal(&server, Some(ALL)).await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let status = ServerReflectionClient::new(all)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_and_a_certificate_naming_different_principals_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "clinic");
+    let alice = ca.client("alice");
+    let mut config = test_config(dir.path());
+    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Optional));
+    let mut auth = auth();
+    auth.principals.push(PrincipalConfig {
+        name: "alice".into(),
+        tls_subject: "alice.clinic.test".into(),
+        ..PrincipalConfig::default()
+    });
+    auth.grants
+        .push(grant("alice", &["*"], &[], &[Action::Describe]));
+    config.auth = auth;
+    let server = TestServer::start(config).await;
+    let addr = format!("127.0.0.1:{}", server.addr.port());
+    let creds = |token: Option<&str>| Credentials {
+        token: token.map(str::to_string),
+        tls_ca: Some(ca.cert.clone()),
+        tls_cert: Some(alice.cert.clone()),
+        tls_key: Some(alice.key.clone()),
+        tls_domain: Some("localhost".into()),
+    };
+    // By an alternative name alone, alice is known.
+    let link = link_with(&addr, &creds(None)).await.unwrap();
+    admin(&link)
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .unwrap();
+    // With another principal's token as well: refused.
+    let link = link_with(&addr, &creds(Some(WRITER))).await.unwrap();
+    let status = admin(&link)
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_audit_trail_cannot_be_written_deleted_or_shortened_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let link = as_principal(&server, None).await;
+    let before = audit_records(&link).await;
+    let refusals = [
+        broker(&link)
+            .send(pb::SendRequest {
+                topic: "_audit".into(),
+                messages: vec![message("forged")],
+            })
+            .await
+            .map(drop),
+        admin(&link)
+            .delete_topic(pb::DeleteTopicRequest {
+                name: "_audit".into(),
+            })
+            .await
+            .map(drop),
+        admin(&link)
+            .compact(pb::CompactRequest {
+                topic: "_audit".into(),
+                dry_run: false,
+            })
+            .await
+            .map(drop),
+        seed::broker_client::BrokerClient::new(link.clone())
+            .send(seed::SendRequest {
+                msg: Some(seed::Message {
+                    topic: "_audit".into(),
+                    payload: Bytes::from_static(b"forged"),
+                }),
+            })
+            .await
+            .map(drop),
+    ];
+    for r in refusals {
+        assert_eq!(r.unwrap_err().code(), Code::PermissionDenied);
+    }
+    let after = audit_records(&link).await;
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "nothing earlier changed"
+    );
+    assert!(after.iter().all(|r| r.rpc != "forged"));
+    let listed = admin(&link)
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert!(
+        listed.iter().all(|t| t.name != "_audit"),
+        "internal: not listed"
+    );
+    server.stop().await;
+}
