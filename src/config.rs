@@ -265,6 +265,19 @@ fn refuse_loose_secrets(path: &Path, table: &toml::Table) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Variables of the client commands (and `RUST_LOG`'s sibling), not settings of the broker: a
+/// shell that exports them can still run `sluice serve`.
+const CLIENT_VARIABLES: [&str; 8] = [
+    "SLUICE_LOG",
+    "SLUICE_CONFIG",
+    "SLUICE_BROKER",
+    "SLUICE_TOKEN",
+    "SLUICE_TLS_CA",
+    "SLUICE_TLS_CERT",
+    "SLUICE_TLS_KEY",
+    "SLUICE_TLS_DOMAIN",
+];
+
 /// Applies `SLUICE_<KEY>` / `SLUICE_<SECTION>_<KEY>` onto the table, checking each against the
 /// known fields so a typo is an error, not a silent no-op.
 fn apply_env(
@@ -306,7 +319,7 @@ fn apply_env(
                     }
                 }
             }
-            None if ["SLUICE_LOG", "SLUICE_CONFIG", "SLUICE_BROKER"].contains(&name.as_str()) => {}
+            None if CLIENT_VARIABLES.contains(&name.as_str()) => {}
             None => {
                 return Err(ConfigError::Env {
                     name,
@@ -379,6 +392,23 @@ mod tests {
                 .to_string()
                 .contains("default_partitions")
         );
+    }
+
+    #[test]
+    fn client_variables_are_not_broker_settings_and_tls_settings_are() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE_TOKEN", "t"),
+                ("SLUICE_TLS_CA", "/ca.pem"),
+                ("SLUICE_TLS_DOMAIN", "localhost"),
+                ("SLUICE_TLS_CERT_FILE", "/broker.pem"),
+                ("SLUICE_AUTH_REQUIRED", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.tls.cert_file, PathBuf::from("/broker.pem"));
+        assert!(c.auth.required);
     }
 
     #[test]
