@@ -1,6 +1,7 @@
-//! The open-files limit: raised to the hard limit at start-up, then checked against what the
-//! data directory needs, so that a broker with many partitions says what to change instead of
-//! failing with "Too many open files" halfway through opening them.
+//! The open-files limit and the kernel's limit on memory maps: the first is raised to the hard
+//! limit at start-up, then both are checked against what the data directory needs, so that a
+//! broker with many partitions says what to change instead of failing with "Too many open
+//! files" or a refused `mmap` halfway through opening them (or later, as segments accumulate).
 
 use std::path::Path;
 
@@ -38,10 +39,45 @@ pub fn raise() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// Descriptors the broker needs for `data_dir` (every segment's log stays open; the indexes are
-/// mapped and hold none) and `max_connections`.
-pub fn needed(data_dir: &Path, max_connections: usize) -> u64 {
-    segment_files(data_dir) + max_connections as u64 + SPARE
+/// Memory maps kept for everything that is not a segment index: the allocator's arenas, thread
+/// stacks, the executable and its libraries.
+const SPARE_MAPS: u64 = 4096;
+
+/// Checks the limits against what `data_dir` needs: every segment's log stays open (one
+/// descriptor) and its two indexes stay mapped (two maps), besides `max_connections`.
+/// `max_map_count` is `None` where the kernel does not say.
+pub fn check(
+    data_dir: &Path,
+    max_connections: usize,
+    open_files: u64,
+    max_map_count: Option<u64>,
+) -> Result<(), String> {
+    let segments = segment_files(data_dir);
+    let files = segments + max_connections as u64 + SPARE;
+    if files > open_files {
+        return Err(too_low(open_files, files, data_dir));
+    }
+    let maps = 2 * segments + SPARE_MAPS;
+    match max_map_count {
+        Some(limit) if maps > limit => Err(format!(
+            "vm.max_map_count is {limit} but {} needs about {maps} memory maps (two indexes per \
+             segment, {segments} segments, and {SPARE_MAPS} spare); raise it: `sysctl -w \
+             vm.max_map_count={}` (and in /etc/sysctl.d/ to keep it), or keep fewer segments \
+             (a larger log.segment_bytes, retention)",
+            data_dir.display(),
+            maps.next_power_of_two()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The kernel's limit on memory maps per process (Linux), if it says.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The segment logs under `dir`, at any depth.
@@ -67,7 +103,7 @@ fn segment_files(dir: &Path) -> u64 {
 }
 
 /// The message for a limit too low for the data directory.
-pub fn too_low(limit: u64, needed: u64, data_dir: &Path) -> String {
+fn too_low(limit: u64, needed: u64, data_dir: &Path) -> String {
     format!(
         "the open-files limit is {limit} but {} needs about {needed} file descriptors \
          (its segment files, max_connections and {SPARE} spare); raise the limit to at least \
@@ -75,4 +111,49 @@ pub fn too_low(limit: u64, needed: u64, data_dir: &Path) -> String {
          `LimitNOFILE={needed}` in its systemd unit (or lower max_connections)",
         data_dir.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory with `n` segments in one partition.
+    fn data_dir(n: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("topics/t/0");
+        std::fs::create_dir_all(&p).unwrap();
+        for i in 0..n {
+            for ext in ["log", "index", "timeindex"] {
+                std::fs::write(p.join(format!("{i:020}.{ext}")), b"").unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn limits_are_checked_against_the_segments_and_the_message_says_what_to_raise() {
+        let dir = data_dir(100);
+        // (open files, max maps, what the error names)
+        let cases: [(u64, Option<u64>, Option<&str>); 5] = [
+            (100_000, Some(65_530), None),
+            (100_000, None, None),
+            (100 + 10 + SPARE - 1, Some(65_530), Some("ulimit -n 366")),
+            (
+                100_000,
+                Some(200 + SPARE_MAPS - 1),
+                Some("vm.max_map_count=8192"),
+            ),
+            (100_000, Some(200 + SPARE_MAPS), None),
+        ];
+        for (files, maps, want) in cases {
+            let got = check(dir.path(), 10, files, maps);
+            match want {
+                None => assert!(got.is_ok(), "{files} {maps:?}: {got:?}"),
+                Some(w) => {
+                    let e = got.expect_err("refused");
+                    assert!(e.contains(w), "{e}");
+                }
+            }
+        }
+    }
 }

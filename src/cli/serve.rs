@@ -31,14 +31,13 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     config.sanitize()?;
     init_tracing(config.log_format, &config.log_filter);
     let limit = super::fdlimit::raise()?;
-    let needed = super::fdlimit::needed(&config.data_dir, config.max_connections);
-    if needed > limit {
-        return Err(CliError::Usage(super::fdlimit::too_low(
-            limit,
-            needed,
-            &config.data_dir,
-        )));
-    }
+    super::fdlimit::check(
+        &config.data_dir,
+        config.max_connections,
+        limit,
+        super::fdlimit::max_map_count(),
+    )
+    .map_err(CliError::Usage)?;
 
     if !crate::storage::WriterPool::configure_global(config.writer_threads) {
         tracing::warn!("the writer pool was started before its thread count was set");
