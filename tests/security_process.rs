@@ -241,6 +241,37 @@ async fn sighup_brings_new_principals_and_certificates_while_a_stream_goes_on() 
             .await;
         assert!(r.is_err(), "the old certificate is still served: {r:?}");
     }
+    // A reload that cannot be used changes nothing, and is recorded as refused.
+    std::fs::write(&config, "[auth]\nrequired = maybe\n").unwrap();
+    broker.signal("HUP");
+    let auditor = link_with(&addr, &creds(AUDITOR, &ca2)).await.unwrap();
+    let mut refused = false;
+    for _ in 0..200 {
+        let out = tokio::task::spawn_blocking({
+            let data = data.path().to_path_buf();
+            move || {
+                Command::new(bin())
+                    .args(["audit", "--format", "json", "--data-dir"])
+                    .arg(data)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("\"outcome\":\"refused") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused, "the refused reload was not recorded");
+    pb::admin_client::AdminClient::new(auditor)
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "_audit".into(),
+        })
+        .await
+        .expect("the principals of the last good reload still hold");
     drop((stream, late));
     broker.signal("TERM");
     // Waited for off the runtime, so that our connections can answer the broker's GOAWAY.

@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 
 use crate::auth::{Action, Caller, Resource};
 use crate::broker::Broker;
-use crate::broker::audit::{AuditEvent, Decision};
+use crate::broker::audit::{AUDIT_TOPIC, AuditEvent, Decision};
 
 use super::status::to_status;
 
@@ -59,17 +59,26 @@ impl Access {
         action: Action,
         resource: Resource<'_>,
     ) -> Result<(), Status> {
-        if caller.allows(action, resource) {
+        // The audit trail is written by the broker alone, whatever any grant says.
+        let protected = resource == Resource::Topic(AUDIT_TOPIC)
+            && matches!(action, Action::Produce | Action::Admin);
+        if !protected && caller.allows(action, resource) {
             return Ok(());
         }
         let mut e = event(caller, rpc, resource.to_string(), Decision::Denied);
-        e.outcome = format!("PERMISSION_DENIED: {} not granted", action.as_str());
+        e.outcome = if protected {
+            format!("PERMISSION_DENIED: {AUDIT_TOPIC} is written by the broker only")
+        } else {
+            format!("PERMISSION_DENIED: {} not granted", action.as_str())
+        };
         self.broker.audit().record(e).await.map_err(to_status)?;
-        Err(Status::permission_denied(format!(
-            "{} may not {} {resource}",
-            caller.name(),
-            action.as_str()
-        )))
+        Err(Status::permission_denied(if protected {
+            format!(
+                "{AUDIT_TOPIC} is the audit trail: only the broker writes, deletes or shortens it"
+            )
+        } else {
+            format!("{} may not {} {resource}", caller.name(), action.as_str())
+        }))
     }
 
     /// Whether a call may create the topic it names on first use: when the topic is missing
