@@ -417,6 +417,44 @@ async fn health_and_reflection_answer() {
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"sluice.v1.Broker".to_string()), "{names:?}");
     assert!(names.contains(&"sluice.v1.Admin".to_string()), "{names:?}");
+
+    // The older v1alpha protocol, which grpcurl 1.8 and other tools speak, answers the same.
+    use tonic_reflection::pb::v1alpha;
+    let mut reflection =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let reply = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("unexpected v1alpha reflection reply {reply:?}");
+    };
+    // Each lists itself; the services of the broker are the same.
+    let ours = |v: Vec<String>| -> Vec<String> {
+        v.into_iter()
+            .filter(|n| !n.starts_with("grpc.reflection."))
+            .collect()
+    };
+    let alpha: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(alpha.contains(&"grpc.reflection.v1alpha.ServerReflection".to_string()));
+    assert_eq!(
+        ours(alpha),
+        ours(names),
+        "both versions list the broker's services"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

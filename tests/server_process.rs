@@ -87,6 +87,97 @@ fn the_readme_round_trip_works_from_the_command_line() {
 }
 
 #[test]
+fn consume_into_a_pipe_that_closes_ends_quietly_with_exit_code_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    // More than a pipe holds, so that consume is still writing when the reader goes.
+    let lines: String = (0..2000).map(|i| format!("{i:01000}\n")).collect();
+    assert_succeeded(
+        &cli(&["produce", "--broker", &addr, "--topic", "piped"], &lines),
+        "",
+    );
+    let mut child = Command::new(bin())
+        .args(["consume", "--broker", &addr, "--topic", "piped"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    // The reader (`head -1`) has what it wanted and closes its end.
+    assert_eq!(first.len(), 1001);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn logs_into_a_file_or_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("broker.log");
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("sluice listening on"), "{line}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("broker open"), "{text}");
+    assert!(!text.contains('\u{1b}'), "ANSI escape codes in {text:?}");
+}
+
+#[test]
+fn compact_reaches_the_broker_named_by_sluice_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    assert_succeeded(
+        &cli(&["produce", "--broker", &addr, "--topic", "kept"], "a\n"),
+        "",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let compact = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["compact", "--dry-run"])
+            .args(extra)
+            .env("SLUICE_BROKER", &addr)
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let out = compact(&[]);
+    assert_succeeded(&out, "online through SLUICE_BROKER: ");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
+    // An explicit --data-dir wins: here, the running broker's, which is locked.
+    let out = compact(&["--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"));
+}
+
+#[test]
 fn the_bench_load_generator_sends_exactly_what_it_reports_with_either_client() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::spawn(dir.path(), &[]);

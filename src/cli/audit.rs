@@ -22,7 +22,7 @@ pub struct AuditArgs {
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArg,
-    /// Only records from this time on (RFC 3339).
+    /// Only records from this time on (RFC 3339, or a time ago like -2h).
     #[arg(long)]
     pub since: Option<String>,
     /// Only records of this principal.
@@ -57,10 +57,8 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
     let since_ms = match &args.since {
         None => None,
         Some(t) => Some(
-            humantime::parse_rfc3339(t)
-                .map_err(|e| CliError::Usage(format!("--since {t:?}: {e}")))?
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            super::client::parse_time_ms(t)
+                .map_err(|e| CliError::Usage(format!("--since {t:?}: {e}")))?,
         ),
     };
     let records = match &args.data_dir {

@@ -20,11 +20,11 @@ use super::{CliError, Credentials};
 
 #[derive(Debug, Args)]
 pub struct CompactArgs {
-    /// A stopped broker's data directory [default: ./data].
-    #[arg(long, conflicts_with = "broker")]
+    /// A stopped broker's data directory [default: ./data]. Given, it wins over SLUICE_BROKER.
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// A running broker to ask instead (its data directory is locked).
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_BROKER")]
     pub broker: Option<String>,
     /// Only this topic.
     #[arg(long)]
@@ -38,9 +38,9 @@ pub struct CompactArgs {
 
 pub async fn run(args: CompactArgs) -> Result<(), CliError> {
     let started = Instant::now();
-    let report = match &args.broker {
-        Some(addr) => online(&args, addr).await?,
-        None => offline(&args).await?,
+    let report = match (&args.data_dir, &args.broker) {
+        (None, Some(addr)) => online(&args, addr).await?,
+        _ => offline(&args).await?,
     };
     let mut out = std::io::stdout().lock();
     let (mut seg_before, mut seg_after, mut bytes_before, mut bytes_after, mut dropped) =

@@ -164,7 +164,8 @@ pub struct ConsumeArgs {
     pub broker: BrokerArg,
     #[arg(long)]
     pub topic: String,
-    /// Where to start: earliest, latest, an offset, or an RFC 3339 time.
+    /// Where to start: earliest, latest, an offset, an RFC 3339 time with any offset
+    /// (2026-11-28T10:00:00+01:00), or a time ago (-15m, -2h, -1d).
     #[arg(long, default_value = "earliest")]
     pub from: String,
     /// Exit after this many messages (otherwise follow the tail until interrupted).
@@ -328,6 +329,8 @@ pub fn run(cli: Cli) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`sluice consume | head`): that is how it ends.
+        Err(CliError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             match e {

@@ -1,6 +1,6 @@
 //! `sluice serve`: load the configuration, start the server, stop cleanly on SIGINT/SIGTERM.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -84,6 +84,8 @@ fn init_tracing(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person at a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

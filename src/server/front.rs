@@ -81,7 +81,7 @@ impl Front {
         let rpc = path.trim_start_matches('/').to_string();
         match self.gate.admit(req.headers(), peer) {
             Ok(caller) => {
-                if rpc.starts_with(&REFLECTION[1..]) && !caller.policy().reflection {
+                if path.starts_with(REFLECTION) && !caller.policy().reflection {
                     return Err(Status::unimplemented("reflection is off").into_http());
                 }
                 req.extensions_mut().insert(caller);

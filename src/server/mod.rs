@@ -106,9 +106,13 @@ async fn serve(
     health.set_serving::<BrokerServer<BrokerService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
     health.set_serving::<SeedServer<seed::SeedService>>().await;
+    // Both reflection versions: grpcurl 1.8 and other older tools speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     let max_in = config.max_request_bytes;
     // A response holds at least one delivery: a message and its envelope.
@@ -123,6 +127,7 @@ async fn serve(
         .max_encoding_message_size(max_out);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(broker_service)
         .add_service(admin_service)
         .add_service(seed_service);
