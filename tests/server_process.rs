@@ -150,6 +150,102 @@ fn logs_into_a_file_or_pipe_carry_no_colour_codes() {
 }
 
 #[test]
+fn produce_and_consume_carry_keys_headers_json_and_raw_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let b = ["--broker", addr.as_str()];
+    let run = |args: &[&str], stdin: &str| {
+        let mut all = args.to_vec();
+        all.extend(b);
+        let out = cli(&all, stdin);
+        assert_succeeded(&out, &format!("{args:?}: "));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Keys before a separator and headers on every message, as kcat's -K and -H.
+    run(
+        &[
+            "produce",
+            "--topic",
+            "kv",
+            "-K",
+            ":",
+            "-H",
+            "trial=T-1",
+            "-H",
+            "site=Basel",
+        ],
+        "p1:answered\np2:skipped\n",
+    );
+    let text = run(
+        &[
+            "consume",
+            "--topic",
+            "kv",
+            "--count",
+            "2",
+            "-K",
+            ":",
+            "--print-headers",
+        ],
+        "",
+    );
+    assert_eq!(
+        text,
+        "trial=T-1,site=Basel:p1:answered\ntrial=T-1,site=Basel:p2:skipped\n"
+    );
+    // All of standard input as one binary message.
+    let mut child = Command::new(bin())
+        .args([
+            "produce", "--topic", "raw", "--format", "raw", "--broker", &addr,
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[0, 255, 10, 13, 7])
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let json = run(
+        &[
+            "consume", "--topic", "raw", "--count", "1", "--format", "json",
+        ],
+        "",
+    );
+    let line: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(line["value_base64"], "AP8KDQc=");
+    // What consume prints as JSON, produce takes as JSON: a copy of the topic.
+    let consumed = run(
+        &[
+            "consume", "--topic", "kv", "--count", "2", "--format", "json",
+        ],
+        "",
+    );
+    run(
+        &["produce", "--topic", "kv-copy", "--format", "json"],
+        &consumed,
+    );
+    let copied = run(
+        &[
+            "consume", "--topic", "kv-copy", "--count", "2", "--format", "json",
+        ],
+        "",
+    );
+    let strip = |s: &str| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::json!([v["key"], v["value"], v["headers"], v["partition"]])
+            })
+            .collect()
+    };
+    assert_eq!(strip(&copied), strip(&consumed));
+}
+
+#[test]
 fn compact_reaches_the_broker_named_by_sluice_broker() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::spawn(dir.path(), &[]);

@@ -18,8 +18,8 @@ use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::broker_client::BrokerClient;
 
 use super::{
-    BrokerArg, CliError, ConsumeArgs, Credentials, GroupsCommand, OutputFormat, ProduceArgs,
-    TopicsCommand,
+    BrokerArg, CliError, ConsumeArgs, Credentials, GroupsCommand, InputFormat, OutputFormat,
+    ProduceArgs, TopicsCommand, lines,
 };
 
 /// Most lines sent in one request by `produce`.
@@ -135,6 +135,22 @@ pub fn broker_client(channel: Link) -> BrokerClient<Link> {
 
 pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
     let mut client = broker_client(link(&args.broker).await?);
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| lines::parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.format == InputFormat::Raw {
+        let mut value = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut value).await?;
+        let message = pb::Message {
+            key: args.key.clone().map(Bytes::from),
+            value: Some(Bytes::from(value)),
+            headers,
+            partition: args.partition,
+        };
+        return send_lines(&mut client, &args, vec![message]).await;
+    }
     // Lines are read on their own task so that a burst on stdin becomes one request, while a line
     // typed by hand is sent at once.
     let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(PRODUCE_BATCH);
@@ -155,36 +171,51 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
             }
         }
     });
-    let key = args.key.map(Bytes::from);
-    let mut stdout = std::io::stdout().lock();
+    let key = args.key.clone().map(Bytes::from);
     while let Some(first) = rx.recv().await {
-        let mut lines = vec![first?];
-        while lines.len() < PRODUCE_BATCH {
+        let mut batch = vec![first?];
+        while batch.len() < PRODUCE_BATCH {
             match rx.try_recv() {
-                Ok(line) => lines.push(line?),
+                Ok(line) => batch.push(line?),
                 Err(_) => break,
             }
         }
-        let messages = lines
-            .into_iter()
-            .map(|line| pb::Message {
-                key: key.clone(),
-                value: Some(Bytes::from(line)),
-                headers: Vec::new(),
-                partition: args.partition,
-            })
-            .collect();
-        let response = client
-            .send(pb::SendRequest {
-                topic: args.topic.clone(),
-                messages,
-            })
-            .await?
-            .into_inner();
-        if args.verbose {
-            for p in response.positions {
-                writeln!(stdout, "partition {} offset {}", p.partition, p.offset)?;
+        let mut messages = Vec::with_capacity(batch.len());
+        for line in batch {
+            let mut m = match args.format {
+                InputFormat::Json => lines::json_message(&line)?,
+                _ => lines::text_message(line, args.key_separator.as_deref()),
+            };
+            if m.key.is_none() {
+                m.key = key.clone();
             }
+            m.headers.extend(headers.iter().cloned());
+            if args.partition.is_some() {
+                m.partition = args.partition;
+            }
+            messages.push(m);
+        }
+        send_lines(&mut client, &args, messages).await?;
+    }
+    Ok(())
+}
+
+async fn send_lines(
+    client: &mut BrokerClient<Link>,
+    args: &ProduceArgs,
+    messages: Vec<pb::Message>,
+) -> Result<(), CliError> {
+    let response = client
+        .send(pb::SendRequest {
+            topic: args.topic.clone(),
+            messages,
+        })
+        .await?
+        .into_inner();
+    if args.verbose {
+        let mut stdout = std::io::stdout().lock();
+        for p in response.positions {
+            writeln!(stdout, "partition {} offset {}", p.partition, p.offset)?;
         }
     }
     Ok(())
@@ -313,8 +344,11 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
             }
             match args.format {
                 OutputFormat::Text => {
-                    stdout.write_all(d.value.as_deref().unwrap_or_default())?;
-                    stdout.write_all(b"\n")?;
+                    stdout.write_all(&lines::text_line(
+                        &d,
+                        args.key_separator.as_deref(),
+                        args.print_headers,
+                    ))?;
                 }
                 OutputFormat::Json => {
                     writeln!(stdout, "{}", delivery_json(&d))?;
@@ -504,27 +538,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
                 .describe_topic(pb::DescribeTopicRequest { name })
                 .await?
                 .into_inner();
-            let s = d.settings.unwrap_or_default();
-            let opt = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
-            writeln!(stdout, "topic {}", d.name)?;
-            writeln!(
-                stdout,
-                "  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={}",
-                s.partitions,
-                cleanup_name(s.cleanup_policy),
-                opt(s.retention_ms),
-                opt(s.retention_bytes),
-                s.segment_bytes
-                    .map_or_else(|| "default".to_string(), |v| v.to_string())
-            )?;
-            writeln!(stdout, "  partition\tfirst\tnext\tbytes\tsegments")?;
-            for p in d.partitions {
-                writeln!(
-                    stdout,
-                    "  {}\t{}\t{}\t{}\t{}",
-                    p.partition, p.first_offset, p.next_offset, p.size_bytes, p.segments
-                )?;
-            }
+            stdout.write_all(describe_topic_text(&d).as_bytes())?;
         }
         TopicsCommand::Delete { broker, name } => {
             let mut client = AdminClient::new(link(&broker).await?);
@@ -537,6 +551,41 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `topics describe`: settings, then a row per partition with the bytes retention holds back for
+/// a consumer group that has not acknowledged them, and that group.
+fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
+    let s = d.settings.unwrap_or_default();
+    let opt = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
+    let mut out = format!(
+        "topic {}\n  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={}\n",
+        d.name,
+        s.partitions,
+        cleanup_name(s.cleanup_policy),
+        opt(s.retention_ms),
+        opt(s.retention_bytes),
+        s.segment_bytes
+            .map_or_else(|| "default".to_string(), |v| v.to_string())
+    );
+    out += "  partition\tfirst\tnext\tbytes\tsegments\theld_back\theld_by\n";
+    for p in &d.partitions {
+        out += &format!(
+            "  {}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            p.partition,
+            p.first_offset,
+            p.next_offset,
+            p.size_bytes,
+            p.segments,
+            p.retention_held_bytes,
+            if p.retention_held_by.is_empty() {
+                "-"
+            } else {
+                &p.retention_held_by
+            }
+        );
+    }
+    out
+}
+
 fn cleanup_name(policy: i32) -> &'static str {
     match pb::CleanupPolicy::try_from(policy) {
         Ok(pb::CleanupPolicy::Compact) => "compact",
@@ -547,6 +596,41 @@ fn cleanup_name(policy: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_describe_shows_what_retention_holds_back_and_for_which_group() {
+        let d = pb::DescribeTopicResponse {
+            name: "epro".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 2,
+                retention_ms: Some(1000),
+                ..pb::TopicSettings::default()
+            }),
+            partitions: vec![
+                pb::PartitionInfo {
+                    partition: 0,
+                    next_offset: 10,
+                    retention_held_bytes: 4096,
+                    retention_held_by: "edc-import".into(),
+                    ..pb::PartitionInfo::default()
+                },
+                pb::PartitionInfo {
+                    partition: 1,
+                    ..pb::PartitionInfo::default()
+                },
+            ],
+        };
+        let text = describe_topic_text(&d);
+        let rows: Vec<&str> = text.lines().skip(3).collect();
+        assert_eq!(
+            rows,
+            [
+                "  0\t0\t10\t0\t0\t4096\tedc-import",
+                "  1\t0\t0\t0\t0\t0\t-"
+            ]
+        );
+        assert!(text.contains("retention_ms=1000"), "{text}");
+    }
 
     #[test]
     fn times_take_any_rfc3339_offset_and_relative_forms() {

@@ -14,6 +14,7 @@ mod client;
 mod compact;
 mod fdlimit;
 mod lean;
+mod lines;
 mod offline;
 mod serve;
 
@@ -150,6 +151,24 @@ pub struct ProduceArgs {
     /// Print each message's partition and offset.
     #[arg(long, short)]
     pub verbose: bool,
+    /// text: a line is a message, with its key before --key-separator if given; json: a line
+    /// is an object as `consume --format json` prints it (key, value or value_base64, headers,
+    /// partition); raw: all of standard input is one message (binary).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: InputFormat,
+    /// With text: what separates a line's key from its value (kcat's -K).
+    #[arg(long, short = 'K')]
+    pub key_separator: Option<String>,
+    /// A header of every message, key=value (repeatable; kcat's -H).
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    Text,
+    Json,
+    Raw,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,6 +196,13 @@ pub struct ConsumeArgs {
     /// text: each value on a line; json: every field, one object per line.
     #[arg(long, value_enum, default_value = "text")]
     pub format: OutputFormat,
+    /// With text: print each message's key before its value, followed by this (kcat's -K).
+    #[arg(long, short = 'K')]
+    pub key_separator: Option<String>,
+    /// With text: print each message's headers (k=v,k=v) before it, followed by the key
+    /// separator (a tab without one).
+    #[arg(long)]
+    pub print_headers: bool,
     /// Consume as a member of this consumer group, acknowledging each message once printed.
     #[arg(long)]
     pub group: Option<String>,
