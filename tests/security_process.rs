@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::pki::{Ca, Pair};
-use common::server::{BrokerProcess, assert_succeeded, bin, message, take};
+use common::server::{BrokerProcess, assert_succeeded, bin, cli, message, take};
 use sluice::auth::policy::{to_hex, token_hash};
 use sluice::cli::{Credentials, link_with};
 use sluice::proto::v1 as pb;
@@ -54,25 +53,6 @@ fn write_config(path: &Path, server: &Pair, with_late: bool) {
 
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn cli(args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(bin())
-        .args(args)
-        .env_remove("SLUICE_BROKER")
-        .env_remove("SLUICE_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[test]

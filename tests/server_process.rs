@@ -9,26 +9,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use common::server::{BrokerProcess, assert_succeeded, bin, message, subscribe_from, take};
+use common::server::{BrokerProcess, assert_succeeded, bin, cli, message, subscribe_from, take};
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
-
-fn cli(args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
 
 #[test]
 fn the_readme_round_trip_works_from_the_command_line() {

@@ -81,6 +81,23 @@ impl Access {
         }))
     }
 
+    /// Reading a topic, alone or as a member of `group` (empty: none): `consume` on both.
+    pub async fn require_consume(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        topic: &str,
+        group: &str,
+    ) -> Result<(), Status> {
+        self.require(caller, rpc, Action::Consume, Resource::Topic(topic))
+            .await?;
+        if group.is_empty() {
+            return Ok(());
+        }
+        self.require(caller, rpc, Action::Consume, Resource::Group(group))
+            .await
+    }
+
     /// Whether a call may create the topic it names on first use: when the topic is missing
     /// and `auto_create` applies, that needs `admin` on it. Returns the event that records the
     /// creation, for the broker to fill in if it creates the topic.

@@ -77,22 +77,8 @@ impl pb::broker_server::Broker for SeedService {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let a = &self.access;
-        a.require(
-            &caller,
-            SUBSCRIBE,
-            Action::Consume,
-            Resource::Topic(&req.topic),
-        )
-        .await?;
-        if !req.consumer_group.is_empty() {
-            a.require(
-                &caller,
-                SUBSCRIBE,
-                Action::Consume,
-                Resource::Group(&req.consumer_group),
-            )
+        a.require_consume(&caller, SUBSCRIBE, &req.topic, &req.consumer_group)
             .await?;
-        }
         let create = a.may_create(&caller, SUBSCRIBE, &req.topic, true).await?;
         self.broker
             .topic_or_create(&req.topic, create)

@@ -147,23 +147,9 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let a = &self.access;
-        a.require(
-            &caller,
-            SUBSCRIBE,
-            Action::Consume,
-            Resource::Topic(&req.topic),
-        )
-        .await?;
-        if !req.group.is_empty() {
-            a.require(
-                &caller,
-                SUBSCRIBE,
-                Action::Consume,
-                Resource::Group(&req.group),
-            )
+        self.access
+            .require_consume(&caller, SUBSCRIBE, &req.topic, &req.group)
             .await?;
-        }
         let start = start_from_pb(req.start)?;
         let (rx, member) = if req.group.is_empty() {
             if req.max_in_flight != 0 || req.exclusive {
@@ -213,7 +199,8 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::AckResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        self.check_member(&caller, ACK, &req.topic, &req.group)
+        self.access
+            .require_consume(&caller, ACK, &req.topic, &req.group)
             .await?;
         let applied = self
             .broker
@@ -233,7 +220,8 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::NackResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        self.check_member(&caller, NACK, &req.topic, &req.group)
+        self.access
+            .require_consume(&caller, NACK, &req.topic, &req.group)
             .await?;
         let delay = std::time::Duration::from_millis(req.delay_ms);
         let applied = self
@@ -246,23 +234,6 @@ impl pb::broker_server::Broker for BrokerService {
             nacked,
             not_in_flight,
         }))
-    }
-}
-
-impl BrokerService {
-    /// Ack and Nack: `consume` on both the topic and the group.
-    async fn check_member(
-        &self,
-        caller: &Caller,
-        rpc: &str,
-        topic: &str,
-        group: &str,
-    ) -> Result<(), Status> {
-        let a = &self.access;
-        a.require(caller, rpc, Action::Consume, Resource::Topic(topic))
-            .await?;
-        a.require(caller, rpc, Action::Consume, Resource::Group(group))
-            .await
     }
 }
 

@@ -195,6 +195,28 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
 
+/// Runs `sluice args…` with `stdin` as its standard input (and none of the caller's
+/// `SLUICE_BROKER` or `SLUICE_TOKEN`), and waits for it.
+pub fn cli(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .args(args)
+        .env_remove("SLUICE_BROKER")
+        .env_remove("SLUICE_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Asserts that a `sluice` command exited 0, showing `context` and its standard error if not.
 pub fn assert_succeeded(out: &std::process::Output, context: &str) {
     assert!(
