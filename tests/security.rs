@@ -63,6 +63,13 @@ fn auth() -> AuthConfig {
         ],
         grants: vec![
             grant("all", &["*"], &["*"], &EVERYTHING),
+            // The audit trail is named explicitly: `*` does not include it.
+            grant(
+                "all",
+                &["_audit"],
+                &[],
+                &[Action::Consume, Action::Describe],
+            ),
             locked,
             grant(
                 "writer",

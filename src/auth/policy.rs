@@ -279,6 +279,12 @@ impl Policy {
         for g in &self.grants {
             let applies = g.principal == who || (g.principal == "*" && principal.is_some());
             let names = match resource {
+                // Internal topics (the audit trail) are named only by patterns that start with
+                // `_` themselves: `*` does not hand out the audit trail.
+                Resource::Topic(t) if t.starts_with('_') => g
+                    .topics
+                    .iter()
+                    .any(|p| p.starts_with('_') && glob_match(p, t)),
                 Resource::Topic(t) => g.topics.iter().any(|p| glob_match(p, t)),
                 Resource::Group(n) => g.groups.iter().any(|p| glob_match(p, n)),
             };
@@ -358,6 +364,24 @@ mod tests {
         assert!(p.allows(app, Action::Consume, Resource::Group("etl")));
         assert!(!p.allows(app, Action::Consume, Resource::Group("etl2")));
         assert!(p.allows(app, Action::Describe, Resource::Topic("public")));
+        // `*` covers every topic but the internal ones, which need a pattern of their own.
+        let internal = Policy::from_config(&config(
+            r#"
+            required = true
+            [[grants]]
+            principal = "anonymous"
+            topics = ["*"]
+            allow = ["consume"]
+            [[grants]]
+            principal = "anonymous"
+            topics = ["_au*"]
+            allow = ["describe"]
+            "#,
+        ))
+        .unwrap();
+        assert!(internal.allows(None, Action::Consume, Resource::Topic("epro")));
+        assert!(!internal.allows(None, Action::Consume, Resource::Topic("_audit")));
+        assert!(internal.allows(None, Action::Describe, Resource::Topic("_audit")));
         assert!(!p.allows(None, Action::Describe, Resource::Topic("public")));
         assert_eq!(p.by_token("t").map(|p| &*p.name), Some("app"));
         assert!(p.by_token("u").is_none());
