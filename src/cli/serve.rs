@@ -44,16 +44,19 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     let stop = CancellationToken::new();
     let running = server::start(config.clone(), stop.clone()).await?;
+    // Listening for SIGTERM and SIGINT before saying where we listen: a script that stops the
+    // broker as soon as it has read that line must get a clean stop, not the default action.
+    let signals = Signals::listen()?;
     // One line on stdout, for scripts and tests that asked for port 0.
     println!("sluice listening on {}", running.addr);
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %running.addr, data_dir = %config.data_dir.display(),
         fsync = ?config.log.fsync, "serving");
 
-    let signals = stop.clone();
+    let stopper = stop.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        signals.cancel();
+        signals.wait().await;
+        stopper.cancel();
     });
     match running.done.await {
         Ok(result) => result?,
@@ -65,18 +68,26 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the broker");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, listened for from creation on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
     }
 }
 
