@@ -366,6 +366,18 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
         }
     }
 
+    // A failed administrative action is recorded with what was answered, not as done.
+    let status = admin(&all)
+        .compact(pb::CompactRequest {
+            topic: "epro.ghost".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let last = audit_records(&all).await.pop().unwrap();
+    assert!(last.outcome.starts_with("NotFound"), "{last:?}");
+
     // Listing shows only what may be described; deny wins over allow.
     let writer = as_principal(&server, Some(WRITER)).await;
     let listed: Vec<String> = admin(&writer)

@@ -12,7 +12,7 @@ use crate::broker::{self, Broker};
 use crate::config::Config;
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
-use crate::server::compaction_to_pb;
+use crate::server::{compaction_counts, compaction_to_pb};
 use crate::storage;
 
 use super::client::link_with;
@@ -204,16 +204,8 @@ async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, Cli
             decision: Some(Decision::Allowed),
             outcome: failure.as_ref().map_or("ok".into(), |e| e.to_string()),
             ..AuditEvent::default()
-        }
-        .count("partitions", report.len() as u64)
-        .count(
-            "deleted_segments",
-            report.iter().map(|p| p.deleted_segments as u64).sum(),
-        )
-        .count(
-            "deleted_bytes",
-            report.iter().map(|p| p.deleted_bytes).sum(),
-        );
+        };
+        let event = compaction_counts(event, &report);
         if let Err(e) = broker.audit().record(event).await {
             failure.get_or_insert(e);
         }

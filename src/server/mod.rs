@@ -29,7 +29,9 @@ use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::broker_server::BrokerServer;
 use crate::storage::{FileIo, RealIo};
 
-pub use services::{AdminService, BrokerService, compaction_to_pb, delivery_to_pb};
+pub use services::{
+    AdminService, BrokerService, compaction_counts, compaction_to_pb, delivery_to_pb,
+};
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use super::access::{Access, caller};
 use super::ending::Ending;
 use super::status::to_status;
 use crate::auth::{Action, Caller, Resource};
-use crate::broker::audit::Decision;
+use crate::broker::audit::{AuditEvent, Decision};
 
 #[derive(Debug, Clone)]
 pub struct BrokerService {
@@ -393,6 +393,16 @@ pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::Partition
     }
 }
 
+/// The counts of a compaction's audit record (online and offline alike).
+pub fn compaction_counts(event: AuditEvent, report: &[pb::PartitionCompaction]) -> AuditEvent {
+    let sum = |f: fn(&pb::PartitionCompaction) -> u64| report.iter().map(f).sum();
+    event
+        .count("partitions", report.len() as u64)
+        .count("deleted_segments", sum(|p| u64::from(p.deleted_segments)))
+        .count("deleted_bytes", sum(|p| p.deleted_bytes))
+        .count("records_dropped", sum(|p| p.records_dropped))
+}
+
 fn settings_to_pb(c: &TopicConfig) -> pb::TopicSettings {
     pb::TopicSettings {
         partitions: c.partitions,
@@ -555,31 +565,20 @@ impl pb::admin_server::Admin for AdminService {
             .broker
             .maintain(topic, req.dry_run)
             .await
+            .map(|r| r.into_iter().map(compaction_to_pb).collect::<Vec<_>>())
             .map_err(to_status);
-        if !req.dry_run {
+        let partitions = if req.dry_run {
+            report?
+        } else {
             let resource = match topic {
                 Some(t) => Resource::Topic(t).to_string(),
                 None => "every topic".into(),
             };
-            let mut event = super::access::event(&caller, COMPACT, resource, Decision::Allowed);
-            if let Ok(report) = &report {
-                let sum = |f: &dyn Fn(&crate::broker::PartitionMaintenance) -> u64| {
-                    report.iter().map(f).sum::<u64>()
-                };
-                event = event
-                    .count("partitions", report.len() as u64)
-                    .count(
-                        "deleted_segments",
-                        sum(&|m| m.outcome.deleted_segments as u64),
-                    )
-                    .count("deleted_bytes", sum(&|m| m.outcome.deleted_bytes));
-            }
-            self.access.record_admin(event, Ok(())).await.and(Ok(()))?;
-        }
-        let report = report?;
-        Ok(Response::new(pb::CompactResponse {
-            partitions: report.into_iter().map(compaction_to_pb).collect(),
-        }))
+            let event = super::access::event(&caller, COMPACT, resource, Decision::Allowed);
+            let event = compaction_counts(event, report.as_deref().unwrap_or_default());
+            self.access.record_admin(event, report).await?
+        };
+        Ok(Response::new(pb::CompactResponse { partitions }))
     }
 
     async fn delete_group(
