@@ -439,6 +439,19 @@ async fn missing_or_wrong_credentials_are_unauthenticated_with_the_same_words() 
         messages[0], messages[1],
         "no hint about which part was wrong"
     );
+    // The client's own request id is kept in the record; without one the broker numbers it.
+    let mut request = tonic::Request::new(pb::SendRequest {
+        topic: "epro.t".into(),
+        messages: vec![message("x")],
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "submission-42".parse().unwrap());
+    let anonymous = as_principal(&server, None).await;
+    broker(&anonymous).send(request).await.unwrap_err();
+    let records = audit_records(&all).await;
+    assert_eq!(records.last().unwrap().request_id, "submission-42");
+    assert!(records[records.len() - 2].request_id.starts_with('r'));
     // Health stays open.
     let mut health = tonic_health::pb::health_client::HealthClient::new(
         sluice::cli::connect(&server.addr.to_string())

@@ -40,8 +40,26 @@ pub struct Caller {
     /// `None`: no credentials (allowed only while `auth.required` is off).
     pub principal: Option<Arc<str>>,
     pub peer: Arc<Peer>,
-    pub request_id: String,
+    pub request_id: RequestId,
     policy: Arc<Policy>,
+}
+
+/// A request's id in the audit trail: the client's `x-request-id` (1 to 128 visible ASCII
+/// characters), or a number the broker gives it. Kept as it came; text only when recorded.
+#[derive(Debug, Clone)]
+pub enum RequestId {
+    Client(http::HeaderValue),
+    Broker(u64),
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Checked to be visible ASCII when admitted.
+            RequestId::Client(v) => f.write_str(v.to_str().unwrap_or_default()),
+            RequestId::Broker(n) => write!(f, "r{n}"),
+        }
+    }
 }
 
 impl Caller {
@@ -57,19 +75,6 @@ impl Caller {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
-    }
-
-    /// A caller for calls made inside the process (tests, tools): anonymous, under `policy`.
-    pub fn local(policy: Arc<Policy>) -> Caller {
-        Caller {
-            principal: None,
-            peer: Arc::new(Peer {
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                certificate_names: Vec::new(),
-            }),
-            request_id: String::new(),
-            policy,
-        }
     }
 }
 
@@ -126,12 +131,12 @@ impl Gate {
         peer: &Arc<Peer>,
     ) -> Result<Caller, (Caller, Rejection)> {
         let policy = self.policy();
-        let request_id = headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)));
+        let request_id = match headers.get("x-request-id") {
+            Some(v) if (1..=128).contains(&v.len()) && v.to_str().is_ok() => {
+                RequestId::Client(v.clone())
+            }
+            _ => RequestId::Broker(self.next_request.fetch_add(1, Ordering::Relaxed)),
+        };
         let by_certificate = policy
             .by_certificate(&peer.certificate_names)
             .map(|p| Arc::clone(&p.name));

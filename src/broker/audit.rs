@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::auth::policy::to_hex;
+use crate::auth::policy::{sha256, to_hex};
 use crate::storage::{EncodedBatch, Record};
 
 use super::topic::PartitionHandle;
@@ -109,10 +109,6 @@ impl AuditEvent {
         self.counts.insert(name.to_string(), n);
         self
     }
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    crate::auth::policy::sha256(bytes)
 }
 
 /// Where the chain stands: the next record's offset and the hash of the last one.

@@ -34,7 +34,7 @@ pub fn event(caller: &Caller, rpc: &str, resource: String, decision: Decision) -
         rpc: rpc.to_string(),
         resource,
         decision: Some(decision),
-        request_id: caller.request_id.clone(),
+        request_id: caller.request_id.to_string(),
         ..AuditEvent::default()
     }
 }

@@ -78,7 +78,6 @@ impl Front {
         if path.starts_with(HEALTH) {
             return Ok(());
         }
-        let rpc = path.trim_start_matches('/').to_string();
         match self.gate.admit(req.headers(), peer) {
             Ok(caller) => {
                 if path.starts_with(REFLECTION) && !caller.policy().reflection {
@@ -88,7 +87,8 @@ impl Front {
                 Ok(())
             }
             Err((caller, why)) => {
-                let mut e = event(&caller, &rpc, String::new(), Decision::Unauthenticated);
+                let rpc = req.uri().path().trim_start_matches('/');
+                let mut e = event(&caller, rpc, String::new(), Decision::Unauthenticated);
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
                 let status = match self.broker.audit().record(e).await {
                     Ok(()) => Status::unauthenticated("missing or invalid credentials"),
