@@ -35,6 +35,7 @@ fn batch_records() -> Vec<Record> {
             key: Some(Bytes::from(format!("patient-{i}"))),
             value: Some(Bytes::from(vec![b'x'; RECORD])),
             headers: Vec::new(),
+            id: None,
         })
         .collect()
 }
@@ -187,6 +188,7 @@ fn compaction(c: &mut Criterion) {
                     key: Some(Bytes::from(format!("patient-{}", i % 4096))),
                     value: Some(Bytes::from(vec![b'x'; RECORD])),
                     headers: Vec::new(),
+                    id: None,
                 }
             })
             .collect();

@@ -40,6 +40,7 @@ fn rec(key: u8, value: Option<u16>, ts: i64) -> Record {
             key: "h".into(),
             value: Bytes::from(vec![key]),
         }],
+        id: None,
     }
 }
 

@@ -202,6 +202,7 @@ async fn a_message_nacked_max_deliveries_times_lands_in_the_dead_letter_topic_on
                     value: "app".into(),
                 }],
                 partition: None,
+                id: None,
             }],
         })
         .await

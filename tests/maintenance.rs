@@ -328,6 +328,7 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
             value: Some(format!("{i}-{}", "x".repeat(900)).into()),
             headers: Vec::new(),
             partition: None,
+            id: None,
         };
         broker.send("t", vec![m]).await.unwrap();
     }

@@ -766,6 +766,7 @@ async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
             key: None,
             value: Some(Bytes::from(value.clone())),
             headers: Vec::new(),
+            id: None,
         }])
         .unwrap();
     }

@@ -48,6 +48,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
                     value: Bytes::from(v),
                 })
                 .collect(),
+            id: None,
         })
 }
 

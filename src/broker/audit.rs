@@ -175,6 +175,7 @@ impl AuditTrail {
             key: None,
             value: Some(bytes.into()),
             headers: Vec::new(),
+            id: None,
         }]);
         let (tx, rx) = oneshot::channel();
         self.partition.log.append(

@@ -35,6 +35,9 @@ pub enum Error {
     /// Refused whoever asks (the audit trail).
     #[error("{0}")]
     Protected(String),
+    /// Worth retrying as it is.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]

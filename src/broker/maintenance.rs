@@ -82,16 +82,35 @@ impl Broker {
             } else {
                 vec![None; topic.partitions.len()]
             };
-            for (handle, consumed) in topic.partitions.iter().zip(consumed) {
+            // Ids first: records are removed only below what the id index has on disk.
+            let marks = if dry_run {
+                vec![u64::MAX; topic.partitions.len()]
+            } else {
+                let t = Arc::clone(&topic);
+                blocking(move || {
+                    t.persist_ids()?;
+                    Ok(t.id_watermarks())
+                })
+                .await?
+            };
+            for ((handle, consumed), mark) in topic.partitions.iter().zip(consumed).zip(marks) {
+                let keep_from = consumed
+                    .as_ref()
+                    .map(|(c, _)| *c)
+                    .into_iter()
+                    .chain((mark < u64::MAX).then_some(mark))
+                    .min();
                 let retention = Retention {
                     max_age_ms: config.retention_ms,
                     max_bytes: config.retention_bytes,
-                    keep_from: consumed.as_ref().map(|(c, _)| *c),
+                    keep_from,
                 };
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 let outcome = blocking(move || Ok(h.log.retain(&retention, now, dry_run)?)).await?;
-                let compaction = if config.cleanup_policy == CleanupPolicy::Compact {
+                // Compaction rewrites closed segments: all of them must be below the mark.
+                let below_mark = handle.log.segment_bases().last().is_none_or(|&a| a <= mark);
+                let compaction = if config.cleanup_policy == CleanupPolicy::Compact && below_mark {
                     let opts = CompactionOptions {
                         now_ms: now,
                         delete_retention_ms: config.delete_retention_ms,

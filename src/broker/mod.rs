@@ -14,10 +14,12 @@
 
 mod ack_poll;
 pub mod audit;
+pub mod dedup;
 pub mod error;
 mod group_ops;
 pub mod groups;
 mod maintenance;
+mod send;
 mod subscription;
 pub mod topic;
 
@@ -26,7 +28,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,8 +36,7 @@ use self::ack_poll::AckPoller;
 use self::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail};
 use crate::config::Config;
 use crate::storage::{
-    self, DataDir, EncodedBatch, FileIo, Header, RealIo, Record, StoredRecord, TopicConfig,
-    validate_topic_name,
+    self, DataDir, FileIo, Header, RealIo, StoredRecord, TopicConfig, validate_topic_name,
 };
 
 pub use error::{Error, Result};
@@ -49,6 +50,30 @@ pub struct NewMessage {
     pub value: Option<Bytes>,
     pub headers: Vec<Header>,
     pub partition: Option<u32>,
+    /// The producer's id for idempotent Send (1 to [`MAX_ID_BYTES`] bytes).
+    pub id: Option<Bytes>,
+}
+
+/// Where a Send put one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub partition: u32,
+    pub offset: u64,
+    /// The id was stored before: nothing new was stored; the position is the original's.
+    pub duplicate: bool,
+    /// With `duplicate`: the original record is no longer held.
+    pub removed: bool,
+}
+
+impl Placed {
+    fn new(partition: u32, offset: u64) -> Placed {
+        Placed {
+            partition,
+            offset,
+            duplicate: false,
+            removed: false,
+        }
+    }
 }
 
 impl NewMessage {
@@ -156,14 +181,8 @@ pub struct TopicDescription {
     pub name: String,
     pub config: TopicConfig,
     pub partitions: Vec<PartitionDescription>,
-}
-
-/// One partition's share of a Send, routed and encoded, not yet written.
-struct PlannedBatch {
-    partition: u32,
-    batch: EncodedBatch,
-    /// Request indexes of the batch's records, in order.
-    indexes: Vec<usize>,
+    /// The id index, when the topic has one.
+    pub ids: Option<storage::ids::IdStats>,
 }
 
 /// A consumer group's slot: empty while it is being opened.
@@ -350,192 +369,6 @@ impl Broker {
             .and_then(|t| serde_json::to_value(&t.config).ok())
     }
 
-    /// Appends messages and returns each one's (partition, offset), in request order, once all of
-    /// them are durable.
-    pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<(u32, u64)>> {
-        let create = self
-            .config
-            .auto_create_topics
-            .then(|| AuditEvent::system("broker/send", ""));
-        self.send_with(topic, messages, create).await
-    }
-
-    /// [`Broker::send`], creating the topic when missing if `create` says who asks (the seed
-    /// API always creates).
-    ///
-    /// All or nothing up to the disk: every check (counts, sizes, routing, partition existence,
-    /// each partition's batch size, topic creation) runs before the first byte reaches a writer,
-    /// so a refused Send stores nothing. Only an I/O failure in one partition can leave the
-    /// others' messages stored (see docs/api.md).
-    pub async fn send_with(
-        &self,
-        topic: &str,
-        messages: Vec<NewMessage>,
-        create: Option<AuditEvent>,
-    ) -> Result<Vec<(u32, u64)>> {
-        if self.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        refuse_audit_topic(topic, "written to")?;
-        if messages.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a Send needs at least one message".into(),
-            ));
-        }
-        if messages.len() > self.config.max_batch_messages {
-            return Err(Error::LimitExceeded(format!(
-                "a Send may hold at most {} messages, this one has {}",
-                self.config.max_batch_messages,
-                messages.len()
-            )));
-        }
-        let limit = self.config.max_message_bytes;
-        if let Some((index, m)) = messages.iter().enumerate().find(|(_, m)| m.size() > limit) {
-            return Err(Error::MessageTooLarge {
-                index,
-                size: m.size(),
-                limit,
-            });
-        }
-        validate_topic_name(topic)?;
-        let (plan, create) = match (self.topic(topic), create) {
-            (Some(t), _) => return self.send_to(&t, messages).await,
-            (None, None) => return Err(Error::TopicNotFound(topic.to_string())),
-            // Planned against the partitions the topic will have, before it is created.
-            (None, Some(event)) => (
-                self.plan(topic, self.config.default_partitions, 0, messages)?,
-                event,
-            ),
-        };
-        let t = self.topic_or_create(topic, Some(create)).await?;
-        if t.partitions.len() as u32 != self.config.default_partitions {
-            // Created meanwhile by someone else, with another partition count.
-            return Err(Error::FailedPrecondition(format!(
-                "topic {topic:?} was created meanwhile with {} partitions; nothing was stored, \
-                 send again",
-                t.partitions.len()
-            )));
-        }
-        self.append_planned(&t, plan).await
-    }
-
-    /// Routes and appends messages to an open topic; returns once all are durable.
-    pub(crate) async fn send_to(
-        &self,
-        topic: &Arc<Topic>,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<(u32, u64)>> {
-        let spread = topic.next_spread_partition();
-        let plan = self.plan(&topic.name, topic.partitions.len() as u32, spread, messages)?;
-        self.append_planned(topic, plan).await
-    }
-
-    /// Routes messages to `count` partitions and encodes one batch per partition, checking each
-    /// against `log.max_batch_bytes`. Writes nothing.
-    fn plan(
-        &self,
-        topic: &str,
-        count: u32,
-        spread: u32,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<PlannedBatch>> {
-        let mut routes: Vec<(Vec<Record>, Vec<usize>)> =
-            vec![(Vec::new(), Vec::new()); count as usize];
-        let timestamp = now_ms();
-        for (i, m) in messages.into_iter().enumerate() {
-            let p = match (m.partition, &m.key) {
-                (Some(p), _) if p >= count => {
-                    return Err(Error::PartitionNotFound {
-                        topic: topic.to_string(),
-                        partition: p,
-                        count,
-                    });
-                }
-                (Some(p), _) => p,
-                (None, Some(key)) => topic::key_partition(key, count),
-                (None, None) => spread % count,
-            };
-            let route = &mut routes[p as usize];
-            route.0.push(Record {
-                timestamp,
-                key: m.key,
-                value: m.value,
-                headers: m.headers,
-            });
-            route.1.push(i);
-        }
-        let mut batches = Vec::new();
-        for (p, (records, indexes)) in routes.into_iter().enumerate() {
-            if records.is_empty() {
-                continue;
-            }
-            let batch = EncodedBatch::new(&records);
-            if let Err(e) = batch.check(self.config.log.max_batch_bytes) {
-                return Err(match e {
-                    storage::Error::BatchTooLarge { size, limit } => Error::LimitExceeded(format!(
-                        "the {} messages of this Send routed to partition {p} encode to {size} \
-                             bytes; one partition's share of a Send is limited to {limit} \
-                             (log.max_batch_bytes): split the request",
-                        indexes.len()
-                    )),
-                    other => other.into(),
-                });
-            }
-            batches.push(PlannedBatch {
-                partition: p as u32,
-                batch,
-                indexes,
-            });
-        }
-        Ok(batches)
-    }
-
-    /// Hands every planned batch to its partition's writer, then waits until all are durable.
-    /// The permits of every partition are taken first (in partition order, so two Sends cannot
-    /// hold each other up), so that nothing is handed over unless everything can be.
-    async fn append_planned(
-        &self,
-        topic: &Arc<Topic>,
-        plan: Vec<PlannedBatch>,
-    ) -> Result<Vec<(u32, u64)>> {
-        let mut permits = Vec::with_capacity(plan.len());
-        for b in &plan {
-            let handle = &topic.partitions[b.partition as usize];
-            let permit = Arc::clone(&handle.permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::ShuttingDown)?;
-            permits.push(permit);
-        }
-        let total = plan.iter().map(|b| b.indexes.len()).sum();
-        // Hand every batch to its writer first, then wait: the partitions sync in parallel.
-        let mut pending = Vec::with_capacity(plan.len());
-        for (b, permit) in plan.into_iter().zip(permits) {
-            let (tx, rx) = oneshot::channel();
-            topic.partitions[b.partition as usize].log.append(
-                b.batch,
-                Box::new(move |r| {
-                    drop(permit);
-                    let _ = tx.send(r);
-                }),
-            );
-            pending.push((b.partition, b.indexes, rx));
-        }
-        let mut positions = vec![(0u32, 0u64); total];
-        for (p, indexes, rx) in pending {
-            let log = &topic.partitions[p as usize].log;
-            let appended = self
-                .acks
-                .wait(|| log.lone_sync_time(), rx)
-                .await
-                .ok_or_else(|| Error::Internal("partition writer dropped an append".into()))??;
-            for (k, i) in indexes.into_iter().enumerate() {
-                positions[i] = (p, appended.base_offset + k as u64);
-            }
-        }
-        Ok(positions)
-    }
-
     /// Starts a subscription; errors in its arguments (unknown topic or partition, offset out of
     /// range) come back here, before any delivery.
     pub async fn subscribe(
@@ -691,6 +524,7 @@ impl Broker {
             name: name.to_string(),
             config: topic.config.clone(),
             partitions,
+            ids: topic.dedup.as_ref().map(|d| d.stats()),
         })
     }
 
@@ -725,6 +559,11 @@ impl Broker {
             .collect();
         let closed = blocking(move || {
             side_by_side(&groups, |g| g.close());
+            side_by_side(&topics, |t| {
+                if let Err(e) = t.persist_ids() {
+                    tracing::error!(topic = %t.name, error = %e, "the id index was not written; the next start rebuilds it from the log");
+                }
+            });
             let parts: Vec<_> = topics
                 .iter()
                 .flat_map(|t| t.partitions.iter().map(move |p| (t, p)))
@@ -762,6 +601,7 @@ fn audit_topic_config(config: &Config) -> TopicConfig {
             .then_some(config.auth.audit_retention_ms),
         retention_bytes: None,
         retain_until_consumed: false,
+        dedup_window_ms: 0,
         ..TopicConfig::default()
     }
 }

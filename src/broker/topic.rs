@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::storage::{DataDir, LogConfig, Partition, TopicConfig};
 
+use super::dedup::Dedup;
 use super::error::Result;
+use super::now_ms;
 
 /// One partition of an open topic.
 #[derive(Debug)]
@@ -34,6 +36,8 @@ pub struct Topic {
     next: AtomicU32,
     /// Cancelled when the topic is deleted: its subscriptions end.
     pub deleted: CancellationToken,
+    /// The id index of idempotent Send; `None` when `dedup_window_ms` is 0.
+    pub dedup: Option<Arc<Dedup>>,
 }
 
 impl Topic {
@@ -69,13 +73,50 @@ impl Topic {
                 permits: Arc::new(Semaphore::new(permits)),
             }));
         }
+        let dedup = if config.dedup_window_ms > 0 {
+            let logs: Vec<&Partition> = partitions.iter().map(|p| &p.log).collect();
+            let dir = data.topic_dir(name)?.join("ids");
+            let io = Arc::clone(data.io());
+            let window = config.dedup_window_ms;
+            let memtable = log_config.dedup_memtable_ids;
+            Some(Arc::new(Dedup::open(
+                &dir,
+                &logs,
+                window,
+                memtable,
+                io,
+                now_ms(),
+            )?))
+        } else {
+            None
+        };
         Ok(Topic {
             name: Arc::from(name),
             config,
             partitions,
+            dedup,
             next: AtomicU32::new(0),
             deleted: CancellationToken::new(),
         })
+    }
+
+    /// Puts every id stored so far into the id index's files (blocking): the logs may then be
+    /// cut up to [`Topic::id_watermarks`].
+    pub fn persist_ids(&self) -> Result<()> {
+        if let Some(d) = &self.dedup {
+            let logs: Vec<&Partition> = self.partitions.iter().map(|p| &p.log).collect();
+            d.persist(&logs, now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Per partition, the offset below which records may be removed without forgetting an id
+    /// (`u64::MAX` without an id index).
+    pub fn id_watermarks(&self) -> Vec<u64> {
+        match &self.dedup {
+            Some(d) => d.watermarks(),
+            None => vec![u64::MAX; self.partitions.len()],
+        }
     }
 
     /// The partition for the keyless messages of the next request.

@@ -88,6 +88,18 @@ pub struct ProduceBench {
     /// The broker's process id (a broker on this machine): prints the CPU time it spent.
     #[arg(long)]
     pub broker_pid: Option<u32>,
+    /// Give every message a unique 16-byte id (idempotent Send), as an ePRO app gives each
+    /// submission a UUID.
+    #[arg(long)]
+    pub ids: bool,
+}
+
+/// A unique 16-byte id: this run's nonce, the producer, a counter.
+fn message_id(nonce: u64, producer: usize, n: u64) -> Bytes {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&nonce.to_le_bytes());
+    id[8..].copy_from_slice(&((producer as u64) << 48 | n).to_le_bytes());
+    Bytes::copy_from_slice(&id)
 }
 
 /// One caller's handle on a connection, through either client.
@@ -246,11 +258,15 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
         c.send(&warm).await?;
     }
     let cpu = BrokerCpu::start(b.broker_pid)?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for client in clients {
+    for (producer, client) in clients.into_iter().enumerate() {
         let requests = Arc::clone(&requests);
-        let request = pb::SendRequest {
+        let ids = b.ids;
+        let mut request = pb::SendRequest {
             topic: b.topic.clone(),
             messages: vec![
                 pb::Message {
@@ -267,6 +283,11 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                 .is_ok()
             {
+                if ids {
+                    for (i, m) in request.messages.iter_mut().enumerate() {
+                        m.id = Some(message_id(nonce, producer, sent + i as u64));
+                    }
+                }
                 let t = Instant::now();
                 client.send(&request).await?;
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
@@ -285,7 +306,8 @@ async fn produce(b: ProduceBench) -> Result<(), CliError> {
     let secs = start.elapsed().as_secs_f64();
     let bytes = total as f64 * b.size as f64;
     println!(
-        "produce: {} producers on {} connections x {} msg/request x {} B: {} messages in {:.2} s = {:.0} msg/s, {:.1} MB/s; ack latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        "produce{}: {} producers on {} connections x {} msg/request x {} B: {} messages in {:.2} s = {:.0} msg/s, {:.1} MB/s; ack latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        if b.ids { " with ids" } else { "" },
         b.producers,
         connections,
         b.batch,

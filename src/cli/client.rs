@@ -143,12 +143,16 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
     if args.format == InputFormat::Raw {
         let mut value = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut value).await?;
-        let message = pb::Message {
+        let mut message = pb::Message {
             key: args.key.clone().map(Bytes::from),
             value: Some(Bytes::from(value)),
             headers,
             partition: args.partition,
+            id: args.id.clone().map(Bytes::from),
         };
+        if args.id_from_key {
+            message.id = message.key.clone();
+        }
         return send_lines(&mut client, &args, vec![message]).await;
     }
     // Lines are read on their own task so that a burst on stdin becomes one request, while a line
@@ -172,6 +176,7 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
         }
     });
     let key = args.key.clone().map(Bytes::from);
+    let mut sent_with_id = false;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first?];
         while batch.len() < PRODUCE_BATCH {
@@ -192,6 +197,19 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
             m.headers.extend(headers.iter().cloned());
             if args.partition.is_some() {
                 m.partition = args.partition;
+            }
+            if args.id_from_key {
+                m.id = m.key.clone();
+            } else if let Some(id) = &args.id {
+                if sent_with_id {
+                    return Err(CliError::Usage(
+                        "--id names one message; for many, use --id-from-key or ids in \
+                         --format json"
+                            .into(),
+                    ));
+                }
+                sent_with_id = true;
+                m.id = Some(Bytes::from(id.clone()));
             }
             messages.push(m);
         }
@@ -215,7 +233,16 @@ async fn send_lines(
     if args.verbose {
         let mut stdout = std::io::stdout().lock();
         for p in response.positions {
-            writeln!(stdout, "partition {} offset {}", p.partition, p.offset)?;
+            let note = match (p.duplicate, p.removed) {
+                (false, _) => "",
+                (true, false) => " duplicate",
+                (true, true) => " duplicate (the original is no longer held)",
+            };
+            writeln!(
+                stdout,
+                "partition {} offset {}{note}",
+                p.partition, p.offset
+            )?;
         }
     }
     Ok(())
@@ -304,6 +331,10 @@ pub fn delivery_json(d: &pb::Delivery) -> serde_json::Value {
         })
         .collect();
     o.insert("headers".into(), headers.into());
+    if let Some(id) = &d.id {
+        let (suffix, v) = text_or_base64(id);
+        o.insert(format!("id{suffix}"), v);
+    }
     if !d.ack_id.is_empty() {
         o.insert("attempt".into(), d.attempt.into());
     }
@@ -494,6 +525,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             retention_ms,
             retention_bytes,
             segment_bytes,
+            dedup_window_ms,
         } => {
             let mut client = AdminClient::new(link(&broker).await?);
             let cleanup_policy = if compact {
@@ -510,6 +542,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
                         retention_bytes,
                         cleanup_policy: cleanup_policy as i32,
                         segment_bytes,
+                        dedup_window_ms,
                     }),
                 })
                 .await?;
@@ -557,14 +590,16 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
     let s = d.settings.unwrap_or_default();
     let opt = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
     let mut out = format!(
-        "topic {}\n  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={}\n",
+        "topic {}\n  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={} \
+         dedup_window_ms={}\n",
         d.name,
         s.partitions,
         cleanup_name(s.cleanup_policy),
         opt(s.retention_ms),
         opt(s.retention_bytes),
         s.segment_bytes
-            .map_or_else(|| "default".to_string(), |v| v.to_string())
+            .map_or_else(|| "default".to_string(), |v| v.to_string()),
+        s.dedup_window_ms.unwrap_or(0),
     );
     out += "  partition\tfirst\tnext\tbytes\tsegments\theld_back\theld_by\n";
     for p in &d.partitions {
@@ -581,6 +616,18 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
             } else {
                 &p.retention_held_by
             }
+        );
+    }
+    if let Some(i) = &d.dedup {
+        out += &format!(
+            "  ids: duplicates_answered={} in_memory={} on_disk={} index_files={} \
+             index_disk_bytes={} index_memory_bytes={}\n",
+            i.duplicates,
+            i.ids_in_memory,
+            i.ids_on_disk,
+            i.index_files,
+            i.index_disk_bytes,
+            i.index_memory_bytes
         );
     }
     out
@@ -619,15 +666,24 @@ mod tests {
                     ..pb::PartitionInfo::default()
                 },
             ],
+            dedup: Some(pb::DedupInfo {
+                duplicates: 3,
+                ids_on_disk: 65536,
+                ..pb::DedupInfo::default()
+            }),
         };
         let text = describe_topic_text(&d);
-        let rows: Vec<&str> = text.lines().skip(3).collect();
+        let rows: Vec<&str> = text.lines().skip(3).take(2).collect();
         assert_eq!(
             rows,
             [
                 "  0\t0\t10\t0\t0\t4096\tedc-import",
                 "  1\t0\t0\t0\t0\t0\t-"
             ]
+        );
+        assert!(
+            text.contains("ids: duplicates_answered=3 in_memory=0 on_disk=65536"),
+            "{text}"
         );
         assert!(text.contains("retention_ms=1000"), "{text}");
     }

@@ -89,6 +89,7 @@ pub fn json_message(line: &str) -> Result<pb::Message, CliError> {
         value: json_bytes(o, "value").map_err(bad)?,
         headers,
         partition,
+        id: json_bytes(o, "id").map_err(bad)?,
     })
 }
 

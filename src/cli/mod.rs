@@ -162,6 +162,13 @@ pub struct ProduceArgs {
     /// A header of every message, key=value (repeatable; kcat's -H).
     #[arg(long = "header", short = 'H')]
     pub headers: Vec<String>,
+    /// The message's id, for an idempotent Send (with --format raw, or one line of input): a
+    /// retry with the same id is not stored again.
+    #[arg(long, conflicts_with = "id_from_key")]
+    pub id: Option<String>,
+    /// Each message's key is also its id (idempotent Send; a message without a key has none).
+    #[arg(long)]
+    pub id_from_key: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -269,6 +276,9 @@ pub enum TopicsCommand {
         retention_bytes: Option<u64>,
         #[arg(long)]
         segment_bytes: Option<u64>,
+        /// How long message ids are remembered, in ms (0: no idempotent Send). Default 24 h.
+        #[arg(long)]
+        dedup_window_ms: Option<u64>,
     },
     /// List topics.
     List {

@@ -77,6 +77,7 @@ pub fn delivery_to_pb(topic: &str, d: Delivery) -> pb::Delivery {
             .collect(),
         attempt: d.attempt,
         ack_id: d.ack_id,
+        id: d.record.id,
     }
 }
 
@@ -124,6 +125,7 @@ impl pb::broker_server::Broker for BrokerService {
                 value: m.value,
                 headers: headers_from_pb(m.headers),
                 partition: m.partition,
+                id: m.id,
             })
             .collect();
         let positions = self
@@ -134,7 +136,12 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(pb::SendResponse {
             positions: positions
                 .into_iter()
-                .map(|(partition, offset)| pb::Position { partition, offset })
+                .map(|p| pb::Position {
+                    partition: p.partition,
+                    offset: p.offset,
+                    duplicate: p.duplicate,
+                    removed: p.removed,
+                })
                 .collect(),
         }))
     }
@@ -413,6 +420,7 @@ fn settings_to_pb(c: &TopicConfig) -> pb::TopicSettings {
             CleanupPolicy::Compact => pb::CleanupPolicy::Compact as i32,
         },
         segment_bytes: c.segment_bytes,
+        dedup_window_ms: Some(c.dedup_window_ms),
     }
 }
 
@@ -434,6 +442,9 @@ fn settings_from_pb(s: Option<pb::TopicSettings>) -> Result<TopicConfig, Status>
         retention_bytes: s.retention_bytes,
         cleanup_policy,
         segment_bytes: s.segment_bytes,
+        dedup_window_ms: s
+            .dedup_window_ms
+            .unwrap_or(TopicConfig::default().dedup_window_ms),
         ..TopicConfig::default()
     })
 }
@@ -700,6 +711,14 @@ impl pb::admin_server::Admin for AdminService {
                     retention_held_by: p.held_by.unwrap_or_default(),
                 })
                 .collect(),
+            dedup: d.ids.map(|i| pb::DedupInfo {
+                duplicates: i.duplicates,
+                ids_in_memory: i.in_memory,
+                ids_on_disk: i.on_disk,
+                index_files: i.runs,
+                index_disk_bytes: i.disk_bytes,
+                index_memory_bytes: i.resident_bytes,
+            }),
         }))
     }
 }

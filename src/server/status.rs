@@ -16,7 +16,7 @@ pub fn to_status(e: Error) -> Status {
         Error::LimitExceeded(_) => Code::ResourceExhausted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Protected(_) => Code::PermissionDenied,
-        Error::ShuttingDown => Code::Unavailable,
+        Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
         Error::Damaged(_) => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
     };

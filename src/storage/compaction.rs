@@ -227,6 +227,7 @@ pub fn clean_segment(
                             key: r.key,
                             value: r.value,
                             headers: r.headers,
+                            id: r.id,
                         },
                     )
                 })

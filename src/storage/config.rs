@@ -69,6 +69,10 @@ pub struct LogConfig {
     /// broker's priority: that producer's Send polls for the answer on a worker thread, which
     /// must not hold the writer off its CPU. 0 keeps the broker's priority. Default: 10.
     pub writer_nice: u8,
+    /// Message ids of idempotent Send a topic keeps in memory before writing them to an id
+    /// index file. After a crash, the ids since the last file are found again by re-reading the
+    /// log from there. Default: 65536.
+    pub dedup_memtable_ids: usize,
 }
 
 impl Default for LogConfig {
@@ -85,6 +89,7 @@ impl Default for LogConfig {
             preallocate_bytes: 1 << 20,
             writer_spin_us: 200,
             writer_nice: 10,
+            dedup_memtable_ids: 65536,
         }
     }
 }
@@ -116,6 +121,9 @@ impl LogConfig {
         }
         if self.queue_depth == 0 {
             return bad("queue_depth must be at least 1".into());
+        }
+        if self.dedup_memtable_ids == 0 {
+            return bad("dedup_memtable_ids must be at least 1".into());
         }
         if self.writer_nice > 19 {
             return bad(format!(

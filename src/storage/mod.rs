@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod compaction;
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod index;
 pub mod io;
 pub mod mapped;

@@ -18,7 +18,7 @@
 //! |     33 |    8 | `max_timestamp`     | largest record timestamp (i64)                     |
 //! |     41 |    8 | `producer_id`       | i64, -1 = none                                     |
 //! |     49 |    4 | `producer_seq`      | i32, -1 = none                                     |
-//! |     53 |    2 | `attributes`        | reserved, 0                                        |
+//! |     53 |    2 | `attributes`        | bit 0 ([`ATTR_IDS`]): records carry an id; rest 0  |
 //! |     55 |    … | records             | `record_count` records, as below                   |
 //!
 //! # Record layout (varints are LEB128; "zigzag" ones are signed)
@@ -34,6 +34,10 @@
 //! | `value`            | `value_length` bytes                              |
 //! | `header_count`     | varint                                            |
 //! | headers            | each: varint key length, UTF-8 key, varint value length, value |
+//! | `id_length`        | only with [`ATTR_IDS`]: zigzag varint, -1 = no id |
+//! | `id`               | `id_length` bytes: the producer's id (idempotent Send) |
+//!
+//! A batch without ids has attributes 0 and is byte for byte what the format was before ids.
 //!
 //! `last_offset_delta` can exceed `record_count - 1` once compaction has removed records: offsets
 //! are never reused, so the next batch always starts at `base_offset + last_offset_delta + 1`.
@@ -58,6 +62,8 @@ pub const MAX_TIMESTAMP_OFFSET: usize = 33;
 pub const PRODUCER_ID_OFFSET: usize = 41;
 pub const PRODUCER_SEQ_OFFSET: usize = 49;
 pub const ATTRIBUTES_OFFSET: usize = 53;
+/// Batch attribute: every record ends with an optional id (see the record layout).
+pub const ATTR_IDS: u16 = 1;
 /// Size of the fixed batch header; records follow.
 pub const BATCH_HEADER_LEN: usize = 55;
 /// No batch, whatever the configuration, is larger than this: a length field above it is
@@ -80,6 +86,8 @@ pub struct Record {
     /// `None` is a tombstone: for compacted topics, "delete this key".
     pub value: Option<Bytes>,
     pub headers: Vec<Header>,
+    /// The producer's id for this message (idempotent Send), at most `MAX_ID_BYTES`.
+    pub id: Option<Bytes>,
 }
 
 /// A record as it was stored, with its offset.
@@ -90,6 +98,20 @@ pub struct StoredRecord {
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
     pub headers: Vec<Header>,
+    pub id: Option<Bytes>,
+}
+
+impl StoredRecord {
+    /// The record as a producer would hand it in again (compaction rewrites it so).
+    pub fn to_record(&self) -> Record {
+        Record {
+            timestamp: self.timestamp,
+            key: self.key.clone(),
+            value: self.value.clone(),
+            headers: self.headers.clone(),
+            id: self.id.clone(),
+        }
+    }
 }
 
 /// A batch encoded by a producer-side thread, waiting for the writer to stamp its base offset.
@@ -114,6 +136,7 @@ impl EncodedBatch {
     ) -> Self {
         let mut iter = records.clone().into_iter().peekable();
         let first_ts = iter.peek().map_or(0, |(_, r)| r.timestamp);
+        let ids = records.clone().into_iter().any(|(_, r)| r.id.is_some());
         let mut max_ts = i64::MIN;
         let mut count: u32 = 0;
         // Sized first and written once: no per-record scratch copy, no reallocation.
@@ -132,6 +155,11 @@ impl EncodedBatch {
                             + h.value.len()
                     })
                     .sum::<usize>()
+                + if ids {
+                    opt_bytes_len(r.id.as_deref())
+                } else {
+                    0
+                }
         };
         let total: usize = records
             .clone()
@@ -158,6 +186,9 @@ impl EncodedBatch {
                 varint::put_u(&mut buf, h.value.len() as u64);
                 buf.extend_from_slice(&h.value);
             }
+            if ids {
+                put_opt_bytes(&mut buf, r.id.as_deref());
+            }
         }
         if count == 0 {
             max_ts = first_ts;
@@ -172,6 +203,8 @@ impl EncodedBatch {
         buf[MAX_TIMESTAMP_OFFSET..PRODUCER_ID_OFFSET].copy_from_slice(&max_ts.to_le_bytes());
         buf[PRODUCER_ID_OFFSET..PRODUCER_SEQ_OFFSET].copy_from_slice(&(-1i64).to_le_bytes());
         buf[PRODUCER_SEQ_OFFSET..ATTRIBUTES_OFFSET].copy_from_slice(&(-1i32).to_le_bytes());
+        let attributes = if ids { ATTR_IDS } else { 0 };
+        buf[ATTRIBUTES_OFFSET..BATCH_HEADER_LEN].copy_from_slice(&attributes.to_le_bytes());
         EncodedBatch { buf }
     }
 
@@ -240,9 +273,15 @@ pub struct BatchHeader {
     pub record_count: u32,
     pub first_timestamp: i64,
     pub max_timestamp: i64,
+    pub attributes: u16,
 }
 
 impl BatchHeader {
+    /// Whether the batch's records carry ids.
+    pub fn has_ids(&self) -> bool {
+        self.attributes & ATTR_IDS != 0
+    }
+
     /// The last offset this batch covers.
     pub fn last_offset(&self) -> u64 {
         self.base_offset + u64::from(self.last_offset_delta)
@@ -278,7 +317,11 @@ impl BatchHeader {
             record_count: read_u32(buf, RECORD_COUNT_OFFSET),
             first_timestamp: read_i64(buf, FIRST_TIMESTAMP_OFFSET),
             max_timestamp: read_i64(buf, MAX_TIMESTAMP_OFFSET),
+            attributes: u16::from_le_bytes([buf[ATTRIBUTES_OFFSET], buf[ATTRIBUTES_OFFSET + 1]]),
         };
+        if header.attributes & !ATTR_IDS != 0 {
+            return Decoded::Corrupt("unknown batch attributes");
+        }
         if header.record_count == 0 || header.record_count > header.last_offset_delta + 1 {
             return Decoded::Corrupt("record count does not fit the offset range");
         }
@@ -456,6 +499,11 @@ impl Records {
                 value: self.buf.slice(v),
             });
         }
+        let id = if self.header.has_ids() {
+            c.opt()?
+        } else {
+            None
+        };
         if c.pos != c.end {
             return Err("trailing bytes in record");
         }
@@ -466,6 +514,7 @@ impl Records {
             key: key.map(|r| self.buf.slice(r)),
             value: value.map(|r| self.buf.slice(r)),
             headers,
+            id: id.map(|r| self.buf.slice(r)),
         })
     }
 }
@@ -516,6 +565,7 @@ mod tests {
                 key: "h".into(),
                 value: Bytes::from_static(b"v"),
             }],
+            id: None,
         }
     }
 
@@ -550,12 +600,37 @@ mod tests {
     }
 
     #[test]
+    fn ids_round_trip_and_only_batches_with_ids_carry_the_attribute() {
+        let with = |id: Option<&'static [u8]>| Record {
+            id: id.map(Bytes::from_static),
+            ..rec(5, Some("k"), Some("v"))
+        };
+        let cases: [(&[Record], bool); 4] = [
+            (&[with(None)], false),
+            (&[with(Some(b"a"))], true),
+            (&[with(None), with(Some(b"submission-1")), with(None)], true),
+            (&[with(Some(b"")), with(Some(&[0xff; 128]))], true),
+        ];
+        for (records, has_ids) in cases {
+            let bytes = sealed(records, 3);
+            let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+                panic!("batch does not decode")
+            };
+            assert_eq!(batch.header().has_ids(), has_ids);
+            let ids: Vec<_> = batch.records().map(|r| r.unwrap().id).collect();
+            let sent: Vec<_> = records.iter().map(|r| r.id.clone()).collect();
+            assert_eq!(ids, sent);
+        }
+    }
+
+    #[test]
     fn batch_bytes_match_the_documented_example() {
         let r = Record {
             timestamp: 1000,
             key: Some(Bytes::from_static(b"k")),
             value: Some(Bytes::from_static(b"hi")),
             headers: Vec::new(),
+            id: None,
         };
         let expected: [u8; 64] = [
             0x3c, 0, 0, 0, 0x01, 0x49, 0x59, 0xb7, 0xc3, 7, 0, 0, 0, 0, 0, 0, //

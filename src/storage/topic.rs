@@ -102,6 +102,9 @@ pub struct TopicConfig {
     pub retain_until_consumed: bool,
     /// How long compaction keeps tombstones. Default: 86400000 (24 h).
     pub delete_retention_ms: u64,
+    /// How long a Send's message id is remembered: a message with an id stored within this
+    /// window is not stored again. 0 turns it off. May exceed retention. Default: 86400000 (24 h).
+    pub dedup_window_ms: u64,
 }
 
 impl Default for TopicConfig {
@@ -114,6 +117,7 @@ impl Default for TopicConfig {
             segment_bytes: None,
             retain_until_consumed: true,
             delete_retention_ms: 24 * 3600 * 1000,
+            dedup_window_ms: 24 * 3600 * 1000,
         }
     }
 }

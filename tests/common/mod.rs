@@ -159,6 +159,10 @@ pub fn record(seq: u64, value_len: usize) -> Record {
             key: "seq".into(),
             value: Bytes::from(seq.to_string()),
         }],
+        // Every third record carries an id, so that every storage path sees both kinds.
+        id: seq
+            .is_multiple_of(3)
+            .then(|| Bytes::from(format!("submission-{seq}"))),
     }
 }
 
@@ -205,5 +209,6 @@ pub fn assert_records(got: &[StoredRecord], want: &[Record], start: u64) {
         assert_eq!(g.key, w.key, "key of record {i}");
         assert_eq!(g.value, w.value, "value of record {i}");
         assert_eq!(g.headers, w.headers, "headers of record {i}");
+        assert_eq!(g.id, w.id, "id of record {i}");
     }
 }

@@ -146,6 +146,9 @@ impl GroupTopic {
             value: record.and_then(|r| r.value),
             headers,
             partition: Some(0),
+            // The original's id stays with the original: a dead letter is a copy, and its
+            // topic's id window must not refuse the same message dead-lettered again.
+            id: None,
         };
         broker.send_to(&dlq_topic, vec![message]).await?;
         tracing::info!(group = %self.group, topic = %self.topic.name, partition = p, offset = d.offset,

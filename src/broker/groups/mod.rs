@@ -42,6 +42,7 @@ use crate::storage::{self, EncodedBatch, FsyncPolicy, Partition, Record};
 
 use self::events::Event;
 pub use self::members::MemberGuard;
+pub(crate) use self::replay::read_record;
 use self::replay::wait;
 use self::state::*;
 use super::error::{Error, Result};

@@ -123,7 +123,7 @@ pub(super) fn read_record_blocking(log: &Partition, offset: u64) -> Result<Optio
     Ok(None)
 }
 
-pub(super) async fn read_record(
+pub(crate) async fn read_record(
     handle: &Arc<crate::broker::PartitionHandle>,
     offset: u64,
 ) -> Result<Option<StoredRecord>> {

@@ -1,0 +1,320 @@
+//! Idempotent Send: one topic's ids, stored and being stored.
+//!
+//! A Send's messages with ids are *claimed* before anything is appended (under one mutex with
+//! the topic's [`IdIndex`]): an id the index knows inside its window is a duplicate and answers
+//! with its original position; an id another Send is appending right now ("pending") waits for
+//! that append and answers with its position; any other id becomes pending and is appended. The
+//! writer's completion *settles* the pending ids (into the index, waking waiters) on the
+//! writer's thread, so a Send whose caller went away still leaves its ids known.
+//!
+//! Runs are written outside the mutex, one at a time and in order ([`Dedup::write_frozen`]);
+//! merges likewise, one at a time ([`Dedup::merge`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use crate::storage::ids::{self, Entry, IdIndex, IdStats, Key, KeyMap};
+use crate::storage::{FileIo, Partition};
+
+use super::error::{Error, Result};
+
+/// What a claimed id's Send must do.
+#[derive(Debug)]
+pub enum Claim {
+    /// No id, or an id not known: append it.
+    New,
+    /// Stored before, inside the window: answer with this position.
+    Known(Entry),
+    /// Another Send is appending it: answer with the position it gets.
+    Wait(oneshot::Receiver<Result<Entry, String>>),
+    /// The same id appears earlier in this request, at this index.
+    Repeat(usize),
+}
+
+#[derive(Debug)]
+struct Pending {
+    partition: u32,
+    /// The partition's end when the id was claimed: its offset will be at or above.
+    floor: u64,
+    waiters: Vec<oneshot::Sender<Result<Entry, String>>>,
+}
+
+#[derive(Debug)]
+struct State {
+    index: IdIndex,
+    pending: KeyMap<Pending>,
+}
+
+#[derive(Debug)]
+pub struct Dedup {
+    state: Mutex<State>,
+    /// Held while runs are written: one writer, oldest frozen memtable first.
+    writing: Mutex<()>,
+    /// Held while runs are merged or expired.
+    merging: Mutex<()>,
+    /// A background write is scheduled or running.
+    scheduled: AtomicBool,
+    io: Arc<dyn FileIo>,
+}
+
+/// One message of a Send as the id check sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Item {
+    pub key: Option<Key>,
+    pub partition: u32,
+    pub floor: u64,
+}
+
+impl Dedup {
+    /// Opens a topic's index and rebuilds what it held in memory from the logs (blocking).
+    pub fn open(
+        dir: &std::path::Path,
+        logs: &[&Partition],
+        window_ms: u64,
+        memtable_ids: usize,
+        io: Arc<dyn FileIo>,
+        now_ms: i64,
+    ) -> Result<Dedup> {
+        let parts = logs.len() as u32;
+        let mut index = IdIndex::open(dir, parts, window_ms, memtable_ids, io.as_ref())?;
+        let found = index.recover(logs, now_ms)?;
+        if found > 0 {
+            tracing::info!(dir = %dir.display(), ids = found, "id index rebuilt from the log");
+        }
+        Ok(Dedup {
+            state: Mutex::new(State {
+                index,
+                pending: KeyMap::default(),
+            }),
+            writing: Mutex::new(()),
+            merging: Mutex::new(()),
+            scheduled: AtomicBool::new(false),
+            io,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.state().index.window_ms()
+    }
+
+    /// Decides, for each message, whether it is appended or answered from what is known; the
+    /// ids to append become pending (release them with [`Dedup::settle`] or [`Dedup::release`]).
+    pub fn claim(&self, items: &[Item], now_ms: i64) -> Result<Vec<Claim>> {
+        let mut st = self.state();
+        let window = st.index.window_ms();
+        let mut claims = Vec::with_capacity(items.len());
+        let mut mine: KeyMap<usize> = KeyMap::default();
+        for (i, item) in items.iter().enumerate() {
+            let Some(key) = item.key else {
+                claims.push(Claim::New);
+                continue;
+            };
+            if let Some(&first) = mine.get(&key) {
+                claims.push(Claim::Repeat(first));
+                continue;
+            }
+            mine.insert(key, i);
+            if let Some(p) = st.pending.get_mut(&key) {
+                let (tx, rx) = oneshot::channel();
+                p.waiters.push(tx);
+                claims.push(Claim::Wait(rx));
+                continue;
+            }
+            let known = match st.index.get(&key) {
+                Ok(known) => known.filter(|e| e.live(now_ms, window)),
+                Err(e) => {
+                    let error = Error::from(e);
+                    let claimed: Vec<Key> = claims
+                        .iter()
+                        .zip(items)
+                        .filter(|(c, _)| matches!(c, Claim::New))
+                        .filter_map(|(_, it)| it.key)
+                        .collect();
+                    release_locked(&mut st, &claimed, &error.to_string());
+                    return Err(error);
+                }
+            };
+            match known {
+                Some(e) => claims.push(Claim::Known(e)),
+                None => {
+                    st.pending.insert(
+                        key,
+                        Pending {
+                            partition: item.partition,
+                            floor: item.floor,
+                            waiters: Vec::new(),
+                        },
+                    );
+                    claims.push(Claim::New);
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The appends of pending ids are durable at these entries: into the index, waiters woken.
+    pub fn settle(&self, stored: &[(Key, Entry)]) {
+        let mut st = self.state();
+        for (key, entry) in stored {
+            st.index.insert(*key, *entry);
+            if let Some(p) = st.pending.remove(key) {
+                for w in p.waiters {
+                    let _ = w.send(Ok(*entry));
+                }
+            }
+        }
+    }
+
+    /// Pending ids that will not be stored (refused, failed or cancelled): forgotten, their
+    /// waiters told why.
+    pub fn release(&self, keys: &[Key], why: &str) {
+        release_locked(&mut self.state(), keys, why);
+    }
+
+    /// Takes the right to schedule a background write; false if one is scheduled already.
+    pub fn begin_writing(&self) -> bool {
+        !self.scheduled.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn end_writing(&self) {
+        self.scheduled.store(false, Ordering::Release);
+    }
+
+    /// Counts duplicates answered (for `topics describe`).
+    pub fn answered_duplicates(&self, n: u64) {
+        self.state().index.duplicates += n;
+    }
+
+    /// Whether the memtable is due to be written.
+    pub fn full(&self) -> bool {
+        self.state().index.full()
+    }
+
+    /// Freezes the memtable if anything happened since the last run (`force`: even if not), with
+    /// watermarks below which every id is settled: each partition's end, lowered to the floor
+    /// of any id still pending there. Returns whether it froze.
+    pub fn freeze(&self, logs: &[&Partition], force: bool) -> bool {
+        let mut st = self.state();
+        let mut marks: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
+        if !force && !st.index.behind(&marks) {
+            return false;
+        }
+        for p in st.pending.values() {
+            if let Some(m) = marks.get_mut(p.partition as usize) {
+                *m = (*m).min(p.floor);
+            }
+        }
+        // Never below what an older run already covers.
+        for (m, old) in marks.iter_mut().zip(st.index.watermarks()) {
+            *m = (*m).max(old);
+        }
+        st.index.freeze(marks);
+        true
+    }
+
+    /// Writes every frozen memtable as a run, oldest first (blocking).
+    pub fn write_frozen(&self) -> Result<()> {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (frozen, dir) = {
+                let st = self.state();
+                match st.index.unwritten() {
+                    Some(f) => (f, st.index.dir().to_path_buf()),
+                    None => return Ok(()),
+                }
+            };
+            let run = frozen.write(&dir, self.io.as_ref())?;
+            self.state().index.install(run);
+        }
+    }
+
+    /// Merges runs while the newest share a tier, and deletes runs wholly out of the window
+    /// (blocking).
+    pub fn merge(&self, now_ms: i64) -> Result<()> {
+        let _one = self.merging.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (candidates, dir, window) = {
+                let st = self.state();
+                match st.index.merge_candidates() {
+                    Some(c) => (c, st.index.dir().to_path_buf(), st.index.window_ms()),
+                    None => break,
+                }
+            };
+            let merged = ids::merge(&dir, self.io.as_ref(), &candidates, window, now_ms)?;
+            self.state().index.replace(&candidates, Some(merged))?;
+        }
+        let mut st = self.state();
+        let expired = st.index.expired_runs(now_ms);
+        if !expired.is_empty() {
+            st.index.replace(&expired, None)?;
+        }
+        Ok(())
+    }
+
+    /// Puts every settled id into a run on disk, so that the logs may be cut below
+    /// [`Dedup::watermarks`] (blocking).
+    pub fn persist(&self, logs: &[&Partition], now_ms: i64) -> Result<()> {
+        self.freeze(logs, false);
+        self.write_frozen()?;
+        self.merge(now_ms)
+    }
+
+    /// Per partition, the offset below which the logs may be cut without forgetting an id.
+    pub fn watermarks(&self) -> Vec<u64> {
+        self.state().index.watermarks()
+    }
+
+    pub fn stats(&self) -> IdStats {
+        self.state().index.stats()
+    }
+}
+
+fn release_locked(st: &mut State, keys: &[Key], why: &str) {
+    for key in keys {
+        if let Some(p) = st.pending.remove(key) {
+            for w in p.waiters {
+                let _ = w.send(Err(why.to_string()));
+            }
+        }
+    }
+}
+
+/// Pending ids of one Send not yet handed to a writer: released if the Send stops before.
+#[derive(Debug)]
+pub struct Claimed {
+    dedup: Arc<Dedup>,
+    keys: Vec<Key>,
+}
+
+impl Claimed {
+    pub fn new(dedup: Arc<Dedup>, keys: Vec<Key>) -> Claimed {
+        Claimed { dedup, keys }
+    }
+
+    /// Every key is now a writer's to settle or release.
+    pub fn hand_over(mut self) {
+        self.keys.clear();
+    }
+
+    /// Releases what is left now, telling waiters why.
+    pub fn release(mut self, why: &str) {
+        self.dedup.release(&std::mem::take(&mut self.keys), why);
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            self.dedup.release(
+                &self.keys,
+                "the Send that carried this id stopped before storing it",
+            );
+        }
+    }
+}

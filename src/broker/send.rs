@@ -1,0 +1,428 @@
+//! Send: checks, routing, encoding, appending, and the id check of idempotent Send
+//! ([`dedup`](super::dedup)).
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::audit::AuditEvent;
+use super::dedup::{Claim, Claimed, Dedup, Item};
+use super::groups::read_record;
+use super::{Broker, Error, NewMessage, Placed, Result, Topic, now_ms, refuse_audit_topic, topic};
+use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
+use crate::storage::topic::CleanupPolicy;
+use crate::storage::{self, Appended, EncodedBatch, Record, validate_topic_name};
+
+/// One partition's share of a Send, encoded.
+struct PlannedBatch {
+    partition: u32,
+    batch: EncodedBatch,
+    /// Request indexes of the batch's records, in order.
+    indexes: Vec<usize>,
+}
+
+/// The ids of a Send being appended: the topic's id index and each message's key.
+struct Ids<'a> {
+    dedup: &'a Arc<Dedup>,
+    keys: &'a [Option<Key>],
+    claimed: Claimed,
+}
+
+impl Broker {
+    /// Appends messages and returns each one's position, in request order, once all of them
+    /// are durable.
+    pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<Placed>> {
+        let create = self
+            .config
+            .auto_create_topics
+            .then(|| AuditEvent::system("broker/send", ""));
+        self.send_with(topic, messages, create).await
+    }
+
+    /// [`Broker::send`], creating the topic when missing if `create` says who asks (the seed
+    /// API always creates).
+    ///
+    /// All or nothing up to the disk: every check (counts, sizes, ids, routing, partition
+    /// existence, each partition's batch size, topic creation) runs before the first byte
+    /// reaches a writer, so a refused Send stores nothing. Only an I/O failure in one partition
+    /// can leave the others' messages stored (see docs/api.md).
+    pub async fn send_with(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        create: Option<AuditEvent>,
+    ) -> Result<Vec<Placed>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        refuse_audit_topic(topic, "written to")?;
+        if messages.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a Send needs at least one message".into(),
+            ));
+        }
+        if messages.len() > self.config.max_batch_messages {
+            return Err(Error::LimitExceeded(format!(
+                "a Send may hold at most {} messages, this one has {}",
+                self.config.max_batch_messages,
+                messages.len()
+            )));
+        }
+        let limit = self.config.max_message_bytes;
+        if let Some((index, m)) = messages.iter().enumerate().find(|(_, m)| m.size() > limit) {
+            return Err(Error::MessageTooLarge {
+                index,
+                size: m.size(),
+                limit,
+            });
+        }
+        if let Some((index, len)) = messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.id.as_ref().map(|id| (i, id.len())))
+            .find(|(_, len)| !(1..=MAX_ID_BYTES).contains(len))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "message {index}'s id is {len} bytes; an id is 1 to {MAX_ID_BYTES} bytes"
+            )));
+        }
+        validate_topic_name(topic)?;
+        let (messages, create) = match (self.topic(topic), create) {
+            (Some(t), _) => return self.send_to(&t, messages).await,
+            (None, None) => return Err(Error::TopicNotFound(topic.to_string())),
+            (None, Some(event)) => (messages, event),
+        };
+        // Checked against the partitions the topic will have, before it is created.
+        let count = self.config.default_partitions;
+        let plan = self.plan(topic, count, 0, messages.clone(), now_ms())?;
+        drop(plan);
+        let t = self.topic_or_create(topic, Some(create)).await?;
+        if t.partitions.len() as u32 != count {
+            // Created meanwhile by someone else, with another partition count.
+            return Err(Error::FailedPrecondition(format!(
+                "topic {topic:?} was created meanwhile with {} partitions; nothing was stored, \
+                 send again",
+                t.partitions.len()
+            )));
+        }
+        self.send_to(&t, messages).await
+    }
+
+    /// Routes and appends messages to an open topic; returns once all are durable. Messages
+    /// with ids go through the topic's id check when it has one.
+    pub(crate) async fn send_to(
+        &self,
+        topic: &Arc<Topic>,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Placed>> {
+        let spread = topic.next_spread_partition();
+        let count = topic.partitions.len() as u32;
+        let n = messages.len();
+        let now = now_ms();
+        let dedup = match &topic.dedup {
+            Some(d) if messages.iter().any(|m| m.id.is_some()) => d,
+            _ => {
+                let plan = self.plan(&topic.name, count, spread, messages, now)?;
+                let mut out = vec![None; n];
+                self.append_planned(topic, plan, None, now, &mut out)
+                    .await?;
+                return Ok(out.into_iter().flatten().collect());
+            }
+        };
+        let mut items = Vec::with_capacity(n);
+        for m in &messages {
+            let partition = route(&topic.name, m, count, spread)?;
+            items.push(Item {
+                key: m.id.as_deref().map(Key::of),
+                partition,
+                floor: topic.partitions[partition as usize].log.high_water(),
+            });
+        }
+        let claims = dedup.claim(&items, now)?;
+        let keys: Vec<Option<Key>> = items.iter().map(|it| it.key).collect();
+        let claimed = Claimed::new(
+            Arc::clone(dedup),
+            claims
+                .iter()
+                .zip(&keys)
+                .filter(|(c, _)| matches!(c, Claim::New))
+                .filter_map(|(_, k)| *k)
+                .collect(),
+        );
+        let mut fresh = Vec::new();
+        let mut fresh_index = Vec::new();
+        for (i, (mut m, c)) in messages.into_iter().zip(&claims).enumerate() {
+            if matches!(c, Claim::New) {
+                m.partition = Some(items[i].partition);
+                fresh.push(m);
+                fresh_index.push(i);
+            }
+        }
+        let mut out = vec![None; n];
+        if !fresh.is_empty() {
+            let plan = match self.plan(&topic.name, count, spread, fresh, now) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    claimed.release(&e.to_string());
+                    return Err(e);
+                }
+            };
+            let plan = plan
+                .into_iter()
+                .map(|mut b| {
+                    b.indexes = b.indexes.iter().map(|&j| fresh_index[j]).collect();
+                    b
+                })
+                .collect();
+            let ids = Ids {
+                dedup,
+                keys: &keys,
+                claimed,
+            };
+            self.append_planned(topic, plan, Some(ids), now, &mut out)
+                .await?;
+        }
+        let mut duplicates = 0;
+        for (i, claim) in claims.into_iter().enumerate() {
+            let entry = match claim {
+                Claim::New => continue,
+                Claim::Repeat(first) => {
+                    let Some(first) = out[first] else {
+                        return Err(Error::Internal("a repeated id has no position".into()));
+                    };
+                    out[i] = Some(Placed {
+                        duplicate: true,
+                        ..first
+                    });
+                    duplicates += 1;
+                    continue;
+                }
+                Claim::Known(e) => e,
+                Claim::Wait(rx) => match rx.await {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(why)) => {
+                        return Err(Error::Unavailable(format!(
+                            "another Send carrying message {i}'s id was storing it and did not: \
+                             {why}; nothing was stored for it, send again"
+                        )));
+                    }
+                    Err(_) => return Err(Error::Internal("an id's append was dropped".into())),
+                },
+            };
+            duplicates += 1;
+            out[i] = Some(Placed {
+                partition: entry.partition,
+                offset: entry.offset,
+                duplicate: true,
+                removed: !still_held(topic, entry).await?,
+            });
+        }
+        dedup.answered_duplicates(duplicates);
+        if dedup.full() {
+            self.write_ids_later(topic);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Writes a topic's full memtable as a run, and merges, off the request path.
+    fn write_ids_later(&self, topic: &Arc<Topic>) {
+        let Some(dedup) = topic.dedup.clone() else {
+            return;
+        };
+        if !dedup.begin_writing() {
+            return;
+        }
+        let topic = Arc::clone(topic);
+        self.tasks.spawn_blocking(move || {
+            let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
+            if let Err(e) = dedup.persist(&logs, now_ms()) {
+                tracing::error!(topic = %topic.name, error = %e, "writing the id index failed");
+            }
+            dedup.end_writing();
+        });
+    }
+
+    /// Routes messages to `count` partitions and encodes one batch per partition, checking each
+    /// against `log.max_batch_bytes`. Writes nothing.
+    fn plan(
+        &self,
+        topic: &str,
+        count: u32,
+        spread: u32,
+        messages: Vec<NewMessage>,
+        timestamp: i64,
+    ) -> Result<Vec<PlannedBatch>> {
+        let mut routes: Vec<(Vec<Record>, Vec<usize>)> =
+            vec![(Vec::new(), Vec::new()); count as usize];
+        for (i, m) in messages.into_iter().enumerate() {
+            let p = route(topic, &m, count, spread)?;
+            let route = &mut routes[p as usize];
+            route.0.push(Record {
+                timestamp,
+                key: m.key,
+                value: m.value,
+                headers: m.headers,
+                id: m.id,
+            });
+            route.1.push(i);
+        }
+        let mut batches = Vec::new();
+        for (p, (records, indexes)) in routes.into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let batch = EncodedBatch::new(&records);
+            if let Err(e) = batch.check(self.config.log.max_batch_bytes) {
+                return Err(match e {
+                    storage::Error::BatchTooLarge { size, limit } => Error::LimitExceeded(format!(
+                        "the {} messages of this Send routed to partition {p} encode to {size} \
+                             bytes; one partition's share of a Send is limited to {limit} \
+                             (log.max_batch_bytes): split the request",
+                        indexes.len()
+                    )),
+                    other => other.into(),
+                });
+            }
+            batches.push(PlannedBatch {
+                partition: p as u32,
+                batch,
+                indexes,
+            });
+        }
+        Ok(batches)
+    }
+
+    /// Hands every planned batch to its partition's writer, then waits until all are durable,
+    /// filling `out` at the batches' request indexes. The permits of every partition are taken
+    /// first (in partition order, so two Sends cannot hold each other up), so that nothing is
+    /// handed over unless everything can be. With `ids`, each writer's completion settles its
+    /// batch's ids (or releases them if the append failed) before the Send hears of it.
+    async fn append_planned(
+        &self,
+        topic: &Arc<Topic>,
+        plan: Vec<PlannedBatch>,
+        ids: Option<Ids<'_>>,
+        timestamp: i64,
+        out: &mut [Option<Placed>],
+    ) -> Result<()> {
+        let mut permits = Vec::with_capacity(plan.len());
+        for b in &plan {
+            let handle = &topic.partitions[b.partition as usize];
+            let permit = Arc::clone(&handle.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            permits.push(permit);
+        }
+        let settle = ids.map(|ids| {
+            ids.claimed.hand_over();
+            (ids.dedup, ids.keys)
+        });
+        // Hand every batch to its writer first, then wait: the partitions sync in parallel.
+        let mut pending = Vec::with_capacity(plan.len());
+        for (b, permit) in plan.into_iter().zip(permits) {
+            let (tx, rx) = oneshot::channel();
+            let partition = b.partition;
+            let ids = settle.map(|(dedup, keys)| BatchIds {
+                dedup: Arc::clone(dedup),
+                keys: (0u64..)
+                    .zip(&b.indexes)
+                    .filter_map(|(k, &i)| keys[i].map(|key| (k, key)))
+                    .collect(),
+                partition,
+                timestamp,
+            });
+            topic.partitions[partition as usize].log.append(
+                b.batch,
+                Box::new(move |r| {
+                    if let Some(ids) = ids {
+                        ids.settle(&r);
+                    }
+                    drop(permit);
+                    let _ = tx.send(r);
+                }),
+            );
+            pending.push((partition, b.indexes, rx));
+        }
+        for (p, indexes, rx) in pending {
+            let log = &topic.partitions[p as usize].log;
+            let appended = self
+                .acks
+                .wait(|| log.lone_sync_time(), rx)
+                .await
+                .ok_or_else(|| Error::Internal("partition writer dropped an append".into()))??;
+            for (k, i) in indexes.into_iter().enumerate() {
+                out[i] = Some(Placed::new(p, appended.base_offset + k as u64));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One batch's ids, settled by the writer's completion.
+struct BatchIds {
+    dedup: Arc<Dedup>,
+    /// (index in the batch, key) of each record with an id.
+    keys: Vec<(u64, Key)>,
+    partition: u32,
+    timestamp: i64,
+}
+
+impl BatchIds {
+    /// Durable: the ids go into the index. Failed: they are released, waiters told why.
+    fn settle(self, appended: &storage::Result<Appended>) {
+        match appended {
+            Ok(a) => {
+                let stored: Vec<(Key, Entry)> = self
+                    .keys
+                    .iter()
+                    .map(|&(k, key)| {
+                        let entry = Entry {
+                            partition: self.partition,
+                            offset: a.base_offset + k,
+                            stored_ms: self.timestamp,
+                        };
+                        (key, entry)
+                    })
+                    .collect();
+                self.dedup.settle(&stored);
+            }
+            Err(e) => {
+                let keys: Vec<Key> = self.keys.iter().map(|&(_, key)| key).collect();
+                self.dedup.release(&keys, &e.to_string());
+            }
+        }
+    }
+}
+
+/// The partition of a message among `count`: its own choice, its key's, or the request's
+/// spread partition.
+fn route(topic: &str, m: &NewMessage, count: u32, spread: u32) -> Result<u32> {
+    Ok(match (m.partition, &m.key) {
+        (Some(p), _) if p >= count => {
+            return Err(Error::PartitionNotFound {
+                topic: topic.to_string(),
+                partition: p,
+                count,
+            });
+        }
+        (Some(p), _) => p,
+        (None, Some(key)) => topic::key_partition(key, count),
+        (None, None) => spread % count,
+    })
+}
+
+/// Whether the record an id points at is still held: not below the log's start, and (on a
+/// compacted topic) not removed by compaction.
+async fn still_held(topic: &Arc<Topic>, e: Entry) -> Result<bool> {
+    let Some(handle) = topic.partitions.get(e.partition as usize) else {
+        return Ok(false);
+    };
+    if e.offset < handle.log.log_start() {
+        return Ok(false);
+    }
+    if topic.config.cleanup_policy == CleanupPolicy::Compact {
+        return Ok(read_record(handle, e.offset).await?.is_some());
+    }
+    Ok(true)
+}

@@ -1,0 +1,657 @@
+//! A topic's id index: for idempotent Send, which producer ids the topic stored, where, and when.
+//!
+//! The log is the truth: every record sent with an id carries it (see `record.rs`). This index
+//! is derived from it, so that a retry is recognised without reading the log, and so that an id
+//! stays known for its whole window after retention or compaction removed its record.
+//!
+//! It is a small log-structured merge tree, keyed by the first 16 bytes of the SHA-256 of the id
+//! (a collision between two different ids needs about 2^64 ids, or 2^64 work to forge):
+//!
+//! - a **memtable** (a heap map) takes the ids of the newest appends;
+//! - when it holds `log.dedup_memtable_ids` ids it is **frozen** and written out as an immutable, sorted
+//!   **run** file (`ids/<lo>-<hi>.run`, [`run`]); the run records, per partition, the
+//!   **watermark**: the offset below which every record with an id is in this run or an older
+//!   one;
+//! - runs are merged four at a time (size-tiered), dropping ids older than the window, so a
+//!   lookup checks few of them. Each run keeps only its Bloom filter and one key per 4 KiB block
+//!   in memory; a lookup reads one block (`pread`) only when the filter says "maybe".
+//!
+//! After a crash, [`IdIndex::recover`] re-reads each partition's log from the newest run's
+//! watermark: what the memtable held is rebuilt from the records themselves. Nothing may remove
+//! records at or above the watermark before it is persisted ([`IdIndex::watermarks`] bounds
+//! retention and compaction; callers persist first).
+//!
+//! This type does no locking and no waiting: the broker holds it under a mutex together with
+//! the ids being appended ("pending"), and writes runs outside that mutex
+//! ([`IdIndex::freeze`], [`Frozen::write`], [`IdIndex::install`]).
+
+pub mod run;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::error::{Error, Result};
+use super::io::FileIo;
+use super::partition::Partition;
+pub use run::Run;
+
+/// An id may be at most this long.
+pub const MAX_ID_BYTES: usize = 128;
+/// Runs of one tier that are merged into one run of the next.
+pub const MERGE_FAN_IN: usize = 4;
+
+/// The index key of an id: the first 16 bytes of its SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key(pub [u8; 16]);
+
+impl Key {
+    pub fn of(id: &[u8]) -> Key {
+        let digest = ring::digest::digest(&ring::digest::SHA256, id);
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&digest.as_ref()[..16]);
+        Key(k)
+    }
+
+    fn word(&self, i: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&self.0[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    }
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already uniformly distributed: one word is the hash.
+        state.write_u64(self.word(0));
+    }
+}
+
+/// Passes a [`Key`]'s word through (keys are SHA-256 output).
+#[derive(Debug, Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+pub type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
+
+/// Where and when a topic stored an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub partition: u32,
+    pub offset: u64,
+    /// The record's timestamp (the broker's clock at the Send), ms since the Unix epoch.
+    pub stored_ms: i64,
+}
+
+impl Entry {
+    /// Whether the id is still inside its window at `now_ms`.
+    pub fn live(&self, now_ms: i64, window_ms: u64) -> bool {
+        self.stored_ms
+            .saturating_add(window_ms.min(i64::MAX as u64) as i64)
+            > now_ms
+    }
+}
+
+/// A memtable on its way to disk, with the watermarks it completes.
+#[derive(Debug)]
+pub struct Frozen {
+    seq: u64,
+    entries: KeyMap<Entry>,
+    watermarks: Vec<u64>,
+}
+
+impl Frozen {
+    /// Writes this memtable as a run in `dir` (durable when it returns).
+    pub fn write(&self, dir: &Path, io: &dyn FileIo) -> Result<Run> {
+        let mut sorted: Vec<(Key, Entry)> = self.entries.iter().map(|(k, e)| (*k, *e)).collect();
+        sorted.sort_unstable_by_key(|(k, _)| *k);
+        let spec = run::Spec {
+            lo: self.seq,
+            hi: self.seq,
+            tier: 0,
+            watermarks: &self.watermarks,
+        };
+        run::write(dir, io, &spec, sorted.len() as u64, sorted.into_iter())
+    }
+}
+
+/// The id index of one topic. See the module documentation.
+#[derive(Debug)]
+pub struct IdIndex {
+    dir: PathBuf,
+    partitions: u32,
+    window_ms: u64,
+    memtable_ids: usize,
+    memtable: KeyMap<Entry>,
+    /// Frozen memtables not yet installed as runs, oldest first.
+    frozen: Vec<Arc<Frozen>>,
+    /// Runs, oldest (lowest `hi`) first.
+    runs: Vec<Arc<Run>>,
+    next_seq: u64,
+    /// Ids answered as duplicates since the broker started.
+    pub duplicates: u64,
+}
+
+impl IdIndex {
+    /// Opens (creating if needed) the index in `dir`: reads every run's summary (not its
+    /// entries), removes runs a finished merge replaced and temp files an unfinished one left.
+    /// Call [`IdIndex::recover`] next.
+    pub fn open(
+        dir: &Path,
+        partitions: u32,
+        window_ms: u64,
+        memtable_ids: usize,
+        io: &dyn FileIo,
+    ) -> Result<IdIndex> {
+        super::io::create_dir_all(io, dir).map_err(|e| Error::io(dir, e))?;
+        let mut runs = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".tmp") {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            } else if name.ends_with(".run") {
+                runs.push(Arc::new(Run::open(&path, partitions)?));
+            }
+        }
+        runs.sort_by_key(|r| (r.hi(), std::cmp::Reverse(r.lo())));
+        // A merge's inputs lie inside its output's [lo, hi]: it finished, they are stale.
+        let mut kept: Vec<Arc<Run>> = Vec::new();
+        for r in runs.into_iter().rev() {
+            if kept.iter().any(|k| k.lo() <= r.lo() && r.hi() <= k.hi()) {
+                std::fs::remove_file(r.path()).map_err(|e| Error::io(r.path(), e))?;
+            } else {
+                kept.push(r);
+            }
+        }
+        kept.reverse();
+        let next_seq = kept.last().map_or(0, |r| r.hi() + 1);
+        Ok(IdIndex {
+            dir: dir.to_path_buf(),
+            partitions,
+            window_ms,
+            memtable_ids,
+            memtable: KeyMap::default(),
+            frozen: Vec::new(),
+            runs: kept,
+            next_seq,
+            duplicates: 0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// Per partition, the offset below which every id is in a run on disk.
+    pub fn watermarks(&self) -> Vec<u64> {
+        match self.runs.last() {
+            Some(r) => r.watermarks().to_vec(),
+            None => vec![0; self.partitions as usize],
+        }
+    }
+
+    /// Rebuilds what the memtable held from each partition's log, from the watermark to the
+    /// end. Returns the ids found.
+    pub fn recover(&mut self, logs: &[&Partition], now_ms: i64) -> Result<u64> {
+        let marks = self.watermarks();
+        let mut found = 0;
+        for (p, log) in logs.iter().enumerate() {
+            let mut at = marks.get(p).copied().unwrap_or(0).max(log.log_start());
+            let end = log.high_water();
+            while at < end {
+                let batches = log.read(at, 1 << 20)?;
+                let Some(last) = batches.last() else { break };
+                let next = last.header().next_offset();
+                for batch in batches.iter().filter(|b| b.header().has_ids()) {
+                    for record in batch.records() {
+                        let record = record.map_err(|why| Error::corrupt(log.dir(), 0, why))?;
+                        let Some(id) = record.id.filter(|_| record.offset >= at) else {
+                            continue;
+                        };
+                        let entry = Entry {
+                            partition: p as u32,
+                            offset: record.offset,
+                            stored_ms: record.timestamp,
+                        };
+                        if !entry.live(now_ms, self.window_ms) {
+                            continue;
+                        }
+                        let key = Key::of(&id);
+                        match self.get(&key)? {
+                            Some(e) if e == entry || e.stored_ms > entry.stored_ms => {}
+                            _ => {
+                                self.memtable.insert(key, entry);
+                                found += 1;
+                            }
+                        }
+                    }
+                }
+                at = next;
+            }
+        }
+        Ok(found)
+    }
+
+    /// The newest entry for `key`, live or not.
+    pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
+        if let Some(e) = self.memtable.get(key) {
+            return Ok(Some(*e));
+        }
+        for f in self.frozen.iter().rev() {
+            if let Some(e) = f.entries.get(key) {
+                return Ok(Some(*e));
+            }
+        }
+        for r in self.runs.iter().rev() {
+            if let Some(e) = r.get(key)? {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records that `key` was stored at `entry` (newer than anything known for it).
+    pub fn insert(&mut self, key: Key, entry: Entry) {
+        self.memtable.insert(key, entry);
+    }
+
+    /// Whether the memtable is due to be frozen.
+    pub fn full(&self) -> bool {
+        self.memtable.len() >= self.memtable_ids
+    }
+
+    /// Ids held in memory (memtable and frozen ones).
+    pub fn in_memory(&self) -> usize {
+        self.memtable.len() + self.frozen.iter().map(|f| f.entries.len()).sum::<usize>()
+    }
+
+    /// Whether anything has happened since the last run: ids in memory, or `ends` (each
+    /// partition's end) above the watermarks.
+    pub fn behind(&self, ends: &[u64]) -> bool {
+        self.in_memory() > 0 || self.watermarks().iter().zip(ends).any(|(w, e)| w < e)
+    }
+
+    /// Freezes the memtable: it is written as a run by [`Frozen::write`], then [`IdIndex::install`]ed.
+    /// `watermarks` must hold for everything inserted so far: below them, every record with an id
+    /// is in this memtable or an older one.
+    pub fn freeze(&mut self, watermarks: Vec<u64>) -> Arc<Frozen> {
+        let frozen = Arc::new(Frozen {
+            seq: self.next_seq,
+            entries: std::mem::take(&mut self.memtable),
+            watermarks,
+        });
+        self.next_seq += 1;
+        self.frozen.push(Arc::clone(&frozen));
+        frozen
+    }
+
+    /// Frozen memtables waiting to be written, oldest first (they must be written in order).
+    pub fn unwritten(&self) -> Option<Arc<Frozen>> {
+        self.frozen.first().cloned()
+    }
+
+    /// Replaces the oldest frozen memtable by the run written from it.
+    pub fn install(&mut self, run: Run) {
+        if !self.frozen.is_empty() {
+            self.frozen.remove(0);
+        }
+        self.runs.push(Arc::new(run));
+    }
+
+    /// The runs to merge next: the newest [`MERGE_FAN_IN`] when they share a tier.
+    pub fn merge_candidates(&self) -> Option<Vec<Arc<Run>>> {
+        let n = self.runs.len();
+        if n < MERGE_FAN_IN {
+            return None;
+        }
+        let newest = &self.runs[n - MERGE_FAN_IN..];
+        let tier = newest[0].tier();
+        newest
+            .iter()
+            .all(|r| r.tier() == tier)
+            .then(|| newest.to_vec())
+    }
+
+    /// Runs, except the newest (it carries the watermarks), whose every id is out of the window.
+    pub fn expired_runs(&self, now_ms: i64) -> Vec<Arc<Run>> {
+        let n = self.runs.len().saturating_sub(1);
+        self.runs[..n]
+            .iter()
+            .filter(|r| {
+                !Entry {
+                    partition: 0,
+                    offset: 0,
+                    stored_ms: r.max_ms(),
+                }
+                .live(now_ms, self.window_ms)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Swaps `old` runs (contiguous, as [`IdIndex::merge_candidates`] chose them, or expired
+    /// ones) for `new` (if any), then deletes the old files.
+    pub fn replace(&mut self, old: &[Arc<Run>], new: Option<Run>) -> Result<()> {
+        let first = self
+            .runs
+            .iter()
+            .position(|r| old.iter().any(|o| Arc::ptr_eq(o, r)));
+        self.runs.retain(|r| !old.iter().any(|o| Arc::ptr_eq(o, r)));
+        if let (Some(at), Some(new)) = (first, new) {
+            self.runs.insert(at, Arc::new(new));
+        }
+        for r in old {
+            match std::fs::remove_file(r.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(r.path(), e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts for `topics describe` and the docs' bytes-per-id figure.
+    pub fn stats(&self) -> IdStats {
+        IdStats {
+            in_memory: self.in_memory() as u64,
+            on_disk: self.runs.iter().map(|r| r.count()).sum(),
+            runs: self.runs.len() as u64,
+            resident_bytes: self.runs.iter().map(|r| r.resident_bytes()).sum::<u64>()
+                + self.in_memory() as u64 * MEMTABLE_BYTES_PER_ID,
+            disk_bytes: self.runs.iter().map(|r| r.file_bytes()).sum(),
+            duplicates: self.duplicates,
+        }
+    }
+}
+
+/// Heap bytes per memtable id: key and entry (40) plus the hash table's control byte, at its
+/// 7/8 maximum load.
+pub const MEMTABLE_BYTES_PER_ID: u64 = 47;
+
+/// What an [`IdIndex`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdStats {
+    pub in_memory: u64,
+    pub on_disk: u64,
+    pub runs: u64,
+    pub resident_bytes: u64,
+    pub disk_bytes: u64,
+    pub duplicates: u64,
+}
+
+/// Merges `runs` (oldest first) into one run of the next tier in `dir`, keeping the newest entry
+/// per key and dropping those out of the window at `now_ms`.
+pub fn merge(
+    dir: &Path,
+    io: &dyn FileIo,
+    runs: &[Arc<Run>],
+    window_ms: u64,
+    now_ms: i64,
+) -> Result<Run> {
+    let mut sources = runs
+        .iter()
+        .map(|r| r.entries())
+        .collect::<Result<Vec<_>>>()?;
+    let upper: u64 = runs.iter().map(|r| r.count()).sum();
+    let Some(newest) = runs.iter().max_by_key(|r| r.hi()) else {
+        return Err(Error::corrupt(dir, 0, "merge of no runs"));
+    };
+    let spec = run::Spec {
+        lo: runs.iter().map(|r| r.lo()).min().unwrap_or(0),
+        hi: newest.hi(),
+        tier: runs.iter().map(|r| r.tier()).max().unwrap_or(0) + 1,
+        watermarks: newest.watermarks(),
+    };
+    let mut failed: Option<Error> = None;
+    let mut heads: Vec<Option<(Key, Entry)>> = Vec::with_capacity(sources.len());
+    for s in &mut sources {
+        heads.push(s.next().transpose()?);
+    }
+    let merged = std::iter::from_fn(|| {
+        loop {
+            // The smallest key among the heads; on a tie the newest run (last) wins.
+            let mut best: Option<(Key, Entry)> = None;
+            for (k, e) in heads.iter().flatten() {
+                if best.is_none_or(|(b, _)| *k <= b) {
+                    best = Some((*k, *e));
+                }
+            }
+            let (key, entry) = best?;
+            for (head, source) in heads.iter_mut().zip(&mut sources) {
+                if head.is_some_and(|(k, _)| k == key) {
+                    match source.next().transpose() {
+                        Ok(next) => *head = next,
+                        Err(e) => {
+                            failed = Some(e);
+                            return None;
+                        }
+                    }
+                }
+            }
+            if entry.live(now_ms, window_ms) {
+                return Some((key, entry));
+            }
+        }
+    });
+    let run = run::write(dir, io, &spec, upper, merged)?;
+    match failed {
+        Some(e) => {
+            let _ = std::fs::remove_file(run.path());
+            Err(e)
+        }
+        None => Ok(run),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::RealIo;
+
+    fn entry(i: u64, stored_ms: i64) -> Entry {
+        Entry {
+            partition: (i % 3) as u32,
+            offset: i,
+            stored_ms,
+        }
+    }
+
+    fn key(i: u64) -> Key {
+        Key::of(format!("submission-{i}").as_bytes())
+    }
+
+    fn run_of(dir: &Path, seq: u64, ids: impl Iterator<Item = (u64, i64)>) -> Run {
+        let mut sorted: Vec<(Key, Entry)> = ids.map(|(i, ms)| (key(i), entry(i, ms))).collect();
+        sorted.sort_by_key(|(k, _)| *k);
+        let spec = run::Spec {
+            lo: seq,
+            hi: seq,
+            tier: 0,
+            watermarks: &[seq, seq, seq],
+        };
+        run::write(dir, &RealIo, &spec, sorted.len() as u64, sorted.into_iter()).unwrap()
+    }
+
+    #[test]
+    fn a_run_finds_every_key_it_holds_and_no_other_whatever_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        // Around the block size (102 entries) and the bloom filter's block count.
+        for (seq, n) in [0u64, 1, 101, 102, 103, 204, 5000].into_iter().enumerate() {
+            let written = run_of(dir.path(), seq as u64, (0..n).map(|i| (i, 7)));
+            let path = written.path().to_path_buf();
+            let reopened = Run::open(&path, 3).unwrap();
+            for run in [&written, &reopened] {
+                assert_eq!(run.count(), n);
+                for i in 0..n {
+                    assert_eq!(run.get(&key(i)).unwrap(), Some(entry(i, 7)), "n={n} i={i}");
+                }
+                for i in n..n + 2000 {
+                    assert_eq!(run.get(&key(i)).unwrap(), None, "n={n} absent {i}");
+                }
+                let all: Vec<_> = run.entries().unwrap().map(|e| e.unwrap().1).collect();
+                assert_eq!(all.len() as u64, n);
+            }
+            assert_eq!(reopened.resident_bytes(), written.resident_bytes());
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                reopened.file_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn the_bloom_filter_lets_about_one_absent_id_in_a_hundred_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run_of(dir.path(), 0, (0..100_000).map(|i| (i, 1)));
+        let through = (100_000..300_000)
+            .filter(|&i| run.may_hold(&key(i)))
+            .count();
+        let rate = through as f64 / 200_000.0;
+        eprintln!("false positive rate {rate}");
+        assert!(rate < 0.015, "false positive rate {rate}");
+        // 1.5 bytes of filter (rounded up to whole 64-byte blocks) and 16 per 102 ids.
+        assert_eq!(run.resident_bytes(), 2344 * 64 + 981 * 16 + 3 * 8);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_summary_byte_of_a_run_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run_of(dir.path(), 0, (0..150).map(|i| (i, 1)));
+        let bytes = std::fs::read(run.path()).unwrap();
+        let probe = dir.path().join("probe.run");
+        for len in 0..bytes.len() {
+            std::fs::write(&probe, &bytes[..len]).unwrap();
+            let err = Run::open(&probe, 3).unwrap_err();
+            assert!(err.to_string().contains("probe.run"), "{err}");
+        }
+        // Everything after the two entry blocks is summary: bloom, fences, watermarks, footer.
+        for at in 2 * run::BLOCK..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&probe, &bad).unwrap();
+            assert!(
+                Run::open(&probe, 3).is_err(),
+                "flipped byte {at} not noticed"
+            );
+        }
+        // A damaged entry block is found when it is read, with its position.
+        let mut bad = bytes.clone();
+        bad[run::BLOCK + 5] ^= 1;
+        std::fs::write(&probe, &bad).unwrap();
+        let damaged = Run::open(&probe, 3).unwrap();
+        let errors = (0..150)
+            .filter_map(|i| damaged.get(&key(i)).err())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>();
+        assert!(!errors.is_empty());
+        assert!(
+            errors.iter().all(|e| e.contains("at byte 4096")),
+            "{errors:?}"
+        );
+        assert!(damaged.entries().unwrap().any(|e| e.is_err()));
+    }
+
+    #[test]
+    fn merge_keeps_the_newest_entry_per_key_and_drops_those_out_of_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = 1000;
+        // Key i is in runs 0..=i%4; run r stores it at time 100 * (r + 1) + i.
+        let runs: Vec<Arc<Run>> = (0..4u64)
+            .map(|r| {
+                let ids = (0..400u64)
+                    .filter(move |i| i % 4 >= r)
+                    .map(move |i| (i, 100 * (r as i64 + 1) + i as i64));
+                Arc::new(run_of(dir.path(), r, ids))
+            })
+            .collect();
+        let now = 1000 + 250; // entries stored before 250 are out of the window
+        let merged = merge(dir.path(), &RealIo, &runs, window, now).unwrap();
+        assert_eq!((merged.lo(), merged.hi(), merged.tier()), (0, 3, 1));
+        assert_eq!(merged.watermarks(), runs[3].watermarks());
+        for i in 0..400u64 {
+            let newest = (i % 4) as i64;
+            let stored = 100 * (newest + 1) + i as i64;
+            let want = (stored > 250).then(|| entry(i, stored));
+            assert_eq!(merged.get(&key(i)).unwrap(), want, "key {i}");
+        }
+    }
+
+    #[test]
+    fn opening_after_an_interrupted_merge_keeps_one_copy_of_every_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo;
+        for r in 0..4u64 {
+            run_of(dir.path(), r, (r * 10..r * 10 + 10).map(|i| (i, 5)));
+        }
+        let mut index = IdIndex::open(dir.path(), 3, 1000, 16, &io).unwrap();
+        let runs = index.merge_candidates().unwrap();
+        let saved: Vec<(PathBuf, Vec<u8>)> = runs
+            .iter()
+            .map(|r| (r.path().to_path_buf(), std::fs::read(r.path()).unwrap()))
+            .collect();
+        let merged = merge(dir.path(), &io, &runs, 1000, 10).unwrap();
+        index.replace(&runs, Some(merged)).unwrap();
+        assert_eq!(index.stats().runs, 1);
+        // A crash after the merged run was renamed in, before its inputs were deleted, and a
+        // temp file of another merge.
+        for (path, bytes) in &saved {
+            std::fs::write(path, bytes).unwrap();
+        }
+        std::fs::write(dir.path().join("x.run.tmp"), b"partial").unwrap();
+        let index = IdIndex::open(dir.path(), 3, 1000, 16, &io).unwrap();
+        assert_eq!(index.stats().runs, 1);
+        assert_eq!(index.stats().on_disk, 40);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 1);
+        for i in 0..40 {
+            assert_eq!(index.get(&key(i)).unwrap(), Some(entry(i, 5)));
+        }
+    }
+
+    #[test]
+    fn newest_wins_across_memtable_frozen_and_runs_and_the_window_decides_liveness() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo;
+        let mut index = IdIndex::open(dir.path(), 3, 100, 2, &io).unwrap();
+        index.insert(key(1), entry(1, 10));
+        index.insert(key(2), entry(2, 10));
+        assert!(index.full());
+        let frozen = index.freeze(vec![5, 6, 7]);
+        index.insert(key(1), entry(11, 50));
+        assert_eq!(index.get(&key(1)).unwrap(), Some(entry(11, 50)));
+        assert_eq!(index.get(&key(2)).unwrap(), Some(entry(2, 10)));
+        let run = frozen.write(dir.path(), &io).unwrap();
+        index.install(run);
+        assert_eq!(index.watermarks(), vec![5, 6, 7]);
+        assert_eq!(index.get(&key(2)).unwrap(), Some(entry(2, 10)));
+        assert_eq!(index.get(&key(1)).unwrap(), Some(entry(11, 50)));
+        let e = index.get(&key(2)).unwrap().unwrap();
+        assert!(e.live(109, 100));
+        assert!(!e.live(110, 100));
+        // The newest run keeps the watermarks even when all its ids expired.
+        assert!(index.expired_runs(1_000_000).is_empty());
+        let reopened = IdIndex::open(dir.path(), 3, 100, 2, &io).unwrap();
+        assert_eq!(reopened.watermarks(), vec![5, 6, 7]);
+        assert_eq!(reopened.get(&key(1)).unwrap(), Some(entry(1, 10)));
+    }
+}
