@@ -20,15 +20,15 @@ trap 'kill -9 $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 pid=
 port=
 
-# start DATA: starts a broker on DATA; sets pid and port; prints seconds until it listens.
+# start DATA: starts a broker on DATA; sets pid, port and took (seconds until it listened).
 start() {
   local out="$work/serve.out"
   local t0
   t0=$(date +%s.%N)
   RUST_LOG=warn "$bin" serve --data-dir "$1" --listen 127.0.0.1:0 --fsync always >"$out" &
   pid=$!
-  until grep -q listening "$out"; do sleep 0.01; done
-  echo "$(date +%s.%N) - $t0" | bc
+  until grep -q listening "$out"; do sleep 0.005; done
+  took=$(echo "$(date +%s.%N) - $t0" | bc)
   port=$(sed -n 's/^sluice listening on 127.0.0.1://p' "$out")
 }
 
@@ -39,11 +39,13 @@ if [ "$part" = 1 ] || [ "$part" = all ]; then
     for client in lean tonic; do
       for mode in "" --ids; do
         rm -rf "$work/data"
-        start "$work/data" >/dev/null
+        start "$work/data"
         b=(--broker "127.0.0.1:$port" --client "$client" $mode)
         echo "== $client ${mode:-(no ids)}"
         "$bin" bench produce "${b[@]}" --topic batched --producers 4 --connections 4 \
           --batch 1000 --size 100 --messages 2000000 --broker-pid "$pid"
+        "$bin" bench produce "${b[@]}" --topic batched1k --producers 1 --batch 1000 \
+          --size 1000 --messages 500000 --broker-pid "$pid"
         "$bin" bench produce "${b[@]}" --topic lone --producers 1 --batch 1 --size 100 \
           --messages 10000 --broker-pid "$pid"
         kill -INT $pid
@@ -56,16 +58,19 @@ fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
   for mode in "" --ids; do
     rm -rf "$work/data"
-    start "$work/data" >/dev/null
+    start "$work/data"
     echo "== $ids messages ${mode:-without ids}"
     echo "RSS at start: $(rss_mib $pid) MiB"
     "$bin" bench produce --broker "127.0.0.1:$port" $mode --topic epro --producers 4 \
       --connections 4 --batch 1000 --size 16 --messages "$ids" --broker-pid "$pid"
     echo "RSS after: $(rss_mib $pid) MiB"
+    sleep 15
+    echo "RSS 15 s later: $(rss_mib $pid) MiB"
     "$bin" topics describe --broker "127.0.0.1:$port" epro | grep ids: || true
     kill -9 $pid
     wait $pid 2>/dev/null || true
-    echo "restart after SIGKILL: $(start "$work/data") s to listening"
+    start "$work/data"
+    echo "restart after SIGKILL: $took s to listening"
     echo "RSS after the restart: $(rss_mib $pid) MiB"
     "$bin" topics describe --broker "127.0.0.1:$port" epro | grep ids: || true
     kill -INT $pid

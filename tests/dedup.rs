@@ -56,6 +56,19 @@ async fn stored_ids(broker: &Broker, topic: &str) -> Vec<(Option<Bytes>, u32, u6
     out
 }
 
+/// Opens the broker once the one dropped before it (a crash, in process) has let go of the data
+/// directory: its index writes still running hold the lock until they end.
+async fn reopen(c: &Config) -> Arc<Broker> {
+    loop {
+        match Broker::open(c.clone()).await {
+            Err(sluice::broker::Error::Storage(sluice::storage::Error::Locked { .. })) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 fn placed(p: &Placed) -> (u32, u64) {
     (p.partition, p.offset)
 }
@@ -180,7 +193,7 @@ async fn ids_survive_restarts_crashes_and_the_writing_of_index_files() {
     };
     let mut first: HashMap<String, (u32, u64)> = HashMap::new();
     for round in 0..4 {
-        let broker = Broker::open(c.clone()).await.unwrap();
+        let broker = reopen(&c).await;
         if round == 0 {
             broker.create_topic("t", topic.clone()).await.unwrap();
         }
@@ -212,7 +225,7 @@ async fn ids_survive_restarts_crashes_and_the_writing_of_index_files() {
             drop(broker);
         }
     }
-    let broker = Broker::open(c).await.unwrap();
+    let broker = reopen(&c).await;
     let stored = stored_ids(&broker, "t").await;
     assert_eq!(stored.len(), first.len());
     for (id, p, o) in stored {
@@ -274,7 +287,7 @@ async fn an_id_outlives_its_record_removed_by_retention_or_compaction() {
         assert_eq!(stored_ids(&broker, name).await.len(), gone.len(), "{name}");
     }
     drop(broker);
-    let broker = Broker::open(config(dir.path())).await.unwrap();
+    let broker = reopen(&config(dir.path())).await;
     for name in ["retained", "compacted"] {
         let retry = broker
             .send(name, vec![with_id("sub-0", None, "first")])
@@ -502,7 +515,7 @@ proptest! {
                     }
                     Step::Crash => {
                         drop(broker);
-                        broker = Broker::open(c.clone()).await.unwrap();
+                        broker = reopen(&c).await;
                     }
                 }
             }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::storage::ids::{self, Entry, IdIndex, IdStats, Key, KeyMap};
+use crate::storage::ids::{self, Claimed as Found, Entry, IdIndex, IdStats, Key, KeyMap};
 use crate::storage::{FileIo, Partition};
 
 use super::error::{Error, Result};
@@ -33,18 +33,13 @@ pub enum Claim {
     Repeat(usize),
 }
 
-#[derive(Debug)]
-struct Pending {
-    partition: u32,
-    /// The partition's end when the id was claimed: its offset will be at or above.
-    floor: u64,
-    waiters: Vec<oneshot::Sender<Result<Entry, String>>>,
-}
+type Waiter = oneshot::Sender<Result<Entry, String>>;
 
 #[derive(Debug)]
 struct State {
     index: IdIndex,
-    pending: KeyMap<Pending>,
+    /// Sends waiting for a pending id's append (rarely any).
+    waiters: KeyMap<Vec<Waiter>>,
 }
 
 #[derive(Debug)]
@@ -54,9 +49,18 @@ pub struct Dedup {
     writing: Mutex<()>,
     /// Held while runs are merged or expired.
     merging: Mutex<()>,
-    /// A background write is scheduled or running.
-    scheduled: AtomicBool,
+    /// A background write of runs is scheduled or running.
+    writing_later: AtomicBool,
+    /// A background merge is scheduled or running.
+    merging_later: AtomicBool,
     io: Arc<dyn FileIo>,
+}
+
+/// Work done off the request path, one of each kind at a time per topic.
+#[derive(Debug, Clone, Copy)]
+pub enum Background {
+    Write,
+    Merge,
 }
 
 /// One message of a Send as the id check sees it.
@@ -86,11 +90,12 @@ impl Dedup {
         Ok(Dedup {
             state: Mutex::new(State {
                 index,
-                pending: KeyMap::default(),
+                waiters: KeyMap::default(),
             }),
             writing: Mutex::new(()),
             merging: Mutex::new(()),
-            scheduled: AtomicBool::new(false),
+            writing_later: AtomicBool::new(false),
+            merging_later: AtomicBool::new(false),
             io,
         })
     }
@@ -107,7 +112,6 @@ impl Dedup {
     /// ids to append become pending (release them with [`Dedup::settle`] or [`Dedup::release`]).
     pub fn claim(&self, items: &[Item], now_ms: i64) -> Result<Vec<Claim>> {
         let mut st = self.state();
-        let window = st.index.window_ms();
         let mut claims = Vec::with_capacity(items.len());
         let mut mine: KeyMap<usize> = KeyMap::default();
         for (i, item) in items.iter().enumerate() {
@@ -120,14 +124,14 @@ impl Dedup {
                 continue;
             }
             mine.insert(key, i);
-            if let Some(p) = st.pending.get_mut(&key) {
-                let (tx, rx) = oneshot::channel();
-                p.waiters.push(tx);
-                claims.push(Claim::Wait(rx));
-                continue;
-            }
-            let known = match st.index.get(&key) {
-                Ok(known) => known.filter(|e| e.live(now_ms, window)),
+            match st.index.claim(key, item.partition, item.floor, now_ms) {
+                Ok(Found::New) => claims.push(Claim::New),
+                Ok(Found::Known(e)) => claims.push(Claim::Known(e)),
+                Ok(Found::Pending) => {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.entry(key).or_default().push(tx);
+                    claims.push(Claim::Wait(rx));
+                }
                 Err(e) => {
                     let error = Error::from(e);
                     let claimed: Vec<Key> = claims
@@ -139,20 +143,6 @@ impl Dedup {
                     release_locked(&mut st, &claimed, &error.to_string());
                     return Err(error);
                 }
-            };
-            match known {
-                Some(e) => claims.push(Claim::Known(e)),
-                None => {
-                    st.pending.insert(
-                        key,
-                        Pending {
-                            partition: item.partition,
-                            floor: item.floor,
-                            waiters: Vec::new(),
-                        },
-                    );
-                    claims.push(Claim::New);
-                }
             }
         }
         Ok(claims)
@@ -162,9 +152,11 @@ impl Dedup {
     pub fn settle(&self, stored: &[(Key, Entry)]) {
         let mut st = self.state();
         for (key, entry) in stored {
-            st.index.insert(*key, *entry);
-            if let Some(p) = st.pending.remove(key) {
-                for w in p.waiters {
+            st.index.settle(*key, *entry);
+        }
+        if !st.waiters.is_empty() {
+            for (key, entry) in stored {
+                for w in st.waiters.remove(key).unwrap_or_default() {
                     let _ = w.send(Ok(*entry));
                 }
             }
@@ -177,13 +169,30 @@ impl Dedup {
         release_locked(&mut self.state(), keys, why);
     }
 
-    /// Takes the right to schedule a background write; false if one is scheduled already.
-    pub fn begin_writing(&self) -> bool {
-        !self.scheduled.swap(true, Ordering::AcqRel)
+    fn flag(&self, task: Background) -> &AtomicBool {
+        match task {
+            Background::Write => &self.writing_later,
+            Background::Merge => &self.merging_later,
+        }
     }
 
-    pub fn end_writing(&self) {
-        self.scheduled.store(false, Ordering::Release);
+    /// Takes the right to schedule `task` in the background; false if it is scheduled already.
+    pub fn begin(&self, task: Background) -> bool {
+        !self.flag(task).swap(true, Ordering::AcqRel)
+    }
+
+    pub fn end(&self, task: Background) {
+        self.flag(task).store(false, Ordering::Release);
+    }
+
+    /// Whether frozen memtables wait to be written.
+    pub fn unwritten(&self) -> bool {
+        self.state().index.unwritten().is_some()
+    }
+
+    /// Whether runs wait to be merged.
+    pub fn mergeable(&self) -> bool {
+        self.state().index.merge_candidates().is_some()
     }
 
     /// Counts duplicates answered (for `topics describe`).
@@ -196,25 +205,15 @@ impl Dedup {
         self.state().index.full()
     }
 
-    /// Freezes the memtable if anything happened since the last run (`force`: even if not), with
-    /// watermarks below which every id is settled: each partition's end, lowered to the floor
-    /// of any id still pending there. Returns whether it froze.
-    pub fn freeze(&self, logs: &[&Partition], force: bool) -> bool {
+    /// Freezes the memtable if anything happened since the last run (each partition's end
+    /// above its watermark, or ids in memory). Returns whether it froze.
+    pub fn freeze(&self, logs: &[&Partition]) -> bool {
         let mut st = self.state();
-        let mut marks: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
-        if !force && !st.index.behind(&marks) {
+        let ends: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
+        if !st.index.behind(&ends) {
             return false;
         }
-        for p in st.pending.values() {
-            if let Some(m) = marks.get_mut(p.partition as usize) {
-                *m = (*m).min(p.floor);
-            }
-        }
-        // Never below what an older run already covers.
-        for (m, old) in marks.iter_mut().zip(st.index.watermarks()) {
-            *m = (*m).max(old);
-        }
-        st.index.freeze(marks);
+        st.index.freeze(&ends);
         true
     }
 
@@ -230,6 +229,7 @@ impl Dedup {
                 }
             };
             let run = frozen.write(&dir, self.io.as_ref())?;
+            drop(frozen);
             self.state().index.install(run);
         }
     }
@@ -260,7 +260,7 @@ impl Dedup {
     /// Puts every settled id into a run on disk, so that the logs may be cut below
     /// [`Dedup::watermarks`] (blocking).
     pub fn persist(&self, logs: &[&Partition], now_ms: i64) -> Result<()> {
-        self.freeze(logs, false);
+        self.freeze(logs);
         self.write_frozen()?;
         self.merge(now_ms)
     }
@@ -277,10 +277,9 @@ impl Dedup {
 
 fn release_locked(st: &mut State, keys: &[Key], why: &str) {
     for key in keys {
-        if let Some(p) = st.pending.remove(key) {
-            for w in p.waiters {
-                let _ = w.send(Err(why.to_string()));
-            }
+        st.index.release(key);
+        for w in st.waiters.remove(key).unwrap_or_default() {
+            let _ = w.send(Err(why.to_string()));
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::audit::AuditEvent;
-use super::dedup::{Claim, Claimed, Dedup, Item};
+use super::dedup::{Background, Claim, Claimed, Dedup, Item};
 use super::groups::read_record;
 use super::{Broker, Error, NewMessage, Placed, Result, Topic, now_ms, refuse_audit_topic, topic};
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
@@ -219,26 +219,50 @@ impl Broker {
         }
         dedup.answered_duplicates(duplicates);
         if dedup.full() {
+            let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
+            dedup.freeze(&logs);
             self.write_ids_later(topic);
         }
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Writes a topic's full memtable as a run, and merges, off the request path.
+    /// Writes a topic's frozen memtables as runs, then merges runs, off the request path: one
+    /// writer and one merger per topic, so a long merge never holds up the next write.
     fn write_ids_later(&self, topic: &Arc<Topic>) {
         let Some(dedup) = topic.dedup.clone() else {
             return;
         };
-        if !dedup.begin_writing() {
+        if !dedup.begin(Background::Write) {
             return;
         }
-        let topic = Arc::clone(topic);
+        let name = Arc::clone(&topic.name);
+        let tasks = self.tasks.clone();
+        // The data directory stays locked while its files are written, even if the broker is
+        // dropped meanwhile.
+        let data = Arc::clone(&self.data);
         self.tasks.spawn_blocking(move || {
-            let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
-            if let Err(e) = dedup.persist(&logs, now_ms()) {
-                tracing::error!(topic = %topic.name, error = %e, "writing the id index failed");
+            loop {
+                let written = dedup.write_frozen();
+                dedup.end(Background::Write);
+                if let Err(e) = written {
+                    // Frozen memtables stay in memory (and are looked up) until a write works.
+                    tracing::error!(topic = %name, error = %e, "writing the id index failed; retried at the next write");
+                    break;
+                }
+                // A memtable frozen after the write looked is written now, by this task.
+                if !dedup.unwritten() || !dedup.begin(Background::Write) {
+                    break;
+                }
             }
-            dedup.end_writing();
+            if dedup.mergeable() && dedup.begin(Background::Merge) {
+                tasks.spawn_blocking(move || {
+                    if let Err(e) = dedup.merge(now_ms()) {
+                        tracing::error!(topic = %name, error = %e, "merging the id index failed");
+                    }
+                    dedup.end(Background::Merge);
+                            drop(data);
+                });
+            }
         });
     }
 

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use super::error::{Error, Result};
 use super::io::FileIo;
 use super::partition::Partition;
-pub use run::Run;
+pub use run::{Probe, Run};
 
 /// An id may be at most this long.
 pub const MAX_ID_BYTES: usize = 128;
@@ -106,18 +106,49 @@ impl Entry {
     }
 }
 
+/// A memtable's value: an id stored, or one being appended right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Stored(Entry),
+    /// Claimed by a Send that is appending it to `partition`, whose end was `floor` at the
+    /// claim: its offset will be at or above.
+    Pending {
+        partition: u32,
+        floor: u64,
+    },
+}
+
+/// What [`IdIndex::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// Not known inside the window: now pending, for the caller to append.
+    New,
+    /// Stored inside the window.
+    Known(Entry),
+    /// Another Send is appending it.
+    Pending,
+}
+
 /// A memtable on its way to disk, with the watermarks it completes.
 #[derive(Debug)]
 pub struct Frozen {
     seq: u64,
-    entries: KeyMap<Entry>,
+    /// The memtable as it was frozen, pending slots taken out: only stored ids.
+    entries: KeyMap<Slot>,
     watermarks: Vec<u64>,
 }
 
 impl Frozen {
     /// Writes this memtable as a run in `dir` (durable when it returns).
     pub fn write(&self, dir: &Path, io: &dyn FileIo) -> Result<Run> {
-        let mut sorted: Vec<(Key, Entry)> = self.entries.iter().map(|(k, e)| (*k, *e)).collect();
+        let mut sorted: Vec<(Key, Entry)> = self
+            .entries
+            .iter()
+            .filter_map(|(k, slot)| match slot {
+                Slot::Stored(e) => Some((*k, *e)),
+                Slot::Pending { .. } => None,
+            })
+            .collect();
         sorted.sort_unstable_by_key(|(k, _)| *k);
         let spec = run::Spec {
             lo: self.seq,
@@ -136,7 +167,9 @@ pub struct IdIndex {
     partitions: u32,
     window_ms: u64,
     memtable_ids: usize,
-    memtable: KeyMap<Entry>,
+    memtable: KeyMap<Slot>,
+    /// A written memtable's table, cleared, for the next memtable.
+    spare: Option<KeyMap<Slot>>,
     /// Frozen memtables not yet installed as runs, oldest first.
     frozen: Vec<Arc<Frozen>>,
     /// Runs, oldest (lowest `hi`) first.
@@ -163,7 +196,12 @@ impl IdIndex {
             let path = entry.map_err(|e| Error::io(dir, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(".tmp") {
-                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(&path, e));
+                    }
+                    _ => {}
+                }
             } else if name.ends_with(".run") {
                 runs.push(Arc::new(Run::open(&path, partitions)?));
             }
@@ -186,6 +224,7 @@ impl IdIndex {
             window_ms,
             memtable_ids,
             memtable: KeyMap::default(),
+            spare: None,
             frozen: Vec::new(),
             runs: kept,
             next_seq,
@@ -239,7 +278,7 @@ impl IdIndex {
                         match self.get(&key)? {
                             Some(e) if e == entry || e.stored_ms > entry.stored_ms => {}
                             _ => {
-                                self.memtable.insert(key, entry);
+                                self.memtable.insert(key, Slot::Stored(entry));
                                 found += 1;
                             }
                         }
@@ -251,15 +290,29 @@ impl IdIndex {
         Ok(found)
     }
 
-    /// The newest entry for `key`, live or not.
+    /// The newest entry for `key`, live or not (pending ids are not entries yet).
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
-        if let Some(e) = self.memtable.get(key) {
-            return Ok(Some(*e));
+        match self.memtable.get(key) {
+            Some(Slot::Stored(e)) => Ok(Some(*e)),
+            _ => self.get_below_memtable(key),
         }
+    }
+
+    fn get_below_memtable(&self, key: &Key) -> Result<Option<Entry>> {
         for f in self.frozen.iter().rev() {
-            if let Some(e) = f.entries.get(key) {
+            if let Some(Slot::Stored(e)) = f.entries.get(key) {
                 return Ok(Some(*e));
             }
+        }
+        // Most lookups are of new ids: every filter is checked, then runs are read only if one
+        // said "maybe".
+        let probe = Probe::new(key);
+        if !self
+            .runs
+            .iter()
+            .fold(false, |any, r| any | r.may_hold(&probe))
+        {
+            return Ok(None);
         }
         for r in self.runs.iter().rev() {
             if let Some(e) = r.get(key)? {
@@ -269,9 +322,42 @@ impl IdIndex {
         Ok(None)
     }
 
+    /// Looks `key` up and, unless it is stored inside the window at `now_ms` or pending, marks
+    /// it pending for a Send about to append it to `partition` (whose end is `floor`). One
+    /// memtable probe: the claim, the check and the pending mark are the same slot.
+    pub fn claim(&mut self, key: Key, partition: u32, floor: u64, now_ms: i64) -> Result<Claimed> {
+        let window = self.window_ms;
+        let found = match self.memtable.get(&key) {
+            Some(Slot::Pending { .. }) => return Ok(Claimed::Pending),
+            // The memtable holds the newest entry: out of the window, it is stored again.
+            Some(Slot::Stored(e)) => Some(*e).filter(|e| e.live(now_ms, window)),
+            None => self
+                .get_below_memtable(&key)?
+                .filter(|e| e.live(now_ms, window)),
+        };
+        if let Some(e) = found {
+            return Ok(Claimed::Known(e));
+        }
+        self.memtable
+            .insert(key, Slot::Pending { partition, floor });
+        Ok(Claimed::New)
+    }
+
+    /// A pending id is durable at `entry`.
+    pub fn settle(&mut self, key: Key, entry: Entry) {
+        self.memtable.insert(key, Slot::Stored(entry));
+    }
+
+    /// A pending id will not be stored: forgotten (what was known before still is).
+    pub fn release(&mut self, key: &Key) {
+        if let Some(Slot::Pending { .. }) = self.memtable.get(key) {
+            self.memtable.remove(key);
+        }
+    }
+
     /// Records that `key` was stored at `entry` (newer than anything known for it).
     pub fn insert(&mut self, key: Key, entry: Entry) {
-        self.memtable.insert(key, entry);
+        self.memtable.insert(key, Slot::Stored(entry));
     }
 
     /// Whether the memtable is due to be frozen.
@@ -290,14 +376,36 @@ impl IdIndex {
         self.in_memory() > 0 || self.watermarks().iter().zip(ends).any(|(w, e)| w < e)
     }
 
-    /// Freezes the memtable: it is written as a run by [`Frozen::write`], then [`IdIndex::install`]ed.
-    /// `watermarks` must hold for everything inserted so far: below them, every record with an id
-    /// is in this memtable or an older one.
-    pub fn freeze(&mut self, watermarks: Vec<u64>) -> Arc<Frozen> {
+    /// Freezes the memtable's stored ids: they are written as a run by [`Frozen::write`], then
+    /// [`IdIndex::install`]ed. Pending ids stay in the new memtable. `ends` are the partitions'
+    /// ends now; each becomes the run's watermark, lowered to the floor of any id still pending
+    /// in that partition (its record will be at or above) and never below an older run's.
+    pub fn freeze(&mut self, ends: &[u64]) -> Arc<Frozen> {
+        let mut marks = ends.to_vec();
+        for (m, old) in marks.iter_mut().zip(self.watermarks()) {
+            *m = (*m).max(old);
+        }
+        // The next memtable is the map of the last one written (cleared, its capacity kept), so
+        // a busy topic allocates no table per memtable; else one sized as this one.
+        let mut next = self.spare.take().unwrap_or_else(|| {
+            KeyMap::with_capacity_and_hasher(self.memtable.len(), Default::default())
+        });
+        let mut entries = std::mem::take(&mut self.memtable);
+        entries.retain(|key, slot| match *slot {
+            Slot::Stored(_) => true,
+            Slot::Pending { partition, floor } => {
+                if let Some(m) = marks.get_mut(partition as usize) {
+                    *m = (*m).min(floor);
+                }
+                next.insert(*key, *slot);
+                false
+            }
+        });
+        self.memtable = next;
         let frozen = Arc::new(Frozen {
             seq: self.next_seq,
-            entries: std::mem::take(&mut self.memtable),
-            watermarks,
+            entries,
+            watermarks: marks,
         });
         self.next_seq += 1;
         self.frozen.push(Arc::clone(&frozen));
@@ -312,7 +420,12 @@ impl IdIndex {
     /// Replaces the oldest frozen memtable by the run written from it.
     pub fn install(&mut self, run: Run) {
         if !self.frozen.is_empty() {
-            self.frozen.remove(0);
+            let frozen = self.frozen.remove(0);
+            // The writer has let go of it: its table becomes the next memtable's.
+            if let Ok(mut f) = Arc::try_unwrap(frozen) {
+                f.entries.clear();
+                self.spare = Some(f.entries);
+            }
         }
         self.runs.push(Arc::new(run));
     }
@@ -384,9 +497,9 @@ impl IdIndex {
     }
 }
 
-/// Heap bytes per memtable id: key and entry (40) plus the hash table's control byte, at its
+/// Heap bytes per memtable id: key and slot (48) plus the hash table's control byte, at its
 /// 7/8 maximum load.
-pub const MEMTABLE_BYTES_PER_ID: u64 = 47;
+pub const MEMTABLE_BYTES_PER_ID: u64 = 56;
 
 /// What an [`IdIndex`] holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -524,7 +637,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = run_of(dir.path(), 0, (0..100_000).map(|i| (i, 1)));
         let through = (100_000..300_000)
-            .filter(|&i| run.may_hold(&key(i)))
+            .filter(|&i| run.may_hold(&Probe::new(&key(i))))
             .count();
         let rate = through as f64 / 200_000.0;
         eprintln!("false positive rate {rate}");
@@ -636,7 +749,7 @@ mod tests {
         index.insert(key(1), entry(1, 10));
         index.insert(key(2), entry(2, 10));
         assert!(index.full());
-        let frozen = index.freeze(vec![5, 6, 7]);
+        let frozen = index.freeze(&[5, 6, 7]);
         index.insert(key(1), entry(11, 50));
         assert_eq!(index.get(&key(1)).unwrap(), Some(entry(11, 50)));
         assert_eq!(index.get(&key(2)).unwrap(), Some(entry(2, 10)));

@@ -71,11 +71,36 @@ fn blocks_for(count: u64) -> u64 {
     count.div_ceil(ENTRIES_PER_BLOCK as u64)
 }
 
-/// Bit positions of `key` in a filter of `blocks` blocks: (block, seven bit numbers 0..512).
-fn bloom_bits(key: &Key, blocks: usize) -> (usize, impl Iterator<Item = usize>) {
-    let block = ((u128::from(key.word(0)) * blocks as u128) >> 64) as usize;
-    let h = key.word(1);
-    (block, (0..7).map(move |i| ((h >> (9 * i)) & 511) as usize))
+/// A key's place in any run's Bloom filter, computed once per lookup and checked against every
+/// run. The block is chosen by the key's first 8 bytes read big-endian, so that blocks follow key
+/// order (a run is written in key order: its filter is filled front to back); the seven bits
+/// inside the 512-bit block come from bytes 8..16.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    prefix: u64,
+    mask: [u64; 8],
+}
+
+impl Probe {
+    pub fn new(key: &Key) -> Probe {
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&key.0[..8]);
+        let h = key.word(1);
+        let mut mask = [0u64; 8];
+        for i in 0..7 {
+            let bit = ((h >> (9 * i)) & 511) as usize;
+            mask[bit / 64] |= 1 << (bit % 64);
+        }
+        Probe {
+            prefix: u64::from_be_bytes(prefix),
+            mask,
+        }
+    }
+
+    /// The first of the block's eight words in a filter of `blocks` blocks.
+    fn word(&self, blocks: usize) -> usize {
+        (((u128::from(self.prefix) * blocks as u128) >> 64) as usize) * 8
+    }
 }
 
 fn encode_entry(out: &mut [u8], key: &Key, e: &Entry) {
@@ -150,9 +175,10 @@ pub fn write(
             &key,
             &e,
         );
-        let (b, bits) = bloom_bits(&key, bloom_blocks);
-        for bit in bits {
-            bloom[b * 8 + bit / 64] |= 1 << (bit % 64);
+        let probe = Probe::new(&key);
+        let at = probe.word(bloom_blocks);
+        for (w, m) in bloom[at..at + 8].iter_mut().zip(probe.mask) {
+            *w |= m;
         }
         count += 1;
         min_ms = min_ms.min(e.stored_ms);
@@ -329,15 +355,21 @@ impl Run {
         blocks_for(self.count) * BLOCK as u64 + (self.resident_bytes() + FOOTER as u64)
     }
 
-    /// Whether the Bloom filter lets `key` through (it may be here; if not, it is not).
-    pub fn may_hold(&self, key: &Key) -> bool {
-        let (b, mut bits) = bloom_bits(key, self.bloom.len() / 8);
-        self.count > 0 && bits.all(|bit| self.bloom[b * 8 + bit / 64] & (1 << (bit % 64)) != 0)
+    /// Whether the Bloom filter lets the key through (it may be here; if not, it is not). No
+    /// branch on the filter's bits: a lookup checks every run, and their cache misses overlap.
+    pub fn may_hold(&self, probe: &Probe) -> bool {
+        let at = probe.word(self.bloom.len() / 8);
+        let block = &self.bloom[at..at + 8];
+        let hit = block
+            .iter()
+            .zip(probe.mask)
+            .fold(true, |hit, (w, m)| hit & (w & m == m));
+        hit & (self.count > 0)
     }
 
     /// The entry for `key`, if this run has one.
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
-        if !self.may_hold(key) {
+        if !self.may_hold(&Probe::new(key)) {
             return Ok(None);
         }
         let Some(block) = self.fences.partition_point(|f| f <= key).checked_sub(1) else {
