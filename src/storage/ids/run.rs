@@ -38,6 +38,49 @@ const FOOTER: usize = 64;
 const BLOOM_BITS_PER_ID: u64 = 12;
 const BLOOM_BLOCK_BYTES: usize = 64;
 
+/// A run's Bloom filter, in an anonymous mapping rather than on the heap: a merge drops the
+/// filters of the runs it replaced (up to 1.5 bytes per id each), and a mapping goes back to the
+/// system at once, where the allocator would keep the pages of a large freed block resident on
+/// the background thread that freed it.
+#[derive(Debug)]
+struct Bloom {
+    map: memmap2::MmapMut,
+}
+
+impl Bloom {
+    fn zeroed(blocks: usize) -> std::io::Result<Bloom> {
+        Ok(Bloom {
+            map: memmap2::MmapMut::map_anon(blocks.max(1) * BLOOM_BLOCK_BYTES)?,
+        })
+    }
+
+    fn blocks(&self) -> usize {
+        self.map.len() / BLOOM_BLOCK_BYTES
+    }
+
+    fn word(&self, i: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&self.map[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    fn set(&mut self, probe: &Probe) {
+        let at = probe.word(self.blocks());
+        for (i, m) in probe.mask.iter().enumerate() {
+            let w = self.word(at + i) | m;
+            self.map[(at + i) * 8..(at + i) * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+
+    fn may_hold(&self, probe: &Probe) -> bool {
+        let at = probe.word(self.blocks());
+        (0..8).fold(true, |hit, i| {
+            let m = probe.mask[i];
+            hit & (self.word(at + i) & m == m)
+        })
+    }
+}
+
 /// What a new run says about itself.
 #[derive(Debug)]
 pub struct Spec<'a> {
@@ -59,7 +102,7 @@ pub struct Run {
     min_ms: i64,
     max_ms: i64,
     watermarks: Vec<u64>,
-    bloom: Vec<u64>,
+    bloom: Bloom,
     fences: Vec<Key>,
 }
 
@@ -152,10 +195,10 @@ pub fn write(
         )
         .map_err(|e| Error::io(&tmp, e))?;
     let bloom_blocks = (upper * BLOOM_BITS_PER_ID).div_ceil(512).max(1) as usize;
-    let mut bloom = vec![0u64; bloom_blocks * 8];
+    let mut bloom = Bloom::zeroed(bloom_blocks).map_err(|e| Error::io(&tmp, e))?;
     let mut fences = Vec::with_capacity(blocks_for(upper) as usize);
     let (mut count, mut min_ms, mut max_ms) = (0u64, i64::MAX, i64::MIN);
-    let mut out = BufWriter::with_capacity(1 << 20, &file);
+    let mut out = BufWriter::with_capacity(256 << 10, &file);
     let mut block = vec![0u8; BLOCK];
     let mut in_block = 0;
     let io_err = |e| Error::io(&tmp, e);
@@ -175,11 +218,7 @@ pub fn write(
             &key,
             &e,
         );
-        let probe = Probe::new(&key);
-        let at = probe.word(bloom_blocks);
-        for (w, m) in bloom[at..at + 8].iter_mut().zip(probe.mask) {
-            *w |= m;
-        }
+        bloom.set(&Probe::new(&key));
         count += 1;
         min_ms = min_ms.min(e.stored_ms);
         max_ms = max_ms.max(e.stored_ms);
@@ -195,30 +234,34 @@ pub fn write(
     if count == 0 {
         (min_ms, max_ms) = (i64::MIN, i64::MIN);
     }
-    let mut meta = Vec::with_capacity(bloom.len() * 8 + fences.len() * 16 + FOOTER);
-    for w in &bloom {
-        meta.extend_from_slice(&w.to_le_bytes());
-    }
+    // The summary is written as it is checksummed, without a copy of the filter.
+    let mut footer = Vec::with_capacity(FOOTER);
+    footer.extend_from_slice(MAGIC);
+    footer.extend_from_slice(&VERSION.to_le_bytes());
+    footer.extend_from_slice(&0u16.to_le_bytes());
+    footer.extend_from_slice(&spec.lo.to_le_bytes());
+    footer.extend_from_slice(&spec.hi.to_le_bytes());
+    footer.extend_from_slice(&spec.tier.to_le_bytes());
+    footer.extend_from_slice(&(spec.watermarks.len() as u32).to_le_bytes());
+    footer.extend_from_slice(&count.to_le_bytes());
+    footer.extend_from_slice(&min_ms.to_le_bytes());
+    footer.extend_from_slice(&max_ms.to_le_bytes());
+    footer.extend_from_slice(&(bloom_blocks as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    let mut put = |bytes: &[u8]| {
+        crc.update(bytes);
+        out.write_all(bytes)
+    };
+    put(&bloom.map).map_err(io_err)?;
     for f in &fences {
-        meta.extend_from_slice(&f.0);
+        put(&f.0).map_err(io_err)?;
     }
     for w in spec.watermarks {
-        meta.extend_from_slice(&w.to_le_bytes());
+        put(&w.to_le_bytes()).map_err(io_err)?;
     }
-    meta.extend_from_slice(MAGIC);
-    meta.extend_from_slice(&VERSION.to_le_bytes());
-    meta.extend_from_slice(&0u16.to_le_bytes());
-    meta.extend_from_slice(&spec.lo.to_le_bytes());
-    meta.extend_from_slice(&spec.hi.to_le_bytes());
-    meta.extend_from_slice(&spec.tier.to_le_bytes());
-    meta.extend_from_slice(&(spec.watermarks.len() as u32).to_le_bytes());
-    meta.extend_from_slice(&count.to_le_bytes());
-    meta.extend_from_slice(&min_ms.to_le_bytes());
-    meta.extend_from_slice(&max_ms.to_le_bytes());
-    meta.extend_from_slice(&(bloom_blocks as u32).to_le_bytes());
-    let crc = crc32fast::hash(&meta);
-    meta.extend_from_slice(&crc.to_le_bytes());
-    out.write_all(&meta).map_err(io_err)?;
+    put(&footer).map_err(io_err)?;
+    out.write_all(&crc.finalize().to_le_bytes())
+        .map_err(io_err)?;
     out.flush().map_err(io_err)?;
     drop(out);
     io.sync_data(&tmp, &file).map_err(io_err)?;
@@ -280,29 +323,37 @@ impl Run {
         {
             return Err(corrupt("length does not match its footer"));
         }
-        let mut meta = vec![0u8; meta_len as usize + FOOTER];
-        file.read_exact_at(&mut meta, blocks * BLOCK as u64)
+        let bloom_bytes = bloom_blocks as usize * BLOOM_BLOCK_BYTES;
+        let mut bloom = Bloom::zeroed(bloom_blocks as usize).map_err(|e| Error::io(path, e))?;
+        let at = blocks * BLOCK as u64;
+        if bloom_bytes > 0 {
+            file.read_exact_at(&mut bloom.map[..bloom_bytes], at)
+                .map_err(|e| Error::io(path, e))?;
+        }
+        let mut rest = vec![0u8; meta_len as usize - bloom_bytes + FOOTER];
+        file.read_exact_at(&mut rest, at + bloom_bytes as u64)
             .map_err(|e| Error::io(path, e))?;
-        if crc32fast::hash(&meta[..meta.len() - 4]) != u32_at(60) {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bloom.map[..bloom_bytes]);
+        crc.update(&rest[..rest.len() - 4]);
+        if crc.finalize() != u32_at(60) || bloom.blocks() != (bloom_blocks as usize).max(1) {
             return Err(corrupt("summary CRC mismatch"));
         }
-        let words = |b: &[u8]| -> Vec<u64> {
-            b.chunks_exact(8)
-                .map(|c| {
-                    let mut w = [0u8; 8];
-                    w.copy_from_slice(c);
-                    u64::from_le_bytes(w)
-                })
-                .collect()
-        };
-        let bloom_end = bloom_blocks as usize * BLOOM_BLOCK_BYTES;
-        let fences_end = bloom_end + blocks as usize * 16;
-        let fences = meta[bloom_end..fences_end]
+        let fences_end = blocks as usize * 16;
+        let fences = rest[..fences_end]
             .chunks_exact(16)
             .map(|c| {
                 let mut k = [0u8; 16];
                 k.copy_from_slice(c);
                 Key(k)
+            })
+            .collect();
+        let watermarks = rest[fences_end..fences_end + parts as usize * 8]
+            .chunks_exact(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
             })
             .collect();
         Ok(Run {
@@ -314,8 +365,8 @@ impl Run {
             count,
             min_ms,
             max_ms,
-            watermarks: words(&meta[fences_end..meta_len as usize]),
-            bloom: words(&meta[..bloom_end]),
+            watermarks,
+            bloom,
             fences,
         })
     }
@@ -347,7 +398,7 @@ impl Run {
 
     /// Bytes this run keeps in memory.
     pub fn resident_bytes(&self) -> u64 {
-        (self.bloom.len() * 8 + self.fences.len() * 16 + self.watermarks.len() * 8) as u64
+        (self.bloom.map.len() + self.fences.len() * 16 + self.watermarks.len() * 8) as u64
     }
 
     /// Bytes of the file.
@@ -358,13 +409,7 @@ impl Run {
     /// Whether the Bloom filter lets the key through (it may be here; if not, it is not). No
     /// branch on the filter's bits: a lookup checks every run, and their cache misses overlap.
     pub fn may_hold(&self, probe: &Probe) -> bool {
-        let at = probe.word(self.bloom.len() / 8);
-        let block = &self.bloom[at..at + 8];
-        let hit = block
-            .iter()
-            .zip(probe.mask)
-            .fold(true, |hit, (w, m)| hit & (w & m == m));
-        hit & (self.count > 0)
+        self.bloom.may_hold(probe) & (self.count > 0)
     }
 
     /// The entry for `key`, if this run has one.
@@ -410,7 +455,7 @@ impl Run {
             .map_err(|e| Error::io(&self.path, e))?;
         Ok(Entries {
             path: self.path.clone(),
-            reader: BufReader::with_capacity(1 << 20, file),
+            reader: BufReader::with_capacity(64 << 10, file),
             block: vec![0u8; BLOCK],
             left: self.count,
             in_block: ENTRIES_PER_BLOCK,
