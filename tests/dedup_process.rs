@@ -171,3 +171,64 @@ async fn sends_retried_after_a_sigkill_are_recognised_and_stored_once() {
     }
     assert_eq!(seen, all);
 }
+
+#[test]
+fn the_command_line_sends_ids_and_shows_them_and_the_duplicates() {
+    use common::server::{assert_succeeded, cli};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let b = ["--broker", addr.as_str()];
+    let produce = |extra: &[&str], input: &str| {
+        let args = [&["produce", "--topic", "t", "-v"][..], &b, extra].concat();
+        let out = cli(&args, input);
+        assert_succeeded(&out, "produce");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // (arguments, input, lines that must be duplicates)
+    let first = produce(&["-K", ":", "--id-from-key"], "sub-1:a\nsub-2:b\n");
+    assert!(!first.contains("duplicate"), "{first}");
+    let again = produce(&["-K", ":", "--id-from-key"], "sub-2:b\nsub-3:c\n");
+    let lines: Vec<&str> = again.lines().collect();
+    assert!(lines[0].ends_with(" duplicate"), "{again}");
+    assert!(!lines[1].contains("duplicate"), "{again}");
+    let one = produce(&["--id", "sub-1"], "a retry of sub-1 by hand\n");
+    assert!(one.trim_end().ends_with(" duplicate"), "{one}");
+    let json = produce(
+        &["--format", "json"],
+        "{\"value\": \"x\", \"id\": \"sub-3\"}\n",
+    );
+    assert!(json.trim_end().ends_with(" duplicate"), "{json}");
+    let refused = cli(
+        &[&["produce", "--topic", "t", "--id", "one"][..], &b].concat(),
+        "a\nb\n",
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--id names one message"));
+    produce(&["--id", "one"], "the one\n");
+    let consumed = cli(
+        &[
+            &[
+                "consume", "--topic", "t", "--count", "4", "--format", "json",
+            ][..],
+            &b,
+        ]
+        .concat(),
+        "",
+    );
+    assert_succeeded(&consumed, "consume");
+    let text = String::from_utf8(consumed.stdout).unwrap();
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["\"sub-1\"", "\"sub-2\"", "\"sub-3\"", "\"one\""],
+        "{text}"
+    );
+    let describe = cli(&[&["topics", "describe", "t"][..], &b].concat(), "");
+    let text = String::from_utf8(describe.stdout).unwrap();
+    assert!(text.contains("dedup_window_ms=86400000"), "{text}");
+    assert!(text.contains("duplicates_answered=3"), "{text}");
+}

@@ -176,7 +176,23 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
         }
     });
     let key = args.key.clone().map(Bytes::from);
-    let mut sent_with_id = false;
+    if args.id.is_some() {
+        // One id names one message: all of the input is read before anything is sent.
+        let mut lines = Vec::new();
+        while let Some(line) = rx.recv().await {
+            lines.push(line?);
+        }
+        if lines.len() != 1 {
+            return Err(CliError::Usage(format!(
+                "--id names one message and the input has {} lines; nothing was sent (for many, \
+                 use --id-from-key or ids in --format json)",
+                lines.len()
+            )));
+        }
+        let mut m = line_message(lines.remove(0), &args, &key, &headers)?;
+        m.id = args.id.clone().map(Bytes::from);
+        return send_lines(&mut client, &args, vec![m]).await;
+    }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first?];
         while batch.len() < PRODUCE_BATCH {
@@ -187,35 +203,37 @@ pub async fn produce(args: ProduceArgs) -> Result<(), CliError> {
         }
         let mut messages = Vec::with_capacity(batch.len());
         for line in batch {
-            let mut m = match args.format {
-                InputFormat::Json => lines::json_message(&line)?,
-                _ => lines::text_message(line, args.key_separator.as_deref()),
-            };
-            if m.key.is_none() {
-                m.key = key.clone();
-            }
-            m.headers.extend(headers.iter().cloned());
-            if args.partition.is_some() {
-                m.partition = args.partition;
-            }
-            if args.id_from_key {
-                m.id = m.key.clone();
-            } else if let Some(id) = &args.id {
-                if sent_with_id {
-                    return Err(CliError::Usage(
-                        "--id names one message; for many, use --id-from-key or ids in \
-                         --format json"
-                            .into(),
-                    ));
-                }
-                sent_with_id = true;
-                m.id = Some(Bytes::from(id.clone()));
-            }
+            let m = line_message(line, &args, &key, &headers)?;
             messages.push(m);
         }
         send_lines(&mut client, &args, messages).await?;
     }
     Ok(())
+}
+
+/// A line of input as a message, with the command's key, headers, partition and
+/// `--id-from-key`.
+fn line_message(
+    line: String,
+    args: &ProduceArgs,
+    key: &Option<Bytes>,
+    headers: &[pb::Header],
+) -> Result<pb::Message, CliError> {
+    let mut m = match args.format {
+        InputFormat::Json => lines::json_message(&line)?,
+        _ => lines::text_message(line, args.key_separator.as_deref()),
+    };
+    if m.key.is_none() {
+        m.key = key.clone();
+    }
+    m.headers.extend(headers.iter().cloned());
+    if args.partition.is_some() {
+        m.partition = args.partition;
+    }
+    if args.id_from_key {
+        m.id = m.key.clone();
+    }
+    Ok(m)
 }
 
 async fn send_lines(
