@@ -130,6 +130,18 @@ pub fn replace_file(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result
     io.sync_dir(dir)
 }
 
+/// Creates (or truncates) `path` for writing, readable by the owner only.
+pub fn create_private(io: &dyn FileIo, path: &Path) -> io::Result<File> {
+    io.create_file(
+        path,
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE),
+    )
+}
+
 /// Writes `contents` to `<path>.tmp`; returns the directory, the temp path and its file.
 fn write_temp<'p>(
     io: &dyn FileIo,
@@ -142,14 +154,7 @@ fn write_temp<'p>(
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    let file = io.create_file(
-        &tmp,
-        OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(PRIVATE_FILE),
-    )?;
+    let file = create_private(io, &tmp)?;
     io.write_at(&tmp, &file, contents, 0)?;
     Ok((dir, tmp, file))
 }

@@ -18,14 +18,14 @@
 //! a lookup that the filter lets through reads one block with `pread`. The file is written to a
 //! temp name, synced and renamed: a run that exists is whole.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{Entry, Key};
 use crate::storage::error::{Error, Result};
-use crate::storage::io::{FileIo, PRIVATE_FILE};
+use crate::storage::io::{FileIo, create_private};
 
 const MAGIC: &[u8; 4] = b"SLID";
 const VERSION: u16 = 1;
@@ -184,16 +184,7 @@ pub fn write(
 ) -> Result<Run> {
     let path = dir.join(file_name(spec.lo, spec.hi));
     let tmp = dir.join(format!("{}.tmp", file_name(spec.lo, spec.hi)));
-    let file = io
-        .create_file(
-            &tmp,
-            OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(PRIVATE_FILE),
-        )
-        .map_err(|e| Error::io(&tmp, e))?;
+    let file = create_private(io, &tmp).map_err(|e| Error::io(&tmp, e))?;
     let bloom_blocks = (upper * BLOOM_BITS_PER_ID).div_ceil(512).max(1) as usize;
     let mut bloom = Bloom::zeroed(bloom_blocks).map_err(|e| Error::io(&tmp, e))?;
     let mut fences = Vec::with_capacity(blocks_for(upper) as usize);
