@@ -59,8 +59,12 @@ async fn stored_ids(broker: &Broker, topic: &str) -> Vec<(Option<Bytes>, u32, u6
 /// Opens the broker once the one dropped before it (a crash, in process) has let go of the data
 /// directory: its index writes still running hold the lock until they end.
 async fn reopen(c: &Config) -> Arc<Broker> {
+    reopen_with(c, Arc::new(sluice::storage::RealIo)).await
+}
+
+async fn reopen_with(c: &Config, io: Arc<dyn sluice::storage::FileIo>) -> Arc<Broker> {
     loop {
-        match Broker::open(c.clone()).await {
+        match Broker::open_with_io(c.clone(), io.clone()).await {
             Err(sluice::broker::Error::Storage(sluice::storage::Error::Locked { .. })) => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -196,6 +200,10 @@ async fn ids_survive_restarts_crashes_and_the_writing_of_index_files() {
         let broker = reopen(&c).await;
         if round == 0 {
             broker.create_topic("t", topic.clone()).await.unwrap();
+        } else if round % 2 == 1 {
+            // After a clean stop (rounds 0 and 2 end so) nothing is re-read from the log.
+            let ids = broker.describe_topic("t").await.unwrap().ids.unwrap();
+            assert_eq!(ids.in_memory, 0, "{ids:?}");
         }
         // Every id sent so far again, and 300 new ones.
         let total = 300 * (round + 1);
@@ -232,6 +240,63 @@ async fn ids_survive_restarts_crashes_and_the_writing_of_index_files() {
         let id = String::from_utf8(id.unwrap().to_vec()).unwrap();
         assert_eq!(first[&id], (p, o));
     }
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_an_append_of_its_id_that_fails_is_unavailable_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = common::FaultyIo::new();
+    let broker = Broker::open_with_io(config(dir.path()), io.clone())
+        .await
+        .unwrap();
+    broker
+        .create_topic("t", TopicConfig::default())
+        .await
+        .unwrap();
+    // The first Send's fsync waits at the gate, then fails.
+    let gate = io.sync_gate.write().unwrap();
+    let first = tokio::spawn({
+        let broker = Arc::clone(&broker);
+        async move { broker.send("t", vec![with_id("a", None, "1")]).await }
+    });
+    let second = tokio::spawn({
+        let broker = Arc::clone(&broker);
+        async move { broker.send("t", vec![with_id("a", None, "2")]).await }
+    });
+    let dedup = broker.existing_topic("t").unwrap().dedup.clone().unwrap();
+    // Which Send claims the id first is up to the scheduler: the other waits for it.
+    while dedup.waiting() == 0 {
+        tokio::task::yield_now().await;
+    }
+    io.fail_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(gate);
+    let answers = [first.await.unwrap(), second.await.unwrap()];
+    let waited = answers
+        .iter()
+        .find_map(|a| match a {
+            Err(sluice::broker::Error::Unavailable(why)) => Some(why.clone()),
+            _ => None,
+        })
+        .expect("the waiting Send is UNAVAILABLE");
+    assert!(waited.contains("send again"), "{waited}");
+    assert!(answers.iter().all(|a| a.is_err()), "{answers:#?}");
+    assert_eq!(dedup.waiting(), 0);
+    // After a reopen the retry finds what the failed Send left in the log (a failed fsync does
+    // not take back bytes written) or stores it: either way the log holds the id once.
+    drop(dedup);
+    drop(broker);
+    io.fail_sync
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let broker = reopen_with(&config(dir.path()), io.clone()).await;
+    let p = broker
+        .send("t", vec![with_id("a", None, "3")])
+        .await
+        .unwrap()[0];
+    let stored = stored_ids(&broker, "t").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!((stored[0].1, stored[0].2), placed(&p));
     broker.shutdown().await;
 }
 

@@ -195,6 +195,11 @@ impl Dedup {
         self.state().index.merge_candidates().is_some()
     }
 
+    /// Sends waiting for another's append of the same id.
+    pub fn waiting(&self) -> usize {
+        self.state().waiters.values().map(Vec::len).sum()
+    }
+
     /// Counts duplicates answered (for `topics describe`).
     pub fn answered_duplicates(&self, n: u64) {
         self.state().index.duplicates += n;

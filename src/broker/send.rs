@@ -202,8 +202,8 @@ impl Broker {
                     Ok(Ok(e)) => e,
                     Ok(Err(why)) => {
                         return Err(Error::Unavailable(format!(
-                            "another Send carrying message {i}'s id was storing it and did not: \
-                             {why}; nothing was stored for it, send again"
+                            "another Send carrying message {i}'s id was storing it and failed: \
+                             {why}; send again"
                         )));
                     }
                     Err(_) => return Err(Error::Internal("an id's append was dropped".into())),
