@@ -104,13 +104,10 @@ impl Dedup {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn window_ms(&self) -> u64 {
-        self.state().index.window_ms()
-    }
-
     /// Decides, for each message, whether it is appended or answered from what is known; the
-    /// ids to append become pending (release them with [`Dedup::settle`] or [`Dedup::release`]).
-    pub fn claim(&self, items: &[Item], now_ms: i64) -> Result<Vec<Claim>> {
+    /// ids to append become pending, held by the returned guard until a writer takes them
+    /// ([`Claimed::hand_over`]) to [`Dedup::settle`] or [`Dedup::release`] them.
+    pub fn claim(self: &Arc<Self>, items: &[Item], now_ms: i64) -> Result<(Vec<Claim>, Claimed)> {
         let mut st = self.state();
         let mut claims = Vec::with_capacity(items.len());
         let mut mine: KeyMap<usize> = KeyMap::default();
@@ -134,18 +131,16 @@ impl Dedup {
                 }
                 Err(e) => {
                     let error = Error::from(e);
-                    let claimed: Vec<Key> = claims
-                        .iter()
-                        .zip(items)
-                        .filter(|(c, _)| matches!(c, Claim::New))
-                        .filter_map(|(_, it)| it.key)
-                        .collect();
-                    release_locked(&mut st, &claimed, &error.to_string());
+                    release_locked(&mut st, &new_keys(&claims, items), &error.to_string());
                     return Err(error);
                 }
             }
         }
-        Ok(claims)
+        let claimed = Claimed {
+            dedup: Arc::clone(self),
+            keys: new_keys(&claims, items),
+        };
+        Ok((claims, claimed))
     }
 
     /// The appends of pending ids are durable at these entries: into the index, waiters woken.
@@ -200,14 +195,12 @@ impl Dedup {
         self.state().waiters.values().map(Vec::len).sum()
     }
 
-    /// Counts duplicates answered (for `topics describe`).
-    pub fn answered_duplicates(&self, n: u64) {
-        self.state().index.duplicates += n;
-    }
-
-    /// Whether the memtable is due to be written.
-    pub fn full(&self) -> bool {
-        self.state().index.full()
+    /// Counts the duplicates a Send answered (for `topics describe`); returns whether the
+    /// memtable is due to be frozen. One lock for both, once per Send.
+    pub fn answered(&self, duplicates: u64) -> bool {
+        let mut st = self.state();
+        st.index.duplicates += duplicates;
+        st.index.full()
     }
 
     /// Freezes the memtable if anything happened since the last run (each partition's end
@@ -280,6 +273,16 @@ impl Dedup {
     }
 }
 
+/// The ids of `items` that `claims` made pending.
+fn new_keys(claims: &[Claim], items: &[Item]) -> Vec<Key> {
+    claims
+        .iter()
+        .zip(items)
+        .filter(|(c, _)| matches!(c, Claim::New))
+        .filter_map(|(_, it)| it.key)
+        .collect()
+}
+
 fn release_locked(st: &mut State, keys: &[Key], why: &str) {
     for key in keys {
         st.index.release(key);
@@ -297,10 +300,6 @@ pub struct Claimed {
 }
 
 impl Claimed {
-    pub fn new(dedup: Arc<Dedup>, keys: Vec<Key>) -> Claimed {
-        Claimed { dedup, keys }
-    }
-
     /// Every key is now a writer's to settle or release.
     pub fn hand_over(mut self) {
         self.keys.clear();

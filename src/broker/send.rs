@@ -138,17 +138,8 @@ impl Broker {
                 floor: topic.partitions[partition as usize].log.high_water(),
             });
         }
-        let claims = dedup.claim(&items, now)?;
+        let (claims, claimed) = dedup.claim(&items, now)?;
         let keys: Vec<Option<Key>> = items.iter().map(|it| it.key).collect();
-        let claimed = Claimed::new(
-            Arc::clone(dedup),
-            claims
-                .iter()
-                .zip(&keys)
-                .filter(|(c, _)| matches!(c, Claim::New))
-                .filter_map(|(_, k)| *k)
-                .collect(),
-        );
         let mut fresh = Vec::new();
         let mut fresh_index = Vec::new();
         for (i, (mut m, c)) in messages.into_iter().zip(&claims).enumerate() {
@@ -217,8 +208,7 @@ impl Broker {
                 removed: !still_held(topic, entry).await?,
             });
         }
-        dedup.answered_duplicates(duplicates);
-        if dedup.full() {
+        if dedup.answered(duplicates) {
             let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
             dedup.freeze(&logs);
             self.write_ids_later(topic);

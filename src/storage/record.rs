@@ -101,19 +101,6 @@ pub struct StoredRecord {
     pub id: Option<Bytes>,
 }
 
-impl StoredRecord {
-    /// The record as a producer would hand it in again (compaction rewrites it so).
-    pub fn to_record(&self) -> Record {
-        Record {
-            timestamp: self.timestamp,
-            key: self.key.clone(),
-            value: self.value.clone(),
-            headers: self.headers.clone(),
-            id: self.id.clone(),
-        }
-    }
-}
-
 /// A batch encoded by a producer-side thread, waiting for the writer to stamp its base offset.
 #[derive(Debug)]
 pub struct EncodedBatch {

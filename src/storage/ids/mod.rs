@@ -278,7 +278,7 @@ impl IdIndex {
                         match self.get(&key)? {
                             Some(e) if e == entry || e.stored_ms > entry.stored_ms => {}
                             _ => {
-                                self.memtable.insert(key, Slot::Stored(entry));
+                                self.settle(key, entry);
                                 found += 1;
                             }
                         }
@@ -343,7 +343,7 @@ impl IdIndex {
         Ok(Claimed::New)
     }
 
-    /// A pending id is durable at `entry`.
+    /// A pending id is durable at `entry` (or an id found in the log is known again).
     pub fn settle(&mut self, key: Key, entry: Entry) {
         self.memtable.insert(key, Slot::Stored(entry));
     }
@@ -353,11 +353,6 @@ impl IdIndex {
         if let Some(Slot::Pending { .. }) = self.memtable.get(key) {
             self.memtable.remove(key);
         }
-    }
-
-    /// Records that `key` was stored at `entry` (newer than anything known for it).
-    pub fn insert(&mut self, key: Key, entry: Entry) {
-        self.memtable.insert(key, Slot::Stored(entry));
     }
 
     /// Whether the memtable is due to be frozen.
@@ -746,11 +741,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let io = RealIo;
         let mut index = IdIndex::open(dir.path(), 3, 100, 2, &io).unwrap();
-        index.insert(key(1), entry(1, 10));
-        index.insert(key(2), entry(2, 10));
+        index.settle(key(1), entry(1, 10));
+        index.settle(key(2), entry(2, 10));
         assert!(index.full());
         let frozen = index.freeze(&[5, 6, 7]);
-        index.insert(key(1), entry(11, 50));
+        index.settle(key(1), entry(11, 50));
         assert_eq!(index.get(&key(1)).unwrap(), Some(entry(11, 50)));
         assert_eq!(index.get(&key(2)).unwrap(), Some(entry(2, 10)));
         let run = frozen.write(dir.path(), &io).unwrap();

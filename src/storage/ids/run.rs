@@ -99,7 +99,7 @@ pub struct Run {
     hi: u64,
     tier: u32,
     count: u64,
-    min_ms: i64,
+    /// The newest id's time (the footer also keeps the oldest's, for tools).
     max_ms: i64,
     watermarks: Vec<u64>,
     bloom: Bloom,
@@ -267,7 +267,6 @@ pub fn write(
         hi: spec.hi,
         tier: spec.tier,
         count,
-        min_ms,
         max_ms,
         watermarks: spec.watermarks.to_vec(),
         bloom,
@@ -300,7 +299,7 @@ impl Run {
         }
         let (lo, hi, tier, parts, count) =
             (u64_at(8), u64_at(16), u32_at(24), u32_at(28), u64_at(32));
-        let (min_ms, max_ms, bloom_blocks) = (u64_at(40) as i64, u64_at(48) as i64, u32_at(56));
+        let (max_ms, bloom_blocks) = (u64_at(48) as i64, u32_at(56));
         if parts != partitions {
             return Err(corrupt("written for another partition count"));
         }
@@ -354,7 +353,6 @@ impl Run {
             hi,
             tier,
             count,
-            min_ms,
             max_ms,
             watermarks,
             bloom,
@@ -376,9 +374,6 @@ impl Run {
     }
     pub fn count(&self) -> u64 {
         self.count
-    }
-    pub fn min_ms(&self) -> i64 {
-        self.min_ms
     }
     pub fn max_ms(&self) -> i64 {
         self.max_ms
