@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -178,20 +177,13 @@ fn produce_and_consume_carry_keys_headers_json_and_raw_bytes() {
         "trial=T-1,site=Basel:p1:answered\ntrial=T-1,site=Basel:p2:skipped\n"
     );
     // All of standard input as one binary message.
-    let mut child = Command::new(bin())
-        .args([
+    let raw = cli(
+        &[
             "produce", "--topic", "raw", "--format", "raw", "--broker", &addr,
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&[0, 255, 10, 13, 7])
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+        ],
+        [0u8, 255, 10, 13, 7],
+    );
+    assert_succeeded(&raw, "produce --format raw");
     let json = run(
         &[
             "consume", "--topic", "raw", "--count", "1", "--format", "json",

@@ -195,9 +195,9 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
 
-/// Runs `sluice args…` with `stdin` as its standard input (and none of the caller's
-/// `SLUICE_BROKER` or `SLUICE_TOKEN`), and waits for it.
-pub fn cli(args: &[&str], stdin: &str) -> std::process::Output {
+/// Runs `sluice args…` with `stdin` (text or bytes) as its standard input (and none of the
+/// caller's `SLUICE_BROKER` or `SLUICE_TOKEN`), and waits for it.
+pub fn cli(args: &[&str], stdin: impl AsRef<[u8]>) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(bin())
         .args(args)
@@ -212,7 +212,7 @@ pub fn cli(args: &[&str], stdin: &str) -> std::process::Output {
         .stdin
         .take()
         .unwrap()
-        .write_all(stdin.as_bytes())
+        .write_all(stdin.as_ref())
         .unwrap();
     child.wait_with_output().unwrap()
 }
