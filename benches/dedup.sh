@@ -25,7 +25,7 @@ start() {
   local out="$work/serve.out"
   local t0
   t0=$(date +%s.%N)
-  RUST_LOG=warn "$bin" serve --data-dir "$1" --listen 127.0.0.1:0 --fsync always >"$out" &
+  RUST_LOG=warn "$bin" serve --data-dir "$1" --listen 127.0.0.1:0 --http-listen "" --fsync always >"$out" &
   pid=$!
   until grep -q listening "$out"; do sleep 0.005; done
   took=$(echo "$(date +%s.%N) - $t0" | bc)

@@ -15,7 +15,7 @@ dir="${SLUICE_BENCH_DIR:-target/bench-data}/grpc"
 rm -rf "$dir"
 mkdir -p "$dir"
 out=$(mktemp)
-RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --fsync always >"$out" &
+RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" --fsync always >"$out" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done

@@ -15,7 +15,7 @@ trap 'kill -9 "${pid:-0}" 2>/dev/null || true; rm -rf "$data" "$log"' EXIT
 start() {
     local t0 t1
     t0=$(date +%s.%N)
-    "$bin" serve --data-dir "$data" --listen 127.0.0.1:0 >"$log" 2>/dev/null &
+    "$bin" serve --data-dir "$data" --listen 127.0.0.1:0 --http-listen "" >"$log" 2>/dev/null &
     pid=$!
     until grep -q "listening on" "$log"; do
         kill -0 "$pid" || { echo "broker exited" >&2; exit 1; }

@@ -31,7 +31,7 @@ redis_round() {
 
 sluice_round() {
     rm -rf "$work/sluice"
-    "$bin" serve --data-dir "$work/sluice" --listen 127.0.0.1:0 >"$work/log" 2>/dev/null &
+    "$bin" serve --data-dir "$work/sluice" --listen 127.0.0.1:0 --http-listen "" >"$work/log" 2>/dev/null &
     spid=$!
     until grep -q "listening on" "$work/log"; do sleep 0.01; done
     addr=http://$(sed -n 's/^sluice listening on //p' "$work/log")

@@ -39,7 +39,7 @@ run() {
   local mode=$1 out="$work/serve.out" data="$work/data-$1"
   rm -rf "$data"
   RUST_LOG=warn "$bin" serve --config "$work/$mode.toml" --data-dir "$data" \
-    --listen 127.0.0.1:0 --fsync always >"$out" &
+    --listen 127.0.0.1:0 --http-listen "" --fsync always >"$out" &
   pid=$!
   for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
   local port

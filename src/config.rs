@@ -44,6 +44,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[http]`: the HTTP port beside gRPC (see docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`, `/api/v1/` and the console at `/`; empty
+    /// turns the port off. Plaintext only: beyond loopback it needs `allow_plaintext`.
+    /// Default: `127.0.0.1:7071`.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:7071".into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on, `None` when the port is off.
+    pub fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "http.listen = {listen:?}: expected an address such as 127.0.0.1:7071, or \"\" \
+                 to turn the HTTP port off"
+            ))
+        })
+    }
+}
+
 /// Everything `sluice serve` can be told. Each field says its default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -109,6 +143,8 @@ pub struct Config {
     /// Serve plaintext on an address other than loopback (without `[tls]`), with a warning at
     /// every start. Default: false (refused).
     pub allow_plaintext: bool,
+    /// The HTTP port: metrics, health, the JSON API and the web console.
+    pub http: HttpConfig,
     /// Settings of every partition log.
     pub log: LogConfig,
     /// TLS on the gRPC port (see docs/security.md).
@@ -147,6 +183,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             allow_plaintext: false,
+            http: HttpConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -223,6 +260,15 @@ impl Config {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
         }
         Policy::from_config(&self.auth).map_err(ConfigError::Invalid)?;
+        if let Some(http) = self.http.addr()?
+            && !http.ip().is_loopback()
+            && !self.allow_plaintext
+        {
+            return Err(ConfigError::Invalid(format!(
+                "http.listen = {http}: the HTTP port is plaintext; beyond this machine it needs \
+                 allow_plaintext = true (or a TLS proxy in front of a loopback address)"
+            )));
+        }
         if !self.listen.ip().is_loopback() && !self.tls.enabled() && !self.allow_plaintext {
             return Err(ConfigError::Invalid(format!(
                 "listen = {}: serving plaintext beyond this machine needs [tls] (or \

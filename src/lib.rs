@@ -25,6 +25,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod storage;

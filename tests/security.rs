@@ -940,3 +940,97 @@ async fn the_audit_trail_cannot_be_written_deleted_or_shortened_through_the_api(
     );
     server.stop().await;
 }
+
+/// The HTTP port under `auth.required`: health and the console's files stay open; the API and
+/// `/metrics` need a token (401, recorded) and show only what the principal may describe; a
+/// topic or group asked for by name without `describe` is a 403, recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_obeys_tokens_and_describe_grants() {
+    use common::http::{get, get_with_token};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    for topic in ["epro.a", "other"] {
+        broker(&all)
+            .send(pb::SendRequest {
+                topic: topic.into(),
+                messages: vec![message("x")],
+            })
+            .await
+            .unwrap();
+    }
+    let http = server.http.unwrap();
+    for open in ["/healthz", "/readyz", "/", "/app.js"] {
+        assert_eq!(get(http, open).await.status, 200, "{open}");
+    }
+    let trail = |records: Vec<AuditRecord>| -> Vec<(String, Decision)> {
+        records
+            .into_iter()
+            .filter(|r| r.rpc.starts_with("http "))
+            .map(|r| (r.rpc, r.decision))
+            .collect()
+    };
+    assert!(trail(audit_records(&all).await).is_empty());
+
+    for (path, token) in [
+        ("/metrics", None),
+        (
+            "/api/v1/topics",
+            Some("wrong-token-00000000000000000000000000000000"),
+        ),
+    ] {
+        let r = match token {
+            Some(t) => get_with_token(http, path, t).await,
+            None => get(http, path).await,
+        };
+        assert_eq!(r.status, 401, "{path}: {}", r.body);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(r.json()["error"], "missing or invalid credentials");
+    }
+
+    // writer may describe epro.* only.
+    let topics = get_with_token(http, "/api/v1/topics", WRITER).await.json();
+    let names: Vec<&str> = topics["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["epro.a"]);
+    let metrics = get_with_token(http, "/metrics", WRITER).await.body;
+    assert!(metrics.contains("topic=\"epro.a\""), "{metrics}");
+    assert!(!metrics.contains("topic=\"other\""), "{metrics}");
+    assert_eq!(
+        get_with_token(http, "/api/v1/topics/epro.a", WRITER)
+            .await
+            .status,
+        200
+    );
+    let denied = get_with_token(http, "/api/v1/topics/other", WRITER).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    // none may describe nothing: empty lists, and a 403 by name.
+    let topics = get_with_token(http, "/api/v1/topics", NONE).await.json();
+    assert_eq!(topics["topics"].as_array().unwrap().len(), 0);
+    let denied = get_with_token(http, "/api/v1/groups/g", NONE).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+
+    assert_eq!(
+        trail(audit_records(&all).await),
+        [
+            ("http GET /metrics".to_string(), Decision::Unauthenticated),
+            (
+                "http GET /api/v1/topics".to_string(),
+                Decision::Unauthenticated
+            ),
+            (
+                "http GET /api/v1/topics/other".to_string(),
+                Decision::Denied
+            ),
+            ("http GET /api/v1/groups/g".to_string(), Decision::Denied),
+        ],
+        "exactly one record per refusal, none for what was allowed"
+    );
+    server.stop().await;
+}

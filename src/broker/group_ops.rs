@@ -122,6 +122,34 @@ impl Broker {
         Ok(self.data.list_groups()?)
     }
 
+    /// Every consumer group on every topic that exists, opened (replayed from its log) if it
+    /// was not yet: what `/metrics` reports on. A group that cannot be opened is left out and
+    /// logged.
+    pub async fn all_groups(&self) -> Vec<Arc<GroupTopic>> {
+        let listed = match self.list_groups() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list consumer groups");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (group, topics) in listed {
+            for topic in topics {
+                if self.topic(&topic).is_none() {
+                    continue;
+                }
+                match self.group(&group, &topic, Start::Earliest).await {
+                    Ok(g) => out.push(g),
+                    Err(e) => {
+                        tracing::warn!(group, topic, error = %e, "cannot open consumer group");
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The state of a group on each of its topics.
     pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
         validate_group_name(group)?;

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use self::ack_poll::AckPoller;
 use self::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::storage::{
     self, DataDir, FileIo, Header, RealIo, StoredRecord, TopicConfig, validate_topic_name,
 };
@@ -204,6 +205,8 @@ pub struct Broker {
     tasks: TaskTracker,
     /// Lets a lone producer's Send poll for its acknowledgement (see [`ack_poll`]).
     acks: AckPoller,
+    /// Broker-wide counters for `/metrics`.
+    metrics: Arc<Metrics>,
     /// The `_audit` topic's appender.
     audit: AuditTrail,
     me: std::sync::Weak<Broker>,
@@ -272,6 +275,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acks,
+            metrics: Arc::new(Metrics::default()),
             audit,
             me: me.clone(),
         });
@@ -288,6 +292,10 @@ impl Broker {
     /// The audit trail (`_audit`).
     pub fn audit(&self) -> &AuditTrail {
         &self.audit
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn config(&self) -> &Config {
@@ -486,6 +494,56 @@ impl Broker {
         .await?;
         tracing::info!(topic = name, "topic deleted");
         Ok(())
+    }
+
+    /// Every open topic but `_audit`, sorted by name.
+    pub fn open_topics(&self) -> Vec<Arc<Topic>> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<_> = topics
+            .iter()
+            .filter(|(n, _)| n.as_str() != AUDIT_TOPIC)
+            .map(|(_, t)| Arc::clone(t))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// The newest `limit` records of a topic, newest first (over all its partitions, by
+    /// offset within each and by timestamp across them).
+    pub async fn newest_records(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<(u32, StoredRecord)>> {
+        let topic = self.existing_topic(name)?;
+        blocking(move || {
+            let mut out = Vec::new();
+            for p in &topic.partitions {
+                let end = p.log.high_water();
+                let mut next = end.saturating_sub(limit as u64).max(p.log.log_start());
+                while next < end {
+                    let batches = p.log.read(next, 1 << 20)?;
+                    if batches.is_empty() {
+                        break;
+                    }
+                    for batch in &batches {
+                        for r in batch.records() {
+                            let r = r.map_err(|why| {
+                                Error::Internal(format!("undecodable record: {why}"))
+                            })?;
+                            next = r.offset + 1;
+                            if r.offset + (limit as u64) >= end && r.offset < end {
+                                out.push((p.id, r));
+                            }
+                        }
+                    }
+                }
+            }
+            out.sort_by_key(|(_, r)| std::cmp::Reverse((r.timestamp, r.offset)));
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
     }
 
     /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.

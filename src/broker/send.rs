@@ -52,6 +52,22 @@ impl Broker {
         messages: Vec<NewMessage>,
         create: Option<AuditEvent>,
     ) -> Result<Vec<Placed>> {
+        let started = std::time::Instant::now();
+        let placed = self.send_checked(topic, messages, create).await;
+        if placed.is_ok() {
+            self.metrics
+                .send_durable
+                .observe_duration(started.elapsed());
+        }
+        placed
+    }
+
+    async fn send_checked(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        create: Option<AuditEvent>,
+    ) -> Result<Vec<Placed>> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// HTTP port for metrics, health, the JSON API and the console [default: 127.0.0.1:7071];
+    /// "" turns it off, port 0 picks a free port.
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// Durability: always (fdatasync before answering), interval, never.
     #[arg(long, value_parser = parse_fsync)]
     pub fsync: Option<FsyncPolicy>,

@@ -19,6 +19,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    if let Some(h) = args.http_listen {
+        config.http.listen = h;
+    }
     if let Some(f) = args.fsync {
         config.log.fsync = f;
     }
@@ -47,9 +50,15 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     // Listening for SIGTERM and SIGINT before saying where we listen: a script that stops the
     // broker as soon as it has read that line must get a clean stop, not the default action.
     let signals = Signals::listen()?;
-    // One line on stdout, for scripts and tests that asked for port 0.
-    println!("sluice listening on {}", running.addr);
-    let _ = std::io::stdout().flush();
+    // One line on stdout per port, for scripts and tests that asked for port 0 (a reader that
+    // stops after the first line is no error).
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "sluice listening on {}", running.addr);
+    if let Some(http) = running.http_addr {
+        let _ = writeln!(out, "sluice http on http://{http}/");
+    }
+    let _ = out.flush();
+    drop(out);
     tracing::info!(addr = %running.addr, data_dir = %config.data_dir.display(),
         fsync = ?config.log.fsync, "serving");
 

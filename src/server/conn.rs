@@ -41,6 +41,7 @@ use tower_service::Service;
 use super::front::Front;
 use crate::auth::Peer;
 use crate::auth::tls::certificate_names;
+use crate::metrics::{Gauge, Metrics, Raised, method_index};
 
 /// Bytes a client sends before anything else: the 24-byte preface and a 9-byte frame header
 /// (its SETTINGS frame).
@@ -280,8 +281,15 @@ impl Conn {
         let routes = self.routes;
         let front = Arc::clone(&self.front);
         let caller_peer = Arc::clone(&peer);
+        let metrics = Arc::clone(self.front.metrics());
+        let _open = Raised::new(Arc::clone(&metrics), Gauge::Connections);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let call = Call::start(&calls);
+            let tally = Tally {
+                metrics: Arc::clone(&metrics),
+                method: method_index(req.uri().path()),
+                done: false,
+            };
             let mut routes = routes.clone();
             let front = Arc::clone(&front);
             let peer = Arc::clone(&caller_peer);
@@ -291,7 +299,7 @@ impl Conn {
                     Ok(()) => routes.call(req).await?,
                     Err(answer) => answer,
                 };
-                Ok::<_, Infallible>(finish_response(response, call))
+                Ok::<_, Infallible>(finish_response(response, call, tally))
             }
         });
         let peer = peer.addr;
@@ -428,19 +436,58 @@ impl Drop for Call {
 
 /// The response as sent: its status code rewritten where tonic's own differs from ours (see
 /// [`super::status::rewrite_transport_status`]), its body holding the call open until done.
-fn finish_response(response: Response<Body>, call: Call) -> Response<CallBody> {
+fn finish_response(response: Response<Body>, call: Call, mut tally: Tally) -> Response<CallBody> {
     let (mut parts, body) = response.into_parts();
     if let Some(code) = super::status::rewrite_transport_status(&parts.headers) {
         parts
             .headers
             .insert("grpc-status", HeaderValue::from(code as i32));
     }
-    Response::from_parts(parts, CallBody { body, _call: call })
+    // A trailers-only answer (an error before any message) carries its status here.
+    if let Some(code) = grpc_status(&parts.headers) {
+        tally.finish(code);
+    }
+    Response::from_parts(
+        parts,
+        CallBody {
+            body,
+            tally,
+            _call: call,
+        },
+    )
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Counts a finished call by method and status code, once: when its status is sent, or as
+/// `CANCELLED` when it ends without one (the client went away).
+struct Tally {
+    metrics: Arc<Metrics>,
+    method: usize,
+    done: bool,
+}
+
+impl Tally {
+    fn finish(&mut self, code: i32) {
+        if !self.done {
+            self.done = true;
+            self.metrics.request_done(self.method, code);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled as i32);
+    }
 }
 
 /// A response body that keeps its call counted until it is done or dropped.
 struct CallBody {
     body: Body,
+    tally: Tally,
     _call: Call,
 }
 
@@ -452,7 +499,13 @@ impl http_body::Body for CallBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame
+            && let Some(code) = f.trailers_ref().and_then(grpc_status)
+        {
+            self.tally.finish(code);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

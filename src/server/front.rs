@@ -59,6 +59,15 @@ impl Front {
         })
     }
 
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        self.broker.metrics()
+    }
+
+    /// Who sends a request with these headers (for the HTTP port, which has no TLS).
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
     /// The acceptor for a new connection, if TLS is on.
     pub fn acceptor(&self) -> Option<TlsAcceptor> {
         self.tls

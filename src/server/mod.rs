@@ -10,6 +10,7 @@ mod access;
 mod conn;
 mod ending;
 mod front;
+mod http;
 mod seed;
 mod services;
 pub mod status;
@@ -48,6 +49,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Security(#[from] front::FrontError),
+    #[error("http: {0}")]
+    Http(String),
     #[error("cannot watch for SIGHUP: {0}")]
     Signal(std::io::Error),
 }
@@ -56,6 +59,8 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// The HTTP port (metrics, health, API, console), when on.
+    pub http_addr: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub done: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -88,12 +93,62 @@ pub async fn start_with_io(
     }
     // TLS files are checked before the data directory is touched.
     crate::auth::tls::server_config(&config.tls).map_err(front::FrontError::from)?;
+    // The HTTP port answers /healthz (and /readyz: not yet) while the data is recovered.
+    let http_listener = http::bind(&config).await?;
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| ServeError::Bind {
+            addr: listener_addr(&config),
+            source,
+        })?),
+        None => None,
+    };
+    let http_state = Arc::new(http::HttpState::default());
+    let http_stop = CancellationToken::new();
+    if let Some(l) = http_listener {
+        http::spawn(l, Arc::clone(&http_state), http_stop.clone());
+    }
+    let opened = open(config.clone(), io).await;
+    let (broker, front) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            http_stop.cancel();
+            return Err(e);
+        }
+    };
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            http_stop.cancel();
+            return Err(ServeError::Signal(e));
+        }
+    };
+    http_state.serve(Arc::clone(&broker), Arc::clone(&front));
+    let stopped = stop.clone();
+    let done = tokio::spawn(async move {
+        let result = serve(broker, front, hangup, listener, config, stopped).await;
+        // The HTTP port answers until the broker has closed (/readyz says "stopping").
+        http_stop.cancel();
+        result
+    });
+    Ok(Running {
+        addr,
+        http_addr,
+        stop,
+        done,
+    })
+}
+
+fn listener_addr(config: &Config) -> SocketAddr {
+    config.http.addr().ok().flatten().unwrap_or(config.listen)
+}
+
+async fn open(
+    config: Config,
+    io: Arc<dyn FileIo>,
+) -> Result<(Arc<Broker>, Arc<front::Front>), ServeError> {
     let broker = Broker::open_with_io(config.clone(), io).await?;
     let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(ServeError::Signal)?;
-    let done = tokio::spawn(serve(broker, front, hangup, listener, config, stop.clone()));
-    Ok(Running { addr, stop, done })
+    Ok((broker, front))
 }
 
 async fn serve(

@@ -105,9 +105,14 @@ impl pb::broker_server::Broker for SeedService {
             queue: VecDeque::new(),
             handed: Vec::new(),
             member,
+            metrics: Arc::clone(self.broker.metrics()),
         };
         let stop = self.broker.shutdown_token();
-        Ok(Response::new(Box::pin(Ending::new(stream, stop))))
+        Ok(Response::new(Box::pin(Ending::new(
+            stream,
+            stop,
+            self.broker.metrics(),
+        ))))
     }
 }
 
@@ -119,6 +124,7 @@ struct SeedResponses {
     queue: VecDeque<(pb::SubscribeResponse, (u32, u64))>,
     handed: Vec<(u32, u64)>,
     member: Option<MemberGuard>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl SeedResponses {
@@ -171,6 +177,7 @@ impl Stream for SeedResponses {
                         Ok(d) => d,
                         Err(e) => return Poll::Ready(Some(Err(to_status(e)))),
                     };
+                    self.metrics.delivered(deliveries.len());
                     for d in deliveries {
                         let response = pb::SubscribeResponse {
                             msg: Some(pb::Message {

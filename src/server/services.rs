@@ -195,9 +195,14 @@ impl pb::broker_server::Broker for BrokerService {
             max_bytes: self.broker.config().delivery_batch_bytes,
             ready: VecDeque::new(),
             member,
+            metrics: Arc::clone(self.broker.metrics()),
         };
         let stop = self.broker.shutdown_token();
-        Ok(Response::new(Box::pin(Ending::new(stream, stop))))
+        Ok(Response::new(Box::pin(Ending::new(
+            stream,
+            stop,
+            self.broker.metrics(),
+        ))))
     }
 
     async fn ack(
@@ -266,6 +271,7 @@ struct Responses {
     ready: VecDeque<Result<pb::SubscribeResponse, Status>>,
     /// Group membership: leaves the group when the stream is dropped.
     member: Option<MemberGuard>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Responses {
@@ -280,6 +286,7 @@ impl Responses {
             Ok(d) => d,
             Err(e) => return self.ready.push_back(Err(to_status(e))),
         };
+        self.metrics.delivered(deliveries.len());
         for d in deliveries {
             let d = delivery_to_pb(&self.topic, d);
             let size = prost::Message::encoded_len(&d) + 8;

@@ -38,8 +38,8 @@ pub use config::{FsyncPolicy, LogConfig};
 pub use error::{Error, Result};
 pub use io::{FileIo, RealIo};
 pub use partition::{
-    Appended, Completion, Listener, Partition, PartitionStats, RecoveryReport, Retention,
-    RetentionOutcome, WriterPool,
+    Appended, Completion, Listener, Partition, PartitionMetrics, PartitionStats, RecoveryReport,
+    Retention, RetentionOutcome, WriterPool,
 };
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
 pub use topic::{DataDir, TopicConfig, validate_group_name, validate_topic_name};

@@ -22,6 +22,7 @@ pub fn test_config(data_dir: &Path) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
+    c.http.listen = "127.0.0.1:0".into();
     c.log.segment_bytes = 4 << 20;
     c.log.fsync = FsyncPolicy::Always;
     c
@@ -30,6 +31,8 @@ pub fn test_config(data_dir: &Path) -> Config {
 /// A broker running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP port (metrics, API, console).
+    pub http: Option<SocketAddr>,
     stop: CancellationToken,
     done: Option<tokio::task::JoinHandle<Result<(), sluice::server::ServeError>>>,
 }
@@ -46,6 +49,7 @@ impl TestServer {
             .unwrap();
         TestServer {
             addr: running.addr,
+            http: running.http_addr,
             stop,
             done: Some(running.done),
         }
@@ -84,6 +88,8 @@ impl Drop for TestServer {
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The HTTP port (metrics, API, console).
+    pub http: SocketAddr,
 }
 
 impl BrokerProcess {
@@ -97,7 +103,7 @@ impl BrokerProcess {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
@@ -105,16 +111,25 @@ impl BrokerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
         let addr = line
             .trim()
             .strip_prefix("sluice listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
-        BrokerProcess { child, addr }
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        let http = line
+            .trim()
+            .strip_prefix("sluice http on http://")
+            .and_then(|a| a.strip_suffix('/'))
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .parse()
+            .unwrap();
+        BrokerProcess { child, addr, http }
     }
 
     pub fn pid(&self) -> u32 {

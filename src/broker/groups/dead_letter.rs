@@ -32,6 +32,7 @@ impl GroupTopic {
             match st.land(p, offset) {
                 Some(f) => {
                     let part = &mut st.parts[p as usize];
+                    part.ack_timeouts += 1;
                     give_back(part, offset, &f, now, max, Reason::AckTimeout);
                 }
                 // A stale deadline (cannot happen: landing removes it); never spin on it.

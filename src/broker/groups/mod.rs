@@ -106,6 +106,8 @@ pub struct GroupPartitionDescription {
     pub in_flight: u64,
     pub pending: u64,
     pub redeliveries: u64,
+    /// Deliveries whose ack timeout passed since the broker started.
+    pub ack_timeouts: u64,
     pub dead_lettered: u64,
     pub owner: Option<u64>,
     /// Deliveries stopped at damage in the log: why (see `docs/operations.md`).
@@ -314,6 +316,7 @@ impl GroupTopic {
                         in_flight: part.in_flight.len() as u64,
                         pending: (part.pending.len() + part.dead_lettering.len()) as u64,
                         redeliveries: part.redeliveries,
+                        ack_timeouts: part.ack_timeouts,
                         dead_lettered: part.dead_lettered,
                         owner: part.owner,
                         blocked: part.blocked.clone(),

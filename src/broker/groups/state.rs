@@ -52,6 +52,8 @@ pub(super) struct PState {
     pub(super) owner: Option<u64>,
     pub(super) redeliveries: u64,
     pub(super) dead_lettered: u64,
+    /// Deliveries whose ack timeout passed, since this broker opened the group (not persisted).
+    pub(super) ack_timeouts: u64,
     /// Reads stopped at a damaged batch: why. Cleared by a reset.
     pub(super) blocked: Option<String>,
 }
@@ -96,6 +98,7 @@ impl PState {
             read_pos: cursor,
             redeliveries,
             dead_lettered,
+            ack_timeouts: self.ack_timeouts,
             ..PState::default()
         };
     }

@@ -46,6 +46,7 @@ use super::error::{Error, Result};
 use super::io::FileIo;
 use super::record::{EncodedBatch, Record};
 use super::segment::Segment;
+use crate::metrics::Histogram;
 
 pub use self::pool::WriterPool;
 pub use self::retention::{Retention, RetentionOutcome};
@@ -61,6 +62,12 @@ pub type Completion = Box<dyn FnOnce(Result<Appended>) + Send>;
 pub struct Appended {
     pub base_offset: u64,
     pub last_offset: u64,
+}
+
+impl Appended {
+    pub fn records(&self) -> u64 {
+        self.last_offset - self.base_offset + 1
+    }
 }
 
 /// What opening the partition had to do.
@@ -94,6 +101,19 @@ pub struct PartitionStats {
     pub active_segment_bytes: u64,
 }
 
+/// What the writer counts as it goes, for `/metrics`: one relaxed add per write or sync.
+#[derive(Debug)]
+pub struct PartitionMetrics {
+    /// Records written to the log since open.
+    pub records: AtomicU64,
+    /// Bytes written to the log since open (batch framing included).
+    pub bytes: AtomicU64,
+    /// How long each `fdatasync` of the log took.
+    pub fsync: Histogram,
+    /// Records made durable by each sync: the size of a group commit.
+    pub commit_records: Histogram,
+}
+
 enum Command {
     /// A batch; `true` when its completion must wait for durability.
     Append(EncodedBatch, Completion, bool),
@@ -115,6 +135,7 @@ struct Shared {
     polling: AtomicBool,
     /// How long the last successful fdatasync took, in microseconds.
     last_sync_micros: AtomicU64,
+    metrics: PartitionMetrics,
     listener: Option<Listener>,
     /// Serialises retention and compaction of this partition.
     maintenance: Mutex<()>,
@@ -262,6 +283,12 @@ impl Partition {
             appends: AtomicU64::new(0),
             polling: AtomicBool::new(false),
             last_sync_micros: AtomicU64::new(0),
+            metrics: PartitionMetrics {
+                records: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                fsync: Histogram::durations(),
+                commit_records: Histogram::counts(),
+            },
             listener,
             maintenance: Mutex::new(()),
             inbox: Mutex::new(Inbox::default()),
@@ -389,6 +416,10 @@ impl Partition {
 
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.report
+    }
+
+    pub fn metrics(&self) -> &PartitionMetrics {
+        &self.shared.metrics
     }
 
     pub fn stats(&self) -> PartitionStats {

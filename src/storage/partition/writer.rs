@@ -241,6 +241,11 @@ impl Writer {
                 }
                 sh.appends
                     .fetch_add(self.buffered.len() as u64, Ordering::Relaxed);
+                let records: u64 = self.buffered.iter().map(|(_, a)| a.records()).sum();
+                sh.metrics.records.fetch_add(records, Ordering::Relaxed);
+                sh.metrics
+                    .bytes
+                    .fetch_add(self.staged_bytes as u64, Ordering::Relaxed);
                 self.state.len = end;
                 self.file_len = self.file_len.max(end + zeros);
                 self.unsynced.append(&mut self.buffered);
@@ -282,11 +287,15 @@ impl Writer {
                 }
                 FsyncPolicy::Never => false,
             };
-        if sync_now && let Err(e) = self.sync(sh) {
-            for (done, _) in self.unsynced.drain(..) {
-                done(Err(e.clone()));
+        if sync_now {
+            if let Err(e) = self.sync(sh) {
+                for (done, _) in self.unsynced.drain(..) {
+                    done(Err(e.clone()));
+                }
+                return;
             }
-            return;
+            let records: u64 = self.unsynced.iter().map(|(_, a)| a.records()).sum();
+            sh.metrics.commit_records.observe(records);
         }
         if policy == FsyncPolicy::Always && self.synced_len < self.state.len {
             // Only lazy appends are waiting (a durable one would have synced): they are written,
@@ -320,7 +329,9 @@ impl Writer {
         match sh.io.sync_data(path, self.active.log_file()) {
             Ok(()) => {
                 self.synced_len = self.state.len;
-                let took = self.last_sync.elapsed().as_micros();
+                let took = self.last_sync.elapsed();
+                sh.metrics.fsync.observe_duration(took);
+                let took = took.as_micros();
                 sh.last_sync_micros
                     .store(u64::try_from(took).unwrap_or(u64::MAX), Ordering::Relaxed);
                 Ok(())

@@ -1,0 +1,452 @@
+//! The HTTP port beside gRPC (`[http] listen`, default `127.0.0.1:7071`): read-only.
+//!
+//! | path                               | what                                                   |
+//! |------------------------------------|--------------------------------------------------------|
+//! | `/healthz`                         | 200 while the process serves HTTP (also during recovery) |
+//! | `/readyz`                          | 200 once recovered and serving gRPC; 503 before and while stopping |
+//! | `/metrics`                         | OpenMetrics text (see docs/operations.md for every metric) |
+//! | `/api/v1/overview`                 | totals for the console's first page                    |
+//! | `/api/v1/topics`, `/api/v1/topics/{t}` | topics, partitions, offsets, sizes, held-back bytes |
+//! | `/api/v1/topics/{t}/dead-letters`  | newest records of `<t>.dlq` with their headers (`?limit=`, ≤ 100) |
+//! | `/api/v1/groups`, `/api/v1/groups/{g}` | groups, members, lag, in flight, redeliveries, dead letters |
+//! | `/`                                | the web console (assets compiled into the binary)      |
+//!
+//! The port binds before the data directory is recovered, so an orchestrator can tell "alive,
+//! recovering" (`/healthz` 200, `/readyz` 503) from "dead". Access control applies as on gRPC:
+//! with `auth.required`, every path but `/healthz`, `/readyz` and the console's static files
+//! needs `authorization: Bearer <token>` (401 otherwise, recorded in `_audit`); a principal sees
+//! only the topics and groups it may `describe` (lists and metrics leave the others out; asking
+//! for one by name is a 403, recorded).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::front::Front;
+use crate::auth::{Action, Caller, Peer, Resource};
+use crate::broker::Broker;
+use crate::broker::audit::Decision;
+
+mod console;
+mod scrape;
+
+/// The newest dead letters one request may ask for.
+const MAX_DEAD_LETTERS: usize = 100;
+
+/// What the handlers share: set once the broker has recovered.
+#[derive(Debug, Default)]
+pub struct HttpState {
+    ready: OnceLock<(Arc<Broker>, Arc<Front>)>,
+}
+
+impl HttpState {
+    /// The broker is open: `/readyz` and the API answer from now on.
+    pub fn serve(&self, broker: Arc<Broker>, front: Arc<Front>) {
+        let _ = self.ready.set((broker, front));
+    }
+}
+
+type Shared = Arc<HttpState>;
+
+/// Serves the port until `stop` is cancelled.
+pub fn spawn(listener: TcpListener, state: Shared, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/overview", get(overview))
+        .route("/api/v1/topics", get(topics))
+        .route("/api/v1/topics/{topic}", get(topic))
+        .route("/api/v1/topics/{topic}/dead-letters", get(dead_letters))
+        .route("/api/v1/groups", get(groups))
+        .route("/api/v1/groups/{group}", get(group))
+        .merge(console::routes())
+        .with_state(state);
+    tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "the HTTP port stopped");
+        }
+    });
+}
+
+/// An answer other than the happy one.
+#[derive(Debug)]
+enum Refusal {
+    NotReady,
+    Unauthenticated,
+    Forbidden(String),
+    Failed(StatusCode, String),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Refusal::NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker is starting or stopping".to_string(),
+            ),
+            Refusal::Unauthenticated => {
+                let body = Json(json!({"error": "missing or invalid credentials"}));
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    body,
+                )
+                    .into_response();
+            }
+            Refusal::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            Refusal::Failed(s, m) => (s, m),
+        };
+        (status, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+impl From<crate::broker::Error> for Refusal {
+    fn from(e: crate::broker::Error) -> Refusal {
+        let status = super::status::to_status(e);
+        let code = match status.code() {
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Refusal::Failed(code, status.message().to_string())
+    }
+}
+
+/// A request admitted: the broker, and who asks.
+struct Admitted {
+    broker: Arc<Broker>,
+    caller: Caller,
+}
+
+impl Admitted {
+    fn may_describe(&self, resource: Resource<'_>) -> bool {
+        self.caller.allows(Action::Describe, resource)
+    }
+
+    /// Ok when the caller may describe `resource`; otherwise a recorded 403.
+    async fn require(&self, path: &str, resource: Resource<'_>) -> Result<(), Refusal> {
+        if self.may_describe(resource) {
+            return Ok(());
+        }
+        let mut e = super::access::event(
+            &self.caller,
+            &format!("http GET {path}"),
+            resource.to_string(),
+            Decision::Denied,
+        );
+        e.outcome = "PERMISSION_DENIED: describe not granted".into();
+        self.broker.audit().record(e).await?;
+        Err(Refusal::Forbidden(format!(
+            "{} may not describe {resource}",
+            self.caller.name()
+        )))
+    }
+}
+
+/// The broker once ready, and the caller under the current policy (a refusal is recorded in
+/// `_audit` like a gRPC one).
+async fn admit(
+    state: &HttpState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    path: &str,
+) -> Result<Admitted, Refusal> {
+    let (broker, front) = state.ready.get().ok_or(Refusal::NotReady)?;
+    let peer = Arc::new(Peer {
+        addr: peer,
+        certificate_names: Vec::new(),
+    });
+    match front.gate().admit(headers, &peer) {
+        Ok(caller) => Ok(Admitted {
+            broker: Arc::clone(broker),
+            caller,
+        }),
+        Err((caller, why)) => {
+            let rpc = format!("http GET {path}");
+            let mut e =
+                super::access::event(&caller, &rpc, String::new(), Decision::Unauthenticated);
+            e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
+            broker.audit().record(e).await?;
+            Err(Refusal::Unauthenticated)
+        }
+    }
+}
+
+async fn readyz(State(state): State<Shared>) -> Response {
+    match state.ready.get() {
+        Some((broker, _)) if !broker.shutdown_token().is_cancelled() => {
+            (StatusCode::OK, "ready\n").into_response()
+        }
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response(),
+    }
+}
+
+async fn metrics(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    let a = admit(&state, &headers, peer, "/metrics").await?;
+    let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
+    let text = scrape
+        .encode()
+        .map_err(|e| Refusal::Failed(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn overview(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let a = admit(&state, &headers, peer, "/api/v1/overview").await?;
+    let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
+    Ok(Json(scrape.overview()))
+}
+
+async fn topics(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let a = admit(&state, &headers, peer, "/api/v1/topics").await?;
+    let list: Vec<Value> = a
+        .broker
+        .open_topics()
+        .iter()
+        .filter(|t| a.may_describe(Resource::Topic(&t.name)))
+        .map(|t| {
+            let (mut records, mut bytes, mut appended) = (0, 0, 0);
+            for p in &t.partitions {
+                let s = p.log.stats();
+                records += s.high_water - s.log_start;
+                bytes += s.size_bytes;
+                appended += p
+                    .log
+                    .metrics()
+                    .records
+                    .load(std::sync::atomic::Ordering::Relaxed);
+            }
+            json!({
+                "name": &*t.name,
+                "partitions": t.partitions.len(),
+                "records": records,
+                "size_bytes": bytes,
+                "records_appended": appended,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "topics": list })))
+}
+
+async fn topic(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let path = format!("/api/v1/topics/{name}");
+    let a = admit(&state, &headers, peer, &path).await?;
+    a.require(&path, Resource::Topic(&name)).await?;
+    let d = a.broker.describe_topic(&name).await?;
+    let partitions: Vec<Value> = d
+        .partitions
+        .iter()
+        .map(|p| {
+            json!({
+                "partition": p.partition,
+                "first_offset": p.first_offset,
+                "next_offset": p.next_offset,
+                "records": p.next_offset - p.first_offset,
+                "size_bytes": p.size_bytes,
+                "segments": p.segments,
+                "held_bytes": p.held_bytes,
+                "held_by": p.held_by,
+            })
+        })
+        .collect();
+    let groups: Vec<String> = a
+        .broker
+        .list_groups()?
+        .into_iter()
+        .filter(|(g, topics)| topics.contains(&name) && a.may_describe(Resource::Group(g)))
+        .map(|(g, _)| g)
+        .collect();
+    let settings = a.broker.topic_settings_json(&name).unwrap_or(Value::Null);
+    Ok(Json(json!({
+        "name": d.name,
+        "settings": settings,
+        "partitions": partitions,
+        "groups": groups,
+        "ids": d.ids.map(|s| json!({
+            "duplicates": s.duplicates,
+            "in_memory": s.in_memory,
+            "on_disk": s.on_disk,
+        })),
+    })))
+}
+
+async fn dead_letters(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let path = format!("/api/v1/topics/{name}/dead-letters");
+    let a = admit(&state, &headers, peer, &path).await?;
+    a.require(&path, Resource::Topic(&name)).await?;
+    let dlq = crate::broker::groups::dlq_topic(&name);
+    a.require(&path, Resource::Topic(&dlq)).await?;
+    let limit = match query.get("limit") {
+        None => 20,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_DEAD_LETTERS).contains(n))
+            .ok_or_else(|| {
+                Refusal::Failed(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be between 1 and {MAX_DEAD_LETTERS}"),
+                )
+            })?,
+    };
+    // A topic without dead letters has no `.dlq` topic yet: an empty list.
+    a.broker.existing_topic(&name)?;
+    let records = match a.broker.existing_topic(&dlq) {
+        Ok(_) => a.broker.newest_records(&dlq, limit).await?,
+        Err(_) => Vec::new(),
+    };
+    let list: Vec<Value> = records
+        .iter()
+        .map(|(partition, r)| {
+            let headers: Vec<Value> = r
+                .headers
+                .iter()
+                .map(|h| json!({"key": h.key, "value": String::from_utf8_lossy(&h.value)}))
+                .collect();
+            json!({
+                "partition": partition,
+                "offset": r.offset,
+                "timestamp_ms": r.timestamp,
+                "key": r.key.as_ref().map(|k| String::from_utf8_lossy(k)),
+                "value_bytes": r.value.as_ref().map_or(0, |v| v.len()),
+                "headers": headers,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "topic": dlq, "dead_letters": list })))
+}
+
+async fn groups(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let a = admit(&state, &headers, peer, "/api/v1/groups").await?;
+    let list: Vec<Value> = a
+        .broker
+        .list_groups()?
+        .into_iter()
+        .filter(|(g, _)| a.may_describe(Resource::Group(g)))
+        .map(|(g, topics)| json!({ "group": g, "topics": topics }))
+        .collect();
+    Ok(Json(json!({ "groups": list })))
+}
+
+async fn group(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refusal> {
+    let path = format!("/api/v1/groups/{name}");
+    let a = admit(&state, &headers, peer, &path).await?;
+    a.require(&path, Resource::Group(&name)).await?;
+    let described = a.broker.describe_group(&name).await?;
+    let topics: Vec<Value> = described
+        .iter()
+        .filter(|d| a.may_describe(Resource::Topic(&d.topic)))
+        .map(|d| {
+            let members: Vec<Value> = d
+                .members
+                .iter()
+                .map(|m| {
+                    json!({
+                        "id": m.id,
+                        "in_flight": m.in_flight,
+                        "max_in_flight": m.max_in_flight,
+                        "exclusive": m.exclusive,
+                    })
+                })
+                .collect();
+            let partitions: Vec<Value> = d
+                .partitions
+                .iter()
+                .map(|p| {
+                    json!({
+                        "partition": p.partition,
+                        "committed": p.committed,
+                        "end": p.end,
+                        "lag": p.lag,
+                        "in_flight": p.in_flight,
+                        "pending": p.pending,
+                        "redeliveries": p.redeliveries,
+                        "ack_timeouts": p.ack_timeouts,
+                        "dead_lettered": p.dead_lettered,
+                        "owner": p.owner,
+                        "blocked": p.blocked,
+                    })
+                })
+                .collect();
+            json!({
+                "topic": d.topic,
+                "lag": d.partitions.iter().map(|p| p.lag).sum::<u64>(),
+                "dead_lettered": d.partitions.iter().map(|p| p.dead_lettered).sum::<u64>(),
+                "members": members,
+                "partitions": partitions,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "group": name, "topics": topics })))
+}
+
+/// Binds the HTTP port, if it is on.
+pub async fn bind(
+    config: &crate::config::Config,
+) -> Result<Option<TcpListener>, super::ServeError> {
+    let addr = config
+        .http
+        .addr()
+        .map_err(|e| super::ServeError::Http(e.to_string()))?;
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| super::ServeError::Bind { addr, source })
+}
