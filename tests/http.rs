@@ -258,14 +258,8 @@ async fn metrics_equal_the_operations_performed() {
         );
     }
 
-    // Four more records: the group lags by four; the API and the console's overview agree.
-    client
-        .send(pb::SendRequest {
-            topic: "m".into(),
-            messages: (0..4).map(|i| to(i % 2, message("later"))).collect(),
-        })
-        .await
-        .unwrap();
+    // The member leaves; four more records: the group lags by four; the API and the console's
+    // overview agree.
     drop(stream);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let e = loop {
@@ -279,6 +273,22 @@ async fn metrics_equal_the_operations_performed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    assert_eq!(
+        number(
+            &e,
+            "sluice_group_members",
+            &[("group", "g"), ("topic", "m")]
+        ),
+        0.0
+    );
+    client
+        .send(pb::SendRequest {
+            topic: "m".into(),
+            messages: (0..4).map(|i| to(i % 2, message("later"))).collect(),
+        })
+        .await
+        .unwrap();
+    let e = scrape(&server).await;
     assert_eq!(total(&e, "sluice_group_lag", &[("group", "g")]), 4.0);
     assert_eq!(
         number(

@@ -1010,6 +1010,11 @@ async fn the_http_port_obeys_tokens_and_describe_grants() {
     );
     let denied = get_with_token(http, "/api/v1/topics/other", WRITER).await;
     assert_eq!(denied.status, 403, "{}", denied.body);
+    // Dead letters show keys and headers: describe is not enough, they need consume.
+    let path = "/api/v1/topics/epro.a/dead-letters";
+    let denied = get_with_token(http, path, WRITER).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert_eq!(get_with_token(http, path, ALL).await.status, 200);
     // none may describe nothing: empty lists, and a 403 by name.
     let topics = get_with_token(http, "/api/v1/topics", NONE).await.json();
     assert_eq!(topics["topics"].as_array().unwrap().len(), 0);

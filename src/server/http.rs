@@ -7,7 +7,7 @@
 //! | `/metrics`                         | OpenMetrics text (see docs/operations.md for every metric) |
 //! | `/api/v1/overview`                 | totals for the console's first page                    |
 //! | `/api/v1/topics`, `/api/v1/topics/{t}` | topics, partitions, offsets, sizes, held-back bytes |
-//! | `/api/v1/topics/{t}/dead-letters`  | newest records of `<t>.dlq` with their headers (`?limit=`, ≤ 100) |
+//! | `/api/v1/topics/{t}/dead-letters`  | newest records of `<t>.dlq`: keys, headers, value sizes (`?limit=`, ≤ 100; needs `consume` on `<t>.dlq`) |
 //! | `/api/v1/groups`, `/api/v1/groups/{g}` | groups, members, lag, in flight, redeliveries, dead letters |
 //! | `/`                                | the web console (assets compiled into the binary)      |
 //!
@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -42,23 +42,51 @@ mod scrape;
 /// The newest dead letters one request may ask for.
 const MAX_DEAD_LETTERS: usize = 100;
 
-/// What the handlers share: set once the broker has recovered.
+/// What the handlers share: the broker while it serves.
 #[derive(Debug, Default)]
 pub struct HttpState {
-    ready: OnceLock<(Arc<Broker>, Arc<Front>)>,
+    phase: RwLock<Phase>,
+}
+
+#[derive(Debug, Default)]
+enum Phase {
+    #[default]
+    Recovering,
+    Ready(Arc<Broker>, Arc<Front>),
+    Stopping,
 }
 
 impl HttpState {
     /// The broker is open: `/readyz` and the API answer from now on.
     pub fn serve(&self, broker: Arc<Broker>, front: Arc<Front>) {
-        let _ = self.ready.set((broker, front));
+        *self.phase.write().unwrap_or_else(|p| p.into_inner()) = Phase::Ready(broker, front);
+    }
+
+    /// The broker is closing: the port lets go of it (its data directory's lock goes with the
+    /// last reference), and answers 503 until it stops.
+    pub fn stopping(&self) {
+        *self.phase.write().unwrap_or_else(|p| p.into_inner()) = Phase::Stopping;
+    }
+
+    fn ready(&self) -> Option<(Arc<Broker>, Arc<Front>)> {
+        match &*self.phase.read().unwrap_or_else(|p| p.into_inner()) {
+            Phase::Ready(b, f) if !b.shutdown_token().is_cancelled() => {
+                Some((Arc::clone(b), Arc::clone(f)))
+            }
+            _ => None,
+        }
     }
 }
 
 type Shared = Arc<HttpState>;
 
-/// Serves the port until `stop` is cancelled.
-pub fn spawn(listener: TcpListener, state: Shared, stop: CancellationToken) {
+/// Serves the port until `stop` is cancelled; the task ends once every request in progress
+/// has been answered.
+pub fn spawn(
+    listener: TcpListener,
+    state: Shared,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -79,7 +107,7 @@ pub fn spawn(listener: TcpListener, state: Shared, stop: CancellationToken) {
         {
             tracing::error!(error = %e, "the HTTP port stopped");
         }
-    });
+    })
 }
 
 /// An answer other than the happy one.
@@ -140,7 +168,17 @@ impl Admitted {
 
     /// Ok when the caller may describe `resource`; otherwise a recorded 403.
     async fn require(&self, path: &str, resource: Resource<'_>) -> Result<(), Refusal> {
-        if self.may_describe(resource) {
+        self.require_to(path, Action::Describe, resource).await
+    }
+
+    /// Ok when the caller may do `action` to `resource`; otherwise a recorded 403.
+    async fn require_to(
+        &self,
+        path: &str,
+        action: Action,
+        resource: Resource<'_>,
+    ) -> Result<(), Refusal> {
+        if self.caller.allows(action, resource) {
             return Ok(());
         }
         let mut e = super::access::event(
@@ -149,11 +187,12 @@ impl Admitted {
             resource.to_string(),
             Decision::Denied,
         );
-        e.outcome = "PERMISSION_DENIED: describe not granted".into();
+        e.outcome = format!("PERMISSION_DENIED: {} not granted", action.as_str());
         self.broker.audit().record(e).await?;
         Err(Refusal::Forbidden(format!(
-            "{} may not describe {resource}",
-            self.caller.name()
+            "{} may not {} {resource}",
+            self.caller.name(),
+            action.as_str()
         )))
     }
 }
@@ -166,16 +205,13 @@ async fn admit(
     peer: SocketAddr,
     path: &str,
 ) -> Result<Admitted, Refusal> {
-    let (broker, front) = state.ready.get().ok_or(Refusal::NotReady)?;
+    let (broker, front) = state.ready().ok_or(Refusal::NotReady)?;
     let peer = Arc::new(Peer {
         addr: peer,
         certificate_names: Vec::new(),
     });
     match front.gate().admit(headers, &peer) {
-        Ok(caller) => Ok(Admitted {
-            broker: Arc::clone(broker),
-            caller,
-        }),
+        Ok(caller) => Ok(Admitted { broker, caller }),
         Err((caller, why)) => {
             let rpc = format!("http GET {path}");
             let mut e =
@@ -188,13 +224,14 @@ async fn admit(
 }
 
 async fn readyz(State(state): State<Shared>) -> Response {
-    match state.ready.get() {
-        Some((broker, _)) if !broker.shutdown_token().is_cancelled() => {
-            (StatusCode::OK, "ready\n").into_response()
-        }
-        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response(),
+    if state.ready().is_some() {
+        return (StatusCode::OK, "ready\n").into_response();
     }
+    let phase = match &*state.phase.read().unwrap_or_else(|p| p.into_inner()) {
+        Phase::Recovering => "recovering\n",
+        Phase::Ready(..) | Phase::Stopping => "stopping\n",
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, phase).into_response()
 }
 
 async fn metrics(
@@ -319,8 +356,10 @@ async fn dead_letters(
     let path = format!("/api/v1/topics/{name}/dead-letters");
     let a = admit(&state, &headers, peer, &path).await?;
     a.require(&path, Resource::Topic(&name)).await?;
+    // Dead letters show records' keys and headers: reading them is consuming the DLQ.
     let dlq = crate::broker::groups::dlq_topic(&name);
-    a.require(&path, Resource::Topic(&dlq)).await?;
+    a.require_to(&path, Action::Consume, Resource::Topic(&dlq))
+        .await?;
     let limit = match query.get("limit") {
         None => 20,
         Some(l) => l

@@ -104,9 +104,8 @@ pub async fn start_with_io(
     };
     let http_state = Arc::new(http::HttpState::default());
     let http_stop = CancellationToken::new();
-    if let Some(l) = http_listener {
-        http::spawn(l, Arc::clone(&http_state), http_stop.clone());
-    }
+    let http_task =
+        http_listener.map(|l| http::spawn(l, Arc::clone(&http_state), http_stop.clone()));
     let opened = open(config.clone(), io).await;
     let (broker, front) = match opened {
         Ok(o) => o,
@@ -124,10 +123,22 @@ pub async fn start_with_io(
     };
     http_state.serve(Arc::clone(&broker), Arc::clone(&front));
     let stopped = stop.clone();
+    let state = Arc::clone(&http_state);
     let done = tokio::spawn(async move {
+        let shutting = broker.shutdown_token();
+        let closing = Arc::clone(&state);
+        // Once shutdown starts, the HTTP port lets go of the broker (/readyz: "stopping").
+        let release = tokio::spawn(async move {
+            shutting.cancelled().await;
+            closing.stopping();
+        });
         let result = serve(broker, front, hangup, listener, config, stopped).await;
-        // The HTTP port answers until the broker has closed (/readyz says "stopping").
+        state.stopping();
+        release.abort();
         http_stop.cancel();
+        if let Some(task) = http_task {
+            let _ = task.await;
+        }
         result
     });
     Ok(Running {

@@ -73,7 +73,8 @@ function link(href, text) {
   return el("a", { href }, text);
 }
 
-// The produce and consume rates over the last minutes, as two lines.
+// The produce and consume rates over the last minutes (at most HISTORY samples), as two lines
+// spread over the chart's width, oldest at the left.
 function chart() {
   const w = 600, h = 150;
   const rates = [];
@@ -84,12 +85,14 @@ function chart() {
     rates.push({ t: b.t, produce: Math.max(0, b.appended - a.appended) / dt, consume: Math.max(0, b.delivered - a.delivered) / dt });
   }
   const max = Math.max(1, ...rates.map(r => Math.max(r.produce, r.consume)));
+  const t0 = rates.length ? rates[0].t : 0;
+  const span = rates.length > 1 ? rates[rates.length - 1].t - t0 : 1;
   const svgNS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(svgNS, "svg");
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
   svg.setAttribute("preserveAspectRatio", "none");
   for (const [key, color] of [["produce", "#1570ef"], ["consume", "#12b76a"]]) {
-    const points = rates.map((r, i) => `${(i / Math.max(1, HISTORY - 1)) * w},${h - (r[key] / max) * (h - 4)}`);
+    const points = rates.map(r => `${((r.t - t0) / span) * w},${h - 2 - (r[key] / max) * (h - 4)}`);
     const line = document.createElementNS(svgNS, "polyline");
     line.setAttribute("points", points.join(" "));
     line.setAttribute("fill", "none");
@@ -99,11 +102,12 @@ function chart() {
     svg.append(line);
   }
   const last = rates[rates.length - 1] || { produce: 0, consume: 0 };
+  const seconds = Math.round(span / 1000);
   return el("div", { class: "chart" },
     el("div", { class: "legend" },
-      el("span", {}, el("i", { style: "background:#1570ef" }), "produce ", el("b", { testid: "produce-rate" }, count(Math.round(last.produce))), " records/s"),
-      el("span", {}, el("i", { style: "background:#12b76a" }), "consume ", el("b", { testid: "consume-rate" }, count(Math.round(last.consume))), " records/s"),
-      el("span", {}, "scale: ", count(Math.round(max)), " records/s; last ", Math.round(rates.length / 60 * 10) / 10, " min")),
+      el("span", {}, el("i", { class: "produce" }), "produce ", el("b", { testid: "produce-rate" }, count(Math.round(last.produce))), " records/s"),
+      el("span", {}, el("i", { class: "consume" }), "consume ", el("b", { testid: "consume-rate" }, count(Math.round(last.consume))), " records/s"),
+      el("span", {}, "top of the chart: ", count(Math.round(max)), " records/s; the last ", seconds < 120 ? seconds + " s" : Math.round(seconds / 60) + " min")),
     svg);
 }
 
