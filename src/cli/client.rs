@@ -50,16 +50,20 @@ pub async fn link(broker: &BrokerArg) -> Result<Link, CliError> {
 
 /// [`link`] to an address with credentials.
 pub async fn link_with(addr: &str, credentials: &Credentials) -> Result<Link, CliError> {
-    let bearer = match &credentials.token {
-        None => Bearer(None),
-        Some(t) => Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
-            CliError::Usage("--token holds characters a header cannot carry".into())
-        })?)),
-    };
     Ok(InterceptedService::new(
         channel(addr, credentials).await?,
-        bearer,
+        bearer(credentials.token.as_deref())?,
     ))
+}
+
+/// The `authorization` value for a token; an empty one (`SLUICE_TOKEN=`) is no token.
+fn bearer(token: Option<&str>) -> Result<Bearer, CliError> {
+    match token.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(Bearer(None)),
+        Some(t) => Ok(Bearer(Some(format!("Bearer {t}").parse().map_err(
+            |_| CliError::Usage("--token holds characters a header cannot carry".into()),
+        )?))),
+    }
 }
 
 /// Connects to a broker (`host:port` or a URL) without credentials, over plaintext unless the
@@ -661,6 +665,16 @@ fn cleanup_name(policy: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_token_sends_no_authorization_and_a_real_one_is_sent_as_bearer() {
+        for none in [None, Some(""), Some("  ")] {
+            assert!(bearer(none).unwrap().0.is_none(), "{none:?}");
+        }
+        let b = bearer(Some(" abc ")).unwrap().0.unwrap();
+        assert_eq!(b.to_str().unwrap(), "Bearer abc");
+        assert!(bearer(Some("a\nb")).is_err());
+    }
 
     #[test]
     fn topics_describe_shows_what_retention_holds_back_and_for_which_group() {
