@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The console's browser test: starts a broker on a fresh data directory (ports chosen by the
+# OS), drives the console in headless Chromium (tests/browser/console.mjs), stops the broker.
+# Installs what it needs when absent: Debian's chromium (apt-get), playwright-core (npm, into
+# tests/browser/node_modules). Usage: tests/browser/run.sh [screenshot dir, e.g. docs]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if ! command -v chromium >/dev/null; then
+  echo "installing Debian's chromium"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/@grpc/grpc-js ]; then
+  (cd tests/browser && npm install --no-audit --no-fund --silent)
+fi
+bin="${SLUICE_BIN:-target/release/sluice}"
+[ -x "$bin" ] || cargo build --release --quiet
+work=$(mktemp -d)
+out="$work/serve.out"
+RUST_LOG=warn "$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$out" &
+pid=$!
+trap 'kill $pid 2>/dev/null && wait $pid; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q "sluice http on" "$out" && break; sleep 0.1; done
+grpc=$(sed -n 's/^sluice listening on //p' "$out")
+http=$(sed -n 's/^sluice http on //p' "$out")
+shots=()
+if [ -n "${1:-}" ]; then shots=(--screenshots "$1"); fi
+node tests/browser/console.mjs --bin "$bin" --grpc "$grpc" --http "$http" "${shots[@]}"
+kill -INT $pid
+wait $pid
