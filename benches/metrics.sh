@@ -7,13 +7,14 @@
 #   scraped  this build with /metrics scraped every second while the load runs.
 # Shapes: 64 producers x batch 100 ("batched") and 64 producers x 1 message, with the stock
 # tonic client and sluice's lean client. Reports messages/s and broker CPU-seconds per GB.
-# Usage: BASE_BIN=path [BENCH_BIN=path] [ROUNDS=2] benches/metrics.sh
+# Usage: BASE_BIN=path [BENCH_BIN=path] [ROUNDS=2] [MODES="base idle scraped"] benches/metrics.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
 bin="${BENCH_BIN:-target/release/sluice}"
 base="${BASE_BIN:?BASE_BIN: a build from before the metrics}"
 rounds="${ROUNDS:-2}"
+modes="${MODES:-base idle scraped}"
 work=$(mktemp -d)
 pid=
 scraper=
@@ -51,5 +52,5 @@ run() { # run MODE
 }
 
 for _ in $(seq "$rounds"); do
-  for mode in base idle scraped; do run $mode; done
+  for mode in $modes; do run $mode; done
 done
