@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-bin="${SLUICE_BIN:-target/release/sluice}"
-[ -x "$bin" ] || cargo build --release --quiet
+# The build that is tested is the current one (cargo does nothing when it is up to date).
+[ -n "${SLUICE_BIN:-}" ] || cargo build --release --quiet
+bin="${SLUICE_BIN:-${CARGO_TARGET_DIR:-target}/release/sluice}"
 
 venv=target/examples/venv
 gen=target/examples/python

@@ -12,8 +12,9 @@ fi
 if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/@grpc/grpc-js ]; then
   (cd tests/browser && npm install --no-audit --no-fund --silent)
 fi
-bin="${SLUICE_BIN:-target/release/sluice}"
-[ -x "$bin" ] || cargo build --release --quiet
+# The build that is tested is the current one (cargo does nothing when it is up to date).
+[ -n "${SLUICE_BIN:-}" ] || cargo build --release --quiet
+bin="${SLUICE_BIN:-${CARGO_TARGET_DIR:-target}/release/sluice}"
 work=$(mktemp -d)
 out="$work/serve.out"
 RUST_LOG=warn "$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$out" &
