@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::{Reply, get, request};
+use common::http::{Reply, get, request, topic_names};
 use common::server::{TestServer, keyed, message, start, take, test_config};
 use openmetrics_parser::{HistogramValue, MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use sluice::proto::v1 as pb;
@@ -392,14 +392,7 @@ async fn health_readiness_console_and_bad_requests() {
     assert_eq!(none.status, 200);
     assert_eq!(none.json()["dead_letters"].as_array().unwrap().len(), 0);
     // None of it created anything.
-    let topics = get(http, "/api/v1/topics").await.json();
-    let names: Vec<&str> = topics["topics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["t"]);
+    assert_eq!(topic_names(&get(http, "/api/v1/topics").await), ["t"]);
     server.stop().await;
 }
 

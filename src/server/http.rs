@@ -22,8 +22,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -155,10 +156,45 @@ impl From<crate::broker::Error> for Refusal {
     }
 }
 
-/// A request admitted: the broker, and who asks.
+/// A request admitted: the broker, who asks, and what (`http GET /path`, as audit records name
+/// it). Extracting it from a request admits the request: 503 before the broker is ready; 401,
+/// recorded in `_audit` like a gRPC refusal, without valid credentials.
 struct Admitted {
     broker: Arc<Broker>,
     caller: Caller,
+    rpc: String,
+}
+
+impl FromRequestParts<Shared> for Admitted {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Refusal> {
+        let rpc = format!("http GET {}", parts.uri.path());
+        let (broker, front) = state.ready().ok_or(Refusal::NotReady)?;
+        let addr = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| Refusal::Failed(StatusCode::INTERNAL_SERVER_ERROR, "no peer".into()))?;
+        let peer = Arc::new(Peer {
+            addr,
+            certificate_names: Vec::new(),
+        });
+        match front.gate().admit(&parts.headers, &peer) {
+            Ok(caller) => Ok(Admitted {
+                broker,
+                caller,
+                rpc,
+            }),
+            Err((caller, why)) => {
+                let mut e =
+                    super::access::event(&caller, &rpc, String::new(), Decision::Unauthenticated);
+                e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
+                broker.audit().record(e).await?;
+                Err(Refusal::Unauthenticated)
+            }
+        }
+    }
 }
 
 impl Admitted {
@@ -167,23 +203,18 @@ impl Admitted {
     }
 
     /// Ok when the caller may describe `resource`; otherwise a recorded 403.
-    async fn require(&self, path: &str, resource: Resource<'_>) -> Result<(), Refusal> {
-        self.require_to(path, Action::Describe, resource).await
+    async fn require(&self, resource: Resource<'_>) -> Result<(), Refusal> {
+        self.require_to(Action::Describe, resource).await
     }
 
     /// Ok when the caller may do `action` to `resource`; otherwise a recorded 403.
-    async fn require_to(
-        &self,
-        path: &str,
-        action: Action,
-        resource: Resource<'_>,
-    ) -> Result<(), Refusal> {
+    async fn require_to(&self, action: Action, resource: Resource<'_>) -> Result<(), Refusal> {
         if self.caller.allows(action, resource) {
             return Ok(());
         }
         let mut e = super::access::event(
             &self.caller,
-            &format!("http GET {path}"),
+            &self.rpc,
             resource.to_string(),
             Decision::Denied,
         );
@@ -194,32 +225,6 @@ impl Admitted {
             self.caller.name(),
             action.as_str()
         )))
-    }
-}
-
-/// The broker once ready, and the caller under the current policy (a refusal is recorded in
-/// `_audit` like a gRPC one).
-async fn admit(
-    state: &HttpState,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-    path: &str,
-) -> Result<Admitted, Refusal> {
-    let (broker, front) = state.ready().ok_or(Refusal::NotReady)?;
-    let peer = Arc::new(Peer {
-        addr: peer,
-        certificate_names: Vec::new(),
-    });
-    match front.gate().admit(headers, &peer) {
-        Ok(caller) => Ok(Admitted { broker, caller }),
-        Err((caller, why)) => {
-            let rpc = format!("http GET {path}");
-            let mut e =
-                super::access::event(&caller, &rpc, String::new(), Decision::Unauthenticated);
-            e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
-            broker.audit().record(e).await?;
-            Err(Refusal::Unauthenticated)
-        }
     }
 }
 
@@ -234,12 +239,7 @@ async fn readyz(State(state): State<Shared>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, phase).into_response()
 }
 
-async fn metrics(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Response, Refusal> {
-    let a = admit(&state, &headers, peer, "/metrics").await?;
+async fn metrics(a: Admitted) -> Result<Response, Refusal> {
     let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
     let text = scrape
         .encode()
@@ -254,22 +254,12 @@ async fn metrics(
         .into_response())
 }
 
-async fn overview(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Refusal> {
-    let a = admit(&state, &headers, peer, "/api/v1/overview").await?;
+async fn overview(a: Admitted) -> Result<Json<Value>, Refusal> {
     let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
     Ok(Json(scrape.overview()))
 }
 
-async fn topics(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Refusal> {
-    let a = admit(&state, &headers, peer, "/api/v1/topics").await?;
+async fn topics(a: Admitted) -> Result<Json<Value>, Refusal> {
     let list: Vec<Value> = a
         .broker
         .open_topics()
@@ -299,15 +289,8 @@ async fn topics(
     Ok(Json(json!({ "topics": list })))
 }
 
-async fn topic(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Refusal> {
-    let path = format!("/api/v1/topics/{name}");
-    let a = admit(&state, &headers, peer, &path).await?;
-    a.require(&path, Resource::Topic(&name)).await?;
+async fn topic(a: Admitted, Path(name): Path<String>) -> Result<Json<Value>, Refusal> {
+    a.require(Resource::Topic(&name)).await?;
     let d = a.broker.describe_topic(&name).await?;
     let partitions: Vec<Value> = d
         .partitions
@@ -347,19 +330,14 @@ async fn topic(
 }
 
 async fn dead_letters(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    a: Admitted,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, Refusal> {
-    let path = format!("/api/v1/topics/{name}/dead-letters");
-    let a = admit(&state, &headers, peer, &path).await?;
-    a.require(&path, Resource::Topic(&name)).await?;
+    a.require(Resource::Topic(&name)).await?;
     // Dead letters show records' keys and headers: reading them is consuming the DLQ.
     let dlq = crate::broker::groups::dlq_topic(&name);
-    a.require_to(&path, Action::Consume, Resource::Topic(&dlq))
-        .await?;
+    a.require_to(Action::Consume, Resource::Topic(&dlq)).await?;
     let limit = match query.get("limit") {
         None => 20,
         Some(l) => l
@@ -400,12 +378,7 @@ async fn dead_letters(
     Ok(Json(json!({ "topic": dlq, "dead_letters": list })))
 }
 
-async fn groups(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Refusal> {
-    let a = admit(&state, &headers, peer, "/api/v1/groups").await?;
+async fn groups(a: Admitted) -> Result<Json<Value>, Refusal> {
     let list: Vec<Value> = a
         .broker
         .list_groups()?
@@ -416,15 +389,8 @@ async fn groups(
     Ok(Json(json!({ "groups": list })))
 }
 
-async fn group(
-    State(state): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Refusal> {
-    let path = format!("/api/v1/groups/{name}");
-    let a = admit(&state, &headers, peer, &path).await?;
-    a.require(&path, Resource::Group(&name)).await?;
+async fn group(a: Admitted, Path(name): Path<String>) -> Result<Json<Value>, Refusal> {
+    a.require(Resource::Group(&name)).await?;
     let described = a.broker.describe_group(&name).await?;
     let topics: Vec<Value> = described
         .iter()
@@ -488,4 +454,42 @@ pub async fn bind(
         .await
         .map(Some)
         .map_err(|source| super::ServeError::Bind { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn status(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        let code = raw.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = raw.split_once("\r\n\r\n").unwrap().1.to_string();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn before_recovery_and_while_stopping_only_liveness_answers_200() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(HttpState::default());
+        let stop = CancellationToken::new();
+        let task = spawn(listener, Arc::clone(&state), stop.clone());
+        for phase in ["recovering\n", "stopping\n"] {
+            assert_eq!(status(addr, "/healthz").await, (200, "ok\n".into()));
+            assert_eq!(status(addr, "/readyz").await, (503, phase.into()));
+            for path in ["/metrics", "/api/v1/topics", "/api/v1/groups/g"] {
+                assert_eq!(status(addr, path).await.0, 503, "{path} while {phase}");
+            }
+            // The console's own files need no broker.
+            assert_eq!(status(addr, "/").await.0, 200);
+            state.stopping();
+        }
+        stop.cancel();
+        task.await.unwrap();
+    }
 }

@@ -28,6 +28,16 @@ impl Reply {
     }
 }
 
+/// The `name`s of `/api/v1/topics`' answer.
+pub fn topic_names(reply: &Reply) -> Vec<String> {
+    reply.json()["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, None).await
 }
