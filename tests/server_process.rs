@@ -107,14 +107,8 @@ fn logs_into_a_file_or_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("broker.log");
     let mut child = Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "",
-            "--data-dir",
-        ])
+        .args(common::server::SERVE)
+        .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -335,14 +329,8 @@ fn a_second_broker_on_the_same_data_dir_fails_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let _first = BrokerProcess::spawn(dir.path(), &[]);
     let out = Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "",
-            "--data-dir",
-        ])
+        .args(common::server::SERVE)
+        .arg("--data-dir")
         .arg(dir.path())
         .output()
         .unwrap();

@@ -257,18 +257,12 @@ async fn sigterm_ends_the_broker_within_the_deadline_whatever_stays_connected() 
 fn serve_limited(data: &Path, soft: u64, hard: u64) -> std::process::Child {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(bin());
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "",
-        "--data-dir",
-    ])
-    .arg(data)
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(common::server::SERVE)
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {

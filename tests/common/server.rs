@@ -15,6 +15,9 @@ use sluice::storage::{FileIo, FsyncPolicy, RealIo};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// `sluice serve` on a gRPC port the OS chooses and no HTTP port (add `--data-dir DIR`).
+pub const SERVE: [&str; 5] = ["serve", "--listen", "127.0.0.1:0", "--http-listen", ""];
+
 /// A config for tests: a port chosen by the OS, the given data dir, small segments.
 pub fn test_config(data_dir: &Path) -> Config {
     let mut c = Config {
