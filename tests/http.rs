@@ -412,3 +412,49 @@ fn an_http_address_that_does_not_parse_or_leaves_the_machine_is_refused() {
     c.allow_plaintext = false;
     c.sanitize().unwrap();
 }
+
+/// After a restart, a group nobody has joined since is still reported (it is opened from its
+/// state on the scrape), and the counters kept "since start" begin again at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_reports_groups_nobody_has_joined_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    client
+        .send(pb::SendRequest {
+            topic: "r".into(),
+            messages: (0..5).map(|_| message("x")).collect(),
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "r".into(),
+            group: "g".into(),
+            max_in_flight: 2,
+            ..pb::SubscribeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take(&mut stream, 2).await;
+    client
+        .ack(pb::AckRequest {
+            group: "g".into(),
+            topic: "r".into(),
+            ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
+        })
+        .await
+        .unwrap();
+    drop(stream);
+    server.stop().await;
+
+    let server = TestServer::start(test_config(dir.path())).await;
+    let e = scrape(&server).await;
+    let labels = [("group", "g"), ("topic", "r"), ("partition", "0")];
+    assert_eq!(number(&e, "sluice_group_lag", &labels), 3.0);
+    assert_eq!(number(&e, "sluice_group_members", &labels[..2]), 0.0);
+    assert_eq!(number(&e, "sluice_log_end_offset", &labels[1..]), 5.0);
+    assert_eq!(number(&e, "sluice_records_appended", &labels[1..]), 0.0);
+    server.stop().await;
+}
