@@ -4,7 +4,8 @@
 //                    [--screenshots docs]
 // It produces and consumes through the CLI (and nacks with @grpc/grpc-js until messages are
 // dead-lettered) and checks that the pages show the new counts, lag and dead letters without
-// being reloaded; it ends with screenshots of the overview and a group page.
+// being reloaded; it ends with screenshots of the overview and a group page. Then, against a
+// second broker with `auth.required`, the console asks for a token and keeps it for the tab.
 import { chromium } from "playwright-core";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
@@ -19,6 +20,8 @@ const { values: args } = parseArgs({
     http: { type: "string" },
     screenshots: { type: "string" },
     chromium: { type: "string", default: "/usr/bin/chromium" },
+    "auth-http": { type: "string" },
+    token: { type: "string" },
   },
 });
 for (const required of ["bin", "grpc", "http"]) {
@@ -169,6 +172,23 @@ try {
     await page.evaluate(g => { location.hash = `#/groups/${g}`; }, TRIAGE);
     await rows.nth(dead - 1).waitFor({ timeout: TIMEOUT });
     await page.screenshot({ path: `${args.screenshots}/console-group.png` });
+  }
+  // Against a broker with auth.required: the console asks for a token, then shows the data.
+  if (args["auth-http"]) {
+    const locked = await browser.newPage();
+    locked.on("pageerror", e => errors.push(e.message));
+    await locked.goto(args["auth-http"]);
+    await locked.locator("#login").waitFor({ state: "visible", timeout: TIMEOUT });
+    await expectText(locked, "status", "a token is needed");
+    await locked.fill("#token", args.token);
+    await locked.click("#login button");
+    await expectText(locked, "topics", "0");
+    assert.equal(await locked.locator("#login").isVisible(), false);
+    // The token is kept for the tab's session: a reload does not ask again.
+    await locked.reload();
+    await expectText(locked, "topics", "0");
+    assert.equal(await locked.locator("#login").isVisible(), false);
+    assert.deepEqual(errors, [], "no script errors");
   }
   console.log(`console: ok (${appended} records appended, lag ${appended - consumed}, one page load)`);
 } catch (e) {

@@ -25,6 +25,24 @@ grpc=$(sed -n 's/^sluice listening on //p' "$out")
 http=$(sed -n 's/^sluice http on //p' "$out")
 shots=()
 if [ -n "${1:-}" ]; then shots=(--screenshots "$1"); fi
-node tests/browser/console.mjs --bin "$bin" --grpc "$grpc" --http "$http" "${shots[@]}"
-kill -INT $pid
-wait $pid
+
+# A second broker with access control: the console must ask for a token and then show data.
+"$bin" auth token console > "$work/token.txt"
+token=$(sed -n 2p "$work/token.txt")
+{
+  printf '[auth]\nrequired = true\n'
+  sed -n '/^\[\[auth.principals\]\]/,$p' "$work/token.txt"
+  printf '[[auth.grants]]\nprincipal = "console"\ntopics = ["*"]\ngroups = ["*"]\nallow = ["describe"]\n'
+} > "$work/auth.toml"
+chmod 600 "$work/auth.toml"
+RUST_LOG=warn "$bin" serve --config "$work/auth.toml" --data-dir "$work/auth-data" \
+  --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$work/auth.out" &
+auth_pid=$!
+trap 'kill $pid $auth_pid 2>/dev/null && wait $pid $auth_pid; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q "sluice http on" "$work/auth.out" && break; sleep 0.1; done
+auth_http=$(sed -n 's/^sluice http on //p' "$work/auth.out")
+
+node tests/browser/console.mjs --bin "$bin" --grpc "$grpc" --http "$http" "${shots[@]}" \
+  --auth-http "$auth_http" --token "$token"
+kill -INT $pid $auth_pid
+wait $pid $auth_pid
