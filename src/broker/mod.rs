@@ -520,7 +520,8 @@ impl Broker {
             let mut out = Vec::new();
             for p in &topic.partitions {
                 let end = p.log.high_water();
-                let mut next = end.saturating_sub(limit as u64).max(p.log.log_start());
+                let from = end.saturating_sub(limit as u64).max(p.log.log_start());
+                let mut next = from;
                 while next < end {
                     let batches = p.log.read(next, 1 << 20)?;
                     if batches.is_empty() {
@@ -532,7 +533,8 @@ impl Broker {
                                 Error::Internal(format!("undecodable record: {why}"))
                             })?;
                             next = r.offset + 1;
-                            if r.offset + (limit as u64) >= end && r.offset < end {
+                            // A batch read may start before `from`.
+                            if (from..end).contains(&r.offset) {
                                 out.push((p.id, r));
                             }
                         }
@@ -548,14 +550,10 @@ impl Broker {
 
     /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.
     pub fn list_topics(&self) -> Vec<(String, TopicConfig)> {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<_> = topics
+        self.open_topics()
             .iter()
-            .filter(|(n, _)| n.as_str() != AUDIT_TOPIC)
-            .map(|(n, t)| (n.clone(), t.config.clone()))
-            .collect();
-        list.sort_by(|a, b| a.0.cmp(&b.0));
-        list
+            .map(|t| (t.name.to_string(), t.config.clone()))
+            .collect()
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {

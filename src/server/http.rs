@@ -439,10 +439,10 @@ async fn group(a: Admitted, Path(name): Path<String>) -> Result<Json<Value>, Ref
     Ok(Json(json!({ "group": name, "topics": topics })))
 }
 
-/// Binds the HTTP port, if it is on.
+/// Binds the HTTP port, if it is on; with the address it got (port 0 picks one).
 pub async fn bind(
     config: &crate::config::Config,
-) -> Result<Option<TcpListener>, super::ServeError> {
+) -> Result<Option<(TcpListener, SocketAddr)>, super::ServeError> {
     let addr = config
         .http
         .addr()
@@ -450,8 +450,11 @@ pub async fn bind(
     let Some(addr) = addr else {
         return Ok(None);
     };
-    TcpListener::bind(addr)
-        .await
+    let bound = match TcpListener::bind(addr).await {
+        Ok(l) => l.local_addr().map(|a| (l, a)),
+        Err(e) => Err(e),
+    };
+    bound
         .map(Some)
         .map_err(|source| super::ServeError::Bind { addr, source })
 }

@@ -94,33 +94,18 @@ pub async fn start_with_io(
     // TLS files are checked before the data directory is touched.
     crate::auth::tls::server_config(&config.tls).map_err(front::FrontError::from)?;
     // The HTTP port answers /healthz (and /readyz: not yet) while the data is recovered.
-    let http_listener = http::bind(&config).await?;
-    let http_addr = match &http_listener {
-        Some(l) => Some(l.local_addr().map_err(|source| ServeError::Bind {
-            addr: listener_addr(&config),
-            source,
-        })?),
-        None => None,
-    };
+    let http = http::bind(&config).await?;
+    let http_addr = http.as_ref().map(|(_, a)| *a);
     let http_state = Arc::new(http::HttpState::default());
     let http_stop = CancellationToken::new();
-    let http_task =
-        http_listener.map(|l| http::spawn(l, Arc::clone(&http_state), http_stop.clone()));
-    let opened = open(config.clone(), io).await;
-    let (broker, front) = match opened {
-        Ok(o) => o,
-        Err(e) => {
-            http_stop.cancel();
-            return Err(e);
-        }
-    };
-    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(h) => h,
-        Err(e) => {
-            http_stop.cancel();
-            return Err(ServeError::Signal(e));
-        }
-    };
+    let http_task = http.map(|(l, _)| http::spawn(l, Arc::clone(&http_state), http_stop.clone()));
+    // Until the broker serves, an early return stops the HTTP port too.
+    let http_guard = http_stop.drop_guard();
+    let broker = Broker::open_with_io(config.clone(), io).await?;
+    let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
+    let http_stop = http_guard.disarm();
     http_state.serve(Arc::clone(&broker), Arc::clone(&front));
     let stopped = stop.clone();
     let state = Arc::clone(&http_state);
@@ -147,19 +132,6 @@ pub async fn start_with_io(
         stop,
         done,
     })
-}
-
-fn listener_addr(config: &Config) -> SocketAddr {
-    config.http.addr().ok().flatten().unwrap_or(config.listen)
-}
-
-async fn open(
-    config: Config,
-    io: Arc<dyn FileIo>,
-) -> Result<(Arc<Broker>, Arc<front::Front>), ServeError> {
-    let broker = Broker::open_with_io(config.clone(), io).await?;
-    let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
-    Ok((broker, front))
 }
 
 async fn serve(
