@@ -1034,3 +1034,105 @@ async fn the_http_port_obeys_tokens_and_describe_grants() {
     );
     server.stop().await;
 }
+
+/// The suite a TLS client offering `suites` (in its order of preference) gets from `addr`.
+async fn negotiated(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    suites: &[tokio_rustls::rustls::CipherSuite],
+    tls12: bool,
+) -> tokio_rustls::rustls::CipherSuite {
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites
+        .iter()
+        .map(|want| {
+            *provider
+                .cipher_suites
+                .iter()
+                .find(|s| s.suite() == *want)
+                .unwrap()
+        })
+        .collect();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.into())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+#[tokio::test]
+async fn the_broker_picks_aes_128_gcm_whatever_the_client_prefers_and_serves_clients_without_it() {
+    use tokio_rustls::rustls::CipherSuite as S;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "clinic");
+    let mut config = test_config(dir.path());
+    let pair = ca.server("server");
+    config.tls = TlsConfig {
+        cert_file: pair.cert,
+        key_file: pair.key,
+        ..TlsConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    // (the client's suites, most preferred first; TLS 1.2 only; what the broker picks)
+    let table = [
+        (
+            vec![
+                S::TLS13_AES_256_GCM_SHA384,
+                S::TLS13_AES_128_GCM_SHA256,
+                S::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            false,
+            S::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            vec![
+                S::TLS13_CHACHA20_POLY1305_SHA256,
+                S::TLS13_AES_128_GCM_SHA256,
+            ],
+            false,
+            S::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            vec![S::TLS13_AES_256_GCM_SHA384],
+            false,
+            S::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            vec![S::TLS13_CHACHA20_POLY1305_SHA256],
+            false,
+            S::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            vec![
+                S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            true,
+            S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ];
+    for (offered, tls12, want) in table {
+        let got = negotiated(server.addr, &ca.cert, &offered, tls12).await;
+        assert_eq!(got, want, "client offering {offered:?}");
+    }
+    server.stop().await;
+}
