@@ -140,15 +140,30 @@ async fn every_kind_of_retry_answers_the_original_position_and_stores_nothing() 
         .unwrap();
     assert!(!answer[0].duplicate && answer[1].duplicate && answer[2].duplicate);
     assert!(answer.iter().all(|p| placed(p) == placed(&answer[0])));
+    // A stored id repeated inside one request, around a new one: both are the original.
+    let answer = broker
+        .send(
+            "t",
+            vec![
+                with_id("sub-9", Some("c"), "4"),
+                with_id("sub-10", Some("c"), "5"),
+                with_id("sub-9", None, "6"),
+            ],
+        )
+        .await
+        .unwrap();
+    let sub9 = placed(&answer[0]);
+    assert!(answer[0].duplicate && !answer[1].duplicate && answer[2].duplicate);
+    assert_eq!(placed(&answer[2]), sub9);
     let stored = stored_ids(&broker, "t").await;
     let mut count: HashMap<Bytes, usize> = HashMap::new();
     for (id, _, _) in &stored {
         *count.entry(id.clone().unwrap()).or_default() += 1;
     }
-    assert_eq!(count.len(), 4, "{stored:?}");
+    assert_eq!(count.len(), 5, "{stored:?}");
     assert!(count.values().all(|&n| n == 1), "{count:?}");
     let ids = broker.describe_topic("t").await.unwrap().ids.unwrap();
-    assert_eq!(ids.duplicates, 7);
+    assert_eq!(ids.duplicates, 9);
     broker.shutdown().await;
 }
 
@@ -163,11 +178,24 @@ async fn concurrent_sends_of_one_id_store_it_once_and_all_answer_its_position() 
     broker.create_topic("t", topic).await.unwrap();
     for round in 0..20 {
         let id = format!("sub-{round}");
+        // Every other Send carries the id twice, around another id of its own.
         let sends: Vec<_> = (0..16)
             .map(|i| {
                 let broker = Arc::clone(&broker);
                 let m = with_id(&id, Some(&format!("k{i}")), "v");
-                tokio::spawn(async move { broker.send("t", vec![m]).await.unwrap()[0] })
+                let mut messages = vec![m.clone()];
+                if i % 2 == 1 {
+                    let own = with_id(&format!("{id}-{i}"), None, "w");
+                    messages.extend([own, m]);
+                }
+                tokio::spawn(async move {
+                    let answer = broker.send("t", messages).await.unwrap();
+                    if answer.len() == 3 {
+                        assert!(!answer[1].duplicate && answer[2].duplicate);
+                        assert_eq!(placed(&answer[2]), placed(&answer[0]));
+                    }
+                    answer[0]
+                })
             })
             .collect();
         let mut answers = Vec::new();
@@ -181,7 +209,7 @@ async fn concurrent_sends_of_one_id_store_it_once_and_all_answer_its_position() 
         );
         assert!(answers.iter().all(|p| placed(p) == placed(&answers[0])));
     }
-    assert_eq!(stored_ids(&broker, "t").await.len(), 20);
+    assert_eq!(stored_ids(&broker, "t").await.len(), 20 * 9);
     broker.shutdown().await;
 }
 

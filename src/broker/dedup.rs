@@ -106,29 +106,36 @@ impl Dedup {
 
     /// Decides, for each message, whether it is appended or answered from what is known; the
     /// ids to append become pending, held by the returned guard until a writer takes them
-    /// ([`Claimed::hand_over`]) to [`Dedup::settle`] or [`Dedup::release`] them.
-    pub fn claim(self: &Arc<Self>, items: &[Item], now_ms: i64) -> Result<(Vec<Claim>, Claimed)> {
+    /// ([`Claimed::hand_over`]) to [`Dedup::settle`] or [`Dedup::release`] them. A memtable
+    /// these claims filled is frozen before the lock is let go (`logs` give the watermarks), so
+    /// it never holds more than one Send beyond `dedup_memtable_ids`.
+    pub fn claim(
+        self: &Arc<Self>,
+        items: &[Item],
+        now_ms: i64,
+        logs: &[&Partition],
+    ) -> Result<Claims> {
         let mut st = self.state();
         let mut claims = Vec::with_capacity(items.len());
-        let mut mine: KeyMap<usize> = KeyMap::default();
         for (i, item) in items.iter().enumerate() {
             let Some(key) = item.key else {
                 claims.push(Claim::New);
                 continue;
             };
-            if let Some(&first) = mine.get(&key) {
-                claims.push(Claim::Repeat(first));
-                continue;
-            }
-            mine.insert(key, i);
             match st.index.claim(key, item.partition, item.floor, now_ms) {
                 Ok(Found::New) => claims.push(Claim::New),
+                // An id seen earlier in this request answers as it did there.
                 Ok(Found::Known(e)) => claims.push(Claim::Known(e)),
-                Ok(Found::Pending) => {
-                    let (tx, rx) = oneshot::channel();
-                    st.waiters.entry(key).or_default().push(tx);
-                    claims.push(Claim::Wait(rx));
-                }
+                // Pending: this request's own (an earlier repeat) or another Send's. Rare, so
+                // the earlier messages are searched only then.
+                Ok(Found::Pending) => match items[..i].iter().position(|it| it.key == Some(key)) {
+                    Some(first) => claims.push(Claim::Repeat(first)),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        st.waiters.entry(key).or_default().push(tx);
+                        claims.push(Claim::Wait(rx));
+                    }
+                },
                 Err(e) => {
                     let error = Error::from(e);
                     release_locked(&mut st, &new_keys(&claims, items), &error.to_string());
@@ -136,11 +143,16 @@ impl Dedup {
                 }
             }
         }
-        let claimed = Claimed {
+        let froze = st.index.full() && freeze_locked(&mut st, logs);
+        let guard = Claimed {
             dedup: Arc::clone(self),
             keys: new_keys(&claims, items),
         };
-        Ok((claims, claimed))
+        Ok(Claims {
+            each: claims,
+            guard,
+            froze,
+        })
     }
 
     /// The appends of pending ids are durable at these entries: into the index, waiters woken.
@@ -195,24 +207,15 @@ impl Dedup {
         self.state().waiters.values().map(Vec::len).sum()
     }
 
-    /// Counts the duplicates a Send answered (for `topics describe`); returns whether the
-    /// memtable is due to be frozen. One lock for both, once per Send.
-    pub fn answered(&self, duplicates: u64) -> bool {
-        let mut st = self.state();
-        st.index.duplicates += duplicates;
-        st.index.full()
+    /// Counts the duplicates a Send answered (for `topics describe`).
+    pub fn answered(&self, duplicates: u64) {
+        self.state().index.duplicates += duplicates;
     }
 
     /// Freezes the memtable if anything happened since the last run (each partition's end
     /// above its watermark, or ids in memory). Returns whether it froze.
     pub fn freeze(&self, logs: &[&Partition]) -> bool {
-        let mut st = self.state();
-        let ends: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
-        if !st.index.behind(&ends) {
-            return false;
-        }
-        st.index.freeze(&ends);
-        true
+        freeze_locked(&mut self.state(), logs)
     }
 
     /// Writes every frozen memtable as a run, oldest first (blocking).
@@ -283,6 +286,15 @@ fn new_keys(claims: &[Claim], items: &[Item]) -> Vec<Key> {
         .collect()
 }
 
+fn freeze_locked(st: &mut State, logs: &[&Partition]) -> bool {
+    let ends: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
+    if !st.index.behind(&ends) {
+        return false;
+    }
+    st.index.freeze(&ends);
+    true
+}
+
 fn release_locked(st: &mut State, keys: &[Key], why: &str) {
     for key in keys {
         st.index.release(key);
@@ -290,6 +302,17 @@ fn release_locked(st: &mut State, keys: &[Key], why: &str) {
             let _ = w.send(Err(why.to_string()));
         }
     }
+}
+
+/// What [`Dedup::claim`] decided for one Send.
+#[derive(Debug)]
+pub struct Claims {
+    /// Per message.
+    pub each: Vec<Claim>,
+    /// The ids made pending.
+    pub guard: Claimed,
+    /// Whether the memtable was frozen: its run is to be written.
+    pub froze: bool,
 }
 
 /// Pending ids of one Send not yet handed to a writer: released if the Send stops before.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::audit::AuditEvent;
-use super::dedup::{Background, Claim, Claimed, Dedup, Item};
+use super::dedup::{Background, Claim, Claimed, Claims, Dedup, Item};
 use super::groups::read_record;
 use super::{Broker, Error, NewMessage, Placed, Result, Topic, now_ms, refuse_audit_topic, topic};
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
@@ -154,7 +154,15 @@ impl Broker {
                 floor: topic.partitions[partition as usize].log.high_water(),
             });
         }
-        let (claims, claimed) = dedup.claim(&items, now)?;
+        let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
+        let Claims {
+            each: claims,
+            guard: claimed,
+            froze,
+        } = dedup.claim(&items, now, &logs)?;
+        if froze {
+            self.write_ids_later(topic);
+        }
         let keys: Vec<Option<Key>> = items.iter().map(|it| it.key).collect();
         let mut fresh = Vec::new();
         let mut fresh_index = Vec::new();
@@ -224,10 +232,8 @@ impl Broker {
                 removed: !still_held(topic, entry).await?,
             });
         }
-        if dedup.answered(duplicates) {
-            let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
-            dedup.freeze(&logs);
-            self.write_ids_later(topic);
+        if duplicates > 0 {
+            dedup.answered(duplicates);
         }
         Ok(out.into_iter().flatten().collect())
     }

@@ -71,8 +71,8 @@ pub struct LogConfig {
     pub writer_nice: u8,
     /// Message ids of idempotent Send a topic keeps in memory before writing them to an id
     /// index file. After a crash, the ids since the last file are found again by re-reading the
-    /// log from there. Default: 57344 (7/8 of 65536: the hash table's most at 65536 slots; one
-    /// more id would double it).
+    /// log from there. Default: 49152. The table is made for a sixth more (57,344, the most
+    /// 65,536 slots hold), room for the ids of the Send that fills it.
     pub dedup_memtable_ids: usize,
 }
 
@@ -90,7 +90,7 @@ impl Default for LogConfig {
             preallocate_bytes: 1 << 20,
             writer_spin_us: 200,
             writer_nice: 10,
-            dedup_memtable_ids: 57344,
+            dedup_memtable_ids: 49152,
         }
     }
 }

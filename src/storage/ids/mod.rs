@@ -28,6 +28,7 @@
 pub mod run;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -140,23 +141,33 @@ pub struct Frozen {
 
 impl Frozen {
     /// Writes this memtable as a run in `dir` (durable when it returns).
+    ///
+    /// The entries are sorted encoded, in an anonymous mapping: this runs on a background
+    /// thread, and a mapping goes back to the system when dropped, where the allocator would
+    /// keep a freed buffer of this size resident on a thread that may not allocate again soon.
     pub fn write(&self, dir: &Path, io: &dyn FileIo) -> Result<Run> {
-        let mut sorted: Vec<(Key, Entry)> = self
-            .entries
-            .iter()
-            .filter_map(|(k, slot)| match slot {
-                Slot::Stored(e) => Some((*k, *e)),
-                Slot::Pending { .. } => None,
-            })
-            .collect();
-        sorted.sort_unstable_by_key(|(k, _)| *k);
+        let stored = self.entries.iter().filter_map(|(k, slot)| match slot {
+            Slot::Stored(e) => Some((k, e)),
+            Slot::Pending { .. } => None,
+        });
+        let n = stored.clone().count();
+        let mut buf =
+            memmap2::MmapMut::map_anon((n * run::ENTRY).max(1)).map_err(|e| Error::io(dir, e))?;
+        let (sorted, _) = buf.as_chunks_mut::<{ run::ENTRY }>();
+        for (slot, (k, e)) in sorted.iter_mut().zip(stored) {
+            run::encode_entry(slot, k, e);
+        }
+        let sorted = &mut sorted[..n];
+        // The key is the entry's first 16 bytes: byte order is key order.
+        sorted.sort_unstable_by(|a, b| a[..16].cmp(&b[..16]));
         let spec = run::Spec {
             lo: self.seq,
             hi: self.seq,
             tier: 0,
             watermarks: &self.watermarks,
         };
-        run::write(dir, io, &spec, sorted.len() as u64, sorted.into_iter())
+        let entries = sorted.iter().map(|b| run::decode_entry(b));
+        run::write(dir, io, &spec, n as u64, entries)
     }
 }
 
@@ -168,7 +179,10 @@ pub struct IdIndex {
     window_ms: u64,
     memtable_ids: usize,
     memtable: KeyMap<Slot>,
-    /// A written memtable's table, cleared, for the next memtable.
+    /// The capacity a memtable's table is made with (see [`table_capacity`]).
+    table_ids: usize,
+    /// A written memtable's table, cleared, for the next memtable (only one of the size made:
+    /// a table that grew past it is freed).
     spare: Option<KeyMap<Slot>>,
     /// Frozen memtables not yet installed as runs, oldest first.
     frozen: Vec<Arc<Frozen>>,
@@ -224,6 +238,7 @@ impl IdIndex {
             window_ms,
             memtable_ids,
             memtable: KeyMap::default(),
+            table_ids: table_capacity(memtable_ids),
             spare: None,
             frozen: Vec::new(),
             runs: kept,
@@ -299,27 +314,7 @@ impl IdIndex {
     }
 
     fn get_below_memtable(&self, key: &Key) -> Result<Option<Entry>> {
-        for f in self.frozen.iter().rev() {
-            if let Some(Slot::Stored(e)) = f.entries.get(key) {
-                return Ok(Some(*e));
-            }
-        }
-        // Most lookups are of new ids: every filter is checked, then runs are read only if one
-        // said "maybe".
-        let probe = Probe::new(key);
-        if !self
-            .runs
-            .iter()
-            .fold(false, |any, r| any | r.may_hold(&probe))
-        {
-            return Ok(None);
-        }
-        for r in self.runs.iter().rev() {
-            if let Some(e) = r.get(key)? {
-                return Ok(Some(e));
-            }
-        }
-        Ok(None)
+        below_memtable(&self.frozen, &self.runs, key)
     }
 
     /// Looks `key` up and, unless it is stored inside the window at `now_ms` or pending, marks
@@ -327,25 +322,43 @@ impl IdIndex {
     /// memtable probe: the claim, the check and the pending mark are the same slot.
     pub fn claim(&mut self, key: Key, partition: u32, floor: u64, now_ms: i64) -> Result<Claimed> {
         let window = self.window_ms;
-        let found = match self.memtable.get(&key) {
-            Some(Slot::Pending { .. }) => return Ok(Claimed::Pending),
-            // The memtable holds the newest entry: out of the window, it is stored again.
-            Some(Slot::Stored(e)) => Some(*e).filter(|e| e.live(now_ms, window)),
-            None => self
-                .get_below_memtable(&key)?
-                .filter(|e| e.live(now_ms, window)),
-        };
-        if let Some(e) = found {
-            return Ok(Claimed::Known(e));
+        let pending = Slot::Pending { partition, floor };
+        self.made();
+        match self.memtable.entry(key) {
+            MapEntry::Occupied(mut slot) => match *slot.get() {
+                Slot::Pending { .. } => Ok(Claimed::Pending),
+                Slot::Stored(e) if e.live(now_ms, window) => Ok(Claimed::Known(e)),
+                // The memtable holds the newest entry: out of the window, it is stored again.
+                Slot::Stored(_) => {
+                    slot.insert(pending);
+                    Ok(Claimed::New)
+                }
+            },
+            MapEntry::Vacant(slot) => {
+                match below_memtable(&self.frozen, &self.runs, &key)?
+                    .filter(|e| e.live(now_ms, window))
+                {
+                    Some(e) => Ok(Claimed::Known(e)),
+                    None => {
+                        slot.insert(pending);
+                        Ok(Claimed::New)
+                    }
+                }
+            }
         }
-        self.memtable
-            .insert(key, Slot::Pending { partition, floor });
-        Ok(Claimed::New)
     }
 
     /// A pending id is durable at `entry` (or an id found in the log is known again).
     pub fn settle(&mut self, key: Key, entry: Entry) {
+        self.made();
         self.memtable.insert(key, Slot::Stored(entry));
+    }
+
+    /// Gives the memtable its table at its first id (a topic nobody sends ids to has none).
+    fn made(&mut self) {
+        if self.memtable.capacity() == 0 {
+            self.memtable.reserve(self.table_ids);
+        }
     }
 
     /// A pending id will not be stored: forgotten (what was known before still is).
@@ -381,9 +394,9 @@ impl IdIndex {
             *m = (*m).max(old);
         }
         // The next memtable is the map of the last one written (cleared, its capacity kept), so
-        // a busy topic allocates no table per memtable; else one sized as this one.
+        // a busy topic allocates no table per memtable; else a new one.
         let mut next = self.spare.take().unwrap_or_else(|| {
-            KeyMap::with_capacity_and_hasher(self.memtable.len(), Default::default())
+            KeyMap::with_capacity_and_hasher(self.table_ids, Default::default())
         });
         let mut entries = std::mem::take(&mut self.memtable);
         entries.retain(|key, slot| match *slot {
@@ -418,8 +431,13 @@ impl IdIndex {
             let frozen = self.frozen.remove(0);
             // The writer has let go of it: its table becomes the next memtable's.
             if let Ok(mut f) = Arc::try_unwrap(frozen) {
-                f.entries.clear();
-                self.spare = Some(f.entries);
+                // A table that grew past its size (a Send of more ids than the headroom) is
+                // freed rather than kept.
+                // (A table made for n ids holds fewer than 2n; one that doubled, at least 2n.)
+                if f.entries.capacity() < self.table_ids.saturating_mul(2) {
+                    f.entries.clear();
+                    self.spare = Some(f.entries);
+                }
             }
         }
         self.runs.push(Arc::new(run));
@@ -478,6 +496,14 @@ impl IdIndex {
         Ok(())
     }
 
+    /// Heap bytes of the memtable tables as allocated: the memtable, the spare, frozen ones.
+    pub fn table_bytes(&self) -> u64 {
+        let tables = std::iter::once(&self.memtable)
+            .chain(&self.spare)
+            .chain(self.frozen.iter().map(|f| &f.entries));
+        tables.map(|t| t.capacity() as u64).sum::<u64>() * MEMTABLE_BYTES_PER_ID
+    }
+
     /// Counts for `topics describe` and the docs' bytes-per-id figure.
     pub fn stats(&self) -> IdStats {
         IdStats {
@@ -485,15 +511,43 @@ impl IdIndex {
             on_disk: self.runs.iter().map(|r| r.count()).sum(),
             runs: self.runs.len() as u64,
             resident_bytes: self.runs.iter().map(|r| r.resident_bytes()).sum::<u64>()
-                + self.in_memory() as u64 * MEMTABLE_BYTES_PER_ID,
+                + self.table_bytes(),
             disk_bytes: self.runs.iter().map(|r| r.file_bytes()).sum(),
             duplicates: self.duplicates,
         }
     }
 }
 
-/// Heap bytes per memtable id: key and slot (48) plus the hash table's control byte, at its
-/// 7/8 maximum load.
+/// The newest entry for `key` in frozen memtables or runs.
+fn below_memtable(frozen: &[Arc<Frozen>], runs: &[Arc<Run>], key: &Key) -> Result<Option<Entry>> {
+    for f in frozen.iter().rev() {
+        if let Some(Slot::Stored(e)) = f.entries.get(key) {
+            return Ok(Some(*e));
+        }
+    }
+    // Most lookups are of new ids: every filter is checked, then runs are read only if one said
+    // "maybe".
+    let probe = Probe::new(key);
+    if !runs.iter().fold(false, |any, r| any | r.may_hold(&probe)) {
+        return Ok(None);
+    }
+    for r in runs.iter().rev() {
+        if let Some(e) = r.get(key)? {
+            return Ok(Some(e));
+        }
+    }
+    Ok(None)
+}
+
+/// The ids a memtable's table is made for: a sixth more than `memtable_ids`, so that the ids of
+/// the Send that fills a memtable (a memtable is frozen after the claims that fill it) fit
+/// without the table doubling. The default 49,152 gives 57,344: 7/8 of 65,536 slots.
+pub fn table_capacity(memtable_ids: usize) -> usize {
+    memtable_ids.saturating_add(memtable_ids / 6)
+}
+
+/// Heap bytes per id a memtable's table can hold: key and slot (48) plus the hash table's
+/// control byte, at its 7/8 maximum load.
 pub const MEMTABLE_BYTES_PER_ID: u64 = 56;
 
 /// What an [`IdIndex`] holds.
@@ -733,6 +787,62 @@ mod tests {
         assert_eq!(files, 1);
         for i in 0..40 {
             assert_eq!(index.get(&key(i)).unwrap(), Some(entry(i, 5)));
+        }
+    }
+
+    /// Sends of `per_send` new ids each, the memtable frozen after the claims that fill it and
+    /// its run written at once; returns the most table memory seen.
+    fn most_table_bytes(index: &mut IdIndex, dir: &Path, next: &mut u64, sends: &[u64]) -> u64 {
+        let mut most = 0;
+        for &n in sends {
+            let next = &mut *next;
+            for i in *next..*next + n {
+                assert_eq!(index.claim(key(i), 0, i, 1).unwrap(), Claimed::New);
+            }
+            for i in *next..*next + n {
+                index.settle(key(i), entry(i, 1));
+            }
+            *next += n;
+            most = most.max(index.table_bytes());
+            if index.full() {
+                let frozen = index.freeze(&[*next, *next, *next]);
+                let run = frozen.write(dir, &RealIo).unwrap();
+                drop(frozen);
+                index.install(run);
+            }
+            most = most.max(index.table_bytes());
+        }
+        most
+    }
+
+    #[test]
+    fn a_memtable_table_is_made_once_and_not_kept_once_a_large_send_grew_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo;
+        // 96 ids a memtable; its table is made for 112 (the hash table holds 112 in 128 slots).
+        let mut index = IdIndex::open(dir.path(), 3, 1_000_000, 96, &io).unwrap();
+        assert_eq!(index.table_bytes(), 0, "no table before the first id");
+        let one = 112 * MEMTABLE_BYTES_PER_ID;
+        // Sends of up to the headroom (16) never double a table: the memtable and the spare.
+        let sizes: Vec<u64> = (0..60).map(|i| 1 + i % 16).collect();
+        let mut next = 0;
+        assert_eq!(
+            most_table_bytes(&mut index, dir.path(), &mut next, &sizes),
+            2 * one
+        );
+        // One Send of 200 ids doubles the memtable's table; once written, it is freed rather than
+        // kept as the spare, and later memtables are of the size made.
+        let grown = most_table_bytes(&mut index, dir.path(), &mut next, &[200]);
+        assert!(grown > 2 * one, "the memtable's table grew: {grown}");
+        assert!(index.table_bytes() <= 2 * one, "{}", index.table_bytes());
+        assert_eq!(
+            most_table_bytes(&mut index, dir.path(), &mut next, &sizes),
+            2 * one
+        );
+        // Every id claimed is known.
+        assert_eq!(next, 2 * sizes.iter().sum::<u64>() + 200);
+        for i in 0..next {
+            assert!(index.get(&key(i)).unwrap().is_some(), "id {i}");
         }
     }
 

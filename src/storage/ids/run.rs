@@ -146,7 +146,7 @@ impl Probe {
     }
 }
 
-fn encode_entry(out: &mut [u8], key: &Key, e: &Entry) {
+pub fn encode_entry(out: &mut [u8], key: &Key, e: &Entry) {
     out[0..16].copy_from_slice(&key.0);
     out[16..24].copy_from_slice(&e.offset.to_le_bytes());
     out[24..32].copy_from_slice(&e.stored_ms.to_le_bytes());
@@ -154,7 +154,7 @@ fn encode_entry(out: &mut [u8], key: &Key, e: &Entry) {
     out[36..40].fill(0);
 }
 
-fn decode_entry(b: &[u8]) -> (Key, Entry) {
+pub fn decode_entry(b: &[u8]) -> (Key, Entry) {
     let mut key = [0u8; 16];
     key.copy_from_slice(&b[0..16]);
     let u64_at = |at: usize| {
