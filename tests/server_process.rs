@@ -325,6 +325,23 @@ fn the_bench_load_generator_sends_exactly_what_it_reports_with_either_client() {
 }
 
 #[test]
+fn the_broker_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    // Kernels before 6.2 do not report it; the setting is then only seen in the allocator.
+    if let Some(thp) = thp {
+        assert_eq!(thp, "0", "{status}");
+    }
+    broker.signal("TERM");
+    assert!(broker.wait().success());
+}
+
+#[test]
 fn a_second_broker_on_the_same_data_dir_fails_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let _first = BrokerProcess::spawn(dir.path(), &[]);

@@ -10,6 +10,19 @@ use crate::server;
 
 use super::{CliError, ServeArgs};
 
+/// Turns transparent huge pages off for the broker's process (`PR_SET_THP_DISABLE`), as Redis
+/// and MongoDB advise for theirs. The allocator asks for them on its arenas; then every page it
+/// gives back to the system and takes again costs a 2 MiB fault to zero and stays resident as
+/// 2 MiB. Measured (docs/benchmarks.md): 8–25 MiB less resident memory, the same CPU.
+fn no_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "could not turn transparent huge pages off");
+    }
+}
+
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     config.config_file = args.config.clone();
@@ -33,6 +46,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     config.sanitize()?;
     init_tracing(config.log_format, &config.log_filter);
+    no_huge_pages();
     let limit = super::fdlimit::raise()?;
     super::fdlimit::check(
         &config.data_dir,
