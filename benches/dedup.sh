@@ -25,6 +25,7 @@ start() {
   local out="$work/serve.out"
   local t0
   t0=$(date +%s.%N)
+  : >"$out" # emptied here: the broker's own redirect may come after the first grep
   RUST_LOG=warn "$bin" serve --data-dir "$1" --listen 127.0.0.1:0 --http-listen "" --fsync always >"$out" &
   pid=$!
   until grep -q listening "$out"; do sleep 0.005; done

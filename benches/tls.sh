@@ -38,6 +38,7 @@ chmod 600 "$work"/*.toml
 run() {
   local mode=$1 out="$work/serve.out" data="$work/data-$1"
   rm -rf "$data"
+  : >"$out" # emptied here: the broker's own redirect may come after the first grep
   RUST_LOG=warn "$bin" serve --config "$work/$mode.toml" --data-dir "$data" \
     --listen 127.0.0.1:0 --http-listen "" --fsync always >"$out" &
   pid=$!
