@@ -625,3 +625,61 @@ proptest! {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_holds_id_tables_only_while_ids_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(config(dir.path())).await.unwrap();
+    broker
+        .create_topic("t", TopicConfig::default())
+        .await
+        .unwrap();
+    let memory = |broker: &Arc<Broker>| {
+        let b = Arc::clone(broker);
+        async move {
+            b.describe_topic("t")
+                .await
+                .unwrap()
+                .ids
+                .unwrap()
+                .resident_bytes
+        }
+    };
+    // A table for the default memtable is 57,344 ids × 56 bytes; the runs of a few thousand ids
+    // hold a few KiB.
+    let table = 57_344 * 56;
+    // Messages without ids, then maintenance passes: the index moves its watermarks, no table.
+    for round in 0..3 {
+        let plain: Vec<NewMessage> = (0..200)
+            .map(|i| NewMessage {
+                value: Some(Bytes::from(format!("{round}-{i}"))),
+                ..NewMessage::default()
+            })
+            .collect();
+        broker.send("t", plain).await.unwrap();
+        broker.maintain(Some("t"), false).await.unwrap();
+        assert!(memory(&broker).await < 64 << 10, "round {round}");
+    }
+    // Ids arrive: the memtable has its table until a maintenance pass finds the topic idle.
+    for chunk in 0..5 {
+        let messages = (0..400)
+            .map(|i| with_id(&format!("sub-{chunk}-{i}"), None, "v"))
+            .collect();
+        broker.send("t", messages).await.unwrap();
+    }
+    assert!(memory(&broker).await >= table);
+    broker.maintain(Some("t"), false).await.unwrap();
+    assert!(memory(&broker).await < 64 << 10);
+    // Every id is still known, and the next one gets a table again.
+    let retry = broker
+        .send("t", vec![with_id("sub-3-7", None, "again")])
+        .await
+        .unwrap();
+    assert!(retry[0].duplicate);
+    broker
+        .send("t", vec![with_id("sub-new", None, "v")])
+        .await
+        .unwrap();
+    assert!(memory(&broker).await >= table);
+    broker.shutdown().await;
+}

@@ -259,11 +259,14 @@ impl Dedup {
     }
 
     /// Puts every settled id into a run on disk, so that the logs may be cut below
-    /// [`Dedup::watermarks`] (blocking).
+    /// [`Dedup::watermarks`], and lets go of the memtable tables if the topic is idle
+    /// (blocking).
     pub fn persist(&self, logs: &[&Partition], now_ms: i64) -> Result<()> {
         self.freeze(logs);
         self.write_frozen()?;
-        self.merge(now_ms)
+        self.merge(now_ms)?;
+        self.state().index.let_go_of_tables();
+        Ok(())
     }
 
     /// Per partition, the offset below which the logs may be cut without forgetting an id.

@@ -368,6 +368,16 @@ impl IdIndex {
         }
     }
 
+    /// Gives the memtable tables back when the topic is idle (its memtable empty), and the spare
+    /// in any case: a maintenance pass calls it after writing runs, so a topic that has stopped
+    /// receiving ids holds no table until its next one.
+    pub fn let_go_of_tables(&mut self) {
+        self.spare = None;
+        if self.memtable.is_empty() {
+            self.memtable = KeyMap::default();
+        }
+    }
+
     /// Whether the memtable is due to be frozen.
     pub fn full(&self) -> bool {
         self.memtable.len() >= self.memtable_ids
@@ -394,16 +404,20 @@ impl IdIndex {
             *m = (*m).max(old);
         }
         // The next memtable is the map of the last one written (cleared, its capacity kept), so
-        // a busy topic allocates no table per memtable; else a new one.
-        let mut next = self.spare.take().unwrap_or_else(|| {
-            KeyMap::with_capacity_and_hasher(self.table_ids, Default::default())
-        });
+        // a busy topic allocates no table per memtable; else an empty one, given its table at
+        // its first id (a topic whose messages carry no ids freezes only to move its watermarks
+        // and never needs one).
+        let mut next = self.spare.take().unwrap_or_default();
+        let table_ids = self.table_ids;
         let mut entries = std::mem::take(&mut self.memtable);
         entries.retain(|key, slot| match *slot {
             Slot::Stored(_) => true,
             Slot::Pending { partition, floor } => {
                 if let Some(m) = marks.get_mut(partition as usize) {
                     *m = (*m).min(floor);
+                }
+                if next.capacity() == 0 {
+                    next.reserve(table_ids);
                 }
                 next.insert(*key, *slot);
                 false
@@ -843,6 +857,30 @@ mod tests {
         assert_eq!(next, 2 * sizes.iter().sum::<u64>() + 200);
         for i in 0..next {
             assert!(index.get(&key(i)).unwrap().is_some(), "id {i}");
+        }
+        // Idle: a maintenance pass writes the memtable and the index lets go of every table.
+        let frozen = index.freeze(&[next, next, next]);
+        index.install(frozen.write(dir.path(), &io).unwrap());
+        drop(frozen);
+        index.let_go_of_tables();
+        assert_eq!(index.table_bytes(), 0);
+        assert!(index.get(&key(next - 1)).unwrap().is_some());
+        assert_eq!(index.claim(key(next), 0, next, 1).unwrap(), Claimed::New);
+        assert_eq!(index.table_bytes(), one, "a table again at the next id");
+    }
+
+    #[test]
+    fn a_topic_whose_messages_carry_no_ids_holds_no_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo;
+        let mut index = IdIndex::open(dir.path(), 3, 1_000_000, 96, &io).unwrap();
+        // Maintenance passes while the logs grow: watermarks move, runs are written, no ids.
+        for end in [10u64, 20, 30, 40, 50, 60] {
+            assert!(index.behind(&[end, end, end]));
+            let frozen = index.freeze(&[end, end, end]);
+            index.install(frozen.write(dir.path(), &io).unwrap());
+            assert_eq!(index.table_bytes(), 0, "at {end}");
+            assert_eq!(index.watermarks(), vec![end, end, end]);
         }
     }
 
