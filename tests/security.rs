@@ -465,7 +465,7 @@ async fn missing_or_wrong_credentials_are_unauthenticated_with_the_same_words() 
     server.stop().await;
 }
 
-fn tls_config(dir: &Path, ca: &Ca, client_auth: Option<ClientAuth>) -> TlsConfig {
+fn tls_config(ca: &Ca, client_auth: Option<ClientAuth>) -> TlsConfig {
     let server = ca.server("server");
     TlsConfig {
         cert_file: server.cert,
@@ -473,7 +473,7 @@ fn tls_config(dir: &Path, ca: &Ca, client_auth: Option<ClientAuth>) -> TlsConfig
         client_ca_file: if client_auth.is_some() {
             ca.cert.clone()
         } else {
-            dir.join("none")
+            std::path::PathBuf::new()
         },
         client_auth: client_auth.unwrap_or_default(),
     }
@@ -488,7 +488,7 @@ async fn mutual_tls_admits_only_certificates_of_its_ca_and_maps_them_to_principa
     let alice = ca.client("alice");
     let mallory = other.client("mallory");
     let mut config = test_config(dir.path());
-    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Required));
+    config.tls = tls_config(&ca, Some(ClientAuth::Required));
     let mut auth = auth();
     auth.principals.push(PrincipalConfig {
         name: "alice".into(),
@@ -551,7 +551,7 @@ async fn optional_client_certificates_let_token_holders_in_over_tls() {
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new(pki.path(), "clinic");
     let mut config = test_config(dir.path());
-    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Optional));
+    config.tls = tls_config(&ca, Some(ClientAuth::Optional));
     config.auth = auth();
     let server = TestServer::start(config).await;
     let creds = Credentials {
@@ -840,7 +840,7 @@ async fn a_token_and_a_certificate_naming_different_principals_are_refused() {
     let ca = Ca::new(pki.path(), "clinic");
     let alice = ca.client("alice");
     let mut config = test_config(dir.path());
-    config.tls = tls_config(pki.path(), &ca, Some(ClientAuth::Optional));
+    config.tls = tls_config(&ca, Some(ClientAuth::Optional));
     let mut auth = auth();
     auth.principals.push(PrincipalConfig {
         name: "alice".into(),
@@ -1085,12 +1085,7 @@ async fn the_broker_picks_aes_128_gcm_whatever_the_client_prefers_and_serves_cli
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new(pki.path(), "clinic");
     let mut config = test_config(dir.path());
-    let pair = ca.server("server");
-    config.tls = TlsConfig {
-        cert_file: pair.cert,
-        key_file: pair.key,
-        ..TlsConfig::default()
-    };
+    config.tls = tls_config(&ca, None);
     let server = TestServer::start(config).await;
     // (the client's suites, most preferred first; TLS 1.2 only; what the broker picks)
     let table = [

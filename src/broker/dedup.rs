@@ -107,13 +107,14 @@ impl Dedup {
     /// Decides, for each message, whether it is appended or answered from what is known; the
     /// ids to append become pending, held by the returned guard until a writer takes them
     /// ([`Claimed::hand_over`]) to [`Dedup::settle`] or [`Dedup::release`] them. A memtable
-    /// these claims filled is frozen before the lock is let go (`logs` give the watermarks), so
-    /// it never holds more than one Send beyond `dedup_memtable_ids`.
+    /// these claims filled is frozen before the lock is let go (`ends`, the partitions' ends,
+    /// asked for only then, give the watermarks), so it never holds more than one Send beyond
+    /// `dedup_memtable_ids`.
     pub fn claim(
         self: &Arc<Self>,
         items: &[Item],
         now_ms: i64,
-        logs: &[&Partition],
+        ends: impl FnOnce() -> Vec<u64>,
     ) -> Result<Claims> {
         let mut st = self.state();
         let mut claims = Vec::with_capacity(items.len());
@@ -124,7 +125,7 @@ impl Dedup {
             };
             match st.index.claim(key, item.partition, item.floor, now_ms) {
                 Ok(Found::New) => claims.push(Claim::New),
-                // An id seen earlier in this request answers as it did there.
+                // (A known id repeated in this request is found known again: the same answer.)
                 Ok(Found::Known(e)) => claims.push(Claim::Known(e)),
                 // Pending: this request's own (an earlier repeat) or another Send's. Rare, so
                 // the earlier messages are searched only then.
@@ -143,7 +144,7 @@ impl Dedup {
                 }
             }
         }
-        let froze = st.index.full() && freeze_locked(&mut st, logs);
+        let froze = st.index.full() && freeze_locked(&mut st, &ends());
         let guard = Claimed {
             dedup: Arc::clone(self),
             keys: new_keys(&claims, items),
@@ -215,7 +216,8 @@ impl Dedup {
     /// Freezes the memtable if anything happened since the last run (each partition's end
     /// above its watermark, or ids in memory). Returns whether it froze.
     pub fn freeze(&self, logs: &[&Partition]) -> bool {
-        freeze_locked(&mut self.state(), logs)
+        let ends: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
+        freeze_locked(&mut self.state(), &ends)
     }
 
     /// Writes every frozen memtable as a run, oldest first (blocking).
@@ -289,12 +291,11 @@ fn new_keys(claims: &[Claim], items: &[Item]) -> Vec<Key> {
         .collect()
 }
 
-fn freeze_locked(st: &mut State, logs: &[&Partition]) -> bool {
-    let ends: Vec<u64> = logs.iter().map(|l| l.high_water()).collect();
-    if !st.index.behind(&ends) {
+fn freeze_locked(st: &mut State, ends: &[u64]) -> bool {
+    if !st.index.behind(ends) {
         return false;
     }
-    st.index.freeze(&ends);
+    st.index.freeze(ends);
     true
 }
 

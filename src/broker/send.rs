@@ -154,12 +154,18 @@ impl Broker {
                 floor: topic.partitions[partition as usize].log.high_water(),
             });
         }
-        let logs: Vec<_> = topic.partitions.iter().map(|p| &p.log).collect();
+        let ends = || {
+            topic
+                .partitions
+                .iter()
+                .map(|p| p.log.high_water())
+                .collect()
+        };
         let Claims {
             each: claims,
             guard: claimed,
             froze,
-        } = dedup.claim(&items, now, &logs)?;
+        } = dedup.claim(&items, now, ends)?;
         if froze {
             self.write_ids_later(topic);
         }

@@ -150,12 +150,13 @@ impl Frozen {
             Slot::Stored(e) => Some((k, e)),
             Slot::Pending { .. } => None,
         });
-        let n = stored.clone().count();
-        let mut buf =
-            memmap2::MmapMut::map_anon((n * run::ENTRY).max(1)).map_err(|e| Error::io(dir, e))?;
+        let bytes = (self.entries.len() * run::ENTRY).max(1);
+        let mut buf = memmap2::MmapMut::map_anon(bytes).map_err(|e| Error::io(dir, e))?;
         let (sorted, _) = buf.as_chunks_mut::<{ run::ENTRY }>();
+        let mut n = 0;
         for (slot, (k, e)) in sorted.iter_mut().zip(stored) {
             run::encode_entry(slot, k, e);
+            n += 1;
         }
         let sorted = &mut sorted[..n];
         // The key is the entry's first 16 bytes: byte order is key order.
@@ -179,8 +180,6 @@ pub struct IdIndex {
     window_ms: u64,
     memtable_ids: usize,
     memtable: KeyMap<Slot>,
-    /// The capacity a memtable's table is made with (see [`table_capacity`]).
-    table_ids: usize,
     /// A written memtable's table, cleared, for the next memtable (only one of the size made:
     /// a table that grew past it is freed).
     spare: Option<KeyMap<Slot>>,
@@ -238,7 +237,6 @@ impl IdIndex {
             window_ms,
             memtable_ids,
             memtable: KeyMap::default(),
-            table_ids: table_capacity(memtable_ids),
             spare: None,
             frozen: Vec::new(),
             runs: kept,
@@ -309,12 +307,8 @@ impl IdIndex {
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
         match self.memtable.get(key) {
             Some(Slot::Stored(e)) => Ok(Some(*e)),
-            _ => self.get_below_memtable(key),
+            _ => below_memtable(&self.frozen, &self.runs, key),
         }
-    }
-
-    fn get_below_memtable(&self, key: &Key) -> Result<Option<Entry>> {
-        below_memtable(&self.frozen, &self.runs, key)
     }
 
     /// Looks `key` up and, unless it is stored inside the window at `now_ms` or pending, marks
@@ -356,9 +350,15 @@ impl IdIndex {
 
     /// Gives the memtable its table at its first id (a topic nobody sends ids to has none).
     fn made(&mut self) {
-        if self.memtable.capacity() == 0 {
-            self.memtable.reserve(self.table_ids);
-        }
+        let ids = self.table_ids();
+        make_table(&mut self.memtable, ids);
+    }
+
+    /// The ids a memtable's table is made for: a sixth more than `memtable_ids`, so that the
+    /// ids of the Send that fills a memtable (it is frozen after the claims that fill it) fit
+    /// without the table doubling. The default 49,152 gives 57,344: 7/8 of 65,536 slots.
+    fn table_ids(&self) -> usize {
+        self.memtable_ids.saturating_add(self.memtable_ids / 6)
     }
 
     /// A pending id will not be stored: forgotten (what was known before still is).
@@ -408,7 +408,7 @@ impl IdIndex {
         // its first id (a topic whose messages carry no ids freezes only to move its watermarks
         // and never needs one).
         let mut next = self.spare.take().unwrap_or_default();
-        let table_ids = self.table_ids;
+        let table_ids = self.table_ids();
         let mut entries = std::mem::take(&mut self.memtable);
         entries.retain(|key, slot| match *slot {
             Slot::Stored(_) => true,
@@ -416,9 +416,7 @@ impl IdIndex {
                 if let Some(m) = marks.get_mut(partition as usize) {
                     *m = (*m).min(floor);
                 }
-                if next.capacity() == 0 {
-                    next.reserve(table_ids);
-                }
+                make_table(&mut next, table_ids);
                 next.insert(*key, *slot);
                 false
             }
@@ -448,7 +446,7 @@ impl IdIndex {
                 // A table that grew past its size (a Send of more ids than the headroom) is
                 // freed rather than kept.
                 // (A table made for n ids holds fewer than 2n; one that doubled, at least 2n.)
-                if f.entries.capacity() < self.table_ids.saturating_mul(2) {
+                if f.entries.capacity() < self.table_ids().saturating_mul(2) {
                     f.entries.clear();
                     self.spare = Some(f.entries);
                 }
@@ -553,11 +551,11 @@ fn below_memtable(frozen: &[Arc<Frozen>], runs: &[Arc<Run>], key: &Key) -> Resul
     Ok(None)
 }
 
-/// The ids a memtable's table is made for: a sixth more than `memtable_ids`, so that the ids of
-/// the Send that fills a memtable (a memtable is frozen after the claims that fill it) fit
-/// without the table doubling. The default 49,152 gives 57,344: 7/8 of 65,536 slots.
-pub fn table_capacity(memtable_ids: usize) -> usize {
-    memtable_ids.saturating_add(memtable_ids / 6)
+/// Gives a memtable `table` with none its table, made for `ids` ids.
+fn make_table(table: &mut KeyMap<Slot>, ids: usize) {
+    if table.capacity() == 0 {
+        table.reserve(ids);
+    }
 }
 
 /// Heap bytes per id a memtable's table can hold: key and slot (48) plus the hash table's
