@@ -11,7 +11,7 @@ use super::groups::read_record;
 use super::{Broker, Error, NewMessage, Placed, Result, Topic, now_ms, refuse_audit_topic, topic};
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
 use crate::storage::topic::CleanupPolicy;
-use crate::storage::{self, EncodedBatch, Record, validate_topic_name};
+use crate::storage::{self, Appended, EncodedBatch, Record, validate_topic_name};
 
 /// One partition's share of a Send, encoded.
 struct PlannedBatch {
@@ -338,8 +338,8 @@ impl Broker {
     /// filling `out` at the batches' request indexes. The permits of every partition are taken
     /// first (in partition order, so two Sends cannot hold each other up), so that nothing is
     /// handed over unless everything can be. With `ids`, each writer's completion settles its
-    /// batch's ids (or releases them if the append failed) right after the Send hears of it:
-    /// until then they are pending, and a retry of one waits for its position.
+    /// batch's ids (or releases them if the append failed) before the Send hears of it, so that
+    /// an answered id is never still pending (a clean stop right after writes it to a run).
     async fn append_planned(
         &self,
         topic: &Arc<Topic>,
@@ -378,12 +378,11 @@ impl Broker {
             topic.partitions[partition as usize].log.append(
                 b.batch,
                 Box::new(move |r| {
-                    let done = r.as_ref().map(|a| a.base_offset).map_err(|e| e.to_string());
+                    if let Some(ids) = ids {
+                        ids.settle(&r);
+                    }
                     drop(permit);
                     let _ = tx.send(r);
-                    if let Some(ids) = ids {
-                        ids.settle(done);
-                    }
                 }),
             );
             pending.push((partition, b.indexes, rx));
@@ -413,18 +412,17 @@ struct BatchIds {
 }
 
 impl BatchIds {
-    /// Durable at `base_offset`: the ids go into the index. Failed: they are released, waiters
-    /// told why.
-    fn settle(self, appended: std::result::Result<u64, String>) {
+    /// Durable: the ids go into the index. Failed: they are released, waiters told why.
+    fn settle(self, appended: &storage::Result<Appended>) {
         match appended {
-            Ok(base_offset) => {
+            Ok(a) => {
                 let stored: Vec<(Key, Entry)> = self
                     .keys
                     .iter()
                     .map(|&(k, key)| {
                         let entry = Entry {
                             partition: self.partition,
-                            offset: base_offset + k,
+                            offset: a.base_offset + k,
                             stored_ms: self.timestamp,
                         };
                         (key, entry)
@@ -434,7 +432,7 @@ impl BatchIds {
             }
             Err(e) => {
                 let keys: Vec<Key> = self.keys.iter().map(|&(_, key)| key).collect();
-                self.dedup.release(&keys, &e);
+                self.dedup.release(&keys, &e.to_string());
             }
         }
     }
