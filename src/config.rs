@@ -311,9 +311,9 @@ fn refuse_loose_secrets(path: &Path, table: &toml::Table) -> Result<(), ConfigEr
     Ok(())
 }
 
-/// Variables of the client commands (and `RUST_LOG`'s sibling), not settings of the broker: a
-/// shell that exports them can still run `sluice serve`.
-const CLIENT_VARIABLES: [&str; 8] = [
+/// Variables of the client commands (and `RUST_LOG`'s sibling) and of the benchmarks, not
+/// settings of the broker: a shell that exports them can still run `sluice serve`.
+const CLIENT_VARIABLES: [&str; 9] = [
     "SLUICE_LOG",
     "SLUICE_CONFIG",
     "SLUICE_BROKER",
@@ -322,6 +322,8 @@ const CLIENT_VARIABLES: [&str; 8] = [
     "SLUICE_TLS_CERT",
     "SLUICE_TLS_KEY",
     "SLUICE_TLS_DOMAIN",
+    // benches/: where their data goes (benches/grpc.sh starts a broker with it exported).
+    "SLUICE_BENCH_DIR",
 ];
 
 /// Applies `SLUICE_<KEY>` / `SLUICE_<SECTION>_<KEY>` onto the table, checking each against the
@@ -442,6 +444,11 @@ mod tests {
 
     #[test]
     fn client_variables_are_not_broker_settings_and_tls_settings_are() {
+        for name in CLIENT_VARIABLES {
+            let c =
+                Config::load(None, env(&[(name, "/x")])).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c, Config::default(), "{name}");
+        }
         let c = Config::load(
             None,
             env(&[

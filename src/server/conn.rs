@@ -51,6 +51,11 @@ const HANDSHAKE_BYTES: u64 = 24 + 9;
 /// read, so without a buffer below it a large request costs a system call per 16 KiB.
 const TLS_READ_BUFFER: usize = 64 << 10;
 
+/// The largest HTTP/2 frame a client may send us (SETTINGS_MAX_FRAME_SIZE). At the protocol's
+/// default, 16 KiB, a 1 MB Send arrives as 64 DATA frames, each a wake-up of the request's task
+/// and a window update sent back; at 1 MiB, one (docs/benchmarks.md, "HTTP/2 frames").
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// How connections are served.
 #[derive(Debug, Clone)]
 pub struct ConnSettings {
@@ -310,6 +315,7 @@ impl Conn {
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_concurrent_streams(s.max_concurrent_streams)
+            .max_frame_size(MAX_FRAME_BYTES)
             .keep_alive_interval(Some(s.keepalive_interval))
             .keep_alive_timeout(s.keepalive_timeout);
         let conn = builder.serve_connection(TokioIo::new(io), service);
