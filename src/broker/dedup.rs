@@ -20,6 +20,10 @@ use crate::storage::{FileIo, Partition};
 
 use super::error::{Error, Result};
 
+/// How many ids ahead of its claims a Send prefetches their lookups ([`IdIndex::prefetch`]):
+/// enough for a cache miss to land while the claims before it run.
+const PREFETCH_AHEAD: usize = 8;
+
 /// What a claimed id's Send must do.
 #[derive(Debug)]
 pub enum Claim {
@@ -118,7 +122,13 @@ impl Dedup {
     ) -> Result<Claims> {
         let mut st = self.state();
         let mut claims = Vec::with_capacity(items.len());
+        for key in items.iter().take(PREFETCH_AHEAD).filter_map(|it| it.key) {
+            st.index.prefetch(&key);
+        }
         for (i, item) in items.iter().enumerate() {
+            if let Some(ahead) = items.get(i + PREFETCH_AHEAD).and_then(|it| it.key) {
+                st.index.prefetch(&ahead);
+            }
             let Some(key) = item.key else {
                 claims.push(Claim::New);
                 continue;

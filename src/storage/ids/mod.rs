@@ -361,6 +361,17 @@ impl IdIndex {
         self.memtable_ids.saturating_add(self.memtable_ids / 6)
     }
 
+    /// Starts loading what a lookup of `key` will read first, one Bloom filter block per run,
+    /// into the CPU's cache. Each is a cache miss (the filters of a day's ids are megabytes);
+    /// a Send that asks for its ids a few ahead of their claims overlaps those misses instead
+    /// of waiting for each in turn.
+    pub fn prefetch(&self, key: &Key) {
+        let probe = Probe::new(key);
+        for r in &self.runs {
+            r.prefetch(&probe);
+        }
+    }
+
     /// A pending id will not be stored: forgotten (what was known before still is).
     pub fn release(&mut self, key: &Key) {
         if let Some(Slot::Pending { .. }) = self.memtable.get(key) {

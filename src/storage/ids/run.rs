@@ -72,6 +72,15 @@ impl Bloom {
         }
     }
 
+    /// Asks the CPU to bring the probe's block into its cache: a hint, with no effect on what
+    /// any lookup answers.
+    fn prefetch(&self, probe: &Probe) {
+        let at = probe.word(self.blocks()) * 8;
+        if let Some(block) = self.map.get(at..) {
+            prefetch(block.as_ptr());
+        }
+    }
+
     fn may_hold(&self, probe: &Probe) -> bool {
         let at = probe.word(self.blocks());
         (0..8).fold(true, |hit, i| {
@@ -80,6 +89,17 @@ impl Bloom {
         })
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch(at: *const u8) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: SSE is part of x86-64, and a prefetch reads nothing: it cannot fault, whatever the
+    // address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch(_: *const u8) {}
 
 /// What a new run says about itself.
 #[derive(Debug)]
@@ -396,6 +416,11 @@ impl Run {
     /// branch on the filter's bits: a lookup checks every run, and their cache misses overlap.
     pub fn may_hold(&self, probe: &Probe) -> bool {
         self.bloom.may_hold(probe) & (self.count > 0)
+    }
+
+    /// Starts loading the probe's filter block (see [`IdIndex::prefetch`](super::IdIndex::prefetch)).
+    pub fn prefetch(&self, probe: &Probe) {
+        self.bloom.prefetch(probe);
     }
 
     /// The entry for `key`, if this run has one.
