@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::server::{
-    BrokerProcess, TestServer, assert_succeeded, bin, join_group, message, take, test_config,
+    BrokerProcess, TestServer, ack_deliveries, assert_succeeded, bin, join_group, message, take,
+    test_config,
 };
 use sluice::proto::v1 as pb;
 use tonic::Code;
@@ -279,52 +280,176 @@ fn sluice(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().unwrap()
 }
 
+/// `sluice consume --group --count N` takes only what it prints and acks all of it before it
+/// leaves, also when each message's first attempt is its last: nothing it printed is redelivered
+/// or dead-lettered, and nothing it did not print was handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_with_a_count_takes_only_what_it_prints_so_attempts_are_not_burnt() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::spawn(dir.path(), &[]);
-    let addr = broker.addr.to_string();
-    let mut client =
-        pb::broker_client::BrokerClient::new(sluice::cli::connect(&addr).await.unwrap());
-    client
-        .send(pb::SendRequest {
-            topic: "t".into(),
-            messages: (0..20).map(|i| message(format!("m{i}"))).collect(),
-        })
-        .await
-        .unwrap();
-    for i in 0..6 {
+    for max_deliveries in ["1", "5"] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = BrokerProcess::spawn_with_env(
+            dir.path(),
+            &[],
+            &[("SLUICE_GROUP_MAX_DELIVERIES", max_deliveries)],
+        );
+        let addr = broker.addr.to_string();
+        let mut client =
+            pb::broker_client::BrokerClient::new(sluice::cli::connect(&addr).await.unwrap());
+        client
+            .send(pb::SendRequest {
+                topic: "t".into(),
+                messages: (0..20).map(|i| message(format!("m{i}"))).collect(),
+            })
+            .await
+            .unwrap();
+        for i in 0..6 {
+            let out = sluice(&[
+                "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "1",
+            ]);
+            assert_succeeded(&out, "");
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("m{i}\n"));
+        }
         let out = sluice(&[
-            "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "1",
+            "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "14",
+            "--format", "json",
         ]);
         assert_succeeded(&out, "");
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("m{i}\n"));
+        let rest: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let offsets: Vec<u64> = rest.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
+        assert_eq!(offsets, (6..20).collect::<Vec<u64>>());
+        assert!(
+            rest.iter().all(|d| d["attempt"].as_u64() == Some(1)),
+            "no message was handed out before: {rest:?}"
+        );
+        let mut admin =
+            pb::admin_client::AdminClient::new(sluice::cli::connect(&addr).await.unwrap());
+        let d = admin
+            .describe_group(pb::DescribeGroupRequest { group: "G".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let p = &d.topics[0].partitions[0];
+        assert_eq!(
+            (p.committed_offset, p.redeliveries, p.dead_lettered),
+            (20, 0, 0),
+            "group_max_deliveries {max_deliveries}"
+        );
     }
-    let out = sluice(&[
-        "consume", "--broker", &addr, "--topic", "t", "--group", "G", "--count", "14", "--format",
-        "json",
-    ]);
-    assert_succeeded(&out, "");
-    let rest: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let offsets: Vec<u64> = rest.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
-    assert_eq!(offsets, (6..20).collect::<Vec<u64>>());
-    assert!(
-        rest.iter().all(|d| d["attempt"].as_u64() == Some(1)),
-        "no message was handed out before: {rest:?}"
-    );
-    let mut admin = pb::admin_client::AdminClient::new(sluice::cli::connect(&addr).await.unwrap());
-    let d = admin
-        .describe_group(pb::DescribeGroupRequest { group: "G".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let p = &d.topics[0].partitions[0];
-    assert_eq!(
-        (p.committed_offset, p.redeliveries, p.dead_lettered),
-        (20, 0, 0)
-    );
+}
+
+/// What a member does with the deliveries its `limit` let it take, before it leaves.
+#[derive(Debug, Clone, Copy)]
+enum WithTheLast {
+    Ack,
+    Nack,
+    LetTimeOut,
+}
+
+/// A member subscribed with a `limit` is assigned no more than that many deliveries over its
+/// life, whatever frees room in its window (acks, a Nack, an ack timeout); what it does not
+/// take, and what it gives back, goes to the other members; leaving after acking dead-letters
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
+    for last in [WithTheLast::Ack, WithTheLast::Nack, WithTheLast::LetTimeOut] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.default_partitions = 1;
+        let server = TestServer::start(c).await;
+        let mut client = server.client().await;
+        client
+            .send(pb::SendRequest {
+                topic: "t".into(),
+                messages: (0..10).map(|i| message(format!("m{i}"))).collect(),
+            })
+            .await
+            .unwrap();
+        let mut limited = client
+            .subscribe(pb::SubscribeRequest {
+                topic: "t".into(),
+                group: "G".into(),
+                limit: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let taken = take(&mut limited, 3).await;
+        let offsets: Vec<u64> = taken.iter().map(|d| d.offset).collect();
+        assert_eq!(offsets, [0, 1, 2], "{last:?}");
+        let ids = |ds: &[pb::Delivery]| ds.iter().map(|d| d.ack_id.clone()).collect::<Vec<_>>();
+        let acked = client
+            .ack(pb::AckRequest {
+                group: "G".into(),
+                topic: "t".into(),
+                ack_ids: ids(&taken[..2]),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acked.acked.len(), 2);
+        let given_back = match last {
+            WithTheLast::Ack => {
+                let acked = client
+                    .ack(pb::AckRequest {
+                        group: "G".into(),
+                        topic: "t".into(),
+                        ack_ids: ids(&taken[2..]),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(acked.acked.len(), 1);
+                0
+            }
+            WithTheLast::Nack => {
+                let nacked = client
+                    .nack(pb::NackRequest {
+                        group: "G".into(),
+                        topic: "t".into(),
+                        ack_ids: ids(&taken[2..]),
+                        delay_ms: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(nacked.nacked.len(), 1);
+                1
+            }
+            // The ack timeout (300 ms) gives it back while the member stays.
+            WithTheLast::LetTimeOut => 1,
+        };
+        // Everything the limited member did not take (and what it gave back, at its second
+        // attempt) goes to another member: had the limited one been given more, these would be
+        // in flight to it, and missing here.
+        let mut other = join_group(&mut client, "t", "G", 0, false).await;
+        let rest = take(&mut other, 7 + given_back).await;
+        let mut got: Vec<(u64, u32)> = rest.iter().map(|d| (d.offset, d.attempt)).collect();
+        got.sort_unstable();
+        let mut want: Vec<(u64, u32)> = (3..10).map(|o| (o, 1)).collect();
+        if given_back == 1 {
+            want.insert(0, (2, 2));
+        }
+        assert_eq!(got, want, "{last:?}");
+        ack_deliveries(&mut client, "t", "G", &rest).await;
+        drop(limited);
+        drop(other);
+        let d = server
+            .admin()
+            .await
+            .describe_group(pb::DescribeGroupRequest { group: "G".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let p = &d.topics[0].partitions[0];
+        assert_eq!(
+            (p.committed_offset, p.redeliveries, p.dead_lettered),
+            (10, given_back as u64, 0),
+            "{last:?}"
+        );
+    }
 }

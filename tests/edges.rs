@@ -599,7 +599,14 @@ async fn every_new_directory_entry_is_durable_before_an_answer_depends_on_it() {
             .unwrap();
         io.assert_all_durable("CreateTopic");
         let (member, mut rx) = broker
-            .subscribe_group("auto", &format!("g{round}"), Start::Earliest, 5, false)
+            .subscribe_group(
+                "auto",
+                &format!("g{round}"),
+                Start::Earliest,
+                5,
+                false,
+                None,
+            )
             .await
             .unwrap();
         let Some(Ok(Deliveries::Records(got))) = rx.recv().await else {

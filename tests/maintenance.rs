@@ -334,7 +334,7 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
     }
     // The group takes and acknowledges the first 10, then its member leaves.
     let (member, mut rx) = broker
-        .subscribe_group("t", "g", Start::Earliest, 10, false)
+        .subscribe_group("t", "g", Start::Earliest, 10, false, None)
         .await
         .unwrap();
     let got = rx.recv().await.unwrap().unwrap().into_deliveries().unwrap();
@@ -352,7 +352,7 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
     // may start before `start`: records the dispatcher had already read ahead into memory are
     // still delivered.)
     let (_member, mut rx) = broker
-        .subscribe_group("t", "g", Start::Earliest, 1000, false)
+        .subscribe_group("t", "g", Start::Earliest, 1000, false, None)
         .await
         .unwrap();
     let mut offsets = Vec::new();

@@ -78,6 +78,47 @@ async fn subscribe_starts_at_earliest_latest_an_offset_or_a_time() {
     assert_eq!(got[0].attempt, 1);
 }
 
+/// A plain subscription with a `limit` delivers exactly that many messages from where it starts,
+/// across Sends and responses, then its stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_with_a_limit_delivers_that_many_then_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut client = server.client().await;
+    for batch in 0..3 {
+        let messages = (0..4)
+            .map(|i| message(format!("m{}", batch * 4 + i)))
+            .collect();
+        send(&mut client, "t", messages).await.unwrap();
+    }
+    for (limit, from, first) in [(1, None, 0), (5, None, 0), (12, None, 0), (3, Some(6), 6)] {
+        let mut stream = client
+            .subscribe(pb::SubscribeRequest {
+                topic: "t".into(),
+                start: from.and_then(|o| start(Kind::Offset(o))),
+                limit,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(response) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the stream neither delivered nor ended within 30 s")
+            .unwrap()
+        {
+            got.extend(response.deliveries);
+        }
+        let offsets: Vec<u64> = got.iter().map(|d| d.offset).collect();
+        assert_eq!(
+            offsets,
+            (first..first + limit).collect::<Vec<u64>>(),
+            "limit {limit} from {from:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_at_the_tail_receives_a_new_message_promptly() {
     let dir = tempfile::tempdir().unwrap();

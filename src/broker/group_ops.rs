@@ -70,6 +70,7 @@ impl Broker {
         start: Start,
         max_in_flight: usize,
         exclusive: bool,
+        limit: Option<u64>,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
@@ -78,7 +79,7 @@ impl Broker {
         self.group_settings().max_in_flight(max_in_flight)?;
         self.group(group, topic, start)
             .await?
-            .join(max_in_flight, exclusive)
+            .join(max_in_flight, exclusive, limit)
     }
 
     fn parse_ids(ids: &[String]) -> Result<Vec<(u32, u64)>> {

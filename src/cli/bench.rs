@@ -382,6 +382,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
             group: group.clone(),
             max_in_flight: if group.is_empty() { 0 } else { b.max_in_flight },
             exclusive: false,
+            limit: 0,
             topic: b.topic.clone(),
             partitions: Vec::new(),
             start: Some(pb::StartPosition {

@@ -376,12 +376,11 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
             partitions: args.partition.clone(),
             start: Some(start),
             group: group.clone(),
-            max_in_flight: if group.is_empty() {
-                args.max_in_flight
-            } else {
-                member_in_flight(args.max_in_flight, args.count)
-            },
+            max_in_flight: args.max_in_flight,
             exclusive: false,
+            // With a group, the broker assigns this member no more than it will print, so it
+            // acks all it printed and then leaves, with nothing more counted against it.
+            limit: args.count.unwrap_or(0),
         })
         .await?
         .into_inner();
@@ -391,8 +390,6 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
         let mut printed_ids = Vec::new();
         for d in response.deliveries {
             if args.count.is_some_and(|c| printed >= c) {
-                // Not printed: left unacknowledged, so the group hands it to another member (at
-                // once, since this one leaves).
                 break;
             }
             match args.format {
@@ -417,34 +414,15 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), CliError> {
             topic: args.topic.clone(),
             ack_ids: printed_ids,
         });
-        if args.count.is_some_and(|c| printed >= c) {
-            // Leave the group before the last ack: once acked, the slot it frees would be
-            // filled with a message this member will not print.
-            drop(stream);
-            if let Some(ack) = ack {
-                client.ack(ack).await?;
-            }
-            return Ok(());
-        }
         if let Some(ack) = ack {
             client.ack(ack).await?;
         }
+        if args.count.is_some_and(|c| printed >= c) {
+            // Leaves the group (the stream dropped) only now, with nothing in flight.
+            return Ok(());
+        }
     }
     Ok(())
-}
-
-/// What a group member asks to hold: with `--count N`, never more than N, so that messages it
-/// will not print are not taken from the other members (nor counted as attempts). Without
-/// `--max-in-flight`, at most the broker's default default (1000).
-fn member_in_flight(asked: u32, count: Option<u64>) -> u32 {
-    let Some(count) = count.map(|c| u32::try_from(c).unwrap_or(u32::MAX)) else {
-        return asked;
-    };
-    if asked == 0 {
-        count.min(1000)
-    } else {
-        asked.min(count)
-    }
 }
 
 pub async fn groups(cmd: GroupsCommand) -> Result<(), CliError> {

@@ -218,7 +218,7 @@ pub struct ConsumeArgs {
     #[arg(long)]
     pub group: Option<String>,
     /// With --group: unacknowledged messages this member holds at most (0: the broker's
-    /// default, or --count when that is smaller: the member never takes more than it prints).
+    /// default). With --count, the member is never given more than it prints.
     #[arg(long, default_value_t = 0)]
     pub max_in_flight: u32,
 }

@@ -94,7 +94,14 @@ impl pb::broker_server::Broker for SeedService {
         } else {
             let (guard, rx) = self
                 .broker
-                .subscribe_group(&req.topic, &req.consumer_group, Start::Earliest, 0, false)
+                .subscribe_group(
+                    &req.topic,
+                    &req.consumer_group,
+                    Start::Earliest,
+                    0,
+                    false,
+                    None,
+                )
                 .await
                 .map_err(to_status)?;
             (rx, Some(guard))

@@ -158,6 +158,7 @@ impl pb::broker_server::Broker for BrokerService {
             .require_consume(&caller, SUBSCRIBE, &req.topic, &req.group)
             .await?;
         let start = start_from_pb(req.start)?;
+        let limit = (req.limit > 0).then_some(req.limit);
         let (rx, member) = if req.group.is_empty() {
             if req.max_in_flight != 0 || req.exclusive {
                 return Err(Status::invalid_argument(
@@ -184,6 +185,7 @@ impl pb::broker_server::Broker for BrokerService {
                     start,
                     req.max_in_flight as usize,
                     req.exclusive,
+                    limit,
                 )
                 .await
                 .map_err(to_status)?;
@@ -194,6 +196,8 @@ impl pb::broker_server::Broker for BrokerService {
             topic: Arc::from(req.topic.as_str()),
             max_bytes: self.broker.config().delivery_batch_bytes,
             ready: VecDeque::new(),
+            // A member's limit is the dispatcher's to keep (it stays a member after it).
+            left: if member.is_some() { None } else { limit },
             member,
             metrics: Arc::clone(self.broker.metrics()),
         };
@@ -271,6 +275,8 @@ struct Responses {
     ready: VecDeque<Result<pb::SubscribeResponse, Status>>,
     /// Group membership: leaves the group when the stream is dropped.
     member: Option<MemberGuard>,
+    /// A plain subscription's deliveries left before it ends (its `limit`).
+    left: Option<u64>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -282,10 +288,14 @@ impl Responses {
         };
         let mut current = Vec::new();
         let mut bytes = 0;
-        let deliveries = match deliveries.into_deliveries() {
+        let mut deliveries = match deliveries.into_deliveries() {
             Ok(d) => d,
             Err(e) => return self.ready.push_back(Err(to_status(e))),
         };
+        if let Some(left) = &mut self.left {
+            deliveries.truncate(usize::try_from(*left).unwrap_or(usize::MAX));
+            *left -= deliveries.len() as u64;
+        }
         self.metrics.delivered(deliveries.len());
         for d in deliveries {
             let d = delivery_to_pb(&self.topic, d);
@@ -329,6 +339,10 @@ impl Stream for Responses {
                     (r, _) => r,
                 };
                 return std::task::Poll::Ready(Some(r));
+            }
+            if self.left == Some(0) {
+                // A plain subscription's limit reached: the stream ends.
+                return std::task::Poll::Ready(None);
             }
             match self.rx.poll_recv(cx) {
                 std::task::Poll::Ready(Some(batch)) => {

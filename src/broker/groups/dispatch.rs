@@ -79,11 +79,7 @@ impl GroupTopic {
                     refill.push((p as u32, part.read_pos));
                 }
             }
-            let room: usize = st
-                .members
-                .values()
-                .map(|m| m.max_in_flight.saturating_sub(m.in_flight))
-                .sum();
+            let room: usize = st.members.values().map(Member::room).sum();
             let mut fetch = Vec::new();
             if room > 0 {
                 for (p, part) in st.parts.iter().enumerate() {
@@ -242,10 +238,7 @@ impl GroupTopic {
         st.tell_blocked();
         for id in ids {
             let (room, tx) = match st.members.get(&id) {
-                Some(m) if m.tx.capacity() > 0 => (
-                    m.max_in_flight.saturating_sub(m.in_flight).min(ROUND_QUOTA),
-                    m.tx.clone(),
-                ),
+                Some(m) if m.tx.capacity() > 0 => (m.room().min(ROUND_QUOTA), m.tx.clone()),
                 _ => continue,
             };
             if room == 0 {
@@ -323,6 +316,7 @@ impl GroupTopic {
             }
             if let Some(m) = st.members.get_mut(&id) {
                 m.in_flight += out.len();
+                m.taken += out.len() as u64;
             }
             let deliveries: Vec<Delivery> = out
                 .into_iter()

@@ -45,11 +45,14 @@ impl Drop for MemberGuard {
 }
 
 impl GroupTopic {
-    /// Adds a member; its deliveries arrive on the returned channel.
+    /// Adds a member; its deliveries arrive on the returned channel. With a `limit`, it is
+    /// assigned at most that many deliveries over its life (one taken back before it was handed
+    /// does not count), and stays a member until it leaves: it can ack the last of them first.
     pub fn join(
         self: &Arc<Self>,
         max_in_flight: usize,
         exclusive: bool,
+        limit: Option<u64>,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         let max_in_flight = self.settings.max_in_flight(max_in_flight)?;
         let mut st = lock(&self.state);
@@ -79,6 +82,8 @@ impl GroupTopic {
                 tx,
                 in_flight: 0,
                 max_in_flight,
+                limit: limit.unwrap_or(u64::MAX),
+                taken: 0,
                 exclusive,
                 told_blocked: false,
             },

@@ -261,7 +261,7 @@ impl GroupTopic {
                 }
                 for f in part.in_flight.values() {
                     if let Some(m) = members.get_mut(&f.member) {
-                        m.in_flight = m.in_flight.saturating_sub(1);
+                        m.landed(f);
                     }
                 }
             }

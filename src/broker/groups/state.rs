@@ -125,9 +125,32 @@ pub(super) struct Member {
     pub(super) tx: mpsc::Sender<DeliveryBatch>,
     pub(super) in_flight: usize,
     pub(super) max_in_flight: usize,
+    /// Most deliveries this member takes over its life (`u64::MAX`: no limit).
+    pub(super) limit: u64,
+    /// Deliveries assigned to it, less those taken back before they were handed: what counts
+    /// against `limit`.
+    pub(super) taken: u64,
     pub(super) exclusive: bool,
     /// Told (on its stream) that a partition is blocked by damage.
     pub(super) told_blocked: bool,
+}
+
+impl Member {
+    /// Deliveries it may be assigned now: room in its in-flight window, and what is left of
+    /// its limit.
+    pub(super) fn room(&self) -> usize {
+        let window = self.max_in_flight.saturating_sub(self.in_flight);
+        let left = self.limit.saturating_sub(self.taken);
+        window.min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+
+    /// A delivery of its leaves flight: one never handed is no longer taken.
+    pub(super) fn landed(&mut self, f: &Flight) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if !f.handed {
+            self.taken = self.taken.saturating_sub(1);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -171,7 +194,7 @@ impl State {
         let f = self.parts[p as usize].in_flight.remove(&offset)?;
         self.timeouts.remove(&(f.deadline, p, offset));
         if let Some(m) = self.members.get_mut(&f.member) {
-            m.in_flight = m.in_flight.saturating_sub(1);
+            m.landed(&f);
         }
         Some(f)
     }
