@@ -382,28 +382,22 @@ async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
         let offsets: Vec<u64> = taken.iter().map(|d| d.offset).collect();
         assert_eq!(offsets, [0, 1, 2], "{last:?}");
         let ids = |ds: &[pb::Delivery]| ds.iter().map(|d| d.ack_id.clone()).collect::<Vec<_>>();
-        let acked = client
-            .ack(pb::AckRequest {
-                group: "G".into(),
-                topic: "t".into(),
-                ack_ids: ids(&taken[..2]),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(acked.acked.len(), 2);
+        let ack = |ds: &[pb::Delivery]| {
+            let mut client = client.clone();
+            let ack_ids = ids(ds);
+            async move {
+                let request = pb::AckRequest {
+                    group: "G".into(),
+                    topic: "t".into(),
+                    ack_ids,
+                };
+                client.ack(request).await.unwrap().into_inner().acked.len()
+            }
+        };
+        assert_eq!(ack(&taken[..2]).await, 2);
         let given_back = match last {
             WithTheLast::Ack => {
-                let acked = client
-                    .ack(pb::AckRequest {
-                        group: "G".into(),
-                        topic: "t".into(),
-                        ack_ids: ids(&taken[2..]),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(acked.acked.len(), 1);
+                assert_eq!(ack(&taken[2..]).await, 1);
                 0
             }
             WithTheLast::Nack => {
