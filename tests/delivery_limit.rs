@@ -280,6 +280,23 @@ fn sluice(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().unwrap()
 }
 
+/// The committed offset, redeliveries and dead letters of `group` on its one topic's one
+/// partition.
+async fn one_partition_counts(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    group: &str,
+) -> (u64, u64, u64) {
+    let d = admin
+        .describe_group(pb::DescribeGroupRequest {
+            group: group.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &d.topics[0].partitions[0];
+    (p.committed_offset, p.redeliveries, p.dead_lettered)
+}
+
 /// `sluice consume --group --count N` takes only what it prints and acks all of it before it
 /// leaves, also when each message's first attempt is its last: nothing it printed is redelivered
 /// or dead-lettered, and nothing it did not print was handed out.
@@ -327,14 +344,8 @@ async fn consume_with_a_count_takes_only_what_it_prints_so_attempts_are_not_burn
         );
         let mut admin =
             pb::admin_client::AdminClient::new(sluice::cli::connect(&addr).await.unwrap());
-        let d = admin
-            .describe_group(pb::DescribeGroupRequest { group: "G".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let p = &d.topics[0].partitions[0];
         assert_eq!(
-            (p.committed_offset, p.redeliveries, p.dead_lettered),
+            one_partition_counts(&mut admin, "G").await,
             (20, 0, 0),
             "group_max_deliveries {max_deliveries}"
         );
@@ -381,23 +392,12 @@ async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
         let taken = take(&mut limited, 3).await;
         let offsets: Vec<u64> = taken.iter().map(|d| d.offset).collect();
         assert_eq!(offsets, [0, 1, 2], "{last:?}");
-        let ids = |ds: &[pb::Delivery]| ds.iter().map(|d| d.ack_id.clone()).collect::<Vec<_>>();
-        let ack = |ds: &[pb::Delivery]| {
-            let mut client = client.clone();
-            let ack_ids = ids(ds);
-            async move {
-                let request = pb::AckRequest {
-                    group: "G".into(),
-                    topic: "t".into(),
-                    ack_ids,
-                };
-                client.ack(request).await.unwrap().into_inner().acked.len()
-            }
-        };
-        assert_eq!(ack(&taken[..2]).await, 2);
+        let acked = ack_deliveries(&mut client, "t", "G", &taken[..2]).await;
+        assert_eq!(acked.acked.len(), 2);
         let given_back = match last {
             WithTheLast::Ack => {
-                assert_eq!(ack(&taken[2..]).await, 1);
+                let acked = ack_deliveries(&mut client, "t", "G", &taken[2..]).await;
+                assert_eq!(acked.acked.len(), 1);
                 0
             }
             WithTheLast::Nack => {
@@ -405,7 +405,7 @@ async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
                     .nack(pb::NackRequest {
                         group: "G".into(),
                         topic: "t".into(),
-                        ack_ids: ids(&taken[2..]),
+                        ack_ids: vec![taken[2].ack_id.clone()],
                         delay_ms: 0,
                     })
                     .await
@@ -420,8 +420,16 @@ async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
         // Everything the limited member did not take (and what it gave back, at its second
         // attempt) goes to another member: had the limited one been given more, these would be
         // in flight to it, and missing here.
+        // Each response is acked as it arrives: none of them waits out its own ack timeout
+        // (300 ms) while the given-back one comes.
         let mut other = join_group(&mut client, "t", "G", 0, false).await;
-        let rest = take(&mut other, 7 + given_back).await;
+        let mut rest = Vec::new();
+        while rest.len() < 7 + given_back {
+            let response = take(&mut other, 1).await;
+            let acked = ack_deliveries(&mut client, "t", "G", &response).await;
+            assert_eq!(acked.acked.len(), response.len(), "{last:?}");
+            rest.extend(response);
+        }
         let mut got: Vec<(u64, u32)> = rest.iter().map(|d| (d.offset, d.attempt)).collect();
         got.sort_unstable();
         let mut want: Vec<(u64, u32)> = (3..10).map(|o| (o, 1)).collect();
@@ -429,19 +437,10 @@ async fn a_member_is_given_no_more_than_its_limit_whatever_frees_its_window() {
             want.insert(0, (2, 2));
         }
         assert_eq!(got, want, "{last:?}");
-        ack_deliveries(&mut client, "t", "G", &rest).await;
         drop(limited);
         drop(other);
-        let d = server
-            .admin()
-            .await
-            .describe_group(pb::DescribeGroupRequest { group: "G".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let p = &d.topics[0].partitions[0];
         assert_eq!(
-            (p.committed_offset, p.redeliveries, p.dead_lettered),
+            one_partition_counts(&mut server.admin().await, "G").await,
             (10, given_back as u64, 0),
             "{last:?}"
         );

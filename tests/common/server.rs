@@ -265,13 +265,13 @@ pub async fn join_group(
         .into_inner()
 }
 
-/// Acknowledges `deliveries` for `group` on `topic`.
+/// Acknowledges `deliveries` for `group` on `topic`; returns what the broker applied.
 pub async fn ack_deliveries(
     client: &mut BrokerClient<Channel>,
     topic: &str,
     group: &str,
     deliveries: &[pb::Delivery],
-) {
+) -> pb::AckResponse {
     client
         .ack(pb::AckRequest {
             group: group.into(),
@@ -279,7 +279,8 @@ pub async fn ack_deliveries(
             ack_ids: deliveries.iter().map(|d| d.ack_id.clone()).collect(),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
 }
 
 /// A plain subscription to `topic` from `start` (absent: earliest).
