@@ -15,6 +15,7 @@
 //!   sparse memory-mapped offset and time indexes, the partition log with its writer thread and
 //!   group commit, crash recovery, topics on disk and the data directory lock. Every durable
 //!   write and sync goes through the fault seam in [`storage::io`].
+//! - [`logging`]: the broker's log output, which never costs a request or a stop.
 //! - [`config`]: the one typed configuration (file < `SLUICE_*` environment < flags).
 //! - [`proto`]: code generated from `proto/` at build time.
 //!
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -2,13 +2,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// mimalloc: the broker's hot path (HTTP/2 frames, requests, deliveries) allocates many small,
 /// short-lived buffers across threads, which glibc's allocator handles poorly.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    sluice::cli::run(sluice::cli::Cli::parse())
+    sluice::logging::reserve_standard_fds();
+    sluice::cli::run(sluice::cli::Cli::parse_args())
 }

@@ -209,8 +209,15 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     /// The `_audit` topic's appender.
     audit: AuditTrail,
+    /// Opened by [`Broker::open_read_only`]: nothing is recorded or written.
+    read_only: bool,
     me: std::sync::Weak<Broker>,
 }
+
+/// Records of one partition that [`Broker::newest_records`] looks at, at most.
+pub const NEWEST_SCAN: u64 = 100_000;
+/// Records it reads at a time, walking back from the end.
+const NEWEST_WINDOW: u64 = 1024;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -232,13 +239,32 @@ impl Broker {
 
     /// [`Broker::open`] with every durable write and sync going through `io` (fault injection).
     pub async fn open_with_io(config: Config, io: Arc<dyn FileIo>) -> Result<Arc<Broker>> {
+        Self::open_inner(config, io, false).await
+    }
+
+    /// Opens an existing data directory to read it and change nothing (a dry run): no directory
+    /// or file is created, nothing is recorded in the audit trail, and a partition that would
+    /// need recovery (the broker did not stop cleanly) fails to open instead of being repaired.
+    pub async fn open_read_only(config: Config) -> Result<Arc<Broker>> {
+        Self::open_inner(config, Arc::new(crate::storage::ReadOnlyIo), true).await
+    }
+
+    async fn open_inner(
+        config: Config,
+        io: Arc<dyn FileIo>,
+        read_only: bool,
+    ) -> Result<Arc<Broker>> {
         config
             .sanitize()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let (data, topics) = {
             let config = config.clone();
             blocking(move || {
-                let data = DataDir::open(&config.data_dir, io)?;
+                let data = if read_only {
+                    DataDir::open_read_only(&config.data_dir, io)?
+                } else {
+                    DataDir::open(&config.data_dir, io)?
+                };
                 let mut topics = HashMap::new();
                 for name in data.list_topics()? {
                     let mut topic_config = data.topic_config(&name)?;
@@ -277,12 +303,15 @@ impl Broker {
             acks,
             metrics: Arc::new(Metrics::default()),
             audit,
+            read_only,
             me: me.clone(),
         });
-        broker
-            .audit
-            .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
-            .await?;
+        if !read_only {
+            broker
+                .audit
+                .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
+                .await?;
+        }
         if !retention_every.is_zero() {
             broker.start_retention(retention_every);
         }
@@ -508,37 +537,52 @@ impl Broker {
         list
     }
 
-    /// The newest `limit` records of a topic, newest first (over all its partitions, by
-    /// offset within each and by timestamp across them).
+    /// The newest `limit` records of a topic that `keep` accepts, newest first (over all its
+    /// partitions, by offset within each and by timestamp across them). Each partition is read
+    /// backwards from its end in windows, and at most [`NEWEST_SCAN`] records of it are looked
+    /// at: the cost is bounded however rare the kept records are.
     pub async fn newest_records(
         &self,
         name: &str,
         limit: usize,
+        keep: impl Fn(&StoredRecord) -> bool + Send + 'static,
     ) -> Result<Vec<(u32, StoredRecord)>> {
         let topic = self.existing_topic(name)?;
         blocking(move || {
             let mut out = Vec::new();
             for p in &topic.partitions {
-                let end = p.log.high_water();
-                let from = end.saturating_sub(limit as u64).max(p.log.log_start());
-                let mut next = from;
-                while next < end {
-                    let batches = p.log.read(next, 1 << 20)?;
-                    if batches.is_empty() {
-                        break;
-                    }
-                    for batch in &batches {
-                        for r in batch.records() {
-                            let r = r.map_err(|why| {
-                                Error::Internal(format!("undecodable record: {why}"))
-                            })?;
-                            next = r.offset + 1;
-                            // A batch read may start before `from`.
-                            if (from..end).contains(&r.offset) {
-                                out.push((p.id, r));
+                let start = p.log.log_start();
+                let mut end = p.log.high_water();
+                let floor = end.saturating_sub(NEWEST_SCAN).max(start);
+                let mut kept = 0;
+                while end > floor && kept < limit {
+                    let from = end.saturating_sub(NEWEST_WINDOW).max(floor);
+                    let mut window = Vec::new();
+                    let mut next = from;
+                    while next < end {
+                        let batches = p.log.read(next, 1 << 20)?;
+                        if batches.is_empty() {
+                            break;
+                        }
+                        for batch in &batches {
+                            for r in batch.records() {
+                                let r = r.map_err(|why| {
+                                    Error::Internal(format!("undecodable record: {why}"))
+                                })?;
+                                next = r.offset + 1;
+                                // A batch read may start before `from` or end past `end`.
+                                if (from..end).contains(&r.offset) && keep(&r) {
+                                    window.push(r);
+                                }
                             }
                         }
                     }
+                    // Newest of this window first, until the partition has `limit`.
+                    for r in window.into_iter().rev().take(limit - kept) {
+                        kept += 1;
+                        out.push((p.id, r));
+                    }
+                    end = from;
                 }
             }
             out.sort_by_key(|(_, r)| std::cmp::Reverse((r.timestamp, r.offset)));
@@ -599,7 +643,9 @@ impl Broker {
         }
         self.tasks.close();
         self.tasks.wait().await;
-        if let Err(e) = self
+        if self.read_only {
+            // Nothing to record, and nothing may be written.
+        } else if let Err(e) = self
             .audit
             .record(AuditEvent::system("broker/stop", "ok"))
             .await

@@ -125,6 +125,7 @@ pub fn audit_dir(data_dir: &Path) -> PathBuf {
 
 /// Every audit record of a data directory, as stored: (offset, bytes).
 pub fn offline_records(data_dir: &Path) -> Result<Vec<(u64, Vec<u8>)>, CliError> {
+    super::offline::data_dir_or_refuse(data_dir)?;
     let dir = audit_dir(data_dir);
     if !dir.is_dir() {
         return Err(CliError::NotDataDir(format!(

@@ -164,11 +164,27 @@ async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, Cli
         ..Config::default()
     };
     let data_dir = config.data_dir.clone();
-    let broker = match Broker::open(config).await {
+    // No offline command makes a data directory of a directory that is not one (a typo).
+    super::offline::data_dir_or_refuse(&data_dir)?;
+    // A dry run writes nothing anywhere: not even the audit trail's start and stop records.
+    let opened = if args.dry_run {
+        Broker::open_read_only(config).await
+    } else {
+        Broker::open(config).await
+    };
+    let broker = match opened {
         Ok(b) => b,
         Err(broker::Error::Storage(storage::Error::Locked { .. })) => {
             return Err(CliError::Usage(format!(
                 "{} is locked by a running broker; compact through it instead: sluice compact --broker ADDR",
+                data_dir.display()
+            )));
+        }
+        Err(e) if args.dry_run && e.to_string().contains(storage::io::READ_ONLY) => {
+            return Err(CliError::Usage(format!(
+                "{} was not closed cleanly and needs recovery, which writes; a dry run writes \
+                 nothing. Start the broker on it once (it recovers), or compact without --dry-run \
+                 ({e})",
                 data_dir.display()
             )));
         }

@@ -35,6 +35,49 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line's grammar: the derived one, with every option's value taken as written
+    /// even when it starts with `-` (`--from -15m`, `--to -2h`, `-K -`, a negative number), so
+    /// `--flag VALUE` and `--flag=VALUE` always mean the same. (clap's default reads such a value
+    /// as an unknown flag in the first form only.)
+    pub fn command() -> clap::Command {
+        values_may_start_with_a_dash(<Cli as clap::CommandFactory>::command())
+    }
+
+    /// Parses the process's arguments; prints help or the error and exits when they ask for it.
+    pub fn parse_args() -> Cli {
+        Self::parse_from_args(std::env::args_os())
+    }
+
+    /// Parses `args` (the program's name first), exiting as [`Cli::parse_args`] does.
+    pub fn parse_from_args<I, T>(args: I) -> Cli
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from_args(args).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the program's name first).
+    pub fn try_parse_from_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut matches = Self::command().try_get_matches_from(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut matches)
+    }
+}
+
+fn values_may_start_with_a_dash(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|a| {
+            let option = !a.is_positional() && a.get_action().takes_values();
+            a.allow_hyphen_values(option)
+        })
+        .mut_subcommands(values_may_start_with_a_dash)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
@@ -348,7 +391,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let runtime = match builder.enable_all().thread_name("sluice").build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            crate::logging::say(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -372,11 +415,102 @@ pub fn run(cli: Cli) -> ExitCode {
         // The reader of our output went away (`sluice consume | head`): that is how it ends.
         Err(CliError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::logging::say(format_args!("error: {e}"));
             match e {
                 CliError::NotDataDir(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    /// Every leaf subcommand's path (`["groups", "reset"]`) with its command.
+    fn leaves(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        if cmd.get_subcommands().next().is_none() {
+            out.push((path, cmd.clone()));
+            return;
+        }
+        for sub in cmd.get_subcommands() {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            leaves(sub, p, out);
+        }
+    }
+
+    /// `sluice PATH…` with every required argument but `skip` given a plain value.
+    fn base_args(path: &[String], cmd: &clap::Command, skip: &str) -> Vec<String> {
+        let mut args = vec!["sluice".to_string()];
+        args.extend(path.iter().cloned());
+        for a in cmd.get_arguments().filter(|a| a.is_required_set()) {
+            if a.get_id() == skip {
+                continue;
+            }
+            match a.get_long() {
+                Some(long) => args.extend([format!("--{long}"), "1".into()]),
+                None => args.push("x".into()),
+            }
+        }
+        args
+    }
+
+    #[test]
+    fn every_option_takes_a_value_starting_with_a_dash_in_both_forms() {
+        let mut all = Vec::new();
+        let root = Cli::command();
+        leaves(&root, Vec::new(), &mut all);
+        let mut accepted = Vec::new();
+        for (path, cmd) in &all {
+            for a in cmd.get_arguments() {
+                let (Some(long), true) = (a.get_long(), a.get_action().takes_values()) else {
+                    continue;
+                };
+                if a.is_positional() {
+                    continue;
+                }
+                for value in ["-15m", "-1", "-"] {
+                    let base = base_args(path, cmd, a.get_id().as_str());
+                    let mut joined = base.clone();
+                    joined.push(format!("--{long}={value}"));
+                    let mut spaced = base.clone();
+                    spaced.extend([format!("--{long}"), value.to_string()]);
+                    let what = format!("sluice {} --{long} {value}", path.join(" "));
+                    let j = Cli::command().try_get_matches_from(&joined);
+                    let s = Cli::command().try_get_matches_from(&spaced);
+                    match (j, s) {
+                        (Ok(_), Ok(_)) => {
+                            // Same meaning: the typed parse of both agrees.
+                            let a1 = Cli::try_parse_from_args(&joined).map(|c| format!("{c:?}"));
+                            let a2 = Cli::try_parse_from_args(&spaced).map(|c| format!("{c:?}"));
+                            assert_eq!(a1.ok(), a2.ok(), "{what}");
+                            accepted.push(format!("{} --{long} {value}", path.join(" ")));
+                        }
+                        (Err(je), Err(se)) => assert_eq!(je.kind(), se.kind(), "{what}"),
+                        (Ok(_), Err(e)) => panic!("{what}: only the = form parses: {e}"),
+                        (Err(e), Ok(_)) => panic!("{what}: only the spaced form parses: {e}"),
+                    }
+                }
+            }
+        }
+        // The README's own forms are among them (the test is not vacuous).
+        for needed in [
+            "consume --from -15m",
+            "audit --since -15m",
+            "groups reset --to -15m",
+            "produce --key-separator -",
+        ] {
+            assert!(
+                accepted.iter().any(|a| a == needed),
+                "{needed} not accepted"
+            );
+        }
+        // And a dash value is still an error where the type refuses it, not an unknown flag.
+        let e = Cli::try_parse_from_args(["sluice", "consume", "--topic", "t", "--count", "-1"])
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueValidation, "{e}");
     }
 }

@@ -64,6 +64,9 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
     for p in &v.problems {
         writeln!(out, "{p}")?;
     }
+    for n in &v.notes {
+        writeln!(out, "note: {n}")?;
+    }
     let breaks = super::audit::verify_chain(&args.data_dir)?;
     let trail = super::audit::audit_dir(&args.data_dir);
     for b in &breaks {
@@ -79,8 +82,17 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
     let s = &v.summary;
     writeln!(
         out,
-        "checked {} partitions, {} segments, {} batches, {} records, {} bytes: {} problems",
-        s.partitions, s.segments, s.batches, s.records, s.bytes, problems
+        "checked {} partitions, {} segments, {} batches, {} records, {} bytes: {} problems{}",
+        s.partitions,
+        s.segments,
+        s.batches,
+        s.records,
+        s.bytes,
+        problems,
+        match v.notes.len() {
+            0 => String::new(),
+            n => format!(", {n} notes (repaired by the broker at its next start)"),
+        }
     )?;
     if problems == 0 {
         Ok(())
@@ -94,8 +106,8 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
 }
 
 /// Refuses a directory that is not a Sluice data directory (exit 2), rather than finding "no
-/// problems" in it.
-fn data_dir_or_refuse(dir: &std::path::Path) -> Result<(), CliError> {
+/// problems" in it, or making one of it: no offline command creates a data directory.
+pub fn data_dir_or_refuse(dir: &std::path::Path) -> Result<(), CliError> {
     if is_data_dir(dir) {
         return Ok(());
     }
@@ -178,7 +190,7 @@ pub fn dump(args: DumpArgs) -> Result<(), CliError> {
         return Err(e.into());
     }
     for d in &damage {
-        eprintln!("damaged: {d}");
+        crate::logging::say(format_args!("damaged: {d}"));
     }
     if damage.is_empty() {
         Ok(())

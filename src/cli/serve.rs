@@ -45,7 +45,8 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         config.log_format = f;
     }
     config.sanitize()?;
-    init_tracing(config.log_format, &config.log_filter);
+    // Held to the end: dropping it flushes what is still queued for stderr.
+    let _log = init_tracing(config.log_format, &config.log_filter);
     no_huge_pages();
     let limit = super::fdlimit::raise()?;
     super::fdlimit::check(
@@ -114,18 +115,22 @@ impl Signals {
     }
 }
 
-fn init_tracing(format: LogFormat, filter: &str) {
+fn init_tracing(format: LogFormat, filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let (writer, guard) = crate::logging::stderr_writer();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour only for a person at a terminal: a log file or journal gets plain text.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        // Its report of a failed write is an `eprintln!`: a panic when stderr is gone.
+        .log_internal_errors(false);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     if let Err(e) = result {
-        eprintln!("warning: logging not initialised: {e}");
+        crate::logging::say(format_args!("warning: logging not initialised: {e}"));
     }
+    guard
 }

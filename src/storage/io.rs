@@ -120,6 +120,45 @@ impl FileIo for RealIo {
     }
 }
 
+/// A seam that refuses every change: what a dry run opens a data directory with. A partition
+/// opened after a clean close writes nothing; one that needs recovery (or anything else that
+/// would write) fails with [`READ_ONLY`] instead of changing a file.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadOnlyIo;
+
+/// The error text of every change [`ReadOnlyIo`] refuses.
+pub const READ_ONLY: &str = "opened read-only: nothing may be written";
+
+fn refused() -> io::Error {
+    io::Error::new(io::ErrorKind::ReadOnlyFilesystem, READ_ONLY)
+}
+
+impl FileIo for ReadOnlyIo {
+    fn write_at(&self, _: &Path, _: &File, _: &[u8], _: u64) -> io::Result<()> {
+        Err(refused())
+    }
+    fn set_len(&self, _: &Path, _: &File, _: u64) -> io::Result<()> {
+        Err(refused())
+    }
+    fn sync_data(&self, _: &Path, _: &File) -> io::Result<()> {
+        Err(refused())
+    }
+    fn sync_dir(&self, _: &Path) -> io::Result<()> {
+        Err(refused())
+    }
+    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+        Err(refused())
+    }
+    fn create_dir(&self, _: &Path) -> io::Result<()> {
+        Err(refused())
+    }
+    fn create_file(&self, path: &Path, options: &OpenOptions) -> io::Result<File> {
+        // Files are opened for writing only to change them.
+        let _ = (path, options);
+        Err(refused())
+    }
+}
+
 /// Replaces `path` atomically with `contents`: write a temp file beside it, sync it, rename it
 /// over the old one, sync the directory. A crash leaves either the old or the new file.
 pub fn replace_file(io: &dyn FileIo, path: &Path, contents: &[u8]) -> io::Result<()> {

@@ -36,7 +36,7 @@ pub mod verify;
 pub use compaction::{CompactionOptions, CompactionOutcome};
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{Error, Result};
-pub use io::{FileIo, RealIo};
+pub use io::{FileIo, ReadOnlyIo, RealIo};
 pub use partition::{
     Appended, Completion, Listener, Partition, PartitionMetrics, PartitionStats, RecoveryReport,
     Retention, RetentionOutcome, WriterPool,

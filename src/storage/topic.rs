@@ -145,6 +145,18 @@ impl TopicConfig {
     }
 }
 
+/// Takes the data directory's lock (`flock`, exclusive) or fails at once with
+/// [`Error::Locked`].
+fn take_lock(lock: &File, lock_path: &Path) -> Result<()> {
+    match lock.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: lock_path.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io(lock_path, e)),
+    }
+}
+
 /// An open data directory; holds its `LOCK` for as long as it lives.
 #[derive(Debug)]
 pub struct DataDir {
@@ -180,11 +192,7 @@ impl DataDir {
         if new_lock {
             io.sync_dir(root).map_err(|e| Error::io(root, e))?;
         }
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-        }
+        take_lock(&lock, &lock_path)?;
         // Leftovers of interrupted creations and deletions.
         let tmp = root.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
@@ -196,6 +204,27 @@ impl DataDir {
             };
             removed.map_err(|e| Error::io(&path, e))?;
         }
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            io,
+            _lock: lock,
+        })
+    }
+
+    /// Opens an existing data directory without changing anything in it (a dry run): refuses a
+    /// directory that is not one, creates and removes nothing, and takes the lock through the
+    /// existing `LOCK` file, so that no broker changes the files while they are read. Every
+    /// write through [`DataDir::io`] fails: `io` should be a [`super::ReadOnlyIo`].
+    pub fn open_read_only(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
+        if !super::verify::is_data_dir(root) {
+            return Err(Error::InvalidConfig(format!(
+                "{} is not a Sluice data directory (it has no topics/ directory)",
+                root.display()
+            )));
+        }
+        let lock_path = root.join("LOCK");
+        let lock = File::open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        take_lock(&lock, &lock_path)?;
         Ok(DataDir {
             root: root.to_path_buf(),
             io,

@@ -58,6 +58,10 @@ pub type RecordCheck<'a> = &'a dyn Fn(&StoredRecord) -> Result<(), String>;
 #[derive(Debug, Default)]
 pub struct Verifier {
     pub problems: Vec<Problem>,
+    /// States the broker repairs by itself when it opens the directory, worth knowing but no
+    /// failure: a recovery checkpoint that is missing, empty or torn (a power cut between its
+    /// write and its rename's reaching the disk; the broker then scans the whole active segment).
+    pub notes: Vec<Problem>,
     pub summary: Summary,
 }
 
@@ -124,7 +128,15 @@ impl Verifier {
             Ok(b) => match Checkpoint::decode(&b) {
                 Decoded::Valid(c) => Some(c),
                 _ => {
-                    self.problem(&cp_path, 0, "checkpoint does not check out (magic or CRC)");
+                    self.notes.push(Problem {
+                        path: cp_path.clone(),
+                        position: 0,
+                        what: format!(
+                            "recovery checkpoint is empty or torn ({} bytes): a hint only; the \
+                             broker's next start scans the whole active segment instead",
+                            b.len()
+                        ),
+                    });
                     None
                 }
             },

@@ -408,6 +408,13 @@ impl Collector for Scrape {
         )?;
         counter(e, m.delivered.load(Ordering::Relaxed))?;
         let e = enc.encode_descriptor(
+            "sluice_log_lines_lost",
+            "Log lines that did not reach stderr (a closed log pipe, a full queue)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(e, crate::logging::lines_lost())?;
+        let e = enc.encode_descriptor(
             "sluice_connections",
             "Open gRPC connections",
             None,
