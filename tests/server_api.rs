@@ -520,3 +520,73 @@ async fn a_large_stored_batch_is_streamed_in_responses_of_bounded_size() {
         }
     }
 }
+
+/// What grpcurl does: list the services by reflection, then fetch each one's descriptor and
+/// call it. Every service the port serves must be listed and described, health included.
+#[tokio::test]
+async fn reflection_lists_and_describes_every_service_served_health_included() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let ask = |r: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([ask(MessageRequest::ListServices(
+            String::new(),
+        ))]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let listed: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for served in [
+        "sluice.v1.Broker",
+        "sluice.v1.Admin",
+        "broker.Broker",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            listed.iter().any(|l| l == served),
+            "{served} not in {listed:?}"
+        );
+    }
+    for service in &listed {
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([ask(
+                MessageRequest::FileContainingSymbol(service.clone()),
+            )]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap().message_response;
+        assert!(
+            matches!(answer, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+            "{service}: {answer:?}"
+        );
+    }
+    // And the call grpcurl makes next answers.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sluice.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.stop().await;
+}

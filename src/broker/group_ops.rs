@@ -113,7 +113,19 @@ impl Broker {
         validate_group_name(group)?;
         let t = self.existing_topic(topic)?;
         if !self.data.group_dir(group, &t.name)?.exists() {
-            return Err(storage::Error::GroupNotFound(group.to_string()).into());
+            let reads = self
+                .list_groups()?
+                .into_iter()
+                .find_map(|(g, topics)| (g == group).then_some(topics));
+            return Err(match reads {
+                Some(reads) if !reads.is_empty() => storage::Error::GroupNotOnTopic {
+                    group: group.to_string(),
+                    topic: t.name.to_string(),
+                    reads,
+                },
+                _ => storage::Error::GroupNotFound(group.to_string()),
+            }
+            .into());
         }
         self.group(group, topic, Start::Earliest).await
     }

@@ -8,13 +8,13 @@
 
 use std::sync::Arc;
 
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 use crate::auth::{Action, Caller, Resource};
 use crate::broker::Broker;
 use crate::broker::audit::{AUDIT_TOPIC, AuditEvent, Decision};
 
-use super::status::to_status;
+use super::status::{status, to_status};
 
 /// The caller a request was admitted as (set by the connection layer for every request).
 pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -72,13 +72,16 @@ impl Access {
             format!("PERMISSION_DENIED: {} not granted", action.as_str())
         };
         self.broker.audit().record(e).await.map_err(to_status)?;
-        Err(Status::permission_denied(if protected {
-            format!(
-                "{AUDIT_TOPIC} is the audit trail: only the broker writes, deletes or shortens it"
-            )
-        } else {
-            format!("{} may not {} {resource}", caller.name(), action.as_str())
-        }))
+        Err(status(
+            Code::PermissionDenied,
+            if protected {
+                format!(
+                    "{AUDIT_TOPIC} is the audit trail: only the broker writes, deletes or shortens it"
+                )
+            } else {
+                format!("{} may not {} {resource}", caller.name(), action.as_str())
+            },
+        ))
     }
 
     /// Reading a topic, alone or as a member of `group` (empty: none): `consume` on both.
@@ -120,14 +123,17 @@ impl Access {
     /// the error when the record cannot be written).
     pub async fn record(&self, event: AuditEvent, done: bool) -> Result<(), Status> {
         self.broker.audit().record(event).await.map_err(|e| {
-            Status::unavailable(format!(
-                "the audit trail cannot be written ({e}); the action {}",
-                if done {
-                    "was carried out"
-                } else {
-                    "was not carried out"
-                }
-            ))
+            status(
+                Code::Unavailable,
+                format!(
+                    "the audit trail cannot be written ({e}); the action {}",
+                    if done {
+                        "was carried out"
+                    } else {
+                        "was not carried out"
+                    }
+                ),
+            )
         })
     }
 

@@ -101,7 +101,10 @@ impl Front {
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
                 let status = match self.broker.audit().record(e).await {
                     Ok(()) => Status::unauthenticated("missing or invalid credentials"),
-                    Err(err) => Status::unavailable(format!("audit trail: {err}")),
+                    Err(err) => super::status::status(
+                        tonic::Code::Unavailable,
+                        format!("audit trail: {err}"),
+                    ),
                 };
                 Err(status.into_http())
             }

@@ -147,11 +147,15 @@ async fn serve(
     health.set_serving::<AdminServer<AdminService>>().await;
     health.set_serving::<SeedServer<seed::SeedService>>().await;
     // Both reflection versions: grpcurl 1.8 and other older tools speak only v1alpha.
+    // Every service served is listed, health included (`grpcurl … grpc.health.v1.Health/Check`
+    // needs its descriptor).
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let max_in = config.max_request_bytes;

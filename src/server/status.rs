@@ -23,7 +23,32 @@ pub fn to_status(e: Error) -> Status {
     if code == Code::Internal || code == Code::DataLoss {
         tracing::error!(error = %e, "request failed");
     }
-    Status::new(code, e.to_string())
+    status(code, e.to_string())
+}
+
+/// Longest status message sent, in bytes. Messages quote what the client sent (a topic name, an
+/// ack id, a key): quoted whole, 100 KB of input came back as 100 KB of `grpc-message`, over
+/// what clients accept in headers (tonic's 16 KiB), and the client saw only a transport error.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A status with `message` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary, saying how
+/// much was cut). Every status the server makes goes through here or [`to_status`].
+pub fn status(code: Code, message: impl Into<String>) -> Status {
+    Status::new(code, clip(message.into()))
+}
+
+fn clip(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut cut = MAX_MESSAGE_BYTES - 64;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(&format!("… ({} more bytes)", total - cut));
+    message
 }
 
 /// tonic's own answer to a request over `max_request_bytes` is `OUT_OF_RANGE`; by the gRPC
@@ -47,6 +72,7 @@ fn storage_code(e: &StorageError) -> Code {
         | StorageError::InvalidConfig(_) => Code::InvalidArgument,
         StorageError::TopicNotFound(_)
         | StorageError::GroupNotFound(_)
+        | StorageError::GroupNotOnTopic { .. }
         | StorageError::PartitionNotFound { .. } => Code::NotFound,
         StorageError::TopicExists(_) => Code::AlreadyExists,
         StorageError::BatchTooLarge { .. } => Code::ResourceExhausted,
@@ -110,5 +136,20 @@ mod tests {
             assert_eq!(s.code(), code, "{text}");
             assert_eq!(s.message(), text);
         }
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary_and_say_so() {
+        let long = format!("malformed ack id {:?}", "é".repeat(60_000));
+        let s = to_status(Error::InvalidArgument(long.clone()));
+        assert!(
+            s.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            s.message().len()
+        );
+        assert!(long.starts_with(s.message().split('…').next().unwrap()));
+        assert!(s.message().ends_with("more bytes)"), "{}", s.message());
+        let short = status(Code::NotFound, "topic \"t\" does not exist");
+        assert_eq!(short.message(), "topic \"t\" does not exist");
     }
 }

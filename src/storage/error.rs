@@ -61,6 +61,13 @@ pub enum Error {
     InvalidGroupName { name: String, reason: &'static str },
     #[error("consumer group {0:?} does not exist")]
     GroupNotFound(String),
+    /// The group exists, with state on other topics only.
+    #[error("consumer group {group:?} has never read topic {topic:?} (it reads {})", quoted(.reads))]
+    GroupNotOnTopic {
+        group: String,
+        topic: String,
+        reads: Vec<String>,
+    },
     /// A batch with no records.
     #[error("a batch must hold at least one record")]
     EmptyBatch,
@@ -82,6 +89,11 @@ pub enum Error {
     TopicExists(String),
     #[error("topic {topic:?} has no partition {partition}")]
     PartitionNotFound { topic: String, partition: u32 },
+}
+
+fn quoted(names: &[String]) -> String {
+    let names: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    names.join(", ")
 }
 
 impl Error {
