@@ -306,6 +306,19 @@ async fn metrics_equal_the_operations_performed() {
     assert_eq!(overview["records_appended"], 8 + 3 + 4);
     assert_eq!(overview["lag"], 4);
     assert_eq!(overview["dead_lettered"], 3);
+    // The rate history is the broker's: sampled from its start on, every 5 s, oldest first.
+    let history = &overview["history"];
+    assert_eq!(history["interval_seconds"], 5, "{overview}");
+    let samples = history["samples"].as_array().unwrap();
+    assert!(
+        !samples.is_empty(),
+        "a page loaded now gets the samples so far"
+    );
+    assert!(
+        samples
+            .windows(2)
+            .all(|w| w[0]["t_ms"].as_i64() < w[1]["t_ms"].as_i64())
+    );
     let group = get(http, "/api/v1/groups/g").await.json();
     assert_eq!(group["topics"][0]["lag"], 4);
     assert_eq!(group["topics"][0]["dead_lettered"], 3);
@@ -352,18 +365,36 @@ async fn health_readiness_console_and_bad_requests() {
         assert!(!r.body.contains("https://"), "{asset}");
     }
 
-    let cases: [(&str, &str, u16); 7] = [
+    let cases: [(&str, &str, u16); 12] = [
         ("GET", "/api/v1/topics/missing", 404),
         ("GET", "/api/v1/topics/missing/dead-letters", 404),
         ("GET", "/api/v1/groups/missing", 404),
         ("GET", "/api/v1/topics/..%2Fx", 400),
         ("GET", "/api/v1/nothing-here", 404),
+        ("GET", "/nothing-here/either", 404),
         ("POST", "/api/v1/topics", 405),
         ("DELETE", "/metrics", 405),
+        ("PUT", "/", 405),
+        ("POST", "/healthz", 405),
+        ("GET", "/api/v1/topics/t/dead-letters?limit=ten", 400),
+        ("GET", "/api/v1/topics/missing/dead-letters?limit=%ZZ", 400),
     ];
     for (method, path, status) in cases {
         let r: Reply = request(http, method, path, None).await;
         assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        // Every error answer is JSON with a message.
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{method} {path}: {:?}",
+            r.header("content-type")
+        );
+        let error = r.json()["error"].as_str().map(str::to_string);
+        assert!(
+            error.is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {}",
+            r.body
+        );
         if r.status == 404 && path.contains("missing") {
             assert!(
                 r.json()["error"].as_str().unwrap().contains("missing"),
@@ -456,5 +487,98 @@ async fn a_restarted_broker_reports_groups_nobody_has_joined_since() {
     assert_eq!(number(&e, "sluice_group_members", &labels[..2]), 0.0);
     assert_eq!(number(&e, "sluice_log_end_offset", &labels[1..]), 5.0);
     assert_eq!(number(&e, "sluice_records_appended", &labels[1..]), 0.0);
+    server.stop().await;
+}
+
+/// Nacks every delivery `group` gets on `topic` until `count` of them are dead letters
+/// (`group_max_deliveries` = 1: a nack dead-letters at once).
+async fn dead_letter(server: &TestServer, topic: &str, group: &str, count: usize) {
+    let mut client = server.client().await;
+    let mut stream = common::server::join_group(&mut client, topic, group, 0, false).await;
+    let deliveries = take(&mut stream, count).await;
+    client
+        .nack(pb::NackRequest {
+            group: group.into(),
+            topic: topic.into(),
+            ack_ids: deliveries.iter().map(|d| d.ack_id.clone()).collect(),
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while total(
+        &scrape(server).await,
+        "sluice_group_dead_letters",
+        &[("group", group)],
+    ) < count as f64
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{group}: not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_dead_letters_are_found_when_another_groups_are_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.group_max_deliveries = 1;
+    let server = TestServer::start(config).await;
+    let http = server.http.unwrap();
+    let mut client = server.client().await;
+    let send = |n: usize, from: usize| pb::SendRequest {
+        topic: "d".into(),
+        messages: (from..from + n)
+            .map(|i| to(0, message(format!("m{i}"))))
+            .collect(),
+    };
+    client.send(send(3, 0)).await.unwrap();
+    dead_letter(&server, "d", "older", 3).await;
+    client.send(send(40, 3)).await.unwrap();
+    dead_letter(&server, "d", "newer", 43).await;
+
+    let list = |query: &str| {
+        let path = format!("/api/v1/topics/d/dead-letters?{query}");
+        async move { get(http, &path).await.json()["dead_letters"].clone() }
+    };
+    let group_of = |d: &serde_json::Value| {
+        d["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["key"] == "sluice.dlq.group")
+            .map(|h| h["value"].as_str().unwrap().to_string())
+    };
+    // Unfiltered, the newest 20 are all the newer group's.
+    let all = list("limit=20").await;
+    assert_eq!(all.as_array().unwrap().len(), 20);
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| group_of(d).as_deref() == Some("newer"))
+    );
+    // Filtered by the broker, the older group's three are there, newest first.
+    let older = list("limit=20&group=older").await;
+    let older = older.as_array().unwrap();
+    assert_eq!(older.len(), 3, "{older:?}");
+    assert!(
+        older
+            .iter()
+            .all(|d| group_of(d).as_deref() == Some("older"))
+    );
+    let offsets: Vec<i64> = older
+        .iter()
+        .map(|d| d["offset"].as_i64().unwrap())
+        .collect();
+    assert_eq!(offsets, [2, 1, 0]);
+    // The limit holds for a filtered list too, and a group with none gets an empty list.
+    assert_eq!(
+        list("limit=5&group=newer").await.as_array().unwrap().len(),
+        5
+    );
+    assert_eq!(list("group=nobody").await.as_array().unwrap().len(), 0);
     server.stop().await;
 }

@@ -36,8 +36,10 @@ use super::front::Front;
 use crate::auth::{Action, Caller, Peer, Resource};
 use crate::broker::Broker;
 use crate::broker::audit::Decision;
+use crate::broker::groups::DLQ_GROUP;
 
 mod console;
+mod rates;
 mod scrape;
 
 /// The newest dead letters one request may ask for.
@@ -47,6 +49,8 @@ const MAX_DEAD_LETTERS: usize = 100;
 #[derive(Debug, Default)]
 pub struct HttpState {
     phase: RwLock<Phase>,
+    /// The console's rate history, sampled while the broker serves.
+    rates: rates::RateHistory,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +64,8 @@ enum Phase {
 impl HttpState {
     /// The broker is open: `/readyz` and the API answer from now on.
     pub fn serve(&self, broker: Arc<Broker>, front: Arc<Front>) {
+        // The first sample at once: a page loaded now has where its history starts.
+        self.rates.sample(&broker);
         *self.phase.write().unwrap_or_else(|p| p.into_inner()) = Phase::Ready(broker, front);
     }
 
@@ -88,6 +94,7 @@ pub fn spawn(
     state: Shared,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    let sampled = Arc::clone(&state);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -99,7 +106,10 @@ pub fn spawn(
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/groups/{group}", get(group))
         .merge(console::routes())
+        .fallback(no_such_path)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state);
+    tokio::spawn(sample_rates(sampled, stop.clone()));
     tokio::spawn(async move {
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, service)
@@ -228,6 +238,55 @@ impl Admitted {
     }
 }
 
+async fn no_such_path(uri: axum::http::Uri) -> Refusal {
+    Refusal::Failed(
+        StatusCode::NOT_FOUND,
+        super::status::status(
+            tonic::Code::NotFound,
+            format!("no such path {}", uri.path()),
+        )
+        .message()
+        .to_string(),
+    )
+}
+
+/// Every error answer of the port is `{"error": "…"}`: the ones made here already are, and
+/// those made below the handlers (405 for a method other than GET, 400 for a malformed path
+/// or query, 503 from `/readyz`) are rewritten, keeping their status and headers (`Allow`).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let mut rewritten = (status, Json(json!({ "error": message }))).into_response();
+    for (name, value) in parts.headers {
+        if let Some(name) = name
+            && name != header::CONTENT_TYPE
+            && name != header::CONTENT_LENGTH
+        {
+            rewritten.headers_mut().append(name, value);
+        }
+    }
+    rewritten
+}
+
 async fn readyz(State(state): State<Shared>) -> Response {
     if state.ready().is_some() {
         return (StatusCode::OK, "ready\n").into_response();
@@ -254,9 +313,39 @@ async fn metrics(a: Admitted) -> Result<Response, Refusal> {
         .into_response())
 }
 
-async fn overview(a: Admitted) -> Result<Json<Value>, Refusal> {
+/// Samples the broker's totals every [`rates::INTERVAL`] while it serves, until `stop`.
+async fn sample_rates(state: Shared, stop: CancellationToken) {
+    let mut every = tokio::time::interval(rates::INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Some((broker, _)) = state.ready() {
+            state.rates.sample(&broker);
+        }
+    }
+}
+
+async fn overview(a: Admitted, State(state): State<Shared>) -> Result<Json<Value>, Refusal> {
     let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
-    Ok(Json(scrape.overview()))
+    let mut body = scrape.overview();
+    // The history is of broker-wide totals: shown to a caller who may see every topic.
+    let sees_all = a
+        .broker
+        .open_topics()
+        .iter()
+        .all(|t| a.may_describe(Resource::Topic(&t.name)));
+    body["history"] = if sees_all {
+        json!({
+            "interval_seconds": rates::INTERVAL.as_secs(),
+            "samples": state.rates.samples(),
+        })
+    } else {
+        Value::Null
+    };
+    Ok(Json(body))
 }
 
 async fn topics(a: Admitted) -> Result<Json<Value>, Refusal> {
@@ -351,10 +440,27 @@ async fn dead_letters(
                 )
             })?,
     };
+    // Only one group's dead letters (`?group=G`): filtered here, not in the browser, so that
+    // another group's newer ones do not hide them.
+    let group = query.get("group").cloned().filter(|g| !g.is_empty());
+    if let Some(g) = &group {
+        a.require(Resource::Group(g)).await?;
+    }
     // A topic without dead letters has no `.dlq` topic yet: an empty list.
     a.broker.existing_topic(&name)?;
     let records = match a.broker.existing_topic(&dlq) {
-        Ok(_) => a.broker.newest_records(&dlq, limit).await?,
+        Ok(_) => {
+            let wanted = group.clone();
+            a.broker
+                .newest_records(&dlq, limit, move |r| match &wanted {
+                    None => true,
+                    Some(g) => r
+                        .headers
+                        .iter()
+                        .any(|h| h.key == DLQ_GROUP && h.value.as_ref() == g.as_bytes()),
+                })
+                .await?
+        }
         Err(_) => Vec::new(),
     };
     let list: Vec<Value> = records
@@ -482,9 +588,10 @@ mod tests {
         let state = Arc::new(HttpState::default());
         let stop = CancellationToken::new();
         let task = spawn(listener, Arc::clone(&state), stop.clone());
-        for phase in ["recovering\n", "stopping\n"] {
+        for phase in ["recovering", "stopping"] {
             assert_eq!(status(addr, "/healthz").await, (200, "ok\n".into()));
-            assert_eq!(status(addr, "/readyz").await, (503, phase.into()));
+            let body = format!("{{\"error\":\"{phase}\"}}");
+            assert_eq!(status(addr, "/readyz").await, (503, body));
             for path in ["/metrics", "/api/v1/topics", "/api/v1/groups/g"] {
                 assert_eq!(status(addr, path).await.0, 503, "{path} while {phase}");
             }

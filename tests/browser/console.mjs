@@ -116,9 +116,13 @@ try {
   produce(12, 30);
   await expectText(page, "topic-records", "42");
 
-  // A group consumes 10: its page shows a lag of 32, then 40 after 8 more messages.
+  // A group consumes 10: the topic page links to it, and its page (reached by clicking the
+  // link) shows a lag of 32, then 40 after 8 more messages.
   sluice(["consume", "--topic", TOPIC, "--group", GROUP, "--from", "earliest", "--count", "10"]);
-  await page.evaluate(g => { location.hash = `#/groups/${g}`; }, GROUP);
+  const groupLink = page.locator('[data-testid="topic-groups"] a', { hasText: GROUP });
+  await groupLink.waitFor({ timeout: TIMEOUT });
+  assert.equal(await groupLink.getAttribute("href"), `#/groups/${GROUP}`);
+  await groupLink.click();
   await expectText(page, "group-name", GROUP);
   await expectText(page, "group-lag", "32");
   produce(8, 42);
@@ -138,7 +142,14 @@ try {
   const rows = page.locator('[data-testid^="dead-letter-list-"]');
   await rows.nth(dead - 1).waitFor({ timeout: TIMEOUT });
   assert.equal(await rows.count(), dead);
-  assert.match(await rows.first().textContent(), /nacked.*source=app.*sluice\.dlq\.group=triage/);
+  const firstRow = await rows.first().textContent();
+  assert.match(firstRow, /nacked.*source=app/);
+  // The message's own headers only: the sluice.dlq.* ones are the columns before them.
+  assert.doesNotMatch(firstRow, /sluice\.dlq\./);
+  // Times are in the browser's zone, as the header's "updated" time is.
+  const newest = (await (await fetch(new URL(`api/v1/topics/${TOPIC}/dead-letters?limit=1&group=${TRIAGE}`, args.http))).json()).dead_letters[0];
+  const local = await page.evaluate(ms => new Date(ms).toLocaleString(), newest.timestamp_ms);
+  assert.equal(await rows.first().locator("td").first().textContent(), local);
   await page.evaluate(g => { location.hash = `#/groups/${g}`; }, GROUP);
   await expectText(page, "group-lag", String(40 + dead));
   await expectText(page, "group-dead-letters", "0");
@@ -164,7 +175,45 @@ try {
   await expectText(page, "records-appended", String(appended + dead));
   await expectText(page, "lag", lag());
 
+  // The chart has axes: three time labels in local time, three rate labels and the unit.
+  const chart = page.locator('[data-testid="rate-chart"]');
+  await chart.waitFor({ timeout: TIMEOUT });
+  assert.equal(await chart.locator(".x-label").count(), 3);
+  assert.equal(await chart.locator(".y-label").count(), 3);
+  assert.equal(await chart.locator('[data-testid="rate-unit"]').textContent(), "rec/s");
+  for (const label of await chart.locator(".x-label").allTextContents()) {
+    assert.match(label, /\d{1,2}:\d{2}:\d{2}/, "a time of day");
+  }
   assert.equal(loads, 1, "the page was loaded once and refreshed itself");
+
+  // The history is the broker's: once it holds two samples (one every 5 s from its start), a
+  // page that has just loaded draws the rates at once, with nothing sampled by the page.
+  for (let t = Date.now(); ; await new Promise(r => setTimeout(r, 100))) {
+    const o = await (await fetch(new URL("api/v1/overview", args.http))).json();
+    if (o.history.samples.length >= 3) break;
+    if (Date.now() - t > 30000) throw new Error("the broker kept no history");
+  }
+  const fresh = await browser.newPage();
+  fresh.on("pageerror", e => errors.push(e.message));
+  await fresh.goto(args.http);
+  await fresh.locator('[data-testid="rate-produce"]').waitFor({ timeout: TIMEOUT });
+  const points = await fresh.locator('[data-testid="rate-produce"]').getAttribute("points");
+  assert.ok(points.trim().split(" ").length >= 2, `history drawn on load: ${points}`);
+  await fresh.close();
+
+  // Another group's dead letters, newer and more than a page holds, do not hide triage's.
+  const NOISY = "noisy";
+  await nackUntilDeadLettered(NOISY, 25, () => produce(25, 5000));
+  await page.evaluate(g => { location.hash = `#/groups/${g}`; }, TRIAGE);
+  await expectText(page, "group-name", TRIAGE);
+  await page.locator('[data-testid^="dead-letter-list-"]').nth(dead - 1).waitFor({ timeout: TIMEOUT });
+  assert.equal(await page.locator('[data-testid^="dead-letter-list-"]').count(), dead);
+  await page.evaluate(g => { location.hash = `#/groups/${g}`; }, NOISY);
+  await expectText(page, "group-name", NOISY);
+  await page.locator('[data-testid^="dead-letter-list-"]').nth(19).waitFor({ timeout: TIMEOUT });
+  assert.equal(await page.locator('[data-testid^="dead-letter-list-"]').count(), 20, "the newest 20");
+  await page.evaluate(() => { location.hash = "#/"; });
+  await expectText(page, "dead-letters", String(dead + 25));
   assert.deepEqual(errors, [], "no script errors");
   assert.deepEqual(outside, [], "nothing fetched from outside the broker");
   if (args.screenshots) {

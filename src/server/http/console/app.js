@@ -1,11 +1,10 @@
 // The Sluice console: reads /api/v1/ once a second and redraws the current page.
 // Pages (by URL hash): #/ overview, #/topics, #/topics/NAME, #/groups, #/groups/NAME.
-// Every value from the broker is inserted as text, never as markup.
+// Every value from the broker is inserted as text, never as markup. Times are shown in the
+// browser's time zone, as in the header's "updated" line.
 "use strict";
 
 const REFRESH_MS = 1000;
-const HISTORY = 300; // samples kept for the rate chart: five minutes
-const history = []; // {t, appended, delivered}
 let token = sessionStorage.getItem("sluice-token") || "";
 let timer = null;
 
@@ -17,7 +16,7 @@ function el(tag, attrs, ...children) {
     else if (k === "testid") e.dataset.testid = v;
     else e.setAttribute(k, v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined) continue;
     e.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -73,48 +72,81 @@ function link(href, text) {
   return el("a", { href }, text);
 }
 
-// The produce and consume rates over the last minutes (at most HISTORY samples), as two lines
-// spread over the chart's width, oldest at the left.
-function chart() {
-  const w = 600, h = 150;
+// Local time of day, as the header shows it.
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+// A date and time in the browser's zone.
+function when(ms) {
+  return new Date(ms).toLocaleString();
+}
+
+// A rate for an axis label: 1,234 or 12.3k records/s.
+function rate(n) {
+  return n >= 10000 ? (n / 1000).toFixed(n >= 100000 ? 0 : 1) + "k" : count(Math.round(n));
+}
+
+// The produce and consume rates over the broker's history (samples of its running totals,
+// kept by the broker: the last 15 minutes every 5 s), as two lines over a time axis (local
+// time) and a rate axis (records/s), with a grid.
+function chart(history) {
+  const samples = (history && history.samples) || [];
   const rates = [];
-  for (let i = 1; i < history.length; i++) {
-    const a = history[i - 1], b = history[i];
-    const dt = (b.t - a.t) / 1000;
+  for (let i = 1; i < samples.length; i++) {
+    const a = samples[i - 1], b = samples[i];
+    const dt = (b.t_ms - a.t_ms) / 1000;
     if (dt <= 0) continue;
-    rates.push({ t: b.t, produce: Math.max(0, b.appended - a.appended) / dt, consume: Math.max(0, b.delivered - a.delivered) / dt });
+    rates.push({ t: b.t_ms, produce: Math.max(0, b.appended - a.appended) / dt, consume: Math.max(0, b.delivered - a.delivered) / dt });
   }
+  const w = 640, h = 180, left = 56, right = 12, top = 10, bottom = 26;
+  const pw = w - left - right, ph = h - top - bottom;
   const max = Math.max(1, ...rates.map(r => Math.max(r.produce, r.consume)));
-  const t0 = rates.length ? rates[0].t : 0;
-  const span = rates.length > 1 ? rates[rates.length - 1].t - t0 : 1;
+  const t1 = rates.length ? rates[rates.length - 1].t : Date.now();
+  const t0 = rates.length > 1 ? rates[0].t : t1 - 60000;
+  const span = Math.max(1, t1 - t0);
+  const x = t => left + ((t - t0) / span) * pw;
+  const y = v => top + ph - (v / max) * ph;
   const svgNS = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(svgNS, "svg");
-  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
-  svg.setAttribute("preserveAspectRatio", "none");
+  const node = (tag, attrs, text) => {
+    const e = document.createElementNS(svgNS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const svg = node("svg", { viewBox: `0 0 ${w} ${h}`, role: "img", "data-testid": "rate-chart" });
+  svg.append(node("title", {}, "Produce and consume rates, records per second, by local time"));
+  // Rate axis: a grid line and a label at 0, half and the top.
+  for (const v of [0, max / 2, max]) {
+    svg.append(node("line", { x1: left, x2: w - right, y1: y(v), y2: y(v), class: "grid" }));
+    svg.append(node("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis y-label" }, rate(v)));
+  }
+  svg.append(node("text", { x: 4, y: top + 4, class: "axis unit", "data-testid": "rate-unit" }, "rec/s"));
+  // Time axis: a tick and a label at the start, the middle and the end.
+  for (const t of [t0, t0 + span / 2, t1]) {
+    svg.append(node("line", { x1: x(t), x2: x(t), y1: top, y2: top + ph, class: "grid" }));
+    svg.append(node("text", { x: x(t), y: h - 8, "text-anchor": t === t0 ? "start" : t === t1 ? "end" : "middle", class: "axis x-label" }, clock(t)));
+  }
+  svg.append(node("line", { x1: left, x2: w - right, y1: top + ph, y2: top + ph, class: "axis-line" }));
+  svg.append(node("line", { x1: left, x2: left, y1: top, y2: top + ph, class: "axis-line" }));
   for (const [key, color] of [["produce", "#1570ef"], ["consume", "#12b76a"]]) {
-    const points = rates.map(r => `${((r.t - t0) / span) * w},${h - 2 - (r[key] / max) * (h - 4)}`);
-    const line = document.createElementNS(svgNS, "polyline");
-    line.setAttribute("points", points.join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", color);
-    line.setAttribute("stroke-width", "2");
-    line.setAttribute("vector-effect", "non-scaling-stroke");
-    svg.append(line);
+    const points = rates.map(r => `${x(r.t).toFixed(1)},${y(r[key]).toFixed(1)}`);
+    svg.append(node("polyline", { points: points.join(" "), fill: "none", stroke: color, "stroke-width": "2", "data-testid": "rate-" + key }));
   }
   const last = rates[rates.length - 1] || { produce: 0, consume: 0 };
-  const seconds = Math.round(span / 1000);
+  const minutes = Math.round(span / 60000);
   return el("div", { class: "chart" },
     el("div", { class: "legend" },
       el("span", {}, el("i", { class: "produce" }), "produce ", el("b", { testid: "produce-rate" }, count(Math.round(last.produce))), " records/s"),
       el("span", {}, el("i", { class: "consume" }), "consume ", el("b", { testid: "consume-rate" }, count(Math.round(last.consume))), " records/s"),
-      el("span", {}, "top of the chart: ", count(Math.round(max)), " records/s; the last ", seconds < 120 ? seconds + " s" : Math.round(seconds / 60) + " min")),
+      el("span", { testid: "chart-span" }, rates.length
+        ? `the last ${minutes >= 2 ? minutes + " min" : Math.round(span / 1000) + " s"}, one point every ${history.interval_seconds} s`
+        : history ? "history starts with the next sample (every " + history.interval_seconds + " s)" : "no history: your grants do not cover every topic")),
     svg);
 }
 
 async function overview() {
   const o = await api("overview");
-  history.push({ t: Date.now(), appended: o.records_appended, delivered: o.records_delivered });
-  while (history.length > HISTORY) history.shift();
   return [
     el("h1", {}, "Overview"),
     el("div", { class: "cards" },
@@ -130,7 +162,7 @@ async function overview() {
       card("Dead letters", count(o.dead_lettered), "dead-letters"),
       card("Connections", count(o.connections), "connections"),
       card("Subscriptions", count(o.subscriptions), "subscriptions")),
-    chart(),
+    chart(o.history),
     el("p", { class: "empty" }, "Sluice ", o.version, " · refreshes every second"),
   ];
 }
@@ -163,7 +195,7 @@ async function topic(name) {
         p.held_by ? link("#/groups/" + encodeURIComponent(p.held_by), p.held_by) : "–"]),
       "partitions"),
     el("h2", {}, "Consumer groups"),
-    t.groups.length ? el("p", {}, t.groups.map(g => [link("#/groups/" + encodeURIComponent(g), g), " "])) : el("p", { class: "empty" }, "none"),
+    t.groups.length ? el("p", { testid: "topic-groups" }, t.groups.map(g => [link("#/groups/" + encodeURIComponent(g), g), " "])) : el("p", { class: "empty" }, "none"),
     el("h2", {}, "Settings"),
     table([["Setting"], ["Value"]], Object.entries(t.settings || {}).map(([k, v]) => [k, v === null ? "–" : String(v)])),
   ];
@@ -187,8 +219,10 @@ async function group(name) {
   const g = await api("groups/" + encodeURIComponent(name));
   const out = [el("h1", {}, "Group ", el("span", { testid: "group-name" }, g.group))];
   for (const t of g.topics) {
-    const dlq = await api("topics/" + encodeURIComponent(t.topic) + "/dead-letters?limit=20");
-    const mine = dlq.dead_letters.filter(d => header(d, "sluice.dlq.group") === g.group);
+    // This group's newest dead letters, filtered by the broker (another group's newer ones do
+    // not hide them).
+    const dlq = await api("topics/" + encodeURIComponent(t.topic) + "/dead-letters?limit=20&group=" + encodeURIComponent(g.group));
+    const mine = dlq.dead_letters;
     out.push(
       el("h2", {}, "on ", link("#/topics/" + encodeURIComponent(t.topic), t.topic)),
       el("div", { class: "cards" },
@@ -206,10 +240,12 @@ async function group(name) {
       table([["Member"], ["In flight", 1], ["Max in flight", 1], ["Exclusive"]],
         t.members.map(m => [m.id, count(m.in_flight), count(m.max_in_flight), m.exclusive ? "yes" : "no"]), "members"),
       el("h2", {}, "Newest dead letters"),
-      table([["Time"], ["DLQ offset", 1], ["From"], ["Reason"], ["Key"], ["Headers"]],
-        mine.map(d => [new Date(d.timestamp_ms).toISOString(), count(d.offset),
-          `${header(d, "sluice.dlq.partition")}:${header(d, "sluice.dlq.offset")}`, header(d, "sluice.dlq.reason"), d.key || "–",
-          el("span", { class: "headers" }, d.headers.map(h => `${h.key}=${h.value}`).join("  "))]),
+      table([["Time"], ["DLQ offset", 1], ["From"], ["Reason"], ["Attempts", 1], ["Key"], ["Message headers"]],
+        mine.map(d => [when(d.timestamp_ms), count(d.offset),
+          `${header(d, "sluice.dlq.partition")}:${header(d, "sluice.dlq.offset")}`, header(d, "sluice.dlq.reason"),
+          header(d, "sluice.dlq.attempts"), d.key || "–",
+          // The message's own headers: the sluice.dlq.* ones are the columns before.
+          el("span", { class: "headers" }, d.headers.filter(h => !h.key.startsWith("sluice.dlq.")).map(h => `${h.key}=${h.value}`).join("  ") || "–")]),
         "dead-letter-list"));
   }
   return out;
@@ -227,7 +263,7 @@ async function render() {
   try {
     const nodes = await page;
     document.getElementById("view").replaceChildren(...nodes);
-    status.textContent = "updated " + new Date().toLocaleTimeString();
+    status.textContent = "updated " + clock(Date.now());
     status.className = "status";
   } catch (e) {
     status.textContent = e.message;
