@@ -313,9 +313,11 @@ fn refuse_loose_secrets(path: &Path, table: &toml::Table) -> Result<(), ConfigEr
 
 /// Variables of the client commands (and `RUST_LOG`'s sibling) and of the benchmarks, not
 /// settings of the broker: a shell that exports them can still run `sluice serve`.
-const CLIENT_VARIABLES: [&str; 9] = [
+const CLIENT_VARIABLES: [&str; 10] = [
     "SLUICE_LOG",
     "SLUICE_CONFIG",
+    // The `sluice` binary the repository's scripts run (examples/run.sh, tests/browser/run.sh).
+    "SLUICE_BIN",
     "SLUICE_BROKER",
     "SLUICE_TOKEN",
     "SLUICE_TLS_CA",
@@ -462,6 +464,97 @@ mod tests {
         .unwrap();
         assert_eq!(c.tls.cert_file, PathBuf::from("/broker.pem"));
         assert!(c.auth.required);
+    }
+
+    /// Every file of the repository a user reads or runs, recursively (no build output).
+    fn repository_text_files() -> Vec<PathBuf> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut out = vec![root.join("README.md"), root.join("sluice.toml")];
+        let mut stack: Vec<PathBuf> = ["benches", "examples", "docs", "tests", ".ci", "clients"]
+            .iter()
+            .map(|d| root.join(d))
+            .collect();
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if name == "node_modules" || name.starts_with('.') && name != ".ci" {
+                    continue;
+                }
+                if p.is_dir() {
+                    stack.push(p);
+                } else if ["sh", "md", "py", "js", "mjs", "toml", "rs", ""]
+                    .contains(&p.extension().and_then(|x| x.to_str()).unwrap_or(""))
+                {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_sluice_variable_the_repository_names_is_a_setting_or_a_client_variable() {
+        let mut seen = std::collections::BTreeSet::new();
+        for file in repository_text_files() {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find("SLUICE_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = tail[..end].trim_end_matches('_');
+                if name.len() > "SLUICE_".len() {
+                    seen.insert((name.to_string(), file.clone()));
+                }
+                rest = &tail[end..];
+            }
+        }
+        assert!(
+            seen.iter().any(|(n, _)| n == "SLUICE_BIN"),
+            "the scan found nothing"
+        );
+        for (name, file) in seen {
+            // A value the setting may refuse; what must not happen is "no such setting".
+            if let Err(e) = Config::load(None, env(&[(name.as_str(), "1")])) {
+                assert!(
+                    !e.to_string().contains("no such setting"),
+                    "{} names {name}: {e}",
+                    file.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_config_file_names_every_setting() {
+        fn keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let path = format!("{prefix}{k}");
+                match v {
+                    toml::Value::Table(sub) => keys(&format!("{path}."), sub, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sluice.toml");
+        let file: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let (mut in_file, mut settings) = (Vec::new(), Vec::new());
+        keys("", &file, &mut in_file);
+        keys("", &defaults, &mut settings);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A list of tables empty by default (principals, grants) is shown as a commented example
+        // of one entry: `# [[auth.principals]]`.
+        let shown = |k: &String| in_file.contains(k) || text.contains(&format!("[[{k}]]"));
+        let missing: Vec<_> = settings.iter().filter(|k| !shown(k)).collect();
+        assert!(missing.is_empty(), "sluice.toml lacks {missing:?}");
     }
 
     #[test]
