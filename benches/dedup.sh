@@ -11,7 +11,9 @@
 # Usage: [BENCH_BIN=path] [ROUNDS=2] [IDS=10000000] [PART=1|2|all] benches/dedup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
+# The load generator is always this checkout's sluice-bench; BENCH_BIN names the broker under test.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet --workspace; else cargo build --release --quiet -p sluice-bench; fi
+bench=target/release/sluice-bench
 bin="${BENCH_BIN:-target/release/sluice}"
 rounds="${ROUNDS:-2}"
 ids="${IDS:-10000000}"
@@ -52,11 +54,11 @@ if [ "$part" = 1 ] || [ "$part" = all ]; then
           b=(--broker "127.0.0.1:$port" --client "$client" --ids)
         fi
         echo "== $client ${mode:-(no ids)}"
-        "$bin" bench produce "${b[@]}" --topic batched --producers 4 --connections 4 \
+        "$bench" produce "${b[@]}" --topic batched --producers 4 --connections 4 \
           --batch 1000 --size 100 --messages 2000000 --broker-pid "$pid"
-        "$bin" bench produce "${b[@]}" --topic batched1k --producers 1 --batch 1000 \
+        "$bench" produce "${b[@]}" --topic batched1k --producers 1 --batch 1000 \
           --size 1000 --messages 500000 --broker-pid "$pid"
-        "$bin" bench produce "${b[@]}" --topic lone --producers 1 --batch 1 --size 100 \
+        "$bench" produce "${b[@]}" --topic lone --producers 1 --batch 1 --size 100 \
           --messages 10000 --broker-pid "$pid"
         kill -INT $pid
         wait $pid || true
@@ -71,7 +73,7 @@ if [ "$part" = 2 ] || [ "$part" = all ]; then
     start "$work/data"
     echo "== $ids messages ${mode:-without ids}"
     echo "RSS at start: $(rss_mib $pid) MiB"
-    "$bin" bench produce --broker "127.0.0.1:$port" $mode --topic epro --producers 4 \
+    "$bench" produce --broker "127.0.0.1:$port" $mode --topic epro --producers 4 \
       --connections 4 --batch 1000 --size 16 --messages "$ids" --broker-pid "$pid"
     echo "RSS after: $(rss_mib $pid) MiB"
     sleep 15

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The disk's own limits, measured with fio on the disk that holds target/ (or $SLUICE_BENCH_DIR),
+# The disk's own limits, measured with fio on the disk that holds target/ (or $BENCH_DATA_DIR),
 # to compare Sluice's numbers with. Needs fio (Debian package `fio`).
 set -euo pipefail
-dir="${SLUICE_BENCH_DIR:-$(dirname "$0")/../target/bench-data}/fio"
+dir="${BENCH_DATA_DIR:-$(dirname "$0")/../target/bench-data}/fio"
 mkdir -p "$dir"
 cd "$dir"
 run() {

@@ -10,7 +10,9 @@
 # Usage: BASE_BIN=path [BENCH_BIN=path] [ROUNDS=2] [MODES="base idle scraped"] benches/metrics.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
+# The load generator is always this checkout's sluice-bench; BENCH_BIN names the broker under test.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet --workspace; else cargo build --release --quiet -p sluice-bench; fi
+bench=target/release/sluice-bench
 bin="${BENCH_BIN:-target/release/sluice}"
 base="${BASE_BIN:?BASE_BIN: a build from before the metrics}"
 rounds="${ROUNDS:-2}"
@@ -41,9 +43,9 @@ run() { # run MODE
   fi
   for client in tonic lean; do
     echo "== $mode $client"
-    "$exe" bench produce --broker "127.0.0.1:$port" --client $client --topic batched \
+    "$bench" produce --broker "127.0.0.1:$port" --client $client --topic batched \
       --producers 64 --connections 4 --batch 100 --size 100 --messages 1000000 --broker-pid "$pid"
-    "$exe" bench produce --broker "127.0.0.1:$port" --client $client --topic many \
+    "$bench" produce --broker "127.0.0.1:$port" --client $client --topic many \
       --producers 64 --connections 4 --batch 1 --size 100 --messages 100000 --broker-pid "$pid"
   done
   if [ -n "$scraper" ]; then kill $scraper; wait $scraper 2>/dev/null || true; scraper=; fi

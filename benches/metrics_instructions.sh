@@ -7,7 +7,9 @@
 # Usage: BASE_BIN=path [BENCH_BIN=path] [N=10000] benches/metrics_instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
+# The load generator is always this checkout's sluice-bench; BENCH_BIN names the broker under test.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet --workspace; else cargo build --release --quiet -p sluice-bench; fi
+bench=target/release/sluice-bench
 bin="${BENCH_BIN:-target/release/sluice}"
 base="${BASE_BIN:?BASE_BIN: a build from before the metrics}"
 n="${N:-10000}"
@@ -31,17 +33,17 @@ measure() {
   port=$(sed -n 's/^sluice listening on 127.0.0.1://p' "$work/out")
   local b=(--broker "127.0.0.1:$port" --client tonic)
   case $load in
-    64x1) "$exe" bench produce "${b[@]}" --topic t --producers 64 --connections 4 --batch 1 \
+    64x1) "$bench" produce "${b[@]}" --topic t --producers 64 --connections 4 --batch 1 \
             --size 100 --messages "$n" >/dev/null ;;
-    batched) "$exe" bench produce "${b[@]}" --topic t --producers 64 --connections 4 \
+    batched) "$bench" produce "${b[@]}" --topic t --producers 64 --connections 4 \
             --batch 100 --size 100 --messages $((n * 20)) >/dev/null ;;
-    scrape) "$exe" bench produce "${b[@]}" --topic t --producers 1 --batch 1 --messages 1 \
+    scrape) "$bench" produce "${b[@]}" --topic t --producers 1 --batch 1 --messages 1 \
               >/dev/null
             until grep -q "sluice http on" "$work/out"; do sleep 0.1; done
             local url
             url=$(sed -n 's/^sluice http on //p' "$work/out")metrics
             for _ in $(seq "$scrapes"); do curl -sf "$url" >/dev/null; done ;;
-    idle1) "$exe" bench produce "${b[@]}" --topic t --producers 1 --batch 1 --messages 1 \
+    idle1) "$bench" produce "${b[@]}" --topic t --producers 1 --batch 1 --messages 1 \
              >/dev/null ;;
   esac
   kill -TERM $pid # background jobs of a script ignore SIGINT, and valgrind keeps that

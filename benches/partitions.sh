@@ -6,8 +6,9 @@
 # Usage: benches/partitions.sh   (builds the release binary first; not part of CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+cargo build --release --quiet --workspace
 bin=target/release/sluice
+bench=target/release/sluice-bench
 data=$(mktemp -d)
 log=$(mktemp)
 trap 'kill -9 "${pid:-0}" 2>/dev/null || true; rm -rf "$data" "$log"' EXIT
@@ -27,7 +28,7 @@ start() {
 }
 
 start "first start"
-"$bin" bench partitions --broker "http://$addr" --pid "$pid" \
+"$bench" partitions --broker "http://$addr" --pid "$pid" \
     --topics "${TOPICS:-2500}" --partitions "${PARTITIONS:-4}" --groups "${GROUP_COUNT:-1000}"
 echo "open-files limit of the broker: $(awk '/Max open files/ {print $4 " soft, " $5 " hard"}' /proc/$pid/limits)"
 t0=$(date +%s.%N)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sluice beside Redis Streams in one sitting: unbatched durable sends from many clients.
 #   Redis: appendonly yes, appendfsync always; redis-benchmark -c 50 -P 1 -x XADD (1 KB values)
-#   Sluice: fsync = always (default); sluice bench produce, 64 producers x 1 message per request,
+#   Sluice: fsync = always (default); sluice-bench produce, 64 producers x 1 message per request,
 #           1 KB values, with tonic's generated client and with the lean one.
 # Installs redis-server/redis-tools with apt when missing. Not part of CI.
 # Usage: benches/peers.sh [ROUNDS]   (rounds are interleaved: redis, sluice tonic, sluice lean)
@@ -12,8 +12,9 @@ n=${MESSAGES:-100000}
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
     apt-get install -y redis-server redis-tools >/dev/null
 fi
-cargo build --release --quiet
+cargo build --release --quiet --workspace
 bin=target/release/sluice
+bench=target/release/sluice-bench
 work=$(mktemp -d)
 trap 'kill -9 "${rpid:-0}" "${spid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c 1024 /dev/zero | tr '\0' 'v' >"$work/value"
@@ -35,7 +36,7 @@ sluice_round() {
     spid=$!
     until grep -q "listening on" "$work/log"; do sleep 0.01; done
     addr=http://$(sed -n 's/^sluice listening on //p' "$work/log")
-    "$bin" bench produce --broker "$addr" --topic peers --producers 64 --connections 64 \
+    "$bench" produce --broker "$addr" --topic peers --producers 64 --connections 64 \
         --batch 1 --size 1024 --messages "$n" --client "$1" --broker-pid "$spid" \
         | sed "s/^/sluice ($1 client): /"
     kill -TERM "$spid"; wait "$spid" || true

@@ -3,7 +3,7 @@
 //! compaction throughput.
 //!
 //! Run with `cargo bench --bench storage`. Data goes to `target/bench-data` (or
-//! `$SLUICE_BENCH_DIR`), which must be on the disk being measured, not tmpfs.
+//! `$BENCH_DATA_DIR`), which must be on the disk being measured, not tmpfs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ const RECORD: usize = 1024;
 const BATCH: usize = 100;
 
 fn bench_dir(name: &str) -> PathBuf {
-    let root = std::env::var_os("SLUICE_BENCH_DIR")
+    let root = std::env::var_os("BENCH_DATA_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data"));
     let dir = root.join(name);

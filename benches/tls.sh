@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # What TLS and token authentication cost (issue #12): the same produce runs against a plaintext
 # broker and against one with TLS and `auth.required = true` (a principal with a bearer token),
-# interleaved, each on a fresh data directory, with tonic's client (`sluice bench --client tonic`:
+# interleaved, each on a fresh data directory, with tonic's client (`sluice-bench --client tonic`:
 # the lean client speaks no TLS). Certificates are made with openssl into a scratch directory.
 # Usage: [BENCH_BIN=path] [ROUNDS=2] benches/tls.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet; fi
+# The load generator is always this checkout's sluice-bench; BENCH_BIN names the broker under test.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --quiet --workspace; else cargo build --release --quiet -p sluice-bench; fi
+bench=target/release/sluice-bench
 bin="${BENCH_BIN:-target/release/sluice}"
 rounds="${ROUNDS:-2}"
 work=$(mktemp -d)
@@ -51,11 +53,11 @@ run() {
       --token "$token" --client tonic)
   fi
   echo "== $mode"
-  "$bin" bench produce "${args[@]}" --topic batched --producers 1 --batch 1000 --size 1000 \
+  "$bench" produce "${args[@]}" --topic batched --producers 1 --batch 1000 --size 1000 \
     --messages 500000 --broker-pid "$pid"
-  "$bin" bench produce "${args[@]}" --topic many --producers 64 --connections 64 --batch 1 \
+  "$bench" produce "${args[@]}" --topic many --producers 64 --connections 64 --batch 1 \
     --size 1024 --messages 100000
-  "$bin" bench produce "${args[@]}" --topic lone --producers 1 --batch 1 --messages 5000
+  "$bench" produce "${args[@]}" --topic lone --producers 1 --batch 1 --messages 5000
   kill -INT $pid
   wait $pid || true
 }

@@ -311,9 +311,9 @@ fn refuse_loose_secrets(path: &Path, table: &toml::Table) -> Result<(), ConfigEr
     Ok(())
 }
 
-/// Variables of the client commands (and `RUST_LOG`'s sibling) and of the benchmarks, not
-/// settings of the broker: a shell that exports them can still run `sluice serve`.
-const CLIENT_VARIABLES: [&str; 10] = [
+/// Variables of the client commands (and `RUST_LOG`'s sibling) and of the repository's
+/// scripts, not settings of the broker: a shell that exports them can still run `sluice serve`.
+const CLIENT_VARIABLES: [&str; 9] = [
     "SLUICE_LOG",
     "SLUICE_CONFIG",
     // The `sluice` binary the repository's scripts run (examples/run.sh, tests/browser/run.sh).
@@ -324,8 +324,6 @@ const CLIENT_VARIABLES: [&str; 10] = [
     "SLUICE_TLS_CERT",
     "SLUICE_TLS_KEY",
     "SLUICE_TLS_DOMAIN",
-    // benches/: where their data goes (benches/grpc.sh starts a broker with it exported).
-    "SLUICE_BENCH_DIR",
 ];
 
 /// Applies `SLUICE_<KEY>` / `SLUICE_<SECTION>_<KEY>` onto the table, checking each against the

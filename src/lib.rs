@@ -5,8 +5,9 @@
 //!
 //! Each layer is a module; dependencies point down only.
 //!
-//! - [`cli`]: the `sluice` subcommands (serve, produce, consume, topics, bench) and the gRPC
-//!   client helpers they share.
+//! - [`cli`]: the `sluice` subcommands (serve, produce, consume, topics, groups, compact,
+//!   verify, dump, audit, auth) and the gRPC client helpers they share. The benchmarks' load
+//!   generator is a crate of its own (`benches/sluice-bench`).
 //! - [`server`]: tonic services (`sluice.v1` Broker and Admin), health, reflection, connection
 //!   limits, graceful shutdown, and the one mapping of errors to gRPC statuses.
 //! - [`broker`]: the async core: open topics, durable sends routed to partitions, subscriptions
@@ -16,6 +17,8 @@
 //!   group commit, crash recovery, topics on disk and the data directory lock. Every durable
 //!   write and sync goes through the fault seam in [`storage::io`].
 //! - [`logging`]: the broker's log output, which never costs a request or a stop.
+//! - [`auth`]: principals, grants, bearer tokens and the TLS settings.
+//! - [`metrics`]: the counters and histograms the hot paths update, read by `/metrics`.
 //! - [`config`]: the one typed configuration (file < `SLUICE_*` environment < flags).
 //! - [`proto`]: code generated from `proto/` at build time.
 //!
@@ -31,3 +34,27 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod storage;
+
+#[cfg(test)]
+mod tests {
+    /// Each folder's map (`# Layout` here, the table of `storage/mod.rs`) names every module
+    /// the folder declares.
+    #[test]
+    fn the_module_maps_name_every_module() {
+        for (file, text) in [
+            ("src/lib.rs", include_str!("lib.rs")),
+            ("src/storage/mod.rs", include_str!("storage/mod.rs")),
+        ] {
+            let (docs, code): (Vec<&str>, Vec<&str>) =
+                text.lines().partition(|l| l.starts_with("//!"));
+            let docs = docs.join("\n");
+            for m in code.iter().filter_map(|l| l.strip_prefix("pub mod ")) {
+                let name = m.trim_end_matches(';');
+                assert!(
+                    docs.contains(&format!("[`{name}`]")),
+                    "{file} does not name {name}"
+                );
+            }
+        }
+    }
+}

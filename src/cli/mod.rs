@@ -3,17 +3,17 @@
 //! - `serve`: run the broker.
 //! - `produce`, `consume`: move lines of text through a topic.
 //! - `topics`: create, list, describe, delete.
+//! - `groups`: list, describe, reset, delete consumer groups.
+//! - `compact`: retention and key compaction, online or offline.
 //! - `verify`, `dump`: read a data directory's files directly.
-//! - `bench`: load a running broker and report throughput and latency.
+//! - `audit`, `auth`: the audit trail; bearer tokens.
+//!
+//! The benchmarks' load generator is another binary, `sluice-bench` (`benches/sluice-bench`).
 
 mod audit;
-mod bench;
-mod bench_burst;
-mod bench_partitions;
 mod client;
 mod compact;
 mod fdlimit;
-mod lean;
 mod lines;
 mod offline;
 mod serve;
@@ -26,7 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::LogFormat;
 use crate::storage::FsyncPolicy;
 
-pub use client::{Link, channel, connect, link_with};
+pub use client::{Link, broker_client, channel, connect, link, link_with};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A durable message broker")]
@@ -98,9 +98,6 @@ pub enum Command {
     Verify(offline::VerifyArgs),
     /// Print the records of a partition from a data directory (read-only).
     Dump(offline::DumpArgs),
-    /// Measure a running broker.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// Access control helpers.
     #[command(subcommand)]
     Auth(AuthCommand),
@@ -375,9 +372,7 @@ const BLOCKING_THREADS: usize = 12;
 
 /// Runs a parsed command line; the exit code is 0 only on success.
 pub fn run(cli: Cli) -> ExitCode {
-    // The broker uses every core. The clients run on one thread: a consumer is one stream, and
-    // the load generator (`bench`) must leave the other cores to the broker it measures (on the
-    // 2-core machine, a one-thread generator measured 10-15 % more broker throughput).
+    // The broker uses every core. The clients run on one thread: a consumer is one stream.
     let mut builder = match &cli.command {
         Command::Serve(_) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -402,7 +397,6 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Consume(args) => client::consume(args).await,
             Command::Topics(cmd) => client::topics(cmd).await,
             Command::Groups(cmd) => client::groups(cmd).await,
-            Command::Bench(cmd) => bench::run(cmd).await,
             Command::Compact(args) => compact::run(args).await,
             Command::Verify(args) => offline::verify(args),
             Command::Dump(args) => offline::dump(args),

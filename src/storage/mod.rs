@@ -10,6 +10,7 @@
 //! | [`checkpoint`]| `checkpoint`: where recovery resumes, and the clean-close marker     |
 //! | [`compaction`]| key compaction: cleaning closed segments, the crash-safe swap        |
 //! | [`partition`] | a partition log: writer pool, group commit, readers, recovery        |
+//! | [`ids`]       | `ids/`: a topic's id index for idempotent Send (memtable, runs, merge)|
 //! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
 //! | [`varint`]    | the LEB128 varint codec of records and group events                  |

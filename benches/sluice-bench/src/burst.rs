@@ -1,4 +1,4 @@
-//! `sluice bench burst`: the seed's own burst — one seed-API Send per patient, all started at
+//! `sluice-bench burst`: the seed's own burst — one seed-API Send per patient, all started at
 //! once over a few connections with tonic's client — and how long the last of them waits.
 
 use std::time::Instant;
@@ -6,10 +6,10 @@ use std::time::Instant;
 use clap::Args;
 use tokio::task::JoinSet;
 
-use super::client::link;
-use super::{BrokerArg, CliError};
+use sluice::cli::link;
+use sluice::cli::{BrokerArg, CliError};
 
-/// Options of `sluice bench burst`.
+/// Options of `sluice-bench burst`.
 #[derive(Debug, Args)]
 pub struct BurstBench {
     #[command(flatten)]
@@ -28,7 +28,7 @@ pub struct BurstBench {
 }
 
 pub async fn burst(b: BurstBench) -> Result<(), CliError> {
-    use crate::proto::seed;
+    use sluice::proto::seed;
     let mut channels = Vec::with_capacity(b.connections.max(1));
     for _ in 0..b.connections.max(1) {
         channels.push(link(&b.broker).await?);

@@ -1,12 +1,12 @@
 //! A minimal gRPC client for unary calls, straight on one HTTP/2 connection (the `h2` crate),
-//! for `sluice bench`'s load generator.
+//! for `sluice-bench`'s load generator.
 //!
 //! On this project's 2-core machine the load generator shares the cores with the broker, so
 //! every microsecond the client spends is taken from the broker being measured. tonic's channel
 //! adds a request queue (a tower buffer and its worker task) and hyper's client layers in front
 //! of the same `h2` connection; this client calls `h2` from the calling task and does nothing
 //! else. It speaks the same wire protocol (length-prefixed protobuf, `grpc-status` trailers) to
-//! the same, unchanged server. `sluice bench produce --client tonic` measures with the full
+//! the same, unchanged server. `sluice-bench produce --client tonic` measures with the full
 //! tonic client instead.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -14,7 +14,7 @@ use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use tokio::net::TcpStream;
 
-use super::CliError;
+use sluice::cli::CliError;
 
 /// One HTTP/2 connection; clones share it (each call is its own stream).
 #[derive(Clone, Debug)]
@@ -42,10 +42,9 @@ impl LeanChannel {
             .handshake::<_, Bytes>(tcp)
             .await
             .map_err(h2_error)?;
+        // The connection's end is seen by the calls on it, which fail with the reason.
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "bench connection ended");
-            }
+            let _ = connection.await;
         });
         Ok(LeanChannel { send, authority })
     }

@@ -1,4 +1,4 @@
-//! `sluice bench partitions`: builds many topics, partitions and consumer groups on a running
+//! `sluice-bench partitions`: builds many topics, partitions and consumer groups on a running
 //! broker, one message per partition, then prints what the broker process costs: threads, open
 //! file descriptors and resident memory, read from `/proc/<pid>` (the broker must run on this
 //! machine; `--pid` names it). `benches/partitions.sh` runs it and times restarts.
@@ -8,11 +8,11 @@ use std::time::Instant;
 use clap::Args;
 use tokio::task::JoinSet;
 
-use crate::proto::v1 as pb;
-use crate::proto::v1::admin_client::AdminClient;
+use sluice::proto::v1 as pb;
+use sluice::proto::v1::admin_client::AdminClient;
 
-use super::client::{broker_client, link};
-use super::{BrokerArg, CliError};
+use sluice::cli::{BrokerArg, CliError};
+use sluice::cli::{broker_client, link};
 
 #[derive(Debug, Args)]
 pub struct PartitionsBench {

@@ -1,13 +1,13 @@
-//! `sluice bench`: load a running broker over gRPC and report what it does.
+//! `sluice-bench`: load a running broker over gRPC and report what it does.
 //!
-//! - `bench produce`: N producers (one connection each) send M messages per request until a total
+//! - `produce`: N producers (one connection each) send M messages per request until a total
 //!   is reached; reports messages/s, MB/s of payload and ack latency percentiles.
-//! - `bench consume`: one subscriber reads a topic from earliest to the end it had when the bench
+//! - `consume`: one subscriber reads a topic from earliest to the end it had when the bench
 //!   started; reports messages/s and MB/s.
-//! - `bench rpc`: callers of a call that does no work, to show what the RPC stack itself costs on
+//! - `rpc`: callers of a call that does no work, to show what the RPC stack itself costs on
 //!   the machine.
-//! - `bench partitions`: thousands of partitions and groups ([`super::bench_partitions`]).
-//! - `bench burst`: many seed-API Sends at once ([`super::bench_burst`]).
+//! - `partitions`: thousands of partitions and groups ([`crate::partitions`]).
+//! - `burst`: many seed-API Sends at once ([`crate::burst`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,12 +17,12 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 
-use crate::proto::v1 as pb;
-use crate::proto::v1::admin_client::AdminClient;
+use sluice::proto::v1 as pb;
+use sluice::proto::v1::admin_client::AdminClient;
 
-use super::client::{Link, broker_client, link};
-use super::lean::LeanChannel;
-use super::{BrokerArg, CliError};
+use crate::lean::LeanChannel;
+use sluice::cli::{BrokerArg, CliError};
+use sluice::cli::{Link, broker_client, link};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -33,9 +33,9 @@ pub enum BenchCommand {
     /// Callers of a call that does no work (ListTopics): the floor the RPC stack sets.
     Rpc(RpcBench),
     /// Many topics, partitions and groups: the broker's threads, descriptors and memory.
-    Partitions(super::bench_partitions::PartitionsBench),
+    Partitions(crate::partitions::PartitionsBench),
     /// Many seed-API Sends at once (one per patient): how long the last one waits.
-    Burst(super::bench_burst::BurstBench),
+    Burst(crate::burst::BurstBench),
 }
 
 #[derive(Debug, Args)]
@@ -223,8 +223,8 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Produce(b) => produce(b).await,
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::Rpc(b) => rpc(b).await,
-        BenchCommand::Partitions(b) => super::bench_partitions::run(b).await,
-        BenchCommand::Burst(b) => super::bench_burst::burst(b).await,
+        BenchCommand::Partitions(b) => crate::partitions::run(b).await,
+        BenchCommand::Burst(b) => crate::burst::burst(b).await,
     }
 }
 
