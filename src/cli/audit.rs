@@ -4,33 +4,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
-
 use crate::auth::policy::{to_hex, token_hash};
 use crate::broker::audit::{AUDIT_TOPIC, AuditRecord, ChainBreak, check_chain};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_client::AdminClient;
 use crate::storage::verify::for_each_record;
 
-use super::client::{broker_client, link};
-use super::{BrokerArg, CliError, OutputFormat};
-
-#[derive(Debug, Args)]
-pub struct AuditArgs {
-    /// Read a stopped (or running) broker's data directory instead of asking a broker.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub broker: BrokerArg,
-    /// Only records from this time on (RFC 3339, or a time ago like -2h).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Only records of this principal.
-    #[arg(long)]
-    pub principal: Option<String>,
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: OutputFormat,
-}
+use super::args::{AuditArgs, BrokerArg, OutputFormat};
+use super::connection::{broker_client, link};
+use super::error::CliError;
 
 /// Prints a new token and the config lines holding its hash.
 pub fn new_token(name: &str) -> Result<(), CliError> {
@@ -57,7 +39,7 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
     let since_ms = match &args.since {
         None => None,
         Some(t) => Some(
-            super::client::parse_time_ms(t)
+            super::time::parse_time_ms(t)
                 .map_err(|e| CliError::Usage(format!("--since {t:?}: {e}")))?,
         ),
     };
@@ -125,7 +107,7 @@ pub fn audit_dir(data_dir: &Path) -> PathBuf {
 
 /// Every audit record of a data directory, as stored: (offset, bytes).
 pub fn offline_records(data_dir: &Path) -> Result<Vec<(u64, Vec<u8>)>, CliError> {
-    super::offline::data_dir_or_refuse(data_dir)?;
+    super::data_dir::data_dir_or_refuse(data_dir)?;
     let dir = audit_dir(data_dir);
     if !dir.is_dir() {
         return Err(CliError::NotDataDir(format!(

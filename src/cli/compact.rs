@@ -5,8 +5,6 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Args;
-
 use crate::broker::audit::{AuditEvent, Decision};
 use crate::broker::{self, Broker};
 use crate::config::Config;
@@ -15,26 +13,9 @@ use crate::proto::v1::admin_client::AdminClient;
 use crate::server::{compaction_counts, compaction_to_pb};
 use crate::storage;
 
-use super::client::link_with;
-use super::{CliError, Credentials};
-
-#[derive(Debug, Args)]
-pub struct CompactArgs {
-    /// A stopped broker's data directory [default: ./data]. Given, it wins over SLUICE_BROKER.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// A running broker to ask instead (its data directory is locked).
-    #[arg(long, env = "SLUICE_BROKER")]
-    pub broker: Option<String>,
-    /// Only this topic.
-    #[arg(long)]
-    pub topic: Option<String>,
-    /// Say what would be done; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    #[command(flatten)]
-    pub credentials: Credentials,
-}
+use super::args::CompactArgs;
+use super::connection::link_with;
+use super::error::CliError;
 
 pub async fn run(args: CompactArgs) -> Result<(), CliError> {
     let started = Instant::now();
@@ -165,7 +146,7 @@ async fn offline(args: &CompactArgs) -> Result<Vec<pb::PartitionCompaction>, Cli
     };
     let data_dir = config.data_dir.clone();
     // No offline command makes a data directory of a directory that is not one (a typo).
-    super::offline::data_dir_or_refuse(&data_dir)?;
+    super::data_dir::data_dir_or_refuse(&data_dir)?;
     // A dry run writes nothing anywhere: not even the audit trail's start and stop records.
     let opened = if args.dry_run {
         Broker::open_read_only(config).await

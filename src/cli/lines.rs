@@ -2,12 +2,14 @@
 //! separator (`-K`), headers as `key=value` (`-H`), JSON objects (the same shape `consume
 //! --format json` prints, so that one's output is the other's input), or raw bytes.
 
+use std::time::Duration;
+
 use base64::Engine;
 use bytes::Bytes;
 
 use crate::proto::v1 as pb;
 
-use super::CliError;
+use super::error::CliError;
 
 /// A header from `--header key=value`.
 pub fn parse_header(s: &str) -> Result<pb::Header, CliError> {
@@ -115,6 +117,58 @@ pub fn text_line(d: &pb::Delivery, separator: Option<&str>, headers: bool) -> Ve
     out
 }
 
+fn text_or_base64(b: &[u8]) -> (&'static str, serde_json::Value) {
+    match std::str::from_utf8(b) {
+        Ok(s) => ("", serde_json::Value::String(s.to_string())),
+        Err(_) => (
+            "_base64",
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        ),
+    }
+}
+
+/// One delivery as a JSON object: text fields as text, other bytes as `<field>_base64`.
+pub fn delivery_json(d: &pb::Delivery) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    o.insert("topic".into(), d.topic.clone().into());
+    o.insert("partition".into(), d.partition.into());
+    o.insert("offset".into(), d.offset.into());
+    o.insert("timestamp_ms".into(), d.timestamp_ms.into());
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(d.timestamp_ms.max(0) as u64);
+    o.insert(
+        "time".into(),
+        humantime::format_rfc3339_millis(time).to_string().into(),
+    );
+    for (name, field) in [("key", &d.key), ("value", &d.value)] {
+        match field {
+            None => {
+                o.insert(name.into(), serde_json::Value::Null);
+            }
+            Some(b) => {
+                let (suffix, v) = text_or_base64(b);
+                o.insert(format!("{name}{suffix}"), v);
+            }
+        }
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = d
+        .headers
+        .iter()
+        .map(|h| {
+            let (_, v) = text_or_base64(&h.value);
+            (h.key.clone(), v)
+        })
+        .collect();
+    o.insert("headers".into(), headers.into());
+    if let Some(id) = &d.id {
+        let (suffix, v) = text_or_base64(id);
+        o.insert(format!("id{suffix}"), v);
+    }
+    if !d.ack_id.is_empty() {
+        o.insert("attempt".into(), d.attempt.into());
+    }
+    serde_json::Value::Object(o)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +208,7 @@ mod tests {
             }],
             ..pb::Delivery::default()
         };
-        let line = super::super::client::delivery_json(&d).to_string();
+        let line = delivery_json(&d).to_string();
         let m = json_message(&line).unwrap();
         assert_eq!(m.key, d.key);
         assert_eq!(m.value, d.value, "binary values travel as value_base64");

@@ -4,41 +4,18 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use base64::Engine;
-use clap::Args;
 
 use crate::broker::groups::events::Event;
 use crate::storage::StoredRecord;
-use crate::storage::verify::{Verifier, for_each_record, is_data_dir};
+use crate::storage::verify::{Verifier, for_each_record};
 
-use super::client::delivery_json;
-use super::{CliError, OutputFormat};
+use super::args::{DumpArgs, OutputFormat, VerifyArgs};
+use super::data_dir::data_dir_or_refuse;
+use super::error::CliError;
+use super::lines::delivery_json;
 use crate::broker::Delivery;
 use crate::server::delivery_to_pb;
 
-#[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// The data directory to check (read-only; safe while a broker runs).
-    #[arg(long, default_value = "./data")]
-    pub data_dir: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct DumpArgs {
-    #[arg(long, default_value = "./data")]
-    pub data_dir: PathBuf,
-    #[arg(long)]
-    pub topic: String,
-    #[arg(long, default_value_t = 0)]
-    pub partition: u32,
-    #[arg(long, default_value_t = 0)]
-    pub from: u64,
-    #[arg(long)]
-    pub count: Option<u64>,
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: OutputFormat,
-}
-
-/// Checks everything; prints each problem as `path:byte: what`. Fails when any is found.
 pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
     data_dir_or_refuse(&args.data_dir)?;
     let mut v = Verifier::default();
@@ -103,18 +80,6 @@ pub fn verify(args: VerifyArgs) -> Result<(), CliError> {
             args.data_dir.display()
         )))
     }
-}
-
-/// Refuses a directory that is not a Sluice data directory (exit 2), rather than finding "no
-/// problems" in it, or making one of it: no offline command creates a data directory.
-pub fn data_dir_or_refuse(dir: &std::path::Path) -> Result<(), CliError> {
-    if is_data_dir(dir) {
-        return Ok(());
-    }
-    Err(CliError::NotDataDir(format!(
-        "{} is not a Sluice data directory (it has no topics/ directory)",
-        dir.display()
-    )))
 }
 
 fn text_or_base64(b: &[u8]) -> String {

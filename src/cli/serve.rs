@@ -8,7 +8,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, LogFormat};
 use crate::server;
 
-use super::{CliError, ServeArgs};
+use super::args::ServeArgs;
+use super::error::CliError;
 
 /// Turns transparent huge pages off for the broker's process (`PR_SET_THP_DISABLE`), as Redis
 /// and MongoDB advise for theirs. The allocator asks for them on its arenas; then every page it

@@ -9,6 +9,7 @@
 mod access;
 mod conn;
 mod ending;
+mod error;
 mod front;
 mod http;
 mod seed;
@@ -30,30 +31,10 @@ use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::broker_server::BrokerServer;
 use crate::storage::{FileIo, RealIo};
 
+pub use error::ServeError;
 pub use services::{
     AdminService, BrokerService, compaction_counts, compaction_to_pb, delivery_to_pb,
 };
-
-/// Errors that stop the server from starting or running.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Broker(#[from] crate::broker::Error),
-    #[error("reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error(transparent)]
-    Security(#[from] front::FrontError),
-    #[error("http: {0}")]
-    Http(String),
-    #[error("cannot watch for SIGHUP: {0}")]
-    Signal(std::io::Error),
-}
 
 /// A running server: its address, and the token that stops it.
 #[derive(Debug)]

@@ -44,6 +44,7 @@
 
 use bytes::Bytes;
 
+use super::error::Error;
 use super::varint;
 
 /// The only batch format version written today.
@@ -196,13 +197,13 @@ impl EncodedBatch {
     }
 
     /// Rejects batches the log must not accept: empty, or over `max_bytes`.
-    pub fn check(&self, max_bytes: usize) -> crate::storage::Result<()> {
+    pub fn check(&self, max_bytes: usize) -> Result<(), Error> {
         if self.record_count() == 0 {
-            return Err(crate::storage::Error::EmptyBatch);
+            return Err(Error::EmptyBatch);
         }
         let limit = max_bytes.min(MAX_BATCH_LEN);
         if self.buf.len() > limit {
-            return Err(crate::storage::Error::BatchTooLarge {
+            return Err(Error::BatchTooLarge {
                 size: self.buf.len(),
                 limit,
             });
@@ -657,12 +658,12 @@ mod tests {
     fn empty_and_oversize_batches_are_rejected() {
         assert!(matches!(
             EncodedBatch::new(&[]).check(1 << 20),
-            Err(crate::storage::Error::EmptyBatch)
+            Err(Error::EmptyBatch)
         ));
         let big = rec(0, None, Some(&"x".repeat(2000)));
         assert!(matches!(
             EncodedBatch::new(&[big]).check(1000),
-            Err(crate::storage::Error::BatchTooLarge { .. })
+            Err(Error::BatchTooLarge { .. })
         ));
     }
 }

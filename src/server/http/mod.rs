@@ -548,11 +548,11 @@ async fn group(a: Admitted, Path(name): Path<String>) -> Result<Json<Value>, Ref
 /// Binds the HTTP port, if it is on; with the address it got (port 0 picks one).
 pub async fn bind(
     config: &crate::config::Config,
-) -> Result<Option<(TcpListener, SocketAddr)>, super::ServeError> {
+) -> Result<Option<(TcpListener, SocketAddr)>, super::error::ServeError> {
     let addr = config
         .http
         .addr()
-        .map_err(|e| super::ServeError::Http(e.to_string()))?;
+        .map_err(|e| super::error::ServeError::Http(e.to_string()))?;
     let Some(addr) = addr else {
         return Ok(None);
     };
@@ -562,7 +562,7 @@ pub async fn bind(
     };
     bound
         .map(Some)
-        .map_err(|source| super::ServeError::Bind { addr, source })
+        .map_err(|source| super::error::ServeError::Bind { addr, source })
 }
 
 #[cfg(test)]
