@@ -4,7 +4,6 @@ chooses. The binary is $SLUICE_BIN, else the repository's target/release/sluice.
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import tempfile
 

@@ -4,6 +4,7 @@ conversions to and from the wire messages."""
 from __future__ import annotations
 
 import datetime as _dt
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -178,3 +179,65 @@ def channel_args(tls: Optional[Tls]) -> list:
 
 def messages_of(items: Iterable[Union[Message, bytes, str]]) -> list:
     return [m if isinstance(m, Message) else Message(value=as_bytes(m)) for m in items]
+
+
+def message_of(
+    value: Union[str, bytes, None],
+    key: Union[str, bytes, None],
+    headers: Optional[Mapping[str, Union[str, bytes]]],
+    id: Union[str, bytes, None],
+    partition: Optional[int],
+) -> Message:
+    """The arguments of ``send`` as a :class:`Message`."""
+    return Message(
+        value=as_bytes(value),
+        key=as_bytes(key),
+        headers={k: as_bytes(v) for k, v in (headers or {}).items()},
+        id=as_bytes(id),
+        partition=partition,
+    )
+
+
+def send_request(topic: str, messages: Iterable, idempotent: bool) -> Tuple[pb.SendRequest, bool]:
+    """The request, and whether it may be retried: only when every message carries an id."""
+    request = pb.SendRequest(topic=topic, messages=[to_message(m, idempotent) for m in messages_of(messages)])
+    return request, all(m.HasField("id") for m in request.messages)
+
+
+def group_request(topic: str, group: str, start: Start, max_in_flight: int, exclusive: bool) -> pb.SubscribeRequest:
+    return pb.SubscribeRequest(
+        topic=topic, group=group, start=to_start(start), max_in_flight=max_in_flight, exclusive=exclusive
+    )
+
+
+def ack_request(group: str, topic: str, records: Iterable[Record]) -> pb.AckRequest:
+    return pb.AckRequest(group=group, topic=topic, ack_ids=[r.ack_id for r in records])
+
+
+def nack_request(group: str, topic: str, records: Iterable[Record], delay: float) -> pb.NackRequest:
+    return pb.NackRequest(
+        group=group, topic=topic, ack_ids=[r.ack_id for r in records], delay_ms=int(delay * 1000)
+    )
+
+
+class Backoff:
+    """Retries after a lost connection: pauses that double from 50 ms to 1 s, for at most
+    ``retry_for`` seconds of failures in a row."""
+
+    def __init__(self, retry_for: float):
+        self.retry_for = retry_for
+        self.failing_since: Optional[float] = None
+        self.pause = 0.05
+
+    def ok(self) -> None:
+        self.failing_since = None
+        self.pause = 0.05
+
+    def again(self, code: grpc.StatusCode) -> Optional[float]:
+        """After a failure with ``code``: the pause before the next try, or None to give up."""
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if code not in RETRYABLE or now + self.pause - self.failing_since > self.retry_for:
+            return None
+        pause, self.pause = self.pause, min(self.pause * 2, 1.0)
+        return pause

@@ -8,24 +8,25 @@ as :mod:`sluice_client`, on ``grpc.aio``; use ``async with`` and ``async for``.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator, Dict, Iterable, List, Mapping, Optional, Union
 
 import grpc
 import grpc.aio
 
 from ._common import (
-    RETRYABLE,
+    Backoff,
     Message,
     Position,
     Record,
     Start,
     Tls,
-    as_bytes,
+    ack_request,
     channel_args,
-    messages_of,
+    group_request,
+    message_of,
     metadata,
-    to_message,
+    nack_request,
+    send_request,
     to_position,
     to_record,
     to_start,
@@ -90,34 +91,24 @@ class Producer(_Client):
         partition: Optional[int] = None,
     ) -> Position:
         """Sends one message; returns where it is stored."""
-        message = Message(
-            value=as_bytes(value),
-            key=as_bytes(key),
-            headers={k: as_bytes(v) for k, v in (headers or {}).items()},
-            id=as_bytes(id),
-            partition=partition,
-        )
+        message = message_of(value, key, headers, id, partition)
         return (await self.send_batch(topic, [message]))[0]
 
     async def send_batch(
         self, topic: str, messages: Iterable[Union[Message, bytes, str]]
     ) -> List[Position]:
         """Sends messages in one request; returns their positions in order."""
-        request = pb.SendRequest(
-            topic=topic, messages=[to_message(m, self._idempotent) for m in messages_of(messages)]
-        )
-        retry = all(m.HasField("id") for m in request.messages)
-        deadline = time.monotonic() + self._retry_for
-        pause = 0.05
+        request, retry = send_request(topic, messages, self._idempotent)
+        backoff = Backoff(self._retry_for if retry else 0.0)
         while True:
             try:
                 answer = await self._stub.Send(request, timeout=self._timeout, metadata=self._metadata)
                 return [to_position(p) for p in answer.positions]
             except grpc.aio.AioRpcError as e:
-                if not (retry and e.code() in RETRYABLE and time.monotonic() + pause < deadline):
+                pause = backoff.again(e.code()) if retry else None
+                if pause is None:
                     raise SluiceError.of(e) from None
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
 
 class Consumer(_Client):
@@ -152,26 +143,23 @@ class Consumer(_Client):
 
     async def _stream(self, partition: int) -> None:
         assert self._queue is not None
-        failing_since = None
-        pause = 0.05
+        backoff = Backoff(self._retry_for)
         while True:
             nxt = self._next.get(partition)
             start = pb.StartPosition(offset=nxt) if nxt is not None else self._start
             request = pb.SubscribeRequest(topic=self.topic, partitions=[partition], start=start)
             try:
                 async for response in self._stub.Subscribe(request, metadata=self._metadata):
-                    failing_since = None
+                    backoff.ok()
                     for d in response.deliveries:
                         await self._queue.put(to_record(d))
                 return
             except grpc.aio.AioRpcError as e:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if e.code() not in RETRYABLE or now - failing_since > self._retry_for:
+                pause = backoff.again(e.code())
+                if pause is None:
                     await self._queue.put(SluiceError.of(e))
                     return
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
     async def _begin(self) -> None:
         self._queue = asyncio.Queue(maxsize=self._buffer)
@@ -226,42 +214,33 @@ class GroupConsumer(_Client):
         super().__init__(target, tls, token)
         self.topic = topic
         self.group = group
-        self._request = pb.SubscribeRequest(
-            topic=topic,
-            group=group,
-            start=to_start(start),
-            max_in_flight=max_in_flight,
-            exclusive=exclusive,
-        )
+        self._request = group_request(topic, group, start, max_in_flight, exclusive)
         self._retry_for = retry_for
         self._call = None
 
     async def __aiter__(self) -> AsyncIterator[Record]:
-        failing_since = None
-        pause = 0.05
+        backoff = Backoff(self._retry_for)
         while True:
             try:
                 self._call = self._stub.Subscribe(self._request, metadata=self._metadata)
                 async for response in self._call:
-                    failing_since = None
+                    backoff.ok()
                     for d in response.deliveries:
                         yield to_record(d)
                 return
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED:
                     return
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if e.code() not in RETRYABLE or now - failing_since > self._retry_for:
+                pause = backoff.again(e.code())
+                if pause is None:
                     raise SluiceError.of(e) from None
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
     async def ack(self, *records: Record) -> bool:
         """Acknowledges records; True when all were still in flight."""
         try:
             answer = await self._stub.Ack(
-                pb.AckRequest(group=self.group, topic=self.topic, ack_ids=[r.ack_id for r in records]),
+                ack_request(self.group, self.topic, records),
                 metadata=self._metadata,
                 timeout=30,
             )
@@ -273,12 +252,7 @@ class GroupConsumer(_Client):
         """Gives records back for redelivery no sooner than ``delay`` seconds."""
         try:
             answer = await self._stub.Nack(
-                pb.NackRequest(
-                    group=self.group,
-                    topic=self.topic,
-                    ack_ids=[r.ack_id for r in records],
-                    delay_ms=int(delay * 1000),
-                ),
+                nack_request(self.group, self.topic, records, delay),
                 metadata=self._metadata,
                 timeout=30,
             )

@@ -14,17 +14,19 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Union
 import grpc
 
 from ._common import (
-    RETRYABLE,
+    Backoff,
     Message,
     Position,
     Record,
     Start,
     Tls,
-    as_bytes,
+    ack_request,
     channel_args,
-    messages_of,
+    group_request,
+    message_of,
     metadata,
-    to_message,
+    nack_request,
+    send_request,
     to_position,
     to_record,
     to_start,
@@ -114,33 +116,23 @@ class Producer(_Client):
     ) -> Position:
         """Sends one message; returns where it is stored (``duplicate`` if its id was stored
         before). ``value`` None is a tombstone (on compacted topics: delete this key)."""
-        message = Message(
-            value=as_bytes(value),
-            key=as_bytes(key),
-            headers={k: as_bytes(v) for k, v in (headers or {}).items()},
-            id=as_bytes(id),
-            partition=partition,
-        )
+        message = message_of(value, key, headers, id, partition)
         return self.send_batch(topic, [message])[0]
 
     def send_batch(self, topic: str, messages: Iterable[Union[Message, bytes, str]]) -> List[Position]:
         """Sends messages in one request (stored together, one sync); returns their positions
         in order."""
-        request = pb.SendRequest(
-            topic=topic, messages=[to_message(m, self._idempotent) for m in messages_of(messages)]
-        )
-        retry = all(m.HasField("id") for m in request.messages)
-        deadline = time.monotonic() + self._retry_for
-        pause = 0.05
+        request, retry = send_request(topic, messages, self._idempotent)
+        backoff = Backoff(self._retry_for if retry else 0.0)
         while True:
             try:
                 answer = self._stub.Send(request, timeout=self._timeout, metadata=self._metadata)
                 return [to_position(p) for p in answer.positions]
             except grpc.RpcError as e:
-                if not (retry and e.code() in RETRYABLE and time.monotonic() + pause < deadline):
+                pause = backoff.again(e.code()) if retry else None
+                if pause is None:
                     raise SluiceError.of(e) from None
             time.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
 
 class _Partition(threading.Thread):
@@ -156,8 +148,7 @@ class _Partition(threading.Thread):
 
     def run(self) -> None:
         c = self.c
-        failing_since = None
-        pause = 0.05
+        backoff = Backoff(c._retry_for)
         while not c._closed.is_set():
             nxt = c._next.get(self.partition)
             start = pb.StartPosition(offset=nxt) if nxt is not None else self.start_at
@@ -165,20 +156,18 @@ class _Partition(threading.Thread):
             try:
                 self.call = c._stub.Subscribe(request, metadata=c._metadata)
                 for response in self.call:
-                    failing_since = None
+                    backoff.ok()
                     for d in response.deliveries:
                         c._put(to_record(d))
                 return
             except grpc.RpcError as e:
                 if c._closed.is_set():
                     return
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if e.code() not in RETRYABLE or now - failing_since > c._retry_for:
+                pause = backoff.again(e.code())
+                if pause is None:
                     c._put(SluiceError.of(e))
                     return
             time.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
 
 class Consumer(_Client):
@@ -294,44 +283,35 @@ class GroupConsumer(_Client):
         super().__init__(target, tls, token)
         self.topic = topic
         self.group = group
-        self._request = pb.SubscribeRequest(
-            topic=topic,
-            group=group,
-            start=to_start(start),
-            max_in_flight=max_in_flight,
-            exclusive=exclusive,
-        )
+        self._request = group_request(topic, group, start, max_in_flight, exclusive)
         self._retry_for = retry_for
         self._call = None
         self._closed = False
 
     def __iter__(self) -> Iterator[Record]:
-        failing_since = None
-        pause = 0.05
+        backoff = Backoff(self._retry_for)
         while not self._closed:
             try:
                 self._call = self._stub.Subscribe(self._request, metadata=self._metadata)
                 for response in self._call:
-                    failing_since = None
+                    backoff.ok()
                     for d in response.deliveries:
                         yield to_record(d)
                 return
             except grpc.RpcError as e:
                 if self._closed:
                     return
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if e.code() not in RETRYABLE or now - failing_since > self._retry_for:
+                pause = backoff.again(e.code())
+                if pause is None:
                     raise SluiceError.of(e) from None
             time.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
     def ack(self, *records: Record) -> bool:
         """Acknowledges records this member was given; True when all of them were still in
         flight (an ack after the ack timeout finds the record handed on, and returns False)."""
         try:
             answer = self._stub.Ack(
-                pb.AckRequest(group=self.group, topic=self.topic, ack_ids=[r.ack_id for r in records]),
+                ack_request(self.group, self.topic, records),
                 metadata=self._metadata,
                 timeout=30,
             )
@@ -345,12 +325,7 @@ class GroupConsumer(_Client):
         goes to the dead-letter topic ``<topic>.dlq``."""
         try:
             answer = self._stub.Nack(
-                pb.NackRequest(
-                    group=self.group,
-                    topic=self.topic,
-                    ack_ids=[r.ack_id for r in records],
-                    delay_ms=int(delay * 1000),
-                ),
+                nack_request(self.group, self.topic, records, delay),
                 metadata=self._metadata,
                 timeout=30,
             )
