@@ -116,14 +116,6 @@ pub struct Config {
     /// Log bytes read per streamed response: whole batches, so a response may exceed it by
     /// one batch. Default: 262144 (256 KiB; measured faster than 64 KiB or 1 MiB on loopback).
     pub delivery_batch_bytes: usize,
-    /// A group delivery not acknowledged within this many ms is delivered again. Default: 30000.
-    pub group_ack_timeout_ms: u64,
-    /// Deliveries of one message to a group before it goes to `<topic>.dlq`. Default: 5.
-    pub group_max_deliveries: u32,
-    /// Most unacknowledged deliveries a group member may ask for. Default: 10000.
-    pub group_max_in_flight: usize,
-    /// Unacknowledged deliveries per member when the subscription does not say. Default: 1000.
-    pub group_default_in_flight: usize,
     /// Apply retention (topics' `retention_ms`, `retention_bytes`, `retain_until_consumed`) every
     /// this many ms; 0 turns the periodic run off (`sluice compact` still works). Default: 300000.
     pub retention_check_ms: u64,
@@ -147,6 +139,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Settings of every partition log.
     pub log: LogConfig,
+    /// Consumer groups: ack timeout, delivery limit, in-flight bounds.
+    pub groups: GroupsConfig,
     /// TLS on the gRPC port (see docs/security.md).
     pub tls: TlsConfig,
     /// Principals, grants and the audit trail's retention (see docs/security.md).
@@ -154,6 +148,82 @@ pub struct Config {
     /// The file the settings came from, read again on SIGHUP (not a setting).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
+    /// What the settings used that is deprecated, said as a warning once logging is up (not a
+    /// setting).
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
+}
+
+/// `[groups]`: consumer groups (docs/consumer-groups.md). Until this release these were the
+/// top-level `group_*` settings; those names are still read, with a deprecation warning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// A group delivery not acknowledged within this many ms is delivered again. Default: 30000.
+    pub ack_timeout_ms: u64,
+    /// Deliveries of one message to a group before it goes to `<topic>.dlq`. Default: 5.
+    pub max_deliveries: u32,
+    /// Most unacknowledged deliveries a group member may ask for. Default: 10000.
+    pub max_in_flight: usize,
+    /// Unacknowledged deliveries per member when the subscription does not say. Default: 1000.
+    pub default_in_flight: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            ack_timeout_ms: 30_000,
+            max_deliveries: 5,
+            max_in_flight: 10_000,
+            default_in_flight: 1000,
+        }
+    }
+}
+
+/// The top-level names of `[groups]`' settings before it existed: read for one more release.
+const DEPRECATED_GROUP_SETTINGS: [(&str, &str); 4] = [
+    ("group_ack_timeout_ms", "ack_timeout_ms"),
+    ("group_max_deliveries", "max_deliveries"),
+    ("group_max_in_flight", "max_in_flight"),
+    ("group_default_in_flight", "default_in_flight"),
+];
+
+/// Moves a deprecated top-level `group_*` key into `[groups]`, saying so in `deprecations`;
+/// `what` names it as the user wrote it (`FILE: group_max_deliveries`, or the variable).
+fn move_deprecated_group_setting(
+    table: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+    what: &str,
+    deprecations: &mut Vec<String>,
+) -> Result<bool, ConfigError> {
+    let Some((_, field)) = DEPRECATED_GROUP_SETTINGS
+        .iter()
+        .find(|(old, _)| *old == key)
+    else {
+        return Ok(false);
+    };
+    let groups = table
+        .entry("groups")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(groups) = groups.as_table_mut() else {
+        return Err(ConfigError::Invalid(
+            "groups must be a table ([groups])".into(),
+        ));
+    };
+    if groups.contains_key(*field) {
+        return Err(ConfigError::Invalid(format!(
+            "{what} and groups.{field} are both set: {key} is the deprecated name of \
+             groups.{field}; keep only the latter"
+        )));
+    }
+    groups.insert(field.to_string(), value);
+    deprecations.push(format!(
+        "{what} is deprecated and will be refused in the next release; use [groups] {field} \
+         (SLUICE_GROUPS_{})",
+        field.to_ascii_uppercase()
+    ));
+    Ok(true)
 }
 
 impl Default for Config {
@@ -173,10 +243,6 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             subscriber_buffer: 8,
             delivery_batch_bytes: 256 << 10,
-            group_ack_timeout_ms: 30_000,
-            group_max_deliveries: 5,
-            group_max_in_flight: 10_000,
-            group_default_in_flight: 1000,
             retention_check_ms: 300_000,
             send_spin_us: 500,
             writer_threads: 0,
@@ -185,9 +251,11 @@ impl Default for Config {
             allow_plaintext: false,
             http: HttpConfig::default(),
             log: LogConfig::default(),
+            groups: GroupsConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             config_file: None,
+            deprecations: Vec::new(),
         }
     }
 }
@@ -214,10 +282,19 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
-        let config: Config = toml::Value::Table(table)
+        let mut deprecations = Vec::new();
+        let from = file.map_or("the config".to_string(), |p| p.display().to_string());
+        for (old, _) in DEPRECATED_GROUP_SETTINGS {
+            if let Some(value) = table.remove(old) {
+                let what = format!("{from}: {old}");
+                move_deprecated_group_setting(&mut table, old, value, &what, &mut deprecations)?;
+            }
+        }
+        apply_env(&mut table, env, &mut deprecations)?;
+        let mut config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.deprecations = deprecations;
         Ok(config)
     }
 
@@ -248,13 +325,12 @@ impl Config {
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return bad("handshake_timeout_ms and idle_timeout_ms must be at least 1");
         }
-        if self.group_ack_timeout_ms == 0 || self.group_max_deliveries == 0 {
-            return bad("group_ack_timeout_ms and group_max_deliveries must be at least 1");
+        let g = &self.groups;
+        if g.ack_timeout_ms == 0 || g.max_deliveries == 0 {
+            return bad("groups.ack_timeout_ms and groups.max_deliveries must be at least 1");
         }
-        if self.group_default_in_flight == 0
-            || self.group_default_in_flight > self.group_max_in_flight
-        {
-            return bad("group_default_in_flight must be between 1 and group_max_in_flight");
+        if g.default_in_flight == 0 || g.default_in_flight > g.max_in_flight {
+            return bad("groups.default_in_flight must be between 1 and groups.max_in_flight");
         }
         if self.subscriber_buffer == 0 || self.delivery_batch_bytes == 0 {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
@@ -331,6 +407,7 @@ const CLIENT_VARIABLES: [&str; 9] = [
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
+    deprecations: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     let defaults = toml::Table::try_from(Config::default())
         .map_err(|e| ConfigError::Invalid(format!("cannot describe defaults: {e}")))?;
@@ -340,6 +417,9 @@ fn apply_env(
         };
         let key = rest.to_ascii_lowercase();
         let value = parse_env_value(&raw);
+        if move_deprecated_group_setting(table, &key, value.clone(), &name, deprecations)? {
+            continue;
+        }
         if defaults.contains_key(&key) && !defaults[&key].is_table() {
             table.insert(key, value);
             continue;
@@ -553,6 +633,45 @@ mod tests {
         let shown = |k: &String| in_file.contains(k) || text.contains(&format!("[[{k}]]"));
         let missing: Vec<_> = settings.iter().filter(|k| !shown(k)).collect();
         assert!(missing.is_empty(), "sluice.toml lacks {missing:?}");
+    }
+
+    #[test]
+    fn the_flat_group_names_still_work_with_a_deprecation_and_cannot_contradict_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(&file, "group_max_deliveries = 3\n").unwrap();
+        let c = Config::load(Some(&file), env(&[("SLUICE_GROUP_ACK_TIMEOUT_MS", "250")])).unwrap();
+        assert_eq!(c.groups.max_deliveries, 3);
+        assert_eq!(c.groups.ack_timeout_ms, 250);
+        assert_eq!(c.deprecations.len(), 2, "{:?}", c.deprecations);
+        assert!(
+            c.deprecations.iter().any(
+                |d| d.contains("group_max_deliveries") && d.contains("[groups] max_deliveries")
+            )
+        );
+        assert!(
+            c.deprecations
+                .iter()
+                .any(|d| d.contains("SLUICE_GROUP_ACK_TIMEOUT_MS"))
+        );
+        // The new names, without a warning.
+        std::fs::write(&file, "[groups]\nmax_deliveries = 4\n").unwrap();
+        let c = Config::load(Some(&file), env(&[("SLUICE_GROUPS_MAX_IN_FLIGHT", "50")])).unwrap();
+        assert_eq!((c.groups.max_deliveries, c.groups.max_in_flight), (4, 50));
+        assert!(c.deprecations.is_empty());
+        // Both names for one setting: refused, naming both.
+        std::fs::write(
+            &file,
+            "group_max_deliveries = 3\n[groups]\nmax_deliveries = 4\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("group_max_deliveries") && err.contains("groups.max_deliveries"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `group_max_deliveries` holds on every path: a message is handed to members at most that many
+//! `groups.max_deliveries` holds on every path: a message is handed to members at most that many
 //! times, whatever fails it (Nack, ack timeout, a member leaving, a broker restart, exclusive
 //! failover), and the next failure dead-letters it exactly once. Read-ahead that never reached a
 //! client does not count; acks say what they applied; a refused Subscribe creates nothing.
@@ -23,8 +23,8 @@ const MESSAGES: usize = 6;
 
 fn config(dir: &Path) -> sluice::config::Config {
     let mut c = test_config(dir);
-    c.group_max_deliveries = MAX;
-    c.group_ack_timeout_ms = 300;
+    c.groups.max_deliveries = MAX;
+    c.groups.ack_timeout_ms = 300;
     c.default_partitions = 2;
     c
 }

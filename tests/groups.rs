@@ -167,7 +167,7 @@ async fn a_member_that_leaves_without_acking_has_its_messages_redelivered_to_the
 async fn a_delivery_not_acked_within_the_ack_timeout_is_delivered_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.group_ack_timeout_ms = 200;
+    config.groups.ack_timeout_ms = 200;
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     produce(&mut client, "t", 1).await;
@@ -188,7 +188,7 @@ async fn a_delivery_not_acked_within_the_ack_timeout_is_delivered_again() {
 async fn a_message_nacked_max_deliveries_times_lands_in_the_dead_letter_topic_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.group_max_deliveries = 3;
+    config.groups.max_deliveries = 3;
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     client

@@ -87,7 +87,7 @@ async fn metrics_equal_the_operations_performed() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     // One delivery each: a nack dead-letters at once.
-    config.group_max_deliveries = 1;
+    config.groups.max_deliveries = 1;
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     let mut client = server.client().await;
@@ -491,7 +491,7 @@ async fn a_restarted_broker_reports_groups_nobody_has_joined_since() {
 }
 
 /// Nacks every delivery `group` gets on `topic` until `count` of them are dead letters
-/// (`group_max_deliveries` = 1: a nack dead-letters at once).
+/// (`groups.max_deliveries` = 1: a nack dead-letters at once).
 async fn dead_letter(server: &TestServer, topic: &str, group: &str, count: usize) {
     let mut client = server.client().await;
     let mut stream = common::server::join_group(&mut client, topic, group, 0, false).await;
@@ -524,7 +524,7 @@ async fn dead_letter(server: &TestServer, topic: &str, group: &str, count: usize
 async fn a_groups_dead_letters_are_found_when_another_groups_are_newer() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.group_max_deliveries = 1;
+    config.groups.max_deliveries = 1;
     let server = TestServer::start(config).await;
     let http = server.http.unwrap();
     let mut client = server.client().await;

@@ -346,3 +346,36 @@ fn verify_reports_an_empty_or_torn_checkpoint_as_a_note_and_the_broker_opens_it(
         assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\nthree\n");
     }
 }
+
+#[test]
+fn a_deprecated_group_setting_still_works_and_the_broker_says_so_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", ""])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .env("SLUICE_GROUP_MAX_DELIVERIES", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("sluice listening on "), "{line}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SLUICE_GROUP_MAX_DELIVERIES is deprecated")
+            && err.contains("[groups] max_deliveries"),
+        "{err}"
+    );
+}

@@ -13,10 +13,10 @@ use super::{Broker, DeliveryBatch, Error, Result, Start, blocking, resolve_start
 impl Broker {
     fn group_settings(&self) -> GroupSettings {
         GroupSettings {
-            ack_timeout: Duration::from_millis(self.config.group_ack_timeout_ms),
-            max_deliveries: self.config.group_max_deliveries,
-            max_in_flight_limit: self.config.group_max_in_flight,
-            default_max_in_flight: self.config.group_default_in_flight,
+            ack_timeout: Duration::from_millis(self.config.groups.ack_timeout_ms),
+            max_deliveries: self.config.groups.max_deliveries,
+            max_in_flight_limit: self.config.groups.max_in_flight,
+            default_max_in_flight: self.config.groups.default_in_flight,
             member_buffer: self.config.subscriber_buffer,
             fsync: self.config.log.fsync,
         }

@@ -48,6 +48,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     config.sanitize()?;
     // Held to the end: dropping it flushes what is still queued for stderr.
     let _log = init_tracing(config.log_format, &config.log_filter);
+    for deprecated in &config.deprecations {
+        tracing::warn!("{deprecated}");
+    }
     no_huge_pages();
     let limit = super::fdlimit::raise()?;
     super::fdlimit::check(

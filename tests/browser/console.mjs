@@ -132,7 +132,7 @@ try {
   assert.equal(await page.locator("#login").isVisible(), false, "no token asked for without auth");
 
   // A second group, "triage", joins at the tail and nacks 3 new messages until the broker
-  // dead-letters them (after group_max_deliveries, 5): the group page lists them.
+  // dead-letters them (after groups.max_deliveries, 5): the group page lists them.
   const dead = 3;
   await nackUntilDeadLettered(TRIAGE, dead, () => produce(dead, 50));
   await page.evaluate(g => { location.hash = `#/groups/${g}`; }, TRIAGE);

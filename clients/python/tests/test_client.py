@@ -73,16 +73,34 @@ def test_a_send_while_the_broker_restarts_is_retried_with_its_id_and_stored_once
         assert [r.value for r in take(c, 2)] == [b"before", b"during"]
 
 
-@pytest.mark.parametrize("start,first", [("earliest", 0), (3, 3), ("latest", 5)])
+@pytest.mark.parametrize("start,first", [("earliest", 0), (3, 3)])
 def test_a_consumer_starts_where_asked(broker, topic, start, first):
     with Producer(broker.address) as p:
         p.send_batch(topic, [Message(value=str(i).encode(), partition=0) for i in range(5)])
-        with Consumer(broker.address, topic, start=start) as c:
-            if start == "latest":
-                # Latest: only what comes after the subscription started.
-                threading.Timer(0.3, lambda: p.send(topic, b"5", partition=0)).start()
-            got = take(c, 1)
-    assert got[0].offset == first
+    with Consumer(broker.address, topic, start=start) as c:
+        assert take(c, 1)[0].offset == first
+
+
+def test_a_consumer_from_latest_sees_only_what_comes_after_it_started(broker, topic):
+    with Producer(broker.address) as p:
+        p.send_batch(topic, [Message(value=b"old", partition=0) for _ in range(5)])
+        done = threading.Event()
+
+        def keep_sending():
+            # The subscription starts at some moment after Consumer() returns: send until the
+            # consumer has seen one message, instead of guessing when that moment is.
+            while not done.wait(0.1):
+                p.send(topic, b"new", partition=0)
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        try:
+            with Consumer(broker.address, topic, start="latest") as c:
+                got = take(c, 1)[0]
+        finally:
+            done.set()
+            sender.join()
+    assert got.offset >= 5 and got.value == b"new"
 
 
 def test_a_consumer_starts_at_a_time(broker, topic):
