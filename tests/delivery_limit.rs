@@ -307,7 +307,7 @@ async fn consume_with_a_count_takes_only_what_it_prints_so_attempts_are_not_burn
         let broker = BrokerProcess::spawn_with_env(
             dir.path(),
             &[],
-            &[("SLUICE_GROUP_MAX_DELIVERIES", max_deliveries)],
+            &[("SLUICE_GROUPS_MAX_DELIVERIES", max_deliveries)],
         );
         let addr = broker.addr.to_string();
         let mut client =
