@@ -11,7 +11,8 @@
 //! | [`compaction`]| key compaction: cleaning closed segments, the crash-safe swap        |
 //! | [`partition`] | a partition log: writer pool, group commit, readers, recovery        |
 //! | [`ids`]       | `ids/`: a topic's id index for idempotent Send (memtable, runs, merge)|
-//! | [`topic`]     | topic names, `topic.toml`, the data directory and its `LOCK`         |
+//! | [`topic`]     | topic and group names, `topic.toml`                                  |
+//! | [`data_dir`]  | the data directory, its `LOCK`, topics' and groups' directories      |
 //! | [`io`]        | the fault seam every durable write and sync goes through             |
 //! | [`varint`]    | the LEB128 varint codec of records and group events                  |
 //! | [`verify`]    | read-only checks of a data directory (`sluice verify`)               |
@@ -21,6 +22,7 @@
 pub mod checkpoint;
 pub mod compaction;
 pub mod config;
+pub mod data_dir;
 pub mod error;
 pub mod ids;
 pub mod index;
@@ -36,6 +38,7 @@ pub mod verify;
 
 pub use compaction::{CompactionOptions, CompactionOutcome};
 pub use config::{FsyncPolicy, LogConfig};
+pub use data_dir::DataDir;
 pub use error::{Error, Result};
 pub use io::{FileIo, ReadOnlyIo, RealIo};
 pub use partition::{
@@ -43,4 +46,4 @@ pub use partition::{
     Retention, RetentionOutcome, WriterPool,
 };
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
-pub use topic::{DataDir, TopicConfig, validate_group_name, validate_topic_name};
+pub use topic::{TopicConfig, validate_group_name, validate_topic_name};
