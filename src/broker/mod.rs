@@ -643,12 +643,12 @@ impl Broker {
         }
         self.tasks.close();
         self.tasks.wait().await;
-        if self.read_only {
-            // Nothing to record, and nothing may be written.
-        } else if let Err(e) = self
-            .audit
-            .record(AuditEvent::system("broker/stop", "ok"))
-            .await
+        // A read-only broker records nothing: nothing may be written.
+        if !self.read_only
+            && let Err(e) = self
+                .audit
+                .record(AuditEvent::system("broker/stop", "ok"))
+                .await
         {
             tracing::error!(error = %e, "cannot record the clean stop in the audit trail");
         }
