@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluice::storage::index::{IndexEntry, OffsetIndex};
-use sluice::storage::{EncodedBatch, FsyncPolicy, LogConfig, Partition, RealIo, Record};
+use sluice::storage::{FsyncPolicy, LogConfig, Partition, RealIo, Record};
 
 const RECORD: usize = 1024;
 const BATCH: usize = 100;
@@ -60,8 +60,7 @@ fn append_round(p: &Arc<Partition>, appenders: usize, per_thread: usize) -> Dura
             s.spawn(move || {
                 let records = batch_records();
                 for _ in 0..per_thread {
-                    p.append_encoded_blocking(EncodedBatch::new(&records))
-                        .unwrap();
+                    p.append_blocking(&records).unwrap();
                 }
             });
         }
@@ -192,8 +191,7 @@ fn compaction(c: &mut Criterion) {
                 }
             })
             .collect();
-        p.append_encoded_blocking(EncodedBatch::new(&records))
-            .unwrap();
+        p.append_blocking(&records).unwrap();
     }
     p.roll().unwrap();
     let closed_bytes = p.stats().size_bytes;

@@ -10,8 +10,9 @@
 //!   generator is a crate of its own (`benches/sluice-bench`).
 //! - [`server`]: tonic services (`sluice.v1` Broker and Admin), health, reflection, connection
 //!   limits, graceful shutdown, and the one mapping of errors to gRPC statuses.
-//! - [`broker`]: the async core: open topics, durable sends routed to partitions, subscriptions
-//!   woken by the partition writers, topic admin.
+//! - [`broker`]: the async core, as owned parts: the open topics, the send path to durable
+//!   partitions (with idempotent Send), subscriptions woken by the partition writers, consumer
+//!   groups, maintenance (retention, compaction) and the audit trail.
 //! - [`storage`]: synchronous, tokio-free storage engine. The record batch codec, segments with
 //!   sparse memory-mapped offset and time indexes, the partition log with its writer thread and
 //!   group commit, crash recovery, topics on disk and the data directory lock. Every durable
@@ -37,18 +38,27 @@ pub mod storage;
 
 #[cfg(test)]
 mod tests {
-    /// Each folder's map (`# Layout` here, the table of `storage/mod.rs`) names every module
-    /// the folder declares.
+    /// Each folder's map (`# Layout` here, the tables of `storage/mod.rs`, `broker/mod.rs` and
+    /// `broker/groups/mod.rs`) names every module the folder declares.
     #[test]
     fn the_module_maps_name_every_module() {
         for (file, text) in [
             ("src/lib.rs", include_str!("lib.rs")),
             ("src/storage/mod.rs", include_str!("storage/mod.rs")),
+            ("src/broker/mod.rs", include_str!("broker/mod.rs")),
+            (
+                "src/broker/groups/mod.rs",
+                include_str!("broker/groups/mod.rs"),
+            ),
         ] {
             let (docs, code): (Vec<&str>, Vec<&str>) =
                 text.lines().partition(|l| l.starts_with("//!"));
             let docs = docs.join("\n");
-            for m in code.iter().filter_map(|l| l.strip_prefix("pub mod ")) {
+            let declared = code.iter().filter_map(|l| {
+                l.strip_prefix("pub mod ")
+                    .or_else(|| l.strip_prefix("mod "))
+            });
+            for m in declared {
                 let name = m.trim_end_matches(';');
                 assert!(
                     docs.contains(&format!("[`{name}`]")),

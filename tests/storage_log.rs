@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::{FaultyIo, assert_records, open, read_all, record, small_config};
-use sluice::storage::{EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record};
+use sluice::storage::{AppendMode, EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record};
 
 #[test]
 fn appended_batches_read_back_in_order_across_rolls_and_a_clean_reopen() {
@@ -383,6 +383,7 @@ fn a_writer_that_batches_appends_stops_calling_itself_lone() {
         let done_tx = done_tx.clone();
         p.append(
             EncodedBatch::new(&[record(seq, 100)]),
+            AppendMode::DURABLE,
             Box::new(move |r| done_tx.send(r.map(|a| a.base_offset)).unwrap()),
         );
     }

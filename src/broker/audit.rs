@@ -18,13 +18,37 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::auth::policy::{sha256, to_hex};
-use crate::storage::{EncodedBatch, Record};
+use crate::storage::{AppendMode, EncodedBatch, Record, TopicConfig};
 
+use super::clock::now_ms;
+use super::error::{Error, Result};
 use super::topic::PartitionHandle;
-use super::{Error, Result, now_ms};
 
 /// The audit trail's topic.
 pub const AUDIT_TOPIC: &str = "_audit";
+
+/// `_audit` is written by the broker alone and shortened only by `auth.audit_retention_ms`:
+/// refuses a request that would `what` it through the API.
+pub fn refuse_audit_topic(name: &str, what: &str) -> Result<()> {
+    if name == AUDIT_TOPIC {
+        return Err(Error::Protected(format!(
+            "{AUDIT_TOPIC} is the audit trail: it cannot be {what} through the API"
+        )));
+    }
+    Ok(())
+}
+
+/// The settings of `_audit`: one partition, records kept `retention_ms` (0: for ever).
+pub fn audit_topic_config(retention_ms: u64) -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        retention_ms: (retention_ms > 0).then_some(retention_ms),
+        retention_bytes: None,
+        retain_until_consumed: false,
+        dedup_window_ms: 0,
+        ..TopicConfig::default()
+    }
+}
 
 /// `prev` of the first record.
 const GENESIS: [u8; 32] = [0; 32];
@@ -178,9 +202,16 @@ impl AuditTrail {
             id: None,
         }]);
         let (tx, rx) = oneshot::channel();
+        // A permit like every append to a topic's partition: the writer's inbox has room.
+        let permit = Arc::clone(&self.partition.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         self.partition.log.append(
             batch,
+            AppendMode::DURABLE,
             Box::new(move |r| {
+                drop(permit);
                 let _ = tx.send(r);
             }),
         );

@@ -1,14 +1,25 @@
-//! Retention and key compaction: the same code serves `sluice compact` (offline, on a stopped broker's data
-//! directory), the `Compact` admin RPC (online) and the broker's periodic retention task.
+//! Retention and key compaction: the same code serves `sluice compact` (offline, on a stopped
+//! broker's data directory), the `Compact` admin RPC (online) and the broker's periodic
+//! retention task. Reads the topics and what their consumer groups still need; records what the
+//! periodic run removed in the audit trail.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::storage::topic::CleanupPolicy;
 use crate::storage::{CompactionOptions, CompactionOutcome, Retention, RetentionOutcome};
 
-use super::audit::{AUDIT_TOPIC, AuditEvent};
-use super::{Broker, Result, Start, Topic, blocking, now_ms};
+use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, refuse_audit_topic};
+use super::blocking::blocking;
+use super::clock::now_ms;
+use super::error::Result;
+use super::groups::Groups;
+use super::message::Start;
+use super::topic::Topic;
+use super::topics::Topics;
 
 /// What maintenance did to one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,16 +33,33 @@ pub struct PartitionMaintenance {
     pub compaction: Option<CompactionOutcome>,
 }
 
-impl Broker {
+/// The maintenance passes of a broker.
+#[derive(Debug)]
+pub struct Maintenance {
+    topics: Arc<Topics>,
+    groups: Arc<Groups>,
+    audit: Arc<AuditTrail>,
+}
+
+impl Maintenance {
+    pub fn new(topics: Arc<Topics>, groups: Arc<Groups>, audit: Arc<AuditTrail>) -> Maintenance {
+        Maintenance {
+            topics,
+            groups,
+            audit,
+        }
+    }
+
     /// Per partition, the offset below which every consumer group has acknowledged everything,
     /// and the group furthest behind. `None` where no group reads the topic.
     pub async fn consumed_below(&self, topic: &Arc<Topic>) -> Result<Vec<Option<(u64, String)>>> {
         let mut out: Vec<Option<(u64, String)>> = vec![None; topic.partitions.len()];
-        for (group, topics) in self.list_groups()? {
+        for (group, topics) in self.groups.list_groups()? {
             if !topics.iter().any(|t| *t == *topic.name) {
                 continue;
             }
             let state = self
+                .groups
                 .group(&group, &topic.name, Start::Earliest)
                 .await?
                 .describe();
@@ -56,15 +84,11 @@ impl Broker {
         if let Some(name) = topic
             && !dry_run
         {
-            super::refuse_audit_topic(name, "compacted or shortened")?;
+            refuse_audit_topic(name, "compacted or shortened")?;
         }
         let topics: Vec<Arc<Topic>> = match topic {
-            Some(name) => vec![self.existing_topic(name)?],
-            None => self
-                .list_topics()
-                .into_iter()
-                .filter_map(|(name, _)| self.existing_topic(&name).ok())
-                .collect(),
+            Some(name) => vec![self.topics.existing(name)?],
+            None => self.topics.open_topics(),
         };
         self.maintain_topics(topics, dry_run).await
     }
@@ -151,12 +175,9 @@ impl Broker {
     }
 
     /// Retention over every topic, `_audit` included; what it deleted goes into the audit trail.
-    async fn periodic_retention(&self) -> Result<()> {
-        let mut topics: Vec<Arc<Topic>> = Vec::new();
-        for (name, _) in self.list_topics() {
-            topics.extend(self.existing_topic(&name).ok());
-        }
-        topics.extend(self.existing_topic(AUDIT_TOPIC).ok());
+    pub async fn periodic_retention(&self) -> Result<()> {
+        let mut topics = self.topics.open_topics();
+        topics.extend(self.topics.get(AUDIT_TOPIC));
         for m in self.maintain_topics(topics, false).await? {
             let dropped = m.outcome.log_start - m.outcome.log_start_before;
             if m.outcome.deleted_segments == 0
@@ -175,23 +196,29 @@ impl Broker {
             .count("deleted_segments", m.outcome.deleted_segments as u64)
             .count("deleted_bytes", m.outcome.deleted_bytes)
             .count("records_dropped", dropped + compacted);
-            self.audit().record(event).await?;
+            self.audit.record(event).await?;
         }
         Ok(())
     }
 
-    /// Runs retention every `interval` until the broker shuts down.
-    pub(crate) fn start_retention(self: &Arc<Self>, interval: Duration) {
-        let me = Arc::downgrade(self);
-        let stop = self.shutdown.clone();
-        self.tasks.spawn(async move {
+    /// Runs retention every `interval` until `stop`, or until the broker is dropped.
+    pub fn start_retention(
+        self: &Arc<Self>,
+        interval: Duration,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) {
+        let me: Weak<Maintenance> = Arc::downgrade(self);
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(interval) => {}
                     () = stop.cancelled() => return,
                 }
-                let Some(broker) = me.upgrade() else { return };
-                if let Err(e) = broker.periodic_retention().await {
+                let Some(maintenance) = me.upgrade() else {
+                    return;
+                };
+                if let Err(e) = maintenance.periodic_retention().await {
                     tracing::warn!(error = %e, "periodic retention failed");
                 }
             }

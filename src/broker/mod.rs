@@ -1,6 +1,24 @@
-//! The async core: open topics, durable sends, subscriptions woken by the writers, topic admin.
+//! The async core: the broker of one data directory, made of owned parts. Knows nothing of
+//! gRPC: `server` translates requests into these calls and errors into statuses.
 //!
-//! Knows nothing of gRPC: `server` translates requests into these calls and errors into statuses.
+//! | part              | owns                                                                |
+//! |-------------------|---------------------------------------------------------------------|
+//! | [`topics`]        | the data directory and the open topics: open, create, delete, find  |
+//! | [`topic`]         | one topic: its partitions, permits, high-water watches, id index    |
+//! | [`send`]          | the path of a Send to durable partitions, and the dead-letter handle|
+//! | [`dedup`]         | a topic's id check for idempotent Send                              |
+//! | [`ack_poll`]      | a lone producer's wait for its acknowledgement                      |
+//! | [`subscription`]  | plain subscriptions: one reader task per partition                  |
+//! | [`groups`]        | consumer groups: the registry, each group's state and dispatcher    |
+//! | [`maintenance`]   | retention and compaction passes, and the periodic run               |
+//! | [`audit`]         | the `_audit` trail's appender and its hash chain                    |
+//! | [`message`]       | the vocabulary: messages, positions, deliveries                     |
+//! | [`settings`]      | what the broker uses of the configuration                           |
+//! | [`error`], [`clock`], [`blocking`] | the error type, the clock, the blocking pool       |
+//!
+//! `mod.rs` holds [`Broker`]: it builds the parts in order (topics, then the audit trail,
+//! sends, groups, maintenance), answers each call with the part that owns it, and stops them
+//! in the reverse order.
 //!
 //! - **Send**: messages are routed to partitions (explicit, by key hash, or spread per request),
 //!   encoded into one batch per partition on the calling task, and handed to each partition's
@@ -14,221 +32,61 @@
 
 mod ack_poll;
 pub mod audit;
+mod blocking;
+mod clock;
 pub mod dedup;
 pub mod error;
-mod group_ops;
 pub mod groups;
 mod maintenance;
+mod message;
 mod send;
+mod settings;
 mod subscription;
 pub mod topic;
+mod topics;
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::ack_poll::AckPoller;
-use self::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail};
+use self::audit::{AuditEvent, AuditTrail, refuse_audit_topic};
+use self::blocking::blocking;
+use self::groups::{GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard};
+use self::maintenance::Maintenance;
+use self::send::{DeadLetterAppender, SendLimits, Sends};
+use self::subscription::SubscriptionSettings;
+use self::topics::Topics;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::storage::{
-    self, DataDir, FileIo, Header, RealIo, StoredRecord, TopicConfig, validate_topic_name,
-};
+use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig};
 
-pub use error::{Error, Result};
-pub use maintenance::PartitionMaintenance;
-pub use topic::{PartitionHandle, Topic};
+pub use self::error::{Error, Result};
+pub use self::maintenance::PartitionMaintenance;
+pub use self::message::{Deliveries, Delivery, DeliveryBatch, NewMessage, Placed, Start};
+pub use self::settings::Settings;
+pub use self::topic::{NEWEST_SCAN, PartitionHandle, Topic};
+pub use self::topics::{PartitionDescription, TopicDescription};
 
-/// A message as a producer sends it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewMessage {
-    pub key: Option<Bytes>,
-    pub value: Option<Bytes>,
-    pub headers: Vec<Header>,
-    pub partition: Option<u32>,
-    /// The producer's id for idempotent Send (1 to [`MAX_ID_BYTES`] bytes).
-    pub id: Option<Bytes>,
-}
-
-/// Where a Send put one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Placed {
-    pub partition: u32,
-    pub offset: u64,
-    /// The id was stored before: nothing new was stored; the position is the original's.
-    pub duplicate: bool,
-    /// With `duplicate`: the original record is no longer held.
-    pub removed: bool,
-}
-
-impl Placed {
-    fn new(partition: u32, offset: u64) -> Placed {
-        Placed {
-            partition,
-            offset,
-            duplicate: false,
-            removed: false,
-        }
-    }
-}
-
-impl NewMessage {
-    /// Bytes this message counts against `max_message_bytes`.
-    pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Bytes::len)
-            + self.value.as_ref().map_or(0, Bytes::len)
-            + self
-                .headers
-                .iter()
-                .map(|h| h.key.len() + h.value.len())
-                .sum::<usize>()
-    }
-}
-
-/// Where a subscription starts, in each of its partitions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    Earliest,
-    Latest,
-    Offset(u64),
-    /// Milliseconds since the Unix epoch.
-    Timestamp(i64),
-}
-
-/// A message handed to a subscriber.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub partition: u32,
-    pub record: StoredRecord,
-    /// From 1; always 1 outside consumer groups.
-    pub attempt: u32,
-    /// Empty outside consumer groups.
-    pub ack_id: String,
-}
-
-/// A run of messages of one partition, as a subscription hands them over.
-///
-/// Plain subscriptions pass whole batches from the log and the records are decoded where the
-/// response is encoded, so that the per-record buffer references are taken and released on one
-/// thread.
-#[derive(Debug, Clone)]
-pub enum Deliveries {
-    /// Whole batches read from the log; only records at or after `from` are delivered.
-    Log {
-        partition: u32,
-        batches: Vec<storage::Batch>,
-        from: u64,
-    },
-    /// Deliveries chosen one by one (consumer groups).
-    Records(Vec<Delivery>),
-}
-
-impl Deliveries {
-    /// The deliveries, decoded.
-    pub fn into_deliveries(self) -> Result<Vec<Delivery>> {
-        let (partition, batches, from) = match self {
-            Deliveries::Records(d) => return Ok(d),
-            Deliveries::Log {
-                partition,
-                batches,
-                from,
-            } => (partition, batches, from),
-        };
-        let mut out = Vec::new();
-        for b in &batches {
-            for r in b.records() {
-                let record = r.map_err(|why| {
-                    Error::Internal(format!(
-                        "undecodable record in a CRC-valid batch at offset {}: {why}",
-                        b.header().base_offset
-                    ))
-                })?;
-                if record.offset >= from {
-                    out.push(Delivery {
-                        partition,
-                        record,
-                        attempt: 1,
-                        ack_id: String::new(),
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// What a subscription stream yields: messages, or the error that ended it.
-pub type DeliveryBatch = Result<Deliveries>;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionDescription {
-    pub partition: u32,
-    pub first_offset: u64,
-    pub next_offset: u64,
-    pub size_bytes: u64,
-    pub segments: u32,
-    /// Bytes retention would delete but a consumer group still needs, and that group.
-    pub held_bytes: u64,
-    pub held_by: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicDescription {
-    pub name: String,
-    pub config: TopicConfig,
-    pub partitions: Vec<PartitionDescription>,
-    /// The id index, when the topic has one.
-    pub ids: Option<storage::ids::IdStats>,
-}
-
-/// A consumer group's slot: empty while it is being opened.
-type GroupCell = Arc<tokio::sync::OnceCell<Arc<groups::GroupTopic>>>;
-
-/// The broker: every open topic of one data directory.
+/// The broker: every open topic of one data directory, and the parts that serve them.
 #[derive(Debug)]
 pub struct Broker {
-    config: Config,
-    data: Arc<DataDir>,
-    topics: RwLock<HashMap<String, Arc<Topic>>>,
-    /// Serialises topic creation and deletion.
-    admin: tokio::sync::Mutex<()>,
-    /// Consumer groups, by (group, topic): each opens once, in its own cell, so that opening or
-    /// replaying one group never holds up another (the map's lock is never held across an
-    /// `.await`).
-    groups: std::sync::Mutex<HashMap<(String, String), GroupCell>>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    /// Lets a lone producer's Send poll for its acknowledgement (see [`ack_poll`]).
-    acks: AckPoller,
+    settings: Settings,
+    topics: Arc<Topics>,
+    sends: Arc<Sends>,
+    groups: Arc<Groups>,
+    maintenance: Arc<Maintenance>,
+    /// The `_audit` topic's appender.
+    audit: Arc<AuditTrail>,
     /// Broker-wide counters for `/metrics`.
     metrics: Arc<Metrics>,
-    /// The `_audit` topic's appender.
-    audit: AuditTrail,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
     /// Opened by [`Broker::open_read_only`]: nothing is recorded or written.
     read_only: bool,
-    me: std::sync::Weak<Broker>,
-}
-
-/// Records of one partition that [`Broker::newest_records`] looks at, at most.
-pub const NEWEST_SCAN: u64 = 100_000;
-/// Records it reads at a time, walking back from the end.
-const NEWEST_WINDOW: u64 = 1024;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
 impl Broker {
@@ -249,6 +107,8 @@ impl Broker {
         Self::open_inner(config, Arc::new(crate::storage::ReadOnlyIo), true).await
     }
 
+    /// Checks the configuration, keeps what the broker uses of it ([`Settings`]) and builds
+    /// the parts.
     async fn open_inner(
         config: Config,
         io: Arc<dyn FileIo>,
@@ -257,54 +117,74 @@ impl Broker {
         config
             .sanitize()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let (data, topics) = {
-            let config = config.clone();
+        let settings = Settings::from(&config);
+        drop(config);
+        let opened = {
+            let s = settings.clone();
             blocking(move || {
-                let data = if read_only {
-                    DataDir::open_read_only(&config.data_dir, io)?
-                } else {
-                    DataDir::open(&config.data_dir, io)?
-                };
-                let mut topics = HashMap::new();
-                for name in data.list_topics()? {
-                    let mut topic_config = data.topic_config(&name)?;
-                    if name == AUDIT_TOPIC {
-                        topic_config = audit_topic_config(&config);
-                    }
-                    let topic = Topic::open(&data, &name, topic_config, &config.log)?;
-                    topics.insert(name, Arc::new(topic));
-                }
-                if !topics.contains_key(AUDIT_TOPIC) {
-                    let c = audit_topic_config(&config);
-                    data.create_topic(AUDIT_TOPIC, &c)?;
-                    let topic = Topic::open(&data, AUDIT_TOPIC, c, &config.log)?;
-                    topics.insert(AUDIT_TOPIC.to_string(), Arc::new(topic));
-                }
-                Ok((data, topics))
+                topics::open_all(&s.data_dir, io, read_only, &s.log, s.audit_retention_ms)
             })
             .await?
         };
-        let audit = match topics.get(AUDIT_TOPIC).and_then(|t| t.partitions.first()) {
-            Some(p) => AuditTrail::open(Arc::clone(p))?,
-            None => return Err(Error::Internal("the audit topic has no partition".into())),
+        let topic_count = opened.topics.len() as u64 - 1;
+        tracing::info!(data_dir = %settings.data_dir.display(), topics = topic_count, "broker open");
+        let audit = Arc::new(opened.audit);
+        let topics = Arc::new(Topics::new(
+            Arc::new(opened.data),
+            opened.topics,
+            settings.log.clone(),
+            settings.default_partitions,
+            Arc::clone(&audit),
+        ));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let sends = Arc::new(Sends::new(
+            Arc::clone(&topics),
+            SendLimits {
+                auto_create_topics: settings.auto_create_topics,
+                max_batch_messages: settings.max_batch_messages,
+                max_message_bytes: settings.max_message_bytes,
+                max_batch_bytes: settings.log.max_batch_bytes,
+            },
+            AckPoller::new(Duration::from_micros(settings.send_spin_us)),
+            Arc::clone(&metrics),
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+        let g = &settings.groups;
+        let group_settings = GroupSettings {
+            ack_timeout: Duration::from_millis(g.ack_timeout_ms),
+            max_deliveries: g.max_deliveries,
+            max_in_flight_limit: g.max_in_flight,
+            default_max_in_flight: g.default_in_flight,
+            member_buffer: settings.subscriber_buffer,
+            fsync: settings.log.fsync,
         };
-        let topic_count = topics.len() as u64 - 1;
-        tracing::info!(data_dir = %config.data_dir.display(), topics = topic_count, "broker open");
-        let retention_every = Duration::from_millis(config.retention_check_ms);
-        let acks = AckPoller::new(Duration::from_micros(config.send_spin_us));
-        let broker = Arc::new_cyclic(|me| Broker {
-            config,
-            data: Arc::new(data),
-            topics: RwLock::new(topics),
-            admin: tokio::sync::Mutex::new(()),
-            groups: std::sync::Mutex::new(HashMap::new()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            acks,
-            metrics: Arc::new(Metrics::default()),
+        let groups = Arc::new(Groups::new(
+            Arc::clone(&topics),
+            group_settings,
+            DeadLetterAppender::new(Arc::clone(&sends)),
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+        let maintenance = Arc::new(Maintenance::new(
+            Arc::clone(&topics),
+            Arc::clone(&groups),
+            Arc::clone(&audit),
+        ));
+        let retention_every = Duration::from_millis(settings.retention_check_ms);
+        let broker = Arc::new(Broker {
+            settings,
+            topics,
+            sends,
+            groups,
+            maintenance,
             audit,
+            metrics,
+            shutdown,
+            tasks,
             read_only,
-            me: me.clone(),
         });
         if !read_only {
             broker
@@ -313,7 +193,11 @@ impl Broker {
                 .await?;
         }
         if !retention_every.is_zero() {
-            broker.start_retention(retention_every);
+            broker.maintenance.start_retention(
+                retention_every,
+                &broker.tasks,
+                broker.shutdown.clone(),
+            );
         }
         Ok(broker)
     }
@@ -327,8 +211,9 @@ impl Broker {
         &self.metrics
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// What the broker uses of its configuration.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Cancelled when the broker shuts down.
@@ -336,23 +221,11 @@ impl Broker {
         self.shutdown.clone()
     }
 
-    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), GroupCell>> {
-        self.groups.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn topic(&self, name: &str) -> Option<Arc<Topic>> {
-        self.topics
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-    }
+    // Topics.
 
     /// An open topic, or `TopicNotFound`. The name is checked first.
     pub fn existing_topic(&self, name: &str) -> Result<Arc<Topic>> {
-        validate_topic_name(name)?;
-        self.topic(name)
-            .ok_or_else(|| Error::Storage(storage::Error::TopicNotFound(name.to_string())))
+        self.topics.existing(name)
     }
 
     /// An open topic, created with the default settings when missing if `create` says who
@@ -362,48 +235,84 @@ impl Broker {
         name: &str,
         create: Option<AuditEvent>,
     ) -> Result<Arc<Topic>> {
-        validate_topic_name(name)?;
-        if let Some(t) = self.topic(name) {
-            return Ok(t);
-        }
-        let Some(event) = create else {
-            return Err(Error::TopicNotFound(name.to_string()));
-        };
-        self.create_if_missing(name, event).await?;
-        self.existing_topic(name)
-    }
-
-    /// Creates a topic with the default settings unless it exists, recording the creation as
-    /// `event` (its outcome and settings filled in); true if this call created it.
-    pub async fn create_if_missing(&self, name: &str, event: AuditEvent) -> Result<bool> {
-        validate_topic_name(name)?;
-        if self.topic(name).is_some() {
-            return Ok(false);
-        }
-        let config = TopicConfig {
-            partitions: self.config.default_partitions,
-            ..TopicConfig::default()
-        };
-        match self.create_topic(name, config).await {
-            Ok(()) => {
-                let event = AuditEvent {
-                    resource: format!("topic {name:?}"),
-                    outcome: "ok: topic created on first use".into(),
-                    after: self.topic_settings_json(name),
-                    ..event
-                };
-                self.audit.record(event).await?;
-                Ok(true)
-            }
-            Err(Error::Storage(storage::Error::TopicExists(_))) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.topics.get_or_create(name, create).await
     }
 
     /// A topic's settings as JSON (for audit records), if it exists.
     pub fn topic_settings_json(&self, name: &str) -> Option<serde_json::Value> {
-        self.topic(name)
-            .and_then(|t| serde_json::to_value(&t.config).ok())
+        self.topics.settings_json(name)
+    }
+
+    /// Creates a topic with its partitions and opens it.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        self.topics.create(name, config).await
+    }
+
+    /// Deletes a topic: its subscriptions end, its consumer groups' state goes, its partitions
+    /// close, its files go.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        refuse_audit_topic(name, "deleted")?;
+        let removed = self.topics.remove(name).await?;
+        let (topics, groups) = (Arc::clone(&self.topics), Arc::clone(&self.groups));
+        blocking(move || {
+            groups.forget_topic(&removed.topic.name)?;
+            topics.delete_files(&removed)
+        })
+        .await
+    }
+
+    /// Every open topic but `_audit`, sorted by name.
+    pub fn open_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics.open_topics()
+    }
+
+    /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.
+    pub fn list_topics(&self) -> Vec<(String, TopicConfig)> {
+        self.topics.list()
+    }
+
+    /// A topic's partitions, with what consumer groups hold back from retention.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        self.topics.existing(name)?;
+        let held = self.maintenance.maintain(Some(name), true).await?;
+        self.topics.describe(name, |p| {
+            held.iter()
+                .find(|h| h.partition == p)
+                .map(|h| (h.outcome.held_bytes, h.held_by.clone()))
+        })
+    }
+
+    /// The newest `limit` records of a topic that `keep` accepts, newest first (see
+    /// [`Topic::newest_records`]).
+    pub async fn newest_records(
+        &self,
+        name: &str,
+        limit: usize,
+        keep: impl Fn(&StoredRecord) -> bool + Send + 'static,
+    ) -> Result<Vec<(u32, StoredRecord)>> {
+        self.topics
+            .existing(name)?
+            .newest_records(limit, keep)
+            .await
+    }
+
+    // Sends and subscriptions.
+
+    /// Appends messages and returns each one's position, in request order, once all of them
+    /// are durable.
+    pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<Placed>> {
+        self.sends.send(topic, messages).await
+    }
+
+    /// [`Broker::send`], creating the topic when missing if `create` says who asks (see
+    /// [`Sends::send_with`](send::Sends::send_with)).
+    pub async fn send_with(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        create: Option<AuditEvent>,
+    ) -> Result<Vec<Placed>> {
+        self.sends.send_with(topic, messages, create).await
     }
 
     /// Starts a subscription; errors in its arguments (unknown topic or partition, offset out of
@@ -417,215 +326,104 @@ impl Broker {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let topic = self.existing_topic(topic)?;
-        let count = topic.partitions.len() as u32;
-        let mut chosen: Vec<u32> = if partitions.is_empty() {
-            (0..count).collect()
-        } else {
-            partitions
+        let topic = self.topics.existing(topic)?;
+        let settings = SubscriptionSettings {
+            buffer: self.settings.subscriber_buffer,
+            batch_bytes: self.settings.delivery_batch_bytes,
         };
-        chosen.sort_unstable();
-        chosen.dedup();
-        let mut starts = Vec::with_capacity(chosen.len());
-        for p in chosen {
-            let handle =
-                topic
-                    .partitions
-                    .get(p as usize)
-                    .ok_or_else(|| Error::PartitionNotFound {
-                        topic: topic.name.to_string(),
-                        partition: p,
-                        count,
-                    })?;
-            let offset = resolve_start(handle, start).await?;
-            starts.push((Arc::clone(handle), offset));
-        }
-        let (tx, rx) = mpsc::channel(self.config.subscriber_buffer);
-        for (handle, offset) in starts {
-            let pump = subscription::Pump {
-                topic: Arc::clone(&topic),
-                handle,
-                cursor: offset,
-                tx: tx.clone(),
-                stop: self.shutdown.child_token(),
-                batch_bytes: self.config.delivery_batch_bytes,
-            };
-            self.tasks.spawn(pump.run());
-        }
-        Ok(rx)
-    }
-
-    /// Creates a topic with its partitions and opens it.
-    pub async fn create_topic(&self, name: &str, mut config: TopicConfig) -> Result<()> {
-        validate_topic_name(name)?;
-        if config.partitions == 0 {
-            config.partitions = self.config.default_partitions;
-        }
-        config.sanitize()?;
-        let _admin = self.admin.lock().await;
-        if self.topic(name).is_some() {
-            return Err(storage::Error::TopicExists(name.to_string()).into());
-        }
-        let data = Arc::clone(&self.data);
-        let log = self.config.log.clone();
-        let owned = name.to_string();
-        let topic = blocking(move || {
-            data.create_topic(&owned, &config)?;
-            Topic::open(&data, &owned, config, &log)
-        })
-        .await?;
-        self.topics
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), Arc::new(topic));
-        tracing::info!(topic = name, "topic created");
-        Ok(())
-    }
-
-    /// Deletes a topic: its subscriptions end, its partitions close, its files go.
-    pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        validate_topic_name(name)?;
-        refuse_audit_topic(name, "deleted")?;
-        let _admin = self.admin.lock().await;
-        let topic = self
-            .topics
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .ok_or_else(|| storage::Error::TopicNotFound(name.to_string()))?;
-        topic.deleted.cancel();
-        let doomed: Vec<_> = {
-            let mut groups = self.groups();
-            let keys: Vec<_> = groups.keys().filter(|(_, t)| t == name).cloned().collect();
-            keys.into_iter()
-                .filter_map(|k| groups.remove(&k))
-                .filter_map(|cell| cell.get().cloned())
-                .collect()
-        };
-        let data = Arc::clone(&self.data);
-        let owned = name.to_string();
-        blocking(move || {
-            for g in &doomed {
-                g.close();
-            }
-            for (group, topics) in data.list_groups()? {
-                if topics.iter().any(|t| t == &owned) {
-                    data.delete_group_state(&group, Some(&owned))?;
-                }
-            }
-            for p in &topic.partitions {
-                // A latched partition cannot close cleanly; its files are going anyway.
-                let _ = p.log.close();
-            }
-            data.delete_topic(&owned)?;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(topic = name, "topic deleted");
-        Ok(())
-    }
-
-    /// Every open topic but `_audit`, sorted by name.
-    pub fn open_topics(&self) -> Vec<Arc<Topic>> {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<_> = topics
-            .iter()
-            .filter(|(n, _)| n.as_str() != AUDIT_TOPIC)
-            .map(|(_, t)| Arc::clone(t))
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
-    }
-
-    /// The newest `limit` records of a topic that `keep` accepts, newest first (over all its
-    /// partitions, by offset within each and by timestamp across them). Each partition is read
-    /// backwards from its end in windows, and at most [`NEWEST_SCAN`] records of it are looked
-    /// at: the cost is bounded however rare the kept records are.
-    pub async fn newest_records(
-        &self,
-        name: &str,
-        limit: usize,
-        keep: impl Fn(&StoredRecord) -> bool + Send + 'static,
-    ) -> Result<Vec<(u32, StoredRecord)>> {
-        let topic = self.existing_topic(name)?;
-        blocking(move || {
-            let mut out = Vec::new();
-            for p in &topic.partitions {
-                let start = p.log.log_start();
-                let mut end = p.log.high_water();
-                let floor = end.saturating_sub(NEWEST_SCAN).max(start);
-                let mut kept = 0;
-                while end > floor && kept < limit {
-                    let from = end.saturating_sub(NEWEST_WINDOW).max(floor);
-                    let mut window = Vec::new();
-                    let mut next = from;
-                    while next < end {
-                        let batches = p.log.read(next, 1 << 20)?;
-                        if batches.is_empty() {
-                            break;
-                        }
-                        for batch in &batches {
-                            for r in batch.records() {
-                                let r = r.map_err(|why| {
-                                    Error::Internal(format!("undecodable record: {why}"))
-                                })?;
-                                next = r.offset + 1;
-                                // A batch read may start before `from` or end past `end`.
-                                if (from..end).contains(&r.offset) && keep(&r) {
-                                    window.push(r);
-                                }
-                            }
-                        }
-                    }
-                    // Newest of this window first, until the partition has `limit`.
-                    for r in window.into_iter().rev().take(limit - kept) {
-                        kept += 1;
-                        out.push((p.id, r));
-                    }
-                    end = from;
-                }
-            }
-            out.sort_by_key(|(_, r)| std::cmp::Reverse((r.timestamp, r.offset)));
-            out.truncate(limit);
-            Ok(out)
-        })
+        subscription::subscribe(
+            topic,
+            partitions,
+            start,
+            settings,
+            &self.tasks,
+            &self.shutdown,
+        )
         .await
     }
 
-    /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.
-    pub fn list_topics(&self) -> Vec<(String, TopicConfig)> {
-        self.open_topics()
-            .iter()
-            .map(|t| (t.name.to_string(), t.config.clone()))
-            .collect()
+    // Consumer groups.
+
+    /// The open state of `group` on `topic`, opening it (and, for a new group, starting it at
+    /// `start`) when needed.
+    pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
+        self.groups.group(group, topic, start).await
     }
 
-    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        let topic = self.existing_topic(name)?;
-        let held = self.maintain(Some(name), true).await?;
-        let partitions = topic
-            .partitions
-            .iter()
-            .map(|p| {
-                let s = p.log.stats();
-                let hold = held.iter().find(|h| h.partition == p.id);
-                PartitionDescription {
-                    partition: p.id,
-                    first_offset: s.log_start,
-                    next_offset: s.high_water,
-                    size_bytes: s.size_bytes,
-                    segments: s.segments as u32,
-                    held_bytes: hold.map_or(0, |h| h.outcome.held_bytes),
-                    held_by: hold.and_then(|h| h.held_by.clone()),
-                }
-            })
-            .collect();
-        Ok(TopicDescription {
-            name: name.to_string(),
-            config: topic.config.clone(),
-            partitions,
-            ids: topic.dedup.as_ref().map(|d| d.stats()),
-        })
+    /// Joins `group` on `topic` as a member.
+    pub async fn subscribe_group(
+        &self,
+        topic: &str,
+        group: &str,
+        start: Start,
+        max_in_flight: usize,
+        exclusive: bool,
+        limit: Option<u64>,
+    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        self.groups
+            .subscribe_group(topic, group, start, max_in_flight, exclusive, limit)
+            .await
+    }
+
+    /// Acknowledges deliveries; returns once durable, with whether each id applied.
+    pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<Vec<bool>> {
+        self.groups.ack(group, topic, ids).await
+    }
+
+    /// Returns deliveries for redelivery after `delay`.
+    pub async fn nack(
+        &self,
+        group: &str,
+        topic: &str,
+        ids: &[String],
+        delay: Duration,
+    ) -> Result<Vec<bool>> {
+        self.groups.nack(group, topic, ids, delay).await
+    }
+
+    /// Every group with the topics it has state for.
+    pub fn list_groups(&self) -> Result<Vec<(String, Vec<String>)>> {
+        self.groups.list_groups()
+    }
+
+    /// Every consumer group on every topic that exists, opened if it was not yet.
+    pub async fn all_groups(&self) -> Vec<Arc<GroupTopic>> {
+        self.groups.all_groups().await
+    }
+
+    /// The state of a group on each of its topics.
+    pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
+        self.groups.describe_group(group).await
+    }
+
+    /// Moves a group's position on a topic (see [`Groups::reset_group`]).
+    pub async fn reset_group(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: &[u32],
+        to: Start,
+        force: bool,
+    ) -> Result<()> {
+        self.groups
+            .reset_group(group, topic, partitions, to, force)
+            .await
+    }
+
+    /// Deletes a group's state on every topic. Refused while members are connected.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        self.groups.delete_group(group).await
+    }
+
+    // Maintenance.
+
+    /// Applies retention and compaction to one topic or all (see [`Maintenance::maintain`]).
+    pub async fn maintain(
+        &self,
+        topic: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Vec<PartitionMaintenance>> {
+        self.maintenance.maintain(topic, dry_run).await
     }
 
     /// Stops subscriptions, waits for their tasks, then closes every partition cleanly (final
@@ -633,14 +431,7 @@ impl Broker {
     /// stopped serving them.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let groups: Vec<_> = self
-            .groups()
-            .drain()
-            .filter_map(|(_, cell)| cell.get().cloned())
-            .collect();
-        for g in &groups {
-            g.stop.cancel();
-        }
+        let groups = self.groups.stop_all();
         self.tasks.close();
         self.tasks.wait().await;
         // A read-only broker records nothing: nothing may be written.
@@ -652,13 +443,7 @@ impl Broker {
         {
             tracing::error!(error = %e, "cannot record the clean stop in the audit trail");
         }
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let topics = self.topics.all();
         let closed = blocking(move || {
             side_by_side(&groups, |g| g.close());
             side_by_side(&topics, |t| {
@@ -685,29 +470,6 @@ impl Broker {
     }
 }
 
-/// `_audit` is written by the broker alone and shortened only by `auth.audit_retention_ms`.
-fn refuse_audit_topic(name: &str, what: &str) -> Result<()> {
-    if name == AUDIT_TOPIC {
-        return Err(Error::Protected(format!(
-            "{AUDIT_TOPIC} is the audit trail: it cannot be {what} through the API"
-        )));
-    }
-    Ok(())
-}
-
-/// The settings of `_audit`: one partition, retention from the configuration only.
-fn audit_topic_config(config: &Config) -> TopicConfig {
-    TopicConfig {
-        partitions: 1,
-        retention_ms: (config.auth.audit_retention_ms > 0)
-            .then_some(config.auth.audit_retention_ms),
-        retention_bytes: None,
-        retain_until_consumed: false,
-        dedup_window_ms: 0,
-        ..TopicConfig::default()
-    }
-}
-
 /// Threads that close logs at shutdown: a close mostly waits on syncs, so many run at once.
 const CLOSING_THREADS: usize = 16;
 
@@ -725,33 +487,4 @@ fn side_by_side<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
         }
         work();
     });
-}
-
-/// The first offset a subscription reads in a partition.
-pub(crate) async fn resolve_start(handle: &Arc<PartitionHandle>, start: Start) -> Result<u64> {
-    let log = &handle.log;
-    match start {
-        Start::Earliest => Ok(log.log_start()),
-        Start::Latest => Ok(log.high_water()),
-        Start::Offset(o) => {
-            let (first, end) = (log.log_start(), log.high_water());
-            if o < first || o > end {
-                return Err(storage::Error::OffsetOutOfRange {
-                    requested: o,
-                    start: first,
-                    end,
-                }
-                .into());
-            }
-            Ok(o)
-        }
-        Start::Timestamp(ts) => {
-            let h = Arc::clone(handle);
-            blocking(move || {
-                let found = h.log.offset_for_timestamp(ts)?;
-                Ok(found.unwrap_or_else(|| h.log.high_water()))
-            })
-            .await
-        }
-    }
 }

@@ -1,17 +1,83 @@
-//! Send: checks, routing, encoding, appending, and the id check of idempotent Send
-//! ([`dedup`](super::dedup)).
+//! Sends: the path from a producer's request to durable partitions. Checks (counts, sizes,
+//! ids, routing, each partition's batch size), topic creation on first use, encoding one batch
+//! per partition on the calling task, taking the partitions' permits, handing the batches to
+//! their writers and waiting until all are durable; and the id check of idempotent Send
+//! ([`dedup`](super::dedup)), settled by the writers' completions.
+//!
+//! Consumer groups write dead letters through the same path, holding only a
+//! [`DeadLetterAppender`].
 
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::audit::AuditEvent;
+use super::ack_poll::AckPoller;
+use super::audit::{AuditEvent, refuse_audit_topic};
+use super::clock::now_ms;
 use super::dedup::{Background, Claim, Claimed, Claims, Dedup, Item};
-use super::groups::read_record;
-use super::{Broker, Error, NewMessage, Placed, Result, Topic, now_ms, refuse_audit_topic, topic};
+use super::error::{Error, Result};
+use super::message::{NewMessage, Placed};
+use super::topic::{self, Topic};
+use super::topics::Topics;
+use crate::metrics::Metrics;
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
 use crate::storage::topic::CleanupPolicy;
-use crate::storage::{self, Appended, EncodedBatch, Record, validate_topic_name};
+use crate::storage::{self, AppendMode, Appended, EncodedBatch, Record, validate_topic_name};
+
+/// What a Send may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimits {
+    /// Create a topic on its first Send.
+    pub auto_create_topics: bool,
+    pub max_batch_messages: usize,
+    pub max_message_bytes: usize,
+    /// One partition's share of a Send, encoded (`log.max_batch_bytes`).
+    pub max_batch_bytes: usize,
+}
+
+/// The send path of a broker.
+#[derive(Debug)]
+pub struct Sends {
+    topics: Arc<Topics>,
+    limits: SendLimits,
+    /// Lets a lone producer's Send poll for its acknowledgement (see [`super::ack_poll`]).
+    acks: AckPoller,
+    metrics: Arc<Metrics>,
+    /// Runs the id index's background writes and merges.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// What a consumer group holds to write dead letters: appends to a `<topic>.dlq`, created when
+/// missing, through the send path, and nothing else of the broker.
+#[derive(Debug, Clone)]
+pub struct DeadLetterAppender {
+    sends: Arc<Sends>,
+}
+
+impl DeadLetterAppender {
+    pub fn new(sends: Arc<Sends>) -> DeadLetterAppender {
+        DeadLetterAppender { sends }
+    }
+
+    /// The dead-letter topic `name`, created when missing whatever `auto_create_topics` says
+    /// (the broker writes it), the creation recorded in the audit trail.
+    pub async fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        let event = AuditEvent::system("broker/dead-letter", "");
+        self.sends.topics.get_or_create(name, Some(event)).await
+    }
+
+    /// Appends one dead letter and waits until it is durable.
+    pub async fn append(&self, topic: &Arc<Topic>, message: NewMessage) -> Result<Placed> {
+        let placed = self.sends.send_to(topic, vec![message]).await?;
+        placed
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Internal("a dead letter was not placed".into()))
+    }
+}
 
 /// One partition's share of a Send, encoded.
 struct PlannedBatch {
@@ -28,18 +94,36 @@ struct Ids<'a> {
     claimed: Claimed,
 }
 
-impl Broker {
+impl Sends {
+    pub(super) fn new(
+        topics: Arc<Topics>,
+        limits: SendLimits,
+        acks: AckPoller,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Sends {
+        Sends {
+            topics,
+            limits,
+            acks,
+            metrics,
+            tasks,
+            shutdown,
+        }
+    }
+
     /// Appends messages and returns each one's position, in request order, once all of them
     /// are durable.
     pub async fn send(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<Placed>> {
         let create = self
-            .config
+            .limits
             .auto_create_topics
             .then(|| AuditEvent::system("broker/send", ""));
         self.send_with(topic, messages, create).await
     }
 
-    /// [`Broker::send`], creating the topic when missing if `create` says who asks (the seed
+    /// [`Sends::send`], creating the topic when missing if `create` says who asks (the seed
     /// API always creates).
     ///
     /// All or nothing up to the disk: every check (counts, sizes, ids, routing, partition
@@ -77,14 +161,14 @@ impl Broker {
                 "a Send needs at least one message".into(),
             ));
         }
-        if messages.len() > self.config.max_batch_messages {
+        if messages.len() > self.limits.max_batch_messages {
             return Err(Error::LimitExceeded(format!(
                 "a Send may hold at most {} messages, this one has {}",
-                self.config.max_batch_messages,
+                self.limits.max_batch_messages,
                 messages.len()
             )));
         }
-        let limit = self.config.max_message_bytes;
+        let limit = self.limits.max_message_bytes;
         if let Some((index, m)) = messages.iter().enumerate().find(|(_, m)| m.size() > limit) {
             return Err(Error::MessageTooLarge {
                 index,
@@ -103,16 +187,16 @@ impl Broker {
             )));
         }
         validate_topic_name(topic)?;
-        let (messages, create) = match (self.topic(topic), create) {
+        let (messages, create) = match (self.topics.get(topic), create) {
             (Some(t), _) => return self.send_to(&t, messages).await,
             (None, None) => return Err(Error::TopicNotFound(topic.to_string())),
             (None, Some(event)) => (messages, event),
         };
         // Checked against the partitions the topic will have, before it is created.
-        let count = self.config.default_partitions;
+        let count = self.topics.default_partitions();
         let plan = self.plan(topic, count, 0, messages.clone(), now_ms())?;
         drop(plan);
-        let t = self.topic_or_create(topic, Some(create)).await?;
+        let t = self.topics.get_or_create(topic, Some(create)).await?;
         if t.partitions.len() as u32 != count {
             // Created meanwhile by someone else, with another partition count.
             return Err(Error::FailedPrecondition(format!(
@@ -126,7 +210,7 @@ impl Broker {
 
     /// Routes and appends messages to an open topic; returns once all are durable. Messages
     /// with ids go through the topic's id check when it has one.
-    pub(crate) async fn send_to(
+    pub async fn send_to(
         &self,
         topic: &Arc<Topic>,
         messages: Vec<NewMessage>,
@@ -257,7 +341,7 @@ impl Broker {
         let tasks = self.tasks.clone();
         // The data directory stays locked while its files are written, even if the broker is
         // dropped meanwhile.
-        let data = Arc::clone(&self.data);
+        let data = Arc::clone(self.topics.data());
         self.tasks.spawn_blocking(move || {
             loop {
                 let written = dedup.write_frozen();
@@ -314,7 +398,7 @@ impl Broker {
                 continue;
             }
             let batch = EncodedBatch::new(&records);
-            if let Err(e) = batch.check(self.config.log.max_batch_bytes) {
+            if let Err(e) = batch.check(self.limits.max_batch_bytes) {
                 return Err(match e {
                     storage::Error::BatchTooLarge { size, limit } => Error::LimitExceeded(format!(
                         "the {} messages of this Send routed to partition {p} encode to {size} \
@@ -377,6 +461,7 @@ impl Broker {
             });
             topic.partitions[partition as usize].log.append(
                 b.batch,
+                AppendMode::DURABLE,
                 Box::new(move |r| {
                     if let Some(ids) = ids {
                         ids.settle(&r);
@@ -465,7 +550,7 @@ async fn still_held(topic: &Arc<Topic>, e: Entry) -> Result<bool> {
         return Ok(false);
     }
     if topic.config.cleanup_policy == CleanupPolicy::Compact {
-        return Ok(read_record(handle, e.offset).await?.is_some());
+        return Ok(handle.read_record(e.offset).await?.is_some());
     }
     Ok(true)
 }

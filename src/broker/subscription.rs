@@ -1,6 +1,7 @@
-//! One partition's reader for one subscription.
+//! Plain subscriptions (from an offset, outside consumer groups): resolving where each chosen
+//! partition starts, then one reader task per partition.
 //!
-//! Reads about `batch_bytes` of whole batches from the cursor on the blocking pool and pushes them
+//! A reader reads about `batch_bytes` of whole batches from the cursor on the blocking pool and pushes them
 //! into the subscription's bounded channel (records are decoded where the response is encoded). A full
 //! channel (slow subscriber) parks the task: the broker's memory per subscription stays at the
 //! channel's capacity. At the tail it waits for the partition's high-water watch. It ends quietly
@@ -11,10 +12,69 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::error::Error;
-use super::{Deliveries, DeliveryBatch, PartitionHandle, Topic};
+use tokio_util::task::TaskTracker;
 
-pub(super) struct Pump {
+use super::error::{Error, Result};
+use super::message::{Deliveries, DeliveryBatch, Start};
+use super::topic::{PartitionHandle, Topic};
+
+/// How subscriptions buffer and read.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionSettings {
+    /// Responses buffered per subscription before its readers pause.
+    pub buffer: usize,
+    /// Log bytes read per response.
+    pub batch_bytes: usize,
+}
+
+/// Starts a subscription to `partitions` of `topic` (all when empty) at `start`; errors in its
+/// arguments (unknown partition, offset out of range) come back here, before any delivery. Its
+/// readers run on `tasks` and end with `stop`.
+pub async fn subscribe(
+    topic: Arc<Topic>,
+    partitions: Vec<u32>,
+    start: Start,
+    settings: SubscriptionSettings,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<mpsc::Receiver<DeliveryBatch>> {
+    let count = topic.partitions.len() as u32;
+    let mut chosen: Vec<u32> = if partitions.is_empty() {
+        (0..count).collect()
+    } else {
+        partitions
+    };
+    chosen.sort_unstable();
+    chosen.dedup();
+    let mut starts = Vec::with_capacity(chosen.len());
+    for p in chosen {
+        let handle = topic
+            .partitions
+            .get(p as usize)
+            .ok_or_else(|| Error::PartitionNotFound {
+                topic: topic.name.to_string(),
+                partition: p,
+                count,
+            })?;
+        let offset = handle.start_offset(start).await?;
+        starts.push((Arc::clone(handle), offset));
+    }
+    let (tx, rx) = mpsc::channel(settings.buffer);
+    for (handle, offset) in starts {
+        let pump = Pump {
+            topic: Arc::clone(&topic),
+            handle,
+            cursor: offset,
+            tx: tx.clone(),
+            stop: stop.child_token(),
+            batch_bytes: settings.batch_bytes,
+        };
+        tasks.spawn(pump.run());
+    }
+    Ok(rx)
+}
+
+struct Pump {
     pub topic: Arc<Topic>,
     pub handle: Arc<PartitionHandle>,
     pub cursor: u64,
@@ -31,7 +91,7 @@ impl Pump {
         }
     }
 
-    async fn pump(&mut self) -> Result<(), Error> {
+    async fn pump(&mut self) -> Result<()> {
         let mut watch = self.handle.high_water.clone();
         loop {
             watch.borrow_and_update();
@@ -72,7 +132,7 @@ impl Pump {
     }
 
     /// Hands deliveries to the subscriber, waiting while its buffer is full.
-    async fn deliver(&self, deliveries: Deliveries) -> Result<(), Error> {
+    async fn deliver(&self, deliveries: Deliveries) -> Result<()> {
         tokio::select! {
             sent = self.tx.send(Ok(deliveries)) => {
                 // A closed channel: the subscriber left; stop quietly.

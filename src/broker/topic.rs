@@ -1,5 +1,6 @@
 //! An open topic: its partitions, each a storage [`Partition`] with a high-water watch that wakes
-//! subscribers and a semaphore that bounds appends in flight.
+//! subscribers and a semaphore that bounds appends in flight; its id index; and what is read
+//! from it record by record (one record, the newest records, where a start position lands).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,11 +8,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{DataDir, LogConfig, Partition, TopicConfig};
+use crate::storage::{self, DataDir, LogConfig, Partition, StoredRecord, TopicConfig};
 
+use super::blocking::blocking;
+use super::clock::now_ms;
 use super::dedup::Dedup;
-use super::error::Result;
-use super::now_ms;
+use super::error::{Error, Result};
+use super::message::Start;
+
+/// Records of one partition that [`Topic::newest_records`] looks at, at most.
+pub const NEWEST_SCAN: u64 = 100_000;
+/// Records it reads at a time, walking back from the end.
+const NEWEST_WINDOW: u64 = 1024;
 
 /// One partition of an open topic.
 #[derive(Debug)]
@@ -22,7 +30,10 @@ pub struct PartitionHandle {
     /// visible. It is only a signal; `log.high_water()` is the authority (read it after marking
     /// the watch seen, then wait for a change).
     pub high_water: watch::Receiver<u64>,
-    /// Appends in flight; bounded below the writer's queue so `append` never blocks a worker.
+    /// Appends in flight: one permit per slot of the writer's inbox (`log.queue_depth`). Every
+    /// append to a topic's partition holds one until its completion runs (Sends, dead letters
+    /// and the audit trail alike), so the inbox always has room and `Partition::append` never
+    /// blocks a tokio worker.
     pub permits: Arc<Semaphore>,
 }
 
@@ -65,7 +76,7 @@ impl Topic {
                 Arc::clone(data.io()),
                 Some(listener),
             )?;
-            let permits = log_config.queue_depth.saturating_sub(16).max(1);
+            let permits = log_config.queue_depth;
             partitions.push(Arc::new(PartitionHandle {
                 id,
                 log,
@@ -119,10 +130,122 @@ impl Topic {
         }
     }
 
+    /// The newest `limit` records of a topic that `keep` accepts, newest first (over all its
+    /// partitions, by offset within each and by timestamp across them). Each partition is read
+    /// backwards from its end in windows, and at most [`NEWEST_SCAN`] records of it are looked
+    /// at: the cost is bounded however rare the kept records are.
+    pub async fn newest_records(
+        self: &Arc<Self>,
+        limit: usize,
+        keep: impl Fn(&StoredRecord) -> bool + Send + 'static,
+    ) -> Result<Vec<(u32, StoredRecord)>> {
+        let topic = Arc::clone(self);
+        blocking(move || {
+            let mut out = Vec::new();
+            for p in &topic.partitions {
+                let start = p.log.log_start();
+                let mut end = p.log.high_water();
+                let floor = end.saturating_sub(NEWEST_SCAN).max(start);
+                let mut kept = 0;
+                while end > floor && kept < limit {
+                    let from = end.saturating_sub(NEWEST_WINDOW).max(floor);
+                    let mut window = Vec::new();
+                    let mut next = from;
+                    while next < end {
+                        let batches = p.log.read(next, 1 << 20)?;
+                        if batches.is_empty() {
+                            break;
+                        }
+                        for batch in &batches {
+                            for r in batch.records() {
+                                let r = r.map_err(|why| {
+                                    Error::Internal(format!("undecodable record: {why}"))
+                                })?;
+                                next = r.offset + 1;
+                                // A batch read may start before `from` or end past `end`.
+                                if (from..end).contains(&r.offset) && keep(&r) {
+                                    window.push(r);
+                                }
+                            }
+                        }
+                    }
+                    // Newest of this window first, until the partition has `limit`.
+                    for r in window.into_iter().rev().take(limit - kept) {
+                        kept += 1;
+                        out.push((p.id, r));
+                    }
+                    end = from;
+                }
+            }
+            out.sort_by_key(|(_, r)| std::cmp::Reverse((r.timestamp, r.offset)));
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
     /// The partition for the keyless messages of the next request.
     pub fn next_spread_partition(&self) -> u32 {
         self.next.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
     }
+}
+
+impl PartitionHandle {
+    /// The record at `offset`, if the log still holds it (blocking).
+    pub fn read_record_blocking(&self, offset: u64) -> Result<Option<StoredRecord>> {
+        read_record(&self.log, offset)
+    }
+
+    /// [`PartitionHandle::read_record_blocking`] on the blocking pool.
+    pub async fn read_record(self: &Arc<Self>, offset: u64) -> Result<Option<StoredRecord>> {
+        let handle = Arc::clone(self);
+        blocking(move || handle.read_record_blocking(offset)).await
+    }
+
+    /// The first offset a subscription starting at `start` reads.
+    pub async fn start_offset(self: &Arc<Self>, start: Start) -> Result<u64> {
+        let log = &self.log;
+        match start {
+            Start::Earliest => Ok(log.log_start()),
+            Start::Latest => Ok(log.high_water()),
+            Start::Offset(o) => {
+                let (first, end) = (log.log_start(), log.high_water());
+                if o < first || o > end {
+                    return Err(storage::Error::OffsetOutOfRange {
+                        requested: o,
+                        start: first,
+                        end,
+                    }
+                    .into());
+                }
+                Ok(o)
+            }
+            Start::Timestamp(ts) => {
+                let h = Arc::clone(self);
+                blocking(move || {
+                    let found = h.log.offset_for_timestamp(ts)?;
+                    Ok(found.unwrap_or_else(|| h.log.high_water()))
+                })
+                .await
+            }
+        }
+    }
+}
+
+/// The record at `offset` of a partition log (a group's event log too), if still held.
+pub fn read_record(log: &Partition, offset: u64) -> Result<Option<StoredRecord>> {
+    for batch in log.read(offset, 1)? {
+        for r in batch.records() {
+            let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;
+            if r.offset == offset {
+                return Ok(Some(r));
+            }
+            if r.offset > offset {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The partition for a keyed message among `count`: a stable hash of the key (CRC-32), so one

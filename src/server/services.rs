@@ -114,7 +114,7 @@ impl pb::broker_server::Broker for BrokerService {
                 &caller,
                 SEND,
                 &req.topic,
-                self.broker.config().auto_create_topics,
+                self.broker.settings().auto_create_topics,
             )
             .await?;
         let messages = req
@@ -194,7 +194,7 @@ impl pb::broker_server::Broker for BrokerService {
         let stream = Responses {
             rx,
             topic: Arc::from(req.topic.as_str()),
-            max_bytes: self.broker.config().delivery_batch_bytes,
+            max_bytes: self.broker.settings().delivery_batch_bytes,
             ready: VecDeque::new(),
             // A member's limit is the dispatcher's to keep (it stays a member after it).
             left: if member.is_some() { None } else { limit },

@@ -85,7 +85,7 @@ impl Verifier {
         for dir in dirs {
             let file = dir.join(TOPIC_FILE);
             let partitions = match fs::read_to_string(&file) {
-                Ok(text) => match toml::from_str::<super::TopicConfig>(&text) {
+                Ok(text) => match toml::from_str::<super::topic::TopicConfig>(&text) {
                     Ok(c) => c.partitions,
                     Err(e) => {
                         self.problem(&file, 0, format!("topic settings do not parse: {e}"));
@@ -456,10 +456,10 @@ pub fn for_each_record(
     dir: &Path,
     from: u64,
     mut f: impl FnMut(StoredRecord) -> bool,
-) -> super::Result<Vec<Damage>> {
+) -> super::error::Result<Vec<Damage>> {
     let mut bases = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| super::Error::io(dir, e))? {
-        let e = e.map_err(|e| super::Error::io(dir, e))?;
+    for e in fs::read_dir(dir).map_err(|e| super::error::Error::io(dir, e))? {
+        let e = e.map_err(|e| super::error::Error::io(dir, e))?;
         if let Some((base, FileKind::Log)) =
             e.file_name().to_str().and_then(parse_segment_file_name)
         {
@@ -474,7 +474,7 @@ pub fn for_each_record(
             continue;
         }
         let path = segment_path(dir, base, FileKind::Log);
-        let bytes = Bytes::from(fs::read(&path).map_err(|e| super::Error::io(&path, e))?);
+        let bytes = Bytes::from(fs::read(&path).map_err(|e| super::error::Error::io(&path, e))?);
         let mut pos = LOG_HEADER_LEN as usize;
         let mut next = base;
         while pos < bytes.len() {
@@ -499,7 +499,8 @@ pub fn for_each_record(
             next = batch.header().next_offset();
             if batch.header().last_offset() >= from {
                 for r in batch.records() {
-                    let r = r.map_err(|why| super::Error::corrupt(&path, pos as u64, why))?;
+                    let r =
+                        r.map_err(|why| super::error::Error::corrupt(&path, pos as u64, why))?;
                     if r.offset >= from && !f(r) {
                         return Ok(damage);
                     }

@@ -10,13 +10,26 @@ use bytes::Bytes;
 
 use crate::storage::{Header, StoredRecord};
 
-use super::events::{DeadLetter, Event, Reason};
-use super::replay::{read_record, wait};
-use super::state::*;
-use super::*;
-use crate::broker::audit::AuditEvent;
 use crate::broker::error::{Error, Result};
-use crate::broker::{Broker, NewMessage};
+use crate::broker::message::NewMessage;
+use crate::broker::topic::{PartitionHandle, Topic};
+
+use super::events::{DeadLetter, Event, Reason};
+use super::group::{GroupTopic, wait};
+use super::state::*;
+
+/// Headers a dead-lettered message carries, besides its own.
+pub const DLQ_GROUP: &str = "sluice.dlq.group";
+pub const DLQ_TOPIC: &str = "sluice.dlq.topic";
+pub const DLQ_PARTITION: &str = "sluice.dlq.partition";
+pub const DLQ_OFFSET: &str = "sluice.dlq.offset";
+pub const DLQ_ATTEMPTS: &str = "sluice.dlq.attempts";
+pub const DLQ_REASON: &str = "sluice.dlq.reason";
+
+/// The dead-letter topic of a topic.
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
 
 impl GroupTopic {
     /// Moves timed-out deliveries back to pending (or to dead-lettering); returns the next
@@ -76,10 +89,9 @@ impl GroupTopic {
         if todo.is_empty() {
             return Ok(());
         }
-        let broker = self.broker.upgrade().ok_or(Error::ShuttingDown)?;
         let dlq = dlq_topic(&self.topic.name);
         for (p, mut d) in todo {
-            let result = self.dead_letter_one(&broker, &dlq, p, &mut d).await;
+            let result = self.dead_letter_one(&dlq, p, &mut d).await;
             if let Err(e) = result {
                 // Left marked as started=false, so the next round tries again.
                 if let Some((_, started)) = lock(&self.state).parts[p as usize]
@@ -96,15 +108,11 @@ impl GroupTopic {
 
     pub(super) async fn dead_letter_one(
         &self,
-        broker: &Arc<Broker>,
         dlq: &str,
         p: u32,
         d: &mut DeadLetter,
     ) -> Result<()> {
-        // Created when missing, whatever `auto_create_topics` says: the broker writes it.
-        let dlq_topic = broker
-            .topic_or_create(dlq, Some(AuditEvent::system("broker/dead-letter", "")))
-            .await?;
+        let dlq_topic: Arc<Topic> = self.dead_letters.topic(dlq).await?;
         let dlq_partition = &dlq_topic.partitions[0];
         if d.dlq_mark == u64::MAX {
             // First try: record the intent with the DLQ's current end.
@@ -124,7 +132,9 @@ impl GroupTopic {
             // A crash came between the DLQ append and the final event.
             return self.finish_dead_letter(p, d.offset).await;
         }
-        let record = read_record(&self.topic.partitions[p as usize], d.offset).await?;
+        let record = self.topic.partitions[p as usize]
+            .read_record(d.offset)
+            .await?;
         let mut headers = record
             .as_ref()
             .map(|r| r.headers.clone())
@@ -151,7 +161,7 @@ impl GroupTopic {
             // topic's id window must not refuse the same message dead-lettered again.
             id: None,
         };
-        broker.send_to(&dlq_topic, vec![message]).await?;
+        self.dead_letters.append(&dlq_topic, message).await?;
         tracing::info!(group = %self.group, topic = %self.topic.name, partition = p, offset = d.offset,
             attempts = d.attempts, reason = d.reason.as_str(), "dead-lettered");
         self.finish_dead_letter(p, d.offset).await
@@ -175,7 +185,7 @@ impl GroupTopic {
     /// Whether the DLQ already holds this dead letter (looking from the recorded mark).
     pub(super) async fn find_in_dlq(
         &self,
-        dlq: &Arc<crate::broker::PartitionHandle>,
+        dlq: &Arc<PartitionHandle>,
         p: u32,
         d: &DeadLetter,
     ) -> Result<bool> {

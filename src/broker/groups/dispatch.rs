@@ -7,12 +7,20 @@ use std::time::{Duration, Instant};
 
 use crate::storage::{self};
 
-use super::events::Event;
-use super::replay::read_record_blocking;
-use super::state::*;
-use super::*;
 use crate::broker::error::{Error, Result};
-use crate::broker::{Deliveries, Delivery};
+use crate::broker::message::{Deliveries, Delivery};
+use crate::broker::topic::read_record;
+
+use super::events::Event;
+use super::group::{GroupTopic, ack_id};
+use super::state::*;
+
+/// Snapshot the state once this many bytes of events were written since the last one.
+const SNAPSHOT_EVERY_BYTES: u64 = 1 << 20;
+/// Bytes read from a partition per look-ahead refill.
+const READ_AHEAD_BYTES: usize = 256 << 10;
+/// Deliveries handed to one member per round, so that members take turns.
+const ROUND_QUOTA: usize = 512;
 
 impl GroupTopic {
     pub(super) async fn run(self: Arc<Self>) {
@@ -97,13 +105,10 @@ impl GroupTopic {
             }
             (fetch, refill)
         };
-        if let Some(broker) = self.broker.upgrade() {
-            for (p, from) in refill {
-                let me = Arc::clone(self);
-                broker
-                    .tasks
-                    .spawn(async move { me.read_ahead(p, from).await });
-            }
+        for (p, from) in refill {
+            let me = Arc::clone(self);
+            self.tasks
+                .spawn(async move { me.read_ahead(p, from).await });
         }
         if fetch.is_empty() {
             return Ok(());
@@ -114,7 +119,7 @@ impl GroupTopic {
             let mut damaged = Vec::new();
             for (p, offset) in fetch {
                 let log = &topic.partitions[p as usize].log;
-                match read_record_blocking(log, offset) {
+                match read_record(log, offset) {
                     Ok(r) => fetched.push((p, offset, r)),
                     // Retention removed it: nothing left to redeliver.
                     Err(Error::Storage(storage::Error::OffsetOutOfRange { .. })) => {

@@ -11,13 +11,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::storage::{self};
 
-use super::DeliveryBatch;
-use super::events::{Event, Reason};
-use super::replay::wait;
-use super::state::*;
 use crate::broker::error::{Error, Result};
+use crate::broker::message::DeliveryBatch;
 
-use super::*;
+use super::events::{Event, Reason};
+use super::group::{GroupTopic, wait};
+use super::state::*;
+
+/// Longest delay a Nack may ask for.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(3600);
 
 /// Removes a member from its group when its subscription ends (the stream is dropped).
 #[derive(Debug)]

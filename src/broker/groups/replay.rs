@@ -2,19 +2,20 @@
 //! positions), and the helpers that wait for the log and read records back.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{self, FileIo, LogConfig, Partition, StoredRecord};
+use crate::storage::{self, FileIo, LogConfig, Partition};
+
+use crate::broker::error::{Error, Result};
+use crate::broker::topic::Topic;
 
 use super::events::{Event, PartitionSnapshot, Reason};
+use super::group::{GroupTopic, Provided, wait};
 use super::state::*;
-use super::*;
-use crate::broker::error::{Error, Result};
-use crate::broker::{Broker, Topic};
 
 impl GroupTopic {
     /// Opens (creating if needed) the state of `group` on `topic` and starts its dispatcher.
@@ -24,10 +25,14 @@ impl GroupTopic {
         topic: Arc<Topic>,
         dir: PathBuf,
         io: Arc<dyn FileIo>,
-        settings: GroupSettings,
-        broker: Weak<Broker>,
+        provided: Provided,
         start: impl Fn(u32) -> u64,
     ) -> Result<Arc<GroupTopic>> {
+        let Provided {
+            settings,
+            dead_letters,
+            tasks,
+        } = provided;
         let config = LogConfig {
             segment_bytes: 1 << 20,
             fsync: settings.fsync,
@@ -80,7 +85,8 @@ impl GroupTopic {
             state: Mutex::new(state),
             wake: Notify::new(),
             settings,
-            broker,
+            dead_letters,
+            tasks,
             stop: CancellationToken::new(),
             since_snapshot: std::sync::atomic::AtomicU64::new(0),
         });
@@ -98,39 +104,6 @@ impl GroupTopic {
         }
         Ok(group_topic)
     }
-}
-
-pub(super) async fn wait(
-    done: oneshot::Receiver<storage::Result<storage::Appended>>,
-) -> Result<()> {
-    done.await
-        .map_err(|_| Error::Internal("group log writer went away".into()))??;
-    Ok(())
-}
-
-pub(super) fn read_record_blocking(log: &Partition, offset: u64) -> Result<Option<StoredRecord>> {
-    for batch in log.read(offset, 1)? {
-        for r in batch.records() {
-            let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;
-            if r.offset == offset {
-                return Ok(Some(r));
-            }
-            if r.offset > offset {
-                return Ok(None);
-            }
-        }
-    }
-    Ok(None)
-}
-
-pub(crate) async fn read_record(
-    handle: &Arc<crate::broker::PartitionHandle>,
-    offset: u64,
-) -> Result<Option<StoredRecord>> {
-    let handle = Arc::clone(handle);
-    tokio::task::spawn_blocking(move || read_record_blocking(&handle.log, offset))
-        .await
-        .map_err(|e| Error::Internal(format!("read task: {e}")))?
 }
 
 /// Rebuilds the partitions' state from the group log; `None` when the log is empty (a new

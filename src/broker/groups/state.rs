@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use crate::storage::StoredRecord;
 
 use super::events::{DeadLetter, PartitionSnapshot, Reason};
-use crate::broker::DeliveryBatch;
 use crate::broker::error::Error;
+use crate::broker::message::DeliveryBatch;
 
 #[derive(Debug)]
 pub(super) struct Flight {

@@ -115,7 +115,7 @@ impl Scrape {
             fsync,
             commit_records,
             metrics: Arc::clone(broker.metrics()),
-            free_bytes: free_bytes(&broker.config().data_dir),
+            free_bytes: free_bytes(&broker.settings().data_dir),
         }
     }
 

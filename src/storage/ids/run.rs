@@ -23,7 +23,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{Entry, Key};
+use super::key::{Entry, Key};
 use crate::storage::error::{Error, Result};
 use crate::storage::io::{FileIo, create_private};
 

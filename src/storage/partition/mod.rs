@@ -57,6 +57,29 @@ pub type Listener = Arc<dyn Fn(u64) + Send + Sync>;
 /// Called once with the outcome of an append, after it is durable under the fsync policy.
 pub type Completion = Box<dyn FnOnce(Result<Appended>) + Send>;
 
+/// What an append waits for before its completion runs, and whether it waits for room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendMode {
+    /// The completion runs once the batch is durable under the fsync policy. Otherwise it runs
+    /// once the batch is written, and the batch becomes durable (and visible to readers under
+    /// `fsync = always`) with the next durable append, roll or close: for records whose loss in
+    /// a machine crash is harmless; a process crash loses nothing.
+    pub durable: bool,
+    /// A full inbox (`queue_depth` commands) makes `append` wait on the calling thread:
+    /// backpressure, never a drop. Callers on an async runtime either hold one of the
+    /// partition's permits per append (so the inbox always has room) or turn this off and
+    /// bound their appends themselves (consumer groups, by their members' in-flight limits).
+    pub wait_for_room: bool,
+}
+
+impl AppendMode {
+    /// Durable, waiting for room: producers' batches and the audit trail.
+    pub const DURABLE: AppendMode = AppendMode {
+        durable: true,
+        wait_for_room: true,
+    };
+}
+
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -300,49 +323,26 @@ impl Partition {
         Ok(Partition { shared, report })
     }
 
-    /// Queues a batch. `done` is called once, from a writer thread, when the batch is durable
-    /// under the fsync policy or has failed. Waits while the partition's inbox is full.
-    pub fn append(&self, batch: EncodedBatch, done: Completion) {
-        self.send_append(batch, done, true);
-    }
-
-    /// Queues a batch whose completion does not wait for a sync: `done` is called once it is
-    /// written, and it becomes durable (and visible to readers under `fsync = always`) with the
-    /// next durable append, roll or close. For records whose loss in a machine crash is
-    /// harmless; a process crash loses nothing.
-    pub fn append_lazy(&self, batch: EncodedBatch, done: Completion) {
-        self.send_append(batch, done, false);
-    }
-
-    /// [`Partition::append`] (or, unless `durable`, [`Partition::append_lazy`]) that never
-    /// waits, whatever the inbox holds: for callers on an async runtime that bound their appends
-    /// themselves (consumer groups, by their members' in-flight limits).
-    pub fn append_nowait(&self, batch: EncodedBatch, done: Completion, durable: bool) {
-        self.post_append(batch, done, durable, false);
-    }
-
-    fn send_append(&self, batch: EncodedBatch, done: Completion, durable: bool) {
-        self.post_append(batch, done, durable, true);
-    }
-
-    fn post_append(&self, batch: EncodedBatch, done: Completion, durable: bool, bounded: bool) {
+    /// Queues a batch; `done` is called once, from a writer thread, when `mode` says the batch
+    /// is stored, or with the error that stopped it. The one way to append: what varies between
+    /// callers (durability, waiting for room) is in [`AppendMode`].
+    pub fn append(&self, batch: EncodedBatch, mode: AppendMode, done: Completion) {
         if let Some(e) = self.shared.poisoned_error() {
             return done(Err(e));
         }
-        self.shared
-            .post(Command::Append(batch, done, durable), bounded);
+        self.shared.post(
+            Command::Append(batch, done, mode.durable),
+            mode.wait_for_room,
+        );
     }
 
-    /// Appends records and waits until they are durable.
+    /// Appends records and waits until they are durable, on the calling thread (offline tools,
+    /// tests): [`Partition::append`] with [`AppendMode::DURABLE`].
     pub fn append_blocking(&self, records: &[Record]) -> Result<Appended> {
-        self.append_encoded_blocking(EncodedBatch::new(records))
-    }
-
-    /// Appends an encoded batch and waits until it is durable.
-    pub fn append_encoded_blocking(&self, batch: EncodedBatch) -> Result<Appended> {
         let (tx, rx) = mpsc::channel();
         self.append(
-            batch,
+            EncodedBatch::new(records),
+            AppendMode::DURABLE,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),

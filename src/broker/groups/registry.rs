@@ -1,58 +1,134 @@
-//! The broker's consumer-group operations: joining, acks, and group admin.
+//! The broker's consumer groups: the map of open groups (each opened once, in its own cell),
+//! the settings every group gets, and the calls that name a group (join, ack, nack, describe,
+//! reset, delete). A group is opened on first use and replayed from its event log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::broker::blocking::blocking;
+use crate::broker::error::{Error, Result};
+use crate::broker::message::{DeliveryBatch, Start};
+use crate::broker::send::DeadLetterAppender;
+use crate::broker::topics::Topics;
 use crate::storage::{self, validate_group_name};
 
-use super::groups::{GroupSettings, GroupTopic, GroupTopicDescription, MemberGuard, parse_ack_id};
-use super::{Broker, DeliveryBatch, Error, Result, Start, blocking, resolve_start};
+use super::group::{GroupSettings, GroupTopic, GroupTopicDescription, Provided, parse_ack_id};
+use super::members::MemberGuard;
 
-impl Broker {
-    fn group_settings(&self) -> GroupSettings {
-        GroupSettings {
-            ack_timeout: Duration::from_millis(self.config.groups.ack_timeout_ms),
-            max_deliveries: self.config.groups.max_deliveries,
-            max_in_flight_limit: self.config.groups.max_in_flight,
-            default_max_in_flight: self.config.groups.default_in_flight,
-            member_buffer: self.config.subscriber_buffer,
-            fsync: self.config.log.fsync,
+/// A consumer group's slot: empty while it is being opened.
+type GroupCell = Arc<tokio::sync::OnceCell<Arc<GroupTopic>>>;
+
+/// Every open consumer group of a broker, by (group, topic).
+#[derive(Debug)]
+pub struct Groups {
+    topics: Arc<Topics>,
+    settings: GroupSettings,
+    /// Each group opens once, in its own cell, so that opening or replaying one group never
+    /// holds up another (the map's lock is never held across an `.await`).
+    map: std::sync::Mutex<HashMap<(String, String), GroupCell>>,
+    dead_letters: DeadLetterAppender,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Groups {
+    pub fn new(
+        topics: Arc<Topics>,
+        settings: GroupSettings,
+        dead_letters: DeadLetterAppender,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Groups {
+        Groups {
+            topics,
+            settings,
+            map: std::sync::Mutex::new(HashMap::new()),
+            dead_letters,
+            tasks,
+            shutdown,
         }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), GroupCell>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the groups of `topic` out of the map (the topic is being deleted), closes them and
+    /// deletes their state (blocking).
+    pub fn forget_topic(&self, topic: &str) -> Result<()> {
+        let doomed: Vec<_> = {
+            let mut groups = self.map();
+            let keys: Vec<_> = groups.keys().filter(|(_, t)| t == topic).cloned().collect();
+            keys.into_iter()
+                .filter_map(|k| groups.remove(&k))
+                .filter_map(|cell| cell.get().cloned())
+                .collect()
+        };
+        for g in &doomed {
+            g.close();
+        }
+        let data = self.topics.data();
+        for (group, topics) in data.list_groups()? {
+            if topics.iter().any(|t| t == topic) {
+                data.delete_group_state(&group, Some(topic))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every open group out of the map and stops its dispatcher (shutdown); the caller
+    /// closes them once their tasks ended.
+    pub fn stop_all(&self) -> Vec<Arc<GroupTopic>> {
+        let groups: Vec<_> = self
+            .map()
+            .drain()
+            .filter_map(|(_, cell)| cell.get().cloned())
+            .collect();
+        for g in &groups {
+            g.stop.cancel();
+        }
+        groups
     }
 
     /// The open state of `group` on `topic`, opening it (and, for a new group, starting it at
     /// `start`) when needed.
     pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
         validate_group_name(group)?;
-        let topic = self.existing_topic(topic)?;
+        let topic = self.topics.existing(topic)?;
         let key = (group.to_string(), topic.name.to_string());
-        let cell = Arc::clone(self.groups().entry(key).or_default());
+        let cell = Arc::clone(self.map().entry(key).or_default());
         let g = cell
             .get_or_try_init(|| async {
                 if self.shutdown.is_cancelled() {
                     return Err(Error::ShuttingDown);
                 }
-                let dir = self.data.group_dir(group, &topic.name)?;
+                let dir = self.topics.data().group_dir(group, &topic.name)?;
                 // Where a new group starts; an existing one resumes where it was.
                 let mut starts = Vec::new();
                 if !dir.exists() {
                     for handle in &topic.partitions {
-                        starts.push(resolve_start(handle, start).await?);
+                        starts.push(handle.start_offset(start).await?);
                     }
                 }
                 let g = GroupTopic::open(
                     group,
                     Arc::clone(&topic),
                     dir,
-                    Arc::clone(self.data.io()),
-                    self.group_settings(),
-                    self.me.clone(),
+                    Arc::clone(self.topics.data().io()),
+                    Provided {
+                        settings: self.settings.clone(),
+                        dead_letters: self.dead_letters.clone(),
+                        tasks: self.tasks.clone(),
+                    },
                     move |p| starts.get(p as usize).copied().unwrap_or(0),
                 )
                 .await?;
-                g.start(&self.tasks);
+                g.start();
                 Ok(g)
             })
             .await?;
@@ -76,7 +152,7 @@ impl Broker {
             return Err(Error::ShuttingDown);
         }
         // Checked before the group is opened: a refused Subscribe creates nothing.
-        self.group_settings().max_in_flight(max_in_flight)?;
+        self.settings.max_in_flight(max_in_flight)?;
         self.group(group, topic, start)
             .await?
             .join(max_in_flight, exclusive, limit)
@@ -111,8 +187,8 @@ impl Broker {
     /// A group that must exist already (acks for a group nobody joined are an error).
     async fn known_group(&self, group: &str, topic: &str) -> Result<Arc<GroupTopic>> {
         validate_group_name(group)?;
-        let t = self.existing_topic(topic)?;
-        if !self.data.group_dir(group, &t.name)?.exists() {
+        let t = self.topics.existing(topic)?;
+        if !self.topics.data().group_dir(group, &t.name)?.exists() {
             let reads = self
                 .list_groups()?
                 .into_iter()
@@ -132,7 +208,7 @@ impl Broker {
 
     /// Every group with the topics it has state for.
     pub fn list_groups(&self) -> Result<Vec<(String, Vec<String>)>> {
-        Ok(self.data.list_groups()?)
+        Ok(self.topics.data().list_groups()?)
     }
 
     /// Every consumer group on every topic that exists, opened (replayed from its log) if it
@@ -149,7 +225,7 @@ impl Broker {
         let mut out = Vec::new();
         for (group, topics) in listed {
             for topic in topics {
-                if self.topic(&topic).is_none() {
+                if self.topics.get(&topic).is_none() {
                     continue;
                 }
                 match self.group(&group, &topic, Start::Earliest).await {
@@ -174,7 +250,7 @@ impl Broker {
             .ok_or_else(|| storage::Error::GroupNotFound(group.to_string()))?;
         let mut out = Vec::new();
         for topic in topics {
-            if self.topic(&topic).is_none() {
+            if self.topics.get(&topic).is_none() {
                 continue;
             }
             out.push(self.group(group, &topic, Start::Earliest).await?.describe());
@@ -204,7 +280,7 @@ impl Broker {
         for handle in &g.topic.partitions {
             let chosen = partitions.is_empty() || partitions.contains(&handle.id);
             cursors.push(if chosen {
-                resolve_start(handle, to).await?
+                handle.start_offset(to).await?
             } else {
                 0
             });
@@ -221,7 +297,7 @@ impl Broker {
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         validate_group_name(group)?;
         let doomed: Vec<_> = {
-            let mut groups = self.groups();
+            let mut groups = self.map();
             let keys: Vec<_> = groups.keys().filter(|(g, _)| g == group).cloned().collect();
             for k in &keys {
                 match groups.get(k).map(|cell| cell.get()) {
@@ -245,7 +321,7 @@ impl Broker {
                 .filter_map(|cell| cell.get().cloned())
                 .collect()
         };
-        let data = Arc::clone(&self.data);
+        let data = Arc::clone(self.topics.data());
         let owned = group.to_string();
         blocking(move || {
             for g in &doomed {

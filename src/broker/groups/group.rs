@@ -1,0 +1,332 @@
+//! The handle of one group on one topic: its settings, its event log and in-memory state, the
+//! calls that touch the whole group (reset, describe, close), and ack ids. Joining, dispatching,
+//! dead-lettering and opening are in the files beside this one, as `impl GroupTopic` blocks on
+//! this state.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::error::{Error, Result};
+use crate::broker::send::DeadLetterAppender;
+use crate::broker::topic::Topic;
+use crate::storage::{self, AppendMode, EncodedBatch, FsyncPolicy, Partition, Record};
+
+use super::events::Event;
+use super::state::{State, lock};
+
+/// Settings shared by every group of a broker.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub ack_timeout: Duration,
+    pub max_deliveries: u32,
+    pub max_in_flight_limit: usize,
+    pub default_max_in_flight: usize,
+    pub member_buffer: usize,
+    pub fsync: FsyncPolicy,
+}
+
+/// What the registry gives every group it opens: the settings, where dead letters go, and the
+/// tracker its tasks run on.
+#[derive(Debug, Clone)]
+pub struct Provided {
+    pub settings: GroupSettings,
+    pub dead_letters: DeadLetterAppender,
+    pub tasks: TaskTracker,
+}
+
+impl GroupSettings {
+    /// The in-flight limit a member asking for `asked` gets (0: the default), or why not.
+    pub fn max_in_flight(&self, asked: usize) -> Result<usize> {
+        match asked {
+            0 => Ok(self.default_max_in_flight),
+            n if n > self.max_in_flight_limit => Err(Error::InvalidArgument(format!(
+                "max_in_flight {n} is over the broker's limit of {}",
+                self.max_in_flight_limit
+            ))),
+            n => Ok(n),
+        }
+    }
+}
+
+/// One member's view of a partition in `describe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPartitionDescription {
+    pub partition: u32,
+    pub committed: u64,
+    pub end: u64,
+    pub lag: u64,
+    pub in_flight: u64,
+    pub pending: u64,
+    pub redeliveries: u64,
+    /// Deliveries whose ack timeout passed since the broker started.
+    pub ack_timeouts: u64,
+    pub dead_lettered: u64,
+    pub owner: Option<u64>,
+    /// Deliveries stopped at damage in the log: why (see `docs/operations.md`).
+    pub blocked: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberDescription {
+    pub id: u64,
+    pub in_flight: u64,
+    pub max_in_flight: u64,
+    pub exclusive: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTopicDescription {
+    pub group: String,
+    pub topic: String,
+    pub members: Vec<MemberDescription>,
+    pub partitions: Vec<GroupPartitionDescription>,
+}
+
+/// A group's state for one topic, and its dispatcher.
+pub struct GroupTopic {
+    pub group: String,
+    pub topic: Arc<Topic>,
+    pub(super) log: Partition,
+    pub(super) state: Mutex<State>,
+    pub(super) wake: Notify,
+    pub(super) settings: GroupSettings,
+    /// Where dead letters go.
+    pub(super) dead_letters: DeadLetterAppender,
+    /// Runs the dispatcher, the partition watchers and read-aheads.
+    pub(super) tasks: TaskTracker,
+    pub(crate) stop: CancellationToken,
+    /// Bytes of events since the last snapshot.
+    pub(super) since_snapshot: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for GroupTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupTopic")
+            .field("group", &self.group)
+            .field("topic", &self.topic.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses an ack handle, `<partition>:<offset>`.
+pub fn parse_ack_id(id: &str) -> Result<(u32, u64)> {
+    let bad = || Error::InvalidArgument(format!("malformed ack id {id:?}"));
+    let (p, o) = id.split_once(':').ok_or_else(bad)?;
+    Ok((p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?))
+}
+
+pub(super) fn ack_id(partition: u32, offset: u64) -> String {
+    format!("{partition}:{offset}")
+}
+
+impl GroupTopic {
+    /// Starts the dispatcher and the partition watchers; they end with `stop`.
+    pub(crate) fn start(self: &Arc<Self>) {
+        let tracker = &self.tasks;
+        for handle in &self.topic.partitions {
+            let mut watch = handle.high_water.clone();
+            let me = Arc::downgrade(self);
+            let stop = self.stop.clone();
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        changed = watch.changed() => if changed.is_err() { return },
+                        () = stop.cancelled() => return,
+                    }
+                    match me.upgrade() {
+                        Some(g) => g.wake.notify_one(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        let me = Arc::clone(self);
+        tracker.spawn(async move { me.run().await });
+    }
+
+    /// Appends events to the group log, in the order of calls; the receiver says when they are
+    /// durable.
+    pub(super) fn append(
+        &self,
+        events: &[Event],
+    ) -> oneshot::Receiver<storage::Result<storage::Appended>> {
+        self.append_with(events, true)
+    }
+
+    /// [`GroupTopic::append`]; when not `durable`, the events are synced by the next durable
+    /// append instead of one of their own (delivery records: they only keep attempt counts).
+    pub(super) fn append_with(
+        &self,
+        events: &[Event],
+        durable: bool,
+    ) -> oneshot::Receiver<storage::Result<storage::Appended>> {
+        let records: Vec<Record> = events
+            .iter()
+            .map(|e| Record {
+                value: Some(Bytes::from(e.encode())),
+                ..Record::default()
+            })
+            .collect();
+        let batch = EncodedBatch::new(&records);
+        let (tx, rx) = oneshot::channel();
+        self.since_snapshot
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let done: storage::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        // Never waits on a tokio worker: the group's events are bounded by its in-flight limits.
+        self.log.append(
+            batch,
+            AppendMode {
+                durable,
+                wait_for_room: false,
+            },
+            done,
+        );
+        rx
+    }
+
+    pub(super) fn check_partitions(&self, partitions: impl IntoIterator<Item = u32>) -> Result<()> {
+        let n = self.topic.partitions.len() as u32;
+        match partitions.into_iter().find(|&p| p >= n) {
+            Some(p) => Err(Error::PartitionNotFound {
+                topic: self.topic.name.to_string(),
+                partition: p,
+                count: n,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A member took deliveries from its channel: there may be room for more.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn member_count(&self) -> usize {
+        lock(&self.state).members.len()
+    }
+
+    /// Moves the chosen partitions (all when `only` is empty) to `cursor(p)`, abandoning what
+    /// is outstanding there, and unblocking them if damage had stopped them.
+    pub async fn reset(&self, only: &[u32], cursor: impl Fn(u32) -> u64) -> Result<()> {
+        self.check_partitions(only.iter().copied())?;
+        let chosen = |p: u32| only.is_empty() || only.contains(&p);
+        let done = {
+            let mut st = lock(&self.state);
+            let State {
+                parts,
+                members,
+                timeouts,
+                ..
+            } = &mut *st;
+            timeouts.retain(|&(_, p, _)| !chosen(p));
+            for (p, part) in parts.iter().enumerate() {
+                if !chosen(p as u32) {
+                    continue;
+                }
+                for f in part.in_flight.values() {
+                    if let Some(m) = members.get_mut(&f.member) {
+                        m.landed(f);
+                    }
+                }
+            }
+            let mut events = Vec::new();
+            for (p, part) in parts.iter_mut().enumerate() {
+                if !chosen(p as u32) {
+                    continue;
+                }
+                let c = cursor(p as u32);
+                let owner = part.owner;
+                part.reset(c);
+                part.owner = owner;
+                events.push(Event::Reset {
+                    partition: p as u32,
+                    cursor: c,
+                });
+            }
+            self.append(&events)
+        };
+        wait(done).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn describe(&self) -> GroupTopicDescription {
+        let st = lock(&self.state);
+        GroupTopicDescription {
+            group: self.group.clone(),
+            topic: self.topic.name.to_string(),
+            members: st
+                .members
+                .iter()
+                .map(|(&id, m)| MemberDescription {
+                    id,
+                    in_flight: m.in_flight as u64,
+                    max_in_flight: m.max_in_flight as u64,
+                    exclusive: m.exclusive,
+                })
+                .collect(),
+            partitions: st
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(p, part)| {
+                    let end = self.topic.partitions[p].log.high_water();
+                    let committed = part.committed();
+                    GroupPartitionDescription {
+                        partition: p as u32,
+                        committed,
+                        end,
+                        lag: end.saturating_sub(committed),
+                        in_flight: part.in_flight.len() as u64,
+                        pending: (part.pending.len() + part.dead_lettering.len()) as u64,
+                        redeliveries: part.redeliveries,
+                        ack_timeouts: part.ack_timeouts,
+                        dead_lettered: part.dead_lettered,
+                        owner: part.owner,
+                        blocked: part.blocked.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops the dispatcher and closes the group log cleanly (blocking).
+    pub(crate) fn close(&self) {
+        self.stop.cancel();
+        if let Err(e) = self.log.close() {
+            tracing::warn!(group = %self.group, error = %e, "group log did not close cleanly");
+        }
+    }
+}
+
+/// Waits until an append to the group log is durable.
+pub(super) async fn wait(
+    done: oneshot::Receiver<storage::Result<storage::Appended>>,
+) -> Result<()> {
+    done.await
+        .map_err(|_| Error::Internal("group log writer went away".into()))??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_ids_read_back_as_the_partition_and_offset_they_name() {
+        for (p, o) in [(0, 0), (7, 10), (u32::MAX, u64::MAX), (12, 1_000_000_007)] {
+            let id = ack_id(p, o);
+            assert_eq!(id, format!("{p}:{o}"));
+            assert_eq!(parse_ack_id(&id).ok(), Some((p, o)));
+        }
+        assert!(parse_ack_id("3").is_err());
+        assert!(parse_ack_id("a:1").is_err());
+    }
+}

@@ -1,0 +1,323 @@
+//! The open topics of one data directory: opening them all at start, creating and deleting one,
+//! finding one by name, and describing them. Owns the data directory (its lock stays taken while
+//! the topics are open) and the map of open topics; creation and deletion are serialised here.
+//!
+//! What a topic's deletion means for its consumer groups is the broker's to orchestrate: this
+//! file hands out the removed topic ([`Removed`]) and deletes its files when told.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::storage::{self, DataDir, FileIo, LogConfig, TopicConfig, validate_topic_name};
+
+use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, audit_topic_config};
+use super::blocking::blocking;
+use super::error::{Error, Result};
+use super::topic::Topic;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDescription {
+    pub partition: u32,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub segments: u32,
+    /// Bytes retention would delete but a consumer group still needs, and that group.
+    pub held_bytes: u64,
+    pub held_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionDescription>,
+    /// The id index, when the topic has one.
+    pub ids: Option<storage::ids::IdStats>,
+}
+
+/// Every open topic, `_audit` included.
+#[derive(Debug)]
+pub struct Topics {
+    data: Arc<DataDir>,
+    log: LogConfig,
+    default_partitions: u32,
+    map: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serialises topic creation and deletion.
+    admin: Arc<tokio::sync::Mutex<()>>,
+    /// Records topics created on first use.
+    audit: Arc<AuditTrail>,
+}
+
+/// A topic taken out of the map by [`Topics::remove`]: its subscriptions are ending; its files
+/// stay until [`Topics::delete_files`]. No topic is created or deleted meanwhile.
+#[derive(Debug)]
+pub struct Removed {
+    pub topic: Arc<Topic>,
+    _admin: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// The data directory opened and every topic in it, `_audit` created when missing, and the
+/// audit trail picked up where `_audit` ends.
+pub struct Opened {
+    pub data: DataDir,
+    pub topics: HashMap<String, Arc<Topic>>,
+    pub audit: AuditTrail,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("topics", &self.topics.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens (recovering) every topic of a data directory (blocking). A read-only open creates
+/// nothing and refuses what would need repair.
+pub fn open_all(
+    dir: &std::path::Path,
+    io: Arc<dyn FileIo>,
+    read_only: bool,
+    log: &LogConfig,
+    audit_retention_ms: u64,
+) -> Result<Opened> {
+    let data = if read_only {
+        DataDir::open_read_only(dir, io)?
+    } else {
+        DataDir::open(dir, io)?
+    };
+    let mut topics = HashMap::new();
+    for name in data.list_topics()? {
+        let mut topic_config = data.topic_config(&name)?;
+        if name == AUDIT_TOPIC {
+            topic_config = audit_topic_config(audit_retention_ms);
+        }
+        let topic = Topic::open(&data, &name, topic_config, log)?;
+        topics.insert(name, Arc::new(topic));
+    }
+    if !topics.contains_key(AUDIT_TOPIC) {
+        let c = audit_topic_config(audit_retention_ms);
+        data.create_topic(AUDIT_TOPIC, &c)?;
+        let topic = Topic::open(&data, AUDIT_TOPIC, c, log)?;
+        topics.insert(AUDIT_TOPIC.to_string(), Arc::new(topic));
+    }
+    let audit = match topics.get(AUDIT_TOPIC).and_then(|t| t.partitions.first()) {
+        Some(p) => AuditTrail::open(Arc::clone(p))?,
+        None => return Err(Error::Internal("the audit topic has no partition".into())),
+    };
+    Ok(Opened {
+        data,
+        topics,
+        audit,
+    })
+}
+
+impl Topics {
+    pub fn new(
+        data: Arc<DataDir>,
+        topics: HashMap<String, Arc<Topic>>,
+        log: LogConfig,
+        default_partitions: u32,
+        audit: Arc<AuditTrail>,
+    ) -> Topics {
+        Topics {
+            data,
+            log,
+            default_partitions,
+            map: RwLock::new(topics),
+            admin: Arc::new(tokio::sync::Mutex::new(())),
+            audit,
+        }
+    }
+
+    pub fn data(&self) -> &Arc<DataDir> {
+        &self.data
+    }
+
+    /// Partitions of a topic created without a count.
+    pub fn default_partitions(&self) -> u32 {
+        self.default_partitions
+    }
+
+    /// An open topic (any name, `_audit` included), if it exists.
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every open topic, `_audit` included, in no order.
+    pub fn all(&self) -> Vec<Arc<Topic>> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// An open topic, or `TopicNotFound`. The name is checked first.
+    pub fn existing(&self, name: &str) -> Result<Arc<Topic>> {
+        validate_topic_name(name)?;
+        self.get(name)
+            .ok_or_else(|| Error::Storage(storage::Error::TopicNotFound(name.to_string())))
+    }
+
+    /// An open topic, created with the default settings when missing if `create` says who
+    /// asks (the creation goes into the audit trail).
+    pub async fn get_or_create(
+        &self,
+        name: &str,
+        create: Option<AuditEvent>,
+    ) -> Result<Arc<Topic>> {
+        validate_topic_name(name)?;
+        if let Some(t) = self.get(name) {
+            return Ok(t);
+        }
+        let Some(event) = create else {
+            return Err(Error::TopicNotFound(name.to_string()));
+        };
+        self.create_if_missing(name, event).await?;
+        self.existing(name)
+    }
+
+    /// Creates a topic with the default settings unless it exists, recording the creation as
+    /// `event` (its outcome and settings filled in); true if this call created it.
+    pub async fn create_if_missing(&self, name: &str, event: AuditEvent) -> Result<bool> {
+        validate_topic_name(name)?;
+        if self.get(name).is_some() {
+            return Ok(false);
+        }
+        let config = TopicConfig {
+            partitions: self.default_partitions,
+            ..TopicConfig::default()
+        };
+        match self.create(name, config).await {
+            Ok(()) => {
+                let event = AuditEvent {
+                    resource: format!("topic {name:?}"),
+                    outcome: "ok: topic created on first use".into(),
+                    after: self.settings_json(name),
+                    ..event
+                };
+                self.audit.record(event).await?;
+                Ok(true)
+            }
+            Err(Error::Storage(storage::Error::TopicExists(_))) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A topic's settings as JSON (for audit records), if it exists.
+    pub fn settings_json(&self, name: &str) -> Option<serde_json::Value> {
+        self.get(name)
+            .and_then(|t| serde_json::to_value(&t.config).ok())
+    }
+
+    /// Creates a topic with its partitions and opens it.
+    pub async fn create(&self, name: &str, mut config: TopicConfig) -> Result<()> {
+        validate_topic_name(name)?;
+        if config.partitions == 0 {
+            config.partitions = self.default_partitions;
+        }
+        config.sanitize()?;
+        let _admin = self.admin.lock().await;
+        if self.get(name).is_some() {
+            return Err(storage::Error::TopicExists(name.to_string()).into());
+        }
+        let data = Arc::clone(&self.data);
+        let log = self.log.clone();
+        let owned = name.to_string();
+        let topic = blocking(move || {
+            data.create_topic(&owned, &config)?;
+            Topic::open(&data, &owned, config, &log)
+        })
+        .await?;
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(topic));
+        tracing::info!(topic = name, "topic created");
+        Ok(())
+    }
+
+    /// Takes a topic out of the map and ends its subscriptions; its files stay until
+    /// [`Topics::delete_files`].
+    pub async fn remove(&self, name: &str) -> Result<Removed> {
+        validate_topic_name(name)?;
+        let admin = Arc::clone(&self.admin).lock_owned().await;
+        let topic = self
+            .map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .ok_or_else(|| storage::Error::TopicNotFound(name.to_string()))?;
+        topic.deleted.cancel();
+        Ok(Removed {
+            topic,
+            _admin: admin,
+        })
+    }
+
+    /// Closes a removed topic's partitions and deletes its files (blocking).
+    pub fn delete_files(&self, removed: &Removed) -> Result<()> {
+        for p in &removed.topic.partitions {
+            // A latched partition cannot close cleanly; its files are going anyway.
+            let _ = p.log.close();
+        }
+        self.data.delete_topic(&removed.topic.name)?;
+        tracing::info!(topic = %removed.topic.name, "topic deleted");
+        Ok(())
+    }
+
+    /// Every open topic but `_audit`, sorted by name.
+    pub fn open_topics(&self) -> Vec<Arc<Topic>> {
+        let mut list: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|t| &*t.name != AUDIT_TOPIC)
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Every topic with its settings, sorted by name; the internal `_audit` is not listed.
+    pub fn list(&self) -> Vec<(String, TopicConfig)> {
+        self.open_topics()
+            .iter()
+            .map(|t| (t.name.to_string(), t.config.clone()))
+            .collect()
+    }
+
+    /// A topic's partitions as they stand, with what consumer groups hold back of each
+    /// (`held(partition)`: bytes and the group).
+    pub fn describe(
+        &self,
+        name: &str,
+        held: impl Fn(u32) -> Option<(u64, Option<String>)>,
+    ) -> Result<TopicDescription> {
+        let topic = self.existing(name)?;
+        let partitions = topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let s = p.log.stats();
+                let (held_bytes, held_by) = held(p.id).unwrap_or((0, None));
+                PartitionDescription {
+                    partition: p.id,
+                    first_offset: s.log_start,
+                    next_offset: s.high_water,
+                    size_bytes: s.size_bytes,
+                    segments: s.segments as u32,
+                    held_bytes,
+                    held_by,
+                }
+            })
+            .collect();
+        Ok(TopicDescription {
+            name: name.to_string(),
+            config: topic.config.clone(),
+            partitions,
+            ids: topic.dedup.as_ref().map(|d| d.stats()),
+        })
+    }
+}
