@@ -19,6 +19,8 @@
 //! `mod.rs` holds [`Broker`]: it builds the parts in order (topics, then the audit trail,
 //! sends, groups, maintenance), answers each call with the part that owns it, and stops them
 //! in the reverse order.
+//! Its length is the facade: one short delegating method per call the server makes, so that
+//! the server sees one broker and each call's owner is one line away.
 //!
 //! - **Send**: messages are routed to partitions (explicit, by key hash, or spread per request),
 //!   encoded into one batch per partition on the calling task, and handed to each partition's
@@ -139,19 +141,19 @@ impl Broker {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
-        let sends = Arc::new(Sends::new(
-            Arc::clone(&topics),
-            SendLimits {
+        let sends = Arc::new(Sends {
+            topics: Arc::clone(&topics),
+            limits: SendLimits {
                 auto_create_topics: settings.auto_create_topics,
                 max_batch_messages: settings.max_batch_messages,
                 max_message_bytes: settings.max_message_bytes,
                 max_batch_bytes: settings.log.max_batch_bytes,
             },
-            AckPoller::new(Duration::from_micros(settings.send_spin_us)),
-            Arc::clone(&metrics),
-            tasks.clone(),
-            shutdown.clone(),
-        ));
+            acks: AckPoller::new(Duration::from_micros(settings.send_spin_us)),
+            metrics: Arc::clone(&metrics),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        });
         let g = &settings.groups;
         let group_settings = GroupSettings {
             ack_timeout: Duration::from_millis(g.ack_timeout_ms),

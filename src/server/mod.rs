@@ -5,16 +5,35 @@
 //! stream ends with `UNAVAILABLE`, new Sends are refused with `UNAVAILABLE` while the ones in
 //! flight are answered, every connection gets a GOAWAY; connections still open after
 //! `shutdown_timeout_ms` are dropped. Then every partition and group log closes cleanly.
+//!
+//! | file                 | owns                                                            |
+//! |----------------------|-----------------------------------------------------------------|
+//! | `mod.rs`             | starting the server: listeners, routes, the stop sequence       |
+//! | [`broker_service`]   | `sluice.v1.Broker`: Send, Subscribe, Ack, Nack                  |
+//! | [`admin_service`]    | `sluice.v1.Admin`: topics, groups, Compact, with audit records  |
+//! | [`seed`]             | the seed design's `broker.Broker` API                           |
+//! | [`subscription`]     | opening a subscription for both APIs; the v1 response stream    |
+//! | [`convert`]          | API messages to and from the broker's types                     |
+//! | [`conn`]             | connections: accept, limits, eviction, per-connection HTTP/2    |
+//! | [`front`]            | TLS and admission of each call                                  |
+//! | [`access`]           | permission checks and audit records of calls                    |
+//! | [`ending`]           | streams that end with the broker's shutdown                     |
+//! | [`http`]             | the HTTP port: metrics, health, JSON API, console               |
+//! | [`status`]           | the one mapping of errors to gRPC statuses                      |
+//! | [`error`]            | [`ServeError`]                                                  |
 
 mod access;
+mod admin_service;
+mod broker_service;
 mod conn;
+mod convert;
 mod ending;
 mod error;
 mod front;
 mod http;
 mod seed;
-mod services;
 pub mod status;
+mod subscription;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,10 +50,10 @@ use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::broker_server::BrokerServer;
 use crate::storage::{FileIo, RealIo};
 
+pub use admin_service::{AdminService, compaction_counts, compaction_to_pb};
+pub use broker_service::BrokerService;
+pub use convert::delivery_to_pb;
 pub use error::ServeError;
-pub use services::{
-    AdminService, BrokerService, compaction_counts, compaction_to_pb, delivery_to_pb,
-};
 
 /// A running server: its address, and the token that stops it.
 #[derive(Debug)]

@@ -17,12 +17,13 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::broker::groups::MemberGuard;
-use crate::broker::{Broker, DeliveryBatch, NewMessage, Start};
+use crate::broker::{Broker, DeliveryBatch, Start};
 use crate::proto::seed as pb;
 
 use super::access::{Access, caller};
-use super::ending::Ending;
+use super::convert::seed_message;
 use super::status::to_status;
+use super::subscription::{self, ResponseStream, Subscription};
 use crate::auth::{Action, Resource};
 
 #[derive(Debug, Clone)]
@@ -56,10 +57,7 @@ impl pb::broker_server::Broker for SeedService {
         a.require(&caller, SEND, Action::Produce, Resource::Topic(&msg.topic))
             .await?;
         let create = a.may_create(&caller, SEND, &msg.topic, true).await?;
-        let message = NewMessage {
-            value: Some(msg.payload),
-            ..NewMessage::default()
-        };
+        let message = seed_message(msg.payload);
         self.broker
             .send_with(&msg.topic, vec![message], create)
             .await
@@ -67,8 +65,7 @@ impl pb::broker_server::Broker for SeedService {
         Ok(Response::new(pb::SendResponse { success: true }))
     }
 
-    type SubscribeStream =
-        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+    type SubscribeStream = ResponseStream<pb::SubscribeResponse>;
 
     async fn subscribe(
         &self,
@@ -84,28 +81,22 @@ impl pb::broker_server::Broker for SeedService {
             .topic_or_create(&req.topic, create)
             .await
             .map_err(to_status)?;
-        let (rx, member) = if req.consumer_group.is_empty() {
-            let rx = self
-                .broker
-                .subscribe(&req.topic, Vec::new(), Start::Latest)
-                .await
-                .map_err(to_status)?;
-            (rx, None)
+        // The seed API: a plain subscription starts at the end, a group at the beginning.
+        let start = if req.consumer_group.is_empty() {
+            Start::Latest
         } else {
-            let (guard, rx) = self
-                .broker
-                .subscribe_group(
-                    &req.topic,
-                    &req.consumer_group,
-                    Start::Earliest,
-                    0,
-                    false,
-                    None,
-                )
-                .await
-                .map_err(to_status)?;
-            (rx, Some(guard))
+            Start::Earliest
         };
+        let subscription = Subscription {
+            topic: &req.topic,
+            group: &req.consumer_group,
+            partitions: Vec::new(),
+            start,
+            max_in_flight: 0,
+            exclusive: false,
+            limit: None,
+        };
+        let (rx, member) = subscription::open(&self.broker, subscription).await?;
         let stream = SeedResponses {
             rx,
             topic: req.topic,
@@ -114,12 +105,7 @@ impl pb::broker_server::Broker for SeedService {
             member,
             metrics: Arc::clone(self.broker.metrics()),
         };
-        let stop = self.broker.shutdown_token();
-        Ok(Response::new(Box::pin(Ending::new(
-            stream,
-            stop,
-            self.broker.metrics(),
-        ))))
+        Ok(subscription::respond(&self.broker, stream))
     }
 }
 

@@ -16,6 +16,8 @@
 //! A [`Segment`] is shared (`Arc`) between the partition's writer and its readers. Readers see
 //! the bytes below `visible_len` and the offsets below `next_offset`, both published by the
 //! writer with `Release` after the bytes are durable under the partition's fsync policy.
+//!
+//! Over 450 lines with one job: a segment file and its two indexes, open to close.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;

@@ -7,6 +7,8 @@
 //!
 //! Consumer-group state is stored as partition logs and gets the same checks; the caller passes
 //! a record check for their contents ([`Verifier::check_records`]).
+//!
+//! Over 450 lines with one job: every check of every file kind, read-only, in one pass.
 
 use std::collections::HashMap;
 use std::fs;

@@ -17,6 +17,8 @@
 //! Only the bloom filter, the fences and the watermarks live in memory (about 1.7 bytes per id);
 //! a lookup that the filter lets through reads one block with `pread`. The file is written to a
 //! temp name, synced and renamed: a run that exists is whole.
+//!
+//! Over 450 lines with one job: the run file's format, written and read, and its tests beside it.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -522,5 +524,90 @@ impl Iterator for Entries {
         self.in_block += 1;
         self.left -= 1;
         Some(Ok(decode_entry(&self.block[i * ENTRY..(i + 1) * ENTRY])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{entry, key, run_of};
+    use super::*;
+
+    #[test]
+    fn a_run_finds_every_key_it_holds_and_no_other_whatever_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        // Around the block size (102 entries) and the bloom filter's block count.
+        for (seq, n) in [0u64, 1, 101, 102, 103, 204, 5000].into_iter().enumerate() {
+            let written = run_of(dir.path(), seq as u64, (0..n).map(|i| (i, 7)));
+            let path = written.path().to_path_buf();
+            let reopened = Run::open(&path, 3).unwrap();
+            for run in [&written, &reopened] {
+                assert_eq!(run.count(), n);
+                for i in 0..n {
+                    assert_eq!(run.get(&key(i)).unwrap(), Some(entry(i, 7)), "n={n} i={i}");
+                }
+                for i in n..n + 2000 {
+                    assert_eq!(run.get(&key(i)).unwrap(), None, "n={n} absent {i}");
+                }
+                let all: Vec<_> = run.entries().unwrap().map(|e| e.unwrap().1).collect();
+                assert_eq!(all.len() as u64, n);
+            }
+            assert_eq!(reopened.resident_bytes(), written.resident_bytes());
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                reopened.file_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn the_bloom_filter_lets_about_one_absent_id_in_a_hundred_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run_of(dir.path(), 0, (0..100_000).map(|i| (i, 1)));
+        let through = (100_000..300_000)
+            .filter(|&i| run.may_hold(&Probe::new(&key(i))))
+            .count();
+        let rate = through as f64 / 200_000.0;
+        eprintln!("false positive rate {rate}");
+        assert!(rate < 0.015, "false positive rate {rate}");
+        // 1.5 bytes of filter (rounded up to whole 64-byte blocks) and 16 per 102 ids.
+        assert_eq!(run.resident_bytes(), 2344 * 64 + 981 * 16 + 3 * 8);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_summary_byte_of_a_run_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run_of(dir.path(), 0, (0..150).map(|i| (i, 1)));
+        let bytes = std::fs::read(run.path()).unwrap();
+        let probe = dir.path().join("probe.run");
+        for len in 0..bytes.len() {
+            std::fs::write(&probe, &bytes[..len]).unwrap();
+            let err = Run::open(&probe, 3).unwrap_err();
+            assert!(err.to_string().contains("probe.run"), "{err}");
+        }
+        // Everything after the two entry blocks is summary: bloom, fences, watermarks, footer.
+        for at in 2 * BLOCK..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&probe, &bad).unwrap();
+            assert!(
+                Run::open(&probe, 3).is_err(),
+                "flipped byte {at} not noticed"
+            );
+        }
+        // A damaged entry block is found when it is read, with its position.
+        let mut bad = bytes.clone();
+        bad[BLOCK + 5] ^= 1;
+        std::fs::write(&probe, &bad).unwrap();
+        let damaged = Run::open(&probe, 3).unwrap();
+        let errors = (0..150)
+            .filter_map(|i| damaged.get(&key(i)).err())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>();
+        assert!(!errors.is_empty());
+        assert!(
+            errors.iter().all(|e| e.contains("at byte 4096")),
+            "{errors:?}"
+        );
+        assert!(damaged.entries().unwrap().any(|e| e.is_err()));
     }
 }

@@ -16,6 +16,8 @@
 //! opened and closed without a write touches no file. No "open" marker is written: a clean
 //! checkpoint counts only while the log is exactly as long as it records, and every write makes
 //! the log longer.
+//!
+//! Over 450 lines with one job: the active segment's write path (stage, write, sync, roll, close).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
@@ -59,7 +61,7 @@ pub(super) struct Writer {
     pub(super) before_buffer: ActiveState,
     /// Written batches waiting for the sync that makes them durable.
     pub(super) unsynced: Vec<(Completion, Appended)>,
-    /// A durable append is waiting: the next commit must sync (see `append_lazy`).
+    /// A durable append is waiting: the next commit must sync (see `AppendMode::durable`).
     pub(super) needs_sync: bool,
     /// The active indexes have their full size (see `prepare_write`). False from open until
     /// the first write.

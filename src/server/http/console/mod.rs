@@ -6,9 +6,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-const INDEX: &str = include_str!("console/index.html");
-const SCRIPT: &str = include_str!("console/app.js");
-const STYLE: &str = include_str!("console/style.css");
+const INDEX: &str = include_str!("index.html");
+const SCRIPT: &str = include_str!("app.js");
+const STYLE: &str = include_str!("style.css");
 
 /// Static files: open to everyone (they hold no data; the API they call checks access).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {

@@ -1,0 +1,371 @@
+//! The `sluice.v1.Admin` service: topics, consumer groups and Compact. Every call is checked
+//! for the `admin` grant and recorded, with its outcome, in the audit trail.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Action, Caller, Resource};
+use crate::broker::Broker;
+use crate::broker::audit::{AuditEvent, Decision};
+use crate::proto::v1 as pb;
+
+use super::access::{Access, caller};
+use super::convert::{settings_from_pb, settings_to_pb, start_from_pb};
+use super::status::to_status;
+
+const DESCRIBE_GROUP: &str = "sluice.v1.Admin/DescribeGroup";
+const RESET_GROUP: &str = "sluice.v1.Admin/ResetGroup";
+const DELETE_GROUP: &str = "sluice.v1.Admin/DeleteGroup";
+const COMPACT: &str = "sluice.v1.Admin/Compact";
+const CREATE_TOPIC: &str = "sluice.v1.Admin/CreateTopic";
+const DELETE_TOPIC: &str = "sluice.v1.Admin/DeleteTopic";
+const DESCRIBE_TOPIC: &str = "sluice.v1.Admin/DescribeTopic";
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Arc<Broker>,
+    access: Access,
+}
+
+impl AdminService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        let access = Access::new(Arc::clone(&broker));
+        Self { broker, access }
+    }
+
+    /// Checks `admin` on `resource`, runs the action, records its outcome, answers.
+    async fn admin<T>(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        resource: Resource<'_>,
+        before: Option<serde_json::Value>,
+        action: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        self.access
+            .require(caller, rpc, Action::Admin, resource)
+            .await?;
+        let result = action.await;
+        let mut event = super::access::event(caller, rpc, resource.to_string(), Decision::Allowed);
+        event.before = before;
+        if let Resource::Topic(t) = resource
+            && result.is_ok()
+        {
+            event.after = self.broker.topic_settings_json(t);
+        }
+        self.access.record_admin(event, result).await
+    }
+}
+
+/// A partition's maintenance outcome, as Compact answers it.
+pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::PartitionCompaction {
+    let o = m.outcome;
+    pb::PartitionCompaction {
+        topic: m.topic,
+        partition: m.partition,
+        segments_before: o.segments_before as u32,
+        bytes_before: o.bytes_before,
+        deleted_segments: o.deleted_segments as u32,
+        deleted_bytes: o.deleted_bytes,
+        held_segments: o.held_segments as u32,
+        held_bytes: o.held_bytes,
+        held_by: m.held_by.unwrap_or_default(),
+        first_offset: o.log_start,
+        records_dropped: o.log_start - o.log_start_before
+            + m.compaction
+                .map_or(0, |c| c.records_before - c.records_after),
+        segments_after: m
+            .compaction
+            .map_or((o.segments_before - o.deleted_segments) as u32, |c| {
+                c.segments_after as u32
+            }),
+        bytes_after: m
+            .compaction
+            .map_or(o.bytes_before - o.deleted_bytes, |c| c.bytes_after),
+    }
+}
+
+/// The counts of a compaction's audit record (online and offline alike).
+pub fn compaction_counts(event: AuditEvent, report: &[pb::PartitionCompaction]) -> AuditEvent {
+    let sum = |f: fn(&pb::PartitionCompaction) -> u64| report.iter().map(f).sum();
+    event
+        .count("partitions", report.len() as u64)
+        .count("deleted_segments", sum(|p| u64::from(p.deleted_segments)))
+        .count("deleted_bytes", sum(|p| p.deleted_bytes))
+        .count("records_dropped", sum(|p| p.records_dropped))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let caller = caller(&request)?;
+        let groups = self
+            .broker
+            .list_groups()
+            .map_err(to_status)?
+            .into_iter()
+            .filter(|(name, _)| caller.allows(Action::Describe, Resource::Group(name)))
+            .map(|(name, topics)| pb::GroupInfo { name, topics })
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        self.access
+            .require(
+                &caller,
+                DESCRIBE_GROUP,
+                Action::Describe,
+                Resource::Group(&req.group),
+            )
+            .await?;
+        let topics = self
+            .broker
+            .describe_group(&req.group)
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .map(|t| pb::GroupTopicState {
+                topic: t.topic,
+                members: t
+                    .members
+                    .into_iter()
+                    .map(|m| pb::GroupMember {
+                        id: m.id,
+                        in_flight: m.in_flight,
+                        max_in_flight: m.max_in_flight,
+                        exclusive: m.exclusive,
+                    })
+                    .collect(),
+                partitions: t
+                    .partitions
+                    .into_iter()
+                    .map(|p| pb::GroupPartitionState {
+                        partition: p.partition,
+                        committed_offset: p.committed,
+                        end_offset: p.end,
+                        lag: p.lag,
+                        in_flight: p.in_flight,
+                        pending: p.pending,
+                        redeliveries: p.redeliveries,
+                        dead_lettered: p.dead_lettered,
+                        owner: p.owner,
+                        blocked: p.blocked.unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeGroupResponse {
+            group: req.group,
+            topics,
+        }))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<pb::ResetGroupRequest>,
+    ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let resource = Resource::Group(&req.group);
+        let reset = async {
+            if req.to.as_ref().and_then(|t| t.kind.as_ref()).is_none() {
+                return Err(Status::invalid_argument("reset needs a position in `to`"));
+            }
+            let to = start_from_pb(req.to)?;
+            self.broker
+                .reset_group(&req.group, &req.topic, &req.partitions, to, req.force)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(&caller, RESET_GROUP, resource, None, reset)
+            .await?;
+        Ok(Response::new(pb::ResetGroupResponse {}))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
+        // Every topic it would touch needs `admin` (`describe` for a dry run).
+        let action = if req.dry_run {
+            Action::Describe
+        } else {
+            Action::Admin
+        };
+        let names: Vec<String> = match topic {
+            Some(t) => vec![t.to_string()],
+            None => self
+                .broker
+                .list_topics()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        };
+        for name in &names {
+            self.access
+                .require(&caller, COMPACT, action, Resource::Topic(name))
+                .await?;
+        }
+        let report = self
+            .broker
+            .maintain(topic, req.dry_run)
+            .await
+            .map(|r| r.into_iter().map(compaction_to_pb).collect::<Vec<_>>())
+            .map_err(to_status);
+        let partitions = if req.dry_run {
+            report?
+        } else {
+            let resource = match topic {
+                Some(t) => Resource::Topic(t).to_string(),
+                None => "every topic".into(),
+            };
+            let event = super::access::event(&caller, COMPACT, resource, Decision::Allowed);
+            let event = compaction_counts(event, report.as_deref().unwrap_or_default());
+            self.access.record_admin(event, report).await?
+        };
+        Ok(Response::new(pb::CompactResponse { partitions }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let delete = async {
+            self.broker
+                .delete_group(&req.group)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(
+            &caller,
+            DELETE_GROUP,
+            Resource::Group(&req.group),
+            None,
+            delete,
+        )
+        .await?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let create = async {
+            let config = settings_from_pb(req.settings)?;
+            self.broker
+                .create_topic(&req.name, config)
+                .await
+                .map_err(to_status)
+        };
+        self.admin(
+            &caller,
+            CREATE_TOPIC,
+            Resource::Topic(&req.name),
+            None,
+            create,
+        )
+        .await?;
+        Ok(Response::new(pb::CreateTopicResponse {}))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let before = self.broker.topic_settings_json(&req.name);
+        let delete = async { self.broker.delete_topic(&req.name).await.map_err(to_status) };
+        self.admin(
+            &caller,
+            DELETE_TOPIC,
+            Resource::Topic(&req.name),
+            before,
+            delete,
+        )
+        .await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let caller = caller(&request)?;
+        let topics = self
+            .broker
+            .list_topics()
+            .into_iter()
+            .filter(|(name, _)| caller.allows(Action::Describe, Resource::Topic(name)))
+            .map(|(name, config)| pb::TopicInfo {
+                name,
+                settings: Some(settings_to_pb(&config)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        self.access
+            .require(
+                &caller,
+                DESCRIBE_TOPIC,
+                Action::Describe,
+                Resource::Topic(&req.name),
+            )
+            .await?;
+        let d = self
+            .broker
+            .describe_topic(&req.name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DescribeTopicResponse {
+            name: d.name,
+            settings: Some(settings_to_pb(&d.config)),
+            partitions: d
+                .partitions
+                .into_iter()
+                .map(|p| pb::PartitionInfo {
+                    partition: p.partition,
+                    first_offset: p.first_offset,
+                    next_offset: p.next_offset,
+                    size_bytes: p.size_bytes,
+                    segments: p.segments,
+                    retention_held_bytes: p.held_bytes,
+                    retention_held_by: p.held_by.unwrap_or_default(),
+                })
+                .collect(),
+            dedup: d.ids.map(|i| pb::DedupInfo {
+                duplicates: i.duplicates,
+                ids_in_memory: i.in_memory,
+                ids_on_disk: i.on_disk,
+                index_files: i.runs,
+                index_disk_bytes: i.disk_bytes,
+                index_memory_bytes: i.resident_bytes,
+            }),
+        }))
+    }
+}
