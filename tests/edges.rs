@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use common::server::{TestServer, keyed, message, test_config};
+use sluice::broker::groups::Membership;
 use sluice::broker::topic::key_partition;
 use sluice::broker::{Broker, Deliveries, NewMessage, Start};
 use sluice::proto::seed;
@@ -606,9 +607,11 @@ async fn every_new_directory_entry_is_durable_before_an_answer_depends_on_it() {
                 "auto",
                 &format!("g{round}"),
                 Start::Earliest,
-                5,
-                false,
-                Some(5),
+                Membership {
+                    max_in_flight: 5,
+                    exclusive: false,
+                    limit: Some(5),
+                },
             )
             .await
             .unwrap();

@@ -304,6 +304,7 @@ fn offline_compaction_refuses_a_data_dir_a_broker_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
+    use sluice::broker::groups::Membership;
     use sluice::broker::{Broker, NewMessage, Start};
     use sluice::storage::TopicConfig;
 
@@ -334,7 +335,15 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
     }
     // The group takes and acknowledges the first 10, then its member leaves.
     let (member, mut rx) = broker
-        .subscribe_group("t", "g", Start::Earliest, 10, false, None)
+        .subscribe_group(
+            "t",
+            "g",
+            Start::Earliest,
+            Membership {
+                max_in_flight: 10,
+                ..Membership::default()
+            },
+        )
         .await
         .unwrap();
     let got = rx.recv().await.unwrap().unwrap().into_deliveries().unwrap();
@@ -352,7 +361,15 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
     // may start before `start`: records the dispatcher had already read ahead into memory are
     // still delivered.)
     let (_member, mut rx) = broker
-        .subscribe_group("t", "g", Start::Earliest, 1000, false, None)
+        .subscribe_group(
+            "t",
+            "g",
+            Start::Earliest,
+            Membership {
+                max_in_flight: 1000,
+                ..Membership::default()
+            },
+        )
         .await
         .unwrap();
     let mut offsets = Vec::new();

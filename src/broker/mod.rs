@@ -57,7 +57,9 @@ use tokio_util::task::TaskTracker;
 use self::ack_poll::AckPoller;
 use self::audit::{AuditEvent, AuditTrail, refuse_audit_topic};
 use self::blocking::blocking;
-use self::groups::{GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard};
+use self::groups::{
+    GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
+};
 use self::maintenance::Maintenance;
 use self::send::{DeadLetterAppender, SendLimits, Sends};
 use self::subscription::SubscriptionSettings;
@@ -358,12 +360,10 @@ impl Broker {
         topic: &str,
         group: &str,
         start: Start,
-        max_in_flight: usize,
-        exclusive: bool,
-        limit: Option<u64>,
+        membership: Membership,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         self.groups
-            .subscribe_group(topic, group, start, max_in_flight, exclusive, limit)
+            .subscribe_group(topic, group, start, membership)
             .await
     }
 

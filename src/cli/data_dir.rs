@@ -1,6 +1,7 @@
 //! The check every offline command (`compact --data-dir`, `verify`, `dump`, `audit
 //! --data-dir`) makes before it reads: the directory is a data directory.
 
+use crate::storage::data_dir::not_a_data_dir;
 use crate::storage::verify::is_data_dir;
 
 use super::error::CliError;
@@ -11,8 +12,5 @@ pub fn data_dir_or_refuse(dir: &std::path::Path) -> Result<(), CliError> {
     if is_data_dir(dir) {
         return Ok(());
     }
-    Err(CliError::NotDataDir(format!(
-        "{} is not a Sluice data directory (it has no topics/ directory)",
-        dir.display()
-    )))
+    Err(CliError::NotDataDir(not_a_data_dir(dir)))
 }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Response, Status};
 
-use crate::broker::groups::MemberGuard;
+use crate::broker::groups::{MemberGuard, Membership};
 use crate::broker::{Broker, DeliveryBatch, Start};
 use crate::proto::v1 as pb;
 
@@ -51,9 +51,11 @@ pub async fn open(
             s.topic,
             s.group,
             s.start,
-            s.max_in_flight,
-            s.exclusive,
-            s.limit,
+            Membership {
+                max_in_flight: s.max_in_flight,
+                exclusive: s.exclusive,
+                limit: s.limit,
+            },
         )
         .await
         .map_err(to_status)?;

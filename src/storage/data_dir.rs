@@ -55,6 +55,14 @@ pub struct DataDir {
     _lock: File,
 }
 
+/// What a command that reads a data directory says of one that is not (no `topics/`).
+pub fn not_a_data_dir(root: &Path) -> String {
+    format!(
+        "{} is not a Sluice data directory (it has no topics/ directory)",
+        root.display()
+    )
+}
+
 impl DataDir {
     /// Opens (creating if needed) a data directory and takes its lock. Fails at once with
     /// [`Error::Locked`] when another process holds it.
@@ -107,10 +115,7 @@ impl DataDir {
     /// write through [`DataDir::io`] fails: `io` should be a [`super::ReadOnlyIo`].
     pub fn open_read_only(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
         if !super::verify::is_data_dir(root) {
-            return Err(Error::InvalidConfig(format!(
-                "{} is not a Sluice data directory (it has no topics/ directory)",
-                root.display()
-            )));
+            return Err(Error::InvalidConfig(not_a_data_dir(root)));
         }
         let lock_path = root.join("LOCK");
         let lock = File::open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;

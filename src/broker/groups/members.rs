@@ -21,6 +21,17 @@ use super::state::*;
 /// Longest delay a Nack may ask for.
 pub const MAX_NACK_DELAY: Duration = Duration::from_secs(3600);
 
+/// What a member asks for when it joins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Deliveries it may hold unacknowledged (0: the broker's default).
+    pub max_in_flight: usize,
+    /// Partitions are owned by one member each instead of shared message by message.
+    pub exclusive: bool,
+    /// Deliveries over its life, at most.
+    pub limit: Option<u64>,
+}
+
 /// Removes a member from its group when its subscription ends (the stream is dropped).
 #[derive(Debug)]
 pub struct MemberGuard {
@@ -52,10 +63,13 @@ impl GroupTopic {
     /// does not count), and stays a member until it leaves: it can ack the last of them first.
     pub fn join(
         self: &Arc<Self>,
-        max_in_flight: usize,
-        exclusive: bool,
-        limit: Option<u64>,
+        membership: Membership,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        let Membership {
+            max_in_flight,
+            exclusive,
+            limit,
+        } = membership;
         let max_in_flight = self.settings.max_in_flight(max_in_flight)?;
         let mut st = lock(&self.state);
         if let Some(other) = st.members.values().find(|m| m.exclusive != exclusive) {

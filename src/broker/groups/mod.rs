@@ -41,5 +41,5 @@ pub use self::group::{
     GroupPartitionDescription, GroupSettings, GroupTopic, GroupTopicDescription, MemberDescription,
     parse_ack_id,
 };
-pub use self::members::{MAX_NACK_DELAY, MemberGuard};
+pub use self::members::{MAX_NACK_DELAY, MemberGuard, Membership};
 pub use self::registry::Groups;

@@ -18,7 +18,7 @@ use crate::broker::topics::Topics;
 use crate::storage::{self, validate_group_name};
 
 use super::group::{GroupSettings, GroupTopic, GroupTopicDescription, Provided, parse_ack_id};
-use super::members::MemberGuard;
+use super::members::{MemberGuard, Membership};
 
 /// A consumer group's slot: empty while it is being opened.
 type GroupCell = Arc<tokio::sync::OnceCell<Arc<GroupTopic>>>;
@@ -144,18 +144,14 @@ impl Groups {
         topic: &str,
         group: &str,
         start: Start,
-        max_in_flight: usize,
-        exclusive: bool,
-        limit: Option<u64>,
+        membership: Membership,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
         // Checked before the group is opened: a refused Subscribe creates nothing.
-        self.settings.max_in_flight(max_in_flight)?;
-        self.group(group, topic, start)
-            .await?
-            .join(max_in_flight, exclusive, limit)
+        self.settings.max_in_flight(membership.max_in_flight)?;
+        self.group(group, topic, start).await?.join(membership)
     }
 
     fn parse_ids(ids: &[String]) -> Result<Vec<(u32, u64)>> {
