@@ -72,8 +72,9 @@ pub use self::error::{Error, Result};
 pub use self::maintenance::PartitionMaintenance;
 pub use self::message::{Deliveries, Delivery, DeliveryBatch, NewMessage, Placed, Start};
 pub use self::settings::Settings;
-pub use self::topic::{NEWEST_SCAN, PartitionHandle, Topic};
-pub use self::topics::{PartitionDescription, TopicDescription};
+pub use self::topic::{
+    NEWEST_SCAN, PartitionDescription, PartitionHandle, Topic, TopicDescription,
+};
 
 /// The broker: every open topic of one data directory, and the parts that serve them.
 #[derive(Debug)]
@@ -277,13 +278,13 @@ impl Broker {
 
     /// A topic's partitions, with what consumer groups hold back from retention.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        self.topics.existing(name)?;
+        let topic = self.topics.existing(name)?;
         let held = self.maintenance.maintain(Some(name), true).await?;
-        self.topics.describe(name, |p| {
+        Ok(topic.describe(|p| {
             held.iter()
                 .find(|h| h.partition == p)
                 .map(|h| (h.outcome.held_bytes, h.held_by.clone()))
-        })
+        }))
     }
 
     /// The newest `limit` records of a topic that `keep` accepts, newest first (see

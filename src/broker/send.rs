@@ -347,7 +347,7 @@ impl Sends {
                         tracing::error!(topic = %name, error = %e, "merging the id index failed");
                     }
                     dedup.end(Background::Merge);
-                            drop(data);
+                    drop(data);
                 });
             }
         });

@@ -1,6 +1,7 @@
 //! An open topic: its partitions, each a storage [`Partition`] with a high-water watch that wakes
-//! subscribers and a semaphore that bounds appends in flight; its id index; and what is read
-//! from it record by record (one record, the newest records, where a start position lands).
+//! subscribers and a semaphore that bounds appends in flight; its id index; its description;
+//! and what is read from it record by record (one record, the newest records, where a start
+//! position lands).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,6 +21,27 @@ use super::message::Start;
 pub const NEWEST_SCAN: u64 = 100_000;
 /// Records it reads at a time, walking back from the end.
 const NEWEST_WINDOW: u64 = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDescription {
+    pub partition: u32,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub segments: u32,
+    /// Bytes retention would delete but a consumer group still needs, and that group.
+    pub held_bytes: u64,
+    pub held_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionDescription>,
+    /// The id index, when the topic has one.
+    pub ids: Option<storage::ids::IdStats>,
+}
 
 /// One partition of an open topic.
 #[derive(Debug)]
@@ -184,6 +206,37 @@ impl Topic {
         .await
     }
 
+    /// A topic's partitions as they stand, with what consumer groups hold back of each
+    /// (`held(partition)`: bytes and the group).
+    pub fn describe(
+        &self,
+        held: impl Fn(u32) -> Option<(u64, Option<String>)>,
+    ) -> TopicDescription {
+        let partitions = self
+            .partitions
+            .iter()
+            .map(|p| {
+                let s = p.log.stats();
+                let (held_bytes, held_by) = held(p.id).unwrap_or((0, None));
+                PartitionDescription {
+                    partition: p.id,
+                    first_offset: s.log_start,
+                    next_offset: s.high_water,
+                    size_bytes: s.size_bytes,
+                    segments: s.segments as u32,
+                    held_bytes,
+                    held_by,
+                }
+            })
+            .collect();
+        TopicDescription {
+            name: self.name.to_string(),
+            config: self.config.clone(),
+            partitions,
+            ids: self.dedup.as_ref().map(|d| d.stats()),
+        }
+    }
+
     /// The partition for the keyless messages of the next request.
     pub fn next_spread_partition(&self) -> u32 {
         self.next.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
@@ -191,15 +244,11 @@ impl Topic {
 }
 
 impl PartitionHandle {
-    /// The record at `offset`, if the log still holds it (blocking).
-    pub fn read_record_blocking(&self, offset: u64) -> Result<Option<StoredRecord>> {
-        read_record(&self.log, offset)
-    }
-
-    /// [`PartitionHandle::read_record_blocking`] on the blocking pool.
+    /// The record at `offset`, if the log still holds it ([`read_record`] on the blocking
+    /// pool).
     pub async fn read_record(self: &Arc<Self>, offset: u64) -> Result<Option<StoredRecord>> {
         let handle = Arc::clone(self);
-        blocking(move || handle.read_record_blocking(offset)).await
+        blocking(move || read_record(&handle.log, offset)).await
     }
 
     /// The first offset a subscription starting at `start` reads.

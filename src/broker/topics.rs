@@ -1,5 +1,5 @@
 //! The open topics of one data directory: opening them all at start, creating and deleting one,
-//! finding one by name, and describing them. Owns the data directory (its lock stays taken while
+//! finding one by name, and listing them. Owns the data directory (its lock stays taken while
 //! the topics are open) and the map of open topics; creation and deletion are serialised here.
 //!
 //! What a topic's deletion means for its consumer groups is the broker's to orchestrate: this
@@ -14,27 +14,6 @@ use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, audit_topic_config};
 use super::blocking::blocking;
 use super::error::{Error, Result};
 use super::topic::Topic;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionDescription {
-    pub partition: u32,
-    pub first_offset: u64,
-    pub next_offset: u64,
-    pub size_bytes: u64,
-    pub segments: u32,
-    /// Bytes retention would delete but a consumer group still needs, and that group.
-    pub held_bytes: u64,
-    pub held_by: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicDescription {
-    pub name: String,
-    pub config: TopicConfig,
-    pub partitions: Vec<PartitionDescription>,
-    /// The id index, when the topic has one.
-    pub ids: Option<storage::ids::IdStats>,
-}
 
 /// Every open topic, `_audit` included.
 #[derive(Debug)]
@@ -59,18 +38,11 @@ pub struct Removed {
 
 /// The data directory opened and every topic in it, `_audit` created when missing, and the
 /// audit trail picked up where `_audit` ends.
+#[derive(Debug)]
 pub struct Opened {
     pub data: DataDir,
     pub topics: HashMap<String, Arc<Topic>>,
     pub audit: AuditTrail,
-}
-
-impl std::fmt::Debug for Opened {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opened")
-            .field("topics", &self.topics.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// Opens (recovering) every topic of a data directory (blocking). A read-only open creates
@@ -182,7 +154,7 @@ impl Topics {
 
     /// Creates a topic with the default settings unless it exists, recording the creation as
     /// `event` (its outcome and settings filled in); true if this call created it.
-    pub async fn create_if_missing(&self, name: &str, event: AuditEvent) -> Result<bool> {
+    async fn create_if_missing(&self, name: &str, event: AuditEvent) -> Result<bool> {
         validate_topic_name(name)?;
         if self.get(name).is_some() {
             return Ok(false);
@@ -286,38 +258,5 @@ impl Topics {
             .iter()
             .map(|t| (t.name.to_string(), t.config.clone()))
             .collect()
-    }
-
-    /// A topic's partitions as they stand, with what consumer groups hold back of each
-    /// (`held(partition)`: bytes and the group).
-    pub fn describe(
-        &self,
-        name: &str,
-        held: impl Fn(u32) -> Option<(u64, Option<String>)>,
-    ) -> Result<TopicDescription> {
-        let topic = self.existing(name)?;
-        let partitions = topic
-            .partitions
-            .iter()
-            .map(|p| {
-                let s = p.log.stats();
-                let (held_bytes, held_by) = held(p.id).unwrap_or((0, None));
-                PartitionDescription {
-                    partition: p.id,
-                    first_offset: s.log_start,
-                    next_offset: s.high_water,
-                    size_bytes: s.size_bytes,
-                    segments: s.segments as u32,
-                    held_bytes,
-                    held_by,
-                }
-            })
-            .collect();
-        Ok(TopicDescription {
-            name: name.to_string(),
-            config: topic.config.clone(),
-            partitions,
-            ids: topic.dedup.as_ref().map(|d| d.stats()),
-        })
     }
 }

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Action, Resource};
 use crate::broker::Broker;
+use crate::broker::groups::Membership;
 use crate::proto::v1 as pb;
 
 use super::access::{Access, caller};
@@ -88,11 +89,13 @@ impl pb::broker_server::Broker for BrokerService {
         let subscription = Subscription {
             topic: &req.topic,
             group: &req.group,
-            partitions: req.partitions.clone(),
+            partitions: req.partitions,
             start,
-            max_in_flight: req.max_in_flight as usize,
-            exclusive: req.exclusive,
-            limit,
+            membership: Membership {
+                max_in_flight: req.max_in_flight as usize,
+                exclusive: req.exclusive,
+                limit,
+            },
         };
         let (rx, member) = subscription::open(&self.broker, subscription).await?;
         let stream = Responses::new(&self.broker, rx, &req.topic, member, limit);

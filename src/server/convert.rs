@@ -1,5 +1,5 @@
 //! Conversions between the API's messages and the broker's types, shared by the `sluice.v1`
-//! services, the seed API and the HTTP port: messages in, deliveries and positions out, start
+//! services, the seed API and `sluice dump`: messages in, deliveries and positions out, start
 //! positions, topic settings.
 
 use tonic::Status;

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::broker::groups::MemberGuard;
+use crate::broker::groups::{MemberGuard, Membership};
 use crate::broker::{Broker, DeliveryBatch, Start};
 use crate::proto::seed as pb;
 
@@ -92,9 +92,7 @@ impl pb::broker_server::Broker for SeedService {
             group: &req.consumer_group,
             partitions: Vec::new(),
             start,
-            max_in_flight: 0,
-            exclusive: false,
-            limit: None,
+            membership: Membership::default(),
         };
         let (rx, member) = subscription::open(&self.broker, subscription).await?;
         let stream = SeedResponses {

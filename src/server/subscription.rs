@@ -28,9 +28,8 @@ pub struct Subscription<'a> {
     /// A plain subscription's partitions (all when empty).
     pub partitions: Vec<u32>,
     pub start: Start,
-    pub max_in_flight: usize,
-    pub exclusive: bool,
-    pub limit: Option<u64>,
+    /// A group member's in-flight limit, mode and delivery limit.
+    pub membership: Membership,
 }
 
 /// Starts the subscription: its deliveries, and for a group member the guard that makes it
@@ -47,16 +46,7 @@ pub async fn open(
         return Ok((rx, None));
     }
     let (guard, rx) = broker
-        .subscribe_group(
-            s.topic,
-            s.group,
-            s.start,
-            Membership {
-                max_in_flight: s.max_in_flight,
-                exclusive: s.exclusive,
-                limit: s.limit,
-            },
-        )
+        .subscribe_group(s.topic, s.group, s.start, s.membership)
         .await
         .map_err(to_status)?;
     Ok((rx, Some(guard)))

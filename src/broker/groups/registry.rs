@@ -58,17 +58,22 @@ impl Groups {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes the groups whose (group, topic) `chosen` accepts out of `map`: the opened ones.
+    fn take(
+        map: &mut HashMap<(String, String), GroupCell>,
+        chosen: impl Fn(&(String, String)) -> bool,
+    ) -> Vec<Arc<GroupTopic>> {
+        let keys: Vec<_> = map.keys().filter(|k| chosen(k)).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| map.remove(&k))
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
+    }
+
     /// Takes the groups of `topic` out of the map (the topic is being deleted), closes them and
     /// deletes their state (blocking).
     pub fn forget_topic(&self, topic: &str) -> Result<()> {
-        let doomed: Vec<_> = {
-            let mut groups = self.map();
-            let keys: Vec<_> = groups.keys().filter(|(_, t)| t == topic).cloned().collect();
-            keys.into_iter()
-                .filter_map(|k| groups.remove(&k))
-                .filter_map(|cell| cell.get().cloned())
-                .collect()
-        };
+        let doomed = Self::take(&mut self.map(), |(_, t)| t == topic);
         for g in &doomed {
             g.close();
         }
@@ -84,11 +89,7 @@ impl Groups {
     /// Takes every open group out of the map and stops its dispatcher (shutdown); the caller
     /// closes them once their tasks ended.
     pub fn stop_all(&self) -> Vec<Arc<GroupTopic>> {
-        let groups: Vec<_> = self
-            .map()
-            .drain()
-            .filter_map(|(_, cell)| cell.get().cloned())
-            .collect();
+        let groups = Self::take(&mut self.map(), |_| true);
         for g in &groups {
             g.stop.cancel();
         }
@@ -294,28 +295,22 @@ impl Groups {
         validate_group_name(group)?;
         let doomed: Vec<_> = {
             let mut groups = self.map();
-            let keys: Vec<_> = groups.keys().filter(|(g, _)| g == group).cloned().collect();
-            for k in &keys {
-                match groups.get(k).map(|cell| cell.get()) {
-                    Some(None) => {
+            for ((_, topic), cell) in groups.iter().filter(|((g, _), _)| g == group) {
+                match cell.get() {
+                    None => {
                         return Err(Error::FailedPrecondition(format!(
-                            "group {group:?} is being opened on {:?}; try again",
-                            k.1
+                            "group {group:?} is being opened on {topic:?}; try again"
                         )));
                     }
-                    Some(Some(g)) if g.member_count() > 0 => {
+                    Some(g) if g.member_count() > 0 => {
                         return Err(Error::FailedPrecondition(format!(
-                            "group {group:?} has members connected to {:?}",
-                            &*g.topic.name
+                            "group {group:?} has members connected to {topic:?}"
                         )));
                     }
-                    _ => {}
+                    Some(_) => {}
                 }
             }
-            keys.into_iter()
-                .filter_map(|k| groups.remove(&k))
-                .filter_map(|cell| cell.get().cloned())
-                .collect()
+            Self::take(&mut groups, |(g, _)| g == group)
         };
         let data = Arc::clone(self.topics.data());
         let owned = group.to_string();
