@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{BrokerProcess, assert_succeeded, bin, cli};
+use common::server::{BrokerProcess, assert_succeeded, bin, cli, listening_addr};
 
 /// How the broker's stderr goes away.
 #[derive(Debug, Clone, Copy)]
@@ -58,14 +58,7 @@ fn serve_with_log(dir: &Path, sink: LogSink, format: &str) -> (Child, SocketAddr
         drop(err);
     }
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("sluice listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = listening_addr(&mut out).parse().unwrap();
     (child, addr)
 }
 
@@ -360,11 +353,7 @@ fn a_deprecated_group_setting_still_works_and_the_broker_says_so_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("sluice listening on "), "{line}");
+    listening_addr(&mut BufReader::new(child.stdout.take().unwrap()));
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

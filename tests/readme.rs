@@ -10,12 +10,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::bin;
+use common::server::{bin, listening_addr};
 
 /// One command line of a code block, continuation lines joined, and the output it promises.
 #[derive(Debug, Clone)]
@@ -191,15 +191,7 @@ fn serve(cwd: &Path, args: &[&str]) -> (Serving, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("sluice listening on ")
-        .unwrap_or_else(|| panic!("serve printed {line:?}"))
-        .to_string();
+    let addr = listening_addr(&mut BufReader::new(child.stdout.take().unwrap()));
     (Serving(Some(child)), addr)
 }
 

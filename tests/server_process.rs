@@ -115,13 +115,7 @@ fn logs_into_a_file_or_pipe_carry_no_colour_codes() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("sluice listening on"), "{line}");
+    common::server::listening_addr(&mut std::io::BufReader::new(child.stdout.take().unwrap()));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -99,11 +99,27 @@ fn is_ident(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
+/// A `use` tree without whitespace and without its renames (`a::B as C` is `a::B`).
+fn without_renames(tree: &str) -> String {
+    let mut out = String::new();
+    let mut words = tree.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "as" {
+            // The new name goes; the punctuation after it (`,`, `}`) stays.
+            let rest = words.next().unwrap_or("");
+            out.push_str(rest.trim_start_matches(is_ident));
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
 /// Expands a `use` tree (`a::{b, c::{d, e}}`) into its paths.
 fn expand(tree: &str) -> Vec<String> {
-    let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
+    let tree = without_renames(tree);
     let Some(open) = tree.find('{') else {
-        return vec![tree.split(" as ").next().unwrap_or("").to_string()];
+        return vec![tree];
     };
     let prefix = &tree[..open];
     let inner = &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())];
@@ -161,7 +177,7 @@ fn paths(file: &SourceFile) -> Vec<Vec<String>> {
     while i < chars.len() {
         let starts = ["crate::", "super::", "self::"]
             .iter()
-            .find(|s| others_at(&chars, i, s));
+            .find(|s| starts_with_at(&chars, i, s));
         match starts {
             Some(_) if i == 0 || !is_ident(chars[i - 1]) && chars[i - 1] != ':' => {
                 let mut j = i;
@@ -179,7 +195,7 @@ fn paths(file: &SourceFile) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn others_at(chars: &[char], i: usize, s: &str) -> bool {
+fn starts_with_at(chars: &[char], i: usize, s: &str) -> bool {
     s.chars()
         .enumerate()
         .all(|(k, c)| chars.get(i + k) == Some(&c))
@@ -315,7 +331,8 @@ fn the_reader_sees_paths_the_way_rustc_does() {
     let file = SourceFile {
         path: PathBuf::from("broker/groups/dispatch.rs"),
         module: vec!["broker".into(), "groups".into(), "dispatch".into()],
-        text: "use super::{state::*, Weak};\nuse crate::broker::{self, error::{Error, Result}};\n\
+        text: "use super::{state::*, Weak};\nuse crate::broker::{self, error::{Error as E, Result}};\n\
+               use super::clock as time;\n\
                fn f() { super::super::topic::key(); x::y(); }\n\
                #[cfg(test)]\nmod tests { use super::*; }\n"
             .into(),
@@ -327,6 +344,7 @@ fn the_reader_sees_paths_the_way_rustc_does() {
         "broker/error/Error",
         "broker/error/Result",
         "broker/groups/Weak",
+        "broker/groups/clock",
         "broker/groups/state/*",
         "broker/topic/key",
     ]

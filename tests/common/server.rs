@@ -95,6 +95,16 @@ pub struct BrokerProcess {
     pub http: SocketAddr,
 }
 
+/// Reads `sluice serve`'s first line of output, `sluice listening on ADDR`, and returns ADDR.
+pub fn listening_addr(stdout: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix("sluice listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
+}
+
 impl BrokerProcess {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
         Self::spawn_with_env(data_dir, extra, &[])
@@ -115,15 +125,8 @@ impl BrokerProcess {
             .spawn()
             .unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let addr = listening_addr(&mut stdout).parse().unwrap();
         let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("sluice listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        line.clear();
         stdout.read_line(&mut line).unwrap();
         let http = line
             .trim()
