@@ -38,7 +38,7 @@ use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::io::{FileIo, PRIVATE_FILE, replace_file};
-use super::record::{Batch, Decoded, EncodedBatch, Record, read_u32, read_u64};
+use super::record::{Batch, ControlKind, Decoded, EncodedBatch, Record, read_u32, read_u64};
 use super::segment::{FileKind, LOG_HEADER_LEN, log_header, segment_path};
 
 pub const MANIFEST: &str = "compaction";
@@ -216,6 +216,10 @@ pub fn clean_segment(
         after += kept.len() as u64;
         if all {
             out.extend_from_slice(batch.bytes());
+        } else if let (Some(id), true) = (h.raft, kept.is_empty()) {
+            // A Raft entry stays in the log (its index must not go missing): as a blank one.
+            let mut blank = EncodedBatch::control(id, ControlKind::Blank, &[], h.first_timestamp);
+            out.extend_from_slice(blank.seal(h.base_offset));
         } else if !kept.is_empty() {
             let records: Vec<(u32, Record)> = kept
                 .into_iter()
@@ -236,6 +240,9 @@ pub fn clean_segment(
                 records.iter().map(|(d, r)| (*d, r)),
                 h.last_offset_delta,
             );
+            if let Some(id) = h.raft {
+                encoded = encoded.with_raft_id(id);
+            }
             out.extend_from_slice(encoded.seal(h.base_offset));
         }
         pos += h.size;

@@ -10,6 +10,7 @@
 //! | [`checkpoint`]| `checkpoint`: where recovery resumes, and the clean-close marker     |
 //! | [`compaction`]| key compaction: cleaning closed segments, the crash-safe swap        |
 //! | [`partition`] | a partition log: writer pool, group commit, readers, recovery        |
+//! | [`raft_log`]  | a partition log as a Raft log (cluster mode): entries by index, vote |
 //! | [`ids`]       | `ids/`: a topic's id index for idempotent Send (memtable, runs, merge)|
 //! | [`topic`]     | topic and group names, `topic.toml`                                  |
 //! | [`data_dir`]  | the data directory, its `LOCK`, topics' and groups' directories      |
@@ -29,6 +30,7 @@ pub mod index;
 pub mod io;
 pub mod mapped;
 pub mod partition;
+pub mod raft_log;
 pub mod record;
 pub mod segment;
 pub mod timeindex;

@@ -18,8 +18,24 @@
 //! |     33 |    8 | `max_timestamp`     | largest record timestamp (i64)                     |
 //! |     41 |    8 | `producer_id`       | i64, -1 = none                                     |
 //! |     49 |    4 | `producer_seq`      | i32, -1 = none                                     |
-//! |     53 |    2 | `attributes`        | bit 0 ([`ATTR_IDS`]): records carry an id; rest 0  |
-//! |     55 |    … | records             | `record_count` records, as below                   |
+//! |     53 |    2 | `attributes`        | bit 0 ([`ATTR_IDS`]): records carry an id; bit 1 ([`ATTR_CONTROL`], version 2 only): a Raft control entry; rest 0 |
+//! |     55 |    … | records             | `record_count` records, as below (version 1)       |
+//!
+//! # Version 2: a Raft entry (cluster mode)
+//!
+//! A partition replicated by Raft stores each Raft log entry as one batch, so the partition log
+//! *is* the Raft log. Magic 2 adds the entry's id after the fixed header, covered by the CRC:
+//!
+//! | offset | size | field        | notes                                         |
+//! |-------:|-----:|--------------|-----------------------------------------------|
+//! |     55 |    8 | `term`       | the Raft term that proposed the entry (u64)   |
+//! |     63 |    8 | `raft_index` | the entry's Raft log index (u64)              |
+//! |     71 |    … | records      | as in version 1; or, for a control entry, its payload |
+//!
+//! A control entry (attribute bit 1: Raft's blank and membership entries) carries no records
+//! and covers no offsets: `record_count` 0, `last_offset_delta` 0, `base_offset` the offset the
+//! next data batch gets, so consumer offsets stay dense. Its bytes after the header are one kind
+//! byte ([`ControlKind`]) and the kind's payload. Readers of messages skip control batches.
 //!
 //! # Record layout (varints are LEB128; "zigzag" ones are signed)
 //!
@@ -49,8 +65,10 @@ use bytes::Bytes;
 use super::error::Error;
 use super::varint;
 
-/// The only batch format version written today.
+/// A single-node batch (and every batch written before replication existed).
 pub const MAGIC_V1: u8 = 1;
+/// A Raft entry: version 1's header, then the entry's term and index.
+pub const MAGIC_V2: u8 = 2;
 
 pub const LENGTH_OFFSET: usize = 0;
 pub const MAGIC_OFFSET: usize = 4;
@@ -67,8 +85,16 @@ pub const PRODUCER_SEQ_OFFSET: usize = 49;
 pub const ATTRIBUTES_OFFSET: usize = 53;
 /// Batch attribute: every record ends with an optional id (see the record layout).
 pub const ATTR_IDS: u16 = 1;
-/// Size of the fixed batch header; records follow.
+/// Batch attribute (version 2 only): a Raft control entry, no records, no offsets.
+pub const ATTR_CONTROL: u16 = 2;
+/// Size of the fixed batch header; records follow (version 1).
 pub const BATCH_HEADER_LEN: usize = 55;
+pub const TERM_OFFSET: usize = 55;
+pub const RAFT_INDEX_OFFSET: usize = 63;
+/// Size of a version 2 header: the fixed header and the Raft entry id.
+pub const RAFT_HEADER_LEN: usize = 71;
+/// The most header bytes any version has: what a reader fetches to parse a header.
+pub const MAX_HEADER_LEN: usize = RAFT_HEADER_LEN;
 /// No batch, whatever the configuration, is larger than this: a length field above it is
 /// corruption, never an allocation.
 pub const MAX_BATCH_LEN: usize = 256 << 20;
@@ -198,9 +224,73 @@ impl EncodedBatch {
         EncodedBatch { buf }
     }
 
+    /// A version 1 batch as [`EncodedBatch::new`] made it (a Raft proposal carries these bytes
+    /// from the leader to its followers); refused unless the framing checks out.
+    pub fn from_encoded(buf: Vec<u8>) -> Result<Self, &'static str> {
+        match BatchHeader::parse(&buf) {
+            Decoded::Valid(h) if h.size == buf.len() && h.raft.is_none() => {
+                Ok(EncodedBatch { buf })
+            }
+            Decoded::Valid(_) => Err("not a whole version 1 batch"),
+            Decoded::Torn { .. } => Err("batch cut short"),
+            Decoded::Corrupt(why) => Err(why),
+        }
+    }
+
+    /// Records as a Raft entry (version 2) with the given entry id.
+    pub fn raft(records: &[Record], id: RaftId) -> Self {
+        Self::new(records).with_raft_id(id)
+    }
+
+    /// The same records as a Raft entry (version 2) with the given entry id.
+    pub fn with_raft_id(mut self, id: RaftId) -> Self {
+        self.make_raft(id);
+        self
+    }
+
+    /// A Raft control entry: no records, no offsets; `payload` after the kind byte.
+    pub fn control(id: RaftId, kind: ControlKind, payload: &[u8], timestamp: i64) -> Self {
+        let mut batch = Self::with_offset_deltas(std::iter::empty(), 0);
+        batch.make_raft(id);
+        batch.buf.push(kind as u8);
+        batch.buf.extend_from_slice(payload);
+        batch.buf[FIRST_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET]
+            .copy_from_slice(&timestamp.to_le_bytes());
+        batch.buf[MAX_TIMESTAMP_OFFSET..PRODUCER_ID_OFFSET]
+            .copy_from_slice(&timestamp.to_le_bytes());
+        let attributes = ATTR_CONTROL;
+        batch.buf[ATTRIBUTES_OFFSET..BATCH_HEADER_LEN].copy_from_slice(&attributes.to_le_bytes());
+        batch.set_length();
+        batch
+    }
+
+    /// Turns a version 1 batch into a version 2 one carrying `id`.
+    fn make_raft(&mut self, id: RaftId) {
+        let mut raft = [0u8; RAFT_HEADER_LEN - BATCH_HEADER_LEN];
+        raft[..8].copy_from_slice(&id.term.to_le_bytes());
+        raft[8..].copy_from_slice(&id.index.to_le_bytes());
+        self.buf
+            .splice(BATCH_HEADER_LEN..BATCH_HEADER_LEN, raft.iter().copied());
+        self.buf[MAGIC_OFFSET] = MAGIC_V2;
+        self.set_length();
+    }
+
+    fn set_length(&mut self) {
+        let length = (self.buf.len() - 4) as u32;
+        self.buf[LENGTH_OFFSET..4].copy_from_slice(&length.to_le_bytes());
+    }
+
+    /// Whether this is a Raft control entry (which carries no records).
+    pub fn is_control(&self) -> bool {
+        self.buf[MAGIC_OFFSET] == MAGIC_V2
+            && u16::from_le_bytes([self.buf[ATTRIBUTES_OFFSET], self.buf[ATTRIBUTES_OFFSET + 1]])
+                & ATTR_CONTROL
+                != 0
+    }
+
     /// Rejects batches the log must not accept: empty, or over `max_bytes`.
     pub fn check(&self, max_bytes: usize) -> Result<(), Error> {
-        if self.record_count() == 0 {
+        if self.record_count() == 0 && !self.is_control() {
             return Err(Error::EmptyBatch);
         }
         let limit = max_bytes.min(MAX_BATCH_LEN);
@@ -264,22 +354,77 @@ pub struct BatchHeader {
     pub first_timestamp: i64,
     pub max_timestamp: i64,
     pub attributes: u16,
+    /// The Raft entry this batch is (version 2), or `None` (version 1).
+    pub raft: Option<RaftId>,
+}
+
+/// A Raft log entry's id as stored in a version 2 batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RaftId {
+    pub term: u64,
+    pub index: u64,
+}
+
+/// What a control entry is, the first byte after a control batch's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ControlKind {
+    /// Raft's blank entry (a new leader's first entry): no payload.
+    Blank = 0,
+    /// A membership change: the payload is the membership as JSON.
+    Membership = 1,
+}
+
+impl ControlKind {
+    pub fn from_byte(b: u8) -> Option<ControlKind> {
+        match b {
+            0 => Some(ControlKind::Blank),
+            1 => Some(ControlKind::Membership),
+            _ => None,
+        }
+    }
 }
 
 impl BatchHeader {
+    /// Whether this batch is a Raft control entry: no records, no offsets.
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+
+    /// Where the records (or a control entry's kind byte) start.
+    pub fn records_start(&self) -> usize {
+        if self.raft.is_some() {
+            RAFT_HEADER_LEN
+        } else {
+            BATCH_HEADER_LEN
+        }
+    }
+
     /// Whether the batch's records carry ids.
     pub fn has_ids(&self) -> bool {
         self.attributes & ATTR_IDS != 0
     }
 
-    /// The last offset this batch covers.
+    /// The last offset this batch covers (for a control batch, which covers none: the offset
+    /// before its base, or its base at offset 0; never a reason to read it).
     pub fn last_offset(&self) -> u64 {
+        if self.is_control() {
+            return self.base_offset.saturating_sub(1);
+        }
         self.base_offset + u64::from(self.last_offset_delta)
     }
 
-    /// The offset the next batch starts at.
+    /// The offset the next batch starts at (a control batch's own base: it takes none).
     pub fn next_offset(&self) -> u64 {
+        if self.is_control() {
+            return self.base_offset;
+        }
         self.last_offset() + 1
+    }
+
+    /// Whether a reader of messages from `from` on wants this batch.
+    pub fn holds_offsets_from(&self, from: u64) -> bool {
+        !self.is_control() && self.last_offset() >= from
     }
 
     /// Parses the header from the start of `buf`, checking framing but not the CRC.
@@ -297,9 +442,24 @@ impl BatchHeader {
         if buf.len() < BATCH_HEADER_LEN {
             return Decoded::Torn { needed: size };
         }
-        if buf[MAGIC_OFFSET] != MAGIC_V1 {
+        let magic = buf[MAGIC_OFFSET];
+        if magic != MAGIC_V1 && magic != MAGIC_V2 {
             return Decoded::Corrupt("unknown batch magic");
         }
+        let raft = if magic == MAGIC_V2 {
+            if size < RAFT_HEADER_LEN {
+                return Decoded::Corrupt("batch length is smaller than the Raft batch header");
+            }
+            if buf.len() < RAFT_HEADER_LEN {
+                return Decoded::Torn { needed: size };
+            }
+            Some(RaftId {
+                term: read_u64(buf, TERM_OFFSET),
+                index: read_u64(buf, RAFT_INDEX_OFFSET),
+            })
+        } else {
+            None
+        };
         let header = BatchHeader {
             size,
             base_offset: read_u64(buf, BASE_OFFSET_OFFSET),
@@ -308,11 +468,27 @@ impl BatchHeader {
             first_timestamp: read_i64(buf, FIRST_TIMESTAMP_OFFSET),
             max_timestamp: read_i64(buf, MAX_TIMESTAMP_OFFSET),
             attributes: u16::from_le_bytes([buf[ATTRIBUTES_OFFSET], buf[ATTRIBUTES_OFFSET + 1]]),
+            raft,
         };
-        if header.attributes & !ATTR_IDS != 0 {
+        let known = if raft.is_some() {
+            ATTR_IDS | ATTR_CONTROL
+        } else {
+            ATTR_IDS
+        };
+        if header.attributes & !known != 0 {
             return Decoded::Corrupt("unknown batch attributes");
         }
-        if header.record_count == 0 || header.record_count > header.last_offset_delta + 1 {
+        if header.is_control() {
+            if header.attributes != ATTR_CONTROL
+                || header.record_count != 0
+                || header.last_offset_delta != 0
+            {
+                return Decoded::Corrupt("a control batch carries records");
+            }
+            if size <= RAFT_HEADER_LEN {
+                return Decoded::Corrupt("a control batch has no kind");
+            }
+        } else if header.record_count == 0 || header.record_count > header.last_offset_delta + 1 {
             return Decoded::Corrupt("record count does not fit the offset range");
         }
         if header
@@ -363,6 +539,9 @@ impl Batch {
         if crc32fast::hash(&buf[CRC_START..header.size]) != stored {
             return Decoded::Corrupt("batch CRC mismatch");
         }
+        if header.is_control() && ControlKind::from_byte(buf[header.records_start()]).is_none() {
+            return Decoded::Corrupt("unknown control entry kind");
+        }
         Decoded::Valid(Batch {
             header,
             bytes: buf.slice(..header.size),
@@ -384,9 +563,35 @@ impl Batch {
         Records {
             header: self.header,
             buf: self.bytes.clone(),
-            pos: BATCH_HEADER_LEN,
+            pos: self.header.records_start(),
             left: self.header.record_count,
         }
+    }
+
+    /// A version 2 data batch's bytes as the version 1 batch that was proposed: Raft id dropped,
+    /// CRC and base offset zero as the encoder left them (the writer stamps both).
+    /// What a leader sends a follower.
+    pub fn without_raft_id(&self) -> Vec<u8> {
+        let b = &self.bytes;
+        let start = self.header.records_start();
+        let mut out = Vec::with_capacity(b.len() - (start - BATCH_HEADER_LEN));
+        out.extend_from_slice(&b[..BATCH_HEADER_LEN]);
+        out.extend_from_slice(&b[start..]);
+        out[MAGIC_OFFSET] = MAGIC_V1;
+        out[CRC_OFFSET..LAST_OFFSET_DELTA_OFFSET].fill(0);
+        let length = (out.len() - 4) as u32;
+        out[LENGTH_OFFSET..4].copy_from_slice(&length.to_le_bytes());
+        out
+    }
+
+    /// A control batch's kind and payload; `None` for a data batch or an unknown kind.
+    pub fn control(&self) -> Option<(ControlKind, Bytes)> {
+        if !self.header.is_control() {
+            return None;
+        }
+        let start = self.header.records_start();
+        let kind = ControlKind::from_byte(*self.bytes.get(start)?)?;
+        Some((kind, self.bytes.slice(start + 1..)))
     }
 }
 
@@ -631,28 +836,148 @@ mod tests {
         assert_eq!(&sealed(&[r], 7)[..], &expected[..]);
     }
 
+    /// One sealed batch of every kind the format has: version 1 with and without ids, a Raft
+    /// data entry, and both Raft control entries.
+    fn every_kind() -> Vec<(&'static str, Bytes)> {
+        let id = RaftId { term: 9, index: 41 };
+        let mut with_id = rec(2, Some("k"), Some("v"));
+        with_id.id = Some(Bytes::from_static(b"msg-1"));
+        let seal = |mut b: EncodedBatch, base| Bytes::copy_from_slice(b.seal(base));
+        vec![
+            ("v1", sealed(&[rec(1, Some("k"), Some("value"))], 7)),
+            (
+                "v1 with ids",
+                sealed(&[with_id.clone(), rec(3, None, None)], 7),
+            ),
+            (
+                "raft data",
+                seal(
+                    EncodedBatch::raft(&[with_id, rec(4, None, Some("x"))], id),
+                    7,
+                ),
+            ),
+            (
+                "raft blank",
+                seal(EncodedBatch::control(id, ControlKind::Blank, &[], 0), 7),
+            ),
+            (
+                "raft membership",
+                seal(
+                    EncodedBatch::control(id, ControlKind::Membership, b"{}", 0),
+                    7,
+                ),
+            ),
+        ]
+    }
+
     #[test]
-    fn every_truncation_of_a_batch_decodes_as_torn() {
-        let bytes = sealed(&[rec(1, Some("k"), Some("value"))], 0);
-        for cut in 0..bytes.len() {
-            match Batch::decode(&bytes.slice(..cut)) {
-                Decoded::Torn { .. } => {}
-                other => panic!("cut at {cut}: {other:?}"),
+    fn every_truncation_of_every_kind_of_batch_decodes_as_torn() {
+        for (kind, bytes) in every_kind() {
+            assert!(matches!(Batch::decode(&bytes), Decoded::Valid(_)), "{kind}");
+            for cut in 0..bytes.len() {
+                match Batch::decode(&bytes.slice(..cut)) {
+                    Decoded::Torn { .. } => {}
+                    other => panic!("{kind} cut at {cut}: {other:?}"),
+                }
             }
         }
     }
 
     #[test]
-    fn every_flipped_bit_is_detected() {
-        let bytes = sealed(&[rec(1, Some("k"), Some("value"))], 7);
-        for bit in 0..bytes.len() * 8 {
-            let mut b = bytes.to_vec();
-            b[bit / 8] ^= 1 << (bit % 8);
-            let got = Batch::decode(&Bytes::from(b));
-            assert!(
-                !matches!(got, Decoded::Valid(_)),
-                "flipped bit {bit} went unnoticed"
-            );
+    fn every_flipped_bit_of_every_kind_of_batch_is_detected() {
+        for (kind, bytes) in every_kind() {
+            for bit in 0..bytes.len() * 8 {
+                let mut b = bytes.to_vec();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let got = Batch::decode(&Bytes::from(b));
+                assert!(
+                    !matches!(got, Decoded::Valid(_)),
+                    "{kind}: flipped bit {bit} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn raft_batches_carry_their_id_and_control_batches_take_no_offset() {
+        for (kind, bytes) in every_kind() {
+            let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+                panic!("{kind} does not decode");
+            };
+            let h = *batch.header();
+            let raft = kind.starts_with("raft");
+            assert_eq!(h.raft.is_some(), raft, "{kind}");
+            if raft {
+                assert_eq!(h.raft, Some(RaftId { term: 9, index: 41 }), "{kind}");
+            }
+            if h.is_control() {
+                assert_eq!(h.next_offset(), h.base_offset, "{kind} takes no offset");
+                assert!(
+                    !h.holds_offsets_from(0) && !h.holds_offsets_from(7),
+                    "{kind}"
+                );
+                assert_eq!(batch.records().count(), 0, "{kind}");
+                assert!(batch.control().is_some(), "{kind}");
+            } else {
+                assert_eq!(
+                    h.next_offset(),
+                    h.base_offset + u64::from(h.record_count),
+                    "{kind}"
+                );
+                assert!(h.holds_offsets_from(7), "{kind}");
+                assert!(batch.records().all(|r| r.is_ok()), "{kind}");
+                assert!(batch.control().is_none(), "{kind}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_raft_data_batch_gives_back_the_proposal_it_was_made_from() {
+        let records = [rec(5, Some("a"), Some("b")), rec(6, None, Some("c"))];
+        let proposal = EncodedBatch::new(&records);
+        let mut stored = EncodedBatch::raft(&records, RaftId { term: 2, index: 3 });
+        let bytes = Bytes::copy_from_slice(stored.seal(1234));
+        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+            panic!("does not decode");
+        };
+        assert_eq!(batch.without_raft_id(), proposal.as_bytes());
+        assert!(EncodedBatch::from_encoded(batch.without_raft_id()).is_ok());
+        assert!(
+            EncodedBatch::from_encoded(bytes.to_vec()).is_err(),
+            "a version 2 batch is no proposal"
+        );
+        assert!(EncodedBatch::from_encoded(proposal.as_bytes()[..40].to_vec()).is_err());
+    }
+
+    #[test]
+    fn control_entries_are_refused_where_the_format_forbids_them() {
+        let id = RaftId { term: 1, index: 1 };
+        let seal = |mut b: EncodedBatch| b.seal(0).to_vec();
+        let reseal = |mut b: Vec<u8>| {
+            let crc = crc32fast::hash(&b[CRC_START..]);
+            b[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_le_bytes());
+            Bytes::from(b)
+        };
+        // The control attribute on a version 1 batch.
+        let mut v1 = seal(EncodedBatch::new(&[rec(1, None, Some("x"))]));
+        v1[ATTRIBUTES_OFFSET] |= ATTR_CONTROL as u8;
+        // A control batch that claims a record.
+        let mut counted = seal(EncodedBatch::control(id, ControlKind::Blank, &[], 0));
+        counted[RECORD_COUNT_OFFSET] = 1;
+        // An unknown control kind.
+        let mut kind = seal(EncodedBatch::control(id, ControlKind::Blank, &[], 0));
+        kind[RAFT_HEADER_LEN] = 9;
+        // A version 2 batch too short for its header.
+        let mut short = seal(EncodedBatch::new(&[]));
+        short[MAGIC_OFFSET] = MAGIC_V2;
+        for (what, bytes) in [
+            ("control on v1", v1),
+            ("control with a record", counted),
+            ("unknown control kind", kind),
+            ("short v2", short),
+        ] {
+            let got = Batch::decode(&reseal(bytes));
+            assert!(matches!(got, Decoded::Corrupt(_)), "{what}: {got:?}");
         }
     }
 

@@ -330,10 +330,29 @@ impl Segment {
     /// The header of the batch at `pos`, which must be a batch boundary below `visible_len`.
     pub fn batch_header_at(&self, pos: u64) -> Result<BatchHeader> {
         let end = self.visible_len();
-        let n = (end.saturating_sub(pos) as usize).min(super::record::BATCH_HEADER_LEN);
+        let n = (end.saturating_sub(pos) as usize).min(super::record::MAX_HEADER_LEN);
         let buf = self.read_exact(pos, n)?;
         match BatchHeader::parse(&buf) {
             Decoded::Valid(h) => Ok(h),
+            Decoded::Torn { .. } => Err(Error::corrupt(&self.log_path, pos, "batch cut short")),
+            Decoded::Corrupt(why) => Err(Error::corrupt(&self.log_path, pos, why)),
+        }
+    }
+
+    /// The whole, CRC-checked batch at `pos`, a batch boundary below `visible_len` (a Raft log
+    /// reads its entries by position).
+    pub fn batch_at(&self, pos: u64) -> Result<Batch> {
+        let header = self.batch_header_at(pos)?;
+        if pos + header.size as u64 > self.visible_len() {
+            return Err(Error::corrupt(
+                &self.log_path,
+                pos,
+                "batch runs past the end of the segment",
+            ));
+        }
+        let buf = self.read_exact(pos, header.size)?;
+        match Batch::decode(&buf) {
+            Decoded::Valid(batch) => Ok(batch),
             Decoded::Torn { .. } => Err(Error::corrupt(&self.log_path, pos, "batch cut short")),
             Decoded::Corrupt(why) => Err(Error::corrupt(&self.log_path, pos, why)),
         }
@@ -404,7 +423,7 @@ impl Segment {
                         progressed = true;
                         pos += size as u64;
                         window = window.slice(size..);
-                        if batch.header().last_offset() >= from {
+                        if batch.header().holds_offsets_from(from) {
                             collected += size;
                             out.push(batch);
                             if collected >= max_bytes {

@@ -499,7 +499,7 @@ pub fn for_each_record(
                 }
             };
             next = batch.header().next_offset();
-            if batch.header().last_offset() >= from {
+            if batch.header().holds_offsets_from(from) {
                 for r in batch.records() {
                     let r =
                         r.map_err(|why| super::error::Error::corrupt(&path, pos as u64, why))?;

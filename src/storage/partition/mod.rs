@@ -10,6 +10,7 @@
 //! | [`recovery`]   | what open does to the files: checks, index rebuilds, torn-tail cuts   |
 //! | [`read`]       | reads by offset and by timestamp                                      |
 //! | [`retention`]  | retention and key compaction of closed segments                       |
+//! | [`cut`]        | cutting a closed partition's tail (Raft's truncation of a conflict)   |
 //!
 //! # Writing and group commit
 //! [`Partition::append`] puts an encoded batch and a completion in the partition's inbox and, if
@@ -25,6 +26,7 @@
 //! published with `Release` after the bytes are durable under the fsync policy, then use
 //! positional reads. Readers never see bytes that are not yet durable under the fsync policy.
 
+mod cut;
 mod inbox;
 mod pool;
 mod read;
@@ -433,6 +435,11 @@ impl Partition {
             high_water: self.high_water(),
             active_segment_bytes: segments.last().map_or(0, |s| s.size_bytes()),
         }
+    }
+
+    /// The segments, oldest first, as readers see them now.
+    pub fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        self.shared.segments()
     }
 
     /// Base offsets of the segments, oldest first.

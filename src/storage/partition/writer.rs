@@ -179,10 +179,13 @@ impl Writer {
         }
         self.staged_bytes += batch.len();
         self.staged.push(batch);
-        self.state.max_timestamp = self.state.max_timestamp.max(header.max_timestamp);
-        self.state
-            .first_timestamp
-            .get_or_insert(header.first_timestamp);
+        // Raft control entries carry no time of their own.
+        if !header.is_control() {
+            self.state.max_timestamp = self.state.max_timestamp.max(header.max_timestamp);
+            self.state
+                .first_timestamp
+                .get_or_insert(header.first_timestamp);
+        }
         self.state.next_offset = header.next_offset();
         self.buffered.push((
             done,
@@ -389,7 +392,9 @@ impl Writer {
     /// Seals the active segment (sync, final time entry, trimmed indexes) and starts a new one.
     pub(super) fn roll(&mut self, sh: &Shared) -> Result<()> {
         self.flush(sh);
-        if self.state.len <= LOG_HEADER_LEN {
+        // A segment is named by its base offset: one that holds no offset yet (nothing, or only
+        // Raft control entries, which take none) stays active, or the next would take its name.
+        if self.state.len <= LOG_HEADER_LEN || self.state.next_offset == self.active.base_offset() {
             return Ok(());
         }
         self.prepare_write(sh)?;

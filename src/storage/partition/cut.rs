@@ -1,0 +1,57 @@
+//! Cutting a partition's tail: Raft's truncation of entries that conflict with a new leader's
+//! log. Rare (only uncommitted entries of a deposed leader are ever cut), so it is done the
+//! simple way: on a closed partition, on the files, and the caller opens the partition again,
+//! whose recovery rebuilds the indexes of the new active segment.
+//!
+//! Order, so that a crash at any step leaves a log that is a prefix of the old one (and the next
+//! open recovers it): the checkpoint goes first (it may describe bytes about to go), then the
+//! later segments, newest first, then the cut segment's tail, synced.
+
+use std::sync::atomic::Ordering;
+
+use super::Partition;
+use crate::storage::checkpoint;
+use crate::storage::error::{Error, Result};
+
+impl Partition {
+    /// Removes every byte from `position` of the segment based at `base` on, and every later
+    /// segment. The partition must be closed ([`Partition::close`]); open it again afterwards.
+    pub fn cut_closed(&self, base: u64, position: u64) -> Result<()> {
+        let sh = &self.shared;
+        if !sh.inbox().closed {
+            return Err(Error::InvalidConfig(format!(
+                "partition {} must be closed before its tail is cut",
+                sh.dir.display()
+            )));
+        }
+        let segments = sh.segments();
+        let Some(at) = segments.iter().position(|s| s.base_offset() == base) else {
+            return Err(Error::corrupt(&sh.dir, position, "no segment to cut at"));
+        };
+        let io = sh.io.as_ref();
+        let cp = sh.dir.join(checkpoint::FILE_NAME);
+        match std::fs::remove_file(&cp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&cp, e)),
+        }
+        io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
+        for seg in segments[at + 1..].iter().rev() {
+            seg.delete_files(&sh.dir)?;
+            io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
+        }
+        let seg = &segments[at];
+        // Handles still held on this (closed) partition read up to the cut, not past it.
+        let new_end = if position < seg.visible_len() {
+            seg.batch_header_at(position)?.base_offset
+        } else {
+            seg.next_offset()
+        };
+        seg.truncate_log(position, io)?;
+        sh.high_water.fetch_min(new_end, Ordering::AcqRel);
+        io.sync_data(seg.log_path(), seg.log_file())
+            .map_err(|e| Error::io(seg.log_path(), e))?;
+        sh.set_segments(|list| list.truncate(at + 1));
+        Ok(())
+    }
+}
