@@ -16,5 +16,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .codec_path("crate::proto::codec::Codec")
         .compile_fds(fds)?;
+    // The cluster port's service: generated apart, so that the client port's reflection (the
+    // descriptor set above) does not list a service it does not serve.
+    let cluster = "proto/sluice/cluster/v1/raft.proto";
+    println!("cargo:rerun-if-changed={cluster}");
+    tonic_prost_build::configure()
+        .bytes(".")
+        .codec_path("crate::proto::codec::Codec")
+        .compile_fds(protox::compile([cluster], ["proto"])?)?;
     Ok(())
 }

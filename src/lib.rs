@@ -13,6 +13,8 @@
 //! - [`broker`]: the async core, as owned parts: the open topics, the send path to durable
 //!   partitions (with idempotent Send), subscriptions woken by the partition writers, consumer
 //!   groups, maintenance (retention, compaction) and the audit trail.
+//! - [`replication`]: cluster mode, being built (`docs/replication.md`): openraft's storage
+//!   traits on the partition log, the Raft types of a partition group, its state machine.
 //! - [`storage`]: synchronous, tokio-free storage engine. The record batch codec, segments with
 //!   sparse memory-mapped offset and time indexes, the partition log with its writer thread and
 //!   group commit, crash recovery, topics on disk and the data directory lock. Every durable
@@ -33,6 +35,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod proto;
+pub mod replication;
 pub mod server;
 pub mod storage;
 
@@ -54,6 +57,11 @@ mod tests {
             ("src/server/conn/mod.rs", include_str!("server/conn/mod.rs")),
             ("src/server/http/mod.rs", include_str!("server/http/mod.rs")),
             ("src/storage/ids/mod.rs", include_str!("storage/ids/mod.rs")),
+            (
+                "src/storage/partition/mod.rs",
+                include_str!("storage/partition/mod.rs"),
+            ),
+            ("src/replication/mod.rs", include_str!("replication/mod.rs")),
         ] {
             let (docs, code): (Vec<&str>, Vec<&str>) =
                 text.lines().partition(|l| l.starts_with("//!"));

@@ -17,7 +17,12 @@ pub mod seed {
     tonic::include_proto!("broker");
 }
 
-/// The encoded descriptors of every proto file, served by the reflection service.
+/// `sluice.cluster.v1`: Raft's messages between nodes (the cluster port only).
+pub mod cluster {
+    tonic::include_proto!("sluice.cluster.v1");
+}
+
+/// The encoded descriptors of the client port's proto files, served by the reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
 

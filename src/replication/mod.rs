@@ -1,0 +1,39 @@
+//! Replication (cluster mode): partitions replicated by Raft, on `openraft`.
+//!
+//! | module            | job                                                                  |
+//! |-------------------|----------------------------------------------------------------------|
+//! | [`types`]         | the Raft type configuration of a partition group; proposals, results |
+//! | [`log_store`]     | openraft's log storage on a partition log ([`crate::storage::raft_log`]) |
+//! | [`state_machine`] | what applying a partition's entries means; snapshots                 |
+//! | [`wire`]          | Raft's messages as `sluice.cluster.v1` protobuf (entries as batches) |
+//! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
+//! | [`service`]       | receiving them and handing each to the group it names                |
+//!
+//! The design, what is built and what is not yet, is in `docs/replication.md`.
+
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the helpers
+// that feed them return it too rather than convert at every call.
+#[allow(
+    clippy::result_large_err,
+    reason = "openraft's StorageError is the traits' error type"
+)]
+pub mod log_store;
+#[allow(
+    clippy::result_large_err,
+    reason = "openraft's RPCError is the network trait's error type"
+)]
+pub mod network;
+pub mod service;
+#[allow(
+    clippy::result_large_err,
+    reason = "openraft's StorageError is the traits' error type"
+)]
+pub mod state_machine;
+pub mod types;
+pub mod wire;
+
+pub use log_store::LogStore;
+pub use network::GrpcNetwork;
+pub use service::RaftService;
+pub use state_machine::StateMachine;
+pub use types::{Applied, PartitionRaft, Proposal};

@@ -1,0 +1,139 @@
+//! Raft's messages to other nodes over gRPC (`sluice.cluster.v1.Raft`, the cluster port): the
+//! sending side. One lazily connected channel per peer and group; a peer that does not answer is
+//! `Unreachable` (openraft backs off), anything else a network error.
+
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use super::types::PartitionRaft;
+use super::wire;
+use crate::proto::cluster::raft_client::RaftClient;
+
+/// How long connecting to a peer may take before the attempt counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+/// Makes the links of one Raft group to its peers (a node's addr is its cluster address).
+#[derive(Debug, Clone)]
+pub struct GrpcNetwork {
+    group: String,
+}
+
+impl GrpcNetwork {
+    pub fn new(group: impl Into<String>) -> Self {
+        GrpcNetwork {
+            group: group.into(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
+    type Network = GrpcLink;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcLink {
+        let _ = target;
+        GrpcLink {
+            group: self.group.clone(),
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+/// One group's link to one peer.
+#[derive(Debug)]
+pub struct GrpcLink {
+    group: String,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+fn unreachable(e: &(impl std::error::Error + 'static)) -> Unreachable {
+    Unreachable::new(e)
+}
+
+/// A failed call: a peer that cannot be reached is `Unreachable`, so openraft backs off.
+fn status_error<E: std::error::Error>(status: tonic::Status) -> RpcError<E> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(unreachable(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+fn malformed<E: std::error::Error>(e: wire::Malformed) -> RpcError<E> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl GrpcLink {
+    fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RpcError<E>> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| RPCError::Unreachable(unreachable(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let client = RaftClient::new(endpoint.connect_lazy());
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(option.hard_ttl());
+        request
+    }
+}
+
+impl RaftNetwork<PartitionRaft> for GrpcLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
+        let message = wire::append_to_pb(&self.group, &rpc).map_err(malformed)?;
+        let request = self.request(message, &option);
+        let response = self
+            .client()?
+            .append_entries(request)
+            .await
+            .map_err(status_error)?;
+        wire::append_response_from_pb(response.into_inner()).map_err(malformed)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
+        let message = wire::snapshot_to_pb(&self.group, &rpc).map_err(malformed)?;
+        let request = self.request(message, &option);
+        let response = self
+            .client()?
+            .install_snapshot(request)
+            .await
+            .map_err(status_error)?;
+        wire::snapshot_response_from_pb(response.into_inner()).map_err(malformed)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcError> {
+        let message = wire::vote_request_to_pb(&self.group, &rpc);
+        let request = self.request(message, &option);
+        let response = self.client()?.vote(request).await.map_err(status_error)?;
+        wire::vote_response_from_pb(response.into_inner()).map_err(malformed)
+    }
+}

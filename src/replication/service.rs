@@ -1,0 +1,99 @@
+//! Raft's messages from other nodes (`sluice.cluster.v1.Raft`, the cluster port): the receiving
+//! side, handing each message to the group it names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use openraft::Raft;
+use tonic::{Request, Response, Status};
+
+use super::types::PartitionRaft;
+use super::wire;
+use crate::proto::cluster as pb;
+
+/// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
+#[derive(Clone, Default)]
+pub struct RaftService {
+    groups: Arc<RwLock<HashMap<String, Raft<PartitionRaft>>>>,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService").finish_non_exhaustive()
+    }
+}
+
+impl RaftService {
+    /// Routes the group's messages to `raft` from now on (replacing any earlier instance).
+    pub fn add(&self, group: impl Into<String>, raft: Raft<PartitionRaft>) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.into(), raft);
+    }
+
+    /// Stops routing the group's messages; they are answered `NOT_FOUND`.
+    pub fn remove(&self, group: &str) -> Option<Raft<PartitionRaft>> {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group)
+    }
+
+    pub fn into_server(self) -> pb::raft_server::RaftServer<RaftService> {
+        pb::raft_server::RaftServer::new(self)
+    }
+
+    fn group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("this node has no Raft group {name:?}")))
+    }
+}
+
+fn bad(e: wire::Malformed) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn stopped(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("the Raft group is stopping: {e}"))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let rpc = wire::append_from_pb(req).map_err(bad)?;
+        let r = raft.append_entries(rpc).await.map_err(stopped)?;
+        Ok(Response::new(wire::append_response_to_pb(&r)))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let rpc = wire::vote_request_from_pb(req).map_err(bad)?;
+        let r = raft.vote(rpc).await.map_err(stopped)?;
+        Ok(Response::new(wire::vote_response_to_pb(&r)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let rpc = wire::snapshot_from_pb(req).map_err(bad)?;
+        let r = raft.install_snapshot(rpc).await.map_err(stopped)?;
+        Ok(Response::new(wire::snapshot_response_to_pb(&r)))
+    }
+}

@@ -1,0 +1,211 @@
+//! What applying a partition group's entries means, and its snapshots.
+//!
+//! The messages are the log itself, so applying an entry stores nothing: it advances the applied
+//! id, remembers the membership, and counts offsets (an entry of n offsets takes the next n; Raft's
+//! own entries take none), which is exactly how the partition's writer assigned them. A snapshot
+//! is that small state (`snapshot`, JSON, replaced atomically); the messages below a snapshot
+//! stay in the log's segments.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StoredMembership};
+use serde::{Deserialize, Serialize};
+
+use super::log_store::storage_error;
+use super::types::{Applied, LogId, PartitionRaft, StorageError};
+use crate::storage::io::{FileIo, replace_file};
+use crate::storage::record::EncodedBatch;
+
+type Entry = openraft::Entry<PartitionRaft>;
+type Membership = StoredMembership<u64, openraft::BasicNode>;
+
+pub const SNAPSHOT_FILE: &str = "snapshot";
+
+/// The applied state: all a partition's snapshot holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Content {
+    applied: Option<LogId>,
+    membership: Membership,
+    /// The offset the next message gets.
+    next_offset: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    meta: SnapshotMeta<u64, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// A partition group's state machine.
+#[derive(Debug)]
+pub struct StateMachine {
+    content: Content,
+    current: Arc<Mutex<Option<Stored>>>,
+    dir: PathBuf,
+    io: Arc<dyn FileIo>,
+}
+
+impl StateMachine {
+    /// Opens the state machine whose snapshot lives in `dir` (the partition's directory).
+    pub fn open(dir: &Path, io: Arc<dyn FileIo>) -> Result<StateMachine, StorageError> {
+        let path = dir.join(SNAPSHOT_FILE);
+        let subject = || ErrorSubject::Snapshot(None);
+        let current: Option<Stored> = match std::fs::read(&path) {
+            Ok(bytes) => Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(storage_error(subject(), ErrorVerb::Read, e)),
+        };
+        let content = match &current {
+            Some(s) => serde_json::from_slice(&s.data)
+                .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?,
+            None => Content::default(),
+        };
+        Ok(StateMachine {
+            content,
+            current: Arc::new(Mutex::new(current)),
+            dir: dir.to_path_buf(),
+            io,
+        })
+    }
+
+    /// The offset the next message gets.
+    pub fn next_offset(&self) -> u64 {
+        self.content.next_offset
+    }
+}
+
+fn save(dir: &Path, io: &dyn FileIo, stored: &Stored) -> Result<(), StorageError> {
+    let signature = Some(stored.meta.signature());
+    let bytes = serde_json::to_vec(stored).map_err(|e| {
+        storage_error(
+            ErrorSubject::Snapshot(signature.clone()),
+            ErrorVerb::Write,
+            e,
+        )
+    })?;
+    replace_file(io, &dir.join(SNAPSHOT_FILE), &bytes)
+        .map_err(|e| storage_error(ErrorSubject::Snapshot(signature), ErrorVerb::Write, e))
+}
+
+/// Builds a snapshot of the state as it was when the builder was made.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    content: Content,
+    current: Arc<Mutex<Option<Stored>>>,
+    dir: PathBuf,
+    io: Arc<dyn FileIo>,
+}
+
+impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, StorageError> {
+        let data = serde_json::to_vec(&self.content)
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        let snapshot_id = match &self.content.applied {
+            Some(id) => format!("{}-{}", id.leader_id.term, id.index),
+            None => "empty".to_string(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.content.applied,
+            last_membership: self.content.membership.clone(),
+            snapshot_id,
+        };
+        let stored = Stored {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        save(&self.dir, self.io.as_ref(), &stored)?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<PartitionRaft> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.content.applied, self.content.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            self.content.applied = Some(log_id);
+            let applied = match &entry.payload {
+                EntryPayload::Blank => Applied::default(),
+                EntryPayload::Membership(m) => {
+                    self.content.membership = StoredMembership::new(Some(log_id), m.clone());
+                    Applied::default()
+                }
+                EntryPayload::Normal(p) => {
+                    let batch = EncodedBatch::from_encoded(p.batch.clone()).map_err(|why| {
+                        storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, why)
+                    })?;
+                    let base = self.content.next_offset;
+                    let last = base + u64::from(batch.last_offset_delta());
+                    self.content.next_offset = last + 1;
+                    Applied {
+                        offsets: Some((base, last)),
+                    }
+                }
+            };
+            out.push(applied);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            content: self.content.clone(),
+            current: Arc::clone(&self.current),
+            dir: self.dir.clone(),
+            io: Arc::clone(&self.io),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let signature = Some(meta.signature());
+        let data = snapshot.into_inner();
+        let content: Content = serde_json::from_slice(&data)
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(signature), ErrorVerb::Read, e))?;
+        let stored = Stored {
+            meta: meta.clone(),
+            data,
+        };
+        save(&self.dir, self.io.as_ref(), &stored)?;
+        self.content = content;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<PartitionRaft>>, StorageError> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(current.as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }))
+    }
+}

@@ -1,0 +1,48 @@
+//! The Raft type configuration of a partition's group.
+//!
+//! Standard Raft's one leader per term (openraft's `single-term-leader`): an entry's id is its
+//! term and index, the two numbers a version 2 batch stores.
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::record::RaftId;
+
+/// What a leader proposes for a partition: one Send's records, encoded once by the leader as a
+/// version 1 batch (the bytes every replica stores, with the entry's id added).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub batch: Vec<u8>,
+}
+
+/// What applying an entry gives: the offsets its records took (`None` for Raft's own entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub offsets: Option<(u64, u64)>,
+}
+
+openraft::declare_raft_types!(
+    /// One partition's Raft group.
+    pub PartitionRaft:
+        D = Proposal,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<PartitionRaft>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type LogId = openraft::LogId<u64>;
+pub type StorageError = openraft::StorageError<u64>;
+
+pub fn raft_id(log_id: &LogId) -> RaftId {
+    RaftId {
+        term: log_id.leader_id.term,
+        index: log_id.index,
+    }
+}
+
+pub fn log_id(id: RaftId) -> LogId {
+    // Under `single-term-leader` the committed leader id is the term alone; the node is unused.
+    openraft::LogId::new(openraft::CommittedLeaderId::new(id.term, 0), id.index)
+}

@@ -1,0 +1,640 @@
+//! Three replicas of one partition under openraft, in one process, on Sluice's storage: an
+//! in-process network that a test can cut, a leader cut off mid-stream, and the checks Jepsen
+//! makes of a replicated log: no acknowledged write lost, none stored twice, the same bytes at
+//! every offset on every replica, and nothing acknowledged by a leader that had lost its
+//! majority.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Config, Raft};
+use sluice::replication::network::GrpcLink;
+use sluice::replication::{
+    GrpcNetwork, LogStore, PartitionRaft, Proposal, RaftService, StateMachine,
+};
+use sluice::storage::raft_log::{RaftLog, RaftLogReader};
+use sluice::storage::{EncodedBatch, LogConfig, Partition, RealIo, Record};
+
+type NodeRaft = Raft<PartitionRaft>;
+
+/// Generous: three replicas on two cores, each fsyncing. It bounds waits for an election or a
+/// catch-up, which take well under a second here.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Delivers Raft messages between the replicas of one process, either by calling the target
+/// directly or over gRPC through each node's own cluster server (`RaftService` on loopback);
+/// a cut node neither sends nor receives.
+#[derive(Clone, Default)]
+struct Router {
+    nodes: Arc<Mutex<HashMap<u64, NodeRaft>>>,
+    cut: Arc<Mutex<HashSet<u64>>>,
+    grpc: Option<Arc<Grpc>>,
+}
+
+/// Each node's cluster server.
+struct Grpc {
+    services: BTreeMap<u64, RaftService>,
+    addrs: BTreeMap<u64, String>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+const GROUP: &str = "t/0";
+
+impl Router {
+    async fn over_grpc() -> Router {
+        let mut grpc = Grpc {
+            services: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            servers: Vec::new(),
+        };
+        for id in 1..=3 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            grpc.addrs
+                .insert(id, listener.local_addr().unwrap().to_string());
+            let service = RaftService::default();
+            let server = tonic::transport::Server::builder()
+                .add_service(service.clone().into_server())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            grpc.servers.push(tokio::spawn(async move {
+                let _ = server.await;
+            }));
+            grpc.services.insert(id, service);
+        }
+        Router {
+            grpc: Some(Arc::new(grpc)),
+            ..Router::default()
+        }
+    }
+
+    fn node(&self, id: u64) -> BasicNode {
+        match &self.grpc {
+            Some(g) => BasicNode::new(g.addrs[&id].clone()),
+            None => BasicNode::default(),
+        }
+    }
+
+    fn join(&self, id: u64, raft: &NodeRaft) {
+        self.nodes.lock().unwrap().insert(id, raft.clone());
+        if let Some(g) = &self.grpc {
+            g.services[&id].add(GROUP, raft.clone());
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        self.nodes.lock().unwrap().remove(&id);
+        if let Some(g) = &self.grpc {
+            g.services[&id].remove(GROUP);
+        }
+    }
+
+    fn stop_servers(&self) {
+        if let Some(g) = &self.grpc {
+            for s in &g.servers {
+                s.abort();
+            }
+        }
+    }
+
+    fn check_link(&self, from: u64, to: u64) -> Result<(), Unreachable> {
+        let cut = self.cut.lock().unwrap();
+        if cut.contains(&from) || cut.contains(&to) {
+            return Err(Unreachable::new(&std::io::Error::other(format!(
+                "link {from} -> {to} is cut"
+            ))));
+        }
+        Ok(())
+    }
+
+    fn reach(&self, from: u64, to: u64) -> Result<NodeRaft, Unreachable> {
+        self.check_link(from, to)?;
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Unreachable::new(&std::io::Error::other("no such node")))
+    }
+}
+
+enum Via {
+    InProcess,
+    Grpc(Box<GrpcLink>),
+}
+
+struct Link {
+    router: Router,
+    from: u64,
+    to: u64,
+    via: Via,
+}
+
+/// The network of one node (knows who sends).
+#[derive(Clone)]
+struct NodeNet {
+    router: Router,
+    id: u64,
+}
+
+impl RaftNetworkFactory<PartitionRaft> for NodeNet {
+    type Network = Link;
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Link {
+        let via = match &self.router.grpc {
+            Some(_) => Via::Grpc(Box::new(
+                GrpcNetwork::new(GROUP).new_client(target, node).await,
+            )),
+            None => Via::InProcess,
+        };
+        Link {
+            router: self.router.clone(),
+            from: self.id,
+            to: target,
+            via,
+        }
+    }
+}
+
+impl RaftNetwork<PartitionRaft> for Link {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        if let Via::Grpc(link) = &mut self.via {
+            self.router.check_link(self.from, self.to)?;
+            return link.append_entries(rpc, option).await;
+        }
+        let raft = self.router.reach(self.from, self.to)?;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        if let Via::Grpc(link) = &mut self.via {
+            self.router.check_link(self.from, self.to)?;
+            return link.install_snapshot(rpc, option).await;
+        }
+        let raft = self.router.reach(self.from, self.to)?;
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        if let Via::Grpc(link) = &mut self.via {
+            self.router.check_link(self.from, self.to)?;
+            return link.vote(rpc, option).await;
+        }
+        let raft = self.router.reach(self.from, self.to)?;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
+    }
+}
+
+struct Replica {
+    raft: NodeRaft,
+    log: RaftLogReader,
+}
+
+async fn start(dir: &std::path::Path, id: u64, router: &Router) -> Replica {
+    let part = dir.join(format!("n{id}")).join("p");
+    let config = LogConfig {
+        segment_bytes: 16 << 10,
+        index_interval_bytes: 512,
+        ..LogConfig::default()
+    };
+    let log = RaftLog::open(&part, config, Arc::new(RealIo)).expect("open the log");
+    let reader = log.reader();
+    let sm = StateMachine::open(&part, Arc::new(RealIo)).expect("open the state machine");
+    let config = Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 200,
+        election_timeout_max: 400,
+        ..Config::default()
+    };
+    let raft = Raft::new(
+        id,
+        Arc::new(config.validate().expect("raft config")),
+        NodeNet {
+            router: router.clone(),
+            id,
+        },
+        LogStore::new(log),
+        sm,
+    )
+    .await
+    .expect("start raft");
+    router.join(id, &raft);
+    Replica { raft, log: reader }
+}
+
+fn proposal(n: u64) -> Proposal {
+    let record = Record {
+        timestamp: 1_700_000_000_000 + n as i64,
+        key: Some(Bytes::from(format!("producer-{}", n % 3))),
+        value: Some(Bytes::from(format!("message {n:06}"))),
+        ..Record::default()
+    };
+    Proposal {
+        batch: EncodedBatch::new(&[record]).as_bytes().to_vec(),
+    }
+}
+
+/// The leader every node in `among` agrees on, once they agree (a node cut off while it led
+/// may still think it leads; it is not agreed on until it has heard of the newer term).
+async fn leader_among(replicas: &BTreeMap<u64, Replica>, among: &[u64]) -> u64 {
+    let mut changes: Vec<_> = among.iter().map(|id| replicas[id].raft.metrics()).collect();
+    let agreed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let views: Vec<_> = changes.iter().map(|rx| rx.borrow().clone()).collect();
+            let leader = views[0].current_leader;
+            let term = views.iter().map(|m| m.current_term).max();
+            if let Some(l) = leader
+                && among.contains(&l)
+                && views
+                    .iter()
+                    .all(|m| m.current_leader == Some(l) && Some(m.current_term) == term)
+                && views
+                    .iter()
+                    .any(|m| m.id == l && m.state == openraft::ServerState::Leader)
+            {
+                return l;
+            }
+            // Wait for any node's view to change.
+            let waits = changes.iter_mut().map(|rx| Box::pin(rx.changed()));
+            let _ = futures_select_any(waits).await;
+        }
+    })
+    .await;
+    agreed.expect("the connected nodes agree on a leader within the deadline")
+}
+
+/// Resolves when the first of `futures` does.
+async fn futures_select_any<F: std::future::Future + Unpin>(futures: impl Iterator<Item = F>) {
+    let mut all: Vec<F> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for f in all.iter_mut() {
+            if std::pin::Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Every message of a replica, in offset order: (offset, value).
+fn messages(partition: &Partition) -> Vec<(u64, Bytes)> {
+    let mut out = Vec::new();
+    let mut next = partition.log_start();
+    while next < partition.high_water() {
+        for batch in partition.read(next, 1 << 20).expect("read") {
+            for r in batch.records() {
+                let r = r.expect("record");
+                if r.offset >= next {
+                    out.push((r.offset, r.value.expect("value")));
+                }
+            }
+            next = next.max(batch.header().next_offset());
+        }
+    }
+    out
+}
+
+/// What a scenario does next.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Write this many messages, one at a time, to the leader of the connected majority.
+    Write(u64),
+    /// Cut the leader off from the others, then try writes on it (none may be acknowledged).
+    CutLeader,
+    /// Cut one follower off.
+    CutFollower,
+    /// Reconnect everyone.
+    Heal,
+    /// Stop a connected node the way a crash does (no close) and start it again from its files.
+    Restart,
+}
+
+/// A small deterministic generator (xorshift), so that a failing seed replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn step(&mut self) -> Step {
+        match self.next() % 8 {
+            0..=2 => Step::Write(1 + self.next() % 25),
+            3 => Step::CutLeader,
+            4 => Step::CutFollower,
+            5 | 6 => Step::Heal,
+            _ => Step::Restart,
+        }
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    router: Router,
+    replicas: BTreeMap<u64, Replica>,
+    /// Acknowledged messages: number -> offsets.
+    acked: BTreeMap<u64, (u64, u64)>,
+    /// Sent to a leader that was cut off: never committable.
+    never: Vec<u64>,
+    n: u64,
+}
+
+impl Cluster {
+    async fn new(grpc: bool) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let router = if grpc {
+            Router::over_grpc().await
+        } else {
+            Router::default()
+        };
+        let mut replicas = BTreeMap::new();
+        for id in 1..=3 {
+            replicas.insert(id, start(dir.path(), id, &router).await);
+        }
+        let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, router.node(id))).collect();
+        replicas[&1]
+            .raft
+            .initialize(members)
+            .await
+            .expect("initialize");
+        let mut cluster = Cluster {
+            dir,
+            router,
+            replicas,
+            acked: BTreeMap::new(),
+            never: Vec::new(),
+            n: 0,
+        };
+        // Every member knows the membership before faults start (a node that never heard of it
+        // cannot take part in an election).
+        cluster.catch_up().await;
+        cluster
+    }
+
+    /// Writes a barrier message until one is acknowledged, then waits until every replica has
+    /// applied it (every entry before it was appended before it). Returns the leader.
+    async fn catch_up(&mut self) -> u64 {
+        loop {
+            let leader = leader_among(&self.replicas, &[1, 2, 3]).await;
+            self.n += 1;
+            let write = self.replicas[&leader].raft.client_write(proposal(self.n));
+            let Ok(Ok(r)) = tokio::time::timeout(DEADLINE, write).await else {
+                continue;
+            };
+            self.acked
+                .insert(self.n, r.data.offsets.expect("a message takes offsets"));
+            for replica in self.replicas.values() {
+                replica
+                    .raft
+                    .wait(Some(DEADLINE))
+                    .applied_index_at_least(Some(r.log_id.index), "catch up")
+                    .await
+                    .expect("every replica catches up");
+            }
+            return leader;
+        }
+    }
+
+    fn connected(&self) -> Vec<u64> {
+        let cut = self.router.cut.lock().unwrap();
+        (1..=3).filter(|id| !cut.contains(id)).collect()
+    }
+
+    async fn write(&mut self, count: u64) {
+        let connected = self.connected();
+        let leader = leader_among(&self.replicas, &connected).await;
+        for _ in 0..count {
+            self.n += 1;
+            let write = self.replicas[&leader].raft.client_write(proposal(self.n));
+            // A write can meet an election (then it is unknown: it may or may not be stored).
+            if let Ok(Ok(r)) = tokio::time::timeout(DEADLINE, write).await {
+                self.acked
+                    .insert(self.n, r.data.offsets.expect("a message takes offsets"));
+            }
+        }
+    }
+
+    async fn run(&mut self, step: Step) {
+        match step {
+            Step::Write(k) => self.write(k).await,
+            Step::CutLeader | Step::CutFollower => {
+                if self.connected().len() < 3 {
+                    return;
+                }
+                let leader = leader_among(&self.replicas, &[1, 2, 3]).await;
+                let victim = match step {
+                    Step::CutLeader => leader,
+                    _ => (1..=3).find(|&id| id != leader).expect("a follower"),
+                };
+                self.router.cut.lock().unwrap().insert(victim);
+                if victim == leader {
+                    for _ in 0..3 {
+                        self.n += 1;
+                        let write = self.replicas[&victim].raft.client_write(proposal(self.n));
+                        match tokio::time::timeout(Duration::from_millis(600), write).await {
+                            Ok(Ok(r)) => {
+                                panic!("a leader without a majority acknowledged {}: {r:?}", self.n)
+                            }
+                            _ => self.never.push(self.n),
+                        }
+                    }
+                    // Once the others have a leader of their own, what the cut-off one took can
+                    // never be committed: it exists nowhere else.
+                    let rest: Vec<u64> = (1..=3).filter(|&id| id != victim).collect();
+                    leader_among(&self.replicas, &rest).await;
+                }
+            }
+            Step::Heal => self.router.cut.lock().unwrap().clear(),
+            Step::Restart => {
+                let connected = self.connected();
+                let id = connected[(self.n % connected.len() as u64) as usize];
+                let old = self.replicas.remove(&id).expect("a replica");
+                self.router.leave(id);
+                old.raft.shutdown().await.expect("shutdown");
+                // The process is gone: what its writer had queued is written, nothing more
+                // (openraft's tasks may hold the store a moment longer than `shutdown`).
+                let _ = old.log.partition().close();
+                drop(old);
+                let again = start(self.dir.path(), id, &self.router).await;
+                self.replicas.insert(id, again);
+            }
+        }
+    }
+
+    /// Heals, lets everyone catch up, and checks the replicas.
+    async fn check(&mut self) {
+        self.router.cut.lock().unwrap().clear();
+        let leader = self.catch_up().await;
+        let reference = messages(&self.replicas[&leader].log.partition());
+        for (id, r) in &self.replicas {
+            let got = messages(&r.log.partition());
+            if got != reference {
+                let first = got.iter().zip(&reference).position(|(a, b)| a != b);
+                let p = r.log.partition();
+                for (i, rr) in &self.replicas {
+                    let m = rr.raft.metrics().borrow().clone();
+                    let tail: Vec<_> = rr
+                        .log
+                        .entries(0, u64::MAX, usize::MAX)
+                        .unwrap()
+                        .iter()
+                        .map(|b| {
+                            let h = b.header();
+                            (
+                                h.raft.unwrap().term,
+                                h.raft.unwrap().index,
+                                h.base_offset,
+                                h.record_count,
+                            )
+                        })
+                        .rev()
+                        .take(8)
+                        .collect();
+                    eprintln!("replica {i}: {m:?}\n  tail {tail:?}");
+                }
+                panic!(
+                    "inconsistent offsets: replica {id} differs (leader {leader}): {} against {} messages, first difference at {first:?}, last id {:?}, high water {}, segments {:?}",
+                    got.len(),
+                    reference.len(),
+                    r.log.last_id(),
+                    p.high_water(),
+                    p.segment_bases()
+                );
+            }
+        }
+        let offsets: Vec<u64> = reference.iter().map(|(o, _)| *o).collect();
+        let dense: Vec<u64> = (0..reference.len() as u64).collect();
+        assert_eq!(offsets, dense, "offsets are dense");
+        let mut seen = HashSet::new();
+        for (offset, value) in &reference {
+            assert!(seen.insert(value.clone()), "duplicate: offset {offset}");
+        }
+        for (m, (base, _)) in &self.acked {
+            let want = Bytes::from(format!("message {m:06}"));
+            assert_eq!(
+                reference.get(*base as usize).map(|(_, v)| v),
+                Some(&want),
+                "lost write: acknowledged message {m} at offset {base}"
+            );
+        }
+        let order: Vec<u64> = self.acked.values().map(|(base, _)| *base).collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "acknowledged messages are stored in the order they were acknowledged"
+        );
+        let stored: BTreeSet<Bytes> = reference.iter().map(|(_, v)| v.clone()).collect();
+        for m in &self.never {
+            let v = Bytes::from(format!("message {m:06}"));
+            assert!(
+                !stored.contains(&v),
+                "read of an uncommitted write: message {m}"
+            );
+        }
+    }
+
+    async fn stop(self) {
+        for r in self.replicas.values() {
+            r.raft.shutdown().await.expect("shutdown");
+        }
+        self.router.stop_servers();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn a_leader_cut_off_acknowledges_nothing_and_its_entries_are_cut_when_it_returns(grpc: bool) {
+    runtime().block_on(async {
+        let mut cluster = Cluster::new(grpc).await;
+        for step in [
+            Step::Write(30),
+            Step::CutLeader,
+            Step::Write(30),
+            Step::Heal,
+            Step::Write(10),
+        ] {
+            cluster.run(step).await;
+        }
+        assert_eq!(cluster.never.len(), 3);
+        cluster.check().await;
+        cluster.stop().await;
+    });
+}
+
+/// Random schedules of writes, cuts, heals and crash-restarts. `RAFT_SEEDS` runs more seeds
+/// (the default keeps CI short).
+fn random_faults_lose_duplicate_and_reorder_nothing_acknowledged(grpc: bool) {
+    let seeds: u64 = std::env::var("RAFT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for seed in 1..=seeds {
+        runtime().block_on(async {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed);
+            let mut cluster = Cluster::new(grpc).await;
+            let steps: Vec<Step> = (0..12).map(|_| rng.step()).collect();
+            eprintln!("seed {seed} (grpc: {grpc}): {steps:?}");
+            for &step in &steps {
+                cluster.run(step).await;
+            }
+            cluster.check().await;
+            cluster.stop().await;
+        });
+    }
+}
+
+#[test]
+fn in_process_a_leader_cut_off_acknowledges_nothing() {
+    a_leader_cut_off_acknowledges_nothing_and_its_entries_are_cut_when_it_returns(false);
+}
+
+#[test]
+fn in_process_random_faults_lose_duplicate_and_reorder_nothing_acknowledged() {
+    random_faults_lose_duplicate_and_reorder_nothing_acknowledged(false);
+}
+
+#[test]
+fn over_grpc_a_leader_cut_off_acknowledges_nothing() {
+    a_leader_cut_off_acknowledges_nothing_and_its_entries_are_cut_when_it_returns(true);
+}
+
+#[test]
+fn over_grpc_random_faults_lose_duplicate_and_reorder_nothing_acknowledged() {
+    random_faults_lose_duplicate_and_reorder_nothing_acknowledged(true);
+}

@@ -1,0 +1,373 @@
+//! The partition log as a Raft log: openraft's own storage suite on it, and the properties
+//! Sluice adds (entries across segments, truncation and purge at every point, restarts, offsets
+//! that stay dense under Raft's own entries, a crash at every byte of the tail).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{Entry, EntryPayload, Membership, StorageError};
+use sluice::replication::log_store::{batch_to_entry, entry_to_batch};
+use sluice::replication::types::log_id;
+use sluice::replication::{LogStore, PartitionRaft, Proposal, StateMachine};
+use sluice::storage::raft_log::{RaftLog, StoredVote};
+use sluice::storage::record::RaftId;
+use sluice::storage::{EncodedBatch, LogConfig, RealIo, Record};
+use tempfile::TempDir;
+
+fn small_segments() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        ..LogConfig::default()
+    }
+}
+
+struct Builder {
+    config: LogConfig,
+}
+
+impl StoreBuilder<PartitionRaft, LogStore, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| {
+            StorageError::from_io_error(
+                openraft::ErrorSubject::Store,
+                openraft::ErrorVerb::Write,
+                e,
+            )
+        })?;
+        let part = dir.path().join("p");
+        let log = RaftLog::open(&part, self.config.clone(), Arc::new(RealIo)).map_err(|e| {
+            StorageError::from_io_error(
+                openraft::ErrorSubject::Store,
+                openraft::ErrorVerb::Read,
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let sm = StateMachine::open(&part, Arc::new(RealIo))?;
+        Ok((dir, LogStore::new(log), sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_passes_on_the_partition_log() {
+    Suite::test_all(Builder {
+        config: LogConfig::default(),
+    })
+    .expect("openraft's storage suite");
+}
+
+#[test]
+fn openraft_storage_suite_passes_with_entries_spread_over_segments() {
+    Suite::test_all(Builder {
+        config: small_segments(),
+    })
+    .expect("openraft's storage suite");
+}
+
+fn message(i: u64) -> Record {
+    Record {
+        timestamp: 1_700_000_000_000 + i as i64,
+        key: Some(Bytes::from(format!("k{i}"))),
+        value: Some(Bytes::from(vec![b'v'; 200 + (i as usize % 50)])),
+        ..Record::default()
+    }
+}
+
+/// Entry `index` of term `term`: every fifth a Raft control entry, the rest 1–3 messages.
+fn entry(term: u64, index: u64) -> Entry<PartitionRaft> {
+    let id = log_id(RaftId { term, index });
+    let payload = match index % 5 {
+        0 => EntryPayload::Blank,
+        4 => EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1, 2, 3])], None)),
+        n => {
+            let records: Vec<Record> = (0..n).map(|k| message(index * 10 + k)).collect();
+            EntryPayload::Normal(Proposal {
+                batch: EncodedBatch::new(&records).as_bytes().to_vec(),
+            })
+        }
+    };
+    Entry {
+        log_id: id,
+        payload,
+    }
+}
+
+fn messages_in(e: &Entry<PartitionRaft>) -> u64 {
+    match &e.payload {
+        EntryPayload::Normal(p) => EncodedBatch::from_encoded(p.batch.clone())
+            .expect("a proposal")
+            .record_count()
+            .into(),
+        _ => 0,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn append(store: &mut LogStore, entries: Vec<Entry<PartitionRaft>>) {
+    store
+        .blocking_append(entries)
+        .await
+        .expect("append, durable");
+}
+
+fn open(dir: &std::path::Path) -> LogStore {
+    LogStore::new(RaftLog::open(dir, small_segments(), Arc::new(RealIo)).expect("open"))
+}
+
+async fn all_entries(store: &mut LogStore) -> Vec<Entry<PartitionRaft>> {
+    store.try_get_log_entries(0..u64::MAX).await.expect("read")
+}
+
+#[test]
+fn entries_read_back_as_written_across_segments_and_restarts() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p");
+        let written: Vec<_> = (1..=120).map(|i| entry(1 + i / 40, i)).collect();
+        {
+            let mut store = open(&p);
+            for chunk in written.chunks(7) {
+                append(&mut store, chunk.to_vec()).await;
+            }
+            assert!(
+                store.raft_log().partition().segment_bases().len() > 3,
+                "the test must span segments"
+            );
+            assert_eq!(all_entries(&mut store).await, written);
+            store.raft_log().close().unwrap();
+        }
+        // Clean restart, then one without a close (the checkpoint may be behind).
+        let mut store = open(&p);
+        assert_eq!(all_entries(&mut store).await, written);
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(written[119].log_id));
+        for from in [1, 2, 39, 40, 41, 77, 119, 120] {
+            let got = store.try_get_log_entries(from..from + 9).await.unwrap();
+            let want: Vec<_> = written
+                .iter()
+                .filter(|e| (from..from + 9).contains(&e.log_id.index))
+                .cloned()
+                .collect();
+            assert_eq!(got, want, "entries from {from}");
+        }
+    });
+}
+
+#[test]
+fn raft_entries_leave_message_offsets_dense_and_readers_see_only_messages() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p");
+        let mut store = open(&p);
+        let written: Vec<_> = (1..=60).map(|i| entry(1, i)).collect();
+        append(&mut store, written.clone()).await;
+        let total: u64 = written.iter().map(messages_in).sum();
+        let partition = store.raft_log().partition();
+        assert_eq!(partition.high_water(), total);
+        let mut next = 0;
+        let mut values = Vec::new();
+        while next < partition.high_water() {
+            for batch in partition.read(next, 1 << 20).unwrap() {
+                assert!(
+                    !batch.header().is_control(),
+                    "a reader of messages got a Raft entry"
+                );
+                for r in batch.records() {
+                    let r = r.unwrap();
+                    assert_eq!(r.offset, next, "offsets are dense");
+                    next += 1;
+                    values.push(r.value.unwrap());
+                }
+            }
+        }
+        let want: Vec<Bytes> = written
+            .iter()
+            .flat_map(|e| match &e.payload {
+                EntryPayload::Normal(p) => {
+                    let b = EncodedBatch::from_encoded(p.batch.clone()).unwrap();
+                    let mut sealed = b;
+                    let bytes = Bytes::copy_from_slice(sealed.seal(0));
+                    match sluice::storage::record::Batch::decode(&bytes) {
+                        sluice::storage::record::Decoded::Valid(b) => b
+                            .records()
+                            .map(|r| r.unwrap().value.unwrap())
+                            .collect::<Vec<_>>(),
+                        _ => panic!("a proposal that does not decode"),
+                    }
+                }
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(values, want);
+    });
+}
+
+#[test]
+fn truncation_at_every_index_keeps_exactly_the_prefix_and_the_log_goes_on() {
+    rt().block_on(async {
+        let written: Vec<_> = (1..=45).map(|i| entry(1, i)).collect();
+        for cut in 1..=46u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("p");
+            let mut store = open(&p);
+            append(&mut store, written.clone()).await;
+            if cut <= 45 {
+                store
+                    .truncate(log_id(RaftId {
+                        term: 1,
+                        index: cut,
+                    }))
+                    .await
+                    .unwrap();
+            }
+            let prefix: Vec<_> = written[..(cut - 1) as usize].to_vec();
+            assert_eq!(
+                all_entries(&mut store).await,
+                prefix,
+                "after cutting at {cut}"
+            );
+            let offsets: u64 = prefix.iter().map(messages_in).sum();
+            assert_eq!(store.raft_log().partition().high_water(), offsets);
+            // A new leader's entries follow at the cut, and everything survives a restart.
+            let next: Vec<_> = (cut..cut + 12).map(|i| entry(2, i)).collect();
+            append(&mut store, next.clone()).await;
+            drop(store);
+            let mut store = open(&p);
+            let mut want = prefix;
+            want.extend(next);
+            assert_eq!(
+                all_entries(&mut store).await,
+                want,
+                "cut at {cut}, then restart"
+            );
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_log_id, want.last().map(|e| e.log_id));
+        }
+    });
+}
+
+#[test]
+fn purge_at_every_index_hides_the_prefix_and_frees_whole_segments() {
+    rt().block_on(async {
+        let written: Vec<_> = (1..=60).map(|i| entry(1, i)).collect();
+        for upto in 1..=60u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("p");
+            let mut store = open(&p);
+            append(&mut store, written.clone()).await;
+            let segments_before = store.raft_log().partition().segment_bases().len();
+            let purged = log_id(RaftId {
+                term: 1,
+                index: upto,
+            });
+            store.purge(purged).await.unwrap();
+            let rest: Vec<_> = written[upto as usize..].to_vec();
+            assert_eq!(
+                all_entries(&mut store).await,
+                rest,
+                "after purging to {upto}"
+            );
+            if upto >= 50 {
+                assert!(store.raft_log().partition().segment_bases().len() < segments_before);
+            }
+            drop(store);
+            let mut store = open(&p);
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(purged));
+            assert_eq!(state.last_log_id, Some(written[59].log_id));
+            assert_eq!(
+                all_entries(&mut store).await,
+                rest,
+                "purged to {upto}, restarted"
+            );
+        }
+    });
+}
+
+#[test]
+fn the_vote_survives_a_restart() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p");
+        let mut store = open(&p);
+        assert_eq!(store.read_vote().await.unwrap(), None);
+        let vote = openraft::Vote::new_committed(7, 3);
+        store.save_vote(&vote).await.unwrap();
+        drop(store);
+        let mut store = open(&p);
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        let log = store.raft_log();
+        assert_eq!(
+            log.vote(),
+            Some(StoredVote {
+                term: 7,
+                voted_for: Some(3),
+                committed: true
+            })
+        );
+    });
+}
+
+#[test]
+fn a_crash_at_every_byte_of_the_tail_leaves_a_prefix_of_whole_entries() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p");
+        let written: Vec<_> = (1..=6).map(|i| entry(1, i)).collect();
+        {
+            let mut store = open(&p);
+            append(&mut store, written.clone()).await;
+        }
+        let log_file = std::fs::read_dir(&p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "log"))
+            .unwrap();
+        let full = std::fs::read(&log_file).unwrap();
+        for len in (16..=full.len()).rev() {
+            let copy = tempfile::tempdir().unwrap();
+            let q = copy.path().join("p");
+            std::fs::create_dir_all(&q).unwrap();
+            std::fs::write(q.join(log_file.file_name().unwrap()), &full[..len]).unwrap();
+            let mut store = open(&q);
+            let got = all_entries(&mut store).await;
+            assert_eq!(got[..], written[..got.len()], "cut at byte {len}");
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_log_id, got.last().map(|e| e.log_id));
+            // And the log takes the next entry where the prefix ends.
+            let next = entry(2, got.len() as u64 + 1);
+            append(&mut store, vec![next.clone()]).await;
+            assert_eq!(all_entries(&mut store).await.last(), Some(&next));
+        }
+    });
+}
+
+#[test]
+fn every_entry_kind_round_trips_through_its_batch() {
+    for i in 1..=10 {
+        let e = entry(3, i);
+        let mut batch = entry_to_batch(&e).unwrap();
+        let bytes = Bytes::copy_from_slice(batch.seal(i * 100));
+        let decoded = match sluice::storage::record::Batch::decode(&bytes) {
+            sluice::storage::record::Decoded::Valid(b) => b,
+            other => panic!("entry {i} decodes as {other:?}"),
+        };
+        assert_eq!(decoded.header().raft, Some(RaftId { term: 3, index: i }));
+        let back = batch_to_entry(&decoded).unwrap();
+        assert_eq!(back.log_id, e.log_id);
+        assert_eq!(
+            back.payload, e.payload,
+            "entry {i}: what was proposed comes back"
+        );
+    }
+}
