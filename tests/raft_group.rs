@@ -226,7 +226,8 @@ async fn start(dir: &std::path::Path, id: u64, router: &Router) -> Replica {
     };
     let log = RaftLog::open(&part, config, Arc::new(RealIo)).expect("open the log");
     let reader = log.reader();
-    let sm = StateMachine::open(&part, Arc::new(RealIo)).expect("open the state machine");
+    let sm =
+        StateMachine::open(&part, Arc::new(RealIo), log.reader()).expect("open the state machine");
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 200,
@@ -468,6 +469,19 @@ impl Cluster {
                             }
                             _ => self.never.push(self.n),
                         }
+                    }
+                    // The cut-off leader stored them, but no reader of it sees them.
+                    let log = &self.replicas[&victim].log;
+                    let readable: BTreeSet<Bytes> = messages(&log.partition())
+                        .into_iter()
+                        .map(|(_, v)| v)
+                        .collect();
+                    for m in &self.never[self.never.len() - 3..] {
+                        let v = Bytes::from(format!("message {m:06}"));
+                        assert!(
+                            !readable.contains(&v),
+                            "uncommitted message {m} is readable"
+                        );
                     }
                     // Once the others have a leader of their own, what the cut-off one took can
                     // never be committed: it exists nowhere else.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt};
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{Entry, EntryPayload, Membership, StorageError};
 use sluice::replication::log_store::{batch_to_entry, entry_to_batch};
@@ -47,7 +47,7 @@ impl StoreBuilder<PartitionRaft, LogStore, StateMachine, TempDir> for Builder {
                 std::io::Error::other(e.to_string()),
             )
         })?;
-        let sm = StateMachine::open(&part, Arc::new(RealIo))?;
+        let sm = StateMachine::open(&part, Arc::new(RealIo), log.reader())?;
         Ok((dir, LogStore::new(log), sm))
     }
 }
@@ -164,16 +164,39 @@ fn entries_read_back_as_written_across_segments_and_restarts() {
 }
 
 #[test]
-fn raft_entries_leave_message_offsets_dense_and_readers_see_only_messages() {
+fn readers_see_only_committed_messages_at_dense_offsets_and_never_raft_entries() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("p");
         let mut store = open(&p);
+        let mut sm = StateMachine::open(&p, Arc::new(RealIo), store.raft_log().reader()).unwrap();
         let written: Vec<_> = (1..=60).map(|i| entry(1, i)).collect();
         append(&mut store, written.clone()).await;
-        let total: u64 = written.iter().map(messages_in).sum();
         let partition = store.raft_log().partition();
+        assert_eq!(
+            partition.high_water(),
+            0,
+            "durable but not applied (not known committed): nothing is readable"
+        );
+        assert_eq!(partition.read(0, 1 << 20).unwrap().len(), 0);
+        assert_eq!(partition.offset_for_timestamp(i64::MIN).unwrap(), None);
+        let mut readable = 0;
+        for chunk in written.chunks(9) {
+            let applied = sm.apply(chunk.to_vec()).await.unwrap();
+            readable += chunk.iter().map(messages_in).sum::<u64>();
+            assert_eq!(
+                partition.high_water(),
+                readable,
+                "readable up to what is applied"
+            );
+            for (e, a) in chunk.iter().zip(&applied) {
+                let n = messages_in(e);
+                assert_eq!(a.offsets.map(|(b, l)| l + 1 - b), (n > 0).then_some(n));
+            }
+        }
+        let total: u64 = written.iter().map(messages_in).sum();
         assert_eq!(partition.high_water(), total);
+        assert_eq!(partition.offset_for_timestamp(i64::MIN).unwrap(), Some(0));
         let mut next = 0;
         let mut values = Vec::new();
         while next < partition.high_water() {
@@ -237,6 +260,8 @@ fn truncation_at_every_index_keeps_exactly_the_prefix_and_the_log_goes_on() {
                 "after cutting at {cut}"
             );
             let offsets: u64 = prefix.iter().map(messages_in).sum();
+            // With everything committed, the partition holds exactly the prefix's offsets.
+            store.raft_log().reader().set_committed_offset(u64::MAX);
             assert_eq!(store.raft_log().partition().high_water(), offsets);
             // A new leader's entries follow at the cut, and everything survives a restart.
             let next: Vec<_> = (cut..cut + 12).map(|i| entry(2, i)).collect();

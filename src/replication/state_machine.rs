@@ -2,7 +2,8 @@
 //!
 //! The messages are the log itself, so applying an entry stores nothing: it advances the applied
 //! id, remembers the membership, and counts offsets (an entry of n offsets takes the next n; Raft's
-//! own entries take none), which is exactly how the partition's writer assigned them. A snapshot
+//! own entries take none), which is exactly how the partition's writer assigned them, and lets
+//! readers of the partition see up to there (nothing past the commit point is read). A snapshot
 //! is that small state (`snapshot`, JSON, replaced atomically); the messages below a snapshot
 //! stay in the log's segments.
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::log_store::storage_error;
 use super::types::{Applied, LogId, PartitionRaft, StorageError};
 use crate::storage::io::{FileIo, replace_file};
+use crate::storage::raft_log::RaftLogReader;
 use crate::storage::record::EncodedBatch;
 
 type Entry = openraft::Entry<PartitionRaft>;
@@ -43,14 +45,20 @@ struct Stored {
 #[derive(Debug)]
 pub struct StateMachine {
     content: Content,
+    log: RaftLogReader,
     current: Arc<Mutex<Option<Stored>>>,
     dir: PathBuf,
     io: Arc<dyn FileIo>,
 }
 
 impl StateMachine {
-    /// Opens the state machine whose snapshot lives in `dir` (the partition's directory).
-    pub fn open(dir: &Path, io: Arc<dyn FileIo>) -> Result<StateMachine, StorageError> {
+    /// Opens the state machine whose snapshot lives in `dir` (the partition's directory), for
+    /// the partition `log` reads.
+    pub fn open(
+        dir: &Path,
+        io: Arc<dyn FileIo>,
+        log: RaftLogReader,
+    ) -> Result<StateMachine, StorageError> {
         let path = dir.join(SNAPSHOT_FILE);
         let subject = || ErrorSubject::Snapshot(None);
         let current: Option<Stored> = match std::fs::read(&path) {
@@ -66,8 +74,10 @@ impl StateMachine {
                 .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?,
             None => Content::default(),
         };
+        log.set_committed_offset(content.next_offset);
         Ok(StateMachine {
             content,
+            log,
             current: Arc::new(Mutex::new(current)),
             dir: dir.to_path_buf(),
             io,
@@ -164,6 +174,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             };
             out.push(applied);
         }
+        self.log.set_committed_offset(self.content.next_offset);
         Ok(out)
     }
 
@@ -195,6 +206,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         };
         save(&self.dir, self.io.as_ref(), &stored)?;
         self.content = content;
+        self.log.set_committed_offset(self.content.next_offset);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
         Ok(())
     }

@@ -10,6 +10,10 @@
 //! name their entries (entries and offsets grow together), so a lookup is two binary searches of
 //! a few reads each and a short walk.
 //!
+//! Readers of messages see only what is committed: the state machine moves the partition's read
+//! limit ([`RaftLogReader::set_committed_offset`]) as it applies entries, so an entry durable here
+//! but not on a majority is never read.
+//!
 //! Beside the segments, one small file, `raft` (below), holds what Raft must not forget: the vote
 //! and the last purged entry. It is replaced atomically (temp file, sync, rename, sync dir).
 //!
@@ -27,6 +31,7 @@
 //! |     40 |    4 | `crc`             | CRC-32 of bytes 0..40                           |
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::config::LogConfig;
@@ -130,12 +135,20 @@ impl RaftMeta {
 pub struct RaftLogReader {
     partition: Arc<RwLock<Arc<Partition>>>,
     purged: Arc<RwLock<Option<RaftId>>>,
+    /// The offset after the last committed message: readers of messages see nothing past it.
+    committed: Arc<AtomicU64>,
 }
 
 impl RaftLogReader {
     /// The partition as it is open now (a truncation reopens it: take it afresh, do not keep it).
     pub fn partition(&self) -> Arc<Partition> {
         Arc::clone(&self.partition.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Messages below `offset` are committed: readers of the partition may see them.
+    pub fn set_committed_offset(&self, offset: u64) {
+        self.committed.store(offset, Ordering::Release);
+        self.partition().limit_reads_to(offset);
     }
 
     fn purged(&self) -> Option<RaftId> {
@@ -218,10 +231,13 @@ impl RaftLog {
     /// Opens (creating if needed) the partition in `dir` and its `raft` file.
     pub fn open(dir: &Path, config: LogConfig, io: Arc<dyn FileIo>) -> Result<RaftLog> {
         let partition = Partition::open(dir, config.clone(), Arc::clone(&io), None)?;
+        // Nothing is known committed until the state machine says so.
+        partition.limit_reads_to(0);
         let meta = read_meta(dir)?;
         let reader = RaftLogReader {
             partition: Arc::new(RwLock::new(Arc::new(partition))),
             purged: Arc::new(RwLock::new(meta.purged)),
+            committed: Arc::new(AtomicU64::new(0)),
         };
         let last = reader.last_id()?;
         Ok(RaftLog {
@@ -303,11 +319,16 @@ impl RaftLog {
         }
         drop(segments);
         let reopened = Partition::open(&self.dir, self.config.clone(), Arc::clone(&self.io), None)?;
+        reopened.limit_reads_to(self.reader.committed.load(Ordering::Acquire));
         *self
             .reader
             .partition
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(reopened);
+        // The state machine may have moved the commit point meanwhile (on the old partition).
+        self.reader
+            .partition()
+            .limit_reads_to(self.reader.committed.load(Ordering::Acquire));
         self.last = self.reader.last_id()?;
         Ok(())
     }

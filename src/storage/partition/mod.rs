@@ -152,6 +152,9 @@ struct Shared {
     io: Arc<dyn FileIo>,
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     high_water: AtomicU64,
+    /// Readers see no offset at or past this (a replicated partition's commit point); `u64::MAX`
+    /// when unlimited.
+    read_limit: AtomicU64,
     log_start: AtomicU64,
     poisoned: AtomicBool,
     syncs: AtomicU64,
@@ -302,6 +305,7 @@ impl Partition {
             io,
             segments: RwLock::new(Arc::new(segments)),
             high_water: AtomicU64::new(writer_state.next_offset),
+            read_limit: AtomicU64::new(u64::MAX),
             log_start: AtomicU64::new(log_start),
             poisoned: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
@@ -383,9 +387,19 @@ impl Partition {
         wait_reply(sh, reply_rx)
     }
 
-    /// One past the last offset readers can see.
+    /// One past the last offset readers can see: durable under the fsync policy and, for a
+    /// replicated partition, committed ([`Partition::limit_reads_to`]).
     pub fn high_water(&self) -> u64 {
-        self.shared.high_water.load(Ordering::Acquire)
+        self.shared
+            .high_water
+            .load(Ordering::Acquire)
+            .min(self.shared.read_limit.load(Ordering::Acquire))
+    }
+
+    /// Readers see no offset at or past `offset` from now on (a replicated partition's commit
+    /// point: what is durable here but not yet on a majority stays unread).
+    pub fn limit_reads_to(&self, offset: u64) {
+        self.shared.read_limit.store(offset, Ordering::Release);
     }
 
     /// The first offset still held (retention moves it up).

@@ -60,18 +60,22 @@ impl Partition {
                 break;
             }
         }
+        // A segment reads whole batches to its durable end; a replicated partition's readers stop
+        // at the commit point below it (a batch is wholly on one side).
+        out.retain(|b| b.header().base_offset < end);
         Ok(out)
     }
 
     /// The first offset whose record has a timestamp at or after `timestamp`, or `None` when no
     /// visible record is that recent.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        let end = self.high_water();
         for seg in self.shared.segments().iter() {
             if seg.max_timestamp() < timestamp {
                 continue;
             }
             let mut cursor = seg.base_offset() + u64::from(seg.time_index.scan_start(timestamp));
-            let seg_end = seg.next_offset();
+            let seg_end = seg.next_offset().min(end);
             while cursor < seg_end {
                 let mut batches = Vec::new();
                 if seg.read(cursor, 64 << 10, &mut batches)? == 0 {
@@ -83,7 +87,10 @@ impl Partition {
                             let rec = rec.map_err(|why| {
                                 Error::corrupt(seg.log_path(), 0, format!("bad record: {why}"))
                             })?;
-                            if rec.offset >= cursor && rec.timestamp >= timestamp {
+                            if rec.offset >= cursor
+                                && rec.offset < end
+                                && rec.timestamp >= timestamp
+                            {
                                 return Ok(Some(rec.offset));
                             }
                         }
