@@ -344,6 +344,40 @@ fn the_vote_survives_a_restart() {
 }
 
 #[test]
+fn a_damaged_raft_file_refuses_the_open_instead_of_forgetting_the_vote() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p");
+        let mut store = open(&p);
+        store
+            .save_vote(&openraft::Vote::new_committed(4, 2))
+            .await
+            .unwrap();
+        drop(store);
+        let file = p.join(sluice::storage::raft_log::FILE_NAME);
+        let good = std::fs::read(&file).unwrap();
+        for damaged in [good[..good.len() - 1].to_vec(), Vec::new(), {
+            let mut b = good.clone();
+            b[9] ^= 1;
+            b
+        }] {
+            std::fs::write(&file, &damaged).unwrap();
+            let err = RaftLog::open(&p, small_segments(), Arc::new(RealIo)).unwrap_err();
+            assert!(
+                err.to_string().contains(&file.display().to_string()),
+                "the error names the file: {err}"
+            );
+        }
+        std::fs::write(&file, &good).unwrap();
+        let mut store = open(&p);
+        assert_eq!(
+            store.read_vote().await.unwrap(),
+            Some(openraft::Vote::new_committed(4, 2))
+        );
+    });
+}
+
+#[test]
 fn a_crash_at_every_byte_of_the_tail_leaves_a_prefix_of_whole_entries() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
