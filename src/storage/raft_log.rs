@@ -428,13 +428,19 @@ fn read_meta(dir: &Path) -> Result<RaftMeta> {
     }
 }
 
-/// The Raft index of the batch at `pos` (a batch boundary).
-fn index_at(seg: &Segment, pos: u64) -> Result<u64> {
+/// The Raft index and size of the batch at `pos` (a batch boundary).
+fn entry_at(seg: &Segment, pos: u64) -> Result<(u64, u64)> {
     let header = seg.batch_header_at(pos)?;
-    header
+    let index = header
         .raft
         .map(|id| id.index)
-        .ok_or_else(|| Error::corrupt(seg.log_path(), pos, "a batch without a Raft entry id"))
+        .ok_or_else(|| Error::corrupt(seg.log_path(), pos, "a batch without a Raft entry id"))?;
+    Ok((index, header.size as u64))
+}
+
+/// The Raft index of the batch at `pos` (a batch boundary).
+fn index_at(seg: &Segment, pos: u64) -> Result<u64> {
+    entry_at(seg, pos).map(|(index, _)| index)
 }
 
 /// The segment (its place in `segments`) and position of entry `index`, if present.
@@ -477,17 +483,14 @@ fn locate(segments: &[Arc<Segment>], index: u64) -> Result<Option<(usize, u64)>>
     };
     let end = seg.visible_len();
     while pos < end {
-        let header = seg.batch_header_at(pos)?;
-        let at_index = header.raft.map(|id| id.index).ok_or_else(|| {
-            Error::corrupt(seg.log_path(), pos, "a batch without a Raft entry id")
-        })?;
+        let (at_index, size) = entry_at(seg, pos)?;
         if at_index == index {
             return Ok(Some((at, pos)));
         }
         if at_index > index {
             break;
         }
-        pos += header.size as u64;
+        pos += size;
     }
     Ok(None)
 }
