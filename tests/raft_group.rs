@@ -652,3 +652,101 @@ fn over_grpc_a_leader_cut_off_acknowledges_nothing() {
 fn over_grpc_random_faults_lose_duplicate_and_reorder_nothing_acknowledged() {
     random_faults_lose_duplicate_and_reorder_nothing_acknowledged(true);
 }
+
+/// The cluster port's bad input: a group the node does not hold is `NOT_FOUND`, a message that
+/// does not decode (a damaged entry, a missing vote) is `INVALID_ARGUMENT`, and neither changes
+/// the replica's log.
+#[test]
+fn the_cluster_port_refuses_unknown_groups_and_malformed_messages_and_changes_nothing() {
+    use sluice::proto::cluster as pb;
+    runtime().block_on(async {
+        let mut cluster = Cluster::new(true).await;
+        cluster.run(Step::Write(5)).await;
+        let leader = cluster.catch_up().await;
+        let follower = (1..=3).find(|&id| id != leader).unwrap();
+        let before = cluster.replicas[&follower].log.last_id().unwrap();
+        let addr = cluster.router.grpc.as_ref().unwrap().addrs[&follower].clone();
+        let mut client = pb::raft_client::RaftClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let vote = Some(pb::Vote {
+            term: 1_000,
+            voted_for: Some(leader),
+            committed: true,
+        });
+
+        let unknown = client
+            .append_entries(pb::AppendEntriesRequest {
+                group: "no-such-topic/0".into(),
+                vote,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+        let mut entry = {
+            let e = entry_bytes(before.unwrap().index + 1);
+            e.to_vec()
+        };
+        let last = entry.len() - 1;
+        entry[last] ^= 0xff;
+        for (what, request) in [
+            (
+                "a damaged entry",
+                pb::AppendEntriesRequest {
+                    group: GROUP.into(),
+                    vote,
+                    prev_log_id: before.map(|id| pb::LogId {
+                        term: id.term,
+                        index: id.index,
+                    }),
+                    entries: vec![Bytes::from(entry.clone())],
+                    leader_commit: None,
+                },
+            ),
+            (
+                "no vote",
+                pb::AppendEntriesRequest {
+                    group: GROUP.into(),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let err = client.append_entries(request).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        }
+        let err = client
+            .vote(pb::VoteRequest {
+                group: GROUP.into(),
+                vote: None,
+                last_log_id: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "a vote without a vote"
+        );
+        assert_eq!(
+            cluster.replicas[&follower].log.last_id().unwrap(),
+            before,
+            "refused messages change nothing"
+        );
+        cluster.check().await;
+        cluster.stop().await;
+    });
+}
+
+/// A data entry as the cluster port carries it: a sealed version 2 batch.
+fn entry_bytes(index: u64) -> Bytes {
+    let id = sluice::storage::record::RaftId { term: 1, index };
+    let records = [Record {
+        timestamp: 1,
+        value: Some(Bytes::from_static(b"x")),
+        ..Record::default()
+    }];
+    let mut batch = EncodedBatch::raft(&records, id);
+    Bytes::copy_from_slice(batch.seal(0))
+}
