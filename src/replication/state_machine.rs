@@ -19,7 +19,7 @@ use super::log_store::storage_error;
 use super::types::{Applied, LogId, PartitionRaft, StorageError};
 use crate::storage::io::{FileIo, replace_file};
 use crate::storage::raft_log::RaftLogReader;
-use crate::storage::record::EncodedBatch;
+use crate::storage::record::BatchHeader;
 
 type Entry = openraft::Entry<PartitionRaft>;
 type Membership = StoredMembership<u64, openraft::BasicNode>;
@@ -161,11 +161,12 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                     Applied::default()
                 }
                 EntryPayload::Normal(p) => {
-                    let batch = EncodedBatch::from_encoded(p.batch.clone()).map_err(|why| {
+                    // The header alone: applying reads no payload and copies nothing.
+                    let header = BatchHeader::of_proposal(&p.batch).map_err(|why| {
                         storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, why)
                     })?;
                     let base = self.content.next_offset;
-                    let last = base + u64::from(batch.last_offset_delta());
+                    let last = base + u64::from(header.last_offset_delta);
                     self.content.next_offset = last + 1;
                     Applied {
                         offsets: Some((base, last)),

@@ -227,14 +227,8 @@ impl EncodedBatch {
     /// A version 1 batch as [`EncodedBatch::new`] made it (a Raft proposal carries these bytes
     /// from the leader to its followers); refused unless the framing checks out.
     pub fn from_encoded(buf: Vec<u8>) -> Result<Self, &'static str> {
-        match BatchHeader::parse(&buf) {
-            Decoded::Valid(h) if h.size == buf.len() && h.raft.is_none() => {
-                Ok(EncodedBatch { buf })
-            }
-            Decoded::Valid(_) => Err("not a whole version 1 batch"),
-            Decoded::Torn { .. } => Err("batch cut short"),
-            Decoded::Corrupt(why) => Err(why),
-        }
+        BatchHeader::of_proposal(&buf)?;
+        Ok(EncodedBatch { buf })
     }
 
     /// Records as a Raft entry (version 2) with the given entry id.
@@ -425,6 +419,16 @@ impl BatchHeader {
     /// Whether a reader of messages from `from` on wants this batch.
     pub fn holds_offsets_from(&self, from: u64) -> bool {
         !self.is_control() && self.last_offset() >= from
+    }
+
+    /// The header of a proposal: a whole version 1 batch as [`EncodedBatch::new`] made it.
+    pub fn of_proposal(buf: &[u8]) -> Result<BatchHeader, &'static str> {
+        match BatchHeader::parse(buf) {
+            Decoded::Valid(h) if h.size == buf.len() && h.raft.is_none() => Ok(h),
+            Decoded::Valid(_) => Err("not a whole version 1 batch"),
+            Decoded::Torn { .. } => Err("batch cut short"),
+            Decoded::Corrupt(why) => Err(why),
+        }
     }
 
     /// Parses the header from the start of `buf`, checking framing but not the CRC.
