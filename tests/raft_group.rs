@@ -472,7 +472,7 @@ impl Cluster {
                     }
                     // The cut-off leader stored them, but no reader of it sees them.
                     let log = &self.replicas[&victim].log;
-                    let readable: BTreeSet<Bytes> = messages(&log.partition())
+                    let readable: BTreeSet<Bytes> = messages(log.partition())
                         .into_iter()
                         .map(|(_, v)| v)
                         .collect();
@@ -510,9 +510,9 @@ impl Cluster {
     async fn check(&mut self) {
         self.router.cut.lock().unwrap().clear();
         let leader = self.catch_up().await;
-        let reference = messages(&self.replicas[&leader].log.partition());
+        let reference = messages(self.replicas[&leader].log.partition());
         for (id, r) in &self.replicas {
-            let got = messages(&r.log.partition());
+            let got = messages(r.log.partition());
             if got != reference {
                 let first = got.iter().zip(&reference).position(|(a, b)| a != b);
                 let p = r.log.partition();

@@ -31,7 +31,6 @@
 //! |     40 |    4 | `crc`             | CRC-32 of bytes 0..40                           |
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::config::LogConfig;
@@ -129,26 +128,23 @@ impl RaftMeta {
     }
 }
 
-/// Reads a partition's entries by Raft index; shares the open partition with its [`RaftLog`]
-/// (the log swaps it after a cut), so any number of readers run beside the writer.
+/// Reads a partition's entries by Raft index; shares the open partition with its [`RaftLog`],
+/// so any number of readers run beside the writer.
 #[derive(Debug, Clone)]
 pub struct RaftLogReader {
-    partition: Arc<RwLock<Arc<Partition>>>,
+    partition: Arc<Partition>,
     purged: Arc<RwLock<Option<RaftId>>>,
-    /// The offset after the last committed message: readers of messages see nothing past it.
-    committed: Arc<AtomicU64>,
 }
 
 impl RaftLogReader {
-    /// The partition as it is open now (a truncation reopens it: take it afresh, do not keep it).
-    pub fn partition(&self) -> Arc<Partition> {
-        Arc::clone(&self.partition.read().unwrap_or_else(|p| p.into_inner()))
+    /// The partition (a truncation reopens it in place).
+    pub fn partition(&self) -> &Arc<Partition> {
+        &self.partition
     }
 
     /// Messages below `offset` are committed: readers of the partition may see them.
     pub fn set_committed_offset(&self, offset: u64) {
-        self.committed.store(offset, Ordering::Release);
-        self.partition().limit_reads_to(offset);
+        self.partition.limit_reads_to(offset);
     }
 
     fn purged(&self) -> Option<RaftId> {
@@ -158,8 +154,7 @@ impl RaftLogReader {
     /// The entries with indexes in `from..to` that are present (durable, not purged), in order,
     /// about `max_bytes` of them (at least one when there is one).
     pub fn entries(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<Batch>> {
-        let partition = self.partition();
-        let segments = partition.segments();
+        let segments = self.partition.segments();
         let mut out = Vec::new();
         let Some(first) = first_entry(&segments)? else {
             return Ok(out);
@@ -209,8 +204,7 @@ impl RaftLogReader {
 
     /// The id of the last entry present, if any.
     pub fn last_id(&self) -> Result<Option<RaftId>> {
-        let partition = self.partition();
-        last_entry(&partition.segments())
+        last_entry(&self.partition.segments())
     }
 }
 
@@ -219,7 +213,6 @@ impl RaftLogReader {
 #[derive(Debug)]
 pub struct RaftLog {
     dir: PathBuf,
-    config: LogConfig,
     io: Arc<dyn FileIo>,
     reader: RaftLogReader,
     meta: RaftMeta,
@@ -230,19 +223,24 @@ pub struct RaftLog {
 impl RaftLog {
     /// Opens (creating if needed) the partition in `dir` and its `raft` file.
     pub fn open(dir: &Path, config: LogConfig, io: Arc<dyn FileIo>) -> Result<RaftLog> {
-        let partition = Partition::open(dir, config.clone(), Arc::clone(&io), None)?;
-        // Nothing is known committed until the state machine says so.
+        let partition = Partition::open(dir, config, Arc::clone(&io), None)?;
+        Self::on(Arc::new(partition), io)
+    }
+
+    /// The Raft log of an open partition (its owner keeps serving its readers), with the `raft`
+    /// file beside its segments. Nothing is readable until the state machine says what is
+    /// committed.
+    pub fn on(partition: Arc<Partition>, io: Arc<dyn FileIo>) -> Result<RaftLog> {
         partition.limit_reads_to(0);
-        let meta = read_meta(dir)?;
+        let dir = partition.dir().to_path_buf();
+        let meta = read_meta(&dir)?;
         let reader = RaftLogReader {
-            partition: Arc::new(RwLock::new(Arc::new(partition))),
+            partition,
             purged: Arc::new(RwLock::new(meta.purged)),
-            committed: Arc::new(AtomicU64::new(0)),
         };
         let last = reader.last_id()?;
         Ok(RaftLog {
-            dir: dir.to_path_buf(),
-            config,
+            dir,
             io,
             reader,
             meta,
@@ -255,7 +253,7 @@ impl RaftLog {
     }
 
     /// The open partition (for readers of messages).
-    pub fn partition(&self) -> Arc<Partition> {
+    pub fn partition(&self) -> &Arc<Partition> {
         self.reader.partition()
     }
 
@@ -284,7 +282,7 @@ impl RaftLog {
     /// once, after every one of them is durable (with the first error, if any failed), on the
     /// writer's thread: the caller never waits.
     pub fn append(&mut self, batches: Vec<EncodedBatch>, last: RaftId, done: Completion) {
-        let partition = self.partition();
+        let partition = Arc::clone(self.partition());
         self.last = Some(last);
         let all = Arc::new(std::sync::Mutex::new(AllDone {
             left: batches.len(),
@@ -309,7 +307,7 @@ impl RaftLog {
 
     /// Removes the entry `index` and every later one (a conflict with the leader's log).
     pub fn truncate(&mut self, index: u64) -> Result<()> {
-        let partition = self.partition();
+        let partition = Arc::clone(self.partition());
         // Closing writes and syncs what is still queued: entries handed to the writer but not
         // yet durable (so not yet visible) may be among those to cut.
         partition.close()?;
@@ -318,17 +316,9 @@ impl RaftLog {
             partition.cut_closed(segments[at].base_offset(), pos)?;
         }
         drop(segments);
-        let reopened = Partition::open(&self.dir, self.config.clone(), Arc::clone(&self.io), None)?;
-        reopened.limit_reads_to(self.reader.committed.load(Ordering::Acquire));
-        *self
-            .reader
-            .partition
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(reopened);
-        // The state machine may have moved the commit point meanwhile (on the old partition).
-        self.reader
-            .partition()
-            .limit_reads_to(self.reader.committed.load(Ordering::Acquire));
+        // In place: readers and the partition's listeners go on with the shorter log; the read
+        // limit (the commit point, always below a conflict) is kept.
+        partition.reopen()?;
         self.last = self.reader.last_id()?;
         Ok(())
     }

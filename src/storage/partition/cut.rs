@@ -1,21 +1,26 @@
 //! Cutting a partition's tail: Raft's truncation of entries that conflict with a new leader's
 //! log. Rare (only uncommitted entries of a deposed leader are ever cut), so it is done the
-//! simple way: on a closed partition, on the files, and the caller opens the partition again,
-//! whose recovery rebuilds the indexes of the new active segment.
+//! simple way: on a closed partition, on the files; then [`Partition::reopen`] runs recovery
+//! again (which rebuilds the indexes of the new active segment) and puts the result in the
+//! same handle, so whoever holds the partition (readers, the topic, high-water listeners) goes
+//! on with it.
 //!
 //! Order, so that a crash at any step leaves a log that is a prefix of the old one (and the next
 //! open recovers it): the checkpoint goes first (it may describe bytes about to go), then the
 //! later segments, newest first, then the cut segment's tail, synced.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::Partition;
+use super::writer::Writer;
+use super::{Loaded, Partition, load};
 use crate::storage::checkpoint;
 use crate::storage::error::{Error, Result};
 
 impl Partition {
     /// Removes every byte from `position` of the segment based at `base` on, and every later
-    /// segment. The partition must be closed ([`Partition::close`]); open it again afterwards.
+    /// segment. The partition must be closed ([`Partition::close`]); [`Partition::reopen`] it
+    /// afterwards.
     pub fn cut_closed(&self, base: u64, position: u64) -> Result<()> {
         let sh = &self.shared;
         if !sh.inbox().closed {
@@ -52,6 +57,41 @@ impl Partition {
         io.sync_data(seg.log_path(), seg.log_file())
             .map_err(|e| Error::io(seg.log_path(), e))?;
         sh.set_segments(|list| list.truncate(at + 1));
+        Ok(())
+    }
+
+    /// Opens a closed partition again in place, recovering its files as [`Partition::open`]
+    /// does: appends work again, and readers and listeners of this handle see the log as it now
+    /// is (after [`Partition::cut_closed`], shorter). The read limit is kept.
+    pub fn reopen(&self) -> Result<()> {
+        let sh = &self.shared;
+        let mut inbox = sh.idle_inbox();
+        if !inbox.closed {
+            return Err(Error::InvalidConfig(format!(
+                "partition {} must be closed before it is opened again",
+                sh.dir.display()
+            )));
+        }
+        let Loaded {
+            segments,
+            active,
+            writer_state,
+            clean_on_disk,
+            report: _,
+        } = load(&sh.dir, &sh.config, sh.io.as_ref())?;
+        let log_start = segments.first().map_or(0, |s| s.base_offset());
+        let next_offset = writer_state.next_offset;
+        *sh.writer.lock().unwrap_or_else(|p| p.into_inner()) =
+            Writer::new(&sh.config, active, writer_state, clean_on_disk);
+        *sh.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(segments);
+        sh.log_start.store(log_start, Ordering::Release);
+        sh.high_water.store(next_offset, Ordering::Release);
+        sh.poisoned.store(false, Ordering::Release);
+        inbox.closed = false;
+        drop(inbox);
+        if let Some(listener) = &sh.listener {
+            listener(self.high_water());
+        }
         Ok(())
     }
 }

@@ -242,63 +242,13 @@ impl Partition {
         listener: Option<Listener>,
     ) -> Result<Partition> {
         config.sanitize()?;
-        super::io::create_dir_all(io.as_ref(), dir).map_err(|e| Error::io(dir, e))?;
-        let mut report = RecoveryReport::default();
-        super::compaction::recover(dir, io.as_ref())?;
-        let mut bases = list_segments(dir)?;
-        drop_unborn_segment(dir, &mut bases, &mut report)?;
-        let cp = read_checkpoint(dir)?;
-
-        let mut segments = Vec::with_capacity(bases.len().max(1));
-        for (i, &base) in bases.iter().enumerate() {
-            let Some(&next_base) = bases.get(i + 1) else {
-                break;
-            };
-            let (seg, index_ok) = Segment::open(dir, base, None, io.as_ref())?;
-            let seg = recovery::open_closed_segment(
-                seg,
-                index_ok,
-                next_base,
-                &config,
-                io.as_ref(),
-                &mut report,
-            )?;
-            segments.push(Arc::new(seg));
-        }
-
-        let mut clean_on_disk = false;
-        let writer_state = match bases.last() {
-            None => {
-                report.clean = true;
-                let seg = Segment::create(dir, 0, config.index_capacity(), io.as_ref())?;
-                io.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
-                segments.push(Arc::new(seg));
-                ActiveState::empty(0)
-            }
-            Some(&base) => {
-                // Past the checkpoint's entries the active index holds zeros or unsynced ones.
-                let counts = cp.filter(|c| c.active_base == base).map_or((0, 0), |c| {
-                    (c.index_entries as usize, c.time_entries as usize)
-                });
-                let active = Some((counts, config.index_capacity()));
-                let (seg, index_ok) = Segment::open(dir, base, active, io.as_ref())?;
-                let (seg, state) =
-                    recovery::recover_active(seg, index_ok, cp, &config, io.as_ref(), &mut report)?;
-                clean_on_disk = report.clean;
-                segments.push(Arc::new(seg));
-                state
-            }
-        };
-
-        let active =
-            Arc::clone(segments.last().ok_or_else(|| {
-                Error::corrupt(dir, 0, "partition has no segment after recovery")
-            })?);
-        active.publish(
-            writer_state.len,
-            writer_state.next_offset,
-            writer_state.max_timestamp,
-        );
+        let Loaded {
+            segments,
+            active,
+            writer_state,
+            clean_on_disk,
+            report,
+        } = load(dir, &config, io.as_ref())?;
         let log_start = segments.first().map_or(0, |s| s.base_offset());
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -398,8 +348,16 @@ impl Partition {
 
     /// Readers see no offset at or past `offset` from now on (a replicated partition's commit
     /// point: what is durable here but not yet on a majority stays unread).
+    /// Listeners hear of the new high-water mark.
     pub fn limit_reads_to(&self, offset: u64) {
+        let before = self.high_water();
         self.shared.read_limit.store(offset, Ordering::Release);
+        let now = self.high_water();
+        if now != before
+            && let Some(listener) = &self.shared.listener
+        {
+            listener(now);
+        }
     }
 
     /// The first offset still held (retention moves it up).
@@ -464,6 +422,78 @@ impl Partition {
             .map(|s| s.base_offset())
             .collect()
     }
+}
+
+/// What recovery made of a partition's files: the segments, the active one and its writer's
+/// state.
+struct Loaded {
+    segments: Vec<Arc<Segment>>,
+    active: Arc<Segment>,
+    writer_state: ActiveState,
+    clean_on_disk: bool,
+    report: RecoveryReport,
+}
+
+/// Opens a partition's files, recovering them (see [`Partition::open_in`]).
+fn load(dir: &Path, config: &LogConfig, io: &dyn FileIo) -> Result<Loaded> {
+    super::io::create_dir_all(io, dir).map_err(|e| Error::io(dir, e))?;
+    let mut report = RecoveryReport::default();
+    super::compaction::recover(dir, io)?;
+    let mut bases = list_segments(dir)?;
+    drop_unborn_segment(dir, &mut bases, &mut report)?;
+    let cp = read_checkpoint(dir)?;
+
+    let mut segments = Vec::with_capacity(bases.len().max(1));
+    for (i, &base) in bases.iter().enumerate() {
+        let Some(&next_base) = bases.get(i + 1) else {
+            break;
+        };
+        let (seg, index_ok) = Segment::open(dir, base, None, io)?;
+        let seg = recovery::open_closed_segment(seg, index_ok, next_base, config, io, &mut report)?;
+        segments.push(Arc::new(seg));
+    }
+
+    let mut clean_on_disk = false;
+    let writer_state = match bases.last() {
+        None => {
+            report.clean = true;
+            let seg = Segment::create(dir, 0, config.index_capacity(), io)?;
+            io.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+            segments.push(Arc::new(seg));
+            ActiveState::empty(0)
+        }
+        Some(&base) => {
+            // Past the checkpoint's entries the active index holds zeros or unsynced ones.
+            let counts = cp.filter(|c| c.active_base == base).map_or((0, 0), |c| {
+                (c.index_entries as usize, c.time_entries as usize)
+            });
+            let active = Some((counts, config.index_capacity()));
+            let (seg, index_ok) = Segment::open(dir, base, active, io)?;
+            let (seg, state) =
+                recovery::recover_active(seg, index_ok, cp, config, io, &mut report)?;
+            clean_on_disk = report.clean;
+            segments.push(Arc::new(seg));
+            state
+        }
+    };
+
+    let active = Arc::clone(
+        segments
+            .last()
+            .ok_or_else(|| Error::corrupt(dir, 0, "partition has no segment after recovery"))?,
+    );
+    active.publish(
+        writer_state.len,
+        writer_state.next_offset,
+        writer_state.max_timestamp,
+    );
+    Ok(Loaded {
+        segments,
+        active,
+        writer_state,
+        clean_on_disk,
+        report,
+    })
 }
 
 impl Drop for Partition {
