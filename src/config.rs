@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthConfig, Policy, TlsConfig};
+use crate::replication::config::ClusterConfig;
 use crate::storage::LogConfig;
 
 /// Errors in loading or checking the configuration.
@@ -148,6 +149,9 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Principals, grants and the audit trail's retention (see docs/security.md).
     pub auth: AuthConfig,
+    /// Cluster mode: this node, its peers, replication (see docs/replication.md). Off without
+    /// `peers`.
+    pub cluster: ClusterConfig,
     /// The file the settings came from, read again on SIGHUP (not a setting).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -257,6 +261,7 @@ impl Default for Config {
             groups: GroupsConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            cluster: ClusterConfig::default(),
             config_file: None,
             deprecations: Vec::new(),
         }
@@ -339,6 +344,7 @@ impl Config {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
         }
         Policy::from_config(&self.auth).map_err(ConfigError::Invalid)?;
+        self.cluster.members().map_err(ConfigError::Invalid)?;
         if let Some(http) = self.http.addr()?
             && !http.ip().is_loopback()
             && !self.allow_plaintext

@@ -1,5 +1,6 @@
 //! The broker layer's error type. Mapping to gRPC statuses lives in `server::status`.
 
+use crate::replication::write::WriteError;
 use crate::storage;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,14 @@ pub enum Error {
     /// Worth retrying as it is.
     #[error("{0}")]
     Unavailable(String),
+    /// Cluster mode: the group that must take the call (`what` names it: `partition "t"/0`,
+    /// `the metadata group`) has no leader this node can reach; the leader it knows, if any, as
+    /// its node id and cluster address.
+    #[error("{}", no_leader_message(what, leader.as_ref()))]
+    NoLeader {
+        what: String,
+        leader: Option<(u64, String)>,
+    },
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -46,7 +55,36 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+fn no_leader_message(what: &str, leader: Option<&(u64, String)>) -> String {
+    match leader {
+        Some((id, addr)) => format!(
+            "{what}: its leader, node {id} (cluster port {addr}, also in the x-sluice-leader \
+             trailer), cannot be reached from this node; retry, or send to that node"
+        ),
+        None => format!(
+            "no leader of {what} is known here yet (an election is under way, or this node is \
+             cut off); retry"
+        ),
+    }
+}
+
 impl Error {
+    /// A proposal to `what` (a partition, the metadata group) that was not acknowledged.
+    pub fn not_written(what: &str, e: WriteError) -> Error {
+        match e {
+            WriteError::NoLeader(leader) => Error::NoLeader {
+                what: what.to_string(),
+                leader,
+            },
+            WriteError::TimedOut(d) => Error::Unavailable(format!(
+                "{what}: not committed on a majority within {} ms (a leader cut off from its \
+                 majority acknowledges nothing); the outcome is unknown",
+                d.as_millis()
+            )),
+            WriteError::Stopped(why) => Error::Unavailable(format!("{what}: {why}")),
+        }
+    }
+
     /// A read error of one partition, with the topic and partition named when it is damage.
     pub fn in_partition(self, topic: &str, partition: u32) -> Error {
         match self {

@@ -12,6 +12,7 @@
 //! | [`groups`]        | consumer groups: the registry, each group's state and dispatcher    |
 //! | [`maintenance`]   | retention and compaction passes, and the periodic run               |
 //! | [`audit`]         | the `_audit` trail's appender and its hash chain                    |
+//! | [`cluster`]       | cluster mode: the metadata group, the partitions' groups, the cluster port |
 //! | [`message`]       | the vocabulary: messages, positions, deliveries                     |
 //! | [`settings`]      | what the broker uses of the configuration                           |
 //! | [`error`], [`clock`], [`blocking`] | the error type, the clock, the blocking pool       |
@@ -36,6 +37,7 @@ mod ack_poll;
 pub mod audit;
 mod blocking;
 mod clock;
+mod cluster;
 pub mod dedup;
 pub mod error;
 pub mod groups;
@@ -57,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use self::ack_poll::AckPoller;
 use self::audit::{AuditEvent, AuditTrail, refuse_audit_topic};
 use self::blocking::blocking;
+use self::cluster::Cluster;
 use self::groups::{
     GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
 };
@@ -88,6 +91,8 @@ pub struct Broker {
     audit: Arc<AuditTrail>,
     /// Broker-wide counters for `/metrics`.
     metrics: Arc<Metrics>,
+    /// Cluster mode: this node's groups and the cluster port.
+    cluster: Option<Arc<Cluster>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Opened by [`Broker::open_read_only`]: nothing is recorded or written.
@@ -126,6 +131,7 @@ impl Broker {
         drop(config);
         let opened = {
             let s = settings.clone();
+            let io = Arc::clone(&io);
             blocking(move || {
                 topics::open_all(&s.data_dir, io, read_only, &s.log, s.audit_retention_ms)
             })
@@ -143,6 +149,21 @@ impl Broker {
         ));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let cluster = match (&settings.cluster, read_only) {
+            (Some(members), false) => Some(
+                Cluster::start(
+                    members.clone(),
+                    &settings.data_dir,
+                    Arc::clone(&topics),
+                    settings.log.clone(),
+                    io,
+                    &tasks,
+                    shutdown.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
         let metrics = Arc::new(Metrics::default());
         let sends = Arc::new(Sends {
             topics: Arc::clone(&topics),
@@ -151,11 +172,15 @@ impl Broker {
                 max_batch_messages: settings.max_batch_messages,
                 max_message_bytes: settings.max_message_bytes,
                 max_batch_bytes: settings.log.max_batch_bytes,
+                replicated: cluster.as_ref().map(|c| c.write_timeout()),
             },
             acks: AckPoller::new(Duration::from_micros(settings.send_spin_us)),
             metrics: Arc::clone(&metrics),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
+            forwarder: cluster
+                .as_ref()
+                .map_or_else(Arc::default, |c| Arc::clone(c.forwarder())),
         });
         let g = &settings.groups;
         let group_settings = GroupSettings {
@@ -187,6 +212,7 @@ impl Broker {
             maintenance,
             audit,
             metrics,
+            cluster,
             shutdown,
             tasks,
             read_only,
@@ -197,7 +223,9 @@ impl Broker {
                 .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
                 .await?;
         }
-        if !retention_every.is_zero() {
+        // Retention and compaction of replicated partitions must be decided by their leaders;
+        // not built yet, so a cluster node does not run them.
+        if !retention_every.is_zero() && broker.cluster.is_none() {
             broker.maintenance.start_retention(
                 retention_every,
                 &broker.tasks,
@@ -219,6 +247,23 @@ impl Broker {
     /// What the broker uses of its configuration.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Cluster mode: the cluster port's address and this node's id; `None` for a single node.
+    pub fn cluster_port(&self) -> Option<(u64, std::net::SocketAddr)> {
+        self.cluster.as_ref().map(|c| (c.node_id(), c.addr()))
+    }
+
+    /// Refuses, in cluster mode, what is not replicated yet (so that nothing is acknowledged
+    /// that a failover would forget).
+    fn refuse_in_cluster(&self, what: &str) -> Result<()> {
+        if self.cluster.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "{what} not yet replicated, so a cluster node refuses them (see \
+                 docs/replication.md)"
+            )));
+        }
+        Ok(())
     }
 
     /// Cancelled when the broker shuts down.
@@ -352,6 +397,7 @@ impl Broker {
     /// The open state of `group` on `topic`, opening it (and, for a new group, starting it at
     /// `start`) when needed.
     pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups.group(group, topic, start).await
     }
 
@@ -363,6 +409,7 @@ impl Broker {
         start: Start,
         membership: Membership,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups
             .subscribe_group(topic, group, start, membership)
             .await
@@ -370,6 +417,7 @@ impl Broker {
 
     /// Acknowledges deliveries; returns once durable, with whether each id applied.
     pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<Vec<bool>> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups.ack(group, topic, ids).await
     }
 
@@ -381,6 +429,7 @@ impl Broker {
         ids: &[String],
         delay: Duration,
     ) -> Result<Vec<bool>> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups.nack(group, topic, ids, delay).await
     }
 
@@ -408,6 +457,7 @@ impl Broker {
         to: Start,
         force: bool,
     ) -> Result<()> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups
             .reset_group(group, topic, partitions, to, force)
             .await
@@ -415,6 +465,7 @@ impl Broker {
 
     /// Deletes a group's state on every topic. Refused while members are connected.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
+        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups.delete_group(group).await
     }
 
@@ -426,6 +477,11 @@ impl Broker {
         topic: Option<&str>,
         dry_run: bool,
     ) -> Result<Vec<PartitionMaintenance>> {
+        if !dry_run {
+            self.refuse_in_cluster(
+                "retention and compaction of replicated partitions (decided by their leaders) are",
+            )?;
+        }
         self.maintenance.maintain(topic, dry_run).await
     }
 
@@ -437,6 +493,10 @@ impl Broker {
         let groups = self.groups.stop_all();
         self.tasks.close();
         self.tasks.wait().await;
+        // The groups stop before the partitions they write close.
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         // A read-only broker records nothing: nothing may be written.
         if !self.read_only
             && let Err(e) = self
@@ -472,6 +532,10 @@ impl Broker {
         tracing::info!("broker closed");
     }
 }
+
+/// What cluster mode refuses of consumer groups, said in each refusal.
+const GROUPS_NOT_REPLICATED: &str =
+    "consumer groups (subscribe as a group, ack, nack, reset, delete) are";
 
 /// Threads that close logs at shutdown: a close mostly waits on syncs, so many run at once.
 const CLOSING_THREADS: usize = 16;

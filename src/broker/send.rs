@@ -25,6 +25,7 @@ use super::message::{NewMessage, Placed};
 use super::topic::{self, Topic};
 use super::topics::Topics;
 use crate::metrics::Metrics;
+use crate::replication::write::Forwarder;
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
 use crate::storage::topic::CleanupPolicy;
 use crate::storage::{self, AppendMode, Appended, EncodedBatch, Record, validate_topic_name};
@@ -38,6 +39,9 @@ pub struct SendLimits {
     pub max_message_bytes: usize,
     /// One partition's share of a Send, encoded (`log.max_batch_bytes`).
     pub max_batch_bytes: usize,
+    /// Cluster mode: batches are proposed to their partitions' groups, each waiting at most
+    /// this long to be committed.
+    pub replicated: Option<std::time::Duration>,
 }
 
 /// The send path of a broker.
@@ -51,6 +55,8 @@ pub struct Sends {
     /// Runs the id index's background writes and merges.
     pub(super) tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
+    /// Cluster mode: takes batches to partitions' leaders on other nodes.
+    pub(super) forwarder: Arc<Forwarder>,
 }
 
 /// What a consumer group holds to write dead letters: appends to a `<topic>.dlq`, created when
@@ -160,6 +166,15 @@ impl Sends {
                 size: m.size(),
                 limit,
             });
+        }
+        if self.limits.replicated.is_some()
+            && let Some(index) = messages.iter().position(|m| m.id.is_some())
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "message {index} carries an id: idempotent Send (the id index) is not yet \
+                 replicated, so a cluster refuses ids rather than forget them at a failover; \
+                 send without ids"
+            )));
         }
         if let Some((index, len)) = messages
             .iter()
@@ -417,6 +432,9 @@ impl Sends {
         timestamp: i64,
         out: &mut [Option<Placed>],
     ) -> Result<()> {
+        if let Some(deadline) = self.limits.replicated {
+            return propose_planned(&self.forwarder, topic, plan, deadline, out).await;
+        }
         let mut permits = Vec::with_capacity(plan.len());
         for b in &plan {
             let handle = &topic.partitions[b.partition as usize];
@@ -470,6 +488,56 @@ impl Sends {
         }
         Ok(())
     }
+}
+
+/// Cluster mode's [`Sends::append_planned`]: every batch proposed to its partition's group at
+/// once (here, or forwarded to its leader), each answered once committed on a majority and
+/// applied on the leader (its offsets as every replica's writer assigns them).
+async fn propose_planned(
+    forwarder: &Arc<Forwarder>,
+    topic: &Arc<Topic>,
+    plan: Vec<PlannedBatch>,
+    deadline: std::time::Duration,
+    out: &mut [Option<Placed>],
+) -> Result<()> {
+    let mut pending = Vec::with_capacity(plan.len());
+    for b in plan {
+        let what = format!("partition {:?}/{}", topic.name, b.partition);
+        let Some(raft) = topic.partitions[b.partition as usize]
+            .replica
+            .get()
+            .cloned()
+        else {
+            return Err(Error::Unavailable(format!(
+                "{what} has not joined its Raft group yet; retry"
+            )));
+        };
+        let bytes = b.batch.as_bytes().to_vec();
+        let (forwarder, group) = (
+            Arc::clone(forwarder),
+            format!("{}/{}", topic.name, b.partition),
+        );
+        let proposed = tokio::spawn(async move {
+            forwarder
+                .propose(&raft, &group, bytes, deadline)
+                .await
+                .map_err(|e| (what, e))
+        });
+        pending.push((b.partition, b.indexes, proposed));
+    }
+    for (p, indexes, proposed) in pending {
+        let applied = proposed
+            .await
+            .map_err(|e| Error::Internal(format!("a proposal's task failed: {e}")))?
+            .map_err(|(what, e)| Error::not_written(&what, e))?;
+        let Some((base, _)) = applied.offsets else {
+            return Err(Error::Internal("a message entry took no offsets".into()));
+        };
+        for (k, i) in indexes.into_iter().enumerate() {
+            out[i] = Some(Placed::new(p, base + k as u64));
+        }
+    }
+    Ok(())
 }
 
 /// One batch's ids, settled by the writer's completion.

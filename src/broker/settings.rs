@@ -1,10 +1,11 @@
 //! What the broker uses of the server's configuration, and nothing else: limits on a Send,
 //! topic defaults, subscription buffering, retention's period, the partition logs' settings and
-//! the consumer groups'. The listener, TLS, HTTP and logging settings stay with the server.
+//! the consumer groups', and cluster mode's members. The client listener, TLS, HTTP and logging settings stay with the server.
 
 use std::path::PathBuf;
 
 use crate::config::{Config, GroupsConfig};
+use crate::replication::config::Members;
 use crate::storage::LogConfig;
 
 /// The broker's settings, taken from a checked [`Config`].
@@ -29,6 +30,8 @@ pub struct Settings {
     pub audit_retention_ms: u64,
     pub log: LogConfig,
     pub groups: GroupsConfig,
+    /// Cluster mode's members; `None` for a single node.
+    pub cluster: Option<Members>,
 }
 
 impl From<&Config> for Settings {
@@ -46,6 +49,8 @@ impl From<&Config> for Settings {
             audit_retention_ms: c.auth.audit_retention_ms,
             log: c.log.clone(),
             groups: c.groups.clone(),
+            // Checked by `Config::sanitize` before the broker is built.
+            cluster: c.cluster.members().ok().flatten(),
         }
     }
 }

@@ -3,12 +3,13 @@
 //! and what is read from it record by record (one record, the newest records, where a start
 //! position lands).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::replication::PartitionRaft;
 use crate::storage::{self, DataDir, LogConfig, Partition, StoredRecord, TopicConfig};
 
 use super::blocking::blocking;
@@ -32,6 +33,9 @@ pub struct PartitionDescription {
     /// Bytes retention would delete but a consumer group still needs, and that group.
     pub held_bytes: u64,
     pub held_by: Option<String>,
+    /// Cluster mode: the group's leader as this node knows it, and the replicas' nodes.
+    pub leader: Option<u64>,
+    pub replicas: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,10 +48,9 @@ pub struct TopicDescription {
 }
 
 /// One partition of an open topic.
-#[derive(Debug)]
 pub struct PartitionHandle {
     pub id: u32,
-    pub log: Partition,
+    pub log: Arc<Partition>,
     /// Wakes subscribers: the partition's writer sends the new high-water mark each time data becomes
     /// visible. It is only a signal; `log.high_water()` is the authority (read it after marking
     /// the watch seen, then wait for a change).
@@ -57,6 +60,9 @@ pub struct PartitionHandle {
     /// and the audit trail alike), so the inbox always has room and `Partition::append` never
     /// blocks a tokio worker.
     pub permits: Arc<Semaphore>,
+    /// Cluster mode: the partition's Raft group, once this node has joined it. Sends are
+    /// proposed to it (the log is written by Raft), and are refused until it is set.
+    pub replica: OnceLock<openraft::Raft<PartitionRaft>>,
 }
 
 #[derive(Debug)]
@@ -101,13 +107,14 @@ impl Topic {
             let permits = log_config.queue_depth;
             partitions.push(Arc::new(PartitionHandle {
                 id,
-                log,
+                log: Arc::new(log),
                 high_water: rx,
                 permits: Arc::new(Semaphore::new(permits)),
+                replica: OnceLock::new(),
             }));
         }
         let dedup = if config.dedup_window_ms > 0 {
-            let logs: Vec<&Partition> = partitions.iter().map(|p| &p.log).collect();
+            let logs: Vec<&Partition> = partitions.iter().map(|p| &*p.log).collect();
             let dir = data.topic_dir(name)?.join("ids");
             let io = Arc::clone(data.io());
             let window = config.dedup_window_ms;
@@ -137,7 +144,7 @@ impl Topic {
     /// cut up to [`Topic::id_watermarks`].
     pub fn persist_ids(&self) -> Result<()> {
         if let Some(d) = &self.dedup {
-            let logs: Vec<&Partition> = self.partitions.iter().map(|p| &p.log).collect();
+            let logs: Vec<&Partition> = self.partitions.iter().map(|p| &*p.log).collect();
             d.persist(&logs, now_ms())?;
         }
         Ok(())
@@ -218,6 +225,14 @@ impl Topic {
             .map(|p| {
                 let s = p.log.stats();
                 let (held_bytes, held_by) = held(p.id).unwrap_or((0, None));
+                let (leader, replicas) = match p.replica.get() {
+                    Some(raft) => {
+                        let m = raft.metrics().borrow().clone();
+                        let voters = m.membership_config.membership().voter_ids().collect();
+                        (m.current_leader, voters)
+                    }
+                    None => (None, Vec::new()),
+                };
                 PartitionDescription {
                     partition: p.id,
                     first_offset: s.log_start,
@@ -226,6 +241,8 @@ impl Topic {
                     segments: s.segments as u32,
                     held_bytes,
                     held_by,
+                    leader,
+                    replicas,
                 }
             })
             .collect();
@@ -240,6 +257,16 @@ impl Topic {
     /// The partition for the keyless messages of the next request.
     pub fn next_spread_partition(&self) -> u32 {
         self.next.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
+    }
+}
+
+impl std::fmt::Debug for PartitionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionHandle")
+            .field("id", &self.id)
+            .field("log", &self.log)
+            .field("replicated", &self.replica.get().is_some())
+            .finish_non_exhaustive()
     }
 }
 

@@ -6,7 +6,9 @@
 //! file hands out the removed topic ([`Removed`]) and deletes its files when told.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::storage::{self, DataDir, FileIo, LogConfig, TopicConfig, validate_topic_name};
 
@@ -26,6 +28,17 @@ pub struct Topics {
     admin: Arc<tokio::sync::Mutex<()>>,
     /// Records topics created on first use.
     audit: Arc<AuditTrail>,
+    /// Cluster mode: where creations go (the metadata group, which creates the topic on every
+    /// node, this one included, through [`Topics::create_local`]).
+    replicated: OnceLock<mpsc::Sender<CreateRequest>>,
+}
+
+/// A topic to create through the cluster, and where to say how it went.
+#[derive(Debug)]
+pub struct CreateRequest {
+    pub name: String,
+    pub config: TopicConfig,
+    pub done: oneshot::Sender<Result<()>>,
 }
 
 /// A topic taken out of the map by [`Topics::remove`]: its subscriptions are ending; its files
@@ -100,7 +113,19 @@ impl Topics {
             map: RwLock::new(topics),
             admin: Arc::new(tokio::sync::Mutex::new(())),
             audit,
+            replicated: OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: from now on topics are created by sending them to `to`, and deleting one
+    /// is refused (not yet replicated).
+    pub fn replicate_through(&self, to: mpsc::Sender<CreateRequest>) {
+        let _ = self.replicated.set(to);
+    }
+
+    /// Whether topics are replicated (cluster mode).
+    pub fn replicated(&self) -> bool {
+        self.replicated.get().is_some()
     }
 
     pub fn data(&self) -> &Arc<DataDir> {
@@ -185,13 +210,35 @@ impl Topics {
             .and_then(|t| serde_json::to_value(&t.config).ok())
     }
 
-    /// Creates a topic with its partitions and opens it.
+    /// Creates a topic with its partitions and opens it; in cluster mode, on every node,
+    /// returning once it is open here.
     pub async fn create(&self, name: &str, mut config: TopicConfig) -> Result<()> {
         validate_topic_name(name)?;
         if config.partitions == 0 {
             config.partitions = self.default_partitions;
         }
         config.sanitize()?;
+        let Some(cluster) = self.replicated.get() else {
+            return self.create_local(name, config).await;
+        };
+        if self.get(name).is_some() {
+            return Err(storage::Error::TopicExists(name.to_string()).into());
+        }
+        let (done, answer) = oneshot::channel();
+        let request = CreateRequest {
+            name: name.to_string(),
+            config,
+            done,
+        };
+        cluster
+            .send(request)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Creates a topic here with its partitions and opens it (the settings are checked).
+    pub async fn create_local(&self, name: &str, config: TopicConfig) -> Result<()> {
         let _admin = self.admin.lock().await;
         if self.get(name).is_some() {
             return Err(storage::Error::TopicExists(name.to_string()).into());
@@ -216,6 +263,11 @@ impl Topics {
     /// [`Topics::delete_files`].
     pub async fn remove(&self, name: &str) -> Result<Removed> {
         validate_topic_name(name)?;
+        if self.replicated() {
+            return Err(Error::FailedPrecondition(
+                "deleting a topic is not yet replicated: a cluster keeps its topics".into(),
+            ));
+        }
         let admin = Arc::clone(&self.admin).lock_owned().await;
         let topic = self
             .map

@@ -76,6 +76,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     if let Some(http) = running.http_addr {
         let _ = writeln!(out, "sluice http on http://{http}/");
     }
+    if let Some((id, cluster)) = running.cluster {
+        let _ = writeln!(out, "sluice node {id} cluster port on {cluster}");
+    }
     let _ = out.flush();
     drop(out);
     tracing::info!(addr = %running.addr, data_dir = %config.data_dir.display(),
@@ -94,6 +97,17 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// openraft reports every failed call to a peer (twice a second per group while a node is down)
+/// and every vote at `info`: off unless the filter names it. The cluster's own lines say when a
+/// peer goes away and comes back (docs/replication.md).
+fn quiet_openraft(filter: &str) -> String {
+    if filter.contains("openraft") {
+        filter.to_string()
+    } else {
+        format!("{filter},openraft=off")
+    }
 }
 
 /// SIGTERM and SIGINT, listened for from creation on.
@@ -120,7 +134,8 @@ impl Signals {
 }
 
 fn init_tracing(format: LogFormat, filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(quiet_openraft(filter)));
     let (writer, guard) = crate::logging::stderr_writer();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

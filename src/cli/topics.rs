@@ -96,10 +96,16 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
             .map_or_else(|| "default".to_string(), |v| v.to_string()),
         s.dedup_window_ms.unwrap_or(0),
     );
-    out += "  partition\tfirst\tnext\tbytes\tsegments\theld_back\theld_by\n";
+    let cluster = d.partitions.iter().any(|p| !p.replicas.is_empty());
+    out += "  partition\tfirst\tnext\tbytes\tsegments\theld_back\theld_by";
+    out += if cluster {
+        "\tleader\treplicas\n"
+    } else {
+        "\n"
+    };
     for p in &d.partitions {
         out += &format!(
-            "  {}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            "  {}\t{}\t{}\t{}\t{}\t{}\t{}",
             p.partition,
             p.first_offset,
             p.next_offset,
@@ -112,6 +118,14 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
                 &p.retention_held_by
             }
         );
+        if cluster {
+            let replicas: Vec<String> = p.replicas.iter().map(u64::to_string).collect();
+            let leader = p
+                .leader
+                .map_or_else(|| "none".to_string(), |l| l.to_string());
+            out += &format!("\t{leader}\t{}", replicas.join(","));
+        }
+        out += "\n";
     }
     if let Some(i) = &d.dedup {
         out += &format!(

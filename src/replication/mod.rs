@@ -2,15 +2,20 @@
 //!
 //! | module            | job                                                                  |
 //! |-------------------|----------------------------------------------------------------------|
+//! | [`config`]        | `[cluster]`: this node, its peers; the checks at start              |
 //! | [`types`]         | the Raft type configuration of a partition group; proposals, results |
 //! | [`log_store`]     | openraft's log storage on a partition log ([`crate::storage::raft_log`]) |
 //! | [`state_machine`] | what applying a partition's entries means; snapshots                 |
 //! | [`wire`]          | Raft's messages as `sluice.cluster.v1` protobuf (entries as batches) |
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
+//! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
+//! | [`catalog`]       | the metadata group's state: topics, settings, replicas; its commands |
 //!
 //! The design, what is built and what is not yet, is in `docs/replication.md`.
 
+pub mod catalog;
+pub mod config;
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the helpers
 // that feed them return it too rather than convert at every call.
 #[allow(
@@ -31,9 +36,10 @@ pub mod service;
 pub mod state_machine;
 pub mod types;
 pub mod wire;
+pub mod write;
 
 pub use log_store::LogStore;
 pub use network::GrpcNetwork;
 pub use service::RaftService;
-pub use state_machine::StateMachine;
+pub use state_machine::{GroupStateMachine, StateMachine};
 pub use types::{Applied, PartitionRaft, Proposal};

@@ -40,11 +40,12 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
     type Network = GrpcLink;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcLink {
-        let _ = target;
         GrpcLink {
             group: self.group.clone(),
+            target,
             addr: node.addr.clone(),
             client: None,
+            reachable: true,
         }
     }
 }
@@ -53,8 +54,12 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
 #[derive(Debug)]
 pub struct GrpcLink {
     group: String,
+    target: u64,
     addr: String,
     client: Option<RaftClient<Channel>>,
+    /// Whether the last call reached the peer: a change is logged once (openraft's own report
+    /// of every failed call is off by default, see `sluice serve`'s log filter).
+    reachable: bool,
 }
 
 fn unreachable(e: &(impl std::error::Error + 'static)) -> Unreachable {
@@ -88,6 +93,26 @@ impl GrpcLink {
         Ok(client)
     }
 
+    /// Logs a change of reachability: at `warn` for the metadata group (one line per peer that
+    /// goes away or comes back), at `debug` for each partition's group.
+    fn note<T, E>(&mut self, result: &Result<T, RpcError<E>>)
+    where
+        E: std::error::Error,
+    {
+        let reachable = !matches!(result, Err(RPCError::Unreachable(_)));
+        if reachable == self.reachable {
+            return;
+        }
+        self.reachable = reachable;
+        let (group, peer, addr) = (&self.group, self.target, &self.addr);
+        match (reachable, group.starts_with('_')) {
+            (false, true) => tracing::warn!(%group, peer, %addr, "peer unreachable"),
+            (true, true) => tracing::info!(%group, peer, %addr, "peer reachable again"),
+            (false, false) => tracing::debug!(%group, peer, %addr, "peer unreachable"),
+            (true, false) => tracing::debug!(%group, peer, %addr, "peer reachable again"),
+        }
+    }
+
     fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(option.hard_ttl());
@@ -107,8 +132,9 @@ impl RaftNetwork<PartitionRaft> for GrpcLink {
             .client()?
             .append_entries(request)
             .await
-            .map_err(status_error)?;
-        wire::append_response_from_pb(response.into_inner()).map_err(malformed)
+            .map_err(status_error);
+        self.note(&response);
+        wire::append_response_from_pb(response?.into_inner()).map_err(malformed)
     }
 
     async fn install_snapshot(
@@ -133,7 +159,8 @@ impl RaftNetwork<PartitionRaft> for GrpcLink {
     ) -> Result<VoteResponse<u64>, RpcError> {
         let message = wire::vote_request_to_pb(&self.group, &rpc);
         let request = self.request(message, &option);
-        let response = self.client()?.vote(request).await.map_err(status_error)?;
-        wire::vote_response_from_pb(response.into_inner()).map_err(malformed)
+        let response = self.client()?.vote(request).await.map_err(status_error);
+        self.note(&response);
+        wire::vote_response_from_pb(response?.into_inner()).map_err(malformed)
     }
 }

@@ -1,20 +1,34 @@
 //! Raft's messages from other nodes (`sluice.cluster.v1.Raft`, the cluster port): the receiving
-//! side, handing each message to the group it names.
+//! side, handing each message to the group it names; and the proposals other nodes forward to
+//! the groups this node leads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use openraft::Raft;
 use tonic::{Request, Response, Status};
 
 use super::types::PartitionRaft;
 use super::wire;
+use super::write::propose;
 use crate::proto::cluster as pb;
 
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RaftService {
     groups: Arc<RwLock<HashMap<String, Raft<PartitionRaft>>>>,
+    /// How long a forwarded proposal may wait to be committed.
+    write_timeout: Duration,
+}
+
+impl Default for RaftService {
+    fn default() -> Self {
+        RaftService {
+            groups: Arc::default(),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl std::fmt::Debug for RaftService {
@@ -24,6 +38,12 @@ impl std::fmt::Debug for RaftService {
 }
 
 impl RaftService {
+    /// Forwarded proposals wait at most `timeout` to be committed.
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
     /// Routes the group's messages to `raft` from now on (replacing any earlier instance).
     pub fn add(&self, group: impl Into<String>, raft: Raft<PartitionRaft>) {
         self.groups
@@ -95,5 +115,20 @@ impl pb::raft_server::Raft for RaftService {
         let rpc = wire::snapshot_from_pb(req).map_err(bad)?;
         let r = raft.install_snapshot(rpc).await.map_err(stopped)?;
         Ok(Response::new(wire::snapshot_response_to_pb(&r)))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        match propose(&raft, req.batch.to_vec(), self.write_timeout).await {
+            Ok(applied) => Ok(Response::new(pb::ProposeResponse {
+                base_offset: applied.offsets.map(|o| o.0),
+                last_offset: applied.offsets.map(|o| o.1),
+            })),
+            Err(e) => Err(e.to_status()),
+        }
     }
 }

@@ -6,6 +6,9 @@
 //! readers of the partition see up to there (nothing past the commit point is read). A snapshot
 //! is that small state (`snapshot`, JSON, replaced atomically); the messages below a snapshot
 //! stay in the log's segments.
+//!
+//! A group may keep more state than its log position ([`GroupState`]): the metadata group keeps
+//! its catalog of topics, changed by each entry it applies and carried in its snapshots.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StoredMembership};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::log_store::storage_error;
@@ -26,13 +30,29 @@ type Membership = StoredMembership<u64, openraft::BasicNode>;
 
 pub const SNAPSHOT_FILE: &str = "snapshot";
 
-/// The applied state: all a partition's snapshot holds.
+/// What a group keeps besides its log position, changed by each data entry it applies (in log
+/// order, so the same on every replica). A partition keeps nothing (`()`).
+pub trait GroupState:
+    Default + Clone + Serialize + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+    /// Applies one committed data entry (the proposal's bytes). Deterministic, and infallible:
+    /// an entry it cannot use changes nothing, on every replica alike.
+    fn apply(&mut self, proposal: &[u8]);
+}
+
+impl GroupState for () {
+    fn apply(&mut self, _proposal: &[u8]) {}
+}
+
+/// The applied state: all a group's snapshot holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Content {
+struct Content<S> {
     applied: Option<LogId>,
     membership: Membership,
     /// The offset the next message gets.
     next_offset: u64,
+    #[serde(default)]
+    state: S,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,24 +61,39 @@ struct Stored {
     data: Vec<u8>,
 }
 
-/// A partition group's state machine.
-#[derive(Debug)]
-pub struct StateMachine {
-    content: Content,
+/// Told the group's state after each change (applied entries, an installed snapshot).
+pub type Publish<S> = Box<dyn Fn(&S) + Send + Sync>;
+
+/// A group's state machine.
+pub struct GroupStateMachine<S: GroupState> {
+    content: Content<S>,
     log: RaftLogReader,
     current: Arc<Mutex<Option<Stored>>>,
     dir: PathBuf,
     io: Arc<dyn FileIo>,
+    publish: Option<Publish<S>>,
 }
 
-impl StateMachine {
+/// A partition group's state machine: the log position alone.
+pub type StateMachine = GroupStateMachine<()>;
+
+impl<S: GroupState> std::fmt::Debug for GroupStateMachine<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupStateMachine")
+            .field("content", &self.content)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: GroupState> GroupStateMachine<S> {
     /// Opens the state machine whose snapshot lives in `dir` (the partition's directory), for
     /// the partition `log` reads.
     pub fn open(
         dir: &Path,
         io: Arc<dyn FileIo>,
         log: RaftLogReader,
-    ) -> Result<StateMachine, StorageError> {
+    ) -> Result<GroupStateMachine<S>, StorageError> {
         let path = dir.join(SNAPSHOT_FILE);
         let subject = || ErrorSubject::Snapshot(None);
         let current: Option<Stored> = match std::fs::read(&path) {
@@ -75,13 +110,27 @@ impl StateMachine {
             None => Content::default(),
         };
         log.set_committed_offset(content.next_offset);
-        Ok(StateMachine {
+        Ok(GroupStateMachine {
             content,
             log,
             current: Arc::new(Mutex::new(current)),
             dir: dir.to_path_buf(),
             io,
+            publish: None,
         })
+    }
+
+    /// Tells `publish` the state now and after every change.
+    pub fn publishing(mut self, publish: Publish<S>) -> Self {
+        publish(&self.content.state);
+        self.publish = Some(publish);
+        self
+    }
+
+    fn published(&self) {
+        if let Some(p) = &self.publish {
+            p(&self.content.state);
+        }
     }
 
     /// The offset the next message gets.
@@ -105,14 +154,14 @@ fn save(dir: &Path, io: &dyn FileIo, stored: &Stored) -> Result<(), StorageError
 
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
-pub struct SnapshotBuilder {
-    content: Content,
+pub struct SnapshotBuilder<S> {
+    content: Content<S>,
     current: Arc<Mutex<Option<Stored>>>,
     dir: PathBuf,
     io: Arc<dyn FileIo>,
 }
 
-impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
+impl<S: GroupState> RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, StorageError> {
         let data = serde_json::to_vec(&self.content)
             .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
@@ -138,8 +187,8 @@ impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
     }
 }
 
-impl RaftStateMachine<PartitionRaft> for StateMachine {
-    type SnapshotBuilder = SnapshotBuilder;
+impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
+    type SnapshotBuilder = SnapshotBuilder<S>;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
         Ok((self.content.applied, self.content.membership.clone()))
@@ -168,6 +217,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                     let base = self.content.next_offset;
                     let last = base + u64::from(header.last_offset_delta);
                     self.content.next_offset = last + 1;
+                    self.content.state.apply(&p.batch);
                     Applied {
                         offsets: Some((base, last)),
                     }
@@ -176,10 +226,11 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             out.push(applied);
         }
         self.log.set_committed_offset(self.content.next_offset);
+        self.published();
         Ok(out)
     }
 
-    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder<S> {
         SnapshotBuilder {
             content: self.content.clone(),
             current: Arc::clone(&self.current),
@@ -199,7 +250,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
     ) -> Result<(), StorageError> {
         let signature = Some(meta.signature());
         let data = snapshot.into_inner();
-        let content: Content = serde_json::from_slice(&data)
+        let content: Content<S> = serde_json::from_slice(&data)
             .map_err(|e| storage_error(ErrorSubject::Snapshot(signature), ErrorVerb::Read, e))?;
         let stored = Stored {
             meta: meta.clone(),
@@ -209,6 +260,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         self.content = content;
         self.log.set_committed_offset(self.content.next_offset);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        self.published();
         Ok(())
     }
 

@@ -356,6 +356,8 @@ impl pb::admin_server::Admin for AdminService {
                     segments: p.segments,
                     retention_held_bytes: p.held_bytes,
                     retention_held_by: p.held_by.unwrap_or_default(),
+                    leader: p.leader,
+                    replicas: p.replicas,
                 })
                 .collect(),
             dedup: d.ids.map(|i| pb::DedupInfo {

@@ -61,6 +61,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The HTTP port (metrics, health, API, console), when on.
     pub http_addr: Option<SocketAddr>,
+    /// Cluster mode: this node's id and its cluster port.
+    pub cluster: Option<(u64, SocketAddr)>,
     pub stop: CancellationToken,
     pub done: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -102,6 +104,7 @@ pub async fn start_with_io(
     // Until the broker serves, an early return stops the HTTP port too.
     let http_guard = http_stop.drop_guard();
     let broker = Broker::open_with_io(config.clone(), io).await?;
+    let cluster = broker.cluster_port();
     let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(ServeError::Signal)?;
@@ -129,6 +132,7 @@ pub async fn start_with_io(
     Ok(Running {
         addr,
         http_addr,
+        cluster,
         stop,
         done,
     })

@@ -5,8 +5,23 @@ use tonic::{Code, Status};
 use crate::broker::Error;
 use crate::storage::Error as StorageError;
 
+/// The trailer naming a group's leader on an `UNAVAILABLE` answer of a node that does not lead
+/// it: `<node id>@<address>`.
+pub const LEADER_TRAILER: &str = "x-sluice-leader";
+
 /// The status for a broker error; the message is the error's own text.
 pub fn to_status(e: Error) -> Status {
+    if let Error::NoLeader {
+        leader: Some((id, addr)),
+        ..
+    } = &e
+    {
+        let mut s = status(Code::Unavailable, e.to_string());
+        if let Ok(value) = format!("{id}@{addr}").parse() {
+            s.metadata_mut().insert(LEADER_TRAILER, value);
+        }
+        return s;
+    }
     let code = match &e {
         Error::Storage(s) => storage_code(s),
         Error::InvalidArgument(_) | Error::MessageTooLarge { .. } => Code::InvalidArgument,
@@ -16,7 +31,7 @@ pub fn to_status(e: Error) -> Status {
         Error::LimitExceeded(_) => Code::ResourceExhausted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Protected(_) => Code::PermissionDenied,
-        Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
+        Error::ShuttingDown | Error::Unavailable(_) | Error::NoLeader { .. } => Code::Unavailable,
         Error::Damaged(_) => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
     };

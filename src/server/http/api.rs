@@ -86,6 +86,8 @@ pub(super) async fn topic(a: Admitted, Path(name): Path<String>) -> Result<Json<
                 "segments": p.segments,
                 "held_bytes": p.held_bytes,
                 "held_by": p.held_by,
+                "leader": p.leader,
+                "replicas": p.replicas,
             })
         })
         .collect();

@@ -1,0 +1,491 @@
+//! Cluster mode: this node's part in the metadata group and in every partition's group.
+//!
+//! - **The cluster port** serves `sluice.cluster.v1.Raft` for every group this node is in.
+//! - **The metadata group** (`_meta`, its log in `<data_dir>/cluster/meta`) holds the catalog of
+//!   topics. A topic is created by proposing it there (the broker's `Topics` sends each creation
+//!   here); every node, on applying it, creates the topic's partitions and joins their groups.
+//! - **A partition's group** (`<topic>/<partition>`) writes the partition's own log: a Send is a
+//!   proposal, answered once committed on a majority and applied here ([`PartitionHandle`]'s
+//!   `replica`).
+//! - **Forming**: every founding node initialises each group with the same members (all peers;
+//!   this version places every partition on every node), which openraft allows: the first entry
+//!   is the same everywhere, and an election follows once a majority is up.
+//!
+//! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
+//! retention and compaction, topic deletion): see docs/replication.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::replication::catalog::{Catalog, Command};
+use crate::replication::config::Members;
+use crate::replication::write::{Forwarder, wait_for_leader};
+use crate::replication::{
+    GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, RaftService, StateMachine,
+};
+use crate::storage::raft_log::RaftLog;
+use crate::storage::{self, FileIo, LogConfig, Partition, io::replace_file};
+
+use super::audit::AUDIT_TOPIC;
+use super::blocking::blocking;
+use super::error::{Error, Result};
+use super::topic::{PartitionHandle, Topic};
+use super::topics::{CreateRequest, Topics};
+
+/// The metadata group's name on the cluster port.
+pub const META_GROUP: &str = "_meta";
+/// What a data directory records of the cluster it belongs to.
+const IDENTITY_FILE: &str = "node.json";
+
+/// This node's place in the cluster, as its data directory remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    node_id: u64,
+    peers: BTreeMap<u64, String>,
+}
+
+/// This node's groups and the cluster port.
+pub struct Cluster {
+    members: Members,
+    config: Arc<openraft::Config>,
+    service: RaftService,
+    meta: Raft<PartitionRaft>,
+    meta_log: Arc<Partition>,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    topics: Arc<Topics>,
+    io: Arc<dyn FileIo>,
+    /// Every partition group this node runs, by name.
+    groups: Mutex<HashMap<String, Raft<PartitionRaft>>>,
+    /// Serialises joining groups (the catalog watcher and creations both do).
+    joining: tokio::sync::Mutex<()>,
+    /// How long a proposal may wait to be committed before the caller hears "unknown".
+    write_timeout: Duration,
+    /// Takes proposals to leaders on other nodes.
+    forwarder: Arc<Forwarder>,
+    /// The cluster port's address.
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.members.node_id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Checks the data directory belongs to this node of this cluster, opens the metadata
+    /// group, starts the cluster port, joins the groups of the topics this node holds, and
+    /// starts following the catalog. Topic creations of `topics` go through the cluster from
+    /// now on.
+    pub async fn start(
+        members: Members,
+        data_dir: &Path,
+        topics: Arc<Topics>,
+        log: LogConfig,
+        io: Arc<dyn FileIo>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Cluster>> {
+        let dir = data_dir.join("cluster");
+        {
+            let (dir, members, io) = (dir.clone(), members.clone(), Arc::clone(&io));
+            let local: Vec<String> = topics
+                .all()
+                .iter()
+                .filter(|t| &*t.name != AUDIT_TOPIC)
+                .map(|t| t.name.to_string())
+                .collect();
+            blocking(move || check_identity(&dir, &members, &local, io.as_ref())).await?;
+        }
+        let config = raft_config(&members)?;
+        let write_timeout =
+            Duration::from_millis(members.election_timeout_ms * 8).max(Duration::from_secs(5));
+        let service = RaftService::default().with_write_timeout(write_timeout);
+        let (meta, meta_log, catalog) = {
+            let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
+            let meta_dir = dir.join("meta");
+            let io2 = Arc::clone(&io);
+            let (log, sm) = blocking(move || {
+                let log = RaftLog::open(&meta_dir, log, Arc::clone(&io2))?;
+                let sm = GroupStateMachine::<Catalog>::open(&meta_dir, io2, log.reader())
+                    .map_err(|e| Error::Internal(format!("metadata group: {e}")))?;
+                Ok((log, sm))
+            })
+            .await?;
+            let sm = sm.publishing(Box::new(move |c: &Catalog| {
+                tx.send_replace(Arc::new(c.clone()));
+            }));
+            let partition = Arc::clone(log.partition());
+            let raft = Raft::new(
+                members.node_id,
+                Arc::clone(&config),
+                GrpcNetwork::new(META_GROUP),
+                LogStore::new(log),
+                sm,
+            )
+            .await
+            .map_err(|e| Error::Internal(format!("metadata group: {e}")))?;
+            (raft, partition, rx)
+        };
+        let listener = tokio::net::TcpListener::bind(members.listen)
+            .await
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "cannot listen on the cluster port {}: {e}",
+                    members.listen
+                ))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let cluster = Arc::new(Cluster {
+            members,
+            config,
+            service,
+            meta,
+            meta_log,
+            catalog,
+            topics: Arc::clone(&topics),
+            io,
+            groups: Mutex::new(HashMap::new()),
+            joining: tokio::sync::Mutex::new(()),
+            write_timeout,
+            forwarder: Arc::new(Forwarder::default()),
+            addr,
+        });
+        cluster.service.add(META_GROUP, cluster.meta.clone());
+        let server = tonic::transport::Server::builder()
+            .add_service(cluster.service.clone().into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tasks.spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the cluster port stopped");
+            }
+        });
+        cluster.initialize(&cluster.meta, META_GROUP).await?;
+        // The groups of the topics this node already holds, before the catalog is known again
+        // (it is rebuilt from the metadata log once a leader says what is committed).
+        for topic in topics.all() {
+            if &*topic.name != AUDIT_TOPIC {
+                cluster.join_topic(&topic).await?;
+            }
+        }
+        let (create_tx, create_rx) = mpsc::channel(64);
+        topics.replicate_through(create_tx);
+        tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
+        tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
+        tracing::info!(node_id = cluster.members.node_id, %addr,
+            peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
+            so refused here: consumer groups, message ids, retention and compaction, topic \
+            deletion");
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.members.node_id
+    }
+
+    /// The cluster port's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How long a proposal may wait to be committed.
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    /// Takes proposals to the leaders of groups this node does not lead.
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
+    }
+
+    /// Every founding member, as Raft knows them.
+    fn voters(&self) -> BTreeMap<u64, BasicNode> {
+        self.members
+            .peers
+            .iter()
+            .map(|(&id, addr)| (id, BasicNode::new(addr.clone())))
+            .collect()
+    }
+
+    /// Initialises a group with every founding member unless it already is.
+    async fn initialize(&self, raft: &Raft<PartitionRaft>, group: &str) -> Result<()> {
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Internal(format!("group {group}: {e}")))?;
+        if initialized {
+            return Ok(());
+        }
+        match raft.initialize(self.voters()).await {
+            Ok(()) => Ok(()),
+            // Another member's first entry reached this one first: the group is formed.
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => Ok(()),
+            Err(e) => Err(Error::Internal(format!("group {group}: {e}"))),
+        }
+    }
+
+    /// Joins the group of every partition of `topic` this node does not run yet.
+    async fn join_topic(&self, topic: &Arc<Topic>) -> Result<()> {
+        let _joining = self.joining.lock().await;
+        for handle in &topic.partitions {
+            let group = format!("{}/{}", topic.name, handle.id);
+            if handle.replica.get().is_some() {
+                continue;
+            }
+            let raft = self.start_group(&group, handle).await?;
+            self.initialize(&raft, &group).await?;
+            self.service.add(group.clone(), raft.clone());
+            let _ = handle.replica.set(raft.clone());
+            self.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(group, raft);
+        }
+        Ok(())
+    }
+
+    async fn start_group(
+        &self,
+        group: &str,
+        handle: &PartitionHandle,
+    ) -> Result<Raft<PartitionRaft>> {
+        let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
+        let (log, sm) = blocking(move || {
+            let dir = partition.dir().to_path_buf();
+            let log = RaftLog::on(partition, Arc::clone(&io))?;
+            let sm = StateMachine::open(&dir, io, log.reader())
+                .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+            Ok((log, sm))
+        })
+        .await?;
+        Raft::new(
+            self.members.node_id,
+            Arc::clone(&self.config),
+            GrpcNetwork::new(group),
+            LogStore::new(log),
+            sm,
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("group {group}: {e}")))
+    }
+
+    /// Creates, here, every topic of the catalog this node lacks, and joins its groups, each
+    /// time the catalog changes.
+    async fn follow_catalog(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut catalog = self.catalog.clone();
+        loop {
+            let current = Arc::clone(&catalog.borrow_and_update());
+            if let Err(e) = self.create_missing(&current).await {
+                tracing::error!(error = %e, "cannot create a topic of the catalog here");
+            }
+            tokio::select! {
+                changed = catalog.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn create_missing(&self, catalog: &Catalog) -> Result<()> {
+        for (name, entry) in &catalog.topics {
+            let topic = match self.topics.get(name) {
+                Some(t) => t,
+                None => {
+                    match self.topics.create_local(name, entry.config.clone()).await {
+                        Ok(()) | Err(Error::Storage(storage::Error::TopicExists(_))) => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.topics.existing(name)?
+                }
+            };
+            self.join_topic(&topic).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves the topic creations of this node's `Topics`: proposed to the metadata group, then
+    /// created here.
+    async fn serve_creations(
+        self: Arc<Self>,
+        mut requests: mpsc::Receiver<CreateRequest>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let request = tokio::select! {
+                r = requests.recv() => match r { Some(r) => r, None => return },
+                () = shutdown.cancelled() => return,
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let outcome = this.create_topic(&request.name, request.config).await;
+                let _ = request.done.send(outcome);
+            });
+        }
+    }
+
+    async fn create_topic(&self, name: &str, mut config: storage::TopicConfig) -> Result<()> {
+        // Ids are refused in cluster mode (not yet replicated): no id index to keep.
+        config.dedup_window_ms = 0;
+        if self.catalog.borrow().topics.contains_key(name) {
+            return Err(storage::Error::TopicExists(name.to_string()).into());
+        }
+        let command = Command::CreateTopic {
+            name: name.to_string(),
+            config,
+            replicas: self.members.peers.keys().copied().collect(),
+        };
+        let proposal = command
+            .to_proposal(super::clock::now_ms())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.forwarder
+            .propose(&self.meta, META_GROUP, proposal, self.write_timeout)
+            .await
+            .map_err(|e| Error::not_written("the metadata group", e))?;
+        // Committed; created here once this node has applied it too (at once on the leader).
+        let mut catalog = self.catalog.clone();
+        let applied = tokio::time::timeout(self.write_timeout, async {
+            catalog
+                .wait_for(|c| c.topics.contains_key(name))
+                .await
+                .map(|c| Arc::clone(&c))
+        })
+        .await;
+        match applied {
+            Ok(Ok(c)) => {
+                self.create_missing(&c).await?;
+                // Ready for Sends when the call returns: each partition's group has elected
+                // its first leader.
+                if let Some(topic) = self.topics.get(name) {
+                    for handle in &topic.partitions {
+                        if let Some(raft) = handle.replica.get() {
+                            wait_for_leader(raft, self.write_timeout).await;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(Error::Unavailable(format!(
+                "topic {name:?} was created in the cluster but this node has not heard of it \
+                 within {} ms; it will open here once it does",
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Stops every group (the partitions are closed by the broker afterwards) and the
+    /// metadata log.
+    pub async fn shutdown(&self) {
+        let groups: Vec<(String, Raft<PartitionRaft>)> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (name, raft) in groups
+            .iter()
+            .map(|(n, r)| (n, r))
+            .chain([(&META_GROUP.to_string(), &self.meta)])
+        {
+            self.service.remove(name);
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(group = %name, error = %e, "a group did not stop cleanly");
+            }
+        }
+        let meta_log = Arc::clone(&self.meta_log);
+        if let Err(e) = blocking(move || Ok(meta_log.close()?)).await {
+            tracing::error!(error = %e, "the metadata log did not close cleanly");
+        }
+    }
+}
+
+/// openraft's settings for every group of this node.
+fn raft_config(members: &Members) -> Result<Arc<openraft::Config>> {
+    let config = openraft::Config {
+        cluster_name: "sluice".into(),
+        heartbeat_interval: members.heartbeat_ms,
+        election_timeout_min: members.election_timeout_ms,
+        election_timeout_max: members.election_timeout_ms * 2,
+        // No snapshots, so no purge: a node that fell behind catches up from the log, which
+        // holds every message (shipping segments as a snapshot is not built yet).
+        snapshot_policy: SnapshotPolicy::Never,
+        ..openraft::Config::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| Error::InvalidArgument(format!("cluster settings: {e}")))
+}
+
+/// Refuses a data directory of another node or cluster, and a single node's directory (its
+/// topics are not Raft logs); records the identity on the first start in cluster mode.
+fn check_identity(
+    dir: &Path,
+    members: &Members,
+    local_topics: &[String],
+    io: &dyn FileIo,
+) -> Result<()> {
+    let path: PathBuf = dir.join(IDENTITY_FILE);
+    let want = Identity {
+        node_id: members.node_id,
+        peers: members.peers.clone(),
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let found: Identity = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::FailedPrecondition(format!("{} is damaged: {e}", path.display()))
+            })?;
+            if found.node_id != want.node_id {
+                return Err(Error::FailedPrecondition(format!(
+                    "this data directory belongs to node {} (says {}), not to node {}: point \
+                     each node at its own directory",
+                    found.node_id,
+                    path.display(),
+                    want.node_id
+                )));
+            }
+            if found.peers != want.peers {
+                return Err(Error::FailedPrecondition(format!(
+                    "this data directory belongs to a cluster founded by {:?}, not by \
+                     cluster.peers = {:?} (says {}); changing the members is not supported yet",
+                    found.peers,
+                    want.peers,
+                    path.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !local_topics.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "this data directory holds a single node's topics ({}): turning it into a \
+                     cluster node is not supported yet; start the cluster on empty directories",
+                    local_topics.join(", ")
+                )));
+            }
+            storage::io::create_dir_all(io, dir).map_err(|e| storage::Error::io(dir, e))?;
+            let bytes =
+                serde_json::to_vec_pretty(&want).map_err(|e| Error::Internal(e.to_string()))?;
+            replace_file(io, &path, &bytes).map_err(|e| storage::Error::io(&path, e))?;
+            Ok(())
+        }
+        Err(e) => Err(storage::Error::io(&path, e).into()),
+    }
+}

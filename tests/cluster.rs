@@ -1,0 +1,711 @@
+//! Three `sluice serve` processes as a cluster on loopback, checked the way Jepsen checks:
+//! producers send numbered messages through random nodes (each message sent once: a Send that
+//! fails or goes unanswered is recorded as unknown) while the test kills (`SIGKILL`) and pauses
+//! (`SIGSTOP` past the election timeout) leaders and followers; then every partition is read
+//! from every node and checked for Jepsen's anomalies by name: lost writes, duplicates,
+//! inconsistent offsets, non-monotonic sends, reads of uncommitted writes. A plain subscriber
+//! follows the tail through the faults and must see every acknowledged message once, in order.
+//!
+//! Also: what a cluster node refuses at start (bad peers, another node's or cluster's data
+//! directory, a single node's data) and what it refuses at run time until part two
+//! (consumer groups, ids, deletion).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::server::bin;
+use sluice::proto::v1 as pb;
+use sluice::proto::v1::admin_client::AdminClient;
+use sluice::proto::v1::broker_client::BrokerClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// A generous deadline for anything the cluster must do (an election, a catch-up): far above
+/// the default election timeout (1–2 s), so only a cluster that never gets there fails.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+const TOPIC: &str = "submissions";
+const PARTITIONS: u32 = 2;
+
+/// One `sluice serve` of the cluster.
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+struct TestCluster {
+    _tmp: tempfile::TempDir,
+    peers: String,
+    nodes: Vec<Node>,
+    /// Each node's client address while it runs (`None` while it is down).
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+/// Free loopback ports (the listeners are closed again, so another process may take one
+/// meanwhile: rare, and the test then fails at start, loudly).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn peers_of(ports: &[u16]) -> String {
+    let list: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("\"{}@127.0.0.1:{p}\"", i + 1))
+        .collect();
+    format!("[{}]", list.join(","))
+}
+
+/// Starts `sluice serve` in cluster mode; returns the child and its client address, or its
+/// standard error when it refused to start.
+fn serve(
+    dir: &Path,
+    id: u64,
+    peers: &str,
+    extra_env: &[(&str, &str)],
+) -> Result<(Child, String), String> {
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("SLUICE_HTTP_LISTEN", "")
+        .env("SLUICE_CLUSTER_NODE_ID", id.to_string())
+        .env("SLUICE_CLUSTER_PEERS", peers)
+        .env("RUST_LOG", "warn")
+        .envs(extra_env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    match line.trim().strip_prefix("sluice listening on ") {
+        Some(addr) => {
+            let addr = addr.to_string();
+            // The stderr pipe must keep draining: a blocked writer would stall the node.
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink())
+            });
+            std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+            Ok((child, addr))
+        }
+        None => {
+            let out = child.wait_with_output().unwrap();
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+}
+
+impl TestCluster {
+    fn start() -> TestCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let peers = peers_of(&free_ports(3));
+        let nodes = (1..=3)
+            .map(|id| Node {
+                id,
+                dir: tmp.path().join(format!("node{id}")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = TestCluster {
+            _tmp: tmp,
+            peers,
+            nodes,
+            addrs: Arc::new(Mutex::new(vec![None; 3])),
+        };
+        for i in 0..3 {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let (child, addr) = serve(&node.dir, node.id, &self.peers, &[])
+            .unwrap_or_else(|e| panic!("node {} did not start: {e}", node.id));
+        node.child = Some(child);
+        self.addrs.lock().unwrap()[i] = Some(addr);
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.addrs.lock().unwrap()[i] = None;
+        let mut child = self.nodes[i].child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].child.as_ref().unwrap().id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    fn addr(&self, i: usize) -> String {
+        self.addrs.lock().unwrap()[i].clone().expect("node is up")
+    }
+
+    /// The index of the node leading `partition`, as node `ask` knows it, once one is known
+    /// and is one of `among`.
+    async fn leader(&self, ask: usize, partition: u32, among: &[usize]) -> usize {
+        let found = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Ok(d) = describe(&self.addr(ask)).await
+                    && let Some(l) = d.partitions[partition as usize].leader
+                    && among.contains(&(l as usize - 1))
+                {
+                    return l as usize - 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no leader of partition {partition} within {DEADLINE:?}"))
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+}
+
+async fn describe(addr: &str) -> Result<pb::DescribeTopicResponse, String> {
+    let channel = connect(addr).await.map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(pb::DescribeTopicRequest { name: TOPIC.into() });
+    request.set_timeout(Duration::from_secs(2));
+    AdminClient::new(channel)
+        .describe_topic(request)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+/// What the producers saw.
+#[derive(Default)]
+struct History {
+    /// Acknowledged: (partition, offset) → value.
+    acked: BTreeMap<(u32, u64), String>,
+    /// Sent, not acknowledged (an error or no answer): may or may not be stored.
+    unknown: BTreeSet<String>,
+    /// Per producer, the offsets of its acknowledged messages in the order it sent them.
+    sent_order: BTreeMap<u32, Vec<u64>>,
+    /// Why Sends failed (the start of each message), and how often: printed with the result.
+    errors: BTreeMap<String, usize>,
+}
+
+/// Sends numbered messages, one per Send, each through a random running node, until `stop`.
+async fn produce(
+    producer: u32,
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+    history: Arc<Mutex<History>>,
+    acks: Arc<watch::Sender<u64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(producer + 1);
+    let partition = producer % PARTITIONS;
+    for seq in 0u64.. {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let live: Vec<String> = addrs.lock().unwrap().iter().flatten().cloned().collect();
+        let addr = &live[rng as usize % live.len()];
+        let value = format!("p{producer}-{seq:06}");
+        let sent = async {
+            let mut client = BrokerClient::new(connect(addr).await.map_err(|e| e.to_string())?);
+            let mut request = tonic::Request::new(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    value: Some(value.clone().into()),
+                    partition: Some(partition),
+                    ..pb::Message::default()
+                }],
+            });
+            // A client's own deadline: a Send to a paused node would wait for ever.
+            request.set_timeout(Duration::from_secs(3));
+            client
+                .send(request)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.to_string())
+        };
+        let outcome = sent.await;
+        let mut h = history.lock().unwrap();
+        match outcome {
+            Ok(r) => {
+                let p = &r.positions[0];
+                assert_eq!(p.partition, partition, "the message went where it was sent");
+                h.acked.insert((p.partition, p.offset), value);
+                h.sent_order.entry(producer).or_default().push(p.offset);
+                drop(h);
+                acks.send_modify(|n| *n += 1);
+            }
+            Err(e) => {
+                h.unknown.insert(value);
+                *h.errors.entry(e.chars().take(100).collect()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Follows partition 0's tail from the start through the faults, moving to another node when
+/// its node goes away; returns what it read, once it has read up to `until` (set at the end).
+async fn follow(
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+    mut until: watch::Receiver<Option<u64>>,
+) -> Vec<(u64, String)> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let mut pick = 0usize;
+    loop {
+        let next = seen.last().map_or(0, |(o, _)| o + 1);
+        if until.borrow_and_update().is_some_and(|end| next >= end) {
+            return seen;
+        }
+        pick += 1;
+        let live: Vec<String> = addrs.lock().unwrap().iter().flatten().cloned().collect();
+        let addr = &live[pick % live.len()];
+        let Ok(channel) = connect(addr).await else {
+            continue;
+        };
+        let request = pb::SubscribeRequest {
+            topic: TOPIC.into(),
+            partitions: vec![0],
+            start: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Offset(next)),
+            }),
+            ..pb::SubscribeRequest::default()
+        };
+        let Ok(stream) = BrokerClient::new(channel).subscribe(request).await else {
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                // At the end nothing more may come: look at the bound again.
+                _ = until.changed() => break,
+            };
+            match message {
+                Ok(Some(batch)) => {
+                    for d in batch.deliveries {
+                        let value =
+                            String::from_utf8(d.value.unwrap_or_default().to_vec()).unwrap();
+                        seen.push((d.offset, value));
+                    }
+                }
+                // The node went away (killed, or its stream ended): go on elsewhere.
+                _ => break,
+            }
+            let next = seen.last().map_or(0, |(o, _)| o + 1);
+            if until.borrow().is_some_and(|end| next >= end) {
+                return seen;
+            }
+        }
+    }
+}
+
+/// Every message of `partition` on the node at `addr`, up to `end`.
+async fn read_all(addr: &str, partition: u32, end: u64) -> Vec<(u64, String)> {
+    if end == 0 {
+        return Vec::new();
+    }
+    let mut client = BrokerClient::new(connect(addr).await.unwrap());
+    let request = pb::SubscribeRequest {
+        topic: TOPIC.into(),
+        partitions: vec![partition],
+        start: Some(pb::StartPosition {
+            kind: Some(pb::start_position::Kind::Earliest(true)),
+        }),
+        limit: end,
+        ..pb::SubscribeRequest::default()
+    };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .expect("reading a partition stalled")
+        .unwrap()
+    {
+        for d in batch.deliveries {
+            out.push((
+                d.offset,
+                String::from_utf8(d.value.unwrap_or_default().to_vec()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+/// Waits until `n` more Sends than now have been acknowledged: the cluster makes progress.
+async fn progress(acks: &watch::Sender<u64>, n: u64, what: &str) {
+    let target = *acks.borrow() + n;
+    let mut rx = acks.subscribe();
+    tokio::time::timeout(DEADLINE, rx.wait_for(|&a| a >= target))
+        .await
+        .unwrap_or_else(|_| panic!("no progress within {DEADLINE:?} {what}"))
+        .unwrap();
+}
+
+#[test]
+fn kills_and_pauses_of_leaders_and_followers_lose_duplicate_and_reorder_nothing_acknowledged() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        // Created through a node that may not lead the metadata group: it is forwarded.
+        let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: PARTITIONS,
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+
+        let history = Arc::new(Mutex::new(History::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let producers: Vec<_> = (0..4)
+            .map(|p| {
+                tokio::spawn(produce(
+                    p,
+                    Arc::clone(&cluster.addrs),
+                    Arc::clone(&history),
+                    Arc::clone(&acks),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        let (until_tx, until_rx) = watch::channel(None);
+        let follower = tokio::spawn(follow(Arc::clone(&cluster.addrs), until_rx));
+
+        progress(&acks, 50, "before any fault").await;
+        let all = [0, 1, 2];
+        // 1. SIGKILL of partition 0's leader; Sends go on through the others; it comes back.
+        let victim = cluster.leader(0, 0, &all).await;
+        cluster.kill(victim);
+        progress(&acks, 50, "after killing a leader").await;
+        cluster.restart(victim);
+        progress(&acks, 20, "after restarting it").await;
+        // 2. SIGSTOP of partition 1's leader past the election timeout: the others elect a new
+        // one; the old one, resumed, must not acknowledge what it held.
+        let paused = cluster.leader(0, 1, &all).await;
+        cluster.signal(paused, "STOP");
+        let others: Vec<usize> = all.iter().copied().filter(|&i| i != paused).collect();
+        cluster.leader(others[0], 1, &others).await;
+        progress(&acks, 20, "while a leader is paused").await;
+        cluster.signal(paused, "CONT");
+        progress(&acks, 20, "after it resumed").await;
+        // 3. SIGKILL of a follower of partition 0.
+        let leader = cluster.leader(0, 0, &all).await;
+        let victim = (leader + 1) % 3;
+        cluster.kill(victim);
+        progress(&acks, 50, "after killing a follower").await;
+        cluster.restart(victim);
+        progress(&acks, 20, "after restarting it").await;
+
+        stop_tx.send_replace(true);
+        for p in producers {
+            p.await.unwrap();
+        }
+        // Every node converges on the same log end per partition.
+        let ends = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let mut ends = Vec::new();
+                for i in 0..3 {
+                    if let Ok(d) = describe(&cluster.addr(i)).await {
+                        ends.push(
+                            d.partitions
+                                .iter()
+                                .map(|p| p.next_offset)
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                if ends.len() == 3 && ends.iter().all(|e| *e == ends[0]) {
+                    return ends[0].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the replicas did not converge");
+
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        let mut logs: Vec<BTreeMap<(u32, u64), String>> = Vec::new();
+        for i in 0..3 {
+            let mut log = BTreeMap::new();
+            for p in 0..PARTITIONS {
+                let read = read_all(&cluster.addr(i), p, ends[p as usize]).await;
+                let offsets: Vec<u64> = read.iter().map(|(o, _)| *o).collect();
+                let dense: Vec<u64> = (0..ends[p as usize]).collect();
+                assert_eq!(
+                    offsets,
+                    dense,
+                    "node {}: partition {p}'s offsets are dense",
+                    i + 1
+                );
+                log.extend(read.into_iter().map(|(o, v)| ((p, o), v)));
+            }
+            logs.push(log);
+        }
+        // Inconsistent offsets: every replica holds the same message at every offset.
+        for (i, log) in logs.iter().enumerate().skip(1) {
+            assert!(*log == logs[0], "node {} and node 1 differ", i + 1);
+        }
+        let log = &logs[0];
+        // Lost writes: every acknowledged message is at the offset it was acknowledged with.
+        for (at, value) in &history.acked {
+            assert_eq!(
+                log.get(at),
+                Some(value),
+                "lost write: {value} acknowledged at {at:?}"
+            );
+        }
+        // Duplicates: no message stored twice; everything stored was sent (acknowledged or not).
+        let acked: BTreeSet<&String> = history.acked.values().collect();
+        let mut stored = BTreeSet::new();
+        for value in log.values() {
+            assert!(stored.insert(value.clone()), "duplicate: {value}");
+            assert!(
+                acked.contains(value) || history.unknown.contains(value),
+                "stored but never sent: {value}"
+            );
+        }
+        // Monotonic: each producer's messages sit in the order it sent them.
+        for (producer, offsets) in &history.sent_order {
+            assert!(
+                offsets.windows(2).all(|w| w[0] < w[1]),
+                "producer {producer} reordered"
+            );
+        }
+        // ... and read back in that order: within a partition, a producer's acknowledged numbers
+        // grow with the offset. (A Send that failed may still be committed later, after the
+        // producer's next one: without ids, as with any broker's non-idempotent producer, that
+        // message is "unknown", not acknowledged, and may land anywhere later.)
+        let mut last: BTreeMap<&str, &str> = BTreeMap::new();
+        for value in log.values().filter(|v| acked.contains(v)) {
+            let (producer, seq) = value.split_once('-').unwrap();
+            if let Some(before) = last.insert(producer, seq) {
+                assert!(before < seq, "{producer}: {seq} stored after {before}");
+            }
+        }
+        // The tail follower: every message once, in offset order, each one that stayed.
+        until_tx.send_replace(Some(ends[0]));
+        let seen = tokio::time::timeout(DEADLINE, follower)
+            .await
+            .expect("the follower did not reach the end")
+            .unwrap();
+        let want: Vec<(u64, String)> = log
+            .iter()
+            .filter(|((p, _), _)| *p == 0)
+            .map(|((_, o), v)| (*o, v.clone()))
+            .collect();
+        assert_eq!(
+            seen, want,
+            "the tail follower read something that is not in the log"
+        );
+        eprintln!(
+            "cluster run: {} acknowledged, {} unknown, ends {ends:?}; errors: {:#?}",
+            history.acked.len(),
+            history.unknown.len(),
+            history.errors
+        );
+    });
+}
+
+/// Asserts a call was refused with `FAILED_PRECONDITION`, saying `says`.
+fn precondition<T>(r: Result<T, tonic::Status>, says: &str) {
+    let Err(s) = r else {
+        panic!("accepted; expected FAILED_PRECONDITION saying {says:?}");
+    };
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains(says), "{s:?}");
+}
+
+/// Runs `sluice serve` expecting it to refuse to start; returns what it said.
+fn refused(dir: &Path, id: u64, peers: &str, env: &[(&str, &str)]) -> String {
+    match serve(dir, id, peers, env) {
+        Ok((mut child, _)) => {
+            let _ = child.kill();
+            panic!("node {id} started with {peers} {env:?}");
+        }
+        Err(said) => said,
+    }
+}
+
+#[test]
+fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = free_ports(4);
+    let peers = peers_of(&ports[..3]);
+    let p = |i: usize| ports[i];
+    /// What is wrong, node id, peers, more settings, what the refusal must say.
+    type Case<'a> = (&'a str, u64, String, Vec<(&'a str, String)>, &'a str);
+    let table: Vec<Case> = vec![
+        (
+            "a peer list naming this node twice",
+            1,
+            format!(
+                "[\"1@127.0.0.1:{}\",\"1@127.0.0.1:{}\",\"3@127.0.0.1:{}\"]",
+                p(0),
+                p(1),
+                p(2)
+            ),
+            vec![],
+            "names node 1 twice",
+        ),
+        (
+            "a node_id not among the peers",
+            4,
+            peers.clone(),
+            vec![],
+            "not among cluster.peers",
+        ),
+        (
+            "two nodes with one id (this one listens where the peers put another)",
+            1,
+            peers.clone(),
+            vec![("SLUICE_CLUSTER_LISTEN", format!("127.0.0.1:{}", p(1)))],
+            "says node 1 is at",
+        ),
+    ];
+    for (what, id, list, env, says) in table {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let said = refused(&tmp.path().join("bad"), id, &list, &env);
+        assert!(said.contains(says), "{what}: {said}");
+        assert!(
+            !tmp.path().join("bad").join("cluster").exists(),
+            "{what}: nothing was written"
+        );
+    }
+
+    // A data directory of another node, and of another cluster. One node alone starts (it waits
+    // for a majority) and records whose directory it is.
+    let dir = tmp.path().join("node1");
+    let (mut child, _) = serve(&dir, 1, &peers, &[]).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let said = refused(&dir, 2, &peers, &[]);
+    assert!(said.contains("belongs to node 1"), "{said}");
+    let other = peers_of(&[p(0), p(1), p(3)]);
+    let said = refused(&dir, 1, &other, &[]);
+    assert!(said.contains("belongs to a cluster founded by"), "{said}");
+
+    // A single node's data directory: its topics are not Raft logs.
+    let single = tmp.path().join("single");
+    let broker = common::server::BrokerProcess::spawn(&single, &[]);
+    let out = common::server::cli(
+        &[
+            "topics",
+            "create",
+            "epro",
+            "--broker",
+            &broker.addr.to_string(),
+        ],
+        "",
+    );
+    common::server::assert_succeeded(&out, "");
+    broker.signal("TERM");
+    assert!(broker.wait().success());
+    let said = refused(&single, 1, &peers, &[]);
+    assert!(said.contains("single node's topics (epro)"), "{said}");
+}
+
+#[test]
+fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = TestCluster::start();
+        let channel = connect(&cluster.addr(1)).await.unwrap();
+        let mut admin = AdminClient::new(channel.clone());
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: None,
+            })
+            .await
+            .unwrap();
+        let mut client = BrokerClient::new(channel);
+        let with_id = client
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    value: Some("x".into()),
+                    id: Some("submission-1".into()),
+                    ..pb::Message::default()
+                }],
+            })
+            .await;
+        precondition(with_id, "not yet replicated");
+        let group = client
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                group: "etl".into(),
+                ..pb::SubscribeRequest::default()
+            })
+            .await;
+        precondition(group, "consumer groups");
+        let ack = client
+            .ack(pb::AckRequest {
+                group: "etl".into(),
+                topic: TOPIC.into(),
+                ack_ids: vec!["x".into()],
+            })
+            .await;
+        precondition(ack, "consumer groups");
+        let delete = admin
+            .delete_topic(pb::DeleteTopicRequest { name: TOPIC.into() })
+            .await;
+        precondition(delete, "not yet replicated");
+        // Nothing of it was stored: the topic is there, empty, on every node.
+        for i in 0..3 {
+            let d = describe(&cluster.addr(i)).await.unwrap();
+            assert!(d.partitions.iter().all(|p| p.next_offset == 0), "{d:?}");
+            assert_eq!(d.partitions[0].replicas, vec![1, 2, 3]);
+        }
+    });
+}
