@@ -344,7 +344,17 @@ impl Config {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
         }
         Policy::from_config(&self.auth).map_err(ConfigError::Invalid)?;
-        self.cluster.members().map_err(ConfigError::Invalid)?;
+        if let Some(members) = self.cluster.members().map_err(ConfigError::Invalid)?
+            && !members.listen.ip().is_loopback()
+            && !self.allow_plaintext
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.listen = {}: the cluster port is plaintext in this version (TLS between \
+                 nodes is not built yet); beyond this machine it needs allow_plaintext = true, on \
+                 a private network only (docs/replication.md)",
+                members.listen
+            )));
+        }
         if let Some(http) = self.http.addr()?
             && !http.ip().is_loopback()
             && !self.allow_plaintext
@@ -681,6 +691,25 @@ mod tests {
             err.contains("group_max_deliveries") && err.contains("groups.max_deliveries"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_plaintext_cluster_port_beyond_loopback_needs_allow_plaintext() {
+        let peers = r#"["1@10.0.0.1:7170","2@10.0.0.2:7170","3@10.0.0.3:7170"]"#;
+        let vars = [
+            ("SLUICE_CLUSTER_NODE_ID", "1"),
+            ("SLUICE_CLUSTER_PEERS", peers),
+            ("SLUICE_CLUSTER_LISTEN", "0.0.0.0:7170"),
+        ];
+        let c = Config::load(None, env(&vars)).unwrap();
+        let err = c.sanitize().unwrap_err().to_string();
+        assert!(err.contains("cluster port is plaintext"), "{err}");
+        let c = Config {
+            allow_plaintext: true,
+            ..c
+        };
+        c.sanitize().unwrap();
+        assert_eq!(c.cluster.members().unwrap().unwrap().peers.len(), 3);
     }
 
     #[test]

@@ -709,3 +709,218 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
         }
     });
 }
+
+/// The command lines of README.md's code block whose info string is `info`, each with the
+/// output its `#=>` comment promises.
+fn readme_block(info: &str) -> Vec<(String, Option<String>)> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find(&format!("```{info}\n"))
+        .unwrap_or_else(|| panic!("README.md has no ```{info} block"));
+    let body = &readme[start + info.len() + 4..];
+    let body = &body[..body.find("```").unwrap()];
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match l.split_once("#=>") {
+            Some((command, expect)) => {
+                (command.trim().to_string(), Some(expect.trim().to_string()))
+            }
+            None => (l.trim().to_string(), None),
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_three_node_cluster_works_as_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The example files' ports, each replaced by a free one (the system picks them).
+    let mut ports: BTreeMap<String, String> = BTreeMap::new();
+    let fresh = free_ports(9);
+    let mut children = Vec::new();
+    let serves = readme_block("sh cluster");
+    assert_eq!(serves.len(), 3, "three commands start the cluster");
+    for (command, _) in &serves {
+        let config = command
+            .strip_prefix("cargo run --release -- serve --config ")
+            .unwrap_or_else(|| panic!("not a serve command: {command}"));
+        let mut text = std::fs::read_to_string(root.join(config)).unwrap();
+        for port in [
+            "7010", "7011", "7170", "7020", "7021", "7270", "7030", "7031", "7370",
+        ] {
+            let n = ports.len();
+            let to = ports
+                .entry(port.to_string())
+                .or_insert_with(|| fresh[n].to_string())
+                .clone();
+            text = text.replace(&format!(":{port}\""), &format!(":{to}\""));
+        }
+        let file = tmp.path().join(Path::new(config).file_name().unwrap());
+        std::fs::write(&file, text).unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&file)
+            .current_dir(tmp.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("sluice listening on"), "{command}: {line}");
+        children.push(child);
+    }
+    let dir = tmp.path().join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(bin(), dir.join("sluice")).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (command, expect) in readme_block("sh cluster-client") {
+        let mut run = command.clone();
+        for (from, to) in &ports {
+            run = run.replace(&format!(":{from}"), &format!(":{to}"));
+        }
+        let out = Command::new("sh")
+            .args(["-c", &run])
+            .env("PATH", &path)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(expect) = expect {
+            assert!(
+                stdout.contains(&expect),
+                "{command} printed {stdout:?}, not {expect:?}"
+            );
+        }
+    }
+    // The HTTP API shows each partition's leader and replicas too.
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", ports["7011"]).parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let topic = runtime.block_on(common::http::get(http, "/api/v1/topics/trial-42"));
+    let partitions = topic.json()["partitions"].clone();
+    for p in partitions.as_array().unwrap() {
+        assert!(
+            p["leader"].as_u64().is_some_and(|l| (1..=3).contains(&l)),
+            "{p}"
+        );
+        assert_eq!(p["replicas"], serde_json::json!([1, 2, 3]), "{p}");
+    }
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn the_cluster_port_closes_connections_from_addresses_that_are_not_peers() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let ports = free_ports(3);
+        let (mut child, _) = serve(&tmp.path().join("n1"), 1, &peers_of(&ports), &[]).unwrap();
+        let port: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+        // An HTTP/2 client preface: a peer's connection is answered (the server's SETTINGS), a
+        // stranger's is closed without a byte.
+        let first_bytes = |from: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let mut stream = socket.connect(port).await.unwrap();
+            let _ = stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await;
+            let mut buf = [0u8; 64];
+            tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+                .await
+                .expect("no answer and not closed")
+                .unwrap_or(0)
+        };
+        assert!(
+            first_bytes("127.0.0.1").await > 0,
+            "a peer's address is served"
+        );
+        assert_eq!(
+            first_bytes("127.0.0.2").await,
+            0,
+            "a stranger's connection is closed"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+}
+
+#[test]
+fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_stays_readable() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        let channel = connect(&cluster.addr(2)).await.unwrap();
+        AdminClient::new(channel.clone())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: None,
+            })
+            .await
+            .unwrap();
+        let send = |value: &'static str| {
+            let mut client = BrokerClient::new(channel.clone());
+            async move {
+                let mut request = tonic::Request::new(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        value: Some(value.into()),
+                        ..pb::Message::default()
+                    }],
+                });
+                // Past the broker's own deadline for a proposal (8 × the election timeout).
+                request.set_timeout(Duration::from_secs(30));
+                client.send(request).await
+            }
+        };
+        send("committed").await.unwrap();
+        // Node 3 learns the commit point from its leader (at once if it leads, else with the
+        // next heartbeat); what it knows is committed it serves from then on.
+        tokio::time::timeout(DEADLINE, async {
+            while describe(&cluster.addr(2))
+                .await
+                .map(|d| d.partitions[0].next_offset)
+                != Ok(1)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("node 3 never learnt the commit");
+        cluster.kill(0);
+        cluster.kill(1);
+        let refused = send("no majority").await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        let read = read_all(&cluster.addr(2), 0, 1).await;
+        assert_eq!(read, vec![(0, "committed".to_string())]);
+        // What the lone node may hold of the refused Send is not committed: not readable.
+        let d = describe(&cluster.addr(2)).await.unwrap();
+        assert_eq!(d.partitions[0].next_offset, 1, "{d:?}");
+    });
+}

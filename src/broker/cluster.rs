@@ -14,8 +14,8 @@
 //! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
 //! retention and compaction, topic deletion): see docs/replication.md.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -166,12 +166,17 @@ impl Cluster {
             addr,
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
+        let peers = peer_ips(&cluster.members).await?;
+        let incoming = tokio_stream::StreamExt::filter(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |conn| match conn {
+                Ok(stream) => from_peer(stream, &peers),
+                Err(_) => true,
+            },
+        );
         let server = tonic::transport::Server::builder()
             .add_service(cluster.service.clone().into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown.clone().cancelled_owned(),
-            );
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the cluster port stopped");
@@ -413,6 +418,40 @@ impl Cluster {
         if let Err(e) = blocking(move || Ok(meta_log.close()?)).await {
             tracing::error!(error = %e, "the metadata log did not close cleanly");
         }
+    }
+}
+
+/// The IP addresses of every peer: the cluster port serves no one else.
+async fn peer_ips(members: &Members) -> Result<HashSet<IpAddr>> {
+    let mut ips = HashSet::new();
+    for (id, addr) in &members.peers {
+        let found = tokio::net::lookup_host(addr.as_str()).await.map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cluster.peers: cannot resolve node {id}'s address {addr}: {e}"
+            ))
+        })?;
+        ips.extend(found.map(|a| canonical(a.ip())));
+    }
+    Ok(ips)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a connection to the cluster port comes from a peer's address; others are closed
+/// at once, and said in the log.
+fn from_peer(stream: &tokio::net::TcpStream, peers: &HashSet<IpAddr>) -> bool {
+    match stream.peer_addr() {
+        Ok(addr) if peers.contains(&canonical(addr.ip())) => true,
+        Ok(addr) => {
+            tracing::warn!(from = %addr, "cluster port: connection from an address that is not a peer's, closed");
+            false
+        }
+        Err(_) => false,
     }
 }
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# What replication costs, in one sitting: the same loads against one node and against a
+# three-node cluster on this machine (all three processes on the same cores and disk, so every
+# byte is received, written and synced three times here), fsync = always everywhere.
+#   - a lone producer, one message per Send: ack latency p50 / p99
+#   - 64 producers x 100-message batches of 1 KB: throughput, and broker CPU (user + system)
+#     per GB of payload, summed over the three processes for the cluster
+#   - failover: SIGKILL of the leader of a partition under a lone producer; the time until a
+#     Send succeeds again (measured by the producer's longest ack wait)
+# The cluster's Sends go to the partition's leader (found with `sluice topics describe`), so
+# forwarding is not counted; a second lone-producer run through a follower shows what it adds.
+# Usage: [N=messages for the lone producer, default 3000] benches/cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n="${N:-3000}"
+cargo build --release --quiet --workspace
+bench=target/release/sluice-bench
+bin=target/release/sluice
+root="${BENCH_DATA_DIR:-target/bench-data}/cluster"
+rm -rf "$root"
+mkdir -p "$root"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
+cpu() { # summed user + system seconds of the given pids
+  local t=0
+  for p in "$@"; do
+    t=$(awk -v t="$t" '{ sub(/.*\) /, ""); split($0, f, " "); print t + (f[12] + f[13]) / 100 }' "/proc/$p/stat")
+  done
+  echo "$t"
+}
+
+start() { # start DIR ENV...: a broker; prints its client address
+  local dir=$1; shift
+  mkdir -p "$dir"
+  env "$@" RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" \
+    --fsync always >"$dir.out" 2>"$dir.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q listening "$dir.out" && break; sleep 0.1; done
+  sed -n 's/^sluice listening on //p' "$dir.out"
+}
+
+leader_addr() { # leader_addr TOPIC PARTITION ADDR...: the client address of the partition's leader
+  local topic=$1 part=$2; shift 2
+  local id
+  id=$("$bin" topics describe "$topic" --broker "$1" | awk -v p="$part" '$1 == p { print $8 }')
+  echo "${addrs[$((id - 1))]}"
+}
+
+echo "== one node"
+single=$(start "$root/single")
+spid=${pids[-1]}
+"$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
+c0=$(cpu "$spid")
+"$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$single"
+c1=$(cpu "$spid")
+echo "broker CPU for the batched run: $(echo "$c1 - $c0" | bc) s"
+kill -INT "$spid"; wait "$spid" || true
+
+echo "== three nodes"
+ports=$(python3 -c 'import socket
+s=[socket.socket() for _ in range(3)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(" ".join(str(x.getsockname()[1]) for x in s))')
+read -r p1 p2 p3 <<<"$ports"
+peers="[\"1@127.0.0.1:$p1\",\"2@127.0.0.1:$p2\",\"3@127.0.0.1:$p3\"]"
+addrs=()
+cpids=()
+for i in 1 2 3; do
+  addrs+=("$(start "$root/node$i" SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers")")
+  cpids+=("${pids[-1]}")
+done
+"$bin" topics create lone --broker "${addrs[0]}" >/dev/null
+"$bin" topics create batched --broker "${addrs[0]}" >/dev/null
+lead=$(leader_addr lone 0 "${addrs[0]}")
+"$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$lead"
+for a in "${addrs[@]}"; do
+  if [ "$a" != "$lead" ]; then
+    echo "-- through a follower (forwarded)"
+    "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$a"
+    break
+  fi
+done
+lead=$(leader_addr batched 0 "${addrs[0]}")
+c0=$(cpu "${cpids[@]}")
+"$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$lead"
+c1=$(cpu "${cpids[@]}")
+echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s"
+
+echo "== failover: SIGKILL of lone/0's leader under a lone producer sending through another node"
+lead=$(leader_addr lone 0 "${addrs[0]}")
+for i in 0 1 2; do [ "${addrs[$i]}" = "$lead" ] && victim=$i; done
+through=${addrs[$(((victim + 1) % 3))]}
+"$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$through" &
+load=$!
+sleep 1
+kill -9 "${cpids[$victim]}"
+wait "$load"
+echo "(the max ack latency above is the longest a Send waited across the failover)"
