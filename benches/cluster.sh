@@ -30,26 +30,32 @@ cpu() { # summed user + system seconds of the given pids
   echo "$t"
 }
 
-start() { # start DIR ENV...: a broker; prints its client address
+start() { # start DIR ENV...: a broker; sets $addr (its client address) and $pid
   local dir=$1; shift
   mkdir -p "$dir"
   env "$@" RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" \
     --fsync always >"$dir.out" 2>"$dir.err" &
-  pids+=($!)
+  pid=$!
+  pids+=("$pid")
   for _ in $(seq 100); do grep -q listening "$dir.out" && break; sleep 0.1; done
-  sed -n 's/^sluice listening on //p' "$dir.out"
+  addr=$(sed -n 's/^sluice listening on //p' "$dir.out")
 }
 
 leader_addr() { # leader_addr TOPIC PARTITION ADDR...: the client address of the partition's leader
   local topic=$1 part=$2; shift 2
-  local id
-  id=$("$bin" topics describe "$topic" --broker "$1" | awk -v p="$part" '$1 == p { print $8 }')
+  local id=none
+  for _ in $(seq 100); do
+    id=$("$bin" topics describe "$topic" --broker "$1" | awk -v p="$part" '$1 == p { print $8 }')
+    [ "$id" != none ] && break
+    sleep 0.1
+  done
   echo "${addrs[$((id - 1))]}"
 }
 
 echo "== one node"
-single=$(start "$root/single")
-spid=${pids[-1]}
+start "$root/single"
+single=$addr
+spid=$pid
 "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
 c0=$(cpu "$spid")
 "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$single"
@@ -67,8 +73,9 @@ peers="[\"1@127.0.0.1:$p1\",\"2@127.0.0.1:$p2\",\"3@127.0.0.1:$p3\"]"
 addrs=()
 cpids=()
 for i in 1 2 3; do
-  addrs+=("$(start "$root/node$i" SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers")")
-  cpids+=("${pids[-1]}")
+  start "$root/node$i" SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers"
+  addrs+=("$addr")
+  cpids+=("$pid")
 done
 "$bin" topics create lone --broker "${addrs[0]}" >/dev/null
 "$bin" topics create batched --broker "${addrs[0]}" >/dev/null

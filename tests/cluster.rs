@@ -707,6 +707,37 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             assert!(d.partitions.iter().all(|p| p.next_offset == 0), "{d:?}");
             assert_eq!(d.partitions[0].replicas, vec![1, 2, 3]);
         }
+        // The largest Send a broker takes by default (7 messages of 1 MiB: one 7 MiB batch, one
+        // Raft entry) is replicated like any other: tonic's default 4 MiB message limit on the
+        // cluster port once stalled replication of such entries.
+        let big = vec![b'x'; (1 << 20) - 64];
+        let sent = client
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: (0..7)
+                    .map(|_| pb::Message {
+                        value: Some(big.clone().into()),
+                        ..pb::Message::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(sent.positions.len(), 7);
+        tokio::time::timeout(DEADLINE, async {
+            for i in 0..3 {
+                while describe(&cluster.addr(i))
+                    .await
+                    .map(|d| d.partitions[0].next_offset)
+                    != Ok(7)
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+        .await
+        .expect("every node holds the 7 MiB batch");
     });
 }
 

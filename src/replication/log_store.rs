@@ -14,7 +14,7 @@ use crate::storage::record::{Batch, ControlKind, EncodedBatch};
 type Entry = openraft::Entry<PartitionRaft>;
 
 /// Reads asked of openraft come in bounded slices of about this many bytes.
-const READ_BYTES: usize = 4 << 20;
+pub const READ_BYTES: usize = 1 << 20;
 
 pub(super) fn storage_error(
     subject: ErrorSubject<u64>,

@@ -14,7 +14,7 @@ use openraft::raft::{
 use tonic::transport::{Channel, Endpoint};
 
 use super::types::PartitionRaft;
-use super::wire;
+use super::wire::{self, MAX_MESSAGE_BYTES};
 use crate::proto::cluster::raft_client::RaftClient;
 
 /// How long connecting to a peer may take before the attempt counts as unreachable.
@@ -88,7 +88,9 @@ impl GrpcLink {
         let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
             .map_err(|e| RPCError::Unreachable(unreachable(&e)))?
             .connect_timeout(CONNECT_TIMEOUT);
-        let client = RaftClient::new(endpoint.connect_lazy());
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.client = Some(client.clone());
         Ok(client)
     }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::types::PartitionRaft;
 use super::wire;
+use super::wire::MAX_MESSAGE_BYTES;
 use super::write::propose;
 use crate::proto::cluster as pb;
 
@@ -62,6 +63,8 @@ impl RaftService {
 
     pub fn into_server(self) -> pb::raft_server::RaftServer<RaftService> {
         pb::raft_server::RaftServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     fn group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {

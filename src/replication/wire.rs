@@ -13,6 +13,13 @@ use super::types::{LogId, PartitionRaft, log_id, raft_id};
 use crate::proto::cluster as pb;
 use crate::storage::record::{Batch, Decoded};
 
+/// The largest message on the cluster port: an AppendEntries carries entries up to
+/// [`READ_BYTES`](super::log_store::READ_BYTES) and always at least one, which may be a batch of
+/// the largest size a log takes; a forwarded proposal is one batch. (tonic's default, 4 MiB,
+/// refused replication of a few large batches: measured with `benches/cluster.sh`.)
+pub const MAX_MESSAGE_BYTES: usize =
+    super::log_store::READ_BYTES + crate::storage::record::MAX_BATCH_LEN + (1 << 20);
+
 /// A message that does not decode into Raft's types.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed Raft message: {0}")]

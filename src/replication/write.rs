@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::types::{Applied, PartitionRaft, Proposal};
+use super::wire::MAX_MESSAGE_BYTES;
 use crate::proto::cluster as pb;
 use crate::proto::cluster::raft_client::RaftClient;
 
@@ -138,7 +139,9 @@ impl Forwarder {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| WriteError::Stopped(format!("leader address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1));
-        let client = RaftClient::new(endpoint.connect_lazy());
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         clients.insert(addr.to_string(), client.clone());
         Ok(client)
     }
