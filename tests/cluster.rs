@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::server::bin;
+use sluice::proto::seed as seed_pb;
+use sluice::proto::seed::broker_client::BrokerClient as SeedClient;
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::admin_client::AdminClient;
 use sluice::proto::v1::broker_client::BrokerClient;
@@ -210,6 +212,18 @@ async fn describe(addr: &str) -> Result<pb::DescribeTopicResponse, String> {
         .await
         .map(|r| r.into_inner())
         .map_err(|e| e.to_string())
+}
+
+/// Waits until the node at `addr` serves partition 0 up to offset `end` (it has learnt that
+/// much is committed).
+async fn readable_up_to(addr: &str, end: u64, what: &str) {
+    let seen = tokio::time::timeout(DEADLINE, async {
+        while describe(addr).await.map(|d| d.partitions[0].next_offset) != Ok(end) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    seen.unwrap_or_else(|_| panic!("{addr} did not serve {what} within {DEADLINE:?}"));
 }
 
 /// What the producers saw.
@@ -725,19 +739,49 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             .unwrap()
             .into_inner();
         assert_eq!(sent.positions.len(), 7);
-        tokio::time::timeout(DEADLINE, async {
-            for i in 0..3 {
-                while describe(&cluster.addr(i))
-                    .await
-                    .map(|d| d.partitions[0].next_offset)
-                    != Ok(7)
-                {
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), 7, "the 7 MiB batch").await;
+        }
+        // The seed API's client: its Send creates the topic through the metadata group (from a
+        // node that may not lead it) and is answered on commit; its Subscribe is a consumer
+        // group's, refused like any other until groups are replicated.
+        let mut seed = SeedClient::new(connect(&cluster.addr(0)).await.unwrap());
+        let answer = seed
+            .send(seed_pb::SendRequest {
+                msg: Some(seed_pb::Message {
+                    topic: "seed-intake".into(),
+                    payload: "questionnaire 1".into(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.success);
+        for i in 0..3 {
+            let mut admin = AdminClient::new(connect(&cluster.addr(i)).await.unwrap());
+            let read = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let d = admin
+                        .describe_topic(pb::DescribeTopicRequest {
+                            name: "seed-intake".into(),
+                        })
+                        .await;
+                    if d.is_ok_and(|d| d.into_inner().partitions[0].next_offset == 1) {
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            }
-        })
-        .await
-        .expect("every node holds the 7 MiB batch");
+            })
+            .await;
+            assert!(read.is_ok(), "node {} never served the seed Send", i + 1);
+        }
+        let subscribe = seed
+            .subscribe(seed_pb::SubscribeRequest {
+                topic: "seed-intake".into(),
+                consumer_group: "etl".into(),
+            })
+            .await;
+        precondition(subscribe, "consumer groups");
     });
 }
 
@@ -933,17 +977,7 @@ fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_s
         send("committed").await.unwrap();
         // Node 3 learns the commit point from its leader (at once if it leads, else with the
         // next heartbeat); what it knows is committed it serves from then on.
-        tokio::time::timeout(DEADLINE, async {
-            while describe(&cluster.addr(2))
-                .await
-                .map(|d| d.partitions[0].next_offset)
-                != Ok(1)
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("node 3 never learnt the commit");
+        readable_up_to(&cluster.addr(2), 1, "the committed message").await;
         cluster.kill(0);
         cluster.kill(1);
         let refused = send("no majority").await.unwrap_err();
