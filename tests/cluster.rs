@@ -434,29 +434,39 @@ fn kills_and_pauses_of_leaders_and_followers_lose_duplicate_and_reorder_nothing_
         let follower = tokio::spawn(follow(Arc::clone(&cluster.addrs), until_rx));
 
         progress(&acks, 50, "before any fault").await;
+        // CLUSTER_ROUNDS=N runs the schedule N times (1 in CI; docs/benchmarks.md records a
+        // longer run), alternating which partition's leader is killed and which paused.
+        let rounds: u32 = std::env::var("CLUSTER_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1);
         let all = [0, 1, 2];
-        // 1. SIGKILL of partition 0's leader; Sends go on through the others; it comes back.
-        let victim = cluster.leader(0, 0, &all).await;
-        cluster.kill(victim);
-        progress(&acks, 50, "after killing a leader").await;
-        cluster.restart(victim);
-        progress(&acks, 20, "after restarting it").await;
-        // 2. SIGSTOP of partition 1's leader past the election timeout: the others elect a new
-        // one; the old one, resumed, must not acknowledge what it held.
-        let paused = cluster.leader(0, 1, &all).await;
-        cluster.signal(paused, "STOP");
-        let others: Vec<usize> = all.iter().copied().filter(|&i| i != paused).collect();
-        cluster.leader(others[0], 1, &others).await;
-        progress(&acks, 20, "while a leader is paused").await;
-        cluster.signal(paused, "CONT");
-        progress(&acks, 20, "after it resumed").await;
-        // 3. SIGKILL of a follower of partition 0.
-        let leader = cluster.leader(0, 0, &all).await;
-        let victim = (leader + 1) % 3;
-        cluster.kill(victim);
-        progress(&acks, 50, "after killing a follower").await;
-        cluster.restart(victim);
-        progress(&acks, 20, "after restarting it").await;
+        for round in 0..rounds {
+            let killed = round % PARTITIONS;
+            // 1. SIGKILL of one partition's leader; Sends go on through the others; it comes
+            // back.
+            let victim = cluster.leader(0, killed, &all).await;
+            cluster.kill(victim);
+            progress(&acks, 50, "after killing a leader").await;
+            cluster.restart(victim);
+            progress(&acks, 20, "after restarting it").await;
+            // 2. SIGSTOP of the other partition's leader past the election timeout: the others
+            // elect a new one; the old one, resumed, must not acknowledge what it held.
+            let paused = cluster.leader(0, 1 - killed, &all).await;
+            cluster.signal(paused, "STOP");
+            let others: Vec<usize> = all.iter().copied().filter(|&i| i != paused).collect();
+            cluster.leader(others[0], 1 - killed, &others).await;
+            progress(&acks, 20, "while a leader is paused").await;
+            cluster.signal(paused, "CONT");
+            progress(&acks, 20, "after it resumed").await;
+            // 3. SIGKILL of a follower of the first.
+            let leader = cluster.leader(0, killed, &all).await;
+            let victim = (leader + 1) % 3;
+            cluster.kill(victim);
+            progress(&acks, 50, "after killing a follower").await;
+            cluster.restart(victim);
+            progress(&acks, 20, "after restarting it").await;
+        }
 
         stop_tx.send_replace(true);
         for p in producers {
