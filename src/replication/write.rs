@@ -63,14 +63,9 @@ pub async fn wait_for_leader(
     raft: &Raft<PartitionRaft>,
     deadline: Duration,
 ) -> Option<(u64, String)> {
-    if let Some(leader) = known_leader(raft) {
-        return Some(leader);
-    }
-    let mut metrics = raft.metrics();
-    let elected =
-        tokio::time::timeout(deadline, metrics.wait_for(|m| m.current_leader.is_some())).await;
-    drop(elected);
-    known_leader(raft)
+    wait_for_new_leader(raft, None, deadline)
+        .await
+        .map(|(leader, _)| leader)
 }
 
 /// The leader this node knows of for `raft` (id, cluster address), if any.
