@@ -43,6 +43,6 @@ for _ in $(seq 100); do grep -q "sluice http on" "$work/auth.out" && break; slee
 auth_http=$(sed -n 's/^sluice http on //p' "$work/auth.out")
 
 node tests/browser/console.mjs --bin "$bin" --grpc "$grpc" --http "$http" "${shots[@]}" \
-  --auth-http "$auth_http" --token "$token"
+  --auth-http "$auth_http" --token="$token"
 kill -INT $pid $auth_pid
 wait $pid $auth_pid
