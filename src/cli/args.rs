@@ -143,8 +143,13 @@ pub struct BrokerArg {
 /// How a client proves who it is and checks the broker (see docs/security.md).
 #[derive(Debug, Args, Clone, Default)]
 pub struct Credentials {
-    /// Bearer token (`sluice auth token` makes one).
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    /// Bearer token (`sluice auth token` makes one; it may start with `-`).
+    #[arg(
+        long,
+        env = "SLUICE_TOKEN",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub token: Option<String>,
     /// PEM CA certificate that signs the broker's certificate (implies TLS) [default: the
     /// system's roots for https:// addresses].
