@@ -1,7 +1,8 @@
 //! Three `sluice serve` processes as a cluster on loopback, checked the way Jepsen checks:
 //! producers send numbered messages through random nodes (each message sent once: a Send that
-//! fails or goes unanswered is recorded as unknown) while the test kills (`SIGKILL`) and pauses
-//! (`SIGSTOP` past the election timeout) leaders and followers; then every partition is read
+//! fails or goes unanswered is recorded as unknown) while the test kills (`SIGKILL`), pauses
+//! (`SIGSTOP` past the election timeout) and cuts off (every link to the other nodes
+//! blackholed, `cluster/links.rs`) leaders and followers; then every partition is read
 //! from every node and checked for Jepsen's anomalies by name: lost writes, duplicates,
 //! inconsistent offsets, non-monotonic sends, reads of uncommitted writes. A plain subscriber
 //! follows the tail through the faults and must see every acknowledged message once, in order.
@@ -12,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "cluster/links.rs"]
+mod links;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -45,7 +48,9 @@ struct Node {
 
 struct TestCluster {
     _tmp: tempfile::TempDir,
-    peers: String,
+    /// Each node's `cluster.peers`: itself at its own port, the others through its links.
+    peers: Vec<String>,
+    links: links::Links,
     nodes: Vec<Node>,
     /// Each node's client address while it runs (`None` while it is down).
     addrs: Arc<Mutex<Vec<Option<String>>>>,
@@ -114,9 +119,20 @@ fn serve(
 }
 
 impl TestCluster {
+    /// Three nodes, each reaching the others through links the test can cut. Call within a
+    /// tokio runtime (the links' proxies run on it).
     fn start() -> TestCluster {
         let tmp = tempfile::tempdir().unwrap();
-        let peers = peers_of(&free_ports(3));
+        let ports = free_ports(9);
+        let links = links::Links::new(&ports[..3], ports[3..].iter().copied());
+        let peers = (0..3)
+            .map(|i| {
+                let seen: Vec<u16> = (0..3)
+                    .map(|j| if i == j { ports[i] } else { links.port(i, j) })
+                    .collect();
+                peers_of(&seen)
+            })
+            .collect();
         let nodes = (1..=3)
             .map(|id| Node {
                 id,
@@ -127,6 +143,7 @@ impl TestCluster {
         let mut cluster = TestCluster {
             _tmp: tmp,
             peers,
+            links,
             nodes,
             addrs: Arc::new(Mutex::new(vec![None; 3])),
         };
@@ -138,14 +155,16 @@ impl TestCluster {
 
     fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let (child, addr) = serve(&node.dir, node.id, &self.peers, &[])
+        let (child, addr) = serve(&node.dir, node.id, &self.peers[i], &[])
             .unwrap_or_else(|e| panic!("node {} did not start: {e}", node.id));
         node.child = Some(child);
+        self.links.set_up(i, true);
         self.addrs.lock().unwrap()[i] = Some(addr);
     }
 
     fn kill(&mut self, i: usize) {
         self.addrs.lock().unwrap()[i] = None;
+        self.links.set_up(i, false);
         let mut child = self.nodes[i].child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
@@ -395,7 +414,8 @@ async fn progress(acks: &watch::Sender<u64>, n: u64, what: &str) {
 }
 
 #[test]
-fn kills_and_pauses_of_leaders_and_followers_lose_duplicate_and_reorder_nothing_acknowledged() {
+fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_nothing_acknowledged()
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -466,6 +486,24 @@ fn kills_and_pauses_of_leaders_and_followers_lose_duplicate_and_reorder_nothing_
             progress(&acks, 50, "after killing a follower").await;
             cluster.restart(victim);
             progress(&acks, 20, "after restarting it").await;
+            // 4. A leader cut off from the other nodes (clients still reach it) past the
+            // election timeout: it can commit nothing, so acknowledges nothing; the others
+            // elect a new one; healed, it learns the newer term and its uncommitted entries are
+            // cut.
+            let cut = cluster.leader(0, killed, &all).await;
+            cluster.links.isolate(cut, true);
+            let others: Vec<usize> = all.iter().copied().filter(|&i| i != cut).collect();
+            cluster.leader(others[0], killed, &others).await;
+            progress(&acks, 20, "while a leader is cut off").await;
+            cluster.links.isolate(cut, false);
+            progress(&acks, 20, "after its links healed").await;
+            // 5. A follower cut off.
+            let leader = cluster.leader(0, 1 - killed, &all).await;
+            let cut = (leader + 2) % 3;
+            cluster.links.isolate(cut, true);
+            progress(&acks, 50, "while a follower is cut off").await;
+            cluster.links.isolate(cut, false);
+            progress(&acks, 20, "after its links healed").await;
         }
 
         stop_tx.send_replace(true);

@@ -19,7 +19,7 @@ use openraft::raft::{
 use openraft::{BasicNode, Config, Raft};
 use sluice::replication::network::GrpcLink;
 use sluice::replication::{
-    GrpcNetwork, LogStore, PartitionRaft, Proposal, RaftService, StateMachine,
+    GrpcNetwork, LogStore, PartitionRaft, Peers, Proposal, RaftService, StateMachine,
 };
 use sluice::storage::raft_log::{RaftLog, RaftLogReader};
 use sluice::storage::{EncodedBatch, LogConfig, Partition, RealIo, Record};
@@ -149,7 +149,9 @@ impl RaftNetworkFactory<PartitionRaft> for NodeNet {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Link {
         let via = match &self.router.grpc {
             Some(_) => Via::Grpc(Box::new(
-                GrpcNetwork::new(GROUP).new_client(target, node).await,
+                GrpcNetwork::new(GROUP, Peers::default())
+                    .new_client(target, node)
+                    .await,
             )),
             None => Via::InProcess,
         };

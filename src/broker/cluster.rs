@@ -30,7 +30,7 @@ use crate::replication::catalog::{Catalog, Command};
 use crate::replication::config::Members;
 use crate::replication::write::{Forwarder, wait_for_leader};
 use crate::replication::{
-    GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, RaftService, StateMachine,
+    GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
 };
 use crate::storage::raft_log::RaftLog;
 use crate::storage::{self, FileIo, LogConfig, Partition, io::replace_file};
@@ -112,7 +112,10 @@ impl Cluster {
         let config = raft_config(&members)?;
         let write_timeout =
             Duration::from_millis(members.election_timeout_ms * 8).max(Duration::from_secs(5));
-        let service = RaftService::default().with_write_timeout(write_timeout);
+        let peers = Peers::new(members.peers.clone());
+        let service = RaftService::default()
+            .with_write_timeout(write_timeout)
+            .with_peers(peers.clone());
         let (meta, meta_log, catalog) = {
             let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
             let meta_dir = dir.join("meta");
@@ -131,7 +134,7 @@ impl Cluster {
             let raft = Raft::new(
                 members.node_id,
                 Arc::clone(&config),
-                GrpcNetwork::new(META_GROUP),
+                GrpcNetwork::new(META_GROUP, peers.clone()),
                 LogStore::new(log),
                 sm,
             )
@@ -162,7 +165,7 @@ impl Cluster {
             groups: Mutex::new(HashMap::new()),
             joining: tokio::sync::Mutex::new(()),
             write_timeout,
-            forwarder: Arc::new(Forwarder::default()),
+            forwarder: Arc::new(Forwarder::new(peers)),
             addr,
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
@@ -220,12 +223,13 @@ impl Cluster {
         &self.forwarder
     }
 
-    /// Every founding member, as Raft knows them.
+    /// Every founding member, as Raft knows them: by id. Addresses are each node's own
+    /// configuration ([`Peers`]), so the first entry of a group is the same on every node.
     fn voters(&self) -> BTreeMap<u64, BasicNode> {
         self.members
             .peers
-            .iter()
-            .map(|(&id, addr)| (id, BasicNode::new(addr.clone())))
+            .keys()
+            .map(|&id| (id, BasicNode::default()))
             .collect()
     }
 
@@ -285,7 +289,7 @@ impl Cluster {
         Raft::new(
             self.members.node_id,
             Arc::clone(&self.config),
-            GrpcNetwork::new(group),
+            GrpcNetwork::new(group, self.forwarder.peers().clone()),
             LogStore::new(log),
             sm,
         )

@@ -7,6 +7,7 @@
 //! | [`log_store`]     | openraft's log storage on a partition log ([`crate::storage::raft_log`]) |
 //! | [`state_machine`] | what applying a partition's entries means; snapshots                 |
 //! | [`wire`]          | Raft's messages as `sluice.cluster.v1` protobuf (entries as batches) |
+//! | [`peers`]         | where each peer's cluster port is, as this node reaches it          |
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
 //! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
@@ -28,6 +29,7 @@ pub mod log_store;
     reason = "openraft's RPCError is the network trait's error type"
 )]
 pub mod network;
+pub mod peers;
 pub mod service;
 #[allow(
     clippy::result_large_err,
@@ -40,6 +42,7 @@ pub mod write;
 
 pub use log_store::LogStore;
 pub use network::GrpcNetwork;
+pub use peers::Peers;
 pub use service::RaftService;
 pub use state_machine::{GroupStateMachine, StateMachine};
 pub use types::{Applied, PartitionRaft, Proposal};

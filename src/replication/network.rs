@@ -13,6 +13,7 @@ use openraft::raft::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use super::peers::Peers;
 use super::types::PartitionRaft;
 use super::wire::{self, MAX_MESSAGE_BYTES};
 use crate::proto::cluster::raft_client::RaftClient;
@@ -22,16 +23,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
-/// Makes the links of one Raft group to its peers (a node's addr is its cluster address).
+/// Makes the links of one Raft group to its peers, at the addresses this node's configuration
+/// gives ([`Peers`]; a node Raft knows that the configuration does not name is reached at the
+/// address its membership entry carries).
 #[derive(Debug, Clone)]
 pub struct GrpcNetwork {
     group: String,
+    peers: Peers,
 }
 
 impl GrpcNetwork {
-    pub fn new(group: impl Into<String>) -> Self {
+    pub fn new(group: impl Into<String>, peers: Peers) -> Self {
         GrpcNetwork {
             group: group.into(),
+            peers,
         }
     }
 }
@@ -43,7 +48,7 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
         GrpcLink {
             group: self.group.clone(),
             target,
-            addr: node.addr.clone(),
+            addr: self.peers.addr(target, &node.addr),
             client: None,
             reachable: true,
         }

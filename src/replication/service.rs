@@ -9,6 +9,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tonic::{Request, Response, Status};
 
+use super::peers::Peers;
 use super::types::PartitionRaft;
 use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
@@ -21,6 +22,8 @@ pub struct RaftService {
     groups: Arc<RwLock<HashMap<String, Raft<PartitionRaft>>>>,
     /// How long a forwarded proposal may wait to be committed.
     write_timeout: Duration,
+    /// Where the peers are, to name a leader in a refusal.
+    peers: Peers,
 }
 
 impl Default for RaftService {
@@ -28,6 +31,7 @@ impl Default for RaftService {
         RaftService {
             groups: Arc::default(),
             write_timeout: Duration::from_secs(10),
+            peers: Peers::default(),
         }
     }
 }
@@ -42,6 +46,12 @@ impl RaftService {
     /// Forwarded proposals wait at most `timeout` to be committed.
     pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = timeout;
+        self
+    }
+
+    /// Names leaders in refusals at the addresses `peers` gives.
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        self.peers = peers;
         self
     }
 
@@ -126,7 +136,7 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let req = request.into_inner();
         let raft = self.group(&req.group)?;
-        match propose(&raft, req.batch.to_vec(), self.write_timeout).await {
+        match propose(&raft, req.batch.to_vec(), self.write_timeout, &self.peers).await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {
                 base_offset: applied.offsets.map(|o| o.0),
                 last_offset: applied.offsets.map(|o| o.1),

@@ -12,6 +12,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::peers::Peers;
 use super::types::{Applied, PartitionRaft, Proposal};
 use super::wire::MAX_MESSAGE_BYTES;
 use crate::proto::cluster as pb;
@@ -37,11 +38,12 @@ pub enum WriteError {
 }
 
 /// Proposes `batch` (a version 1 batch's bytes) and waits until it is committed and applied, at
-/// most `deadline`.
+/// most `deadline`. A refusal names the leader at the address `peers` gives.
 pub async fn propose(
     raft: &Raft<PartitionRaft>,
     batch: Vec<u8>,
     deadline: Duration,
+    peers: &Peers,
 ) -> Result<Applied, WriteError> {
     let write = raft.client_write(Proposal { batch });
     match tokio::time::timeout(deadline, write).await {
@@ -49,8 +51,8 @@ pub async fn propose(
         Ok(Ok(response)) => Ok(response.data),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
             Err(WriteError::NoLeader(f.leader_id.map(|id| {
-                let addr = f.leader_node.map(|n| n.addr).unwrap_or_default();
-                (id, addr)
+                let known = f.leader_node.map(|n| n.addr).unwrap_or_default();
+                (id, peers.addr(id, &known))
             })))
         }
         Ok(Err(RaftError::APIError(e))) => Err(WriteError::Stopped(e.to_string())),
@@ -59,26 +61,23 @@ pub async fn propose(
 }
 
 /// The leader this node knows of for `raft`, waiting up to `deadline` while an election runs.
-pub async fn wait_for_leader(
-    raft: &Raft<PartitionRaft>,
-    deadline: Duration,
-) -> Option<(u64, String)> {
+pub async fn wait_for_leader(raft: &Raft<PartitionRaft>, deadline: Duration) -> Option<u64> {
     wait_for_new_leader(raft, None, deadline)
         .await
         .map(|(leader, _)| leader)
 }
 
-/// The leader this node knows of for `raft` (id, cluster address), if any.
-pub fn known_leader(raft: &Raft<PartitionRaft>) -> Option<(u64, String)> {
+/// The leader this node knows of for `raft` (id, cluster address as `peers` gives it), if any.
+pub fn known_leader(raft: &Raft<PartitionRaft>, peers: &Peers) -> Option<(u64, String)> {
     let metrics = raft.metrics().borrow().clone();
     let id = metrics.current_leader?;
-    let addr = metrics
+    let known = metrics
         .membership_config
         .membership()
         .get_node(&id)
         .map(|n| n.addr.clone())
         .unwrap_or_default();
-    Some((id, addr))
+    Some((id, peers.addr(id, &known)))
 }
 
 impl WriteError {
@@ -122,10 +121,24 @@ impl WriteError {
 /// Forwards proposals to leaders over the cluster port: one lazily connected channel per peer.
 #[derive(Debug, Default)]
 pub struct Forwarder {
+    peers: Peers,
     clients: Mutex<HashMap<String, RaftClient<Channel>>>,
 }
 
 impl Forwarder {
+    /// Reaches each leader at the address `peers` gives.
+    pub fn new(peers: Peers) -> Self {
+        Forwarder {
+            peers,
+            clients: Mutex::default(),
+        }
+    }
+
+    /// The cluster addresses this node reaches its peers at.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     fn client(&self, addr: &str) -> Result<RaftClient<Channel>, WriteError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(addr) {
@@ -157,20 +170,23 @@ impl Forwarder {
         let mut gone: Option<(u64, u64)> = None;
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            let Some((leader, term)) = wait_for_new_leader(raft, gone, left).await else {
-                return Err(WriteError::NoLeader(
-                    gone.and_then(|(id, _)| known_leader(raft).filter(|(l, _)| *l == id)),
-                ));
+            let Some((id, term)) = wait_for_new_leader(raft, gone, left).await else {
+                return Err(WriteError::NoLeader(gone.and_then(|(id, _)| {
+                    known_leader(raft, &self.peers).filter(|(l, _)| *l == id)
+                })));
             };
-            if leader.0 == me {
-                return propose(raft, batch, left).await;
+            if id == me {
+                return propose(raft, batch, left, &self.peers).await;
             }
+            let Some(leader) = known_leader(raft, &self.peers).filter(|(l, _)| *l == id) else {
+                continue; // the leader changed meanwhile: look again
+            };
             match self
                 .forward(group, batch.clone(), left, leader.clone())
                 .await
             {
                 Forwarded::Answer(answer) => return answer,
-                Forwarded::Refused => gone = Some((leader.0, term)),
+                Forwarded::Refused => gone = Some((id, term)),
             }
         }
     }
@@ -227,13 +243,13 @@ fn connection_refused(status: &Status) -> bool {
     false
 }
 
-/// The leader of `raft`'s group (id, cluster address) and its term, once one is known that is
-/// not `gone` (a leader, and the term it led, found down), waiting at most `deadline`.
+/// The leader of `raft`'s group and its term, once one is known that is not `gone` (a leader,
+/// and the term it led, found down), waiting at most `deadline`.
 async fn wait_for_new_leader(
     raft: &Raft<PartitionRaft>,
     gone: Option<(u64, u64)>,
     deadline: Duration,
-) -> Option<((u64, String), u64)> {
+) -> Option<(u64, u64)> {
     let fresh = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| match (m.current_leader, gone)
     {
         (None, _) => false,
@@ -247,5 +263,5 @@ async fn wait_for_new_leader(
     if !fresh(&m) {
         return None;
     }
-    Some((known_leader(raft)?, m.current_term))
+    Some((m.current_leader?, m.current_term))
 }
