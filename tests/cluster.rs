@@ -85,6 +85,17 @@ fn serve(
     peers: &str,
     extra_env: &[(&str, &str)],
 ) -> Result<(Child, String), String> {
+    serve_http(dir, id, peers, extra_env).map(|(child, addr, _)| (child, addr))
+}
+
+/// [`serve`], and the HTTP port's address when `extra_env` turns it on
+/// (`SLUICE_HTTP_LISTEN=127.0.0.1:0`).
+fn serve_http(
+    dir: &Path,
+    id: u64,
+    peers: &str,
+    extra_env: &[(&str, &str)],
+) -> Result<(Child, String, Option<std::net::SocketAddr>), String> {
     let mut child = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
@@ -103,13 +114,20 @@ fn serve(
     match line.trim().strip_prefix("sluice listening on ") {
         Some(addr) => {
             let addr = addr.to_string();
+            line.clear();
+            stdout.read_line(&mut line).unwrap();
+            let http = line
+                .trim()
+                .strip_prefix("sluice http on http://")
+                .and_then(|a| a.strip_suffix('/'))
+                .map(|a| a.parse().unwrap());
             // The stderr pipe must keep draining: a blocked writer would stall the node.
             let stderr = child.stderr.take().unwrap();
             std::thread::spawn(move || {
                 std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink())
             });
             std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-            Ok((child, addr))
+            Ok((child, addr, http))
         }
         None => {
             let out = child.wait_with_output().unwrap();
@@ -1035,5 +1053,208 @@ fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_s
         // What the lone node may hold of the refused Send is not committed: not readable.
         let d = describe(&cluster.addr(2)).await.unwrap();
         assert_eq!(d.partitions[0].next_offset, 1, "{d:?}");
+    });
+}
+
+/// `sluice cluster status --format json` through the node at `addr`: its exit code and output.
+fn cluster_status(addr: &str) -> (i32, serde_json::Value, String) {
+    let out = common::server::cli(
+        &["cluster", "status", "--format", "json", "--broker", addr],
+        "",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code().unwrap(),
+        json,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn cluster_status_shows_every_node_leader_and_lag_and_fails_when_a_group_has_no_leader() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        let channel = connect(&cluster.addr(0)).await.unwrap();
+        AdminClient::new(channel.clone())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: PARTITIONS,
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let sent = BrokerClient::new(channel)
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: (0..10u32)
+                    .map(|i| pb::Message {
+                        value: Some(format!("m{i}").into()),
+                        partition: Some(i % PARTITIONS),
+                        ..pb::Message::default()
+                    })
+                    .collect(),
+            })
+            .await;
+        sent.unwrap();
+
+        // All up: every node reachable, every group led, and (once the followers have
+        // acknowledged the Send to their leaders) every replica 0 entries behind, through
+        // every node.
+        for ask in 0..3 {
+            let json = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let (code, json, err) =
+                        tokio::task::block_in_place(|| cluster_status(&cluster.addr(ask)));
+                    assert_eq!(code, 0, "{err}");
+                    let caught_up = json["partitions"].as_array().unwrap().iter().all(|p| {
+                        p["replicas"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .all(|r| r["behind"] == 0)
+                    });
+                    if caught_up {
+                        return json;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
+            .expect("every replica caught up");
+            assert_eq!(json["node_id"], ask as u64 + 1);
+            let nodes = json["nodes"].as_array().unwrap();
+            assert_eq!(nodes.len(), 3, "{json}");
+            assert!(nodes.iter().all(|n| n["reachable"] == true), "{json}");
+            assert!(json["metadata_leader"].is_u64(), "{json}");
+            let partitions = json["partitions"].as_array().unwrap();
+            assert_eq!(partitions.len(), PARTITIONS as usize, "{json}");
+            for p in partitions {
+                let leader = p["leader"].as_u64().expect("a leader");
+                let replicas = p["replicas"].as_array().unwrap();
+                let ids: Vec<u64> = replicas
+                    .iter()
+                    .map(|r| r["node_id"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(ids, vec![1, 2, 3], "{json}");
+                for r in replicas {
+                    assert_eq!(r["leader"], r["node_id"].as_u64() == Some(leader), "{json}");
+                }
+            }
+        }
+        // The same view in the text format, with the lag column.
+        let out = common::server::cli(&["cluster", "status", "--broker", &cluster.addr(1)], "");
+        common::server::assert_succeeded(&out, "cluster status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("{TOPIC}/0\t")), "{text}");
+        assert!(text.contains("metadata leader: "), "{text}");
+
+        // One node down: listed as unreachable; the others still lead every group.
+        cluster.kill(2);
+        let (code, json) = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let (code, json, _) =
+                    tokio::task::block_in_place(|| cluster_status(&cluster.addr(0)));
+                if code == 0 {
+                    return (code, json);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("the two remaining nodes lead every group again");
+        assert_eq!(code, 0);
+        assert_eq!(json["nodes"][2]["reachable"], false, "{json}");
+        assert!(json["nodes"][2]["error"].is_string(), "{json}");
+
+        // Two down: no majority, so no leader is elected anew; the lone node says which groups
+        // have none and exits 1 (once its leaders' terms are over).
+        cluster.kill(1);
+        let said = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let (code, _, err) =
+                    tokio::task::block_in_place(|| cluster_status(&cluster.addr(0)));
+                if code == 1 {
+                    return err;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("the lone node reports groups without a leader");
+        assert!(said.contains("no leader:"), "{said}");
+    });
+}
+
+#[test]
+fn a_cluster_node_is_ready_only_once_caught_up_with_its_groups_leaders() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        let channel = connect(&cluster.addr(0)).await.unwrap();
+        AdminClient::new(channel.clone())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: None,
+            })
+            .await
+            .unwrap();
+        // Node 3 stops; 200 messages are committed without it.
+        cluster.kill(2);
+        let mut client = BrokerClient::new(channel);
+        for i in 0..20u32 {
+            let messages = (0..10)
+                .map(|j| pb::Message {
+                    value: Some(format!("m{i}-{j}").into()),
+                    ..pb::Message::default()
+                })
+                .collect();
+            client
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages,
+                })
+                .await
+                .unwrap();
+        }
+        // Node 1 alone (node 2 down too) would never be ready: it cannot learn what is
+        // committed. Node 3 restarted with node 1 and 2 up: ready only once it serves all 200.
+        let node = &mut cluster.nodes[2];
+        let (child, addr, http) = serve_http(
+            &node.dir,
+            node.id,
+            &cluster.peers[2],
+            &[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")],
+        )
+        .unwrap();
+        node.child = Some(child);
+        cluster.links.set_up(2, true);
+        let http = http.expect("the HTTP port is on");
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let reply = common::http::get(http, "/readyz").await;
+                if reply.status == 200 {
+                    return;
+                }
+                assert_eq!(reply.status, 503, "{}", reply.body);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("node 3 became ready");
+        let d = describe(&addr).await.unwrap();
+        assert_eq!(
+            d.partitions[0].next_offset, 200,
+            "ready, so it serves everything committed while it was down"
+        );
     });
 }

@@ -14,6 +14,7 @@
 //! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
 //! retention and compaction, topic deletion): see docs/replication.md.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::replication::catalog::{Catalog, Command};
 use crate::replication::config::Members;
+use crate::replication::status::{self, ClusterView};
 use crate::replication::write::{Forwarder, wait_for_leader};
 use crate::replication::{
     GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
@@ -43,6 +45,8 @@ use super::topics::{CreateRequest, Topics};
 
 /// The metadata group's name on the cluster port.
 pub const META_GROUP: &str = "_meta";
+/// How long a node's report of its groups may take before it counts as unreachable.
+const STATUS_DEADLINE: Duration = Duration::from_secs(1);
 /// What a data directory records of the cluster it belongs to.
 const IDENTITY_FILE: &str = "node.json";
 
@@ -73,6 +77,9 @@ pub struct Cluster {
     forwarder: Arc<Forwarder>,
     /// The cluster port's address.
     addr: SocketAddr,
+    /// Whether this node has caught up, since it started, with the commit point of every group
+    /// it held then (`/readyz`).
+    caught_up: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -167,6 +174,7 @@ impl Cluster {
             write_timeout,
             forwarder: Arc::new(Forwarder::new(peers)),
             addr,
+            caught_up: watch::Sender::new(false),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peers = peer_ips(&cluster.members).await?;
@@ -196,6 +204,7 @@ impl Cluster {
         let (create_tx, create_rx) = mpsc::channel(64);
         topics.replicate_through(create_tx);
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
+        tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
@@ -221,6 +230,96 @@ impl Cluster {
     /// Takes proposals to the leaders of groups this node does not lead.
     pub fn forwarder(&self) -> &Arc<Forwarder> {
         &self.forwarder
+    }
+
+    /// Whether this node has caught up with the commit point of every group it held when it
+    /// started (each group's leader asked once); stays true from then on.
+    pub fn caught_up(&self) -> bool {
+        *self.caught_up.borrow()
+    }
+
+    /// Every node's report of its groups, merged; a node that does not answer within
+    /// [`STATUS_DEADLINE`] is listed as unreachable, with why.
+    pub async fn status(&self) -> ClusterView {
+        let me = self.members.node_id;
+        let mut asks = tokio::task::JoinSet::new();
+        for (&id, addr) in &self.members.peers {
+            if id != me {
+                let (forwarder, addr) = (Arc::clone(&self.forwarder), addr.clone());
+                asks.spawn(async move { (id, addr, forwarder.status(id, STATUS_DEADLINE).await) });
+            }
+        }
+        let mut reports = vec![(me, self.addr.to_string(), Ok(self.service.status()))];
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(report) = answer {
+                reports.push(report);
+            }
+        }
+        // A leader no majority has acknowledged for a whole election timeout leads nothing.
+        status::merge(me, reports, self.members.election_timeout_ms * 2)
+    }
+
+    /// Waits, group by group, until a leader is known and this node has applied what that
+    /// leader had applied when asked; then `/readyz` says ready.
+    async fn catch_up(self: Arc<Self>, shutdown: CancellationToken) {
+        let me = self.members.node_id;
+        let mut groups: Vec<(String, Raft<PartitionRaft>)> =
+            vec![(META_GROUP.into(), self.meta.clone())];
+        groups.extend(
+            self.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(n, r)| (n.clone(), r.clone())),
+        );
+        let mut reports: HashMap<u64, crate::proto::cluster::StatusResponse> = HashMap::new();
+        for (name, raft) in groups {
+            loop {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                let Some(leader) = wait_for_leader(&raft, STATUS_DEADLINE).await else {
+                    continue;
+                };
+                if leader == me {
+                    break;
+                }
+                let report = match reports.entry(leader) {
+                    Entry::Occupied(known) => known.into_mut(),
+                    Entry::Vacant(ask) => {
+                        match self.forwarder.status(leader, STATUS_DEADLINE).await {
+                            Ok(r) => ask.insert(r),
+                            Err(_) => {
+                                tokio::time::sleep(STATUS_DEADLINE).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let committed = report
+                    .groups
+                    .iter()
+                    .find(|g| g.group == name && g.leader == Some(leader))
+                    .map(|g| g.last_applied);
+                let Some(committed) = committed else {
+                    // It no longer leads (or does not know the group yet): ask anew.
+                    reports.remove(&leader);
+                    tokio::time::sleep(STATUS_DEADLINE).await;
+                    continue;
+                };
+                let mut metrics = raft.metrics();
+                let applied = metrics.wait_for(|m| m.last_applied.map(|l| l.index) >= committed);
+                tokio::select! {
+                    _ = applied => break,
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(STATUS_DEADLINE * 5) => {
+                        reports.remove(&leader); // not there yet: ask what is committed now
+                    }
+                }
+            }
+        }
+        tracing::info!("caught up with every group's leader: ready");
+        self.caught_up.send_replace(true);
     }
 
     /// Every founding member, as Raft knows them: by id. Addresses are each node's own

@@ -71,6 +71,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig};
 
+pub use self::cluster::META_GROUP;
 pub use self::error::{Error, Result};
 pub use self::maintenance::PartitionMaintenance;
 pub use self::message::{Deliveries, Delivery, DeliveryBatch, NewMessage, Placed, Start};
@@ -252,6 +253,24 @@ impl Broker {
     /// Cluster mode: the cluster port's address and this node's id; `None` for a single node.
     pub fn cluster_port(&self) -> Option<(u64, std::net::SocketAddr)> {
         self.cluster.as_ref().map(|c| (c.node_id(), c.addr()))
+    }
+
+    /// Whether this node is ready to serve: a single node once open, a cluster node once caught
+    /// up with its groups' leaders.
+    pub fn caught_up(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.caught_up())
+    }
+
+    /// Cluster mode: every node and group as the nodes report them (`sluice cluster status`).
+    pub async fn cluster_status(&self) -> Result<crate::replication::status::ClusterView> {
+        match &self.cluster {
+            Some(c) => Ok(c.status().await),
+            None => Err(Error::FailedPrecondition(
+                "this broker runs as a single node (no [cluster] section): there is no cluster \
+                 to show"
+                    .into(),
+            )),
+        }
     }
 
     /// Refuses, in cluster mode, what is not replicated yet (so that nothing is acknowledged

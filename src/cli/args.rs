@@ -84,6 +84,21 @@ pub enum Command {
     Auth(AuthCommand),
     /// Print the audit trail (`_audit`), online (--broker) or offline (--data-dir).
     Audit(AuditArgs),
+    /// A cluster's nodes and groups.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The nodes (reachable or not), the metadata leader, and each partition's leader and
+    /// replicas with how far each is behind; exits 1 when a group has no leader.
+    Status {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,9 @@ pub enum CliError {
     Status(#[from] tonic::Status),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The cluster lacks something it needs (`cluster status`: a group without a leader).
+    #[error("{0}")]
+    Unhealthy(String),
     /// `verify` or `dump` pointed at a directory that is not a data directory (exit code 2).
     #[error("{0}")]
     NotDataDir(String),

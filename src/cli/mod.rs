@@ -3,7 +3,7 @@
 //! - `args.rs`: the grammar (every subcommand's arguments); `error.rs`: [`CliError`].
 //! - `serve.rs`: run the broker (`fdlimit.rs`: the descriptors it needs).
 //! - `connection.rs`: reaching a broker (TLS, token); `produce.rs`, `consume.rs`, `topics.rs`,
-//!   `groups.rs`: the commands that go through one (`lines.rs`: their text and JSON line
+//!   `groups.rs`, `cluster.rs`: the commands that go through one (`lines.rs`: their text and JSON line
 //!   formats; `time.rs`: the positions and times they take).
 //! - `compact.rs`: retention and key compaction, online or offline.
 //! - `offline.rs`: `verify` and `dump` of a data directory; `data_dir.rs`: the check every
@@ -14,6 +14,7 @@
 
 mod args;
 mod audit;
+mod cluster;
 mod compact;
 mod connection;
 mod consume;
@@ -69,6 +70,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Dump(args) => offline::dump(args),
             Command::Auth(AuthCommand::Token { name }) => audit::new_token(&name),
             Command::Audit(args) => audit::run(args).await,
+            Command::Cluster(ClusterCommand::Status { broker, format }) => {
+                cluster::status(broker, format).await
+            }
         }
     });
     match result {

@@ -11,6 +11,7 @@
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
 //! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
+//! | [`status`]        | each node's report of its groups; the cluster's view merged from them |
 //! | [`catalog`]       | the metadata group's state: topics, settings, replicas; its commands |
 //!
 //! The design, what is built and what is not yet, is in `docs/replication.md`.
@@ -36,6 +37,7 @@ pub mod service;
     reason = "openraft's StorageError is the traits' error type"
 )]
 pub mod state_machine;
+pub mod status;
 pub mod types;
 pub mod wire;
 pub mod write;

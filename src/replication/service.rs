@@ -10,6 +10,7 @@ use openraft::Raft;
 use tonic::{Request, Response, Status};
 
 use super::peers::Peers;
+use super::status;
 use super::types::PartitionRaft;
 use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
@@ -77,6 +78,21 @@ impl RaftService {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// This node's report of every group it is in.
+    pub fn status(&self) -> pb::StatusResponse {
+        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        let node_id = groups
+            .values()
+            .next()
+            .map_or(0, |r| r.metrics().borrow().id);
+        let mut groups: Vec<pb::GroupStatus> = groups
+            .iter()
+            .map(|(name, raft)| status::group_status(name, raft))
+            .collect();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        pb::StatusResponse { node_id, groups }
+    }
+
     fn group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {
         self.groups
             .read()
@@ -128,6 +144,13 @@ impl pb::raft_server::Raft for RaftService {
         let rpc = wire::snapshot_from_pb(req).map_err(bad)?;
         let r = raft.install_snapshot(rpc).await.map_err(stopped)?;
         Ok(Response::new(wire::snapshot_response_to_pb(&r)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status()))
     }
 
     async fn propose(

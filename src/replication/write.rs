@@ -191,6 +191,19 @@ impl Forwarder {
         }
     }
 
+    /// Node `id`'s report of its groups, asked over its cluster port within `deadline`.
+    pub async fn status(&self, id: u64, deadline: Duration) -> Result<pb::StatusResponse, String> {
+        let addr = self.peers.addr(id, "");
+        let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(pb::StatusRequest {});
+        request.set_timeout(deadline);
+        match tokio::time::timeout(deadline, client.status(request)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
+        }
+    }
+
     async fn forward(
         &self,
         group: &str,

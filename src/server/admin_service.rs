@@ -7,8 +7,10 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Action, Caller, Resource};
 use crate::broker::Broker;
+use crate::broker::META_GROUP;
 use crate::broker::audit::{AuditEvent, Decision};
 use crate::proto::v1 as pb;
+use crate::replication::status::ClusterView;
 
 use super::access::{Access, caller};
 use super::convert::{settings_from_pb, settings_to_pb, start_from_pb};
@@ -83,6 +85,60 @@ pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::Partition
         bytes_after: m
             .compaction
             .map_or(o.bytes_before - o.deleted_bytes, |c| c.bytes_after),
+    }
+}
+
+/// The cluster as `ClusterStatus` answers it: the partitions of the topics `may_describe`.
+fn cluster_status_to_pb(
+    view: ClusterView,
+    may_describe: impl Fn(&str) -> bool,
+) -> pb::ClusterStatusResponse {
+    let mut metadata_leader = None;
+    let mut partitions = Vec::new();
+    for (name, g) in view.groups {
+        if name == META_GROUP {
+            metadata_leader = g.leader;
+            continue;
+        }
+        let Some((topic, partition)) = name.rsplit_once('/') else {
+            continue;
+        };
+        let Ok(partition) = partition.parse() else {
+            continue;
+        };
+        if !may_describe(topic) {
+            continue;
+        }
+        partitions.push(pb::ReplicatedPartition {
+            topic: topic.to_string(),
+            partition,
+            leader: g.leader,
+            term: g.term,
+            replicas: g
+                .replicas
+                .into_iter()
+                .map(|(node_id, behind)| pb::ReplicaStatus {
+                    node_id,
+                    leader: g.leader == Some(node_id),
+                    behind,
+                })
+                .collect(),
+        });
+    }
+    pb::ClusterStatusResponse {
+        node_id: view.node_id,
+        nodes: view
+            .nodes
+            .into_iter()
+            .map(|n| pb::ClusterNode {
+                id: n.id,
+                address: n.address,
+                reachable: n.error.is_none(),
+                error: n.error.unwrap_or_default(),
+            })
+            .collect(),
+        metadata_leader,
+        partitions,
     }
 }
 
@@ -321,6 +377,17 @@ impl pb::admin_server::Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let caller = caller(&request)?;
+        let view = self.broker.cluster_status().await.map_err(to_status)?;
+        Ok(Response::new(cluster_status_to_pb(view, |topic| {
+            caller.allows(Action::Describe, Resource::Topic(topic))
+        })))
     }
 
     async fn describe_topic(

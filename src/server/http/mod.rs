@@ -3,7 +3,7 @@
 //! | path                               | what                                                   |
 //! |------------------------------------|--------------------------------------------------------|
 //! | `/healthz`                         | 200 while the process serves HTTP (also during recovery) |
-//! | `/readyz`                          | 200 once recovered and serving gRPC; 503 before and while stopping |
+//! | `/readyz`                          | 200 once recovered and serving gRPC (in a cluster: and caught up with its groups' leaders); 503 before and while stopping |
 //! | `/metrics`                         | OpenMetrics text (see docs/operations.md for every metric) |
 //! | `/api/v1/overview`                 | totals for the console's first page                    |
 //! | `/api/v1/topics`, `/api/v1/topics/{t}` | topics, partitions, offsets, sizes, held-back bytes |
@@ -138,7 +138,10 @@ async fn json_errors(response: Response) -> Response {
 }
 
 async fn readyz(State(state): State<Shared>) -> Response {
-    if state.ready().is_some() {
+    if let Some((broker, _)) = state.ready() {
+        if !broker.caught_up() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "catching up\n").into_response();
+        }
         return (StatusCode::OK, "ready\n").into_response();
     }
     let phase = match &*state.phase.read().unwrap_or_else(|p| p.into_inner()) {

@@ -1,0 +1,170 @@
+//! `sluice cluster status`: the nodes, the metadata leader, and each partition's leader and
+//! replicas, as the asked node gathers them from every node. Exits 1 when a group has no leader.
+
+use std::fmt::Write as _;
+use std::io::Write;
+
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_client::AdminClient;
+
+use super::args::{BrokerArg, OutputFormat};
+use super::connection::link;
+use super::error::CliError;
+
+pub async fn status(broker: BrokerArg, format: OutputFormat) -> Result<(), CliError> {
+    let mut client = AdminClient::new(link(&broker).await?);
+    let s = client
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    let out = match format {
+        OutputFormat::Text => status_text(&s),
+        OutputFormat::Json => format!("{}\n", status_json(&s)),
+    };
+    std::io::stdout().lock().write_all(out.as_bytes())?;
+    match leaderless(&s) {
+        None => Ok(()),
+        Some(what) => Err(CliError::Unhealthy(format!("no leader: {what}"))),
+    }
+}
+
+/// The groups without a leader, named; `None` when every group has one.
+fn leaderless(s: &pb::ClusterStatusResponse) -> Option<String> {
+    let mut missing: Vec<String> = s
+        .partitions
+        .iter()
+        .filter(|p| p.leader.is_none())
+        .map(|p| format!("{}/{}", p.topic, p.partition))
+        .collect();
+    if s.metadata_leader.is_none() {
+        missing.insert(0, "the metadata group".into());
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+fn or_none(id: Option<u64>) -> String {
+    id.map_or_else(|| "none".into(), |id| id.to_string())
+}
+
+fn status_text(s: &pb::ClusterStatusResponse) -> String {
+    let mut out = String::new();
+    for n in &s.nodes {
+        let state = if n.reachable {
+            "reachable".to_string()
+        } else {
+            format!("unreachable: {}", n.error)
+        };
+        let _ = writeln!(out, "node {}\t{}\t{state}", n.id, n.address);
+    }
+    let _ = writeln!(out, "metadata leader: {}", or_none(s.metadata_leader));
+    let _ = writeln!(
+        out,
+        "partition\tleader\tterm\treplicas (entries behind the leader)"
+    );
+    for p in &s.partitions {
+        let replicas: Vec<String> = p
+            .replicas
+            .iter()
+            .map(|r| {
+                let behind = r.behind.map_or_else(|| "?".into(), |b| b.to_string());
+                format!("{}:{behind}{}", r.node_id, if r.leader { "*" } else { "" })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}/{}\t{}\t{}\t{}",
+            p.topic,
+            p.partition,
+            or_none(p.leader),
+            p.term,
+            replicas.join(" ")
+        );
+    }
+    out
+}
+
+fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": s.node_id,
+        "nodes": s.nodes.iter().map(|n| serde_json::json!({
+            "id": n.id,
+            "address": n.address,
+            "reachable": n.reachable,
+            "error": (!n.reachable).then_some(&n.error),
+        })).collect::<Vec<_>>(),
+        "metadata_leader": s.metadata_leader,
+        "partitions": s.partitions.iter().map(|p| serde_json::json!({
+            "topic": p.topic,
+            "partition": p.partition,
+            "leader": p.leader,
+            "term": p.term,
+            "replicas": p.replicas.iter().map(|r| serde_json::json!({
+                "node_id": r.node_id,
+                "leader": r.leader,
+                "behind": r.behind,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(leader: Option<u64>) -> pb::ReplicatedPartition {
+        pb::ReplicatedPartition {
+            topic: "epro".into(),
+            partition: 1,
+            leader,
+            term: 4,
+            replicas: vec![
+                pb::ReplicaStatus {
+                    node_id: 1,
+                    leader: leader == Some(1),
+                    behind: Some(0),
+                },
+                pb::ReplicaStatus {
+                    node_id: 2,
+                    leader: false,
+                    behind: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_group_without_a_leader_is_named_and_fails_the_command() {
+        let healthy = pb::ClusterStatusResponse {
+            node_id: 1,
+            nodes: vec![pb::ClusterNode {
+                id: 2,
+                address: "10.0.0.2:7170".into(),
+                reachable: false,
+                error: "no answer within 1000 ms".into(),
+            }],
+            metadata_leader: Some(1),
+            partitions: vec![partition(Some(1))],
+        };
+        assert_eq!(leaderless(&healthy), None);
+        let text = status_text(&healthy);
+        assert!(
+            text.contains("node 2\t10.0.0.2:7170\tunreachable: no answer"),
+            "{text}"
+        );
+        assert!(text.contains("epro/1\t1\t4\t1:0* 2:?"), "{text}");
+        let json = status_json(&healthy);
+        assert_eq!(
+            json["partitions"][0]["replicas"][1]["behind"],
+            serde_json::Value::Null
+        );
+        assert_eq!(json["nodes"][0]["reachable"], false);
+
+        let mut headless = healthy.clone();
+        headless.metadata_leader = None;
+        headless.partitions.push(partition(None));
+        assert_eq!(
+            leaderless(&headless).as_deref(),
+            Some("the metadata group, epro/1")
+        );
+    }
+}
