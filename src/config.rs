@@ -344,16 +344,22 @@ impl Config {
             return bad("subscriber_buffer and delivery_batch_bytes must be at least 1");
         }
         Policy::from_config(&self.auth).map_err(ConfigError::Invalid)?;
-        if let Some(members) = self.cluster.members().map_err(ConfigError::Invalid)?
-            && !members.listen.ip().is_loopback()
-            && !self.allow_plaintext
-        {
-            return Err(ConfigError::Invalid(format!(
-                "cluster.listen = {}: the cluster port is plaintext in this version (TLS between \
-                 nodes is not built yet); beyond this machine it needs allow_plaintext = true, on \
-                 a private network only (docs/replication.md)",
-                members.listen
-            )));
+        if let Some(members) = self.cluster.members().map_err(ConfigError::Invalid)? {
+            if !members.listen.ip().is_loopback() && !self.tls.enabled() && !self.allow_plaintext {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.listen = {}: the cluster port is plaintext without [tls]; beyond \
+                     this machine it needs [tls] (mutual TLS between the nodes) or \
+                     allow_plaintext = true, on a private network only (docs/replication.md)",
+                    members.listen
+                )));
+            }
+            if self.tls.enabled() && self.tls.client_ca_file.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "a cluster node with [tls] needs tls.client_ca_file: the CA that signed every \
+                     node's certificate (the nodes authenticate each other with mutual TLS)"
+                        .into(),
+                ));
+            }
         }
         if let Some(http) = self.http.addr()?
             && !http.ip().is_loopback()
@@ -704,6 +710,16 @@ mod tests {
         let c = Config::load(None, env(&vars)).unwrap();
         let err = c.sanitize().unwrap_err().to_string();
         assert!(err.contains("cluster port is plaintext"), "{err}");
+        let with_tls = Config {
+            tls: crate::auth::tls::TlsConfig {
+                cert_file: "/node.pem".into(),
+                key_file: "/node.key".into(),
+                ..Default::default()
+            },
+            ..c.clone()
+        };
+        let err = with_tls.sanitize().unwrap_err().to_string();
+        assert!(err.contains("needs tls.client_ca_file"), "{err}");
         let c = Config {
             allow_plaintext: true,
             ..c

@@ -51,6 +51,8 @@ struct TestCluster {
     /// Each node's `cluster.peers`: itself at its own port, the others through its links.
     peers: Vec<String>,
     links: links::Links,
+    /// More settings of every node (`SLUICE_*`).
+    env: Vec<(String, String)>,
     nodes: Vec<Node>,
     /// Each node's client address while it runs (`None` while it is down).
     addrs: Arc<Mutex<Vec<Option<String>>>>,
@@ -140,6 +142,11 @@ impl TestCluster {
     /// Three nodes, each reaching the others through links the test can cut. Call within a
     /// tokio runtime (the links' proxies run on it).
     fn start() -> TestCluster {
+        Self::start_with(&[])
+    }
+
+    /// [`TestCluster::start`] with more settings for every node.
+    fn start_with(env: &[(&str, &str)]) -> TestCluster {
         let tmp = tempfile::tempdir().unwrap();
         let ports = free_ports(9);
         let links = links::Links::new(&ports[..3], ports[3..].iter().copied());
@@ -162,6 +169,10 @@ impl TestCluster {
             _tmp: tmp,
             peers,
             links,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             nodes,
             addrs: Arc::new(Mutex::new(vec![None; 3])),
         };
@@ -173,7 +184,12 @@ impl TestCluster {
 
     fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let (child, addr) = serve(&node.dir, node.id, &self.peers[i], &[])
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (child, addr) = serve(&node.dir, node.id, &self.peers[i], &env)
             .unwrap_or_else(|e| panic!("node {} did not start: {e}", node.id));
         node.child = Some(child);
         self.links.set_up(i, true);
@@ -1256,5 +1272,122 @@ fn a_cluster_node_is_ready_only_once_caught_up_with_its_groups_leaders() {
             d.partitions[0].next_offset, 200,
             "ready, so it serves everything committed while it was down"
         );
+    });
+}
+
+#[test]
+fn with_tls_the_nodes_authenticate_each_other_and_refuse_anyone_else_on_the_cluster_port() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pki = tempfile::tempdir().unwrap();
+        let ca = common::pki::Ca::new(pki.path(), "clinic");
+        // One certificate for the three nodes (each names 127.0.0.1, the peers' host here).
+        let node = ca.server("node");
+        let client = ca.client("admin");
+        let (cert, key, ca_file) = (
+            node.cert.to_str().unwrap(),
+            node.key.to_str().unwrap(),
+            ca.cert.to_str().unwrap(),
+        );
+        let cluster = TestCluster::start_with(&[
+            ("SLUICE_TLS_CERT_FILE", cert),
+            ("SLUICE_TLS_KEY_FILE", key),
+            ("SLUICE_TLS_CLIENT_CA_FILE", ca_file),
+        ]);
+        // Replication works over mutual TLS: a topic created through node 1, a message sent
+        // through node 2 (committed on a majority), read from node 3.
+        let tls_args = [
+            "--tls-ca",
+            ca_file,
+            "--tls-cert",
+            client.cert.to_str().unwrap(),
+            "--tls-key",
+            client.key.to_str().unwrap(),
+        ];
+        let run = |args: &[&str], stdin: &str| {
+            let mut all: Vec<&str> = args.to_vec();
+            all.extend(tls_args);
+            tokio::task::block_in_place(|| common::server::cli(&all, stdin))
+        };
+        let (a1, a2, a3) = (cluster.addr(0), cluster.addr(1), cluster.addr(2));
+        let out = run(&["topics", "create", TOPIC, "--broker", &a1], "");
+        common::server::assert_succeeded(&out, "create over TLS");
+        let out = run(
+            &["produce", "--topic", TOPIC, "--broker", &a2],
+            "over mutual TLS\n",
+        );
+        common::server::assert_succeeded(&out, "produce over TLS");
+        let out = run(
+            &["consume", "--topic", TOPIC, "--count", "1", "--broker", &a3],
+            "",
+        );
+        common::server::assert_succeeded(&out, "consume over TLS");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "over mutual TLS\n");
+
+        // The cluster port: who may ask node 1 for its status.
+        let stranger_ca = common::pki::Ca::new(pki.path(), "stranger");
+        let stranger = stranger_ca.server("stranger");
+        let no_peer_name = ca.client("not-a-node");
+        let port = cluster.peers[0]
+            .split(&['"', ','][..])
+            .find(|p| p.starts_with("1@"))
+            .unwrap()
+            .trim_start_matches("1@")
+            .to_string();
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        let ask = |identity: Option<(&std::path::Path, &std::path::Path)>, tls: bool| {
+            let port = port.clone();
+            let ca_pem = read(&ca.cert);
+            let identity =
+                identity.map(|(c, k)| tonic::transport::Identity::from_pem(read(c), read(k)));
+            async move {
+                let scheme = if tls { "https" } else { "http" };
+                let mut endpoint =
+                    tonic::transport::Endpoint::from_shared(format!("{scheme}://{port}"))
+                        .unwrap()
+                        .connect_timeout(Duration::from_secs(2))
+                        .timeout(Duration::from_secs(2));
+                if tls {
+                    let mut config = tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+                    if let Some(identity) = identity {
+                        config = config.identity(identity);
+                    }
+                    endpoint = endpoint.tls_config(config).unwrap();
+                }
+                let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+                sluice::proto::cluster::raft_client::RaftClient::new(channel)
+                    .status(sluice::proto::cluster::StatusRequest {})
+                    .await
+                    .map(|r| r.into_inner().node_id)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        // Who connects → whether node 1 answers.
+        let table: Vec<(&str, Result<u64, String>)> = vec![
+            (
+                "a node's certificate",
+                ask(Some((&node.cert, &node.key)), true).await,
+            ),
+            ("plaintext", ask(None, false).await),
+            ("TLS without a certificate", ask(None, true).await),
+            (
+                "a certificate of another CA",
+                ask(Some((&stranger.cert, &stranger.key)), true).await,
+            ),
+            (
+                "the CA's certificate naming no peer's host",
+                ask(Some((&no_peer_name.cert, &no_peer_name.key)), true).await,
+            ),
+        ];
+        for (who, answer) in table {
+            match who {
+                "a node's certificate" => assert_eq!(answer, Ok(1), "{who}"),
+                _ => assert!(answer.is_err(), "{who}: {answer:?}"),
+            }
+        }
     });
 }

@@ -1,5 +1,6 @@
 //! TLS on the gRPC port (rustls with the `ring` provider): the `[tls]` settings, the server
-//! configuration built from their files, and the names a client certificate carries.
+//! configuration built from their files, the names a client certificate carries, and mutual TLS
+//! between cluster nodes from the same files.
 //!
 //! Every problem with a file (unreadable, no certificate or key in it, a key that does not
 //! belong to the certificate, a certificate not yet or no longer valid) is a start-up error
@@ -164,6 +165,39 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     Ok(Some(Arc::new(config)))
 }
 
+/// Mutual TLS on the cluster port, from the same `[tls]` files as the client port: each node
+/// serves its certificate, presents the same one as a client to the other nodes, and accepts
+/// only peers whose certificate `client_ca_file` signed (required, whatever `client_auth` says
+/// for clients; the cluster port also checks the certificate names a peer's host, see
+/// [`certificate_hosts`]). The files are checked as for the client port. Returns the cluster
+/// port's server configuration and tonic's for its channels to the peers.
+pub fn cluster_tls(
+    tls: &TlsConfig,
+) -> Result<(Arc<ServerConfig>, tonic::transport::ClientTlsConfig), TlsError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if tls.client_ca_file.as_os_str().is_empty() {
+        return Err(fail(
+            &tls.cert_file,
+            "a cluster node with TLS needs tls.client_ca_file: the CA that signed every node's \
+             certificate (nodes authenticate each other with mutual TLS)",
+        ));
+    }
+    let required = TlsConfig {
+        client_auth: ClientAuth::Required,
+        ..tls.clone()
+    };
+    let server = server_config(&required)?.ok_or_else(|| fail(&tls.cert_file, "TLS is off"))?;
+    let read =
+        |file: &Path| std::fs::read(file).map_err(|e| fail(file, format!("cannot read: {e}")));
+    let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let ca = Certificate::from_pem(read(&tls.client_ca_file)?);
+    let client = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(identity)
+        .assume_http2(true);
+    Ok((server, client))
+}
+
 /// One certificate for every handshake.
 #[derive(Debug)]
 struct Single(Arc<rustls::sign::CertifiedKey>);
@@ -175,6 +209,35 @@ impl rustls::server::ResolvesServerCert for Single {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(Arc::clone(&self.0))
     }
+}
+
+/// The hosts a certificate names in its alternative names: DNS names (lower case) and IP
+/// addresses (as text, `10.0.0.2`).
+pub fn certificate_hosts(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(s) => Some(s.to_ascii_lowercase()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv4Addr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// A client certificate's names: its subject (RFC 2253 order, as `openssl x509 -subject

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::tls::cluster_tls;
 use crate::replication::catalog::{Catalog, Command};
 use crate::replication::config::Members;
 use crate::replication::status::{self, ClusterView};
@@ -35,11 +36,12 @@ use crate::replication::{
     GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
 };
 use crate::storage::raft_log::RaftLog;
-use crate::storage::{self, FileIo, LogConfig, Partition, io::replace_file};
+use crate::storage::{self, FileIo, Partition, io::replace_file};
 
 use super::audit::AUDIT_TOPIC;
 use super::blocking::blocking;
 use super::error::{Error, Result};
+use super::settings::Settings;
 use super::topic::{PartitionHandle, Topic};
 use super::topics::{CreateRequest, Topics};
 
@@ -95,17 +97,17 @@ impl Cluster {
     /// Checks the data directory belongs to this node of this cluster, opens the metadata
     /// group, starts the cluster port, joins the groups of the topics this node holds, and
     /// starts following the catalog. Topic creations of `topics` go through the cluster from
-    /// now on.
+    /// now on. The node's members, data directory, log and TLS settings come from `settings`.
     pub async fn start(
         members: Members,
-        data_dir: &Path,
+        settings: &Settings,
         topics: Arc<Topics>,
-        log: LogConfig,
         io: Arc<dyn FileIo>,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>> {
-        let dir = data_dir.join("cluster");
+        let log = settings.log.clone();
+        let dir = settings.data_dir.join("cluster");
         {
             let (dir, members, io) = (dir.clone(), members.clone(), Arc::clone(&io));
             let local: Vec<String> = topics
@@ -119,7 +121,18 @@ impl Cluster {
         let config = raft_config(&members)?;
         let write_timeout =
             Duration::from_millis(members.election_timeout_ms * 8).max(Duration::from_secs(5));
-        let peers = Peers::new(members.peers.clone());
+        let tls = settings
+            .cluster_tls
+            .as_ref()
+            .map(cluster_tls)
+            .transpose()
+            .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let mut peers = Peers::new(members.peers.clone());
+        let mut acceptor = None;
+        if let Some((server_tls, client_tls)) = tls {
+            peers = peers.with_tls(client_tls);
+            acceptor = Some(tokio_rustls::TlsAcceptor::from(server_tls));
+        }
         let service = RaftService::default()
             .with_write_timeout(write_timeout)
             .with_peers(peers.clone());
@@ -177,17 +190,42 @@ impl Cluster {
             caught_up: watch::Sender::new(false),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
-        let peers = peer_ips(&cluster.members).await?;
-        let incoming = tokio_stream::StreamExt::filter(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            move |conn| match conn {
-                Ok(stream) => from_peer(stream, &peers),
-                Err(_) => true,
-            },
-        );
-        let server = tonic::transport::Server::builder()
-            .add_service(cluster.service.clone().into_server())
-            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        let peer_ips = peer_ips(&cluster.members).await?;
+        let peer_hosts: HashSet<String> = cluster
+            .members
+            .peers
+            .values()
+            .filter_map(|a| a.rsplit_once(':').map(|(host, _)| host_name(host)))
+            .collect();
+        let router =
+            tonic::transport::Server::builder().add_service(cluster.service.clone().into_server());
+        let stop = shutdown.clone().cancelled_owned();
+        let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match acceptor
+        {
+            None => {
+                let incoming = tokio_stream::StreamExt::filter(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    move |conn| match conn {
+                        Ok(stream) => from_peer(stream, &peer_ips),
+                        Err(_) => true,
+                    },
+                );
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            Some(acceptor) => {
+                let (tx, rx) = mpsc::channel(16);
+                tasks.spawn(accept_peers_tls(
+                    listener,
+                    acceptor,
+                    peer_ips,
+                    peer_hosts,
+                    tx,
+                    shutdown.clone(),
+                ));
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+        };
         tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the cluster port stopped");
@@ -542,6 +580,72 @@ fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
+    }
+}
+
+/// The cluster port under mutual TLS: a connection from a peer's address whose certificate
+/// (signed by `tls.client_ca_file`, checked in the handshake) names a peer's host is served;
+/// any other is closed, and said in the log. Handshakes run apart, at most 5 s each.
+async fn accept_peers_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    peer_ips: HashSet<IpAddr>,
+    peer_hosts: HashSet<String>,
+    accepted: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+    shutdown: CancellationToken,
+) {
+    let peer_hosts = Arc::new(peer_hosts);
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            () = shutdown.cancelled() => return,
+        };
+        let Ok((stream, from)) = conn else { continue };
+        if !from_peer(&stream, &peer_ips) {
+            continue;
+        }
+        let (acceptor, hosts, accepted) =
+            (acceptor.clone(), Arc::clone(&peer_hosts), accepted.clone());
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(%from, error = %e, "cluster port: TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%from, "cluster port: no TLS handshake within 5 s, closed");
+                    return;
+                }
+            };
+            let names_a_peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .is_some_and(|cert| {
+                    crate::auth::tls::certificate_hosts(cert)
+                        .iter()
+                        .any(|h| hosts.contains(h))
+                });
+            if !names_a_peer {
+                tracing::warn!(%from, "cluster port: the certificate names no peer's host \
+                    (cluster.peers), closed");
+                return;
+            }
+            let _ = accepted.send(Ok(tls)).await;
+        });
+    }
+}
+
+/// A host as certificates name it: a DNS name in lower case, an IP address as text (brackets
+/// of an IPv6 address dropped).
+fn host_name(host: &str) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => host.to_ascii_lowercase(),
     }
 }
 

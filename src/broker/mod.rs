@@ -154,9 +154,8 @@ impl Broker {
             (Some(members), false) => Some(
                 Cluster::start(
                     members.clone(),
-                    &settings.data_dir,
+                    &settings,
                     Arc::clone(&topics),
-                    settings.log.clone(),
                     io,
                     &tasks,
                     shutdown.clone(),

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::auth::tls::TlsConfig;
 use crate::config::{Config, GroupsConfig};
 use crate::replication::config::Members;
 use crate::storage::LogConfig;
@@ -32,6 +33,8 @@ pub struct Settings {
     pub groups: GroupsConfig,
     /// Cluster mode's members; `None` for a single node.
     pub cluster: Option<Members>,
+    /// Cluster mode with `[tls]`: its files, for mutual TLS between the nodes.
+    pub cluster_tls: Option<TlsConfig>,
 }
 
 impl From<&Config> for Settings {
@@ -51,6 +54,7 @@ impl From<&Config> for Settings {
             groups: c.groups.clone(),
             // Checked by `Config::sanitize` before the broker is built.
             cluster: c.cluster.members().ok().flatten(),
+            cluster_tls: c.tls.enabled().then(|| c.tls.clone()),
         }
     }
 }

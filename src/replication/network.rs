@@ -2,8 +2,6 @@
 //! sending side. One lazily connected channel per peer and group; a peer that does not answer is
 //! `Unreachable` (openraft backs off), anything else a network error.
 
-use std::time::Duration;
-
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -11,15 +9,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::peers::Peers;
 use super::types::PartitionRaft;
 use super::wire::{self, MAX_MESSAGE_BYTES};
 use crate::proto::cluster::raft_client::RaftClient;
-
-/// How long connecting to a peer may take before the attempt counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
@@ -49,6 +44,7 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
             group: self.group.clone(),
             target,
             addr: self.peers.addr(target, &node.addr),
+            peers: self.peers.clone(),
             client: None,
             reachable: true,
         }
@@ -61,6 +57,7 @@ pub struct GrpcLink {
     group: String,
     target: u64,
     addr: String,
+    peers: Peers,
     client: Option<RaftClient<Channel>>,
     /// Whether the last call reached the peer: a change is logged once (openraft's own report
     /// of every failed call is off by default, see `sluice serve`'s log filter).
@@ -90,9 +87,10 @@ impl GrpcLink {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| RPCError::Unreachable(unreachable(&e)))?
-            .connect_timeout(CONNECT_TIMEOUT);
+        let endpoint = self
+            .peers
+            .endpoint(&self.addr)
+            .map_err(|e| RPCError::Unreachable(unreachable(&std::io::Error::other(e))))?;
         let client = RaftClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

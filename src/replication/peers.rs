@@ -6,20 +6,52 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Node id → cluster address, as this node reaches it.
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+/// How long connecting to a peer may take before the attempt counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Node id → cluster address, as this node reaches it; and how (plaintext, or mutual TLS).
 #[derive(Debug, Clone, Default)]
-pub struct Peers(Arc<BTreeMap<u64, String>>);
+pub struct Peers {
+    addresses: Arc<BTreeMap<u64, String>>,
+    tls: Option<ClientTlsConfig>,
+}
 
 impl Peers {
     pub fn new(addresses: BTreeMap<u64, String>) -> Self {
-        Peers(Arc::new(addresses))
+        Peers {
+            addresses: Arc::new(addresses),
+            tls: None,
+        }
+    }
+
+    /// Reaches every peer over TLS, presenting this node's certificate.
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// A lazily connecting endpoint for a peer's cluster address.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| format!("peer address {addr:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        match &self.tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS to {addr}: {e}")),
+            None => Ok(endpoint),
+        }
     }
 
     /// Node `id`'s cluster address, or `fallback` (what Raft's membership says) when this node's
     /// configuration does not name it.
     pub fn addr(&self, id: u64, fallback: &str) -> String {
-        self.0
+        self.addresses
             .get(&id)
             .cloned()
             .unwrap_or_else(|| fallback.to_string())

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::peers::Peers;
@@ -144,9 +144,7 @@ impl Forwarder {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| WriteError::Stopped(format!("leader address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(1));
+        let endpoint = self.peers.endpoint(addr).map_err(WriteError::Stopped)?;
         let client = RaftClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
