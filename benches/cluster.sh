@@ -10,10 +10,18 @@
 #     flight at the kill may fail as unknown and is retried)
 # The cluster's Sends go to the partition's leader (found with `sluice topics describe`), so
 # forwarding is not counted; a second lone-producer run through a follower shows what it adds.
-# Usage: [N=messages for the lone producer, default 3000] benches/cluster.sh
+#   - burst: 10,000 concurrent seed-API Sends of 4 KB through one node (a follower of the
+#     topic's partition: each is forwarded), all must be acknowledged
+#   - idle: 100 partitions x 3 replicas doing nothing; each node's CPU over 20 s
+# Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
+#        [ONLY="lone batched failover burst idle", default all] benches/cluster.sh
+# The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
+# SLUICE_CLUSTER_HEARTBEAT_MS from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
+only="${ONLY:-lone batched failover burst idle}"
+want() { [[ " $only " == *" $1 "* ]]; }
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench
 bin=target/release/sluice
@@ -34,6 +42,7 @@ cpu() { # summed user + system seconds of the given pids
 start() { # start DIR ENV...: a broker; sets $addr (its client address) and $pid
   local dir=$1; shift
   mkdir -p "$dir"
+  rm -f "$dir.out"
   env "$@" RUST_LOG=warn "$bin" serve --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" \
     --fsync always >"$dir.out" 2>"$dir.err" &
   pid=$!
@@ -53,16 +62,22 @@ leader_addr() { # leader_addr TOPIC PARTITION ADDR...: the client address of the
   echo "${addrs[$((id - 1))]}"
 }
 
-echo "== one node"
-start "$root/single"
-single=$addr
-spid=$pid
-"$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
-c0=$(cpu "$spid")
-"$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$single"
-c1=$(cpu "$spid")
-echo "broker CPU for the batched run: $(echo "$c1 - $c0" | bc) s"
-kill -INT "$spid"; wait "$spid" || true
+if want lone || want batched; then
+  echo "== one node"
+  start "$root/single"
+  single=$addr
+  spid=$pid
+  if want lone; then
+    "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
+  fi
+  if want batched; then
+    c0=$(cpu "$spid")
+    "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$single"
+    c1=$(cpu "$spid")
+    echo "broker CPU for the batched run: $(echo "$c1 - $c0" | bc) s"
+  fi
+  kill -INT "$spid"; wait "$spid" || true
+fi
 
 echo "== three nodes"
 ports=$(python3 -c 'import socket
@@ -79,31 +94,65 @@ for i in 1 2 3; do
   cpids+=("$pid")
 done
 "$bin" topics create lone --broker "${addrs[0]}" >/dev/null
-"$bin" topics create batched --broker "${addrs[0]}" >/dev/null
-lead=$(leader_addr lone 0 "${addrs[0]}")
-"$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$lead"
-for a in "${addrs[@]}"; do
-  if [ "$a" != "$lead" ]; then
-    echo "-- through a follower (forwarded)"
-    "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$a"
-    break
-  fi
-done
-lead=$(leader_addr batched 0 "${addrs[0]}")
-c0=$(cpu "${cpids[@]}")
-"$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$lead"
-c1=$(cpu "${cpids[@]}")
-echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s"
+if want lone; then
+  lead=$(leader_addr lone 0 "${addrs[0]}")
+  "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$lead"
+  for a in "${addrs[@]}"; do
+    if [ "$a" != "$lead" ]; then
+      echo "-- through a follower (forwarded)"
+      "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$a"
+      break
+    fi
+  done
+fi
+if want batched; then
+  "$bin" topics create batched --broker "${addrs[0]}" >/dev/null
+  lead=$(leader_addr batched 0 "${addrs[0]}")
+  c0=$(cpu "${cpids[@]}")
+  "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$lead"
+  c1=$(cpu "${cpids[@]}")
+  echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s"
+fi
 
-echo "== failover: SIGKILL of lone/0's leader; a Send through another node, retried on error"
-lead=$(leader_addr lone 0 "${addrs[0]}")
-for i in 0 1 2; do [ "${addrs[$i]}" = "$lead" ] && victim=$i; done
-through=${addrs[$(((victim + 1) % 3))]}
-echo warm | "$bin" produce --topic lone --partition 0 --broker "$through"
-t0=$(date +%s%N)
-kill -9 "${cpids[$victim]}"
-tries=0
-until echo after | "$bin" produce --topic lone --partition 0 --broker "$through" 2>/dev/null; do
-  tries=$((tries + 1))
+if want burst; then
+  echo "== burst: 10,000 concurrent seed-API Sends of 4 KB through a follower of burst/0"
+  "$bin" topics create burst --partitions 1 --broker "${addrs[0]}" >/dev/null
+  lead=$(leader_addr burst 0 "${addrs[0]}")
+  for a in "${addrs[@]}"; do [ "$a" != "$lead" ] && through=$a && break; done
+  "$bench" burst --topic burst --sends 10000 --broker "$through"
+fi
+
+if want idle; then
+  echo "== idle: 100 partitions x 3 replicas, nothing sent; each node's CPU over 20 s"
+  "$bin" topics create idle --partitions 100 --broker "${addrs[0]}" >/dev/null
+  sleep 5 # every group elected and settled
+  declare -a before
+  for i in 0 1 2; do before[$i]=$(cpu "${cpids[$i]}"); done
+  sleep 20
+  for i in 0 1 2; do
+    echo "node $((i + 1)): $(echo "scale=1; ($(cpu "${cpids[$i]}") - ${before[$i]}) * 100 / 20" | bc) % of one core"
+  done
+fi
+
+want failover || exit 0
+
+for round in $(seq "${FAILOVERS:-1}"); do
+  echo "== failover $round: SIGKILL of lone/0's leader; a Send through another node, retried on error"
+  lead=$(leader_addr lone 0 "${addrs[0]}")
+  for i in 0 1 2; do [ "${addrs[$i]}" = "$lead" ] && victim=$i; done
+  through=${addrs[$(((victim + 1) % 3))]}
+  echo warm | "$bin" produce --topic lone --partition 0 --broker "$through"
+  t0=$(date +%s%N)
+  kill -9 "${cpids[$victim]}"
+  tries=0
+  until echo after | "$bin" produce --topic lone --partition 0 --broker "$through" 2>/dev/null; do
+    tries=$((tries + 1))
+  done
+  echo "a Send succeeded again $(( ($(date +%s%N) - t0) / 1000000 )) ms after the kill ($tries failed tries before)"
+  # The victim comes back (same data, same identity) and catches up before the next round.
+  wait "${cpids[$victim]}" 2>/dev/null || true
+  start "$root/node$((victim + 1))" SLUICE_CLUSTER_NODE_ID=$((victim + 1)) SLUICE_CLUSTER_PEERS="$peers"
+  addrs[$victim]=$addr
+  cpids[$victim]=$pid
+  sleep 3
 done
-echo "a Send succeeded again $(( ($(date +%s%N) - t0) / 1000000 )) ms after the kill ($tries failed tries before)"

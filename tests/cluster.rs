@@ -1391,3 +1391,66 @@ fn with_tls_the_nodes_authenticate_each_other_and_refuse_anyone_else_on_the_clus
         }
     });
 }
+
+#[test]
+fn ten_thousand_concurrent_seed_sends_through_a_follower_are_all_acknowledged() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = TestCluster::start();
+        let topic = "burst";
+        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+            .create_topic(pb::CreateTopicRequest {
+                name: topic.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 1,
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        // The seed's burst, through a node that does not lead the partition: every Send is
+        // forwarded to the leader over one cluster connection.
+        let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
+        let describe = pb::DescribeTopicRequest { name: topic.into() };
+        let d = admin
+            .describe_topic(describe.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        // Creation returns once each partition has a leader.
+        let leader = d.partitions[0].leader.expect("a leader") as usize - 1;
+        let through = cluster.addr((leader + 1) % 3);
+        let mut channels = Vec::new();
+        for _ in 0..16 {
+            channels.push(connect(&through).await.unwrap());
+        }
+        let payload = bytes::Bytes::from(vec![b'q'; 4096]);
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..10_000usize {
+            let mut client = SeedClient::new(channels[i % channels.len()].clone());
+            let request = seed_pb::SendRequest {
+                msg: Some(seed_pb::Message {
+                    topic: topic.into(),
+                    payload: payload.clone(),
+                }),
+            };
+            sends.spawn(async move { client.send(request).await.map(|r| r.into_inner()) });
+        }
+        let mut acknowledged = 0;
+        while let Some(sent) = sends.join_next().await {
+            let answer = sent
+                .unwrap()
+                .unwrap_or_else(|e| panic!("a Send failed: {e:?}"));
+            assert!(answer.success, "{answer:?}");
+            acknowledged += 1;
+        }
+        assert_eq!(acknowledged, 10_000);
+        // Asked of the leader: a follower learns the commit point a heartbeat later.
+        let mut admin = AdminClient::new(connect(&cluster.addr(leader)).await.unwrap());
+        let d = admin.describe_topic(describe).await.unwrap().into_inner();
+        assert_eq!(d.partitions[0].next_offset, 10_000, "each stored once");
+    });
+}

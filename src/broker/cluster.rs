@@ -197,8 +197,15 @@ impl Cluster {
             .values()
             .filter_map(|a| a.rsplit_once(':').map(|(host, _)| host_name(host)))
             .collect();
-        let router =
-            tonic::transport::Server::builder().add_service(cluster.service.clone().into_server());
+        // Forwarded Sends share one connection per peer: thousands at once must neither split
+        // into tiny DATA frames (h2 answers a flood of them with GOAWAY) nor wait on a small
+        // window. At most 1,024 streams at once, each with a 1 MiB window, 16 MiB in all.
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1024))
+            .initial_stream_window_size(Some(1 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some(1 << 20))
+            .add_service(cluster.service.clone().into_server());
         let stop = shutdown.clone().cancelled_owned();
         let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match acceptor
         {

@@ -113,9 +113,21 @@ impl WriteError {
                 WriteError::NoLeader(leader)
             }
             Code::DeadlineExceeded | Code::Cancelled => WriteError::TimedOut(deadline),
-            _ => WriteError::Stopped(format!("the leader answered: {}", status.message())),
+            _ => WriteError::Stopped(format!("the leader answered: {}", with_causes(status))),
         }
     }
+}
+
+/// A status's message followed by each underlying cause (a transport error's says why).
+fn with_causes(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Forwards proposals to leaders over the cluster port: one lazily connected channel per peer.
