@@ -33,7 +33,8 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// A generous deadline for anything the cluster must do (an election, a catch-up): far above
-/// the default election timeout (1–2 s), so only a cluster that never gets there fails.
+/// a failover at the default election timeout (2.0–2.4 s), so only a cluster that never gets
+/// there fails.
 const DEADLINE: Duration = Duration::from_secs(60);
 
 const TOPIC: &str = "submissions";
@@ -1415,13 +1416,18 @@ fn ten_thousand_concurrent_seed_sends_through_a_follower_are_all_acknowledged() 
         // forwarded to the leader over one cluster connection.
         let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
         let describe = pb::DescribeTopicRequest { name: topic.into() };
-        let d = admin
-            .describe_topic(describe.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        // Creation returns once each partition has a leader.
-        let leader = d.partitions[0].leader.expect("a leader") as usize - 1;
+        // The partition's leader (another election may be under way: tests share the cores).
+        let leader = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let d = admin.describe_topic(describe.clone()).await.unwrap();
+                if let Some(l) = d.into_inner().partitions[0].leader {
+                    return l as usize - 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("a leader");
         let through = cluster.addr((leader + 1) % 3);
         let mut channels = Vec::new();
         for _ in 0..16 {

@@ -675,7 +675,7 @@ fn raft_config(members: &Members) -> Result<Arc<openraft::Config>> {
         cluster_name: "sluice".into(),
         heartbeat_interval: members.heartbeat_ms,
         election_timeout_min: members.election_timeout_ms,
-        election_timeout_max: members.election_timeout_ms * 2,
+        election_timeout_max: members.election_timeout_ms * 3 / 2,
         // No snapshots, so no purge: a node that fell behind catches up from the log, which
         // holds every message (shipping segments as a snapshot is not built yet).
         snapshot_policy: SnapshotPolicy::Never,

@@ -14,7 +14,7 @@ use super::status;
 use super::types::PartitionRaft;
 use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
-use super::write::propose;
+use super::write::{NOT_PROPOSED_METADATA, WriteError, known_leader, propose};
 use crate::proto::cluster as pb;
 
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
@@ -159,6 +159,20 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let req = request.into_inner();
         let raft = self.group(&req.group)?;
+        let leads = {
+            let m = raft.metrics().borrow().clone();
+            m.current_leader == Some(m.id)
+        };
+        if !leads {
+            // Refused before proposing: the forwarding node may take it to the next leader.
+            let leader = known_leader(&raft, &self.peers);
+            let mut status = WriteError::NoLeader(leader).to_status();
+            status.metadata_mut().insert(
+                NOT_PROPOSED_METADATA,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            return Err(status);
+        }
         match propose(&raft, req.batch.to_vec(), self.write_timeout, &self.peers).await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {
                 base_offset: applied.offsets.map(|o| o.0),

@@ -21,6 +21,10 @@ use crate::proto::cluster::raft_client::RaftClient;
 /// The metadata naming a group's leader, `<node id>@<cluster address>`, on refusals.
 pub const LEADER_METADATA: &str = "x-sluice-leader";
 
+/// Set on a forwarded proposal's refusal when the node refused it before proposing (it did not
+/// lead the group): nothing was appended, so the proposal may go to the next leader.
+pub const NOT_PROPOSED_METADATA: &str = "x-sluice-not-proposed";
+
 /// Why a proposal was not acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
@@ -166,8 +170,8 @@ impl Forwarder {
 
     /// Proposes `batch` here if this node leads `group`, else at the leader it knows, waiting at
     /// most `deadline` in all. A leader that refuses the connection (down: the proposal never
-    /// left this node) is waited out: the proposal goes to the next leader elected, so a Send
-    /// rides through a failover instead of failing.
+    /// left this node), or that no longer leads and says it proposed nothing, is waited out: the
+    /// proposal goes to the next leader, so a Send rides through a failover instead of failing.
     pub async fn propose(
         &self,
         raft: &Raft<PartitionRaft>,
@@ -238,6 +242,10 @@ impl Forwarder {
                 })
             }
             Err(s) if connection_refused(&s) => return Forwarded::Refused,
+            // It no longer leads and proposed nothing: as good as down, for this proposal.
+            Err(s) if s.metadata().contains_key(NOT_PROPOSED_METADATA) => {
+                return Forwarded::Refused;
+            }
             // Cut off from this node, or its group stopped: the proposal may have arrived.
             Err(s) if s.code() == Code::Unavailable => Err(WriteError::NoLeader(Some(leader))),
             Err(s) => Err(WriteError::from_status(&s, deadline)),
@@ -248,7 +256,8 @@ impl Forwarder {
 /// What forwarding a proposal came to.
 enum Forwarded {
     Answer(Result<Applied, WriteError>),
-    /// The leader's port refused the connection: nothing was sent.
+    /// Nothing was proposed: the leader's port refused the connection, or the node no longer
+    /// leads and said it proposed nothing.
     Refused,
 }
 
