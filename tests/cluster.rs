@@ -249,6 +249,28 @@ impl Drop for TestCluster {
     }
 }
 
+/// A multi-threaded runtime for a test (the links' proxies and the clients run on it).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Creates topic `name` with `partitions` through `channel`'s node.
+async fn create_topic(channel: Channel, name: &str, partitions: u32) {
+    AdminClient::new(channel)
+        .create_topic(pb::CreateTopicRequest {
+            name: name.into(),
+            settings: Some(pb::TopicSettings {
+                partitions,
+                ..pb::TopicSettings::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -751,10 +773,7 @@ fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own(
 
 #[test]
 fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let cluster = TestCluster::start();
         let channel = connect(&cluster.addr(1)).await.unwrap();
@@ -1028,20 +1047,11 @@ fn the_cluster_port_closes_connections_from_addresses_that_are_not_peers() {
 
 #[test]
 fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_stays_readable() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         let channel = connect(&cluster.addr(2)).await.unwrap();
-        AdminClient::new(channel.clone())
-            .create_topic(pb::CreateTopicRequest {
-                name: TOPIC.into(),
-                settings: None,
-            })
-            .await
-            .unwrap();
+        create_topic(channel.clone(), TOPIC, 1).await;
         let send = |value: &'static str| {
             let mut client = BrokerClient::new(channel.clone());
             async move {
@@ -1090,23 +1100,11 @@ fn cluster_status(addr: &str) -> (i32, serde_json::Value, String) {
 
 #[test]
 fn cluster_status_shows_every_node_leader_and_lag_and_fails_when_a_group_has_no_leader() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         let channel = connect(&cluster.addr(0)).await.unwrap();
-        AdminClient::new(channel.clone())
-            .create_topic(pb::CreateTopicRequest {
-                name: TOPIC.into(),
-                settings: Some(pb::TopicSettings {
-                    partitions: PARTITIONS,
-                    ..pb::TopicSettings::default()
-                }),
-            })
-            .await
-            .unwrap();
+        create_topic(channel.clone(), TOPIC, PARTITIONS).await;
         let sent = BrokerClient::new(channel)
             .send(pb::SendRequest {
                 topic: TOPIC.into(),
@@ -1211,77 +1209,73 @@ fn cluster_status_shows_every_node_leader_and_lag_and_fails_when_a_group_has_no_
 
 #[test]
 fn a_cluster_node_is_ready_only_once_caught_up_with_its_groups_leaders() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut cluster = TestCluster::start();
-        let channel = connect(&cluster.addr(0)).await.unwrap();
-        AdminClient::new(channel.clone())
-            .create_topic(pb::CreateTopicRequest {
-                name: TOPIC.into(),
-                settings: None,
+    let runtime = runtime();
+    // The node restarted was the partition's leader (its stored vote still names it: it must not
+    // count itself caught up), or a follower.
+    for was_leader in [true, false] {
+        runtime.block_on(async {
+            let mut cluster = TestCluster::start();
+            create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+            let all = [0, 1, 2];
+            let leader = cluster.leader(0, 0, &all).await;
+            let victim = if was_leader { leader } else { (leader + 1) % 3 };
+            let others: Vec<usize> = all.iter().copied().filter(|&i| i != victim).collect();
+            // The victim stops; 200 messages are committed without it.
+            cluster.kill(victim);
+            cluster.leader(others[0], 0, &others).await;
+            let mut client = BrokerClient::new(connect(&cluster.addr(others[0])).await.unwrap());
+            for i in 0..20u32 {
+                let messages = (0..10)
+                    .map(|j| pb::Message {
+                        value: Some(format!("m{i}-{j}").into()),
+                        ..pb::Message::default()
+                    })
+                    .collect();
+                client
+                    .send(pb::SendRequest {
+                        topic: TOPIC.into(),
+                        messages,
+                    })
+                    .await
+                    .unwrap();
+            }
+            // Restarted with the others up: ready only once it serves all 200.
+            let node = &mut cluster.nodes[victim];
+            let (child, addr, http) = serve_http(
+                &node.dir,
+                node.id,
+                &cluster.peers[victim],
+                &[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")],
+            )
+            .unwrap();
+            node.child = Some(child);
+            cluster.links.set_up(victim, true);
+            let http = http.expect("the HTTP port is on");
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let reply = common::http::get(http, "/readyz").await;
+                    if reply.status == 200 {
+                        return;
+                    }
+                    assert_eq!(reply.status, 503, "{}", reply.body);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             })
             .await
-            .unwrap();
-        // Node 3 stops; 200 messages are committed without it.
-        cluster.kill(2);
-        let mut client = BrokerClient::new(channel);
-        for i in 0..20u32 {
-            let messages = (0..10)
-                .map(|j| pb::Message {
-                    value: Some(format!("m{i}-{j}").into()),
-                    ..pb::Message::default()
-                })
-                .collect();
-            client
-                .send(pb::SendRequest {
-                    topic: TOPIC.into(),
-                    messages,
-                })
-                .await
-                .unwrap();
-        }
-        // Node 1 alone (node 2 down too) would never be ready: it cannot learn what is
-        // committed. Node 3 restarted with node 1 and 2 up: ready only once it serves all 200.
-        let node = &mut cluster.nodes[2];
-        let (child, addr, http) = serve_http(
-            &node.dir,
-            node.id,
-            &cluster.peers[2],
-            &[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")],
-        )
-        .unwrap();
-        node.child = Some(child);
-        cluster.links.set_up(2, true);
-        let http = http.expect("the HTTP port is on");
-        tokio::time::timeout(DEADLINE, async {
-            loop {
-                let reply = common::http::get(http, "/readyz").await;
-                if reply.status == 200 {
-                    return;
-                }
-                assert_eq!(reply.status, 503, "{}", reply.body);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("node 3 became ready");
-        let d = describe(&addr).await.unwrap();
-        assert_eq!(
-            d.partitions[0].next_offset, 200,
-            "ready, so it serves everything committed while it was down"
-        );
-    });
+            .expect("the restarted node became ready");
+            let d = describe(&addr).await.unwrap();
+            assert_eq!(
+                d.partitions[0].next_offset, 200,
+                "ready, so it serves everything committed while it was down (was leader: \
+                 {was_leader})"
+            );
+        });
+    }
 }
 
 #[test]
 fn with_tls_the_nodes_authenticate_each_other_and_refuse_anyone_else_on_the_cluster_port() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let pki = tempfile::tempdir().unwrap();
         let ca = common::pki::Ca::new(pki.path(), "clinic");
@@ -1395,23 +1389,11 @@ fn with_tls_the_nodes_authenticate_each_other_and_refuse_anyone_else_on_the_clus
 
 #[test]
 fn ten_thousand_concurrent_seed_sends_through_a_follower_are_all_acknowledged() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let cluster = TestCluster::start();
         let topic = "burst";
-        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
-            .create_topic(pb::CreateTopicRequest {
-                name: topic.into(),
-                settings: Some(pb::TopicSettings {
-                    partitions: 1,
-                    ..pb::TopicSettings::default()
-                }),
-            })
-            .await
-            .unwrap();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), topic, 1).await;
         // The seed's burst, through a node that does not lead the partition: every Send is
         // forwarded to the leader over one cluster connection.
         let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());

@@ -327,7 +327,25 @@ impl Cluster {
                     continue;
                 };
                 if leader == me {
-                    break;
+                    // A restarted node may resume as the leader its stored vote names, until it
+                    // hears of a newer term: it leads only once a majority has acknowledged it.
+                    let fresh = self.members.election_timeout_ms;
+                    let mut metrics = raft.metrics();
+                    let acked = metrics.wait_for(|m| {
+                        m.current_leader != Some(me)
+                            || m.millis_since_quorum_ack.is_some_and(|ms| ms <= fresh)
+                    });
+                    tokio::select! {
+                        _ = tokio::time::timeout(STATUS_DEADLINE, acked) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    let m = raft.metrics().borrow().clone();
+                    if m.current_leader == Some(me)
+                        && m.millis_since_quorum_ack.is_some_and(|ms| ms <= fresh)
+                    {
+                        break;
+                    }
+                    continue;
                 }
                 let report = match reports.entry(leader) {
                     Entry::Occupied(known) => known.into_mut(),
