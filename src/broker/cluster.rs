@@ -330,19 +330,18 @@ impl Cluster {
                     // A restarted node may resume as the leader its stored vote names, until it
                     // hears of a newer term: it leads only once a majority has acknowledged it.
                     let fresh = self.members.election_timeout_ms;
+                    let acknowledged = |m: &openraft::RaftMetrics<u64, BasicNode>| {
+                        m.current_leader == Some(me)
+                            && m.millis_since_quorum_ack.is_some_and(|ms| ms <= fresh)
+                    };
                     let mut metrics = raft.metrics();
-                    let acked = metrics.wait_for(|m| {
-                        m.current_leader != Some(me)
-                            || m.millis_since_quorum_ack.is_some_and(|ms| ms <= fresh)
-                    });
+                    let settled =
+                        metrics.wait_for(|m| m.current_leader != Some(me) || acknowledged(m));
                     tokio::select! {
-                        _ = tokio::time::timeout(STATUS_DEADLINE, acked) => {}
+                        _ = tokio::time::timeout(STATUS_DEADLINE, settled) => {}
                         () = shutdown.cancelled() => return,
                     }
-                    let m = raft.metrics().borrow().clone();
-                    if m.current_leader == Some(me)
-                        && m.millis_since_quorum_ack.is_some_and(|ms| ms <= fresh)
-                    {
+                    if acknowledged(&raft.metrics().borrow()) {
                         break;
                     }
                     continue;
