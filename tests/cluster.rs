@@ -1083,6 +1083,174 @@ fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_s
     });
 }
 
+/// The bytes of partition 0's segment logs of `TOPIC` in a node's data directory.
+fn log_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("topics").join(TOPIC).join("0"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// Waits until the nodes `among` all serve partition 0 up to `end` from one first offset above
+/// 0 (retention dropped the same oldest messages on each).
+async fn first_offsets_agree(cluster: &TestCluster, among: &[usize], end: u64) {
+    let found = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut firsts = BTreeSet::new();
+            for &i in among {
+                match describe(&cluster.addr(i)).await {
+                    Ok(d) if d.partitions[0].next_offset == end => {
+                        firsts.insert(d.partitions[0].first_offset)
+                    }
+                    _ => firsts.insert(u64::MAX),
+                };
+            }
+            if firsts.len() == 1 && firsts.first().is_some_and(|&f| f > 0 && f < end) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.expect("retention ran alike on every node within the deadline");
+}
+
+/// Retention in a cluster is decided by each partition's leader and applied by every replica:
+/// every node shows the same messages from the same first offset, keeps about the configured
+/// bytes on disk, and a node that was down while the oldest messages went (it holds none of
+/// what remains) installs the leader's snapshot and starts its log at that offset.
+#[test]
+fn retention_is_decided_by_the_leader_and_every_replica_keeps_the_same_messages() {
+    const SEGMENT: u64 = 4096;
+    const RETAIN: u64 = 4 * SEGMENT;
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start_with(&[
+            ("SLUICE_LOG_SEGMENT_BYTES", "4096"),
+            ("SLUICE_RETENTION_CHECK_MS", "100"),
+        ]);
+        let channel = connect(&cluster.addr(0)).await.unwrap();
+        AdminClient::new(channel)
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 1,
+                    retention_bytes: Some(RETAIN),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        // A follower goes down (the leader stays: no election to wait out).
+        let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
+        let down = (0..3).find(|&i| i != leader).unwrap();
+        let up: Vec<usize> = (0..3).filter(|&i| i != down).collect();
+        cluster.kill(down);
+        let mut client = BrokerClient::new(connect(&cluster.addr(up[0])).await.unwrap());
+        let value = |n: u64| format!("{n:05}{}", "x".repeat(95));
+        let mut sent = BTreeMap::new();
+        for n in 0..400 {
+            let r = client
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        value: Some(value(n).into()),
+                        ..pb::Message::default()
+                    }],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            sent.insert(r.positions[0].offset, value(n));
+        }
+        let end = sent.len() as u64;
+        // Every node, the one that was down included, drops the oldest messages: the same ones.
+        first_offsets_agree(&cluster, &up, end).await;
+        cluster.restart(down);
+        first_offsets_agree(&cluster, &[0, 1, 2], end).await;
+        for i in 0..3 {
+            let first = describe(&cluster.addr(i)).await.unwrap().partitions[0].first_offset;
+            let mut stream = BrokerClient::new(connect(&cluster.addr(i)).await.unwrap())
+                .subscribe(pb::SubscribeRequest {
+                    topic: TOPIC.into(),
+                    partitions: vec![0],
+                    start: Some(pb::StartPosition {
+                        kind: Some(pb::start_position::Kind::Earliest(true)),
+                    }),
+                    limit: end - first,
+                    ..pb::SubscribeRequest::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut read = BTreeMap::new();
+            while let Some(batch) = stream.message().await.unwrap() {
+                for d in batch.deliveries {
+                    let v = String::from_utf8(d.value.unwrap_or_default().to_vec()).unwrap();
+                    read.insert(d.offset, v);
+                }
+            }
+            let want: BTreeMap<u64, String> =
+                sent.range(first..).map(|(o, v)| (*o, v.clone())).collect();
+            assert_eq!(
+                read,
+                want,
+                "node {} serves every message from the first offset kept",
+                i + 1
+            );
+            // Disk: what retention keeps, plus the segments holding the first kept message and
+            // the active one.
+            let bytes = log_bytes(&cluster.nodes[i].dir);
+            assert!(
+                bytes <= RETAIN + 2 * SEGMENT + 1024,
+                "node {} keeps {bytes} bytes",
+                i + 1
+            );
+        }
+        // The node that was down held none of what remains: it installed the leader's snapshot
+        // (the retention point) and its log starts there.
+        let first = describe(&cluster.addr(down)).await.unwrap().partitions[0].first_offset;
+        let oldest =
+            std::fs::read_dir(cluster.nodes[down].dir.join("topics").join(TOPIC).join("0"))
+                .unwrap()
+                .filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_suffix(".log")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .min();
+        assert!(
+            oldest.is_some_and(|o| o > 0 && o <= first),
+            "its oldest segment: {oldest:?}"
+        );
+        // A reading below the first offset kept is out of range.
+        let below = BrokerClient::new(connect(&cluster.addr(down)).await.unwrap())
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                partitions: vec![0],
+                start: Some(pb::StartPosition {
+                    kind: Some(pb::start_position::Kind::Offset(first - 1)),
+                }),
+                limit: 1,
+                ..pb::SubscribeRequest::default()
+            })
+            .await;
+        let code = match below {
+            Err(status) => status.code(),
+            Ok(response) => match response.into_inner().message().await {
+                Err(status) => status.code(),
+                Ok(m) => panic!("read below the first offset kept: {m:?}"),
+            },
+        };
+        assert_eq!(code, tonic::Code::OutOfRange);
+    });
+}
+
 /// `sluice cluster status --format json` through the node at `addr`: its exit code and output.
 fn cluster_status(addr: &str) -> (i32, serde_json::Value, String) {
     let out = common::server::cli(

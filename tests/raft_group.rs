@@ -19,7 +19,7 @@ use openraft::raft::{
 use openraft::{BasicNode, Config, Raft};
 use sluice::replication::network::GrpcLink;
 use sluice::replication::{
-    GrpcNetwork, LogStore, PartitionRaft, Peers, Proposal, RaftService, StateMachine,
+    GroupCommand, GrpcNetwork, LogStore, PartitionRaft, Peers, Proposal, RaftService, StateMachine,
 };
 use sluice::storage::raft_log::{RaftLog, RaftLogReader};
 use sluice::storage::{EncodedBatch, LogConfig, Partition, RealIo, Record};
@@ -221,8 +221,9 @@ struct Replica {
 
 async fn start(dir: &std::path::Path, id: u64, router: &Router) -> Replica {
     let part = dir.join(format!("n{id}")).join("p");
+    // Small segments: a trim deletes whole ones.
     let config = LogConfig {
-        segment_bytes: 16 << 10,
+        segment_bytes: 4 << 10,
         index_interval_bytes: 512,
         ..LogConfig::default()
     };
@@ -230,10 +231,20 @@ async fn start(dir: &std::path::Path, id: u64, router: &Router) -> Replica {
     let reader = log.reader();
     let sm =
         StateMachine::open(&part, Arc::new(RealIo), log.reader()).expect("open the state machine");
+    let store = LogStore::new(log)
+        .linked(sm.installed())
+        .expect("a log purged past its end starts again");
+    // As the broker does: a retention point applied here is this replica's snapshot to take.
+    let (trimmed, mut trims) = tokio::sync::mpsc::unbounded_channel();
+    let sm = sm.on_trim(Box::new(move || {
+        let _ = trimmed.send(());
+    }));
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 200,
         election_timeout_max: 400,
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
         ..Config::default()
     };
     let raft = Raft::new(
@@ -243,11 +254,17 @@ async fn start(dir: &std::path::Path, id: u64, router: &Router) -> Replica {
             router: router.clone(),
             id,
         },
-        LogStore::new(log),
+        store,
         sm,
     )
     .await
     .expect("start raft");
+    let r = raft.clone();
+    tokio::spawn(async move {
+        while trims.recv().await.is_some() {
+            let _ = r.trigger().snapshot().await;
+        }
+    });
     router.join(id, &raft);
     Replica { raft, log: reader }
 }
@@ -259,9 +276,7 @@ fn proposal(n: u64) -> Proposal {
         value: Some(Bytes::from(format!("message {n:06}"))),
         ..Record::default()
     };
-    Proposal {
-        batch: EncodedBatch::new(&[record]).as_bytes().to_vec(),
-    }
+    Proposal::Records(EncodedBatch::new(&[record]).as_bytes().to_vec())
 }
 
 /// The leader every node in `among` agrees on, once they agree (a node cut off while it led
@@ -338,6 +353,8 @@ enum Step {
     Heal,
     /// Stop a connected node the way a crash does (no close) and start it again from its files.
     Restart,
+    /// The leader drops the oldest messages (retention): about this many percent of them.
+    Trim(u64),
 }
 
 /// A small deterministic generator (xorshift), so that a failing seed replays exactly.
@@ -352,11 +369,12 @@ impl Rng {
     }
 
     fn step(&mut self) -> Step {
-        match self.next() % 8 {
-            0..=2 => Step::Write(1 + self.next() % 25),
+        match self.next() % 9 {
+            0..=2 => Step::Write(1 + self.next() % 60),
             3 => Step::CutLeader,
             4 => Step::CutFollower,
             5 | 6 => Step::Heal,
+            7 => Step::Trim(10 + self.next() % 80),
             _ => Step::Restart,
         }
     }
@@ -371,6 +389,8 @@ struct Cluster {
     /// Sent to a leader that was cut off: never committable.
     never: Vec<u64>,
     n: u64,
+    /// The highest retention point committed: no replica shows an offset below it.
+    trimmed: u64,
 }
 
 impl Cluster {
@@ -398,6 +418,7 @@ impl Cluster {
             acked: BTreeMap::new(),
             never: Vec::new(),
             n: 0,
+            trimmed: 0,
         };
         // Every member knows the membership before faults start (a node that never heard of it
         // cannot take part in an election).
@@ -492,19 +513,63 @@ impl Cluster {
                 }
             }
             Step::Heal => self.router.cut.lock().unwrap().clear(),
+            Step::Trim(percent) => self.trim(percent).await,
             Step::Restart => {
                 let connected = self.connected();
                 let id = connected[(self.n % connected.len() as u64) as usize];
-                let old = self.replicas.remove(&id).expect("a replica");
-                self.router.leave(id);
-                old.raft.shutdown().await.expect("shutdown");
-                // The process is gone: what its writer had queued is written, nothing more
-                // (openraft's tasks may hold the store a moment longer than `shutdown`).
-                let _ = old.log.partition().close();
-                drop(old);
-                let again = start(self.dir.path(), id, &self.router).await;
-                self.replicas.insert(id, again);
+                self.restart(id).await;
             }
+        }
+    }
+
+    /// Stops node `id` the way a crash does and starts it again from its files.
+    async fn restart(&mut self, id: u64) {
+        let old = self.replicas.remove(&id).expect("a replica");
+        self.router.leave(id);
+        old.raft.shutdown().await.expect("shutdown");
+        // The process is gone: what its writer had queued is written, nothing more
+        // (openraft's tasks may hold the store a moment longer than `shutdown`).
+        let _ = old.log.partition().close();
+        drop(old);
+        let again = start(self.dir.path(), id, &self.router).await;
+        self.replicas.insert(id, again);
+    }
+
+    /// The leader of the connected majority proposes a retention point at the end of the entry
+    /// holding the message `percent` % of the way through what readers see.
+    async fn trim(&mut self, percent: u64) {
+        let connected = self.connected();
+        if connected.len() < 2 {
+            return;
+        }
+        let leader = leader_among(&self.replicas, &connected).await;
+        let partition = self.replicas[&leader].log.partition().clone();
+        let (start, end) = (partition.log_start(), partition.high_water());
+        if end <= start + 1 {
+            return;
+        }
+        let target = start + (end - start) * percent / 100;
+        let Some(header) = partition
+            .read(target, 1)
+            .unwrap()
+            .iter()
+            .map(|b| *b.header())
+            .find(|h| !h.is_control())
+        else {
+            return;
+        };
+        let upto = header.raft.expect("a replicated batch has an id");
+        let offset = header.last_offset() + 1;
+        let command = GroupCommand::Trim {
+            upto_term: upto.term,
+            upto_index: upto.index,
+            offset,
+        };
+        let write = self.replicas[&leader]
+            .raft
+            .client_write(Proposal::Command(command));
+        if let Ok(Ok(_)) = tokio::time::timeout(DEADLINE, write).await {
+            self.trimmed = self.trimmed.max(offset);
         }
     }
 
@@ -549,17 +614,31 @@ impl Cluster {
                 );
             }
         }
+        // Retention: every replica shows the same first offset, the latest committed trim's
+        // (or a later one, when a trim whose answer was lost committed anyway).
+        let start = self.replicas[&leader].log.partition().log_start();
+        assert!(
+            start >= self.trimmed,
+            "a replica shows offsets below a committed trim"
+        );
+        for (id, r) in &self.replicas {
+            assert_eq!(
+                r.log.partition().log_start(),
+                start,
+                "replica {id}'s first offset"
+            );
+        }
         let offsets: Vec<u64> = reference.iter().map(|(o, _)| *o).collect();
-        let dense: Vec<u64> = (0..reference.len() as u64).collect();
+        let dense: Vec<u64> = (start..start + reference.len() as u64).collect();
         assert_eq!(offsets, dense, "offsets are dense");
         let mut seen = HashSet::new();
         for (offset, value) in &reference {
             assert!(seen.insert(value.clone()), "duplicate: offset {offset}");
         }
-        for (m, (base, _)) in &self.acked {
+        for (m, (base, _)) in self.acked.iter().filter(|(_, (base, _))| *base >= start) {
             let want = Bytes::from(format!("message {m:06}"));
             assert_eq!(
-                reference.get(*base as usize).map(|(_, v)| v),
+                reference.get((base - start) as usize).map(|(_, v)| v),
                 Some(&want),
                 "lost write: acknowledged message {m} at offset {base}"
             );
@@ -593,6 +672,63 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// Retention while a follower is cut off: the leader purges entries the follower never got,
+/// so on its return it installs the leader's snapshot (the retention point) and starts its log
+/// again at the trim offset; then it crashes and restarts from those files. Every replica shows
+/// the same messages from the same first offset.
+fn a_follower_that_missed_a_trim_installs_the_snapshot_and_starts_at_its_offset(grpc: bool) {
+    runtime().block_on(async {
+        let mut cluster = Cluster::new(grpc).await;
+        cluster.run(Step::Write(40)).await;
+        let leader = cluster.catch_up().await;
+        let follower = (1..=3).find(|&id| id != leader).unwrap();
+        cluster.router.cut.lock().unwrap().insert(follower);
+        cluster.run(Step::Write(150)).await;
+        cluster.run(Step::Trim(90)).await;
+        assert!(
+            cluster.trimmed > 40,
+            "the trim committed past what the follower holds"
+        );
+        let leader = leader_among(&cluster.replicas, &cluster.connected()).await;
+        // The leader's snapshot is taken and its log purged: whole segments are gone.
+        let replica = &cluster.replicas[&leader];
+        let purged = replica
+            .raft
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| m.purged.is_some(),
+                "the leader purges up to its snapshot",
+            )
+            .await
+            .expect("purged");
+        let first_base = replica.log.partition().segment_bases()[0];
+        assert!(first_base > 0, "no segment was deleted: {purged:?}");
+        assert!(first_base <= cluster.trimmed);
+        cluster.run(Step::Heal).await;
+        cluster.run(Step::Write(10)).await;
+        cluster.check().await;
+        let bases = cluster.replicas[&follower].log.partition().segment_bases();
+        assert_eq!(
+            bases[0], cluster.trimmed,
+            "the follower's log starts again at the trim offset"
+        );
+        cluster.restart(follower).await;
+        cluster.run(Step::Write(10)).await;
+        cluster.check().await;
+        cluster.stop().await;
+    });
+}
+
+#[test]
+fn in_process_a_follower_that_missed_a_trim_installs_the_snapshot() {
+    a_follower_that_missed_a_trim_installs_the_snapshot_and_starts_at_its_offset(false);
+}
+
+#[test]
+fn over_grpc_a_follower_that_missed_a_trim_installs_the_snapshot() {
+    a_follower_that_missed_a_trim_installs_the_snapshot_and_starts_at_its_offset(true);
 }
 
 fn a_leader_cut_off_acknowledges_nothing_and_its_entries_are_cut_when_it_returns(grpc: bool) {

@@ -12,7 +12,8 @@
 //!   is the same everywhere, and an election follows once a majority is up.
 //!
 //! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
-//! retention and compaction, topic deletion): see docs/replication.md.
+//! compaction and retention on demand, topic deletion): see docs/replication.md. Periodic
+//! retention is replicated: each partition's leader proposes it ([`Cluster::trim`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -82,6 +83,8 @@ pub struct Cluster {
     /// Whether this node has caught up, since it started, with the commit point of every group
     /// it held then (`/readyz`).
     caught_up: watch::Sender<bool>,
+    /// Groups that applied a retention point: their snapshot (and so their purge) is due.
+    trimmed: mpsc::UnboundedSender<String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -173,6 +176,7 @@ impl Cluster {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let (trimmed, trims) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             members,
             config,
@@ -188,6 +192,7 @@ impl Cluster {
             forwarder: Arc::new(Forwarder::new(peers)),
             addr,
             caught_up: watch::Sender::new(false),
+            trimmed,
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peer_ips = peer_ips(&cluster.members).await?;
@@ -250,10 +255,11 @@ impl Cluster {
         topics.replicate_through(create_tx);
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
+        tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups, message ids, retention and compaction, topic \
+            so refused here: consumer groups, message ids, compaction and retention on demand, topic \
             deletion");
         Ok(cluster)
     }
@@ -439,23 +445,105 @@ impl Cluster {
         handle: &PartitionHandle,
     ) -> Result<Raft<PartitionRaft>> {
         let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
-        let (log, sm) = blocking(move || {
+        let (store, sm) = blocking(move || {
             let dir = partition.dir().to_path_buf();
             let log = RaftLog::on(partition, Arc::clone(&io))?;
-            let sm = StateMachine::open(&dir, io, log.reader())
-                .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
-            Ok((log, sm))
+            let damaged = |e| Error::Internal(format!("{}: {e}", dir.display()));
+            let sm = StateMachine::open(&dir, io, log.reader()).map_err(damaged)?;
+            let store = LogStore::new(log).linked(sm.installed()).map_err(damaged)?;
+            Ok((store, sm))
         })
         .await?;
+        let (trimmed, name) = (self.trimmed.clone(), group.to_string());
+        let sm = sm.on_trim(Box::new(move || {
+            let _ = trimmed.send(name.clone());
+        }));
         Raft::new(
             self.members.node_id,
             Arc::clone(&self.config),
             GrpcNetwork::new(group, self.forwarder.peers().clone()),
-            LogStore::new(log),
+            store,
             sm,
         )
         .await
         .map_err(|e| Error::Internal(format!("group {group}: {e}")))
+    }
+
+    /// Takes the snapshot of each group that applied a retention point; openraft then purges
+    /// its log up to it (on a leader, once no follower still needs those entries: a follower
+    /// further behind gets the snapshot instead).
+    async fn take_snapshots(
+        self: Arc<Self>,
+        mut trims: mpsc::UnboundedReceiver<String>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let group = tokio::select! {
+                g = trims.recv() => match g { Some(g) => g, None => return },
+                () = shutdown.cancelled() => return,
+            };
+            let raft = self
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&group)
+                .cloned();
+            // A group applying entries as it starts is not listed yet: its first Send or the
+            // next retention point takes the snapshot then.
+            if let Some(raft) = raft
+                && let Err(e) = raft.trigger().snapshot().await
+            {
+                tracing::warn!(%group, error = %e, "cannot take the snapshot at a retention point");
+            }
+        }
+    }
+
+    /// Retention of a partition this node leads: proposes that every replica drops the
+    /// messages below `offset` (a segment's base offset the retention rules chose here). True
+    /// once committed; false when this node does not lead the partition or `offset` is not
+    /// above what readers already cannot see, or not yet committed.
+    pub async fn trim(&self, handle: &PartitionHandle, offset: u64) -> Result<bool> {
+        let Some(raft) = handle.replica.get() else {
+            return Ok(false);
+        };
+        let log = &handle.log;
+        if raft.metrics().borrow().current_leader != Some(self.members.node_id)
+            || offset <= log.log_start()
+            || offset > log.high_water()
+        {
+            return Ok(false);
+        }
+        // The entry holding the message just below: the snapshot point every replica takes.
+        let l = Arc::clone(log);
+        let batches = blocking(move || Ok(l.read(offset - 1, 64 << 10)?)).await?;
+        let holding = batches
+            .iter()
+            .map(|b| *b.header())
+            .find(|h| !h.is_control() && h.base_offset < offset && h.last_offset() + 1 >= offset);
+        let Some(header) = holding else {
+            return Ok(false);
+        };
+        let Some(upto) = header.raft.filter(|_| header.last_offset() + 1 == offset) else {
+            return Ok(false); // not a boundary between entries (retention cuts at segments)
+        };
+        let command = crate::replication::GroupCommand::Trim {
+            upto_term: upto.term,
+            upto_index: upto.index,
+            offset,
+        };
+        match tokio::time::timeout(
+            self.write_timeout,
+            raft.client_write(crate::replication::Proposal::Command(command)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => {
+                tracing::debug!(dir = %log.dir().display(), error = %e, "retention point not proposed");
+                Ok(false)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     /// Creates, here, every topic of the catalog this node lacks, and joins its groups, each
@@ -693,9 +781,10 @@ fn raft_config(members: &Members) -> Result<Arc<openraft::Config>> {
         heartbeat_interval: members.heartbeat_ms,
         election_timeout_min: members.election_timeout_ms,
         election_timeout_max: members.election_timeout_ms * 3 / 2,
-        // No snapshots, so no purge: a node that fell behind catches up from the log, which
-        // holds every message (shipping segments as a snapshot is not built yet).
+        // A partition's snapshot is its retention point, taken when one is applied (never by
+        // count); the log is purged right up to it: the messages below are gone everywhere.
         snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
         ..openraft::Config::default()
     };
     config

@@ -15,6 +15,7 @@ use crate::storage::{CompactionOptions, CompactionOutcome, Retention, RetentionO
 use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, refuse_audit_topic};
 use super::blocking::blocking;
 use super::clock::now_ms;
+use super::cluster::Cluster;
 use super::error::Result;
 use super::groups::Groups;
 use super::message::Start;
@@ -39,14 +40,22 @@ pub struct Maintenance {
     topics: Arc<Topics>,
     groups: Arc<Groups>,
     audit: Arc<AuditTrail>,
+    /// Cluster mode: a replicated partition's retention is decided by its leader, through Raft.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Maintenance {
-    pub fn new(topics: Arc<Topics>, groups: Arc<Groups>, audit: Arc<AuditTrail>) -> Maintenance {
+    pub fn new(
+        topics: Arc<Topics>,
+        groups: Arc<Groups>,
+        audit: Arc<AuditTrail>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Maintenance {
         Maintenance {
             topics,
             groups,
             audit,
+            cluster,
         }
     }
 
@@ -131,6 +140,16 @@ impl Maintenance {
                 };
                 let h = Arc::clone(handle);
                 let now = now_ms();
+                if let Some(cluster) = self.cluster.as_ref().filter(|_| h.replica.get().is_some()) {
+                    report.push(PartitionMaintenance {
+                        topic: topic.name.to_string(),
+                        partition: handle.id,
+                        outcome: replicated_retention(cluster, &h, retention, now, dry_run).await?,
+                        held_by: None,
+                        compaction: None,
+                    });
+                    continue;
+                }
                 let outcome = blocking(move || Ok(h.log.retain(&retention, now, dry_run)?)).await?;
                 // Compaction rewrites closed segments: all of them must be below the mark.
                 let below_mark = handle.log.segment_bases().last().is_none_or(|&a| a <= mark);
@@ -224,4 +243,29 @@ impl Maintenance {
             }
         });
     }
+}
+
+/// Retention of a replicated partition: the rules pick the same segments as on a single node,
+/// here, and the partition's leader proposes the first offset kept to every replica (see
+/// `Cluster::trim`); each replica then drops the messages below it. On a node that does not
+/// lead the partition, nothing is decided: the outcome deletes nothing.
+async fn replicated_retention(
+    cluster: &Cluster,
+    handle: &Arc<super::topic::PartitionHandle>,
+    retention: Retention,
+    now: i64,
+    dry_run: bool,
+) -> Result<RetentionOutcome> {
+    let h = Arc::clone(handle);
+    let mut outcome = blocking(move || Ok(h.log.retain(&retention, now, true)?)).await?;
+    let before = handle.log.log_start();
+    outcome.log_start_before = before;
+    let decided =
+        outcome.log_start > before && (dry_run || cluster.trim(handle, outcome.log_start).await?);
+    if !decided {
+        outcome.log_start = before;
+        outcome.deleted_segments = 0;
+        outcome.deleted_bytes = 0;
+    }
+    Ok(outcome)
 }

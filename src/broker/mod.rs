@@ -202,6 +202,7 @@ impl Broker {
             Arc::clone(&topics),
             Arc::clone(&groups),
             Arc::clone(&audit),
+            cluster.clone(),
         ));
         let retention_every = Duration::from_millis(settings.retention_check_ms);
         let broker = Arc::new(Broker {
@@ -223,9 +224,9 @@ impl Broker {
                 .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
                 .await?;
         }
-        // Retention and compaction of replicated partitions must be decided by their leaders;
-        // not built yet, so a cluster node does not run them.
-        if !retention_every.is_zero() && broker.cluster.is_none() {
+        // In cluster mode each replicated partition's leader decides its retention (compaction
+        // is not replicated yet: compacted topics are only trimmed by age and size).
+        if !retention_every.is_zero() {
             broker.maintenance.start_retention(
                 retention_every,
                 &broker.tasks,
@@ -497,7 +498,8 @@ impl Broker {
     ) -> Result<Vec<PartitionMaintenance>> {
         if !dry_run {
             self.refuse_in_cluster(
-                "retention and compaction of replicated partitions (decided by their leaders) are",
+                "compaction and retention on demand of replicated partitions (periodic retention is \
+                 decided by each partition's leader) are",
             )?;
         }
         self.maintenance.maintain(topic, dry_run).await

@@ -72,6 +72,8 @@ impl Command {
 }
 
 impl GroupState for Catalog {
+    const LOG_IS_DATA: bool = false;
+
     fn apply(&mut self, proposal: &[u8]) {
         let command = match Command::from_proposal(proposal) {
             Ok(c) => c,

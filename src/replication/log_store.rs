@@ -7,6 +7,7 @@ use std::ops::{Bound, RangeBounds};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LeaderId, OptionalSend, RaftLogId, Vote};
 
+use super::state_machine::Installed;
 use super::types::{LogId, PartitionRaft, Proposal, StorageError, log_id, raft_id};
 use crate::storage::raft_log::{RaftLog, RaftLogReader as PartitionReader, StoredVote};
 use crate::storage::record::{Batch, ControlKind, EncodedBatch};
@@ -30,9 +31,14 @@ pub fn entry_to_batch(entry: &Entry) -> Result<EncodedBatch, StorageError> {
     let subject = || ErrorSubject::Log(*entry.get_log_id());
     Ok(match &entry.payload {
         EntryPayload::Blank => EncodedBatch::control(id, ControlKind::Blank, &[], 0),
-        EntryPayload::Normal(p) => EncodedBatch::from_encoded(p.batch.clone())
+        EntryPayload::Normal(Proposal::Records(batch)) => EncodedBatch::from_encoded(batch.clone())
             .map_err(|why| storage_error(subject(), ErrorVerb::Write, why))?
             .with_raft_id(id),
+        EntryPayload::Normal(Proposal::Command(command)) => {
+            let json = serde_json::to_vec(command)
+                .map_err(|e| storage_error(subject(), ErrorVerb::Write, e))?;
+            EncodedBatch::control(id, ControlKind::Command, &json, 0)
+        }
         EntryPayload::Membership(m) => {
             let json =
                 serde_json::to_vec(m).map_err(|e| storage_error(subject(), ErrorVerb::Write, e))?;
@@ -57,9 +63,11 @@ pub fn batch_to_entry(batch: &Batch) -> Result<Entry, StorageError> {
             serde_json::from_slice(&json)
                 .map_err(|e| storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, e))?,
         ),
-        None => EntryPayload::Normal(Proposal {
-            batch: batch.without_raft_id(),
-        }),
+        Some((ControlKind::Command, json)) => EntryPayload::Normal(Proposal::Command(
+            serde_json::from_slice(&json)
+                .map_err(|e| storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, e))?,
+        )),
+        None => EntryPayload::Normal(Proposal::Records(batch.without_raft_id())),
     };
     Ok(Entry { log_id, payload })
 }
@@ -130,15 +138,47 @@ impl RaftLogReader<PartitionRaft> for LogReader {
     }
 }
 
+/// How long a purge past the end of the log waits for the state machine to install the
+/// snapshot it follows (openraft runs the two apart; the install is a local file write).
+const INSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// openraft's log storage for one partition.
 #[derive(Debug)]
 pub struct LogStore {
     log: RaftLog,
+    /// The snapshot point the group's state machine last installed.
+    installed: Option<Installed>,
 }
 
 impl LogStore {
     pub fn new(log: RaftLog) -> Self {
-        LogStore { log }
+        LogStore {
+            log,
+            installed: None,
+        }
+    }
+
+    /// Links the store to its group's state machine ([`GroupStateMachine::installed`]): a purge
+    /// past the end of this log (a snapshot installed from the leader) starts the log again at
+    /// the snapshot's offset. A log purged past its end before a crash starts again here too.
+    pub fn linked(mut self, installed: Installed) -> Result<Self, StorageError> {
+        if let Some(purged) = self.log.purged()
+            && self.log.purge_empties(purged)
+        {
+            let point = (*installed.borrow()).filter(|p| raft_id(&p.upto) == purged);
+            let Some(point) = point else {
+                return Err(storage_error(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Read,
+                    "the log is purged past its end but no snapshot says where it starts again",
+                ));
+            };
+            self.log
+                .purge_restarting(purged, point.offset)
+                .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        }
+        self.installed = Some(installed);
+        Ok(self)
     }
 
     pub fn raft_log(&self) -> &RaftLog {
@@ -234,8 +274,29 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.log
-            .purge(raft_id(&log_id))
-            .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        let id = raft_id(&log_id);
+        let delete = |e| storage_error(ErrorSubject::Logs, ErrorVerb::Delete, e);
+        // Past the end of a linked log: a snapshot from the leader, which the state machine
+        // installs beside this purge, says which offset the log starts again at. (A store not
+        // linked to a state machine, as in openraft's storage suite, keeps its offsets.)
+        let installed = match &self.installed {
+            Some(installed) if self.log.purge_empties(id) => installed,
+            _ => return self.log.purge(id).map_err(delete),
+        };
+        let mut seen = installed.subscribe();
+        let point = tokio::time::timeout(
+            INSTALL_WAIT,
+            seen.wait_for(|p| p.is_some_and(|p| p.upto == log_id)),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|p| *p));
+        let Some(point) = point else {
+            return Err(delete(crate::storage::Error::InvalidConfig(format!(
+                "no snapshot at {log_id} was installed within {} s to purge up to",
+                INSTALL_WAIT.as_secs()
+            ))));
+        };
+        self.log.purge_restarting(id, point.offset).map_err(delete)
     }
 }

@@ -47,4 +47,4 @@ pub use network::GrpcNetwork;
 pub use peers::Peers;
 pub use service::RaftService;
 pub use state_machine::{GroupStateMachine, StateMachine};
-pub use types::{Applied, PartitionRaft, Proposal};
+pub use types::{Applied, GroupCommand, PartitionRaft, Proposal};

@@ -9,6 +9,14 @@
 //!
 //! A group may keep more state than its log position ([`GroupState`]): the metadata group keeps
 //! its catalog of topics, changed by each entry it applies and carried in its snapshots.
+//!
+//! **Retention of a replicated partition** is a leader's command in the log
+//! ([`GroupCommand::Trim`]): applying it hides the messages below its offset from readers, and
+//! the group's snapshot is taken *at the trim point* (the state there: the next offset is the
+//! trim offset), not at the applied entry. openraft then purges the log up to that point
+//! (whole segments go), and a replica that lacks those entries installs the snapshot and starts
+//! its log at the trim offset: the messages after it follow from the leader's log. So a
+//! snapshot never needs to carry messages, and every replica holds the same offsets.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -20,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::log_store::storage_error;
-use super::types::{Applied, LogId, PartitionRaft, StorageError};
+use super::types::{Applied, GroupCommand, LogId, PartitionRaft, Proposal, StorageError};
 use crate::storage::io::{FileIo, replace_file};
 use crate::storage::raft_log::RaftLogReader;
 use crate::storage::record::BatchHeader;
@@ -35,14 +43,33 @@ pub const SNAPSHOT_FILE: &str = "snapshot";
 pub trait GroupState:
     Default + Clone + Serialize + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
 {
+    /// Whether the log is the data (a partition): its leader may trim it, and its snapshots are
+    /// taken at the trim point. A group whose state is built from its log (the catalog) takes
+    /// its snapshots at the applied entry and ignores trims.
+    const LOG_IS_DATA: bool;
+
     /// Applies one committed data entry (the proposal's bytes). Deterministic, and infallible:
     /// an entry it cannot use changes nothing, on every replica alike.
     fn apply(&mut self, proposal: &[u8]);
 }
 
 impl GroupState for () {
+    const LOG_IS_DATA: bool = true;
+
     fn apply(&mut self, _proposal: &[u8]) {}
 }
+
+/// A retention point of a replicated partition: the last entry holding only messages below
+/// `offset`, which is where the group's snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimPoint {
+    pub upto: LogId,
+    pub offset: u64,
+}
+
+/// Shared by a group's log store and state machine: the snapshot point the state machine last
+/// installed, so that a purge past the end of the log knows the offset the log starts again at.
+pub type Installed = tokio::sync::watch::Sender<Option<TrimPoint>>;
 
 /// The applied state: all a group's snapshot holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +80,56 @@ struct Content<S> {
     next_offset: u64,
     #[serde(default)]
     state: S,
+    /// The latest retention point applied (partitions only).
+    #[serde(default)]
+    trim: Option<TrimPoint>,
+}
+
+impl<S: GroupState> Content<S> {
+    /// The state a snapshot holds: a partition's at its retention point (none before the first),
+    /// any other group's as applied.
+    fn snapshot(&self) -> Content<S> {
+        if !S::LOG_IS_DATA {
+            return self.clone();
+        }
+        match self.trim {
+            Some(trim) => Content {
+                applied: Some(trim.upto),
+                membership: self.membership.clone(),
+                next_offset: trim.offset,
+                state: S::default(),
+                trim: Some(trim),
+            },
+            None => Content {
+                membership: self.membership.clone(),
+                ..Content::default()
+            },
+        }
+    }
+
+    /// Applies a leader's command; true when it moved the retention point.
+    fn command(&mut self, command: &GroupCommand) -> bool {
+        let GroupCommand::Trim {
+            upto_term,
+            upto_index,
+            offset,
+        } = *command;
+        let upto = super::types::log_id(crate::storage::record::RaftId {
+            term: upto_term,
+            index: upto_index,
+        });
+        // Deterministic on every replica: only forward, never past what is applied, and never
+        // before the membership the snapshot at the point would have to name.
+        let usable = S::LOG_IS_DATA
+            && self.trim.is_none_or(|t| t.offset < offset && t.upto < upto)
+            && offset <= self.next_offset
+            && Some(upto) < self.applied
+            && self.membership.log_id().is_none_or(|m| m <= upto);
+        if usable {
+            self.trim = Some(TrimPoint { upto, offset });
+        }
+        usable
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +149,9 @@ pub struct GroupStateMachine<S: GroupState> {
     dir: PathBuf,
     io: Arc<dyn FileIo>,
     publish: Option<Publish<S>>,
+    /// Told each time a retention point is applied (its snapshot is due).
+    on_trim: Option<Box<dyn Fn() + Send + Sync>>,
+    installed: Installed,
 }
 
 /// A partition group's state machine: the log position alone.
@@ -110,6 +190,10 @@ impl<S: GroupState> GroupStateMachine<S> {
             None => Content::default(),
         };
         log.set_committed_offset(content.next_offset);
+        if let Some(trim) = content.trim {
+            log.partition().hide_below(trim.offset);
+        }
+        let installed = Installed::new(content.snapshot().trim);
         Ok(GroupStateMachine {
             content,
             log,
@@ -117,7 +201,28 @@ impl<S: GroupState> GroupStateMachine<S> {
             dir: dir.to_path_buf(),
             io,
             publish: None,
+            on_trim: None,
+            installed,
         })
+    }
+
+    /// Calls `on_trim` each time a retention point is applied: this node's snapshot is due
+    /// (`Raft::trigger().snapshot()`), after which openraft purges the log up to it.
+    pub fn on_trim(mut self, on_trim: Box<dyn Fn() + Send + Sync>) -> Self {
+        self.on_trim = Some(on_trim);
+        self
+    }
+
+    /// The snapshot point last installed or built, for the group's log store
+    /// ([`super::LogStore::linked`]).
+    pub fn installed(&self) -> Installed {
+        self.installed.clone()
+    }
+
+    /// The snapshot point this state machine holds (read at open): where a log purged past its
+    /// end starts again.
+    pub fn snapshot_point(&self) -> Option<TrimPoint> {
+        *self.installed.borrow()
     }
 
     /// Tells `publish` the state now and after every change.
@@ -200,6 +305,7 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let mut trimmed = false;
         for entry in entries {
             let log_id = *entry.get_log_id();
             self.content.applied = Some(log_id);
@@ -209,30 +315,42 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
                     self.content.membership = StoredMembership::new(Some(log_id), m.clone());
                     Applied::default()
                 }
-                EntryPayload::Normal(p) => {
+                EntryPayload::Normal(Proposal::Records(batch)) => {
                     // The header alone: applying reads no payload and copies nothing.
-                    let header = BatchHeader::of_proposal(&p.batch).map_err(|why| {
+                    let header = BatchHeader::of_proposal(batch).map_err(|why| {
                         storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, why)
                     })?;
                     let base = self.content.next_offset;
                     let last = base + u64::from(header.last_offset_delta);
                     self.content.next_offset = last + 1;
-                    self.content.state.apply(&p.batch);
+                    self.content.state.apply(batch);
                     Applied {
                         offsets: Some((base, last)),
                     }
+                }
+                EntryPayload::Normal(Proposal::Command(command)) => {
+                    if self.content.command(command)
+                        && let Some(trim) = self.content.trim
+                    {
+                        self.log.partition().hide_below(trim.offset);
+                        trimmed = true;
+                    }
+                    Applied::default()
                 }
             };
             out.push(applied);
         }
         self.log.set_committed_offset(self.content.next_offset);
         self.published();
+        if trimmed && let Some(on_trim) = &self.on_trim {
+            on_trim();
+        }
         Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder<S> {
         SnapshotBuilder {
-            content: self.content.clone(),
+            content: self.content.snapshot(),
             current: Arc::clone(&self.current),
             dir: self.dir.clone(),
             io: Arc::clone(&self.io),
@@ -258,8 +376,13 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         };
         save(&self.dir, self.io.as_ref(), &stored)?;
         self.content = content;
+        if let Some(trim) = self.content.trim {
+            self.log.partition().hide_below(trim.offset);
+        }
         self.log.set_committed_offset(self.content.next_offset);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        // The log store may be waiting for this to purge past the end of its log.
+        self.installed.send_replace(self.content.trim);
         self.published();
         Ok(())
     }
@@ -272,5 +395,81 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::record::RaftId;
+
+    fn id(index: u64) -> LogId {
+        super::super::types::log_id(RaftId { term: 1, index })
+    }
+
+    fn trim(index: u64, offset: u64) -> GroupCommand {
+        GroupCommand::Trim {
+            upto_term: 1,
+            upto_index: index,
+            offset,
+        }
+    }
+
+    /// The rules every replica applies alike: a retention point only moves forward, never past
+    /// what is applied, never before the membership a snapshot there would name; a group whose
+    /// state is built from its log ignores it. A partition's snapshot is the state at the point.
+    #[test]
+    fn a_trim_moves_only_forward_within_what_is_applied() {
+        let partition = || Content::<()> {
+            applied: Some(id(20)),
+            membership: StoredMembership::new(Some(id(1)), openraft::Membership::default()),
+            next_offset: 100,
+            ..Content::default()
+        };
+        // (what, the commands in log order, the retention point kept: entry index, offset)
+        type Case = (&'static str, Vec<GroupCommand>, Option<(u64, u64)>);
+        let cases: [Case; 6] = [
+            ("a first trim", vec![trim(10, 50)], Some((10, 50))),
+            (
+                "forward again",
+                vec![trim(10, 50), trim(12, 60)],
+                Some((12, 60)),
+            ),
+            (
+                "not backward",
+                vec![trim(12, 60), trim(10, 50)],
+                Some((12, 60)),
+            ),
+            ("not past what is applied", vec![trim(20, 100)], None),
+            ("not past the next offset", vec![trim(19, 101)], None),
+            ("not before the membership", vec![trim(0, 0)], None),
+        ];
+        for (what, commands, want) in cases {
+            let mut c = partition();
+            for command in &commands {
+                c.command(command);
+            }
+            let got = c.trim.map(|t| (t.upto.index, t.offset));
+            assert_eq!(got, want, "{what}");
+            let snapshot = c.snapshot();
+            match want {
+                Some((index, offset)) => {
+                    assert_eq!(snapshot.applied, Some(id(index)), "{what}");
+                    assert_eq!(snapshot.next_offset, offset, "{what}");
+                }
+                None => assert_eq!(snapshot.applied, None, "{what}"),
+            }
+        }
+        let mut catalog = Content::<crate::replication::catalog::Catalog> {
+            applied: Some(id(20)),
+            next_offset: 100,
+            ..Content::default()
+        };
+        assert!(!catalog.command(&trim(10, 50)), "the catalog ignores trims");
+        assert_eq!(
+            catalog.snapshot().applied,
+            Some(id(20)),
+            "snapshot as applied"
+        );
     }
 }

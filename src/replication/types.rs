@@ -7,11 +7,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::record::RaftId;
 
-/// What a leader proposes for a partition: one Send's records, encoded once by the leader as a
-/// version 1 batch (the bytes every replica stores, with the entry's id added).
+/// What a leader proposes for a partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proposal {
-    pub batch: Vec<u8>,
+pub enum Proposal {
+    /// One Send's records, encoded once by the leader as a version 1 batch (the bytes every
+    /// replica stores, with the entry's id added). Takes as many offsets as it has records.
+    Records(Vec<u8>),
+    /// A decision about the partition as a whole, stored as a control entry: no offsets.
+    Command(GroupCommand),
+}
+
+/// A decision a group's leader takes for every replica (stored as a control entry, applied in
+/// log order, so identically everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum GroupCommand {
+    /// Retention: every message below `offset` goes. `upto` is the last entry holding only
+    /// messages below it (term, index): each replica takes its snapshot there and purges the
+    /// log up to it; a replica that lacks those entries installs that snapshot and starts its
+    /// log at `offset`.
+    Trim {
+        upto_term: u64,
+        upto_index: u64,
+        offset: u64,
+    },
 }
 
 /// What applying an entry gives: the offsets its records took (`None` for Raft's own entries).

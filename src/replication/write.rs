@@ -49,7 +49,7 @@ pub async fn propose(
     deadline: Duration,
     peers: &Peers,
 ) -> Result<Applied, WriteError> {
-    let write = raft.client_write(Proposal { batch });
+    let write = raft.client_write(Proposal::Records(batch));
     match tokio::time::timeout(deadline, write).await {
         Err(_) => Err(WriteError::TimedOut(deadline)),
         Ok(Ok(response)) => Ok(response.data),

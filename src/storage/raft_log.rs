@@ -326,18 +326,7 @@ impl RaftLog {
     /// Forgets entries up to `id` (applied and in a snapshot): whole segments below the one
     /// holding the next entry are deleted; readers see nothing at or below `id` from now on.
     pub fn purge(&mut self, id: RaftId) -> Result<()> {
-        self.write_meta(RaftMeta {
-            purged: Some(id),
-            ..self.meta
-        })?;
-        *self
-            .reader
-            .purged
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(id);
-        if self.last.is_none_or(|l| l.index < id.index) {
-            self.last = None;
-        }
+        self.record_purge(id)?;
         let partition = self.partition();
         let segments = partition.segments();
         // Every segment before the one holding the next entry; with no next entry, every one
@@ -347,6 +336,43 @@ impl RaftLog {
             None => u64::MAX,
         };
         partition.delete_segments_below(below)?;
+        Ok(())
+    }
+
+    /// Records the purge point durably, then hides the entries up to it from readers.
+    fn record_purge(&mut self, id: RaftId) -> Result<()> {
+        self.write_meta(RaftMeta {
+            purged: Some(id),
+            ..self.meta
+        })?;
+        *self
+            .reader
+            .purged
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(id);
+        if self.purge_empties(id) {
+            self.last = None;
+        }
+        Ok(())
+    }
+
+    /// Whether purging up to `id` leaves no entry in this log (a snapshot from the leader
+    /// covers more than this replica holds): then [`RaftLog::purge_restarting`].
+    pub fn purge_empties(&self, id: RaftId) -> bool {
+        self.last.is_none_or(|l| l.index < id.index)
+    }
+
+    /// Forgets every entry (up to `id`, which is past the last one here) and starts the log
+    /// again empty, the next message at `next_offset` (the snapshot's). The purge point is
+    /// recorded first: after a crash, [`RaftLog::purge_empties`] says so again at open.
+    pub fn purge_restarting(&mut self, id: RaftId, next_offset: u64) -> Result<()> {
+        self.record_purge(id)?;
+        let partition = Arc::clone(self.partition());
+        partition.close()?;
+        partition.restart_closed_at(next_offset)?;
+        partition.reopen()?;
+        tracing::info!(dir = %self.dir.display(), purged = id.index, next_offset,
+            "log started again after the leader's snapshot");
         Ok(())
     }
 

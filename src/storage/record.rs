@@ -32,7 +32,8 @@
 //! |     63 |    8 | `raft_index` | the entry's Raft log index (u64)              |
 //! |     71 |    … | records      | as in version 1; or, for a control entry, its payload |
 //!
-//! A control entry (attribute bit 1: Raft's blank and membership entries) carries no records
+//! A control entry (attribute bit 1: Raft's blank and membership entries, and the partition
+//! leader's commands such as a retention point) carries no records
 //! and covers no offsets: `record_count` 0, `last_offset_delta` 0, `base_offset` the offset the
 //! next data batch gets, so consumer offsets stay dense. Its bytes after the header are one kind
 //! byte ([`ControlKind`]) and the kind's payload. Readers of messages skip control batches.
@@ -367,6 +368,9 @@ pub enum ControlKind {
     Blank = 0,
     /// A membership change: the payload is the membership as JSON.
     Membership = 1,
+    /// A decision of the partition's leader about the partition as a whole (retention: the
+    /// offset below which every replica drops its messages): the payload is the command as JSON.
+    Command = 2,
 }
 
 impl ControlKind {
@@ -374,6 +378,7 @@ impl ControlKind {
         match b {
             0 => Some(ControlKind::Blank),
             1 => Some(ControlKind::Membership),
+            2 => Some(ControlKind::Command),
             _ => None,
         }
     }

@@ -16,6 +16,7 @@ use super::writer::Writer;
 use super::{Loaded, Partition, load};
 use crate::storage::checkpoint;
 use crate::storage::error::{Error, Result};
+use crate::storage::segment::Segment;
 
 impl Partition {
     /// Removes every byte from `position` of the segment based at `base` on, and every later
@@ -23,24 +24,13 @@ impl Partition {
     /// afterwards.
     pub fn cut_closed(&self, base: u64, position: u64) -> Result<()> {
         let sh = &self.shared;
-        if !sh.inbox().closed {
-            return Err(Error::InvalidConfig(format!(
-                "partition {} must be closed before its tail is cut",
-                sh.dir.display()
-            )));
-        }
+        self.require_closed("its tail is cut")?;
         let segments = sh.segments();
         let Some(at) = segments.iter().position(|s| s.base_offset() == base) else {
             return Err(Error::corrupt(&sh.dir, position, "no segment to cut at"));
         };
         let io = sh.io.as_ref();
-        let cp = sh.dir.join(checkpoint::FILE_NAME);
-        match std::fs::remove_file(&cp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&cp, e)),
-        }
-        io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
+        self.remove_checkpoint()?;
         for seg in segments[at + 1..].iter().rev() {
             seg.delete_files(&sh.dir)?;
             io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
@@ -58,6 +48,56 @@ impl Partition {
             .map_err(|e| Error::io(seg.log_path(), e))?;
         sh.set_segments(|list| list.truncate(at + 1));
         Ok(())
+    }
+
+    /// Empties the log and starts it again at `base`: the next batch appended takes offset
+    /// `base`. For a replica that installed a snapshot of a log it does not hold (Raft's
+    /// snapshot of a replicated partition is its retention point: the messages before it are
+    /// gone everywhere, those after it follow from the leader). The partition must be closed
+    /// ([`Partition::close`]); [`Partition::reopen`] it afterwards. Readers see nothing below
+    /// `base` from now on.
+    ///
+    /// Order: the checkpoint, then every segment (newest first), then the new empty one. A crash
+    /// in between leaves a shorter log (or none); the caller, which knows `base` from the
+    /// snapshot, starts again.
+    pub fn restart_closed_at(&self, base: u64) -> Result<()> {
+        let sh = &self.shared;
+        self.require_closed("it starts again")?;
+        let _maintenance = sh.maintenance();
+        let io = sh.io.as_ref();
+        self.remove_checkpoint()?;
+        sh.floor.fetch_max(base, Ordering::AcqRel);
+        for seg in sh.segments().iter().rev() {
+            seg.delete_files(&sh.dir)?;
+        }
+        io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
+        let seg = Segment::create(&sh.dir, base, sh.config.index_capacity(), io)?;
+        io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))?;
+        sh.set_segments(|list| *list = vec![Arc::new(seg)]);
+        Ok(())
+    }
+
+    fn require_closed(&self, before: &str) -> Result<()> {
+        let sh = &self.shared;
+        if sh.inbox().closed {
+            return Ok(());
+        }
+        Err(Error::InvalidConfig(format!(
+            "partition {} must be closed before {before}",
+            sh.dir.display()
+        )))
+    }
+
+    /// Removes the checkpoint (it may describe bytes about to go), durably.
+    fn remove_checkpoint(&self) -> Result<()> {
+        let sh = &self.shared;
+        let cp = sh.dir.join(checkpoint::FILE_NAME);
+        match std::fs::remove_file(&cp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&cp, e)),
+        }
+        sh.io.sync_dir(&sh.dir).map_err(|e| Error::io(&sh.dir, e))
     }
 
     /// Opens a closed partition again in place, recovering its files as [`Partition::open`]

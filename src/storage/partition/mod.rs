@@ -156,6 +156,9 @@ struct Shared {
     /// when unlimited.
     read_limit: AtomicU64,
     log_start: AtomicU64,
+    /// Readers see no offset below this (a replicated partition's retention, decided by its
+    /// leader: every replica hides the same prefix, whatever its segments); 0 when unset.
+    floor: AtomicU64,
     poisoned: AtomicBool,
     syncs: AtomicU64,
     appends: AtomicU64,
@@ -257,6 +260,7 @@ impl Partition {
             high_water: AtomicU64::new(writer_state.next_offset),
             read_limit: AtomicU64::new(u64::MAX),
             log_start: AtomicU64::new(log_start),
+            floor: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             appends: AtomicU64::new(0),
@@ -360,9 +364,18 @@ impl Partition {
         }
     }
 
-    /// The first offset still held (retention moves it up).
+    /// The first offset readers can see (retention moves it up).
     pub fn log_start(&self) -> u64 {
-        self.shared.log_start.load(Ordering::Acquire)
+        self.shared
+            .log_start
+            .load(Ordering::Acquire)
+            .max(self.shared.floor.load(Ordering::Acquire))
+    }
+
+    /// Readers see no offset below `offset` from now on, whatever segments remain (a replicated
+    /// partition's retention point: the same on every replica). Never moves down.
+    pub fn hide_below(&self, offset: u64) {
+        self.shared.floor.fetch_max(offset, Ordering::AcqRel);
     }
 
     pub fn dir(&self) -> &Path {

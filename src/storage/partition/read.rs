@@ -14,7 +14,10 @@ impl Partition {
     pub fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Batch>> {
         let segments = self.shared.segments();
         let end = self.high_water();
-        let start = segments.first().map_or(0, |s| s.base_offset());
+        let start = segments
+            .first()
+            .map_or(0, |s| s.base_offset())
+            .max(self.shared.floor.load(std::sync::atomic::Ordering::Acquire));
         if from < start || from > end {
             return Err(Error::OffsetOutOfRange {
                 requested: from,
@@ -69,7 +72,7 @@ impl Partition {
     /// The first offset whose record has a timestamp at or after `timestamp`, or `None` when no
     /// visible record is that recent.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
-        let end = self.high_water();
+        let (start, end) = (self.log_start(), self.high_water());
         for seg in self.shared.segments().iter() {
             if seg.max_timestamp() < timestamp {
                 continue;
@@ -88,6 +91,7 @@ impl Partition {
                                 Error::corrupt(seg.log_path(), 0, format!("bad record: {why}"))
                             })?;
                             if rec.offset >= cursor
+                                && rec.offset >= start
                                 && rec.offset < end
                                 && rec.timestamp >= timestamp
                             {

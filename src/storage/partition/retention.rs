@@ -78,13 +78,20 @@ impl Partition {
         dry_run: bool,
     ) -> Result<RetentionOutcome> {
         let _maintenance = self.shared.maintenance();
-        let segments = self.shared.segments();
+        let all = self.shared.segments();
+        // Segments wholly below what readers may see (a replicated partition's retention point,
+        // whose files go when the log is purged) count as deleted already.
+        let floor = self.shared.floor.load(Ordering::Acquire);
+        let hidden = (1..all.len())
+            .take_while(|&i| all[i].base_offset() <= floor)
+            .count();
+        let segments = &all[hidden..];
         let mut total: u64 = segments.iter().map(|s| s.size_bytes()).sum();
         let mut out = RetentionOutcome {
             segments_before: segments.len(),
             bytes_before: total,
-            log_start: segments.first().map_or(0, |s| s.base_offset()),
-            log_start_before: segments.first().map_or(0, |s| s.base_offset()),
+            log_start: self.log_start(),
+            log_start_before: self.log_start(),
             ..RetentionOutcome::default()
         };
         let mut delete_below = None;
