@@ -9,7 +9,7 @@
 //!
 //! Also: what a cluster node refuses at start (bad peers, another node's or cluster's data
 //! directory, a single node's data) and what it refuses at run time until part two
-//! (consumer groups, ids, deletion).
+//! (consumer groups, ids); retention and topic deletion across the nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -91,6 +91,15 @@ fn serve(
     serve_http(dir, id, peers, extra_env).map(|(child, addr, _)| (child, addr))
 }
 
+/// What the nodes log: warnings, or what `CLUSTER_LOGS` says (`1`: warnings, shown with the
+/// test's output; a filter such as `warn,sluice=debug`: that, shown).
+fn log_filter() -> String {
+    match std::env::var("CLUSTER_LOGS") {
+        Ok(filter) if filter != "1" => filter,
+        _ => "warn".into(),
+    }
+}
+
 /// [`serve`], and the HTTP port's address when `extra_env` turns it on
 /// (`SLUICE_HTTP_LISTEN=127.0.0.1:0`).
 fn serve_http(
@@ -105,7 +114,7 @@ fn serve_http(
         .env("SLUICE_HTTP_LISTEN", "")
         .env("SLUICE_CLUSTER_NODE_ID", id.to_string())
         .env("SLUICE_CLUSTER_PEERS", peers)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_filter())
         .envs(extra_env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -125,9 +134,15 @@ fn serve_http(
                 .and_then(|a| a.strip_suffix('/'))
                 .map(|a| a.parse().unwrap());
             // The stderr pipe must keep draining: a blocked writer would stall the node.
+            // `CLUSTER_LOGS=1` shows the nodes' logs (warnings and errors) with the test's.
             let stderr = child.stderr.take().unwrap();
+            let show = std::env::var_os("CLUSTER_LOGS").is_some();
             std::thread::spawn(move || {
-                std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink())
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if show {
+                        eprintln!("node {id}: {line}");
+                    }
+                }
             });
             std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
             Ok((child, addr, http))
@@ -813,10 +828,6 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             })
             .await;
         precondition(ack, "consumer groups");
-        let delete = admin
-            .delete_topic(pb::DeleteTopicRequest { name: TOPIC.into() })
-            .await;
-        precondition(delete, "not yet replicated");
         // Nothing of it was stored: the topic is there, empty, on every node.
         for i in 0..3 {
             let d = describe(&cluster.addr(i)).await.unwrap();
@@ -1248,6 +1259,120 @@ fn retention_is_decided_by_the_leader_and_every_replica_keeps_the_same_messages(
             },
         };
         assert_eq!(code, tonic::Code::OutOfRange);
+    });
+}
+
+/// Every message of partition 0 of `TOPIC` the node at `addr` serves, from the first offset.
+async fn values(addr: &str) -> Vec<String> {
+    let end = describe(addr).await.unwrap().partitions[0].next_offset;
+    read_all(addr, 0, end)
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Deleting a topic in a cluster deletes it on every node, a node that was down included (when
+/// it is back, before it serves the old messages), also when the name was created again while
+/// it was away: the new topic's groups never meet the old one's, and every node ends with the
+/// new topic alone.
+#[test]
+fn a_deleted_topic_goes_from_every_node_and_a_new_one_of_its_name_never_mixes_with_it() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        let channel = connect(&cluster.addr(0)).await.unwrap();
+        create_topic(channel.clone(), TOPIC, 1).await;
+        let send = |channel: Channel, value: String| async move {
+            BrokerClient::new(channel)
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        value: Some(value.clone().into()),
+                        partition: Some(0),
+                        ..pb::Message::default()
+                    }],
+                })
+                .await
+                .unwrap_or_else(|e| panic!("sending {value:?}: {e:?}"))
+        };
+        for n in 0..20 {
+            send(channel.clone(), format!("old {n}")).await;
+        }
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), 20, "the first incarnation").await;
+        }
+        // Node 3 sleeps through the deletion and the re-creation.
+        cluster.kill(2);
+        let mut admin = AdminClient::new(connect(&cluster.addr(1)).await.unwrap());
+        admin
+            .delete_topic(pb::DeleteTopicRequest { name: TOPIC.into() })
+            .await
+            .unwrap();
+        // The node asked has deleted its copy when the call returns; the other running node
+        // once it applies the deletion.
+        for i in [1, 0] {
+            let files = cluster.nodes[i].dir.join("topics").join(TOPIC);
+            let gone = tokio::time::timeout(DEADLINE, async {
+                while files.exists() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            gone.unwrap_or_else(|_| panic!("node {}'s files are still there", i + 1));
+            let answer = describe(&cluster.addr(i)).await.unwrap_err();
+            assert!(
+                answer.contains("does not exist"),
+                "node {}: {answer}",
+                i + 1
+            );
+        }
+        let again = admin
+            .delete_topic(pb::DeleteTopicRequest { name: TOPIC.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+        // The same name again, with other settings.
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 2).await;
+        for n in 0..5 {
+            send(connect(&cluster.addr(0)).await.unwrap(), format!("new {n}")).await;
+        }
+        cluster.restart(2);
+        let settled = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Ok(d) = describe(&cluster.addr(2)).await
+                    && d.partitions.len() == 2
+                    && d.partitions[0].next_offset == 5
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        settled.expect("node 3 holds the new topic within the deadline");
+        let want: Vec<String> = (0..5).map(|n| format!("new {n}")).collect();
+        for i in 0..3 {
+            assert_eq!(values(&cluster.addr(i)).await, want, "node {}", i + 1);
+        }
+        // It takes part in the new topic's group: with another node down, Sends go on.
+        cluster.kill(0);
+        let through = connect(&cluster.addr(2)).await.unwrap();
+        let mut request = tonic::Request::new(pb::SendRequest {
+            topic: TOPIC.into(),
+            messages: vec![pb::Message {
+                value: Some("new 5".into()),
+                partition: Some(0),
+                ..pb::Message::default()
+            }],
+        });
+        request.set_timeout(DEADLINE);
+        let r = BrokerClient::new(through)
+            .send(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.positions[0].offset, 5);
     });
 }
 

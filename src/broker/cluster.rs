@@ -11,9 +11,13 @@
 //!   this version places every partition on every node), which openraft allows: the first entry
 //!   is the same everywhere, and an election follows once a majority is up.
 //!
+//! - **Deleting a topic** goes through the metadata group too; each creation of a name is an
+//!   incarnation, part of its groups' names ([`group_name`]), so the groups of a name created
+//!   again never meet the old ones on a node that slept through it.
+//!
 //! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
-//! compaction and retention on demand, topic deletion): see docs/replication.md. Periodic
-//! retention is replicated: each partition's leader proposes it ([`Cluster::trim`]).
+//! compaction and retention on demand): see docs/replication.md. Periodic retention is
+//! replicated: each partition's leader proposes it ([`Cluster::trim`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tls::cluster_tls;
-use crate::replication::catalog::{Catalog, Command};
+use crate::replication::catalog::{Catalog, Command, group_name};
 use crate::replication::config::Members;
 use crate::replication::status::{self, ClusterView};
 use crate::replication::write::{Forwarder, wait_for_leader};
@@ -74,6 +78,10 @@ pub struct Cluster {
     groups: Mutex<HashMap<String, Raft<PartitionRaft>>>,
     /// Serialises joining groups (the catalog watcher and creations both do).
     joining: tokio::sync::Mutex<()>,
+    /// Serialises bringing this node's topics in line with the catalog (the catalog watcher,
+    /// creations and deletions all do): one deletes a topic's files before another creates the
+    /// name again.
+    reconciling: tokio::sync::Mutex<()>,
     /// How long a proposal may wait to be committed before the caller hears "unknown".
     write_timeout: Duration,
     /// Takes proposals to leaders on other nodes.
@@ -188,6 +196,7 @@ impl Cluster {
             io,
             groups: Mutex::new(HashMap::new()),
             joining: tokio::sync::Mutex::new(()),
+            reconciling: tokio::sync::Mutex::new(()),
             write_timeout,
             forwarder: Arc::new(Forwarder::new(peers)),
             addr,
@@ -259,8 +268,7 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups, message ids, compaction and retention on demand, topic \
-            deletion");
+            so refused here: consumer groups, message ids, compaction and retention on demand");
         Ok(cluster)
     }
 
@@ -328,6 +336,16 @@ impl Cluster {
             loop {
                 if shutdown.is_cancelled() {
                     return;
+                }
+                // A group of a topic the cluster deleted meanwhile has nothing to catch up with.
+                if name != META_GROUP
+                    && !self
+                        .groups
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&name)
+                {
+                    break;
                 }
                 let Some(leader) = wait_for_leader(&raft, STATUS_DEADLINE).await else {
                     continue;
@@ -400,7 +418,12 @@ impl Cluster {
             .collect()
     }
 
-    /// Initialises a group with every founding member unless it already is.
+    /// Initialises a group with every founding member unless it already is. One founder,
+    /// chosen by the group's name (so first leaders spread over the nodes), does so at once and
+    /// so becomes the group's first leader; each other founder waits a random E to 2 E first
+    /// (in the background) and does nothing if the group formed meanwhile. Founders that
+    /// initialise together also vote for themselves together, and with one founder down the
+    /// other two can tie round after round.
     async fn initialize(&self, raft: &Raft<PartitionRaft>, group: &str) -> Result<()> {
         let initialized = raft
             .is_initialized()
@@ -409,21 +432,32 @@ impl Cluster {
         if initialized {
             return Ok(());
         }
-        match raft.initialize(self.voters()).await {
-            Ok(()) => Ok(()),
-            // Another member's first entry reached this one first: the group is formed.
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::InitializeError::NotAllowed(_),
-            )) => Ok(()),
-            Err(e) => Err(Error::Internal(format!("group {group}: {e}"))),
+        let voters = self.voters();
+        let ids: Vec<u64> = voters.keys().copied().collect();
+        let first = ids[crc32fast::hash(group.as_bytes()) as usize % ids.len().max(1)];
+        if first == self.members.node_id {
+            return form(raft, voters, group).await;
         }
+        let e = self.members.election_timeout_ms;
+        let wait = Duration::from_millis(e + random_below(e + 1));
+        let (raft, group) = (raft.clone(), group.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if raft.is_initialized().await.unwrap_or(true) {
+                return;
+            }
+            if let Err(e) = form(&raft, voters, &group).await {
+                tracing::warn!(%group, error = %e, "cannot form the group");
+            }
+        });
+        Ok(())
     }
 
     /// Joins the group of every partition of `topic` this node does not run yet.
     async fn join_topic(&self, topic: &Arc<Topic>) -> Result<()> {
         let _joining = self.joining.lock().await;
         for handle in &topic.partitions {
-            let group = format!("{}/{}", topic.name, handle.id);
+            let group = group_name(&topic.name, handle.id, topic.config.incarnation);
             if handle.replica.get().is_some() {
                 continue;
             }
@@ -546,23 +580,33 @@ impl Cluster {
         }
     }
 
-    /// Creates, here, every topic of the catalog this node lacks, and joins its groups, each
-    /// time the catalog changes.
+    /// Brings this node's topics in line with the catalog each time it changes (and again
+    /// every second while that fails).
     async fn follow_catalog(self: Arc<Self>, shutdown: CancellationToken) {
         let mut catalog = self.catalog.clone();
         loop {
             let current = Arc::clone(&catalog.borrow_and_update());
-            if let Err(e) = self.create_missing(&current).await {
-                tracing::error!(error = %e, "cannot create a topic of the catalog here");
-            }
+            let failed = match self.reconcile(&current).await {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot bring this node's topics in line with \
+                        the catalog; trying again");
+                    true
+                }
+            };
             tokio::select! {
                 changed = catalog.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(STATUS_DEADLINE), if failed => {}
                 () = shutdown.cancelled() => return,
             }
         }
     }
 
-    async fn create_missing(&self, catalog: &Catalog) -> Result<()> {
+    /// Deletes, here, every topic the catalog says is gone, then creates every topic of the
+    /// catalog this node lacks and joins its groups.
+    async fn reconcile(&self, catalog: &Catalog) -> Result<()> {
+        let _one_at_a_time = self.reconciling.lock().await;
+        self.remove_stale(catalog).await?;
         for (name, entry) in &catalog.topics {
             let topic = match self.topics.get(name) {
                 Some(t) => t,
@@ -577,6 +621,122 @@ impl Cluster {
             self.join_topic(&topic).await?;
         }
         Ok(())
+    }
+
+    /// Deletes, here, every topic the catalog says is gone (deleted, or created again since):
+    /// its groups stop, its files go.
+    async fn remove_stale(&self, catalog: &Catalog) -> Result<()> {
+        for topic in self.topics.open_topics() {
+            if !catalog.is_stale(&topic.name, topic.config.incarnation) {
+                continue;
+            }
+            let _joining = self.joining.lock().await;
+            for handle in &topic.partitions {
+                let group = group_name(&topic.name, handle.id, topic.config.incarnation);
+                self.service.remove(&group);
+                let raft = self
+                    .groups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&group);
+                if let Some(raft) = raft
+                    && let Err(e) = raft.shutdown().await
+                {
+                    tracing::warn!(%group, error = %e, "a deleted topic's group did not stop cleanly");
+                }
+            }
+            let removed = match self.topics.remove_local(&topic.name).await {
+                Ok(r) => r,
+                Err(Error::Storage(storage::Error::TopicNotFound(_))) => continue,
+                Err(e) => return Err(e),
+            };
+            let topics = Arc::clone(&self.topics);
+            blocking(move || topics.delete_files(&removed)).await?;
+            tracing::info!(topic = %topic.name, incarnation = topic.config.incarnation,
+                "topic deleted in the cluster: deleted here");
+        }
+        Ok(())
+    }
+
+    /// Deletes a topic in the cluster: the metadata group's leader commits its deletion, and
+    /// every node deletes its copy once it applies that (a node that is down does so when it
+    /// is back, before it could serve the topic's old messages again). Returns once this node
+    /// has deleted its own.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let known = self
+            .catalog
+            .borrow()
+            .topics
+            .get(name)
+            .map(|t| (t.config.incarnation, t.config.partitions));
+        let Some((incarnation, partitions)) = known else {
+            return Err(storage::Error::TopicNotFound(name.to_string()).into());
+        };
+        let command = Command::DeleteTopic {
+            name: name.to_string(),
+            incarnation,
+        };
+        let applied = self
+            .commit_to_catalog(command, |c| c.is_stale(name, incarnation))
+            .await?;
+        match applied {
+            Some(c) => {
+                self.reconcile(&c).await?;
+                let groups: Vec<String> = (0..partitions)
+                    .map(|p| group_name(name, p, incarnation))
+                    .collect();
+                self.until_peers(&groups, false).await;
+                Ok(())
+            }
+            None => Err(Error::Unavailable(format!(
+                "topic {name:?} was deleted in the cluster but this node has not heard of it \
+                 within {} ms; it will go here once it does",
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Commits `command` in the metadata group (through its leader), then waits, up to the
+    /// write timeout, until this node's catalog shows `done` (`None` when it does not in time).
+    async fn commit_to_catalog(
+        &self,
+        command: Command,
+        done: impl Fn(&Catalog) -> bool,
+    ) -> Result<Option<Arc<Catalog>>> {
+        let proposal = command
+            .to_proposal(super::clock::now_ms())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.forwarder
+            .propose(&self.meta, META_GROUP, proposal, self.write_timeout)
+            .await
+            .map_err(|e| Error::not_written("the metadata group", e))?;
+        let mut catalog = self.catalog.clone();
+        let applied = tokio::time::timeout(self.write_timeout, async {
+            catalog.wait_for(|c| done(c)).await.map(|c| Arc::clone(&c))
+        })
+        .await;
+        Ok(applied.ok().and_then(|r| r.ok()))
+    }
+
+    /// Waits, up to the write timeout, until every other node that answers runs `groups`
+    /// (`present`) or none of them: a topic created or deleted through this node is so on every
+    /// running node when the call returns. A node that does not answer catches up when it is
+    /// back.
+    async fn until_peers(&self, groups: &[String], present: bool) {
+        let me = self.members.node_id;
+        let until = tokio::time::Instant::now() + self.write_timeout;
+        for &id in self.members.peers.keys().filter(|&&id| id != me) {
+            while tokio::time::Instant::now() < until {
+                let Ok(report) = self.forwarder.status(id, STATUS_DEADLINE).await else {
+                    break;
+                };
+                let runs = |g: &String| report.groups.iter().any(|r| &r.group == g);
+                if groups.iter().all(|g| runs(g) == present) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 
     /// Serves the topic creations of this node's `Topics`: proposed to the metadata group, then
@@ -610,37 +770,31 @@ impl Cluster {
             config,
             replicas: self.members.peers.keys().copied().collect(),
         };
-        let proposal = command
-            .to_proposal(super::clock::now_ms())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        self.forwarder
-            .propose(&self.meta, META_GROUP, proposal, self.write_timeout)
-            .await
-            .map_err(|e| Error::not_written("the metadata group", e))?;
         // Committed; created here once this node has applied it too (at once on the leader).
-        let mut catalog = self.catalog.clone();
-        let applied = tokio::time::timeout(self.write_timeout, async {
-            catalog
-                .wait_for(|c| c.topics.contains_key(name))
-                .await
-                .map(|c| Arc::clone(&c))
-        })
-        .await;
+        let applied = self
+            .commit_to_catalog(command, |c| c.topics.contains_key(name))
+            .await?;
         match applied {
-            Ok(Ok(c)) => {
-                self.create_missing(&c).await?;
+            Some(c) => {
+                self.reconcile(&c).await?;
                 // Ready for Sends when the call returns: each partition's group has elected
-                // its first leader.
+                // its first leader, and every node that answers runs it.
                 if let Some(topic) = self.topics.get(name) {
                     for handle in &topic.partitions {
                         if let Some(raft) = handle.replica.get() {
                             wait_for_leader(raft, self.write_timeout).await;
                         }
                     }
+                    let groups: Vec<String> = topic
+                        .partitions
+                        .iter()
+                        .map(|h| group_name(name, h.id, topic.config.incarnation))
+                        .collect();
+                    self.until_peers(&groups, true).await;
                 }
                 Ok(())
             }
-            _ => Err(Error::Unavailable(format!(
+            None => Err(Error::Unavailable(format!(
                 "topic {name:?} was created in the cluster but this node has not heard of it \
                  within {} ms; it will open here once it does",
                 self.write_timeout.as_millis()
@@ -672,6 +826,31 @@ impl Cluster {
             tracing::error!(error = %e, "the metadata log did not close cleanly");
         }
     }
+}
+
+/// Forms a group with `voters` as its first members (its first entry, the same on every
+/// founder); a group another founder formed first needs nothing more.
+async fn form(
+    raft: &Raft<PartitionRaft>,
+    voters: BTreeMap<u64, BasicNode>,
+    group: &str,
+) -> Result<()> {
+    match raft.initialize(voters).await {
+        Ok(()) => Ok(()),
+        // Another member's first entry reached this one first: the group is formed.
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => Ok(()),
+        Err(e) => Err(Error::Internal(format!("group {group}: {e}"))),
+    }
+}
+
+/// A random number below `n` (seeded by the process's random hasher keys).
+fn random_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(n);
+    h.finish() % n.max(1)
 }
 
 /// The IP addresses of every peer: the cluster port serves no one else.

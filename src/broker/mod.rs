@@ -69,7 +69,7 @@ use self::subscription::SubscriptionSettings;
 use self::topics::Topics;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig};
+use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig, validate_topic_name};
 
 pub use self::cluster::META_GROUP;
 pub use self::error::{Error, Result};
@@ -321,6 +321,10 @@ impl Broker {
     /// close, its files go.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         refuse_audit_topic(name, "deleted")?;
+        if let Some(cluster) = &self.cluster {
+            validate_topic_name(name)?;
+            return cluster.delete_topic(name).await;
+        }
         let removed = self.topics.remove(name).await?;
         let (topics, groups) = (Arc::clone(&self.topics), Arc::clone(&self.groups));
         blocking(move || {

@@ -265,9 +265,14 @@ impl Topics {
         validate_topic_name(name)?;
         if self.replicated() {
             return Err(Error::FailedPrecondition(
-                "deleting a topic is not yet replicated: a cluster keeps its topics".into(),
+                "a cluster node deletes a topic through the metadata group".into(),
             ));
         }
+        self.remove_local(name).await
+    }
+
+    /// [`Topics::remove`] of this node's copy alone (cluster mode: the metadata group decided).
+    pub async fn remove_local(&self, name: &str) -> Result<Removed> {
         let admin = Arc::clone(&self.admin).lock_owned().await;
         let topic = self
             .map

@@ -22,23 +22,59 @@ pub struct CatalogTopic {
     pub replicas: Vec<u64>,
 }
 
-/// Every replicated topic, by name. (Deleting one is not replicated yet: a cluster keeps its
-/// topics.)
+/// Every replicated topic, by name, and the deletions that happened.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     pub topics: BTreeMap<String, CatalogTopic>,
+    /// Per name, the latest incarnation deleted: a topic of that name held anywhere with an
+    /// incarnation at or below it is gone.
+    #[serde(default)]
+    pub deleted: BTreeMap<String, u64>,
+}
+
+impl Catalog {
+    /// Whether a topic held here as `incarnation` of `name` is gone from the cluster: deleted,
+    /// or created again since. Only ever turns true as the catalog applies more of its log (a
+    /// catalog still catching up never condemns a topic it has not heard the end of).
+    pub fn is_stale(&self, name: &str, incarnation: u64) -> bool {
+        self.deleted.get(name).is_some_and(|&d| incarnation <= d)
+            || self
+                .topics
+                .get(name)
+                .is_some_and(|t| t.config.incarnation > incarnation)
+    }
+}
+
+/// The name of a partition's Raft group on the cluster port: `<topic>/<partition>`, and for a
+/// topic created again after a deletion, `@<incarnation>` after it (topic names hold no `@`),
+/// so the groups of two creations of one name never exchange a message.
+pub fn group_name(topic: &str, partition: u32, incarnation: u64) -> String {
+    match incarnation {
+        0 => format!("{topic}/{partition}"),
+        n => format!("{topic}/{partition}@{n}"),
+    }
+}
+
+/// The topic and partition a group name stands for (`None` for the metadata group).
+pub fn parse_group_name(group: &str) -> Option<(&str, u32)> {
+    let (topic, rest) = group.rsplit_once('/')?;
+    let partition = rest.split_once('@').map_or(rest, |(p, _)| p);
+    Some((topic, partition.parse().ok()?))
 }
 
 /// A change to the catalog, as the metadata leader proposes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    /// Creates the topic unless it exists (a repeat changes nothing).
+    /// Creates the topic unless it exists (a repeat changes nothing), as the incarnation after
+    /// the last one deleted.
     CreateTopic {
         name: String,
         config: TopicConfig,
         replicas: Vec<u64>,
     },
+    /// Deletes `incarnation` of the topic (a repeat, or an older incarnation, changes nothing).
+    DeleteTopic { name: String, incarnation: u64 },
 }
 
 impl Command {
@@ -89,9 +125,25 @@ impl GroupState for Catalog {
                 config,
                 replicas,
             } => {
-                self.topics
-                    .entry(name)
-                    .or_insert(CatalogTopic { config, replicas });
+                let incarnation = self.deleted.get(&name).map_or(0, |d| d + 1);
+                self.topics.entry(name).or_insert(CatalogTopic {
+                    config: TopicConfig {
+                        incarnation,
+                        ..config
+                    },
+                    replicas,
+                });
+            }
+            Command::DeleteTopic { name, incarnation } => {
+                if self
+                    .topics
+                    .get(&name)
+                    .is_some_and(|t| t.config.incarnation == incarnation)
+                {
+                    self.topics.remove(&name);
+                    let last = self.deleted.entry(name).or_default();
+                    *last = (*last).max(incarnation);
+                }
             }
         }
     }
@@ -130,5 +182,65 @@ mod tests {
         catalog.apply(&other);
         catalog.apply(b"junk");
         assert_eq!(catalog, before);
+    }
+
+    /// Deletion and re-creation: each creation after a deletion is the next incarnation; a
+    /// delete names the incarnation it removes (a stale or repeated one changes nothing); a
+    /// topic held anywhere is stale once the catalog has seen its end, never before.
+    #[test]
+    fn deletions_count_incarnations_and_condemn_only_what_the_log_ended() {
+        let create = |partitions| Command::CreateTopic {
+            name: "epro".into(),
+            config: TopicConfig {
+                partitions,
+                ..TopicConfig::default()
+            },
+            replicas: vec![1, 2, 3],
+        };
+        let delete = |incarnation| Command::DeleteTopic {
+            name: "epro".into(),
+            incarnation,
+        };
+        let mut catalog = Catalog::default();
+        let apply = |c: &mut Catalog, command: Command| c.apply(&command.to_proposal(0).unwrap());
+        // (step, command, incarnation in the catalog after it, stale: [held as 0, as 1, as 2])
+        let steps: [(&str, Command, Option<u64>, [bool; 3]); 6] = [
+            ("first creation", create(1), Some(0), [false, false, false]),
+            (
+                "delete of an incarnation that is not there",
+                delete(1),
+                Some(0),
+                [false, false, false],
+            ),
+            ("delete", delete(0), None, [true, false, false]),
+            ("repeated delete", delete(0), None, [true, false, false]),
+            ("created again", create(2), Some(1), [true, false, false]),
+            ("deleted again", delete(1), None, [true, true, false]),
+        ];
+        for (what, command, incarnation, stale) in steps {
+            apply(&mut catalog, command);
+            assert_eq!(
+                catalog.topics.get("epro").map(|t| t.config.incarnation),
+                incarnation,
+                "{what}"
+            );
+            let got: Vec<bool> = (0..3).map(|i| catalog.is_stale("epro", i)).collect();
+            assert_eq!(got, stale, "{what}");
+        }
+        apply(&mut catalog, create(3));
+        assert_eq!(catalog.topics["epro"].config.incarnation, 2);
+        assert_eq!(catalog.topics["epro"].config.partitions, 3);
+        assert!(
+            !Catalog::default().is_stale("epro", 0),
+            "an empty catalog condemns nothing"
+        );
+        for (group, parsed) in [
+            (group_name("epro", 3, 0), Some(("epro", 3))),
+            (group_name("epro", 3, 2), Some(("epro", 3))),
+            ("_meta".to_string(), None),
+        ] {
+            assert_eq!(parse_group_name(&group), parsed, "{group}");
+        }
+        assert_eq!(group_name("epro", 3, 2), "epro/3@2");
     }
 }

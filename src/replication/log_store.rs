@@ -7,8 +7,7 @@ use std::ops::{Bound, RangeBounds};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LeaderId, OptionalSend, RaftLogId, Vote};
 
-use super::state_machine::Installed;
-use super::types::{LogId, PartitionRaft, Proposal, StorageError, log_id, raft_id};
+use super::types::{Installed, LogId, PartitionRaft, Proposal, StorageError, log_id, raft_id};
 use crate::storage::raft_log::{RaftLog, RaftLogReader as PartitionReader, StoredVote};
 use crate::storage::record::{Batch, ControlKind, EncodedBatch};
 

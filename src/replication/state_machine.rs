@@ -28,7 +28,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::log_store::storage_error;
-use super::types::{Applied, GroupCommand, LogId, PartitionRaft, Proposal, StorageError};
+use super::types::{
+    Applied, GroupCommand, Installed, LogId, PartitionRaft, Proposal, StorageError, TrimPoint,
+};
 use crate::storage::io::{FileIo, replace_file};
 use crate::storage::raft_log::RaftLogReader;
 use crate::storage::record::BatchHeader;
@@ -58,18 +60,6 @@ impl GroupState for () {
 
     fn apply(&mut self, _proposal: &[u8]) {}
 }
-
-/// A retention point of a replicated partition: the last entry holding only messages below
-/// `offset`, which is where the group's snapshot is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrimPoint {
-    pub upto: LogId,
-    pub offset: u64,
-}
-
-/// Shared by a group's log store and state machine: the snapshot point the state machine last
-/// installed, so that a purge past the end of the log knows the offset the log starts again at.
-pub type Installed = tokio::sync::watch::Sender<Option<TrimPoint>>;
 
 /// The applied state: all a group's snapshot holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

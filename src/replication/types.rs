@@ -65,3 +65,15 @@ pub fn log_id(id: RaftId) -> LogId {
     // Under `single-term-leader` the committed leader id is the term alone; the node is unused.
     openraft::LogId::new(openraft::CommittedLeaderId::new(id.term, 0), id.index)
 }
+
+/// A retention point of a replicated partition: the last entry holding only messages below
+/// `offset`, which is where the group's snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimPoint {
+    pub upto: LogId,
+    pub offset: u64,
+}
+
+/// Shared by a group's log store and state machine: the snapshot point the state machine last
+/// installed, so that a purge past the end of the log knows the offset the log starts again at.
+pub type Installed = tokio::sync::watch::Sender<Option<TrimPoint>>;

@@ -10,6 +10,7 @@ use crate::broker::Broker;
 use crate::broker::META_GROUP;
 use crate::broker::audit::{AuditEvent, Decision};
 use crate::proto::v1 as pb;
+use crate::replication::catalog::parse_group_name;
 use crate::replication::status::ClusterView;
 
 use super::access::{Access, caller};
@@ -100,10 +101,7 @@ fn cluster_status_to_pb(
             metadata_leader = g.leader;
             continue;
         }
-        let Some((topic, partition)) = name.rsplit_once('/') else {
-            continue;
-        };
-        let Ok(partition) = partition.parse() else {
+        let Some((topic, partition)) = parse_group_name(&name) else {
             continue;
         };
         if !may_describe(topic) {

@@ -75,6 +75,15 @@ pub struct TopicConfig {
     /// How long a Send's message id is remembered: a message with an id stored within this
     /// window is not stored again. 0 turns it off. May exceed retention. Default: 86400000 (24 h).
     pub dedup_window_ms: u64,
+    /// Cluster mode: which creation of this name the topic is (0 the first; each creation after
+    /// a deletion counts up), so that a node that slept through a deletion and a re-creation
+    /// does not mix the two. Set by the cluster, not by users; not written when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for TopicConfig {
@@ -88,6 +97,7 @@ impl Default for TopicConfig {
             retain_until_consumed: true,
             delete_retention_ms: 24 * 3600 * 1000,
             dedup_window_ms: 24 * 3600 * 1000,
+            incarnation: 0,
         }
     }
 }
