@@ -828,6 +828,23 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             })
             .await;
         precondition(ack, "consumer groups");
+        // Compaction and retention on demand are not replicated: refused, but a dry run reports.
+        let compact = admin
+            .compact(pb::CompactRequest {
+                topic: TOPIC.into(),
+                dry_run: false,
+            })
+            .await;
+        precondition(compact, "not yet replicated");
+        let dry = admin
+            .compact(pb::CompactRequest {
+                topic: TOPIC.into(),
+                dry_run: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!dry.partitions.is_empty(), "{dry:?}");
         // Nothing of it was stored: the topic is there, empty, on every node.
         for i in 0..3 {
             let d = describe(&cluster.addr(i)).await.unwrap();
@@ -926,7 +943,8 @@ fn the_readme_three_node_cluster_works_as_written() {
     // The example files' ports, each replaced by a free one (the system picks them).
     let mut ports: BTreeMap<String, String> = BTreeMap::new();
     let fresh = free_ports(9);
-    let mut children = Vec::new();
+    // Stopped however the test ends (a failed assertion included).
+    let mut children = Reaped::default();
     let serves = readme_block("sh cluster");
     assert_eq!(serves.len(), 3, "three commands start the cluster");
     for (command, _) in &serves {
@@ -960,7 +978,7 @@ fn the_readme_three_node_cluster_works_as_written() {
             .read_line(&mut line)
             .unwrap();
         assert!(line.starts_with("sluice listening on"), "{command}: {line}");
-        children.push(child);
+        children.0.push(child);
     }
     let dir = tmp.path().join("bin");
     std::fs::create_dir_all(&dir).unwrap();
@@ -1009,9 +1027,18 @@ fn the_readme_three_node_cluster_works_as_written() {
         );
         assert_eq!(p["replicas"], serde_json::json!([1, 2, 3]), "{p}");
     }
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
+}
+
+/// Child processes killed when dropped.
+#[derive(Default)]
+struct Reaped(Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
