@@ -324,13 +324,7 @@ impl Cluster {
         let me = self.members.node_id;
         let mut groups: Vec<(String, Raft<PartitionRaft>)> =
             vec![(META_GROUP.into(), self.meta.clone())];
-        groups.extend(
-            self.groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|(n, r)| (n.clone(), r.clone())),
-        );
+        groups.extend(self.running().iter().map(|(n, r)| (n.clone(), r.clone())));
         let mut reports: HashMap<u64, crate::proto::cluster::StatusResponse> = HashMap::new();
         for (name, raft) in groups {
             loop {
@@ -338,13 +332,7 @@ impl Cluster {
                     return;
                 }
                 // A group of a topic the cluster deleted meanwhile has nothing to catch up with.
-                if name != META_GROUP
-                    && !self
-                        .groups
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains_key(&name)
-                {
+                if name != META_GROUP && !self.running().contains_key(&name) {
                     break;
                 }
                 let Some(leader) = wait_for_leader(&raft, STATUS_DEADLINE).await else {
@@ -457,7 +445,7 @@ impl Cluster {
     async fn join_topic(&self, topic: &Arc<Topic>) -> Result<()> {
         let _joining = self.joining.lock().await;
         for handle in &topic.partitions {
-            let group = group_name(&topic.name, handle.id, topic.config.incarnation);
+            let group = topic.group_name(handle.id);
             if handle.replica.get().is_some() {
                 continue;
             }
@@ -465,10 +453,7 @@ impl Cluster {
             self.initialize(&raft, &group).await?;
             self.service.add(group.clone(), raft.clone());
             let _ = handle.replica.set(raft.clone());
-            self.groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(group, raft);
+            self.running().insert(group, raft);
         }
         Ok(())
     }
@@ -503,6 +488,11 @@ impl Cluster {
         .map_err(|e| Error::Internal(format!("group {group}: {e}")))
     }
 
+    /// Every partition group this node runs, by name.
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Raft<PartitionRaft>>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes the snapshot of each group that applied a retention point; openraft then purges
     /// its log up to it (on a leader, once no follower still needs those entries: a follower
     /// further behind gets the snapshot instead).
@@ -516,12 +506,7 @@ impl Cluster {
                 g = trims.recv() => match g { Some(g) => g, None => return },
                 () = shutdown.cancelled() => return,
             };
-            let raft = self
-                .groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&group)
-                .cloned();
+            let raft = self.running().get(&group).cloned();
             // A group applying entries as it starts is not listed yet: its first Send or the
             // next retention point takes the snapshot then.
             if let Some(raft) = raft
@@ -632,13 +617,9 @@ impl Cluster {
             }
             let _joining = self.joining.lock().await;
             for handle in &topic.partitions {
-                let group = group_name(&topic.name, handle.id, topic.config.incarnation);
+                let group = topic.group_name(handle.id);
                 self.service.remove(&group);
-                let raft = self
-                    .groups
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&group);
+                let raft = self.running().remove(&group);
                 if let Some(raft) = raft
                     && let Err(e) = raft.shutdown().await
                 {
@@ -788,7 +769,7 @@ impl Cluster {
                     let groups: Vec<String> = topic
                         .partitions
                         .iter()
-                        .map(|h| group_name(name, h.id, topic.config.incarnation))
+                        .map(|h| topic.group_name(h.id))
                         .collect();
                     self.until_peers(&groups, true).await;
                 }
@@ -805,12 +786,7 @@ impl Cluster {
     /// Stops every group (the partitions are closed by the broker afterwards) and the
     /// metadata log.
     pub async fn shutdown(&self) {
-        let groups: Vec<(String, Raft<PartitionRaft>)> = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let groups: Vec<(String, Raft<PartitionRaft>)> = self.running().drain().collect();
         for (name, raft) in groups
             .iter()
             .map(|(n, r)| (n, r))

@@ -258,8 +258,7 @@ async fn replicated_retention(
 ) -> Result<RetentionOutcome> {
     let h = Arc::clone(handle);
     let mut outcome = blocking(move || Ok(h.log.retain(&retention, now, true)?)).await?;
-    let before = handle.log.log_start();
-    outcome.log_start_before = before;
+    let before = outcome.log_start_before;
     let decided =
         outcome.log_start > before && (dry_run || cluster.trim(handle, outcome.log_start).await?);
     if !decided {

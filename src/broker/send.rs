@@ -25,7 +25,6 @@ use super::message::{NewMessage, Placed};
 use super::topic::{self, Topic};
 use super::topics::Topics;
 use crate::metrics::Metrics;
-use crate::replication::catalog::group_name;
 use crate::replication::write::Forwarder;
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
 use crate::storage::topic::CleanupPolicy;
@@ -514,10 +513,7 @@ async fn propose_planned(
             )));
         };
         let bytes = b.batch.as_bytes().to_vec();
-        let (forwarder, group) = (
-            Arc::clone(forwarder),
-            group_name(&topic.name, b.partition, topic.config.incarnation),
-        );
+        let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
             forwarder
                 .propose(&raft, &group, bytes, deadline)

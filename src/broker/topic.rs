@@ -80,6 +80,11 @@ pub struct Topic {
 }
 
 impl Topic {
+    /// The name of partition `partition`'s Raft group on the cluster port (cluster mode).
+    pub fn group_name(&self, partition: u32) -> String {
+        crate::replication::catalog::group_name(&self.name, partition, self.config.incarnation)
+    }
+
     /// Opens every partition of a topic (blocking: recovery reads files).
     pub fn open(
         data: &DataDir,

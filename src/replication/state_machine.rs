@@ -183,7 +183,7 @@ impl<S: GroupState> GroupStateMachine<S> {
         if let Some(trim) = content.trim {
             log.partition().hide_below(trim.offset);
         }
-        let installed = Installed::new(content.snapshot().trim);
+        let installed = Installed::new(content.trim);
         Ok(GroupStateMachine {
             content,
             log,
@@ -203,16 +203,10 @@ impl<S: GroupState> GroupStateMachine<S> {
         self
     }
 
-    /// The snapshot point last installed or built, for the group's log store
-    /// ([`super::LogStore::linked`]).
+    /// The snapshot point last installed (at open, the saved snapshot's), for the group's log
+    /// store ([`super::LogStore::linked`]).
     pub fn installed(&self) -> Installed {
         self.installed.clone()
-    }
-
-    /// The snapshot point this state machine holds (read at open): where a log purged past its
-    /// end starts again.
-    pub fn snapshot_point(&self) -> Option<TrimPoint> {
-        *self.installed.borrow()
     }
 
     /// Tells `publish` the state now and after every change.
