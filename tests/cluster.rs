@@ -163,6 +163,15 @@ impl TestCluster {
 
     /// [`TestCluster::start`] with more settings for every node.
     fn start_with(env: &[(&str, &str)]) -> TestCluster {
+        let mut cluster = Self::stopped(env);
+        for i in 0..3 {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    /// Three nodes not started yet (their data directories not made yet).
+    fn stopped(env: &[(&str, &str)]) -> TestCluster {
         let tmp = tempfile::tempdir().unwrap();
         let ports = free_ports(9);
         let links = links::Links::new(&ports[..3], ports[3..].iter().copied());
@@ -181,7 +190,7 @@ impl TestCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = TestCluster {
+        TestCluster {
             _tmp: tmp,
             peers,
             links,
@@ -191,11 +200,7 @@ impl TestCluster {
                 .collect(),
             nodes,
             addrs: Arc::new(Mutex::new(vec![None; 3])),
-        };
-        for i in 0..3 {
-            cluster.restart(i);
         }
-        cluster
     }
 
     fn restart(&mut self, i: usize) {
@@ -765,25 +770,6 @@ fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own(
     let other = peers_of(&[p(0), p(1), p(3)]);
     let said = refused(&dir, 1, &other, &[]);
     assert!(said.contains("belongs to a cluster founded by"), "{said}");
-
-    // A single node's data directory: its topics are not Raft logs.
-    let single = tmp.path().join("single");
-    let broker = common::server::BrokerProcess::spawn(&single, &[]);
-    let out = common::server::cli(
-        &[
-            "topics",
-            "create",
-            "epro",
-            "--broker",
-            &broker.addr.to_string(),
-        ],
-        "",
-    );
-    common::server::assert_succeeded(&out, "");
-    broker.signal("TERM");
-    assert!(broker.wait().success());
-    let said = refused(&single, 1, &peers, &[]);
-    assert!(said.contains("single node's topics (epro)"), "{said}");
 }
 
 #[test]
@@ -1760,5 +1746,93 @@ fn ten_thousand_concurrent_seed_sends_through_a_follower_are_all_acknowledged() 
         let mut admin = AdminClient::new(connect(&cluster.addr(leader)).await.unwrap());
         let d = admin.describe_topic(describe).await.unwrap().into_inner();
         assert_eq!(d.partitions[0].next_offset, 10_000, "each stored once");
+    });
+}
+
+/// The upgrade path (docs/replication.md, "Upgrading a single node"): a single node's data
+/// directory becomes node 1 of a new cluster (nodes 2 and 3 start empty). Every node then
+/// serves the single node's messages at their offsets, Sends go on from the next offset, and
+/// the messages outlive node 1 (they were replicated, not just kept where they were).
+#[test]
+fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::stopped(&[]);
+        let before: u64 = 150;
+        {
+            let server = common::server::TestServer::start(common::server::test_config(
+                &cluster.nodes[0].dir,
+            ))
+            .await;
+            create_topic(server.channel().await, TOPIC, 2).await;
+            let mut client = server.client().await;
+            for n in 0..before {
+                client
+                    .send(pb::SendRequest {
+                        topic: TOPIC.into(),
+                        messages: vec![pb::Message {
+                            value: Some(format!("single {n}").into()),
+                            partition: Some((n % 2) as u32),
+                            ..pb::Message::default()
+                        }],
+                    })
+                    .await
+                    .unwrap();
+            }
+            server.stop().await;
+        }
+        for i in 0..3 {
+            cluster.restart(i);
+        }
+        let want = |p: u64, upto: u64| -> Vec<(u64, String)> {
+            (0..upto)
+                .filter(|n| n % 2 == p)
+                .enumerate()
+                .map(|(offset, n)| (offset as u64, format!("single {n}")))
+                .collect()
+        };
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), before / 2, "the single node's messages").await;
+            for p in 0..2 {
+                assert_eq!(
+                    read_all(&cluster.addr(i), p as u32, before / 2).await,
+                    want(p, before),
+                    "node {} partition {p}",
+                    i + 1
+                );
+            }
+        }
+        assert!(
+            cluster.nodes[0]
+                .dir
+                .join("pre-cluster/topics")
+                .join(TOPIC)
+                .exists(),
+            "the single node's files are kept aside"
+        );
+        // Sends through node 2 go on at the next offset; node 1 stops; 2 and 3 serve all.
+        let mut client = BrokerClient::new(connect(&cluster.addr(1)).await.unwrap());
+        let reply = client
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    value: Some(format!("single {before}").into()),
+                    partition: Some(0),
+                    ..pb::Message::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.positions[0].offset, before / 2);
+        cluster.kill(0);
+        for i in 1..3 {
+            assert_eq!(
+                read_all(&cluster.addr(i), 0, before / 2 + 1).await,
+                want(0, before + 1),
+                "node {}",
+                i + 1
+            );
+        }
     });
 }

@@ -49,13 +49,12 @@ use super::error::{Error, Result};
 use super::settings::Settings;
 use super::topic::{PartitionHandle, Topic};
 use super::topics::{CreateRequest, Topics};
+use super::upgrade::{IDENTITY_FILE, PRE_CLUSTER};
 
 /// The metadata group's name on the cluster port.
 pub const META_GROUP: &str = "_meta";
 /// How long a node's report of its groups may take before it counts as unreachable.
 const STATUS_DEADLINE: Duration = Duration::from_secs(1);
-/// What a data directory records of the cluster it belongs to.
-const IDENTITY_FILE: &str = "node.json";
 
 /// This node's place in the cluster, as its data directory remembers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,14 +119,9 @@ impl Cluster {
         let log = settings.log.clone();
         let dir = settings.data_dir.join("cluster");
         {
+            // A single node's topics were converted before (`super::upgrade`).
             let (dir, members, io) = (dir.clone(), members.clone(), Arc::clone(&io));
-            let local: Vec<String> = topics
-                .all()
-                .iter()
-                .filter(|t| &*t.name != AUDIT_TOPIC)
-                .map(|t| t.name.to_string())
-                .collect();
-            blocking(move || check_identity(&dir, &members, &local, io.as_ref())).await?;
+            blocking(move || check_identity(&dir, &members, io.as_ref())).await?;
         }
         let config = raft_config(&members)?;
         let write_timeout =
@@ -252,7 +246,7 @@ impl Cluster {
                 tracing::error!(error = %e, "the cluster port stopped");
             }
         });
-        cluster.initialize(&cluster.meta, META_GROUP).await?;
+        cluster.initialize(&cluster.meta, META_GROUP, None).await?;
         // The groups of the topics this node already holds, before the catalog is known again
         // (it is rebuilt from the metadata log once a leader says what is committed).
         for topic in topics.all() {
@@ -265,6 +259,7 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
+        tasks.spawn(Arc::clone(&cluster).adopt(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
@@ -411,8 +406,18 @@ impl Cluster {
     /// so becomes the group's first leader; each other founder waits a random E to 2 E first
     /// (in the background) and does nothing if the group formed meanwhile. Founders that
     /// initialise together also vote for themselves together, and with one founder down the
-    /// other two can tie round after round.
-    async fn initialize(&self, raft: &Raft<PartitionRaft>, group: &str) -> Result<()> {
+    /// other two can tie round after round. A group whose first entries one node brought from
+    /// its single-node data (`formed_by`) is formed by that node alone: it already is there,
+    /// and any other founder forming it would start a log without them.
+    async fn initialize(
+        &self,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
+        formed_by: Option<u64>,
+    ) -> Result<()> {
+        if formed_by.is_some_and(|n| n != self.members.node_id) {
+            return Ok(());
+        }
         let initialized = raft
             .is_initialized()
             .await
@@ -450,7 +455,8 @@ impl Cluster {
                 continue;
             }
             let raft = self.start_group(&group, handle).await?;
-            self.initialize(&raft, &group).await?;
+            self.initialize(&raft, &group, topic.config.formed_by)
+                .await?;
             self.service.add(group.clone(), raft.clone());
             let _ = handle.replica.set(raft.clone());
             self.running().insert(group, raft);
@@ -596,7 +602,11 @@ impl Cluster {
             let topic = match self.topics.get(name) {
                 Some(t) => t,
                 None => {
-                    match self.topics.create_local(name, entry.config.clone()).await {
+                    let created = self
+                        .topics
+                        .create_local(name, entry.config.clone(), &entry.first_offsets)
+                        .await;
+                    match created {
                         Ok(()) | Err(Error::Storage(storage::Error::TopicExists(_))) => {}
                         Err(e) => return Err(e),
                     }
@@ -720,6 +730,62 @@ impl Cluster {
         }
     }
 
+    /// Brings into the catalog every topic this node converted from its single-node data
+    /// ([`super::upgrade`]), with the offset each partition starts at, unless the catalog has
+    /// it already; at every start, since the node may have stopped before it was committed.
+    /// A name the cluster used before keeps the cluster's topic: this node's data for it then
+    /// stays only in `pre-cluster/`, and it says so.
+    async fn adopt(self: Arc<Self>, shutdown: CancellationToken) {
+        let me = self.members.node_id;
+        let mine: Vec<Arc<Topic>> = self
+            .topics
+            .open_topics()
+            .into_iter()
+            .filter(|t| t.config.formed_by == Some(me))
+            .collect();
+        for topic in mine {
+            let name = topic.name.to_string();
+            loop {
+                let known = self
+                    .catalog
+                    .borrow()
+                    .topics
+                    .get(&name)
+                    .map(|t| t.config.formed_by);
+                match known {
+                    Some(Some(n)) if n == me => break,
+                    Some(_) => {
+                        tracing::error!(topic = %name, "the cluster had a topic of this name \
+                            before this node could bring its single-node data into it: that \
+                            data stays in {}/ only", PRE_CLUSTER);
+                        break;
+                    }
+                    None => {}
+                }
+                let command = Command::CreateTopic {
+                    name: name.clone(),
+                    config: topic.config.clone(),
+                    replicas: self.members.peers.keys().copied().collect(),
+                    first_offsets: topic.partitions.iter().map(|h| h.log.log_start()).collect(),
+                };
+                let committed = self
+                    .commit_to_catalog(command, |c| c.topics.contains_key(&name))
+                    .await;
+                if let Ok(Some(_)) = committed {
+                    continue;
+                }
+                if let Err(e) = committed {
+                    tracing::warn!(topic = %name, error = %e, "cannot bring this node's \
+                        single-node topic into the cluster yet; trying again");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(STATUS_DEADLINE) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+
     /// Serves the topic creations of this node's `Topics`: proposed to the metadata group, then
     /// created here.
     async fn serve_creations(
@@ -743,6 +809,7 @@ impl Cluster {
     async fn create_topic(&self, name: &str, mut config: storage::TopicConfig) -> Result<()> {
         // Ids are refused in cluster mode (not yet replicated): no id index to keep.
         config.dedup_window_ms = 0;
+        config.formed_by = None;
         if self.catalog.borrow().topics.contains_key(name) {
             return Err(storage::Error::TopicExists(name.to_string()).into());
         }
@@ -750,6 +817,7 @@ impl Cluster {
             name: name.to_string(),
             config,
             replicas: self.members.peers.keys().copied().collect(),
+            first_offsets: Vec::new(),
         };
         // Committed; created here once this node has applied it too (at once on the leader).
         let applied = self
@@ -948,14 +1016,9 @@ fn raft_config(members: &Members) -> Result<Arc<openraft::Config>> {
         .map_err(|e| Error::InvalidArgument(format!("cluster settings: {e}")))
 }
 
-/// Refuses a data directory of another node or cluster, and a single node's directory (its
-/// topics are not Raft logs); records the identity on the first start in cluster mode.
-fn check_identity(
-    dir: &Path,
-    members: &Members,
-    local_topics: &[String],
-    io: &dyn FileIo,
-) -> Result<()> {
+/// Refuses a data directory of another node or cluster; records the identity on the first
+/// start in cluster mode.
+fn check_identity(dir: &Path, members: &Members, io: &dyn FileIo) -> Result<()> {
     let path: PathBuf = dir.join(IDENTITY_FILE);
     let want = Identity {
         node_id: members.node_id,
@@ -987,13 +1050,6 @@ fn check_identity(
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !local_topics.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "this data directory holds a single node's topics ({}): turning it into a \
-                     cluster node is not supported yet; start the cluster on empty directories",
-                    local_topics.join(", ")
-                )));
-            }
             storage::io::create_dir_all(io, dir).map_err(|e| storage::Error::io(dir, e))?;
             let bytes =
                 serde_json::to_vec_pretty(&want).map_err(|e| Error::Internal(e.to_string()))?;

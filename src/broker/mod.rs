@@ -13,6 +13,7 @@
 //! | [`maintenance`]   | retention and compaction passes, and the periodic run               |
 //! | [`audit`]         | the `_audit` trail's appender and its hash chain                    |
 //! | [`cluster`]       | cluster mode: the metadata group, the partitions' groups, the cluster port |
+//! | [`upgrade`]       | a single node's data directory turned into a cluster node's, once   |
 //! | [`message`]       | the vocabulary: messages, positions, deliveries                     |
 //! | [`settings`]      | what the broker uses of the configuration                           |
 //! | [`error`], [`clock`], [`blocking`] | the error type, the clock, the blocking pool       |
@@ -48,6 +49,7 @@ mod settings;
 mod subscription;
 pub mod topic;
 mod topics;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,6 +136,9 @@ impl Broker {
             let s = settings.clone();
             let io = Arc::clone(&io);
             blocking(move || {
+                if let (Some(members), false) = (&s.cluster, read_only) {
+                    upgrade::adopt_single_node(&s.data_dir, members, &s.log, Arc::clone(&io))?;
+                }
                 topics::open_all(&s.data_dir, io, read_only, &s.log, s.audit_retention_ms)
             })
             .await?

@@ -79,6 +79,15 @@ pub struct Topic {
     pub dedup: Option<Arc<Dedup>>,
 }
 
+/// The log settings of a topic's partitions: the broker's, with the topic's own segment size.
+pub fn partition_log_config(config: &TopicConfig, log: &LogConfig) -> LogConfig {
+    let mut log = log.clone();
+    if let Some(b) = config.segment_bytes {
+        log.segment_bytes = b;
+    }
+    log
+}
+
 impl Topic {
     /// The name of partition `partition`'s Raft group on the cluster port (cluster mode).
     pub fn group_name(&self, partition: u32) -> String {
@@ -92,10 +101,7 @@ impl Topic {
         config: TopicConfig,
         log_config: &LogConfig,
     ) -> Result<Topic> {
-        let mut log_config = log_config.clone();
-        if let Some(b) = config.segment_bytes {
-            log_config.segment_bytes = b;
-        }
+        let log_config = partition_log_config(&config, log_config);
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for id in 0..config.partitions {
             let dir = data.partition_dir(name, id)?;

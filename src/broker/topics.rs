@@ -15,7 +15,7 @@ use crate::storage::{self, DataDir, FileIo, LogConfig, TopicConfig, validate_top
 use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, audit_topic_config};
 use super::blocking::blocking;
 use super::error::{Error, Result};
-use super::topic::Topic;
+use super::topic::{Topic, partition_log_config};
 
 /// Every open topic, `_audit` included.
 #[derive(Debug)]
@@ -219,7 +219,7 @@ impl Topics {
         }
         config.sanitize()?;
         let Some(cluster) = self.replicated.get() else {
-            return self.create_local(name, config).await;
+            return self.create_local(name, config, &[]).await;
         };
         if self.get(name).is_some() {
             return Err(storage::Error::TopicExists(name.to_string()).into());
@@ -238,7 +238,12 @@ impl Topics {
     }
 
     /// Creates a topic here with its partitions and opens it (the settings are checked).
-    pub async fn create_local(&self, name: &str, config: TopicConfig) -> Result<()> {
+    pub async fn create_local(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        first_offsets: &[u64],
+    ) -> Result<()> {
         let _admin = self.admin.lock().await;
         if self.get(name).is_some() {
             return Err(storage::Error::TopicExists(name.to_string()).into());
@@ -246,8 +251,10 @@ impl Topics {
         let data = Arc::clone(&self.data);
         let log = self.log.clone();
         let owned = name.to_string();
+        let first_offsets = first_offsets.to_vec();
         let topic = blocking(move || {
-            data.create_topic(&owned, &config)?;
+            let capacity = partition_log_config(&config, &log).index_capacity();
+            data.create_topic_at(&owned, &config, &first_offsets, capacity)?;
             Topic::open(&data, &owned, config, &log)
         })
         .await?;

@@ -20,6 +20,11 @@ pub struct CatalogTopic {
     pub config: TopicConfig,
     /// The nodes holding every partition's replicas.
     pub replicas: Vec<u64>,
+    /// Per partition, the offset its log starts at (none given: 0). Set for a topic a node
+    /// brought from its single-node data (docs/replication.md, "Upgrading a single node"),
+    /// whose log may start later; every other replica starts empty at the same offset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub first_offsets: Vec<u64>,
 }
 
 /// Every replicated topic, by name, and the deletions that happened.
@@ -72,6 +77,8 @@ pub enum Command {
         name: String,
         config: TopicConfig,
         replicas: Vec<u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        first_offsets: Vec<u64>,
     },
     /// Deletes `incarnation` of the topic (a repeat, or an older incarnation, changes nothing).
     DeleteTopic { name: String, incarnation: u64 },
@@ -124,14 +131,21 @@ impl GroupState for Catalog {
                 name,
                 config,
                 replicas,
+                first_offsets,
             } => {
                 let incarnation = self.deleted.get(&name).map_or(0, |d| d + 1);
+                // A single node's data joins only a name never used in the cluster: its
+                // groups' names (incarnation 0) are the ones its entries were written for.
+                if config.formed_by.is_some() && incarnation > 0 {
+                    return;
+                }
                 self.topics.entry(name).or_insert(CatalogTopic {
                     config: TopicConfig {
                         incarnation,
                         ..config
                     },
                     replicas,
+                    first_offsets,
                 });
             }
             Command::DeleteTopic { name, incarnation } => {
@@ -162,6 +176,7 @@ mod tests {
                 ..TopicConfig::default()
             },
             replicas: vec![1, 2, 3],
+            first_offsets: Vec::new(),
         };
         let bytes = create.to_proposal(1).unwrap();
         assert_eq!(Command::from_proposal(&bytes).unwrap(), create);
@@ -173,6 +188,7 @@ mod tests {
             name: "epro".into(),
             config: TopicConfig::default(),
             replicas: vec![1, 2, 3],
+            first_offsets: Vec::new(),
         };
         catalog.apply(&again.to_proposal(2).unwrap());
         assert_eq!(catalog.topics["epro"].config.partitions, 3);
@@ -196,6 +212,7 @@ mod tests {
                 ..TopicConfig::default()
             },
             replicas: vec![1, 2, 3],
+            first_offsets: Vec::new(),
         };
         let delete = |incarnation| Command::DeleteTopic {
             name: "epro".into(),
@@ -227,6 +244,30 @@ mod tests {
             let got: Vec<bool> = (0..3).map(|i| catalog.is_stale("epro", i)).collect();
             assert_eq!(got, stale, "{what}");
         }
+        // A single node's data joins only a name the cluster never used (its groups are
+        // incarnation 0's).
+        let adopted = |from| Command::CreateTopic {
+            name: "epro".into(),
+            config: TopicConfig {
+                formed_by: Some(from),
+                ..TopicConfig::default()
+            },
+            replicas: vec![1, 2, 3],
+            first_offsets: vec![40],
+        };
+        let before = catalog.clone();
+        apply(&mut catalog, adopted(1));
+        assert_eq!(catalog, before, "a used name is not adopted");
+        let mut fresh = Catalog::default();
+        apply(&mut fresh, adopted(2));
+        assert_eq!(fresh.topics["epro"].config.formed_by, Some(2));
+        assert_eq!(fresh.topics["epro"].first_offsets, vec![40]);
+        apply(&mut fresh, adopted(3));
+        assert_eq!(
+            fresh.topics["epro"].config.formed_by,
+            Some(2),
+            "the first creation stays"
+        );
         apply(&mut catalog, create(3));
         assert_eq!(catalog.topics["epro"].config.incarnation, 2);
         assert_eq!(catalog.topics["epro"].config.partitions, 3);

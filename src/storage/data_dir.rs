@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use super::error::{Error, Result};
 use super::io::{FileIo, PRIVATE_DIR, PRIVATE_FILE, create_dir_all, replace_file};
+use super::segment::Segment;
 use super::topic::{TOPIC_FILE, TopicConfig, validate_group_name, validate_topic_name};
 
 /// A short name for a directory in `tmp/` (file names are limited to 255 bytes; topic and
@@ -151,6 +152,20 @@ impl DataDir {
 
     /// Creates a topic with its partition directories; atomic by rename.
     pub fn create_topic(&self, topic: &str, config: &TopicConfig) -> Result<()> {
+        self.create_topic_at(topic, config, &[], 0)
+    }
+
+    /// Creates a topic whose partition `p` starts at offset `first_offsets[p]` (0 when not
+    /// given: its first segment is made on open): a cluster node creating its replica of a
+    /// topic adopted from a single node's data, whose log may start later (docs/replication.md).
+    /// `index_capacity` sizes those first segments' indexes.
+    pub fn create_topic_at(
+        &self,
+        topic: &str,
+        config: &TopicConfig,
+        first_offsets: &[u64],
+        index_capacity: usize,
+    ) -> Result<()> {
         config.sanitize()?;
         let dest = self.topic_dir(topic)?;
         if dest.exists() {
@@ -168,6 +183,10 @@ impl DataDir {
         for p in 0..config.partitions {
             let d = staging.join(p.to_string());
             self.io.create_dir(&d).map_err(|e| Error::io(&d, e))?;
+            if let Some(&base) = first_offsets.get(p as usize).filter(|&&b| b > 0) {
+                Segment::create(&d, base, index_capacity, self.io.as_ref())?;
+                self.io.sync_dir(&d).map_err(|e| Error::io(&d, e))?;
+            }
         }
         self.io
             .sync_dir(&staging)

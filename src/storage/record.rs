@@ -577,6 +577,33 @@ impl Batch {
         }
     }
 
+    /// The same records at the same offsets as one version 1 batch based at `base` (below this
+    /// batch's own base): the offsets between become part of it, as a gap compaction leaves.
+    /// `None` when an offset would lie more than `u32::MAX` past `base`, or a record does not
+    /// parse.
+    pub fn rebased(&self, base: u64) -> Option<EncodedBatch> {
+        let delta = |offset: u64| u32::try_from(offset.checked_sub(base)?).ok();
+        let last = delta(self.header.last_offset())?;
+        let mut records = Vec::with_capacity(self.header.record_count as usize);
+        for r in self.records() {
+            let r = r.ok()?;
+            records.push((
+                delta(r.offset)?,
+                Record {
+                    timestamp: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers: r.headers,
+                    id: r.id,
+                },
+            ));
+        }
+        Some(EncodedBatch::with_offset_deltas(
+            records.iter().map(|(d, r)| (*d, r)),
+            last,
+        ))
+    }
+
     /// A version 2 data batch's bytes as the version 1 batch that was proposed: Raft id dropped,
     /// CRC and base offset zero as the encoder left them (the writer stamps both).
     /// What a leader sends a follower.

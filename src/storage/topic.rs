@@ -80,6 +80,12 @@ pub struct TopicConfig {
     /// does not mix the two. Set by the cluster, not by users; not written when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub incarnation: u64,
+    /// Cluster mode: for a topic a node brought from its single-node data, that node: its
+    /// partitions' groups hold that data as their first entries, on that node alone until it
+    /// has replicated them, so no other node forms them. Set by the cluster; not written when
+    /// none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub formed_by: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -98,6 +104,7 @@ impl Default for TopicConfig {
             delete_retention_ms: 24 * 3600 * 1000,
             dedup_window_ms: 24 * 3600 * 1000,
             incarnation: 0,
+            formed_by: None,
         }
     }
 }
