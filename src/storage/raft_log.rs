@@ -151,7 +151,7 @@ impl RaftLogReader {
         *self.purged.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The entries with indexes in `from..to` that are present (durable, not purged), in order,
+    /// The entries with indexes in `from..to` that are present (written, not purged), in order,
     /// about `max_bytes` of them (at least one when there is one).
     pub fn entries(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<Batch>> {
         let segments = self.partition.segments();
@@ -174,7 +174,7 @@ impl RaftLogReader {
         let mut expected = from;
         while expected < to && at < segments.len() {
             let seg = &segments[at];
-            if pos >= seg.visible_len() {
+            if pos >= seg.written_len() {
                 at += 1;
                 pos = LOG_HEADER_LEN;
                 continue;
@@ -467,7 +467,7 @@ fn locate(segments: &[Arc<Segment>], index: u64) -> Result<Option<(usize, u64)>>
     while lo < hi {
         let mid = (lo + hi) / 2;
         let seg = &segments[mid];
-        let first = if seg.visible_len() > LOG_HEADER_LEN {
+        let first = if seg.written_len() > LOG_HEADER_LEN {
             Some(index_at(seg, LOG_HEADER_LEN)?)
         } else {
             None
@@ -487,7 +487,7 @@ fn locate(segments: &[Arc<Segment>], index: u64) -> Result<Option<(usize, u64)>>
     while lo < hi {
         let mid = (lo + hi) / 2;
         let pos = u64::from(seg.index.entry(mid).position);
-        if pos < seg.visible_len() && index_at(seg, pos)? <= index {
+        if pos < seg.written_len() && index_at(seg, pos)? <= index {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -497,7 +497,7 @@ fn locate(segments: &[Arc<Segment>], index: u64) -> Result<Option<(usize, u64)>>
         Some(i) => u64::from(seg.index.entry(i).position),
         None => LOG_HEADER_LEN,
     };
-    let end = seg.visible_len();
+    let end = seg.written_len();
     while pos < end {
         let (at_index, size) = entry_at(seg, pos)?;
         if at_index == index {
@@ -514,7 +514,7 @@ fn locate(segments: &[Arc<Segment>], index: u64) -> Result<Option<(usize, u64)>>
 /// The index of the first entry in the segments, if any (only the last segment may be empty).
 fn first_entry(segments: &[Arc<Segment>]) -> Result<Option<u64>> {
     match segments.first() {
-        Some(seg) if seg.visible_len() > LOG_HEADER_LEN => index_at(seg, LOG_HEADER_LEN).map(Some),
+        Some(seg) if seg.written_len() > LOG_HEADER_LEN => index_at(seg, LOG_HEADER_LEN).map(Some),
         _ => Ok(None),
     }
 }
@@ -522,7 +522,7 @@ fn first_entry(segments: &[Arc<Segment>]) -> Result<Option<u64>> {
 /// The id of the last entry in the segments, if any.
 fn last_entry(segments: &[Arc<Segment>]) -> Result<Option<RaftId>> {
     for seg in segments.iter().rev() {
-        let end = seg.visible_len();
+        let end = seg.written_len();
         if end <= LOG_HEADER_LEN {
             continue;
         }

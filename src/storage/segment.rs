@@ -16,6 +16,10 @@
 //! A [`Segment`] is shared (`Arc`) between the partition's writer and its readers. Readers see
 //! the bytes below `visible_len` and the offsets below `next_offset`, both published by the
 //! writer with `Release` after the bytes are durable under the partition's fsync policy.
+//! A Raft log's entries are read up to `written_len` instead, published as soon as the bytes are
+//! written: a leader sends its followers entries while its own `fdatasync` of them runs (Raft
+//! counts the leader's copy toward a quorum only once that sync is done; readers of messages
+//! never see past `visible_len`).
 //!
 //! Over 450 lines with one job: a segment file and its two indexes, open to close.
 
@@ -121,6 +125,8 @@ pub struct Segment {
     pub(crate) index: OffsetIndex,
     pub(crate) time_index: TimeIndex,
     visible_len: AtomicU64,
+    /// Bytes written, durable or not (at least `visible_len`): a Raft log's entries.
+    written_len: AtomicU64,
     next_offset: AtomicU64,
     max_timestamp: AtomicI64,
 }
@@ -163,6 +169,7 @@ impl Segment {
             index,
             time_index,
             visible_len: AtomicU64::new(LOG_HEADER_LEN),
+            written_len: AtomicU64::new(LOG_HEADER_LEN),
             next_offset: AtomicU64::new(base_offset),
             max_timestamp: AtomicI64::new(i64::MIN),
         })
@@ -246,6 +253,7 @@ impl Segment {
             index,
             time_index,
             visible_len: AtomicU64::new(len),
+            written_len: AtomicU64::new(len),
             next_offset: AtomicU64::new(base_offset),
             max_timestamp: AtomicI64::new(i64::MIN),
         };
@@ -283,7 +291,18 @@ impl Segment {
     pub(crate) fn publish(&self, len: u64, next_offset: u64, max_timestamp: i64) {
         self.max_timestamp.store(max_timestamp, Ordering::Release);
         self.next_offset.store(next_offset, Ordering::Release);
+        self.written_len.fetch_max(len, Ordering::AcqRel);
         self.visible_len.store(len, Ordering::Release);
+    }
+
+    /// Bytes written, durable or not, header included: how far a Raft log reads its entries.
+    pub fn written_len(&self) -> u64 {
+        self.written_len.load(Ordering::Acquire)
+    }
+
+    /// Publishes what the writer has written (not yet durable): Raft log entries only.
+    pub(crate) fn note_written(&self, len: u64) {
+        self.written_len.store(len, Ordering::Release);
     }
 
     /// Size of the log on disk as readers see it.
@@ -327,9 +346,9 @@ impl Segment {
         Ok(Bytes::from(buf))
     }
 
-    /// The header of the batch at `pos`, which must be a batch boundary below `visible_len`.
+    /// The header of the batch at `pos`, which must be a batch boundary below `written_len`.
     pub fn batch_header_at(&self, pos: u64) -> Result<BatchHeader> {
-        let end = self.visible_len();
+        let end = self.written_len();
         let n = (end.saturating_sub(pos) as usize).min(super::record::MAX_HEADER_LEN);
         let buf = self.read_exact(pos, n)?;
         match BatchHeader::parse(&buf) {
@@ -339,11 +358,11 @@ impl Segment {
         }
     }
 
-    /// The whole, CRC-checked batch at `pos`, a batch boundary below `visible_len` (a Raft log
+    /// The whole, CRC-checked batch at `pos`, a batch boundary below `written_len` (a Raft log
     /// reads its entries by position).
     pub fn batch_at(&self, pos: u64) -> Result<Batch> {
         let header = self.batch_header_at(pos)?;
-        if pos + header.size as u64 > self.visible_len() {
+        if pos + header.size as u64 > self.written_len() {
             return Err(Error::corrupt(
                 &self.log_path,
                 pos,
@@ -536,6 +555,7 @@ impl Segment {
         io.set_len(&self.log_path, &self.log, len)
             .map_err(|e| Error::io(&self.log_path, e))?;
         self.visible_len.store(len, Ordering::Release);
+        self.written_len.store(len, Ordering::Release);
         Ok(())
     }
 

@@ -252,6 +252,7 @@ impl Writer {
                     .bytes
                     .fetch_add(self.staged_bytes as u64, Ordering::Relaxed);
                 self.state.len = end;
+                active.note_written(end);
                 self.file_len = self.file_len.max(end + zeros);
                 self.unsynced.append(&mut self.buffered);
             }
