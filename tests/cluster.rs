@@ -1750,28 +1750,42 @@ fn ten_thousand_concurrent_seed_sends_through_a_follower_are_all_acknowledged() 
 }
 
 /// The upgrade path (docs/replication.md, "Upgrading a single node"): a single node's data
-/// directory becomes node 1 of a new cluster (nodes 2 and 3 start empty). Every node then
-/// serves the single node's messages at their offsets, Sends go on from the next offset, and
-/// the messages outlive node 1 (they were replicated, not just kept where they were).
+/// directory, whose retention had removed each partition's head, becomes node 1 of a new
+/// cluster (nodes 2 and 3 start empty). Every node then serves the single node's messages at
+/// their offsets from the same first offset, Sends go on from the next offset, and the messages
+/// outlive node 1 (they were replicated, not just kept where they were).
 #[test]
 fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
     let runtime = runtime();
     runtime.block_on(async {
         let mut cluster = TestCluster::stopped(&[]);
-        let before: u64 = 150;
+        let sent: u64 = 300;
+        let value = |n: u64| format!("single {n} {}", "x".repeat(100));
+        // Per partition: the first offset the single node kept, and the messages from it.
+        let mut kept: Vec<(u64, Vec<(u64, String)>)> = Vec::new();
         {
-            let server = common::server::TestServer::start(common::server::test_config(
-                &cluster.nodes[0].dir,
-            ))
-            .await;
-            create_topic(server.channel().await, TOPIC, 2).await;
+            let mut config = common::server::test_config(&cluster.nodes[0].dir);
+            config.log.segment_bytes = 4096;
+            let server = common::server::TestServer::start(config).await;
+            let mut admin = server.admin().await;
+            admin
+                .create_topic(pb::CreateTopicRequest {
+                    name: TOPIC.into(),
+                    settings: Some(pb::TopicSettings {
+                        partitions: 2,
+                        retention_bytes: Some(8192),
+                        ..pb::TopicSettings::default()
+                    }),
+                })
+                .await
+                .unwrap();
             let mut client = server.client().await;
-            for n in 0..before {
+            for n in 0..sent {
                 client
                     .send(pb::SendRequest {
                         topic: TOPIC.into(),
                         messages: vec![pb::Message {
-                            value: Some(format!("single {n}").into()),
+                            value: Some(value(n).into()),
                             partition: Some((n % 2) as u32),
                             ..pb::Message::default()
                         }],
@@ -1779,24 +1793,51 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
                     .await
                     .unwrap();
             }
+            admin
+                .compact(pb::CompactRequest {
+                    topic: TOPIC.into(),
+                    dry_run: false,
+                })
+                .await
+                .unwrap();
+            let described = admin
+                .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            for p in 0..2u64 {
+                let first = described.partitions[p as usize].first_offset;
+                let messages = (0..sent)
+                    .filter(|n| n % 2 == p)
+                    .enumerate()
+                    .map(|(offset, n)| (offset as u64, value(n)))
+                    .filter(|(offset, _)| *offset >= first)
+                    .collect();
+                kept.push((first, messages));
+            }
             server.stop().await;
         }
+        assert!(
+            kept.iter().all(|(first, _)| *first > 0),
+            "retention removed each partition's head"
+        );
         for i in 0..3 {
             cluster.restart(i);
         }
-        let want = |p: u64, upto: u64| -> Vec<(u64, String)> {
-            (0..upto)
-                .filter(|n| n % 2 == p)
-                .enumerate()
-                .map(|(offset, n)| (offset as u64, format!("single {n}")))
-                .collect()
-        };
+        let end = sent / 2;
         for i in 0..3 {
-            readable_up_to(&cluster.addr(i), before / 2, "the single node's messages").await;
-            for p in 0..2 {
+            readable_up_to(&cluster.addr(i), end, "the single node's messages").await;
+            let described = describe(&cluster.addr(i)).await.unwrap();
+            for (p, (first, messages)) in kept.iter().enumerate() {
                 assert_eq!(
-                    read_all(&cluster.addr(i), p as u32, before / 2).await,
-                    want(p, before),
+                    described.partitions[p].first_offset,
+                    *first,
+                    "node {} partition {p}: first offset",
+                    i + 1
+                );
+                assert_eq!(
+                    &read_all(&cluster.addr(i), p as u32, end - first).await,
+                    messages,
                     "node {} partition {p}",
                     i + 1
                 );
@@ -1816,7 +1857,7 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
             .send(pb::SendRequest {
                 topic: TOPIC.into(),
                 messages: vec![pb::Message {
-                    value: Some(format!("single {before}").into()),
+                    value: Some(value(sent).into()),
                     partition: Some(0),
                     ..pb::Message::default()
                 }],
@@ -1824,12 +1865,14 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(reply.positions[0].offset, before / 2);
+        assert_eq!(reply.positions[0].offset, end);
         cluster.kill(0);
+        let (first, mut messages) = kept[0].clone();
+        messages.push((end, value(sent)));
         for i in 1..3 {
             assert_eq!(
-                read_all(&cluster.addr(i), 0, before / 2 + 1).await,
-                want(0, before + 1),
+                read_all(&cluster.addr(i), 0, end + 1 - first).await,
+                messages,
                 "node {}",
                 i + 1
             );

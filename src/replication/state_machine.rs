@@ -177,7 +177,12 @@ impl<S: GroupState> GroupStateMachine<S> {
         let content = match &current {
             Some(s) => serde_json::from_slice(&s.data)
                 .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?,
-            None => Content::default(),
+            // Nothing applied yet: the first entry's messages take the offset the log starts
+            // at (0, or where a single node's converted log or its replicas start).
+            None => Content {
+                next_offset: log.partition().log_start(),
+                ..Content::default()
+            },
         };
         log.set_committed_offset(content.next_offset);
         if let Some(trim) = content.trim {
