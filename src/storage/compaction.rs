@@ -223,18 +223,7 @@ pub fn clean_segment(
         } else if !kept.is_empty() {
             let records: Vec<(u32, Record)> = kept
                 .into_iter()
-                .map(|r| {
-                    (
-                        (r.offset - h.base_offset) as u32,
-                        Record {
-                            timestamp: r.timestamp,
-                            key: r.key,
-                            value: r.value,
-                            headers: r.headers,
-                            id: r.id,
-                        },
-                    )
-                })
+                .map(|r| ((r.offset - h.base_offset) as u32, Record::from(r)))
                 .collect();
             let mut encoded = EncodedBatch::with_offset_deltas(
                 records.iter().map(|(d, r)| (*d, r)),

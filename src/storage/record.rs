@@ -131,6 +131,19 @@ pub struct StoredRecord {
     pub id: Option<Bytes>,
 }
 
+impl From<StoredRecord> for Record {
+    /// The record as it would be handed in again (its offset dropped).
+    fn from(r: StoredRecord) -> Record {
+        Record {
+            timestamp: r.timestamp,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            id: r.id,
+        }
+    }
+}
+
 /// A batch encoded by a producer-side thread, waiting for the writer to stamp its base offset.
 #[derive(Debug)]
 pub struct EncodedBatch {
@@ -587,16 +600,7 @@ impl Batch {
         let mut records = Vec::with_capacity(self.header.record_count as usize);
         for r in self.records() {
             let r = r.ok()?;
-            records.push((
-                delta(r.offset)?,
-                Record {
-                    timestamp: r.timestamp,
-                    key: r.key,
-                    value: r.value,
-                    headers: r.headers,
-                    id: r.id,
-                },
-            ));
+            records.push((delta(r.offset)?, Record::from(r)));
         }
         Some(EncodedBatch::with_offset_deltas(
             records.iter().map(|(d, r)| (*d, r)),
