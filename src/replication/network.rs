@@ -1,6 +1,7 @@
 //! Raft's messages to other nodes over gRPC (`sluice.cluster.v1.Raft`, the cluster port): the
-//! sending side. One lazily connected channel per peer and group; a peer that does not answer is
-//! `Unreachable` (openraft backs off), anything else a network error.
+//! sending side. Every group's messages to a peer share one lazily connected channel
+//! ([`Peers::channel`]); a peer that does not answer is `Unreachable` (openraft backs off),
+//! anything else a network error.
 
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -45,7 +46,6 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
             target,
             addr: self.peers.addr(target, &node.addr),
             peers: self.peers.clone(),
-            client: None,
             reachable: true,
         }
     }
@@ -58,7 +58,6 @@ pub struct GrpcLink {
     target: u64,
     addr: String,
     peers: Peers,
-    client: Option<RaftClient<Channel>>,
     /// Whether the last call reached the peer: a change is logged once (openraft's own report
     /// of every failed call is off by default, see `sluice serve`'s log filter).
     reachable: bool,
@@ -84,18 +83,13 @@ fn malformed<E: std::error::Error>(e: wire::Malformed) -> RpcError<E> {
 
 impl GrpcLink {
     fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RpcError<E>> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
-        }
-        let endpoint = self
+        let channel = self
             .peers
-            .endpoint(&self.addr)
+            .channel(&self.addr)
             .map_err(|e| RPCError::Unreachable(unreachable(&std::io::Error::other(e))))?;
-        let client = RaftClient::new(endpoint.connect_lazy())
+        Ok(RaftClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        self.client = Some(client.clone());
-        Ok(client)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// Logs a change of reachability: at `warn` for the metadata group (one line per peer that

@@ -4,20 +4,22 @@
 //! here, so it is each node's own setting (a node may reach a peer through another address than
 //! the others do: a NAT, a proxy, the test harness's cuttable links).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How long connecting to a peer may take before the attempt counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Node id → cluster address, as this node reaches it; and how (plaintext, or mutual TLS).
+/// Clones share one connection per peer address ([`Peers::channel`]).
 #[derive(Debug, Clone, Default)]
 pub struct Peers {
     addresses: Arc<BTreeMap<u64, String>>,
     tls: Option<ClientTlsConfig>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Peers {
@@ -25,7 +27,21 @@ impl Peers {
         Peers {
             addresses: Arc::new(addresses),
             tls: None,
+            channels: Arc::default(),
         }
+    }
+
+    /// The connection to a peer's cluster address (made when first asked, lazily connecting,
+    /// reconnecting by itself) that every Raft group's messages to it share: one HTTP/2
+    /// connection per pair of nodes, not one per group, however many partitions there are.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = self.endpoint(addr)?.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
     }
 
     /// Reaches every peer over TLS, presenting this node's certificate.
