@@ -746,12 +746,15 @@ impl Cluster {
         for topic in mine {
             let name = topic.name.to_string();
             loop {
-                let known = self
-                    .catalog
-                    .borrow()
-                    .topics
-                    .get(&name)
-                    .map(|t| t.config.formed_by);
+                let (known, gone) = {
+                    let catalog = self.catalog.borrow();
+                    let known = catalog.topics.get(&name).map(|t| t.config.formed_by);
+                    (known, catalog.is_stale(&name, topic.config.incarnation))
+                };
+                // Deleted in the cluster since it was adopted (this node then deletes its copy).
+                if gone {
+                    break;
+                }
                 match known {
                     Some(Some(n)) if n == me => break,
                     Some(_) => {
@@ -769,7 +772,9 @@ impl Cluster {
                     first_offsets: topic.partitions.iter().map(|h| h.log.log_start()).collect(),
                 };
                 let committed = self
-                    .commit_to_catalog(command, |c| c.topics.contains_key(&name))
+                    .commit_to_catalog(command, |c| {
+                        c.topics.contains_key(&name) || c.is_stale(&name, topic.config.incarnation)
+                    })
                     .await;
                 if let Ok(Some(_)) = committed {
                     continue;
