@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use super::peers::Peers;
 use super::types::PartitionRaft;
-use super::wire::{self, MAX_MESSAGE_BYTES};
+use super::wire;
 use crate::proto::cluster::raft_client::RaftClient;
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -87,9 +87,7 @@ impl GrpcLink {
             .peers
             .channel(&self.addr)
             .map_err(|e| RPCError::Unreachable(unreachable(&std::io::Error::other(e))))?;
-        Ok(RaftClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(wire::client(channel))
     }
 
     /// Logs a change of reachability: at `warn` for the metadata group (one line per peer that

@@ -20,6 +20,16 @@ use crate::storage::record::{Batch, Decoded};
 pub const MAX_MESSAGE_BYTES: usize =
     super::log_store::READ_BYTES + crate::storage::record::MAX_BATCH_LEN + (1 << 20);
 
+/// A client of a peer's cluster port on `channel`, taking and sending messages up to
+/// [`MAX_MESSAGE_BYTES`].
+pub fn client(
+    channel: tonic::transport::Channel,
+) -> pb::raft_client::RaftClient<tonic::transport::Channel> {
+    pb::raft_client::RaftClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// A message that does not decode into Raft's types.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed Raft message: {0}")]

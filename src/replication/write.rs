@@ -14,7 +14,6 @@ use tonic::{Code, Status};
 
 use super::peers::Peers;
 use super::types::{Applied, PartitionRaft, Proposal};
-use super::wire::MAX_MESSAGE_BYTES;
 use crate::proto::cluster as pb;
 use crate::proto::cluster::raft_client::RaftClient;
 
@@ -161,9 +160,7 @@ impl Forwarder {
             return Ok(c.clone());
         }
         let endpoint = self.peers.endpoint(addr).map_err(WriteError::Stopped)?;
-        let client = RaftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client = super::wire::client(endpoint.connect_lazy());
         clients.insert(addr.to_string(), client.clone());
         Ok(client)
     }
