@@ -13,7 +13,7 @@
 //! |      5 |    4 | `crc`               | CRC-32 (IEEE, crc32fast) of bytes `9 .. 4+length`  |
 //! |      9 |    8 | `base_offset`       | offset of the first record (u64)                   |
 //! |     17 |    4 | `last_offset_delta` | last offset covered minus base (u32)               |
-//! |     21 |    4 | `record_count`      | records in the batch (u32, >= 1)                   |
+//! |     21 |    4 | `record_count`      | records in the batch (u32, >= 1; 0 only in an emptied Raft entry, below) |
 //! |     25 |    8 | `first_timestamp`   | ms since the Unix epoch of the first record (i64)  |
 //! |     33 |    8 | `max_timestamp`     | largest record timestamp (i64)                     |
 //! |     41 |    8 | `producer_id`       | i64, -1 = none                                     |
@@ -58,6 +58,13 @@
 //!
 //! `last_offset_delta` can exceed `record_count - 1` once compaction has removed records: offsets
 //! are never reused, so the next batch always starts at `base_offset + last_offset_delta + 1`.
+//!
+//! **An emptied Raft entry**: compaction of a replicated partition can remove every record of an
+//! entry. The entry stays (the Raft log has no holes), as a data batch with `record_count` 0
+//! that still covers its offsets (`last_offset_delta` as before, timestamps as before), so a
+//! follower that receives it from its leader stamps the entries after it at the same offsets.
+//! Readers of messages find nothing in it. Only a Raft entry (version 2, or its proposal form
+//! on the wire) may be empty: the log refuses an empty batch from anywhere else.
 //!
 //! Over 450 lines with one job: the batch format, its encoder and decoder side by side.
 
@@ -245,6 +252,17 @@ impl EncodedBatch {
         Ok(EncodedBatch { buf })
     }
 
+    /// What compaction leaves of a Raft entry it emptied: no records, the same offsets and
+    /// timestamps (version 1 here; [`EncodedBatch::with_raft_id`] makes it the entry).
+    pub fn emptied(last_offset_delta: u32, first_timestamp: i64, max_timestamp: i64) -> Self {
+        let mut batch = Self::with_offset_deltas(std::iter::empty(), last_offset_delta);
+        batch.buf[FIRST_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET]
+            .copy_from_slice(&first_timestamp.to_le_bytes());
+        batch.buf[MAX_TIMESTAMP_OFFSET..PRODUCER_ID_OFFSET]
+            .copy_from_slice(&max_timestamp.to_le_bytes());
+        batch
+    }
+
     /// Records as a Raft entry (version 2) with the given entry id.
     pub fn raft(records: &[Record], id: RaftId) -> Self {
         Self::new(records).with_raft_id(id)
@@ -296,9 +314,15 @@ impl EncodedBatch {
                 != 0
     }
 
-    /// Rejects batches the log must not accept: empty, or over `max_bytes`.
+    /// Whether this is a version 2 batch (a Raft entry).
+    fn is_raft(&self) -> bool {
+        self.buf[MAGIC_OFFSET] == MAGIC_V2
+    }
+
+    /// Rejects batches the log must not accept: empty (unless a Raft entry: a control entry, or
+    /// one compaction emptied), or over `max_bytes`.
     pub fn check(&self, max_bytes: usize) -> Result<(), Error> {
-        if self.record_count() == 0 && !self.is_control() {
+        if self.record_count() == 0 && !self.is_raft() {
             return Err(Error::EmptyBatch);
         }
         let limit = max_bytes.min(MAX_BATCH_LEN);
@@ -510,7 +534,7 @@ impl BatchHeader {
             if size <= RAFT_HEADER_LEN {
                 return Decoded::Corrupt("a control batch has no kind");
             }
-        } else if header.record_count == 0 || header.record_count > header.last_offset_delta + 1 {
+        } else if header.record_count > header.last_offset_delta + 1 {
             return Decoded::Corrupt("record count does not fit the offset range");
         }
         if header
@@ -1019,6 +1043,42 @@ mod tests {
             let got = Batch::decode(&reseal(bytes));
             assert!(matches!(got, Decoded::Corrupt(_)), "{what}: {got:?}");
         }
+    }
+
+    /// An entry compaction emptied keeps its offsets and timestamps through every form it takes:
+    /// stored (version 2), as a proposal on the wire (version 1) and stored again by a follower.
+    #[test]
+    fn an_emptied_raft_entry_keeps_its_offsets_and_is_only_accepted_as_a_raft_entry() {
+        let id = RaftId { term: 3, index: 17 };
+        let mut stored = EncodedBatch::emptied(4, 1_000, 1_009).with_raft_id(id);
+        assert!(stored.check(1 << 20).is_ok(), "a Raft entry may be empty");
+        let bytes = Bytes::copy_from_slice(stored.seal(40));
+        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+            panic!("an emptied entry decodes");
+        };
+        let h = *batch.header();
+        assert_eq!(
+            (h.record_count, h.last_offset(), h.next_offset()),
+            (0, 44, 45)
+        );
+        assert_eq!((h.first_timestamp, h.max_timestamp), (1_000, 1_009));
+        assert!(!h.is_control() && h.holds_offsets_from(44) && !h.holds_offsets_from(45));
+        assert_eq!(batch.records().count(), 0);
+        let proposal = EncodedBatch::from_encoded(batch.without_raft_id()).expect("a proposal");
+        assert_eq!(proposal.last_offset_delta(), 4);
+        let mut again = proposal.with_raft_id(id);
+        assert_eq!(
+            Bytes::copy_from_slice(again.seal(40)),
+            bytes,
+            "the same bytes"
+        );
+        assert!(
+            matches!(
+                EncodedBatch::emptied(4, 0, 0).check(1 << 20),
+                Err(Error::EmptyBatch)
+            ),
+            "an empty batch from anywhere but the Raft log is refused"
+        );
     }
 
     #[test]
