@@ -202,6 +202,7 @@ fn compaction(c: &mut Criterion) {
         now_ms: 1_800_000_000_000,
         delete_retention_ms: 0,
         segment_bytes: 8 << 20,
+        below: None,
     };
     let mut g = c.benchmark_group("compaction");
     g.sample_size(10);

@@ -15,7 +15,8 @@ use common::{FaultyIo, read_all};
 use proptest::prelude::*;
 use sluice::proto::v1 as pb;
 use sluice::storage::{
-    CompactionOptions, FsyncPolicy, Header, LogConfig, Partition, RealIo, Record, StoredRecord,
+    CompactionOptions, EncodedBatch, FsyncPolicy, Header, LogConfig, Partition, RealIo, Record,
+    StoredRecord,
 };
 
 fn config() -> LogConfig {
@@ -104,6 +105,7 @@ proptest! {
             now_ms: 10_000,
             delete_retention_ms: if tombstones_kept { 1 << 40 } else { 0 },
             segment_bytes: 8 << 10,
+            below: None,
         };
         let outcome = p.compact_keys(&opts).unwrap();
         prop_assert!(outcome.records_after <= outcome.records_before);
@@ -151,6 +153,7 @@ fn a_compaction_interrupted_at_any_step_leaves_the_partition_as_before_or_as_aft
         now_ms: 10_000,
         delete_retention_ms: 0,
         segment_bytes: 8 << 10,
+        below: None,
     };
     let before = read_all(&open(template.path()));
     let reference = tempfile::tempdir().unwrap();
@@ -328,4 +331,198 @@ async fn online_compaction_while_producing_and_consuming_loses_and_duplicates_no
     }
     assert_eq!(seen.len(), 50);
     assert!(seen.values().all(|v| v.as_ref() == b"19"));
+}
+
+// Replicated compaction: a compaction point gives every replica the same entries, whatever its
+// segments, and entries a leader compacted keep their offsets on the follower they are sent to.
+
+use sluice::storage::CompactionPoint;
+use sluice::storage::raft_log::RaftLog;
+use sluice::storage::record::{ControlKind, RaftId};
+
+/// One entry of a replicated partition: its records, or `None` for a Raft blank entry.
+type EntryPlan = Option<Vec<(u8, Option<u16>)>>;
+
+/// An entry as a replica holds it: id, offsets covered (`None`: a control entry), records.
+type Held = (RaftId, Option<(u64, u64)>, Vec<StoredRecord>);
+
+fn raft_config(segment_bytes: u64) -> LogConfig {
+    LogConfig {
+        segment_bytes,
+        ..config()
+    }
+}
+
+fn append_entries(log: &mut RaftLog, batches: Vec<EncodedBatch>, last: RaftId) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.append(batches, last, Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv().unwrap().unwrap();
+    // Committed: what the state machine says once a majority has the entries.
+    log.reader().set_committed_offset(u64::MAX);
+}
+
+/// A replica with the planned entries (term 1, indexes from 1), segments of `segment_bytes`.
+fn replica(dir: &Path, plan: &[EntryPlan], segment_bytes: u64) -> RaftLog {
+    let mut log = RaftLog::open(dir, raft_config(segment_bytes), Arc::new(RealIo)).unwrap();
+    let mut ts = 1_000;
+    let mut batches = Vec::new();
+    for (i, entry) in plan.iter().enumerate() {
+        let id = RaftId {
+            term: 1,
+            index: i as u64 + 1,
+        };
+        batches.push(match entry {
+            None => EncodedBatch::control(id, ControlKind::Blank, &[], 0),
+            Some(records) => {
+                let records: Vec<Record> = records
+                    .iter()
+                    .map(|&(k, v)| {
+                        ts += 1;
+                        rec(k, v, ts)
+                    })
+                    .collect();
+                EncodedBatch::raft(&records, id)
+            }
+        });
+    }
+    let last = RaftId {
+        term: 1,
+        index: plan.len() as u64,
+    };
+    append_entries(&mut log, batches, last);
+    log
+}
+
+fn held(log: &RaftLog) -> Vec<Held> {
+    let entries = log.reader().entries(1, u64::MAX, usize::MAX).unwrap();
+    entries
+        .iter()
+        .map(|b| {
+            let h = *b.header();
+            let offsets = (!h.is_control()).then(|| (h.base_offset, h.last_offset()));
+            let records = b.records().map(|r| r.unwrap()).collect();
+            (h.raft.unwrap(), offsets, records)
+        })
+        .collect()
+}
+
+/// Compacts to `point` the way every replica does: what is closed now, then the rest once the
+/// active segment has closed.
+fn compact_replica(log: &RaftLog, point: CompactionPoint, keep_ms: u64) {
+    let p = log.partition();
+    p.set_compaction_point(point);
+    p.compact_to_point(keep_ms, false).unwrap();
+    p.roll().unwrap();
+    p.compact_to_point(keep_ms, false).unwrap();
+}
+
+/// What compaction to `below` as of `now_ms` must leave: below it, the newest record of each
+/// key among the records below it (a tombstone only while younger than `keep_ms`) and every
+/// record without a key; from it on, everything.
+fn expected(all: &[StoredRecord], below: u64, now_ms: i64, keep_ms: u64) -> Vec<StoredRecord> {
+    let mut newest: HashMap<Bytes, u64> = HashMap::new();
+    for r in all.iter().filter(|r| r.offset < below) {
+        if let Some(k) = &r.key {
+            newest.insert(k.clone(), r.offset);
+        }
+    }
+    let horizon = now_ms - keep_ms as i64;
+    all.iter()
+        .filter(|r| {
+            r.offset >= below
+                || match &r.key {
+                    None => true,
+                    Some(k) => {
+                        newest[k] == r.offset && (r.value.is_some() || r.timestamp >= horizon)
+                    }
+                }
+        })
+        .cloned()
+        .collect()
+}
+
+fn records_of(entries: &[Held]) -> Vec<StoredRecord> {
+    entries.iter().flat_map(|(_, _, r)| r.clone()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn replicas_compacted_to_one_point_hold_the_same_entries_whatever_their_segments(
+        plan in proptest::collection::vec(
+            proptest::option::weighted(0.85, proptest::collection::vec(
+                (0u8..8, proptest::option::weighted(0.8, 0u16..1500)), 1..6)),
+            2..40),
+        first in any::<proptest::sample::Index>(),
+        second in any::<proptest::sample::Index>(),
+        tombstones_kept in any::<bool>(),
+    ) {
+        let keep_ms = if tombstones_kept { 1 << 40 } else { 0 };
+        // The offset after each data entry: the boundaries a leader may pick.
+        let mut bounds = vec![0u64];
+        for records in plan.iter().flatten() {
+            bounds.push(bounds.last().unwrap() + records.len() as u64);
+        }
+        let x1 = bounds[first.index(bounds.len())];
+        let x2 = x1.max(bounds[second.index(bounds.len())]);
+        let p1 = CompactionPoint { below: x1, now_ms: 50_000 };
+        let p2 = CompactionPoint { below: x2, now_ms: 60_000 };
+
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        // Three replicas of the same entries in segments of different sizes.
+        let replicas: Vec<RaftLog> = [4_096, 9_000, 1 << 20]
+            .iter()
+            .zip(&dirs)
+            .map(|(&size, dir)| replica(dir.path(), &plan, size))
+            .collect();
+        let original = held(&replicas[0]);
+        let all = records_of(&original);
+        for log in &replicas {
+            compact_replica(log, p1, keep_ms);
+        }
+        let first_round: Vec<Vec<Held>> = replicas.iter().map(held).collect();
+        for (i, got) in first_round.iter().enumerate() {
+            prop_assert_eq!(got, &first_round[0], "replica {} differs", i);
+        }
+        // Every entry stays, covering the same offsets; what survives is the rule's.
+        let ids = |h: &[Held]| h.iter().map(|(id, o, _)| (*id, *o)).collect::<Vec<_>>();
+        prop_assert_eq!(ids(&first_round[0]), ids(&original));
+        prop_assert_eq!(records_of(&first_round[0]), expected(&all, x1, p1.now_ms, keep_ms));
+
+        // A follower sent the leader's compacted entries (as proposals, stamped again where it
+        // writes them) holds them at the same offsets; compacting it to the same point changes
+        // nothing.
+        let mut follower = RaftLog::open(dirs[3].path(), raft_config(5_000), Arc::new(RealIo)).unwrap();
+        let sent: Vec<EncodedBatch> = replicas[0]
+            .reader()
+            .entries(1, u64::MAX, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|b| match b.header().is_control() {
+                true => EncodedBatch::control(b.header().raft.unwrap(), ControlKind::Blank, &[], 0),
+                false => EncodedBatch::from_encoded(b.without_raft_id())
+                    .unwrap()
+                    .with_raft_id(b.header().raft.unwrap()),
+            })
+            .collect();
+        let last = original.last().unwrap().0;
+        append_entries(&mut follower, sent, last);
+        prop_assert_eq!(held(&follower), first_round[0].clone());
+        compact_replica(&follower, p1, keep_ms);
+        prop_assert_eq!(held(&follower), first_round[0].clone());
+
+        // A later point: the same on every replica, those compacted before and the follower,
+        // as compacting the original entries to it at once.
+        let mut fresh_dir = tempfile::tempdir().unwrap();
+        let fresh = replica(fresh_dir.path(), &plan, 16_000);
+        compact_replica(&fresh, p2, keep_ms);
+        let want = held(&fresh);
+        for log in replicas.iter().chain([&follower]) {
+            compact_replica(log, p2, keep_ms);
+            prop_assert_eq!(held(log), want.clone());
+        }
+        drop(fresh);
+        let _ = &mut fresh_dir;
+    }
 }

@@ -100,6 +100,7 @@ fn single_node(dir: &Path) -> Contents {
                     now_ms: 1_800_000_000_000,
                     delete_retention_ms: 0,
                     segment_bytes: 4096,
+                    below: None,
                 };
                 let outcome = part.compact_keys(&opts).unwrap();
                 assert!(outcome.records_after < outcome.records_before);

@@ -158,6 +158,7 @@ impl Maintenance {
                         now_ms: now,
                         delete_retention_ms: config.delete_retention_ms,
                         segment_bytes: handle.log.config().segment_bytes,
+                        below: None,
                     };
                     let h = Arc::clone(handle);
                     // A dry run counts exactly what the real run would drop.

@@ -2,8 +2,15 @@
 //!
 //! Records without a key are kept. A tombstone (a key without a value) is kept while it is newer
 //! than `delete_retention_ms`, then dropped. Offsets never change: a batch keeps its base offset
-//! and offset range, and batches left empty are dropped, so readers see gaps. Neighbouring
-//! segments whose cleaned output fits in one segment are merged into the first one.
+//! and offset range, and batches left empty are dropped, so readers see gaps (a Raft entry left
+//! empty stays, covering its offsets: the Raft log has no holes). Neighbouring segments whose
+//! cleaned output fits in one segment are merged into the first one.
+//!
+//! **Up to a point** (`below`, a replicated partition's leader's decision): only records below
+//! it are compacted, and only their keys count, so what survives depends on the records below
+//! the point and on `now_ms` alone, never on where a replica's segments begin and end: every
+//! replica compacts to the same bytes. Compacting again to the same or an earlier point changes
+//! nothing.
 //!
 //! # Crash safety
 //! For each group of segments `b1..bk` cleaned into one:
@@ -38,7 +45,7 @@ use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::io::{FileIo, PRIVATE_FILE, replace_file};
-use super::record::{Batch, ControlKind, Decoded, EncodedBatch, Record, read_u32, read_u64};
+use super::record::{Batch, Decoded, EncodedBatch, Record, read_u32, read_u64};
 use super::segment::{FileKind, LOG_HEADER_LEN, log_header, segment_path};
 
 pub const MANIFEST: &str = "compaction";
@@ -53,6 +60,20 @@ pub struct CompactionOptions {
     pub delete_retention_ms: u64,
     /// Largest merged segment.
     pub segment_bytes: u64,
+    /// Only records below this offset are compacted, and only their keys count (a replicated
+    /// partition's compaction point); `None`: every closed segment, with the keys of all.
+    pub below: Option<u64>,
+}
+
+impl CompactionOptions {
+    fn below(&self) -> u64 {
+        self.below.unwrap_or(u64::MAX)
+    }
+
+    /// Whether a key seen at `offset` counts.
+    pub fn counts(&self, offset: u64) -> bool {
+        offset < self.below()
+    }
 }
 
 /// What a compaction did.
@@ -198,6 +219,14 @@ pub fn clean_segment(
             Decoded::Corrupt(why) => return Err(Error::corrupt(path, pos as u64, why)),
         };
         let h = *batch.header();
+        if h.is_control() || h.last_offset() >= opts.below() {
+            // Raft's own entries, and what lies past the compaction point, stay as they are.
+            let n = u64::from(h.record_count);
+            (before, after) = (before + n, after + n);
+            out.extend_from_slice(batch.bytes());
+            pos += h.size;
+            continue;
+        }
         let mut kept = Vec::new();
         let mut all = true;
         for r in batch.records() {
@@ -217,9 +246,12 @@ pub fn clean_segment(
         if all {
             out.extend_from_slice(batch.bytes());
         } else if let (Some(id), true) = (h.raft, kept.is_empty()) {
-            // A Raft entry stays in the log (its index must not go missing): as a blank one.
-            let mut blank = EncodedBatch::control(id, ControlKind::Blank, &[], h.first_timestamp);
-            out.extend_from_slice(blank.seal(h.base_offset));
+            // A Raft entry stays in the log (its index must not go missing), covering its
+            // offsets: a follower sent it stamps the next entries where the leader has them.
+            let mut emptied =
+                EncodedBatch::emptied(h.last_offset_delta, h.first_timestamp, h.max_timestamp)
+                    .with_raft_id(id);
+            out.extend_from_slice(emptied.seal(h.base_offset));
         } else if !kept.is_empty() {
             let records: Vec<(u32, Record)> = kept
                 .into_iter()

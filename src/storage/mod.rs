@@ -44,8 +44,8 @@ pub use data_dir::DataDir;
 pub use error::{Error, Result};
 pub use io::{FileIo, ReadOnlyIo, RealIo};
 pub use partition::{
-    AppendMode, Appended, Completion, Listener, Partition, PartitionMetrics, PartitionStats,
-    RecoveryReport, Retention, RetentionOutcome, WriterPool,
+    AppendMode, Appended, CompactionPoint, Completion, Listener, Partition, PartitionMetrics,
+    PartitionStats, RecoveryReport, Retention, RetentionOutcome, WriterPool,
 };
 pub use record::{Batch, EncodedBatch, Header, Record, StoredRecord};
 pub use topic::{TopicConfig, validate_group_name, validate_topic_name};

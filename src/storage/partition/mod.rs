@@ -51,7 +51,7 @@ use super::segment::Segment;
 use crate::metrics::Histogram;
 
 pub use self::pool::WriterPool;
-pub use self::retention::{Retention, RetentionOutcome};
+pub use self::retention::{CompactionPoint, Retention, RetentionOutcome};
 
 /// Called with the new high-water mark each time more data becomes visible to readers.
 pub type Listener = Arc<dyn Fn(u64) + Send + Sync>;
@@ -170,6 +170,8 @@ struct Shared {
     listener: Option<Listener>,
     /// Serialises retention and compaction of this partition.
     maintenance: Mutex<()>,
+    /// A replicated partition's compaction point.
+    compaction: Mutex<retention::PointState>,
     inbox: Mutex<Inbox>,
     /// Signalled when the inbox has room again and when the partition goes idle.
     changed: Condvar,
@@ -193,6 +195,10 @@ impl Shared {
     /// Held by retention and compaction for their whole run.
     fn maintenance(&self) -> MutexGuard<'_, ()> {
         self.maintenance.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn compaction_point(&self) -> MutexGuard<'_, retention::PointState> {
+        self.compaction.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_segments(&self, f: impl FnOnce(&mut Vec<Arc<Segment>>)) {
@@ -274,6 +280,7 @@ impl Partition {
             },
             listener,
             maintenance: Mutex::new(()),
+            compaction: Mutex::new(retention::PointState::default()),
             inbox: Mutex::new(Inbox::default()),
             changed: Condvar::new(),
             writer: Mutex::new(Writer::new(&config, active, writer_state, clean_on_disk)),

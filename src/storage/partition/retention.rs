@@ -24,6 +24,23 @@ pub struct Retention {
     pub keep_from: Option<u64>,
 }
 
+/// A replicated partition's compaction point, its leader's decision applied by every replica:
+/// the records below `below` are compacted as of `now_ms` (see [`crate::storage::compaction`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CompactionPoint {
+    pub below: u64,
+    pub now_ms: i64,
+}
+
+/// The compaction point this partition was told, and what was last compacted to it.
+#[derive(Debug, Default)]
+pub(super) struct PointState {
+    point: Option<CompactionPoint>,
+    /// The point last compacted to, and the base of the active segment then: batches below the
+    /// point that were still in it are compacted once it has closed.
+    done: Option<(CompactionPoint, u64)>,
+}
+
 /// What retention deleted (or would delete, in a dry run).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetentionOutcome {
@@ -141,6 +158,53 @@ impl Partition {
         self.compact_keys_or_plan(opts, true)
     }
 
+    /// Records the compaction point (only ever forward); [`Partition::compact_to_point`]
+    /// compacts to it.
+    pub fn set_compaction_point(&self, point: CompactionPoint) {
+        let mut state = self.shared.compaction_point();
+        if state.point.is_none_or(|p| p.below < point.below) {
+            state.point = Some(point);
+        }
+    }
+
+    /// The compaction point last recorded.
+    pub fn compaction_point(&self) -> Option<CompactionPoint> {
+        self.shared.compaction_point().point
+    }
+
+    /// Compacts the closed segments to the recorded compaction point (a dry run counts what it
+    /// would do). `None` when there is nothing to do: no point, a point not yet readable here
+    /// (every record below it must be present, or the survivors would differ from the other
+    /// replicas'), or the point already compacted to and no segment closed since.
+    pub fn compact_to_point(
+        &self,
+        delete_retention_ms: u64,
+        dry_run: bool,
+    ) -> Result<Option<CompactionOutcome>> {
+        let Some(point) = self.compaction_point() else {
+            return Ok(None);
+        };
+        if self.high_water() < point.below {
+            return Ok(None);
+        }
+        let active = self.segments().last().map_or(0, |s| s.base_offset());
+        let done = self.shared.compaction_point().done;
+        if done.is_some_and(|(p, a)| p == point && (a == active || a >= point.below)) {
+            return Ok(None);
+        }
+        let opts = CompactionOptions {
+            now_ms: point.now_ms,
+            delete_retention_ms,
+            segment_bytes: self.shared.config.segment_bytes,
+            below: Some(point.below),
+        };
+        let outcome = self.compact_keys_or_plan(&opts, dry_run)?;
+        if !dry_run {
+            self.shared.compaction_point().done = Some((point, active));
+        }
+        Ok(Some(outcome))
+    }
+
     fn compact_keys_or_plan(
         &self,
         opts: &CompactionOptions,
@@ -154,14 +218,22 @@ impl Partition {
             bytes_before: segments.iter().map(|s| s.size_bytes()).sum(),
             ..CompactionOutcome::default()
         };
-        let closed = &segments[..segments.len().saturating_sub(1)];
+        let mut closed = &segments[..segments.len().saturating_sub(1)];
+        // Segments that start at or past the compaction point hold nothing to compact.
+        if let Some(below) = opts.below {
+            let n = closed
+                .iter()
+                .take_while(|s| s.base_offset() < below)
+                .count();
+            closed = &closed[..n];
+        }
         if closed.is_empty() {
             out.segments_after = out.segments_before;
             out.bytes_after = out.bytes_before;
             return Ok(out);
         }
         let mut keys = KeyMap::default();
-        let end = self.high_water();
+        let end = self.high_water().min(opts.below.unwrap_or(u64::MAX));
         let mut next = self.log_start();
         while next < end {
             let batches = self.read(next, 4 << 20)?;
@@ -173,6 +245,7 @@ impl Partition {
                     let r = r.map_err(|why| Error::corrupt(&self.shared.dir, next, why))?;
                     if let Some(k) = &r.key
                         && r.offset >= next
+                        && opts.counts(r.offset)
                     {
                         keys.add(k, r.offset);
                     }
