@@ -16,8 +16,9 @@
 //!   again never meet the old ones on a node that slept through it.
 //!
 //! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
-//! compaction and retention on demand): see docs/replication.md. Periodic retention is
-//! replicated: each partition's leader proposes it ([`Cluster::trim`]).
+//! compaction and retention on demand): see docs/replication.md. Periodic retention and key
+//! compaction are replicated: each partition's leader proposes them ([`Cluster::trim`],
+//! [`Cluster::compact`]) and every replica applies them alike.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -263,7 +264,8 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups, message ids, compaction and retention on demand");
+            so refused here: consumer groups, message ids, compaction and retention on demand \
+            (periodic retention and compaction are decided by each partition's leader)");
         Ok(cluster)
     }
 
@@ -528,14 +530,8 @@ impl Cluster {
     /// once committed; false when this node does not lead the partition or `offset` is not
     /// above what readers already cannot see, or not yet committed.
     pub async fn trim(&self, handle: &PartitionHandle, offset: u64) -> Result<bool> {
-        let Some(raft) = handle.replica.get() else {
-            return Ok(false);
-        };
         let log = &handle.log;
-        if raft.metrics().borrow().current_leader != Some(self.members.node_id)
-            || offset <= log.log_start()
-            || offset > log.high_water()
-        {
+        if !self.leads(handle) || offset <= log.log_start() || offset > log.high_water() {
             return Ok(false);
         }
         // The entry holding the message just below: the snapshot point every replica takes.
@@ -556,18 +552,53 @@ impl Cluster {
             upto_index: upto.index,
             offset,
         };
+        Ok(self.propose(handle, command).await)
+    }
+
+    /// Key compaction of a partition this node leads: proposes that every replica compacts the
+    /// messages below the start of this node's active segment as of `now_ms`, when that point
+    /// is past the last one. True once committed (and applied here).
+    pub async fn compact(&self, handle: &PartitionHandle, now_ms: i64) -> bool {
+        let log = &handle.log;
+        let Some(&below) = log.segment_bases().last() else {
+            return false;
+        };
+        let moved = log.compaction_point().is_none_or(|p| p.below < below);
+        if !moved || below <= log.log_start() || below > log.high_water() || !self.leads(handle) {
+            return false;
+        }
+        let command = crate::replication::GroupCommand::Compact { below, now_ms };
+        self.propose(handle, command).await
+    }
+
+    fn leads(&self, handle: &PartitionHandle) -> bool {
+        handle.replica.get().is_some_and(|raft| {
+            raft.metrics().borrow().current_leader == Some(self.members.node_id)
+        })
+    }
+
+    /// Proposes a leader's command to a partition's group; true once committed.
+    async fn propose(
+        &self,
+        handle: &PartitionHandle,
+        command: crate::replication::GroupCommand,
+    ) -> bool {
+        let Some(raft) = handle.replica.get() else {
+            return false;
+        };
         match tokio::time::timeout(
             self.write_timeout,
             raft.client_write(crate::replication::Proposal::Command(command)),
         )
         .await
         {
-            Ok(Ok(_)) => Ok(true),
+            Ok(Ok(_)) => true,
             Ok(Err(e)) => {
-                tracing::debug!(dir = %log.dir().display(), error = %e, "retention point not proposed");
-                Ok(false)
+                tracing::debug!(dir = %handle.log.dir().display(), ?command, error = %e,
+                    "command not proposed");
+                false
             }
-            Err(_) => Ok(false),
+            Err(_) => false,
         }
     }
 

@@ -141,12 +141,20 @@ impl Maintenance {
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 if let Some(cluster) = self.cluster.as_ref().filter(|_| h.replica.get().is_some()) {
+                    let outcome =
+                        replicated_retention(cluster, &h, retention, now, dry_run).await?;
+                    let compaction = if config.cleanup_policy == CleanupPolicy::Compact {
+                        let keep = config.delete_retention_ms;
+                        replicated_compaction(cluster, &h, keep, now, dry_run).await?
+                    } else {
+                        None
+                    };
                     report.push(PartitionMaintenance {
                         topic: topic.name.to_string(),
                         partition: handle.id,
-                        outcome: replicated_retention(cluster, &h, retention, now, dry_run).await?,
+                        outcome,
                         held_by: None,
-                        compaction: None,
+                        compaction,
                     });
                     continue;
                 }
@@ -268,4 +276,21 @@ async fn replicated_retention(
         outcome.deleted_bytes = 0;
     }
     Ok(outcome)
+}
+
+/// Key compaction of a replicated partition: its leader proposes a compaction point (see
+/// `Cluster::compact`); every replica, this one included, compacts to the latest point it has
+/// applied. A dry run counts what compacting to that point would drop.
+async fn replicated_compaction(
+    cluster: &Cluster,
+    handle: &Arc<super::topic::PartitionHandle>,
+    delete_retention_ms: u64,
+    now: i64,
+    dry_run: bool,
+) -> Result<Option<CompactionOutcome>> {
+    if !dry_run {
+        cluster.compact(handle, now).await;
+    }
+    let h = Arc::clone(handle);
+    blocking(move || Ok(h.log.compact_to_point(delete_retention_ms, dry_run)?)).await
 }

@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::log_store::storage_error;
 use super::types::{
-    Applied, GroupCommand, Installed, LogId, PartitionRaft, Proposal, StorageError, TrimPoint,
+    Applied, CompactedAt, GroupCommand, Installed, LogId, PartitionRaft, Proposal, StorageError,
+    TrimPoint,
 };
+use crate::storage::CompactionPoint;
 use crate::storage::io::{FileIo, replace_file};
 use crate::storage::raft_log::RaftLogReader;
 use crate::storage::record::BatchHeader;
@@ -73,6 +75,9 @@ struct Content<S> {
     /// The latest retention point applied (partitions only).
     #[serde(default)]
     trim: Option<TrimPoint>,
+    /// The latest compaction point applied (partitions only).
+    #[serde(default)]
+    compaction: Option<CompactedAt>,
 }
 
 impl<S: GroupState> Content<S> {
@@ -89,6 +94,9 @@ impl<S: GroupState> Content<S> {
                 next_offset: trim.offset,
                 state: S::default(),
                 trim: Some(trim),
+                // Only a point set at or before the snapshot's entry: a later one is applied
+                // again from the log after it.
+                compaction: self.compaction.filter(|c| c.at <= trim.upto),
             },
             None => Content {
                 membership: self.membership.clone(),
@@ -97,13 +105,26 @@ impl<S: GroupState> Content<S> {
         }
     }
 
-    /// Applies a leader's command; true when it moved the retention point.
-    fn command(&mut self, command: &GroupCommand) -> bool {
-        let GroupCommand::Trim {
-            upto_term,
-            upto_index,
-            offset,
-        } = *command;
+    /// Applies a leader's command (the entry `at`); true when it moved the retention point.
+    fn command(&mut self, at: LogId, command: &GroupCommand) -> bool {
+        let (upto_term, upto_index, offset) = match *command {
+            GroupCommand::Trim {
+                upto_term,
+                upto_index,
+                offset,
+            } => (upto_term, upto_index, offset),
+            GroupCommand::Compact { below, now_ms } => {
+                // Deterministic on every replica: only forward, never past what is applied.
+                if S::LOG_IS_DATA
+                    && below <= self.next_offset
+                    && self.compaction.is_none_or(|c| c.point.below < below)
+                {
+                    let point = CompactionPoint { below, now_ms };
+                    self.compaction = Some(CompactedAt { at, point });
+                }
+                return false;
+            }
+        };
         let upto = super::types::log_id(crate::storage::record::RaftId {
             term: upto_term,
             index: upto_index,
@@ -187,6 +208,9 @@ impl<S: GroupState> GroupStateMachine<S> {
         log.set_committed_offset(content.next_offset);
         if let Some(trim) = content.trim {
             log.partition().hide_below(trim.offset);
+        }
+        if let Some(c) = content.compaction {
+            log.partition().set_compaction_point(c.point);
         }
         let installed = Installed::new(content.trim);
         Ok(GroupStateMachine {
@@ -318,11 +342,15 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
                     }
                 }
                 EntryPayload::Normal(Proposal::Command(command)) => {
-                    if self.content.command(command)
+                    if self.content.command(log_id, command)
                         && let Some(trim) = self.content.trim
                     {
                         self.log.partition().hide_below(trim.offset);
                         trimmed = true;
+                    }
+                    if let Some(c) = self.content.compaction {
+                        // Compacted by the maintenance pass, here as on every replica.
+                        self.log.partition().set_compaction_point(c.point);
                     }
                     Applied::default()
                 }
@@ -368,6 +396,9 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         if let Some(trim) = self.content.trim {
             self.log.partition().hide_below(trim.offset);
         }
+        if let Some(c) = self.content.compaction {
+            self.log.partition().set_compaction_point(c.point);
+        }
         self.log.set_committed_offset(self.content.next_offset);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
         // The log store may be waiting for this to purge past the end of its log.
@@ -404,6 +435,94 @@ mod tests {
         }
     }
 
+    fn compact(below: u64) -> GroupCommand {
+        GroupCommand::Compact {
+            below,
+            now_ms: 5_000,
+        }
+    }
+
+    /// A compaction point only moves forward and never past what is applied; a snapshot at a
+    /// retention point carries it only when the entry that set it is in the snapshot (a later
+    /// one is applied again from the log), and the catalog ignores it.
+    #[test]
+    fn a_compaction_point_moves_only_forward_within_what_is_applied() {
+        type Case = (
+            &'static str,
+            Vec<(u64, GroupCommand)>,
+            Option<(u64, u64)>,
+            bool,
+        );
+        // (what, (entry index, command) in log order, the point kept: entry, below; whether a
+        // snapshot at the retention point entry 10 carries it)
+        let cases: [Case; 7] = [
+            (
+                "a first point",
+                vec![(21, compact(80))],
+                Some((21, 80)),
+                false,
+            ),
+            (
+                "forward again",
+                vec![(21, compact(80)), (22, compact(90))],
+                Some((22, 90)),
+                false,
+            ),
+            (
+                "not backward",
+                vec![(21, compact(90)), (22, compact(80))],
+                Some((21, 90)),
+                false,
+            ),
+            (
+                "the same point twice keeps the first",
+                vec![(21, compact(80)), (22, compact(80))],
+                Some((21, 80)),
+                false,
+            ),
+            (
+                "not past the next offset",
+                vec![(21, compact(101))],
+                None,
+                false,
+            ),
+            (
+                "up to the next offset",
+                vec![(21, compact(100))],
+                Some((21, 100)),
+                false,
+            ),
+            (
+                "set before the snapshot's entry",
+                vec![(5, compact(40))],
+                Some((5, 40)),
+                true,
+            ),
+        ];
+        for (what, commands, want, in_snapshot) in cases {
+            let mut c = Content::<()> {
+                applied: Some(id(20)),
+                membership: StoredMembership::new(Some(id(1)), openraft::Membership::default()),
+                next_offset: 100,
+                ..Content::default()
+            };
+            for (index, command) in &commands {
+                c.command(id(*index), command);
+            }
+            let got = c.compaction.map(|p| (p.at.index, p.point.below));
+            assert_eq!(got, want, "{what}");
+            c.command(id(23), &trim(10, 50));
+            let carried = c.snapshot().compaction.is_some();
+            assert_eq!(carried, in_snapshot, "{what}: carried by the snapshot");
+        }
+        let mut catalog = Content::<crate::replication::catalog::Catalog> {
+            next_offset: 100,
+            ..Content::default()
+        };
+        catalog.command(id(21), &compact(50));
+        assert_eq!(catalog.compaction, None, "the catalog ignores compaction");
+    }
+
     /// The rules every replica applies alike: a retention point only moves forward, never past
     /// what is applied, never before the membership a snapshot there would name; a group whose
     /// state is built from its log ignores it. A partition's snapshot is the state at the point.
@@ -435,8 +554,8 @@ mod tests {
         ];
         for (what, commands, want) in cases {
             let mut c = partition();
-            for command in &commands {
-                c.command(command);
+            for (i, command) in commands.iter().enumerate() {
+                c.command(id(21 + i as u64), command);
             }
             let got = c.trim.map(|t| (t.upto.index, t.offset));
             assert_eq!(got, want, "{what}");
@@ -454,7 +573,10 @@ mod tests {
             next_offset: 100,
             ..Content::default()
         };
-        assert!(!catalog.command(&trim(10, 50)), "the catalog ignores trims");
+        assert!(
+            !catalog.command(id(21), &trim(10, 50)),
+            "the catalog ignores trims"
+        );
         assert_eq!(
             catalog.snapshot().applied,
             Some(id(20)),

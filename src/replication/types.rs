@@ -31,6 +31,10 @@ pub enum GroupCommand {
         upto_index: u64,
         offset: u64,
     },
+    /// Key compaction: every replica compacts the messages below `below` (a boundary between
+    /// entries, committed when proposed) as of `now_ms`, the leader's clock, so tombstones
+    /// expire alike everywhere. What survives depends on the messages below `below` alone.
+    Compact { below: u64, now_ms: i64 },
 }
 
 /// What applying an entry gives: the offsets its records took (`None` for Raft's own entries).
@@ -72,6 +76,13 @@ pub fn log_id(id: RaftId) -> LogId {
 pub struct TrimPoint {
     pub upto: LogId,
     pub offset: u64,
+}
+
+/// A compaction point of a replicated partition and the entry that set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedAt {
+    pub at: LogId,
+    pub point: crate::storage::CompactionPoint,
 }
 
 /// Shared by a group's log store and state machine: the snapshot point the state machine last
