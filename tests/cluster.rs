@@ -1275,6 +1275,138 @@ fn retention_is_decided_by_the_leader_and_every_replica_keeps_the_same_messages(
     });
 }
 
+/// Every message (offset, key, value) of partition 0 of `TOPIC` the node at `addr` serves, up
+/// to the message at `last` (which compaction keeps: the newest of its key).
+async fn keyed(addr: &str, last: u64) -> Vec<(u64, String, String)> {
+    let text = |b: Option<bytes::Bytes>| String::from_utf8(b.unwrap_or_default().to_vec()).unwrap();
+    let mut stream = BrokerClient::new(connect(addr).await.unwrap())
+        .subscribe(pb::SubscribeRequest {
+            topic: TOPIC.into(),
+            partitions: vec![0],
+            start: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Earliest(true)),
+            }),
+            ..pb::SubscribeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        let batch = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .expect("reading a partition stalled")
+            .unwrap()
+            .expect("the stream follows the tail");
+        for d in batch.deliveries {
+            out.push((d.offset, text(d.key), text(d.value)));
+            if d.offset == last {
+                return out;
+            }
+        }
+    }
+}
+
+/// Key compaction in a cluster is decided by each partition's leader and applied by every
+/// replica: every node ends with the same records at the same offsets (the newest of each key
+/// among those below the leader's compaction point, everything after it), and a node that was
+/// down meanwhile, sent entries its leader had already compacted (some emptied), holds them at
+/// the offsets the others do and takes the next message at the same offset.
+#[test]
+fn compaction_is_decided_by_the_leader_and_every_replica_keeps_the_same_records() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start_with(&[
+            ("SLUICE_LOG_SEGMENT_BYTES", "4096"),
+            ("SLUICE_RETENTION_CHECK_MS", "100"),
+        ]);
+        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 1,
+                    cleanup_policy: pb::CleanupPolicy::Compact as i32,
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
+        let down = (0..3).find(|&i| i != leader).unwrap();
+        let up: Vec<usize> = (0..3).filter(|&i| i != down).collect();
+        cluster.kill(down);
+        let mut client = BrokerClient::new(connect(&cluster.addr(up[1])).await.unwrap());
+        // 10 keys, each written 40 times, one message per Send (one entry each).
+        let mut sent = Vec::new();
+        for n in 0..400u64 {
+            let (key, value) = (format!("k{}", n % 10), format!("{n:05}{}", "x".repeat(95)));
+            let r = client
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        key: Some(key.clone().into()),
+                        value: Some(value.clone().into()),
+                        ..pb::Message::default()
+                    }],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            sent.push((r.positions[0].offset, key, value));
+        }
+        let last = sent.last().unwrap().0;
+        cluster.restart(down);
+        // Every node, the one that was down included, ends with the same compacted records.
+        let agreed = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let mut held = Vec::new();
+                for i in 0..3 {
+                    held.push(keyed(&cluster.addr(i), last).await);
+                }
+                let compacted = held[0].len() < sent.len() / 2;
+                if compacted && held.iter().all(|h| *h == held[0]) {
+                    return held.swap_remove(0);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("every replica compacted alike within the deadline");
+        // What is left: messages as acknowledged, at their offsets, and the newest of each key.
+        for record in &agreed {
+            assert!(sent.contains(record), "{record:?} was sent at its offset");
+        }
+        let mut newest = BTreeMap::new();
+        for (offset, key, _) in &sent {
+            newest.insert(key.clone(), *offset);
+        }
+        for (key, offset) in newest {
+            assert!(
+                agreed.iter().any(|(o, k, _)| *o == offset && *k == key),
+                "the newest {key} (offset {offset}) is kept"
+            );
+        }
+        // The next message takes the next offset, wherever it is sent.
+        let r = BrokerClient::new(connect(&cluster.addr(down)).await.unwrap())
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    key: Some("k0".into()),
+                    value: Some("after".into()),
+                    ..pb::Message::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.positions[0].offset, last + 1);
+        for i in 0..3 {
+            let held = keyed(&cluster.addr(i), last + 1).await;
+            assert_eq!(held.last().unwrap().2, "after", "node {}", i + 1);
+        }
+    });
+}
+
 /// Every message of partition 0 of `TOPIC` the node at `addr` serves, from the first offset.
 async fn values(addr: &str) -> Vec<String> {
     let end = describe(addr).await.unwrap().partitions[0].next_offset;

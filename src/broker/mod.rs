@@ -507,8 +507,8 @@ impl Broker {
     ) -> Result<Vec<PartitionMaintenance>> {
         if !dry_run {
             self.refuse_in_cluster(
-                "compaction and retention on demand of replicated partitions (periodic retention is \
-                 decided by each partition's leader) are",
+                "compaction and retention on demand of replicated partitions (periodic retention and \
+                 compaction are decided by each partition's leader) are",
             )?;
         }
         self.maintenance.maintain(topic, dry_run).await
