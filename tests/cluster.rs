@@ -770,6 +770,36 @@ fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own(
     let other = peers_of(&[p(0), p(1), p(3)]);
     let said = refused(&dir, 1, &other, &[]);
     assert!(said.contains("belongs to a cluster founded by"), "{said}");
+
+    // A cluster node's data directory, served or compacted as a single node (no [cluster]):
+    // refused, since that would change this copy alone.
+    let single: [&[&str]; 2] = [&["serve", "--listen", "127.0.0.1:0"], &["compact"]];
+    for args in single {
+        let mut child = Command::new(bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("SLUICE_HTTP_LISTEN", "")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.starts_with("sluice listening") {
+            child.kill().unwrap();
+            panic!("{args:?} served a cluster node's data as a single node");
+        }
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {said}");
+        assert!(
+            said.contains("holds a cluster node's data"),
+            "{args:?}: {said}"
+        );
+    }
 }
 
 #[test]

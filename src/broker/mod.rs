@@ -136,8 +136,12 @@ impl Broker {
             let s = settings.clone();
             let io = Arc::clone(&io);
             blocking(move || {
-                if let (Some(members), false) = (&s.cluster, read_only) {
-                    upgrade::adopt_single_node(&s.data_dir, members, &s.log, Arc::clone(&io))?;
+                match (&s.cluster, read_only) {
+                    (Some(members), false) => {
+                        upgrade::adopt_single_node(&s.data_dir, members, &s.log, Arc::clone(&io))?;
+                    }
+                    (None, false) => upgrade::refuse_cluster_data(&s.data_dir)?,
+                    (_, true) => {}
                 }
                 topics::open_all(&s.data_dir, io, read_only, &s.log, s.audit_retention_ms)
             })

@@ -55,6 +55,22 @@ const READY: &str = "READY";
 /// Entries handed to the log at once while converting.
 const CHUNK: usize = 256;
 
+/// Refuses a cluster node's data directory to a broker started without `[cluster]`: as a single
+/// node it would write batches into its partitions' Raft logs that no other replica has, and
+/// change what the leaders decide (retention, compaction) on this copy alone.
+pub fn refuse_cluster_data(data_dir: &Path) -> Result<()> {
+    let identity = data_dir.join("cluster").join(IDENTITY_FILE);
+    if identity.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{} holds a cluster node's data ({}): start it with its [cluster] settings; as a \
+             single node it would change this copy alone",
+            data_dir.display(),
+            identity.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Converts the single node's topics of `data_dir` (if any are left) into this node's first
 /// entries of their groups, or finishes a conversion a crash interrupted (blocking). Topics
 /// already converted, and the audit trail (each node's own), stay as they are.
