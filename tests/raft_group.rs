@@ -851,8 +851,26 @@ fn the_cluster_port_refuses_unknown_groups_and_malformed_messages_and_changes_no
                 },
             ),
         ] {
-            let err = client.append_entries(request).await.unwrap_err();
+            let err = client.append_entries(request.clone()).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+            // The same among coalesced heartbeats: refused in its place, the call answered.
+            let replies = client
+                .heartbeats(pb::HeartbeatsRequest {
+                    heartbeats: vec![request],
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .replies;
+            let refused = match &replies[..] {
+                [
+                    pb::HeartbeatReply {
+                        outcome: Some(pb::heartbeat_reply::Outcome::Refused(r)),
+                    },
+                ] => r.code,
+                other => panic!("{what}: {other:?}"),
+            };
+            assert_eq!(refused, tonic::Code::InvalidArgument as i32, "{what}");
         }
         let err = client
             .vote(pb::VoteRequest {
@@ -887,4 +905,60 @@ fn entry_bytes(index: u64) -> Bytes {
     }];
     let mut batch = EncodedBatch::raft(&records, id);
     Bytes::copy_from_slice(batch.seal(0))
+}
+
+/// Heartbeats of many groups to one node travel as one call (`Heartbeats`), and each gets its
+/// own answer in its place: here every group is unknown to the node, so each is refused
+/// `NOT_FOUND` naming its own group.
+#[test]
+fn heartbeats_of_many_groups_to_one_node_travel_as_one_call_each_with_its_own_answer() {
+    use sluice::proto::cluster as pb;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    runtime().block_on(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let server = pb::raft_server::RaftServer::with_interceptor(
+            RaftService::default(),
+            move |request: tonic::Request<()>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(request)
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(incoming),
+        );
+        let peers = Peers::default();
+        // A deadline far longer than the sends take: all of them wait in one batch.
+        let ttl = Duration::from_secs(4);
+        let sends: Vec<_> = (0..50)
+            .map(|g| {
+                let (peers, addr) = (peers.clone(), addr.clone());
+                tokio::spawn(async move {
+                    let request = pb::AppendEntriesRequest {
+                        group: format!("g{g}"),
+                        ..pb::AppendEntriesRequest::default()
+                    };
+                    peers.heartbeat(&addr, request, ttl).await
+                })
+            })
+            .collect();
+        for (g, send) in sends.into_iter().enumerate() {
+            let refused = send.await.unwrap().unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+            assert!(
+                refused.message().contains(&format!("\"g{g}\"")),
+                "answered in its place: {refused:?}"
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one call for 50 heartbeats"
+        );
+    });
 }

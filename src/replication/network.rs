@@ -13,7 +13,7 @@ use openraft::raft::{
 use tonic::transport::Channel;
 
 use super::peers::Peers;
-use super::types::PartitionRaft;
+use super::types::{LogId, PartitionRaft};
 use super::wire;
 use crate::proto::cluster::raft_client::RaftClient;
 
@@ -47,6 +47,7 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
             addr: self.peers.addr(target, &node.addr),
             peers: self.peers.clone(),
             reachable: true,
+            commit_sent: None,
         }
     }
 }
@@ -61,6 +62,9 @@ pub struct GrpcLink {
     /// Whether the last call reached the peer: a change is logged once (openraft's own report
     /// of every failed call is off by default, see `sluice serve`'s log filter).
     reachable: bool,
+    /// The commit point the peer was last told, with the vote and the entry it follows: an
+    /// append that repeats all three is a heartbeat, coalesced with other groups' ([`Peers::heartbeat`]).
+    commit_sent: Option<(openraft::Vote<u64>, Option<LogId>, Option<LogId>)>,
 }
 
 fn unreachable(e: &(impl std::error::Error + 'static)) -> Unreachable {
@@ -124,14 +128,25 @@ impl RaftNetwork<PartitionRaft> for GrpcLink {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcError> {
         let message = wire::append_to_pb(&self.group, &rpc).map_err(malformed)?;
-        let request = self.request(message, &option);
-        let response = self
-            .client()?
-            .append_entries(request)
-            .await
-            .map_err(status_error);
+        let said = (rpc.vote, rpc.prev_log_id, rpc.leader_commit);
+        let heartbeat = rpc.entries.is_empty() && self.commit_sent.as_ref() == Some(&said);
+        let response = if heartbeat {
+            self.peers
+                .heartbeat(&self.addr, message, option.hard_ttl())
+                .await
+                .map_err(status_error)
+        } else {
+            let request = self.request(message, &option);
+            let r = self.client()?.append_entries(request).await;
+            r.map(tonic::Response::into_inner).map_err(status_error)
+        };
         self.note(&response);
-        wire::append_response_from_pb(response?.into_inner()).map_err(malformed)
+        let response = wire::append_response_from_pb(response?).map_err(malformed)?;
+        self.commit_sent = match response {
+            AppendEntriesResponse::Success => Some(said),
+            _ => None,
+        };
+        Ok(response)
     }
 
     async fn install_snapshot(

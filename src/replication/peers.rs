@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::heartbeats::Heartbeats;
+use crate::proto::cluster as pb;
+
 /// How long connecting to a peer may take before the attempt counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -20,6 +23,7 @@ pub struct Peers {
     addresses: Arc<BTreeMap<u64, String>>,
     tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    heartbeats: Heartbeats,
 }
 
 impl Peers {
@@ -28,7 +32,20 @@ impl Peers {
             addresses: Arc::new(addresses),
             tls: None,
             channels: Arc::default(),
+            heartbeats: Heartbeats::default(),
         }
+    }
+
+    /// Sends a heartbeat of one group to the peer at `addr` with the other groups' heartbeats
+    /// to it ([`Heartbeats`]); its sender waits at most `ttl`.
+    pub async fn heartbeat(
+        &self,
+        addr: &str,
+        request: pb::AppendEntriesRequest,
+        ttl: Duration,
+    ) -> Result<pb::AppendEntriesResponse, tonic::Status> {
+        let channel = self.channel(addr).map_err(tonic::Status::unavailable)?;
+        self.heartbeats.send(channel, addr, request, ttl).await
     }
 
     /// The connection to a peer's cluster address (made when first asked, lazily connecting,

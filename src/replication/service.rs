@@ -103,6 +103,19 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Hands an AppendEntries to the group it names.
+    async fn append(
+        &self,
+        req: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, Status> {
+        let raft = self.group(&req.group)?;
+        let rpc = wire::append_from_pb(req).map_err(bad)?;
+        let r = raft.append_entries(rpc).await.map_err(stopped)?;
+        Ok(wire::append_response_to_pb(&r))
+    }
+}
+
 fn bad(e: wire::Malformed) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -117,11 +130,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        let req = request.into_inner();
-        let raft = self.group(&req.group)?;
-        let rpc = wire::append_from_pb(req).map_err(bad)?;
-        let r = raft.append_entries(rpc).await.map_err(stopped)?;
-        Ok(Response::new(wire::append_response_to_pb(&r)))
+        self.append(request.into_inner()).await.map(Response::new)
     }
 
     async fn vote(
@@ -144,6 +153,30 @@ impl pb::raft_server::Raft for RaftService {
         let rpc = wire::snapshot_from_pb(req).map_err(bad)?;
         let r = raft.install_snapshot(rpc).await.map_err(stopped)?;
         Ok(Response::new(wire::snapshot_response_to_pb(&r)))
+    }
+
+    async fn heartbeats(
+        &self,
+        request: Request<pb::HeartbeatsRequest>,
+    ) -> Result<Response<pb::HeartbeatsResponse>, Status> {
+        // Each group's in its own task: one slow group holds none of the others back.
+        let mut answers = tokio::task::JoinSet::new();
+        for (i, req) in request.into_inner().heartbeats.into_iter().enumerate() {
+            let me = self.clone();
+            answers.spawn(async move { (i, me.append(req).await) });
+        }
+        let mut replies = vec![pb::HeartbeatReply::default(); answers.len()];
+        while let Some(joined) = answers.join_next().await {
+            let (i, outcome) = joined.map_err(|e| Status::internal(e.to_string()))?;
+            replies[i].outcome = Some(match outcome {
+                Ok(r) => pb::heartbeat_reply::Outcome::Response(r),
+                Err(s) => pb::heartbeat_reply::Outcome::Refused(pb::Refusal {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                }),
+            });
+        }
+        Ok(Response::new(pb::HeartbeatsResponse { replies }))
     }
 
     async fn status(
