@@ -844,14 +844,7 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             })
             .await;
         precondition(ack, "consumer groups");
-        // Compaction and retention on demand are not replicated: refused, but a dry run reports.
-        let compact = admin
-            .compact(pb::CompactRequest {
-                topic: TOPIC.into(),
-                dry_run: false,
-            })
-            .await;
-        precondition(compact, "not yet replicated");
+        // A dry run of Compact reports, and changes nothing.
         let dry = admin
             .compact(pb::CompactRequest {
                 topic: TOPIC.into(),
@@ -1434,6 +1427,108 @@ fn compaction_is_decided_by_the_leader_and_every_replica_keeps_the_same_records(
             let held = keyed(&cluster.addr(i), last + 1).await;
             assert_eq!(held.last().unwrap().2, "after", "node {}", i + 1);
         }
+    });
+}
+
+/// Retention and compaction on demand (`Compact`) through a node that does not lead the
+/// partition: it decides from its own copy and proposes through the leader, and every replica
+/// applies the decision at once (no periodic pass runs in this test): the same first offset and
+/// the same records everywhere, as the node asked reported.
+#[test]
+fn retention_and_compaction_on_demand_through_any_node_apply_on_every_replica() {
+    runtime().block_on(async {
+        let cluster = TestCluster::start_with(&[
+            ("SLUICE_LOG_SEGMENT_BYTES", "4096"),
+            ("SLUICE_RETENTION_CHECK_MS", "3600000"),
+        ]);
+        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 1,
+                    cleanup_policy: pb::CleanupPolicy::Compact as i32,
+                    retention_bytes: Some(8 * 4096),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
+        let asked = (leader + 1) % 3;
+        let mut client = BrokerClient::new(connect(&cluster.addr(leader)).await.unwrap());
+        let mut sent = Vec::new();
+        for n in 0..500u64 {
+            let (key, value) = (format!("k{}", n % 20), format!("{n:05}{}", "x".repeat(95)));
+            let r = client
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        key: Some(key.clone().into()),
+                        value: Some(value.clone().into()),
+                        ..pb::Message::default()
+                    }],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            sent.push((r.positions[0].offset, key, value));
+        }
+        let last = sent.last().unwrap().0;
+        readable_up_to(&cluster.addr(asked), last + 1, "before compacting").await;
+        let report = AdminClient::new(connect(&cluster.addr(asked)).await.unwrap())
+            .compact(pb::CompactRequest {
+                topic: TOPIC.into(),
+                dry_run: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let p = &report.partitions[0];
+        assert!(p.first_offset > 0, "retention dropped the oldest: {p:?}");
+        assert!(
+            p.records_dropped > 0,
+            "compaction dropped superseded records: {p:?}"
+        );
+        let first = p.first_offset;
+        let held = keyed(&cluster.addr(asked), last).await;
+        assert_eq!(
+            held.first().map(|r| r.0 >= first),
+            Some(true),
+            "{:?}",
+            held.first()
+        );
+        for record in &held {
+            assert!(sent.contains(record), "{record:?} was sent at its offset");
+        }
+        let mut newest = BTreeMap::new();
+        for (offset, key, _) in &sent {
+            newest.insert(key.clone(), *offset);
+        }
+        for (key, offset) in newest {
+            assert!(
+                held.iter().any(|(o, k, _)| *o == offset && *k == key),
+                "the newest {key} (offset {offset}) is kept"
+            );
+        }
+        assert!(held.len() < sent.len() / 2, "{} records kept", held.len());
+        // Every other replica applies the same decisions, at once.
+        let agreed = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let mut same = true;
+                for i in 0..3 {
+                    same &= keyed(&cluster.addr(i), last).await == held;
+                }
+                if same {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            agreed.is_ok(),
+            "every replica holds what the node asked reported"
+        );
     });
 }
 

@@ -15,10 +15,10 @@
 //!   incarnation, part of its groups' names ([`group_name`]), so the groups of a name created
 //!   again never meet the old ones on a node that slept through it.
 //!
-//! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids,
-//! compaction and retention on demand): see docs/replication.md. Periodic retention and key
-//! compaction are replicated: each partition's leader proposes them ([`Cluster::trim`],
-//! [`Cluster::compact`]) and every replica applies them alike.
+//! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids):
+//! see docs/replication.md. Retention and key compaction are replicated: each partition's
+//! leader proposes them periodically, and any node on demand (`Compact`) through the leader
+//! ([`Cluster::trim`], [`Cluster::compact`]); every replica applies them alike.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -93,6 +93,9 @@ pub struct Cluster {
     caught_up: watch::Sender<bool>,
     /// Groups that applied a retention point: their snapshot (and so their purge) is due.
     trimmed: mpsc::UnboundedSender<String>,
+    /// Partitions that applied a compaction point, with their topic's `delete_retention_ms`:
+    /// their compaction to it is due.
+    compacted: mpsc::UnboundedSender<(Arc<Partition>, u64)>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -180,6 +183,7 @@ impl Cluster {
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let (trimmed, trims) = mpsc::unbounded_channel();
+        let (compacted, compactions) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             members,
             config,
@@ -197,6 +201,7 @@ impl Cluster {
             addr,
             caught_up: watch::Sender::new(false),
             trimmed,
+            compacted,
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peer_ips = peer_ips(&cluster.members).await?;
@@ -260,12 +265,12 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
+        tasks.spawn(compact_replicas(compactions, shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).adopt(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups, message ids, compaction and retention on demand \
-            (periodic retention and compaction are decided by each partition's leader)");
+            so refused here: consumer groups, message ids");
         Ok(cluster)
     }
 
@@ -456,7 +461,8 @@ impl Cluster {
             if handle.replica.get().is_some() {
                 continue;
             }
-            let raft = self.start_group(&group, handle).await?;
+            let keep = topic.config.delete_retention_ms;
+            let raft = self.start_group(&group, handle, keep).await?;
             self.initialize(&raft, &group, topic.config.formed_by)
                 .await?;
             self.service.add(group.clone(), raft.clone());
@@ -470,6 +476,7 @@ impl Cluster {
         &self,
         group: &str,
         handle: &PartitionHandle,
+        delete_retention_ms: u64,
     ) -> Result<Raft<PartitionRaft>> {
         let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
         let (store, sm) = blocking(move || {
@@ -482,9 +489,14 @@ impl Cluster {
         })
         .await?;
         let (trimmed, name) = (self.trimmed.clone(), group.to_string());
-        let sm = sm.on_trim(Box::new(move || {
-            let _ = trimmed.send(name.clone());
-        }));
+        let (compacted, partition) = (self.compacted.clone(), Arc::clone(&handle.log));
+        let sm = sm
+            .on_trim(Box::new(move || {
+                let _ = trimmed.send(name.clone());
+            }))
+            .on_compact(Box::new(move || {
+                let _ = compacted.send((Arc::clone(&partition), delete_retention_ms));
+            }));
         Raft::new(
             self.members.node_id,
             Arc::clone(&self.config),
@@ -525,13 +537,24 @@ impl Cluster {
         }
     }
 
-    /// Retention of a partition this node leads: proposes that every replica drops the
-    /// messages below `offset` (a segment's base offset the retention rules chose here). True
-    /// once committed; false when this node does not lead the partition or `offset` is not
-    /// above what readers already cannot see, or not yet committed.
-    pub async fn trim(&self, handle: &PartitionHandle, offset: u64) -> Result<bool> {
+    /// Retention of a partition: proposes that every replica drops the messages below `offset`
+    /// (a segment's base offset the retention rules chose here). Periodically only the
+    /// partition's leader decides; `on_demand` (the `Compact` call, any node) this node decides
+    /// from its own copy of the committed log and proposes through the leader. True once
+    /// committed and applied here; false when `offset` is not above what readers already cannot
+    /// see, or not committed.
+    pub async fn trim(
+        &self,
+        topic: &Topic,
+        handle: &PartitionHandle,
+        offset: u64,
+        on_demand: bool,
+    ) -> Result<bool> {
         let log = &handle.log;
-        if !self.leads(handle) || offset <= log.log_start() || offset > log.high_water() {
+        if !(on_demand || self.leads(handle))
+            || offset <= log.log_start()
+            || offset > log.high_water()
+        {
             return Ok(false);
         }
         // The entry holding the message just below: the snapshot point every replica takes.
@@ -552,23 +575,35 @@ impl Cluster {
             upto_index: upto.index,
             offset,
         };
-        Ok(self.propose(handle, command).await)
+        Ok(self.propose(topic, handle, command).await
+            && self.applied_here(|| log.log_start() >= offset).await)
     }
 
-    /// Key compaction of a partition this node leads: proposes that every replica compacts the
-    /// messages below the start of this node's active segment as of `now_ms`, when that point
-    /// is past the last one. True once committed (and applied here).
-    pub async fn compact(&self, handle: &PartitionHandle, now_ms: i64) -> bool {
+    /// Key compaction of a partition: proposes that every replica compacts the messages below
+    /// the start of this node's active segment as of `now_ms`, when that point is past the last
+    /// one. Who decides: as for [`Cluster::trim`]. True once committed and applied here.
+    pub async fn compact(
+        &self,
+        topic: &Topic,
+        handle: &PartitionHandle,
+        now_ms: i64,
+        on_demand: bool,
+    ) -> bool {
         let log = &handle.log;
         let Some(&below) = log.segment_bases().last() else {
             return false;
         };
         let moved = log.compaction_point().is_none_or(|p| p.below < below);
-        if !moved || below <= log.log_start() || below > log.high_water() || !self.leads(handle) {
+        if !moved
+            || below <= log.log_start()
+            || below > log.high_water()
+            || !(on_demand || self.leads(handle))
+        {
             return false;
         }
         let command = crate::replication::GroupCommand::Compact { below, now_ms };
-        self.propose(handle, command).await
+        let applied = || log.compaction_point().is_some_and(|p| p.below >= below);
+        self.propose(topic, handle, command).await && self.applied_here(applied).await
     }
 
     fn leads(&self, handle: &PartitionHandle) -> bool {
@@ -577,29 +612,42 @@ impl Cluster {
         })
     }
 
-    /// Proposes a leader's command to a partition's group; true once committed.
+    /// Proposes a command to a partition's group, through its leader; true once committed.
     async fn propose(
         &self,
+        topic: &Topic,
         handle: &PartitionHandle,
         command: crate::replication::GroupCommand,
     ) -> bool {
         let Some(raft) = handle.replica.get() else {
             return false;
         };
-        match tokio::time::timeout(
-            self.write_timeout,
-            raft.client_write(crate::replication::Proposal::Command(command)),
-        )
-        .await
+        let group = topic.group_name(handle.id);
+        let proposal = crate::replication::Proposal::Command(command);
+        match self
+            .forwarder
+            .propose(raft, &group, proposal, self.write_timeout)
+            .await
         {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                tracing::debug!(dir = %handle.log.dir().display(), ?command, error = %e,
-                    "command not proposed");
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(%group, ?command, error = %e, "command not committed");
                 false
             }
-            Err(_) => false,
         }
+    }
+
+    /// Waits, up to the write timeout, until `done` (a command committed through the leader
+    /// is applied here soon after: the leader tells this node the new commit point).
+    async fn applied_here(&self, done: impl Fn() -> bool) -> bool {
+        let until = tokio::time::Instant::now() + self.write_timeout;
+        while !done() {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Brings this node's topics in line with the catalog each time it changes (and again
@@ -729,7 +777,12 @@ impl Cluster {
             .to_proposal(super::clock::now_ms())
             .map_err(|e| Error::Internal(e.to_string()))?;
         self.forwarder
-            .propose(&self.meta, META_GROUP, proposal, self.write_timeout)
+            .propose(
+                &self.meta,
+                META_GROUP,
+                crate::replication::Proposal::Records(proposal),
+                self.write_timeout,
+            )
             .await
             .map_err(|e| Error::not_written("the metadata group", e))?;
         let mut catalog = self.catalog.clone();
@@ -1093,5 +1146,25 @@ fn check_identity(dir: &Path, members: &Members, io: &dyn FileIo) -> Result<()> 
             Ok(())
         }
         Err(e) => Err(storage::Error::io(&path, e).into()),
+    }
+}
+
+/// Compacts each partition that applied a compaction point to it, one at a time, as soon as it
+/// is applied (on every replica alike; the maintenance pass does it again if this failed).
+async fn compact_replicas(
+    mut due: mpsc::UnboundedReceiver<(Arc<Partition>, u64)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (partition, keep) = tokio::select! {
+            d = due.recv() => match d { Some(d) => d, None => return },
+            () = shutdown.cancelled() => return,
+        };
+        let dir = partition.dir().to_path_buf();
+        let done = blocking(move || Ok(partition.compact_to_point(keep, false)?)).await;
+        if let Err(e) = done {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot compact to the compaction point; \
+                the next maintenance pass tries again");
+        }
     }
 }

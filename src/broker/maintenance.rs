@@ -99,13 +99,16 @@ impl Maintenance {
             Some(name) => vec![self.topics.existing(name)?],
             None => self.topics.open_topics(),
         };
-        self.maintain_topics(topics, dry_run).await
+        self.maintain_topics(topics, dry_run, true).await
     }
 
+    /// `on_demand`: asked for (the `Compact` call), so in a cluster this node decides for every
+    /// partition, not only those it leads.
     async fn maintain_topics(
         &self,
         topics: Vec<Arc<Topic>>,
         dry_run: bool,
+        on_demand: bool,
     ) -> Result<Vec<PartitionMaintenance>> {
         let mut report = Vec::new();
         for topic in topics {
@@ -141,11 +144,17 @@ impl Maintenance {
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 if let Some(cluster) = self.cluster.as_ref().filter(|_| h.replica.get().is_some()) {
-                    let outcome =
-                        replicated_retention(cluster, &h, retention, now, dry_run).await?;
+                    let decide = Decide {
+                        cluster,
+                        topic: &topic,
+                        handle: &h,
+                        now,
+                        dry_run,
+                        on_demand,
+                    };
+                    let outcome = decide.retention(retention).await?;
                     let compaction = if config.cleanup_policy == CleanupPolicy::Compact {
-                        let keep = config.delete_retention_ms;
-                        replicated_compaction(cluster, &h, keep, now, dry_run).await?
+                        decide.compaction(config.delete_retention_ms).await?
                     } else {
                         None
                     };
@@ -206,7 +215,7 @@ impl Maintenance {
     pub async fn periodic_retention(&self) -> Result<()> {
         let mut topics = self.topics.open_topics();
         topics.extend(self.topics.get(AUDIT_TOPIC));
-        for m in self.maintain_topics(topics, false).await? {
+        for m in self.maintain_topics(topics, false, false).await? {
             let dropped = m.outcome.log_start - m.outcome.log_start_before;
             if m.outcome.deleted_segments == 0
                 && m.compaction
@@ -254,43 +263,49 @@ impl Maintenance {
     }
 }
 
-/// Retention of a replicated partition: the rules pick the same segments as on a single node,
-/// here, and the partition's leader proposes the first offset kept to every replica (see
-/// `Cluster::trim`); each replica then drops the messages below it. On a node that does not
-/// lead the partition, nothing is decided: the outcome deletes nothing.
-async fn replicated_retention(
-    cluster: &Cluster,
-    handle: &Arc<super::topic::PartitionHandle>,
-    retention: Retention,
+/// Retention and compaction of one replicated partition.
+struct Decide<'a> {
+    cluster: &'a Cluster,
+    topic: &'a Topic,
+    handle: &'a Arc<super::topic::PartitionHandle>,
     now: i64,
     dry_run: bool,
-) -> Result<RetentionOutcome> {
-    let h = Arc::clone(handle);
-    let mut outcome = blocking(move || Ok(h.log.retain(&retention, now, true)?)).await?;
-    let before = outcome.log_start_before;
-    let decided =
-        outcome.log_start > before && (dry_run || cluster.trim(handle, outcome.log_start).await?);
-    if !decided {
-        outcome.log_start = before;
-        outcome.deleted_segments = 0;
-        outcome.deleted_bytes = 0;
-    }
-    Ok(outcome)
+    /// Asked for: this node decides even when it does not lead the partition.
+    on_demand: bool,
 }
 
-/// Key compaction of a replicated partition: its leader proposes a compaction point (see
-/// `Cluster::compact`); every replica, this one included, compacts to the latest point it has
-/// applied. A dry run counts what compacting to that point would drop.
-async fn replicated_compaction(
-    cluster: &Cluster,
-    handle: &Arc<super::topic::PartitionHandle>,
-    delete_retention_ms: u64,
-    now: i64,
-    dry_run: bool,
-) -> Result<Option<CompactionOutcome>> {
-    if !dry_run {
-        cluster.compact(handle, now).await;
+impl Decide<'_> {
+    /// The rules pick the same segments as on a single node, here, and the first offset kept is
+    /// proposed to every replica (see `Cluster::trim`); each replica then drops the messages
+    /// below it. Where nothing is decided (periodically, on a node that does not lead the
+    /// partition), the outcome deletes nothing.
+    async fn retention(&self, retention: Retention) -> Result<RetentionOutcome> {
+        let (h, now) = (Arc::clone(self.handle), self.now);
+        let mut outcome = blocking(move || Ok(h.log.retain(&retention, now, true)?)).await?;
+        let before = outcome.log_start_before;
+        let decided = outcome.log_start > before
+            && (self.dry_run
+                || (self.cluster)
+                    .trim(self.topic, self.handle, outcome.log_start, self.on_demand)
+                    .await?);
+        if !decided {
+            outcome.log_start = before;
+            outcome.deleted_segments = 0;
+            outcome.deleted_bytes = 0;
+        }
+        Ok(outcome)
     }
-    let h = Arc::clone(handle);
-    blocking(move || Ok(h.log.compact_to_point(delete_retention_ms, dry_run)?)).await
+
+    /// Key compaction: a compaction point is proposed (see `Cluster::compact`); every replica,
+    /// this one included, compacts to the latest point it has applied. A dry run counts what
+    /// compacting to that point would drop.
+    async fn compaction(&self, delete_retention_ms: u64) -> Result<Option<CompactionOutcome>> {
+        if !self.dry_run {
+            (self.cluster)
+                .compact(self.topic, self.handle, self.now, self.on_demand)
+                .await;
+        }
+        let (h, dry_run) = (Arc::clone(self.handle), self.dry_run);
+        blocking(move || Ok(h.log.compact_to_point(delete_retention_ms, dry_run)?)).await
+    }
 }

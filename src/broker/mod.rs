@@ -509,12 +509,6 @@ impl Broker {
         topic: Option<&str>,
         dry_run: bool,
     ) -> Result<Vec<PartitionMaintenance>> {
-        if !dry_run {
-            self.refuse_in_cluster(
-                "compaction and retention on demand of replicated partitions (periodic retention and \
-                 compaction are decided by each partition's leader) are",
-            )?;
-        }
         self.maintenance.maintain(topic, dry_run).await
     }
 

@@ -25,6 +25,7 @@ use super::message::{NewMessage, Placed};
 use super::topic::{self, Topic};
 use super::topics::Topics;
 use crate::metrics::Metrics;
+use crate::replication::Proposal;
 use crate::replication::write::Forwarder;
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
 use crate::storage::topic::CleanupPolicy;
@@ -516,7 +517,7 @@ async fn propose_planned(
         let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
             forwarder
-                .propose(&raft, &group, bytes, deadline)
+                .propose(&raft, &group, Proposal::Records(bytes), deadline)
                 .await
                 .map_err(|e| (what, e))
         });

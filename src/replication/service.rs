@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::peers::Peers;
 use super::status;
-use super::types::PartitionRaft;
+use super::types::{PartitionRaft, Proposal};
 use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
 use super::write::{NOT_PROPOSED_METADATA, WriteError, known_leader, propose};
@@ -206,7 +206,14 @@ impl pb::raft_server::Raft for RaftService {
             );
             return Err(status);
         }
-        match propose(&raft, req.batch.to_vec(), self.write_timeout, &self.peers).await {
+        let proposal = match &req.command {
+            Some(json) => Proposal::Command(
+                serde_json::from_slice(json)
+                    .map_err(|e| Status::invalid_argument(format!("a command: {e}")))?,
+            ),
+            None => Proposal::Records(req.batch.to_vec()),
+        };
+        match propose(&raft, proposal, self.write_timeout, &self.peers).await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {
                 base_offset: applied.offsets.map(|o| o.0),
                 last_offset: applied.offsets.map(|o| o.1),

@@ -162,6 +162,8 @@ pub struct GroupStateMachine<S: GroupState> {
     publish: Option<Publish<S>>,
     /// Told each time a retention point is applied (its snapshot is due).
     on_trim: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Told each time a compaction point is applied (compacting to it is due).
+    on_compact: Option<Box<dyn Fn() + Send + Sync>>,
     installed: Installed,
 }
 
@@ -221,6 +223,7 @@ impl<S: GroupState> GroupStateMachine<S> {
             io,
             publish: None,
             on_trim: None,
+            on_compact: None,
             installed,
         })
     }
@@ -229,6 +232,13 @@ impl<S: GroupState> GroupStateMachine<S> {
     /// (`Raft::trigger().snapshot()`), after which openraft purges the log up to it.
     pub fn on_trim(mut self, on_trim: Box<dyn Fn() + Send + Sync>) -> Self {
         self.on_trim = Some(on_trim);
+        self
+    }
+
+    /// Calls `on_compact` each time a compaction point is applied: compacting this replica to
+    /// it is due ([`crate::storage::Partition::compact_to_point`]).
+    pub fn on_compact(mut self, on_compact: Box<dyn Fn() + Send + Sync>) -> Self {
+        self.on_compact = Some(on_compact);
         self
     }
 
@@ -318,7 +328,7 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
-        let mut trimmed = false;
+        let (mut trimmed, mut compacted) = (false, false);
         for entry in entries {
             let log_id = *entry.get_log_id();
             self.content.applied = Some(log_id);
@@ -348,9 +358,11 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
                         self.log.partition().hide_below(trim.offset);
                         trimmed = true;
                     }
-                    if let Some(c) = self.content.compaction {
-                        // Compacted by the maintenance pass, here as on every replica.
+                    if let Some(c) = self.content.compaction
+                        && self.log.partition().compaction_point() != Some(c.point)
+                    {
                         self.log.partition().set_compaction_point(c.point);
+                        compacted = true;
                     }
                     Applied::default()
                 }
@@ -361,6 +373,9 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         self.published();
         if trimmed && let Some(on_trim) = &self.on_trim {
             on_trim();
+        }
+        if compacted && let Some(on_compact) = &self.on_compact {
+            on_compact();
         }
         Ok(out)
     }

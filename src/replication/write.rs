@@ -40,15 +40,15 @@ pub enum WriteError {
     Stopped(String),
 }
 
-/// Proposes `batch` (a version 1 batch's bytes) and waits until it is committed and applied, at
-/// most `deadline`. A refusal names the leader at the address `peers` gives.
+/// Proposes `proposal` and waits until it is committed and applied, at most `deadline`. A
+/// refusal names the leader at the address `peers` gives.
 pub async fn propose(
     raft: &Raft<PartitionRaft>,
-    batch: Vec<u8>,
+    proposal: Proposal,
     deadline: Duration,
     peers: &Peers,
 ) -> Result<Applied, WriteError> {
-    let write = raft.client_write(Proposal::Records(batch));
+    let write = raft.client_write(proposal);
     match tokio::time::timeout(deadline, write).await {
         Err(_) => Err(WriteError::TimedOut(deadline)),
         Ok(Ok(response)) => Ok(response.data),
@@ -165,15 +165,15 @@ impl Forwarder {
         Ok(client)
     }
 
-    /// Proposes `batch` here if this node leads `group`, else at the leader it knows, waiting at
-    /// most `deadline` in all. A leader that refuses the connection (down: the proposal never
+    /// Proposes `proposal` here if this node leads `group`, else at the leader it knows, waiting
+    /// at most `deadline` in all. A leader that refuses the connection (down: the proposal never
     /// left this node), or that no longer leads and says it proposed nothing, is waited out: the
     /// proposal goes to the next leader, so a Send rides through a failover instead of failing.
     pub async fn propose(
         &self,
         raft: &Raft<PartitionRaft>,
         group: &str,
-        batch: Vec<u8>,
+        proposal: Proposal,
         deadline: Duration,
     ) -> Result<Applied, WriteError> {
         let until = Instant::now() + deadline;
@@ -187,15 +187,12 @@ impl Forwarder {
                 })));
             };
             if id == me {
-                return propose(raft, batch, left, &self.peers).await;
+                return propose(raft, proposal, left, &self.peers).await;
             }
             let Some(leader) = known_leader(raft, &self.peers).filter(|(l, _)| *l == id) else {
                 continue; // the leader changed meanwhile: look again
             };
-            match self
-                .forward(group, batch.clone(), left, leader.clone())
-                .await
-            {
+            match self.forward(group, &proposal, left, leader.clone()).await {
                 Forwarded::Answer(answer) => return answer,
                 Forwarded::Refused => gone = Some((id, term)),
             }
@@ -218,7 +215,7 @@ impl Forwarder {
     async fn forward(
         &self,
         group: &str,
-        batch: Vec<u8>,
+        proposal: &Proposal,
         deadline: Duration,
         leader: (u64, String),
     ) -> Forwarded {
@@ -226,9 +223,17 @@ impl Forwarder {
             Ok(c) => c,
             Err(e) => return Forwarded::Answer(Err(e)),
         };
+        let (batch, command) = match proposal {
+            Proposal::Records(batch) => (batch.clone(), None),
+            Proposal::Command(command) => match serde_json::to_vec(command) {
+                Ok(json) => (Vec::new(), Some(json.into())),
+                Err(e) => return Forwarded::Answer(Err(WriteError::Stopped(e.to_string()))),
+            },
+        };
         let mut request = tonic::Request::new(pb::ProposeRequest {
             group: group.to_string(),
             batch: batch.into(),
+            command,
         });
         request.set_timeout(deadline);
         Forwarded::Answer(match client.propose(request).await {
