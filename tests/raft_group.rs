@@ -885,6 +885,24 @@ fn the_cluster_port_refuses_unknown_groups_and_malformed_messages_and_changes_no
             tonic::Code::InvalidArgument,
             "a vote without a vote"
         );
+        // A forwarded command that does not decode, at the leader: refused, nothing proposed.
+        let leader_addr = cluster.router.grpc.as_ref().unwrap().addrs[&leader].clone();
+        let leader_before = cluster.replicas[&leader].log.last_id().unwrap();
+        let err = pb::raft_client::RaftClient::connect(format!("http://{leader_addr}"))
+            .await
+            .unwrap()
+            .propose(pb::ProposeRequest {
+                group: GROUP.into(),
+                batch: Bytes::new(),
+                command: Some(Bytes::from_static(b"{\"op\":\"erase_everything\"}")),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            cluster.replicas[&leader].log.last_id().unwrap(),
+            leader_before
+        );
         assert_eq!(
             cluster.replicas[&follower].log.last_id().unwrap(),
             before,
