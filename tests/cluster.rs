@@ -1330,6 +1330,51 @@ async fn keyed(addr: &str, last: u64) -> Vec<(u64, String, String)> {
     }
 }
 
+/// Sends `n` messages to partition 0 of `TOPIC` through the node at `addr`, one per Send, with
+/// keys `k0`..`k{keys-1}` in turn; returns each as acknowledged (offset, key, value).
+async fn send_keyed(addr: &str, n: u64, keys: u64) -> Vec<(u64, String, String)> {
+    let mut client = BrokerClient::new(connect(addr).await.unwrap());
+    let mut sent = Vec::new();
+    for n in 0..n {
+        let (key, value) = (
+            format!("k{}", n % keys),
+            format!("{n:05}{}", "x".repeat(95)),
+        );
+        let r = client
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    key: Some(key.clone().into()),
+                    value: Some(value.clone().into()),
+                    ..pb::Message::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sent.push((r.positions[0].offset, key, value));
+    }
+    sent
+}
+
+/// What compaction may leave of `sent`: messages as acknowledged, at their offsets, and the
+/// newest of each key among them.
+fn compacted_from(held: &[(u64, String, String)], sent: &[(u64, String, String)]) {
+    for record in held {
+        assert!(sent.contains(record), "{record:?} was sent at its offset");
+    }
+    let mut newest = BTreeMap::new();
+    for (offset, key, _) in sent {
+        newest.insert(key.clone(), *offset);
+    }
+    for (key, offset) in newest {
+        assert!(
+            held.iter().any(|(o, k, _)| *o == offset && *k == key),
+            "the newest {key} (offset {offset}) is kept"
+        );
+    }
+}
+
 /// Key compaction in a cluster is decided by each partition's leader and applied by every
 /// replica: every node ends with the same records at the same offsets (the newest of each key
 /// among those below the leader's compaction point, everything after it), and a node that was
@@ -1358,25 +1403,8 @@ fn compaction_is_decided_by_the_leader_and_every_replica_keeps_the_same_records(
         let down = (0..3).find(|&i| i != leader).unwrap();
         let up: Vec<usize> = (0..3).filter(|&i| i != down).collect();
         cluster.kill(down);
-        let mut client = BrokerClient::new(connect(&cluster.addr(up[1])).await.unwrap());
         // 10 keys, each written 40 times, one message per Send (one entry each).
-        let mut sent = Vec::new();
-        for n in 0..400u64 {
-            let (key, value) = (format!("k{}", n % 10), format!("{n:05}{}", "x".repeat(95)));
-            let r = client
-                .send(pb::SendRequest {
-                    topic: TOPIC.into(),
-                    messages: vec![pb::Message {
-                        key: Some(key.clone().into()),
-                        value: Some(value.clone().into()),
-                        ..pb::Message::default()
-                    }],
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            sent.push((r.positions[0].offset, key, value));
-        }
+        let sent = send_keyed(&cluster.addr(up[1]), 400, 10).await;
         let last = sent.last().unwrap().0;
         cluster.restart(down);
         // Every node, the one that was down included, ends with the same compacted records.
@@ -1395,20 +1423,7 @@ fn compaction_is_decided_by_the_leader_and_every_replica_keeps_the_same_records(
         })
         .await
         .expect("every replica compacted alike within the deadline");
-        // What is left: messages as acknowledged, at their offsets, and the newest of each key.
-        for record in &agreed {
-            assert!(sent.contains(record), "{record:?} was sent at its offset");
-        }
-        let mut newest = BTreeMap::new();
-        for (offset, key, _) in &sent {
-            newest.insert(key.clone(), *offset);
-        }
-        for (key, offset) in newest {
-            assert!(
-                agreed.iter().any(|(o, k, _)| *o == offset && *k == key),
-                "the newest {key} (offset {offset}) is kept"
-            );
-        }
+        compacted_from(&agreed, &sent);
         // The next message takes the next offset, wherever it is sent.
         let r = BrokerClient::new(connect(&cluster.addr(down)).await.unwrap())
             .send(pb::SendRequest {
@@ -1455,24 +1470,7 @@ fn retention_and_compaction_on_demand_through_any_node_apply_on_every_replica() 
             .unwrap();
         let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
         let asked = (leader + 1) % 3;
-        let mut client = BrokerClient::new(connect(&cluster.addr(leader)).await.unwrap());
-        let mut sent = Vec::new();
-        for n in 0..500u64 {
-            let (key, value) = (format!("k{}", n % 20), format!("{n:05}{}", "x".repeat(95)));
-            let r = client
-                .send(pb::SendRequest {
-                    topic: TOPIC.into(),
-                    messages: vec![pb::Message {
-                        key: Some(key.clone().into()),
-                        value: Some(value.clone().into()),
-                        ..pb::Message::default()
-                    }],
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            sent.push((r.positions[0].offset, key, value));
-        }
+        let sent = send_keyed(&cluster.addr(leader), 500, 20).await;
         let last = sent.last().unwrap().0;
         readable_up_to(&cluster.addr(asked), last + 1, "before compacting").await;
         let report = AdminClient::new(connect(&cluster.addr(asked)).await.unwrap())
@@ -1497,19 +1495,7 @@ fn retention_and_compaction_on_demand_through_any_node_apply_on_every_replica() 
             "{:?}",
             held.first()
         );
-        for record in &held {
-            assert!(sent.contains(record), "{record:?} was sent at its offset");
-        }
-        let mut newest = BTreeMap::new();
-        for (offset, key, _) in &sent {
-            newest.insert(key.clone(), *offset);
-        }
-        for (key, offset) in newest {
-            assert!(
-                held.iter().any(|(o, k, _)| *o == offset && *k == key),
-                "the newest {key} (offset {offset}) is kept"
-            );
-        }
+        compacted_from(&held, &sent);
         assert!(held.len() < sent.len() / 2, "{} records kept", held.len());
         // Every other replica applies the same decisions, at once.
         let agreed = tokio::time::timeout(DEADLINE, async {
