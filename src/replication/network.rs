@@ -48,6 +48,7 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
             peers: self.peers.clone(),
             reachable: true,
             commit_sent: None,
+            busy_at: std::time::Instant::now(),
         }
     }
 }
@@ -65,7 +66,14 @@ pub struct GrpcLink {
     /// The commit point the peer was last told, with the vote and the entry it follows: an
     /// append that repeats all three is a heartbeat, coalesced with other groups' ([`Peers::heartbeat`]).
     commit_sent: Option<(openraft::Vote<u64>, Option<LogId>, Option<LogId>)>,
+    /// When this link last carried entries or a new commit point: only the heartbeats of a group
+    /// idle for a while are coalesced (openraft sends one message at a time to a follower, so an
+    /// entry proposed meanwhile would wait behind a heartbeat in its window).
+    busy_at: std::time::Instant,
 }
+
+/// How many heartbeat deadlines a group must have been idle before its heartbeats are coalesced.
+const IDLE_DEADLINES: u32 = 4;
 
 fn unreachable(e: &(impl std::error::Error + 'static)) -> Unreachable {
     Unreachable::new(e)
@@ -130,7 +138,11 @@ impl RaftNetwork<PartitionRaft> for GrpcLink {
         let message = wire::append_to_pb(&self.group, &rpc).map_err(malformed)?;
         let said = (rpc.vote, rpc.prev_log_id, rpc.leader_commit);
         let heartbeat = rpc.entries.is_empty() && self.commit_sent.as_ref() == Some(&said);
-        let response = if heartbeat {
+        if !heartbeat {
+            self.busy_at = std::time::Instant::now();
+        }
+        let idle = self.busy_at.elapsed() >= option.hard_ttl() * IDLE_DEADLINES;
+        let response = if heartbeat && idle {
             self.peers
                 .heartbeat(&self.addr, message, option.hard_ttl())
                 .await
