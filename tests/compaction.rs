@@ -526,3 +526,47 @@ proptest! {
         let _ = &mut fresh_dir;
     }
 }
+
+/// The task that compacts on apply and a maintenance pass may ask at once: one compacts, the
+/// other finds it done, and what it did (over both runs, before and after the active segment
+/// closed) is what either reports for that point.
+#[test]
+fn a_compaction_point_is_compacted_to_once_and_its_outcome_reported_to_every_asker() {
+    // Eight keys written five times each, one record of ~330 bytes per entry, in 4 KiB segments.
+    let plan: Vec<EntryPlan> = (0..40u16)
+        .map(|i| Some(vec![((i % 8) as u8, Some(299 + 300 * i))]))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = replica(dir.path(), &plan, 4_096);
+    let p = log.partition();
+    let below = 40;
+    let point = CompactionPoint {
+        below,
+        now_ms: 50_000,
+    };
+    p.set_compaction_point(point);
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let askers: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| p.compact_to_point(0, false).unwrap()))
+            .collect();
+        askers.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    let done: Vec<_> = runs.iter().flatten().collect();
+    assert_eq!(done.len(), 1, "{runs:?}");
+    assert_eq!(p.compacted_to(point), Some(*done[0]));
+    // Asked again with nothing new closed: nothing to do, the outcome still reported.
+    assert_eq!(p.compact_to_point(0, false).unwrap(), None);
+    // The active segment closes: its records below the point are compacted too, and the
+    // point's outcome counts every record dropped, once.
+    p.roll().unwrap();
+    let second = p
+        .compact_to_point(0, false)
+        .unwrap()
+        .expect("the closed segment");
+    let total = p.compacted_to(point).unwrap();
+    let dropped = |o: &sluice::storage::CompactionOutcome| o.records_before - o.records_after;
+    assert_eq!(dropped(&total), dropped(done[0]) + dropped(&second));
+    assert_eq!(total.records_after, 8, "the newest record of each key");
+    assert_eq!(dropped(&total), 32);
+    assert_eq!(p.compacted_to(CompactionPoint { below, now_ms: 1 }), None);
+}

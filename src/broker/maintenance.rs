@@ -300,12 +300,21 @@ impl Decide<'_> {
     /// this one included, compacts to the latest point it has applied. A dry run counts what
     /// compacting to that point would drop.
     async fn compaction(&self, delete_retention_ms: u64) -> Result<Option<CompactionOutcome>> {
-        if !self.dry_run {
-            (self.cluster)
+        let proposed = !self.dry_run
+            && (self.cluster)
                 .compact(self.topic, self.handle, self.now, self.on_demand)
                 .await;
-        }
         let (h, dry_run) = (Arc::clone(self.handle), self.dry_run);
-        blocking(move || Ok(h.log.compact_to_point(delete_retention_ms, dry_run)?)).await
+        blocking(move || {
+            let outcome = h.log.compact_to_point(delete_retention_ms, dry_run)?;
+            // The point this pass proposed may have been compacted to already, on apply: its
+            // outcome is this pass's to report.
+            let point = h
+                .log
+                .compaction_point()
+                .filter(|_| proposed && outcome.is_none());
+            Ok(outcome.or_else(|| point.and_then(|p| h.log.compacted_to(p))))
+        })
+        .await
     }
 }

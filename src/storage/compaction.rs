@@ -87,6 +87,23 @@ pub struct CompactionOutcome {
     pub records_after: u64,
 }
 
+impl CompactionOutcome {
+    /// Two runs over the same partition, `self` then `next`, as one: from the first's before to
+    /// the second's after, every record either dropped counted once.
+    pub fn then(&self, next: &CompactionOutcome) -> CompactionOutcome {
+        let dropped = self.records_before.saturating_sub(self.records_after)
+            + next.records_before.saturating_sub(next.records_after);
+        CompactionOutcome {
+            segments_before: self.segments_before,
+            segments_after: next.segments_after,
+            bytes_before: self.bytes_before,
+            bytes_after: next.bytes_after,
+            records_before: next.records_after + dropped,
+            records_after: next.records_after,
+        }
+    }
+}
+
 fn cleaned_path(dir: &Path, base: u64) -> PathBuf {
     let mut p = segment_path(dir, base, FileKind::Log).into_os_string();
     p.push(".");

@@ -39,6 +39,9 @@ pub(super) struct PointState {
     /// The point last compacted to, and the base of the active segment then: batches below the
     /// point that were still in it are compacted once it has closed.
     done: Option<(CompactionPoint, u64)>,
+    /// What compacting to `done`'s point did, summed over its runs: reported to whoever asked
+    /// for that point, whichever caller ran it.
+    outcome: Option<CompactionOutcome>,
 }
 
 /// What retention deleted (or would delete, in a dry run).
@@ -181,6 +184,9 @@ impl Partition {
         delete_retention_ms: u64,
         dry_run: bool,
     ) -> Result<Option<CompactionOutcome>> {
+        // Checked and done under the maintenance lock: of two callers (the task that compacts
+        // on apply, a maintenance pass), one compacts and the other finds it done.
+        let _maintenance = self.shared.maintenance();
         let Some(point) = self.compaction_point() else {
             return Ok(None);
         };
@@ -198,11 +204,28 @@ impl Partition {
             segment_bytes: self.shared.config.segment_bytes,
             below: Some(point.below),
         };
-        let outcome = self.compact_keys_or_plan(&opts, dry_run)?;
+        let outcome = self.compact_locked(&opts, dry_run)?;
         if !dry_run {
-            self.shared.compaction_point().done = Some((point, active));
+            let mut state = self.shared.compaction_point();
+            let total = match state.outcome {
+                Some(before) if state.done.is_some_and(|(p, _)| p == point) => {
+                    before.then(&outcome)
+                }
+                _ => outcome,
+            };
+            state.done = Some((point, active));
+            state.outcome = Some(total);
         }
         Ok(Some(outcome))
+    }
+
+    /// What compacting to `point` did here, once done (by any caller).
+    pub fn compacted_to(&self, point: CompactionPoint) -> Option<CompactionOutcome> {
+        let state = self.shared.compaction_point();
+        match state.done {
+            Some((p, _)) if p == point => state.outcome,
+            _ => None,
+        }
     }
 
     fn compact_keys_or_plan(
@@ -210,8 +233,13 @@ impl Partition {
         opts: &CompactionOptions,
         dry_run: bool,
     ) -> Result<CompactionOutcome> {
-        use crate::storage::compaction::{KeyMap, clean_segment};
         let _maintenance = self.shared.maintenance();
+        self.compact_locked(opts, dry_run)
+    }
+
+    /// Compaction with the maintenance lock held by the caller.
+    fn compact_locked(&self, opts: &CompactionOptions, dry_run: bool) -> Result<CompactionOutcome> {
+        use crate::storage::compaction::{KeyMap, clean_segment};
         let segments = self.shared.segments();
         let mut out = CompactionOutcome {
             segments_before: segments.len(),
