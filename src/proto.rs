@@ -27,12 +27,17 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
 
 /// The protobuf codec of every service and client: prost's, except that a body that does not
-/// decode is `INVALID_ARGUMENT` (malformed input) rather than prost's `INTERNAL`.
+/// decode is `INVALID_ARGUMENT` (malformed input) rather than prost's `INTERNAL`, and that a
+/// message is encoded into a buffer reserved for its whole length at once (prost's encoder
+/// grows it as it writes: a replication request or a read of many batches was copied again
+/// at every doubling).
 pub mod codec {
     use std::marker::PhantomData;
 
     use tonic::Status;
-    use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder};
+    use tonic::codec::{
+        BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder, EncodeBuf, Encoder,
+    };
     use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
     #[derive(Debug, Clone)]
@@ -51,15 +56,33 @@ pub mod codec {
     {
         type Encode = T;
         type Decode = U;
-        type Encoder = ProstEncoder<T>;
+        type Encoder = Reserving<T>;
         type Decoder = MalformedIsInvalid<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
-            ProstCodec::<T, U>::default().encoder()
+            Reserving(ProstCodec::<T, U>::default().encoder())
         }
 
         fn decoder(&mut self) -> Self::Decoder {
             MalformedIsInvalid(ProstCodec::<T, U>::default().decoder())
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct Reserving<T>(ProstEncoder<T>);
+
+    impl<T: prost::Message> Encoder for Reserving<T> {
+        type Item = T;
+        type Error = Status;
+
+        fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.reserve(item.encoded_len());
+            item.encode(buf)
+                .map_err(|e| Status::internal(format!("cannot encode a message: {e}")))
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
         }
     }
 
