@@ -276,7 +276,9 @@ fn proposal(n: u64) -> Proposal {
         value: Some(Bytes::from(format!("message {n:06}"))),
         ..Record::default()
     };
-    Proposal::Records(EncodedBatch::new(&[record]).as_bytes().to_vec())
+    Proposal::Records(Bytes::copy_from_slice(
+        EncodedBatch::new(&[record]).as_bytes(),
+    ))
 }
 
 /// The leader every node in `among` agrees on, once they agree (a node cut off while it led
@@ -885,20 +887,49 @@ fn the_cluster_port_refuses_unknown_groups_and_malformed_messages_and_changes_no
             tonic::Code::InvalidArgument,
             "a vote without a vote"
         );
-        // A forwarded command that does not decode, at the leader: refused, nothing proposed.
+        // Forwarded proposals that are not one, at the leader: a command that does not decode,
+        // batches no Send encoded (garbage, a stored entry, records that do not parse, cut
+        // short). Each refused, nothing proposed.
         let leader_addr = cluster.router.grpc.as_ref().unwrap().addrs[&leader].clone();
         let leader_before = cluster.replicas[&leader].log.last_id().unwrap();
-        let err = pb::raft_client::RaftClient::connect(format!("http://{leader_addr}"))
+        let mut bad_records = EncodedBatch::new(&[Record {
+            value: Some(Bytes::from_static(b"0123456789")),
+            ..Record::default()
+        }])
+        .as_bytes()
+        .to_vec();
+        let n = bad_records.len();
+        bad_records[n - 12..].fill(0xff);
+        let proposal = EncodedBatch::new(&[Record::default()]).as_bytes().to_vec();
+        let cases: [(&str, Bytes, Option<Bytes>); 5] = [
+            (
+                "a command that does not decode",
+                Bytes::new(),
+                Some(Bytes::from_static(b"{\"op\":\"erase_everything\"}")),
+            ),
+            ("garbage", Bytes::from_static(b"not a batch at all"), None),
+            ("a stored entry", entry_bytes(99), None),
+            ("records that do not parse", bad_records.into(), None),
+            (
+                "a batch cut short",
+                Bytes::copy_from_slice(&proposal[..proposal.len() - 1]),
+                None,
+            ),
+        ];
+        let mut client = pb::raft_client::RaftClient::connect(format!("http://{leader_addr}"))
             .await
-            .unwrap()
-            .propose(pb::ProposeRequest {
-                group: GROUP.into(),
-                batch: Bytes::new(),
-                command: Some(Bytes::from_static(b"{\"op\":\"erase_everything\"}")),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+            .unwrap();
+        for (what, batch, command) in cases {
+            let err = client
+                .propose(pb::ProposeRequest {
+                    group: GROUP.into(),
+                    batch,
+                    command,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        }
         assert_eq!(
             cluster.replicas[&leader].log.last_id().unwrap(),
             leader_before

@@ -17,10 +17,10 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{Entry, EntryPayload, Membership, StorageError};
 use sluice::replication::catalog::Catalog;
 use sluice::replication::log_store::{batch_to_entry, entry_to_batch};
-use sluice::replication::types::log_id;
+use sluice::replication::types::{log_id, raft_id};
 use sluice::replication::{GroupStateMachine, LogStore, PartitionRaft, Proposal, StateMachine};
 use sluice::storage::raft_log::{RaftLog, StoredVote};
-use sluice::storage::record::RaftId;
+use sluice::storage::record::{BatchHeader, RaftId};
 use sluice::storage::{EncodedBatch, LogConfig, RealIo, Record};
 use tempfile::TempDir;
 
@@ -93,9 +93,9 @@ fn entry(term: u64, index: u64) -> Entry<PartitionRaft> {
         4 => EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1, 2, 3])], None)),
         n => {
             let records: Vec<Record> = (0..n).map(|k| message(index * 10 + k)).collect();
-            EntryPayload::Normal(Proposal::Records(
-                EncodedBatch::new(&records).as_bytes().to_vec(),
-            ))
+            EntryPayload::Normal(Proposal::Records(Bytes::copy_from_slice(
+                EncodedBatch::new(&records).as_bytes(),
+            )))
         }
     };
     Entry {
@@ -106,9 +106,9 @@ fn entry(term: u64, index: u64) -> Entry<PartitionRaft> {
 
 fn messages_in(e: &Entry<PartitionRaft>) -> u64 {
     match &e.payload {
-        EntryPayload::Normal(Proposal::Records(batch)) => EncodedBatch::from_encoded(batch.clone())
-            .expect("a proposal")
-            .record_count()
+        EntryPayload::Normal(Proposal::Records(batch)) => BatchHeader::of_entry(batch)
+            .expect("a proposal or a stored entry")
+            .record_count
             .into(),
         _ => 0,
     }
@@ -133,7 +133,22 @@ fn open(dir: &std::path::Path) -> LogStore {
 }
 
 async fn all_entries(store: &mut LogStore) -> Vec<Entry<PartitionRaft>> {
-    store.try_get_log_entries(0..u64::MAX).await.expect("read")
+    let entries = store.try_get_log_entries(0..u64::MAX).await.expect("read");
+    entries.into_iter().map(as_proposed).collect()
+}
+
+/// An entry read back carries its batch as stored (version 2, with its id and CRC); this is
+/// the proposal that was written, to compare with it.
+fn as_proposed(mut e: Entry<PartitionRaft>) -> Entry<PartitionRaft> {
+    if let EntryPayload::Normal(Proposal::Records(stored)) = &e.payload {
+        let batch = match sluice::storage::record::Batch::decode(stored) {
+            sluice::storage::record::Decoded::Valid(b) => b,
+            other => panic!("entry {} reads back as {other:?}", e.log_id),
+        };
+        assert_eq!(batch.header().raft, Some(raft_id(&e.log_id)));
+        e.payload = EntryPayload::Normal(Proposal::Records(batch.without_raft_id().into()));
+    }
+    e
 }
 
 #[test]
@@ -161,6 +176,7 @@ fn entries_read_back_as_written_across_segments_and_restarts() {
         assert_eq!(state.last_log_id, Some(written[119].log_id));
         for from in [1, 2, 39, 40, 41, 77, 119, 120] {
             let got = store.try_get_log_entries(from..from + 9).await.unwrap();
+            let got: Vec<_> = got.into_iter().map(as_proposed).collect();
             let want: Vec<_> = written
                 .iter()
                 .filter(|e| (from..from + 9).contains(&e.log_id.index))
@@ -225,7 +241,7 @@ fn readers_see_only_committed_messages_at_dense_offsets_and_never_raft_entries()
             .iter()
             .flat_map(|e| match &e.payload {
                 EntryPayload::Normal(Proposal::Records(batch)) => {
-                    let b = EncodedBatch::from_encoded(batch.clone()).unwrap();
+                    let b = EncodedBatch::from_encoded(batch.to_vec()).unwrap();
                     let mut sealed = b;
                     let bytes = Bytes::copy_from_slice(sealed.seal(0));
                     match sluice::storage::record::Batch::decode(&bytes) {
@@ -432,8 +448,12 @@ fn every_entry_kind_round_trips_through_its_batch() {
         assert_eq!(decoded.header().raft, Some(RaftId { term: 3, index: i }));
         let back = batch_to_entry(&decoded).unwrap();
         assert_eq!(back.log_id, e.log_id);
+        // A follower stores the entry it receives as the same bytes.
+        let mut again = entry_to_batch(&back).unwrap();
+        assert_eq!(again.seal(i * 100), &bytes[..], "entry {i} stored again");
         assert_eq!(
-            back.payload, e.payload,
+            as_proposed(back).payload,
+            e.payload,
             "entry {i}: what was proposed comes back"
         );
     }

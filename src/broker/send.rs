@@ -517,7 +517,7 @@ async fn propose_planned(
         let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
             forwarder
-                .propose(&raft, &group, Proposal::Records(bytes), deadline)
+                .propose(&raft, &group, Proposal::Records(bytes.into()), deadline)
                 .await
                 .map_err(|e| (what, e))
         });

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state_machine::GroupState;
 use crate::storage::TopicConfig;
-use crate::storage::record::{Batch, Decoded, EncodedBatch, Record};
+use crate::storage::record::{Batch, BatchHeader, Decoded, EncodedBatch, Record};
 
 /// A replicated topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,19 +86,28 @@ pub enum Command {
 
 impl Command {
     /// The proposal bytes that carry the command.
-    pub fn to_proposal(&self, timestamp: i64) -> Result<Vec<u8>, serde_json::Error> {
+    pub fn to_proposal(&self, timestamp: i64) -> Result<Bytes, serde_json::Error> {
         let record = Record {
             timestamp,
             value: Some(Bytes::from(serde_json::to_vec(self)?)),
             ..Record::default()
         };
-        Ok(EncodedBatch::new(&[record]).as_bytes().to_vec())
+        Ok(Bytes::copy_from_slice(
+            EncodedBatch::new(&[record]).as_bytes(),
+        ))
     }
 
     /// The command a proposal carries, or why it carries none.
-    pub fn from_proposal(proposal: &[u8]) -> Result<Command, String> {
-        let mut encoded = EncodedBatch::from_encoded(proposal.to_vec()).map_err(String::from)?;
-        let sealed = Bytes::copy_from_slice(encoded.seal(0));
+    pub fn from_proposal(proposal: &Bytes) -> Result<Command, String> {
+        // An entry as stored is sealed already; a proposal is sealed here to be decoded.
+        let sealed = match BatchHeader::of_entry(proposal).map_err(String::from)?.raft {
+            Some(_) => proposal.clone(),
+            None => {
+                let mut encoded =
+                    EncodedBatch::from_encoded(proposal.to_vec()).map_err(String::from)?;
+                Bytes::copy_from_slice(encoded.seal(0))
+            }
+        };
         let batch = match Batch::decode(&sealed) {
             Decoded::Valid(b) => b,
             Decoded::Torn { .. } => return Err("a torn proposal".into()),
@@ -117,7 +126,7 @@ impl Command {
 impl GroupState for Catalog {
     const LOG_IS_DATA: bool = false;
 
-    fn apply(&mut self, proposal: &[u8]) {
+    fn apply(&mut self, proposal: &Bytes) {
         let command = match Command::from_proposal(proposal) {
             Ok(c) => c,
             Err(why) => {
@@ -192,11 +201,17 @@ mod tests {
         };
         catalog.apply(&again.to_proposal(2).unwrap());
         assert_eq!(catalog.topics["epro"].config.partitions, 3);
+        // The entry as stored (read back from the log, or as a follower receives it) carries
+        // the same command.
+        let id = crate::storage::record::RaftId { term: 2, index: 9 };
+        let mut stored = EncodedBatch::from_entry(&again.to_proposal(2).unwrap(), id).unwrap();
+        let stored = Bytes::copy_from_slice(stored.seal(40));
+        assert_eq!(Command::from_proposal(&stored).unwrap(), again);
         // Not a command: nothing changes.
         let before = catalog.clone();
-        let other = EncodedBatch::new(&[Record::default()]).as_bytes().to_vec();
+        let other = Bytes::copy_from_slice(EncodedBatch::new(&[Record::default()]).as_bytes());
         catalog.apply(&other);
-        catalog.apply(b"junk");
+        catalog.apply(&Bytes::from_static(b"junk"));
         assert_eq!(catalog, before);
     }
 

@@ -30,9 +30,8 @@ pub fn entry_to_batch(entry: &Entry) -> Result<EncodedBatch, StorageError> {
     let subject = || ErrorSubject::Log(*entry.get_log_id());
     Ok(match &entry.payload {
         EntryPayload::Blank => EncodedBatch::control(id, ControlKind::Blank, &[], 0),
-        EntryPayload::Normal(Proposal::Records(batch)) => EncodedBatch::from_encoded(batch.clone())
-            .map_err(|why| storage_error(subject(), ErrorVerb::Write, why))?
-            .with_raft_id(id),
+        EntryPayload::Normal(Proposal::Records(batch)) => EncodedBatch::from_entry(batch, id)
+            .map_err(|why| storage_error(subject(), ErrorVerb::Write, why))?,
         EntryPayload::Normal(Proposal::Command(command)) => {
             let json = serde_json::to_vec(command)
                 .map_err(|e| storage_error(subject(), ErrorVerb::Write, e))?;
@@ -66,7 +65,9 @@ pub fn batch_to_entry(batch: &Batch) -> Result<Entry, StorageError> {
             serde_json::from_slice(&json)
                 .map_err(|e| storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, e))?,
         )),
-        None => EntryPayload::Normal(Proposal::Records(batch.without_raft_id())),
+        // The entry as stored, shared with the buffer it was read into: sending it to a
+        // follower or applying it copies nothing.
+        None => EntryPayload::Normal(Proposal::Records(batch.bytes().clone())),
     };
     Ok(Entry { log_id, payload })
 }

@@ -16,6 +16,7 @@ use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
 use super::write::{NOT_PROPOSED_METADATA, WriteError, known_leader, propose};
 use crate::proto::cluster as pb;
+use crate::storage::EncodedBatch;
 
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
 #[derive(Clone)]
@@ -211,7 +212,12 @@ impl pb::raft_server::Raft for RaftService {
                 serde_json::from_slice(json)
                     .map_err(|e| Status::invalid_argument(format!("a command: {e}")))?,
             ),
-            None => Proposal::Records(req.batch.to_vec()),
+            None => {
+                // A batch no Send encoded would reach the log: refused, nothing proposed.
+                EncodedBatch::check_proposal(&req.batch)
+                    .map_err(|why| Status::invalid_argument(format!("a batch: {why}")))?;
+                Proposal::Records(req.batch)
+            }
         };
         match propose(&raft, proposal, self.write_timeout, &self.peers).await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {

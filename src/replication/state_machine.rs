@@ -22,6 +22,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StoredMembership};
 use serde::de::DeserializeOwned;
@@ -54,13 +55,13 @@ pub trait GroupState:
 
     /// Applies one committed data entry (the proposal's bytes). Deterministic, and infallible:
     /// an entry it cannot use changes nothing, on every replica alike.
-    fn apply(&mut self, proposal: &[u8]);
+    fn apply(&mut self, proposal: &Bytes);
 }
 
 impl GroupState for () {
     const LOG_IS_DATA: bool = true;
 
-    fn apply(&mut self, _proposal: &[u8]) {}
+    fn apply(&mut self, _proposal: &Bytes) {}
 }
 
 /// The applied state: all a group's snapshot holds.
@@ -340,7 +341,7 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
                 }
                 EntryPayload::Normal(Proposal::Records(batch)) => {
                     // The header alone: applying reads no payload and copies nothing.
-                    let header = BatchHeader::of_proposal(batch).map_err(|why| {
+                    let header = BatchHeader::of_entry(batch).map_err(|why| {
                         storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, why)
                     })?;
                     let base = self.content.next_offset;

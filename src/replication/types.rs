@@ -3,6 +3,7 @@
 //! Standard Raft's one leader per term (openraft's `single-term-leader`): an entry's id is its
 //! term and index, the two numbers a version 2 batch stores.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::storage::record::RaftId;
@@ -11,8 +12,10 @@ use crate::storage::record::RaftId;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Proposal {
     /// One Send's records, encoded once by the leader as a version 1 batch (the bytes every
-    /// replica stores, with the entry's id added). Takes as many offsets as it has records.
-    Records(Vec<u8>),
+    /// replica stores, with the entry's id added); read back from a log or received by a
+    /// follower, the entry as stored (version 2, its id in it), shared rather than copied.
+    /// Takes as many offsets as it has records.
+    Records(Bytes),
     /// A decision about the partition as a whole, stored as a control entry: no offsets.
     Command(GroupCommand),
 }

@@ -6,12 +6,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{LeaderId, Vote};
+use openraft::{EntryPayload, LeaderId, Vote};
 
 use super::log_store::{batch_to_entry, entry_to_batch};
+use super::types::Proposal;
 use super::types::{LogId, PartitionRaft, log_id, raft_id};
 use crate::proto::cluster as pb;
-use crate::storage::record::{Batch, Decoded};
+use crate::storage::record::{Batch, BatchHeader, Decoded};
 
 /// The largest message on the cluster port: an AppendEntries carries entries up to
 /// [`READ_BYTES`](super::log_store::READ_BYTES) and always at least one, which may be a batch of
@@ -75,8 +76,15 @@ pub fn append_to_pb(
 ) -> Result<pb::AppendEntriesRequest, Malformed> {
     let mut entries = Vec::with_capacity(rpc.entries.len());
     for e in &rpc.entries {
+        // An entry read from the log goes as it is stored, CRC and all (the receiving writer
+        // stamps its offset and CRC again); any other is encoded and sealed at offset 0.
+        if let EntryPayload::Normal(Proposal::Records(stored)) = &e.payload
+            && BatchHeader::of_entry(stored).is_ok_and(|h| h.raft == Some(raft_id(&e.log_id)))
+        {
+            entries.push(stored.clone());
+            continue;
+        }
         let mut batch = entry_to_batch(e).map_err(|e| Malformed(e.to_string()))?;
-        // Sealed at offset 0: the receiving writer stamps the offset and the CRC again.
         entries.push(Bytes::copy_from_slice(batch.seal(0)));
     }
     Ok(pb::AppendEntriesRequest {

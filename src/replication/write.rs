@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::transport::Channel;
@@ -226,13 +227,13 @@ impl Forwarder {
         let (batch, command) = match proposal {
             Proposal::Records(batch) => (batch.clone(), None),
             Proposal::Command(command) => match serde_json::to_vec(command) {
-                Ok(json) => (Vec::new(), Some(json.into())),
+                Ok(json) => (Bytes::new(), Some(json.into())),
                 Err(e) => return Forwarded::Answer(Err(WriteError::Stopped(e.to_string()))),
             },
         };
         let mut request = tonic::Request::new(pb::ProposeRequest {
             group: group.to_string(),
-            batch: batch.into(),
+            batch,
             command,
         });
         request.set_timeout(deadline);

@@ -252,6 +252,36 @@ impl EncodedBatch {
         Ok(EncodedBatch { buf })
     }
 
+    /// A Raft entry's payload (see [`BatchHeader::of_entry`]) as the batch that stores entry
+    /// `id`: a proposal gets the id; an entry as stored must carry it already, and is copied
+    /// as it is (the writer stamps the offset and the CRC again).
+    pub fn from_entry(buf: &[u8], id: RaftId) -> Result<Self, &'static str> {
+        let header = BatchHeader::of_entry(buf)?;
+        match header.raft {
+            None => Ok(Self::from_encoded(buf.to_vec())?.with_raft_id(id)),
+            Some(stored) if stored == id && !header.is_control() => {
+                Ok(EncodedBatch { buf: buf.to_vec() })
+            }
+            Some(_) => Err("a stored entry under another entry's id"),
+        }
+    }
+
+    /// Whether `buf` is a proposal whose every record parses: what a node checks before it
+    /// proposes a batch another node forwarded (the CRC is not set yet, so it proves nothing).
+    pub fn check_proposal(buf: &Bytes) -> Result<(), &'static str> {
+        let header = BatchHeader::of_proposal(buf)?;
+        let records = Records {
+            header,
+            buf: buf.clone(),
+            pos: header.records_start(),
+            left: header.record_count,
+        };
+        for r in records {
+            r?;
+        }
+        Ok(())
+    }
+
     /// What compaction leaves of a Raft entry it emptied: no records, the same offsets and
     /// timestamps (version 1 here; [`EncodedBatch::with_raft_id`] makes it the entry).
     pub fn emptied(last_offset_delta: u32, first_timestamp: i64, max_timestamp: i64) -> Self {
@@ -468,6 +498,17 @@ impl BatchHeader {
         match BatchHeader::parse(buf) {
             Decoded::Valid(h) if h.size == buf.len() && h.raft.is_none() => Ok(h),
             Decoded::Valid(_) => Err("not a whole version 1 batch"),
+            Decoded::Torn { .. } => Err("batch cut short"),
+            Decoded::Corrupt(why) => Err(why),
+        }
+    }
+
+    /// The header of a Raft entry's payload as it travels: a proposal (a whole version 1
+    /// batch) or the entry as stored (a whole version 2 batch).
+    pub fn of_entry(buf: &[u8]) -> Result<BatchHeader, &'static str> {
+        match BatchHeader::parse(buf) {
+            Decoded::Valid(h) if h.size == buf.len() => Ok(h),
+            Decoded::Valid(_) => Err("not a whole batch"),
             Decoded::Torn { .. } => Err("batch cut short"),
             Decoded::Corrupt(why) => Err(why),
         }
