@@ -1074,10 +1074,17 @@ fn host_name(host: &str) -> String {
 }
 
 /// Whether a connection to the cluster port comes from a peer's address; others are closed
-/// at once, and said in the log.
+/// at once, and said in the log. A peer's is set to send without delay: with Nagle's
+/// algorithm, the last frames of an answer waited for the peer's delayed ACK of the first
+/// (a lone producer's p99.9 was 44 ms in a cluster, 1.6 ms on one node).
 fn from_peer(stream: &tokio::net::TcpStream, peers: &HashSet<IpAddr>) -> bool {
     match stream.peer_addr() {
-        Ok(addr) if peers.contains(&canonical(addr.ip())) => true,
+        Ok(addr) if peers.contains(&canonical(addr.ip())) => {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(from = %addr, error = %e, "cluster port: cannot set TCP_NODELAY");
+            }
+            true
+        }
         Ok(addr) => {
             tracing::warn!(from = %addr, "cluster port: connection from an address that is not a peer's, closed");
             false
