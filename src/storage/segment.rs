@@ -17,9 +17,10 @@
 //! the bytes below `visible_len` and the offsets below `next_offset`, both published by the
 //! writer with `Release` after the bytes are durable under the partition's fsync policy.
 //! A Raft log's entries are read up to `written_len` instead, published as soon as the bytes are
-//! written: a leader sends its followers entries while its own `fdatasync` of them runs (Raft
-//! counts the leader's copy toward a quorum only once that sync is done; readers of messages
-//! never see past `visible_len`).
+//! written, so a replication stream never finds fewer entries than it was told to send (Raft
+//! counts the leader's copy toward a quorum only once its sync is done; readers of messages
+//! never see past `visible_len`). openraft 0.9 itself starts replicating an entry only once the
+//! leader's append is durable (docs/replication.md, "Where fsync happens").
 //!
 //! Over 450 lines with one job: a segment file and its two indexes, open to close.
 
