@@ -576,7 +576,9 @@ impl Cluster {
             offset,
         };
         Ok(self.propose(topic, handle, command).await
-            && self.applied_here(|| log.log_start() >= offset).await)
+            && self
+                .applied_here(handle, || log.log_start() >= offset)
+                .await)
     }
 
     /// Key compaction of a partition: proposes that every replica compacts the messages below
@@ -603,7 +605,7 @@ impl Cluster {
         }
         let command = crate::replication::GroupCommand::Compact { below, now_ms };
         let applied = || log.compaction_point().is_some_and(|p| p.below >= below);
-        self.propose(topic, handle, command).await && self.applied_here(applied).await
+        self.propose(topic, handle, command).await && self.applied_here(handle, applied).await
     }
 
     fn leads(&self, handle: &PartitionHandle) -> bool {
@@ -638,16 +640,25 @@ impl Cluster {
     }
 
     /// Waits, up to the write timeout, until `done` (a command committed through the leader
-    /// is applied here soon after: the leader tells this node the new commit point).
-    async fn applied_here(&self, done: impl Fn() -> bool) -> bool {
-        let until = tokio::time::Instant::now() + self.write_timeout;
-        while !done() {
-            if tokio::time::Instant::now() >= until {
-                return false;
+    /// is applied here soon after: the leader tells this node the new commit point). Looked at
+    /// again each time the partition's group reports progress (its metrics change once an
+    /// entry is applied), not on a timer.
+    async fn applied_here(&self, handle: &PartitionHandle, done: impl Fn() -> bool) -> bool {
+        let Some(raft) = handle.replica.get() else {
+            return done();
+        };
+        let mut progress = raft.metrics();
+        let wait = async {
+            while !done() {
+                if progress.changed().await.is_err() {
+                    return done(); // the group stopped
+                }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+            true
+        };
+        tokio::time::timeout(self.write_timeout, wait)
+            .await
+            .unwrap_or(false)
     }
 
     /// Brings this node's topics in line with the catalog each time it changes (and again
