@@ -51,7 +51,6 @@ impl RaftNetworkFactory<PartitionRaft> for GrpcNetwork {
             reachable: true,
             commit_sent: None,
             busy_at: std::time::Instant::now(),
-            group_missing: false,
         }
     }
 }
@@ -73,8 +72,6 @@ pub struct GrpcLink {
     /// idle for a while are coalesced (openraft sends one message at a time to a follower, so an
     /// entry proposed meanwhile would wait behind a heartbeat in its window).
     busy_at: std::time::Instant,
-    /// Whether the peer's last answer was that it has no such group (yet).
-    group_missing: bool,
 }
 
 /// How many heartbeat deadlines a group must have been idle before its heartbeats are coalesced.
@@ -139,19 +136,13 @@ impl GrpcLink {
 }
 
 impl RaftNetwork<PartitionRaft> for GrpcLink {
-    /// Waits after a peer was unreachable, until a call succeeds. A peer that has not started
-    /// the group yet (a topic just created) is tried every 10 ms for half a second, so it
-    /// joins within milliseconds of starting it; a peer that is down, after 25 ms doubling to
-    /// every half second (openraft's own interval). Either way at most every half second
-    /// after that.
+    /// Waits after a peer was unreachable, until a call succeeds: short at first (a peer
+    /// creating a group answers within milliseconds), then every half second (openraft's own
+    /// interval) for a peer that is down.
     fn backoff(&self) -> openraft::network::Backoff {
-        let half_second = std::iter::repeat(Duration::from_millis(500));
-        if self.group_missing {
-            let soon = std::iter::repeat_n(Duration::from_millis(10), 50);
-            return openraft::network::Backoff::new(soon.chain(half_second));
-        }
         let first = [25, 50, 100, 200].map(Duration::from_millis);
-        openraft::network::Backoff::new(first.into_iter().chain(half_second))
+        let then = std::iter::repeat(Duration::from_millis(500));
+        openraft::network::Backoff::new(first.into_iter().chain(then))
     }
 
     async fn append_entries(
@@ -170,13 +161,12 @@ impl RaftNetwork<PartitionRaft> for GrpcLink {
             self.peers
                 .heartbeat(&self.addr, message, option.hard_ttl())
                 .await
+                .map_err(status_error)
         } else {
             let request = self.request(message, &option);
             let r = self.client()?.append_entries(request).await;
-            r.map(tonic::Response::into_inner)
+            r.map(tonic::Response::into_inner).map_err(status_error)
         };
-        self.group_missing = matches!(&response, Err(s) if s.code() == tonic::Code::NotFound);
-        let response = response.map_err(status_error);
         self.note(&response);
         let response = wire::append_response_from_pb(response?).map_err(malformed)?;
         self.commit_sent = match response {
