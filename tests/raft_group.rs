@@ -1011,30 +1011,3 @@ fn heartbeats_of_many_groups_to_one_node_travel_as_one_call_each_with_its_own_an
         );
     });
 }
-
-/// A node that has not joined a group yet (a topic just created, its group still starting
-/// there) answers `NOT_FOUND`; to openraft that peer is unreachable, so it waits before sending
-/// again ([`GrpcLink`]'s backoff) instead of resending at once: it sent 1,400 entries in
-/// 330 ms to such a peer, each refused and logged twice.
-#[test]
-fn a_peer_without_the_group_yet_is_unreachable_so_the_leader_backs_off() {
-    runtime().block_on(async {
-        let router = Router::over_grpc().await;
-        let node = router.node(3);
-        let mut link = GrpcNetwork::new(GROUP, Peers::default())
-            .new_client(3, &node)
-            .await;
-        let rpc = AppendEntriesRequest {
-            vote: openraft::Vote::new_committed(1, 1),
-            prev_log_id: None,
-            entries: Vec::new(),
-            leader_commit: None,
-        };
-        let option = RPCOption::new(Duration::from_secs(5));
-        let refused = link.append_entries(rpc, option).await.unwrap_err();
-        assert!(matches!(refused, RPCError::Unreachable(_)), "{refused:?}");
-        let waits: Vec<Duration> = link.backoff().take(6).collect();
-        assert!(waits.iter().all(|w| !w.is_zero()), "{waits:?}");
-        router.stop_servers();
-    });
-}

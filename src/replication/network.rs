@@ -10,8 +10,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use std::time::Duration;
-
 use tonic::transport::Channel;
 
 use super::peers::Peers;
@@ -81,16 +79,12 @@ fn unreachable(e: &(impl std::error::Error + 'static)) -> Unreachable {
     Unreachable::new(e)
 }
 
-/// A failed call: a peer that cannot be reached, or that has not joined the group yet (a topic
-/// just created: `NOT_FOUND`), is `Unreachable`, so openraft backs off ([`GrpcLink::backoff`])
-/// instead of sending again at once (it sent 1,400 entries in 330 ms to a peer still creating
-/// the group, each refused and logged twice).
+/// A failed call: a peer that cannot be reached is `Unreachable`, so openraft backs off.
 fn status_error<E: std::error::Error>(status: tonic::Status) -> RpcError<E> {
     match status.code() {
-        tonic::Code::Unavailable
-        | tonic::Code::DeadlineExceeded
-        | tonic::Code::Cancelled
-        | tonic::Code::NotFound => RPCError::Unreachable(unreachable(&status)),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(unreachable(&status))
+        }
         _ => RPCError::Network(NetworkError::new(&status)),
     }
 }
@@ -136,15 +130,6 @@ impl GrpcLink {
 }
 
 impl RaftNetwork<PartitionRaft> for GrpcLink {
-    /// Waits after a peer was unreachable, until a call succeeds: short at first (a peer
-    /// creating a group answers within milliseconds), then every half second (openraft's own
-    /// interval) for a peer that is down.
-    fn backoff(&self) -> openraft::network::Backoff {
-        let first = [25, 50, 100, 200].map(Duration::from_millis);
-        let then = std::iter::repeat(Duration::from_millis(500));
-        openraft::network::Backoff::new(first.into_iter().chain(then))
-    }
-
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<PartitionRaft>,
