@@ -307,13 +307,12 @@ impl Decide<'_> {
         let (h, dry_run) = (Arc::clone(self.handle), self.dry_run);
         blocking(move || {
             let outcome = h.log.compact_to_point(delete_retention_ms, dry_run)?;
+            if outcome.is_some() || !proposed {
+                return Ok(outcome);
+            }
             // The point this pass proposed may have been compacted to already, on apply: its
             // outcome is this pass's to report.
-            let point = h
-                .log
-                .compaction_point()
-                .filter(|_| proposed && outcome.is_none());
-            Ok(outcome.or_else(|| point.and_then(|p| h.log.compacted_to(p))))
+            Ok(h.log.compaction_point().and_then(|p| h.log.compacted_to(p)))
         })
         .await
     }

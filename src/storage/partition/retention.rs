@@ -36,12 +36,11 @@ pub struct CompactionPoint {
 #[derive(Debug, Default)]
 pub(super) struct PointState {
     point: Option<CompactionPoint>,
-    /// The point last compacted to, and the base of the active segment then: batches below the
-    /// point that were still in it are compacted once it has closed.
-    done: Option<(CompactionPoint, u64)>,
-    /// What compacting to `done`'s point did, summed over its runs: reported to whoever asked
-    /// for that point, whichever caller ran it.
-    outcome: Option<CompactionOutcome>,
+    /// The point last compacted to, the base of the active segment then (batches below the
+    /// point that were still in it are compacted once it has closed), and what compacting to
+    /// that point did, summed over its runs: reported to whoever asked for that point,
+    /// whichever caller ran it.
+    done: Option<(CompactionPoint, u64, CompactionOutcome)>,
 }
 
 /// What retention deleted (or would delete, in a dry run).
@@ -195,7 +194,7 @@ impl Partition {
         }
         let active = self.segments().last().map_or(0, |s| s.base_offset());
         let done = self.shared.compaction_point().done;
-        if done.is_some_and(|(p, a)| p == point && (a == active || a >= point.below)) {
+        if done.is_some_and(|(p, a, _)| p == point && (a == active || a >= point.below)) {
             return Ok(None);
         }
         let opts = CompactionOptions {
@@ -207,23 +206,19 @@ impl Partition {
         let outcome = self.compact_locked(&opts, dry_run)?;
         if !dry_run {
             let mut state = self.shared.compaction_point();
-            let total = match state.outcome {
-                Some(before) if state.done.is_some_and(|(p, _)| p == point) => {
-                    before.then(&outcome)
-                }
+            let total = match state.done {
+                Some((p, _, before)) if p == point => before.then(&outcome),
                 _ => outcome,
             };
-            state.done = Some((point, active));
-            state.outcome = Some(total);
+            state.done = Some((point, active, total));
         }
         Ok(Some(outcome))
     }
 
     /// What compacting to `point` did here, once done (by any caller).
     pub fn compacted_to(&self, point: CompactionPoint) -> Option<CompactionOutcome> {
-        let state = self.shared.compaction_point();
-        match state.done {
-            Some((p, _)) if p == point => state.outcome,
+        match self.shared.compaction_point().done {
+            Some((p, _, outcome)) if p == point => Some(outcome),
             _ => None,
         }
     }
