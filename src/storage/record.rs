@@ -495,11 +495,9 @@ impl BatchHeader {
 
     /// The header of a proposal: a whole version 1 batch as [`EncodedBatch::new`] made it.
     pub fn of_proposal(buf: &[u8]) -> Result<BatchHeader, &'static str> {
-        match BatchHeader::parse(buf) {
-            Decoded::Valid(h) if h.size == buf.len() && h.raft.is_none() => Ok(h),
-            Decoded::Valid(_) => Err("not a whole version 1 batch"),
-            Decoded::Torn { .. } => Err("batch cut short"),
-            Decoded::Corrupt(why) => Err(why),
+        match BatchHeader::of_entry(buf)? {
+            h if h.raft.is_none() => Ok(h),
+            _ => Err("not a whole version 1 batch"),
         }
     }
 
