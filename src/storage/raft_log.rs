@@ -128,6 +128,11 @@ impl RaftMeta {
     }
 }
 
+/// Bytes of its newest entries a Raft log keeps in memory as written: each entry is read back
+/// once per follower (on the leader) and once to apply it, mostly right after it is written, and
+/// these reads then copy nothing. Enough for the entries of a few group commits of large batches.
+pub const KEEP_WRITTEN_BYTES: usize = 8 << 20;
+
 /// Reads a partition's entries by Raft index; shares the open partition with its [`RaftLog`],
 /// so any number of readers run beside the writer.
 #[derive(Debug, Clone)]
@@ -232,6 +237,7 @@ impl RaftLog {
     /// committed.
     pub fn on(partition: Arc<Partition>, io: Arc<dyn FileIo>) -> Result<RaftLog> {
         partition.limit_reads_to(0);
+        partition.keep_written(KEEP_WRITTEN_BYTES);
         let dir = partition.dir().to_path_buf();
         let meta = read_meta(&dir)?;
         let reader = RaftLogReader {

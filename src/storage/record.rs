@@ -395,6 +395,18 @@ impl EncodedBatch {
         &self.buf
     }
 
+    /// The batch as written, once sealed (`None` if its header does not parse, which a sealed
+    /// batch's always does): its buffer becomes the batch's, uncopied.
+    pub(crate) fn into_written(self) -> Option<Batch> {
+        let Decoded::Valid(header) = BatchHeader::parse(&self.buf) else {
+            return None;
+        };
+        Some(Batch {
+            header,
+            bytes: Bytes::from(self.buf),
+        })
+    }
+
     /// Stamps the base offset and the CRC; the bytes are then final.
     pub fn seal(&mut self, base_offset: u64) -> &[u8] {
         self.buf[BASE_OFFSET_OFFSET..LAST_OFFSET_DELTA_OFFSET]

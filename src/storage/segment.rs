@@ -24,11 +24,13 @@
 //!
 //! Over 450 lines with one job: a segment file and its two indexes, open to close.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
@@ -130,6 +132,78 @@ pub struct Segment {
     written_len: AtomicU64,
     next_offset: AtomicU64,
     max_timestamp: AtomicI64,
+    /// The newest batches written here, as written, for [`Segment::batch_at`]: a Raft log's
+    /// replication and apply read each entry right after it is written, once per follower and
+    /// once more to apply, and take it from here without a read or a CRC check. Empty unless
+    /// the writer keeps them ([`Segment::keep_written`]).
+    recent: Mutex<Recent>,
+}
+
+/// Bytes kept by [`Segment::keep_written`] in all the segments of this process: at most
+/// [`KEPT_BYTES_BUDGET`]. A batch that would go past it is not kept (its readers read it from
+/// the file, as they would without keeping).
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes all segments of a process keep in memory as written.
+pub const KEPT_BYTES_BUDGET: usize = 256 << 20;
+
+/// Batches by position, oldest first, and their total size.
+#[derive(Debug, Default)]
+struct Recent {
+    batches: VecDeque<(u64, Batch)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn get(&self, pos: u64) -> Option<Batch> {
+        let i = self.batches.binary_search_by_key(&pos, |(p, _)| *p).ok()?;
+        Some(self.batches[i].1.clone())
+    }
+
+    /// Keeps `batch` unless the process-wide budget is spent.
+    fn push(&mut self, pos: u64, batch: Batch) {
+        let n = batch.bytes().len();
+        let reserved = KEPT_BYTES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+            (kept + n <= KEPT_BYTES_BUDGET).then_some(kept + n)
+        });
+        if reserved.is_ok() {
+            self.bytes += n;
+            self.batches.push_back((pos, batch));
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, b)) = self.batches.pop_front() {
+            self.release(b.bytes().len());
+        }
+    }
+
+    fn cut_at(&mut self, len: u64) {
+        while let Some((pos, b)) = self.batches.back() {
+            if *pos < len {
+                break;
+            }
+            let n = b.bytes().len();
+            self.batches.pop_back();
+            self.release(n);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+        self.release(self.bytes);
+    }
+
+    fn release(&mut self, n: usize) {
+        self.bytes -= n;
+        KEPT_BYTES.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl Segment {
@@ -173,6 +247,7 @@ impl Segment {
             written_len: AtomicU64::new(LOG_HEADER_LEN),
             next_offset: AtomicU64::new(base_offset),
             max_timestamp: AtomicI64::new(i64::MIN),
+            recent: Mutex::default(),
         })
     }
 
@@ -257,6 +332,7 @@ impl Segment {
             written_len: AtomicU64::new(len),
             next_offset: AtomicU64::new(base_offset),
             max_timestamp: AtomicI64::new(i64::MIN),
+            recent: Mutex::default(),
         };
         Ok((segment, index_ok))
     }
@@ -304,6 +380,34 @@ impl Segment {
     /// Publishes what the writer has written (not yet durable): Raft log entries only.
     pub(crate) fn note_written(&self, len: u64) {
         self.written_len.store(len, Ordering::Release);
+    }
+
+    /// Keeps batches just written (at increasing positions, below `written_len`) for
+    /// [`Segment::batch_at`], dropping the oldest kept ones beyond `max_bytes` in all (and
+    /// keeping none past the process's [`KEPT_BYTES_BUDGET`]).
+    pub(crate) fn keep_written(
+        &self,
+        written: impl IntoIterator<Item = (u64, Batch)>,
+        max_bytes: usize,
+    ) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for (pos, batch) in written {
+            let n = batch.bytes().len();
+            while recent.bytes + n > max_bytes && !recent.batches.is_empty() {
+                recent.pop_front();
+            }
+            if n <= max_bytes {
+                recent.push(pos, batch);
+            }
+        }
+    }
+
+    /// Drops the batches kept by [`Segment::keep_written`] (the segment is no longer written).
+    pub(crate) fn forget_written(&self) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Size of the log on disk as readers see it.
@@ -362,6 +466,14 @@ impl Segment {
     /// The whole, CRC-checked batch at `pos`, a batch boundary below `written_len` (a Raft log
     /// reads its entries by position).
     pub fn batch_at(&self, pos: u64) -> Result<Batch> {
+        let kept = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pos);
+        if let Some(batch) = kept {
+            return Ok(batch);
+        }
         let header = self.batch_header_at(pos)?;
         if pos + header.size as u64 > self.written_len() {
             return Err(Error::corrupt(
@@ -553,6 +665,10 @@ impl Segment {
     /// synced: should a crash undo the cut, the next recovery cuts the same bytes again, and the
     /// first sync of an append written at `len` makes the new length durable with it.
     pub(crate) fn truncate_log(&self, len: u64, io: &dyn FileIo) -> Result<()> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cut_at(len);
         io.set_len(&self.log_path, &self.log, len)
             .map_err(|e| Error::io(&self.log_path, e))?;
         self.visible_len.store(len, Ordering::Release);
@@ -614,5 +730,50 @@ mod tests {
             None
         );
         assert_eq!(parse_segment_file_name("checkpoint"), None);
+    }
+
+    /// A batch of `n` one-byte-valued records, sealed at `base` as the writer would.
+    fn written(n: usize, base: u64) -> Batch {
+        let records: Vec<_> = (0..n)
+            .map(|i| crate::storage::record::Record {
+                value: Some(Bytes::from(vec![i as u8; 100])),
+                ..Default::default()
+            })
+            .collect();
+        let mut batch = crate::storage::record::EncodedBatch::new(&records);
+        batch.seal(base);
+        batch.into_written().unwrap()
+    }
+
+    #[test]
+    fn a_segment_keeps_its_newest_written_batches_up_to_its_limit_and_forgets_them_when_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 0, 64, &crate::storage::io::RealIo).unwrap();
+        let batches: Vec<(u64, Batch)> = (0..10u64)
+            .map(|i| (LOG_HEADER_LEN + i * 10_000, written(3, i * 3)))
+            .collect();
+        let size = batches[0].1.bytes().len();
+        // Room for four of them: the last four are kept, the older ones are not served from
+        // memory (the file holds nothing, so reading them fails).
+        seg.keep_written(batches.clone(), 4 * size + size / 2);
+        for (i, (pos, batch)) in batches.iter().enumerate() {
+            match seg.batch_at(*pos) {
+                Ok(kept) => {
+                    assert!(i >= 6, "batch {i} kept past the limit");
+                    assert_eq!(kept.bytes(), batch.bytes());
+                }
+                Err(_) => assert!(i < 6, "batch {i} not kept"),
+            }
+        }
+        // A cut at the eighth forgets it and the later ones; a larger batch than the limit is
+        // never kept.
+        seg.recent.lock().unwrap().cut_at(batches[7].0);
+        assert!(seg.batch_at(batches[7].0).is_err());
+        assert!(seg.batch_at(batches[6].0).is_ok());
+        seg.keep_written([(LOG_HEADER_LEN + 200_000, written(50, 30))], 4 * size);
+        assert!(seg.batch_at(LOG_HEADER_LEN + 200_000).is_err());
+        seg.forget_written();
+        assert!(seg.batch_at(batches[6].0).is_err());
+        assert_eq!(seg.recent.lock().unwrap().bytes, 0);
     }
 }

@@ -35,7 +35,7 @@ mod retention;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::Duration;
 
@@ -166,6 +166,9 @@ struct Shared {
     polling: AtomicBool,
     /// How long the last successful fdatasync took, in microseconds.
     last_sync_micros: AtomicU64,
+    /// Bytes of its newest batches the active segment keeps in memory as written (see
+    /// [`Partition::keep_written`]); 0 keeps none.
+    keep_written: AtomicUsize,
     metrics: PartitionMetrics,
     listener: Option<Listener>,
     /// Serialises retention and compaction of this partition.
@@ -272,6 +275,7 @@ impl Partition {
             appends: AtomicU64::new(0),
             polling: AtomicBool::new(false),
             last_sync_micros: AtomicU64::new(0),
+            keep_written: AtomicUsize::new(0),
             metrics: PartitionMetrics {
                 records: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
@@ -355,6 +359,13 @@ impl Partition {
             .high_water
             .load(Ordering::Acquire)
             .min(self.shared.read_limit.load(Ordering::Acquire))
+    }
+
+    /// The active segment keeps up to `max_bytes` of the batches written last in memory, as
+    /// written, for [`Segment::batch_at`] (a Raft log reads each entry back right after writing
+    /// it: to send it to every follower and to apply it). Dropped when the segment rolls.
+    pub fn keep_written(&self, max_bytes: usize) {
+        self.shared.keep_written.store(max_bytes, Ordering::Relaxed);
     }
 
     /// Readers see no offset at or past `offset` from now on (a replicated partition's commit

@@ -253,6 +253,7 @@ impl Writer {
                     .fetch_add(self.staged_bytes as u64, Ordering::Relaxed);
                 self.state.len = end;
                 active.note_written(end);
+                self.keep_written(sh, pos);
                 self.file_len = self.file_len.max(end + zeros);
                 self.unsynced.append(&mut self.buffered);
             }
@@ -274,6 +275,21 @@ impl Writer {
         }
         self.staged.clear();
         self.staged_bytes = 0;
+    }
+
+    /// Hands the staged batches, just written from `pos` on, to the active segment to keep
+    /// (when the partition keeps any: [`super::Partition::keep_written`]).
+    fn keep_written(&mut self, sh: &Shared, mut pos: u64) {
+        let max_bytes = sh.keep_written.load(Ordering::Relaxed);
+        if max_bytes == 0 {
+            return;
+        }
+        let written = self.staged.drain(..).filter_map(|batch| {
+            let at = pos;
+            pos += batch.len() as u64;
+            Some((at, batch.into_written()?))
+        });
+        self.active.keep_written(written, max_bytes);
     }
 
     /// Makes written batches durable as the policy asks, publishes them and completes them.
@@ -424,6 +440,7 @@ impl Writer {
         let new = Arc::new(new);
         new.publish(LOG_HEADER_LEN, next, i64::MIN);
         sh.set_segments(|list| list.push(Arc::clone(&new)));
+        seg.forget_written();
         self.active = new;
         self.state = ActiveState::empty(next);
         self.state.indexer.interval = u64::from(sh.config.index_interval_bytes);
@@ -441,6 +458,7 @@ impl Writer {
     /// a clean open.
     pub(super) fn close(&mut self, sh: &Shared) -> Result<()> {
         self.flush(sh);
+        self.active.forget_written();
         if self.synced_len < self.state.len {
             self.sync(sh)?;
         }
