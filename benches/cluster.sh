@@ -16,7 +16,8 @@
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
 #        [ONLY="lone batched failover burst idle", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
-# SLUICE_CLUSTER_HEARTBEAT_MS from the environment.
+# SLUICE_CLUSTER_HEARTBEAT_MS from the environment. CENV="NAME=value ..." is passed to the three
+# cluster nodes only (an A/B of one setting against the single node's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
@@ -89,7 +90,7 @@ peers="[\"1@127.0.0.1:$p1\",\"2@127.0.0.1:$p2\",\"3@127.0.0.1:$p3\"]"
 addrs=()
 cpids=()
 for i in 1 2 3; do
-  start "$root/node$i" SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers"
+  start "$root/node$i" SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers" ${CENV:-}
   addrs+=("$addr")
   cpids+=("$pid")
 done

@@ -50,11 +50,56 @@ impl From<&Config> for Settings {
             retention_check_ms: c.retention_check_ms,
             send_spin_us: c.send_spin_us,
             audit_retention_ms: c.auth.audit_retention_ms,
-            log: c.log.clone(),
+            log: LogConfig {
+                // A replicated partition's next entry follows a round trip to a follower, longer
+                // than any polling window: its writer would poll in vain (docs/storage.md).
+                writer_spin_us: if c.cluster.enabled() {
+                    0
+                } else {
+                    c.log.writer_spin_us
+                },
+                ..c.log.clone()
+            },
             groups: c.groups.clone(),
             // Checked by `Config::sanitize` before the broker is built.
             cluster: c.cluster.members().ok().flatten(),
             cluster_tls: c.tls.enabled().then(|| c.tls.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::config::ClusterConfig;
+
+    #[test]
+    fn writers_poll_for_a_lone_producer_on_a_single_node_and_never_in_a_cluster() {
+        let single = Config::default();
+        assert_eq!(
+            Settings::from(&single).log.writer_spin_us,
+            LogConfig::default().writer_spin_us
+        );
+        let clustered = Config {
+            cluster: ClusterConfig {
+                node_id: 1,
+                peers: ["1@127.0.0.1:7170", "2@127.0.0.1:7171", "3@127.0.0.1:7172"]
+                    .map(String::from)
+                    .to_vec(),
+                ..ClusterConfig::default()
+            },
+            ..Config::default()
+        };
+        let settings = Settings::from(&clustered);
+        assert!(settings.cluster.is_some());
+        assert_eq!(settings.log.writer_spin_us, 0);
+        // Everything else of the log settings is the operator's.
+        assert_eq!(
+            LogConfig {
+                writer_spin_us: clustered.log.writer_spin_us,
+                ..settings.log
+            },
+            clustered.log
+        );
     }
 }
