@@ -40,6 +40,21 @@ cpu() { # summed user + system seconds of the given pids
   echo "$t"
 }
 
+ticks() { # summed "user system" clock ticks of the given pids
+  local u=0 k=0 a b
+  for p in "$@"; do
+    read -r a b < <(awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12], f[13] }' "/proc/$p/stat")
+    u=$((u + a)); k=$((k + b))
+  done
+  echo "$u $k"
+}
+
+user_sys() { # user_sys "USER0 SYS0" "USER1 SYS1": the user and system seconds between them
+  local a b c d
+  read -r a b <<<"$1"; read -r c d <<<"$2"
+  echo "user $(echo "scale=2; ($c - $a) / 100" | bc) s, system $(echo "scale=2; ($d - $b) / 100" | bc) s"
+}
+
 start() { # start DIR ENV...: a broker; sets $addr (its client address) and $pid
   local dir=$1; shift
   mkdir -p "$dir"
@@ -72,10 +87,10 @@ if want lone || want batched; then
     "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
   fi
   if want batched; then
-    c0=$(cpu "$spid")
+    c0=$(cpu "$spid"); t0=$(ticks "$spid")
     "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$single"
-    c1=$(cpu "$spid")
-    echo "broker CPU for the batched run: $(echo "$c1 - $c0" | bc) s"
+    c1=$(cpu "$spid"); t1=$(ticks "$spid")
+    echo "broker CPU for the batched run: $(echo "$c1 - $c0" | bc) s ($(user_sys "$t0" "$t1"))"
   fi
   kill -INT "$spid"; wait "$spid" || true
 fi
@@ -109,10 +124,10 @@ fi
 if want batched; then
   "$bin" topics create batched --broker "${addrs[0]}" >/dev/null
   lead=$(leader_addr batched 0 "${addrs[0]}")
-  c0=$(cpu "${cpids[@]}")
+  c0=$(cpu "${cpids[@]}"); t0=$(ticks "${cpids[@]}")
   "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$lead"
-  c1=$(cpu "${cpids[@]}")
-  echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s"
+  c1=$(cpu "${cpids[@]}"); t1=$(ticks "${cpids[@]}")
+  echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s ($(user_sys "$t0" "$t1"))"
 fi
 
 if want burst; then

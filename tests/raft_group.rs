@@ -18,6 +18,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Config, Raft};
 use sluice::replication::network::GrpcLink;
+use sluice::replication::write::Proposals;
 use sluice::replication::{
     GroupCommand, GrpcNetwork, LogStore, PartitionRaft, Peers, Proposal, RaftService, StateMachine,
 };
@@ -1008,6 +1009,75 @@ fn heartbeats_of_many_groups_to_one_node_travel_as_one_call_each_with_its_own_an
             calls.load(Ordering::SeqCst),
             1,
             "one call for 50 heartbeats"
+        );
+    });
+}
+
+/// Proposal `k` of the concurrency test: 1 to 5 messages, every seventh of them large (so that
+/// merging meets its size limit), each value naming its proposal and place.
+fn numbered_proposal(k: u64) -> (Bytes, Vec<Bytes>) {
+    let values: Vec<Bytes> = (0..1 + k % 5)
+        .map(|j| {
+            let pad = if k.is_multiple_of(7) { 300 << 10 } else { 100 };
+            Bytes::from(format!("proposal {k} message {j} {}", "x".repeat(pad)))
+        })
+        .collect();
+    let records: Vec<Record> = values
+        .iter()
+        .map(|v| Record {
+            timestamp: 1_700_000_000_000 + k as i64,
+            value: Some(v.clone()),
+            ..Record::default()
+        })
+        .collect();
+    (EncodedBatch::new(&records).into_bytes(), values)
+}
+
+#[test]
+fn concurrent_proposals_share_entries_and_each_is_answered_with_its_own_offsets() {
+    // Proposals that wait while others are in flight are merged into one entry; each must be
+    // answered with the offsets its own messages took, in its own order, whatever it shared.
+    runtime().block_on(async {
+        let cluster = Cluster::new(false).await;
+        let leader = leader_among(&cluster.replicas, &[1, 2, 3]).await;
+        let raft = cluster.replicas[&leader].raft.clone();
+        let entries_before = raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let proposals = Arc::new(Proposals::default());
+        let count = 300u64;
+        let tasks: Vec<_> = (0..count)
+            .map(|k| {
+                let (proposals, raft) = (Arc::clone(&proposals), raft.clone());
+                tokio::spawn(async move {
+                    let (batch, values) = numbered_proposal(k);
+                    let peers = Peers::default();
+                    let proposal = Proposal::Records(batch);
+                    let answer = proposals.propose(&raft, "g", proposal, DEADLINE, &peers);
+                    (answer.await, values)
+                })
+            })
+            .collect();
+        let mut answered = Vec::new();
+        for t in tasks {
+            let (answer, values) = t.await.unwrap();
+            let (base, last) = answer.expect("acknowledged").offsets.expect("offsets");
+            assert_eq!(last - base + 1, values.len() as u64);
+            answered.push((base, values));
+        }
+        let stored: HashMap<u64, Bytes> = messages(cluster.replicas[&leader].log.partition())
+            .into_iter()
+            .collect();
+        let mut taken = HashSet::new();
+        for (base, values) in &answered {
+            for (j, v) in values.iter().enumerate() {
+                let offset = base + j as u64;
+                assert!(taken.insert(offset), "offset {offset} answered twice");
+                assert_eq!(stored.get(&offset), Some(v), "offset {offset}");
+            }
+        }
+        let entries = raft.metrics().borrow().last_log_index.unwrap_or(0) - entries_before;
+        assert!(
+            entries < count,
+            "{count} concurrent proposals took {entries} entries: none were merged"
         );
     });
 }

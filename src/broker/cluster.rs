@@ -37,7 +37,7 @@ use crate::auth::tls::cluster_tls;
 use crate::replication::catalog::{Catalog, Command, group_name};
 use crate::replication::config::Members;
 use crate::replication::status::{self, ClusterView};
-use crate::replication::write::{Forwarder, wait_for_leader};
+use crate::replication::write::{Forwarder, Proposals, wait_for_leader};
 use crate::replication::{
     GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
 };
@@ -142,9 +142,11 @@ impl Cluster {
             peers = peers.with_tls(client_tls);
             acceptor = Some(tokio_rustls::TlsAcceptor::from(server_tls));
         }
+        let proposals = Arc::new(Proposals::default());
         let service = RaftService::default()
             .with_write_timeout(write_timeout)
-            .with_peers(peers.clone());
+            .with_peers(peers.clone())
+            .with_proposals(Arc::clone(&proposals));
         let (meta, meta_log, catalog) = {
             let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
             let meta_dir = dir.join("meta");
@@ -197,7 +199,7 @@ impl Cluster {
             joining: tokio::sync::Mutex::new(()),
             reconciling: tokio::sync::Mutex::new(()),
             write_timeout,
-            forwarder: Arc::new(Forwarder::new(peers)),
+            forwarder: Arc::new(Forwarder::new(peers, proposals)),
             addr,
             caught_up: watch::Sender::new(false),
             trimmed,

@@ -14,7 +14,7 @@ use super::status;
 use super::types::{PartitionRaft, Proposal};
 use super::wire;
 use super::wire::MAX_MESSAGE_BYTES;
-use super::write::{NOT_PROPOSED_METADATA, WriteError, known_leader, propose};
+use super::write::{NOT_PROPOSED_METADATA, Proposals, WriteError, known_leader};
 use crate::proto::cluster as pb;
 use crate::storage::EncodedBatch;
 
@@ -26,6 +26,8 @@ pub struct RaftService {
     write_timeout: Duration,
     /// Where the peers are, to name a leader in a refusal.
     peers: Peers,
+    /// Forwarded proposals join this node's own (see [`Proposals`]).
+    proposals: Arc<Proposals>,
 }
 
 impl Default for RaftService {
@@ -34,6 +36,7 @@ impl Default for RaftService {
             groups: Arc::default(),
             write_timeout: Duration::from_secs(10),
             peers: Peers::default(),
+            proposals: Arc::default(),
         }
     }
 }
@@ -48,6 +51,12 @@ impl RaftService {
     /// Forwarded proposals wait at most `timeout` to be committed.
     pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = timeout;
+        self
+    }
+
+    /// Proposes forwarded proposals through `proposals` (this node's own go there too).
+    pub fn with_proposals(mut self, proposals: Arc<Proposals>) -> Self {
+        self.proposals = proposals;
         self
     }
 
@@ -219,7 +228,10 @@ impl pb::raft_server::Raft for RaftService {
                 Proposal::Records(req.batch)
             }
         };
-        match propose(&raft, proposal, self.write_timeout, &self.peers).await {
+        let proposed =
+            self.proposals
+                .propose(&raft, &req.group, proposal, self.write_timeout, &self.peers);
+        match proposed.await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {
                 base_offset: applied.offsets.map(|o| o.0),
                 last_offset: applied.offsets.map(|o| o.1),

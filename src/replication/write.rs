@@ -4,7 +4,7 @@
 //! ([`Forwarder`]); the leader does not forward it again.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +17,8 @@ use super::peers::Peers;
 use super::types::{Applied, PartitionRaft, Proposal};
 use crate::proto::cluster as pb;
 use crate::proto::cluster::raft_client::RaftClient;
+use crate::storage::EncodedBatch;
+use crate::storage::record::BatchHeader;
 
 /// The metadata naming a group's leader, `<node id>@<cluster address>`, on refusals.
 pub const LEADER_METADATA: &str = "x-sluice-leader";
@@ -61,6 +63,169 @@ pub async fn propose(
         }
         Ok(Err(RaftError::APIError(e))) => Err(WriteError::Stopped(e.to_string())),
         Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Stopped(e.to_string())),
+    }
+}
+
+/// Message proposals that wait while earlier ones of their group are in flight are merged into
+/// one entry: group commit at the Raft layer. openraft (0.9) appends and syncs each client
+/// write on its own before it takes the next, so a busy leader otherwise pays one `fdatasync`
+/// and one entry per Send where a single node's writer pays one per group of them.
+pub const ROUNDS_IN_FLIGHT: usize = 2;
+
+/// A merged entry takes waiting proposals up to about this many bytes (one larger than this
+/// goes alone).
+pub const MERGED_BYTES: usize = 1 << 20;
+
+/// Proposals of messages to the groups this node leads, merged while earlier ones are in flight
+/// (at most [`ROUNDS_IN_FLIGHT`] entries per group at a time). A lone proposal goes as it is.
+#[derive(Debug, Default)]
+pub struct Proposals {
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Rounds (tasks proposing an entry and then the next) running for the group.
+    rounds: usize,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    batch: Bytes,
+    /// Offsets its records take.
+    span: u64,
+    answer: tokio::sync::oneshot::Sender<Result<Applied, WriteError>>,
+}
+
+impl Proposals {
+    /// Proposes `proposal` to `group` (which `raft` is this node's member of) and waits until
+    /// it is committed and applied, at most `deadline`; see [`propose`]. Messages may share an
+    /// entry with others proposed meanwhile; each is answered with its own offsets.
+    pub async fn propose(
+        self: &Arc<Self>,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
+        proposal: Proposal,
+        deadline: Duration,
+        peers: &Peers,
+    ) -> Result<Applied, WriteError> {
+        let span = match &proposal {
+            Proposal::Records(batch) => BatchHeader::of_proposal(batch)
+                .ok()
+                .filter(|h| h.last_offset_delta + 1 == h.record_count)
+                .map(|h| u64::from(h.record_count)),
+            Proposal::Command(_) => None,
+        };
+        let (Some(span), Proposal::Records(batch)) = (span, &proposal) else {
+            return propose(raft, proposal, deadline, peers).await;
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let queue = queues.entry(group.to_string()).or_default();
+            queue.waiting.push(Waiting {
+                batch: batch.clone(),
+                span,
+                answer,
+            });
+            let start = queue.rounds < ROUNDS_IN_FLIGHT;
+            queue.rounds += usize::from(start);
+            start
+        };
+        if start {
+            // Its own task: a round outlives the Send that started it (whose client may go).
+            let (me, raft, group, peers) = (
+                Arc::clone(self),
+                raft.clone(),
+                group.to_string(),
+                peers.clone(),
+            );
+            tokio::spawn(async move { me.rounds(&raft, &group, deadline, &peers).await });
+        }
+        match tokio::time::timeout(deadline, answered).await {
+            Err(_) => Err(WriteError::TimedOut(deadline)),
+            Ok(Err(_)) => Err(WriteError::Stopped("the proposal's round ended".into())),
+            Ok(Ok(answer)) => answer,
+        }
+    }
+
+    /// Proposes what waits for `group`, one entry at a time, until nothing does.
+    async fn rounds(
+        &self,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
+        deadline: Duration,
+        peers: &Peers,
+    ) {
+        loop {
+            let taken = self.take(group);
+            if taken.is_empty() {
+                return;
+            }
+            let merged = match taken.as_slice() {
+                [one] => Some(one.batch.clone()),
+                _ => {
+                    let parts: Vec<Bytes> = taken.iter().map(|w| w.batch.clone()).collect();
+                    EncodedBatch::merge_proposals(&parts)
+                        .ok()
+                        .map(EncodedBatch::into_bytes)
+                }
+            };
+            let Some(merged) = merged else {
+                // Not mergeable (no Send's are): each goes alone, answered as it would be.
+                for w in taken {
+                    let alone = Proposal::Records(w.batch);
+                    let _ = w.answer.send(propose(raft, alone, deadline, peers).await);
+                }
+                continue;
+            };
+            let outcome = propose(raft, Proposal::Records(merged), deadline, peers).await;
+            let mut next = outcome.map(|a| a.offsets.map(|(base, _)| base));
+            for w in taken {
+                let answer = match &mut next {
+                    Ok(Some(base)) => {
+                        let offsets = (*base, *base + w.span - 1);
+                        *base += w.span;
+                        Ok(Applied {
+                            offsets: Some(offsets),
+                        })
+                    }
+                    Ok(None) => Ok(Applied { offsets: None }),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = w.answer.send(answer);
+            }
+        }
+    }
+
+    /// The proposals waiting for `group` that still have someone to answer, up to
+    /// [`MERGED_BYTES`] (at least one); none ends the round (and forgets an idle group).
+    fn take(&self, group: &str) -> Vec<Waiting> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = queues.get_mut(group) else {
+            return Vec::new();
+        };
+        queue.waiting.retain(|w| !w.answer.is_closed());
+        let mut bytes = 0;
+        let n = queue
+            .waiting
+            .iter()
+            .take_while(|w| {
+                bytes += w.batch.len();
+                bytes <= MERGED_BYTES
+            })
+            .count()
+            .max(1)
+            .min(queue.waiting.len());
+        let taken: Vec<Waiting> = queue.waiting.drain(..n).collect();
+        if taken.is_empty() {
+            queue.rounds -= 1;
+            if queue.rounds == 0 {
+                queues.remove(group);
+            }
+        }
+        taken
     }
 }
 
@@ -139,14 +304,18 @@ fn with_causes(status: &Status) -> String {
 pub struct Forwarder {
     peers: Peers,
     clients: Mutex<HashMap<String, RaftClient<Channel>>>,
+    /// The proposals of groups this node leads (shared with the cluster port's `Propose`).
+    proposals: Arc<Proposals>,
 }
 
 impl Forwarder {
-    /// Reaches each leader at the address `peers` gives.
-    pub fn new(peers: Peers) -> Self {
+    /// Reaches each leader at the address `peers` gives; proposes to the groups this node leads
+    /// through `proposals`.
+    pub fn new(peers: Peers, proposals: Arc<Proposals>) -> Self {
         Forwarder {
             peers,
             clients: Mutex::default(),
+            proposals,
         }
     }
 
@@ -188,7 +357,9 @@ impl Forwarder {
                 })));
             };
             if id == me {
-                return propose(raft, proposal, left, &self.peers).await;
+                return (self.proposals)
+                    .propose(raft, group, proposal, left, &self.peers)
+                    .await;
             }
             let Some(leader) = known_leader(raft, &self.peers).filter(|(l, _)| *l == id) else {
                 continue; // the leader changed meanwhile: look again

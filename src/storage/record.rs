@@ -282,6 +282,30 @@ impl EncodedBatch {
         Ok(())
     }
 
+    /// Proposals (whole version 1 batches as a Send encodes them, dense offsets) as one, their
+    /// records in order: proposal `k`'s records take the offsets after those of the proposals
+    /// before it (ids and headers go with their records). Refused for a proposal that does not
+    /// parse, or whose offsets have gaps (no Send's do).
+    pub fn merge_proposals(parts: &[Bytes]) -> Result<Self, &'static str> {
+        let mut records = Vec::new();
+        for buf in parts {
+            let header = BatchHeader::of_proposal(buf)?;
+            if header.last_offset_delta + 1 != header.record_count {
+                return Err("a proposal with gaps between its offsets is not merged");
+            }
+            let parsed = Records {
+                header,
+                buf: buf.clone(),
+                pos: header.records_start(),
+                left: header.record_count,
+            };
+            for r in parsed {
+                records.push(Record::from(r?));
+            }
+        }
+        Ok(Self::new(&records))
+    }
+
     /// What compaction leaves of a Raft entry it emptied: no records, the same offsets and
     /// timestamps (version 1 here; [`EncodedBatch::with_raft_id`] makes it the entry).
     pub fn emptied(last_offset_delta: u32, first_timestamp: i64, max_timestamp: i64) -> Self {
@@ -393,6 +417,11 @@ impl EncodedBatch {
     /// The encoded bytes (final once sealed).
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf
+    }
+
+    /// The encoded bytes, uncopied.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from(self.buf)
     }
 
     /// The batch as written, once sealed (`None` if its header does not parse, which a sealed
@@ -1143,5 +1172,38 @@ mod tests {
             EncodedBatch::new(&[big]).check(1000),
             Err(Error::BatchTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn proposals_merge_into_one_batch_of_their_records_in_order_and_gapped_ones_do_not() {
+        let with_id = Record {
+            id: Some(Bytes::from_static(b"id-1")),
+            ..rec(5, Some("k"), None)
+        };
+        let parts = [
+            vec![rec(1, Some("a"), Some("1")), rec(2, None, Some("2"))],
+            vec![with_id],
+            vec![rec(9, Some("c"), Some("3"))],
+        ];
+        let encoded: Vec<Bytes> = parts
+            .iter()
+            .map(|r| EncodedBatch::new(r).into_bytes())
+            .collect();
+        let mut merged = EncodedBatch::merge_proposals(&encoded).unwrap();
+        let bytes = Bytes::copy_from_slice(merged.seal(100));
+        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+            panic!("the merged batch decodes");
+        };
+        let got: Vec<StoredRecord> = batch.records().map(Result::unwrap).collect();
+        let want: Vec<Record> = parts.concat();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.into_iter().zip(want).enumerate() {
+            assert_eq!(g.offset, 100 + i as u64);
+            assert_eq!(Record::from(g), w);
+        }
+        // A batch whose offsets have gaps (as compaction leaves) is not a Send's: not merged.
+        let gapped = EncodedBatch::with_offset_deltas([(0u32, &rec(1, None, Some("x")))], 4);
+        let err = EncodedBatch::merge_proposals(&[encoded[0].clone(), gapped.into_bytes()]);
+        assert!(err.is_err());
     }
 }
