@@ -513,11 +513,11 @@ async fn propose_planned(
                 "{what} has not joined its Raft group yet; retry"
             )));
         };
-        let bytes = b.batch.as_bytes().to_vec();
+        let bytes = b.batch.into_bytes();
         let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
             forwarder
-                .propose(&raft, &group, Proposal::Records(bytes.into()), deadline)
+                .propose(&raft, &group, Proposal::Records(bytes), deadline)
                 .await
                 .map_err(|e| (what, e))
         });
