@@ -269,6 +269,14 @@ impl EncodedBatch {
     /// Whether `buf` is a proposal whose every record parses: what a node checks before it
     /// proposes a batch another node forwarded (the CRC is not set yet, so it proves nothing).
     pub fn check_proposal(buf: &Bytes) -> Result<(), &'static str> {
+        for r in Self::proposal_records(buf)?.1 {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// A proposal's header and its records (not yet parsed).
+    fn proposal_records(buf: &Bytes) -> Result<(BatchHeader, Records), &'static str> {
         let header = BatchHeader::of_proposal(buf)?;
         let records = Records {
             header,
@@ -276,10 +284,7 @@ impl EncodedBatch {
             pos: header.records_start(),
             left: header.record_count,
         };
-        for r in records {
-            r?;
-        }
-        Ok(())
+        Ok((header, records))
     }
 
     /// Proposals (whole version 1 batches as a Send encodes them, dense offsets) as one, their
@@ -289,16 +294,10 @@ impl EncodedBatch {
     pub fn merge_proposals(parts: &[Bytes]) -> Result<Self, &'static str> {
         let mut records = Vec::new();
         for buf in parts {
-            let header = BatchHeader::of_proposal(buf)?;
+            let (header, parsed) = Self::proposal_records(buf)?;
             if header.last_offset_delta + 1 != header.record_count {
                 return Err("a proposal with gaps between its offsets is not merged");
             }
-            let parsed = Records {
-                header,
-                buf: buf.clone(),
-                pos: header.records_start(),
-                left: header.record_count,
-            };
             for r in parsed {
                 records.push(Record::from(r?));
             }
