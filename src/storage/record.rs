@@ -230,6 +230,17 @@ impl EncodedBatch {
         if count == 0 {
             max_ts = first_ts;
         }
+        Self::with_header(buf, last_offset_delta, count, (first_ts, max_ts), ids)
+    }
+
+    /// A version 1 batch of the records encoded in `buf` after room for the header.
+    fn with_header(
+        mut buf: Vec<u8>,
+        last_offset_delta: u32,
+        count: u32,
+        (first_ts, max_ts): (i64, i64),
+        ids: bool,
+    ) -> Self {
         let length = (buf.len() - 4) as u32;
         buf[LENGTH_OFFSET..4].copy_from_slice(&length.to_le_bytes());
         buf[MAGIC_OFFSET] = MAGIC_V1;
@@ -289,16 +300,84 @@ impl EncodedBatch {
 
     /// Proposals (whole version 1 batches as a Send encodes them, dense offsets) as one, their
     /// records in order: proposal `k`'s records take the offsets after those of the proposals
-    /// before it (ids and headers go with their records). Refused for a proposal that does not
-    /// parse, or whose offsets have gaps (no Send's do).
+    /// before it (ids and headers go with their records). The same bytes as
+    /// [`EncodedBatch::new`] of all their records; each record's body is copied as it is, only
+    /// its offset and time deltas are written again. Refused for a proposal that does not
+    /// frame, or whose offsets have gaps (no Send's do).
     pub fn merge_proposals(parts: &[Bytes]) -> Result<Self, &'static str> {
-        let mut records = Vec::new();
+        let mut headers = Vec::with_capacity(parts.len());
         for buf in parts {
-            let (header, parsed) = Self::proposal_records(buf)?;
+            let header = BatchHeader::of_proposal(buf)?;
             if header.last_offset_delta + 1 != header.record_count {
                 return Err("a proposal with gaps between its offsets is not merged");
             }
-            for r in parsed {
+            headers.push(header);
+        }
+        let Some(first) = headers.first() else {
+            return Err("no proposal to merge");
+        };
+        let ids = first.has_ids();
+        if headers.iter().any(|h| h.has_ids() != ids) {
+            // Records without an id gain an empty one in a batch with ids: encoded anew.
+            return Self::merge_records(parts);
+        }
+        let first_ts = first.first_timestamp;
+        let bodies: usize = parts.iter().map(|b| b.len()).sum();
+        let records: usize = headers.iter().map(|h| h.record_count as usize).sum();
+        // Deltas written again may take more bytes than before: at most a length, an offset
+        // and a time varint per record (10 bytes each).
+        let mut buf = Vec::with_capacity(BATCH_HEADER_LEN + bodies + 30 * records);
+        buf.resize(BATCH_HEADER_LEN, 0);
+        let (mut next, mut max_ts) = (0u32, i64::MIN);
+        for (part, header) in parts.iter().zip(&headers) {
+            let mut pos = header.records_start();
+            for _ in 0..header.record_count {
+                let mut c = Cursor {
+                    buf: part,
+                    pos,
+                    end: part.len(),
+                };
+                let len = c.uvarint()?;
+                let body = c.take(len)?;
+                let mut c = Cursor {
+                    buf: part,
+                    pos: body.start,
+                    end: body.end,
+                };
+                let delta = c.uvarint()?;
+                if delta > u64::from(header.last_offset_delta) {
+                    return Err("record offset delta beyond the batch's range");
+                }
+                let timestamp = header.first_timestamp.wrapping_add(c.ivarint()?);
+                let (delta, ts_delta) = (delta + u64::from(next), timestamp.wrapping_sub(first_ts));
+                let rest = &part[c.pos..body.end];
+                let len = varint::len_u(delta) + varint::len_i(ts_delta) + rest.len();
+                varint::put_u(&mut buf, len as u64);
+                varint::put_u(&mut buf, delta);
+                varint::put_i(&mut buf, ts_delta);
+                buf.extend_from_slice(rest);
+                pos = body.end;
+            }
+            if pos != part.len() {
+                return Err("trailing bytes after a proposal's records");
+            }
+            next += header.record_count;
+            max_ts = max_ts.max(header.max_timestamp);
+        }
+        Ok(Self::with_header(
+            buf,
+            next - 1,
+            next,
+            (first_ts, max_ts),
+            ids,
+        ))
+    }
+
+    /// [`EncodedBatch::merge_proposals`] by parsing every record and encoding them all again.
+    fn merge_records(parts: &[Bytes]) -> Result<Self, &'static str> {
+        let mut records = Vec::new();
+        for buf in parts {
+            for r in Self::proposal_records(buf)?.1 {
                 records.push(Record::from(r?));
             }
         }
@@ -1174,35 +1253,72 @@ mod tests {
     }
 
     #[test]
-    fn proposals_merge_into_one_batch_of_their_records_in_order_and_gapped_ones_do_not() {
-        let with_id = Record {
-            id: Some(Bytes::from_static(b"id-1")),
-            ..rec(5, Some("k"), None)
+    fn proposals_merge_into_the_batch_of_all_their_records_and_gapped_ones_do_not() {
+        let with_id = |r: Record, id: &'static [u8]| Record {
+            id: Some(Bytes::from_static(id)),
+            ..r
         };
-        let parts = [
-            vec![rec(1, Some("a"), Some("1")), rec(2, None, Some("2"))],
-            vec![with_id],
-            vec![rec(9, Some("c"), Some("3"))],
-        ];
-        let encoded: Vec<Bytes> = parts
-            .iter()
-            .map(|r| EncodedBatch::new(r).into_bytes())
+        // Many small records: offset deltas and time deltas past one varint byte.
+        let many: Vec<Record> = (0..300)
+            .map(|i| rec(1_700_000_000_000 - i * 977, None, Some("m")))
             .collect();
-        let mut merged = EncodedBatch::merge_proposals(&encoded).unwrap();
-        let bytes = Bytes::copy_from_slice(merged.seal(100));
-        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
-            panic!("the merged batch decodes");
-        };
-        let got: Vec<StoredRecord> = batch.records().map(Result::unwrap).collect();
-        let want: Vec<Record> = parts.concat();
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.into_iter().zip(want).enumerate() {
-            assert_eq!(g.offset, 100 + i as u64);
-            assert_eq!(Record::from(g), w);
+        let shapes: Vec<(&str, Vec<Vec<Record>>)> = vec![
+            (
+                "no ids (records copied)",
+                vec![
+                    vec![rec(1, Some("a"), Some("1")), rec(2, None, Some("2"))],
+                    vec![rec(9, Some("c"), None)],
+                    vec![rec(-5, Some("d"), Some("4"))],
+                ],
+            ),
+            (
+                "every record with an id (records copied)",
+                vec![
+                    vec![with_id(rec(7, Some("k"), None), b"id-1")],
+                    vec![with_id(rec(3, None, Some("v")), b"id-2")],
+                ],
+            ),
+            (
+                "ids in some proposals only (encoded anew)",
+                vec![
+                    vec![rec(1, Some("a"), Some("1"))],
+                    vec![with_id(rec(5, Some("k"), None), b"id-1")],
+                ],
+            ),
+            ("one proposal", vec![vec![rec(1, Some("a"), Some("1"))]]),
+            (
+                "deltas that grow a varint byte",
+                vec![many[..200].to_vec(), many[200..].to_vec()],
+            ),
+        ];
+        for (what, parts) in shapes {
+            let encoded: Vec<Bytes> = parts
+                .iter()
+                .map(|r| EncodedBatch::new(r).into_bytes())
+                .collect();
+            let merged = EncodedBatch::merge_proposals(&encoded).unwrap();
+            let all: Vec<Record> = parts.concat();
+            assert_eq!(
+                merged.as_bytes(),
+                EncodedBatch::new(&all).as_bytes(),
+                "{what}"
+            );
+            let mut merged = merged;
+            let bytes = Bytes::copy_from_slice(merged.seal(100));
+            let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+                panic!("{what}: the merged batch decodes");
+            };
+            let got: Vec<Record> = batch.records().map(|r| r.unwrap().into()).collect();
+            assert_eq!(got, all, "{what}");
         }
         // A batch whose offsets have gaps (as compaction leaves) is not a Send's: not merged.
+        let first = EncodedBatch::new(&[rec(1, None, Some("x"))]).into_bytes();
         let gapped = EncodedBatch::with_offset_deltas([(0u32, &rec(1, None, Some("x")))], 4);
-        let err = EncodedBatch::merge_proposals(&[encoded[0].clone(), gapped.into_bytes()]);
+        let err = EncodedBatch::merge_proposals(&[first.clone(), gapped.into_bytes()]);
         assert!(err.is_err());
+        // Nor is anything that does not frame.
+        let mut cut = first.to_vec();
+        cut.truncate(cut.len() - 1);
+        assert!(EncodedBatch::merge_proposals(&[first, Bytes::from(cut)]).is_err());
     }
 }

@@ -139,22 +139,66 @@ pub struct Segment {
     recent: Mutex<Recent>,
 }
 
-/// Bytes kept by [`Segment::keep_written`] in all the segments of this process: at most
-/// [`KEPT_BYTES_BUDGET`]. A batch that would go past it is not kept (its readers read it from
-/// the file, as they would without keeping).
-static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
-
 /// The most bytes all segments of a process keep in memory as written.
 pub const KEPT_BYTES_BUDGET: usize = 256 << 20;
 
-/// Batches by position, oldest first, and their total size.
-#[derive(Debug, Default)]
+/// Bytes kept by [`Segment::keep_written`] in all the segments of this process: at most
+/// [`KEPT_BYTES_BUDGET`]. A batch that would go past it is not kept (its readers read it from
+/// the file, as they would without keeping).
+static PROCESS_BUDGET: Budget = Budget::new(KEPT_BYTES_BUDGET);
+
+/// Bytes kept in memory by a set of segments, and the most they may keep.
+#[derive(Debug)]
+struct Budget {
+    kept: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    const fn new(limit: usize) -> Self {
+        Budget {
+            kept: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `n` bytes if they fit.
+    fn take(&self, n: usize) -> bool {
+        self.kept
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+                (kept + n <= self.limit).then_some(kept + n)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.kept.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Batches by position, oldest first, their total size, and the budget they count against.
+#[derive(Debug)]
 struct Recent {
     batches: VecDeque<(u64, Batch)>,
     bytes: usize,
+    budget: &'static Budget,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent::within(&PROCESS_BUDGET)
+    }
 }
 
 impl Recent {
+    fn within(budget: &'static Budget) -> Self {
+        Recent {
+            batches: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
     fn get(&self, pos: u64) -> Option<Batch> {
         let i = self.batches.binary_search_by_key(&pos, |(p, _)| *p).ok()?;
         Some(self.batches[i].1.clone())
@@ -163,10 +207,7 @@ impl Recent {
     /// Keeps `batch` unless the process-wide budget is spent.
     fn push(&mut self, pos: u64, batch: Batch) {
         let n = batch.bytes().len();
-        let reserved = KEPT_BYTES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
-            (kept + n <= KEPT_BYTES_BUDGET).then_some(kept + n)
-        });
-        if reserved.is_ok() {
+        if self.budget.take(n) {
             self.bytes += n;
             self.batches.push_back((pos, batch));
         }
@@ -196,7 +237,7 @@ impl Recent {
 
     fn release(&mut self, n: usize) {
         self.bytes -= n;
-        KEPT_BYTES.fetch_sub(n, Ordering::AcqRel);
+        self.budget.give_back(n);
     }
 }
 
@@ -400,6 +441,12 @@ impl Segment {
                 recent.push(pos, batch);
             }
         }
+    }
+
+    /// Bytes of batches kept by [`Segment::keep_written`].
+    #[cfg(test)]
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 
     /// Drops the batches kept by [`Segment::keep_written`] (the segment is no longer written).
@@ -775,5 +822,31 @@ mod tests {
         seg.forget_written();
         assert!(seg.batch_at(batches[6].0).is_err());
         assert_eq!(seg.recent.lock().unwrap().bytes, 0);
+    }
+
+    #[test]
+    fn segments_keep_nothing_past_their_shared_budget_and_give_it_back_when_they_forget() {
+        static SMALL: Budget = Budget::new(3000);
+        let batch = written(3, 0);
+        let size = batch.bytes().len();
+        let fits = 3000 / size;
+        let mut a = Recent::within(&SMALL);
+        let mut b = Recent::within(&SMALL);
+        for i in 0..fits as u64 {
+            a.push(i * 1000, batch.clone());
+        }
+        // The budget is spent: another segment keeps nothing, the first keeps what it had.
+        b.push(0, batch.clone());
+        assert!(b.get(0).is_none());
+        assert_eq!(a.batches.len(), fits);
+        assert_eq!(SMALL.kept.load(Ordering::Acquire), fits * size);
+        // Forgetting (a cut, a roll, a dropped segment) gives the bytes back.
+        a.cut_at(1000);
+        assert_eq!(SMALL.kept.load(Ordering::Acquire), size);
+        b.push(0, batch.clone());
+        assert!(b.get(0).is_some());
+        drop(a);
+        b.clear();
+        assert_eq!(SMALL.kept.load(Ordering::Acquire), 0);
     }
 }

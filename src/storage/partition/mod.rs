@@ -539,3 +539,43 @@ impl Drop for Partition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::RealIo;
+    use bytes::Bytes;
+
+    fn records(n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                value: Some(Bytes::from(vec![b'v'; 100 + i])),
+                ..Record::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn written_batches_are_kept_only_by_the_active_segment_and_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::default();
+        let p = Partition::open(dir.path(), config, Arc::new(RealIo), None).unwrap();
+        // A partition that was not asked keeps nothing.
+        p.append_blocking(&records(3)).unwrap();
+        assert_eq!(p.shared.segments()[0].kept_bytes(), 0);
+        p.keep_written(1 << 20);
+        p.append_blocking(&records(3)).unwrap();
+        p.append_blocking(&records(2)).unwrap();
+        let first = Arc::clone(&p.shared.segments()[0]);
+        assert!(first.kept_bytes() > 0);
+        // A roll: the closed segment forgets; the new active one keeps what it is written.
+        p.roll().unwrap();
+        assert_eq!(first.kept_bytes(), 0);
+        p.append_blocking(&records(1)).unwrap();
+        let active = Arc::clone(&p.shared.segments()[1]);
+        assert!(active.kept_bytes() > 0);
+        // A close: nothing is kept.
+        p.close().unwrap();
+        assert_eq!(active.kept_bytes(), 0);
+    }
+}
