@@ -1081,3 +1081,46 @@ fn concurrent_proposals_share_entries_and_each_is_answered_with_its_own_offsets(
         );
     });
 }
+
+#[test]
+fn a_message_to_a_group_that_starts_while_it_waits_is_served_and_one_that_never_does_is_not_found()
+{
+    // A new topic's leader reaches a node before that node has started the topic's group: the
+    // message waits for the group (up to `GROUP_WAIT`) instead of being refused at once.
+    use sluice::proto::cluster as pb;
+    use sluice::proto::cluster::raft_server::Raft as RaftRpc;
+    // One thread: the call below runs up to its wait before the group is added.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = Cluster::new(false).await;
+        let raft = cluster.replicas[&1].raft.clone();
+        let service = RaftService::default();
+        // An old term: the group answers (and refuses the vote) without changing anything.
+        let vote = |group: &str| pb::VoteRequest {
+            group: group.into(),
+            vote: Some(pb::Vote {
+                term: 0,
+                voted_for: Some(2),
+                committed: false,
+            }),
+            last_log_id: None,
+        };
+        let waiting = {
+            let (service, request) = (service.clone(), vote("late/0"));
+            tokio::spawn(async move { service.vote(tonic::Request::new(request)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the call waits for the group");
+        service.add("late/0", raft);
+        let answer = waiting
+            .await
+            .unwrap()
+            .expect("served once the group started");
+        assert!(!answer.into_inner().vote_granted);
+        let never = service.vote(tonic::Request::new(vote("never/0"))).await;
+        assert_eq!(never.unwrap_err().code(), tonic::Code::NotFound);
+    });
+}

@@ -28,7 +28,17 @@ pub struct RaftService {
     peers: Peers,
     /// Forwarded proposals join this node's own (see [`Proposals`]).
     proposals: Arc<Proposals>,
+    /// Counts groups added: a message to a group not started yet waits for the next.
+    added: Arc<tokio::sync::watch::Sender<u64>>,
 }
+
+/// How long a Raft message to a group this node has not started waits for it to start before it
+/// is answered `NOT_FOUND`. A new topic's leader starts replicating before every node has
+/// started the topic's groups; answered at once, it retried thousands of times a second (three
+/// warnings each in its log) until the group appeared. Waiting, the message is served as soon as
+/// the group starts. Well under openraft's RPC deadlines, so a peer that waits out the whole of
+/// it is not taken for unreachable.
+pub const GROUP_WAIT: Duration = Duration::from_millis(50);
 
 impl Default for RaftService {
     fn default() -> Self {
@@ -37,6 +47,7 @@ impl Default for RaftService {
             write_timeout: Duration::from_secs(10),
             peers: Peers::default(),
             proposals: Arc::default(),
+            added: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 }
@@ -72,6 +83,7 @@ impl RaftService {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group.into(), raft);
+        self.added.send_modify(|n| *n += 1);
     }
 
     /// Stops routing the group's messages; they are answered `NOT_FOUND`.
@@ -103,6 +115,26 @@ impl RaftService {
         pb::StatusResponse { node_id, groups }
     }
 
+    /// The group `name`, waiting up to [`GROUP_WAIT`] for it to be added.
+    async fn started_group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {
+        let mut added = self.added.subscribe();
+        if let Ok(raft) = self.group(name) {
+            return Ok(raft);
+        }
+        let started = tokio::time::timeout(GROUP_WAIT, async {
+            while added.changed().await.is_ok() {
+                if let Ok(raft) = self.group(name) {
+                    return Some(raft);
+                }
+            }
+            None
+        });
+        match started.await {
+            Ok(Some(raft)) => Ok(raft),
+            _ => self.group(name),
+        }
+    }
+
     fn group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {
         self.groups
             .read()
@@ -119,7 +151,7 @@ impl RaftService {
         &self,
         req: pb::AppendEntriesRequest,
     ) -> Result<pb::AppendEntriesResponse, Status> {
-        let raft = self.group(&req.group)?;
+        let raft = self.started_group(&req.group).await?;
         let rpc = wire::append_from_pb(req).map_err(bad)?;
         let r = raft.append_entries(rpc).await.map_err(stopped)?;
         Ok(wire::append_response_to_pb(&r))
@@ -148,7 +180,7 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
         let req = request.into_inner();
-        let raft = self.group(&req.group)?;
+        let raft = self.started_group(&req.group).await?;
         let rpc = wire::vote_request_from_pb(req).map_err(bad)?;
         let r = raft.vote(rpc).await.map_err(stopped)?;
         Ok(Response::new(wire::vote_response_to_pb(&r)))
@@ -159,7 +191,7 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let raft = self.group(&req.group)?;
+        let raft = self.started_group(&req.group).await?;
         let rpc = wire::snapshot_from_pb(req).map_err(bad)?;
         let r = raft.install_snapshot(rpc).await.map_err(stopped)?;
         Ok(Response::new(wire::snapshot_response_to_pb(&r)))
