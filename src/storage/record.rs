@@ -269,7 +269,9 @@ impl EncodedBatch {
     pub fn from_entry(buf: &[u8], id: RaftId) -> Result<Self, &'static str> {
         let header = BatchHeader::of_entry(buf)?;
         match header.raft {
-            None => Ok(Self::from_encoded(buf.to_vec())?.with_raft_id(id)),
+            None => Ok(EncodedBatch {
+                buf: as_raft_entry(buf, id),
+            }),
             Some(stored) if stored == id && !header.is_control() => {
                 Ok(EncodedBatch { buf: buf.to_vec() })
             }
@@ -401,9 +403,10 @@ impl EncodedBatch {
     }
 
     /// The same records as a Raft entry (version 2) with the given entry id.
-    pub fn with_raft_id(mut self, id: RaftId) -> Self {
-        self.make_raft(id);
-        self
+    pub fn with_raft_id(self, id: RaftId) -> Self {
+        EncodedBatch {
+            buf: as_raft_entry(&self.buf, id),
+        }
     }
 
     /// A Raft control entry: no records, no offsets; `payload` after the kind byte.
@@ -424,13 +427,7 @@ impl EncodedBatch {
 
     /// Turns a version 1 batch into a version 2 one carrying `id`.
     fn make_raft(&mut self, id: RaftId) {
-        let mut raft = [0u8; RAFT_HEADER_LEN - BATCH_HEADER_LEN];
-        raft[..8].copy_from_slice(&id.term.to_le_bytes());
-        raft[8..].copy_from_slice(&id.index.to_le_bytes());
-        self.buf
-            .splice(BATCH_HEADER_LEN..BATCH_HEADER_LEN, raft.iter().copied());
-        self.buf[MAGIC_OFFSET] = MAGIC_V2;
-        self.set_length();
+        self.buf = as_raft_entry(&self.buf, id);
     }
 
     fn set_length(&mut self) {
@@ -967,6 +964,21 @@ pub(crate) fn read_u64(buf: &[u8], at: usize) -> u64 {
 
 pub(crate) fn read_i64(buf: &[u8], at: usize) -> i64 {
     read_u64(buf, at) as i64
+}
+
+/// A version 1 batch (`v1`, already framed) as the version 2 batch that stores Raft entry
+/// `id`: the entry id after the version 1 header, the magic and length set for it; copied once
+/// into a buffer of its final size (a proposal is as large as a Send's batch).
+fn as_raft_entry(v1: &[u8], id: RaftId) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(v1.len() + RAFT_HEADER_LEN - BATCH_HEADER_LEN);
+    buf.extend_from_slice(&v1[..BATCH_HEADER_LEN]);
+    buf.extend_from_slice(&id.term.to_le_bytes());
+    buf.extend_from_slice(&id.index.to_le_bytes());
+    buf.extend_from_slice(&v1[BATCH_HEADER_LEN..]);
+    buf[MAGIC_OFFSET] = MAGIC_V2;
+    let length = (buf.len() - 4) as u32;
+    buf[LENGTH_OFFSET..4].copy_from_slice(&length.to_le_bytes());
+    buf
 }
 
 #[cfg(test)]
