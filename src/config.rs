@@ -159,6 +159,11 @@ pub struct Config {
     /// setting).
     #[serde(skip)]
     pub deprecations: Vec<String>,
+    /// Benchmarks only (not a setting: no file, variable or flag sets it): Send handlers answer
+    /// at once and store nothing, so the server measures the transport's floor. Set only by
+    /// [`crate::cli::run_floor`], which the `sluice` binary does not call.
+    #[serde(skip)]
+    pub answer_sends_without_storing: bool,
 }
 
 /// `[groups]`: consumer groups (docs/consumer-groups.md). Until this release these were the
@@ -264,6 +269,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             config_file: None,
             deprecations: Vec::new(),
+            answer_sends_without_storing: false,
         }
     }
 }
@@ -545,6 +551,31 @@ mod tests {
                 .to_string()
                 .contains("default_partitions")
         );
+    }
+
+    /// Only the benchmarks' `sluice-floor` answers Sends without storing them: no file or
+    /// variable turns that on for `sluice serve`.
+    #[test]
+    fn answering_sends_without_storing_is_not_a_setting() {
+        let err = Config::load(
+            None,
+            env(&[("SLUICE_ANSWER_SENDS_WITHOUT_STORING", "true")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("SLUICE_ANSWER_SENDS_WITHOUT_STORING"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(&file, "answer_sends_without_storing = true\n").unwrap();
+        let err = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("answer_sends_without_storing"),
+            "{err}"
+        );
+        assert!(!Config::default().answer_sends_without_storing);
     }
 
     #[test]

@@ -38,25 +38,42 @@ pub use error::CliError;
 /// Most threads the broker's runtime starts for blocking work.
 const BLOCKING_THREADS: usize = 12;
 
-/// Runs a parsed command line; the exit code is 0 only on success.
-pub fn run(cli: Cli) -> ExitCode {
-    // The broker uses every core. The clients run on one thread: a consumer is one stream.
-    let mut builder = match &cli.command {
-        Command::Serve(_) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            // Blocking work (reads, opens, closes) is short; a bound keeps the thread count
-            // flat however many partitions and consumers there are (docs/storage.md).
-            b.max_blocking_threads(BLOCKING_THREADS);
-            b
-        }
-        _ => tokio::runtime::Builder::new_current_thread(),
+/// The runtime a command runs on: the broker uses every core; the clients run on one thread (a
+/// consumer is one stream).
+fn runtime(serve: bool) -> Option<tokio::runtime::Runtime> {
+    let mut builder = if serve {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        // Blocking work (reads, opens, closes) is short; a bound keeps the thread count flat
+        // however many partitions and consumers there are (docs/storage.md).
+        b.max_blocking_threads(BLOCKING_THREADS);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
     };
-    let runtime = match builder.enable_all().thread_name("sluice").build() {
-        Ok(r) => r,
+    match builder.enable_all().thread_name("sluice").build() {
+        Ok(r) => Some(r),
         Err(e) => {
             crate::logging::say(format_args!("error: cannot start the async runtime: {e}"));
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+/// The transport's floor, for benchmarks (`sluice-floor` of `benches/sluice-bench`,
+/// `benches/send_floor.sh`): `sluice serve` on the same runtime, connection layer, admission and
+/// codec, whose Send handlers (sluice.v1 and the seed API) answer at once and store nothing.
+/// The `sluice` binary never calls it.
+pub fn run_floor(args: ServeArgs) -> ExitCode {
+    let Some(runtime) = runtime(true) else {
+        return ExitCode::FAILURE;
+    };
+    exit_code(runtime.block_on(serve::run_with(args, true)))
+}
+
+/// Runs a parsed command line; the exit code is 0 only on success.
+pub fn run(cli: Cli) -> ExitCode {
+    let Some(runtime) = runtime(matches!(cli.command, Command::Serve(_))) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async move {
         match cli.command {
@@ -75,6 +92,10 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     });
+    exit_code(result)
+}
+
+fn exit_code(result: Result<(), CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our output went away (`sluice consume | head`): that is how it ends.

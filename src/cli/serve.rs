@@ -25,7 +25,14 @@ fn no_huge_pages() {
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    run_with(args, false).await
+}
+
+/// [`run`]; with `floor`, Send handlers answer at once and store nothing (benchmarks only: see
+/// [`super::run_floor`]).
+pub async fn run_with(args: ServeArgs, floor: bool) -> Result<(), CliError> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    config.answer_sends_without_storing = floor;
     config.config_file = args.config.clone();
     if let Some(d) = args.data_dir {
         config.data_dir = d;

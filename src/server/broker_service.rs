@@ -19,12 +19,24 @@ use super::subscription::{self, ResponseStream, Responses, Subscription};
 pub struct BrokerService {
     broker: Arc<Broker>,
     access: Access,
+    /// Benchmarks only: Send answers at once, storing nothing (`Config::answer_sends_without_storing`).
+    floor: bool,
 }
 
 impl BrokerService {
     pub fn new(broker: Arc<Broker>) -> Self {
         let access = Access::new(Arc::clone(&broker));
-        Self { broker, access }
+        Self {
+            broker,
+            access,
+            floor: false,
+        }
+    }
+
+    /// Benchmarks only: Send answers at once, storing nothing.
+    pub fn answering_sends_without_storing(mut self, on: bool) -> Self {
+        self.floor = on;
+        self
     }
 }
 
@@ -39,6 +51,17 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        if self.floor {
+            let count = request.get_ref().messages.len();
+            return Ok(Response::new(pb::SendResponse {
+                positions: (0..count as u64)
+                    .map(|offset| pb::Position {
+                        offset,
+                        ..pb::Position::default()
+                    })
+                    .collect(),
+            }));
+        }
         let caller = caller(&request)?;
         let req = request.into_inner();
         let a = &self.access;

@@ -165,14 +165,22 @@ async fn serve(
     let max_in = config.max_request_bytes;
     // A response holds at least one delivery: a message and its envelope.
     let max_out = config.delivery_batch_bytes.max(config.max_message_bytes) + (1 << 20);
-    let broker_service = BrokerServer::new(BrokerService::new(Arc::clone(&broker)))
-        .max_decoding_message_size(max_in)
-        .max_encoding_message_size(max_out);
+    let floor = config.answer_sends_without_storing;
+    if floor {
+        tracing::warn!("benchmark floor: Sends are answered at once and nothing is stored");
+    }
+    let broker_service = BrokerServer::new(
+        BrokerService::new(Arc::clone(&broker)).answering_sends_without_storing(floor),
+    )
+    .max_decoding_message_size(max_in)
+    .max_encoding_message_size(max_out);
     let admin_service =
         AdminServer::new(AdminService::new(Arc::clone(&broker))).max_decoding_message_size(max_in);
-    let seed_service = SeedServer::new(seed::SeedService::new(Arc::clone(&broker)))
-        .max_decoding_message_size(max_in)
-        .max_encoding_message_size(max_out);
+    let seed_service = SeedServer::new(
+        seed::SeedService::new(Arc::clone(&broker)).answering_sends_without_storing(floor),
+    )
+    .max_decoding_message_size(max_in)
+    .max_encoding_message_size(max_out);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -30,12 +30,24 @@ use crate::auth::{Action, Resource};
 pub struct SeedService {
     broker: Arc<Broker>,
     access: Access,
+    /// Benchmarks only: Send answers at once, storing nothing (`Config::answer_sends_without_storing`).
+    floor: bool,
 }
 
 impl SeedService {
     pub fn new(broker: Arc<Broker>) -> Self {
         let access = Access::new(Arc::clone(&broker));
-        Self { broker, access }
+        Self {
+            broker,
+            access,
+            floor: false,
+        }
+    }
+
+    /// Benchmarks only: Send answers at once, storing nothing.
+    pub fn answering_sends_without_storing(mut self, on: bool) -> Self {
+        self.floor = on;
+        self
     }
 }
 
@@ -48,6 +60,9 @@ impl pb::broker_server::Broker for SeedService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        if self.floor {
+            return Ok(Response::new(pb::SendResponse { success: true }));
+        }
         let caller = caller(&request)?;
         let msg = request
             .into_inner()
