@@ -2122,3 +2122,268 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
         }
     });
 }
+
+/// Bytes of partition `partition`'s log files in node data directory `dir` (0 when it has
+/// none).
+fn partition_bytes(dir: &Path, partition: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir.join("topics").join(TOPIC).join(partition.to_string()))
+    else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// A topic whose replication factor is below the number of nodes: its partitions spread over
+/// the nodes (two of three each, every node holding as many), only those nodes store them,
+/// and every node serves every call on them alike — Sends through a node that holds none are
+/// acknowledged at the same dense offsets, Subscribe through it reads the same records (from
+/// the start, and following the tail), DescribeTopic shows the same replicas, leader and end;
+/// with one of a partition's nodes down, the other still serves its reads through every node.
+/// A factor above the number of nodes, or 0, is refused with `INVALID_ARGUMENT`.
+#[test]
+fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let mut cluster = TestCluster::start();
+    let partitions = 3u32;
+    rt.block_on(async {
+        let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
+        for factor in [4, 0] {
+            let refused = admin
+                .create_topic(pb::CreateTopicRequest {
+                    name: "too-many".into(),
+                    settings: Some(pb::TopicSettings {
+                        replication_factor: Some(factor),
+                        ..pb::TopicSettings::default()
+                    }),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+            assert!(
+                refused.message().contains("replication_factor"),
+                "{refused}"
+            );
+        }
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions,
+                    replication_factor: Some(2),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+    });
+    // Every node describes the same placement: two distinct nodes per partition, each node
+    // holding two partitions.
+    let placement: Vec<Vec<u64>> = rt.block_on(async {
+        let d = describe(&cluster.addr(0)).await.unwrap();
+        assert_eq!(
+            d.settings.unwrap().replication_factor,
+            Some(2),
+            "the factor is kept with the topic"
+        );
+        d.partitions.iter().map(|p| p.replicas.clone()).collect()
+    });
+    let mut held = [0; 3];
+    for replicas in &placement {
+        let distinct: BTreeSet<u64> = replicas.iter().copied().collect();
+        assert_eq!(distinct.len(), 2, "{placement:?}");
+        for r in replicas {
+            held[*r as usize - 1] += 1;
+        }
+    }
+    assert_eq!(held, [2, 2, 2], "{placement:?}");
+    // Sends through every node, to every partition: 10 each, round the nodes.
+    let per = 30u64;
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..3 {
+            clients.push(BrokerClient::new(connect(&cluster.addr(i)).await.unwrap()));
+        }
+        for p in 0..partitions {
+            for n in 0..per {
+                let through = (n % 3) as usize;
+                let placed = clients[through]
+                    .send(pb::SendRequest {
+                        topic: TOPIC.into(),
+                        messages: vec![pb::Message {
+                            value: Some(format!("{p}-{n}").into_bytes().into()),
+                            partition: Some(p),
+                            ..pb::Message::default()
+                        }],
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("send {p}-{n} through node {}: {e}", through + 1))
+                    .into_inner();
+                assert_eq!(placed.positions[0].partition, p);
+                assert_eq!(placed.positions[0].offset, n, "dense offsets, in order");
+            }
+        }
+    });
+    // Every node describes and reads the same: replicas, leader among them, end, records.
+    rt.block_on(async {
+        for i in 0..3 {
+            let d = describe(&cluster.addr(i)).await.unwrap();
+            for (p, part) in d.partitions.iter().enumerate() {
+                assert_eq!(part.replicas, placement[p], "node {} partition {p}", i + 1);
+                assert!(
+                    part.leader.is_some_and(|l| placement[p].contains(&l)),
+                    "node {} partition {p}: leader {:?}",
+                    i + 1,
+                    part.leader
+                );
+                assert_eq!(part.next_offset, per, "node {} partition {p}", i + 1);
+                let read = read_all(&cluster.addr(i), p as u32, per).await;
+                let want: Vec<(u64, String)> = (0..per).map(|n| (n, format!("{p}-{n}"))).collect();
+                assert_eq!(read, want, "node {} partition {p}", i + 1);
+            }
+        }
+    });
+    // Only the nodes holding a partition store its records (another keeps at most an empty
+    // segment: its header).
+    for (p, replicas) in placement.iter().enumerate() {
+        let stored = partition_bytes(&cluster.nodes[replicas[0] as usize - 1].dir, p as u32);
+        assert!(stored > per * 4, "partition {p} holds its {per} records");
+        for i in 0..3u64 {
+            let bytes = partition_bytes(&cluster.nodes[i as usize].dir, p as u32);
+            if replicas.contains(&(i + 1)) {
+                assert!(bytes > per * 4, "node {} holds partition {p}", i + 1);
+            } else {
+                assert!(
+                    bytes < stored / 10,
+                    "node {} holds no replica of partition {p}",
+                    i + 1
+                );
+            }
+        }
+    }
+    // A subscriber on a node holding no replica of partition 0 follows its tail.
+    let outsider = (1..=3u64).find(|n| !placement[0].contains(n)).unwrap() as usize - 1;
+    let replica = placement[0][0] as usize - 1;
+    rt.block_on(async {
+        let mut client = BrokerClient::new(connect(&cluster.addr(outsider)).await.unwrap());
+        let mut stream = client
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                partitions: vec![0],
+                start: Some(pb::StartPosition {
+                    kind: Some(pb::start_position::Kind::Latest(true)),
+                }),
+                limit: 5,
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut sender = BrokerClient::new(connect(&cluster.addr(replica)).await.unwrap());
+        for n in per..per + 5 {
+            sender
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        value: Some(format!("0-{n}").into_bytes().into()),
+                        partition: Some(0),
+                        ..pb::Message::default()
+                    }],
+                })
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        while let Some(batch) = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .expect("the tail reached the subscriber")
+            .unwrap()
+        {
+            seen.extend(batch.deliveries.into_iter().map(|d| d.offset));
+        }
+        assert_eq!(seen, (per..per + 5).collect::<Vec<_>>());
+    });
+    // One of partition 0's nodes down: the other still serves its reads, through the outsider.
+    let other = placement[0][1] as usize - 1;
+    cluster.kill(replica);
+    rt.block_on(async {
+        let read = read_all(&cluster.addr(outsider), 0, per + 5).await;
+        assert_eq!(read.len() as u64, per + 5);
+        assert_eq!(read.last().unwrap().1, format!("0-{}", per + 4));
+        let read = read_all(&cluster.addr(other), 0, per + 5).await;
+        assert_eq!(read.len() as u64, per + 5);
+    });
+    // Back: a Send through the outsider finds the partition's leader again (the one it saw last
+    // may be the node that went down, or no longer lead) and is acknowledged at the next offset.
+    cluster.restart(replica);
+    rt.block_on(async {
+        let mut client = BrokerClient::new(connect(&cluster.addr(outsider)).await.unwrap());
+        let placed = client
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::Message {
+                    value: Some(b"after".to_vec().into()),
+                    partition: Some(0),
+                    ..pb::Message::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(placed.positions[0].offset, per + 5);
+        let read = read_all(&cluster.addr(replica), 0, per + 6).await;
+        assert_eq!(read.last().unwrap(), &(per + 5, "after".to_string()));
+    });
+    // The outsider restarted (before it knows the catalog again) joins only the groups it
+    // holds: it still stores nothing of partition 0 and still serves it.
+    cluster.kill(outsider);
+    cluster.restart(outsider);
+    rt.block_on(async {
+        let mut client = BrokerClient::new(connect(&cluster.addr(outsider)).await.unwrap());
+        let sent = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let send = client.send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: vec![pb::Message {
+                        value: Some(b"restarted".to_vec().into()),
+                        partition: Some(0),
+                        ..pb::Message::default()
+                    }],
+                });
+                match send.await {
+                    Ok(r) => return r.into_inner().positions[0].offset,
+                    // Not open here yet (the catalog not known again): nothing was stored.
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(s) => panic!("{s}"),
+                }
+            }
+        })
+        .await
+        .expect("the restarted outsider takes Sends again");
+        assert_eq!(sent, per + 6);
+        let read = read_all(&cluster.addr(outsider), 0, per + 7).await;
+        assert_eq!(read.last().unwrap(), &(per + 6, "restarted".to_string()));
+    });
+    let stored = partition_bytes(&cluster.nodes[replica].dir, 0);
+    let outside = partition_bytes(&cluster.nodes[outsider].dir, 0);
+    assert!(
+        outside < stored / 10,
+        "the outsider stores none of partition 0"
+    );
+    let vote = cluster.nodes[outsider]
+        .dir
+        .join("topics")
+        .join(TOPIC)
+        .join("0")
+        .join("raft");
+    assert!(
+        !vote.exists(),
+        "the outsider never took part in partition 0's group"
+    );
+}

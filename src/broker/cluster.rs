@@ -34,8 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tls::cluster_tls;
-use crate::replication::catalog::{Catalog, Command, group_name};
+use crate::replication::catalog::{Catalog, Command, group_name, place};
 use crate::replication::config::Members;
+use crate::replication::reads::GroupLog;
 use crate::replication::status::{self, ClusterView};
 use crate::replication::write::{Forwarder, Proposals, wait_for_leader};
 use crate::replication::{
@@ -48,7 +49,7 @@ use super::audit::AUDIT_TOPIC;
 use super::blocking::blocking;
 use super::error::{Error, Result};
 use super::settings::Settings;
-use super::topic::{PartitionHandle, Topic};
+use super::topic::{PartitionDescription, PartitionHandle, Topic};
 use super::topics::{CreateRequest, Topics};
 use super::upgrade::{IDENTITY_FILE, PRE_CLUSTER};
 
@@ -254,12 +255,15 @@ impl Cluster {
                 tracing::error!(error = %e, "the cluster port stopped");
             }
         });
-        cluster.initialize(&cluster.meta, META_GROUP, None).await?;
+        let everyone: Vec<u64> = cluster.members.peers.keys().copied().collect();
+        cluster
+            .initialize(&cluster.meta, META_GROUP, None, &everyone)
+            .await?;
         // The groups of the topics this node already holds, before the catalog is known again
         // (it is rebuilt from the metadata log once a leader says what is committed).
         for topic in topics.all() {
             if &*topic.name != AUDIT_TOPIC {
-                cluster.join_topic(&topic).await?;
+                cluster.join_topic(&topic, true).await?;
             }
         }
         let (create_tx, create_rx) = mpsc::channel(64);
@@ -400,17 +404,8 @@ impl Cluster {
         self.caught_up.send_replace(true);
     }
 
-    /// Every founding member, as Raft knows them: by id. Addresses are each node's own
-    /// configuration ([`Peers`]), so the first entry of a group is the same on every node.
-    fn voters(&self) -> BTreeMap<u64, BasicNode> {
-        self.members
-            .peers
-            .keys()
-            .map(|&id| (id, BasicNode::default()))
-            .collect()
-    }
-
-    /// Initialises a group with every founding member unless it already is. One founder,
+    /// Initialises a group with `members` (every node for the metadata group, a partition's
+    /// replicas' nodes for its group) unless it already is. One founder,
     /// chosen by the group's name (so first leaders spread over the nodes), does so at once and
     /// so becomes the group's first leader; each other founder waits a random E to 2 E first
     /// (in the background) and does nothing if the group formed meanwhile. Founders that
@@ -423,6 +418,7 @@ impl Cluster {
         raft: &Raft<PartitionRaft>,
         group: &str,
         formed_by: Option<u64>,
+        members: &[u64],
     ) -> Result<()> {
         if formed_by.is_some_and(|n| n != self.members.node_id) {
             return Ok(());
@@ -434,7 +430,12 @@ impl Cluster {
         if initialized {
             return Ok(());
         }
-        let voters = self.voters();
+        // As Raft knows them: by id. Addresses are each node's own configuration ([`Peers`]),
+        // so the first entry of a group is the same on every node.
+        let voters: BTreeMap<u64, BasicNode> = members
+            .iter()
+            .map(|&id| (id, BasicNode::default()))
+            .collect();
         let ids: Vec<u64> = voters.keys().copied().collect();
         let first = ids[crc32fast::hash(group.as_bytes()) as usize % ids.len().max(1)];
         if first == self.members.node_id {
@@ -455,19 +456,91 @@ impl Cluster {
         Ok(())
     }
 
-    /// Joins the group of every partition of `topic` this node does not run yet.
-    async fn join_topic(&self, topic: &Arc<Topic>) -> Result<()> {
+    /// The nodes holding partition `partition` of `topic`: as the catalog places it, or every
+    /// node for a topic the catalog does not know (yet).
+    fn replicas_of(&self, topic: &Topic, partition: u32) -> Vec<u64> {
+        let catalog = self.catalog.borrow();
+        match catalog.topics.get(&*topic.name) {
+            Some(t) if t.config.incarnation == topic.config.incarnation => {
+                t.replicas_of(partition).to_vec()
+            }
+            _ => self.members.peers.keys().copied().collect(),
+        }
+    }
+
+    /// Partition `partition` (group `group`), which this node holds no replica of, as a node of
+    /// `replicas` describes it.
+    pub async fn describe_remote(
+        &self,
+        group: &str,
+        partition: u32,
+        replicas: &[u64],
+    ) -> Result<PartitionDescription> {
+        let req = crate::proto::cluster::ReadRequest {
+            group: group.to_string(),
+            ..Default::default()
+        };
+        let state = self
+            .forwarder
+            .read_remote(replicas, req, STATUS_DEADLINE)
+            .await
+            .map_err(|s| {
+                Error::Unavailable(format!(
+                    "partition {group:?} is held by nodes {replicas:?}, none of which answered: {}",
+                    s.message()
+                ))
+            })?;
+        let mut replicas = replicas.to_vec();
+        replicas.sort_unstable(); // as a member lists its group's voters
+        Ok(PartitionDescription {
+            partition,
+            first_offset: state.log_start,
+            next_offset: state.high_water,
+            size_bytes: state.size_bytes,
+            segments: state.segments,
+            held_bytes: 0,
+            held_by: None,
+            leader: state.leader,
+            replicas,
+        })
+    }
+
+    /// Joins the group of every partition of `topic` this node holds and does not run yet, as
+    /// the catalog places them. `at_start`: before the catalog is known again, only the groups
+    /// this node was a member of (its vote or entries are in the partition's directory), and
+    /// none is formed: the catalog says later which others it holds, and with whom.
+    async fn join_topic(&self, topic: &Arc<Topic>, at_start: bool) -> Result<()> {
         let _joining = self.joining.lock().await;
         for handle in &topic.partitions {
             let group = topic.group_name(handle.id);
             if handle.replica.get().is_some() {
                 continue;
             }
+            let members = if at_start {
+                if !was_member(handle) {
+                    continue;
+                }
+                None
+            } else {
+                let members = self.replicas_of(topic, handle.id);
+                if !members.contains(&self.members.node_id) {
+                    let _ = handle.remote.set(members);
+                    continue;
+                }
+                Some(members)
+            };
             let keep = topic.config.delete_retention_ms;
             let raft = self.start_group(&group, handle, keep).await?;
-            self.initialize(&raft, &group, topic.config.formed_by)
-                .await?;
+            if let Some(members) = members {
+                self.initialize(&raft, &group, topic.config.formed_by, &members)
+                    .await?;
+            }
             self.service.add(group.clone(), raft.clone());
+            let log = GroupLog {
+                log: Arc::clone(&handle.log),
+                high_water: handle.high_water.clone(),
+            };
+            self.service.add_log(group.clone(), log);
             let _ = handle.replica.set(raft.clone());
             self.running().insert(group, raft);
         }
@@ -705,7 +778,7 @@ impl Cluster {
                     self.topics.existing(name)?
                 }
             };
-            self.join_topic(&topic).await?;
+            self.join_topic(&topic, false).await?;
         }
         Ok(())
     }
@@ -765,8 +838,9 @@ impl Cluster {
         match applied {
             Some(c) => {
                 self.reconcile(&c).await?;
-                let groups: Vec<String> = (0..partitions)
-                    .map(|p| group_name(name, p, incarnation))
+                let everyone: Vec<u64> = self.members.peers.keys().copied().collect();
+                let groups: Vec<(String, Vec<u64>)> = (0..partitions)
+                    .map(|p| (group_name(name, p, incarnation), everyone.clone()))
                     .collect();
                 self.until_peers(&groups, false).await;
                 Ok(())
@@ -806,11 +880,12 @@ impl Cluster {
         Ok(applied.ok().and_then(|r| r.ok()))
     }
 
-    /// Waits, up to the write timeout, until every other node that answers runs `groups`
-    /// (`present`) or none of them: a topic created or deleted through this node is so on every
-    /// running node when the call returns. A node that does not answer catches up when it is
-    /// back.
-    async fn until_peers(&self, groups: &[String], present: bool) {
+    /// Waits, up to the write timeout, until every other node that answers runs those of
+    /// `groups` it holds (each group with its replicas' nodes), each with a known leader
+    /// (`present`), or none of them: a topic created or deleted through this node is so on
+    /// every running node when the call returns. A node that does not answer catches up when
+    /// it is back.
+    async fn until_peers(&self, groups: &[(String, Vec<u64>)], present: bool) {
         let me = self.members.node_id;
         let until = tokio::time::Instant::now() + self.write_timeout;
         for &id in self.members.peers.keys().filter(|&&id| id != me) {
@@ -818,8 +893,14 @@ impl Cluster {
                 let Ok(report) = self.forwarder.status(id, STATUS_DEADLINE).await else {
                     break;
                 };
-                let runs = |g: &String| report.groups.iter().any(|r| &r.group == g);
-                if groups.iter().all(|g| runs(g) == present) {
+                let runs = |g: &String| {
+                    report
+                        .groups
+                        .iter()
+                        .any(|r| &r.group == g && (!present || r.leader.is_some()))
+                };
+                let held = groups.iter().filter(|(_, on)| on.contains(&id));
+                if held.map(|(g, _)| g).all(|g| runs(g) == present) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -867,6 +948,8 @@ impl Cluster {
                     config: topic.config.clone(),
                     replicas: self.members.peers.keys().copied().collect(),
                     first_offsets: topic.partitions.iter().map(|h| h.log.log_start()).collect(),
+                    // Every node: the data starts on this one, whatever the factor.
+                    placement: Vec::new(),
                 };
                 let committed = self
                     .commit_to_catalog(command, |c| {
@@ -912,14 +995,32 @@ impl Cluster {
         // Ids are refused in cluster mode (not yet replicated): no id index to keep.
         config.dedup_window_ms = 0;
         config.formed_by = None;
-        if self.catalog.borrow().topics.contains_key(name) {
-            return Err(storage::Error::TopicExists(name.to_string()).into());
+        let nodes: Vec<u64> = self.members.peers.keys().copied().collect();
+        let factor = config
+            .replication_factor
+            .unwrap_or(self.members.replication_factor);
+        if factor == 0 || factor as usize > nodes.len() {
+            return Err(storage::Error::InvalidConfig(format!(
+                "replication_factor = {factor} must be between 1 and the number of nodes ({})",
+                nodes.len()
+            ))
+            .into());
         }
+        config.replication_factor = Some(factor);
+        let turn = {
+            let catalog = self.catalog.borrow();
+            if catalog.topics.contains_key(name) {
+                return Err(storage::Error::TopicExists(name.to_string()).into());
+            }
+            catalog.topics.len() + catalog.deleted.len()
+        };
+        let placement = place(&nodes, config.partitions, factor as usize, turn);
         let command = Command::CreateTopic {
             name: name.to_string(),
             config,
-            replicas: self.members.peers.keys().copied().collect(),
+            replicas: nodes,
             first_offsets: Vec::new(),
+            placement,
         };
         // Committed; created here once this node has applied it too (at once on the leader).
         let applied = self
@@ -929,17 +1030,18 @@ impl Cluster {
             Some(c) => {
                 self.reconcile(&c).await?;
                 // Ready for Sends when the call returns: each partition's group has elected
-                // its first leader, and every node that answers runs it.
+                // its first leader, and every node of its replicas that answers runs it and
+                // knows that leader.
                 if let Some(topic) = self.topics.get(name) {
                     for handle in &topic.partitions {
                         if let Some(raft) = handle.replica.get() {
                             wait_for_leader(raft, self.write_timeout).await;
                         }
                     }
-                    let groups: Vec<String> = topic
+                    let groups: Vec<(String, Vec<u64>)> = topic
                         .partitions
                         .iter()
-                        .map(|h| topic.group_name(h.id))
+                        .map(|h| (topic.group_name(h.id), self.replicas_of(&topic, h.id)))
                         .collect();
                     self.until_peers(&groups, true).await;
                 }
@@ -972,6 +1074,16 @@ impl Cluster {
             tracing::error!(error = %e, "the metadata log did not close cleanly");
         }
     }
+}
+
+/// Whether this node took part in the partition's group before: it saved a vote (every member
+/// does on its first election or first entries) or holds entries (a founder that formed the
+/// group). A partition this node holds no replica of has neither: its log is an empty segment.
+fn was_member(handle: &PartitionHandle) -> bool {
+    let stats = handle.log.stats();
+    handle.log.dir().join(storage::raft_log::FILE_NAME).exists()
+        || stats.segments > 1
+        || stats.active_segment_bytes > storage::segment::LOG_HEADER_LEN
 }
 
 /// Forms a group with `voters` as its first members (its first entry, the same on every

@@ -141,6 +141,11 @@ impl Maintenance {
                     max_bytes: config.retention_bytes,
                     keep_from,
                 };
+                // Cluster mode, a partition this node holds no replica of: its nodes keep it
+                // (its leader decides), not this node's empty log.
+                if handle.remote.get().is_some() {
+                    continue;
+                }
                 let h = Arc::clone(handle);
                 let now = now_ms();
                 if let Some(cluster) = self.cluster.as_ref().filter(|_| h.replica.get().is_some()) {

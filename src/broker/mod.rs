@@ -357,11 +357,23 @@ impl Broker {
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
         let topic = self.topics.existing(name)?;
         let held = self.maintenance.maintain(Some(name), true).await?;
-        Ok(topic.describe(|p| {
+        let mut description = topic.describe(|p| {
             held.iter()
                 .find(|h| h.partition == p)
                 .map(|h| (h.outcome.held_bytes, h.held_by.clone()))
-        }))
+        });
+        // Cluster mode: a partition this node holds no replica of, as a node that holds one
+        // has it.
+        if let Some(cluster) = &self.cluster {
+            for (p, handle) in description.partitions.iter_mut().zip(&topic.partitions) {
+                if let Some(replicas) = handle.remote.get() {
+                    *p = cluster
+                        .describe_remote(&topic.group_name(handle.id), handle.id, replicas)
+                        .await?;
+                }
+            }
+        }
+        Ok(description)
     }
 
     /// The newest `limit` records of a topic that `keep` accepts, newest first (see
@@ -420,6 +432,7 @@ impl Broker {
             settings,
             &self.tasks,
             &self.shutdown,
+            self.cluster.as_ref().map(|c| c.forwarder()),
         )
         .await
     }

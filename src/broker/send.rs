@@ -504,22 +504,24 @@ async fn propose_planned(
     let mut pending = Vec::with_capacity(plan.len());
     for b in plan {
         let what = format!("partition {:?}/{}", topic.name, b.partition);
-        let Some(raft) = topic.partitions[b.partition as usize]
-            .replica
-            .get()
-            .cloned()
-        else {
+        let handle = &topic.partitions[b.partition as usize];
+        let (raft, remote) = (handle.replica.get().cloned(), handle.remote.get().cloned());
+        if raft.is_none() && remote.is_none() {
             return Err(Error::Unavailable(format!(
                 "{what} has not joined its Raft group yet; retry"
             )));
-        };
-        let bytes = b.batch.into_bytes();
+        }
+        let proposal = Proposal::Records(b.batch.into_bytes());
         let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
-            forwarder
-                .propose(&raft, &group, Proposal::Records(bytes), deadline)
-                .await
-                .map_err(|e| (what, e))
+            let outcome = match (raft, remote) {
+                (Some(raft), _) => forwarder.propose(&raft, &group, proposal, deadline).await,
+                (None, replicas) => {
+                    let replicas = replicas.unwrap_or_default();
+                    (forwarder.propose_remote(&group, &replicas, proposal, deadline)).await
+                }
+            };
+            outcome.map_err(|e| (what, e))
         });
         pending.push((b.partition, b.indexes, proposed));
     }

@@ -8,6 +8,7 @@
 //! when the subscriber leaves, and with an error when the topic is deleted or a read fails.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,18 @@ use tokio_util::task::TaskTracker;
 use super::error::{Error, Result};
 use super::message::{Deliveries, DeliveryBatch, Start};
 use super::topic::{PartitionHandle, Topic};
+use crate::proto::cluster as pb;
+use crate::replication::write::Forwarder;
+use crate::storage::record::Decoded;
+use crate::storage::{self, Batch};
+
+/// How long a read of a partition this node holds no replica of waits at the end of the log
+/// for more, on the node that holds one.
+const REMOTE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long such a read may take in all before the subscription ends with `UNAVAILABLE`
+/// (every node holding the partition down or cut off).
+const REMOTE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How subscriptions buffer and read.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +42,8 @@ pub struct SubscriptionSettings {
 
 /// Starts a subscription to `partitions` of `topic` (all when empty) at `start`; errors in its
 /// arguments (unknown partition, offset out of range) come back here, before any delivery. Its
-/// readers run on `tasks` and end with `stop`.
+/// readers run on `tasks` and end with `stop`. In cluster mode, a partition this node holds no
+/// replica of is read from a node that holds one, through `remote`.
 pub async fn subscribe(
     topic: Arc<Topic>,
     partitions: Vec<u32>,
@@ -37,6 +51,7 @@ pub async fn subscribe(
     settings: SubscriptionSettings,
     tasks: &TaskTracker,
     stop: &CancellationToken,
+    remote: Option<&Arc<Forwarder>>,
 ) -> Result<mpsc::Receiver<DeliveryBatch>> {
     let count = topic.partitions.len() as u32;
     let mut chosen: Vec<u32> = if partitions.is_empty() {
@@ -56,14 +71,26 @@ pub async fn subscribe(
                 partition: p,
                 count,
             })?;
-        let offset = handle.start_offset(start).await?;
-        starts.push((Arc::clone(handle), offset));
+        let source = match (handle.remote.get(), remote) {
+            (Some(replicas), Some(forwarder)) => Source::Remote(Arc::new(Remote {
+                forwarder: Arc::clone(forwarder),
+                replicas: replicas.clone(),
+                group: topic.group_name(p),
+            })),
+            _ => Source::Local,
+        };
+        let offset = match &source {
+            Source::Local => handle.start_offset(start).await?,
+            Source::Remote(r) => r.start_offset(start).await?,
+        };
+        starts.push((Arc::clone(handle), offset, source));
     }
     let (tx, rx) = mpsc::channel(settings.buffer);
-    for (handle, offset) in starts {
+    for (handle, offset, source) in starts {
         let pump = Pump {
             topic: Arc::clone(&topic),
             handle,
+            source,
             cursor: offset,
             tx: tx.clone(),
             stop: stop.child_token(),
@@ -74,9 +101,88 @@ pub async fn subscribe(
     Ok(rx)
 }
 
+/// Where a partition's records come from.
+enum Source {
+    /// This node's log.
+    Local,
+    /// A node holding a replica (this node holds none).
+    Remote(Arc<Remote>),
+}
+
+struct Remote {
+    forwarder: Arc<Forwarder>,
+    /// The nodes holding the partition.
+    replicas: Vec<u64>,
+    group: String,
+}
+
+impl Remote {
+    async fn read(
+        &self,
+        offset: Option<u64>,
+        timestamp_ms: Option<i64>,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<pb::ReadResponse> {
+        let req = pb::ReadRequest {
+            group: self.group.clone(),
+            offset,
+            timestamp_ms,
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        match self
+            .forwarder
+            .read_remote(&self.replicas, req, wait + REMOTE_DEADLINE)
+            .await
+        {
+            Ok(r) => Ok(r),
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                // Say what the range is, as a local read would.
+                let state = Box::pin(self.read(None, None, 0, Duration::ZERO)).await?;
+                Err(storage::Error::OffsetOutOfRange {
+                    requested: offset.unwrap_or_default(),
+                    start: state.log_start,
+                    end: state.high_water,
+                }
+                .into())
+            }
+            Err(s) => Err(Error::Unavailable(format!(
+                "partition {:?} is held by nodes {:?}, none of which answered: {}",
+                self.group,
+                self.replicas,
+                s.message()
+            ))),
+        }
+    }
+
+    /// [`PartitionHandle::start_offset`], from a node holding the partition.
+    async fn start_offset(&self, start: Start) -> Result<u64> {
+        let at = match start {
+            Start::Timestamp(ts) => Some(ts),
+            _ => None,
+        };
+        let state = self.read(None, at, 0, Duration::ZERO).await?;
+        let (first, end) = (state.log_start, state.high_water);
+        match start {
+            Start::Earliest => Ok(first),
+            Start::Latest => Ok(end),
+            Start::Offset(o) if o < first || o > end => Err(storage::Error::OffsetOutOfRange {
+                requested: o,
+                start: first,
+                end,
+            }
+            .into()),
+            Start::Offset(o) => Ok(o),
+            Start::Timestamp(_) => Ok(state.from.unwrap_or(end)),
+        }
+    }
+}
+
 struct Pump {
     pub topic: Arc<Topic>,
     pub handle: Arc<PartitionHandle>,
+    source: Source,
     pub cursor: u64,
     pub tx: mpsc::Sender<DeliveryBatch>,
     pub stop: CancellationToken,
@@ -92,6 +198,10 @@ impl Pump {
     }
 
     async fn pump(&mut self) -> Result<()> {
+        if let Source::Remote(remote) = &self.source {
+            let remote = Arc::clone(remote);
+            return self.pump_remote(&remote).await;
+        }
         let mut watch = self.handle.high_water.clone();
         loop {
             watch.borrow_and_update();
@@ -121,6 +231,45 @@ impl Pump {
             let Some(last) = batches.last() else {
                 continue;
             };
+            self.cursor = last.header().next_offset();
+            let deliveries = Deliveries::Log {
+                partition: self.handle.id,
+                batches,
+                from,
+            };
+            self.deliver(deliveries).await?;
+        }
+    }
+
+    /// [`Pump::pump`] from a node holding the partition: each read waits there at the end of
+    /// the log for more.
+    async fn pump_remote(&mut self, remote: &Remote) -> Result<()> {
+        loop {
+            let read = remote.read(Some(self.cursor), None, self.batch_bytes, REMOTE_WAIT);
+            let r = tokio::select! {
+                r = read => r?,
+                () = self.tx.closed() => return Ok(()),
+                () = self.stop.cancelled() => return Ok(()),
+                () = self.topic.deleted.cancelled() => {
+                    return Err(Error::TopicDeleted(self.topic.name.to_string()));
+                }
+            };
+            let mut batches = Vec::with_capacity(r.batches.len());
+            for bytes in &r.batches {
+                match Batch::decode(bytes) {
+                    Decoded::Valid(b) => batches.push(b),
+                    _ => {
+                        return Err(Error::Internal(format!(
+                            "partition {:?}: a node sent a batch that does not decode",
+                            remote.group
+                        )));
+                    }
+                }
+            }
+            let Some(last) = batches.last() else {
+                continue;
+            };
+            let from = self.cursor;
             self.cursor = last.header().next_offset();
             let deliveries = Deliveries::Log {
                 partition: self.handle.id,

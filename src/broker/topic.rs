@@ -63,6 +63,9 @@ pub struct PartitionHandle {
     /// Cluster mode: the partition's Raft group, once this node has joined it. Sends are
     /// proposed to it (the log is written by Raft), and are refused until it is set.
     pub replica: OnceLock<openraft::Raft<PartitionRaft>>,
+    /// Cluster mode, a partition this node holds no replica of: the nodes that do. Sends go to
+    /// its leader among them, reads come from one of them; the local log stays empty.
+    pub remote: OnceLock<Vec<u64>>,
 }
 
 #[derive(Debug)]
@@ -122,6 +125,7 @@ impl Topic {
                 high_water: rx,
                 permits: Arc::new(Semaphore::new(permits)),
                 replica: OnceLock::new(),
+                remote: OnceLock::new(),
             }));
         }
         let dedup = if config.dedup_window_ms > 0 {

@@ -219,6 +219,13 @@ impl Topics {
         }
         config.sanitize()?;
         let Some(cluster) = self.replicated.get() else {
+            if let Some(factor) = config.replication_factor.filter(|&f| f != 1) {
+                return Err(storage::Error::InvalidConfig(format!(
+                    "replication_factor = {factor}: this broker is a single node, which holds \
+                     one copy (docs/replication.md)"
+                ))
+                .into());
+            }
             return self.create_local(name, config, &[]).await;
         };
         if self.get(name).is_some() {

@@ -324,6 +324,9 @@ pub enum TopicsCommand {
         /// How long message ids are remembered, in ms (0: no idempotent Send). Default 24 h.
         #[arg(long)]
         dedup_window_ms: Option<u64>,
+        /// Cluster mode: nodes holding each partition. Default: the cluster's setting.
+        #[arg(long)]
+        replication_factor: Option<u32>,
     },
     /// List topics.
     List {

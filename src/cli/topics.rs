@@ -21,6 +21,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
             retention_bytes,
             segment_bytes,
             dedup_window_ms,
+            replication_factor,
         } => {
             let mut client = AdminClient::new(link(&broker).await?);
             let cleanup_policy = if compact {
@@ -38,6 +39,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<(), CliError> {
                         cleanup_policy: cleanup_policy as i32,
                         segment_bytes,
                         dedup_window_ms,
+                        replication_factor,
                     }),
                 })
                 .await?;

@@ -18,8 +18,12 @@ use crate::storage::record::{Batch, BatchHeader, Decoded, EncodedBatch, Record};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogTopic {
     pub config: TopicConfig,
-    /// The nodes holding every partition's replicas.
+    /// The nodes holding every partition's replicas, unless `placement` names them.
     pub replicas: Vec<u64>,
+    /// Per partition, the nodes holding its replicas (a topic whose replication factor is
+    /// below the number of nodes); empty: every partition on `replicas`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Vec<u64>>,
     /// Per partition, the offset its log starts at (none given: 0). Set for a topic a node
     /// brought from its single-node data (docs/replication.md, "Upgrading a single node"),
     /// whose log may start later; every other replica starts empty at the same offset.
@@ -35,6 +39,34 @@ pub struct Catalog {
     /// incarnation at or below it is gone.
     #[serde(default)]
     pub deleted: BTreeMap<String, u64>,
+}
+
+impl CatalogTopic {
+    /// The nodes holding partition `partition`'s replicas.
+    pub fn replicas_of(&self, partition: u32) -> &[u64] {
+        self.placement
+            .get(partition as usize)
+            .map_or(&self.replicas, |p| p)
+    }
+}
+
+/// Where a new topic's partitions go: the partitions' replicas are dealt to the nodes in id order,
+/// round the ring, starting at node `first`: partition `p`'s `factor` replicas are the nodes that
+/// follow one another from `first + p × factor`. Each node then holds as many replicas as any
+/// other, give or take one; `first` moves on from topic to topic so that small topics spread
+/// too. `factor` must be between 1 and the number of nodes.
+pub fn place(nodes: &[u64], partitions: u32, factor: usize, first: usize) -> Vec<Vec<u64>> {
+    let mut ring = nodes.to_vec();
+    ring.sort_unstable();
+    ring.dedup();
+    let n = ring.len().max(1);
+    (0..partitions as usize)
+        .map(|p| {
+            (0..factor.min(ring.len()))
+                .map(|k| ring[(first + p * factor + k) % n])
+                .collect()
+        })
+        .collect()
 }
 
 impl Catalog {
@@ -79,6 +111,9 @@ pub enum Command {
         replicas: Vec<u64>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         first_offsets: Vec<u64>,
+        /// Per partition, its replicas' nodes (see [`CatalogTopic::placement`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        placement: Vec<Vec<u64>>,
     },
     /// Deletes `incarnation` of the topic (a repeat, or an older incarnation, changes nothing).
     DeleteTopic { name: String, incarnation: u64 },
@@ -141,6 +176,7 @@ impl GroupState for Catalog {
                 config,
                 replicas,
                 first_offsets,
+                placement,
             } => {
                 let incarnation = self.deleted.get(&name).map_or(0, |d| d + 1);
                 // A single node's data joins only a name never used in the cluster: its
@@ -155,6 +191,7 @@ impl GroupState for Catalog {
                     },
                     replicas,
                     first_offsets,
+                    placement,
                 });
             }
             Command::DeleteTopic { name, incarnation } => {
@@ -186,6 +223,7 @@ mod tests {
             },
             replicas: vec![1, 2, 3],
             first_offsets: Vec::new(),
+            placement: Vec::new(),
         };
         let bytes = create.to_proposal(1).unwrap();
         assert_eq!(Command::from_proposal(&bytes).unwrap(), create);
@@ -198,6 +236,7 @@ mod tests {
             config: TopicConfig::default(),
             replicas: vec![1, 2, 3],
             first_offsets: Vec::new(),
+            placement: Vec::new(),
         };
         catalog.apply(&again.to_proposal(2).unwrap());
         assert_eq!(catalog.topics["epro"].config.partitions, 3);
@@ -215,6 +254,65 @@ mod tests {
         assert_eq!(catalog, before);
     }
 
+    /// Over node counts, factors, partition counts and turns: every partition gets `factor`
+    /// distinct nodes of the cluster; each node holds as many replicas as any other, give or take
+    /// one; the same arguments give the same placement in any node order; a catalog entry
+    /// without a placement puts every partition on its replicas.
+    #[test]
+    fn placement_spreads_replicas_evenly_over_distinct_nodes() {
+        for n in 1..=7u64 {
+            let nodes: Vec<u64> = (1..=n).map(|i| i * 10).collect();
+            let mut shuffled = nodes.clone();
+            shuffled.reverse();
+            for factor in 1..=n as usize {
+                for partitions in [1u32, 2, 3, 5, 8, 64] {
+                    for first in [0usize, 1, 5] {
+                        let placed = place(&nodes, partitions, factor, first);
+                        let what = format!(
+                            "{n} nodes, factor {factor}, {partitions} partitions, turn {first}"
+                        );
+                        assert_eq!(
+                            placed,
+                            place(&shuffled, partitions, factor, first),
+                            "{what}"
+                        );
+                        assert_eq!(placed.len(), partitions as usize, "{what}");
+                        let mut held = BTreeMap::<u64, usize>::new();
+                        for replicas in &placed {
+                            let mut distinct = replicas.clone();
+                            distinct.sort_unstable();
+                            distinct.dedup();
+                            assert_eq!(distinct.len(), factor, "{what}: {replicas:?}");
+                            assert!(replicas.iter().all(|r| nodes.contains(r)), "{what}");
+                            for r in replicas {
+                                *held.entry(*r).or_default() += 1;
+                            }
+                        }
+                        let counts: Vec<usize> = nodes
+                            .iter()
+                            .map(|id| held.get(id).copied().unwrap_or(0))
+                            .collect();
+                        let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+                        assert!(spread <= 1, "{what}: {held:?}");
+                    }
+                }
+            }
+        }
+        let everywhere = CatalogTopic {
+            config: TopicConfig::default(),
+            replicas: vec![1, 2, 3],
+            placement: Vec::new(),
+            first_offsets: Vec::new(),
+        };
+        assert_eq!(everywhere.replicas_of(5), &[1, 2, 3]);
+        let placed = CatalogTopic {
+            placement: place(&[1, 2, 3], 2, 2, 0),
+            ..everywhere
+        };
+        assert_eq!(placed.replicas_of(0), &[1, 2]);
+        assert_eq!(placed.replicas_of(1), &[3, 1]);
+    }
+
     /// Deletion and re-creation: each creation after a deletion is the next incarnation; a
     /// delete names the incarnation it removes (a stale or repeated one changes nothing); a
     /// topic held anywhere is stale once the catalog has seen its end, never before.
@@ -228,6 +326,7 @@ mod tests {
             },
             replicas: vec![1, 2, 3],
             first_offsets: Vec::new(),
+            placement: Vec::new(),
         };
         let delete = |incarnation| Command::DeleteTopic {
             name: "epro".into(),
@@ -269,6 +368,7 @@ mod tests {
             },
             replicas: vec![1, 2, 3],
             first_offsets: vec![40],
+            placement: Vec::new(),
         };
         let before = catalog.clone();
         apply(&mut catalog, adopted(1));

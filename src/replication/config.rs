@@ -137,13 +137,6 @@ impl ClusterConfig {
                 self.replication_factor
             ));
         }
-        if self.replication_factor != n {
-            return Err(format!(
-                "cluster.replication_factor = {} with {n} peers: this version places every \
-                 partition on every node, so the factor must be the number of peers",
-                self.replication_factor
-            ));
-        }
         if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
             return Err(format!(
                 "cluster.election_timeout_ms = {} must be at least three heartbeats \
@@ -239,10 +232,6 @@ mod tests {
             replication_factor: 4,
             ..cluster(1, "", &THREE)
         };
-        let partial = ClusterConfig {
-            replication_factor: 2,
-            ..cluster(1, "", &THREE)
-        };
         let timeouts = ClusterConfig {
             election_timeout_ms: 300,
             ..cluster(1, "", &THREE)
@@ -288,11 +277,6 @@ mod tests {
                 "cluster.listen",
             ),
             ("factor above peers", rf, "replication_factor"),
-            (
-                "factor below peers",
-                partial,
-                "every partition on every node",
-            ),
             ("election within heartbeats", timeouts, "three heartbeats"),
         ];
         for (what, config, says) in table {

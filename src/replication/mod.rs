@@ -12,6 +12,7 @@
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
 //! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
+//! | [`reads`]         | a partition's committed log for a node that holds no replica of it   |
 //! | [`status`]        | each node's report of its groups; the cluster's view merged from them |
 //! | [`catalog`]       | the metadata group's state: topics, settings, replicas; its commands |
 //!
@@ -33,6 +34,7 @@ pub mod log_store;
 )]
 pub mod network;
 pub mod peers;
+pub mod reads;
 pub mod service;
 #[allow(
     clippy::result_large_err,

@@ -10,6 +10,7 @@ use openraft::Raft;
 use tonic::{Request, Response, Status};
 
 use super::peers::Peers;
+use super::reads::GroupLog;
 use super::status;
 use super::types::{PartitionRaft, Proposal};
 use super::wire;
@@ -22,6 +23,8 @@ use crate::storage::EncodedBatch;
 #[derive(Clone)]
 pub struct RaftService {
     groups: Arc<RwLock<HashMap<String, Raft<PartitionRaft>>>>,
+    /// The logs of the partition groups, for nodes that hold no replica of them.
+    logs: Arc<RwLock<HashMap<String, GroupLog>>>,
     /// How long a forwarded proposal may wait to be committed.
     write_timeout: Duration,
     /// Where the peers are, to name a leader in a refusal.
@@ -44,6 +47,7 @@ impl Default for RaftService {
     fn default() -> Self {
         RaftService {
             groups: Arc::default(),
+            logs: Arc::default(),
             write_timeout: Duration::from_secs(10),
             peers: Peers::default(),
             proposals: Arc::default(),
@@ -86,8 +90,21 @@ impl RaftService {
         self.added.send_modify(|n| *n += 1);
     }
 
-    /// Stops routing the group's messages; they are answered `NOT_FOUND`.
+    /// Serves reads of the group's log to nodes that hold no replica of it.
+    pub fn add_log(&self, group: impl Into<String>, log: GroupLog) {
+        self.logs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.into(), log);
+    }
+
+    /// Stops routing the group's messages (and reads of its log); they are answered
+    /// `NOT_FOUND`.
     pub fn remove(&self, group: &str) -> Option<Raft<PartitionRaft>> {
+        self.logs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group);
         self.groups
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -226,6 +243,27 @@ impl pb::raft_server::Raft for RaftService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.status()))
+    }
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let req = request.into_inner();
+        let log = self
+            .logs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&req.group)
+            .cloned()
+            .ok_or_else(|| {
+                Status::not_found(format!("this node has no Raft group {:?}", req.group))
+            })?;
+        let leader = self
+            .group(&req.group)
+            .ok()
+            .and_then(|raft| raft.metrics().borrow().current_leader);
+        log.read(&req, leader).await.map(Response::new)
     }
 
     async fn propose(

@@ -72,6 +72,10 @@ pub async fn propose(
 /// and one entry per Send where a single node's writer pays one per group of them.
 pub const ROUNDS_IN_FLIGHT: usize = 2;
 
+/// How long a proposal to a group this node holds no replica of waits after every replica
+/// refused it (an election is under way), before it tries them again.
+const REMOTE_RETRY: Duration = Duration::from_millis(50);
+
 /// A merged entry takes waiting proposals up to about this many bytes (one larger than this
 /// goes alone).
 pub const MERGED_BYTES: usize = 1 << 20;
@@ -304,6 +308,8 @@ fn with_causes(status: &Status) -> String {
 pub struct Forwarder {
     peers: Peers,
     clients: Mutex<HashMap<String, RaftClient<Channel>>>,
+    /// The leader last seen, per group this node holds no replica of.
+    leaders: Mutex<HashMap<String, (u64, String)>>,
     /// The proposals of groups this node leads (shared with the cluster port's `Propose`).
     proposals: Arc<Proposals>,
 }
@@ -315,6 +321,7 @@ impl Forwarder {
         Forwarder {
             peers,
             clients: Mutex::default(),
+            leaders: Mutex::default(),
             proposals,
         }
     }
@@ -366,9 +373,128 @@ impl Forwarder {
             };
             match self.forward(group, &proposal, left, leader.clone()).await {
                 Forwarded::Answer(answer) => return answer,
-                Forwarded::Refused => gone = Some((id, term)),
+                Forwarded::Refused(_) => gone = Some((id, term)),
+                Forwarded::NoGroup => {
+                    return Err(WriteError::Stopped(format!(
+                        "node {id} no longer runs group {group:?}"
+                    )));
+                }
             }
         }
+    }
+
+    /// Proposes `proposal` to `group`, which this node holds no replica of, at its leader: the
+    /// one last seen, else each of `replicas` in turn until one answers or names the leader;
+    /// at most `deadline` in all. Refusals before proposing (down, not the leader, the group
+    /// not started there yet) move on to the next; a round of them all waits a little for an
+    /// election to end.
+    pub async fn propose_remote(
+        &self,
+        group: &str,
+        replicas: &[u64],
+        proposal: Proposal,
+        deadline: Duration,
+    ) -> Result<Applied, WriteError> {
+        let until = Instant::now() + deadline;
+        let mut hint = self.leaders().get(group).cloned();
+        let mut last_hint = hint.clone();
+        let (mut next, mut attempts) = (0usize, 0usize);
+        loop {
+            // Every replica (and a leader named) refused: an election is under way.
+            if attempts > 0 && attempts % (replicas.len() + 1) == 0 {
+                let left = until.saturating_duration_since(Instant::now());
+                tokio::time::sleep(REMOTE_RETRY.min(left)).await;
+            }
+            attempts += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || replicas.is_empty() {
+                return Err(WriteError::NoLeader(last_hint));
+            }
+            let target = match hint.take() {
+                Some(leader) => leader,
+                None => {
+                    let id = replicas[next % replicas.len()];
+                    next += 1;
+                    (id, self.peers.addr(id, ""))
+                }
+            };
+            match self.forward(group, &proposal, left, target.clone()).await {
+                Forwarded::Answer(answer) => {
+                    if answer.is_ok() {
+                        self.leaders().insert(group.to_string(), target);
+                    } else {
+                        self.leaders().remove(group);
+                    }
+                    return answer;
+                }
+                Forwarded::Refused(named) => {
+                    self.leaders().remove(group);
+                    hint = named.filter(|l| l.0 != target.0);
+                    if hint.is_some() {
+                        last_hint.clone_from(&hint);
+                    }
+                }
+                Forwarded::NoGroup => {}
+            }
+        }
+    }
+
+    /// Reads `req` from a node of `replicas` (the one that answered last, else each in turn), for
+    /// a group this node holds no replica of; at most `deadline` in all. A node that cannot
+    /// answer (down, cut off, the group not started there) is passed over; an answer that says
+    /// what is wrong with the request (`OUT_OF_RANGE`, ...) is returned as it is.
+    pub async fn read_remote(
+        &self,
+        replicas: &[u64],
+        req: pb::ReadRequest,
+        deadline: Duration,
+    ) -> Result<pb::ReadResponse, Status> {
+        let until = Instant::now() + deadline;
+        let answered = self.leaders().get(&req.group).map(|l| l.0);
+        let mut order: Vec<u64> = answered.into_iter().collect();
+        order.extend(replicas.iter().filter(|&&r| Some(r) != answered));
+        let mut last = Status::unavailable(format!(
+            "no node holding {:?} answered within {} ms",
+            req.group,
+            deadline.as_millis()
+        ));
+        for (k, &id) in order.iter().cycle().enumerate() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || order.is_empty() {
+                return Err(last);
+            }
+            if k > 0 && k % order.len() == 0 {
+                tokio::time::sleep(REMOTE_RETRY.min(left)).await;
+            }
+            let addr = self.peers.addr(id, "");
+            let mut client = self.client(&addr).map_err(|e| e.to_status())?;
+            let mut request = tonic::Request::new(req.clone());
+            request.set_timeout(left);
+            match tokio::time::timeout(left, client.read(request)).await {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    let leader = r.leader.unwrap_or(id);
+                    self.leaders()
+                        .insert(req.group.clone(), (leader, self.peers.addr(leader, "")));
+                    return Ok(r);
+                }
+                Ok(Err(s))
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::NotFound | Code::DeadlineExceeded | Code::Unknown
+                    ) =>
+                {
+                    last = s;
+                }
+                Ok(Err(s)) => return Err(s),
+                Err(_) => {}
+            }
+        }
+        Err(last)
+    }
+
+    fn leaders(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, String)>> {
+        self.leaders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Node `id`'s report of its groups, asked over its cluster port within `deadline`.
@@ -415,11 +541,17 @@ impl Forwarder {
                     offsets: r.base_offset.zip(r.last_offset),
                 })
             }
-            Err(s) if connection_refused(&s) => return Forwarded::Refused,
+            Err(s) if connection_refused(&s) => return Forwarded::Refused(None),
             // It no longer leads and proposed nothing: as good as down, for this proposal.
             Err(s) if s.metadata().contains_key(NOT_PROPOSED_METADATA) => {
-                return Forwarded::Refused;
+                let named = match WriteError::from_status(&s, deadline) {
+                    WriteError::NoLeader(leader) => leader,
+                    _ => None,
+                };
+                return Forwarded::Refused(named);
             }
+            // It runs no such group (not started yet, or the topic is gone): nothing proposed.
+            Err(s) if s.code() == Code::NotFound => return Forwarded::NoGroup,
             // Cut off from this node, or its group stopped: the proposal may have arrived.
             Err(s) if s.code() == Code::Unavailable => Err(WriteError::NoLeader(Some(leader))),
             Err(s) => Err(WriteError::from_status(&s, deadline)),
@@ -431,8 +563,10 @@ impl Forwarder {
 enum Forwarded {
     Answer(Result<Applied, WriteError>),
     /// Nothing was proposed: the leader's port refused the connection, or the node no longer
-    /// leads and said it proposed nothing.
-    Refused,
+    /// leads and said it proposed nothing (naming the leader it knows, if any).
+    Refused(Option<(u64, String)>),
+    /// Nothing was proposed: the node runs no such group.
+    NoGroup,
 }
 
 /// Whether a call failed because the peer refused the connection (so the request never left).

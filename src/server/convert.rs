@@ -97,6 +97,7 @@ pub fn settings_to_pb(c: &TopicConfig) -> pb::TopicSettings {
         },
         segment_bytes: c.segment_bytes,
         dedup_window_ms: Some(c.dedup_window_ms),
+        replication_factor: c.replication_factor,
     }
 }
 
@@ -121,6 +122,7 @@ pub fn settings_from_pb(s: Option<pb::TopicSettings>) -> Result<TopicConfig, Sta
         dedup_window_ms: s
             .dedup_window_ms
             .unwrap_or(TopicConfig::default().dedup_window_ms),
+        replication_factor: s.replication_factor,
         ..TopicConfig::default()
     })
 }

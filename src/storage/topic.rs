@@ -86,6 +86,10 @@ pub struct TopicConfig {
     /// none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub formed_by: Option<u64>,
+    /// Cluster mode: how many nodes hold each partition (a majority of them acknowledges a
+    /// Send). Default: none (the cluster's `replication_factor`); a single node takes only 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u32>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -105,6 +109,7 @@ impl Default for TopicConfig {
             dedup_window_ms: 24 * 3600 * 1000,
             incarnation: 0,
             formed_by: None,
+            replication_factor: None,
         }
     }
 }
