@@ -314,6 +314,21 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     assert_eq!(create("..", 1).await, Code::InvalidArgument);
     assert_eq!(create("big", 100_000).await, Code::InvalidArgument);
     assert_eq!(create("ok", 1).await, Code::AlreadyExists);
+    // A single node holds one copy: any other replication factor is refused.
+    for factor in [0, 2, 3] {
+        let refused = admin
+            .create_topic(pb::CreateTopicRequest {
+                name: "copies".into(),
+                settings: Some(pb::TopicSettings {
+                    replication_factor: Some(factor),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{factor}: {refused}");
+        assert!(refused.message().contains("single node"), "{refused}");
+    }
     let deleted = admin
         .delete_topic(pb::DeleteTopicRequest {
             name: "missing".into(),
@@ -335,6 +350,7 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
         .into_inner();
     assert_eq!(d.partitions[0].next_offset, 1);
     assert!(!dir.path().join("topics/big").exists());
+    assert!(!dir.path().join("topics/copies").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

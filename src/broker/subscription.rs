@@ -228,16 +228,7 @@ impl Pump {
                 .await
                 .map_err(|e| Error::Internal(format!("read task failed: {e}")))?
                 .map_err(|e| Error::from(e).in_partition(&self.topic.name, self.handle.id))?;
-            let Some(last) = batches.last() else {
-                continue;
-            };
-            self.cursor = last.header().next_offset();
-            let deliveries = Deliveries::Log {
-                partition: self.handle.id,
-                batches,
-                from,
-            };
-            self.deliver(deliveries).await?;
+            self.deliver_read(batches).await?;
         }
     }
 
@@ -266,18 +257,24 @@ impl Pump {
                     }
                 }
             }
-            let Some(last) = batches.last() else {
-                continue;
-            };
-            let from = self.cursor;
-            self.cursor = last.header().next_offset();
-            let deliveries = Deliveries::Log {
-                partition: self.handle.id,
-                batches,
-                from,
-            };
-            self.deliver(deliveries).await?;
+            self.deliver_read(batches).await?;
         }
+    }
+
+    /// Hands batches read at the cursor to the subscriber (none: nothing to do) and moves the
+    /// cursor past them.
+    async fn deliver_read(&mut self, batches: Vec<Batch>) -> Result<()> {
+        let Some(last) = batches.last() else {
+            return Ok(());
+        };
+        let from = self.cursor;
+        self.cursor = last.header().next_offset();
+        let deliveries = Deliveries::Log {
+            partition: self.handle.id,
+            batches,
+            from,
+        };
+        self.deliver(deliveries).await
     }
 
     /// Hands deliveries to the subscriber, waiting while its buffer is full.

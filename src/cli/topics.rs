@@ -88,7 +88,7 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
     let opt = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
     let mut out = format!(
         "topic {}\n  partitions={} cleanup={} retention_ms={} retention_bytes={} segment_bytes={} \
-         dedup_window_ms={}\n",
+         dedup_window_ms={}",
         d.name,
         s.partitions,
         cleanup_name(s.cleanup_policy),
@@ -98,6 +98,10 @@ fn describe_topic_text(d: &pb::DescribeTopicResponse) -> String {
             .map_or_else(|| "default".to_string(), |v| v.to_string()),
         s.dedup_window_ms.unwrap_or(0),
     );
+    if let Some(factor) = s.replication_factor {
+        out += &format!(" replication_factor={factor}");
+    }
+    out += "\n";
     let cluster = d.partitions.iter().any(|p| !p.replicas.is_empty());
     out += "  partition\tfirst\tnext\tbytes\tsegments\theld_back\theld_by";
     out += if cluster {
