@@ -1446,76 +1446,87 @@ fn compaction_is_decided_by_the_leader_and_every_replica_keeps_the_same_records(
 }
 
 /// Retention and compaction on demand (`Compact`) through a node that does not lead the
-/// partition: it decides from its own copy and proposes through the leader, and every replica
+/// partition — a follower of three, or a node holding none of the partition's two replicas: a
+/// node holding it decides from its own copy and proposes through the leader, and every replica
 /// applies the decision at once (no periodic pass runs in this test): the same first offset and
-/// the same records everywhere, as the node asked reported.
+/// the same records read through every node, as the node asked reported.
 #[test]
 fn retention_and_compaction_on_demand_through_any_node_apply_on_every_replica() {
-    runtime().block_on(async {
-        let cluster = TestCluster::start_with(&[
-            ("SLUICE_LOG_SEGMENT_BYTES", "4096"),
-            ("SLUICE_RETENTION_CHECK_MS", "3600000"),
-        ]);
-        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
-            .create_topic(pb::CreateTopicRequest {
-                name: TOPIC.into(),
-                settings: Some(pb::TopicSettings {
-                    partitions: 1,
-                    cleanup_policy: pb::CleanupPolicy::Compact as i32,
-                    retention_bytes: Some(8 * 4096),
-                    ..pb::TopicSettings::default()
-                }),
-            })
-            .await
-            .unwrap();
-        let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
-        let asked = (leader + 1) % 3;
-        let sent = send_keyed(&cluster.addr(leader), 500, 20).await;
-        let last = sent.last().unwrap().0;
-        readable_up_to(&cluster.addr(asked), last + 1, "before compacting").await;
-        let report = AdminClient::new(connect(&cluster.addr(asked)).await.unwrap())
-            .compact(pb::CompactRequest {
-                topic: TOPIC.into(),
-                dry_run: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let p = &report.partitions[0];
-        assert!(p.first_offset > 0, "retention dropped the oldest: {p:?}");
-        assert!(
-            p.records_dropped > 0,
-            "compaction dropped superseded records: {p:?}"
-        );
-        let first = p.first_offset;
-        let held = keyed(&cluster.addr(asked), last).await;
-        assert_eq!(
-            held.first().map(|r| r.0 >= first),
-            Some(true),
-            "{:?}",
-            held.first()
-        );
-        compacted_from(&held, &sent);
-        assert!(held.len() < sent.len() / 2, "{} records kept", held.len());
-        // Every other replica applies the same decisions, at once.
-        let agreed = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let mut same = true;
-                for i in 0..3 {
-                    same &= keyed(&cluster.addr(i), last).await == held;
-                }
-                if same {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+    for factor in [3, 2] {
+        runtime().block_on(compact_on_demand(factor));
+    }
+}
+
+async fn compact_on_demand(factor: u32) {
+    let cluster = TestCluster::start_with(&[
+        ("SLUICE_LOG_SEGMENT_BYTES", "4096"),
+        ("SLUICE_RETENTION_CHECK_MS", "3600000"),
+    ]);
+    AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+        .create_topic(pb::CreateTopicRequest {
+            name: TOPIC.into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 1,
+                cleanup_policy: pb::CleanupPolicy::Compact as i32,
+                retention_bytes: Some(8 * 4096),
+                replication_factor: Some(factor),
+                ..pb::TopicSettings::default()
+            }),
         })
-        .await;
-        assert!(
-            agreed.is_ok(),
-            "every replica holds what the node asked reported"
-        );
-    });
+        .await
+        .unwrap();
+    let leader = cluster.leader(0, 0, &[0, 1, 2]).await;
+    let replicas = describe(&cluster.addr(0)).await.unwrap().partitions[0]
+        .replicas
+        .clone();
+    let asked = (0..3)
+        .find(|&i| !replicas.contains(&(i as u64 + 1)))
+        .unwrap_or((leader + 1) % 3);
+    let sent = send_keyed(&cluster.addr(leader), 500, 20).await;
+    let last = sent.last().unwrap().0;
+    readable_up_to(&cluster.addr(asked), last + 1, "before compacting").await;
+    let report = AdminClient::new(connect(&cluster.addr(asked)).await.unwrap())
+        .compact(pb::CompactRequest {
+            topic: TOPIC.into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &report.partitions[0];
+    assert!(p.first_offset > 0, "retention dropped the oldest: {p:?}");
+    assert!(
+        p.records_dropped > 0,
+        "compaction dropped superseded records: {p:?}"
+    );
+    let first = p.first_offset;
+    let held = keyed(&cluster.addr(asked), last).await;
+    assert_eq!(
+        held.first().map(|r| r.0 >= first),
+        Some(true),
+        "{:?}",
+        held.first()
+    );
+    compacted_from(&held, &sent);
+    assert!(held.len() < sent.len() / 2, "{} records kept", held.len());
+    // Every other replica applies the same decisions, at once.
+    let agreed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut same = true;
+            for i in 0..3 {
+                same &= keyed(&cluster.addr(i), last).await == held;
+            }
+            if same {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        agreed.is_ok(),
+        "factor {factor}: every replica holds what the node asked reported"
+    );
 }
 
 /// Every message of partition 0 of `TOPIC` the node at `addr` serves, from the first offset.

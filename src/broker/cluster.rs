@@ -468,6 +468,33 @@ impl Cluster {
         }
     }
 
+    /// Serves the cluster port's `Maintain` with `maintainer` (the broker's maintenance).
+    pub fn serve_maintenance(&self, maintainer: crate::replication::service::Maintainer) {
+        self.service.serve_maintenance(maintainer);
+    }
+
+    /// Retention and compaction of group `group`'s partition, which this node holds no replica
+    /// of, decided now by a node of `replicas` (`dry_run`: what would be done).
+    pub async fn maintain_remote(
+        &self,
+        group: &str,
+        replicas: &[u64],
+        dry_run: bool,
+    ) -> Result<super::maintenance::PartitionMaintenance> {
+        let unavailable = |why: String| {
+            Error::Unavailable(format!(
+                "partition {group:?} is held by nodes {replicas:?}, none of which decided its \
+                 retention and compaction: {why}"
+            ))
+        };
+        let answer = self
+            .forwarder
+            .maintain_remote(group, replicas, dry_run, self.write_timeout)
+            .await
+            .map_err(|s| unavailable(s.message().to_string()))?;
+        serde_json::from_slice(&answer.report).map_err(|e| unavailable(e.to_string()))
+    }
+
     /// Partition `partition` (group `group`), which this node holds no replica of, as a node of
     /// `replicas` describes it.
     pub async fn describe_remote(

@@ -23,7 +23,7 @@ use super::topic::Topic;
 use super::topics::Topics;
 
 /// What maintenance did to one partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionMaintenance {
     pub topic: String,
     pub partition: u32,
@@ -99,16 +99,34 @@ impl Maintenance {
             Some(name) => vec![self.topics.existing(name)?],
             None => self.topics.open_topics(),
         };
-        self.maintain_topics(topics, dry_run, true).await
+        self.maintain_topics(topics, dry_run, true, None).await
+    }
+
+    /// [`Maintenance::maintain`] of partition `partition` of `topic` alone: what a node holding
+    /// it does when a node that holds none is asked (cluster mode, the cluster port's
+    /// `Maintain`).
+    pub async fn maintain_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        dry_run: bool,
+    ) -> Result<Option<PartitionMaintenance>> {
+        let topics = vec![self.topics.existing(topic)?];
+        let report = self
+            .maintain_topics(topics, dry_run, true, Some(partition))
+            .await?;
+        Ok(report.into_iter().next())
     }
 
     /// `on_demand`: asked for (the `Compact` call), so in a cluster this node decides for every
-    /// partition, not only those it leads.
+    /// partition, not only those it leads, and has a node holding each partition it holds no
+    /// replica of decide for that one. `only`: that partition of each topic alone.
     async fn maintain_topics(
         &self,
         topics: Vec<Arc<Topic>>,
         dry_run: bool,
         on_demand: bool,
+        only: Option<u32>,
     ) -> Result<Vec<PartitionMaintenance>> {
         let mut report = Vec::new();
         for topic in topics {
@@ -141,9 +159,17 @@ impl Maintenance {
                     max_bytes: config.retention_bytes,
                     keep_from,
                 };
+                if only.is_some_and(|p| p != handle.id) {
+                    continue;
+                }
                 // Cluster mode, a partition this node holds no replica of: its nodes keep it
-                // (its leader decides), not this node's empty log.
-                if handle.remote.get().is_some() {
+                // (its leader decides on its schedule), not this node's empty log; asked for,
+                // one of them decides now.
+                if let Some(replicas) = handle.remote.get() {
+                    if let (true, Some(cluster)) = (on_demand, &self.cluster) {
+                        let group = topic.group_name(handle.id);
+                        report.push(cluster.maintain_remote(&group, replicas, dry_run).await?);
+                    }
                     continue;
                 }
                 let h = Arc::clone(handle);
@@ -220,7 +246,7 @@ impl Maintenance {
     pub async fn periodic_retention(&self) -> Result<()> {
         let mut topics = self.topics.open_topics();
         topics.extend(self.topics.get(AUDIT_TOPIC));
-        for m in self.maintain_topics(topics, false, false).await? {
+        for m in self.maintain_topics(topics, false, false, None).await? {
             let dropped = m.outcome.log_start - m.outcome.log_start_before;
             if m.outcome.deleted_segments == 0
                 && m.compaction

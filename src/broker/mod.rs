@@ -213,6 +213,9 @@ impl Broker {
             Arc::clone(&audit),
             cluster.clone(),
         ));
+        if let Some(c) = &cluster {
+            c.serve_maintenance(maintainer(Arc::downgrade(&maintenance)));
+        }
         let retention_every = Duration::from_millis(settings.retention_check_ms);
         let broker = Arc::new(Broker {
             settings,
@@ -594,4 +597,29 @@ fn side_by_side<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
         }
         work();
     });
+}
+
+/// The cluster port's `Maintain` on this node's maintenance: the partition a group name stands
+/// for, maintained now, its report as JSON.
+fn maintainer(
+    maintenance: std::sync::Weak<Maintenance>,
+) -> crate::replication::service::Maintainer {
+    Arc::new(move |group: String, dry_run: bool| {
+        let maintenance = maintenance.clone();
+        Box::pin(async move {
+            let Some(m) = maintenance.upgrade() else {
+                return Err("the broker is shutting down".to_string());
+            };
+            let Some((topic, partition)) = crate::replication::catalog::parse_group_name(&group)
+            else {
+                return Err(format!("{group:?} names no partition"));
+            };
+            let report = m
+                .maintain_partition(topic, partition, dry_run)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("{group:?}: no such partition here"))?;
+            serde_json::to_vec(&report).map_err(|e| e.to_string())
+        })
+    })
 }

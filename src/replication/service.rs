@@ -19,6 +19,15 @@ use super::write::{NOT_PROPOSED_METADATA, Proposals, WriteError, known_leader};
 use crate::proto::cluster as pb;
 use crate::storage::EncodedBatch;
 
+/// Applies retention and compaction to a group's partition now (`dry_run`: reports only), for
+/// the cluster port's `Maintain`; its report as JSON, or why not. Set by the broker, which owns
+/// maintenance.
+pub type Maintainer = Arc<
+    dyn Fn(String, bool) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
 #[derive(Clone)]
 pub struct RaftService {
@@ -33,6 +42,8 @@ pub struct RaftService {
     proposals: Arc<Proposals>,
     /// Counts groups added: a message to a group not started yet waits for the next.
     added: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Serves `Maintain` once the broker has set it.
+    maintainer: Arc<std::sync::OnceLock<Maintainer>>,
 }
 
 /// How long a Raft message to a group this node has not started waits for it to start before it
@@ -52,6 +63,7 @@ impl Default for RaftService {
             peers: Peers::default(),
             proposals: Arc::default(),
             added: Arc::new(tokio::sync::watch::Sender::new(0)),
+            maintainer: Arc::default(),
         }
     }
 }
@@ -88,6 +100,11 @@ impl RaftService {
             .unwrap_or_else(|p| p.into_inner())
             .insert(group.into(), raft);
         self.added.send_modify(|n| *n += 1);
+    }
+
+    /// Serves `Maintain` with `maintainer` from now on (the first one set stays).
+    pub fn serve_maintenance(&self, maintainer: Maintainer) {
+        let _ = self.maintainer.set(maintainer);
     }
 
     /// Serves reads of the group's log to nodes that hold no replica of it.
@@ -134,7 +151,11 @@ impl RaftService {
 
     /// The group `name`, waiting up to [`GROUP_WAIT`] for it to be added.
     async fn started_group(&self, name: &str) -> Result<Raft<PartitionRaft>, Status> {
+        if let Ok(raft) = self.group(name) {
+            return Ok(raft); // every message but those of the first moments of a group
+        }
         let mut added = self.added.subscribe();
+        // Added between the lookup and the subscription: look again before waiting.
         if let Ok(raft) = self.group(name) {
             return Ok(raft);
         }
@@ -264,6 +285,23 @@ impl pb::raft_server::Raft for RaftService {
             .ok()
             .and_then(|raft| raft.metrics().borrow().current_leader);
         log.read(&req, leader).await.map(Response::new)
+    }
+
+    async fn maintain(
+        &self,
+        request: Request<pb::MaintainRequest>,
+    ) -> Result<Response<pb::MaintainResponse>, Status> {
+        let req = request.into_inner();
+        self.group(&req.group)?; // a group this node holds
+        let Some(maintainer) = self.maintainer.get() else {
+            return Err(Status::unavailable("this node is still starting"));
+        };
+        match maintainer(req.group, req.dry_run).await {
+            Ok(report) => Ok(Response::new(pb::MaintainResponse {
+                report: report.into(),
+            })),
+            Err(why) => Err(Status::internal(why)),
+        }
     }
 
     async fn propose(

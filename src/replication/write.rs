@@ -177,7 +177,8 @@ impl Proposals {
                 }
             };
             let Some(merged) = merged else {
-                // Not mergeable (no Send's are): each goes alone, answered as it would be.
+                // Not mergeable (a Send's batches always are; a forwarded one may not be): each
+                // goes alone, answered as it would be.
                 for w in taken {
                     let alone = Proposal::Records(w.batch);
                     let _ = w.answer.send(propose(raft, alone, deadline, peers).await);
@@ -439,23 +440,70 @@ impl Forwarder {
         }
     }
 
-    /// Reads `req` from a node of `replicas` (the one that answered last, else each in turn), for
-    /// a group this node holds no replica of; at most `deadline` in all. A node that cannot
-    /// answer (down, cut off, the group not started there) is passed over; an answer that says
-    /// what is wrong with the request (`OUT_OF_RANGE`, ...) is returned as it is.
+    /// Reads `req` from a node of `replicas` (see [`Forwarder::ask_replicas`]); the leader it
+    /// names is asked first next time.
     pub async fn read_remote(
         &self,
         replicas: &[u64],
         req: pb::ReadRequest,
         deadline: Duration,
     ) -> Result<pb::ReadResponse, Status> {
+        let group = req.group.clone();
+        let (r, id) = self
+            .ask_replicas(&group, replicas, deadline, |mut client, request| {
+                let req = req.clone();
+                async move { client.read(request.map(|()| req)).await }
+            })
+            .await?;
+        let leader = r.leader.unwrap_or(id);
+        self.leaders()
+            .insert(group, (leader, self.peers.addr(leader, "")));
+        Ok(r)
+    }
+
+    /// Asks a node of `replicas` to apply retention and compaction to group `group`'s
+    /// partition now, as a `Compact` call through it would (see [`Forwarder::ask_replicas`]).
+    pub async fn maintain_remote(
+        &self,
+        group: &str,
+        replicas: &[u64],
+        dry_run: bool,
+        deadline: Duration,
+    ) -> Result<pb::MaintainResponse, Status> {
+        let req = pb::MaintainRequest {
+            group: group.to_string(),
+            dry_run,
+        };
+        self.ask_replicas(group, replicas, deadline, |mut client, request| {
+            let req = req.clone();
+            async move { client.maintain(request.map(|()| req)).await }
+        })
+        .await
+        .map(|(r, _)| r)
+    }
+
+    /// Calls `call` on a node of `replicas` (the leader last seen of `group`, else each in
+    /// turn, waiting a little after each round), for a group this node holds no replica of; at
+    /// most `deadline` in all. A node that cannot answer (down, cut off, the group not started
+    /// there) is passed over; an answer that says what is wrong with the request
+    /// (`OUT_OF_RANGE`, ...) is returned as it is. The answer, and who gave it.
+    async fn ask_replicas<T, F, Fut>(
+        &self,
+        group: &str,
+        replicas: &[u64],
+        deadline: Duration,
+        call: F,
+    ) -> Result<(T, u64), Status>
+    where
+        F: Fn(RaftClient<Channel>, tonic::Request<()>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let until = Instant::now() + deadline;
-        let answered = self.leaders().get(&req.group).map(|l| l.0);
-        let mut order: Vec<u64> = answered.into_iter().collect();
-        order.extend(replicas.iter().filter(|&&r| Some(r) != answered));
+        let seen = self.leaders().get(group).map(|l| l.0);
+        let mut order: Vec<u64> = seen.into_iter().filter(|l| replicas.contains(l)).collect();
+        order.extend(replicas.iter().filter(|&&r| Some(r) != seen));
         let mut last = Status::unavailable(format!(
-            "no node holding {:?} answered within {} ms",
-            req.group,
+            "no node holding {group:?} answered within {} ms",
             deadline.as_millis()
         ));
         for (k, &id) in order.iter().cycle().enumerate() {
@@ -466,18 +514,13 @@ impl Forwarder {
             if k > 0 && k % order.len() == 0 {
                 tokio::time::sleep(REMOTE_RETRY.min(left)).await;
             }
-            let addr = self.peers.addr(id, "");
-            let mut client = self.client(&addr).map_err(|e| e.to_status())?;
-            let mut request = tonic::Request::new(req.clone());
+            let client = self
+                .client(&self.peers.addr(id, ""))
+                .map_err(|e| e.to_status())?;
+            let mut request = tonic::Request::new(());
             request.set_timeout(left);
-            match tokio::time::timeout(left, client.read(request)).await {
-                Ok(Ok(r)) => {
-                    let r = r.into_inner();
-                    let leader = r.leader.unwrap_or(id);
-                    self.leaders()
-                        .insert(req.group.clone(), (leader, self.peers.addr(leader, "")));
-                    return Ok(r);
-                }
+            match tokio::time::timeout(left, call(client, request)).await {
+                Ok(Ok(r)) => return Ok((r.into_inner(), id)),
                 Ok(Err(s))
                     if matches!(
                         s.code(),

@@ -77,7 +77,7 @@ impl CompactionOptions {
 }
 
 /// What a compaction did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CompactionOutcome {
     pub segments_before: usize,
     pub segments_after: usize,

@@ -44,7 +44,7 @@ pub(super) struct PointState {
 }
 
 /// What retention deleted (or would delete, in a dry run).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RetentionOutcome {
     pub segments_before: usize,
     pub bytes_before: u64,
@@ -59,9 +59,16 @@ pub struct RetentionOutcome {
 }
 
 impl Partition {
-    /// Deletes whole closed segments whose every offset is below `offset` (retention). The active
-    /// segment is never deleted. Returns how many segments went.
+    /// Deletes whole closed segments whose every offset is below `offset` (retention; a Raft
+    /// log's purge). The active segment is never deleted. Returns how many segments went. Waits
+    /// for a compaction in progress: it reads, and swaps back in, segments this would delete.
     pub fn delete_segments_below(&self, offset: u64) -> Result<usize> {
+        let _maintenance = self.shared.maintenance();
+        self.delete_segments_below_locked(offset)
+    }
+
+    /// [`Partition::delete_segments_below`] with the maintenance lock held by the caller.
+    fn delete_segments_below_locked(&self, offset: u64) -> Result<usize> {
         let mut doomed = Vec::new();
         self.shared.set_segments(|list| {
             let keep_from = (1..list.len())
@@ -141,7 +148,7 @@ impl Partition {
             out.log_start = next.base_offset();
         }
         if !dry_run && let Some(offset) = delete_below {
-            self.delete_segments_below(offset)?;
+            self.delete_segments_below_locked(offset)?;
         }
         Ok(out)
     }
