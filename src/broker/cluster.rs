@@ -474,13 +474,14 @@ impl Cluster {
     }
 
     /// Retention and compaction of group `group`'s partition, which this node holds no replica
-    /// of, decided now by a node of `replicas` (`dry_run`: what would be done).
+    /// of, decided now by a node of `replicas` (`dry_run`: what would be done): its report, as
+    /// JSON.
     pub async fn maintain_remote(
         &self,
         group: &str,
         replicas: &[u64],
         dry_run: bool,
-    ) -> Result<super::maintenance::PartitionMaintenance> {
+    ) -> Result<bytes::Bytes> {
         let unavailable = |why: String| {
             Error::Unavailable(format!(
                 "partition {group:?} is held by nodes {replicas:?}, none of which decided its \
@@ -492,7 +493,7 @@ impl Cluster {
             .maintain_remote(group, replicas, dry_run, self.write_timeout)
             .await
             .map_err(|s| unavailable(s.message().to_string()))?;
-        serde_json::from_slice(&answer.report).map_err(|e| unavailable(e.to_string()))
+        Ok(answer.report)
     }
 
     /// Partition `partition` (group `group`), which this node holds no replica of, as a node of

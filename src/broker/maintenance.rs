@@ -16,7 +16,7 @@ use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, refuse_audit_topic};
 use super::blocking::blocking;
 use super::clock::now_ms;
 use super::cluster::Cluster;
-use super::error::Result;
+use super::error::{Error, Result};
 use super::groups::Groups;
 use super::message::Start;
 use super::topic::Topic;
@@ -168,7 +168,13 @@ impl Maintenance {
                 if let Some(replicas) = handle.remote.get() {
                     if let (true, Some(cluster)) = (on_demand, &self.cluster) {
                         let group = topic.group_name(handle.id);
-                        report.push(cluster.maintain_remote(&group, replicas, dry_run).await?);
+                        let answer = cluster.maintain_remote(&group, replicas, dry_run).await?;
+                        let done = serde_json::from_slice(&answer).map_err(|e| {
+                            Error::Internal(format!(
+                                "{group:?}: a report that does not decode: {e}"
+                            ))
+                        })?;
+                        report.push(done);
                     }
                     continue;
                 }
