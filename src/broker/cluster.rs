@@ -255,9 +255,8 @@ impl Cluster {
                 tracing::error!(error = %e, "the cluster port stopped");
             }
         });
-        let everyone: Vec<u64> = cluster.members.peers.keys().copied().collect();
         cluster
-            .initialize(&cluster.meta, META_GROUP, None, &everyone)
+            .initialize(&cluster.meta, META_GROUP, None, &cluster.members.ids())
             .await?;
         // The groups of the topics this node already holds, before the catalog is known again
         // (it is rebuilt from the metadata log once a leader says what is committed).
@@ -464,7 +463,7 @@ impl Cluster {
             Some(t) if t.config.incarnation == topic.config.incarnation => {
                 t.replicas_of(partition).to_vec()
             }
-            _ => self.members.peers.keys().copied().collect(),
+            _ => self.members.ids(),
         }
     }
 
@@ -482,17 +481,11 @@ impl Cluster {
         replicas: &[u64],
         dry_run: bool,
     ) -> Result<bytes::Bytes> {
-        let unavailable = |why: String| {
-            Error::Unavailable(format!(
-                "partition {group:?} is held by nodes {replicas:?}, none of which decided its \
-                 retention and compaction: {why}"
-            ))
-        };
         let answer = self
             .forwarder
             .maintain_remote(group, replicas, dry_run, self.write_timeout)
             .await
-            .map_err(|s| unavailable(s.message().to_string()))?;
+            .map_err(|s| Error::no_holder_answered(group, replicas, s.message()))?;
         Ok(answer.report)
     }
 
@@ -512,12 +505,7 @@ impl Cluster {
             .forwarder
             .read_remote(replicas, req, STATUS_DEADLINE)
             .await
-            .map_err(|s| {
-                Error::Unavailable(format!(
-                    "partition {group:?} is held by nodes {replicas:?}, none of which answered: {}",
-                    s.message()
-                ))
-            })?;
+            .map_err(|s| Error::no_holder_answered(group, replicas, s.message()))?;
         let mut replicas = replicas.to_vec();
         replicas.sort_unstable(); // as a member lists its group's voters
         Ok(PartitionDescription {
@@ -866,7 +854,7 @@ impl Cluster {
         match applied {
             Some(c) => {
                 self.reconcile(&c).await?;
-                let everyone: Vec<u64> = self.members.peers.keys().copied().collect();
+                let everyone = self.members.ids();
                 let groups: Vec<(String, Vec<u64>)> = (0..partitions)
                     .map(|p| (group_name(name, p, incarnation), everyone.clone()))
                     .collect();
@@ -974,7 +962,7 @@ impl Cluster {
                 let command = Command::CreateTopic {
                     name: name.clone(),
                     config: topic.config.clone(),
-                    replicas: self.members.peers.keys().copied().collect(),
+                    replicas: self.members.ids(),
                     first_offsets: topic.partitions.iter().map(|h| h.log.log_start()).collect(),
                     // Every node: the data starts on this one, whatever the factor.
                     placement: Vec::new(),
@@ -1023,7 +1011,7 @@ impl Cluster {
         // Ids are refused in cluster mode (not yet replicated): no id index to keep.
         config.dedup_window_ms = 0;
         config.formed_by = None;
-        let nodes: Vec<u64> = self.members.peers.keys().copied().collect();
+        let nodes = self.members.ids();
         let factor = config
             .replication_factor
             .unwrap_or(self.members.replication_factor);

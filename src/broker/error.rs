@@ -85,6 +85,14 @@ impl Error {
         }
     }
 
+    /// Cluster mode: no node holding group `group`'s partition (this node holds none) answered
+    /// a call this node made for a client (`why`: the last refusal).
+    pub fn no_holder_answered(group: &str, replicas: &[u64], why: &str) -> Error {
+        Error::Unavailable(format!(
+            "partition {group:?} is held by nodes {replicas:?}, none of which answered: {why}"
+        ))
+    }
+
     /// A read error of one partition, with the topic and partition named when it is damage.
     pub fn in_partition(self, topic: &str, partition: u32) -> Error {
         match self {

@@ -148,6 +148,9 @@ impl Maintenance {
                 .await?
             };
             for ((handle, consumed), mark) in topic.partitions.iter().zip(consumed).zip(marks) {
+                if only.is_some_and(|p| p != handle.id) {
+                    continue;
+                }
                 let keep_from = consumed
                     .as_ref()
                     .map(|(c, _)| *c)
@@ -159,9 +162,6 @@ impl Maintenance {
                     max_bytes: config.retention_bytes,
                     keep_from,
                 };
-                if only.is_some_and(|p| p != handle.id) {
-                    continue;
-                }
                 // Cluster mode, a partition this node holds no replica of: its nodes keep it
                 // (its leader decides on its schedule), not this node's empty log; asked for,
                 // one of them decides now.

@@ -147,12 +147,11 @@ impl Remote {
                 }
                 .into())
             }
-            Err(s) => Err(Error::Unavailable(format!(
-                "partition {:?} is held by nodes {:?}, none of which answered: {}",
-                self.group,
-                self.replicas,
-                s.message()
-            ))),
+            Err(s) => Err(Error::no_holder_answered(
+                &self.group,
+                &self.replicas,
+                s.message(),
+            )),
         }
     }
 

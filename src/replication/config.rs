@@ -58,6 +58,13 @@ pub struct Members {
     pub heartbeat_ms: u64,
 }
 
+impl Members {
+    /// Every founding member's id, this node's included, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.peers.keys().copied().collect()
+    }
+}
+
 impl ClusterConfig {
     /// Whether this node runs in cluster mode.
     pub fn enabled(&self) -> bool {
