@@ -13,15 +13,18 @@
 #   - burst: 10,000 concurrent seed-API Sends of 4 KB through one node (a follower of the
 #     topic's partition: each is forwarded), all must be acknowledged
 #   - idle: 100 partitions x 3 replicas doing nothing; each node's CPU over 20 s
+#   - ids: Sends with ids against Sends without on the same cluster and partition leader,
+#     interleaved ABBA (ROUNDS, default 2): 64 producers x 1 message per Send, and x 100-message
+#     batches (`sluice-bench produce --ids`: every message a new 16-byte id)
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
-#        [ONLY="lone batched failover burst idle", default all] benches/cluster.sh
+#        [ONLY="lone batched failover burst idle ids", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
 # SLUICE_CLUSTER_HEARTBEAT_MS from the environment. CENV="NAME=value ..." is passed to the three
 # cluster nodes only (an A/B of one setting against the single node's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
-only="${ONLY:-lone batched failover burst idle}"
+only="${ONLY:-lone batched failover burst idle ids}"
 want() { [[ " $only " == *" $1 "* ]]; }
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench
@@ -136,6 +139,28 @@ if want burst; then
   lead=$(leader_addr burst 0 "${addrs[0]}")
   for a in "${addrs[@]}"; do [ "$a" != "$lead" ] && through=$a && break; done
   "$bench" burst --topic burst --sends 10000 --broker "$through"
+fi
+
+if want ids; then
+  echo "== ids: Sends with ids against Sends without, interleaved, through ids/0's leader"
+  "$bin" topics create ids --partitions 1 --broker "${addrs[0]}" >/dev/null
+  lead=$(leader_addr ids 0 "${addrs[0]}")
+  for round in $(seq "${ROUNDS:-2}"); do
+    # ABBA: the log (and the id index) grow through the run; alternating which goes first
+    # keeps that growth out of the ratio.
+    order="plain ids"
+    [ $((round % 2)) = 0 ] && order="ids plain"
+    for mode in $order; do
+      flag=()
+      [ "$mode" = ids ] && flag=(--ids)
+      echo "-- round $round, $mode: 64 producers x 1 message per Send"
+      "$bench" produce --topic ids --producers 64 --connections 4 --batch 1 --messages 20000 \
+        --broker "$lead" "${flag[@]}"
+      echo "-- round $round, $mode: 64 producers x 100-message batches"
+      "$bench" produce --topic ids --producers 64 --connections 4 --batch 100 --messages 200000 \
+        --broker "$lead" "${flag[@]}"
+    done
+  done
 fi
 
 if want idle; then

@@ -9,7 +9,8 @@
 //!
 //! Also: what a cluster node refuses at start (bad peers, another node's or cluster's data
 //! directory, a single node's data) and what it refuses at run time until part two
-//! (consumer groups, ids); retention and topic deletion across the nodes.
+//! (consumer groups); ids sent again through any node across the same faults, stored once;
+//! retention and topic deletion across the nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -587,52 +588,9 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
         for p in producers {
             p.await.unwrap();
         }
-        // Every node converges on the same log end per partition.
-        let ends = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let mut ends = Vec::new();
-                for i in 0..3 {
-                    if let Ok(d) = describe(&cluster.addr(i)).await {
-                        ends.push(
-                            d.partitions
-                                .iter()
-                                .map(|p| p.next_offset)
-                                .collect::<Vec<_>>(),
-                        );
-                    }
-                }
-                if ends.len() == 3 && ends.iter().all(|e| *e == ends[0]) {
-                    return ends[0].clone();
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await
-        .expect("the replicas did not converge");
-
+        let ends = converged_ends(&cluster, PARTITIONS).await;
         let history = std::mem::take(&mut *history.lock().unwrap());
-        let mut logs: Vec<BTreeMap<(u32, u64), String>> = Vec::new();
-        for i in 0..3 {
-            let mut log = BTreeMap::new();
-            for p in 0..PARTITIONS {
-                let read = read_all(&cluster.addr(i), p, ends[p as usize]).await;
-                let offsets: Vec<u64> = read.iter().map(|(o, _)| *o).collect();
-                let dense: Vec<u64> = (0..ends[p as usize]).collect();
-                assert_eq!(
-                    offsets,
-                    dense,
-                    "node {}: partition {p}'s offsets are dense",
-                    i + 1
-                );
-                log.extend(read.into_iter().map(|(o, v)| ((p, o), v)));
-            }
-            logs.push(log);
-        }
-        // Inconsistent offsets: every replica holds the same message at every offset.
-        for (i, log) in logs.iter().enumerate().skip(1) {
-            assert!(*log == logs[0], "node {} and node 1 differ", i + 1);
-        }
-        let log = &logs[0];
+        let log = &same_logs_everywhere(&cluster, &ends).await;
         // Lost writes: every acknowledged message is at the offset it was acknowledged with.
         for (at, value) in &history.acked {
             assert_eq!(
@@ -688,6 +646,302 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
             "cluster run: {} acknowledged, {} unknown, ends {ends:?}; errors: {:#?}",
             history.acked.len(),
             history.unknown.len(),
+            history.errors
+        );
+    });
+}
+
+/// What producers of ids saw.
+#[derive(Default)]
+struct IdHistory {
+    /// Each acknowledged id's position, as first acknowledged.
+    acked: BTreeMap<String, (u32, u64)>,
+    /// Every id sent (each is sent until acknowledged).
+    sent: BTreeSet<String>,
+    /// Sends of an id acknowledged before, answered `duplicate` at its position.
+    duplicates: usize,
+    /// Why Sends failed, and how often.
+    errors: BTreeMap<String, usize>,
+}
+
+/// Sends ids (each message's value is its id; no key, so the id picks the partition), one per
+/// Send or the same id twice in one, each through a random running node, until `stop`. A Send
+/// that fails is sent again, the same id through another node, until acknowledged; one
+/// acknowledged is sometimes sent again through another node, which must answer `duplicate` at
+/// the first position.
+async fn produce_ids(
+    producer: u32,
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+    history: Arc<Mutex<IdHistory>>,
+    acks: Arc<watch::Sender<u64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(producer + 1);
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let send = |addr: String, id: String, twice: bool| async move {
+        let mut client = BrokerClient::new(connect(&addr).await.map_err(|e| e.to_string())?);
+        let message = pb::Message {
+            value: Some(id.clone().into()),
+            id: Some(id.into()),
+            ..pb::Message::default()
+        };
+        let messages = if twice {
+            vec![message.clone(), message]
+        } else {
+            vec![message]
+        };
+        let mut request = tonic::Request::new(pb::SendRequest {
+            topic: TOPIC.into(),
+            messages,
+        });
+        request.set_timeout(Duration::from_secs(3));
+        client
+            .send(request)
+            .await
+            .map(|r| r.into_inner().positions)
+            .map_err(|e| e.to_string())
+    };
+    for seq in 0u64.. {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        let id = format!("p{producer}-{seq:05}");
+        history.lock().unwrap().sent.insert(id.clone());
+        let twice = next() % 5 == 0;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let first = loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} not acknowledged within {DEADLINE:?}"
+            );
+            let live: Vec<String> = addrs.lock().unwrap().iter().flatten().cloned().collect();
+            let addr = live[next() as usize % live.len()].clone();
+            match send(addr, id.clone(), twice).await {
+                Ok(positions) => {
+                    let first = &positions[0];
+                    if twice {
+                        let again = &positions[1];
+                        assert!(again.duplicate, "{id} twice in one Send: {positions:?}");
+                        assert_eq!(
+                            (again.partition, again.offset),
+                            (first.partition, first.offset)
+                        );
+                    }
+                    break (first.partition, first.offset);
+                }
+                Err(e) => {
+                    let mut h = history.lock().unwrap();
+                    *h.errors.entry(e.chars().take(100).collect()).or_default() += 1;
+                }
+            }
+        };
+        history.lock().unwrap().acked.insert(id.clone(), first);
+        acks.send_modify(|n| *n += 1);
+        if next() % 3 == 0 {
+            let live: Vec<String> = addrs.lock().unwrap().iter().flatten().cloned().collect();
+            let addr = live[next() as usize % live.len()].clone();
+            // A retry that fails (a fault meanwhile) proves nothing; one answered must be the
+            // duplicate at the first position.
+            if let Ok(positions) = send(addr, id.clone(), false).await {
+                let again = &positions[0];
+                assert!(again.duplicate, "{id} sent again: {positions:?}");
+                assert_eq!((again.partition, again.offset), first, "{id} sent again");
+                history.lock().unwrap().duplicates += 1;
+            }
+        }
+    }
+}
+
+/// Once every node serves the same log end of each of `partitions`: those ends.
+async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
+    let ends = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut ends = Vec::new();
+            for i in 0..3 {
+                if let Ok(d) = describe(&cluster.addr(i)).await {
+                    ends.push(
+                        d.partitions
+                            .iter()
+                            .map(|p| p.next_offset)
+                            .collect::<Vec<_>>(),
+                    );
+                }
+            }
+            if ends.len() == 3 && ends.iter().all(|e| *e == ends[0]) {
+                return ends[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the replicas did not converge");
+    assert_eq!(ends.len(), partitions as usize);
+    ends
+}
+
+/// Every message of every partition (up to `ends`) as each node serves it, checked to be the
+/// same on every node at dense offsets.
+async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(u32, u64), String> {
+    let mut logs: Vec<BTreeMap<(u32, u64), String>> = Vec::new();
+    for i in 0..3 {
+        let mut log = BTreeMap::new();
+        for (p, &end) in (0u32..).zip(ends) {
+            let read = read_all(&cluster.addr(i), p, end).await;
+            let offsets: Vec<u64> = read.iter().map(|(o, _)| *o).collect();
+            let dense: Vec<u64> = (0..end).collect();
+            assert_eq!(
+                offsets,
+                dense,
+                "node {}: partition {p}'s offsets are dense",
+                i + 1
+            );
+            log.extend(read.into_iter().map(|(o, v)| ((p, o), v)));
+        }
+        logs.push(log);
+    }
+    // Inconsistent offsets: every replica holds the same message at every offset.
+    for (i, log) in logs.iter().enumerate().skip(1) {
+        assert!(*log == logs[0], "node {} and node 1 differ", i + 1);
+    }
+    logs.swap_remove(0)
+}
+
+#[test]
+fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        let partitions = 3;
+        let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions,
+                    dedup_window_ms: Some(3_600_000),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let history = Arc::new(Mutex::new(IdHistory::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let producers: Vec<_> = (0..4)
+            .map(|p| {
+                tokio::spawn(produce_ids(
+                    p,
+                    Arc::clone(&cluster.addrs),
+                    Arc::clone(&history),
+                    Arc::clone(&acks),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        progress(&acks, 50, "before any fault").await;
+        let all = [0, 1, 2];
+        // A leader killed (Sends in flight on it: their outcome unknown, sent again elsewhere),
+        // and back.
+        let victim = cluster.leader(0, 0, &all).await;
+        cluster.kill(victim);
+        progress(&acks, 50, "after killing a leader").await;
+        cluster.restart(victim);
+        progress(&acks, 20, "after restarting it").await;
+        // A leader paused past the election timeout, then resumed.
+        let paused = cluster.leader(0, 1, &all).await;
+        cluster.signal(paused, "STOP");
+        let others: Vec<usize> = all.iter().copied().filter(|&i| i != paused).collect();
+        cluster.leader(others[0], 1, &others).await;
+        progress(&acks, 30, "while a leader is paused").await;
+        cluster.signal(paused, "CONT");
+        progress(&acks, 20, "after it resumed").await;
+        // A leader cut off from the other nodes: what it appended is never committed; the
+        // same ids, sent again through the others, are stored by the new leader.
+        let cut = cluster.leader(0, 2, &all).await;
+        cluster.links.isolate(cut, true);
+        let others: Vec<usize> = all.iter().copied().filter(|&i| i != cut).collect();
+        cluster.leader(others[0], 2, &others).await;
+        progress(&acks, 30, "while a leader is cut off").await;
+        cluster.links.isolate(cut, false);
+        progress(&acks, 30, "after its links healed").await;
+        stop_tx.send_replace(true);
+        for p in producers {
+            p.await.unwrap();
+        }
+
+        let ends = converged_ends(&cluster, partitions).await;
+        let log = same_logs_everywhere(&cluster, &ends).await;
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        // Each id stored once, wherever and however often it was sent; nothing stored that
+        // was not sent; each acknowledged id where it was acknowledged.
+        let mut stored = BTreeMap::new();
+        for (at, id) in &log {
+            assert!(history.sent.contains(id), "stored but never sent: {id}");
+            if let Some(before) = stored.insert(id.clone(), *at) {
+                panic!("{id} stored twice: at {before:?} and {at:?}");
+            }
+        }
+        for (id, at) in &history.acked {
+            assert_eq!(stored.get(id), Some(at), "{id} acknowledged at {at:?}");
+        }
+        // Every node killed and started again: each rebuilds its id index (its runs, and the
+        // entries it applies again), so an id sent again through any node is still answered
+        // at its first position, and nothing more is stored.
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        for i in 0..3 {
+            cluster.restart(i);
+        }
+        for (k, (id, at)) in history.acked.iter().step_by(5).enumerate() {
+            let placed = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let mut client =
+                        BrokerClient::new(connect(&cluster.addr(k % 3)).await.unwrap());
+                    let sent = client
+                        .send(pb::SendRequest {
+                            topic: TOPIC.into(),
+                            messages: vec![pb::Message {
+                                value: Some(id.clone().into()),
+                                id: Some(id.clone().into()),
+                                ..pb::Message::default()
+                            }],
+                        })
+                        .await;
+                    match sent {
+                        Ok(r) => return r.into_inner().positions[0],
+                        // Electing leaders after the restart: nothing stored yet.
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(s) => panic!("{id} after the restart: {s}"),
+                    }
+                }
+            })
+            .await
+            .expect("Sends answered again after a restart of every node");
+            assert!(placed.duplicate, "{id} after the restart: {placed:?}");
+            assert_eq!(
+                (placed.partition, placed.offset),
+                *at,
+                "{id} after the restart"
+            );
+        }
+        assert_eq!(converged_ends(&cluster, partitions).await, ends);
+        eprintln!(
+            "ids run: {} acknowledged, {} answered duplicate when sent again, ends {ends:?}; \
+             errors: {:#?}",
+            history.acked.len(),
+            history.duplicates,
             history.errors
         );
     });
@@ -817,17 +1071,6 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             .await
             .unwrap();
         let mut client = BrokerClient::new(channel);
-        let with_id = client
-            .send(pb::SendRequest {
-                topic: TOPIC.into(),
-                messages: vec![pb::Message {
-                    value: Some("x".into()),
-                    id: Some("submission-1".into()),
-                    ..pb::Message::default()
-                }],
-            })
-            .await;
-        precondition(with_id, "not yet replicated");
         let group = client
             .subscribe(pb::SubscribeRequest {
                 topic: TOPIC.into(),
@@ -2348,6 +2591,37 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
         assert_eq!(placed.positions[0].offset, per + 5);
         let read = read_all(&cluster.addr(replica), 0, per + 6).await;
         assert_eq!(read.last().unwrap(), &(per + 5, "after".to_string()));
+        // A message with an id through the outsider is checked by the partition's leader: sent
+        // again through every node (holder or not), it is answered at its first position and
+        // stored once.
+        let with_id = |node: usize| {
+            let addr = cluster.addr(node);
+            async move {
+                let mut client = BrokerClient::new(connect(&addr).await.unwrap());
+                let r = client
+                    .send(pb::SendRequest {
+                        topic: TOPIC.into(),
+                        messages: vec![pb::Message {
+                            value: Some(b"with-id".to_vec().into()),
+                            partition: Some(0),
+                            id: Some(b"form-17".to_vec().into()),
+                            ..pb::Message::default()
+                        }],
+                    })
+                    .await
+                    .unwrap();
+                r.into_inner().positions[0]
+            }
+        };
+        let first = with_id(outsider).await;
+        assert_eq!((first.offset, first.duplicate), (per + 6, false));
+        for node in [0, 1, 2] {
+            let again = with_id(node).await;
+            assert!(again.duplicate, "through node {}: {again:?}", node + 1);
+            assert_eq!(again.offset, per + 6, "through node {}", node + 1);
+        }
+        let read = read_all(&cluster.addr(replica), 0, per + 7).await;
+        assert_eq!(read.len() as u64, per + 7);
     });
     // The outsider restarted (before it knows the catalog again) joins only the groups it
     // holds: it still stores nothing of partition 0 and still serves it.
@@ -2377,9 +2651,9 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
         })
         .await
         .expect("the restarted outsider takes Sends again");
-        assert_eq!(sent, per + 6);
-        let read = read_all(&cluster.addr(outsider), 0, per + 7).await;
-        assert_eq!(read.last().unwrap(), &(per + 6, "restarted".to_string()));
+        assert_eq!(sent, per + 7);
+        let read = read_all(&cluster.addr(outsider), 0, per + 8).await;
+        assert_eq!(read.last().unwrap(), &(per + 7, "restarted".to_string()));
     });
     let stored = partition_bytes(&cluster.nodes[replica].dir, 0);
     let outside = partition_bytes(&cluster.nodes[outsider].dir, 0);

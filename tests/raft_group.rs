@@ -1051,7 +1051,7 @@ fn concurrent_proposals_share_entries_and_each_is_answered_with_its_own_offsets(
                     let (batch, values) = numbered_proposal(k);
                     let peers = Peers::default();
                     let proposal = Proposal::Records(batch);
-                    let answer = proposals.propose(&raft, "g", proposal, DEADLINE, &peers);
+                    let answer = proposals.propose(&raft, "g", proposal, DEADLINE, &peers, None);
                     (answer.await, values)
                 })
             })

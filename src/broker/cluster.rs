@@ -15,8 +15,10 @@
 //!   incarnation, part of its groups' names ([`group_name`]), so the groups of a name created
 //!   again never meet the old ones on a node that slept through it.
 //!
-//! What is not replicated yet is refused by the broker in cluster mode (consumer groups, ids):
-//! see docs/replication.md. Retention and key compaction are replicated: each partition's
+//! What is not replicated yet is refused by the broker in cluster mode (consumer groups): see
+//! docs/replication.md. Message ids are checked by each partition's leader
+//! ([`super::id_check`]); every replica learns the ids of what it applies
+//! ([`Cluster::id_hooks`]). Retention and key compaction are replicated: each partition's
 //! leader proposes them periodically, and any node on demand (`Compact`) through the leader
 //! ([`Cluster::trim`], [`Cluster::compact`]); every replica applies them alike.
 
@@ -34,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tls::cluster_tls;
-use crate::replication::catalog::{Catalog, Command, group_name, place};
+use crate::replication::catalog::{Catalog, Command, group_name, parse_group_name, place};
 use crate::replication::config::Members;
 use crate::replication::reads::GroupLog;
+use crate::replication::state_machine::{OnApplied, OnIds};
 use crate::replication::status::{self, ClusterView};
 use crate::replication::write::{Forwarder, Proposals, wait_for_leader};
 use crate::replication::{
@@ -47,6 +50,7 @@ use crate::storage::{self, FileIo, Partition, io::replace_file};
 
 use super::audit::AUDIT_TOPIC;
 use super::blocking::blocking;
+use super::dedup::{ids_in_entry, write_later};
 use super::error::{Error, Result};
 use super::settings::Settings;
 use super::topic::{PartitionDescription, PartitionHandle, Topic};
@@ -97,6 +101,8 @@ pub struct Cluster {
     /// Partitions that applied a compaction point, with their topic's `delete_retention_ms`:
     /// their compaction to it is due.
     compacted: mpsc::UnboundedSender<(Arc<Partition>, u64)>,
+    /// Runs the id indexes' background writes.
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -205,6 +211,7 @@ impl Cluster {
             caught_up: watch::Sender::new(false),
             trimmed,
             compacted,
+            tasks: tasks.clone(),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peer_ips = peer_ips(&cluster.members).await?;
@@ -275,7 +282,7 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups, message ids");
+            so refused here: consumer groups");
         Ok(cluster)
     }
 
@@ -467,6 +474,11 @@ impl Cluster {
         }
     }
 
+    /// Serves the cluster port's `SendIds` with `sender` (the broker's id check).
+    pub fn serve_ids(&self, sender: crate::replication::service::IdSender) {
+        self.service.serve_ids(sender);
+    }
+
     /// Serves the cluster port's `Maintain` with `maintainer` (the broker's maintenance).
     pub fn serve_maintenance(&self, maintainer: crate::replication::service::Maintainer) {
         self.service.serve_maintenance(maintainer);
@@ -546,7 +558,8 @@ impl Cluster {
                 Some(members)
             };
             let keep = topic.config.delete_retention_ms;
-            let raft = self.start_group(&group, handle, keep).await?;
+            let ids = self.id_hooks(topic, handle.id);
+            let raft = self.start_group(&group, handle, keep, ids).await?;
             if let Some(members) = members {
                 self.initialize(&raft, &group, topic.config.formed_by, &members)
                     .await?;
@@ -563,11 +576,42 @@ impl Cluster {
         Ok(())
     }
 
+    /// How a replica of `topic`'s partition `partition` keeps the topic's id index (when it
+    /// has one): it learns the ids of every entry it applies, and lets go of the ids it
+    /// claimed as leader in a term whose entries can no longer be committed.
+    fn id_hooks(&self, topic: &Topic, partition: u32) -> Option<(OnIds, OnApplied)> {
+        let dedup = topic.dedup.clone()?;
+        let logs: Vec<Arc<Partition>> = topic
+            .partitions
+            .iter()
+            .map(|h| Arc::clone(&h.log))
+            .collect();
+        let (name, tasks) = (Arc::clone(&topic.name), self.tasks.clone());
+        let data = Arc::clone(self.topics.data());
+        let learner = Arc::clone(&dedup);
+        let on_ids: OnIds = Box::new(move |base, batch| {
+            let stored = match ids_in_entry(partition, base, batch) {
+                Ok(stored) => stored,
+                Err(why) => {
+                    tracing::error!(topic = %name, partition, base, why, "an applied entry's ids do not parse; they are not indexed");
+                    return;
+                }
+            };
+            let ends = || logs.iter().map(|l| l.high_water()).collect();
+            if learner.learn(&stored, ends) {
+                write_later(&learner, &name, &tasks, Arc::clone(&data));
+            }
+        });
+        let on_applied: OnApplied = Box::new(move |term| dedup.applied_term(partition, term));
+        Some((on_ids, on_applied))
+    }
+
     async fn start_group(
         &self,
         group: &str,
         handle: &PartitionHandle,
         delete_retention_ms: u64,
+        ids: Option<(OnIds, OnApplied)>,
     ) -> Result<Raft<PartitionRaft>> {
         let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
         let (store, sm) = blocking(move || {
@@ -588,6 +632,10 @@ impl Cluster {
             .on_compact(Box::new(move || {
                 let _ = compacted.send((Arc::clone(&partition), delete_retention_ms));
             }));
+        let sm = match ids {
+            Some((on_ids, on_applied)) => sm.on_apply(on_ids, on_applied),
+            None => sm,
+        };
         Raft::new(
             self.members.node_id,
             Arc::clone(&self.config),
@@ -618,6 +666,15 @@ impl Cluster {
                 () = shutdown.cancelled() => return,
             };
             let raft = self.running().get(&group).cloned();
+            // The ids of the messages about to be purged go into the id index's files first:
+            // after a restart this replica applies again only the entries after the snapshot.
+            let topic = parse_group_name(&group).and_then(|(t, _)| self.topics.get(t));
+            if let Some(topic) = topic.filter(|t| t.dedup.is_some())
+                && let Err(e) = blocking(move || topic.persist_ids()).await
+            {
+                tracing::warn!(%group, error = %e, "cannot write the id index before a purge; the snapshot waits for the next retention point");
+                continue;
+            }
             // A group applying entries as it starts is not listed yet: its first Send or the
             // next retention point takes the snapshot then.
             if let Some(raft) = raft
@@ -1008,8 +1065,6 @@ impl Cluster {
     }
 
     async fn create_topic(&self, name: &str, mut config: storage::TopicConfig) -> Result<()> {
-        // Ids are refused in cluster mode (not yet replicated): no id index to keep.
-        config.dedup_window_ms = 0;
         config.formed_by = None;
         let nodes = self.members.ids();
         let factor = config

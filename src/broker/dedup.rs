@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 
 use crate::storage::ids::{self, Claimed as Found, Entry, IdIndex, IdStats, Key, KeyMap};
 use crate::storage::{FileIo, Partition};
@@ -58,6 +59,18 @@ pub struct Dedup {
     /// A background merge is scheduled or running.
     merging_later: AtomicBool,
     io: Arc<dyn FileIo>,
+    /// Cluster mode: ids this node claimed as a partition's leader whose proposal's outcome is
+    /// unknown (not committed in time, or the group stopped), with the partition and the term
+    /// it was proposed in. Pending until this node applies them (they were committed) or an
+    /// entry of a later term (they never will be: see [`Dedup::applied_term`]).
+    doubtful: Mutex<Vec<Doubt>>,
+}
+
+#[derive(Debug)]
+struct Doubt {
+    partition: u32,
+    term: u64,
+    keys: Vec<Key>,
 }
 
 /// Work done off the request path, one of each kind at a time per topic.
@@ -77,6 +90,9 @@ pub struct Item {
 
 impl Dedup {
     /// Opens a topic's index and rebuilds what it held in memory from the logs (blocking).
+    /// A replicated topic's (`replicated`) is rebuilt as its replicas apply their logs again
+    /// ([`Dedup::learn`]): its logs may hold entries never committed, whose ids were never
+    /// stored.
     pub fn open(
         dir: &std::path::Path,
         logs: &[&Partition],
@@ -84,10 +100,15 @@ impl Dedup {
         memtable_ids: usize,
         io: Arc<dyn FileIo>,
         now_ms: i64,
+        replicated: bool,
     ) -> Result<Dedup> {
         let parts = logs.len() as u32;
         let mut index = IdIndex::open(dir, parts, window_ms, memtable_ids, io.as_ref())?;
-        let found = index.recover(logs, now_ms)?;
+        let found = if replicated {
+            0
+        } else {
+            index.recover(logs, now_ms)?
+        };
         if found > 0 {
             tracing::info!(dir = %dir.display(), ids = found, "id index rebuilt from the log");
         }
@@ -101,6 +122,7 @@ impl Dedup {
             writing_later: AtomicBool::new(false),
             merging_later: AtomicBool::new(false),
             io,
+            doubtful: Mutex::default(),
         })
     }
 
@@ -178,6 +200,62 @@ impl Dedup {
                     let _ = w.send(Ok(*entry));
                 }
             }
+        }
+    }
+
+    /// Cluster mode: ids found in entries this replica applied, at these positions: into the
+    /// index (see [`IdIndex::learn`]), waiters woken. Every replica learns the ids of what it
+    /// applies, so whichever leads next knows them. Returns whether the memtable was frozen
+    /// (`ends`, the partitions' ends, asked for only then): its run is to be written.
+    pub fn learn(&self, stored: &[(Key, Entry)], ends: impl FnOnce() -> Vec<u64>) -> bool {
+        let mut st = self.state();
+        for (key, entry) in stored {
+            st.index.learn(*key, *entry);
+            if !st.waiters.is_empty() {
+                for w in st.waiters.remove(key).unwrap_or_default() {
+                    let _ = w.send(Ok(*entry));
+                }
+            }
+        }
+        st.index.full() && freeze_locked(&mut st, &ends())
+    }
+
+    /// Cluster mode: ids claimed for `partition` whose proposal in `term` has an unknown
+    /// outcome stay pending until [`Dedup::learn`] or [`Dedup::applied_term`] decides.
+    pub fn doubt(&self, partition: u32, term: u64, keys: Vec<Key>) {
+        let mut doubtful = self.doubtful.lock().unwrap_or_else(|p| p.into_inner());
+        doubtful.push(Doubt {
+            partition,
+            term,
+            keys,
+        });
+    }
+
+    /// Cluster mode: `partition`'s replica here applied an entry of `term`. An entry of an
+    /// earlier term not applied by now never will be (a log's terms only grow, and every
+    /// committed entry of an earlier term precedes it): the ids doubted in those terms and
+    /// still pending are released (those that were applied are known, and stay).
+    pub fn applied_term(&self, partition: u32, term: u64) {
+        let released: Vec<Key> = {
+            let mut doubtful = self.doubtful.lock().unwrap_or_else(|p| p.into_inner());
+            if doubtful.is_empty() {
+                return;
+            }
+            let mut released = Vec::new();
+            doubtful.retain_mut(|d| {
+                let over = d.partition == partition && d.term < term;
+                if over {
+                    released.append(&mut d.keys);
+                }
+                !over
+            });
+            released
+        };
+        if !released.is_empty() {
+            self.release(
+                &released,
+                "its leader lost its term before the id's entry was committed; send again",
+            );
         }
     }
 
@@ -291,6 +369,69 @@ impl Dedup {
     }
 }
 
+/// The ids of a message entry (a Raft entry's payload) whose first record took offset `base`
+/// in `partition`, with their positions.
+pub fn ids_in_entry(
+    partition: u32,
+    base: u64,
+    entry: &bytes::Bytes,
+) -> std::result::Result<Vec<(Key, Entry)>, &'static str> {
+    let (header, records) = crate::storage::EncodedBatch::entry_records(entry)?;
+    let mut stored = Vec::new();
+    for r in records {
+        let r = r?;
+        if let Some(id) = r.id {
+            let entry = Entry {
+                partition,
+                offset: base + (r.offset - header.base_offset),
+                stored_ms: r.timestamp,
+            };
+            stored.push((Key::of(&id), entry));
+        }
+    }
+    Ok(stored)
+}
+
+/// Writes a topic's frozen memtables as runs, then merges runs, off the request path: one
+/// writer and one merger per topic, so a long merge never holds up the next write. `data` (the
+/// data directory) stays locked while its files are written, even if the broker is dropped
+/// meanwhile.
+pub fn write_later(
+    dedup: &Arc<Dedup>,
+    name: &Arc<str>,
+    tasks: &TaskTracker,
+    data: Arc<crate::storage::DataDir>,
+) {
+    if !dedup.begin(Background::Write) {
+        return;
+    }
+    let (dedup, name, merges) = (Arc::clone(dedup), Arc::clone(name), tasks.clone());
+    tasks.spawn_blocking(move || {
+        loop {
+            let written = dedup.write_frozen();
+            dedup.end(Background::Write);
+            if let Err(e) = written {
+                // Frozen memtables stay in memory (and are looked up) until a write works.
+                tracing::error!(topic = %name, error = %e, "writing the id index failed; retried at the next write");
+                break;
+            }
+            // A memtable frozen after the write looked is written now, by this task.
+            if !dedup.unwritten() || !dedup.begin(Background::Write) {
+                break;
+            }
+        }
+        if dedup.mergeable() && dedup.begin(Background::Merge) {
+            merges.spawn_blocking(move || {
+                if let Err(e) = dedup.merge(super::clock::now_ms()) {
+                    tracing::error!(topic = %name, error = %e, "merging the id index failed");
+                }
+                dedup.end(Background::Merge);
+                drop(data);
+            });
+        }
+    });
+}
+
 /// The ids of `items` that `claims` made pending.
 fn new_keys(claims: &[Claim], items: &[Item]) -> Vec<Key> {
     claims
@@ -356,5 +497,58 @@ impl Drop for Claimed {
                 "the Send that carried this id stopped before storing it",
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::ids::testing::{entry, key};
+    use crate::storage::io::RealIo;
+
+    fn dedup(dir: &std::path::Path) -> Arc<Dedup> {
+        Arc::new(Dedup::open(dir, &[], 1_000_000, 64, Arc::new(RealIo), 0, true).unwrap())
+    }
+
+    fn claim(d: &Arc<Dedup>, i: u64) -> Claim {
+        let items = [Item {
+            key: Some(key(i)),
+            partition: 0,
+            floor: 0,
+        }];
+        let mut c = d.claim(&items, 1, Vec::new).unwrap();
+        c.guard.hand_over();
+        c.each.remove(0)
+    }
+
+    /// Cluster mode: ids whose proposal's outcome is unknown stay pending (a retry waits)
+    /// until the replica applies them (known) or an entry of a later term (released: sent
+    /// again, they are new). An entry of the same term, or another partition's, decides
+    /// nothing.
+    #[test]
+    fn doubted_ids_stay_pending_until_applied_or_a_later_term_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedup(dir.path());
+        for i in 1..=3 {
+            assert!(matches!(claim(&d, i), Claim::New));
+        }
+        d.doubt(0, 5, vec![key(1), key(2)]);
+        d.doubt(1, 5, vec![key(3)]);
+        d.applied_term(0, 5);
+        d.applied_term(2, 9);
+        let Claim::Wait(waiting) = claim(&d, 1) else {
+            panic!("a doubted id is pending");
+        };
+        // Id 2's entry was committed after all: applied, it is known, at its position.
+        d.learn(&[(key(2), entry(2, 1))], Vec::new);
+        d.applied_term(0, 6);
+        assert!(matches!(claim(&d, 2), Claim::Known(e) if e == entry(2, 1)));
+        // Id 1's never will be: released, its waiter told, and sent again it is new.
+        assert!(waiting.blocking_recv().unwrap().is_err());
+        assert!(matches!(claim(&d, 1), Claim::New));
+        // Partition 1's doubt is its own: still pending.
+        assert!(matches!(claim(&d, 3), Claim::Wait(_)));
+        d.applied_term(1, 6);
+        assert!(matches!(claim(&d, 3), Claim::New));
     }
 }

@@ -7,6 +7,7 @@
 //! | [`topic`]         | one topic: its partitions, permits, high-water watches, id index    |
 //! | [`send`]          | the path of a Send to durable partitions, and the dead-letter handle|
 //! | [`dedup`]         | a topic's id check for idempotent Send                              |
+//! | [`id_check`]      | cluster mode: ids checked by each partition's leader                |
 //! | [`ack_poll`]      | a lone producer's wait for its acknowledgement                      |
 //! | [`subscription`]  | plain subscriptions: one reader task per partition                  |
 //! | [`groups`]        | consumer groups: the registry, each group's state and dispatcher    |
@@ -42,6 +43,7 @@ mod cluster;
 pub mod dedup;
 pub mod error;
 pub mod groups;
+mod id_check;
 mod maintenance;
 mod message;
 mod send;
@@ -143,7 +145,15 @@ impl Broker {
                     (None, false) => upgrade::refuse_cluster_data(&s.data_dir)?,
                     (_, true) => {}
                 }
-                topics::open_all(&s.data_dir, io, read_only, &s.log, s.audit_retention_ms)
+                let replicated = s.cluster.is_some() && !read_only;
+                topics::open_all(
+                    &s.data_dir,
+                    io,
+                    read_only,
+                    &s.log,
+                    s.audit_retention_ms,
+                    replicated,
+                )
             })
             .await?
         };
@@ -215,6 +225,11 @@ impl Broker {
         ));
         if let Some(c) = &cluster {
             c.serve_maintenance(maintainer(Arc::downgrade(&maintenance)));
+            c.serve_ids(id_sender(
+                sends.id_check(),
+                Arc::downgrade(&topics),
+                c.write_timeout(),
+            ));
         }
         let retention_every = Duration::from_millis(settings.retention_check_ms);
         let broker = Arc::new(Broker {
@@ -620,6 +635,37 @@ fn maintainer(
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("{group:?}: no such partition here"))?;
             serde_json::to_vec(&report).map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// Serves the cluster port's `SendIds`: the id check of a partition this node leads
+/// ([`id_check::IdCheck::here`]).
+fn id_sender(
+    check: id_check::IdCheck,
+    topics: std::sync::Weak<Topics>,
+    deadline: Duration,
+) -> crate::replication::service::IdSender {
+    use crate::replication::write::WriteError;
+    Arc::new(move |group: String, batch: bytes::Bytes| {
+        let (check, topics) = (check.clone(), topics.clone());
+        Box::pin(async move {
+            let gone = |why: String| WriteError::Stopped(why);
+            let topics = topics
+                .upgrade()
+                .ok_or_else(|| gone("the broker is shutting down".into()))?;
+            let (name, partition) = crate::replication::catalog::parse_group_name(&group)
+                .ok_or_else(|| gone(format!("{group:?} names no partition")))?;
+            let topic = topics
+                .get(name)
+                .ok_or_else(|| gone(format!("no topic {name:?} here")))?;
+            let share = id_check::Share::decode(batch)
+                .map_err(|why| gone(format!("{group:?}: a batch that does not decode: {why}")))?;
+            match check.here(&topic, partition, &share, deadline).await {
+                Ok(placed) => Ok(id_check::to_placements(&placed)),
+                Err(Error::NoLeader { leader, .. }) => Err(WriteError::NoLeader(leader)),
+                Err(e) => Err(gone(e.to_string())),
+            }
         })
     })
 }

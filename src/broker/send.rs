@@ -19,8 +19,9 @@ use tokio_util::task::TaskTracker;
 use super::ack_poll::AckPoller;
 use super::audit::{AuditEvent, refuse_audit_topic};
 use super::clock::now_ms;
-use super::dedup::{Background, Claim, Claimed, Claims, Dedup, Item};
+use super::dedup::{Claim, Claimed, Claims, Dedup, Item};
 use super::error::{Error, Result};
+use super::id_check::{IdCheck, Share, answer_known, id_partition};
 use super::message::{NewMessage, Placed};
 use super::topic::{self, Topic};
 use super::topics::Topics;
@@ -28,7 +29,6 @@ use crate::metrics::Metrics;
 use crate::replication::Proposal;
 use crate::replication::write::Forwarder;
 use crate::storage::ids::{Entry, Key, MAX_ID_BYTES};
-use crate::storage::topic::CleanupPolicy;
 use crate::storage::{self, AppendMode, Appended, EncodedBatch, Record, validate_topic_name};
 
 /// What a Send may hold.
@@ -93,6 +93,8 @@ impl DeadLetterAppender {
 struct PlannedBatch {
     partition: u32,
     batch: EncodedBatch,
+    /// The records it encodes (a Send with ids on a cluster checks them).
+    records: Vec<Record>,
     /// Request indexes of the batch's records, in order.
     indexes: Vec<usize>,
 }
@@ -168,15 +170,6 @@ impl Sends {
                 limit,
             });
         }
-        if self.limits.replicated.is_some()
-            && let Some(index) = messages.iter().position(|m| m.id.is_some())
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "message {index} carries an id: idempotent Send (the id index) is not yet \
-                 replicated, so a cluster refuses ids rather than forget them at a failover; \
-                 send without ids"
-            )));
-        }
         if let Some((index, len)) = messages
             .iter()
             .enumerate()
@@ -220,6 +213,12 @@ impl Sends {
         let count = topic.partitions.len() as u32;
         let n = messages.len();
         let now = now_ms();
+        if let Some(deadline) = self.limits.replicated
+            && topic.dedup.is_some()
+            && messages.iter().any(|m| m.id.is_some())
+        {
+            return self.send_ids_replicated(topic, messages, deadline).await;
+        }
         let dedup = match &topic.dedup {
             Some(d) if messages.iter().any(|m| m.id.is_some()) => d,
             _ => {
@@ -288,85 +287,91 @@ impl Sends {
             self.append_planned(topic, plan, Some(ids), now, &mut out)
                 .await?;
         }
-        let mut duplicates = 0;
-        for (i, claim) in claims.into_iter().enumerate() {
-            let entry = match claim {
-                Claim::New => continue,
-                Claim::Repeat(first) => {
-                    let Some(first) = out[first] else {
-                        return Err(Error::Internal("a repeated id has no position".into()));
-                    };
-                    out[i] = Some(Placed {
-                        duplicate: true,
-                        ..first
-                    });
-                    duplicates += 1;
-                    continue;
+        answer_known(topic, dedup, claims, out, None).await
+    }
+
+    /// Cluster mode, a topic with an id index: each partition's share of the messages is
+    /// checked and stored by that partition's leader, all shares at once (see
+    /// [`super::id_check`]). Every check (sizes, routing, each share's batch size) runs before
+    /// anything is sent.
+    async fn send_ids_replicated(
+        &self,
+        topic: &Arc<Topic>,
+        messages: Vec<NewMessage>,
+        deadline: std::time::Duration,
+    ) -> Result<Vec<Placed>> {
+        let count = topic.partitions.len() as u32;
+        let spread = topic.next_spread_partition();
+        let n = messages.len();
+        let routed: Vec<NewMessage> = messages
+            .into_iter()
+            .map(|mut m| {
+                if let (Some(id), None, None) = (&m.id, m.partition, &m.key) {
+                    m.partition = Some(id_partition(id, count));
                 }
-                Claim::Known(e) => e,
-                Claim::Wait(rx) => match rx.await {
-                    Ok(Ok(e)) => e,
-                    Ok(Err(why)) => {
-                        return Err(Error::Unavailable(format!(
-                            "another Send carrying message {i}'s id was storing it and failed: \
-                             {why}; send again"
-                        )));
-                    }
-                    Err(_) => return Err(Error::Internal("an id's append was dropped".into())),
-                },
+                m
+            })
+            .collect();
+        let mut plan = self.plan(&topic.name, count, spread, routed, now_ms())?;
+        if plan.len() == 1
+            && let Some(b) = plan.pop()
+        {
+            // One partition's share (most Sends): checked on this task.
+            let share = Share {
+                records: b.records,
+                batch: b.batch.into_bytes(),
             };
-            duplicates += 1;
-            out[i] = Some(Placed {
-                partition: entry.partition,
-                offset: entry.offset,
-                duplicate: true,
-                removed: !still_held(topic, entry).await?,
+            return (self.id_check())
+                .at_leader(topic, b.partition, share, deadline)
+                .await;
+        }
+        let mut shares = tokio::task::JoinSet::new();
+        for b in plan {
+            let (check, topic) = (self.id_check(), Arc::clone(topic));
+            shares.spawn(async move {
+                let share = Share {
+                    records: b.records,
+                    batch: b.batch.into_bytes(),
+                };
+                let placed = check.at_leader(&topic, b.partition, share, deadline).await;
+                (b.indexes, placed)
             });
         }
-        if duplicates > 0 {
-            dedup.answered(duplicates);
+        let mut out = vec![None; n];
+        while let Some(joined) = shares.join_next().await {
+            let (indexes, placed) =
+                joined.map_err(|e| Error::Internal(format!("a partition's share failed: {e}")))?;
+            let placed = placed?;
+            if placed.len() != indexes.len() {
+                return Err(Error::Internal(format!(
+                    "a partition's leader answered {} positions for {} messages",
+                    placed.len(),
+                    indexes.len()
+                )));
+            }
+            for (i, p) in indexes.into_iter().zip(placed) {
+                out[i] = Some(p);
+            }
         }
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Writes a topic's frozen memtables as runs, then merges runs, off the request path: one
-    /// writer and one merger per topic, so a long merge never holds up the next write.
-    fn write_ids_later(&self, topic: &Arc<Topic>) {
-        let Some(dedup) = topic.dedup.clone() else {
-            return;
-        };
-        if !dedup.begin(Background::Write) {
-            return;
+    /// What the id check of a Send with ids uses on a cluster.
+    pub fn id_check(&self) -> IdCheck {
+        IdCheck {
+            forwarder: Arc::clone(&self.forwarder),
+            tasks: self.tasks.clone(),
+            data: Arc::clone(self.topics.data()),
         }
-        let name = Arc::clone(&topic.name);
-        let tasks = self.tasks.clone();
-        // The data directory stays locked while its files are written, even if the broker is
-        // dropped meanwhile.
-        let data = Arc::clone(self.topics.data());
-        self.tasks.spawn_blocking(move || {
-            loop {
-                let written = dedup.write_frozen();
-                dedup.end(Background::Write);
-                if let Err(e) = written {
-                    // Frozen memtables stay in memory (and are looked up) until a write works.
-                    tracing::error!(topic = %name, error = %e, "writing the id index failed; retried at the next write");
-                    break;
-                }
-                // A memtable frozen after the write looked is written now, by this task.
-                if !dedup.unwritten() || !dedup.begin(Background::Write) {
-                    break;
-                }
-            }
-            if dedup.mergeable() && dedup.begin(Background::Merge) {
-                tasks.spawn_blocking(move || {
-                    if let Err(e) = dedup.merge(now_ms()) {
-                        tracing::error!(topic = %name, error = %e, "merging the id index failed");
-                    }
-                    dedup.end(Background::Merge);
-                    drop(data);
-                });
-            }
-        });
+    }
+
+    /// Writes a topic's frozen memtables as runs, then merges runs, off the request path (see
+    /// [`super::dedup::write_later`]).
+    fn write_ids_later(&self, topic: &Arc<Topic>) {
+        if let Some(dedup) = &topic.dedup {
+            let data = Arc::clone(self.topics.data());
+            super::dedup::write_later(dedup, &topic.name, &self.tasks, data);
+        }
     }
 
     /// Routes messages to `count` partitions and encodes one batch per partition, checking each
@@ -413,6 +418,7 @@ impl Sends {
             batches.push(PlannedBatch {
                 partition: p as u32,
                 batch,
+                records,
                 indexes,
             });
         }
@@ -591,19 +597,4 @@ fn route(topic: &str, m: &NewMessage, count: u32, spread: u32) -> Result<u32> {
         (None, Some(key)) => topic::key_partition(key, count),
         (None, None) => spread % count,
     })
-}
-
-/// Whether the record an id points at is still held: not below the log's start, and (on a
-/// compacted topic) not removed by compaction.
-async fn still_held(topic: &Arc<Topic>, e: Entry) -> Result<bool> {
-    let Some(handle) = topic.partitions.get(e.partition as usize) else {
-        return Ok(false);
-    };
-    if e.offset < handle.log.log_start() {
-        return Ok(false);
-    }
-    if topic.config.cleanup_policy == CleanupPolicy::Compact {
-        return Ok(handle.read_record(e.offset).await?.is_some());
-    }
-    Ok(true)
 }

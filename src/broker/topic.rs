@@ -97,12 +97,14 @@ impl Topic {
         crate::replication::catalog::group_name(&self.name, partition, self.config.incarnation)
     }
 
-    /// Opens every partition of a topic (blocking: recovery reads files).
+    /// Opens every partition of a topic (blocking: recovery reads files). A `replicated`
+    /// topic's partitions are Raft logs (cluster mode).
     pub fn open(
         data: &DataDir,
         name: &str,
         config: TopicConfig,
         log_config: &LogConfig,
+        replicated: bool,
     ) -> Result<Topic> {
         let log_config = partition_log_config(&config, log_config);
         let mut partitions = Vec::with_capacity(config.partitions as usize);
@@ -141,6 +143,7 @@ impl Topic {
                 memtable,
                 io,
                 now_ms(),
+                replicated,
             )?))
         } else {
             None
@@ -153,6 +156,21 @@ impl Topic {
             next: AtomicU32::new(0),
             deleted: CancellationToken::new(),
         })
+    }
+
+    /// Whether the record an id points at is still held: not below the log's start, and (on a
+    /// compacted topic) not removed by compaction.
+    pub async fn still_holds(&self, e: storage::ids::Entry) -> Result<bool> {
+        let Some(handle) = self.partitions.get(e.partition as usize) else {
+            return Ok(false);
+        };
+        if e.offset < handle.log.log_start() {
+            return Ok(false);
+        }
+        if self.config.cleanup_policy == storage::topic::CleanupPolicy::Compact {
+            return Ok(handle.read_record(e.offset).await?.is_some());
+        }
+        Ok(true)
     }
 
     /// Puts every id stored so far into the id index's files (blocking): the logs may then be

@@ -66,6 +66,7 @@ pub fn open_all(
     read_only: bool,
     log: &LogConfig,
     audit_retention_ms: u64,
+    replicated: bool,
 ) -> Result<Opened> {
     let data = if read_only {
         DataDir::open_read_only(dir, io)?
@@ -78,13 +79,13 @@ pub fn open_all(
         if name == AUDIT_TOPIC {
             topic_config = audit_topic_config(audit_retention_ms);
         }
-        let topic = Topic::open(&data, &name, topic_config, log)?;
+        let topic = Topic::open(&data, &name, topic_config, log, replicated)?;
         topics.insert(name, Arc::new(topic));
     }
     if !topics.contains_key(AUDIT_TOPIC) {
         let c = audit_topic_config(audit_retention_ms);
         data.create_topic(AUDIT_TOPIC, &c)?;
-        let topic = Topic::open(&data, AUDIT_TOPIC, c, log)?;
+        let topic = Topic::open(&data, AUDIT_TOPIC, c, log, replicated)?;
         topics.insert(AUDIT_TOPIC.to_string(), Arc::new(topic));
     }
     let audit = match topics.get(AUDIT_TOPIC).and_then(|t| t.partitions.first()) {
@@ -259,10 +260,11 @@ impl Topics {
         let log = self.log.clone();
         let owned = name.to_string();
         let first_offsets = first_offsets.to_vec();
+        let replicated = self.replicated();
         let topic = blocking(move || {
             let capacity = partition_log_config(&config, &log).index_capacity();
             data.create_topic_at(&owned, &config, &first_offsets, capacity)?;
-            Topic::open(&data, &owned, config, &log)
+            Topic::open(&data, &owned, config, &log, replicated)
         })
         .await?;
         self.map

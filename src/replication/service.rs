@@ -28,6 +28,20 @@ pub type Maintainer = Arc<
         + Sync,
 >;
 
+/// Runs a `SendIds` here: the id check and the proposal of a batch of messages with ids to a
+/// group this node leads, answering each message's position. Refused with
+/// [`WriteError::NoLeader`], nothing claimed or proposed, by a node that does not lead the
+/// group. Set by the broker, which owns the id index.
+pub type IdSender = Arc<
+    dyn Fn(
+            String,
+            bytes::Bytes,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<pb::Placement>, WriteError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
 #[derive(Clone)]
 pub struct RaftService {
@@ -44,6 +58,8 @@ pub struct RaftService {
     added: Arc<tokio::sync::watch::Sender<u64>>,
     /// Serves `Maintain` once the broker has set it.
     maintainer: Arc<std::sync::OnceLock<Maintainer>>,
+    /// Serves `SendIds` once the broker has set it.
+    id_sender: Arc<std::sync::OnceLock<IdSender>>,
 }
 
 /// How long a Raft message to a group this node has not started waits for it to start before it
@@ -64,6 +80,7 @@ impl Default for RaftService {
             proposals: Arc::default(),
             added: Arc::new(tokio::sync::watch::Sender::new(0)),
             maintainer: Arc::default(),
+            id_sender: Arc::default(),
         }
     }
 }
@@ -105,6 +122,11 @@ impl RaftService {
     /// Serves `Maintain` with `maintainer` from now on (the first one set stays).
     pub fn serve_maintenance(&self, maintainer: Maintainer) {
         let _ = self.maintainer.set(maintainer);
+    }
+
+    /// Serves `SendIds` with `sender` from now on (the first one set stays).
+    pub fn serve_ids(&self, sender: IdSender) {
+        let _ = self.id_sender.set(sender);
     }
 
     /// Serves reads of the group's log to nodes that hold no replica of it.
@@ -193,6 +215,18 @@ impl RaftService {
         let rpc = wire::append_from_pb(req).map_err(bad)?;
         let r = raft.append_entries(rpc).await.map_err(stopped)?;
         Ok(wire::append_response_to_pb(&r))
+    }
+
+    /// A refusal before proposing anything (this node does not lead the group), naming the
+    /// leader it knows: the forwarding node may take the request to the next leader.
+    fn not_proposed(&self, raft: &Raft<PartitionRaft>) -> Status {
+        let leader = known_leader(raft, &self.peers);
+        let mut status = WriteError::NoLeader(leader).to_status();
+        status.metadata_mut().insert(
+            NOT_PROPOSED_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        status
     }
 }
 
@@ -316,13 +350,7 @@ impl pb::raft_server::Raft for RaftService {
         };
         if !leads {
             // Refused before proposing: the forwarding node may take it to the next leader.
-            let leader = known_leader(&raft, &self.peers);
-            let mut status = WriteError::NoLeader(leader).to_status();
-            status.metadata_mut().insert(
-                NOT_PROPOSED_METADATA,
-                tonic::metadata::MetadataValue::from_static("1"),
-            );
-            return Err(status);
+            return Err(self.not_proposed(&raft));
         }
         let proposal = match &req.command {
             Some(json) => Proposal::Command(
@@ -336,14 +364,37 @@ impl pb::raft_server::Raft for RaftService {
                 Proposal::Records(req.batch)
             }
         };
-        let proposed =
-            self.proposals
-                .propose(&raft, &req.group, proposal, self.write_timeout, &self.peers);
+        let proposed = self.proposals.propose(
+            &raft,
+            &req.group,
+            proposal,
+            self.write_timeout,
+            &self.peers,
+            None,
+        );
         match proposed.await {
             Ok(applied) => Ok(Response::new(pb::ProposeResponse {
                 base_offset: applied.offsets.map(|o| o.0),
                 last_offset: applied.offsets.map(|o| o.1),
             })),
+            Err(e) => Err(e.to_status()),
+        }
+    }
+
+    async fn send_ids(
+        &self,
+        request: Request<pb::SendIdsRequest>,
+    ) -> Result<Response<pb::SendIdsResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let Some(sender) = self.id_sender.get() else {
+            return Err(Status::unavailable("this node is still starting"));
+        };
+        EncodedBatch::check_proposal(&req.batch)
+            .map_err(|why| Status::invalid_argument(format!("a batch: {why}")))?;
+        match sender(req.group, req.batch).await {
+            Ok(placed) => Ok(Response::new(pb::SendIdsResponse { placed })),
+            Err(WriteError::NoLeader(_)) => Err(self.not_proposed(&raft)),
             Err(e) => Err(e.to_status()),
         }
     }

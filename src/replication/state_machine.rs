@@ -64,6 +64,13 @@ impl GroupState for () {
     fn apply(&mut self, _proposal: &Bytes) {}
 }
 
+/// Told of each applied message entry whose records carry ids: the offset its first record
+/// took, and the entry's bytes ([`crate::storage::EncodedBatch::entry_records`] reads them).
+pub type OnIds = Box<dyn Fn(u64, &Bytes) + Send + Sync>;
+
+/// Told, after each run of entries applied, the term of the last one.
+pub type OnApplied = Box<dyn Fn(u64) + Send + Sync>;
+
 /// The applied state: all a group's snapshot holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Content<S> {
@@ -165,6 +172,10 @@ pub struct GroupStateMachine<S: GroupState> {
     on_trim: Option<Box<dyn Fn() + Send + Sync>>,
     /// Told each time a compaction point is applied (compacting to it is due).
     on_compact: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Told of each applied message entry with ids.
+    on_ids: Option<OnIds>,
+    /// Told the term of the last entry applied, after each run.
+    on_applied: Option<OnApplied>,
     installed: Installed,
 }
 
@@ -225,6 +236,8 @@ impl<S: GroupState> GroupStateMachine<S> {
             publish: None,
             on_trim: None,
             on_compact: None,
+            on_ids: None,
+            on_applied: None,
             installed,
         })
     }
@@ -240,6 +253,14 @@ impl<S: GroupState> GroupStateMachine<S> {
     /// it is due ([`crate::storage::Partition::compact_to_point`]).
     pub fn on_compact(mut self, on_compact: Box<dyn Fn() + Send + Sync>) -> Self {
         self.on_compact = Some(on_compact);
+        self
+    }
+
+    /// Calls `on_ids` for each applied message entry with ids, and `on_applied` after each
+    /// run of entries applied (see [`OnIds`], [`OnApplied`]): how a replica keeps its id index.
+    pub fn on_apply(mut self, on_ids: OnIds, on_applied: OnApplied) -> Self {
+        self.on_ids = Some(on_ids);
+        self.on_applied = Some(on_applied);
         self
     }
 
@@ -348,6 +369,11 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
                     let last = base + u64::from(header.last_offset_delta);
                     self.content.next_offset = last + 1;
                     self.content.state.apply(batch);
+                    if header.has_ids()
+                        && let Some(on_ids) = &self.on_ids
+                    {
+                        on_ids(base, batch);
+                    }
                     Applied {
                         offsets: Some((base, last)),
                     }
@@ -372,6 +398,9 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         }
         self.log.set_committed_offset(self.content.next_offset);
         self.published();
+        if let (Some(on_applied), Some(last)) = (&self.on_applied, self.content.applied) {
+            on_applied(last.leader_id.term);
+        }
         if trimmed && let Some(on_trim) = &self.on_trim {
             on_trim();
         }

@@ -94,18 +94,51 @@ struct Queue {
     rounds: usize,
 }
 
-#[derive(Debug)]
 struct Waiting {
     batch: Bytes,
     /// Offsets its records take.
     span: u64,
     answer: tokio::sync::oneshot::Sender<Result<Applied, WriteError>>,
+    /// Proposed even once nobody waits for the answer, and told how it came out.
+    resolve: Option<Resolve>,
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiting")
+            .field("span", &self.span)
+            .field("resolve", &self.resolve.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Told how a proposal came out, and the term this node was in when it proposed it, by
+/// whoever proposed it: whatever became of the request that asked (whose caller may have
+/// stopped waiting). What the id check of a Send with ids needs to settle its claims.
+pub type Resolve = Box<dyn FnOnce(&Result<Applied, WriteError>, u64) + Send>;
+
+/// [`propose`], telling `resolve` how it came out.
+async fn propose_resolving(
+    raft: &Raft<PartitionRaft>,
+    proposal: Proposal,
+    deadline: Duration,
+    peers: &Peers,
+    resolve: Option<Resolve>,
+) -> Result<Applied, WriteError> {
+    let term = raft.metrics().borrow().current_term;
+    let outcome = propose(raft, proposal, deadline, peers).await;
+    if let Some(resolve) = resolve {
+        resolve(&outcome, term);
+    }
+    outcome
 }
 
 impl Proposals {
     /// Proposes `proposal` to `group` (which `raft` is this node's member of) and waits until
     /// it is committed and applied, at most `deadline`; see [`propose`]. Messages may share an
-    /// entry with others proposed meanwhile; each is answered with its own offsets.
+    /// entry with others proposed meanwhile; each is answered with its own offsets. With
+    /// `resolve`, the proposal is made even if this call stops waiting, and `resolve` is told
+    /// how it came out.
     pub async fn propose(
         self: &Arc<Self>,
         raft: &Raft<PartitionRaft>,
@@ -113,6 +146,7 @@ impl Proposals {
         proposal: Proposal,
         deadline: Duration,
         peers: &Peers,
+        resolve: Option<Resolve>,
     ) -> Result<Applied, WriteError> {
         let span = match &proposal {
             Proposal::Records(batch) => BatchHeader::of_proposal(batch)
@@ -122,7 +156,7 @@ impl Proposals {
             Proposal::Command(_) => None,
         };
         let (Some(span), Proposal::Records(batch)) = (span, &proposal) else {
-            return propose(raft, proposal, deadline, peers).await;
+            return propose_resolving(raft, proposal, deadline, peers, resolve).await;
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let start = {
@@ -132,6 +166,7 @@ impl Proposals {
                 batch: batch.clone(),
                 span,
                 answer,
+                resolve,
             });
             let start = queue.rounds < ROUNDS_IN_FLIGHT;
             queue.rounds += usize::from(start);
@@ -181,10 +216,12 @@ impl Proposals {
                 // goes alone, answered as it would be.
                 for w in taken {
                     let alone = Proposal::Records(w.batch);
-                    let _ = w.answer.send(propose(raft, alone, deadline, peers).await);
+                    let outcome = propose_resolving(raft, alone, deadline, peers, w.resolve);
+                    let _ = w.answer.send(outcome.await);
                 }
                 continue;
             };
+            let term = raft.metrics().borrow().current_term;
             let outcome = propose(raft, Proposal::Records(merged), deadline, peers).await;
             let mut next = outcome.map(|a| a.offsets.map(|(base, _)| base));
             for w in taken {
@@ -199,6 +236,9 @@ impl Proposals {
                     Ok(None) => Ok(Applied { offsets: None }),
                     Err(e) => Err(e.clone()),
                 };
+                if let Some(resolve) = w.resolve {
+                    resolve(&answer, term);
+                }
                 let _ = w.answer.send(answer);
             }
         }
@@ -211,7 +251,9 @@ impl Proposals {
         let Some(queue) = queues.get_mut(group) else {
             return Vec::new();
         };
-        queue.waiting.retain(|w| !w.answer.is_closed());
+        queue
+            .waiting
+            .retain(|w| w.resolve.is_some() || !w.answer.is_closed());
         let mut bytes = 0;
         let n = queue
             .waiting
@@ -366,7 +408,7 @@ impl Forwarder {
             };
             if id == me {
                 return (self.proposals)
-                    .propose(raft, group, proposal, left, &self.peers)
+                    .propose(raft, group, proposal, left, &self.peers, None)
                     .await;
             }
             let Some(leader) = known_leader(raft, &self.peers).filter(|(l, _)| *l == id) else {
@@ -436,6 +478,93 @@ impl Forwarder {
                     }
                 }
                 Forwarded::NoGroup => {}
+            }
+        }
+    }
+
+    /// Proposes a batch of messages with ids to `group` here, this node leading it (the id
+    /// check is made; see [`Proposals::propose`] for `resolve`). Refused with
+    /// [`WriteError::NoLeader`], nothing proposed, if this node does not lead it.
+    pub async fn propose_here(
+        &self,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
+        batch: Bytes,
+        deadline: Duration,
+        resolve: Resolve,
+    ) -> Result<Applied, WriteError> {
+        let proposal = Proposal::Records(batch);
+        (self.proposals)
+            .propose(raft, group, proposal, deadline, &self.peers, Some(resolve))
+            .await
+    }
+
+    /// Hands messages with ids for `group` to its leader's id check (the cluster port's
+    /// `SendIds`): `leader` first when known, else each of `replicas` in turn, following the
+    /// leader a refusal names, waiting a little after each round; at most `deadline` in all.
+    /// Every message carries an id, so a request whose outcome is unknown (cut off, too slow)
+    /// is simply made again at the next node: the leader answers an id it stored before with
+    /// its first position.
+    pub async fn send_ids(
+        &self,
+        group: &str,
+        leader: Option<(u64, String)>,
+        replicas: &[u64],
+        batch: Bytes,
+        deadline: Duration,
+    ) -> Result<Vec<pb::Placement>, WriteError> {
+        let until = Instant::now() + deadline;
+        let mut hint = leader.or_else(|| self.leaders().get(group).cloned());
+        let mut last = WriteError::NoLeader(hint.clone());
+        let (mut next, mut attempts) = (0usize, 0usize);
+        loop {
+            if attempts > 0 && attempts % (replicas.len() + 1) == 0 {
+                let left = until.saturating_duration_since(Instant::now());
+                tokio::time::sleep(REMOTE_RETRY.min(left)).await;
+            }
+            attempts += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || replicas.is_empty() {
+                return Err(last);
+            }
+            let target = match hint.take() {
+                Some(leader) => leader,
+                None => {
+                    let id = replicas[next % replicas.len()];
+                    next += 1;
+                    (id, self.peers.addr(id, ""))
+                }
+            };
+            let mut client = self.client(&target.1)?;
+            let mut request = tonic::Request::new(pb::SendIdsRequest {
+                group: group.to_string(),
+                batch: batch.clone(),
+            });
+            request.set_timeout(left);
+            let status = match tokio::time::timeout(left, client.send_ids(request)).await {
+                Ok(Ok(r)) => {
+                    self.leaders().insert(group.to_string(), target);
+                    return Ok(r.into_inner().placed);
+                }
+                Ok(Err(s)) => s,
+                Err(_) => continue,
+            };
+            self.leaders().remove(group);
+            match status.code() {
+                // Not the leader (naming the one it knows), down, cut off, too slow, or the
+                // group not started there: the next node is asked.
+                Code::FailedPrecondition
+                | Code::Unavailable
+                | Code::NotFound
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown => {
+                    last = WriteError::from_status(&status, left);
+                    if let WriteError::NoLeader(named) = &last {
+                        hint = named.clone().filter(|l| l.0 != target.0);
+                    }
+                }
+                _ => return Err(WriteError::from_status(&status, left)),
             }
         }
     }

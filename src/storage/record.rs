@@ -288,6 +288,23 @@ impl EncodedBatch {
         Ok(())
     }
 
+    /// The records of a Raft entry's payload (a proposal, or the entry as stored), not yet
+    /// parsed: what a replica reads of a message entry it applies (the ids, for its id index).
+    /// A record's offset is its delta from the header's base offset.
+    pub fn entry_records(buf: &Bytes) -> Result<(BatchHeader, Records), &'static str> {
+        let header = BatchHeader::of_entry(buf)?;
+        if header.is_control() {
+            return Err("a control entry holds no records");
+        }
+        let records = Records {
+            header,
+            buf: buf.clone(),
+            pos: header.records_start(),
+            left: header.record_count,
+        };
+        Ok((header, records))
+    }
+
     /// A proposal's header and its records (not yet parsed).
     fn proposal_records(buf: &Bytes) -> Result<(BatchHeader, Records), &'static str> {
         let header = BatchHeader::of_proposal(buf)?;

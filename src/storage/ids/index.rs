@@ -201,6 +201,41 @@ impl IdIndex {
         self.memtable.insert(key, Slot::Stored(entry));
     }
 
+    /// An id a replica finds stored as it applies its replicated log: into the index, unless
+    /// the index knows it already. An entry below its partition's watermark is in a run (or a
+    /// newer one is: a replica applies again, after a restart, entries it had indexed); above
+    /// it, only the memtables can hold the id, so no run is read (the same id stored again in
+    /// another partition after its window, and that entry applied again after a restart, is the
+    /// one case this misses: the older entry then shadows it until the memtable is written). A
+    /// pending id (claimed here, as the group's leader) is settled. True when it went in.
+    pub fn learn(&mut self, key: Key, entry: Entry) -> bool {
+        let mark = self
+            .runs
+            .last()
+            .and_then(|r| r.watermarks().get(entry.partition as usize).copied())
+            .unwrap_or(0);
+        if entry.offset < mark {
+            return false;
+        }
+        let known = match self.memtable.get(&key) {
+            Some(Slot::Pending { .. }) => None,
+            Some(Slot::Stored(e)) => Some(*e),
+            None => self
+                .frozen
+                .iter()
+                .rev()
+                .find_map(|f| match f.entries.get(&key) {
+                    Some(Slot::Stored(e)) => Some(*e),
+                    _ => None,
+                }),
+        };
+        if known.is_some_and(|e| e == entry || e.stored_ms > entry.stored_ms) {
+            return false;
+        }
+        self.settle(key, entry);
+        true
+    }
+
     /// Gives the memtable its table at its first id (a topic nobody sends ids to has none).
     fn made(&mut self) {
         let ids = self.table_ids();
@@ -537,5 +572,35 @@ mod tests {
         let reopened = IdIndex::open(dir.path(), 3, 100, 2, &io).unwrap();
         assert_eq!(reopened.watermarks(), vec![5, 6, 7]);
         assert_eq!(reopened.get(&key(1)).unwrap(), Some(entry(1, 10)));
+    }
+
+    #[test]
+    fn a_replica_learns_what_it_applies_but_never_over_a_newer_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo;
+        let mut index = IdIndex::open(dir.path(), 3, 1_000, 4, &io).unwrap();
+        // Unknown: learnt. The same entry again (applied again after a restart): no change.
+        assert!(index.learn(key(1), entry(1, 10)));
+        assert!(!index.learn(key(1), entry(1, 10)));
+        // Claimed here (as leader): the applied entry settles the claim.
+        assert_eq!(index.claim(key(2), 2, 2, 20).unwrap(), Claimed::New);
+        assert!(index.learn(key(2), entry(2, 20)));
+        assert_eq!(
+            index.claim(key(2), 2, 3, 21).unwrap(),
+            Claimed::Known(entry(2, 20))
+        );
+        // Stored again after its window (newer), then written to a run with everything below
+        // offset 40: applying the older entries again (after a restart) changes nothing.
+        index.settle(key(3), entry(30, 900));
+        let frozen = index.freeze(&[40, 40, 40]);
+        index.install(frozen.write(dir.path(), &io).unwrap());
+        drop(frozen);
+        assert!(!index.learn(key(3), entry(3, 30)));
+        assert!(!index.learn(key(1), entry(1, 5)));
+        assert_eq!(index.get(&key(3)).unwrap(), Some(entry(30, 900)));
+        assert_eq!(index.get(&key(1)).unwrap(), Some(entry(1, 10)));
+        // A newer entry than the one known goes in.
+        assert!(index.learn(key(1), entry(41, 1_500)));
+        assert_eq!(index.get(&key(1)).unwrap(), Some(entry(41, 1_500)));
     }
 }

@@ -40,7 +40,7 @@ mod memtable;
 mod merge;
 pub mod run;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use index::{Claimed, IdIndex, IdStats};
 pub use key::{Entry, Key, KeyHasher, KeyMap, MAX_ID_BYTES};
