@@ -58,6 +58,8 @@ struct TestCluster {
     nodes: Vec<Node>,
     /// Each node's client address while it runs (`None` while it is down).
     addrs: Arc<Mutex<Vec<Option<String>>>>,
+    /// Each node's HTTP address, when `env` turns the HTTP port on.
+    http: Vec<Option<std::net::SocketAddr>>,
 }
 
 /// Free loopback ports (the listeners are closed again, so another process may take one
@@ -201,6 +203,7 @@ impl TestCluster {
                 .collect(),
             nodes,
             addrs: Arc::new(Mutex::new(vec![None; 3])),
+            http: vec![None; 3],
         }
     }
 
@@ -211,9 +214,10 @@ impl TestCluster {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let (child, addr) = serve(&node.dir, node.id, &self.peers[i], &env)
+        let (child, addr, http) = serve_http(&node.dir, node.id, &self.peers[i], &env)
             .unwrap_or_else(|e| panic!("node {} did not start: {e}", node.id));
         node.child = Some(child);
+        self.http[i] = http;
         self.links.set_up(i, true);
         self.addrs.lock().unwrap()[i] = Some(addr);
     }
@@ -393,6 +397,40 @@ async fn produce(
     }
 }
 
+/// Four producers, each running `produce` with its number, the running nodes' addresses,
+/// `history`, the count of acknowledged Sends and a stop signal: the signal's sender and the
+/// tasks.
+fn spawn_producers<H, F, Fut>(
+    cluster: &TestCluster,
+    history: &Arc<Mutex<H>>,
+    acks: &Arc<watch::Sender<u64>>,
+    produce: F,
+) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>)
+where
+    F: Fn(
+        u32,
+        Arc<Mutex<Vec<Option<String>>>>,
+        Arc<Mutex<H>>,
+        Arc<watch::Sender<u64>>,
+        watch::Receiver<bool>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let producers = (0..4)
+        .map(|p| {
+            tokio::spawn(produce(
+                p,
+                Arc::clone(&cluster.addrs),
+                Arc::clone(history),
+                Arc::clone(acks),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    (stop_tx, producers)
+}
+
 /// Follows partition 0's tail from the start through the faults, moving to another node when
 /// its node goes away; returns what it read, once it has read up to `until` (set at the end).
 async fn follow(
@@ -516,18 +554,7 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
 
         let history = Arc::new(Mutex::new(History::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let producers: Vec<_> = (0..4)
-            .map(|p| {
-                tokio::spawn(produce(
-                    p,
-                    Arc::clone(&cluster.addrs),
-                    Arc::clone(&history),
-                    Arc::clone(&acks),
-                    stop_rx.clone(),
-                ))
-            })
-            .collect();
+        let (stop_tx, producers) = spawn_producers(&cluster, &history, &acks, produce);
         let (until_tx, until_rx) = watch::channel(None);
         let follower = tokio::spawn(follow(Arc::clone(&cluster.addrs), until_rx));
 
@@ -835,18 +862,7 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
             .unwrap();
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let producers: Vec<_> = (0..4)
-            .map(|p| {
-                tokio::spawn(produce_ids(
-                    p,
-                    Arc::clone(&cluster.addrs),
-                    Arc::clone(&history),
-                    Arc::clone(&acks),
-                    stop_rx.clone(),
-                ))
-            })
-            .collect();
+        let (stop_tx, producers) = spawn_producers(&cluster, &history, &acks, produce_ids);
         progress(&acks, 50, "before any fault").await;
         let all = [0, 1, 2];
         // A leader killed (Sends in flight on it: their outcome unknown, sent again elsewhere),
@@ -2007,6 +2023,208 @@ fn cluster_status_shows_every_node_leader_and_lag_and_fails_when_a_group_has_no_
         .await
         .expect("the lone node reports groups without a leader");
         assert!(said.contains("no leader:"), "{said}");
+    });
+}
+
+/// The `sluice_raft_*` samples of a `/metrics` text: (family, labels) → value.
+async fn raft_metrics(http: std::net::SocketAddr) -> BTreeMap<(String, String), f64> {
+    let reply = common::http::get(http, "/metrics").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply
+        .body
+        .lines()
+        .filter(|l| l.starts_with("sluice_raft_"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (family, labels) = series.split_once('{')?;
+            Some((
+                (family.to_string(), labels.trim_end_matches('}').to_string()),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// What every node's `/metrics` says of partition `p` (labels `topic="submissions",partition="p"`).
+async fn raft_view(cluster: &TestCluster, nodes: &[usize], family: &str, p: u32) -> Vec<f64> {
+    let labels = format!("topic=\"{TOPIC}\",partition=\"{p}\"");
+    let mut out = Vec::new();
+    for &i in nodes {
+        let m = raft_metrics(cluster.http[i].unwrap()).await;
+        out.push(
+            m.get(&(family.to_string(), labels.clone()))
+                .copied()
+                .unwrap_or(f64::NAN),
+        );
+    }
+    out
+}
+
+#[test]
+fn metrics_show_each_groups_term_leader_indexes_and_how_far_each_follower_lags() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start_with(&[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")]);
+        let channel = connect(&cluster.addr(0)).await.unwrap();
+        create_topic(channel.clone(), TOPIC, PARTITIONS).await;
+        let mut client = BrokerClient::new(channel);
+        let send = |n: u32| pb::SendRequest {
+            topic: TOPIC.into(),
+            messages: (0..n)
+                .map(|i| pb::Message {
+                    value: Some(format!("m{i}").into()),
+                    partition: Some(0),
+                    ..pb::Message::default()
+                })
+                .collect(),
+        };
+        client.send(send(10)).await.unwrap();
+        let all = [0, 1, 2];
+        // Every node: the same term; exactly one leader; every node knows it; once the
+        // followers have the Send, every replica at the same last, commit and applied index,
+        // and the leader reports each follower 0 entries and 0 s behind.
+        let leader = cluster.leader(0, 0, &all).await;
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let applied = raft_view(&cluster, &all, "sluice_raft_applied_index", 0).await;
+                let last = raft_view(&cluster, &all, "sluice_raft_last_log_index", 0).await;
+                if applied.iter().all(|a| *a == last[leader])
+                    && last.iter().all(|l| *l == last[leader])
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("every replica applies what the leader holds");
+        let terms = raft_view(&cluster, &all, "sluice_raft_term", 0).await;
+        assert!(
+            terms.iter().all(|t| *t == terms[0] && *t >= 1.0),
+            "{terms:?}"
+        );
+        let leads = raft_view(&cluster, &all, "sluice_raft_leader", 0).await;
+        let want: Vec<f64> = all
+            .iter()
+            .map(|&i| f64::from(u8::from(i == leader)))
+            .collect();
+        assert_eq!(leads, want);
+        assert_eq!(
+            raft_view(&cluster, &all, "sluice_raft_has_leader", 0).await,
+            vec![1.0; 3]
+        );
+        let commit = raft_view(&cluster, &[leader], "sluice_raft_commit_index", 0).await;
+        let last = raft_view(&cluster, &[leader], "sluice_raft_last_log_index", 0).await;
+        assert_eq!(commit, last);
+        let on_leader = raft_metrics(cluster.http[leader].unwrap()).await;
+        for f in all.iter().filter(|&&i| i != leader) {
+            let labels = format!("topic=\"{TOPIC}\",partition=\"0\",follower=\"{}\"", f + 1);
+            let lag = |family: &str| {
+                on_leader
+                    .get(&(family.to_string(), labels.clone()))
+                    .copied()
+            };
+            assert_eq!(
+                lag("sluice_raft_follower_lag_entries"),
+                Some(0.0),
+                "{on_leader:?}"
+            );
+            assert_eq!(
+                lag("sluice_raft_follower_lag_seconds"),
+                Some(0.0),
+                "{on_leader:?}"
+            );
+        }
+        // The JSON API the console reads: the nodes, each partition's leader and replicas.
+        let http = cluster.http[leader].unwrap();
+        let overview = common::http::get(http, "/api/v1/overview").await;
+        let overview: serde_json::Value = serde_json::from_str(&overview.body).unwrap();
+        assert_eq!(overview["cluster"], true, "{overview}");
+        let view = common::http::get(http, "/api/v1/cluster").await;
+        assert_eq!(view.status, 200, "{}", view.body);
+        let view: serde_json::Value = serde_json::from_str(&view.body).unwrap();
+        let nodes = view["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 3, "{view}");
+        assert!(nodes.iter().all(|n| n["reachable"] == true), "{view}");
+        let p0 = view["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["topic"] == TOPIC && p["partition"] == 0)
+            .unwrap_or_else(|| panic!("{view}"));
+        assert_eq!(p0["leader"], leader as u64 + 1, "{view}");
+        assert_eq!(p0["replicas"].as_array().unwrap().len(), 3, "{view}");
+
+        // A follower down while Sends go on: the leader counts the entries it lacks and how old
+        // the oldest of them is; the commit index still moves (a majority holds it).
+        let victim = (leader + 1) % 3;
+        cluster.kill(victim);
+        client.send(send(5)).await.unwrap();
+        let labels = format!(
+            "topic=\"{TOPIC}\",partition=\"0\",follower=\"{}\"",
+            victim + 1
+        );
+        let lag = |m: &BTreeMap<(String, String), f64>, family: &str| {
+            m.get(&(family.to_string(), labels.clone()))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        // The oldest entry it lacks grows older while it is down: seen past one second.
+        let on_leader = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let m = raft_metrics(cluster.http[leader].unwrap()).await;
+                if lag(&m, "sluice_raft_follower_lag_seconds") >= 1.0 {
+                    return m;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the lag in seconds grows while the follower is down");
+        assert!(
+            lag(&on_leader, "sluice_raft_follower_lag_entries") >= 1.0,
+            "{on_leader:?}"
+        );
+        let view = common::http::get(http, "/api/v1/cluster").await;
+        let view: serde_json::Value = serde_json::from_str(&view.body).unwrap();
+        assert_eq!(view["nodes"][victim]["reachable"], false, "{view}");
+        let commit = raft_view(&cluster, &[leader], "sluice_raft_commit_index", 0).await;
+        let last = raft_view(&cluster, &[leader], "sluice_raft_last_log_index", 0).await;
+        assert_eq!(commit, last, "two of three hold every entry");
+        // Back: it catches up, and the leader says so.
+        cluster.restart(victim);
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let on_leader = raft_metrics(cluster.http[leader].unwrap()).await;
+                let labels = format!(
+                    "topic=\"{TOPIC}\",partition=\"0\",follower=\"{}\"",
+                    victim + 1
+                );
+                if on_leader.get(&("sluice_raft_follower_lag_entries".to_string(), labels))
+                    == Some(&0.0)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the follower caught up");
+        // The leader stopped: the others elect a new one in a later term, each counting the
+        // election; the node that comes back learns the new term.
+        let before = raft_view(&cluster, &all, "sluice_raft_term", 0).await[0];
+        cluster.kill(leader);
+        let others: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+        let new_leader = cluster.leader(others[0], 0, &others).await;
+        let terms = raft_view(&cluster, &others, "sluice_raft_term", 0).await;
+        assert!(
+            terms.iter().all(|t| *t > before),
+            "{terms:?} after {before}"
+        );
+        let elections = raft_view(&cluster, &[new_leader], "sluice_raft_elections_total", 0).await;
+        assert!(elections[0] >= 1.0, "{elections:?}");
+        let leads = raft_view(&cluster, &others, "sluice_raft_leader", 0).await;
+        assert_eq!(leads.iter().sum::<f64>(), 1.0, "{leads:?}");
     });
 }
 

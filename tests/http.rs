@@ -365,8 +365,10 @@ async fn health_readiness_console_and_bad_requests() {
         assert!(!r.body.contains("https://"), "{asset}");
     }
 
-    let cases: [(&str, &str, u16); 12] = [
+    let cases: [(&str, &str, u16); 13] = [
         ("GET", "/api/v1/topics/missing", 404),
+        // A single node: no cluster to show.
+        ("GET", "/api/v1/cluster", 409),
         ("GET", "/api/v1/topics/missing/dead-letters", 404),
         ("GET", "/api/v1/groups/missing", 404),
         ("GET", "/api/v1/topics/..%2Fx", 400),

@@ -45,7 +45,7 @@ use crate::replication::write::{Forwarder, Proposals, wait_for_leader};
 use crate::replication::{
     GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
 };
-use crate::storage::raft_log::RaftLog;
+use crate::storage::raft_log::{RaftLog, RaftLogReader};
 use crate::storage::{self, FileIo, Partition, io::replace_file};
 
 use super::audit::AUDIT_TOPIC;
@@ -103,6 +103,42 @@ pub struct Cluster {
     compacted: mpsc::UnboundedSender<(Arc<Partition>, u64)>,
     /// Runs the id indexes' background writes.
     tasks: TaskTracker,
+    /// What `/metrics` reads of each partition group this node runs, by name.
+    observed: Mutex<HashMap<String, Observed>>,
+}
+
+/// What `/metrics` reads of a partition group besides openraft's metrics.
+#[derive(Debug, Clone)]
+struct Observed {
+    /// Reads the group's entries (the age of the oldest one a follower lacks).
+    reader: RaftLogReader,
+    /// Snapshots installed from a leader since the group started here.
+    installs: Arc<std::sync::atomic::AtomicU64>,
+    /// The term when the group started here.
+    first_term: u64,
+}
+
+/// One partition group this node runs, as `/metrics` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaftSample {
+    pub topic: String,
+    pub partition: u32,
+    pub term: u64,
+    /// This node leads the group.
+    pub leader: bool,
+    /// This node knows a leader of the group.
+    pub has_leader: bool,
+    pub last_log_index: u64,
+    /// On the leader, the highest index a majority holds; elsewhere what this node applied
+    /// (a follower applies what its leader says is committed at once).
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Terms begun since the group started here (each election begins one).
+    pub elections: u64,
+    pub snapshot_installs: u64,
+    /// On the leader, per follower: entries it lacks, and the age in seconds of the oldest of
+    /// them (0 when it lacks none).
+    pub followers: Vec<(u64, u64, f64)>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -212,6 +248,7 @@ impl Cluster {
             trimmed,
             compacted,
             tasks: tasks.clone(),
+            observed: Mutex::default(),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peer_ips = peer_ips(&cluster.members).await?;
@@ -559,7 +596,7 @@ impl Cluster {
             };
             let keep = topic.config.delete_retention_ms;
             let ids = self.id_hooks(topic, handle.id);
-            let raft = self.start_group(&group, handle, keep, ids).await?;
+            let (raft, observed) = self.start_group(&group, handle, keep, ids).await?;
             if let Some(members) = members {
                 self.initialize(&raft, &group, topic.config.formed_by, &members)
                     .await?;
@@ -571,6 +608,7 @@ impl Cluster {
             };
             self.service.add_log(group.clone(), log);
             let _ = handle.replica.set(raft.clone());
+            self.observing().insert(group.clone(), observed);
             self.running().insert(group, raft);
         }
         Ok(())
@@ -612,17 +650,19 @@ impl Cluster {
         handle: &PartitionHandle,
         delete_retention_ms: u64,
         ids: Option<(OnIds, OnApplied)>,
-    ) -> Result<Raft<PartitionRaft>> {
+    ) -> Result<(Raft<PartitionRaft>, Observed)> {
         let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
-        let (store, sm) = blocking(move || {
+        let (store, sm, reader) = blocking(move || {
             let dir = partition.dir().to_path_buf();
             let log = RaftLog::on(partition, Arc::clone(&io))?;
             let damaged = |e| Error::Internal(format!("{}: {e}", dir.display()));
             let sm = StateMachine::open(&dir, io, log.reader()).map_err(damaged)?;
+            let reader = log.reader();
             let store = LogStore::new(log).linked(sm.installed()).map_err(damaged)?;
-            Ok((store, sm))
+            Ok((store, sm, reader))
         })
         .await?;
+        let installs = sm.installs();
         let (trimmed, name) = (self.trimmed.clone(), group.to_string());
         let (compacted, partition) = (self.compacted.clone(), Arc::clone(&handle.log));
         let sm = sm
@@ -636,7 +676,7 @@ impl Cluster {
             Some((on_ids, on_applied)) => sm.on_apply(on_ids, on_applied),
             None => sm,
         };
-        Raft::new(
+        let raft = Raft::new(
             self.members.node_id,
             Arc::clone(&self.config),
             GrpcNetwork::new(group, self.forwarder.peers().clone()),
@@ -644,7 +684,41 @@ impl Cluster {
             sm,
         )
         .await
-        .map_err(|e| Error::Internal(format!("group {group}: {e}")))
+        .map_err(|e| Error::Internal(format!("group {group}: {e}")))?;
+        let first_term = raft.metrics().borrow().current_term;
+        let observed = Observed {
+            reader,
+            installs,
+            first_term,
+        };
+        Ok((raft, observed))
+    }
+
+    fn observing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Observed>> {
+        self.observed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every partition group this node runs, as `/metrics` shows it (reads the log for the
+    /// age of each lagging follower's oldest missing entry: blocking work on the blocking
+    /// pool).
+    pub async fn raft_samples(&self) -> Vec<RaftSample> {
+        let groups: Vec<(String, Raft<PartitionRaft>, Observed)> = {
+            let running = self.running();
+            let observed = self.observing();
+            running
+                .iter()
+                .filter_map(|(g, r)| Some((g.clone(), r.clone(), observed.get(g)?.clone())))
+                .collect()
+        };
+        let now = super::clock::now_ms();
+        let sampled = blocking(move || {
+            Ok(groups
+                .into_iter()
+                .filter_map(|(g, raft, o)| sample(&g, &raft, &o, now))
+                .collect())
+        })
+        .await;
+        sampled.unwrap_or_default()
     }
 
     /// Every partition group this node runs, by name.
@@ -867,6 +941,7 @@ impl Cluster {
             for handle in &topic.partitions {
                 let group = topic.group_name(handle.id);
                 self.service.remove(&group);
+                self.observing().remove(&group);
                 let raft = self.running().remove(&group);
                 if let Some(raft) = raft
                     && let Err(e) = raft.shutdown().await
@@ -1150,6 +1225,66 @@ impl Cluster {
 /// Whether this node took part in the partition's group before: it saved a vote (every member
 /// does on its first election or first entries) or holds entries (a founder that formed the
 /// group). A partition this node holds no replica of has neither: its log is an empty segment.
+/// One group as `/metrics` shows it, read at `now_ms`.
+fn sample(
+    group: &str,
+    raft: &Raft<PartitionRaft>,
+    o: &Observed,
+    now_ms: i64,
+) -> Option<RaftSample> {
+    let (topic, partition) = parse_group_name(group)?;
+    let m = raft.metrics().borrow().clone();
+    let leader = m.current_leader == Some(m.id);
+    let last_log_index = m.last_log_index.unwrap_or(0);
+    let applied_index = m.last_applied.map_or(0, |l| l.index);
+    let mut followers = Vec::new();
+    let mut commit_index = applied_index;
+    if leader && let Some(replication) = &m.replication {
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let mut held: Vec<u64> = voters
+            .iter()
+            .map(|v| match replication.get(v) {
+                _ if *v == m.id => last_log_index,
+                Some(matched) => matched.map_or(0, |l| l.index),
+                None => 0,
+            })
+            .collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(&majority) = held.get(voters.len() / 2) {
+            commit_index = majority;
+        }
+        for (&node, matched) in replication.iter().filter(|(n, _)| **n != m.id) {
+            let matched = matched.map_or(0, |l| l.index);
+            let behind = last_log_index.saturating_sub(matched);
+            let age = if behind == 0 {
+                0.0
+            } else {
+                // The oldest entry it lacks: its first record's time (or the oldest held).
+                let oldest = o
+                    .reader
+                    .entries(matched + 1, last_log_index + 1, 1)
+                    .ok()
+                    .and_then(|b| b.first().map(|b| b.header().first_timestamp));
+                oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)
+            };
+            followers.push((node, behind, age));
+        }
+    }
+    Some(RaftSample {
+        topic: topic.to_string(),
+        partition,
+        term: m.current_term,
+        leader,
+        has_leader: m.current_leader.is_some(),
+        last_log_index,
+        commit_index,
+        applied_index,
+        elections: m.current_term.saturating_sub(o.first_term),
+        snapshot_installs: o.installs.load(std::sync::atomic::Ordering::Relaxed),
+        followers,
+    })
+}
+
 fn was_member(handle: &PartitionHandle) -> bool {
     let stats = handle.log.stats();
     handle.log.dir().join(storage::raft_log::FILE_NAME).exists()

@@ -165,13 +165,7 @@ impl IdCheck {
                 floor,
             })
             .collect();
-        let ends = || {
-            topic
-                .partitions
-                .iter()
-                .map(|p| p.log.high_water())
-                .collect()
-        };
+        let ends = || topic.high_waters();
         let Claims {
             each: claims,
             guard: claimed,

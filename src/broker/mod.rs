@@ -75,7 +75,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig, validate_topic_name};
 
-pub use self::cluster::META_GROUP;
+pub use self::cluster::{META_GROUP, RaftSample};
 pub use self::error::{Error, Result};
 pub use self::maintenance::PartitionMaintenance;
 pub use self::message::{Deliveries, Delivery, DeliveryBatch, NewMessage, Placed, Start};
@@ -499,6 +499,15 @@ impl Broker {
     /// Every group with the topics it has state for.
     pub fn list_groups(&self) -> Result<Vec<(String, Vec<String>)>> {
         self.groups.list_groups()
+    }
+
+    /// Cluster mode: every partition group this node runs, as `/metrics` shows it (none on a
+    /// single node).
+    pub async fn raft_samples(&self) -> Vec<RaftSample> {
+        match &self.cluster {
+            Some(c) => c.raft_samples().await,
+            None => Vec::new(),
+        }
     }
 
     /// Every consumer group on every topic that exists, opened if it was not yet.

@@ -238,13 +238,7 @@ impl Sends {
                 floor: topic.partitions[partition as usize].log.high_water(),
             });
         }
-        let ends = || {
-            topic
-                .partitions
-                .iter()
-                .map(|p| p.log.high_water())
-                .collect()
-        };
+        let ends = || topic.high_waters();
         let Claims {
             each: claims,
             guard: claimed,

@@ -158,6 +158,12 @@ impl Topic {
         })
     }
 
+    /// Each partition's high-water mark, in partition order (the ends an id index's memtable
+    /// is frozen at).
+    pub fn high_waters(&self) -> Vec<u64> {
+        self.partitions.iter().map(|p| p.log.high_water()).collect()
+    }
+
     /// Whether the record an id points at is still held: not below the log's start, and (on a
     /// compacted topic) not removed by compaction.
     pub async fn still_holds(&self, e: storage::ids::Entry) -> Result<bool> {

@@ -176,6 +176,8 @@ pub struct GroupStateMachine<S: GroupState> {
     on_ids: Option<OnIds>,
     /// Told the term of the last entry applied, after each run.
     on_applied: Option<OnApplied>,
+    /// Snapshots installed from a leader since the group started here.
+    installs: Arc<std::sync::atomic::AtomicU64>,
     installed: Installed,
 }
 
@@ -238,6 +240,7 @@ impl<S: GroupState> GroupStateMachine<S> {
             on_compact: None,
             on_ids: None,
             on_applied: None,
+            installs: Arc::default(),
             installed,
         })
     }
@@ -262,6 +265,11 @@ impl<S: GroupState> GroupStateMachine<S> {
         self.on_ids = Some(on_ids);
         self.on_applied = Some(on_applied);
         self
+    }
+
+    /// Counts the snapshots installed from a leader since the group started here.
+    pub fn installs(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.installs)
     }
 
     /// The snapshot point last installed (at open, the saved snapshot's), for the group's log
@@ -448,6 +456,8 @@ impl<S: GroupState> RaftStateMachine<PartitionRaft> for GroupStateMachine<S> {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
         // The log store may be waiting for this to purge past the end of its log.
         self.installed.send_replace(self.content.trim);
+        self.installs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.published();
         Ok(())
     }

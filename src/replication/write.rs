@@ -438,28 +438,12 @@ impl Forwarder {
         proposal: Proposal,
         deadline: Duration,
     ) -> Result<Applied, WriteError> {
-        let until = Instant::now() + deadline;
-        let mut hint = self.leaders().get(group).cloned();
+        let hint = self.leaders().get(group).cloned();
         let mut last_hint = hint.clone();
-        let (mut next, mut attempts) = (0usize, 0usize);
+        let mut targets = Targets::new(&self.peers, replicas, hint, deadline);
         loop {
-            // Every replica (and a leader named) refused: an election is under way.
-            if attempts > 0 && attempts % (replicas.len() + 1) == 0 {
-                let left = until.saturating_duration_since(Instant::now());
-                tokio::time::sleep(REMOTE_RETRY.min(left)).await;
-            }
-            attempts += 1;
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || replicas.is_empty() {
+            let Some((target, left)) = targets.next().await else {
                 return Err(WriteError::NoLeader(last_hint));
-            }
-            let target = match hint.take() {
-                Some(leader) => leader,
-                None => {
-                    let id = replicas[next % replicas.len()];
-                    next += 1;
-                    (id, self.peers.addr(id, ""))
-                }
             };
             match self.forward(group, &proposal, left, target.clone()).await {
                 Forwarded::Answer(answer) => {
@@ -472,10 +456,11 @@ impl Forwarder {
                 }
                 Forwarded::Refused(named) => {
                     self.leaders().remove(group);
-                    hint = named.filter(|l| l.0 != target.0);
-                    if hint.is_some() {
-                        last_hint.clone_from(&hint);
+                    let named = named.filter(|l| l.0 != target.0);
+                    if named.is_some() {
+                        last_hint.clone_from(&named);
                     }
+                    targets.follow(named);
                 }
                 Forwarded::NoGroup => {}
             }
@@ -513,27 +498,12 @@ impl Forwarder {
         batch: Bytes,
         deadline: Duration,
     ) -> Result<Vec<pb::Placement>, WriteError> {
-        let until = Instant::now() + deadline;
-        let mut hint = leader.or_else(|| self.leaders().get(group).cloned());
+        let hint = leader.or_else(|| self.leaders().get(group).cloned());
         let mut last = WriteError::NoLeader(hint.clone());
-        let (mut next, mut attempts) = (0usize, 0usize);
+        let mut targets = Targets::new(&self.peers, replicas, hint, deadline);
         loop {
-            if attempts > 0 && attempts % (replicas.len() + 1) == 0 {
-                let left = until.saturating_duration_since(Instant::now());
-                tokio::time::sleep(REMOTE_RETRY.min(left)).await;
-            }
-            attempts += 1;
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || replicas.is_empty() {
+            let Some((target, left)) = targets.next().await else {
                 return Err(last);
-            }
-            let target = match hint.take() {
-                Some(leader) => leader,
-                None => {
-                    let id = replicas[next % replicas.len()];
-                    next += 1;
-                    (id, self.peers.addr(id, ""))
-                }
             };
             let mut client = self.client(&target.1)?;
             let mut request = tonic::Request::new(pb::SendIdsRequest {
@@ -561,7 +531,7 @@ impl Forwarder {
                 | Code::Unknown => {
                     last = WriteError::from_status(&status, left);
                     if let WriteError::NoLeader(named) = &last {
-                        hint = named.clone().filter(|l| l.0 != target.0);
+                        targets.follow(named.clone().filter(|l| l.0 != target.0));
                     }
                 }
                 _ => return Err(WriteError::from_status(&status, left)),
@@ -728,6 +698,64 @@ impl Forwarder {
             Err(s) if s.code() == Code::Unavailable => Err(WriteError::NoLeader(Some(leader))),
             Err(s) => Err(WriteError::from_status(&s, deadline)),
         })
+    }
+}
+
+/// Whom a request for a group goes to next, from a node that does not lead it: the leader
+/// named (or last seen), else each of the group's nodes in turn; after a round in which every
+/// one (and a leader named) refused, an election is under way, so it waits a little. None
+/// once the deadline has passed.
+struct Targets<'a> {
+    peers: &'a Peers,
+    replicas: &'a [u64],
+    hint: Option<(u64, String)>,
+    until: Instant,
+    next: usize,
+    attempts: usize,
+}
+
+impl<'a> Targets<'a> {
+    fn new(
+        peers: &'a Peers,
+        replicas: &'a [u64],
+        hint: Option<(u64, String)>,
+        deadline: Duration,
+    ) -> Self {
+        Targets {
+            peers,
+            replicas,
+            hint,
+            until: Instant::now() + deadline,
+            next: 0,
+            attempts: 0,
+        }
+    }
+
+    /// The next node to ask (id, cluster address) and the time left.
+    async fn next(&mut self) -> Option<((u64, String), Duration)> {
+        if self.attempts > 0 && self.attempts.is_multiple_of(self.replicas.len() + 1) {
+            let left = self.until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(REMOTE_RETRY.min(left)).await;
+        }
+        self.attempts += 1;
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() || self.replicas.is_empty() {
+            return None;
+        }
+        let target = match self.hint.take() {
+            Some(leader) => leader,
+            None => {
+                let id = self.replicas[self.next % self.replicas.len()];
+                self.next += 1;
+                (id, self.peers.addr(id, ""))
+            }
+        };
+        Some((target, left))
+    }
+
+    /// Asks the leader a refusal named next.
+    fn follow(&mut self, leader: Option<(u64, String)>) {
+        self.hint = leader;
     }
 }
 

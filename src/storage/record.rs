@@ -296,25 +296,13 @@ impl EncodedBatch {
         if header.is_control() {
             return Err("a control entry holds no records");
         }
-        let records = Records {
-            header,
-            buf: buf.clone(),
-            pos: header.records_start(),
-            left: header.record_count,
-        };
-        Ok((header, records))
+        Ok((header, Records::of(header, buf)))
     }
 
     /// A proposal's header and its records (not yet parsed).
     fn proposal_records(buf: &Bytes) -> Result<(BatchHeader, Records), &'static str> {
         let header = BatchHeader::of_proposal(buf)?;
-        let records = Records {
-            header,
-            buf: buf.clone(),
-            pos: header.records_start(),
-            left: header.record_count,
-        };
-        Ok((header, records))
+        Ok((header, Records::of(header, buf)))
     }
 
     /// Proposals (whole version 1 batches as a Send encodes them, dense offsets) as one, their
@@ -778,12 +766,7 @@ impl Batch {
     /// The records, payloads sliced from the batch buffer without copying. A record that does not
     /// parse inside a CRC-valid batch yields an error with a reason and stops the iteration.
     pub fn records(&self) -> Records {
-        Records {
-            header: self.header,
-            buf: self.bytes.clone(),
-            pos: self.header.records_start(),
-            left: self.header.record_count,
-        }
+        Records::of(self.header, &self.bytes)
     }
 
     /// The same records at the same offsets as one version 1 batch based at `base` (below this
@@ -895,6 +878,16 @@ impl Cursor<'_> {
 }
 
 impl Records {
+    /// The records of the batch `header` heads in `buf`.
+    fn of(header: BatchHeader, buf: &Bytes) -> Records {
+        Records {
+            header,
+            buf: buf.clone(),
+            pos: header.records_start(),
+            left: header.record_count,
+        }
+    }
+
     fn decode_one(&mut self) -> Result<StoredRecord, &'static str> {
         let mut c = Cursor {
             buf: &self.buf,

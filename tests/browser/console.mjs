@@ -22,6 +22,8 @@ const { values: args } = parseArgs({
     chromium: { type: "string", default: "/usr/bin/chromium" },
     "auth-http": { type: "string" },
     token: { type: "string" },
+    "cluster-http": { type: "string" },
+    "cluster-topic": { type: "string" },
   },
 });
 for (const required of ["bin", "grpc", "http"]) {
@@ -237,6 +239,25 @@ try {
     await locked.reload();
     await expectText(locked, "topics", "0");
     assert.equal(await locked.locator("#login").isVisible(), false);
+    assert.deepEqual(errors, [], "no script errors");
+  }
+  // A node of a three-node cluster: the overview lists the nodes, each up; a topic's page shows
+  // each partition's leader and its replicas (the leader starred), none behind once idle.
+  if (args["cluster-http"]) {
+    const node = await browser.newPage();
+    node.on("pageerror", e => errors.push(e.message));
+    await node.goto(args["cluster-http"]);
+    for (const i of [0, 1, 2]) {
+      const row = node.locator(`[data-testid="nodes-${i}"]`);
+      await row.filter({ hasText: /up/ }).waitFor({ timeout: TIMEOUT });
+    }
+    assert.equal(await node.locator('[data-testid^="nodes-"]').count(), 3);
+    await node.evaluate(t => { location.hash = `#/topics/${t}`; }, args["cluster-topic"]);
+    for (const i of [0, 1]) {
+      // "2*, 1, 3": three replicas, one of them leading, none with entries behind.
+      const row = node.locator(`[data-testid="partitions-${i}"]`);
+      await row.filter({ hasText: /\d\*(, \d){2}$|\d, \d\*, \d$|(\d, ){2}\d\*$/ }).waitFor({ timeout: TIMEOUT });
+    }
     assert.deepEqual(errors, [], "no script errors");
   }
   console.log(`console: ok (${appended} records appended, lag ${appended - consumed}, one page load)`);

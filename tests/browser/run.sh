@@ -42,7 +42,28 @@ trap 'kill $pid $auth_pid 2>/dev/null && wait $pid $auth_pid; rm -rf "$work"' EX
 for _ in $(seq 100); do grep -q "sluice http on" "$work/auth.out" && break; sleep 0.1; done
 auth_http=$(sed -n 's/^sluice http on //p' "$work/auth.out")
 
+# Three nodes of a cluster (node 1 with its HTTP port): the console shows the nodes and each
+# partition's replicas.
+read -r p1 p2 p3 < <(node -e 'const net = require("net");
+const s = [0, 1, 2].map(() => net.createServer()); const ports = [];
+s.forEach(x => x.listen(0, "127.0.0.1", () => { ports.push(x.address().port);
+  if (ports.length === 3) { console.log(ports.join(" ")); s.forEach(y => y.close()); } }));')
+peers="[\"1@127.0.0.1:$p1\",\"2@127.0.0.1:$p2\",\"3@127.0.0.1:$p3\"]"
+cluster_pids=()
+for i in 1 2 3; do
+  listen_http=""
+  [ "$i" = 1 ] && listen_http=127.0.0.1:0
+  SLUICE_CLUSTER_NODE_ID=$i SLUICE_CLUSTER_PEERS="$peers" RUST_LOG=warn "$bin" serve \
+    --data-dir "$work/node$i" --listen 127.0.0.1:0 --http-listen "$listen_http" >"$work/node$i.out" 2>"$work/node$i.err" &
+  cluster_pids+=($!)
+done
+trap 'kill $pid $auth_pid "${cluster_pids[@]}" 2>/dev/null && wait $pid $auth_pid "${cluster_pids[@]}"; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q "sluice http on" "$work/node1.out" && break; sleep 0.1; done
+cluster_grpc=$(sed -n 's/^sluice listening on //p' "$work/node1.out")
+cluster_http=$(sed -n 's/^sluice http on //p' "$work/node1.out")
+"$bin" topics create diary --partitions 2 --broker "$cluster_grpc" >/dev/null
+
 node tests/browser/console.mjs --bin "$bin" --grpc "$grpc" --http "$http" "${shots[@]}" \
-  --auth-http "$auth_http" --token="$token"
-kill -INT $pid $auth_pid
-wait $pid $auth_pid
+  --auth-http "$auth_http" --token="$token" --cluster-http "$cluster_http" --cluster-topic diary
+kill -INT $pid $auth_pid "${cluster_pids[@]}"
+wait $pid $auth_pid "${cluster_pids[@]}"

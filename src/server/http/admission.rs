@@ -55,6 +55,8 @@ impl From<crate::broker::Error> for Refusal {
         let code = match status.code() {
             tonic::Code::NotFound => StatusCode::NOT_FOUND,
             tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            // Asked of a broker in the wrong state for it (`/api/v1/cluster` on a single node).
+            tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
             tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -23,6 +23,7 @@ pub(super) async fn overview(
 ) -> Result<Json<Value>, Refusal> {
     let scrape = scrape::Scrape::gather(&a.broker, |r| a.may_describe(r)).await;
     let mut body = scrape.overview();
+    body["cluster"] = json!(a.broker.settings().cluster.is_some());
     // The history is of broker-wide totals: shown to a caller who may see every topic.
     let sees_all = a
         .broker
@@ -38,6 +39,59 @@ pub(super) async fn overview(
         Value::Null
     };
     Ok(Json(body))
+}
+
+/// Cluster mode: the nodes (reachable or not), the metadata leader, and each partition the
+/// caller may describe with its leader and how far each replica is behind (what `sluice cluster
+/// status` shows). A single node answers as for any call it cannot serve.
+pub(super) async fn cluster(a: Admitted) -> Result<Json<Value>, Refusal> {
+    let view = a.broker.cluster_status().await?;
+    let mut metadata_leader = None;
+    let mut partitions = Vec::new();
+    for (name, g) in view.groups {
+        if name == crate::broker::META_GROUP {
+            metadata_leader = g.leader;
+            continue;
+        }
+        let Some((topic, partition)) = crate::replication::catalog::parse_group_name(&name) else {
+            continue;
+        };
+        if !a.may_describe(Resource::Topic(topic)) {
+            continue;
+        }
+        let replicas: Vec<Value> = g
+            .replicas
+            .iter()
+            .map(|(node, behind)| {
+                json!({ "node_id": node, "leader": g.leader == Some(*node), "behind": behind })
+            })
+            .collect();
+        partitions.push(json!({
+            "topic": topic,
+            "partition": partition,
+            "leader": g.leader,
+            "term": g.term,
+            "replicas": replicas,
+        }));
+    }
+    let nodes: Vec<Value> = view
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "address": n.address,
+                "reachable": n.error.is_none(),
+                "error": n.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "node_id": view.node_id,
+        "metadata_leader": metadata_leader,
+        "nodes": nodes,
+        "partitions": partitions,
+    })))
 }
 
 pub(super) async fn topics(a: Admitted) -> Result<Json<Value>, Refusal> {

@@ -6,6 +6,7 @@
 //! | `/readyz`                          | 200 once recovered and serving gRPC (in a cluster: and caught up with its groups' leaders); 503 before and while stopping |
 //! | `/metrics`                         | OpenMetrics text (see docs/operations.md for every metric) |
 //! | `/api/v1/overview`                 | totals for the console's first page                    |
+//! | `/api/v1/cluster`                  | cluster mode: nodes, each partition's leader and replicas' lag |
 //! | `/api/v1/topics`, `/api/v1/topics/{t}` | topics, partitions, offsets, sizes, held-back bytes |
 //! | `/api/v1/topics/{t}/dead-letters`  | newest records of `<t>.dlq`: keys, headers, value sizes (`?limit=`, ≤ 100; needs `consume` on `<t>.dlq`) |
 //! | `/api/v1/groups`, `/api/v1/groups/{g}` | groups, members, lag, in flight, redeliveries, dead letters |
@@ -49,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use self::admission::{Admitted, Refusal};
-use self::api::{dead_letters, group, groups, overview, topic, topics};
+use self::api::{cluster, dead_letters, group, groups, overview, topic, topics};
 use self::state::{Phase, Shared};
 
 pub use self::state::HttpState;
@@ -67,6 +68,7 @@ pub fn spawn(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/overview", get(overview))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/topics/{topic}", get(topic))
         .route("/api/v1/topics/{topic}/dead-letters", get(dead_letters))

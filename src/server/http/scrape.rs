@@ -17,8 +17,8 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
 use crate::auth::Resource;
-use crate::broker::Broker;
 use crate::broker::groups::GroupTopicDescription;
+use crate::broker::{Broker, RaftSample};
 use crate::metrics::{HistogramSnapshot, Metrics};
 use crate::storage::PartitionStats;
 
@@ -70,6 +70,8 @@ pub struct Scrape {
     commit_records: Option<HistogramSnapshot>,
     metrics: Arc<Metrics>,
     free_bytes: Option<u64>,
+    /// Cluster mode: the partition groups this node runs.
+    raft: Vec<RaftSample>,
 }
 
 impl Scrape {
@@ -109,6 +111,9 @@ impl Scrape {
             })
             .map(|g| g.describe())
             .collect();
+        let mut raft = broker.raft_samples().await;
+        raft.retain(|r| visible(Resource::Topic(&r.topic)));
+        raft.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         Scrape {
             topics,
             groups,
@@ -116,6 +121,7 @@ impl Scrape {
             commit_records,
             metrics: Arc::clone(broker.metrics()),
             free_bytes: free_bytes(&broker.settings().data_dir),
+            raft,
         }
     }
 
@@ -386,6 +392,8 @@ impl Collector for Scrape {
             }
         }
 
+        self.encode_raft(&mut enc)?;
+
         // The server.
         let requests = m.requests();
         if !requests.is_empty() {
@@ -436,6 +444,111 @@ impl Collector for Scrape {
                 MetricType::Gauge,
             )?;
             gauge(e, free as i64)?;
+        }
+        Ok(())
+    }
+}
+
+impl Scrape {
+    /// Cluster mode: each partition group this node runs.
+    fn encode_raft(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.raft.is_empty() {
+            return Ok(());
+        }
+        type RPick = fn(&RaftSample) -> u64;
+        let gauges: [(&str, &str, RPick); 6] = [
+            (
+                "sluice_raft_term",
+                "The group's current term as this node knows it",
+                |r| r.term,
+            ),
+            (
+                "sluice_raft_leader",
+                "1 when this node leads the group",
+                |r| u64::from(r.leader),
+            ),
+            (
+                "sluice_raft_has_leader",
+                "1 when this node knows a leader of the group",
+                |r| u64::from(r.has_leader),
+            ),
+            (
+                "sluice_raft_last_log_index",
+                "Index of the last entry in this node's log of the group",
+                |r| r.last_log_index,
+            ),
+            (
+                "sluice_raft_commit_index",
+                "Highest index known committed (on the leader: held by a majority)",
+                |r| r.commit_index,
+            ),
+            (
+                "sluice_raft_applied_index",
+                "Highest index this node has applied",
+                |r| r.applied_index,
+            ),
+        ];
+        let labels = |r: &RaftSample| {
+            [
+                ("topic", r.topic.clone()),
+                ("partition", r.partition.to_string()),
+            ]
+        };
+        for (name, help, pick) in gauges {
+            let mut e = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for r in &self.raft {
+                gauge(e.encode_family(&labels(r))?, pick(r) as i64)?;
+            }
+        }
+        let counters: [(&str, &str, RPick); 2] = [
+            (
+                "sluice_raft_elections",
+                "Terms begun since the group started on this node (each election begins one)",
+                |r| r.elections,
+            ),
+            (
+                "sluice_raft_snapshot_installs",
+                "Snapshots installed from a leader since the group started on this node",
+                |r| r.snapshot_installs,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for r in &self.raft {
+                counter(e.encode_family(&labels(r))?, pick(r))?;
+            }
+        }
+        let followers = || {
+            self.raft.iter().flat_map(|r| {
+                r.followers.iter().map(move |&(node, entries, seconds)| {
+                    let labels = [
+                        ("topic", r.topic.clone()),
+                        ("partition", r.partition.to_string()),
+                        ("follower", node.to_string()),
+                    ];
+                    (labels, entries, seconds)
+                })
+            })
+        };
+        if followers().next().is_some() {
+            let mut e = enc.encode_descriptor(
+                "sluice_raft_follower_lag_entries",
+                "On the group's leader: entries a follower does not hold yet",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (labels, entries, _) in followers() {
+                gauge(e.encode_family(&labels)?, entries as i64)?;
+            }
+            let mut e = enc.encode_descriptor(
+                "sluice_raft_follower_lag_seconds",
+                "On the group's leader: age of the oldest entry a follower does not hold yet (0 when it holds all)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (labels, _, seconds) in followers() {
+                ConstGauge::new(seconds).encode(e.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

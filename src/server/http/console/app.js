@@ -145,8 +145,24 @@ function chart(history) {
     svg);
 }
 
+// Cluster mode: every node, reachable or not, and how many partitions each leads.
+function nodes(c) {
+  const leads = id => c.partitions.filter(p => p.leader === id).length;
+  return [
+    el("h2", {}, "Nodes"),
+    table([["Node"], ["Address"], ["State"], ["Leads", 1]],
+      c.nodes.map(n => [
+        n.id === c.node_id ? n.id + " (this node)" : String(n.id),
+        n.address,
+        n.reachable ? "up" : el("span", { class: "warn" }, "unreachable: " + (n.error || "")),
+        count(leads(n.id))]),
+      "nodes"),
+  ];
+}
+
 async function overview() {
   const o = await api("overview");
+  const c = o.cluster ? await api("cluster") : null;
   return [
     el("h1", {}, "Overview"),
     el("div", { class: "cards" },
@@ -163,6 +179,7 @@ async function overview() {
       card("Connections", count(o.connections), "connections"),
       card("Subscriptions", count(o.subscriptions), "subscriptions")),
     chart(o.history),
+    c ? nodes(c) : null,
     el("p", { class: "empty" }, "Sluice ", o.version, " · refreshes every second"),
   ];
 }
@@ -179,6 +196,14 @@ async function topics() {
 
 async function topic(name) {
   const t = await api("topics/" + encodeURIComponent(name));
+  // Cluster mode (partitions have replicas): each replica and how far it is behind.
+  const c = t.partitions.some(p => p.replicas && p.replicas.length) ? await api("cluster") : null;
+  const replicas = p => {
+    const g = c && c.partitions.find(q => q.topic === t.name && q.partition === p.partition);
+    if (!g) return "–";
+    return g.replicas.map(r => r.node_id + (r.leader ? "*" : "") +
+      (r.behind === null ? " (?)" : r.behind ? " (" + count(r.behind) + " behind)" : "")).join(", ");
+  };
   const total = t.partitions.reduce((s, p) => s + p.records, 0);
   const size = t.partitions.reduce((s, p) => s + p.size_bytes, 0);
   return [
@@ -189,10 +214,12 @@ async function topic(name) {
       card("Partitions", count(t.partitions.length), "topic-partitions"),
       t.ids ? card("Duplicates answered", count(t.ids.duplicates), "topic-duplicates") : null),
     el("h2", {}, "Partitions"),
-    table([["Partition"], ["First offset", 1], ["Next offset", 1], ["Records", 1], ["Size", 1], ["Segments", 1], ["Held back", 1], ["Held by"]],
+    table([["Partition"], ["First offset", 1], ["Next offset", 1], ["Records", 1], ["Size", 1], ["Segments", 1], ["Held back", 1], ["Held by"]]
+        .concat(c ? [["Leader"], ["Replicas (* leads)"]] : []),
       t.partitions.map(p => [p.partition, count(p.first_offset), count(p.next_offset), count(p.records), bytes(p.size_bytes), count(p.segments),
         p.held_bytes ? el("span", { class: "warn" }, bytes(p.held_bytes)) : "0 B",
-        p.held_by ? link("#/groups/" + encodeURIComponent(p.held_by), p.held_by) : "–"]),
+        p.held_by ? link("#/groups/" + encodeURIComponent(p.held_by), p.held_by) : "–"]
+        .concat(c ? [p.leader === null || p.leader === undefined ? el("span", { class: "warn" }, "none") : String(p.leader), replicas(p)] : [])),
       "partitions"),
     el("h2", {}, "Consumer groups"),
     t.groups.length ? el("p", { testid: "topic-groups" }, t.groups.map(g => [link("#/groups/" + encodeURIComponent(g), g), " "])) : el("p", { class: "empty" }, "none"),
@@ -262,7 +289,7 @@ async function render() {
   const status = document.getElementById("status");
   try {
     const nodes = await page;
-    document.getElementById("view").replaceChildren(...nodes);
+    document.getElementById("view").replaceChildren(...nodes.flat(Infinity).filter(n => n !== null && n !== undefined));
     status.textContent = "updated " + clock(Date.now());
     status.className = "status";
   } catch (e) {
