@@ -26,7 +26,7 @@ use super::clock::now_ms;
 use super::dedup::{Claim, Claims, Dedup, Item, write_later};
 use super::error::{Error, Result};
 use super::message::Placed;
-use super::topic::{self, Topic};
+use super::topic::Topic;
 use crate::proto::cluster as pb;
 use crate::replication::PartitionRaft;
 use crate::replication::write::{Forwarder, Resolve, WriteError, known_leader};
@@ -41,12 +41,6 @@ pub struct IdCheck {
     pub tasks: TaskTracker,
     /// Held while they run.
     pub data: Arc<DataDir>,
-}
-
-/// The partition a message with an id goes to on a cluster: its own choice, its key's, else
-/// its id's.
-pub fn id_partition(id: &[u8], count: u32) -> u32 {
-    topic::key_partition(id, count)
 }
 
 /// One partition's share of a Send with ids: its messages as records, and encoded as the

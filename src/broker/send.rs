@@ -21,7 +21,7 @@ use super::audit::{AuditEvent, refuse_audit_topic};
 use super::clock::now_ms;
 use super::dedup::{Claim, Claimed, Claims, Dedup, Item};
 use super::error::{Error, Result};
-use super::id_check::{IdCheck, Share, answer_known, id_partition};
+use super::id_check::{IdCheck, Share, answer_known};
 use super::message::{NewMessage, Placed};
 use super::topic::{self, Topic};
 use super::topics::Topics;
@@ -301,7 +301,8 @@ impl Sends {
             .into_iter()
             .map(|mut m| {
                 if let (Some(id), None, None) = (&m.id, m.partition, &m.key) {
-                    m.partition = Some(id_partition(id, count));
+                    // Routed by its id, as a key would be: a retry reaches the same check.
+                    m.partition = Some(topic::key_partition(id, count));
                 }
                 m
             })
