@@ -10,7 +10,8 @@
 //! Also: what a cluster node refuses at start (bad peers, another node's or cluster's data
 //! directory, a single node's data) and what it refuses at run time until part two
 //! (consumer groups); ids sent again through any node across the same faults, stored once;
-//! retention and topic deletion across the nodes.
+//! retention and topic deletion across the nodes; each node's audit chain, merged by
+//! `sluice audit`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -2889,4 +2890,126 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
         !vote.exists(),
         "the outsider never took part in partition 0's group"
     );
+}
+
+/// `sluice audit`'s records, one JSON object per line, and how it exited.
+fn audit_json(args: &[&str]) -> (Vec<serde_json::Value>, std::process::Output) {
+    let mut all = vec!["audit", "--format", "json"];
+    all.extend_from_slice(args);
+    let out = common::server::cli(&all, "");
+    let records = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (records, out)
+}
+
+/// Checks a merged view: every record names its node, each node's records come in chain
+/// order, the whole in time order; returns each record's (node, seq).
+fn merged(records: &[serde_json::Value]) -> Vec<(u64, u64)> {
+    let at = |r: &serde_json::Value| humantime::parse_rfc3339(r["time"].as_str().unwrap()).unwrap();
+    let mut last_seq: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut seen = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let node = r["node"].as_u64().unwrap_or_else(|| panic!("no node: {r}"));
+        let seq = r["seq"].as_u64().unwrap();
+        if let Some(before) = last_seq.insert(node, seq) {
+            assert_eq!(seq, before + 1, "node {node}'s chain out of order: {r}");
+        }
+        if i > 0 {
+            assert!(at(&records[i - 1]) <= at(r), "not in time order at {r}");
+        }
+        seen.push((node, seq));
+    }
+    seen
+}
+
+#[test]
+fn each_node_keeps_its_own_audit_chain_and_sluice_audit_merges_them_checking_every_chain() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        // An administrative action through each node: each is recorded by the node that
+        // answered it.
+        for (i, name) in ["first", "second", "third"].into_iter().enumerate() {
+            create_topic(connect(&cluster.addr(i)).await.unwrap(), name, 1).await;
+        }
+        let addrs: Vec<String> = (0..3).map(|i| cluster.addr(i)).collect();
+        let mut args = Vec::new();
+        for a in &addrs {
+            args.extend(["--node", a.as_str()]);
+        }
+        let (online, out) = audit_json(&args);
+        common::server::assert_succeeded(&out, "sluice audit --node ×3: ");
+        let online_ids = merged(&online);
+        for (node, name) in [(1, "first"), (2, "second"), (3, "third")] {
+            let of = |rpc: &str, resource: &str| {
+                online
+                    .iter()
+                    .filter(|r| r["node"] == node && r["rpc"] == rpc && r["resource"] == resource)
+                    .count()
+            };
+            assert_eq!(of("broker/start", ""), 1, "node {node} started once");
+            let creation = format!("topic {name:?}");
+            assert_eq!(
+                of("sluice.v1.Admin/CreateTopic", &creation),
+                1,
+                "node {node} recorded the creation it answered"
+            );
+            let anywhere = online.iter().filter(|r| r["resource"] == creation).count();
+            assert_eq!(
+                anywhere, 1,
+                "{name} is recorded once, by the node that answered"
+            );
+        }
+        // One node's trail alone, through that node.
+        let (one, out) = audit_json(&["--broker", &addrs[1]]);
+        common::server::assert_succeeded(&out, "sluice audit through node 2: ");
+        assert!(one.iter().all(|r| r["node"] == 2), "{one:?}");
+
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        let dirs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.dir.display().to_string())
+            .collect();
+        let mut offline_args = Vec::new();
+        for d in &dirs {
+            offline_args.extend(["--data-dir", d.as_str()]);
+        }
+        let (offline, out) = audit_json(&offline_args);
+        common::server::assert_succeeded(&out, "sluice audit --data-dir ×3: ");
+        assert_eq!(
+            merged(&offline),
+            online_ids,
+            "the same records read offline"
+        );
+        for d in &dirs {
+            let out = common::server::cli(&["verify", "--data-dir", d], "");
+            common::server::assert_succeeded(&out, "sluice verify of a node's directory: ");
+        }
+
+        // A record of node 2 changed, stored with a valid CRC: only the chain shows it, and
+        // both tools name the node's directory.
+        let node2 = &cluster.nodes[1].dir;
+        let mut values = common::audit_values(node2);
+        let mut changed: serde_json::Value = serde_json::from_slice(&values[0]).unwrap();
+        changed["principal"] = "someone else".into();
+        values[0] = serde_json::to_vec(&changed).unwrap();
+        common::rewrite_audit_trail(node2, &values);
+        let (still, out) = audit_json(&offline_args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a broken chain fails: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: audit record 0: changed", dirs[1])),
+            "{stderr}"
+        );
+        assert_eq!(still.len(), offline.len(), "every record is still shown");
+        let out = common::server::cli(&["verify", "--data-dir", &dirs[1]], "");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(stdout.contains("audit record 0: changed"), "{stdout}");
+    });
 }

@@ -709,13 +709,7 @@ async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
             .unwrap();
     }
     server.stop().await;
-    let trail = dir.path().join("topics/_audit/0");
-    let mut stored: Vec<Vec<u8>> = Vec::new();
-    sluice::storage::verify::for_each_record(&trail, 0, |r| {
-        stored.push(r.value.unwrap().to_vec());
-        true
-    })
-    .unwrap();
+    let stored = common::audit_values(dir.path());
     // start, four creations, stop.
     assert_eq!(stored.len(), 6);
     let indexed = |v: &[Vec<u8>]| -> Vec<(u64, Vec<u8>)> {
@@ -750,28 +744,7 @@ async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
     }
 
     // `sluice verify` reports it, on a data directory whose trail was rewritten with valid CRCs.
-    for file in std::fs::read_dir(&trail).unwrap() {
-        std::fs::remove_file(file.unwrap().path()).unwrap();
-    }
-    let p = sluice::storage::Partition::open(
-        &trail,
-        sluice::storage::LogConfig::default(),
-        std::sync::Arc::new(sluice::storage::RealIo),
-        None,
-    )
-    .unwrap();
-    for value in &changed {
-        p.append_blocking(&[sluice::storage::Record {
-            timestamp: 0,
-            key: None,
-            value: Some(Bytes::from(value.clone())),
-            headers: Vec::new(),
-            id: None,
-        }])
-        .unwrap();
-    }
-    p.close().unwrap();
-    drop(p);
+    common::rewrite_audit_trail(dir.path(), &changed);
     let out = std::process::Command::new(common::server::bin())
         .args(["verify", "--data-dir"])
         .arg(dir.path())

@@ -74,6 +74,10 @@ pub struct AuditRecord {
     pub seq: u64,
     /// Server time, RFC 3339 UTC with milliseconds.
     pub time: String,
+    /// The cluster node that wrote the record (each node keeps its own chain); absent on a
+    /// single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
     pub principal: String,
     /// The client's address; empty for the broker's own events.
     #[serde(default)]
@@ -147,6 +151,8 @@ struct Chain {
 pub struct AuditTrail {
     partition: Arc<PartitionHandle>,
     chain: tokio::sync::Mutex<Chain>,
+    /// This node's id in a cluster, written into every record.
+    node: Option<u64>,
 }
 
 impl AuditTrail {
@@ -169,7 +175,14 @@ impl AuditTrail {
         Ok(AuditTrail {
             partition,
             chain: tokio::sync::Mutex::new(Chain { next: end, prev }),
+            node: None,
         })
+    }
+
+    /// The trail of cluster node `node`: its records say so.
+    pub fn of_node(mut self, node: Option<u64>) -> AuditTrail {
+        self.node = node;
+        self
     }
 
     /// Appends one record and waits until it is durable.
@@ -178,6 +191,7 @@ impl AuditTrail {
         let record = AuditRecord {
             seq: chain.next,
             time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            node: self.node,
             principal: event.principal,
             peer: event.peer,
             tls_subject: event.tls_subject,

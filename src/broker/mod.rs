@@ -159,7 +159,11 @@ impl Broker {
         };
         let topic_count = opened.topics.len() as u64 - 1;
         tracing::info!(data_dir = %settings.data_dir.display(), topics = topic_count, "broker open");
-        let audit = Arc::new(opened.audit);
+        let audit = Arc::new(
+            opened
+                .audit
+                .of_node(settings.cluster.as_ref().map(|m| m.node_id)),
+        );
         let topics = Arc::new(Topics::new(
             Arc::new(opened.data),
             opened.topics,

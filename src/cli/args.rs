@@ -392,11 +392,17 @@ pub struct DumpArgs {
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// Read a stopped (or running) broker's data directory instead of asking a broker.
+    /// Read a stopped (or running) broker's data directory instead of asking a broker; repeat
+    /// it with each cluster node's directory to see their trails merged.
     #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    pub data_dir: Vec<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArg,
+    /// Read the trail of the cluster node serving clients at ADDR instead of --broker's (with
+    /// --broker's credentials); repeat it for each node to see every node's trail, merged by
+    /// time, each chain checked.
+    #[arg(long = "node", value_name = "ADDR", conflicts_with = "data_dir")]
+    pub nodes: Vec<String>,
     /// Only records from this time on (RFC 3339, or a time ago like -2h).
     #[arg(long)]
     pub since: Option<String>,

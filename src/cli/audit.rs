@@ -35,6 +35,12 @@ pub fn new_token(name: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// One trail read: where from, and its records as stored (offset, bytes) in log order.
+struct Trail {
+    source: String,
+    records: Vec<(u64, Vec<u8>)>,
+}
+
 pub async fn run(args: AuditArgs) -> Result<(), CliError> {
     let since_ms = match &args.since {
         None => None,
@@ -43,26 +49,49 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Usage(format!("--since {t:?}: {e}")))?,
         ),
     };
-    let records = match &args.data_dir {
-        Some(dir) => offline_records(dir)?,
-        None => online_records(&args.broker).await?,
-    };
+    let mut trails = Vec::new();
+    if !args.data_dir.is_empty() {
+        for dir in &args.data_dir {
+            trails.push(Trail {
+                source: dir.display().to_string(),
+                records: offline_records(dir)?,
+            });
+        }
+    } else if !args.nodes.is_empty() {
+        for node in &args.nodes {
+            let broker = BrokerArg {
+                broker: node.clone(),
+                credentials: args.broker.credentials.clone(),
+            };
+            trails.push(Trail {
+                source: node.clone(),
+                records: online_records(&broker).await?,
+            });
+        }
+    } else {
+        trails.push(Trail {
+            source: args.broker.broker.clone(),
+            records: online_records(&args.broker).await?,
+        });
+    }
+    let breaks: Vec<String> = trails
+        .iter()
+        .flat_map(|t| {
+            check_chain(t.records.iter().cloned())
+                .into_iter()
+                .map(move |b| format!("{}: audit record {}: {}", t.source, b.offset, b.problem))
+        })
+        .collect();
     let mut out = std::io::stdout().lock();
-    for (_, bytes) in records {
+    for bytes in merged_by_time(trails) {
         let Ok(r) = serde_json::from_slice::<AuditRecord>(&bytes) else {
             continue;
         };
         if args.principal.as_ref().is_some_and(|p| *p != r.principal) {
             continue;
         }
-        if let Some(since) = since_ms {
-            let at = humantime::parse_rfc3339(&r.time)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as i64);
-            if at < since {
-                continue;
-            }
+        if since_ms.is_some_and(|since| time_ms(&r) < since) {
+            continue;
         }
         let line = match args.format {
             OutputFormat::Json => String::from_utf8_lossy(&bytes).into_owned(),
@@ -72,13 +101,62 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
             break;
         }
     }
-    Ok(())
+    if breaks.is_empty() {
+        return Ok(());
+    }
+    for b in &breaks {
+        crate::logging::say(format_args!("{b}"));
+    }
+    Err(CliError::Unhealthy(format!(
+        "the audit trail's hash chain is broken in {} places (above)",
+        breaks.len()
+    )))
+}
+
+/// When a record was written, in ms since the epoch (0 if its time does not parse).
+fn time_ms(r: &AuditRecord) -> i64 {
+    humantime::parse_rfc3339(&r.time)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Every trail's records as one sequence ordered by time, each trail's own records kept in
+/// chain order (a node whose clock stepped back still reads in the order it wrote): a merge
+/// that takes, each step, the trail whose next record is the earliest.
+fn merged_by_time(trails: Vec<Trail>) -> Vec<Vec<u8>> {
+    let time_of = |bytes: &[u8]| {
+        serde_json::from_slice::<AuditRecord>(bytes).map_or(i64::MIN, |r| time_ms(&r))
+    };
+    let mut queues: Vec<std::collections::VecDeque<(i64, Vec<u8>)>> = trails
+        .into_iter()
+        .map(|t| {
+            t.records
+                .into_iter()
+                .map(|(_, b)| (time_of(&b), b))
+                .collect()
+        })
+        .collect();
+    let mut merged = Vec::new();
+    while let Some(next) = queues
+        .iter()
+        .enumerate()
+        .filter_map(|(i, q)| q.front().map(|(at, _)| (*at, i)))
+        .min()
+        .map(|(_, i)| i)
+    {
+        if let Some((_, bytes)) = queues[next].pop_front() {
+            merged.push(bytes);
+        }
+    }
+    merged
 }
 
 fn text(r: &AuditRecord) -> String {
     let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let node = r.node.map(|n| format!(" node {n}")).unwrap_or_default();
     let mut line = format!(
-        "{} #{} {} {:?} {} {} -> {}",
+        "{}{node} #{} {} {:?} {} {} -> {}",
         r.time,
         r.seq,
         r.principal,

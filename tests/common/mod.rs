@@ -213,3 +213,35 @@ pub fn assert_records(got: &[StoredRecord], want: &[Record], start: u64) {
         assert_eq!(g.id, w.id, "id of record {i}");
     }
 }
+
+/// The audit trail's records in a stopped broker's data directory, as stored.
+pub fn audit_values(data_dir: &Path) -> Vec<Vec<u8>> {
+    let mut stored = Vec::new();
+    sluice::storage::verify::for_each_record(&data_dir.join("topics/_audit/0"), 0, |r| {
+        stored.push(r.value.unwrap().to_vec());
+        true
+    })
+    .unwrap();
+    stored
+}
+
+/// Replaces a stopped broker's audit trail with `values`, stored with valid CRCs: damage only
+/// the hash chain can show.
+pub fn rewrite_audit_trail(data_dir: &Path, values: &[Vec<u8>]) {
+    let trail = data_dir.join("topics/_audit/0");
+    for file in std::fs::read_dir(&trail).unwrap() {
+        std::fs::remove_file(file.unwrap().path()).unwrap();
+    }
+    let p = Partition::open(&trail, LogConfig::default(), Arc::new(RealIo), None).unwrap();
+    for value in values {
+        p.append_blocking(&[Record {
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from(value.clone())),
+            headers: Vec::new(),
+            id: None,
+        }])
+        .unwrap();
+    }
+    p.close().unwrap();
+}
