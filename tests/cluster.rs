@@ -231,6 +231,35 @@ impl TestCluster {
         child.wait().unwrap();
     }
 
+    /// Starts node `i` again as an operator of a load balancer does: clients are sent to it
+    /// once its `/readyz` answers 200 (caught up with its groups' leaders). Needs the HTTP port
+    /// on (`SLUICE_HTTP_LISTEN=127.0.0.1:0`).
+    async fn restart_until_ready(&mut self, i: usize) {
+        self.restart(i);
+        let addr = self.addrs.lock().unwrap()[i].take();
+        let http = self.http[i].expect("the HTTP port is on");
+        tokio::time::timeout(DEADLINE, async {
+            while common::http::get(http, "/readyz").await.status != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the restarted node became ready");
+        self.addrs.lock().unwrap()[i] = addr;
+    }
+
+    /// Stops node `i` as an operator does: taken out of the clients' list first (a load
+    /// balancer draining it), then `SIGTERM`; returns how long it took to exit, once it has.
+    fn stop(&mut self, i: usize) -> Duration {
+        self.addrs.lock().unwrap()[i] = None;
+        let started = std::time::Instant::now();
+        self.signal(i, "TERM");
+        let status = self.nodes[i].child.take().unwrap().wait().unwrap();
+        assert!(status.success(), "node {} stopped with {status}", i + 1);
+        self.links.set_up(i, false);
+        started.elapsed()
+    }
+
     fn signal(&self, i: usize, signal: &str) {
         let pid = self.nodes[i].child.as_ref().unwrap().id();
         let ok = Command::new("kill")
@@ -392,16 +421,17 @@ async fn produce(
             }
             Err(e) => {
                 h.unknown.insert(value);
-                *h.errors.entry(e.chars().take(100).collect()).or_default() += 1;
+                *h.errors.entry(e.chars().take(400).collect()).or_default() += 1;
             }
         }
     }
 }
 
-/// Four producers, each running `produce` with its number, the running nodes' addresses,
+/// `count` producers, each running `produce` with its number, the running nodes' addresses,
 /// `history`, the count of acknowledged Sends and a stop signal: the signal's sender and the
 /// tasks.
 fn spawn_producers<H, F, Fut>(
+    count: u32,
     cluster: &TestCluster,
     history: &Arc<Mutex<H>>,
     acks: &Arc<watch::Sender<u64>>,
@@ -418,7 +448,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let producers = (0..4)
+    let producers = (0..count)
         .map(|p| {
             tokio::spawn(produce(
                 p,
@@ -555,7 +585,7 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
 
         let history = Arc::new(Mutex::new(History::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) = spawn_producers(&cluster, &history, &acks, produce);
+        let (stop_tx, producers) = spawn_producers(4, &cluster, &history, &acks, produce);
         let (until_tx, until_rx) = watch::channel(None);
         let follower = tokio::spawn(follow(Arc::clone(&cluster.addrs), until_rx));
 
@@ -690,7 +720,12 @@ struct IdHistory {
     duplicates: usize,
     /// Why Sends failed, and how often.
     errors: BTreeMap<String, usize>,
+    /// The longest an acknowledged Send took.
+    slowest_ack: Duration,
 }
+
+/// How [`produce_ids`] marks the errors of nodes taken out of the clients' list meanwhile.
+const STOPPING: &str = "[a node taken out] ";
 
 /// Sends ids (each message's value is its id; no key, so the id picks the partition), one per
 /// Send or the same id twice in one, each through a random running node, until `stop`. A Send
@@ -749,8 +784,14 @@ async fn produce_ids(
             );
             let live: Vec<String> = addrs.lock().unwrap().iter().flatten().cloned().collect();
             let addr = live[next() as usize % live.len()].clone();
+            let tried = addr.clone();
+            let sent_at = tokio::time::Instant::now();
             match send(addr, id.clone(), twice).await {
                 Ok(positions) => {
+                    let took = sent_at.elapsed();
+                    let mut h = history.lock().unwrap();
+                    h.slowest_ack = h.slowest_ack.max(took);
+                    drop(h);
                     let first = &positions[0];
                     if twice {
                         let again = &positions[1];
@@ -763,8 +804,15 @@ async fn produce_ids(
                     break (first.partition, first.offset);
                 }
                 Err(e) => {
-                    let mut h = history.lock().unwrap();
-                    *h.errors.entry(e.chars().take(100).collect()).or_default() += 1;
+                    // A node the test took out of the list (to stop or kill it) meanwhile.
+                    let gone = !addrs.lock().unwrap().contains(&Some(tried));
+                    let why: String = e.chars().take(100).collect();
+                    let key = if gone {
+                        format!("{STOPPING}{why}")
+                    } else {
+                        why
+                    };
+                    *history.lock().unwrap().errors.entry(key).or_default() += 1;
                 }
             }
         };
@@ -839,6 +887,40 @@ async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(
     logs.swap_remove(0)
 }
 
+/// Once the replicas converged: each id stored once, wherever and however often it was sent;
+/// nothing stored that was not sent; each acknowledged id where it was acknowledged. Returns
+/// the partitions' ends.
+async fn ids_stored_once(cluster: &TestCluster, partitions: u32, history: &IdHistory) -> Vec<u64> {
+    let ends = converged_ends(cluster, partitions).await;
+    let log = same_logs_everywhere(cluster, &ends).await;
+    let mut stored = BTreeMap::new();
+    for (at, id) in &log {
+        assert!(history.sent.contains(id), "stored but never sent: {id}");
+        if let Some(before) = stored.insert(id.clone(), *at) {
+            panic!("{id} stored twice: at {before:?} and {at:?}");
+        }
+    }
+    for (id, at) in &history.acked {
+        assert_eq!(stored.get(id), Some(at), "{id} acknowledged at {at:?}");
+    }
+    ends
+}
+
+/// Creates `TOPIC` with `partitions` and an hour's id window, through node 1.
+async fn create_id_topic(cluster: &TestCluster, partitions: u32) {
+    AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+        .create_topic(pb::CreateTopicRequest {
+            name: TOPIC.into(),
+            settings: Some(pb::TopicSettings {
+                partitions,
+                dedup_window_ms: Some(3_600_000),
+                ..pb::TopicSettings::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 #[test]
 fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -849,21 +931,10 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         let partitions = 3;
-        let mut admin = AdminClient::new(connect(&cluster.addr(0)).await.unwrap());
-        admin
-            .create_topic(pb::CreateTopicRequest {
-                name: TOPIC.into(),
-                settings: Some(pb::TopicSettings {
-                    partitions,
-                    dedup_window_ms: Some(3_600_000),
-                    ..pb::TopicSettings::default()
-                }),
-            })
-            .await
-            .unwrap();
+        create_id_topic(&cluster, partitions).await;
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) = spawn_producers(&cluster, &history, &acks, produce_ids);
+        let (stop_tx, producers) = spawn_producers(4, &cluster, &history, &acks, produce_ids);
         progress(&acks, 50, "before any fault").await;
         let all = [0, 1, 2];
         // A leader killed (Sends in flight on it: their outcome unknown, sent again elsewhere),
@@ -895,21 +966,8 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
             p.await.unwrap();
         }
 
-        let ends = converged_ends(&cluster, partitions).await;
-        let log = same_logs_everywhere(&cluster, &ends).await;
         let history = std::mem::take(&mut *history.lock().unwrap());
-        // Each id stored once, wherever and however often it was sent; nothing stored that
-        // was not sent; each acknowledged id where it was acknowledged.
-        let mut stored = BTreeMap::new();
-        for (at, id) in &log {
-            assert!(history.sent.contains(id), "stored but never sent: {id}");
-            if let Some(before) = stored.insert(id.clone(), *at) {
-                panic!("{id} stored twice: at {before:?} and {at:?}");
-            }
-        }
-        for (id, at) in &history.acked {
-            assert_eq!(stored.get(id), Some(at), "{id} acknowledged at {at:?}");
-        }
+        let ends = ids_stored_once(&cluster, partitions, &history).await;
         // Every node killed and started again: each rebuilds its id index (its runs, and the
         // entries it applies again), so an id sent again through any node is still answered
         // at its first position, and nothing more is stored.
@@ -959,6 +1017,90 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
              errors: {:#?}",
             history.acked.len(),
             history.duplicates,
+            history.errors
+        );
+    });
+}
+
+/// Node `i`'s view of every partition's term (`sluice_raft_term`).
+async fn terms(cluster: &TestCluster, i: usize, partitions: u32) -> Vec<f64> {
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        out.extend(raft_view(cluster, &[i], "sluice_raft_term", p).await);
+    }
+    out
+}
+
+#[test]
+fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothing() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start_with(&[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")]);
+        let partitions = 3;
+        create_id_topic(&cluster, partitions).await;
+        let history = Arc::new(Mutex::new(IdHistory::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        progress(&acks, 100, "before the restarts").await;
+        // Every node in turn, the leader of partition 0 first (so at least one stop hands a
+        // leadership over), each started again and ready before the next stops.
+        let all = [0, 1, 2];
+        let first = cluster.leader(0, 0, &all).await;
+        let order = [first, (first + 1) % 3, (first + 2) % 3];
+        let (mut stops, mut handed) = (Vec::new(), 0);
+        for i in order {
+            let others: Vec<usize> = all.iter().copied().filter(|&j| j != i).collect();
+            let mut led = Vec::new();
+            for p in 0..partitions {
+                if cluster.leader(others[0], p, &all).await == i {
+                    led.push(p);
+                }
+            }
+            let before = terms(&cluster, others[0], partitions).await;
+            stops.push(cluster.stop(i));
+            for &p in &led {
+                let next = cluster.leader(others[0], p, &others).await;
+                // One election: the members hold theirs while the most caught-up one stands,
+                // once the leases of the stopped leader ran out. Left to their own timers,
+                // both followers stand within the lease, are refused and stand again.
+                let term = terms(&cluster, next, partitions).await[p as usize];
+                assert_eq!(
+                    term,
+                    before[p as usize] + 1.0,
+                    "partition {p}: node {} took over from node {} in one election",
+                    next + 1,
+                    i + 1
+                );
+                handed += 1;
+            }
+            progress(&acks, 100, "while a node is down").await;
+            cluster.restart_until_ready(i).await;
+            progress(&acks, 100, "after it came back").await;
+        }
+        stop_tx.send_replace(true);
+        for p in producers {
+            p.await.unwrap();
+        }
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        ids_stored_once(&cluster, partitions, &history).await;
+        // A running node refused nothing; only the node being stopped answered a Send that
+        // reached it as it stopped.
+        let refused: Vec<&String> = history
+            .errors
+            .keys()
+            .filter(|e| !e.starts_with(STOPPING))
+            .collect();
+        assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+        assert!(handed > 0);
+        eprintln!(
+            "rolling restart: {} acknowledged, {handed} leaderships handed over, stops took \
+             {stops:?}, the slowest Send {:?}; errors: {:#?}",
+            history.acked.len(),
+            history.slowest_ack,
             history.errors
         );
     });

@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::tls::cluster_tls;
 use crate::replication::catalog::{Catalog, Command, group_name, parse_group_name, place};
 use crate::replication::config::Members;
+use crate::replication::handover;
 use crate::replication::reads::GroupLog;
 use crate::replication::state_machine::{OnApplied, OnIds};
 use crate::replication::status::{self, ClusterView};
@@ -105,6 +106,12 @@ pub struct Cluster {
     tasks: TaskTracker,
     /// What `/metrics` reads of each partition group this node runs, by name.
     observed: Mutex<HashMap<String, Observed>>,
+    /// Stops the cluster port: at the end of [`Cluster::shutdown`], not with the broker's
+    /// token, so that other nodes reach this one's groups while it drains its clients and
+    /// hands its leaderships over.
+    port_stop: CancellationToken,
+    /// The cluster port's server task and its TLS acceptor.
+    port_tasks: TaskTracker,
 }
 
 /// What `/metrics` reads of a partition group besides openraft's metrics.
@@ -249,6 +256,8 @@ impl Cluster {
             compacted,
             tasks: tasks.clone(),
             observed: Mutex::default(),
+            port_stop: CancellationToken::new(),
+            port_tasks: TaskTracker::new(),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         let peer_ips = peer_ips(&cluster.members).await?;
@@ -267,7 +276,7 @@ impl Cluster {
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some(1 << 20))
             .add_service(cluster.service.clone().into_server());
-        let stop = shutdown.clone().cancelled_owned();
+        let stop = cluster.port_stop.clone().cancelled_owned();
         let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match acceptor
         {
             None => {
@@ -282,19 +291,19 @@ impl Cluster {
             }
             Some(acceptor) => {
                 let (tx, rx) = mpsc::channel(16);
-                tasks.spawn(accept_peers_tls(
+                cluster.port_tasks.spawn(accept_peers_tls(
                     listener,
                     acceptor,
                     peer_ips,
                     peer_hosts,
                     tx,
-                    shutdown.clone(),
+                    cluster.port_stop.clone(),
                 ));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
                 Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
             }
         };
-        tasks.spawn(async move {
+        cluster.port_tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the cluster port stopped");
             }
@@ -1204,16 +1213,45 @@ impl Cluster {
     /// Stops every group (the partitions are closed by the broker afterwards) and the
     /// metadata log.
     pub async fn shutdown(&self) {
-        let groups: Vec<(String, Raft<PartitionRaft>)> = self.running().drain().collect();
-        for (name, raft) in groups
-            .iter()
-            .map(|(n, r)| (n, r))
-            .chain([(&META_GROUP.to_string(), &self.meta)])
-        {
+        let mut groups: Vec<(String, Raft<PartitionRaft>)> = self.running().drain().collect();
+        groups.push((META_GROUP.to_string(), self.meta.clone()));
+        for (name, _) in &groups {
             self.service.remove(name);
-            if let Err(e) = raft.shutdown().await {
-                tracing::warn!(group = %name, error = %e, "a group did not stop cleanly");
-            }
+        }
+        // The groups this node leads go to the others first (see `handover`), all at once: a
+        // handover mostly waits for a follower's last entries and two peers' answers.
+        let timing = handover::Timing {
+            lease: Duration::from_millis(self.config.election_timeout_max),
+            retry: Duration::from_millis(self.config.heartbeat_interval),
+        };
+        let mut handing = tokio::task::JoinSet::new();
+        for (name, raft) in groups {
+            let peers = self.forwarder.peers().clone();
+            let proposals = Arc::clone(self.forwarder.proposals());
+            handing.spawn(async move {
+                let me = raft.metrics().borrow().id;
+                if raft.metrics().borrow().current_leader == Some(me) {
+                    let busy = || proposals.busy(&name);
+                    if let Some(to) =
+                        handover::stop_handing_over(&raft, &name, &peers, timing, busy).await
+                    {
+                        tracing::info!(group = %name, to, "leadership handed over");
+                    }
+                } else if let Err(e) = raft.shutdown().await {
+                    tracing::warn!(group = %name, error = %e, "a group did not stop cleanly");
+                }
+            });
+        }
+        while handing.join_next().await.is_some() {}
+        self.port_stop.cancel();
+        self.port_tasks.close();
+        // Peers close their connections once they see the GOAWAY; one still reading a long
+        // `Read` is not waited for past a write's timeout.
+        if tokio::time::timeout(self.write_timeout, self.port_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the cluster port's connections did not close in time");
         }
         let meta_log = Arc::clone(&self.meta_log);
         if let Err(e) = blocking(move || Ok(meta_log.close()?)).await {

@@ -9,6 +9,7 @@
 //! | [`wire`]          | Raft's messages as `sluice.cluster.v1` protobuf (entries as batches) |
 //! | [`peers`]         | where each peer's cluster port is, as this node reaches it          |
 //! | [`heartbeats`]    | many groups' heartbeats to one peer as one call                      |
+//! | [`handover`]      | a stopping leader handing its groups to the most caught-up member    |
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
 //! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
@@ -20,6 +21,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod handover;
 pub mod heartbeats;
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the helpers
 // that feed them return it too rather than convert at every call.

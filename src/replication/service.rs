@@ -9,6 +9,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tonic::{Request, Response, Status};
 
+use super::handover;
 use super::peers::Peers;
 use super::reads::GroupLog;
 use super::status;
@@ -336,6 +337,17 @@ impl pb::raft_server::Raft for RaftService {
             })),
             Err(why) => Err(Status::internal(why)),
         }
+    }
+
+    async fn hand_over(
+        &self,
+        request: Request<pb::HandOverRequest>,
+    ) -> Result<Response<pb::HandOverResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let retry = Duration::from_millis(raft.config().heartbeat_interval);
+        handover::take_over(raft, &req, retry);
+        Ok(Response::new(pb::HandOverResponse {}))
     }
 
     async fn propose(

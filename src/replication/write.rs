@@ -244,6 +244,14 @@ impl Proposals {
         }
     }
 
+    /// Whether proposals of `group` wait or are being proposed.
+    pub fn busy(&self, group: &str) -> bool {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .get(group)
+            .is_some_and(|q| q.rounds > 0 || !q.waiting.is_empty())
+    }
+
     /// The proposals waiting for `group` that still have someone to answer, up to
     /// [`MERGED_BYTES`] (at least one); none ends the round (and forgets an idle group).
     fn take(&self, group: &str) -> Vec<Waiting> {
@@ -372,6 +380,11 @@ impl Forwarder {
     /// The cluster addresses this node reaches its peers at.
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// This node's proposals to the groups it leads.
+    pub fn proposals(&self) -> &Arc<Proposals> {
+        &self.proposals
     }
 
     fn client(&self, addr: &str) -> Result<RaftClient<Channel>, WriteError> {
@@ -533,6 +546,11 @@ impl Forwarder {
                     if let WriteError::NoLeader(named) = &last {
                         targets.follow(named.clone().filter(|l| l.0 != target.0));
                     }
+                }
+                // The connection failed under the call (a peer stopping sends a GOAWAY): the
+                // next node is asked too.
+                Code::Internal if std::error::Error::source(&status).is_some() => {
+                    last = WriteError::from_status(&status, left);
                 }
                 _ => return Err(WriteError::from_status(&status, left)),
             }
