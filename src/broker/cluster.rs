@@ -1260,9 +1260,6 @@ impl Cluster {
     }
 }
 
-/// Whether this node took part in the partition's group before: it saved a vote (every member
-/// does on its first election or first entries) or holds entries (a founder that formed the
-/// group). A partition this node holds no replica of has neither: its log is an empty segment.
 /// One group as `/metrics` shows it, read at `now_ms`.
 fn sample(
     group: &str,
@@ -1323,6 +1320,9 @@ fn sample(
     })
 }
 
+/// Whether this node took part in the partition's group before: it saved a vote (every member
+/// does on its first election or first entries) or holds entries (a founder that formed the
+/// group). A partition this node holds no replica of has neither: its log is an empty segment.
 fn was_member(handle: &PartitionHandle) -> bool {
     let stats = handle.log.stats();
     handle.log.dir().join(storage::raft_log::FILE_NAME).exists()
