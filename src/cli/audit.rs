@@ -83,8 +83,8 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
         })
         .collect();
     let mut out = std::io::stdout().lock();
-    for bytes in merged_by_time(trails) {
-        let Ok(r) = serde_json::from_slice::<AuditRecord>(&bytes) else {
+    for (record, bytes) in merged_by_time(trails) {
+        let Some(r) = record else {
             continue;
         };
         if args.principal.as_ref().is_some_and(|p| *p != r.principal) {
@@ -121,19 +121,22 @@ fn time_ms(r: &AuditRecord) -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Every trail's records as one sequence ordered by time, each trail's own records kept in
-/// chain order (a node whose clock stepped back still reads in the order it wrote): a merge
-/// that takes, each step, the trail whose next record is the earliest.
-fn merged_by_time(trails: Vec<Trail>) -> Vec<Vec<u8>> {
-    let time_of = |bytes: &[u8]| {
-        serde_json::from_slice::<AuditRecord>(bytes).map_or(i64::MIN, |r| time_ms(&r))
-    };
-    let mut queues: Vec<std::collections::VecDeque<(i64, Vec<u8>)>> = trails
+/// Every trail's records as one sequence ordered by time, each read once (`None`: not an audit
+/// record; it sorts first), each trail's own records kept in chain order (a node whose clock
+/// stepped back still reads in the order it wrote): a merge that takes, each step, the trail
+/// whose next record is the earliest.
+fn merged_by_time(trails: Vec<Trail>) -> Vec<(Option<AuditRecord>, Vec<u8>)> {
+    /// A record as the merge holds it: when it was written, parsed, as stored.
+    type Timed = (i64, Option<AuditRecord>, Vec<u8>);
+    let mut queues: Vec<std::collections::VecDeque<Timed>> = trails
         .into_iter()
         .map(|t| {
             t.records
                 .into_iter()
-                .map(|(_, b)| (time_of(&b), b))
+                .map(|(_, bytes)| {
+                    let record = serde_json::from_slice::<AuditRecord>(&bytes).ok();
+                    (record.as_ref().map_or(i64::MIN, time_ms), record, bytes)
+                })
                 .collect()
         })
         .collect();
@@ -141,12 +144,12 @@ fn merged_by_time(trails: Vec<Trail>) -> Vec<Vec<u8>> {
     while let Some(next) = queues
         .iter()
         .enumerate()
-        .filter_map(|(i, q)| q.front().map(|(at, _)| (*at, i)))
+        .filter_map(|(i, q)| q.front().map(|(at, _, _)| (*at, i)))
         .min()
         .map(|(_, i)| i)
     {
-        if let Some((_, bytes)) = queues[next].pop_front() {
-            merged.push(bytes);
+        if let Some((_, record, bytes)) = queues[next].pop_front() {
+            merged.push((record, bytes));
         }
     }
     merged
