@@ -533,26 +533,16 @@ impl Forwarder {
                 Err(_) => continue,
             };
             self.leaders().remove(group);
-            match status.code() {
-                // Not the leader (naming the one it knows), down, cut off, too slow, or the
-                // group not started there: the next node is asked.
-                Code::FailedPrecondition
-                | Code::Unavailable
-                | Code::NotFound
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::Unknown => {
-                    last = WriteError::from_status(&status, left);
-                    if let WriteError::NoLeader(named) = &last {
-                        targets.follow(named.clone().filter(|l| l.0 != target.0));
-                    }
-                }
-                // The connection failed under the call (a peer stopping sends a GOAWAY): the
-                // next node is asked too.
-                Code::Internal if std::error::Error::source(&status).is_some() => {
-                    last = WriteError::from_status(&status, left);
-                }
-                _ => return Err(WriteError::from_status(&status, left)),
+            // Not the leader (naming the one it knows), cancelled, or no answer about the
+            // request at all: the next node is asked.
+            if !(another_node_may_answer(&status)
+                || matches!(status.code(), Code::FailedPrecondition | Code::Cancelled))
+            {
+                return Err(WriteError::from_status(&status, left));
+            }
+            last = WriteError::from_status(&status, left);
+            if let WriteError::NoLeader(named) = &last {
+                targets.follow(named.clone().filter(|l| l.0 != target.0));
             }
         }
     }
@@ -638,14 +628,7 @@ impl Forwarder {
             request.set_timeout(left);
             match tokio::time::timeout(left, call(client, request)).await {
                 Ok(Ok(r)) => return Ok((r.into_inner(), id)),
-                Ok(Err(s))
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable | Code::NotFound | Code::DeadlineExceeded | Code::Unknown
-                    ) =>
-                {
-                    last = s;
-                }
+                Ok(Err(s)) if another_node_may_answer(&s) => last = s,
                 Ok(Err(s)) => return Err(s),
                 Err(_) => {}
             }
@@ -785,6 +768,18 @@ enum Forwarded {
     Refused(Option<(u64, String)>),
     /// Nothing was proposed: the node runs no such group.
     NoGroup,
+}
+
+/// Whether a call to a peer failed without an answer about the request itself, so that another
+/// node holding the group may give one: the peer is down or does not run the group, was too
+/// slow, or the connection failed under the call (a stopping peer's GOAWAY: `INTERNAL` with a
+/// transport cause; a status the peer answered itself has no cause).
+fn another_node_may_answer(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::NotFound | Code::DeadlineExceeded | Code::Unknown => true,
+        Code::Internal => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
 }
 
 /// Whether a call failed because the peer refused the connection (so the request never left).
