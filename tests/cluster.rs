@@ -15,6 +15,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "cluster/groups.rs"]
+mod groups;
 #[path = "cluster/links.rs"]
 mod links;
 
@@ -1216,7 +1218,7 @@ fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own(
 }
 
 #[test]
-fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
+fn consumer_groups_are_taken_and_what_is_not_yet_replicated_of_them_is_refused() {
     let runtime = runtime();
     runtime.block_on(async {
         let cluster = TestCluster::start();
@@ -1230,22 +1232,6 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             .await
             .unwrap();
         let mut client = BrokerClient::new(channel);
-        let group = client
-            .subscribe(pb::SubscribeRequest {
-                topic: TOPIC.into(),
-                group: "etl".into(),
-                ..pb::SubscribeRequest::default()
-            })
-            .await;
-        precondition(group, "consumer groups");
-        let ack = client
-            .ack(pb::AckRequest {
-                group: "etl".into(),
-                topic: TOPIC.into(),
-                ack_ids: vec!["x".into()],
-            })
-            .await;
-        precondition(ack, "consumer groups");
         // A dry run of Compact reports, and changes nothing.
         let dry = admin
             .compact(pb::CompactRequest {
@@ -1283,9 +1269,52 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
         for i in 0..3 {
             readable_up_to(&cluster.addr(i), 7, "the 7 MiB batch").await;
         }
+        // A consumer group is taken (its replication is tested in `groups`); what is not
+        // replicated yet of it, resetting and deleting a group, is refused and changes nothing.
+        let mut member = client
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                group: "etl".into(),
+                max_in_flight: 1,
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = member.message().await.unwrap().unwrap().deliveries;
+        assert_eq!((first[0].offset, first[0].attempt), (0, 1), "{first:?}");
+        let reset = admin
+            .reset_group(pb::ResetGroupRequest {
+                group: "etl".into(),
+                topic: TOPIC.into(),
+                to: Some(pb::StartPosition {
+                    kind: Some(pb::start_position::Kind::Earliest(true)),
+                }),
+                force: true,
+                ..pb::ResetGroupRequest::default()
+            })
+            .await;
+        precondition(reset, "resetting and deleting consumer groups");
+        let delete = admin
+            .delete_group(pb::DeleteGroupRequest {
+                group: "etl".into(),
+            })
+            .await;
+        precondition(delete, "resetting and deleting consumer groups");
+        client
+            .ack(pb::AckRequest {
+                group: "etl".into(),
+                topic: TOPIC.into(),
+                ack_ids: vec![first[0].ack_id.clone()],
+            })
+            .await
+            .unwrap();
+        let next = member.message().await.unwrap().unwrap().deliveries;
+        assert_eq!(next[0].offset, 1, "after the ack, the next message");
+        drop(member);
         // The seed API's client: its Send creates the topic through the metadata group (from a
-        // node that may not lead it) and is answered on commit; its Subscribe is a consumer
-        // group's, refused like any other until groups are replicated.
+        // node that may not lead it) and is answered on commit; its Subscribe, a consumer
+        // group's, receives it.
         let mut seed = SeedClient::new(connect(&cluster.addr(0)).await.unwrap());
         let answer = seed
             .send(seed_pb::SendRequest {
@@ -1316,13 +1345,16 @@ fn what_is_not_yet_replicated_is_refused_with_failed_precondition() {
             .await;
             assert!(read.is_ok(), "node {} never served the seed Send", i + 1);
         }
-        let subscribe = seed
+        let mut subscribe = seed
             .subscribe(seed_pb::SubscribeRequest {
                 topic: "seed-intake".into(),
                 consumer_group: "etl".into(),
             })
-            .await;
-        precondition(subscribe, "consumer groups");
+            .await
+            .unwrap()
+            .into_inner();
+        let got = subscribe.message().await.unwrap().unwrap().msg.unwrap();
+        assert_eq!(got.payload, b"questionnaire 1".to_vec());
     });
 }
 

@@ -270,7 +270,14 @@ impl Cluster {
         // Forwarded Sends share one connection per peer: thousands at once must neither split
         // into tiny DATA frames (h2 answers a flood of them with GOAWAY) nor wait on a small
         // window. At most 1,024 streams at once, each with a 1 MiB window, 16 MiB in all.
+        // A peer that stops answering pings for an election timeout (down, paused, cut off)
+        // loses its connections: the streams it held here end (a relayed consumer-group
+        // member leaves its group, giving back what it held) instead of waiting forever on a
+        // connection nobody reads.
+        let lease = Duration::from_millis(cluster.members.election_timeout_ms);
         let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(lease))
+            .http2_keepalive_timeout(Some(lease))
             .max_concurrent_streams(Some(1024))
             .initial_stream_window_size(Some(1 << 20))
             .initial_connection_window_size(Some(16 << 20))
@@ -328,7 +335,7 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: consumer groups");
+            so refused here: resetting and deleting consumer groups");
         Ok(cluster)
     }
 
@@ -520,6 +527,66 @@ impl Cluster {
         }
     }
 
+    /// The catalog as this node has applied it, following every change.
+    pub(super) fn catalog(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.catalog.clone()
+    }
+
+    /// How long a leader leads without a majority's acknowledgement (the election timeout:
+    /// by then the others may have elected another), and how often it hears from them (the
+    /// heartbeat).
+    pub(super) fn lease(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.members.election_timeout_ms),
+            Duration::from_millis(self.members.heartbeat_ms),
+        )
+    }
+
+    /// Every node of the cluster, by id.
+    pub(super) fn node_ids(&self) -> Vec<u64> {
+        self.members.ids()
+    }
+
+    /// Serves the cluster port's `Consume` and `Settle` with `host` (the broker's consumer
+    /// groups).
+    pub fn serve_groups(&self, host: Arc<dyn crate::replication::service::GroupHost>) {
+        self.service.serve_groups(host);
+    }
+
+    /// Runs group `name` (a consumer group's) here over `log`, with `members`, unless it runs
+    /// already; like a partition's group, it is in the status reports, the catch-up, the
+    /// snapshots after a trim and the handover at shutdown.
+    pub(super) async fn run_group(
+        &self,
+        name: &str,
+        log: &Arc<Partition>,
+        members: &[u64],
+    ) -> Result<Raft<PartitionRaft>> {
+        let _joining = self.joining.lock().await;
+        if let Some(raft) = self.running().get(name) {
+            return Ok(raft.clone());
+        }
+        let (raft, observed) = self.start_group(name, log, 0, None).await?;
+        self.initialize(&raft, name, None, members).await?;
+        self.service.add(name.to_string(), raft.clone());
+        self.observing().insert(name.to_string(), observed);
+        self.running().insert(name.to_string(), raft.clone());
+        Ok(raft)
+    }
+
+    /// Stops group `name` here (its consumer group was deleted).
+    pub(super) async fn stop_group(&self, name: &str) {
+        let _joining = self.joining.lock().await;
+        self.service.remove(name);
+        self.observing().remove(name);
+        let raft = self.running().remove(name);
+        if let Some(raft) = raft
+            && let Err(e) = raft.shutdown().await
+        {
+            tracing::warn!(group = %name, error = %e, "a group did not stop cleanly");
+        }
+    }
+
     /// Serves the cluster port's `SendIds` with `sender` (the broker's id check).
     pub fn serve_ids(&self, sender: crate::replication::service::IdSender) {
         self.service.serve_ids(sender);
@@ -605,7 +672,7 @@ impl Cluster {
             };
             let keep = topic.config.delete_retention_ms;
             let ids = self.id_hooks(topic, handle.id);
-            let (raft, observed) = self.start_group(&group, handle, keep, ids).await?;
+            let (raft, observed) = self.start_group(&group, &handle.log, keep, ids).await?;
             if let Some(members) = members {
                 self.initialize(&raft, &group, topic.config.formed_by, &members)
                     .await?;
@@ -656,11 +723,11 @@ impl Cluster {
     async fn start_group(
         &self,
         group: &str,
-        handle: &PartitionHandle,
+        log: &Arc<Partition>,
         delete_retention_ms: u64,
         ids: Option<(OnIds, OnApplied)>,
     ) -> Result<(Raft<PartitionRaft>, Observed)> {
-        let (partition, io) = (Arc::clone(&handle.log), Arc::clone(&self.io));
+        let (partition, io) = (Arc::clone(log), Arc::clone(&self.io));
         let (store, sm, reader) = blocking(move || {
             let dir = partition.dir().to_path_buf();
             let log = RaftLog::on(partition, Arc::clone(&io))?;
@@ -673,7 +740,7 @@ impl Cluster {
         .await?;
         let installs = sm.installs();
         let (trimmed, name) = (self.trimmed.clone(), group.to_string());
-        let (compacted, partition) = (self.compacted.clone(), Arc::clone(&handle.log));
+        let (compacted, partition) = (self.compacted.clone(), Arc::clone(log));
         let sm = sm
             .on_trim(Box::new(move || {
                 let _ = trimmed.send(name.clone());
@@ -781,11 +848,26 @@ impl Cluster {
         offset: u64,
         on_demand: bool,
     ) -> Result<bool> {
-        let log = &handle.log;
-        if !(on_demand || self.leads(handle))
-            || offset <= log.log_start()
-            || offset > log.high_water()
-        {
+        if !(on_demand || self.leads(handle)) {
+            return Ok(false);
+        }
+        let Some(raft) = handle.replica.get() else {
+            return Ok(false);
+        };
+        self.trim_log(raft, &topic.group_name(handle.id), &handle.log, offset)
+            .await
+    }
+
+    /// Proposes to group `group` (run here by `raft`, over `log`) that every replica drops the
+    /// records below `offset` (see [`Cluster::trim`]): true once committed and applied here.
+    pub(super) async fn trim_log(
+        &self,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
+        log: &Arc<Partition>,
+        offset: u64,
+    ) -> Result<bool> {
+        if offset <= log.log_start() || offset > log.high_water() {
             return Ok(false);
         }
         // The entry holding the message just below: the snapshot point every replica takes.
@@ -806,9 +888,9 @@ impl Cluster {
             upto_index: upto.index,
             offset,
         };
-        Ok(self.propose(topic, handle, command).await
+        Ok(self.propose(raft, group, command).await
             && self
-                .applied_here(handle, || log.log_start() >= offset)
+                .applied_here(Some(raft), || log.log_start() >= offset)
                 .await)
     }
 
@@ -836,7 +918,12 @@ impl Cluster {
         }
         let command = crate::replication::GroupCommand::Compact { below, now_ms };
         let applied = || log.compaction_point().is_some_and(|p| p.below >= below);
-        self.propose(topic, handle, command).await && self.applied_here(handle, applied).await
+        let Some(raft) = handle.replica.get() else {
+            return false;
+        };
+        self.propose(raft, &topic.group_name(handle.id), command)
+            .await
+            && self.applied_here(Some(raft), applied).await
     }
 
     fn leads(&self, handle: &PartitionHandle) -> bool {
@@ -845,21 +932,17 @@ impl Cluster {
         })
     }
 
-    /// Proposes a command to a partition's group, through its leader; true once committed.
+    /// Proposes a command to a group run here, through its leader; true once committed.
     async fn propose(
         &self,
-        topic: &Topic,
-        handle: &PartitionHandle,
+        raft: &Raft<PartitionRaft>,
+        group: &str,
         command: crate::replication::GroupCommand,
     ) -> bool {
-        let Some(raft) = handle.replica.get() else {
-            return false;
-        };
-        let group = topic.group_name(handle.id);
         let proposal = crate::replication::Proposal::Command(command);
         match self
             .forwarder
-            .propose(raft, &group, proposal, self.write_timeout)
+            .propose(raft, group, proposal, self.write_timeout)
             .await
         {
             Ok(_) => true,
@@ -874,8 +957,12 @@ impl Cluster {
     /// is applied here soon after: the leader tells this node the new commit point). Looked at
     /// again each time the partition's group reports progress (its metrics change once an
     /// entry is applied), not on a timer.
-    async fn applied_here(&self, handle: &PartitionHandle, done: impl Fn() -> bool) -> bool {
-        let Some(raft) = handle.replica.get() else {
+    async fn applied_here(
+        &self,
+        raft: Option<&Raft<PartitionRaft>>,
+        done: impl Fn() -> bool,
+    ) -> bool {
+        let Some(raft) = raft else {
             return done();
         };
         let mut progress = raft.metrics();
@@ -1012,7 +1099,7 @@ impl Cluster {
 
     /// Commits `command` in the metadata group (through its leader), then waits, up to the
     /// write timeout, until this node's catalog shows `done` (`None` when it does not in time).
-    async fn commit_to_catalog(
+    pub(super) async fn commit_to_catalog(
         &self,
         command: Command,
         done: impl Fn(&Catalog) -> bool,

@@ -49,6 +49,10 @@ pub enum Error {
     },
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// Cluster mode: the answer of the node that took the call (a consumer group's leader), as
+    /// it gave it.
+    #[error("{}", .0.message())]
+    Relayed(tonic::Status),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -14,6 +14,7 @@
 //! | [`maintenance`]   | retention and compaction passes, and the periodic run               |
 //! | [`audit`]         | the `_audit` trail's appender and its hash chain                    |
 //! | [`cluster`]       | cluster mode: the metadata group, the partitions' groups, the cluster port |
+//! | [`consumers`]     | cluster mode: consumer groups, each replicated by a Raft group of its own |
 //! | [`upgrade`]       | a single node's data directory turned into a cluster node's, once   |
 //! | [`message`]       | the vocabulary: messages, positions, deliveries                     |
 //! | [`settings`]      | what the broker uses of the configuration                           |
@@ -40,6 +41,7 @@ pub mod audit;
 mod blocking;
 mod clock;
 mod cluster;
+mod consumers;
 pub mod dedup;
 pub mod error;
 pub mod groups;
@@ -64,8 +66,10 @@ use self::ack_poll::AckPoller;
 use self::audit::{AuditEvent, AuditTrail, refuse_audit_topic};
 use self::blocking::blocking;
 use self::cluster::Cluster;
+use self::consumers::Consumers;
+pub use self::consumers::relayed_delivery;
 use self::groups::{
-    GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
+    GroupMember, GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
 };
 use self::maintenance::Maintenance;
 use self::send::{DeadLetterAppender, SendLimits, Sends};
@@ -98,6 +102,8 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     /// Cluster mode: this node's groups and the cluster port.
     cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: the consumer groups.
+    consumers: Option<Arc<Consumers>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Opened by [`Broker::open_read_only`]: nothing is recorded or written.
@@ -214,13 +220,26 @@ impl Broker {
             member_buffer: settings.subscriber_buffer,
             fsync: settings.log.fsync,
         };
-        let groups = Arc::new(Groups::new(
+        let groups = Groups::new(
             Arc::clone(&topics),
             group_settings,
             DeadLetterAppender::new(Arc::clone(&sends)),
             tasks.clone(),
             shutdown.clone(),
-        ));
+        );
+        let groups = Arc::new(match &cluster {
+            Some(_) => groups.led_only(),
+            None => groups,
+        });
+        let consumers = cluster.as_ref().map(|c| {
+            Consumers::start(
+                Arc::clone(c),
+                Arc::clone(&groups),
+                Arc::clone(&topics),
+                tasks.clone(),
+                shutdown.clone(),
+            )
+        });
         let maintenance = Arc::new(Maintenance::new(
             Arc::clone(&topics),
             Arc::clone(&groups),
@@ -245,6 +264,7 @@ impl Broker {
             audit,
             metrics,
             cluster,
+            consumers,
             shutdown,
             tasks,
             read_only,
@@ -462,29 +482,38 @@ impl Broker {
     // Consumer groups.
 
     /// The open state of `group` on `topic`, opening it (and, for a new group, starting it at
-    /// `start`) when needed.
+    /// `start`) when needed; on a cluster, only a group this node leads.
     pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
         self.groups.group(group, topic, start).await
     }
 
-    /// Joins `group` on `topic` as a member.
+    /// Joins `group` on `topic` as a member (on a cluster, relayed to the node leading the
+    /// group when it is another).
     pub async fn subscribe_group(
         &self,
         topic: &str,
         group: &str,
         start: Start,
         membership: Membership,
-    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
-        self.groups
+    ) -> Result<(GroupMember, mpsc::Receiver<DeliveryBatch>)> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(consumers) = &self.consumers {
+            return consumers.subscribe(topic, group, start, membership).await;
+        }
+        let (guard, rx) = self
+            .groups
             .subscribe_group(topic, group, start, membership)
-            .await
+            .await?;
+        Ok((GroupMember::Here(guard), rx))
     }
 
     /// Acknowledges deliveries; returns once durable, with whether each id applied.
     pub async fn ack(&self, group: &str, topic: &str, ids: &[String]) -> Result<Vec<bool>> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
+        if let Some(consumers) = &self.consumers {
+            return consumers.settle(group, topic, ids, None).await;
+        }
         self.groups.ack(group, topic, ids).await
     }
 
@@ -496,8 +525,47 @@ impl Broker {
         ids: &[String],
         delay: Duration,
     ) -> Result<Vec<bool>> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
+        if let Some(consumers) = &self.consumers {
+            return consumers.settle(group, topic, ids, Some(delay)).await;
+        }
         self.groups.nack(group, topic, ids, delay).await
+    }
+
+    /// Cluster mode: a member relayed here by another node joins `group` on `topic`, which
+    /// this node must lead (`UNAVAILABLE` otherwise: the caller asks the next node).
+    pub fn join_led_group(
+        &self,
+        group: &str,
+        topic: &str,
+        membership: Membership,
+    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        match &self.consumers {
+            Some(consumers) => consumers.join_led(group, topic, membership),
+            None => Err(Error::FailedPrecondition("not a cluster node".into())),
+        }
+    }
+
+    /// Cluster mode: acks (`nack`: nacks) relayed here by another node, for `group` on
+    /// `topic`, which this node must lead.
+    pub async fn settle_led_group(
+        &self,
+        group: &str,
+        topic: &str,
+        ids: &[String],
+        nack: Option<Duration>,
+    ) -> Result<Vec<bool>> {
+        match &self.consumers {
+            Some(consumers) => consumers.settle_led(group, topic, ids, nack).await,
+            None => Err(Error::FailedPrecondition("not a cluster node".into())),
+        }
+    }
+
+    /// Cluster mode: serves the cluster port's `Consume` and `Settle` with `host` (the server
+    /// layer's, which turns deliveries and errors into messages).
+    pub fn serve_groups(&self, host: Arc<dyn crate::replication::service::GroupHost>) {
+        if let Some(c) = &self.cluster {
+            c.serve_groups(host);
+        }
     }
 
     /// Every group with the topics it has state for.
@@ -605,8 +673,7 @@ impl Broker {
 }
 
 /// What cluster mode refuses of consumer groups, said in each refusal.
-const GROUPS_NOT_REPLICATED: &str =
-    "consumer groups (subscribe as a group, ack, nack, reset, delete) are";
+const GROUPS_NOT_REPLICATED: &str = "resetting and deleting consumer groups are";
 
 /// Threads that close logs at shutdown: a close mostly waits on syncs, so many run at once.
 const CLOSING_THREADS: usize = 16;

@@ -174,7 +174,11 @@ impl Topic {
             return Ok(false);
         }
         if self.config.cleanup_policy == storage::topic::CleanupPolicy::Compact {
-            return Ok(handle.read_record(e.offset).await?.is_some());
+            return match handle.read_record(e.offset).await {
+                Ok(found) => Ok(found.is_some()),
+                Err(Error::Storage(storage::Error::OffsetOutOfRange { .. })) => Ok(false),
+                Err(e) => Err(e),
+            };
         }
         Ok(true)
     }
@@ -347,8 +351,20 @@ impl PartitionHandle {
     }
 }
 
-/// The record at `offset` of a partition log (a group's event log too), if still held.
+/// The record at `offset` of a partition log (a group's event log too): `None` when the log no
+/// longer holds it though it holds later ones (compaction). An offset below the log's start or
+/// at or past its end is `OffsetOutOfRange`: removed by retention, or not (yet) written here — on
+/// a cluster, a replica may not have applied it yet.
 pub fn read_record(log: &Partition, offset: u64) -> Result<Option<StoredRecord>> {
+    let end = log.high_water();
+    if offset >= end {
+        return Err(storage::Error::OffsetOutOfRange {
+            requested: offset,
+            start: log.log_start(),
+            end,
+        }
+        .into());
+    }
     for batch in log.read(offset, 1)? {
         for r in batch.records() {
             let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;

@@ -118,8 +118,8 @@ impl Topics {
         }
     }
 
-    /// Cluster mode: from now on topics are created by sending them to `to`, and deleting one
-    /// is refused (not yet replicated).
+    /// Cluster mode: from now on topics are created by sending them to `to` (the metadata
+    /// group).
     pub fn replicate_through(&self, to: mpsc::Sender<CreateRequest>) {
         let _ = self.replicated.set(to);
     }

@@ -35,6 +35,12 @@ fn leaderless(s: &pb::ClusterStatusResponse) -> Option<String> {
         .iter()
         .filter(|p| p.leader.is_none())
         .map(|p| format!("{}/{}", p.topic, p.partition))
+        .chain(
+            s.consumer_groups
+                .iter()
+                .filter(|g| g.leader.is_none())
+                .map(|g| format!("consumer group {} on {}", g.group, g.topic)),
+        )
         .collect();
     if s.metadata_leader.is_none() {
         missing.insert(0, "the metadata group".into());
@@ -62,14 +68,6 @@ fn status_text(s: &pb::ClusterStatusResponse) -> String {
         "partition\tleader\tterm\treplicas (entries behind the leader)"
     );
     for p in &s.partitions {
-        let replicas: Vec<String> = p
-            .replicas
-            .iter()
-            .map(|r| {
-                let behind = r.behind.map_or_else(|| "?".into(), |b| b.to_string());
-                format!("{}:{behind}{}", r.node_id, if r.leader { "*" } else { "" })
-            })
-            .collect();
         let _ = writeln!(
             out,
             "{}/{}\t{}\t{}\t{}",
@@ -77,10 +75,51 @@ fn status_text(s: &pb::ClusterStatusResponse) -> String {
             p.partition,
             or_none(p.leader),
             p.term,
-            replicas.join(" ")
+            replicas_text(&p.replicas)
+        );
+    }
+    if !s.consumer_groups.is_empty() {
+        let _ = writeln!(
+            out,
+            "consumer group\ttopic\tleader\tterm\treplicas (entries behind the leader)"
+        );
+    }
+    for g in &s.consumer_groups {
+        let _ = writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}",
+            g.group,
+            g.topic,
+            or_none(g.leader),
+            g.term,
+            replicas_text(&g.replicas)
         );
     }
     out
+}
+
+fn replicas_text(replicas: &[pb::ReplicaStatus]) -> String {
+    let replicas: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            let behind = r.behind.map_or_else(|| "?".into(), |b| b.to_string());
+            format!("{}:{behind}{}", r.node_id, if r.leader { "*" } else { "" })
+        })
+        .collect();
+    replicas.join(" ")
+}
+
+fn replicas_json(replicas: &[pb::ReplicaStatus]) -> Vec<serde_json::Value> {
+    replicas
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "node_id": r.node_id,
+                "leader": r.leader,
+                "behind": r.behind,
+            })
+        })
+        .collect()
 }
 
 fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
@@ -98,11 +137,14 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
             "partition": p.partition,
             "leader": p.leader,
             "term": p.term,
-            "replicas": p.replicas.iter().map(|r| serde_json::json!({
-                "node_id": r.node_id,
-                "leader": r.leader,
-                "behind": r.behind,
-            })).collect::<Vec<_>>(),
+            "replicas": replicas_json(&p.replicas),
+        })).collect::<Vec<_>>(),
+        "consumer_groups": s.consumer_groups.iter().map(|g| serde_json::json!({
+            "group": g.group,
+            "topic": g.topic,
+            "leader": g.leader,
+            "term": g.term,
+            "replicas": replicas_json(&g.replicas),
         })).collect::<Vec<_>>(),
     })
 }
@@ -132,6 +174,17 @@ mod tests {
         }
     }
 
+    fn consumer_group(leader: Option<u64>) -> pb::ReplicatedConsumerGroup {
+        let p = partition(leader);
+        pb::ReplicatedConsumerGroup {
+            group: "etl".into(),
+            topic: p.topic,
+            leader,
+            term: p.term,
+            replicas: p.replicas,
+        }
+    }
+
     #[test]
     fn a_group_without_a_leader_is_named_and_fails_the_command() {
         let healthy = pb::ClusterStatusResponse {
@@ -144,6 +197,7 @@ mod tests {
             }],
             metadata_leader: Some(1),
             partitions: vec![partition(Some(1))],
+            consumer_groups: vec![consumer_group(Some(2))],
         };
         assert_eq!(leaderless(&healthy), None);
         let text = status_text(&healthy);
@@ -152,19 +206,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("epro/1\t1\t4\t1:0* 2:?"), "{text}");
+        assert!(text.contains("etl\tepro\t2\t4\t1:0 2:?"), "{text}");
         let json = status_json(&healthy);
         assert_eq!(
             json["partitions"][0]["replicas"][1]["behind"],
             serde_json::Value::Null
         );
         assert_eq!(json["nodes"][0]["reachable"], false);
+        assert_eq!(json["consumer_groups"][0]["group"], "etl");
+        assert_eq!(json["consumer_groups"][0]["leader"], 2);
 
         let mut headless = healthy.clone();
         headless.metadata_leader = None;
         headless.partitions.push(partition(None));
+        headless.consumer_groups.push(consumer_group(None));
         assert_eq!(
             leaderless(&headless).as_deref(),
-            Some("the metadata group, epro/1")
+            Some("the metadata group, epro/1, consumer group etl on epro")
         );
     }
 }

@@ -29,6 +29,22 @@ pub struct CatalogTopic {
     /// whose log may start later; every other replica starts empty at the same offset.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub first_offsets: Vec<u64>,
+    /// The consumer groups reading the topic, by name: each a Raft group of its own
+    /// ([`consumer_group_name`]) on the topic's nodes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumer_groups: BTreeMap<String, CatalogGroup>,
+}
+
+/// A consumer group's state on one topic, replicated by a Raft group of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogGroup {
+    /// Unique in the cluster's history: part of the Raft group's name, so a group created
+    /// again never meets the Raft group of an earlier one.
+    pub id: u64,
+    /// Where the group starts in each partition (its first events say so).
+    pub starts: Vec<u64>,
+    /// The nodes holding its replicas.
+    pub replicas: Vec<u64>,
 }
 
 /// Every replicated topic, by name, and the deletions that happened.
@@ -39,6 +55,9 @@ pub struct Catalog {
     /// incarnation at or below it is gone.
     #[serde(default)]
     pub deleted: BTreeMap<String, u64>,
+    /// The id the next consumer group created gets.
+    #[serde(default)]
+    pub next_group_id: u64,
 }
 
 impl CatalogTopic {
@@ -99,6 +118,21 @@ pub fn parse_group_name(group: &str) -> Option<(&str, u32)> {
     Some((topic, partition.parse().ok()?))
 }
 
+/// The name of a consumer group's Raft group on the cluster port: `<topic>:<group>#<id>`
+/// (names hold no `:`, `#` or `/`, so it is never a partition's).
+pub fn consumer_group_name(topic: &str, group: &str, id: u64) -> String {
+    format!("{topic}:{group}#{id}")
+}
+
+/// The topic and consumer group a Raft group's name stands for, when it is a consumer
+/// group's ([`consumer_group_name`]).
+pub fn parse_consumer_group_name(name: &str) -> Option<(&str, &str)> {
+    let (topic, rest) = name.split_once(':')?;
+    let (group, id) = rest.rsplit_once('#')?;
+    id.parse::<u64>().ok()?;
+    Some((topic, group))
+}
+
 /// A change to the catalog, as the metadata leader proposes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -117,6 +151,15 @@ pub enum Command {
     },
     /// Deletes `incarnation` of the topic (a repeat, or an older incarnation, changes nothing).
     DeleteTopic { name: String, incarnation: u64 },
+    /// Creates consumer group `group` on `incarnation` of `topic` unless it exists there (a
+    /// repeat changes nothing: the first creation's starts stay).
+    CreateGroup {
+        topic: String,
+        incarnation: u64,
+        group: String,
+        starts: Vec<u64>,
+        replicas: Vec<u64>,
+    },
 }
 
 impl Command {
@@ -192,6 +235,7 @@ impl GroupState for Catalog {
                     replicas,
                     first_offsets,
                     placement,
+                    consumer_groups: BTreeMap::new(),
                 });
             }
             Command::DeleteTopic { name, incarnation } => {
@@ -203,6 +247,31 @@ impl GroupState for Catalog {
                     self.topics.remove(&name);
                     let last = self.deleted.entry(name).or_default();
                     *last = (*last).max(incarnation);
+                }
+            }
+            Command::CreateGroup {
+                topic,
+                incarnation,
+                group,
+                starts,
+                replicas,
+            } => {
+                let Some(t) = self
+                    .topics
+                    .get_mut(&topic)
+                    .filter(|t| t.config.incarnation == incarnation)
+                else {
+                    return;
+                };
+                if let std::collections::btree_map::Entry::Vacant(new) =
+                    t.consumer_groups.entry(group)
+                {
+                    new.insert(CatalogGroup {
+                        id: self.next_group_id,
+                        starts,
+                        replicas,
+                    });
+                    self.next_group_id += 1;
                 }
             }
         }
@@ -303,6 +372,7 @@ mod tests {
             replicas: vec![1, 2, 3],
             placement: Vec::new(),
             first_offsets: Vec::new(),
+            consumer_groups: BTreeMap::new(),
         };
         assert_eq!(everywhere.replicas_of(5), &[1, 2, 3]);
         let placed = CatalogTopic {
@@ -398,5 +468,84 @@ mod tests {
             assert_eq!(parse_group_name(&group), parsed, "{group}");
         }
         assert_eq!(group_name("epro", 3, 2), "epro/3@2");
+    }
+
+    /// Consumer groups: created once per topic incarnation (a repeat keeps the first starts),
+    /// each with an id no other creation ever gets, even after the topic is deleted and created
+    /// again; a creation for an incarnation that is gone changes nothing; group and partition
+    /// Raft group names never parse as each other.
+    #[test]
+    fn consumer_groups_get_ids_never_reused_and_go_with_their_topic() {
+        let create_topic = Command::CreateTopic {
+            name: "epro".into(),
+            config: TopicConfig::default(),
+            replicas: vec![1, 2, 3],
+            first_offsets: Vec::new(),
+            placement: Vec::new(),
+        };
+        let group = |name: &str, incarnation, start| Command::CreateGroup {
+            topic: "epro".into(),
+            incarnation,
+            group: name.into(),
+            starts: vec![start],
+            replicas: vec![1, 2, 3],
+        };
+        let mut catalog = Catalog::default();
+        let apply = |c: &mut Catalog, command: Command| c.apply(&command.to_proposal(0).unwrap());
+        apply(&mut catalog, group("billing", 0, 0));
+        assert_eq!(catalog, Catalog::default(), "no topic: nothing changes");
+        apply(&mut catalog, create_topic.clone());
+        // (step, command, the group's (id, start) after it, next id after it)
+        type Step = (&'static str, Command, &'static str, Option<(u64, u64)>, u64);
+        let steps: [Step; 5] = [
+            (
+                "created",
+                group("billing", 0, 5),
+                "billing",
+                Some((0, 5)),
+                1,
+            ),
+            (
+                "repeated",
+                group("billing", 0, 9),
+                "billing",
+                Some((0, 5)),
+                1,
+            ),
+            ("another", group("audit", 0, 7), "audit", Some((1, 7)), 2),
+            ("a gone incarnation", group("late", 3, 0), "late", None, 2),
+            (
+                "topic deleted",
+                Command::DeleteTopic {
+                    name: "epro".into(),
+                    incarnation: 0,
+                },
+                "billing",
+                None,
+                2,
+            ),
+        ];
+        for (what, command, name, expected, next) in steps {
+            apply(&mut catalog, command);
+            let got = catalog
+                .topics
+                .get("epro")
+                .and_then(|t| t.consumer_groups.get(name))
+                .map(|g| (g.id, g.starts[0]));
+            assert_eq!(got, expected, "{what}");
+            assert_eq!(catalog.next_group_id, next, "{what}");
+        }
+        apply(&mut catalog, create_topic);
+        apply(&mut catalog, group("billing", 1, 0));
+        assert_eq!(
+            catalog.topics["epro"].consumer_groups["billing"].id, 2,
+            "created again: a new id"
+        );
+        let name = consumer_group_name("epro", "7", 2);
+        assert_eq!(name, "epro:7#2");
+        assert_eq!(parse_group_name(&name), None, "not a partition's group");
+        assert_eq!(parse_consumer_group_name(&name), Some(("epro", "7")));
+        assert_eq!(parse_consumer_group_name(&group_name("epro", 3, 2)), None);
+        assert_eq!(parse_consumer_group_name("_meta"), None);
     }
 }

@@ -43,6 +43,25 @@ pub type IdSender = Arc<
         + Sync,
 >;
 
+/// A relayed member's deliveries (the cluster port's `Consume`).
+pub type ConsumeStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
+
+/// Serves the cluster port's `Consume` and `Settle`: consumer groups this node leads. Set by
+/// the broker, which owns consumer groups. A node that does not lead the group answers
+/// `UNAVAILABLE`, so that the caller asks the next node.
+pub trait GroupHost: Send + Sync {
+    fn consume(
+        &self,
+        request: pb::ConsumeRequest,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<ConsumeStream, Status>> + Send + '_>>;
+
+    fn settle(
+        &self,
+        request: pb::SettleRequest,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<pb::SettleResponse, Status>> + Send + '_>>;
+}
+
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
 #[derive(Clone)]
 pub struct RaftService {
@@ -61,6 +80,8 @@ pub struct RaftService {
     maintainer: Arc<std::sync::OnceLock<Maintainer>>,
     /// Serves `SendIds` once the broker has set it.
     id_sender: Arc<std::sync::OnceLock<IdSender>>,
+    /// Serves `Consume` and `Settle` once the broker has set it.
+    group_host: Arc<std::sync::OnceLock<Arc<dyn GroupHost>>>,
 }
 
 /// How long a Raft message to a group this node has not started waits for it to start before it
@@ -82,6 +103,7 @@ impl Default for RaftService {
             added: Arc::new(tokio::sync::watch::Sender::new(0)),
             maintainer: Arc::default(),
             id_sender: Arc::default(),
+            group_host: Arc::default(),
         }
     }
 }
@@ -128,6 +150,17 @@ impl RaftService {
     /// Serves `SendIds` with `sender` from now on (the first one set stays).
     pub fn serve_ids(&self, sender: IdSender) {
         let _ = self.id_sender.set(sender);
+    }
+
+    /// Serves `Consume` and `Settle` with `host` from now on (the first one set stays).
+    pub fn serve_groups(&self, host: Arc<dyn GroupHost>) {
+        let _ = self.group_host.set(host);
+    }
+
+    fn group_host(&self) -> Result<&Arc<dyn GroupHost>, Status> {
+        self.group_host
+            .get()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))
     }
 
     /// Serves reads of the group's log to nodes that hold no replica of it.
@@ -409,5 +442,23 @@ impl pb::raft_server::Raft for RaftService {
             Err(WriteError::NoLeader(_)) => Err(self.not_proposed(&raft)),
             Err(e) => Err(e.to_status()),
         }
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn consume(
+        &self,
+        request: Request<pb::ConsumeRequest>,
+    ) -> Result<Response<ConsumeStream>, Status> {
+        let host = self.group_host()?;
+        host.consume(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let host = self.group_host()?;
+        host.settle(request.into_inner()).await.map(Response::new)
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::Raft;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::ClientWriteError;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -51,18 +51,51 @@ pub async fn propose(
     deadline: Duration,
     peers: &Peers,
 ) -> Result<Applied, WriteError> {
-    let write = raft.client_write(proposal);
-    match tokio::time::timeout(deadline, write).await {
+    let until = tokio::time::Instant::now() + deadline;
+    let proposed = submit(raft, proposal).await?;
+    outcome(proposed, until, deadline, peers).await
+}
+
+/// An entry handed to a group's Raft core, whose outcome is still to come ([`outcome`]).
+pub type Submitted = tokio::sync::oneshot::Receiver<
+    Result<
+        openraft::raft::ClientWriteResponse<PartitionRaft>,
+        ClientWriteError<u64, openraft::BasicNode>,
+    >,
+>;
+
+/// Hands `proposal` to the group's Raft core and returns at once: entries handed over one
+/// after another are appended in that order.
+pub async fn submit(
+    raft: &Raft<PartitionRaft>,
+    proposal: Proposal,
+) -> Result<Submitted, WriteError> {
+    raft.client_write_ff(proposal)
+        .await
+        .map_err(|e| WriteError::Stopped(e.to_string()))
+}
+
+/// What became of a [`submit`]ted entry: applied here once committed, refused (not leading),
+/// or not known by `until` (`deadline` from its submission).
+pub async fn outcome(
+    submitted: Submitted,
+    until: tokio::time::Instant,
+    deadline: Duration,
+    peers: &Peers,
+) -> Result<Applied, WriteError> {
+    match tokio::time::timeout_at(until, submitted).await {
         Err(_) => Err(WriteError::TimedOut(deadline)),
-        Ok(Ok(response)) => Ok(response.data),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+        Ok(Err(_)) => Err(WriteError::Stopped(
+            "the group's Raft core went away".into(),
+        )),
+        Ok(Ok(Ok(response))) => Ok(response.data),
+        Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
             Err(WriteError::NoLeader(f.leader_id.map(|id| {
                 let known = f.leader_node.map(|n| n.addr).unwrap_or_default();
                 (id, peers.addr(id, &known))
             })))
         }
-        Ok(Err(RaftError::APIError(e))) => Err(WriteError::Stopped(e.to_string())),
-        Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Stopped(e.to_string())),
+        Ok(Ok(Err(e))) => Err(WriteError::Stopped(e.to_string())),
     }
 }
 
@@ -557,10 +590,16 @@ impl Forwarder {
     ) -> Result<pb::ReadResponse, Status> {
         let group = req.group.clone();
         let (r, id) = self
-            .ask_replicas(&group, replicas, deadline, |mut client, request| {
-                let req = req.clone();
-                async move { client.read(request.map(|()| req)).await }
-            })
+            .ask_replicas(
+                &group,
+                replicas,
+                deadline,
+                Retry::WhileUnanswered,
+                |mut client, request| {
+                    let req = req.clone();
+                    async move { client.read(request.map(|()| req)).await }
+                },
+            )
             .await?;
         let leader = r.leader.unwrap_or(id);
         self.leaders()
@@ -581,12 +620,89 @@ impl Forwarder {
             group: group.to_string(),
             dry_run,
         };
-        self.ask_replicas(group, replicas, deadline, |mut client, request| {
-            let req = req.clone();
-            async move { client.maintain(request.map(|()| req)).await }
-        })
+        self.ask_replicas(
+            group,
+            replicas,
+            deadline,
+            Retry::WhileUnanswered,
+            |mut client, request| {
+                let req = req.clone();
+                async move { client.maintain(request.map(|()| req)).await }
+            },
+        )
         .await
         .map(|(r, _)| r)
+    }
+
+    /// Opens, at the node of `replicas` that leads consumer group `group` (its Raft group's
+    /// name), the stream of a member relayed there (see [`Forwarder::ask_replicas`]; only the
+    /// start of the stream has a deadline); and which node that is.
+    pub async fn consume_remote(
+        &self,
+        group: &str,
+        leader: Option<u64>,
+        replicas: &[u64],
+        req: pb::ConsumeRequest,
+        deadline: Duration,
+    ) -> Result<(tonic::Streaming<pb::ConsumeResponse>, u64), Status> {
+        self.ask_first(group, leader);
+        let (stream, id) = self
+            .ask_replicas(
+                group,
+                replicas,
+                deadline,
+                Retry::WhileUnanswered,
+                |mut client, request| {
+                    let req = req.clone();
+                    async move {
+                        let mut request = request.map(|()| req);
+                        request.metadata_mut().remove("grpc-timeout");
+                        client.consume(request).await
+                    }
+                },
+            )
+            .await?;
+        self.leaders()
+            .insert(group.to_string(), (id, self.peers.addr(id, "")));
+        Ok((stream, id))
+    }
+
+    /// Acks or nacks deliveries of consumer group `group` (its Raft group's name) at the node
+    /// of `replicas` that leads it (see [`Forwarder::ask_replicas`]).
+    pub async fn settle_remote(
+        &self,
+        group: &str,
+        leader: Option<u64>,
+        replicas: &[u64],
+        req: pb::SettleRequest,
+        deadline: Duration,
+    ) -> Result<pb::SettleResponse, Status> {
+        self.ask_first(group, leader);
+        let (answer, id) = self
+            .ask_replicas(
+                group,
+                replicas,
+                deadline,
+                Retry::OnlyIfNotTaken,
+                |mut client, request| {
+                    let req = req.clone();
+                    async move { client.settle(request.map(|()| req)).await }
+                },
+            )
+            .await?;
+        self.leaders()
+            .insert(group.to_string(), (id, self.peers.addr(id, "")));
+        Ok(answer)
+    }
+
+    /// [`Forwarder::ask_replicas`] asks `leader` first next time (the leader this node, a
+    /// member of the group, knows), or, when none is known, the replicas in turn.
+    fn ask_first(&self, group: &str, leader: Option<u64>) {
+        let mut leaders = self.leaders();
+        match leader {
+            Some(id) => leaders.insert(group.to_string(), (id, self.peers.addr(id, ""))),
+            None => leaders.remove(group),
+        };
     }
 
     /// Calls `call` on a node of `replicas` (the leader last seen of `group`, else each in
@@ -594,11 +710,18 @@ impl Forwarder {
     /// most `deadline` in all. A node that cannot answer (down, cut off, the group not started
     /// there) is passed over; an answer that says what is wrong with the request
     /// (`OUT_OF_RANGE`, ...) is returned as it is. The answer, and who gave it.
+    ///
+    /// A call that must not be made twice (an ack: made again elsewhere after it took effect,
+    /// it is answered as not in flight, which the member takes for not acknowledged) goes with
+    /// [`Retry::OnlyIfNotTaken`]: the next node is asked only when the one before surely did
+    /// nothing with it, and a call whose outcome is unknown (cut, timed out) is answered
+    /// `UNAVAILABLE` saying so.
     async fn ask_replicas<T, F, Fut>(
         &self,
         group: &str,
         replicas: &[u64],
         deadline: Duration,
+        retry: Retry,
         call: F,
     ) -> Result<(T, u64), Status>
     where
@@ -626,11 +749,24 @@ impl Forwarder {
                 .map_err(|e| e.to_status())?;
             let mut request = tonic::Request::new(());
             request.set_timeout(left);
-            match tokio::time::timeout(left, call(client, request)).await {
-                Ok(Ok(r)) => return Ok((r.into_inner(), id)),
-                Ok(Err(s)) if another_node_may_answer(&s) => last = s,
-                Ok(Err(s)) => return Err(s),
-                Err(_) => {}
+            let unknown = |why: &str| {
+                Status::unavailable(format!(
+                    "node {id}, leading {group:?}, {why}: whether it took the call is unknown"
+                ))
+            };
+            match (
+                tokio::time::timeout(left, call(client, request)).await,
+                retry,
+            ) {
+                (Ok(Ok(r)), _) => return Ok((r.into_inner(), id)),
+                (Ok(Err(s)), Retry::WhileUnanswered) if another_node_may_answer(&s) => last = s,
+                (Ok(Err(s)), Retry::OnlyIfNotTaken) if not_taken(&s) => last = s,
+                (Ok(Err(s)), Retry::OnlyIfNotTaken) if another_node_may_answer(&s) => {
+                    return Err(unknown(&format!("failed ({})", s.message())));
+                }
+                (Ok(Err(s)), _) => return Err(s),
+                (Err(_), Retry::WhileUnanswered) => {}
+                (Err(_), Retry::OnlyIfNotTaken) => return Err(unknown("did not answer in time")),
             }
         }
         Err(last)
@@ -774,6 +910,23 @@ enum Forwarded {
 /// node holding the group may give one: the peer is down or does not run the group, was too
 /// slow, or the connection failed under the call (a stopping peer's GOAWAY: `INTERNAL` with a
 /// transport cause; a status the peer answered itself has no cause).
+/// How [`Forwarder::ask`] goes on after a node failed to answer.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Asks the next node whenever another may answer (the call may be made twice).
+    WhileUnanswered,
+    /// Asks the next node only when this one did not take the call.
+    OnlyIfNotTaken,
+}
+
+/// Whether a failed call surely did nothing: the connection was refused, the node said it
+/// does not lead the group and did nothing, or it does not hold the group.
+fn not_taken(status: &Status) -> bool {
+    connection_refused(status)
+        || status.metadata().contains_key(NOT_PROPOSED_METADATA)
+        || status.code() == Code::NotFound
+}
+
 fn another_node_may_answer(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable | Code::NotFound | Code::DeadlineExceeded | Code::Unknown => true,

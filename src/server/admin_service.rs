@@ -10,7 +10,7 @@ use crate::broker::Broker;
 use crate::broker::META_GROUP;
 use crate::broker::audit::{AuditEvent, Decision};
 use crate::proto::v1 as pb;
-use crate::replication::catalog::parse_group_name;
+use crate::replication::catalog::{parse_consumer_group_name, parse_group_name};
 use crate::replication::status::ClusterView;
 
 use super::access::{Access, caller};
@@ -96,9 +96,31 @@ fn cluster_status_to_pb(
 ) -> pb::ClusterStatusResponse {
     let mut metadata_leader = None;
     let mut partitions = Vec::new();
+    let mut consumer_groups = Vec::new();
     for (name, g) in view.groups {
         if name == META_GROUP {
             metadata_leader = g.leader;
+            continue;
+        }
+        let replicas = g
+            .replicas
+            .into_iter()
+            .map(|(node_id, behind)| pb::ReplicaStatus {
+                node_id,
+                leader: g.leader == Some(node_id),
+                behind,
+            })
+            .collect();
+        if let Some((topic, group)) = parse_consumer_group_name(&name) {
+            if may_describe(topic) {
+                consumer_groups.push(pb::ReplicatedConsumerGroup {
+                    group: group.to_string(),
+                    topic: topic.to_string(),
+                    leader: g.leader,
+                    term: g.term,
+                    replicas,
+                });
+            }
             continue;
         }
         let Some((topic, partition)) = parse_group_name(&name) else {
@@ -112,15 +134,7 @@ fn cluster_status_to_pb(
             partition,
             leader: g.leader,
             term: g.term,
-            replicas: g
-                .replicas
-                .into_iter()
-                .map(|(node_id, behind)| pb::ReplicaStatus {
-                    node_id,
-                    leader: g.leader == Some(node_id),
-                    behind,
-                })
-                .collect(),
+            replicas,
         });
     }
     pb::ClusterStatusResponse {
@@ -137,6 +151,7 @@ fn cluster_status_to_pb(
             .collect(),
         metadata_leader,
         partitions,
+        consumer_groups,
     }
 }
 

@@ -13,6 +13,7 @@
 //! | [`admin_service`]    | `sluice.v1.Admin`: topics, groups, Compact, with audit records  |
 //! | [`seed`]             | the seed design's `broker.Broker` API                           |
 //! | [`subscription`]     | opening a subscription for both APIs; the v1 response stream    |
+//! | [`relay`]            | cluster port: members and acks relayed to groups led here       |
 //! | [`convert`]          | API messages to and from the broker's types                     |
 //! | [`conn`]             | connections: accept, limits, eviction, per-connection HTTP/2    |
 //! | [`front`]            | TLS and admission of each call                                  |
@@ -31,6 +32,7 @@ mod ending;
 mod error;
 mod front;
 mod http;
+mod relay;
 mod seed;
 pub mod status;
 mod subscription;
@@ -104,6 +106,7 @@ pub async fn start_with_io(
     // Until the broker serves, an early return stops the HTTP port too.
     let http_guard = http_stop.drop_guard();
     let broker = Broker::open_with_io(config.clone(), io).await?;
+    broker.serve_groups(Arc::new(relay::LedGroups::new(&broker)));
     let cluster = broker.cluster_port();
     let front = Arc::new(front::Front::new(&config, Arc::clone(&broker))?);
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::broker::groups::{MemberGuard, Membership};
+use crate::broker::groups::{GroupMember, Membership};
 use crate::broker::{Broker, DeliveryBatch, Start};
 use crate::proto::seed as pb;
 
@@ -129,7 +129,7 @@ struct SeedResponses {
     topic: String,
     queue: VecDeque<(pb::SubscribeResponse, (u32, u64))>,
     handed: Vec<(u32, u64)>,
-    member: Option<MemberGuard>,
+    member: Option<GroupMember>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -139,7 +139,7 @@ impl SeedResponses {
             return;
         }
         if let Some(m) = &self.member
-            && let Err(e) = m.group().ack_quietly(&self.handed)
+            && let Err(e) = m.ack_quietly(&self.handed)
         {
             tracing::warn!(error = %e, "seed subscription could not acknowledge");
         }
@@ -177,7 +177,7 @@ impl Stream for SeedResponses {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(batch))) => {
                     if let Some(m) = &self.member {
-                        m.group().poke();
+                        m.poke();
                     }
                     let deliveries = match batch.into_deliveries() {
                         Ok(d) => d,

@@ -22,6 +22,9 @@ pub fn to_status(e: Error) -> Status {
         }
         return s;
     }
+    if let Error::Relayed(s) = e {
+        return s;
+    }
     let code = match &e {
         Error::Storage(s) => storage_code(s),
         Error::InvalidArgument(_) | Error::MessageTooLarge { .. } => Code::InvalidArgument,
@@ -34,6 +37,7 @@ pub fn to_status(e: Error) -> Status {
         Error::ShuttingDown | Error::Unavailable(_) | Error::NoLeader { .. } => Code::Unavailable,
         Error::Damaged(_) => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
+        Error::Relayed(s) => s.code(),
     };
     if code == Code::Internal || code == Code::DataLoss {
         tracing::error!(error = %e, "request failed");

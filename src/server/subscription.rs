@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Response, Status};
 
-use crate::broker::groups::{MemberGuard, Membership};
+use crate::broker::groups::{GroupMember, Membership};
 use crate::broker::{Broker, DeliveryBatch, Start};
 use crate::proto::v1 as pb;
 
@@ -37,7 +37,7 @@ pub struct Subscription<'a> {
 pub async fn open(
     broker: &Broker,
     s: Subscription<'_>,
-) -> Result<(mpsc::Receiver<DeliveryBatch>, Option<MemberGuard>), Status> {
+) -> Result<(mpsc::Receiver<DeliveryBatch>, Option<GroupMember>), Status> {
     if s.group.is_empty() {
         let rx = broker
             .subscribe(s.topic, s.partitions, s.start)
@@ -73,7 +73,7 @@ pub struct Responses {
     max_bytes: usize,
     ready: VecDeque<Result<pb::SubscribeResponse, Status>>,
     /// Group membership: leaves the group when the stream is dropped.
-    member: Option<MemberGuard>,
+    member: Option<GroupMember>,
     /// A plain subscription's deliveries left before it ends (its `limit`).
     left: Option<u64>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -94,7 +94,7 @@ impl Responses {
         broker: &Broker,
         rx: mpsc::Receiver<DeliveryBatch>,
         topic: &str,
-        member: Option<MemberGuard>,
+        member: Option<GroupMember>,
         limit: Option<u64>,
     ) -> Responses {
         Responses {
@@ -174,7 +174,7 @@ impl Stream for Responses {
             match self.rx.poll_recv(cx) {
                 std::task::Poll::Ready(Some(batch)) => {
                     if let Some(m) = &self.member {
-                        m.group().poke();
+                        m.poke();
                     }
                     self.split(batch);
                 }

@@ -112,7 +112,7 @@ impl BrokerProcess {
 
     /// [`BrokerProcess::spawn`] with settings in `SLUICE_*` variables.
     pub fn spawn_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut child = Command::new(bin())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
@@ -212,8 +212,12 @@ pub async fn take(
     out
 }
 
+/// The broker binary the tests run: this build's, or `BROKER_UNDER_TEST` (a copy kept aside,
+/// so that a long run of a test can go on while the tree is rebuilt).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
+    std::env::var_os("BROKER_UNDER_TEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")))
 }
 
 /// Runs `sluice args…` with `stdin` (text or bytes) as its standard input (and none of the

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::storage::{Header, StoredRecord};
+use crate::storage::{self, Header, StoredRecord};
 
 use crate::broker::error::{Error, Result};
 use crate::broker::message::NewMessage;
@@ -90,15 +90,18 @@ impl GroupTopic {
             return Ok(());
         }
         let dlq = dlq_topic(&self.topic.name);
-        for (p, mut d) in todo {
-            let result = self.dead_letter_one(&dlq, p, &mut d).await;
-            if let Err(e) = result {
-                // Left marked as started=false, so the next round tries again.
-                if let Some((_, started)) = lock(&self.state).parts[p as usize]
-                    .dead_lettering
-                    .get_mut(&d.offset)
-                {
-                    *started = false;
+        for (i, (p, d)) in todo.iter().enumerate() {
+            let mut d = *d;
+            if let Err(e) = self.dead_letter_one(&dlq, *p, &mut d).await {
+                // This one and every one not tried yet are marked not started, so that the
+                // next round tries them again.
+                let mut st = lock(&self.state);
+                for (p, d) in &todo[i..] {
+                    if let Some((_, started)) =
+                        st.parts[*p as usize].dead_lettering.get_mut(&d.offset)
+                    {
+                        *started = false;
+                    }
                 }
                 return Err(e);
             }
@@ -114,9 +117,17 @@ impl GroupTopic {
     ) -> Result<()> {
         let dlq_topic: Arc<Topic> = self.dead_letters.topic(dlq).await?;
         let dlq_partition = &dlq_topic.partitions[0];
+        // On a cluster the node that finishes a dead letter may not be the one that started
+        // it, nor hold the DLQ's partition: the copy carries an id unique to this
+        // dead-lettering (the mark is then a random number, recorded with the intent), and the
+        // DLQ's id index stores it once however often it is sent.
+        let by_id = self.log.is_replicated();
         if d.dlq_mark == u64::MAX {
-            // First try: record the intent with the DLQ's current end.
-            d.dlq_mark = dlq_partition.log.high_water();
+            // First try: record the intent with the DLQ's current end (or the random mark).
+            d.dlq_mark = match by_id {
+                true => unique_mark(),
+                false => dlq_partition.log.high_water(),
+            };
             let done = {
                 let mut st = lock(&self.state);
                 if let Some((stored, _)) = st.parts[p as usize].dead_lettering.get_mut(&d.offset) {
@@ -127,14 +138,33 @@ impl GroupTopic {
                     dead_letter: *d,
                 }])
             };
-            wait(done).await?;
-        } else if self.find_in_dlq(dlq_partition, p, d).await? {
+            if let Err(e) = wait(done).await {
+                // Not recorded (or not known to be): the next try records an intent again
+                // before any copy goes out. A copy sent under an intent that a new leader never
+                // learnt would be sent again by it under its own mark: twice in the DLQ.
+                let mut st = lock(&self.state);
+                if let Some((stored, _)) = st.parts[p as usize].dead_lettering.get_mut(&d.offset) {
+                    stored.dlq_mark = u64::MAX;
+                }
+                return Err(e);
+            }
+        } else if !by_id && self.find_in_dlq(dlq_partition, p, d).await? {
             // A crash came between the DLQ append and the final event.
             return self.finish_dead_letter(p, d.offset).await;
         }
-        let record = self.topic.partitions[p as usize]
-            .read_record(d.offset)
-            .await?;
+        let partition = &self.topic.partitions[p as usize];
+        let record = match partition.read_record(d.offset).await {
+            Ok(record) => record,
+            // Removed by retention (or lost with an unsynced tail on one node): the dead letter
+            // carries the headers only. On a cluster a record past this replica's end is not
+            // applied here yet: the error has the dead-lettering tried again shortly.
+            Err(Error::Storage(storage::Error::OffsetOutOfRange { .. }))
+                if !(by_id && d.offset >= partition.log.log_start()) =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let mut headers = record
             .as_ref()
             .map(|r| r.headers.clone())
@@ -159,7 +189,8 @@ impl GroupTopic {
             partition: Some(0),
             // The original's id stays with the original: a dead letter is a copy, and its
             // topic's id window must not refuse the same message dead-lettered again.
-            id: None,
+            id: by_id
+                .then(|| Bytes::from(format!("sluice.dlq:{:016x}:{p}:{}", d.dlq_mark, d.offset))),
         };
         self.dead_letters.append(&dlq_topic, message).await?;
         tracing::info!(group = %self.group, topic = %self.topic.name, partition = p, offset = d.offset,
@@ -220,4 +251,16 @@ impl GroupTopic {
         .await
         .map_err(|e| Error::Internal(format!("DLQ scan task: {e}")))?
     }
+}
+
+/// A random mark for a dead letter on a cluster (never `u64::MAX`, which means none yet).
+fn unique_mark() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish().min(u64::MAX - 1)
 }

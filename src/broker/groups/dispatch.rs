@@ -21,24 +21,34 @@ const SNAPSHOT_EVERY_BYTES: u64 = 1 << 20;
 const READ_AHEAD_BYTES: usize = 256 << 10;
 /// Deliveries handed to one member per round, so that members take turns.
 const ROUND_QUOTA: usize = 512;
+/// How soon a round that failed (dead-lettering, reading) is tried again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl GroupTopic {
     pub(super) async fn run(self: Arc<Self>) {
         // Dead letters left half-done by a crash are finished first.
         loop {
             let next = self.expire();
+            let mut failed = false;
             if let Err(e) = self.dead_letter().await {
                 tracing::error!(group = %self.group, topic = %self.topic.name, error = %e, "dead-lettering failed; will retry");
+                failed = true;
             }
             if let Err(e) = self.dispatch().await {
                 tracing::error!(group = %self.group, topic = %self.topic.name, error = %e, "dispatch failed; will retry");
+                failed = true;
             }
             if let Err(e) = self.maybe_snapshot().await {
                 tracing::warn!(group = %self.group, error = %e, "group snapshot failed");
             }
-            let sleep = next.map_or(Duration::from_secs(3600), |d| {
+            let mut sleep = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            // A failure (the DLQ's partition without a leader for a moment) is tried again
+            // even if nothing else wakes the group.
+            if failed {
+                sleep = sleep.min(RETRY_AFTER_FAILURE);
+            }
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
@@ -51,8 +61,16 @@ impl GroupTopic {
             .values()
             .map(|m| m.tx.clone())
             .collect();
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for tx in members {
-            let _ = tx.try_send(Err(Error::ShuttingDown));
+            let why = match &ended {
+                Some(why) => Error::Unavailable(why.clone()),
+                None => Error::ShuttingDown,
+            };
+            // After what its buffer holds: the member's stream ends with it (or goes first).
+            self.tasks.spawn(async move {
+                let _ = tx.send(Err(why)).await;
+            });
         }
     }
 
@@ -114,6 +132,7 @@ impl GroupTopic {
             return Ok(());
         }
         let topic = Arc::clone(&self.topic);
+        let replicated = self.log.is_replicated();
         let (fetched, damaged) = tokio::task::spawn_blocking(move || {
             let mut fetched = Vec::new();
             let mut damaged = Vec::new();
@@ -121,7 +140,12 @@ impl GroupTopic {
                 let log = &topic.partitions[p as usize].log;
                 match read_record(log, offset) {
                     Ok(r) => fetched.push((p, offset, r)),
-                    // Retention removed it: nothing left to redeliver.
+                    // Not readable here yet: on a cluster, this node's replica has not applied
+                    // it yet (as after a restart); fetched again once it has.
+                    Err(Error::Storage(storage::Error::OffsetOutOfRange { .. }))
+                        if replicated && offset >= log.log_start() => {}
+                    // Retention removed it (or, on one node, a crash took an unsynced tail under
+                    // `fsync = never`): nothing left to redeliver.
                     Err(Error::Storage(storage::Error::OffsetOutOfRange { .. })) => {
                         fetched.push((p, offset, None));
                     }
@@ -229,6 +253,9 @@ impl GroupTopic {
     /// One round: every member with room takes up to its quota. True if anything was sent.
     pub(super) fn assign(&self) -> bool {
         let now = Instant::now();
+        let counted = self.log.counts_at_assignment();
+        // On a cluster, each member's share goes out once its `Delivered` event is committed.
+        let mut outgoing = Vec::new();
         let mut st = lock(&self.state);
         let exclusive = st.members.values().any(|m| m.exclusive);
         let ids: Vec<u64> = {
@@ -249,6 +276,14 @@ impl GroupTopic {
             if room == 0 {
                 continue;
             }
+            // The member's buffer keeps a place for what waits to be committed.
+            let permit = match counted {
+                true => match tx.clone().try_reserve_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => continue,
+                },
+                false => None,
+            };
             let deadline = now + self.settings.ack_timeout;
             let mut out = Vec::new();
             let State {
@@ -298,12 +333,17 @@ impl GroupTopic {
                             member: id,
                             deadline,
                             attempt: *attempt,
-                            handed: false,
+                            handed: counted,
                         },
                     );
                     timeouts.insert((deadline, p as u32, *offset));
-                    // The log records the attempts handed so far; this one counts once handed.
-                    *attempt -= 1;
+                    if counted {
+                        part.redeliveries += u64::from(*attempt > 1);
+                    } else {
+                        // The log records the attempts handed so far; this one counts once
+                        // handed.
+                        *attempt -= 1;
+                    }
                 }
                 if !delivered.is_empty() {
                     delivered.sort_unstable();
@@ -332,13 +372,43 @@ impl GroupTopic {
                     attempt,
                 })
                 .collect();
-            // Room in the channel was checked under the lock; only a departed member fails here,
-            // and its guard gives its deliveries back.
-            let _ = tx.try_send(Ok(Deliveries::Records(deliveries)));
+            match permit {
+                Some(permit) => outgoing.push((permit, deliveries)),
+                // Room in the channel was checked under the lock; only a departed member fails
+                // here, and its guard gives its deliveries back.
+                None => drop(tx.try_send(Ok(Deliveries::Records(deliveries)))),
+            }
             st.turn = id + 1;
             any = true;
         }
-        if !events.is_empty() {
+        if events.is_empty() {
+            return any;
+        }
+        if counted {
+            // Not committed: nothing goes out (and the group stops here).
+            self.append_then(
+                &events,
+                Box::new(move |committed| {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let sent: Vec<(u32, u64, u32)> = outgoing
+                            .iter()
+                            .flat_map(|(_, ds)| ds.iter())
+                            .map(|d| (d.partition, d.record.offset, d.attempt))
+                            .collect();
+                        tracing::debug!(
+                            ?sent,
+                            committed = committed.is_ok(),
+                            "deliveries assigned"
+                        );
+                    }
+                    if committed.is_ok() {
+                        for (permit, deliveries) in outgoing {
+                            permit.send(Ok(Deliveries::Records(deliveries)));
+                        }
+                    }
+                }),
+            );
+        } else {
             // Not awaited nor synced on their own: delivery records only keep attempt counts,
             // and the next ack's sync covers them.
             drop(self.append_with(&events, false));
@@ -366,13 +436,10 @@ impl GroupTopic {
             self.since_snapshot.store(0, Ordering::Relaxed);
             done
         };
-        let appended = done
+        let log_offset = done
             .await
             .map_err(|_| Error::Internal("group log writer went away".into()))??;
-        let log_offset = appended.base_offset;
         // Everything before the snapshot is no longer needed.
-        let log = &self.log;
-        log.delete_segments_below(log_offset)?;
-        Ok(())
+        self.log.drop_below(log_offset)
     }
 }

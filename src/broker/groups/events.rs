@@ -82,6 +82,8 @@ pub struct DeadLetter {
     pub offset: u64,
     pub attempts: u32,
     /// The DLQ's high-water mark before the append: recovery looks for the record from here.
+    /// On a cluster, a random number naming this dead-lettering: part of the copy's id, which
+    /// the DLQ stores once however often the copy is sent.
     pub dlq_mark: u64,
     pub reason: Reason,
 }

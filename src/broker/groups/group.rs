@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,8 +13,9 @@ use tokio_util::task::TaskTracker;
 use crate::broker::error::{Error, Result};
 use crate::broker::send::DeadLetterAppender;
 use crate::broker::topic::Topic;
-use crate::storage::{self, AppendMode, EncodedBatch, FsyncPolicy, Partition, Record};
+use crate::storage::FsyncPolicy;
 
+use super::event_log::{EventLog, Then};
 use super::events::Event;
 use super::state::{State, lock};
 
@@ -91,7 +91,7 @@ pub struct GroupTopicDescription {
 pub struct GroupTopic {
     pub group: String,
     pub topic: Arc<Topic>,
-    pub(super) log: Partition,
+    pub(super) log: EventLog,
     pub(super) state: Mutex<State>,
     pub(super) wake: Notify,
     pub(super) settings: GroupSettings,
@@ -100,6 +100,9 @@ pub struct GroupTopic {
     /// Runs the dispatcher, the partition watchers and read-aheads.
     pub(super) tasks: TaskTracker,
     pub(crate) stop: CancellationToken,
+    /// Why the group stopped here, when not for the broker's shutdown: its members hear it
+    /// (`UNAVAILABLE`: worth subscribing again).
+    pub(super) ended: Arc<Mutex<Option<String>>>,
     /// Bytes of events since the last snapshot.
     pub(super) since_snapshot: std::sync::atomic::AtomicU64,
 }
@@ -120,7 +123,8 @@ pub fn parse_ack_id(id: &str) -> Result<(u32, u64)> {
     Ok((p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?))
 }
 
-pub(super) fn ack_id(partition: u32, offset: u64) -> String {
+/// The ack handle of a delivery, `<partition>:<offset>`.
+pub fn ack_id(partition: u32, offset: u64) -> String {
     format!("{partition}:{offset}")
 }
 
@@ -150,45 +154,72 @@ impl GroupTopic {
     }
 
     /// Appends events to the group log, in the order of calls; the receiver says when they are
-    /// durable.
-    pub(super) fn append(
-        &self,
-        events: &[Event],
-    ) -> oneshot::Receiver<storage::Result<storage::Appended>> {
+    /// durable (on a cluster: committed).
+    pub(super) fn append(&self, events: &[Event]) -> oneshot::Receiver<Result<u64>> {
         self.append_with(events, true)
     }
 
     /// [`GroupTopic::append`]; when not `durable`, the events are synced by the next durable
-    /// append instead of one of their own (delivery records: they only keep attempt counts).
+    /// append instead of one of their own (delivery records on one node: they only keep
+    /// attempt counts).
     pub(super) fn append_with(
         &self,
         events: &[Event],
         durable: bool,
-    ) -> oneshot::Receiver<storage::Result<storage::Appended>> {
-        let records: Vec<Record> = events
-            .iter()
-            .map(|e| Record {
-                value: Some(Bytes::from(e.encode())),
-                ..Record::default()
-            })
-            .collect();
-        let batch = EncodedBatch::new(&records);
+    ) -> oneshot::Receiver<Result<u64>> {
         let (tx, rx) = oneshot::channel();
-        self.since_snapshot
-            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let done: storage::Completion = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
-        // Never waits on a tokio worker: the group's events are bounded by its in-flight limits.
-        self.log.append(
-            batch,
-            AppendMode {
-                durable,
-                wait_for_room: false,
-            },
-            done,
+        self.append_inner(
+            events,
+            durable,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
         );
         rx
+    }
+
+    /// [`GroupTopic::append`], then `then` (see [`EventLog::append`]).
+    pub(super) fn append_then(&self, events: &[Event], then: Then) {
+        self.append_inner(events, true, then);
+    }
+
+    fn append_inner(&self, events: &[Event], durable: bool, then: Then) {
+        let then: Then = match self.log.counts_at_assignment() {
+            // On a cluster, an event not committed leaves this node's state ahead of the log:
+            // the group stops here, and whoever leads it next replays the log.
+            true => {
+                let ending = self.ending();
+                Box::new(move |r| {
+                    if let Err(e) = &r {
+                        ending(format!("its event log took no more events here: {e}"));
+                    }
+                    then(r);
+                })
+            }
+            false => then,
+        };
+        let bytes = self.log.append(events, durable, then);
+        self.since_snapshot
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops the group here for `why` (its members hear it): another node leads it now.
+    pub(crate) fn end(&self, why: String) {
+        self.ending()(why);
+    }
+
+    fn ending(&self) -> impl Fn(String) + Send + 'static {
+        let (ended, stop) = (Arc::clone(&self.ended), self.stop.clone());
+        let (group, topic) = (self.group.clone(), Arc::clone(&self.topic.name));
+        move |why| {
+            let mut ended = ended.lock().unwrap_or_else(|p| p.into_inner());
+            if ended.is_none() && !stop.is_cancelled() {
+                tracing::info!(%group, %topic, reason = %why, "consumer group stops here");
+                *ended = Some(why);
+            }
+            drop(ended);
+            stop.cancel();
+        }
     }
 
     pub(super) fn check_partitions(&self, partitions: impl IntoIterator<Item = u32>) -> Result<()> {
@@ -307,9 +338,7 @@ impl GroupTopic {
 }
 
 /// Waits until an append to the group log is durable.
-pub(super) async fn wait(
-    done: oneshot::Receiver<storage::Result<storage::Appended>>,
-) -> Result<()> {
+pub(super) async fn wait(done: oneshot::Receiver<Result<u64>>) -> Result<()> {
     done.await
         .map_err(|_| Error::Internal("group log writer went away".into()))??;
     Ok(())

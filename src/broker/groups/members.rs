@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::{self};
-
 use crate::broker::error::{Error, Result};
 use crate::broker::message::DeliveryBatch;
 
@@ -48,6 +46,69 @@ impl MemberGuard {
     /// (see [`GroupTopic::hand_over`]).
     pub fn hand_over<T>(&self, deliveries: &mut Vec<T>, id: impl Fn(&T) -> (u32, u64)) {
         self.group.hand_over(self.member, deliveries, id);
+    }
+}
+
+/// A consumer group's member as its subscription holds it: joined here, or (on a cluster)
+/// relayed to the node that leads the group. Leaves the group when dropped.
+pub enum GroupMember {
+    Here(MemberGuard),
+    Relayed(Relayed),
+}
+
+/// Sends acks of deliveries (partition, offset) on, not waiting for the answer.
+pub type AckSink = Box<dyn Fn(Vec<(u32, u64)>) + Send + Sync>;
+
+/// A member relayed to the node that leads its group: that node counts its attempts (before
+/// they are sent); its acks go there.
+pub struct Relayed {
+    /// Acknowledges deliveries at the group's leader, not waiting for the answer.
+    pub ack: AckSink,
+    /// Ends the relayed stream (and so the membership there) when dropped.
+    pub ends: tokio_util::sync::DropGuard,
+}
+
+impl std::fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for GroupMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupMember::Here(guard) => guard.fmt(f),
+            GroupMember::Relayed(_) => f.write_str("GroupMember::Relayed"),
+        }
+    }
+}
+
+impl GroupMember {
+    /// Keeps the deliveries this member may hand to its transport (see
+    /// [`MemberGuard::hand_over`]); a relayed member's were counted by the group's leader.
+    pub fn hand_over<T>(&self, deliveries: &mut Vec<T>, id: impl Fn(&T) -> (u32, u64)) {
+        if let GroupMember::Here(guard) = self {
+            guard.hand_over(deliveries, id);
+        }
+    }
+
+    /// The member took deliveries from its channel: there may be room for more.
+    pub fn poke(&self) {
+        if let GroupMember::Here(guard) = self {
+            guard.group().poke();
+        }
+    }
+
+    /// Acknowledges deliveries, not waiting until that is durable (the seed API's
+    /// acknowledgement of what it handed over).
+    pub fn ack_quietly(&self, ids: &[(u32, u64)]) -> Result<()> {
+        match self {
+            GroupMember::Here(guard) => guard.group().ack_quietly(ids).map(drop),
+            GroupMember::Relayed(relayed) => {
+                (relayed.ack)(ids.to_vec());
+                Ok(())
+            }
+        }
     }
 }
 
@@ -171,10 +232,7 @@ impl GroupTopic {
     pub fn ack_quietly(
         &self,
         ids: &[(u32, u64)],
-    ) -> Result<(
-        Vec<bool>,
-        Option<oneshot::Receiver<storage::Result<storage::Appended>>>,
-    )> {
+    ) -> Result<(Vec<bool>, Option<oneshot::Receiver<Result<u64>>>)> {
         self.check_partitions(ids.iter().map(|&(p, _)| p))?;
         let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         let mut applied = Vec::with_capacity(ids.len());
@@ -189,6 +247,9 @@ impl GroupTopic {
                 by_partition.entry(p).or_default().push(offset);
             }
             applied.push(acked);
+        }
+        if applied.iter().any(|a| !a) {
+            tracing::debug!(group = %self.group, topic = %self.topic.name, ?ids, ?applied, "acks of deliveries not in flight");
         }
         if by_partition.is_empty() {
             return Ok((applied, None));
@@ -246,6 +307,7 @@ impl GroupTopic {
         id: impl Fn(&T) -> (u32, u64),
     ) {
         let mut handed: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        let counted = self.log.counts_at_assignment();
         let mut st = lock(&self.state);
         deliveries.retain(|d| {
             let (p, offset) = id(d);
@@ -253,6 +315,8 @@ impl GroupTopic {
                 return false;
             };
             match part.in_flight.get_mut(&offset) {
+                // Counted when assigned (on a cluster): it goes out if still this member's.
+                Some(f) if counted => f.member == member,
                 Some(f) if f.member == member && !f.handed => {
                     f.handed = true;
                     if f.attempt > 1 {

@@ -24,9 +24,11 @@
 //! | [`dead_letter`]  | ack-deadline expiry and copying to `<topic>.dlq`, crash-safe         |
 //! | [`replay`]       | opening a group: replaying its log, waiting for and reading records  |
 //! | [`events`]       | the event log's record format                                        |
+//! | [`event_log`]    | where events go: a local log, or through the group's Raft group      |
 
 mod dead_letter;
 mod dispatch;
+pub mod event_log;
 pub mod events;
 mod group;
 mod members;
@@ -39,7 +41,8 @@ pub use self::dead_letter::{
 };
 pub use self::group::{
     GroupPartitionDescription, GroupSettings, GroupTopic, GroupTopicDescription, MemberDescription,
-    parse_ack_id,
+    ack_id, parse_ack_id,
 };
-pub use self::members::{MAX_NACK_DELAY, MemberGuard, Membership};
+pub use self::members::{GroupMember, MAX_NACK_DELAY, MemberGuard, Membership, Relayed};
 pub use self::registry::Groups;
+pub use self::replay::Opening;

@@ -19,6 +19,7 @@ use crate::storage::{self, validate_group_name};
 
 use super::group::{GroupSettings, GroupTopic, GroupTopicDescription, Provided, parse_ack_id};
 use super::members::{MemberGuard, Membership};
+use super::replay::Opening;
 
 /// A consumer group's slot: empty while it is being opened.
 type GroupCell = Arc<tokio::sync::OnceCell<Arc<GroupTopic>>>;
@@ -34,6 +35,10 @@ pub struct Groups {
     dead_letters: DeadLetterAppender,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Cluster mode: the map holds only the groups this node leads, installed and removed by
+    /// the cluster layer as leadership comes and goes; nothing is opened here on demand (the
+    /// event logs are Raft logs, written through their groups).
+    led_only: bool,
 }
 
 impl Groups {
@@ -51,7 +56,49 @@ impl Groups {
             dead_letters,
             tasks,
             shutdown,
+            led_only: false,
         }
+    }
+
+    /// Cluster mode: groups are led, not opened, here (see [`Groups::install`]).
+    pub fn led_only(mut self) -> Groups {
+        self.led_only = true;
+        self
+    }
+
+    /// What every group opened here gets.
+    pub fn provided(&self) -> Provided {
+        Provided {
+            settings: self.settings.clone(),
+            dead_letters: self.dead_letters.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
+    /// Cluster mode: `g` is led here from now on (its members join it here).
+    pub fn install(&self, g: &Arc<GroupTopic>) {
+        let key = (g.group.clone(), g.topic.name.to_string());
+        let cell = tokio::sync::OnceCell::new_with(Some(Arc::clone(g)));
+        self.map().insert(key, Arc::new(cell));
+    }
+
+    /// Cluster mode: `g` is no longer led here.
+    pub fn uninstall(&self, g: &Arc<GroupTopic>) {
+        let key = (g.group.clone(), g.topic.name.to_string());
+        let mut map = self.map();
+        if map
+            .get(&key)
+            .and_then(|cell| cell.get())
+            .is_some_and(|led| Arc::ptr_eq(led, g))
+        {
+            map.remove(&key);
+        }
+    }
+
+    /// Cluster mode: the group led here, if it is.
+    pub fn led(&self, group: &str, topic: &str) -> Option<Arc<GroupTopic>> {
+        let key = (group.to_string(), topic.to_string());
+        self.map().get(&key).and_then(|cell| cell.get().cloned())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), GroupCell>> {
@@ -101,6 +148,14 @@ impl Groups {
     pub async fn group(&self, group: &str, topic: &str, start: Start) -> Result<Arc<GroupTopic>> {
         validate_group_name(group)?;
         let topic = self.topics.existing(topic)?;
+        if self.led_only {
+            return self.led(group, &topic.name).ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "consumer group {group:?} on {:?} is not led by this node",
+                    &*topic.name
+                ))
+            });
+        }
         let key = (group.to_string(), topic.name.to_string());
         let cell = Arc::clone(self.map().entry(key).or_default());
         let g = cell
@@ -116,11 +171,14 @@ impl Groups {
                         starts.push(handle.start_offset(start).await?);
                     }
                 }
+                let opening = Opening::Local {
+                    dir,
+                    io: Arc::clone(self.topics.data().io()),
+                };
                 let g = GroupTopic::open(
                     group,
                     Arc::clone(&topic),
-                    dir,
-                    Arc::clone(self.topics.data().io()),
+                    opening,
                     Provided {
                         settings: self.settings.clone(),
                         dead_letters: self.dead_letters.clone(),
@@ -155,7 +213,8 @@ impl Groups {
         self.group(group, topic, start).await?.join(membership)
     }
 
-    fn parse_ids(ids: &[String]) -> Result<Vec<(u32, u64)>> {
+    /// The (partition, offset) of each ack id; none is an error.
+    pub fn parse_ids(ids: &[String]) -> Result<Vec<(u32, u64)>> {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no ack ids given".into()));
         }
@@ -212,6 +271,13 @@ impl Groups {
     /// was not yet: what `/metrics` reports on. A group that cannot be opened is left out and
     /// logged.
     pub async fn all_groups(&self) -> Vec<Arc<GroupTopic>> {
+        if self.led_only {
+            let map = self.map();
+            return map
+                .values()
+                .filter_map(|cell| cell.get().cloned())
+                .collect();
+        }
         let listed = match self.list_groups() {
             Ok(l) => l,
             Err(e) => {

@@ -13,9 +13,22 @@ use crate::storage::{self, FileIo, LogConfig, Partition};
 use crate::broker::error::{Error, Result};
 use crate::broker::topic::Topic;
 
+use super::event_log::{EventLog, ReplicatedEvents};
 use super::events::{Event, PartitionSnapshot, Reason};
 use super::group::{GroupTopic, Provided, wait};
 use super::state::*;
+
+/// Where a group's event log is (see [`EventLog`]).
+#[derive(Debug)]
+pub enum Opening {
+    /// A partition log of its own, in `dir`.
+    Local { dir: PathBuf, io: Arc<dyn FileIo> },
+    /// The Raft log of the group's own Raft group, run by the cluster layer.
+    Replicated {
+        log: Arc<Partition>,
+        events: Arc<dyn ReplicatedEvents>,
+    },
+}
 
 impl GroupTopic {
     /// Opens (creating if needed) the state of `group` on `topic` and starts its dispatcher.
@@ -23,8 +36,7 @@ impl GroupTopic {
     pub(crate) async fn open(
         group: &str,
         topic: Arc<Topic>,
-        dir: PathBuf,
-        io: Arc<dyn FileIo>,
+        opening: Opening,
         provided: Provided,
         start: impl Fn(u32) -> u64,
     ) -> Result<Arc<GroupTopic>> {
@@ -42,13 +54,23 @@ impl GroupTopic {
         };
         let n = topic.partitions.len();
         let (log, replayed) = tokio::task::spawn_blocking(move || {
-            let log = Partition::open(&dir, config, io, None)?;
-            let replayed = replay(&log, n)?;
+            let log = match opening {
+                Opening::Local { dir, io } => {
+                    EventLog::Local(Partition::open(&dir, config, io, None)?)
+                }
+                Opening::Replicated { log, events } => EventLog::Replicated { log, events },
+            };
+            let replayed = replay(log.partition(), n)?;
             Ok::<_, Error>((log, replayed))
         })
         .await
         .map_err(|e| Error::Internal(format!("group open task: {e}")))??;
         let fresh = replayed.is_none();
+        if let (Some(r), EventLog::Replicated { log: l, .. }) = (&replayed, &log) {
+            for (p, s) in r.iter().enumerate() {
+                tracing::debug!(group, partition = p, log_start = l.log_start(), log_end = l.high_water(), cursor = s.cursor, outstanding = ?s.outstanding, dead_letters = s.dead_letters.len(), "replayed");
+            }
+        }
         let snapshots = replayed.unwrap_or_else(|| {
             (0..n as u32)
                 .map(|p| PartitionSnapshot {
@@ -88,6 +110,7 @@ impl GroupTopic {
             dead_letters,
             tasks,
             stop: CancellationToken::new(),
+            ended: Arc::default(),
             since_snapshot: std::sync::atomic::AtomicU64::new(0),
         });
         if fresh {

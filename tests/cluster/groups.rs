@@ -1,0 +1,437 @@
+//! Consumer groups on a cluster, checked from outside: members connected to different nodes
+//! share a topic while the node leading the group is killed, paused and cut off; every member
+//! reconnects through any running node when its stream ends. The checker asserts what a single
+//! node promises: every message acknowledged exactly once (an ack the group forgot would let
+//! the message be delivered and acknowledged a second time: the second ack would apply), no
+//! delivery past `max_deliveries`, and each message that is always nacked dead-lettered exactly
+//! once.
+
+use super::*;
+
+/// Messages sent; every `POISON`-th is nacked at every delivery (dead-lettered at the limit).
+const MESSAGES: u64 = 600;
+const POISON: u64 = 10;
+const MAX_DELIVERIES: u32 = 3;
+const GROUP: &str = "etl";
+
+fn poison(value: &str) -> bool {
+    value
+        .strip_prefix("m-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n % POISON == 0)
+}
+
+/// What the members saw.
+#[derive(Debug, Default)]
+struct GroupHistory {
+    /// Every delivery received: (value, attempt).
+    delivered: Vec<(String, u32)>,
+    /// Per value, how many of its acks applied (answered `acked`).
+    acked: BTreeMap<String, u32>,
+    /// Values with an ack whose outcome is unknown (it failed through every node tried: it
+    /// may have applied, and a retry would then be answered `not_in_flight`).
+    uncertain: BTreeSet<String>,
+    /// Every ack's outcome, per value, in order (what a failing run shows).
+    outcomes: BTreeMap<String, Vec<String>>,
+}
+
+impl GroupHistory {
+    /// Values acknowledged, or maybe acknowledged.
+    fn settled(&self) -> usize {
+        let mut all: BTreeSet<&String> = self.acked.keys().collect();
+        all.extend(&self.uncertain);
+        all.len()
+    }
+}
+
+/// The first running node from `first` on, round the ring.
+fn running(addrs: &Mutex<Vec<Option<String>>>, first: usize) -> Option<String> {
+    let addrs = addrs.lock().unwrap();
+    (0..3).find_map(|k| addrs[(first + k) % 3].clone())
+}
+
+/// One member: subscribes through node `k` (or the next running one), acks each delivery
+/// (nacks the poison ones) through the same node (the next ones when that fails), and
+/// subscribes again, through the next running node, whenever its stream ends; until `done`.
+async fn member(
+    k: usize,
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+    history: Arc<Mutex<GroupHistory>>,
+    mut done: watch::Receiver<bool>,
+) {
+    let mut turn = k;
+    while !*done.borrow() {
+        turn += 1;
+        let Some(addr) = running(&addrs, turn) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(channel) = connect(&addr).await else {
+            continue;
+        };
+        let mut client = BrokerClient::new(channel);
+        let subscribed = client
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                group: GROUP.into(),
+                max_in_flight: 8,
+                ..pb::SubscribeRequest::default()
+            })
+            .await;
+        let Ok(stream) = subscribed else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = done.changed() => return,
+            };
+            let Ok(Some(response)) = next else {
+                break;
+            };
+            for d in response.deliveries {
+                let value =
+                    String::from_utf8_lossy(d.value.as_deref().unwrap_or_default()).to_string();
+                history
+                    .lock()
+                    .unwrap()
+                    .delivered
+                    .push((value.clone(), d.attempt));
+                settle(&addrs, turn, &value, d.ack_id, &history).await;
+            }
+        }
+    }
+}
+
+/// Acks (nacks a poison message) through the first running node from `first`, trying the
+/// next ones while it fails; records an ack that applied.
+async fn settle(
+    addrs: &Mutex<Vec<Option<String>>>,
+    first: usize,
+    value: &str,
+    ack_id: String,
+    history: &Mutex<GroupHistory>,
+) {
+    for k in 0..6 {
+        let Some(addr) = running(addrs, first + k) else {
+            return;
+        };
+        let Ok(channel) = connect(&addr).await else {
+            continue;
+        };
+        let mut client = BrokerClient::new(channel);
+        if poison(value) {
+            let nacked = client
+                .nack(pb::NackRequest {
+                    group: GROUP.into(),
+                    topic: TOPIC.into(),
+                    ack_ids: vec![ack_id.clone()],
+                    delay_ms: 0,
+                })
+                .await;
+            if nacked.is_ok() {
+                return;
+            }
+        } else {
+            let acked = client
+                .ack(pb::AckRequest {
+                    group: GROUP.into(),
+                    topic: TOPIC.into(),
+                    ack_ids: vec![ack_id.clone()],
+                })
+                .await;
+            let said = match &acked {
+                Ok(a) => format!("{addr}: {:?}", a.get_ref()),
+                Err(e) => format!("{addr}: {} {}", e.code(), e.message()),
+            };
+            history
+                .lock()
+                .unwrap()
+                .outcomes
+                .entry(value.to_string())
+                .or_default()
+                .push(said);
+            if let Ok(a) = acked {
+                if !a.into_inner().acked.is_empty() {
+                    *history
+                        .lock()
+                        .unwrap()
+                        .acked
+                        .entry(value.to_string())
+                        .or_default() += 1;
+                }
+                return;
+            }
+            // It may have applied before it failed: known only as maybe acknowledged.
+            history.lock().unwrap().uncertain.insert(value.to_string());
+        }
+    }
+}
+
+/// The index of the node leading the consumer group, as node `ask` reports it, once one is.
+async fn group_leader(cluster: &TestCluster, ask: usize) -> usize {
+    let found = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (_, status, _) = cluster_status(&cluster.addr(ask));
+            let leader = status["consumer_groups"].as_array().and_then(|groups| {
+                groups
+                    .iter()
+                    .find(|g| g["group"] == GROUP && g["topic"] == TOPIC)
+                    .and_then(|g| g["leader"].as_u64())
+            });
+            if let Some(l) = leader {
+                return l as usize - 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.expect("the consumer group has a leader")
+}
+
+/// The dead letters in `<TOPIC>.dlq`, read through node `i`: their source values.
+async fn dead_letters(cluster: &TestCluster, i: usize) -> Vec<String> {
+    let Ok(channel) = connect(&cluster.addr(i)).await else {
+        return Vec::new();
+    };
+    let mut client = BrokerClient::new(channel);
+    let dlq = format!("{TOPIC}.dlq");
+    let Ok(d) = describe_topic(&cluster.addr(i), &dlq).await else {
+        return Vec::new();
+    };
+    let end = d.partitions[0].next_offset;
+    if end == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let Ok(stream) = client
+        .subscribe(pb::SubscribeRequest {
+            topic: dlq,
+            start: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Earliest(true)),
+            }),
+            limit: end,
+            ..pb::SubscribeRequest::default()
+        })
+        .await
+    else {
+        return Vec::new();
+    };
+    let mut stream = stream.into_inner();
+    while let Ok(Some(r)) = stream.message().await {
+        for d in r.deliveries {
+            let value = String::from_utf8_lossy(d.value.as_deref().unwrap_or_default()).to_string();
+            out.push(value);
+        }
+    }
+    out
+}
+
+async fn describe_topic(addr: &str, name: &str) -> Result<pb::DescribeTopicResponse, String> {
+    let channel = connect(addr).await.map_err(|e| e.to_string())?;
+    AdminClient::new(channel)
+        .describe_topic(pb::DescribeTopicRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until `n` acks applied (or `DEADLINE`), saying which step stalled.
+async fn acked_at_least(history: &Mutex<GroupHistory>, n: usize, what: &str) {
+    let reached = tokio::time::timeout(DEADLINE, async {
+        while history.lock().unwrap().settled() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let history = history.lock().unwrap();
+    let missing: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("m-{i}"))
+        .filter(|v| !poison(v) && !history.acked.contains_key(v) && !history.uncertain.contains(v))
+        .take(5)
+        .collect();
+    assert!(
+        reached.is_ok(),
+        "{what}: only {} messages acknowledged; not {missing:?}",
+        history.settled()
+    );
+}
+
+#[test]
+fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cuts_of_its_leader() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let max = MAX_DELIVERIES.to_string();
+        // A delivery the faults cut short (its member's node killed or cut off) comes back
+        // after the ack timeout: shorter than the default, so the run stays short.
+        let mut cluster = TestCluster::start_with(&[
+            ("SLUICE_GROUPS_MAX_DELIVERIES", &max),
+            ("SLUICE_GROUPS_ACK_TIMEOUT_MS", "5000"),
+        ]);
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, PARTITIONS).await;
+        let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(50) {
+            client
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: chunk
+                        .iter()
+                        .map(|i| pb::Message {
+                            value: Some(format!("m-{i}").into_bytes().into()),
+                            ..pb::Message::default()
+                        })
+                        .collect(),
+                })
+                .await
+                .unwrap();
+        }
+        let history = Arc::new(Mutex::new(GroupHistory::default()));
+        let (done_tx, done_rx) = watch::channel(false);
+        let members: Vec<_> = (0..4)
+            .map(|k| {
+                tokio::spawn(member(
+                    k,
+                    Arc::clone(&cluster.addrs),
+                    Arc::clone(&history),
+                    done_rx.clone(),
+                ))
+            })
+            .collect();
+        let good = (MESSAGES - MESSAGES / POISON) as usize;
+        acked_at_least(&history, good / 6, "before any fault").await;
+
+        // Killed: another node leads the group from its log; the killed one comes back.
+        let leader = group_leader(&cluster, 0).await;
+        cluster.kill(leader);
+        acked_at_least(&history, good / 3, "with the group's leader killed").await;
+        cluster.restart(leader);
+
+        // Paused past the election timeout, then resumed: it finds a newer term.
+        let ask = (leader + 1) % 3;
+        let leader = group_leader(&cluster, ask).await;
+        cluster.signal(leader, "STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await; // the fault's length, not a wait for state
+        cluster.signal(leader, "CONT");
+        acked_at_least(&history, good / 2, "after the leader's pause").await;
+
+        // Cut off from the other nodes (clients still reach it): the others elect a leader.
+        let ask = (leader + 1) % 3;
+        let leader = group_leader(&cluster, ask).await;
+        cluster.links.isolate(leader, true);
+        acked_at_least(&history, 2 * good / 3, "with the leader cut off").await;
+        cluster.links.isolate(leader, false);
+
+        // Every message ends acknowledged or dead-lettered (a message whose deliveries were
+        // cut short by the faults `max_deliveries` times is dead-lettered too).
+        let all: BTreeSet<String> = (0..MESSAGES).map(|i| format!("m-{i}")).collect();
+        let mut dead = Vec::new();
+        let everything = tokio::time::timeout(DEADLINE, async {
+            loop {
+                dead = dead_letters(&cluster, 0).await;
+                let mut done: BTreeSet<String> = dead.iter().cloned().collect();
+                {
+                    let h = history.lock().unwrap();
+                    done.extend(h.acked.keys().cloned());
+                    done.extend(h.uncertain.iter().cloned());
+                }
+                if done.is_superset(&all) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        done_tx.send_replace(true);
+        for m in members {
+            m.await.unwrap();
+        }
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        let mut open: Vec<&String> = all
+            .iter()
+            .filter(|v| {
+                !history.acked.contains_key(*v)
+                    && !history.uncertain.contains(*v)
+                    && !dead.contains(v)
+            })
+            .collect();
+        open.truncate(5);
+        let seen: Vec<&(String, u32)> = history
+            .delivered
+            .iter()
+            .filter(|(v, _)| open.contains(&v))
+            .collect();
+        let outcomes: Vec<_> = open.iter().map(|v| history.outcomes.get(*v)).collect();
+        assert!(
+            everything.is_ok(),
+            "not every message was acknowledged or dead-lettered: {open:?}; their deliveries \
+             {seen:?}; their acks {outcomes:?}"
+        );
+
+        // Every message delivered; acknowledged (none twice) or dead-lettered, never both; no
+        // poison message acknowledged.
+        let twice: Vec<_> = history.acked.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "acks that applied twice (forgotten): {twice:?}"
+        );
+        let delivered: BTreeSet<&String> = history.delivered.iter().map(|(v, _)| v).collect();
+        let lost: Vec<&String> = all.iter().filter(|v| !delivered.contains(v)).collect();
+        assert!(lost.is_empty(), "never delivered: {lost:?}");
+        let dead_set: BTreeSet<&String> = dead.iter().collect();
+        let both: Vec<&String> = history
+            .acked
+            .keys()
+            .filter(|v| dead_set.contains(v))
+            .collect();
+        assert!(both.is_empty(), "acknowledged and dead-lettered: {both:?}");
+        let acked_poison: Vec<&String> = history.acked.keys().filter(|v| poison(v)).collect();
+        assert!(
+            acked_poison.is_empty(),
+            "nacked but acknowledged: {acked_poison:?}"
+        );
+        // No delivery past the limit.
+        let over: Vec<_> = history
+            .delivered
+            .iter()
+            .filter(|(_, attempt)| *attempt == 0 || *attempt > MAX_DELIVERIES)
+            .collect();
+        assert!(over.is_empty(), "deliveries past max_deliveries: {over:?}");
+        // Each dead letter once, the same on every node; every poison message among them.
+        let mut want = dead.clone();
+        want.sort();
+        let mut once = want.clone();
+        once.dedup();
+        assert_eq!(once, want, "dead letters copied twice");
+        let undead: Vec<&String> = all
+            .iter()
+            .filter(|v| poison(v) && !dead_set.contains(v))
+            .collect();
+        assert!(
+            undead.is_empty(),
+            "poison messages not dead-lettered: {undead:?}"
+        );
+        for i in 0..3 {
+            // Read once the node holds as many as were dead-lettered (a node that was down or
+            // cut off catches up).
+            let mut dead = Vec::new();
+            let _ = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    dead = dead_letters(&cluster, i).await;
+                    if dead.len() >= want.len() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+            dead.sort();
+            assert_eq!(dead, want, "the dead letters read through node {}", i + 1);
+        }
+    });
+}
