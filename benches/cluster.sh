@@ -16,15 +16,18 @@
 #   - ids: Sends with ids against Sends without on the same cluster and partition leader,
 #     interleaved ABBA (ROUNDS, default 2): 64 producers x 1 message per Send, and x 100-message
 #     batches (`sluice-bench produce --ids`: every message a new 16-byte id)
+#   - groups: a consumer group reading GROUP_MESSAGES (default 200,000) messages of 1 KB (stored beforehand), acking
+#     every response, through the partition's leader; on the cluster the group's own Raft
+#     group commits each delivery's and each ack's events before they count
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
-#        [ONLY="lone batched failover burst idle ids", default all] benches/cluster.sh
+#        [ONLY="lone batched failover burst idle ids groups", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
 # SLUICE_CLUSTER_HEARTBEAT_MS from the environment. CENV="NAME=value ..." is passed to the three
 # cluster nodes only (an A/B of one setting against the single node's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
-only="${ONLY:-lone batched failover burst idle ids}"
+only="${ONLY:-lone batched failover burst idle ids groups}"
 want() { [[ " $only " == *" $1 "* ]]; }
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench
@@ -81,11 +84,27 @@ leader_addr() { # leader_addr TOPIC PARTITION ADDR...: the client address of the
   echo "${addrs[$((id - 1))]}"
 }
 
-if want lone || want batched; then
+groups() { # groups ADDR PIDS...: fills topic grp through ADDR, then one group reads it all
+  local addr=$1; shift
+  "$bench" produce --topic grp --producers 16 --connections 4 --batch 100 --messages "${GROUP_MESSAGES:-200000}" \
+    --broker "$addr" >/dev/null
+  local c0 c1
+  c0=$(cpu "$@")
+  "$bench" consume --topic grp --group g --broker "$addr"
+  c1=$(cpu "$@")
+  echo "brokers' CPU for the group's run: $(echo "$c1 - $c0" | bc) s"
+}
+
+if want lone || want batched || want groups; then
   echo "== one node"
   start "$root/single"
   single=$addr
   spid=$pid
+  if want groups; then
+    "$bin" topics create grp --partitions 1 --broker "$single" >/dev/null
+    echo "-- groups"
+    groups "$single" "$spid"
+  fi
   if want lone; then
     "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
   fi
@@ -131,6 +150,12 @@ if want batched; then
   "$bench" produce --topic batched --producers 64 --connections 4 --batch 100 --messages 200000 --broker "$lead"
   c1=$(cpu "${cpids[@]}"); t1=$(ticks "${cpids[@]}")
   echo "brokers' CPU for the batched run, summed over three: $(echo "$c1 - $c0" | bc) s ($(user_sys "$t0" "$t1"))"
+fi
+
+if want groups; then
+  echo "-- groups"
+  "$bin" topics create grp --partitions 1 --broker "${addrs[0]}" >/dev/null
+  groups "$(leader_addr grp 0 "${addrs[0]}")" "${cpids[@]}"
 fi
 
 if want burst; then
