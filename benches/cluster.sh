@@ -155,7 +155,11 @@ fi
 if want groups; then
   echo "-- groups"
   "$bin" topics create grp --partitions 1 --broker "${addrs[0]}" >/dev/null
-  groups "$(leader_addr grp 0 "${addrs[0]}")" "${cpids[@]}"
+  lead=$(leader_addr grp 0 "${addrs[0]}")
+  groups "$lead" "${cpids[@]}"
+  # The group's own leader may be another node (the member is then relayed to it).
+  echo "member connected to node $(( $(printf '%s\n' "${addrs[@]}" | grep -nx "$lead" | cut -d: -f1) ))"
+  "$bin" cluster status --broker "$lead" | grep -A1 "^consumer group" || true
 fi
 
 if want burst; then
