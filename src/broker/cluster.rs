@@ -274,7 +274,7 @@ impl Cluster {
         // loses its connections: the streams it held here end (a relayed consumer-group
         // member leaves its group, giving back what it held) instead of waiting forever on a
         // connection nobody reads.
-        let lease = Duration::from_millis(cluster.members.election_timeout_ms);
+        let (lease, _) = cluster.lease();
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(lease))
             .http2_keepalive_timeout(Some(lease))

@@ -26,7 +26,7 @@ use crate::replication::write::{
 };
 use crate::replication::{PartitionRaft, Proposal};
 use crate::storage::record::{Batch, BatchHeader, Decoded};
-use crate::storage::{self, EncodedBatch, LogConfig, Partition, validate_group_name};
+use crate::storage::{self, EncodedBatch, Partition, validate_group_name};
 
 use super::blocking::blocking;
 use super::cluster::Cluster;
@@ -34,6 +34,7 @@ use super::error::{Error, Result};
 use super::groups::event_log::{ReplicatedEvents, Then};
 use super::groups::{
     GroupMember, GroupTopic, Groups, MemberGuard, Membership, Opening, Relayed, ack_id,
+    event_log_config,
 };
 use super::message::{Deliveries, Delivery, DeliveryBatch, Start};
 use super::topic::Topic;
@@ -183,12 +184,7 @@ impl Consumers {
         }
         let dir = self.topics.data().group_dir(group, &topic.name)?;
         let io = Arc::clone(self.topics.data().io());
-        let config = LogConfig {
-            segment_bytes: 1 << 20,
-            fsync: self.groups.provided().settings.fsync,
-            preallocate_bytes: 64 << 10,
-            ..LogConfig::default()
-        };
+        let config = event_log_config(self.groups.provided().settings.fsync);
         let owner = name.clone();
         let log = blocking(move || {
             let marker = dir.join(RAFT_GROUP_FILE);
@@ -418,15 +414,10 @@ impl Consumers {
         let (deadline, tasks) = (self.cluster.write_timeout(), self.tasks.clone());
         let (raft, me) = (h.raft.clone(), self.me());
         let ack = Box::new(move |ids: Vec<(u32, u64)>| {
-            let req = pb::SettleRequest {
-                group: group.clone(),
-                topic: topic.clone(),
-                ack_ids: ids.iter().map(|&(p, o)| ack_id(p, o)).collect(),
-                nack: false,
-                delay_ms: 0,
-            };
+            let ack_ids = ids.iter().map(|&(p, o)| ack_id(p, o)).collect();
+            let req = settle_request(&group, &topic, ack_ids, None);
             let (forwarder, name, others) = (Arc::clone(&forwarder), name.clone(), others.clone());
-            let leader = raft.metrics().borrow().current_leader.filter(|&l| l != me);
+            let leader = leader_other_than(&raft, me);
             tasks.spawn(async move {
                 let settled = forwarder
                     .settle_remote(&name, leader, &others, req, deadline)
@@ -445,12 +436,7 @@ impl Consumers {
 
     /// The leader of `h`'s group as this node knows it, when another node.
     fn leader_elsewhere(&self, h: &Hosted) -> Option<u64> {
-        let me = self.me();
-        h.raft
-            .metrics()
-            .borrow()
-            .current_leader
-            .filter(|&l| l != me)
+        leader_other_than(&h.raft, self.me())
     }
 
     /// The nodes of `h`'s group other than this one.
@@ -495,13 +481,7 @@ impl Consumers {
                     .map(|id| (id, self.cluster.forwarder().peers().addr(id, ""))),
             });
         }
-        let req = pb::SettleRequest {
-            group: group.to_string(),
-            topic: h.topic.name.to_string(),
-            ack_ids: ids.to_vec(),
-            nack: nack.is_some(),
-            delay_ms: nack.map_or(0, |d| d.as_millis() as u64),
-        };
+        let req = settle_request(group, &h.topic.name, ids.to_vec(), nack);
         let answer = self
             .cluster
             .forwarder()
@@ -689,6 +669,27 @@ impl ConsumersRef {
 
 type RaftMetrics = openraft::RaftMetrics<u64, openraft::BasicNode>;
 
+/// The leader of `raft`'s group as this node (`me`) knows it, when another node.
+fn leader_other_than(raft: &Raft<PartitionRaft>, me: u64) -> Option<u64> {
+    raft.metrics().borrow().current_leader.filter(|&l| l != me)
+}
+
+/// An ack (`nack`: a nack with its delay) of `ack_ids` as the cluster port's `Settle` takes it.
+fn settle_request(
+    group: &str,
+    topic: &str,
+    ack_ids: Vec<String>,
+    nack: Option<Duration>,
+) -> pb::SettleRequest {
+    pb::SettleRequest {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        ack_ids,
+        nack: nack.is_some(),
+        delay_ms: nack.map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
 /// When this node, leading, last heard from a majority, as `m` says as it is read.
 fn quorum_acked_at(m: &RaftMetrics) -> Option<std::time::Instant> {
     let ms = m.millis_since_quorum_ack?;
@@ -828,13 +829,8 @@ async fn proposing(
             }
             continue;
         }
-        let merged = match taken.as_slice() {
-            [one] => Ok(one.batch.clone()),
-            _ => {
-                let parts: Vec<Bytes> = taken.iter().map(|q| q.batch.clone()).collect();
-                EncodedBatch::merge_proposals(&parts).map(EncodedBatch::into_bytes)
-            }
-        };
+        let parts: Vec<Bytes> = taken.iter().map(|q| q.batch.clone()).collect();
+        let merged = EncodedBatch::merged_proposal(&parts);
         let entry = match merged {
             Ok(merged) => submit(&h.raft, Proposal::Records(merged)).await,
             Err(why) => Err(WriteError::Stopped(format!(

@@ -235,15 +235,8 @@ impl Proposals {
             if taken.is_empty() {
                 return;
             }
-            let merged = match taken.as_slice() {
-                [one] => Some(one.batch.clone()),
-                _ => {
-                    let parts: Vec<Bytes> = taken.iter().map(|w| w.batch.clone()).collect();
-                    EncodedBatch::merge_proposals(&parts)
-                        .ok()
-                        .map(EncodedBatch::into_bytes)
-                }
-            };
+            let parts: Vec<Bytes> = taken.iter().map(|w| w.batch.clone()).collect();
+            let merged = EncodedBatch::merged_proposal(&parts).ok();
             let Some(merged) = merged else {
                 // Not mergeable (a Send's batches always are; a forwarded one may not be): each
                 // goes alone, answered as it would be.

@@ -305,6 +305,15 @@ impl EncodedBatch {
         Ok((header, Records::of(header, buf)))
     }
 
+    /// `parts` as one proposal: a lone one as it is (not copied), several merged
+    /// ([`EncodedBatch::merge_proposals`]).
+    pub fn merged_proposal(parts: &[Bytes]) -> Result<Bytes, &'static str> {
+        match parts {
+            [one] => Ok(one.clone()),
+            _ => Self::merge_proposals(parts).map(Self::into_bytes),
+        }
+    }
+
     /// Proposals (whole version 1 batches as a Send encodes them, dense offsets) as one, their
     /// records in order: proposal `k`'s records take the offsets after those of the proposals
     /// before it (ids and headers go with their records). The same bytes as

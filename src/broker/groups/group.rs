@@ -184,7 +184,7 @@ impl GroupTopic {
     }
 
     fn append_inner(&self, events: &[Event], durable: bool, then: Then) {
-        let then: Then = match self.log.counts_at_assignment() {
+        let then: Then = match self.log.is_replicated() {
             // On a cluster, an event not committed leaves this node's state ahead of the log:
             // the group stops here, and whoever leads it next replays the log.
             true => {

@@ -179,11 +179,7 @@ impl Groups {
                     group,
                     Arc::clone(&topic),
                     opening,
-                    Provided {
-                        settings: self.settings.clone(),
-                        dead_letters: self.dead_letters.clone(),
-                        tasks: self.tasks.clone(),
-                    },
+                    self.provided(),
                     move |p| starts.get(p as usize).copied().unwrap_or(0),
                 )
                 .await?;

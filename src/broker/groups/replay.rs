@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{self, FileIo, LogConfig, Partition};
+use crate::storage::{self, FileIo, FsyncPolicy, LogConfig, Partition};
 
 use crate::broker::error::{Error, Result};
 use crate::broker::topic::Topic;
@@ -46,11 +46,8 @@ impl GroupTopic {
             tasks,
         } = provided;
         let config = LogConfig {
-            segment_bytes: 1 << 20,
-            fsync: settings.fsync,
             queue_depth: 1 << 16,
-            preallocate_bytes: 64 << 10,
-            ..LogConfig::default()
+            ..event_log_config(settings.fsync)
         };
         let n = topic.partitions.len();
         let (log, replayed) = tokio::task::spawn_blocking(move || {
@@ -126,6 +123,17 @@ impl GroupTopic {
             wait(done).await?;
         }
         Ok(group_topic)
+    }
+}
+
+/// How a group's event log is kept on disk: small segments (a snapshot lets the earlier ones
+/// go), synced as the broker's logs are. On a cluster, the Raft log of the group's own group.
+pub fn event_log_config(fsync: FsyncPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 1 << 20,
+        fsync,
+        preallocate_bytes: 64 << 10,
+        ..LogConfig::default()
     }
 }
 
