@@ -554,3 +554,60 @@ async fn the_seed_api_sends_durably_and_its_group_receives_everything() {
         tokio::task::yield_now().await;
     }
 }
+
+/// A Nack's delay holds across a restart of either kind: the nacked messages come back, but
+/// not before the delay has passed since the Nack (a lower bound, so no machine is too slow for
+/// it), and the ones not nacked are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_delay_holds_across_a_restart() {
+    const DELAY: Duration = Duration::from_secs(4);
+    for stop in ["KILL", "TERM"] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = BrokerProcess::spawn(dir.path(), &[]);
+        let mut client = BrokerClient::new(
+            sluice::cli::connect(&broker.addr.to_string())
+                .await
+                .unwrap(),
+        );
+        produce(&mut client, "t", 6).await;
+        let mut m = join(&mut client, "t", "g", 10, false).await;
+        let got = take(&mut m, 6).await;
+        let (nacked, left) = got.split_at(3);
+        let before_nack = std::time::Instant::now();
+        let answer = client
+            .nack(pb::NackRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                ack_ids: nacked.iter().map(|d| d.ack_id.clone()).collect(),
+                delay_ms: DELAY.as_millis() as u64,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.nacked.len(), 3, "{stop}: {answer:?}");
+        drop(m);
+        broker.signal(stop);
+        broker.wait();
+
+        let broker = BrokerProcess::spawn(dir.path(), &[]);
+        let mut client = BrokerClient::new(
+            sluice::cli::connect(&broker.addr.to_string())
+                .await
+                .unwrap(),
+        );
+        let mut m = join(&mut client, "t", "g", 10, false).await;
+        // Those never settled are delivered again at once (none is nacked, so the first three
+        // arrivals after the restart are these).
+        let first = take(&mut m, left.len()).await;
+        let offsets = |ds: &[pb::Delivery]| ds.iter().map(|d| d.offset).collect::<BTreeSet<_>>();
+        assert_eq!(offsets(&first), offsets(left), "{stop}: not held back");
+        let second = take(&mut m, nacked.len()).await;
+        let waited = before_nack.elapsed();
+        assert_eq!(offsets(&second), offsets(nacked), "{stop}");
+        assert!(
+            waited >= DELAY,
+            "{stop}: nacked with a {DELAY:?} delay, delivered again after {waited:?}"
+        );
+        assert!(second.iter().all(|d| d.attempt == 2), "{stop}: {second:?}");
+    }
+}

@@ -532,7 +532,7 @@ impl Consumers {
     ) -> Result<Vec<bool>> {
         let applied = match nack {
             None => g.ack(ids).await?,
-            Some(delay) => g.nack(ids, delay)?,
+            Some(delay) => g.nack(ids, delay).await?,
         };
         if applied.iter().all(|&a| a) {
             return Ok(applied);

@@ -435,3 +435,107 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
         }
     });
 }
+
+/// A Nack's delay is replicated: after the node leading the group is killed, the next leader
+/// delivers the nacked messages again no sooner than the delay asked (a lower bound: no machine
+/// is too slow for it), and the one still in flight at once.
+#[test]
+fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
+    // Long enough that the group runs on its next leader before it ends (an election and a
+    // subscription through a relay, a few seconds here), so that the order is seen.
+    const DELAY: Duration = Duration::from_secs(15);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+        let mut producer = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        producer
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: (0..3)
+                    .map(|i| pb::Message {
+                        value: Some(format!("m-{i}").into()),
+                        ..pb::Message::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        let subscribe = |addr: String| async move {
+            let mut client = BrokerClient::new(connect(&addr).await.ok()?);
+            let stream = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: TOPIC.into(),
+                    group: GROUP.into(),
+                    max_in_flight: 8,
+                    ..pb::SubscribeRequest::default()
+                })
+                .await
+                .ok()?;
+            Some((client, stream.into_inner()))
+        };
+        // Until the group runs somewhere (the topic reaches every node's catalog first).
+        let subscribed = |addr: String| async move {
+            let joined = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    if let Some(joined) = subscribe(addr.clone()).await {
+                        return joined;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            joined.await.expect("the group runs on a leader")
+        };
+        let (mut client, mut stream) = subscribed(cluster.addr(0)).await;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.extend(stream.message().await.unwrap().unwrap().deliveries);
+        }
+        let before_nack = std::time::Instant::now();
+        let nacked = client
+            .nack(pb::NackRequest {
+                group: GROUP.into(),
+                topic: TOPIC.into(),
+                ack_ids: got[..2].iter().map(|d| d.ack_id.clone()).collect(),
+                delay_ms: DELAY.as_millis() as u64,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(nacked.nacked.len(), 2, "{nacked:?}");
+        drop(stream);
+        let leader = group_leader(&cluster, 0).await;
+        cluster.kill(leader);
+        let other = (leader + 1) % 3;
+        // Subscribed again through a running node once a new leader runs the group.
+        let (_, mut again) = subscribed(cluster.addr(other)).await;
+        let resubscribed = before_nack.elapsed();
+        assert!(
+            resubscribed < DELAY,
+            "the group's next leader took {resubscribed:?}: longer than the test's delay"
+        );
+        let offsets = |ds: &[pb::Delivery]| ds.iter().map(|d| d.offset).collect::<Vec<_>>();
+        let mut redelivered = Vec::new();
+        while redelivered.len() < 3 {
+            let next = tokio::time::timeout(DEADLINE, again.message()).await;
+            let deliveries = next.expect("redelivered").unwrap().unwrap().deliveries;
+            for d in deliveries {
+                redelivered.push((d, before_nack.elapsed()));
+            }
+        }
+        let (first, _) = &redelivered[0];
+        let seen: Vec<_> = redelivered.iter().map(|(d, t)| (d.offset, *t)).collect();
+        assert_eq!(
+            first.offset, got[2].offset,
+            "the one not nacked first: {seen:?}"
+        );
+        for (d, waited) in &redelivered[1..] {
+            assert!(offsets(&got[..2]).contains(&d.offset), "{d:?}");
+            assert!(
+                *waited >= DELAY,
+                "nacked with a {DELAY:?} delay, offset {} delivered again after {waited:?}",
+                d.offset
+            );
+        }
+    });
+}

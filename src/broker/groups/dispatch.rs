@@ -423,15 +423,17 @@ impl GroupTopic {
         }
         let done = {
             let st = lock(&self.state);
-            let events: Vec<Event> = st
-                .parts
-                .iter()
-                .enumerate()
-                .map(|(p, part)| Event::Snapshot {
-                    partition: p as u32,
-                    state: part.snapshot(),
-                })
-                .collect();
+            let mut events = Vec::new();
+            for (p, part) in st.parts.iter().enumerate() {
+                let partition = p as u32;
+                let mut state = part.snapshot();
+                let delays: Vec<(u64, u64)> =
+                    std::mem::take(&mut state.delayed).into_iter().collect();
+                events.push(Event::Snapshot { partition, state });
+                if !delays.is_empty() {
+                    events.push(Event::Delayed { partition, delays });
+                }
+            }
             let done = self.append(&events);
             self.since_snapshot.store(0, Ordering::Relaxed);
             done

@@ -25,11 +25,17 @@
 //! |    6 | `Snapshot`          | u64 cursor, u64 redeliveries, u64 dead-lettered, varint n, n × (varint offset delta, varint attempt), varint m, m × (u64 offset, u32 attempts, u64 DLQ mark, u8 reason) |
 //!
 //! |    7 | `Handed`            | varint n, then n × (varint offset delta, varint attempt): deliveries handed to the transport, the attempt now counted |
+//! |    8 | `Delayed`           | varint n, then n × (varint offset delta, u64 unix ms): outstanding deliveries given back by a Nack with a delay, not to go out again before that time |
 //!
 //! A delivery counts as an attempt when it is handed to the transport (`Handed`), not when it is
 //! assigned to a member (`Delivered`, which moves the cursor). Logs written before `Handed`
 //! existed recorded the attempt in `Delivered`; read as "handed before", they count it once
 //! more at most. Offset lists are ascending; each delta is from the previous offset (the first from 0).
+//!
+//! A `Delayed` time is wall-clock time, so a Nack's delay holds across a restart and, on a
+//! cluster, on whichever node leads the group next (as closely as the nodes' clocks agree). A
+//! snapshot carries the delays still outstanding as a `Delayed` event after the partition's
+//! `Snapshot`, in the same batch.
 
 use std::collections::BTreeMap;
 
@@ -97,6 +103,9 @@ pub struct PartitionSnapshot {
     /// Delivered and not acknowledged: offset → deliveries so far.
     pub outstanding: BTreeMap<u64, u32>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Outstanding offsets a Nack gave back with a delay: offset → not before (unix ms). Held
+    /// by `Delayed` events, not by a `Snapshot` event's bytes.
+    pub delayed: BTreeMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +136,12 @@ pub enum Event {
         partition: u32,
         offset: u64,
     },
+    /// Given back by a Nack: (offset, not before in unix ms), ascending by offset.
+    Delayed {
+        partition: u32,
+        delays: Vec<(u64, u64)>,
+    },
+    /// The partition's state; its `delayed` is not encoded (a `Delayed` event follows).
     Snapshot {
         partition: u32,
         state: PartitionSnapshot,
@@ -148,6 +163,7 @@ impl Event {
             | Event::Reset { partition, .. }
             | Event::DeadLetterPending { partition, .. }
             | Event::DeadLettered { partition, .. }
+            | Event::Delayed { partition, .. }
             | Event::Snapshot { partition, .. } => *partition,
         }
     }
@@ -199,6 +215,16 @@ impl Event {
             Event::DeadLettered { offset, .. } => {
                 b[1] = 5;
                 b.extend_from_slice(&offset.to_le_bytes());
+            }
+            Event::Delayed { delays, .. } => {
+                b[1] = 8;
+                put_varint(&mut b, delays.len() as u64);
+                let mut prev = 0;
+                for &(o, until) in delays {
+                    put_varint(&mut b, o - prev);
+                    b.extend_from_slice(&until.to_le_bytes());
+                    prev = o;
+                }
             }
             Event::Snapshot { state, .. } => {
                 b[1] = 6;
@@ -271,6 +297,7 @@ impl Event {
                         dead_lettered,
                         outstanding,
                         dead_letters,
+                        delayed: BTreeMap::new(),
                     },
                 }
             }
@@ -278,6 +305,16 @@ impl Event {
                 partition,
                 deliveries: r.pairs()?,
             },
+            8 => {
+                let n = r.count()?;
+                let mut delays = Vec::with_capacity(n);
+                let mut prev = 0u64;
+                for _ in 0..n {
+                    prev = prev.checked_add(r.varint()?).ok_or("offset overflows")?;
+                    delays.push((prev, r.u64()?));
+                }
+                Event::Delayed { partition, delays }
+            }
             _ => return Err("unknown group event kind"),
         };
         if r.pos != b.len() {
@@ -405,6 +442,10 @@ mod tests {
                 partition: 3,
                 offset: 9,
             },
+            Event::Delayed {
+                partition: 1,
+                delays: vec![(4, 1_700_000_000_000), (90, u64::MAX)],
+            },
             Event::Snapshot {
                 partition: 4,
                 state: PartitionSnapshot {
@@ -413,6 +454,7 @@ mod tests {
                     dead_lettered: 1,
                     outstanding: [(50, 2), (60, 1)].into_iter().collect(),
                     dead_letters: vec![dead],
+                    delayed: BTreeMap::new(),
                 },
             },
         ];

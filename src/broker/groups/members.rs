@@ -269,8 +269,10 @@ impl GroupTopic {
     }
 
     /// Gives deliveries back for redelivery after `delay` (to any member); says which ids were
-    /// in flight. A delivery at its last attempt is dead-lettered.
-    pub fn nack(&self, ids: &[(u32, u64)], delay: Duration) -> Result<Vec<bool>> {
+    /// in flight. A delivery at its last attempt is dead-lettered. A delay is recorded in the
+    /// group's log (as the time it ends), so it holds after a restart or a failover: the answer
+    /// waits until that record is durable.
+    pub async fn nack(&self, ids: &[(u32, u64)], delay: Duration) -> Result<Vec<bool>> {
         if delay > MAX_NACK_DELAY {
             return Err(Error::InvalidArgument(format!(
                 "a Nack delay may be at most {} ms; {} ms asked",
@@ -279,7 +281,25 @@ impl GroupTopic {
             )));
         }
         self.check_partitions(ids.iter().map(|&(p, _)| p))?;
+        let (applied, done) = self.give_back_nacked(ids, delay);
+        self.wake.notify_one();
+        if let Some(done) = done {
+            wait(done).await?;
+        }
+        Ok(applied)
+    }
+
+    /// [`GroupTopic::nack`]'s change of state: which ids applied, and the durable record of
+    /// the delays when there are any.
+    #[allow(clippy::type_complexity)]
+    fn give_back_nacked(
+        &self,
+        ids: &[(u32, u64)],
+        delay: Duration,
+    ) -> (Vec<bool>, Option<oneshot::Receiver<Result<u64>>>) {
         let now = Instant::now();
+        let until = unix_ms().saturating_add(delay.as_millis() as u64);
+        let mut delayed: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
         let mut st = lock(&self.state);
         let max = self.settings.max_deliveries;
         let mut applied = Vec::with_capacity(ids.len());
@@ -288,12 +308,29 @@ impl GroupTopic {
             if let Some(f) = &landed {
                 let part = &mut st.parts[p as usize];
                 give_back(part, offset, f, now + delay, max, Reason::Nacked);
+                if let Some(pending) = part.pending.get_mut(&offset)
+                    && !delay.is_zero()
+                    && f.handed
+                {
+                    pending.delayed_until = Some(until);
+                    delayed.entry(p).or_default().push((offset, until));
+                }
             }
             applied.push(landed.is_some());
         }
-        drop(st);
-        self.wake.notify_one();
-        Ok(applied)
+        if delayed.is_empty() {
+            return (applied, None);
+        }
+        let events: Vec<Event> = delayed
+            .into_iter()
+            .map(|(partition, mut delays)| {
+                delays.sort_unstable();
+                delays.dedup_by_key(|d| d.0);
+                Event::Delayed { partition, delays }
+            })
+            .collect();
+        // Appended under the state's lock: the log holds events in the order they happened.
+        (applied, Some(self.append(&events)))
     }
 
     /// A member's stream is about to hand these deliveries to the transport: keeps those still

@@ -233,7 +233,10 @@ impl Groups {
         delay: Duration,
     ) -> Result<Vec<bool>> {
         let ids = Self::parse_ids(ids)?;
-        self.known_group(group, topic).await?.nack(&ids, delay)
+        self.known_group(group, topic)
+            .await?
+            .nack(&ids, delay)
+            .await
     }
 
     /// A group that must exist already (acks for a group nobody joined are an error).

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,7 @@ impl GroupTopic {
                 .collect()
         });
         let now = Instant::now();
+        let now_ms = unix_ms();
         let mut state = State::default();
         for s in &snapshots {
             let mut p = PState::default();
@@ -89,7 +90,14 @@ impl GroupTopic {
                 if attempt >= settings.max_deliveries {
                     p.dead_letter_later(offset, attempt, Reason::Restarted);
                 } else {
-                    p.retry(offset, attempt, now);
+                    match s.delayed.get(&offset) {
+                        // Given back by a Nack with a delay: not sooner than it asked.
+                        Some(&until) => {
+                            let wait = Duration::from_millis(until.saturating_sub(now_ms));
+                            p.retry_delayed(offset, attempt, now + wait, until);
+                        }
+                        None => p.retry(offset, attempt, now),
+                    }
                 }
             }
             for d in &s.dead_letters {
@@ -178,6 +186,7 @@ pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
         Event::Delivered { deliveries, .. } => {
             for (offset, handed_before) in deliveries {
                 s.outstanding.insert(offset, handed_before);
+                s.delayed.remove(&offset);
                 s.cursor = s.cursor.max(offset + 1);
             }
         }
@@ -187,20 +196,24 @@ pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
                     s.redeliveries += 1;
                 }
                 s.outstanding.insert(offset, attempt);
+                s.delayed.remove(&offset);
             }
         }
         Event::Acked { offsets, .. } => {
             for o in offsets {
                 s.outstanding.remove(&o);
+                s.delayed.remove(&o);
             }
         }
         Event::Reset { cursor, .. } => {
             s.outstanding.clear();
             s.dead_letters.clear();
+            s.delayed.clear();
             s.cursor = cursor;
         }
         Event::DeadLetterPending { dead_letter, .. } => {
             s.outstanding.remove(&dead_letter.offset);
+            s.delayed.remove(&dead_letter.offset);
             s.dead_letters.retain(|d| d.offset != dead_letter.offset);
             s.dead_letters.push(dead_letter);
         }
@@ -211,6 +224,114 @@ pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
                 s.dead_lettered += 1;
             }
         }
+        Event::Delayed { delays, .. } => {
+            for (offset, until) in delays {
+                if s.outstanding.contains_key(&offset) {
+                    s.delayed.insert(offset, until);
+                }
+            }
+        }
         Event::Snapshot { state, .. } => *s = state,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replayed(events: Vec<Event>) -> PartitionSnapshot {
+        let mut s = PartitionSnapshot::default();
+        for e in events {
+            apply(&mut s, e);
+        }
+        s
+    }
+
+    /// A Nack's delay is part of the replayed state while its delivery is outstanding, through
+    /// a snapshot (which carries it as a `Delayed` event after the `Snapshot`), and is gone as
+    /// soon as anything settles or re-delivers that offset.
+    #[test]
+    fn a_nack_delay_lasts_until_its_offset_moves_on() {
+        let delivered = || Event::Delivered {
+            partition: 0,
+            deliveries: vec![(3, 0), (4, 0), (5, 0)],
+        };
+        let delayed = |offsets: &[u64]| Event::Delayed {
+            partition: 0,
+            delays: offsets.iter().map(|&o| (o, 1_000 + o)).collect(),
+        };
+        let held = |s: &PartitionSnapshot| s.delayed.keys().copied().collect::<Vec<_>>();
+
+        // Only outstanding offsets can be delayed.
+        let s = replayed(vec![delivered(), delayed(&[3, 4, 9])]);
+        assert_eq!(held(&s), [3, 4]);
+        assert_eq!(s.delayed[&3], 1_003);
+
+        let table: Vec<(Event, Vec<u64>)> = vec![
+            (
+                Event::Acked {
+                    partition: 0,
+                    offsets: vec![3],
+                },
+                vec![4],
+            ),
+            (
+                Event::Handed {
+                    partition: 0,
+                    deliveries: vec![(4, 2)],
+                },
+                vec![3],
+            ),
+            (
+                Event::Delivered {
+                    partition: 0,
+                    deliveries: vec![(3, 1)],
+                },
+                vec![4],
+            ),
+            (
+                Event::DeadLetterPending {
+                    partition: 0,
+                    dead_letter: super::super::events::DeadLetter {
+                        offset: 4,
+                        attempts: 5,
+                        dlq_mark: 0,
+                        reason: Reason::Nacked,
+                    },
+                },
+                vec![3],
+            ),
+            (
+                Event::Reset {
+                    partition: 0,
+                    cursor: 10,
+                },
+                vec![],
+            ),
+        ];
+        for (then, left) in table {
+            let s = replayed(vec![delivered(), delayed(&[3, 4]), then.clone()]);
+            assert_eq!(held(&s), left, "after {then:?}");
+        }
+
+        // A snapshot replaces the state; the `Delayed` written beside it brings the delays back.
+        let mut state = replayed(vec![delivered(), delayed(&[5])]);
+        let delays: Vec<_> = std::mem::take(&mut state.delayed).into_iter().collect();
+        let encoded = Event::Snapshot {
+            partition: 0,
+            state: state.clone(),
+        }
+        .encode();
+        let snapshot = Event::decode(&encoded).unwrap();
+        let s = replayed(vec![
+            delivered(),
+            delayed(&[3]),
+            snapshot,
+            Event::Delayed {
+                partition: 0,
+                delays,
+            },
+        ]);
+        assert_eq!(held(&s), [5]);
     }
 }

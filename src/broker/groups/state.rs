@@ -30,6 +30,9 @@ pub(super) struct Pending {
     pub(super) not_before: Instant,
     /// Attempts handed so far.
     pub(super) attempt: u32,
+    /// Given back by a Nack with a delay: `not_before` as wall-clock time (unix ms), which the
+    /// group's log holds (an `Event::Delayed`).
+    pub(super) delayed_until: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +79,23 @@ impl PState {
         let pending = Pending {
             not_before,
             attempt: attempts,
+            delayed_until: None,
+        };
+        self.pending.insert(offset, pending);
+    }
+
+    /// [`PState::retry`] for a Nack's delay, which ends at `until` (unix ms) as well.
+    pub(super) fn retry_delayed(
+        &mut self,
+        offset: u64,
+        attempts: u32,
+        not_before: Instant,
+        until: u64,
+    ) {
+        let pending = Pending {
+            not_before,
+            attempt: attempts,
+            delayed_until: Some(until),
         };
         self.pending.insert(offset, pending);
     }
@@ -116,6 +136,11 @@ impl PState {
             dead_lettered: self.dead_lettered,
             outstanding,
             dead_letters: self.dead_lettering.values().map(|(d, _)| *d).collect(),
+            delayed: self
+                .pending
+                .iter()
+                .filter_map(|(&o, p)| Some((o, p.delayed_until?)))
+                .collect(),
         }
     }
 }
@@ -253,4 +278,11 @@ pub(super) fn assign_owners(st: &mut State) {
             .copied();
         st.parts[p].owner = least;
     }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch (0 before it).
+pub(super) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
