@@ -15,7 +15,8 @@
 //!   incarnation, part of its groups' names ([`group_name`]), so the groups of a name created
 //!   again never meet the old ones on a node that slept through it.
 //!
-//! What is not replicated yet is refused by the broker in cluster mode (consumer groups): see
+//! What is not replicated yet is refused by the broker in cluster mode (consumer groups on a
+//! topic held by fewer nodes than the cluster): see
 //! docs/replication.md. Message ids are checked by each partition's leader
 //! ([`super::id_check`]); every replica learns the ids of what it applies
 //! ([`Cluster::id_hooks`]). Retention and key compaction are replicated: each partition's
@@ -334,8 +335,7 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).adopt(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
-            peers = cluster.members.peers.len(), "cluster port listening; not replicated yet, \
-            so refused here: resetting and deleting consumer groups");
+            peers = cluster.members.peers.len(), "cluster port listening");
         Ok(cluster)
     }
 

@@ -33,8 +33,8 @@ use super::cluster::Cluster;
 use super::error::{Error, Result};
 use super::groups::event_log::{ReplicatedEvents, Then};
 use super::groups::{
-    GroupMember, GroupTopic, Groups, MemberGuard, Membership, Opening, Relayed, ack_id,
-    event_log_config,
+    GroupMember, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership, Opening,
+    Relayed, ack_id, event_log_config,
 };
 use super::message::{Deliveries, Delivery, DeliveryBatch, Start};
 use super::topic::Topic;
@@ -133,10 +133,21 @@ impl Consumers {
         }
     }
 
-    /// Runs here every consumer group of the catalog this node holds, and stops those of
-    /// topics the catalog says are gone. False while a topic the catalog has is not open here
-    /// yet (the cluster layer creates it): to be tried again.
+    /// Runs here every consumer group of the catalog this node holds, and stops (deleting its
+    /// state here) every one the catalog no longer has: deleted, or its topic deleted. False
+    /// while a topic the catalog has is not open here yet (the cluster layer creates it): to
+    /// be tried again.
     async fn reconcile(&self, catalog: &Catalog) -> Result<bool> {
+        // The gone first: a group created again takes the same directory.
+        let gone: Vec<Arc<Hosted>> = self
+            .hosted()
+            .values()
+            .filter(|h| !catalog_has(catalog, h))
+            .cloned()
+            .collect();
+        for h in gone {
+            self.unhost(&h).await?;
+        }
         let mut settled = true;
         let me = self.me();
         for (name, entry) in &catalog.topics {
@@ -157,15 +168,6 @@ impl Consumers {
                 }
             }
         }
-        let gone: Vec<Arc<Hosted>> = self
-            .hosted()
-            .values()
-            .filter(|h| catalog.is_stale(&h.topic.name, h.topic.config.incarnation))
-            .cloned()
-            .collect();
-        for h in gone {
-            self.unhost(&h).await?;
-        }
         Ok(settled)
     }
 
@@ -181,6 +183,17 @@ impl Consumers {
         let _one_at_a_time = self.hosting.lock().await;
         if let Some(h) = self.hosted().get(&name) {
             return Ok(Arc::clone(h));
+        }
+        // An earlier creation of the group, deleted since: it goes before this one takes its
+        // directory.
+        let earlier: Vec<Arc<Hosted>> = self
+            .hosted()
+            .values()
+            .filter(|h| h.group == group && h.topic.name == topic.name)
+            .cloned()
+            .collect();
+        for h in earlier {
+            self.unhost(&h).await?;
         }
         let dir = self.topics.data().group_dir(group, &topic.name)?;
         let io = Arc::clone(self.topics.data().io());
@@ -228,7 +241,8 @@ impl Consumers {
         Ok(hosted)
     }
 
-    /// Stops a consumer group's Raft group here and deletes its state (its topic is gone).
+    /// Stops a consumer group's Raft group here and deletes its state (the group or its topic
+    /// is gone).
     async fn unhost(&self, h: &Arc<Hosted>) -> Result<()> {
         h.stop.cancel();
         self.hosted().remove(&h.name);
@@ -243,7 +257,7 @@ impl Consumers {
             }
         })
         .await?;
-        tracing::info!(group = %h.group, topic = %h.topic.name, "consumer group's topic deleted in the cluster: its state deleted here");
+        tracing::info!(group = %h.group, topic = %h.topic.name, "consumer group (or its topic) deleted in the cluster: its state deleted here");
         Ok(())
     }
 
@@ -474,12 +488,7 @@ impl Consumers {
         }
         if !forward {
             // Nothing done: the relaying node may ask the node that leads it.
-            return Err(Error::NoLeader {
-                what: format!("consumer group {group:?} on {topic:?}"),
-                leader: self
-                    .leader_elsewhere(&h)
-                    .map(|id| (id, self.cluster.forwarder().peers().addr(id, ""))),
-            });
+            return Err(self.not_led(&h));
         }
         let req = settle_request(group, &h.topic.name, ids.to_vec(), nack);
         let answer = self
@@ -495,6 +504,149 @@ impl Consumers {
             .await
             .map_err(Error::Relayed)?;
         Ok(answer.applied)
+    }
+
+    /// The state of `group` on every topic it reads, each described by the node leading it.
+    pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
+        let mut out = Vec::new();
+        for (topic, _) in self.topics_of(group)? {
+            out.push(self.administer(group, &topic, None, true).await?);
+        }
+        Ok(out)
+    }
+
+    /// Moves `group`'s position on `topic` (see [`GroupTopic::reset_to`]), at the node leading
+    /// it; returns once the reset is committed.
+    pub async fn reset_group(&self, group: &str, topic: &str, reset: Reset) -> Result<()> {
+        self.administer(group, topic, Some(reset), true).await?;
+        Ok(())
+    }
+
+    /// Deletes `group` on every topic it reads: from the catalog (every node then stops its
+    /// Raft group and deletes its state), refused while a member is connected to it through
+    /// any node. Returns once this node has deleted its state.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        let on = self.topics_of(group)?;
+        for (topic, _) in &on {
+            let d = self.administer(group, topic, None, true).await?;
+            if !d.members.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "group {group:?} has {} members connected to {topic:?}",
+                    d.members.len()
+                )));
+            }
+        }
+        let ids: std::collections::BTreeMap<String, u64> = on.into_iter().collect();
+        let gone = |c: &Catalog| {
+            ids.iter().all(|(topic, &id)| {
+                c.topics
+                    .get(topic)
+                    .and_then(|t| t.consumer_groups.get(group))
+                    .is_none_or(|g| g.id != id)
+            })
+        };
+        let command = Command::DeleteGroup {
+            group: group.to_string(),
+            ids: ids.clone(),
+        };
+        self.cluster.commit_to_catalog(command, gone).await?;
+        // This node's reconciliation follows the catalog: until it has let the group go here.
+        let deadline = tokio::time::Instant::now() + self.cluster.write_timeout();
+        let names: Vec<String> = ids
+            .iter()
+            .map(|(topic, &id)| consumer_group_name(topic, group, id))
+            .collect();
+        while names.iter().any(|n| self.hosted().contains_key(n)) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Unavailable(format!(
+                    "consumer group {group:?} was deleted in the cluster; this node has not \
+                     removed its state yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(group, "group deleted in the cluster");
+        Ok(())
+    }
+
+    /// The topics `group` reads, as the catalog has them, each with the group's id there.
+    fn topics_of(&self, group: &str) -> Result<Vec<(String, u64)>> {
+        validate_group_name(group)?;
+        let catalog = self.cluster.catalog();
+        let catalog = catalog.borrow();
+        let on: Vec<(String, u64)> = catalog
+            .topics
+            .iter()
+            .filter_map(|(t, entry)| Some((t.clone(), entry.consumer_groups.get(group)?.id)))
+            .collect();
+        if on.is_empty() {
+            return Err(storage::Error::GroupNotFound(group.to_string()).into());
+        }
+        Ok(on)
+    }
+
+    /// Describes `group` on `topic` (resetting it first when `reset` is given) here when this
+    /// node leads it; else (`forward`) at the node that does.
+    async fn administer(
+        &self,
+        group: &str,
+        topic: &str,
+        reset: Option<Reset>,
+        forward: bool,
+    ) -> Result<GroupTopicDescription> {
+        let h = self.entry(topic, group, None).await?;
+        let led = h.led.borrow().clone();
+        if let Some(g) = led {
+            if let Some(r) = reset {
+                g.reset_to(&r.partitions, r.to, r.force).await?;
+            }
+            return Ok(g.describe());
+        }
+        if !forward {
+            return Err(self.not_led(&h));
+        }
+        let req = pb::AdministerGroupRequest {
+            group: group.to_string(),
+            topic: h.topic.name.to_string(),
+            reset: reset.map(Reset::into_request),
+        };
+        let answer = self
+            .cluster
+            .forwarder()
+            .administer_remote(
+                &h.name,
+                self.leader_elsewhere(&h),
+                &self.others(&h),
+                req,
+                self.cluster.write_timeout(),
+            )
+            .await
+            .map_err(Error::Relayed)?;
+        serde_json::from_slice(&answer.description)
+            .map_err(|e| Error::Internal(format!("a group's description from its leader: {e}")))
+    }
+
+    /// For an admin call relayed here: describes (and resets) `group` on `topic`, which this
+    /// node must lead; the description as JSON.
+    pub async fn administer_led(
+        &self,
+        group: &str,
+        topic: &str,
+        reset: Option<pb::GroupReset>,
+    ) -> Result<Vec<u8>> {
+        let reset = reset.map(Reset::from_request).transpose()?;
+        let d = self.administer(group, topic, reset, false).await?;
+        serde_json::to_vec(&d).map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// Refuses a call for `h`'s group here, doing nothing: the caller may ask the leader.
+    fn not_led(&self, h: &Hosted) -> Error {
+        Error::NoLeader {
+            what: format!("consumer group {:?} on {:?}", h.group, &*h.topic.name),
+            leader: self
+                .leader_elsewhere(h)
+                .map(|id| (id, self.cluster.forwarder().peers().addr(id, ""))),
+        }
     }
 
     /// For a member relayed here: joins `group` on `topic`, which this node must lead.
@@ -665,6 +817,58 @@ impl ConsumersRef {
             }
         }
     }
+}
+
+/// A reset of a consumer group's position: the partitions (all when empty), where to, and
+/// whether even with members connected.
+#[derive(Debug, Clone)]
+pub struct Reset {
+    pub partitions: Vec<u32>,
+    pub to: Start,
+    pub force: bool,
+}
+
+impl Reset {
+    fn into_request(self) -> pb::GroupReset {
+        use pb::group_reset::To;
+        let to = match self.to {
+            Start::Earliest => To::Earliest(true),
+            Start::Latest => To::Latest(true),
+            Start::Offset(o) => To::Offset(o),
+            Start::Timestamp(t) => To::TimestampMs(t),
+        };
+        pb::GroupReset {
+            partitions: self.partitions,
+            to: Some(to),
+            force: self.force,
+        }
+    }
+
+    fn from_request(r: pb::GroupReset) -> Result<Reset> {
+        use pb::group_reset::To;
+        let to = match r.to {
+            Some(To::Earliest(_)) => Start::Earliest,
+            Some(To::Latest(_)) => Start::Latest,
+            Some(To::Offset(o)) => Start::Offset(o),
+            Some(To::TimestampMs(t)) => Start::Timestamp(t),
+            None => return Err(Error::InvalidArgument("a reset without a position".into())),
+        };
+        Ok(Reset {
+            partitions: r.partitions,
+            to,
+            force: r.force,
+        })
+    }
+}
+
+/// Whether the catalog still has the consumer group `h` runs (this creation of it).
+fn catalog_has(catalog: &Catalog, h: &Hosted) -> bool {
+    catalog.topics.get(&*h.topic.name).is_some_and(|t| {
+        t.config.incarnation == h.topic.config.incarnation
+            && t.consumer_groups
+                .get(&h.group)
+                .is_some_and(|g| consumer_group_name(&h.topic.name, &h.group, g.id) == h.name)
+    })
 }
 
 type RaftMetrics = openraft::RaftMetrics<u64, openraft::BasicNode>;

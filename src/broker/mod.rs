@@ -66,8 +66,8 @@ use self::ack_poll::AckPoller;
 use self::audit::{AuditEvent, AuditTrail, refuse_audit_topic};
 use self::blocking::blocking;
 use self::cluster::Cluster;
-use self::consumers::Consumers;
 pub use self::consumers::relayed_delivery;
+use self::consumers::{Consumers, Reset};
 use self::groups::{
     GroupMember, GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
 };
@@ -324,18 +324,6 @@ impl Broker {
         }
     }
 
-    /// Refuses, in cluster mode, what is not replicated yet (so that nothing is acknowledged
-    /// that a failover would forget).
-    fn refuse_in_cluster(&self, what: &str) -> Result<()> {
-        if self.cluster.is_some() {
-            return Err(Error::FailedPrecondition(format!(
-                "{what} not yet replicated, so a cluster node refuses them (see \
-                 docs/replication.md)"
-            )));
-        }
-        Ok(())
-    }
-
     /// Cancelled when the broker shuts down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -587,12 +575,17 @@ impl Broker {
         self.groups.all_groups().await
     }
 
-    /// The state of a group on each of its topics.
+    /// The state of a group on each of its topics (on a cluster, as the node leading it on
+    /// each topic has it).
     pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
-        self.groups.describe_group(group).await
+        match &self.consumers {
+            Some(consumers) => consumers.describe_group(group).await,
+            None => self.groups.describe_group(group).await,
+        }
     }
 
-    /// Moves a group's position on a topic (see [`Groups::reset_group`]).
+    /// Moves a group's position on a topic (see [`Groups::reset_group`]); on a cluster, at
+    /// the node leading the group.
     pub async fn reset_group(
         &self,
         group: &str,
@@ -601,16 +594,44 @@ impl Broker {
         to: Start,
         force: bool,
     ) -> Result<()> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
-        self.groups
-            .reset_group(group, topic, partitions, to, force)
-            .await
+        match &self.consumers {
+            Some(consumers) => {
+                let reset = Reset {
+                    partitions: partitions.to_vec(),
+                    to,
+                    force,
+                };
+                consumers.reset_group(group, topic, reset).await
+            }
+            None => {
+                self.groups
+                    .reset_group(group, topic, partitions, to, force)
+                    .await
+            }
+        }
     }
 
-    /// Deletes a group's state on every topic. Refused while members are connected.
+    /// Deletes a group's state on every topic. Refused while members are connected (on a
+    /// cluster, through any node).
     pub async fn delete_group(&self, group: &str) -> Result<()> {
-        self.refuse_in_cluster(GROUPS_NOT_REPLICATED)?;
-        self.groups.delete_group(group).await
+        match &self.consumers {
+            Some(consumers) => consumers.delete_group(group).await,
+            None => self.groups.delete_group(group).await,
+        }
+    }
+
+    /// Cluster mode: an admin's describe (and reset) of `group` on `topic` relayed here by
+    /// another node; this node must lead the group. The description as JSON.
+    pub async fn administer_led_group(
+        &self,
+        group: &str,
+        topic: &str,
+        reset: Option<crate::proto::cluster::GroupReset>,
+    ) -> Result<Vec<u8>> {
+        match &self.consumers {
+            Some(consumers) => consumers.administer_led(group, topic, reset).await,
+            None => Err(Error::FailedPrecondition("not a cluster node".into())),
+        }
     }
 
     // Maintenance.
@@ -671,9 +692,6 @@ impl Broker {
         tracing::info!("broker closed");
     }
 }
-
-/// What cluster mode refuses of consumer groups, said in each refusal.
-const GROUPS_NOT_REPLICATED: &str = "resetting and deleting consumer groups are";
 
 /// Threads that close logs at shutdown: a close mostly waits on syncs, so many run at once.
 const CLOSING_THREADS: usize = 16;

@@ -160,6 +160,13 @@ pub enum Command {
         starts: Vec<u64>,
         replicas: Vec<u64>,
     },
+    /// Deletes consumer group `group` on each topic of `ids` where it is still the creation
+    /// with that id (a group created again since stays).
+    DeleteGroup {
+        group: String,
+        /// Topic → the group's id there.
+        ids: BTreeMap<String, u64>,
+    },
 }
 
 impl Command {
@@ -272,6 +279,15 @@ impl GroupState for Catalog {
                         replicas,
                     });
                     self.next_group_id += 1;
+                }
+            }
+            Command::DeleteGroup { group, ids } => {
+                for (topic, id) in ids {
+                    if let Some(t) = self.topics.get_mut(&topic)
+                        && t.consumer_groups.get(&group).is_some_and(|g| g.id == id)
+                    {
+                        t.consumer_groups.remove(&group);
+                    }
                 }
             }
         }
@@ -471,7 +487,7 @@ mod tests {
     }
 
     /// Consumer groups: created once per topic incarnation (a repeat keeps the first starts),
-    /// each with an id no other creation ever gets, even after the topic is deleted and created
+    /// deleted only as the creation a delete names, each with an id no other creation ever gets, even after the topic is deleted and created
     /// again; a creation for an incarnation that is gone changes nothing; group and partition
     /// Raft group names never parse as each other.
     #[test]
@@ -497,7 +513,11 @@ mod tests {
         apply(&mut catalog, create_topic.clone());
         // (step, command, the group's (id, start) after it, next id after it)
         type Step = (&'static str, Command, &'static str, Option<(u64, u64)>, u64);
-        let steps: [Step; 5] = [
+        let delete = |name: &str, id| Command::DeleteGroup {
+            group: name.into(),
+            ids: [("epro".to_string(), id)].into_iter().collect(),
+        };
+        let steps: [Step; 9] = [
             (
                 "created",
                 group("billing", 0, 5),
@@ -515,6 +535,28 @@ mod tests {
             ("another", group("audit", 0, 7), "audit", Some((1, 7)), 2),
             ("a gone incarnation", group("late", 3, 0), "late", None, 2),
             (
+                "a delete naming another creation",
+                delete("audit", 0),
+                "audit",
+                Some((1, 7)),
+                2,
+            ),
+            ("deleted", delete("audit", 1), "audit", None, 2),
+            (
+                "created again",
+                group("audit", 0, 8),
+                "audit",
+                Some((2, 8)),
+                3,
+            ),
+            (
+                "the old delete again",
+                delete("audit", 1),
+                "audit",
+                Some((2, 8)),
+                3,
+            ),
+            (
                 "topic deleted",
                 Command::DeleteTopic {
                     name: "epro".into(),
@@ -522,7 +564,7 @@ mod tests {
                 },
                 "billing",
                 None,
-                2,
+                3,
             ),
         ];
         for (what, command, name, expected, next) in steps {
@@ -538,7 +580,7 @@ mod tests {
         apply(&mut catalog, create_topic);
         apply(&mut catalog, group("billing", 1, 0));
         assert_eq!(
-            catalog.topics["epro"].consumer_groups["billing"].id, 2,
+            catalog.topics["epro"].consumer_groups["billing"].id, 3,
             "created again: a new id"
         );
         let name = consumer_group_name("epro", "7", 2);

@@ -60,6 +60,13 @@ pub trait GroupHost: Send + Sync {
         &self,
         request: pb::SettleRequest,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<pb::SettleResponse, Status>> + Send + '_>>;
+
+    fn administer(
+        &self,
+        request: pb::AdministerGroupRequest,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<pb::AdministerGroupResponse, Status>> + Send + '_>,
+    >;
 }
 
 /// The Raft groups this node takes part in, by name (`<topic>/<partition>`).
@@ -460,5 +467,15 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::SettleResponse>, Status> {
         let host = self.group_host()?;
         host.settle(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn administer_group(
+        &self,
+        request: Request<pb::AdministerGroupRequest>,
+    ) -> Result<Response<pb::AdministerGroupResponse>, Status> {
+        let host = self.group_host()?;
+        host.administer(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -688,6 +688,32 @@ impl Forwarder {
         Ok(answer)
     }
 
+    /// Describes (and with `req.reset`, resets first) a consumer group at the node leading it,
+    /// as [`Forwarder::settle_remote`] settles: a reset is not made twice.
+    pub async fn administer_remote(
+        &self,
+        group: &str,
+        leader: Option<u64>,
+        replicas: &[u64],
+        req: pb::AdministerGroupRequest,
+        deadline: Duration,
+    ) -> Result<pb::AdministerGroupResponse, Status> {
+        self.ask_first(group, leader);
+        let retry = match req.reset {
+            Some(_) => Retry::OnlyIfNotTaken,
+            None => Retry::WhileUnanswered,
+        };
+        let (answer, id) = self
+            .ask_replicas(group, replicas, deadline, retry, |mut client, request| {
+                let req = req.clone();
+                async move { client.administer_group(request.map(|()| req)).await }
+            })
+            .await?;
+        self.leaders()
+            .insert(group.to_string(), (id, self.peers.addr(id, "")));
+        Ok(answer)
+    }
+
     /// [`Forwarder::ask_replicas`] asks `leader` first next time (the leader this node, a
     /// member of the group, knows), or, when none is known, the replicas in turn.
     fn ask_first(&self, group: &str, leader: Option<u64>) {

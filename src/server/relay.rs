@@ -80,6 +80,25 @@ impl GroupHost for LedGroups {
             Ok(pb::SettleResponse { applied })
         })
     }
+
+    fn administer(
+        &self,
+        req: pb::AdministerGroupRequest,
+    ) -> Answer<'_, pb::AdministerGroupResponse> {
+        Box::pin(async move {
+            let broker = self.broker()?;
+            let description = broker
+                .administer_led_group(&req.group, &req.topic, req.reset)
+                .await
+                .map_err(|e| match e {
+                    e @ Error::NoLeader { .. } => not_taken(to_status(e)),
+                    e => to_status(e),
+                })?;
+            Ok(pb::AdministerGroupResponse {
+                description: description.into(),
+            })
+        })
+    }
 }
 
 /// Marks a refusal that did nothing (see `replication::write::NOT_PROPOSED_METADATA`).

@@ -288,6 +288,10 @@ impl DataDir {
                     topics.push(name.to_string());
                 }
             }
+            // A group whose last topic's state was deleted (a crash can leave its directory).
+            if topics.is_empty() {
+                continue;
+            }
             topics.sort();
             out.push((group, topics));
         }
@@ -316,7 +320,13 @@ impl DataDir {
         self.io
             .sync_dir(&parent)
             .map_err(|e| Error::io(&parent, e))?;
-        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+        if topic.is_some() {
+            // The group's directory goes with its last topic (it fails, harmlessly, while
+            // another topic's state is in it).
+            let _ = fs::remove_dir(&parent);
+        }
+        Ok(())
     }
 
     /// Deletes a topic and all its data. Its partitions must be closed first.

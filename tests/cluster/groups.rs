@@ -436,6 +436,208 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
     });
 }
 
+/// Sends `m-0` … `m-<n-1>` through `addr`, in one request.
+async fn send_values(addr: &str, n: u64) {
+    let mut producer = BrokerClient::new(connect(addr).await.unwrap());
+    producer
+        .send(pb::SendRequest {
+            topic: TOPIC.into(),
+            messages: (0..n)
+                .map(|i| pb::Message {
+                    value: Some(format!("m-{i}").into()),
+                    ..pb::Message::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+}
+
+/// The next `n` deliveries of `stream` (at most [`DEADLINE`] for each).
+async fn next_deliveries(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    n: usize,
+) -> Vec<pb::Delivery> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let next = tokio::time::timeout(DEADLINE, stream.message()).await;
+        got.extend(next.expect("a delivery").unwrap().unwrap().deliveries);
+    }
+    got
+}
+
+/// DescribeGroup of the group through node `i`: its one topic's description.
+async fn describe_group(
+    cluster: &TestCluster,
+    i: usize,
+) -> Result<pb::GroupTopicState, tonic::Status> {
+    let mut admin = AdminClient::new(connect(&cluster.addr(i)).await.unwrap());
+    let d = admin
+        .describe_group(pb::DescribeGroupRequest {
+            group: GROUP.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(d.topics.len(), 1, "{d:?}");
+    Ok(d.topics.into_iter().next().unwrap())
+}
+
+/// Until every node describes the group with `members` members and committed offset
+/// `committed` (a member's leaving is seen a moment after its stream ends).
+async fn described_everywhere(cluster: &TestCluster, members: usize, committed: u64) {
+    let agreed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut seen = Vec::new();
+            for i in 0..3 {
+                let d = describe_group(cluster, i).await;
+                seen.push(d.map(|d| (d.members.len(), d.partitions[0].committed_offset)));
+            }
+            if seen
+                .iter()
+                .all(|s| s.as_ref().ok() == Some(&(members, committed)))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    agreed
+        .await
+        .unwrap_or_else(|_| panic!("every node describes {members} members at {committed}"));
+}
+
+/// An admin's calls on a consumer group through any node act on the node leading it: Describe
+/// shows the leader's members and positions through every node; Reset and Delete are refused
+/// (changing nothing) while a member is connected through any node; a Reset is committed (the
+/// next leader resumes there after the leader is killed); a Delete removes the group from every
+/// node, and the same name then starts afresh.
+#[test]
+fn describe_reset_and_delete_of_a_group_through_any_node_act_at_its_leader() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+        send_values(&cluster.addr(0), 10).await;
+        let mut member = joined(&cluster.addr(0)).await;
+        let got = next_deliveries(&mut member, 8).await;
+        let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        let acked = client
+            .ack(pb::AckRequest {
+                group: GROUP.into(),
+                topic: TOPIC.into(),
+                ack_ids: got[..3].iter().map(|d| d.ack_id.clone()).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acked.acked.len(), 3, "{acked:?}");
+        described_everywhere(&cluster, 1, 3).await;
+
+        let leader = group_leader(&cluster, 0).await;
+        let elsewhere = (leader + 1) % 3;
+        let mut admin = AdminClient::new(connect(&cluster.addr(elsewhere)).await.unwrap());
+        let reset = |force| pb::ResetGroupRequest {
+            group: GROUP.into(),
+            topic: TOPIC.into(),
+            to: Some(pb::StartPosition {
+                kind: Some(pb::start_position::Kind::Offset(7)),
+            }),
+            force,
+            ..pb::ResetGroupRequest::default()
+        };
+        precondition(admin.reset_group(reset(false)).await, "members connected");
+        precondition(
+            admin
+                .delete_group(pb::DeleteGroupRequest {
+                    group: GROUP.into(),
+                })
+                .await,
+            "members connected",
+        );
+        described_everywhere(&cluster, 1, 3).await;
+
+        drop(member);
+        described_everywhere(&cluster, 0, 3).await;
+        admin.reset_group(reset(false)).await.unwrap();
+        described_everywhere(&cluster, 0, 7).await;
+        // Committed: the next leader resumes from the reset position.
+        cluster.kill(leader);
+        let mut member = joined(&cluster.addr(elsewhere)).await;
+        let after = next_deliveries(&mut member, 3).await;
+        let offsets: Vec<u64> = after.iter().map(|d| d.offset).collect();
+        assert_eq!(offsets, [7, 8, 9], "after the reset and a failover");
+        drop(member);
+        cluster.restart(leader);
+        described_everywhere(&cluster, 0, 7).await;
+
+        admin
+            .delete_group(pb::DeleteGroupRequest {
+                group: GROUP.into(),
+            })
+            .await
+            .unwrap();
+        let gone = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let mut left = 0;
+                for i in 0..3 {
+                    let mut admin = AdminClient::new(connect(&cluster.addr(i)).await.unwrap());
+                    let listed = admin
+                        .list_groups(pb::ListGroupsRequest {})
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    left += listed.groups.iter().filter(|g| g.name == GROUP).count();
+                }
+                if left == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        gone.await.expect("the group is gone from every node");
+        for i in 0..3 {
+            let d = describe_group(&cluster, i).await;
+            assert!(
+                d.as_ref().is_err_and(|s| s.code() == tonic::Code::NotFound),
+                "{d:?}"
+            );
+        }
+        // The name starts afresh: a new group, from the earliest message.
+        let mut member = joined(&cluster.addr(leader)).await;
+        let again = next_deliveries(&mut member, 1).await;
+        assert_eq!((again[0].offset, again[0].attempt), (0, 1), "{again:?}");
+    });
+}
+
+/// Joins the group on the topic through `addr` (`max_in_flight` 8), if that node takes it now.
+async fn join(addr: &str) -> Option<tonic::Streaming<pb::SubscribeResponse>> {
+    let mut client = BrokerClient::new(connect(addr).await.ok()?);
+    let stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: TOPIC.into(),
+            group: GROUP.into(),
+            max_in_flight: 8,
+            ..pb::SubscribeRequest::default()
+        })
+        .await
+        .ok()?;
+    Some(stream.into_inner())
+}
+
+/// [`join`], again until the group runs on a leader (the topic reaches every node's catalog
+/// first; after a failover, an election comes first).
+async fn joined(addr: &str) -> tonic::Streaming<pb::SubscribeResponse> {
+    let joined = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(stream) = join(addr).await {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    joined.await.expect("the group runs on a leader")
+}
+
 /// A Nack's delay is replicated: after the node leading the group is killed, the next leader
 /// delivers the nacked messages again no sooner than the delay asked (a lower bound: no machine
 /// is too slow for it), and the one still in flight at once.
@@ -448,45 +650,9 @@ fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
-        let mut producer = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
-        producer
-            .send(pb::SendRequest {
-                topic: TOPIC.into(),
-                messages: (0..3)
-                    .map(|i| pb::Message {
-                        value: Some(format!("m-{i}").into()),
-                        ..pb::Message::default()
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap();
-        let subscribe = |addr: String| async move {
-            let mut client = BrokerClient::new(connect(&addr).await.ok()?);
-            let stream = client
-                .subscribe(pb::SubscribeRequest {
-                    topic: TOPIC.into(),
-                    group: GROUP.into(),
-                    max_in_flight: 8,
-                    ..pb::SubscribeRequest::default()
-                })
-                .await
-                .ok()?;
-            Some((client, stream.into_inner()))
-        };
-        // Until the group runs somewhere (the topic reaches every node's catalog first).
-        let subscribed = |addr: String| async move {
-            let joined = tokio::time::timeout(DEADLINE, async {
-                loop {
-                    if let Some(joined) = subscribe(addr.clone()).await {
-                        return joined;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
-            joined.await.expect("the group runs on a leader")
-        };
-        let (mut client, mut stream) = subscribed(cluster.addr(0)).await;
+        send_values(&cluster.addr(0), 3).await;
+        let mut stream = joined(&cluster.addr(0)).await;
+        let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
         let mut got = Vec::new();
         while got.len() < 3 {
             got.extend(stream.message().await.unwrap().unwrap().deliveries);
@@ -508,7 +674,7 @@ fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
         cluster.kill(leader);
         let other = (leader + 1) % 3;
         // Subscribed again through a running node once a new leader runs the group.
-        let (_, mut again) = subscribed(cluster.addr(other)).await;
+        let mut again = joined(&cluster.addr(other)).await;
         let resubscribed = before_nack.elapsed();
         assert!(
             resubscribed < DELAY,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::error::{Error, Result};
+use crate::broker::message::Start;
 use crate::broker::send::DeadLetterAppender;
 use crate::broker::topic::Topic;
 use crate::storage::FsyncPolicy;
@@ -54,7 +55,7 @@ impl GroupSettings {
 }
 
 /// One member's view of a partition in `describe`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupPartitionDescription {
     pub partition: u32,
     pub committed: u64,
@@ -71,7 +72,7 @@ pub struct GroupPartitionDescription {
     pub blocked: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemberDescription {
     pub id: u64,
     pub in_flight: u64,
@@ -79,7 +80,7 @@ pub struct MemberDescription {
     pub exclusive: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupTopicDescription {
     pub group: String,
     pub topic: String,
@@ -243,9 +244,35 @@ impl GroupTopic {
         lock(&self.state).members.len()
     }
 
+    /// Moves the chosen partitions (all when `only` is empty) to `to`, as this node's copy of
+    /// each partition places it. Refused while members are connected unless `force`.
+    pub async fn reset_to(&self, only: &[u32], to: Start, force: bool) -> Result<()> {
+        let members = self.member_count();
+        if !force && members > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "group {:?} has {members} members connected to {:?}; stop them or force the reset",
+                self.group, &*self.topic.name
+            )));
+        }
+        // Unknown partitions are refused by `reset`, before anything changes.
+        let mut cursors = Vec::new();
+        for handle in &self.topic.partitions {
+            let chosen = only.is_empty() || only.contains(&handle.id);
+            cursors.push(if chosen {
+                handle.start_offset(to).await?
+            } else {
+                0
+            });
+        }
+        self.reset(only, |p| cursors.get(p as usize).copied().unwrap_or(0))
+            .await?;
+        tracing::info!(group = %self.group, topic = %self.topic.name, partitions = ?only, ?to, "group reset");
+        Ok(())
+    }
+
     /// Moves the chosen partitions (all when `only` is empty) to `cursor(p)`, abandoning what
     /// is outstanding there, and unblocking them if damage had stopped them.
-    pub async fn reset(&self, only: &[u32], cursor: impl Fn(u32) -> u64) -> Result<()> {
+    async fn reset(&self, only: &[u32], cursor: impl Fn(u32) -> u64) -> Result<()> {
         self.check_partitions(only.iter().copied())?;
         let chosen = |p: u32| only.is_empty() || only.contains(&p);
         let done = {

@@ -330,29 +330,10 @@ impl Groups {
         to: Start,
         force: bool,
     ) -> Result<()> {
-        let g = self.known_group(group, topic).await?;
-        if !force && g.member_count() > 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "group {group:?} has {} members connected to {topic:?}; stop them or force the reset",
-                g.member_count()
-            )));
-        }
-        // Unknown partitions are refused by `GroupTopic::reset`, before anything changes.
-        let mut cursors = Vec::new();
-        for handle in &g.topic.partitions {
-            let chosen = partitions.is_empty() || partitions.contains(&handle.id);
-            cursors.push(if chosen {
-                handle.start_offset(to).await?
-            } else {
-                0
-            });
-        }
-        g.reset(partitions, |p| {
-            cursors.get(p as usize).copied().unwrap_or(0)
-        })
-        .await?;
-        tracing::info!(group, topic, ?partitions, ?to, "group reset");
-        Ok(())
+        self.known_group(group, topic)
+            .await?
+            .reset_to(partitions, to, force)
+            .await
     }
 
     /// Deletes a group's state on every topic. Refused while members are connected.
