@@ -2,6 +2,9 @@
 //! times, whatever fails it (Nack, ack timeout, a member leaving, a broker restart, exclusive
 //! failover), and the next failure dead-letters it exactly once. Read-ahead that never reached a
 //! client does not count; acks say what they applied; a refused Subscribe creates nothing.
+//! The cluster variant, with the group's leader killed or stopped among the random steps, is
+//! `tests/cluster/groups.rs` (`no_message_is_handed_out_more_than_max_deliveries_through_leader_changes`),
+//! beside the cluster harness it needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

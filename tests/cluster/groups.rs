@@ -436,8 +436,8 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
     });
 }
 
-/// Sends `m-0` … `m-<n-1>` through `addr`, in one request.
-async fn send_values(addr: &str, n: u64) {
+/// Sends `m-0` … `m-<n-1>` through `addr`, in one request, round the topic's `partitions`.
+async fn send_values(addr: &str, n: u64, partitions: u32) {
     let mut producer = BrokerClient::new(connect(addr).await.unwrap());
     producer
         .send(pb::SendRequest {
@@ -445,6 +445,7 @@ async fn send_values(addr: &str, n: u64) {
             messages: (0..n)
                 .map(|i| pb::Message {
                     value: Some(format!("m-{i}").into()),
+                    partition: Some((i % u64::from(partitions)) as u32),
                     ..pb::Message::default()
                 })
                 .collect(),
@@ -517,8 +518,8 @@ fn describe_reset_and_delete_of_a_group_through_any_node_act_at_its_leader() {
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
-        send_values(&cluster.addr(0), 10).await;
-        let mut member = joined(&cluster.addr(0)).await;
+        send_values(&cluster.addr(0), 10, 1).await;
+        let mut member = joined(&cluster.addr(0), 8).await;
         let got = next_deliveries(&mut member, 8).await;
         let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
         let acked = client
@@ -562,7 +563,7 @@ fn describe_reset_and_delete_of_a_group_through_any_node_act_at_its_leader() {
         described_everywhere(&cluster, 0, 7).await;
         // Committed: the next leader resumes from the reset position.
         cluster.kill(leader);
-        let mut member = joined(&cluster.addr(elsewhere)).await;
+        let mut member = joined(&cluster.addr(elsewhere), 8).await;
         let after = next_deliveries(&mut member, 3).await;
         let offsets: Vec<u64> = after.iter().map(|d| d.offset).collect();
         assert_eq!(offsets, [7, 8, 9], "after the reset and a failover");
@@ -603,20 +604,20 @@ fn describe_reset_and_delete_of_a_group_through_any_node_act_at_its_leader() {
             );
         }
         // The name starts afresh: a new group, from the earliest message.
-        let mut member = joined(&cluster.addr(leader)).await;
+        let mut member = joined(&cluster.addr(leader), 8).await;
         let again = next_deliveries(&mut member, 1).await;
         assert_eq!((again[0].offset, again[0].attempt), (0, 1), "{again:?}");
     });
 }
 
-/// Joins the group on the topic through `addr` (`max_in_flight` 8), if that node takes it now.
-async fn join(addr: &str) -> Option<tonic::Streaming<pb::SubscribeResponse>> {
+/// Joins the group on the topic through `addr` with `max_in_flight`, if that node takes it now.
+async fn join(addr: &str, max_in_flight: u32) -> Option<tonic::Streaming<pb::SubscribeResponse>> {
     let mut client = BrokerClient::new(connect(addr).await.ok()?);
     let stream = client
         .subscribe(pb::SubscribeRequest {
             topic: TOPIC.into(),
             group: GROUP.into(),
-            max_in_flight: 8,
+            max_in_flight,
             ..pb::SubscribeRequest::default()
         })
         .await
@@ -626,10 +627,10 @@ async fn join(addr: &str) -> Option<tonic::Streaming<pb::SubscribeResponse>> {
 
 /// [`join`], again until the group runs on a leader (the topic reaches every node's catalog
 /// first; after a failover, an election comes first).
-async fn joined(addr: &str) -> tonic::Streaming<pb::SubscribeResponse> {
+async fn joined(addr: &str, max_in_flight: u32) -> tonic::Streaming<pb::SubscribeResponse> {
     let joined = tokio::time::timeout(DEADLINE, async {
         loop {
-            if let Some(stream) = join(addr).await {
+            if let Some(stream) = join(addr, max_in_flight).await {
                 return stream;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -650,8 +651,8 @@ fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
     runtime.block_on(async {
         let mut cluster = TestCluster::start();
         create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
-        send_values(&cluster.addr(0), 3).await;
-        let mut stream = joined(&cluster.addr(0)).await;
+        send_values(&cluster.addr(0), 3, 1).await;
+        let mut stream = joined(&cluster.addr(0), 8).await;
         let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
         let mut got = Vec::new();
         while got.len() < 3 {
@@ -674,7 +675,7 @@ fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
         cluster.kill(leader);
         let other = (leader + 1) % 3;
         // Subscribed again through a running node once a new leader runs the group.
-        let mut again = joined(&cluster.addr(other)).await;
+        let mut again = joined(&cluster.addr(other), 8).await;
         let resubscribed = before_nack.elapsed();
         assert!(
             resubscribed < DELAY,
@@ -702,6 +703,155 @@ fn a_nack_delay_holds_when_the_groups_leader_is_killed() {
                 "nacked with a {DELAY:?} delay, offset {} delivered again after {waited:?}",
                 d.offset
             );
+        }
+    });
+}
+
+/// How a delivery is failed in [`no_message_is_handed_out_more_than_max_deliveries_through_leader_changes`].
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Nack,
+    Leave,
+    AckTimeout,
+    /// `kill -9` of the node leading the group, then a restart of it.
+    KillLeader,
+    /// `SIGTERM` of the node leading the group (it hands over first), then a restart of it.
+    StopLeader,
+}
+
+/// The cluster variant of `tests/delivery_limit.rs`: `max_deliveries` holds whatever fails a
+/// delivery, changes of the group's leader among the random steps (killed or stopped, then
+/// started again), with members joining through random nodes: no message is handed out more
+/// than `MAX_DELIVERIES` times, attempt numbers only grow, and each message, failed every
+/// time, is dead-lettered exactly once. `CLUSTER_DELIVERY_SEEDS=n` runs n interleavings (CI: 1).
+#[test]
+fn no_message_is_handed_out_more_than_max_deliveries_through_leader_changes() {
+    const MESSAGES: u64 = 12;
+    let seeds: u64 = std::env::var("CLUSTER_DELIVERY_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let runtime = runtime();
+    runtime.block_on(async {
+        for seed in 1..=seeds {
+            let max = MAX_DELIVERIES.to_string();
+            let mut cluster = TestCluster::start_with(&[
+                ("SLUICE_GROUPS_MAX_DELIVERIES", &max),
+                ("SLUICE_GROUPS_ACK_TIMEOUT_MS", "1000"),
+            ]);
+            create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 2).await;
+            send_values(&cluster.addr(0), MESSAGES, 2).await;
+            let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut below = |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            // Every handing a client saw: (partition, offset) → attempts, in order.
+            let mut seen: BTreeMap<(u32, u64), Vec<u32>> = BTreeMap::new();
+            let mut trace = Vec::new();
+            let mut finished = false;
+            for _step in 0..150 {
+                let failure = match below(8) {
+                    0 | 1 => Failure::Nack,
+                    2 | 3 => Failure::Leave,
+                    4 | 5 => Failure::AckTimeout,
+                    6 => Failure::KillLeader,
+                    _ => Failure::StopLeader,
+                };
+                let through = below(3) as usize;
+                trace.push((failure, through));
+                let max_in_flight = 1 + below(3) as u32;
+                let mut stream = joined(&cluster.addr(through), max_in_flight).await;
+                // The next delivery, unless every message is settled (dead-lettered).
+                let done = async {
+                    loop {
+                        if let Ok(d) = describe_group(&cluster, through).await
+                            && d.partitions.iter().all(|p| p.lag == 0)
+                        {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                let next = tokio::select! {
+                    m = stream.message() => m,
+                    () = done => {
+                        finished = true;
+                        break;
+                    }
+                };
+                // The stream ended (the group's leader changed): join again.
+                let Ok(Some(response)) = next else { continue };
+                let mut got = response.deliveries;
+                if matches!(failure, Failure::AckTimeout)
+                    && got.iter().any(|d| d.attempt < MAX_DELIVERIES)
+                    && let Ok(Ok(Some(again))) =
+                        tokio::time::timeout(DEADLINE, stream.message()).await
+                {
+                    // Not acked: it comes back after the timeout (to this member, the only one).
+                    got.extend(again.deliveries);
+                }
+                for d in &got {
+                    seen.entry((d.partition, d.offset))
+                        .or_default()
+                        .push(d.attempt);
+                }
+                match failure {
+                    Failure::Nack => {
+                        let channel = connect(&cluster.addr(through)).await.unwrap();
+                        // An outcome not known (the leader changed mid-call) is a failure too.
+                        let _ = BrokerClient::new(channel)
+                            .nack(pb::NackRequest {
+                                group: GROUP.into(),
+                                topic: TOPIC.into(),
+                                ack_ids: got.iter().map(|d| d.ack_id.clone()).collect(),
+                                delay_ms: 0,
+                            })
+                            .await;
+                        drop(stream);
+                    }
+                    Failure::Leave | Failure::AckTimeout => drop(stream),
+                    Failure::KillLeader | Failure::StopLeader => {
+                        drop(stream);
+                        let leader = group_leader(&cluster, through).await;
+                        if matches!(failure, Failure::KillLeader) {
+                            cluster.kill(leader);
+                        } else {
+                            cluster.stop(leader);
+                        }
+                        cluster.restart(leader);
+                    }
+                }
+            }
+            let context = format!("seed {seed}, steps (failure, node) {trace:?}, seen {seen:?}");
+            assert!(finished, "not every message was settled: {context}");
+            for (id, attempts) in &seen {
+                assert!(
+                    attempts.windows(2).all(|w| w[0] < w[1])
+                        && attempts.iter().all(|&a| a <= MAX_DELIVERIES),
+                    "{id:?} was handed out as {attempts:?}; {context}"
+                );
+            }
+            assert_eq!(seen.len() as u64, MESSAGES, "{context}");
+            // Each message failed every time: dead-lettered exactly once.
+            let dead = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let d = dead_letters(&cluster, 0).await;
+                    if d.len() as u64 >= MESSAGES {
+                        return d;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("every message reached the dead-letter topic: {context}"));
+            let mut dead = dead;
+            dead.sort();
+            let mut want: Vec<String> = (0..MESSAGES).map(|i| format!("m-{i}")).collect();
+            want.sort();
+            assert_eq!(dead, want, "{context}");
         }
     });
 }

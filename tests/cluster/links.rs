@@ -71,9 +71,7 @@ async fn proxy(port: u16, target: u16, mut up: watch::Receiver<bool>, cut: watch
         if up.wait_for(|u| *u).await.is_err() {
             return;
         }
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap_or_else(|e| panic!("proxy port {port}: {e}"));
+        let listener = listen(port).await;
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -90,6 +88,22 @@ async fn proxy(port: u16, target: u16, mut up: watch::Receiver<bool>, cut: watch
                 let (ro, wo) = outbound.into_split();
                 tokio::join!(pipe(ri, wo, cut.clone()), pipe(ro, wi, cut));
             });
+        }
+    }
+}
+
+/// A listener on `port`, which the proxy's previous listener (or another cluster's) may take a
+/// moment to let go of.
+async fn listen(port: u16) -> TcpListener {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(listener) => return listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("proxy port {port}: {e}"),
         }
     }
 }
