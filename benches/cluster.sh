@@ -18,7 +18,9 @@
 #     batches (`sluice-bench produce --ids`: every message a new 16-byte id)
 #   - groups: a consumer group reading GROUP_MESSAGES (default 200,000) messages of 1 KB (stored beforehand), acking
 #     every response, through the partition's leader; on the cluster the group's own Raft
-#     group commits each delivery's and each ack's events before they count
+#     group commits each delivery's and each ack's events before they count; then GROUP_RUNS
+#     (default 3) more groups on the same messages through each node in turn, each run saying
+#     whether its member was on the group's leader or relayed to it
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
 #        [ONLY="lone batched failover burst idle ids groups", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
@@ -82,6 +84,14 @@ leader_addr() { # leader_addr TOPIC PARTITION ADDR...: the client address of the
     sleep 0.1
   done
   echo "${addrs[$((id - 1))]}"
+}
+
+node_of() { # node_of ADDR: the cluster node (1-3) serving client address ADDR
+  printf '%s\n' "${addrs[@]}" | grep -nx "$1" | cut -d: -f1
+}
+
+group_leader() { # group_leader GROUP TOPIC ADDR: the node leading the consumer group, as ADDR says
+  "$bin" cluster status --broker "$3" | awk -v g="$1" -v t="$2" '$1 == g && $2 == t { print $3 }'
 }
 
 groups() { # groups ADDR PIDS...: fills topic grp through ADDR, then one group reads it all
@@ -158,8 +168,16 @@ if want groups; then
   lead=$(leader_addr grp 0 "${addrs[0]}")
   groups "$lead" "${cpids[@]}"
   # The group's own leader may be another node (the member is then relayed to it).
-  echo "member connected to node $(( $(printf '%s\n' "${addrs[@]}" | grep -nx "$lead" | cut -d: -f1) ))"
-  "$bin" cluster status --broker "$lead" | grep -A1 "^consumer group" || true
+  echo "member connected to node $(node_of "$lead"), group led by node $(group_leader g grp "$lead")"
+  # More groups on the same messages, each through another node: whichever node each group's
+  # election chose, some runs have the member on the group's leader (no relay) and some not.
+  for k in $(seq "${GROUP_RUNS:-3}"); do
+    through=${addrs[$(((k - 1) % 3))]}
+    c0=$(cpu "${cpids[@]}")
+    "$bench" consume --topic grp --group "g$k" --broker "$through"
+    c1=$(cpu "${cpids[@]}")
+    echo "brokers' CPU: $(echo "$c1 - $c0" | bc) s; member connected to node $(node_of "$through"), group led by node $(group_leader "g$k" grp "$through")"
+  done
 fi
 
 if want burst; then

