@@ -510,9 +510,26 @@ impl Consumers {
     pub async fn describe_group(&self, group: &str) -> Result<Vec<GroupTopicDescription>> {
         let mut out = Vec::new();
         for (topic, _) in self.topics_of(group)? {
-            out.push(self.administer(group, &topic, None, true).await?);
+            out.push(self.describe(group, &topic).await?);
         }
         Ok(out)
+    }
+
+    /// The state of `group` on `topic`, as the node leading it has it.
+    pub async fn describe(&self, group: &str, topic: &str) -> Result<GroupTopicDescription> {
+        self.administer(group, topic, None, true).await
+    }
+
+    /// The consumer groups reading `topic` (this creation of it), as the catalog has them.
+    pub fn groups_on(&self, topic: &Topic) -> Vec<String> {
+        let catalog = self.cluster.catalog();
+        let catalog = catalog.borrow();
+        catalog
+            .topics
+            .get(&*topic.name)
+            .filter(|t| t.config.incarnation == topic.config.incarnation)
+            .map(|t| t.consumer_groups.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Moves `group`'s position on `topic` (see [`GroupTopic::reset_to`]), at the node leading
@@ -528,7 +545,7 @@ impl Consumers {
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         let on = self.topics_of(group)?;
         for (topic, _) in &on {
-            let d = self.administer(group, topic, None, true).await?;
+            let d = self.describe(group, topic).await?;
             if !d.members.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "group {group:?} has {} members connected to {topic:?}",

@@ -16,6 +16,7 @@ use super::audit::{AUDIT_TOPIC, AuditEvent, AuditTrail, refuse_audit_topic};
 use super::blocking::blocking;
 use super::clock::now_ms;
 use super::cluster::Cluster;
+use super::consumers::Consumers;
 use super::error::{Error, Result};
 use super::groups::Groups;
 use super::message::Start;
@@ -42,6 +43,8 @@ pub struct Maintenance {
     audit: Arc<AuditTrail>,
     /// Cluster mode: a replicated partition's retention is decided by its leader, through Raft.
     cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: the consumer groups, whose positions their leaders hold.
+    consumers: Option<Arc<Consumers>>,
 }
 
 impl Maintenance {
@@ -50,32 +53,62 @@ impl Maintenance {
         groups: Arc<Groups>,
         audit: Arc<AuditTrail>,
         cluster: Option<Arc<Cluster>>,
+        consumers: Option<Arc<Consumers>>,
     ) -> Maintenance {
         Maintenance {
             topics,
             groups,
             audit,
             cluster,
+            consumers,
         }
     }
 
     /// Per partition, the offset below which every consumer group has acknowledged everything,
-    /// and the group furthest behind. `None` where no group reads the topic.
+    /// and the group furthest behind. `None` where no group reads the topic. On a cluster each
+    /// group's position is its leader's (asked through the cluster port when that is another
+    /// node); a group whose leader cannot be asked holds the whole partition.
     pub async fn consumed_below(&self, topic: &Arc<Topic>) -> Result<Vec<Option<(u64, String)>>> {
         let mut out: Vec<Option<(u64, String)>> = vec![None; topic.partitions.len()];
-        for (group, topics) in self.groups.list_groups()? {
-            if !topics.iter().any(|t| *t == *topic.name) {
-                continue;
-            }
-            let state = self
+        let groups: Vec<String> = match &self.consumers {
+            Some(c) => c.groups_on(topic),
+            None => self
                 .groups
-                .group(&group, &topic.name, Start::Earliest)
-                .await?
-                .describe();
-            for p in state.partitions {
-                let slot = &mut out[p.partition as usize];
-                if slot.as_ref().is_none_or(|(c, _)| p.committed < *c) {
-                    *slot = Some((p.committed, group.clone()));
+                .list_groups()?
+                .into_iter()
+                .filter(|(_, topics)| topics.iter().any(|t| *t == *topic.name))
+                .map(|(g, _)| g)
+                .collect(),
+        };
+        for group in groups {
+            let committed: Vec<(u32, u64)> = match &self.consumers {
+                Some(c) => match c.describe(&group, &topic.name).await {
+                    Ok(d) => d
+                        .partitions
+                        .iter()
+                        .map(|p| (p.partition, p.committed))
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(%group, topic = %topic.name, error = %e, "a consumer group's position is not known here: it holds every message back from retention");
+                        topic.partitions.iter().map(|h| (h.id, 0)).collect()
+                    }
+                },
+                None => self
+                    .groups
+                    .group(&group, &topic.name, Start::Earliest)
+                    .await?
+                    .describe()
+                    .partitions
+                    .iter()
+                    .map(|p| (p.partition, p.committed))
+                    .collect(),
+            };
+            for (p, c) in committed {
+                let Some(slot) = out.get_mut(p as usize) else {
+                    continue;
+                };
+                if slot.as_ref().is_none_or(|(held, _)| c < *held) {
+                    *slot = Some((c, group.clone()));
                 }
             }
         }

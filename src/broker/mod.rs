@@ -245,6 +245,7 @@ impl Broker {
             Arc::clone(&groups),
             Arc::clone(&audit),
             cluster.clone(),
+            consumers.clone(),
         ));
         if let Some(c) = &cluster {
             c.serve_maintenance(maintainer(Arc::downgrade(&maintenance)));

@@ -533,6 +533,12 @@ fn describe_reset_and_delete_of_a_group_through_any_node_act_at_its_leader() {
             .into_inner();
         assert_eq!(acked.acked.len(), 3, "{acked:?}");
         described_everywhere(&cluster, 1, 3).await;
+        // DescribeTopic weighs what the topic's groups still need (retention keeps it): the
+        // group's position comes from its leader, through every node.
+        for i in 0..3 {
+            let d = describe_topic(&cluster.addr(i), TOPIC).await;
+            assert!(d.is_ok(), "DescribeTopic through node {}: {d:?}", i + 1);
+        }
 
         let leader = group_leader(&cluster, 0).await;
         let elsewhere = (leader + 1) % 3;
