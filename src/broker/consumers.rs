@@ -350,13 +350,18 @@ impl Consumers {
         let deadline = self.cluster.write_timeout();
         let leader = wait_for_leader(&h.raft, deadline).await;
         let (lease, _) = self.cluster.lease();
-        if leader == Some(self.me()) && acknowledged(&h.raft.metrics().borrow(), lease) {
+        if leader == Some(self.me()) {
+            // Elected here: the group runs here once this node has applied its term's first
+            // entry and heard from a majority (a new group's first member arrives right after
+            // the election, before either).
             let mut led = h.led.subscribe();
             let g = tokio::time::timeout(deadline, led.wait_for(Option::is_some))
                 .await
                 .ok()
                 .and_then(|r| r.ok().and_then(|g| g.clone()));
-            if let Some(g) = g {
+            if let Some(g) = g
+                && acknowledged(&h.raft.metrics().borrow(), lease)
+            {
                 let (guard, rx) = g.join(membership)?;
                 return Ok((GroupMember::Here(guard), rx));
             }

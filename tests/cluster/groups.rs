@@ -866,3 +866,38 @@ fn no_message_is_handed_out_more_than_max_deliveries_through_leader_changes() {
         }
     });
 }
+
+/// A new group's first Subscribe is taken at once through any node, the one its election chose
+/// included (that node once sent it to the others, none of which led it, until the deadline):
+/// six new groups, two through each node, each answered on the first try with the first message.
+#[test]
+fn a_new_groups_first_subscribe_is_taken_through_any_node() {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let cluster = TestCluster::start();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+        send_values(&cluster.addr(0), 1, 1).await;
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), 1, "the message").await;
+        }
+        for k in 0..6 {
+            let i = k % 3;
+            let mut client = BrokerClient::new(connect(&cluster.addr(i)).await.unwrap());
+            let group = format!("first-{k}");
+            let stream = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: TOPIC.into(),
+                    group: group.clone(),
+                    max_in_flight: 1,
+                    ..pb::SubscribeRequest::default()
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(e) => panic!("group {group} through node {}: {e:?}", i + 1),
+            };
+            let got = next_deliveries(&mut stream, 1).await;
+            assert_eq!(got[0].offset, 0, "{group}");
+        }
+    });
+}
