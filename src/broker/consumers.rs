@@ -138,15 +138,13 @@ impl Consumers {
     /// while a topic the catalog has is not open here yet (the cluster layer creates it): to
     /// be tried again.
     async fn reconcile(&self, catalog: &Catalog) -> Result<bool> {
-        // The gone first: a group created again takes the same directory.
-        let gone: Vec<Arc<Hosted>> = self
-            .hosted()
-            .values()
-            .filter(|h| !catalog_has(catalog, h))
-            .cloned()
-            .collect();
-        for h in gone {
-            self.unhost(&h).await?;
+        // The gone first: a group created again takes the same directory. (Under the hosting
+        // lock: an unhosting deletes the directory a hosting may be creating.)
+        {
+            let _one_at_a_time = self.hosting.lock().await;
+            for h in self.gone() {
+                self.unhost(&h).await?;
+            }
         }
         let mut settled = true;
         let me = self.me();
@@ -184,16 +182,25 @@ impl Consumers {
         if let Some(h) = self.hosted().get(&name) {
             return Ok(Arc::clone(h));
         }
-        // An earlier creation of the group, deleted since: it goes before this one takes its
-        // directory.
-        let earlier: Vec<Arc<Hosted>> = self
-            .hosted()
-            .values()
-            .filter(|h| h.group == group && h.topic.name == topic.name)
-            .cloned()
-            .collect();
-        for h in earlier {
-            self.unhost(&h).await?;
+        // Only the creation the catalog has now (`entry` may come from an older view), and
+        // only once an earlier one, deleted since, has let go of the directory.
+        let current = self
+            .latest_catalog()
+            .topics
+            .get(&*topic.name)
+            .filter(|t| t.config.incarnation == topic.config.incarnation)
+            .and_then(|t| t.consumer_groups.get(group))
+            .is_some_and(|g| g.id == entry.id);
+        if !current {
+            return Err(Error::Unavailable(format!(
+                "consumer group {group:?} on {:?} was deleted meanwhile; retry",
+                &*topic.name
+            )));
+        }
+        for h in self.gone() {
+            if h.group == group && h.topic.name == topic.name {
+                self.unhost(&h).await?;
+            }
         }
         let dir = self.topics.data().group_dir(group, &topic.name)?;
         let io = Arc::clone(self.topics.data().io());
@@ -239,6 +246,24 @@ impl Consumers {
         };
         self.tasks.spawn(async move { this.lead(me, h).await });
         Ok(hosted)
+    }
+
+    /// The catalog as this node has applied it now (newer than any view handed around).
+    fn latest_catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.cluster.catalog().borrow())
+    }
+
+    /// The groups running here that the catalog, as applied now, no longer has (deleted, or
+    /// their topic deleted). Judged on the latest catalog only: a group is hosted only once
+    /// this node's catalog has it, so one missing from a later catalog was deleted, whereas an
+    /// older view may simply not have it yet (and its state here must not be deleted).
+    fn gone(&self) -> Vec<Arc<Hosted>> {
+        let catalog = self.latest_catalog();
+        self.hosted()
+            .values()
+            .filter(|h| !catalog_has(&catalog, h))
+            .cloned()
+            .collect()
     }
 
     /// Stops a consumer group's Raft group here and deletes its state (the group or its topic
