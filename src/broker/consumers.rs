@@ -71,6 +71,8 @@ struct Hosted {
     /// The Raft group's name ([`consumer_group_name`]).
     name: String,
     group: String,
+    /// The group's creation, as the catalog numbers it.
+    id: u64,
     topic: Arc<Topic>,
     raft: Raft<PartitionRaft>,
     log: Arc<Partition>,
@@ -184,14 +186,7 @@ impl Consumers {
         }
         // Only the creation the catalog has now (`entry` may come from an older view), and
         // only once an earlier one, deleted since, has let go of the directory.
-        let current = self
-            .latest_catalog()
-            .topics
-            .get(&*topic.name)
-            .filter(|t| t.config.incarnation == topic.config.incarnation)
-            .and_then(|t| t.consumer_groups.get(group))
-            .is_some_and(|g| g.id == entry.id);
-        if !current {
+        if !catalog_holds(&self.latest_catalog(), topic, group, entry.id) {
             return Err(Error::Unavailable(format!(
                 "consumer group {group:?} on {:?} was deleted meanwhile; retry",
                 &*topic.name
@@ -228,6 +223,7 @@ impl Consumers {
         let hosted = Arc::new(Hosted {
             name: name.clone(),
             group: group.to_string(),
+            id: entry.id,
             topic: Arc::clone(topic),
             raft,
             log,
@@ -261,7 +257,7 @@ impl Consumers {
         let catalog = self.latest_catalog();
         self.hosted()
             .values()
-            .filter(|h| !catalog_has(&catalog, h))
+            .filter(|h| !catalog_holds(&catalog, &h.topic, &h.group, h.id))
             .cloned()
             .collect()
     }
@@ -908,13 +904,12 @@ impl Reset {
     }
 }
 
-/// Whether the catalog still has the consumer group `h` runs (this creation of it).
-fn catalog_has(catalog: &Catalog, h: &Hosted) -> bool {
-    catalog.topics.get(&*h.topic.name).is_some_and(|t| {
-        t.config.incarnation == h.topic.config.incarnation
-            && t.consumer_groups
-                .get(&h.group)
-                .is_some_and(|g| consumer_group_name(&h.topic.name, &h.group, g.id) == h.name)
+/// Whether the catalog has consumer group `group` on this creation of `topic` as the creation
+/// with id `id`.
+fn catalog_holds(catalog: &Catalog, topic: &Topic, group: &str, id: u64) -> bool {
+    catalog.topics.get(&*topic.name).is_some_and(|t| {
+        t.config.incarnation == topic.config.incarnation
+            && t.consumer_groups.get(group).is_some_and(|g| g.id == id)
     })
 }
 

@@ -638,26 +638,22 @@ impl Forwarder {
         req: pb::ConsumeRequest,
         deadline: Duration,
     ) -> Result<(tonic::Streaming<pb::ConsumeResponse>, u64), Status> {
-        self.ask_first(group, leader);
-        let (stream, id) = self
-            .ask_replicas(
-                group,
-                replicas,
-                deadline,
-                Retry::WhileUnanswered,
-                |mut client, request| {
-                    let req = req.clone();
-                    async move {
-                        let mut request = request.map(|()| req);
-                        request.metadata_mut().remove("grpc-timeout");
-                        client.consume(request).await
-                    }
-                },
-            )
-            .await?;
-        self.leaders()
-            .insert(group.to_string(), (id, self.peers.addr(id, "")));
-        Ok((stream, id))
+        self.ask_group_leader(
+            group,
+            leader,
+            replicas,
+            deadline,
+            Retry::WhileUnanswered,
+            |mut client, request| {
+                let req = req.clone();
+                async move {
+                    let mut request = request.map(|()| req);
+                    request.metadata_mut().remove("grpc-timeout");
+                    client.consume(request).await
+                }
+            },
+        )
+        .await
     }
 
     /// Acks or nacks deliveries of consumer group `group` (its Raft group's name) at the node
@@ -670,22 +666,19 @@ impl Forwarder {
         req: pb::SettleRequest,
         deadline: Duration,
     ) -> Result<pb::SettleResponse, Status> {
-        self.ask_first(group, leader);
-        let (answer, id) = self
-            .ask_replicas(
-                group,
-                replicas,
-                deadline,
-                Retry::OnlyIfNotTaken,
-                |mut client, request| {
-                    let req = req.clone();
-                    async move { client.settle(request.map(|()| req)).await }
-                },
-            )
-            .await?;
-        self.leaders()
-            .insert(group.to_string(), (id, self.peers.addr(id, "")));
-        Ok(answer)
+        self.ask_group_leader(
+            group,
+            leader,
+            replicas,
+            deadline,
+            Retry::OnlyIfNotTaken,
+            |mut client, request| {
+                let req = req.clone();
+                async move { client.settle(request.map(|()| req)).await }
+            },
+        )
+        .await
+        .map(|(answer, _)| answer)
     }
 
     /// Describes (and with `req.reset`, resets first) a consumer group at the node leading it,
@@ -698,20 +691,48 @@ impl Forwarder {
         req: pb::AdministerGroupRequest,
         deadline: Duration,
     ) -> Result<pb::AdministerGroupResponse, Status> {
-        self.ask_first(group, leader);
         let retry = match req.reset {
             Some(_) => Retry::OnlyIfNotTaken,
             None => Retry::WhileUnanswered,
         };
-        let (answer, id) = self
-            .ask_replicas(group, replicas, deadline, retry, |mut client, request| {
+        self.ask_group_leader(
+            group,
+            leader,
+            replicas,
+            deadline,
+            retry,
+            |mut client, request| {
                 let req = req.clone();
                 async move { client.administer_group(request.map(|()| req)).await }
-            })
+            },
+        )
+        .await
+        .map(|(answer, _)| answer)
+    }
+
+    /// [`Forwarder::ask_replicas`] for a consumer group's call: `leader` (the one this node, a
+    /// member of the group, knows) asked first, and the node that answered remembered as the
+    /// leader for the next call. The answer, and who gave it.
+    async fn ask_group_leader<T, F, Fut>(
+        &self,
+        group: &str,
+        leader: Option<u64>,
+        replicas: &[u64],
+        deadline: Duration,
+        retry: Retry,
+        call: F,
+    ) -> Result<(T, u64), Status>
+    where
+        F: Fn(RaftClient<Channel>, tonic::Request<()>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.ask_first(group, leader);
+        let (answer, id) = self
+            .ask_replicas(group, replicas, deadline, retry, call)
             .await?;
         self.leaders()
             .insert(group.to_string(), (id, self.peers.addr(id, "")));
-        Ok(answer)
+        Ok((answer, id))
     }
 
     /// [`Forwarder::ask_replicas`] asks `leader` first next time (the leader this node, a

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::storage::StoredRecord;
 
 use super::events::{DeadLetter, PartitionSnapshot, Reason};
+use crate::broker::clock::now_ms;
 use crate::broker::error::Error;
 use crate::broker::message::DeliveryBatch;
 
@@ -280,9 +281,7 @@ pub(super) fn assign_owners(st: &mut State) {
     }
 }
 
-/// Wall-clock time in milliseconds since the Unix epoch (0 before it).
+/// The broker's clock ([`now_ms`]) as the unsigned milliseconds a Nack's delay is kept in.
 pub(super) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(now_ms()).unwrap_or(0)
 }
