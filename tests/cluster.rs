@@ -65,16 +65,34 @@ struct TestCluster {
     http: Vec<Option<std::net::SocketAddr>>,
 }
 
-/// Free loopback ports (the listeners are closed again, so another process may take one
-/// meanwhile: rare, and the test then fails at start, loudly).
+/// `n` loopback ports free now, for listeners the test binds again later (a node's cluster port after
+/// a restart, a proxy's after its node comes back). They are taken below the OS's ephemeral
+/// range (`ip_local_port_range`, 32768-60999 by default), where no OS-assigned port lands:
+/// the port of another test's listener on `127.0.0.1:0`, or the source port of an outgoing
+/// connection, once took a proxy's port while its node was down (`AddrInUse` when it came
+/// back).
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    assert!(ephemeral_low > 2_048, "no ports below the ephemeral range");
+    let span = (ephemeral_low - 1_024).min(12_000);
+    let low = ephemeral_low - span;
+    // Tests of this process take turns along the range; another test process starts
+    // elsewhere on it.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(step < span, "no free port left below the ephemeral range");
+        let port = (low + (start + step) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 fn peers_of(ports: &[u16]) -> String {
