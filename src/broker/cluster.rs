@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::tls::cluster_tls;
 use crate::replication::catalog::{Catalog, Command, group_name, parse_group_name, place};
 use crate::replication::config::Members;
+use crate::replication::elections::Elections;
 use crate::replication::handover;
 use crate::replication::reads::GroupLog;
 use crate::replication::state_machine::{OnApplied, OnIds};
@@ -74,7 +75,7 @@ struct Identity {
 /// This node's groups and the cluster port.
 pub struct Cluster {
     members: Members,
-    config: Arc<openraft::Config>,
+    elections: Elections,
     service: RaftService,
     meta: Raft<PartitionRaft>,
     meta_log: Arc<Partition>,
@@ -178,7 +179,8 @@ impl Cluster {
             let (dir, members, io) = (dir.clone(), members.clone(), Arc::clone(&io));
             blocking(move || check_identity(&dir, &members, io.as_ref())).await?;
         }
-        let config = raft_config(&members)?;
+        let elections = Elections::new(&members)
+            .map_err(|e| Error::InvalidArgument(format!("cluster settings: {e}")))?;
         let write_timeout =
             Duration::from_millis(members.election_timeout_ms * 8).max(Duration::from_secs(5));
         let tls = settings
@@ -215,7 +217,7 @@ impl Cluster {
             let partition = Arc::clone(log.partition());
             let raft = Raft::new(
                 members.node_id,
-                Arc::clone(&config),
+                elections.config(META_GROUP),
                 GrpcNetwork::new(META_GROUP, peers.clone()),
                 LogStore::new(log),
                 sm,
@@ -239,7 +241,7 @@ impl Cluster {
         let (compacted, compactions) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             members,
-            config,
+            elections,
             service,
             meta,
             meta_log,
@@ -754,7 +756,7 @@ impl Cluster {
         };
         let raft = Raft::new(
             self.members.node_id,
-            Arc::clone(&self.config),
+            self.elections.config(group),
             GrpcNetwork::new(group, self.forwarder.peers().clone()),
             store,
             sm,
@@ -1307,20 +1309,17 @@ impl Cluster {
         }
         // The groups this node leads go to the others first (see `handover`), all at once: a
         // handover mostly waits for a follower's last entries and two peers' answers.
-        let timing = handover::Timing {
-            lease: Duration::from_millis(self.config.election_timeout_max),
-            retry: Duration::from_millis(self.config.heartbeat_interval),
-        };
         let mut handing = tokio::task::JoinSet::new();
         for (name, raft) in groups {
             let peers = self.forwarder.peers().clone();
             let proposals = Arc::clone(self.forwarder.proposals());
+            let elections = self.elections.clone();
             handing.spawn(async move {
                 let me = raft.metrics().borrow().id;
                 if raft.metrics().borrow().current_leader == Some(me) {
                     let busy = || proposals.busy(&name);
                     if let Some(to) =
-                        handover::stop_handing_over(&raft, &name, &peers, timing, busy).await
+                        handover::stop_handing_over(&raft, &name, &peers, &elections, busy).await
                     {
                         tracing::info!(group = %name, to, "leadership handed over");
                     }
@@ -1547,25 +1546,6 @@ fn from_peer(stream: &tokio::net::TcpStream, peers: &HashSet<IpAddr>) -> bool {
         }
         Err(_) => false,
     }
-}
-
-/// openraft's settings for every group of this node.
-fn raft_config(members: &Members) -> Result<Arc<openraft::Config>> {
-    let config = openraft::Config {
-        cluster_name: "sluice".into(),
-        heartbeat_interval: members.heartbeat_ms,
-        election_timeout_min: members.election_timeout_ms,
-        election_timeout_max: members.election_timeout_ms * 3 / 2,
-        // A partition's snapshot is its retention point, taken when one is applied (never by
-        // count); the log is purged right up to it: the messages below are gone everywhere.
-        snapshot_policy: SnapshotPolicy::Never,
-        max_in_snapshot_log_to_keep: 0,
-        ..openraft::Config::default()
-    };
-    config
-        .validate()
-        .map(Arc::new)
-        .map_err(|e| Error::InvalidArgument(format!("cluster settings: {e}")))
 }
 
 /// Refuses a data directory of another node or cluster; records the identity on the first

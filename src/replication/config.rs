@@ -23,10 +23,11 @@ pub struct ClusterConfig {
     pub peers: Vec<String>,
     /// Replicas of each partition of a new topic. Default: 3.
     pub replication_factor: u32,
-    /// The election timeout E, in ms: a follower that hears nothing from its leader for 1.5 E
-    /// (openraft's leader lease, during which it also refuses to vote for another) plus a random
-    /// E to 1.5 E starts an election. Default: 800 (a leader that dies is replaced within
-    /// 2.0–2.4 s; benches/cluster.sh measured 2.3–2.4 s until Sends succeed again).
+    /// The election timeout E, in ms. In each group the nodes take turns (see
+    /// `replication::elections`): the node whose turn is `t` waits `T = E + t × 1.75 heartbeats`;
+    /// a follower that hears nothing from its leader for `T` (openraft's leader lease, during
+    /// which it also refuses to vote for another) plus another `T` starts an election, and a
+    /// candidate that was not elected tries again after `T`. Default: 800.
     pub election_timeout_ms: u64,
     /// How often a leader tells its followers it is alive, in ms. Default: 200.
     pub heartbeat_ms: u64,

@@ -2,7 +2,8 @@
 //! leader is elected at once rather than after two election timeouts.
 //!
 //! openraft 0.9 has no leadership transfer, and a member refuses to vote while its lease of the
-//! leader runs (`election_timeout_max` after the leader's last message). Left alone, both
+//! leader runs (its `election_timeout_max` after the leader's last message: see
+//! [`super::elections`]). Left alone, both
 //! followers of a stopped leader time out within that lease, each stands for election, is
 //! refused by the other, and they try again a timeout later. Handed over, the stopping leader
 //! lets the most caught-up follower have every entry and stops, then tells the others to hold
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use openraft::Raft;
 
+use super::elections::Elections;
 use super::peers::Peers;
 use super::types::PartitionRaft;
 use super::wire;
@@ -20,24 +22,6 @@ use crate::proto::cluster as pb;
 
 /// How often a stopping leader looks whether its group is quiet and a follower caught up.
 const QUIET_POLL: Duration = Duration::from_millis(5);
-
-/// How a leader hands over: how long members hold their elections, and when the chosen one
-/// stands (its first attempt; it tries again every `retry` until a new leader is known).
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// openraft's `election_timeout_max`: a member's lease of the leader.
-    pub lease: Duration,
-    /// The heartbeat interval: how often the chosen member tries again.
-    pub retry: Duration,
-}
-
-impl Timing {
-    /// Members hold their own elections this long: three leases, after which a handover that
-    /// failed (the chosen member died too) ends in an ordinary election.
-    fn hold(self) -> Duration {
-        self.lease * 3
-    }
-}
 
 /// Stops `group` here, as its leader: waits (up to one lease) until no proposal of it is under
 /// way (`busy`) and a follower holds every entry, stops the group (no message of it leaves this
@@ -48,7 +32,7 @@ pub async fn stop_handing_over(
     raft: &Raft<PartitionRaft>,
     group: &str,
     peers: &Peers,
-    timing: Timing,
+    elections: &Elections,
     busy: impl Fn() -> bool,
 ) -> Option<u64> {
     let me = raft.metrics().borrow().id;
@@ -59,7 +43,7 @@ pub async fn stop_handing_over(
             .map(|l| l.index)
             == m.last_log_index
     };
-    let until = tokio::time::Instant::now() + timing.lease;
+    let until = tokio::time::Instant::now() + elections.longest_lease();
     let mut waited = false;
     while tokio::time::Instant::now() < until {
         let m = raft.metrics().borrow().clone();
@@ -109,17 +93,27 @@ pub async fn stop_handing_over(
         .filter(|(id, _)| members.contains(id))
         .map(|(&id, node)| (id, peers.addr(id, &node.addr)))
         .collect();
+    // The chosen one stands once every other member's lease has run out (it needs their
+    // votes); the others hold their own elections for three leases, after which a handover
+    // that failed (the chosen member died too) ends in an ordinary election.
+    let elect_after = members
+        .iter()
+        .filter(|&&id| id != chosen)
+        .map(|&id| elections.lease(id, group))
+        .max()
+        .unwrap_or_default();
+    let hold = elections.longest_lease() * 3;
     for (id, addr) in addresses {
         let request = pb::HandOverRequest {
             group: group.to_string(),
             elect: id == chosen,
-            elect_after_ms: timing.lease.as_millis() as u64,
-            hold_ms: timing.hold().as_millis() as u64,
+            elect_after_ms: elect_after.as_millis() as u64,
+            hold_ms: hold.as_millis() as u64,
             from: me,
         };
         let told = async {
             let mut request = tonic::Request::new(request);
-            request.set_timeout(timing.retry);
+            request.set_timeout(elections.heartbeat());
             wire::client(peers.channel(&addr)?)
                 .hand_over(request)
                 .await

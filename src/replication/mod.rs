@@ -3,6 +3,7 @@
 //! | module            | job                                                                  |
 //! |-------------------|----------------------------------------------------------------------|
 //! | [`config`]        | `[cluster]`: this node, its peers; the checks at start              |
+//! | [`elections`]     | each node's election timeout in a group: a turn, never a tie         |
 //! | [`types`]         | the Raft type configuration of a partition group; proposals, results |
 //! | [`log_store`]     | openraft's log storage on a partition log ([`crate::storage::raft_log`]) |
 //! | [`state_machine`] | what applying a partition's entries means; snapshots                 |
@@ -21,6 +22,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod elections;
 pub mod handover;
 pub mod heartbeats;
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the helpers
