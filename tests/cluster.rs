@@ -1059,12 +1059,31 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut cluster = TestCluster::start_with(&[("SLUICE_HTTP_LISTEN", "127.0.0.1:0")]);
+        // A delivery cut short by a stop comes back after the ack timeout: shorter than the
+        // default, so the run stays short.
+        let mut cluster = TestCluster::start_with(&[
+            ("SLUICE_HTTP_LISTEN", "127.0.0.1:0"),
+            ("SLUICE_GROUPS_ACK_TIMEOUT_MS", "5000"),
+        ]);
         let partitions = 3;
         create_id_topic(&cluster, partitions).await;
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
         let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        // A consumer group of two members, each through its own node (the next running one
+        // when that stops), acking what it is handed.
+        let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
+        let (done_tx, done_rx) = watch::channel(false);
+        let members: Vec<_> = (0..2)
+            .map(|k| {
+                tokio::spawn(groups::member(
+                    k,
+                    Arc::clone(&cluster.addrs),
+                    Arc::clone(&consumed),
+                    done_rx.clone(),
+                ))
+            })
+            .collect();
         progress(&acks, 100, "before the restarts").await;
         // Every node in turn, the leader of partition 0 first (so at least one stop hands a
         // leadership over), each started again and ready before the next stops.
@@ -1107,6 +1126,45 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         }
         let history = std::mem::take(&mut *history.lock().unwrap());
         ids_stored_once(&cluster, partitions, &history).await;
+        // The group is handed every acknowledged message, and no ack applies twice (a second
+        // one would mean the group forgot the first across a stop and delivered it again).
+        let everything = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let settled = {
+                    let c = consumed.lock().unwrap();
+                    history
+                        .acked
+                        .keys()
+                        .all(|id| c.acked.contains_key(id) || c.uncertain.contains(id))
+                };
+                if settled {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        done_tx.send_replace(true);
+        for m in members {
+            m.await.unwrap();
+        }
+        let consumed = std::mem::take(&mut *consumed.lock().unwrap());
+        let unsettled: Vec<&String> = history
+            .acked
+            .keys()
+            .filter(|id| !consumed.acked.contains_key(*id) && !consumed.uncertain.contains(*id))
+            .take(5)
+            .collect();
+        assert!(
+            everything.is_ok(),
+            "acknowledged Sends the group never acknowledged: {unsettled:?} ({} acked)",
+            consumed.acked.len()
+        );
+        let twice: Vec<_> = consumed.acked.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "acks that applied twice (forgotten): {twice:?}"
+        );
         // A running node refused nothing; only the node being stopped answered a Send that
         // reached it as it stopped.
         let refused: Vec<&String> = history
@@ -1118,10 +1176,13 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         assert!(handed > 0);
         eprintln!(
             "rolling restart: {} acknowledged, {handed} leaderships handed over, stops took \
-             {stops:?}, the slowest Send {:?}; errors: {:#?}",
+             {stops:?}, the slowest Send {:?}; errors: {:#?}; the group: {} deliveries, {} \
+             acked",
             history.acked.len(),
             history.slowest_ack,
-            history.errors
+            history.errors,
+            consumed.delivered.len(),
+            consumed.acked.len()
         );
     });
 }

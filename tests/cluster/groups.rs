@@ -23,21 +23,21 @@ fn poison(value: &str) -> bool {
 
 /// What the members saw.
 #[derive(Debug, Default)]
-struct GroupHistory {
+pub(super) struct GroupHistory {
     /// Every delivery received: (value, attempt).
-    delivered: Vec<(String, u32)>,
+    pub(super) delivered: Vec<(String, u32)>,
     /// Per value, how many of its acks applied (answered `acked`).
-    acked: BTreeMap<String, u32>,
+    pub(super) acked: BTreeMap<String, u32>,
     /// Values with an ack whose outcome is unknown (it failed through every node tried: it
     /// may have applied, and a retry would then be answered `not_in_flight`).
-    uncertain: BTreeSet<String>,
+    pub(super) uncertain: BTreeSet<String>,
     /// Every ack's outcome, per value, in order (what a failing run shows).
-    outcomes: BTreeMap<String, Vec<String>>,
+    pub(super) outcomes: BTreeMap<String, Vec<String>>,
 }
 
 impl GroupHistory {
     /// Values acknowledged, or maybe acknowledged.
-    fn settled(&self) -> usize {
+    pub(super) fn settled(&self) -> usize {
         let mut all: BTreeSet<&String> = self.acked.keys().collect();
         all.extend(&self.uncertain);
         all.len()
@@ -53,7 +53,7 @@ fn running(addrs: &Mutex<Vec<Option<String>>>, first: usize) -> Option<String> {
 /// One member: subscribes through node `k` (or the next running one), acks each delivery
 /// (nacks the poison ones) through the same node (the next ones when that fails), and
 /// subscribes again, through the next running node, whenever its stream ends; until `done`.
-async fn member(
+pub(super) async fn member(
     k: usize,
     addrs: Arc<Mutex<Vec<Option<String>>>>,
     history: Arc<Mutex<GroupHistory>>,
