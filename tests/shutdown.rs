@@ -317,3 +317,82 @@ fn the_broker_raises_its_open_files_limit_and_says_what_it_needs_when_it_cannot(
     );
     assert!(stderr.contains("needs about"), "{stderr}");
 }
+
+/// Stopping an embedded broker (what tests and embedders call) returns only once it has let go
+/// of its data directory: started again at once on the same directory, it never finds it
+/// `Locked`, whatever was connected as it stopped (a subscriber at the tail, a group member with
+/// deliveries in flight, a producer sending, the HTTP port asked). `STOP_CYCLES` sets how many
+/// times (default 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_broker_stopped_with_clients_connected_can_be_started_again_at_once() {
+    let cycles: usize = std::env::var("STOP_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::server::test_config(dir.path());
+    config.shutdown_timeout_ms = 1_000;
+    let mut sent = 0u64;
+    for cycle in 0..cycles {
+        let running = sluice::server::start(config.clone(), Default::default()).await;
+        let running = running.unwrap_or_else(|e| panic!("start {cycle}: {e}"));
+        let addr = running.addr;
+        let mut c = client(addr).await;
+        c.send(pb::SendRequest {
+            topic: "t".into(),
+            messages: vec![message(format!("m{cycle}"))],
+        })
+        .await
+        .unwrap();
+        sent += 1;
+        let tail = subscribe_from(
+            &mut c,
+            "t",
+            common::server::start(pb::start_position::Kind::Latest(true)),
+        )
+        .await;
+        let tail = ends(tail);
+        let mut member = join_group(&mut c, "t", "g", 4, false).await;
+        take(&mut member, 1).await; // one in flight, unacked
+        let member = ends(member);
+        let mut c = client(addr).await;
+        let producer = tokio::spawn(async move {
+            let mut stored = 0u64;
+            while c
+                .send(pb::SendRequest {
+                    topic: "t".into(),
+                    messages: vec![message("more")],
+                })
+                .await
+                .is_ok()
+            {
+                stored += 1;
+            }
+            stored
+        });
+        if let Some(http) = running.http_addr {
+            let _ = common::http::get(http, "/metrics").await;
+        }
+        running.stop.cancel();
+        running.done.await.unwrap().unwrap();
+        // Every stream heard the end; the producer's Sends were refused.
+        for stream in [tail, member] {
+            let code = stream.await.unwrap();
+            assert!(
+                matches!(code, Some(Code::Unavailable | Code::Ok | Code::Cancelled)),
+                "cycle {cycle}: a stream ended with {code:?}"
+            );
+        }
+        sent += producer.await.unwrap();
+    }
+    // Nothing acknowledged was lost across the cycles.
+    let running = sluice::server::start(config, Default::default())
+        .await
+        .unwrap();
+    let mut c = client(running.addr).await;
+    let mut s = subscribe_from(&mut c, "t", None).await;
+    let got = take(&mut s, sent as usize).await;
+    assert_eq!(got.len() as u64, sent);
+    running.stop.cancel();
+    running.done.await.unwrap().unwrap();
+}
