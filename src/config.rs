@@ -56,12 +56,19 @@ pub struct HttpConfig {
     /// turns the port off. Plaintext only: beyond loopback it needs `allow_plaintext`.
     /// Default: `127.0.0.1:7071`.
     pub listen: String,
+    /// Connections open at once at most; one more is closed at once. Default: 64.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this, in ms, or the connection is
+    /// closed; a kept-alive connection waiting for its next request too. Default: 10000.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:7071".into(),
+            max_connections: 64,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -339,6 +346,9 @@ impl Config {
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return bad("handshake_timeout_ms and idle_timeout_ms must be at least 1");
         }
+        if self.http.max_connections == 0 || self.http.header_timeout_ms == 0 {
+            return bad("http.max_connections and http.header_timeout_ms must be at least 1");
+        }
         let g = &self.groups;
         if g.ack_timeout_ms == 0 || g.max_deliveries == 0 {
             return bad("groups.ack_timeout_ms and groups.max_deliveries must be at least 1");
@@ -551,6 +561,18 @@ mod tests {
                 .to_string()
                 .contains("default_partitions")
         );
+        // The HTTP port's limits: none may be zero (a port that takes no connection, or closes
+        // each before its first request).
+        for (name, value) in [
+            ("SLUICE_HTTP_MAX_CONNECTIONS", "0"),
+            ("SLUICE_HTTP_HEADER_TIMEOUT_MS", "0"),
+        ] {
+            let c = Config::load(None, env(&[(name, value)])).unwrap();
+            let err = c.sanitize().unwrap_err();
+            assert!(err.to_string().contains("http."), "{name}: {err}");
+        }
+        let c = Config::load(None, env(&[("SLUICE_HTTP_MAX_CONNECTIONS", "5")])).unwrap();
+        assert_eq!(c.http.max_connections, 5);
     }
 
     /// Only the benchmarks' `sluice-floor` answers Sends without storing them: no file or

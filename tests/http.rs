@@ -584,3 +584,117 @@ async fn a_groups_dead_letters_are_found_when_another_groups_are_newer() {
     assert_eq!(list("group=nobody").await.as_array().unwrap().len(), 0);
     server.stop().await;
 }
+
+/// Reads from `s` until the server closes it (`None`), or returns the status line's code of
+/// what it answered first; waits at most `DEADLINE` (generous: a port that never closes a
+/// connection fails here instead of hanging).
+async fn answer_or_close(s: &mut tokio::net::TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    const DEADLINE: Duration = Duration::from_secs(30);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+            if raw.windows(4).any(|w| w == b"\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the port neither answered nor closed the connection"
+    );
+    let text = String::from_utf8_lossy(&raw);
+    text.split(' ').nth(1).and_then(|c| c.parse().ok())
+}
+
+/// Hostile or careless HTTP clients hold only what the port's limits allow: headers sent too
+/// slowly or too long, connections parked idle, and more connections than allowed are closed,
+/// and a good client is served again once a slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_oversized_idle_and_surplus_http_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.http.max_connections = 4;
+    config.http.header_timeout_ms = 300;
+    let server = TestServer::start(config).await;
+    let http = server.http.unwrap();
+
+    // Headers that never end: closed once the header timeout passes.
+    let mut slow = TcpStream::connect(http).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let code = answer_or_close(&mut slow).await;
+    assert!(
+        matches!(code, None | Some(408)),
+        "slow headers answered {code:?}"
+    );
+
+    // Headers past the limit: 431, nothing else.
+    let mut big = TcpStream::connect(http).await.unwrap();
+    let filler = "a".repeat(sluice::server::HTTP_MAX_HEADER_BYTES + 1);
+    let req = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {filler}\r\n\r\n");
+    let _ = big.write_all(req.as_bytes()).await; // the port may close before all is written
+    assert_eq!(answer_or_close(&mut big).await, Some(431));
+
+    // A kept-alive connection that asks nothing more: closed once the header timeout passes.
+    let mut idle = TcpStream::connect(http).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(answer_or_close(&mut idle).await, Some(200));
+    assert_eq!(answer_or_close(&mut idle).await, None, "idle: closed");
+
+    server.stop().await;
+
+    // The limit (timeouts long enough not to interfere): four connections kept alive after a
+    // request each; a fifth is closed at once, unanswered; once one of the four goes, a new
+    // connection is served.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.http.max_connections = 4;
+    config.http.header_timeout_ms = 60_000;
+    let server = TestServer::start(config).await;
+    let http = server.http.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer_or_close(&mut s).await, Some(200));
+        held.push(s);
+    }
+    let mut surplus = TcpStream::connect(http).await.unwrap();
+    let _ = surplus
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    assert_eq!(answer_or_close(&mut surplus).await, None, "over the limit");
+    drop(held.pop());
+    let served = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let mut s = TcpStream::connect(http).await.unwrap();
+            let _ = s
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
+            if answer_or_close(&mut s).await == Some(200) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "a slot freed by a closed connection is taken again"
+    );
+    drop(held);
+    server.stop().await;
+}

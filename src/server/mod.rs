@@ -56,6 +56,8 @@ pub use admin_service::{AdminService, compaction_counts, compaction_to_pb};
 pub use broker_service::BrokerService;
 pub use convert::delivery_to_pb;
 pub use error::ServeError;
+/// The most an HTTP request's line and headers may take on the HTTP port.
+pub use http::MAX_HEADER_BYTES as HTTP_MAX_HEADER_BYTES;
 
 /// A running server: its address, and the token that stops it.
 #[derive(Debug)]
@@ -102,7 +104,9 @@ pub async fn start_with_io(
     let http_addr = http.as_ref().map(|(_, a)| *a);
     let http_state = Arc::new(http::HttpState::default());
     let http_stop = CancellationToken::new();
-    let http_task = http.map(|(l, _)| http::spawn(l, Arc::clone(&http_state), http_stop.clone()));
+    let limits = http::Limits::of(&config.http);
+    let http_task =
+        http.map(|(l, _)| http::spawn(l, Arc::clone(&http_state), limits, http_stop.clone()));
     // Until the broker serves, an early return stops the HTTP port too.
     let http_guard = http_stop.drop_guard();
     let broker = Broker::open_with_io(config.clone(), io).await?;

@@ -24,6 +24,7 @@
 //! |-------------------|---------------------------------------------------------------------|
 //! | `mod.rs`          | binding the port, the routes, `/readyz`, `/metrics`, error bodies   |
 //! | [`state`]         | the broker's phase as the handlers see it, the rate history         |
+//! | [`connections`]   | accepting and serving connections within the port's limits          |
 //! | [`admission`]     | admitting a request (readiness, credentials, grants), refusals      |
 //! | [`api`]           | the JSON API's handlers                                             |
 //! | [`scrape`]        | what `/metrics` and the overview read from the broker               |
@@ -32,6 +33,7 @@
 
 mod admission;
 mod api;
+mod connections;
 mod console;
 mod rates;
 mod scrape;
@@ -53,6 +55,7 @@ use self::admission::{Admitted, Refusal};
 use self::api::{cluster, dead_letters, group, groups, overview, topic, topics};
 use self::state::{Phase, Shared};
 
+pub use self::connections::{Limits, MAX_HEADER_BYTES};
 pub use self::state::HttpState;
 
 /// Serves the port until `stop` is cancelled; the task ends once every request in progress
@@ -60,6 +63,7 @@ pub use self::state::HttpState;
 pub fn spawn(
     listener: TcpListener,
     state: Shared,
+    limits: Limits,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let sampled = Arc::clone(&state);
@@ -79,15 +83,7 @@ pub fn spawn(
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state);
     tokio::spawn(sample_rates(sampled, stop.clone()));
-    tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "the HTTP port stopped");
-        }
-    })
+    tokio::spawn(connections::serve(listener, app, limits, stop))
 }
 
 async fn no_such_path(uri: axum::http::Uri) -> Refusal {
@@ -206,7 +202,15 @@ pub async fn bind(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 8,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
 
     async fn status(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -225,7 +229,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(HttpState::default());
         let stop = CancellationToken::new();
-        let task = spawn(listener, Arc::clone(&state), stop.clone());
+        let task = spawn(listener, Arc::clone(&state), limits(), stop.clone());
         for phase in ["recovering", "stopping"] {
             assert_eq!(status(addr, "/healthz").await, (200, "ok\n".into()));
             let body = format!("{{\"error\":\"{phase}\"}}");
