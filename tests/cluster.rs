@@ -1073,17 +1073,7 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         // A consumer group of two members, each through its own node (the next running one
         // when that stops), acking what it is handed.
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
-        let (done_tx, done_rx) = watch::channel(false);
-        let members: Vec<_> = (0..2)
-            .map(|k| {
-                tokio::spawn(groups::member(
-                    k,
-                    Arc::clone(&cluster.addrs),
-                    Arc::clone(&consumed),
-                    done_rx.clone(),
-                ))
-            })
-            .collect();
+        let members = groups::Members::spawn(2, &cluster.addrs, &consumed);
         progress(&acks, 100, "before the restarts").await;
         // Every node in turn, the leader of partition 0 first (so at least one stop hands a
         // leadership over), each started again and ready before the next stops.
@@ -1144,11 +1134,7 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
             }
         })
         .await;
-        done_tx.send_replace(true);
-        for m in members {
-            m.await.unwrap();
-        }
-        let consumed = std::mem::take(&mut *consumed.lock().unwrap());
+        let consumed = members.stop(&consumed).await;
         let unsettled: Vec<&String> = history
             .acked
             .keys()

@@ -613,6 +613,22 @@ async fn answer_or_close(s: &mut tokio::net::TcpStream) -> Option<u16> {
     text.split(' ').nth(1).and_then(|c| c.parse().ok())
 }
 
+/// A whole request kept alive after its answer.
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+
+/// A broker whose HTTP port takes `max_connections` and `header_timeout_ms`.
+async fn limited(
+    max_connections: usize,
+    header_timeout_ms: u64,
+) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.http.max_connections = max_connections;
+    config.http.header_timeout_ms = header_timeout_ms;
+    let server = TestServer::start(config).await;
+    (dir, server)
+}
+
 /// Hostile or careless HTTP clients hold only what the port's limits allow: headers sent too
 /// slowly or too long, connections parked idle, and more connections than allowed are closed,
 /// and a good client is served again once a slot is free.
@@ -620,11 +636,7 @@ async fn answer_or_close(s: &mut tokio::net::TcpStream) -> Option<u16> {
 async fn slow_oversized_idle_and_surplus_http_connections_are_closed() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.http.max_connections = 4;
-    config.http.header_timeout_ms = 300;
-    let server = TestServer::start(config).await;
+    let (_dir, server) = limited(4, 300).await;
     let http = server.http.unwrap();
 
     // Headers that never end: closed once the header timeout passes.
@@ -647,9 +659,7 @@ async fn slow_oversized_idle_and_surplus_http_connections_are_closed() {
 
     // A kept-alive connection that asks nothing more: closed once the header timeout passes.
     let mut idle = TcpStream::connect(http).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    idle.write_all(HEALTHZ).await.unwrap();
     assert_eq!(answer_or_close(&mut idle).await, Some(200));
     assert_eq!(answer_or_close(&mut idle).await, None, "idle: closed");
 
@@ -658,25 +668,17 @@ async fn slow_oversized_idle_and_surplus_http_connections_are_closed() {
     // The limit (timeouts long enough not to interfere): four connections kept alive after a
     // request each; a fifth is closed at once, unanswered; once one of the four goes, a new
     // connection is served.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.http.max_connections = 4;
-    config.http.header_timeout_ms = 60_000;
-    let server = TestServer::start(config).await;
+    let (_dir, server) = limited(4, 60_000).await;
     let http = server.http.unwrap();
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(http).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(HEALTHZ).await.unwrap();
         assert_eq!(answer_or_close(&mut s).await, Some(200));
         held.push(s);
     }
     let mut surplus = TcpStream::connect(http).await.unwrap();
-    let _ = surplus
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await;
+    let _ = surplus.write_all(HEALTHZ).await;
     assert_eq!(answer_or_close(&mut surplus).await, None, "over the limit");
     drop(held.pop());
     let served = tokio::time::timeout(Duration::from_secs(30), async {

@@ -53,7 +53,7 @@ fn running(addrs: &Mutex<Vec<Option<String>>>, first: usize) -> Option<String> {
 /// One member: subscribes through node `k` (or the next running one), acks each delivery
 /// (nacks the poison ones) through the same node (the next ones when that fails), and
 /// subscribes again, through the next running node, whenever its stream ends; until `done`.
-pub(super) async fn member(
+async fn member(
     k: usize,
     addrs: Arc<Mutex<Vec<Option<String>>>>,
     history: Arc<Mutex<GroupHistory>>,
@@ -102,6 +102,39 @@ pub(super) async fn member(
                 settle(&addrs, turn, &value, d.ack_id, &history).await;
             }
         }
+    }
+}
+
+/// Members running [`member`], the `k`-th subscribing through node `k` first.
+pub(super) struct Members {
+    done: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Members {
+    /// `n` members recording into `history`.
+    pub(super) fn spawn(
+        n: usize,
+        addrs: &Arc<Mutex<Vec<Option<String>>>>,
+        history: &Arc<Mutex<GroupHistory>>,
+    ) -> Members {
+        let (done, stopped) = watch::channel(false);
+        let tasks = (0..n)
+            .map(|k| {
+                let (addrs, history) = (Arc::clone(addrs), Arc::clone(history));
+                tokio::spawn(member(k, addrs, history, stopped.clone()))
+            })
+            .collect();
+        Members { done, tasks }
+    }
+
+    /// Stops every member (each returns at once) and returns what they saw.
+    pub(super) async fn stop(self, history: &Mutex<GroupHistory>) -> GroupHistory {
+        self.done.send_replace(true);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        std::mem::take(&mut *history.lock().unwrap())
     }
 }
 
@@ -292,17 +325,7 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
                 .unwrap();
         }
         let history = Arc::new(Mutex::new(GroupHistory::default()));
-        let (done_tx, done_rx) = watch::channel(false);
-        let members: Vec<_> = (0..4)
-            .map(|k| {
-                tokio::spawn(member(
-                    k,
-                    Arc::clone(&cluster.addrs),
-                    Arc::clone(&history),
-                    done_rx.clone(),
-                ))
-            })
-            .collect();
+        let members = Members::spawn(4, &cluster.addrs, &history);
         let good = (MESSAGES - MESSAGES / POISON) as usize;
         acked_at_least(&history, good / 6, "before any fault").await;
 
@@ -347,11 +370,7 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
             }
         })
         .await;
-        done_tx.send_replace(true);
-        for m in members {
-            m.await.unwrap();
-        }
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        let history = members.stop(&history).await;
         let mut open: Vec<&String> = all
             .iter()
             .filter(|v| {
