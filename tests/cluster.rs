@@ -1173,6 +1173,123 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
     });
 }
 
+/// Runs `sluice cluster ARGS --broker ADDR`: its exit code, stdout and stderr.
+fn cluster_cli(addr: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["cluster"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--broker", addr]);
+    let out = tokio::task::block_in_place(|| common::server::cli(&all, ""));
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// How many partitions of `TOPIC` each node leads, as `sluice cluster status` through node
+/// `ask` shows them (each partition's leader in its newest term).
+fn leaders_per_node(cluster: &TestCluster, ask: usize) -> [usize; 3] {
+    let (code, status, err) = tokio::task::block_in_place(|| cluster_status(&cluster.addr(ask)));
+    assert_eq!(code, 0, "{status} {err}");
+    let mut counts = [0; 3];
+    for p in status["partitions"].as_array().unwrap() {
+        if p["topic"] == TOPIC {
+            counts[p["leader"].as_u64().unwrap() as usize - 1] += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose_nothing() {
+    runtime().block_on(async {
+        let cluster = TestCluster::start_with(&[]);
+        let partitions = 6;
+        create_id_topic(&cluster, partitions).await;
+        let history = Arc::new(Mutex::new(IdHistory::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        progress(&acks, 100, "before the moves").await;
+
+        // Every partition's leadership to node 1, each asked through a different node.
+        for p in 0..partitions {
+            let ask = cluster.addr(p as usize % 3);
+            let part = p.to_string();
+            let args = [
+                "transfer-leader",
+                "--topic",
+                TOPIC,
+                "--partition",
+                &part,
+                "--to",
+                "1",
+            ];
+            let (code, out, err) = cluster_cli(&ask, &args);
+            assert_eq!(code, 0, "transfer of partition {p}: {out}{err}");
+            assert!(out.contains("leader node 1"), "{out}");
+        }
+        assert_eq!(leaders_per_node(&cluster, 1), [6, 0, 0]);
+        progress(&acks, 100, "with every leader on node 1").await;
+
+        // What cannot be moved is refused, saying why, and moves nothing.
+        for (args, says) in [
+            (
+                ["--topic", TOPIC, "--partition", "0", "--to", "9"],
+                "holds no replica",
+            ),
+            (
+                ["--topic", TOPIC, "--partition", "99", "--to", "2"],
+                "no partition 99",
+            ),
+            (
+                ["--topic", "nope", "--partition", "0", "--to", "2"],
+                "does not exist",
+            ),
+        ] {
+            let mut all = vec!["transfer-leader"];
+            all.extend_from_slice(&args);
+            let (code, out, err) = cluster_cli(&cluster.addr(1), &all);
+            assert_ne!(code, 0, "{args:?} was accepted: {out}");
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+        assert_eq!(leaders_per_node(&cluster, 2), [6, 0, 0]);
+
+        // The balancer: a dry run says what it would move and moves nothing; the real one
+        // leaves no node leading more than its share, ceil(6 / 3) = 2 (the bound asked is
+        // that plus one); a second one finds nothing to move.
+        let (code, out, err) = cluster_cli(&cluster.addr(1), &["rebalance", "--dry-run"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(out.matches("would move").count(), 4, "{out}");
+        assert_eq!(leaders_per_node(&cluster, 2), [6, 0, 0]);
+        let (code, out, err) = cluster_cli(&cluster.addr(2), &["rebalance"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(out.matches("\tmoved").count(), 4, "{out}");
+        let counts = leaders_per_node(&cluster, 0);
+        assert!(
+            counts.iter().all(|&n| n <= 2),
+            "leaders per node {counts:?}"
+        );
+        let (code, out, err) = cluster_cli(&cluster.addr(0), &["rebalance"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("nothing to move"), "{out}");
+        progress(&acks, 100, "after the rebalance").await;
+
+        stop_tx.send_replace(true);
+        for p in producers {
+            p.await.unwrap();
+        }
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        ids_stored_once(&cluster, partitions, &history).await;
+        // Sends waited while a leadership moved; none was refused.
+        assert!(history.errors.is_empty(), "refused: {:#?}", history.errors);
+        eprintln!(
+            "leader moves: {} acknowledged, the slowest Send {:?}",
+            history.acked.len(),
+            history.slowest_ack
+        );
+    });
+}
+
 /// Asserts a call was refused with `FAILED_PRECONDITION`, saying `says`.
 fn precondition<T>(r: Result<T, tonic::Status>, says: &str) {
     let Err(s) = r else {

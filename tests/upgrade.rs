@@ -40,6 +40,7 @@ fn members() -> Members {
         replication_factor: 3,
         election_timeout_ms: 800,
         heartbeat_ms: 200,
+        leader_balance_interval_ms: 0,
     }
 }
 

@@ -60,6 +60,9 @@ use super::topic::{PartitionDescription, PartitionHandle, Topic};
 use super::topics::{CreateRequest, Topics};
 use super::upgrade::{IDENTITY_FILE, PRE_CLUSTER};
 
+mod leaders;
+pub use leaders::{LeaderMove, Rebalanced};
+
 /// The metadata group's name on the cluster port.
 pub const META_GROUP: &str = "_meta";
 /// How long a node's report of its groups may take before it counts as unreachable.
@@ -199,7 +202,8 @@ impl Cluster {
         let service = RaftService::default()
             .with_write_timeout(write_timeout)
             .with_peers(peers.clone())
-            .with_proposals(Arc::clone(&proposals));
+            .with_proposals(Arc::clone(&proposals))
+            .with_elections(elections.clone());
         let (meta, meta_log, catalog) = {
             let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
             let meta_dir = dir.join("meta");
@@ -335,6 +339,11 @@ impl Cluster {
         tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
         tasks.spawn(compact_replicas(compactions, shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).adopt(shutdown.clone()));
+        let balance = cluster.members.leader_balance_interval_ms;
+        if balance > 0 {
+            let interval = Duration::from_millis(balance);
+            tasks.spawn(Arc::clone(&cluster).balance_leaders(interval, shutdown.clone()));
+        }
         tasks.spawn(Arc::clone(&cluster).serve_creations(create_rx, shutdown));
         tracing::info!(node_id = cluster.members.node_id, %addr,
             peers = cluster.members.peers.len(), "cluster port listening");

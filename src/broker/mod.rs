@@ -79,7 +79,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::storage::{FileIo, RealIo, StoredRecord, TopicConfig, validate_topic_name};
 
-pub use self::cluster::{META_GROUP, RaftSample};
+pub use self::cluster::{LeaderMove, META_GROUP, RaftSample, Rebalanced};
 pub use self::error::{Error, Result};
 pub use self::maintenance::PartitionMaintenance;
 pub use self::message::{Deliveries, Delivery, DeliveryBatch, NewMessage, Placed, Start};
@@ -315,14 +315,43 @@ impl Broker {
 
     /// Cluster mode: every node and group as the nodes report them (`sluice cluster status`).
     pub async fn cluster_status(&self) -> Result<crate::replication::status::ClusterView> {
-        match &self.cluster {
-            Some(c) => Ok(c.status().await),
-            None => Err(Error::FailedPrecondition(
-                "this broker runs as a single node (no [cluster] section): there is no cluster \
-                 to show"
-                    .into(),
-            )),
+        Ok(self.cluster_or_refuse("show")?.status().await)
+    }
+
+    /// Cluster mode: moves the leadership of partition `partition` of `topic` to node `to` (one
+    /// of its replicas); the leader and its term once done.
+    pub async fn transfer_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        to: u64,
+    ) -> Result<(u64, u64)> {
+        let cluster = self.cluster_or_refuse("move leaderships in")?;
+        let t = self.topics.existing(topic)?;
+        if partition as usize >= t.partitions.len() {
+            return Err(Error::PartitionNotFound {
+                topic: topic.to_string(),
+                partition,
+                count: t.partitions.len() as u32,
+            });
         }
+        cluster.transfer_leader(&t, partition, to).await
+    }
+
+    /// Cluster mode: spreads partition leaders across the nodes (`dry_run`: says how only).
+    pub async fn rebalance_leaders(&self, dry_run: bool) -> Result<Rebalanced> {
+        self.cluster_or_refuse("balance leaders in")?
+            .rebalance_leaders(dry_run)
+            .await
+    }
+
+    fn cluster_or_refuse(&self, what: &str) -> Result<&Arc<Cluster>> {
+        self.cluster.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "this broker runs as a single node (no [cluster] section): there is no cluster \
+                 to {what}"
+            ))
+        })
     }
 
     /// Cancelled when the broker shuts down.

@@ -99,6 +99,29 @@ pub enum ClusterCommand {
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
+    /// Moves a partition's leadership to one of its replicas; returns once that node leads.
+    /// Sends to the partition wait meanwhile (about one election timeout), none is refused.
+    TransferLeader {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partition: u32,
+        /// The node id to lead it.
+        #[arg(long)]
+        to: u64,
+    },
+    /// Spreads partition leaders across the nodes (none leads more than ceil(partitions /
+    /// nodes) where the replicas allow it); prints each move and how many partitions each
+    /// node leads afterwards. Exits 1 when a move failed.
+    Rebalance {
+        #[command(flatten)]
+        broker: BrokerArg,
+        /// Print the moves it would make; make none.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,6 @@
 //! `sluice cluster status`: the nodes, the metadata leader, and each partition's leader and
 //! replicas, as the asked node gathers them from every node. Exits 1 when a group has no leader.
+//! `sluice cluster transfer-leader` and `rebalance`: moving partition leaderships.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -25,6 +26,61 @@ pub async fn status(broker: BrokerArg, format: OutputFormat) -> Result<(), CliEr
     match leaderless(&s) {
         None => Ok(()),
         Some(what) => Err(CliError::Unhealthy(format!("no leader: {what}"))),
+    }
+}
+
+pub async fn transfer_leader(
+    broker: BrokerArg,
+    topic: String,
+    partition: u32,
+    to: u64,
+) -> Result<(), CliError> {
+    let mut client = AdminClient::new(link(&broker).await?);
+    let moved = client
+        .transfer_leader(pb::TransferLeaderRequest {
+            topic: topic.clone(),
+            partition,
+            to,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "{topic}/{partition}: leader node {} (term {})",
+        moved.leader, moved.term
+    );
+    Ok(())
+}
+
+pub async fn rebalance(broker: BrokerArg, dry_run: bool) -> Result<(), CliError> {
+    let mut client = AdminClient::new(link(&broker).await?);
+    let r = client
+        .rebalance_leaders(pb::RebalanceLeadersRequest { dry_run })
+        .await?
+        .into_inner();
+    let mut out = String::new();
+    if r.moves.is_empty() {
+        let _ = writeln!(out, "nothing to move");
+    }
+    for m in &r.moves {
+        let outcome = match (m.error.as_str(), dry_run) {
+            ("", true) => "would move".to_string(),
+            ("", false) => "moved".to_string(),
+            (why, _) => format!("not moved: {why}"),
+        };
+        let _ = writeln!(
+            out,
+            "{}/{}\t{} -> {}\t{outcome}",
+            m.topic, m.partition, m.from, m.to
+        );
+    }
+    for n in &r.leaders {
+        let _ = writeln!(out, "node {} leads {}", n.node_id, n.partitions);
+    }
+    std::io::stdout().lock().write_all(out.as_bytes())?;
+    let failed = r.moves.iter().filter(|m| !m.error.is_empty()).count();
+    match failed {
+        0 => Ok(()),
+        n => Err(CliError::Unhealthy(format!("{n} leadership moves failed"))),
     }
 }
 

@@ -90,6 +90,15 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Cluster(ClusterCommand::Status { broker, format }) => {
                 cluster::status(broker, format).await
             }
+            Command::Cluster(ClusterCommand::TransferLeader {
+                broker,
+                topic,
+                partition,
+                to,
+            }) => cluster::transfer_leader(broker, topic, partition, to).await,
+            Command::Cluster(ClusterCommand::Rebalance { broker, dry_run }) => {
+                cluster::rebalance(broker, dry_run).await
+            }
         }
     });
     exit_code(result)

@@ -31,6 +31,10 @@ pub struct ClusterConfig {
     pub election_timeout_ms: u64,
     /// How often a leader tells its followers it is alive, in ms. Default: 200.
     pub heartbeat_ms: u64,
+    /// How often the metadata group's leader spreads partition leaders across the nodes (the
+    /// leader balancer, as `sluice cluster rebalance` does on demand), in ms; 0: never.
+    /// Default: 300000 (5 minutes).
+    pub leader_balance_interval_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -42,6 +46,7 @@ impl Default for ClusterConfig {
             replication_factor: 3,
             election_timeout_ms: 800,
             heartbeat_ms: 200,
+            leader_balance_interval_ms: 300_000,
         }
     }
 }
@@ -57,6 +62,8 @@ pub struct Members {
     pub replication_factor: u32,
     pub election_timeout_ms: u64,
     pub heartbeat_ms: u64,
+    /// 0: no leader balancer.
+    pub leader_balance_interval_ms: u64,
 }
 
 impl Members {
@@ -160,6 +167,7 @@ impl ClusterConfig {
             replication_factor: self.replication_factor,
             election_timeout_ms: self.election_timeout_ms,
             heartbeat_ms: self.heartbeat_ms,
+            leader_balance_interval_ms: self.leader_balance_interval_ms,
         }))
     }
 }

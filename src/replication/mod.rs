@@ -10,7 +10,8 @@
 //! | [`wire`]          | Raft's messages as `sluice.cluster.v1` protobuf (entries as batches) |
 //! | [`peers`]         | where each peer's cluster port is, as this node reaches it          |
 //! | [`heartbeats`]    | many groups' heartbeats to one peer as one call                      |
-//! | [`handover`]      | a stopping leader handing its groups to the most caught-up member    |
+//! | [`handover`]      | a leader handing a group over (at a stop, or moved while running)    |
+//! | [`balance`]       | the leader balancer's plan: which leaderships to move where          |
 //! | [`network`]       | sending Raft's messages to peers over gRPC (the cluster port)        |
 //! | [`service`]       | receiving them and handing each to the group it names                |
 //! | [`write`]         | proposing to a group and waiting until committed (or why not)        |
@@ -20,6 +21,7 @@
 //!
 //! The design, what is built and what is not yet, is in `docs/replication.md`.
 
+pub mod balance;
 pub mod catalog;
 pub mod config;
 pub mod elections;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use openraft::Raft;
 use tonic::{Request, Response, Status};
 
-use super::handover;
+use super::elections::Elections;
+use super::handover::{self, TransferError};
 use super::peers::Peers;
 use super::reads::GroupLog;
 use super::status;
@@ -89,6 +90,8 @@ pub struct RaftService {
     id_sender: Arc<std::sync::OnceLock<IdSender>>,
     /// Serves `Consume` and `Settle` once the broker has set it.
     group_host: Arc<std::sync::OnceLock<Arc<dyn GroupHost>>>,
+    /// The members' election timeouts, for `TransferLeader`.
+    elections: Option<Elections>,
 }
 
 /// How long a Raft message to a group this node has not started waits for it to start before it
@@ -111,6 +114,7 @@ impl Default for RaftService {
             maintainer: Arc::default(),
             id_sender: Arc::default(),
             group_host: Arc::default(),
+            elections: None,
         }
     }
 }
@@ -131,6 +135,12 @@ impl RaftService {
     /// Proposes forwarded proposals through `proposals` (this node's own go there too).
     pub fn with_proposals(mut self, proposals: Arc<Proposals>) -> Self {
         self.proposals = proposals;
+        self
+    }
+
+    /// Moves leaderships (`TransferLeader`) with the members' election timeouts.
+    pub fn with_elections(mut self, elections: Elections) -> Self {
+        self.elections = Some(elections);
         self
     }
 
@@ -390,6 +400,36 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::HandOverResponse {}))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let raft = self.group(&req.group)?;
+        let Some(elections) = &self.elections else {
+            return Err(Status::failed_precondition(
+                "this node does not move leaderships",
+            ));
+        };
+        let moved = handover::transfer(
+            &raft,
+            &req.group,
+            req.to,
+            &self.peers,
+            elections,
+            &self.proposals,
+        )
+        .await;
+        match moved {
+            Ok((leader, term)) => Ok(Response::new(pb::TransferLeaderResponse { leader, term })),
+            Err(TransferError::NotLeader) => Err(self.not_proposed(&raft)),
+            Err(e @ TransferError::NotAMember(_)) => Err(Status::invalid_argument(e.to_string())),
+            // Tried and given up (the leader stays, or another was elected): not to be made
+            // again at another node.
+            Err(e) => Err(Status::aborted(e.to_string())),
+        }
+    }
+
     async fn propose(
         &self,
         request: Request<pb::ProposeRequest>,
@@ -429,6 +469,9 @@ impl pb::raft_server::Raft for RaftService {
                 base_offset: applied.offsets.map(|o| o.0),
                 last_offset: applied.offsets.map(|o| o.1),
             })),
+            // Refused by Raft (it no longer leads, or it handed the group over while the
+            // proposal waited): never appended, or dropped as a conflict, so never committed.
+            Err(WriteError::NoLeader(_)) => Err(self.not_proposed(&raft)),
             Err(e) => Err(e.to_status()),
         }
     }

@@ -3,7 +3,7 @@
 //! node that does not lead the group forwards the proposal to the leader's cluster port once
 //! ([`Forwarder`]); the leader does not forward it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,25 @@ pub const MERGED_BYTES: usize = 1 << 20;
 #[derive(Debug, Default)]
 pub struct Proposals {
     queues: Mutex<HashMap<String, Queue>>,
+    /// Groups whose leadership this node is handing over ([`Proposals::hold`]): their new
+    /// proposals wait.
+    held: Mutex<HashSet<String>>,
+    /// Told when a group is no longer held.
+    released: tokio::sync::Notify,
+}
+
+/// While it lives, new proposals of its group wait ([`Proposals::hold`]).
+#[derive(Debug)]
+pub struct Held {
+    proposals: Arc<Proposals>,
+    group: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.proposals.held().remove(&self.group);
+        self.proposals.released.notify_waiters();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -181,6 +200,11 @@ impl Proposals {
         peers: &Peers,
         resolve: Option<Resolve>,
     ) -> Result<Applied, WriteError> {
+        let until = tokio::time::Instant::now() + deadline;
+        if !self.unheld(group, until).await {
+            // Nothing proposed: the caller may take it to the next leader.
+            return Err(WriteError::NoLeader(None));
+        }
         let span = match &proposal {
             Proposal::Records(batch) => BatchHeader::of_proposal(batch)
                 .ok()
@@ -268,6 +292,35 @@ impl Proposals {
                 let _ = w.answer.send(answer);
             }
         }
+    }
+
+    /// Holds new proposals of `group` (each waits, up to its deadline) until the guard is
+    /// dropped: for a leadership being handed over, whose leader must propose nothing more.
+    /// Proposals already under way go on ([`Proposals::busy`] says when they are done).
+    pub fn hold(self: &Arc<Self>, group: &str) -> Held {
+        self.held().insert(group.to_string());
+        Held {
+            proposals: Arc::clone(self),
+            group: group.to_string(),
+        }
+    }
+
+    /// Waits until `group` is not held; false if it still is at `until`.
+    async fn unheld(&self, group: &str, until: tokio::time::Instant) -> bool {
+        loop {
+            // Made before looking: a release between the look and the wait still wakes it.
+            let released = self.released.notified();
+            if !self.held().contains(group) {
+                return true;
+            }
+            if tokio::time::timeout_at(until, released).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether proposals of `group` wait or are being proposed.
@@ -446,9 +499,16 @@ impl Forwarder {
                 })));
             };
             if id == me {
-                return (self.proposals)
-                    .propose(raft, group, proposal, left, &self.peers, None)
+                let proposed = (self.proposals)
+                    .propose(raft, group, proposal.clone(), left, &self.peers, None)
                     .await;
+                match proposed {
+                    // Refused before it was appended (this node no longer leads, or it handed
+                    // the group over meanwhile): the next leader takes it.
+                    Err(WriteError::NoLeader(_)) => gone = Some((id, term)),
+                    answer => return answer,
+                }
+                continue;
             }
             let Some(leader) = known_leader(raft, &self.peers).filter(|(l, _)| *l == id) else {
                 continue; // the leader changed meanwhile: look again
@@ -704,6 +764,35 @@ impl Forwarder {
             |mut client, request| {
                 let req = req.clone();
                 async move { client.administer_group(request.map(|()| req)).await }
+            },
+        )
+        .await
+        .map(|(answer, _)| answer)
+    }
+
+    /// Moves partition group `group`'s leadership to node `to`, at the node of `replicas` that
+    /// leads it (`leader`, as this node knows it, asked first; see [`Forwarder::ask_replicas`]).
+    pub async fn transfer_remote(
+        &self,
+        group: &str,
+        leader: Option<u64>,
+        replicas: &[u64],
+        to: u64,
+        deadline: Duration,
+    ) -> Result<pb::TransferLeaderResponse, Status> {
+        let req = pb::TransferLeaderRequest {
+            group: group.to_string(),
+            to,
+        };
+        self.ask_group_leader(
+            group,
+            leader,
+            replicas,
+            deadline,
+            Retry::OnlyIfNotTaken,
+            |mut client, request| {
+                let req = req.clone();
+                async move { client.transfer_leader(request.map(|()| req)).await }
             },
         )
         .await

@@ -24,6 +24,8 @@ const COMPACT: &str = "sluice.v1.Admin/Compact";
 const CREATE_TOPIC: &str = "sluice.v1.Admin/CreateTopic";
 const DELETE_TOPIC: &str = "sluice.v1.Admin/DeleteTopic";
 const DESCRIBE_TOPIC: &str = "sluice.v1.Admin/DescribeTopic";
+const TRANSFER_LEADER: &str = "sluice.v1.Admin/TransferLeader";
+const REBALANCE_LEADERS: &str = "sluice.v1.Admin/RebalanceLeaders";
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -86,6 +88,31 @@ pub fn compaction_to_pb(m: crate::broker::PartitionMaintenance) -> pb::Partition
         bytes_after: m
             .compaction
             .map_or(o.bytes_before - o.deleted_bytes, |c| c.bytes_after),
+    }
+}
+
+/// A rebalance as `RebalanceLeaders` answers it.
+fn rebalanced_to_pb(r: crate::broker::Rebalanced) -> pb::RebalanceLeadersResponse {
+    pb::RebalanceLeadersResponse {
+        moves: r
+            .moves
+            .into_iter()
+            .map(|m| pb::LeaderMove {
+                topic: m.topic,
+                partition: m.partition,
+                from: m.from,
+                to: m.to,
+                error: m.error.unwrap_or_default(),
+            })
+            .collect(),
+        leaders: r
+            .leaders
+            .into_iter()
+            .map(|(node_id, partitions)| pb::NodeLeaders {
+                node_id,
+                partitions,
+            })
+            .collect(),
     }
 }
 
@@ -401,6 +428,71 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(cluster_status_to_pb(view, |topic| {
             caller.allows(Action::Describe, Resource::Topic(topic))
         })))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let transfer = async {
+            self.broker
+                .transfer_leader(&req.topic, req.partition, req.to)
+                .await
+                .map_err(to_status)
+        };
+        let before = serde_json::json!({ "partition": req.partition, "to": req.to });
+        let resource = Resource::Topic(&req.topic);
+        let (leader, term) = self
+            .admin(&caller, TRANSFER_LEADER, resource, Some(before), transfer)
+            .await?;
+        Ok(Response::new(pb::TransferLeaderResponse { leader, term }))
+    }
+
+    async fn rebalance_leaders(
+        &self,
+        request: Request<pb::RebalanceLeadersRequest>,
+    ) -> Result<Response<pb::RebalanceLeadersResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        // It may move any topic's leaders: `admin` on every topic (`describe` for a dry run).
+        let action = if req.dry_run {
+            Action::Describe
+        } else {
+            Action::Admin
+        };
+        for (name, _) in self.broker.list_topics() {
+            self.access
+                .require(&caller, REBALANCE_LEADERS, action, Resource::Topic(&name))
+                .await?;
+        }
+        let rebalanced = self
+            .broker
+            .rebalance_leaders(req.dry_run)
+            .await
+            .map(rebalanced_to_pb)
+            .map_err(to_status);
+        if req.dry_run {
+            return rebalanced.map(Response::new);
+        }
+        let event = super::access::event(
+            &caller,
+            REBALANCE_LEADERS,
+            "every topic".into(),
+            Decision::Allowed,
+        );
+        let event = match &rebalanced {
+            Ok(r) => event.count("moves", r.moves.len() as u64).count(
+                "failed",
+                r.moves.iter().filter(|m| !m.error.is_empty()).count() as u64,
+            ),
+            Err(_) => event,
+        };
+        self.access
+            .record_admin(event, rebalanced)
+            .await
+            .map(Response::new)
     }
 
     async fn describe_topic(
