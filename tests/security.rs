@@ -5,9 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use common::pki::Ca;
@@ -337,8 +338,11 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
         );
     }
 
+    // Each kind of denial (call, resource, answer) is recorded at once; one seen before is
+    // counted, and summarised when its window ends or the broker stops.
+    let mut kinds = BTreeSet::new();
     for (rpc, administrative, allowed) in RPCS {
-        // Refused: PERMISSION_DENIED, nothing changed, one record of the denial.
+        // Refused: PERMISSION_DENIED, nothing changed, one record of a new kind of denial.
         let before_files = files(dir.path());
         let before = audit_records(&all).await.len();
         let status = call(rpc, &none).await.unwrap_err();
@@ -349,13 +353,19 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
             "{rpc}: a denied call changed files"
         );
         let records = audit_records(&all).await;
-        assert_eq!(records.len(), before + 1, "{rpc}: one record per denial");
-        let r = records.last().unwrap();
-        assert_eq!(
-            (r.principal.as_str(), r.decision),
-            ("none", Decision::Denied),
-            "{rpc}"
-        );
+        let added = &records[before..];
+        assert!(added.len() <= 1, "{rpc}: at most one record per denial");
+        if let Some(r) = added.first() {
+            assert_eq!(
+                (r.principal.as_str(), r.decision),
+                ("none", Decision::Denied),
+                "{rpc}"
+            );
+            assert!(
+                kinds.insert((r.rpc.clone(), r.resource.clone(), r.outcome.clone())),
+                "{rpc}: a kind recorded twice: {r:?}"
+            );
+        }
 
         // Allowed: answered as it would be without access control; administrative actions
         // leave exactly one record, the others none.
@@ -422,6 +432,87 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     server.stop().await;
+
+    // Every denial is in the trail: the kinds recorded at once, the others in the summary
+    // written at the stop.
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    let records = audit_records(&all).await;
+    let summarised: u64 = records
+        .iter()
+        .filter(|r| r.principal == "none" && r.decision == Decision::Denied)
+        .filter_map(|r| r.counts.get("refusals"))
+        .sum();
+    assert_eq!(
+        kinds.len() as u64 + summarised,
+        RPCS.len() as u64,
+        "every denial of the table recorded or counted"
+    );
+    assert!(summarised > 0, "the table denies a kind twice (Subscribe)");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_failing_fast_adds_a_bounded_number_of_records_and_every_refusal_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    let before = audit_records(&all).await.len();
+    // 2,000 calls with a wrong token, 500 at a time over four connections.
+    let mut links = Vec::new();
+    for _ in 0..4 {
+        links.push(
+            as_principal(
+                &server,
+                Some("wrong-token-11111111111111111111111111111111"),
+            )
+            .await,
+        );
+    }
+    let calls = 2_000u64;
+    let slots = Arc::new(tokio::sync::Semaphore::new(500));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        let (link, slots) = (links[i as usize % 4].clone(), Arc::clone(&slots));
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await.unwrap();
+            call("Send", &link).await.unwrap_err().code()
+        });
+    }
+    while let Some(code) = tasks.join_next().await {
+        assert_eq!(code.unwrap(), Code::Unauthenticated);
+    }
+    // One kind of refusal from one source: one record now, whatever the rate.
+    let added = audit_records(&all).await.len() - before;
+    assert_eq!(added, 1, "records added by {calls} refusals");
+    // A good client is answered meanwhile, and at once.
+    call("Send", &all).await.unwrap();
+    server.stop().await;
+    // The stop wrote the summary: every refusal is counted.
+    let mut config = test_config(dir.path());
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    let records = audit_records(&all).await;
+    let refused: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.decision == Decision::Unauthenticated)
+        .collect();
+    assert_eq!(
+        refused.len(),
+        2,
+        "the first refusal and the summary: {refused:?}"
+    );
+    assert_eq!(refused[1].counts.get("refusals"), Some(&(calls - 1)));
+    assert_eq!(
+        refused[1].peer, "127.0.0.1",
+        "the source is the address, not a connection"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -452,15 +543,13 @@ async fn missing_or_wrong_credentials_are_unauthenticated_with_the_same_words() 
         "no hint about which part was wrong"
     );
     // The client's own request id is kept in the record; without one the broker numbers it.
-    let mut request = tonic::Request::new(pb::SendRequest {
-        topic: "epro.t".into(),
-        messages: vec![message("x")],
-    });
+    // (A call not refused before: a repeat would only be counted.)
+    let mut request = tonic::Request::new(pb::ListTopicsRequest {});
     request
         .metadata_mut()
         .insert("x-request-id", "submission-42".parse().unwrap());
     let anonymous = as_principal(&server, None).await;
-    broker(&anonymous).send(request).await.unwrap_err();
+    admin(&anonymous).list_topics(request).await.unwrap_err();
     let records = audit_records(&all).await;
     assert_eq!(records.last().unwrap().request_id, "submission-42");
     assert!(records[records.len() - 2].request_id.starts_with('r'));

@@ -1,14 +1,17 @@
 //! The audit trail: the internal topic `_audit` (one partition), appended to by the broker only,
 //! one JSON record per event — authentication failures, permission denials, administrative
 //! actions with their outcome, retention deletions, reloads, start and clean stop — never any
-//! message content. Each record is durable before the action it records is answered.
+//! message content. Each record is durable before the action it records is answered; a
+//! refusal of a source that keeps being refused may instead be counted into a summary written
+//! when its window ends (`super::refusals`).
 //!
 //! Records form a hash chain: each carries `seq` (its own offset) and `prev`, the hex SHA-256 of
 //! the previous record's bytes as stored (64 zeros for the first). [`check_chain`] finds the
 //! first record where the chain breaks: a record changed after it was written (the next one's
 //! `prev` no longer matches it), removed (a `seq` is skipped) or moved (a `seq` out of place).
 //! The chain cannot show a change to the newest record alone (nothing follows it yet); each
-//! record's batch CRC still does for accidental damage. `_audit` cannot be written, deleted,
+//! record's batch CRC still does for accidental damage. Records asked for at once share a batch
+//! and its sync; refusals are counted and summarised (`super::refusals`). `_audit` cannot be written, deleted,
 //! compacted or shortened through the API; only `auth.audit_retention_ms` removes old records.
 
 use std::collections::BTreeMap;
@@ -22,6 +25,7 @@ use crate::storage::{AppendMode, EncodedBatch, Record, TopicConfig};
 
 use super::clock::now_ms;
 use super::error::{Error, Result};
+use super::refusals::Refusals;
 use super::topic::PartitionHandle;
 
 /// The audit trail's topic.
@@ -54,7 +58,7 @@ pub fn audit_topic_config(retention_ms: u64) -> TopicConfig {
 const GENESIS: [u8; 32] = [0; 32];
 
 /// What was decided about a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// The caller may; `outcome` says how the action went.
@@ -150,10 +154,21 @@ struct Chain {
 #[derive(Debug)]
 pub struct AuditTrail {
     partition: Arc<PartitionHandle>,
+    /// Held while a batch of records is appended and made durable.
     chain: tokio::sync::Mutex<Chain>,
+    /// Records waiting for the next batch, each with whom to tell how it went.
+    waiting: std::sync::Mutex<Vec<(AuditEvent, Answer)>>,
+    /// Refusals counted and summarised rather than recorded one by one.
+    refusals: Refusals,
     /// This node's id in a cluster, written into every record.
     node: Option<u64>,
 }
+
+/// Told whether a record is durable (the error's text if not).
+type Answer = oneshot::Sender<std::result::Result<(), String>>;
+
+/// Records in one batch at most (each is a few hundred bytes).
+const BATCH_RECORDS: usize = 256;
 
 impl AuditTrail {
     /// Picks the chain up where the log ends (reading its last record).
@@ -175,6 +190,8 @@ impl AuditTrail {
         Ok(AuditTrail {
             partition,
             chain: tokio::sync::Mutex::new(Chain { next: end, prev }),
+            waiting: std::sync::Mutex::default(),
+            refusals: Refusals::default(),
             node: None,
         })
     }
@@ -185,36 +202,103 @@ impl AuditTrail {
         self
     }
 
-    /// Appends one record and waits until it is durable.
+    /// Appends one record and waits until it is durable. Records asked for meanwhile share a
+    /// batch (one append, one sync): whoever holds the chain takes every record waiting.
     pub async fn record(&self, event: AuditEvent) -> Result<()> {
-        let mut chain = self.chain.lock().await;
-        let record = AuditRecord {
-            seq: chain.next,
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            node: self.node,
-            principal: event.principal,
-            peer: event.peer,
-            tls_subject: event.tls_subject,
-            rpc: event.rpc,
-            resource: event.resource,
-            decision: event.decision.unwrap_or(Decision::Allowed),
-            outcome: event.outcome,
-            request_id: event.request_id,
-            counts: event.counts,
-            before: event.before,
-            after: event.after,
-            prev: to_hex(&chain.prev),
+        let (tx, mut rx) = oneshot::channel();
+        self.waiting().push((event, tx));
+        loop {
+            let mut chain = self.chain.lock().await;
+            // Taken and answered by the batch before.
+            if let Ok(answer) = rx.try_recv() {
+                return answer.map_err(Error::Unavailable);
+            }
+            let taken: Vec<(AuditEvent, Answer)> = {
+                let mut waiting = self.waiting();
+                let n = waiting.len().min(BATCH_RECORDS);
+                waiting.drain(..n).collect()
+            };
+            let (events, answers): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
+            let outcome = self.append(&mut chain, events).await;
+            drop(chain);
+            let text = outcome.as_ref().map_err(|e| e.to_string()).copied();
+            for answer in answers {
+                let _ = answer.send(text.clone());
+            }
+            if let Ok(answer) = rx.try_recv() {
+                return match (answer, outcome) {
+                    (Ok(()), _) => Ok(()),
+                    (Err(_), Err(e)) => Err(e),
+                    (Err(text), Ok(())) => Err(Error::Unavailable(text)),
+                };
+            }
+            // Ours waits for the next batch (this one was full).
+        }
+    }
+
+    /// Counts a refusal (a failed authentication or a denial; see [`super::refusals`]): records
+    /// it, or a summary, if due; returns how long to wait before answering it.
+    pub async fn record_refusal(&self, event: AuditEvent) -> Result<std::time::Duration> {
+        let verdict = self.refusals.refused(event, std::time::Instant::now());
+        for e in verdict.record {
+            self.record(e).await?;
+        }
+        Ok(verdict.delay)
+    }
+
+    /// Records the summaries of the refusal windows that have ended (`all`: of every window,
+    /// at a stop).
+    pub async fn summarise_refusals(&self, all: bool) -> Result<()> {
+        let summaries = if all {
+            self.refusals.all()
+        } else {
+            self.refusals.ended(std::time::Instant::now())
         };
-        let bytes = serde_json::to_vec(&record)
-            .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-        let hash = sha256(&bytes);
-        let batch = EncodedBatch::new(&[Record {
-            timestamp: now_ms(),
-            key: None,
-            value: Some(bytes.into()),
-            headers: Vec::new(),
-            id: None,
-        }]);
+        for e in summaries {
+            self.record(e).await?;
+        }
+        Ok(())
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<(AuditEvent, Answer)>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `events` as one batch at the chain's end and waits until it is durable.
+    async fn append(&self, chain: &mut Chain, events: Vec<AuditEvent>) -> Result<()> {
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let (first, mut prev) = (chain.next, chain.prev);
+        let mut records = Vec::with_capacity(events.len());
+        for (k, event) in events.into_iter().enumerate() {
+            let record = AuditRecord {
+                seq: first + k as u64,
+                time: time.clone(),
+                node: self.node,
+                principal: event.principal,
+                peer: event.peer,
+                tls_subject: event.tls_subject,
+                rpc: event.rpc,
+                resource: event.resource,
+                decision: event.decision.unwrap_or(Decision::Allowed),
+                outcome: event.outcome,
+                request_id: event.request_id,
+                counts: event.counts,
+                before: event.before,
+                after: event.after,
+                prev: to_hex(&prev),
+            };
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+            prev = sha256(&bytes);
+            records.push(Record {
+                timestamp: now_ms(),
+                key: None,
+                value: Some(bytes.into()),
+                headers: Vec::new(),
+                id: None,
+            });
+        }
+        let batch = EncodedBatch::new(&records);
         let (tx, rx) = oneshot::channel();
         // A permit like every append to a topic's partition: the writer's inbox has room.
         let permit = Arc::clone(&self.partition.permits)
@@ -236,14 +320,14 @@ impl AuditTrail {
                 tracing::error!(error = %e, "cannot append to the audit trail");
                 Error::from(e)
             })?;
-        if appended.base_offset != record.seq {
+        if appended.base_offset != first {
             return Err(Error::Internal(format!(
-                "audit record {} stored at offset {}",
-                record.seq, appended.base_offset
+                "audit record {first} stored at offset {}",
+                appended.base_offset
             )));
         }
-        chain.next = record.seq + 1;
-        chain.prev = hash;
+        chain.next = first + records.len() as u64;
+        chain.prev = prev;
         Ok(())
     }
 }

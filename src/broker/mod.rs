@@ -13,6 +13,7 @@
 //! | [`groups`]        | consumer groups: the registry, each group's state and dispatcher    |
 //! | [`maintenance`]   | retention and compaction passes, and the periodic run               |
 //! | [`audit`]         | the `_audit` trail's appender and its hash chain                    |
+//! | [`refusals`]      | failed authentications and denials counted and summarised per source |
 //! | [`cluster`]       | cluster mode: the metadata group, the partitions' groups, the cluster port |
 //! | [`consumers`]     | cluster mode: consumer groups, each replicated by a Raft group of its own |
 //! | [`upgrade`]       | a single node's data directory turned into a cluster node's, once   |
@@ -48,6 +49,7 @@ pub mod groups;
 mod id_check;
 mod maintenance;
 mod message;
+mod refusals;
 mod send;
 mod settings;
 mod subscription;
@@ -275,6 +277,12 @@ impl Broker {
                 .audit
                 .record(AuditEvent::system("broker/start", "ok").count("topics", topic_count))
                 .await?;
+        }
+        if !read_only {
+            broker.tasks.spawn(summarise_refusals(
+                Arc::clone(&broker.audit),
+                broker.shutdown.clone(),
+            ));
         }
         // In cluster mode each replicated partition's leader decides its retention (compaction
         // is not replicated yet: compacted topics are only trimmed by age and size).
@@ -689,6 +697,11 @@ impl Broker {
         }
         // A read-only broker records nothing: nothing may be written.
         if !self.read_only
+            && let Err(e) = self.audit.summarise_refusals(true).await
+        {
+            tracing::error!(error = %e, "cannot record the last refusals in the audit trail");
+        }
+        if !self.read_only
             && let Err(e) = self
                 .audit
                 .record(AuditEvent::system("broker/stop", "ok"))
@@ -796,4 +809,17 @@ fn id_sender(
             }
         })
     })
+}
+
+/// Records the summary of each source's refusals once its window ends (see [`refusals`]).
+async fn summarise_refusals(audit: Arc<AuditTrail>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(refusals::WINDOW) => {}
+        }
+        if let Err(e) = audit.summarise_refusals(false).await {
+            tracing::error!(error = %e, "cannot record refusals in the audit trail");
+        }
+    }
 }

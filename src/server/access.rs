@@ -1,7 +1,8 @@
 //! Permission checks inside the RPCs, and their audit records.
 //!
 //! Every RPC of `sluice.v1.Broker`, `sluice.v1.Admin` and the seed `broker.Broker` asks
-//! [`Access::require`] before it touches anything: a denial is recorded in `_audit` and answered
+//! [`Access::require`] before it touches anything: a denial is recorded in `_audit` (or counted
+//! and summarised, for a source that keeps being refused: `broker::refusals`) and answered
 //! `PERMISSION_DENIED`, with nothing changed. Administrative actions are recorded with their
 //! outcome ([`Access::record_admin`]) before they are answered; if that record cannot be
 //! written the call fails (`UNAVAILABLE`), saying whether the action itself happened.
@@ -71,7 +72,8 @@ impl Access {
         } else {
             format!("PERMISSION_DENIED: {} not granted", action.as_str())
         };
-        self.broker.audit().record(e).await.map_err(to_status)?;
+        let slowed = self.broker.audit().record_refusal(e).await;
+        tokio::time::sleep(slowed.map_err(to_status)?).await;
         Err(status(
             Code::PermissionDenied,
             if protected {

@@ -99,8 +99,12 @@ impl Front {
                 let rpc = req.uri().path().trim_start_matches('/');
                 let mut e = event(&caller, rpc, String::new(), Decision::Unauthenticated);
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
-                let status = match self.broker.audit().record(e).await {
-                    Ok(()) => Status::unauthenticated("missing or invalid credentials"),
+                let status = match self.broker.audit().record_refusal(e).await {
+                    Ok(slowed) => {
+                        // A source that keeps failing waits (see `broker::refusals`).
+                        tokio::time::sleep(slowed).await;
+                        Status::unauthenticated("missing or invalid credentials")
+                    }
                     Err(err) => super::status::status(
                         tonic::Code::Unavailable,
                         format!("audit trail: {err}"),

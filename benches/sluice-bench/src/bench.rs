@@ -50,6 +50,10 @@ pub struct RpcBench {
     pub calls: u64,
     #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
     pub client: ClientKind,
+    /// Every call must be refused (`UNAUTHENTICATED` or `PERMISSION_DENIED`): a client with a
+    /// bad token (`--token`, tonic's client), as `benches/bad_tokens.sh` runs it.
+    #[arg(long)]
+    pub refused: bool,
 }
 
 /// The gRPC client the load generator uses.
@@ -452,13 +456,27 @@ async fn rpc(b: RpcBench) -> Result<(), CliError> {
         let client = channels[i % connections].clone();
         let calls = Arc::clone(&calls);
         let mut hist = latency_histogram()?;
+        let refused = b.refused;
         tasks.spawn(async move {
             while calls
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                 .is_ok()
             {
                 let t = Instant::now();
-                client.list_topics().await?;
+                match (client.list_topics().await, refused) {
+                    (Ok(_), false) => {}
+                    (Err(CliError::Status(s)), true)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                        ) => {}
+                    (Ok(_), true) => {
+                        return Err(CliError::Usage(
+                            "a call meant to be refused succeeded".into(),
+                        ));
+                    }
+                    (Err(e), _) => return Err(e),
+                }
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
             }
             Ok::<_, CliError>(hist)
@@ -471,7 +489,8 @@ async fn rpc(b: RpcBench) -> Result<(), CliError> {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "rpc: {} callers on {} connections: {} calls in {:.2} s = {:.0} calls/s; latency p50 {} us, p99 {} us",
+        "rpc{}: {} callers on {} connections: {} calls in {:.2} s = {:.0} calls/s; latency p50 {} us, p99 {} us",
+        if b.refused { " (refused)" } else { "" },
         b.callers,
         connections,
         hist.len(),

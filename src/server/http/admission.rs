@@ -102,7 +102,8 @@ impl FromRequestParts<Shared> for Admitted {
                     Decision::Unauthenticated,
                 );
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
-                broker.audit().record(e).await?;
+                let slowed = broker.audit().record_refusal(e).await?;
+                tokio::time::sleep(slowed).await;
                 Err(Refusal::Unauthenticated)
             }
         }
