@@ -795,6 +795,49 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     assert!(seen > 5, "checked {seen} files");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_made_at_once_share_batches_and_the_chain_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let link = as_principal(&server, None).await;
+    // 300 administrative actions at once: each answered only once its record is durable.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let link = link.clone();
+        tasks.spawn(async move {
+            admin(&link)
+                .create_topic(pb::CreateTopicRequest {
+                    name: format!("t{i}"),
+                    settings: None,
+                })
+                .await
+                .unwrap();
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    server.stop().await;
+    let stored = common::audit_values(dir.path());
+    let records: Vec<AuditRecord> = stored
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect();
+    // start, 300 creations (each once), stop; in offset order, the chain unbroken.
+    assert_eq!(records.len(), 302);
+    let created: BTreeSet<&str> = records.iter().map(|r| r.resource.as_str()).collect();
+    assert_eq!(created.len(), 302 - 1, "{created:?}");
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq, i as u64);
+    }
+    let indexed: Vec<(u64, Vec<u8>)> = stored
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| (i as u64, b))
+        .collect();
+    assert!(check_chain(indexed).is_empty());
+}
+
 #[tokio::test]
 async fn verify_names_the_audit_record_that_was_changed_removed_or_moved() {
     let dir = tempfile::tempdir().unwrap();
