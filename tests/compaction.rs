@@ -101,6 +101,7 @@ proptest! {
             p.append_blocking(&records).unwrap();
         }
         let before = read_all(&p);
+        let active = p.segment_bases().last().copied().unwrap_or(0);
         let opts = CompactionOptions {
             now_ms: 10_000,
             delete_retention_ms: if tombstones_kept { 1 << 40 } else { 0 },
@@ -112,6 +113,21 @@ proptest! {
         let after = read_all(&p);
         // Only closed segments are compacted: keep the check on what the rule allows.
         check_compacted(&before, &after, tombstones_kept);
+        // And what it must drop is gone: in the closed segments, no record of a key survives
+        // beside a newer one of that key there, and no tombstone past its retention survives.
+        for r in after.iter().filter(|r| r.offset < active) {
+            let Some(k) = &r.key else { continue };
+            let newer = before
+                .iter()
+                .any(|b| b.key.as_ref() == Some(k) && b.offset > r.offset && b.offset < active);
+            prop_assert!(!newer, "offset {} of key {:?} survived a newer record", r.offset, k);
+            prop_assert!(tombstones_kept || r.value.is_some(), "tombstone at {} kept", r.offset);
+        }
+        prop_assert_eq!(
+            outcome.records_before - outcome.records_after,
+            (before.len() - after.len()) as u64,
+            "the outcome counts what was dropped"
+        );
         prop_assert_eq!(p.high_water(), before.len() as u64);
         // The same after a reopen, and appends continue at the same offset.
         drop(p);

@@ -655,23 +655,48 @@ async fn optional_client_certificates_let_token_holders_in_over_tls() {
     config.tls = tls_config(&ca, Some(ClientAuth::Optional));
     config.auth = auth();
     let server = TestServer::start(config).await;
-    let creds = Credentials {
-        token: Some(WRITER.into()),
+    // Over TLS without a client certificate: a token is enough, none is not.
+    let over_tls = |token: Option<&str>| Credentials {
+        token: token.map(str::to_string),
         tls_ca: Some(ca.cert.clone()),
         tls_domain: Some("localhost".into()),
         ..Credentials::default()
     };
-    let link = link_with(&format!("127.0.0.1:{}", server.addr.port()), &creds)
+    let at = format!("127.0.0.1:{}", server.addr.port());
+    let all = link_with(&at, &over_tls(Some(ALL))).await.unwrap();
+    admin(&all)
+        .create_topic(pb::CreateTopicRequest {
+            name: "epro.t".into(),
+            settings: None,
+        })
         .await
         .unwrap();
-    let sent = broker(&link)
+    let writer = link_with(&at, &over_tls(Some(WRITER))).await.unwrap();
+    let sent = broker(&writer)
         .send(pb::SendRequest {
             topic: "epro.t".into(),
             messages: vec![message("over tls")],
         })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.positions.len(), 1, "{sent:?}");
+    // Its grants still hold: the writer may not create a topic on first use.
+    let refused = broker(&writer)
+        .send(pb::SendRequest {
+            topic: "epro.new".into(),
+            messages: vec![message("over tls")],
+        })
         .await;
-    // The topic does not exist and the writer has no admin: auto-creation is refused.
-    assert_eq!(sent.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let anonymous = link_with(&at, &over_tls(None)).await.unwrap();
+    let refused = broker(&anonymous)
+        .send(pb::SendRequest {
+            topic: "epro.t".into(),
+            messages: vec![message("no credentials")],
+        })
+        .await;
+    assert_eq!(refused.unwrap_err().code(), Code::Unauthenticated);
     server.stop().await;
 }
 
