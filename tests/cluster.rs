@@ -1399,6 +1399,69 @@ fn a_node_refuses_to_start_on_bad_peers_or_a_data_directory_that_is_not_its_own(
     }
 }
 
+/// The cluster id node `dir` has recorded in its `node.json`, once it has.
+fn cluster_id_of(dir: &Path) -> String {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let recorded = std::fs::read(dir.join("cluster").join("node.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["cluster_id"].as_str().map(str::to_string));
+        if let Some(id) = recorded {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cluster id recorded in {} within {DEADLINE:?}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_refuses_to_start_as_an_id_that_runs_already_or_on_another_clusters_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let peers = peers_of(&ports);
+    let dir = |cluster: &str, id: u64| tmp.path().join(format!("{cluster}{id}"));
+    let start = |cluster: &str| {
+        Reaped(
+            (1..=3)
+                .map(|id| serve(&dir(cluster, id), id, &peers, &[]).unwrap().0)
+                .collect(),
+        )
+    };
+    // Cluster b on these addresses, founded, then stopped; cluster a on the same addresses.
+    let b = start("b");
+    let b_id = cluster_id_of(&dir("b", 2));
+    drop(b);
+    let mut a = start("a");
+    let a_id = (1..=3)
+        .map(|id| cluster_id_of(&dir("a", id)))
+        .collect::<BTreeSet<_>>();
+    assert_eq!(a_id.len(), 1, "one id for the whole cluster: {a_id:?}");
+    let a_id = a_id.into_iter().next().unwrap();
+    assert_ne!(a_id, b_id, "each founding draws its own id");
+
+    // A second process as node 2 (its own address free: another interface, same port).
+    let listen = format!("127.0.0.2:{}", ports[1]);
+    let env = [("SLUICE_CLUSTER_LISTEN", listen.as_str())];
+    let said = refused(&tmp.path().join("x"), 2, &peers, &env);
+    assert!(said.contains("node 2 already runs at"), "{said}");
+
+    // Node 2 of a stopped, and b's node 2 directory started in its place: refused, naming
+    // both clusters; a's own directory starts again.
+    let _ = a.0[1].kill();
+    let _ = a.0[1].wait();
+    let said = refused(&dir("b", 2), 2, &peers, &[]);
+    assert!(
+        said.contains(&format!("belongs to cluster {b_id}")) && said.contains(&a_id),
+        "{said}"
+    );
+    a.0[1] = serve(&dir("a", 2), 2, &peers, &[]).unwrap().0;
+}
+
 #[test]
 fn dry_runs_the_largest_send_a_group_and_the_seed_api_work_on_a_cluster() {
     let runtime = runtime();

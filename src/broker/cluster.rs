@@ -26,12 +26,11 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::{BasicNode, Raft};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,7 +48,7 @@ use crate::replication::{
     GroupStateMachine, GrpcNetwork, LogStore, PartitionRaft, Peers, RaftService, StateMachine,
 };
 use crate::storage::raft_log::{RaftLog, RaftLogReader};
-use crate::storage::{self, FileIo, Partition, io::replace_file};
+use crate::storage::{self, FileIo, Partition};
 
 use super::audit::AUDIT_TOPIC;
 use super::blocking::blocking;
@@ -58,8 +57,9 @@ use super::error::{Error, Result};
 use super::settings::Settings;
 use super::topic::{PartitionDescription, PartitionHandle, Topic};
 use super::topics::{CreateRequest, Topics};
-use super::upgrade::{IDENTITY_FILE, PRE_CLUSTER};
+use super::upgrade::PRE_CLUSTER;
 
+mod identity;
 mod leaders;
 pub use leaders::{LeaderMove, Rebalanced};
 
@@ -67,13 +67,6 @@ pub use leaders::{LeaderMove, Rebalanced};
 pub const META_GROUP: &str = "_meta";
 /// How long a node's report of its groups may take before it counts as unreachable.
 const STATUS_DEADLINE: Duration = Duration::from_secs(1);
-
-/// This node's place in the cluster, as its data directory remembers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Identity {
-    node_id: u64,
-    peers: BTreeMap<u64, String>,
-}
 
 /// This node's groups and the cluster port.
 pub struct Cluster {
@@ -85,6 +78,8 @@ pub struct Cluster {
     catalog: watch::Receiver<Arc<Catalog>>,
     topics: Arc<Topics>,
     io: Arc<dyn FileIo>,
+    /// `<data_dir>/cluster`.
+    dir: PathBuf,
     /// Every partition group this node runs, by name.
     groups: Mutex<HashMap<String, Raft<PartitionRaft>>>,
     /// Serialises joining groups (the catalog watcher and creations both do).
@@ -177,11 +172,11 @@ impl Cluster {
     ) -> Result<Arc<Cluster>> {
         let log = settings.log.clone();
         let dir = settings.data_dir.join("cluster");
-        {
+        let identity = {
             // A single node's topics were converted before (`super::upgrade`).
             let (dir, members, io) = (dir.clone(), members.clone(), Arc::clone(&io));
-            blocking(move || check_identity(&dir, &members, io.as_ref())).await?;
-        }
+            blocking(move || identity::check_identity(&dir, &members, io.as_ref())).await?
+        };
         let elections = Elections::new(&members)
             .map_err(|e| Error::InvalidArgument(format!("cluster settings: {e}")))?;
         let write_timeout =
@@ -198,6 +193,10 @@ impl Cluster {
             peers = peers.with_tls(client_tls);
             acceptor = Some(tokio_rustls::TlsAcceptor::from(server_tls));
         }
+        // Before this node takes its port: no other process runs as this node, and the
+        // peers that answer are of this directory's cluster.
+        let known_id = identity.cluster_id.as_deref();
+        identity::check_peers(&members, &peers, known_id, STATUS_DEADLINE).await?;
         let proposals = Arc::new(Proposals::default());
         let service = RaftService::default()
             .with_write_timeout(write_timeout)
@@ -252,6 +251,7 @@ impl Cluster {
             catalog,
             topics: Arc::clone(&topics),
             io,
+            dir: dir.clone(),
             groups: Mutex::new(HashMap::new()),
             joining: tokio::sync::Mutex::new(()),
             reconciling: tokio::sync::Mutex::new(()),
@@ -334,6 +334,10 @@ impl Cluster {
         }
         let (create_tx, create_rx) = mpsc::channel(64);
         topics.replicate_through(create_tx);
+        if let Some(known) = &identity.cluster_id {
+            cluster.service.set_cluster_id(known);
+        }
+        tasks.spawn(Arc::clone(&cluster).found(identity, shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
@@ -1554,50 +1558,6 @@ fn from_peer(stream: &tokio::net::TcpStream, peers: &HashSet<IpAddr>) -> bool {
             false
         }
         Err(_) => false,
-    }
-}
-
-/// Refuses a data directory of another node or cluster; records the identity on the first
-/// start in cluster mode.
-fn check_identity(dir: &Path, members: &Members, io: &dyn FileIo) -> Result<()> {
-    let path: PathBuf = dir.join(IDENTITY_FILE);
-    let want = Identity {
-        node_id: members.node_id,
-        peers: members.peers.clone(),
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let found: Identity = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::FailedPrecondition(format!("{} is damaged: {e}", path.display()))
-            })?;
-            if found.node_id != want.node_id {
-                return Err(Error::FailedPrecondition(format!(
-                    "this data directory belongs to node {} (says {}), not to node {}: point \
-                     each node at its own directory",
-                    found.node_id,
-                    path.display(),
-                    want.node_id
-                )));
-            }
-            if found.peers != want.peers {
-                return Err(Error::FailedPrecondition(format!(
-                    "this data directory belongs to a cluster founded by {:?}, not by \
-                     cluster.peers = {:?} (says {}); changing the members is not supported yet",
-                    found.peers,
-                    want.peers,
-                    path.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            storage::io::create_dir_all(io, dir).map_err(|e| storage::Error::io(dir, e))?;
-            let bytes =
-                serde_json::to_vec_pretty(&want).map_err(|e| Error::Internal(e.to_string()))?;
-            replace_file(io, &path, &bytes).map_err(|e| storage::Error::io(&path, e))?;
-            Ok(())
-        }
-        Err(e) => Err(storage::Error::io(&path, e).into()),
     }
 }
 

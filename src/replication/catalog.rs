@@ -58,6 +58,9 @@ pub struct Catalog {
     /// The id the next consumer group created gets.
     #[serde(default)]
     pub next_group_id: u64,
+    /// The cluster's id, drawn once by a leader of the metadata group (empty until then).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
 }
 
 impl CatalogTopic {
@@ -151,6 +154,8 @@ pub enum Command {
     },
     /// Deletes `incarnation` of the topic (a repeat, or an older incarnation, changes nothing).
     DeleteTopic { name: String, incarnation: u64 },
+    /// Gives the cluster its id unless it has one (the first committed stays).
+    Found { cluster_id: String },
     /// Creates consumer group `group` on `incarnation` of `topic` unless it exists there (a
     /// repeat changes nothing: the first creation's starts stay).
     CreateGroup {
@@ -221,6 +226,11 @@ impl GroupState for Catalog {
             }
         };
         match command {
+            Command::Found { cluster_id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id;
+                }
+            }
             Command::CreateTopic {
                 name,
                 config,
@@ -297,6 +307,18 @@ impl GroupState for Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_cluster_id_committed_stays() {
+        let mut catalog = Catalog::default();
+        for id in ["first", "second"] {
+            let found = Command::Found {
+                cluster_id: id.into(),
+            };
+            catalog.apply(&found.to_proposal(1).unwrap());
+        }
+        assert_eq!(catalog.cluster_id, "first");
+    }
 
     #[test]
     fn commands_round_trip_through_proposals_and_apply_in_order() {

@@ -92,6 +92,8 @@ pub struct RaftService {
     group_host: Arc<std::sync::OnceLock<Arc<dyn GroupHost>>>,
     /// The members' election timeouts, for `TransferLeader`.
     elections: Option<Elections>,
+    /// The cluster's id, once known (`Status`).
+    cluster_id: Arc<RwLock<String>>,
 }
 
 /// How long a Raft message to a group this node has not started waits for it to start before it
@@ -115,6 +117,7 @@ impl Default for RaftService {
             id_sender: Arc::default(),
             group_host: Arc::default(),
             elections: None,
+            cluster_id: Arc::default(),
         }
     }
 }
@@ -157,6 +160,11 @@ impl RaftService {
             .unwrap_or_else(|p| p.into_inner())
             .insert(group.into(), raft);
         self.added.send_modify(|n| *n += 1);
+    }
+
+    /// Answers `cluster_id` to `Status` from now on.
+    pub fn set_cluster_id(&self, cluster_id: &str) {
+        *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id.to_string();
     }
 
     /// Serves `Maintain` with `maintainer` from now on (the first one set stays).
@@ -219,7 +227,16 @@ impl RaftService {
             .map(|(name, raft)| status::group_status(name, raft))
             .collect();
         groups.sort_by(|a, b| a.group.cmp(&b.group));
-        pb::StatusResponse { node_id, groups }
+        let cluster_id = self
+            .cluster_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        pb::StatusResponse {
+            node_id,
+            groups,
+            cluster_id,
+        }
     }
 
     /// The group `name`, waiting up to [`GROUP_WAIT`] for it to be added.

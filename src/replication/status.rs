@@ -178,6 +178,7 @@ mod tests {
             Some(g) => Ok(pb::StatusResponse {
                 node_id: node,
                 groups: vec![g],
+                cluster_id: String::new(),
             }),
             None => Err("unreachable".into()),
         };
