@@ -387,3 +387,59 @@ async fn a_group_whose_messages_retention_deleted_resumes_at_the_new_start() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_retention_run_deletes_old_segments_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.log.segment_bytes = 16 << 10;
+    // Every 100 ms; nothing in this test asks for a pass.
+    config.retention_check_ms = 100;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "t".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 1,
+                retention_ms: Some(0),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    for i in 0..100 {
+        client
+            .send(pb::SendRequest {
+                topic: "t".into(),
+                messages: vec![message(format!("{i}-{}", "x".repeat(900)))],
+            })
+            .await
+            .unwrap();
+    }
+    // Waits for the run itself (a generous deadline: it comes every 100 ms).
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let p = admin
+                .describe_topic(pb::DescribeTopicRequest { name: "t".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .partitions[0]
+                .clone();
+            if p.first_offset > 0 {
+                return p;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the periodic run deleted the closed segments");
+    // Everything closed went; the active segment stays, and with it the newest messages.
+    assert_eq!(first.next_offset, 100);
+    assert!(first.first_offset < 100, "{first:?}");
+    let mut stream = common::server::subscribe_from(&mut client, "t", None).await;
+    let got = take(&mut stream, (100 - first.first_offset) as usize).await;
+    assert_eq!(got.last().map(|d| d.offset), Some(99));
+}

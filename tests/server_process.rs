@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::server::{BrokerProcess, assert_succeeded, bin, cli, message, subscribe_from, take};
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
+use tonic::Code;
 
 #[test]
 fn the_readme_round_trip_works_from_the_command_line() {
@@ -419,4 +420,100 @@ async fn a_stalled_subscriber_bounds_broker_memory_and_loses_nothing_when_it_res
             next += 1;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_while_sends_are_in_flight_keeps_every_send_it_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let channel = sluice::cli::connect(&broker.addr.to_string())
+        .await
+        .unwrap();
+    sluice::proto::v1::admin_client::AdminClient::new(channel.clone())
+        .create_topic(pb::CreateTopicRequest {
+            name: "t".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // Eight producers sending one message per Send until the broker stops answering.
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (count, mut counted) = tokio::sync::watch::channel(0usize);
+    let count = Arc::new(count);
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..8 {
+        let (acked, count) = (Arc::clone(&acked), Arc::clone(&count));
+        let mut client = sluice::proto::v1::broker_client::BrokerClient::new(channel.clone());
+        producers.spawn(async move {
+            for i in 0.. {
+                let value = format!("p{p}-{i}");
+                let sent = client
+                    .send(pb::SendRequest {
+                        topic: "t".into(),
+                        messages: vec![message(value.clone())],
+                    })
+                    .await;
+                match sent {
+                    Ok(_) => {
+                        acked.lock().unwrap().push(value);
+                        count.send_modify(|n| *n += 1);
+                    }
+                    Err(status) => return status.code(),
+                }
+            }
+            unreachable!()
+        });
+    }
+    counted.wait_for(|&n| n >= 500).await.unwrap();
+    broker.signal("INT");
+    let status = tokio::task::spawn_blocking(move || broker.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "SIGINT: {status:?}");
+    // Refused once stopping (or cut when the connection closed), never a failure of its own.
+    while let Some(code) = producers.join_next().await {
+        let code = code.unwrap();
+        assert!(
+            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
+            "{code:?}"
+        );
+    }
+    // Every Send it answered is there after a restart.
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    let mut client = sluice::proto::v1::broker_client::BrokerClient::new(
+        sluice::cli::connect(&broker.addr.to_string())
+            .await
+            .unwrap(),
+    );
+    let held = partition_end(broker.addr, "t").await;
+    assert!(
+        held >= acked.len() as u64,
+        "{held} held, {} answered",
+        acked.len()
+    );
+    let mut stream = subscribe_from(&mut client, "t", None).await;
+    let stored: std::collections::BTreeSet<String> = take(&mut stream, held as usize)
+        .await
+        .iter()
+        .map(|d| String::from_utf8(d.value.clone().unwrap_or_default().to_vec()).unwrap())
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|v| !stored.contains(*v)).collect();
+    assert!(lost.is_empty(), "answered but not stored: {lost:?}");
+}
+
+/// The next offset of partition 0 of `topic`, as the broker at `addr` describes it.
+async fn partition_end(addr: std::net::SocketAddr, topic: &str) -> u64 {
+    sluice::proto::v1::admin_client::AdminClient::new(
+        sluice::cli::connect(&addr.to_string()).await.unwrap(),
+    )
+    .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+    .await
+    .unwrap()
+    .into_inner()
+    .partitions[0]
+        .next_offset
 }
