@@ -299,7 +299,7 @@ impl TestCluster {
     async fn leader(&self, ask: usize, partition: u32, among: &[usize]) -> usize {
         let found = tokio::time::timeout(DEADLINE, async {
             loop {
-                if let Ok(d) = describe(&self.addr(ask)).await
+                if let Some(d) = describe_if_up(&self.addr(ask)).await
                     && let Some(l) = d.partitions[partition as usize].leader
                     && among.contains(&(l as usize - 1))
                 {
@@ -355,14 +355,31 @@ async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 async fn describe(addr: &str) -> Result<pb::DescribeTopicResponse, String> {
-    let channel = connect(addr).await.map_err(|e| e.to_string())?;
+    describe_status(addr).await.map_err(|e| e.to_string())
+}
+
+async fn describe_status(addr: &str) -> Result<pb::DescribeTopicResponse, tonic::Status> {
+    let channel = connect(addr)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut request = tonic::Request::new(pb::DescribeTopicRequest { name: TOPIC.into() });
     request.set_timeout(Duration::from_secs(2));
     AdminClient::new(channel)
         .describe_topic(request)
         .await
         .map(|r| r.into_inner())
-        .map_err(|e| e.to_string())
+}
+
+/// [`describe`] for a loop that waits on a node: `None` while it cannot answer yet (down,
+/// starting, cut off, too slow) or has not learnt of the topic yet (`NOT_FOUND`: a node learns
+/// topics from the metadata log); any other answer is the subject failing, and fails the test
+/// at once instead of being waited out as "not yet".
+async fn describe_if_up(addr: &str) -> Option<pb::DescribeTopicResponse> {
+    match describe_status(addr).await {
+        Ok(d) => Some(d),
+        Err(s) if common::not_yet(&s) || s.code() == tonic::Code::NotFound => None,
+        Err(s) => panic!("{addr} answered DescribeTopic with {s:?}"),
+    }
 }
 
 /// Waits until the node at `addr` serves partition 0 up to offset `end` (it has learnt that
@@ -859,7 +876,7 @@ async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
         loop {
             let mut ends = Vec::new();
             for i in 0..3 {
-                if let Ok(d) = describe(&cluster.addr(i)).await {
+                if let Some(d) = describe_if_up(&cluster.addr(i)).await {
                     ends.push(
                         d.partitions
                             .iter()
@@ -1808,8 +1825,8 @@ async fn first_offsets_agree(cluster: &TestCluster, among: &[usize], end: u64) {
         loop {
             let mut firsts = BTreeSet::new();
             for &i in among {
-                match describe(&cluster.addr(i)).await {
-                    Ok(d) if d.partitions[0].next_offset == end => {
+                match describe_if_up(&cluster.addr(i)).await {
+                    Some(d) if d.partitions[0].next_offset == end => {
                         firsts.insert(d.partitions[0].first_offset)
                     }
                     _ => firsts.insert(u64::MAX),
@@ -2268,7 +2285,7 @@ fn a_deleted_topic_goes_from_every_node_and_a_new_one_of_its_name_never_mixes_wi
         cluster.restart(2);
         let settled = tokio::time::timeout(DEADLINE, async {
             loop {
-                if let Ok(d) = describe(&cluster.addr(2)).await
+                if let Some(d) = describe_if_up(&cluster.addr(2)).await
                     && d.partitions.len() == 2
                     && d.partitions[0].next_offset == 5
                 {

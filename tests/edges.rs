@@ -638,7 +638,21 @@ async fn every_new_directory_entry_is_durable_before_an_answer_depends_on_it() {
         let dead = (round + 1) * (5 - 1);
         let dlq = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                if let Ok(t) = broker.describe_topic("auto.dlq").await
+                // Not there yet until the first dead letter creates it; nothing else is.
+                let described = broker.describe_topic("auto.dlq").await;
+                if let Err(e) = &described {
+                    assert!(
+                        matches!(
+                            e,
+                            sluice::broker::Error::TopicNotFound(_)
+                                | sluice::broker::Error::Storage(
+                                    sluice::storage::Error::TopicNotFound(_)
+                                )
+                        ),
+                        "{e:?}"
+                    );
+                }
+                if let Ok(t) = described
                     && t.partitions[0].next_offset >= dead
                 {
                     return t;

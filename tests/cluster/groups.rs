@@ -794,7 +794,15 @@ fn no_message_is_handed_out_more_than_max_deliveries_through_leader_changes() {
                 // may not have caught up yet.)
                 let done = async {
                     loop {
-                        if let Ok(d) = describe_group(&cluster, through).await
+                        if let Some(d) = describe_group(&cluster, through)
+                            .await
+                            .map_err(|s| {
+                                // Or not started on that node yet (it learns groups from the
+                                // metadata log).
+                                let learning = s.code() == tonic::Code::NotFound;
+                                assert!(super::common::not_yet(&s) || learning, "{s:?}");
+                            })
+                            .ok()
                             && d.partitions.iter().all(|p| {
                                 p.end_offset == MESSAGES / 2 && p.committed_offset == p.end_offset
                             })

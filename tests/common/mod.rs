@@ -245,3 +245,16 @@ pub fn rewrite_audit_trail(data_dir: &Path, values: &[Vec<u8>]) {
     }
     p.close().unwrap();
 }
+
+/// Whether a call's failure means the node cannot answer yet (down, starting, cut off, too
+/// slow, its connection cut), which a test waiting on it may wait out; any other answer is the
+/// subject refusing, which such a test must not take for "not yet".
+pub fn not_yet(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+    )
+}
