@@ -224,14 +224,12 @@ fn retention_deletes_old_and_oversize_segments_but_never_the_active_one_or_uncon
     assert_eq!(p.segment_bases(), before);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn online_compaction_honours_a_lagging_group_and_reports_it_in_describe() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.log.segment_bytes = 16 << 10;
-    let server = TestServer::start(config).await;
-    let mut client = server.client().await;
-    let mut admin = server.admin().await;
+/// Topic `t`: one partition, every message expired at once (`retention_ms` 0), and 100
+/// messages of about 900 bytes (several segments of 16 KiB).
+async fn expired_topic(
+    client: &mut sluice::proto::v1::broker_client::BrokerClient<tonic::transport::Channel>,
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) {
     admin
         .create_topic(pb::CreateTopicRequest {
             name: "t".into(),
@@ -252,6 +250,17 @@ async fn online_compaction_honours_a_lagging_group_and_reports_it_in_describe() 
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_compaction_honours_a_lagging_group_and_reports_it_in_describe() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.log.segment_bytes = 16 << 10;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    expired_topic(&mut client, &mut admin).await;
     // A group that has acknowledged the first 30 messages.
     let mut member = join_group(&mut client, "t", "slow", 30, false).await;
     let got = take(&mut member, 30).await;
@@ -398,26 +407,7 @@ async fn the_periodic_retention_run_deletes_old_segments_by_itself() {
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let mut admin = server.admin().await;
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: "t".into(),
-            settings: Some(pb::TopicSettings {
-                partitions: 1,
-                retention_ms: Some(0),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    for i in 0..100 {
-        client
-            .send(pb::SendRequest {
-                topic: "t".into(),
-                messages: vec![message(format!("{i}-{}", "x".repeat(900)))],
-            })
-            .await
-            .unwrap();
-    }
+    expired_topic(&mut client, &mut admin).await;
     // Waits for the run itself (a generous deadline: it comes every 100 ms).
     let first = tokio::time::timeout(std::time::Duration::from_secs(60), async {
         loop {

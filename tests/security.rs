@@ -83,6 +83,15 @@ fn auth() -> AuthConfig {
     }
 }
 
+/// A broker on `dir` under [`auth`], and a link as the principal allowed everything.
+async fn start_with_auth(dir: &Path) -> (TestServer, Link) {
+    let mut config = test_config(dir);
+    config.auth = auth();
+    let server = TestServer::start(config).await;
+    let all = as_principal(&server, Some(ALL)).await;
+    (server, all)
+}
+
 async fn as_principal(server: &TestServer, token: Option<&str>) -> Link {
     let credentials = Credentials {
         token: token.map(str::to_string),
@@ -309,10 +318,7 @@ const RPCS: [(&str, bool, Option<Code>); 17] = [
 #[tokio::test]
 async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audit_record() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     let none = as_principal(&server, Some(NONE)).await;
     // What the calls act on.
     for name in ["epro.t", "epro.doomed"] {
@@ -435,10 +441,7 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
 
     // Every denial is in the trail: the kinds recorded at once, the others in the summary
     // written at the stop.
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     let records = audit_records(&all).await;
     let summarised: u64 = records
         .iter()
@@ -457,10 +460,7 @@ async fn every_rpc_obeys_grants_and_each_denial_and_admin_action_leaves_one_audi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_failing_fast_adds_a_bounded_number_of_records_and_every_refusal_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     let before = audit_records(&all).await.len();
     // 2,000 calls with a wrong token, 500 at a time over four connections.
     let mut links = Vec::new();
@@ -493,10 +493,7 @@ async fn a_client_failing_fast_adds_a_bounded_number_of_records_and_every_refusa
     call("Send", &all).await.unwrap();
     server.stop().await;
     // The stop wrote the summary: every refusal is counted.
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     let records = audit_records(&all).await;
     let refused: Vec<&AuditRecord> = records
         .iter()
@@ -518,10 +515,7 @@ async fn a_client_failing_fast_adds_a_bounded_number_of_records_and_every_refusa
 #[tokio::test]
 async fn missing_or_wrong_credentials_are_unauthenticated_with_the_same_words() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     let mut messages = Vec::new();
     for token in [None, Some("wrong-token-00000000000000000000000000000000")] {
         let before = audit_records(&all).await.len();
@@ -1090,10 +1084,7 @@ async fn the_audit_trail_cannot_be_written_deleted_or_shortened_through_the_api(
 async fn the_http_port_obeys_tokens_and_describe_grants() {
     use common::http::{get, get_with_token, topic_names};
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.auth = auth();
-    let server = TestServer::start(config).await;
-    let all = as_principal(&server, Some(ALL)).await;
+    let (server, all) = start_with_auth(dir.path()).await;
     for topic in ["epro.a", "other"] {
         broker(&all)
             .send(pb::SendRequest {

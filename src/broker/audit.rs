@@ -25,7 +25,6 @@ use crate::storage::{AppendMode, EncodedBatch, Record, TopicConfig};
 
 use super::clock::now_ms;
 use super::error::{Error, Result};
-use super::refusals::Refusals;
 use super::topic::PartitionHandle;
 
 /// The audit trail's topic.
@@ -158,8 +157,6 @@ pub struct AuditTrail {
     chain: tokio::sync::Mutex<Chain>,
     /// Records waiting for the next batch, each with whom to tell how it went.
     waiting: std::sync::Mutex<Vec<(AuditEvent, Answer)>>,
-    /// Refusals counted and summarised rather than recorded one by one.
-    refusals: Refusals,
     /// This node's id in a cluster, written into every record.
     node: Option<u64>,
 }
@@ -191,7 +188,6 @@ impl AuditTrail {
             partition,
             chain: tokio::sync::Mutex::new(Chain { next: end, prev }),
             waiting: std::sync::Mutex::default(),
-            refusals: Refusals::default(),
             node: None,
         })
     }
@@ -234,30 +230,6 @@ impl AuditTrail {
             }
             // Ours waits for the next batch (this one was full).
         }
-    }
-
-    /// Counts a refusal (a failed authentication or a denial; see [`super::refusals`]): records
-    /// it, or a summary, if due; returns how long to wait before answering it.
-    pub async fn record_refusal(&self, event: AuditEvent) -> Result<std::time::Duration> {
-        let verdict = self.refusals.refused(event, std::time::Instant::now());
-        for e in verdict.record {
-            self.record(e).await?;
-        }
-        Ok(verdict.delay)
-    }
-
-    /// Records the summaries of the refusal windows that have ended (`all`: of every window,
-    /// at a stop).
-    pub async fn summarise_refusals(&self, all: bool) -> Result<()> {
-        let summaries = if all {
-            self.refusals.all()
-        } else {
-            self.refusals.ended(std::time::Instant::now())
-        };
-        for e in summaries {
-            self.record(e).await?;
-        }
-        Ok(())
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<(AuditEvent, Answer)>> {

@@ -1312,6 +1312,117 @@ impl Cluster {
         }
     }
 
+    /// Moves the leadership of partition `partition` of `topic` to node `to`, at the node
+    /// leading it: the leader and its term once `to` leads.
+    pub async fn transfer_leader(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        to: u64,
+    ) -> Result<(u64, u64)> {
+        let replicas = self.replicas_of(topic, partition);
+        if !replicas.contains(&to) {
+            return Err(Error::InvalidArgument(format!(
+                "node {to} holds no replica of {:?}/{partition} (its replicas: {replicas:?})",
+                topic.name
+            )));
+        }
+        let group = topic.group_name(partition);
+        let leader = topic.partitions[partition as usize]
+            .replica
+            .get()
+            .and_then(|raft| raft.metrics().borrow().current_leader);
+        let deadline = self.write_timeout;
+        leaders::move_leader(&self.forwarder, &group, leader, &replicas, to, deadline).await
+    }
+
+    /// Spreads partition leaders across the nodes that answer (see `balance::plan`): with
+    /// `dry_run`, only says which moves it would make.
+    pub async fn rebalance_leaders(&self, dry_run: bool) -> Result<Rebalanced> {
+        let (nodes, groups) = leaders::placement(&self.status().await);
+        let moves = crate::replication::balance::plan(&nodes, &groups);
+        if dry_run {
+            let planned = leaders::after_moves(&groups, &moves);
+            let done = moves.into_iter().map(|m| (m, None)).collect();
+            return Ok(leaders::rebalanced(done, &nodes, &planned));
+        }
+        let deadline = self.write_timeout;
+        let done = leaders::make_moves(&self.forwarder, &groups, moves, deadline).await?;
+        let (_, after) = leaders::placement(&self.status().await);
+        Ok(leaders::rebalanced(done, &nodes, &after))
+    }
+
+    /// Every `interval`, while this node leads the metadata group, rebalances the partition
+    /// leaders (moving none when they are spread already).
+    async fn balance_leaders(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let me = self.members.node_id;
+            if self.meta.metrics().borrow().current_leader != Some(me) {
+                continue;
+            }
+            match self.rebalance_leaders(false).await {
+                Ok(r) if r.moves.is_empty() => {}
+                Ok(r) => {
+                    let failed = r.moves.iter().filter(|m| m.error.is_some()).count();
+                    tracing::info!(moves = r.moves.len(), failed, leaders = ?r.leaders,
+                        "partition leaders rebalanced");
+                }
+                Err(e) => tracing::warn!(error = %e, "the leader balancer could not run"),
+            }
+        }
+    }
+
+    /// Until the cluster has an id: draws one whenever this node leads the metadata group
+    /// (the first commit wins); then, and whenever the catalog carries it, records it in
+    /// this node's `node.json` and answers it to peers asking who this node is.
+    async fn found(self: Arc<Self>, mut identity: identity::Identity, shutdown: CancellationToken) {
+        let me = self.members.node_id;
+        let mut catalog = self.catalog.clone();
+        let mut leading = self.meta.metrics();
+        let mut failed = false;
+        loop {
+            let known = catalog.borrow_and_update().cluster_id.clone();
+            if !known.is_empty() {
+                self.service.set_cluster_id(&known);
+                if identity.cluster_id.as_deref() != Some(&known) {
+                    identity.cluster_id = Some(known);
+                    let (dir, io, id) = (self.dir.clone(), Arc::clone(&self.io), identity.clone());
+                    if let Err(e) =
+                        blocking(move || identity::write_identity(&dir, &id, io.as_ref())).await
+                    {
+                        tracing::error!(error = %e, "cannot record the cluster's id");
+                    }
+                }
+                return;
+            }
+            if leading.borrow_and_update().current_leader == Some(me) {
+                let command =
+                    identity::new_cluster_id().map(|cluster_id| Command::Found { cluster_id });
+                let founded = match command {
+                    Ok(c) => {
+                        self.commit_to_catalog(c, |c| !c.cluster_id.is_empty())
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                failed = founded.is_err();
+                if let Err(e) = founded {
+                    tracing::warn!(error = %e, group = META_GROUP, "the cluster's id was not committed; trying again");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(STATUS_DEADLINE), if failed => {}
+                changed = catalog.changed() => if changed.is_err() { return },
+                changed = leading.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
     /// Stops every group (the partitions are closed by the broker afterwards) and the
     /// metadata log.
     pub async fn shutdown(&self) {

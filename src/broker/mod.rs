@@ -49,7 +49,7 @@ pub mod groups;
 mod id_check;
 mod maintenance;
 mod message;
-mod refusals;
+pub mod refusals;
 mod send;
 mod settings;
 mod subscription;
@@ -74,6 +74,7 @@ use self::groups::{
     GroupMember, GroupSettings, GroupTopic, GroupTopicDescription, Groups, MemberGuard, Membership,
 };
 use self::maintenance::Maintenance;
+use self::refusals::RefusalLog;
 use self::send::{DeadLetterAppender, SendLimits, Sends};
 use self::subscription::SubscriptionSettings;
 use self::topics::Topics;
@@ -100,6 +101,8 @@ pub struct Broker {
     maintenance: Arc<Maintenance>,
     /// The `_audit` topic's appender.
     audit: Arc<AuditTrail>,
+    /// Refusals into `_audit`, summarised for sources that keep failing.
+    refusals: Arc<RefusalLog>,
     /// Broker-wide counters for `/metrics`.
     metrics: Arc<Metrics>,
     /// Cluster mode: this node's groups and the cluster port.
@@ -264,6 +267,7 @@ impl Broker {
             sends,
             groups,
             maintenance,
+            refusals: Arc::new(RefusalLog::new(Arc::clone(&audit))),
             audit,
             metrics,
             cluster,
@@ -280,7 +284,7 @@ impl Broker {
         }
         if !read_only {
             broker.tasks.spawn(summarise_refusals(
-                Arc::clone(&broker.audit),
+                Arc::clone(&broker.refusals),
                 broker.shutdown.clone(),
             ));
         }
@@ -299,6 +303,11 @@ impl Broker {
     /// The audit trail (`_audit`).
     pub fn audit(&self) -> &AuditTrail {
         &self.audit
+    }
+
+    /// Failed authentications and denials, into the audit trail (see [`refusals`]).
+    pub fn refusals(&self) -> &RefusalLog {
+        &self.refusals
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -697,7 +706,7 @@ impl Broker {
         }
         // A read-only broker records nothing: nothing may be written.
         if !self.read_only
-            && let Err(e) = self.audit.summarise_refusals(true).await
+            && let Err(e) = self.refusals.summarise(true).await
         {
             tracing::error!(error = %e, "cannot record the last refusals in the audit trail");
         }
@@ -812,13 +821,13 @@ fn id_sender(
 }
 
 /// Records the summary of each source's refusals once its window ends (see [`refusals`]).
-async fn summarise_refusals(audit: Arc<AuditTrail>, shutdown: CancellationToken) {
+async fn summarise_refusals(refusals: Arc<RefusalLog>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(refusals::WINDOW) => {}
         }
-        if let Err(e) = audit.summarise_refusals(false).await {
+        if let Err(e) = refusals.summarise(false).await {
             tracing::error!(error = %e, "cannot record refusals in the audit trail");
         }
     }

@@ -13,9 +13,11 @@
 //! everyone else are not.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::audit::{AuditEvent, Decision};
+use super::audit::{AuditEvent, AuditTrail, Decision};
+use super::error::Result;
 
 /// How long a source's refusals are summarised together.
 pub const WINDOW: Duration = Duration::from_secs(10);
@@ -51,6 +53,46 @@ struct Window {
 pub struct Verdict {
     pub record: Vec<AuditEvent>,
     pub delay: Duration,
+}
+
+/// Refusals into the audit trail: each recorded, or counted into a summary, as due.
+#[derive(Debug)]
+pub struct RefusalLog {
+    trail: Arc<AuditTrail>,
+    refusals: Refusals,
+}
+
+impl RefusalLog {
+    pub fn new(trail: Arc<AuditTrail>) -> RefusalLog {
+        RefusalLog {
+            trail,
+            refusals: Refusals::default(),
+        }
+    }
+
+    /// Counts a refusal (a failed authentication or a denial): records it, or a summary, if
+    /// due; returns how long to wait before answering it.
+    pub async fn record(&self, event: AuditEvent) -> Result<Duration> {
+        let verdict = self.refusals.refused(event, Instant::now());
+        for e in verdict.record {
+            self.trail.record(e).await?;
+        }
+        Ok(verdict.delay)
+    }
+
+    /// Records the summaries of the windows that have ended (`all`: of every window, at a
+    /// stop).
+    pub async fn summarise(&self, all: bool) -> Result<()> {
+        let summaries = if all {
+            self.refusals.all()
+        } else {
+            self.refusals.ended(Instant::now())
+        };
+        for e in summaries {
+            self.trail.record(e).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The refusals of the current windows.

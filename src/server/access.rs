@@ -72,7 +72,7 @@ impl Access {
         } else {
             format!("PERMISSION_DENIED: {} not granted", action.as_str())
         };
-        let slowed = self.broker.audit().record_refusal(e).await;
+        let slowed = self.broker.refusals().record(e).await;
         tokio::time::sleep(slowed.map_err(to_status)?).await;
         Err(status(
             Code::PermissionDenied,

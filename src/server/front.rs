@@ -99,7 +99,7 @@ impl Front {
                 let rpc = req.uri().path().trim_start_matches('/');
                 let mut e = event(&caller, rpc, String::new(), Decision::Unauthenticated);
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
-                let status = match self.broker.audit().record_refusal(e).await {
+                let status = match self.broker.refusals().record(e).await {
                     Ok(slowed) => {
                         // A source that keeps failing waits (see `broker::refusals`).
                         tokio::time::sleep(slowed).await;

@@ -11,18 +11,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, META_GROUP};
-use crate::broker::blocking::blocking;
 use crate::broker::error::{Error, Result};
 use crate::broker::upgrade::IDENTITY_FILE;
 use crate::proto::cluster as pb;
-use crate::replication::catalog::Command;
 use crate::replication::config::Members;
 use crate::replication::peers::Peers;
 use crate::replication::wire;
@@ -82,7 +77,7 @@ pub(super) fn check_identity(dir: &Path, members: &Members, io: &dyn FileIo) -> 
     }
 }
 
-fn write_identity(dir: &Path, identity: &Identity, io: &dyn FileIo) -> Result<()> {
+pub(super) fn write_identity(dir: &Path, identity: &Identity, io: &dyn FileIo) -> Result<()> {
     let path = dir.join(IDENTITY_FILE);
     let bytes = serde_json::to_vec_pretty(identity).map_err(|e| Error::Internal(e.to_string()))?;
     replace_file(io, &path, &bytes).map_err(|e| storage::Error::io(&path, e))?;
@@ -140,58 +135,8 @@ pub(super) async fn check_peers(
 }
 
 /// A new cluster id: 128 random bits, in hex.
-fn new_cluster_id() -> Result<String> {
+pub(super) fn new_cluster_id() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| Error::Internal(format!("no random bytes: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-impl Cluster {
-    /// Until the cluster has an id: draws one whenever this node leads the metadata group
-    /// (the first commit wins); then, and whenever the catalog carries it, records it in
-    /// this node's `node.json` and answers it to peers asking who this node is.
-    pub(super) async fn found(
-        self: Arc<Self>,
-        mut identity: Identity,
-        shutdown: CancellationToken,
-    ) {
-        let me = self.members.node_id;
-        let mut catalog = self.catalog.clone();
-        let mut leading = self.meta.metrics();
-        let mut failed = false;
-        loop {
-            let known = catalog.borrow_and_update().cluster_id.clone();
-            if !known.is_empty() {
-                self.service.set_cluster_id(&known);
-                if identity.cluster_id.as_deref() != Some(&known) {
-                    identity.cluster_id = Some(known);
-                    let (dir, io, id) = (self.dir.clone(), Arc::clone(&self.io), identity.clone());
-                    if let Err(e) = blocking(move || write_identity(&dir, &id, io.as_ref())).await {
-                        tracing::error!(error = %e, "cannot record the cluster's id");
-                    }
-                }
-                return;
-            }
-            if leading.borrow_and_update().current_leader == Some(me) {
-                let command = new_cluster_id().map(|cluster_id| Command::Found { cluster_id });
-                let founded = match command {
-                    Ok(c) => {
-                        self.commit_to_catalog(c, |c| !c.cluster_id.is_empty())
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                failed = founded.is_err();
-                if let Err(e) = founded {
-                    tracing::warn!(error = %e, group = META_GROUP, "the cluster's id was not committed; trying again");
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(super::STATUS_DEADLINE), if failed => {}
-                changed = catalog.changed() => if changed.is_err() { return },
-                changed = leading.changed() => if changed.is_err() { return },
-            }
-        }
-    }
 }

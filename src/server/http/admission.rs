@@ -102,7 +102,7 @@ impl FromRequestParts<Shared> for Admitted {
                     Decision::Unauthenticated,
                 );
                 e.outcome = format!("UNAUTHENTICATED: {}", why.as_str());
-                let slowed = broker.audit().record_refusal(e).await?;
+                let slowed = broker.refusals().record(e).await?;
                 tokio::time::sleep(slowed).await;
                 Err(Refusal::Unauthenticated)
             }
