@@ -201,10 +201,8 @@ impl Proposals {
         resolve: Option<Resolve>,
     ) -> Result<Applied, WriteError> {
         let until = tokio::time::Instant::now() + deadline;
-        if !self.unheld(group, until).await {
-            // Nothing proposed: the caller may take it to the next leader.
-            return Err(WriteError::NoLeader(None));
-        }
+        // Nothing proposed while held: the caller may take it to the next leader.
+        let held_out = || WriteError::NoLeader(None);
         let span = match &proposal {
             Proposal::Records(batch) => BatchHeader::of_proposal(batch)
                 .ok()
@@ -213,22 +211,26 @@ impl Proposals {
             Proposal::Command(_) => None,
         };
         let (Some(span), Proposal::Records(batch)) = (span, &proposal) else {
+            self.when_unheld(group, until, |_| ())
+                .await
+                .ok_or_else(held_out)?;
             return propose_resolving(raft, proposal, deadline, peers, resolve).await;
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = Waiting {
+            batch: batch.clone(),
+            span,
+            answer,
+            resolve,
+        };
+        let start = self.when_unheld(group, until, |queues| {
             let queue = queues.entry(group.to_string()).or_default();
-            queue.waiting.push(Waiting {
-                batch: batch.clone(),
-                span,
-                answer,
-                resolve,
-            });
+            queue.waiting.push(waiting);
             let start = queue.rounds < ROUNDS_IN_FLIGHT;
             queue.rounds += usize::from(start);
             start
-        };
+        });
+        let start = start.await.ok_or_else(held_out)?;
         if start {
             // Its own task: a round outlives the Send that started it (whose client may go).
             let (me, raft, group, peers) = (
@@ -239,7 +241,7 @@ impl Proposals {
             );
             tokio::spawn(async move { me.rounds(&raft, &group, deadline, &peers).await });
         }
-        match tokio::time::timeout(deadline, answered).await {
+        match tokio::time::timeout_at(until, answered).await {
             Err(_) => Err(WriteError::TimedOut(deadline)),
             Ok(Err(_)) => Err(WriteError::Stopped("the proposal's round ended".into())),
             Ok(Ok(answer)) => answer,
@@ -305,16 +307,26 @@ impl Proposals {
         }
     }
 
-    /// Waits until `group` is not held; false if it still is at `until`.
-    async fn unheld(&self, group: &str, until: tokio::time::Instant) -> bool {
+    /// Runs `then` on the queues once `group` is not held, under the same lock as the look: a
+    /// hold taken afterwards finds what `then` queued in [`Proposals::busy`]. `None` if the
+    /// group is still held at `until`.
+    async fn when_unheld<T>(
+        &self,
+        group: &str,
+        until: tokio::time::Instant,
+        then: impl FnOnce(&mut HashMap<String, Queue>) -> T,
+    ) -> Option<T> {
         loop {
             // Made before looking: a release between the look and the wait still wakes it.
             let released = self.released.notified();
-            if !self.held().contains(group) {
-                return true;
+            {
+                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                if !self.held().contains(group) {
+                    return Some(then(&mut queues));
+                }
             }
             if tokio::time::timeout_at(until, released).await.is_err() {
-                return false;
+                return None;
             }
         }
     }
