@@ -154,7 +154,7 @@ struct Chain {
 pub struct AuditTrail {
     partition: Arc<PartitionHandle>,
     /// Held while a batch of records is appended and made durable.
-    chain: tokio::sync::Mutex<Chain>,
+    chain: Arc<tokio::sync::Mutex<Chain>>,
     /// Records waiting for the next batch, each with whom to tell how it went.
     waiting: std::sync::Mutex<Vec<(AuditEvent, Answer)>>,
     /// This node's id in a cluster, written into every record.
@@ -186,7 +186,7 @@ impl AuditTrail {
         }
         Ok(AuditTrail {
             partition,
-            chain: tokio::sync::Mutex::new(Chain { next: end, prev }),
+            chain: Arc::new(tokio::sync::Mutex::new(Chain { next: end, prev })),
             waiting: std::sync::Mutex::default(),
             node: None,
         })
@@ -204,10 +204,16 @@ impl AuditTrail {
         let (tx, mut rx) = oneshot::channel();
         self.waiting().push((event, tx));
         loop {
-            let mut chain = self.chain.lock().await;
-            // Taken and answered by the batch before.
-            if let Ok(answer) = rx.try_recv() {
-                return answer.map_err(Error::Unavailable);
+            let mut chain = Arc::clone(&self.chain).lock_owned().await;
+            match rx.try_recv() {
+                // Taken and answered by the batch before.
+                Ok(answer) => return answer.map_err(Error::Unavailable),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(Error::Internal(
+                        "the audit batch holding this record failed".into(),
+                    ));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
             let taken: Vec<(AuditEvent, Answer)> = {
                 let mut waiting = self.waiting();
@@ -215,18 +221,24 @@ impl AuditTrail {
                 waiting.drain(..n).collect()
             };
             let (events, answers): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
-            let outcome = self.append(&mut chain, events).await;
-            drop(chain);
-            let text = outcome.as_ref().map_err(|e| e.to_string()).copied();
-            for answer in answers {
-                let _ = answer.send(text.clone());
-            }
-            if let Ok(answer) = rx.try_recv() {
-                return match (answer, outcome) {
-                    (Ok(()), _) => Ok(()),
-                    (Err(_), Err(e)) => Err(e),
-                    (Err(text), Ok(())) => Err(Error::Unavailable(text)),
-                };
+            // On a task of its own: a caller that goes away (a client's call cancelled) does
+            // not cut a batch short, which would leave the chain's end unknown and the records
+            // of others in it unanswered.
+            let (partition, node) = (Arc::clone(&self.partition), self.node);
+            let batch = tokio::spawn(async move {
+                let outcome = append(&partition, node, &mut chain, events).await;
+                let text = outcome.as_ref().map_err(|e| e.to_string()).copied();
+                for answer in answers {
+                    let _ = answer.send(text.clone());
+                }
+                outcome
+            });
+            let outcome = batch
+                .await
+                .map_err(|e| Error::Internal(format!("an audit batch failed: {e}")))?;
+            if rx.try_recv().is_ok() {
+                // Ours was in it.
+                return outcome;
             }
             // Ours waits for the next batch (this one was full).
         }
@@ -235,73 +247,79 @@ impl AuditTrail {
     fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<(AuditEvent, Answer)>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Appends `events` as one batch at the chain's end and waits until it is durable.
-    async fn append(&self, chain: &mut Chain, events: Vec<AuditEvent>) -> Result<()> {
-        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let (first, mut prev) = (chain.next, chain.prev);
-        let mut records = Vec::with_capacity(events.len());
-        for (k, event) in events.into_iter().enumerate() {
-            let record = AuditRecord {
-                seq: first + k as u64,
-                time: time.clone(),
-                node: self.node,
-                principal: event.principal,
-                peer: event.peer,
-                tls_subject: event.tls_subject,
-                rpc: event.rpc,
-                resource: event.resource,
-                decision: event.decision.unwrap_or(Decision::Allowed),
-                outcome: event.outcome,
-                request_id: event.request_id,
-                counts: event.counts,
-                before: event.before,
-                after: event.after,
-                prev: to_hex(&prev),
-            };
-            let bytes = serde_json::to_vec(&record)
-                .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-            prev = sha256(&bytes);
-            records.push(Record {
-                timestamp: now_ms(),
-                key: None,
-                value: Some(bytes.into()),
-                headers: Vec::new(),
-                id: None,
-            });
-        }
-        let batch = EncodedBatch::new(&records);
-        let (tx, rx) = oneshot::channel();
-        // A permit like every append to a topic's partition: the writer's inbox has room.
-        let permit = Arc::clone(&self.partition.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        self.partition.log.append(
-            batch,
-            AppendMode::DURABLE,
-            Box::new(move |r| {
-                drop(permit);
-                let _ = tx.send(r);
-            }),
-        );
-        let appended = rx
-            .await
-            .map_err(|_| Error::Internal("the audit trail's writer dropped an append".into()))?
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot append to the audit trail");
-                Error::from(e)
-            })?;
-        if appended.base_offset != first {
-            return Err(Error::Internal(format!(
-                "audit record {first} stored at offset {}",
-                appended.base_offset
-            )));
-        }
-        chain.next = first + records.len() as u64;
-        chain.prev = prev;
-        Ok(())
+/// Appends `events` as one batch at `chain`'s end of `partition` (records naming `node`) and
+/// waits until it is durable.
+async fn append(
+    partition: &PartitionHandle,
+    node: Option<u64>,
+    chain: &mut Chain,
+    events: Vec<AuditEvent>,
+) -> Result<()> {
+    let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let (first, mut prev) = (chain.next, chain.prev);
+    let mut records = Vec::with_capacity(events.len());
+    for (k, event) in events.into_iter().enumerate() {
+        let record = AuditRecord {
+            seq: first + k as u64,
+            time: time.clone(),
+            node,
+            principal: event.principal,
+            peer: event.peer,
+            tls_subject: event.tls_subject,
+            rpc: event.rpc,
+            resource: event.resource,
+            decision: event.decision.unwrap_or(Decision::Allowed),
+            outcome: event.outcome,
+            request_id: event.request_id,
+            counts: event.counts,
+            before: event.before,
+            after: event.after,
+            prev: to_hex(&prev),
+        };
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+        prev = sha256(&bytes);
+        records.push(Record {
+            timestamp: now_ms(),
+            key: None,
+            value: Some(bytes.into()),
+            headers: Vec::new(),
+            id: None,
+        });
     }
+    let batch = EncodedBatch::new(&records);
+    let (tx, rx) = oneshot::channel();
+    // A permit like every append to a topic's partition: the writer's inbox has room.
+    let permit = Arc::clone(&partition.permits)
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+    partition.log.append(
+        batch,
+        AppendMode::DURABLE,
+        Box::new(move |r| {
+            drop(permit);
+            let _ = tx.send(r);
+        }),
+    );
+    let appended = rx
+        .await
+        .map_err(|_| Error::Internal("the audit trail's writer dropped an append".into()))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot append to the audit trail");
+            Error::from(e)
+        })?;
+    if appended.base_offset != first {
+        return Err(Error::Internal(format!(
+            "audit record {first} stored at offset {}",
+            appended.base_offset
+        )));
+    }
+    chain.next = first + records.len() as u64;
+    chain.prev = prev;
+    Ok(())
 }
 
 /// A break in the chain, at the offset where it shows.
