@@ -206,7 +206,7 @@ impl Proposals {
         let span = match &proposal {
             Proposal::Records(batch) => BatchHeader::of_proposal(batch)
                 .ok()
-                .filter(|h| h.last_offset_delta + 1 == h.record_count)
+                .filter(BatchHeader::is_dense)
                 .map(|h| u64::from(h.record_count)),
             Proposal::Command(_) => None,
         };

@@ -324,7 +324,7 @@ impl EncodedBatch {
         let mut headers = Vec::with_capacity(parts.len());
         for buf in parts {
             let header = BatchHeader::of_proposal(buf)?;
-            if header.last_offset_delta + 1 != header.record_count {
+            if !header.is_dense() {
                 return Err("a proposal with gaps between its offsets is not merged");
             }
             headers.push(header);
@@ -596,6 +596,12 @@ impl BatchHeader {
         }
     }
 
+    /// Whether the batch has a record at every offset of its range (as every Send's batch
+    /// does; compaction leaves gaps).
+    pub fn is_dense(&self) -> bool {
+        u64::from(self.last_offset_delta) + 1 == u64::from(self.record_count)
+    }
+
     /// Whether the batch's records carry ids.
     pub fn has_ids(&self) -> bool {
         self.attributes & ATTR_IDS != 0
@@ -703,7 +709,7 @@ impl BatchHeader {
             if size <= RAFT_HEADER_LEN {
                 return Decoded::Corrupt("a control batch has no kind");
             }
-        } else if header.record_count > header.last_offset_delta + 1 {
+        } else if u64::from(header.record_count) > u64::from(header.last_offset_delta) + 1 {
             return Decoded::Corrupt("record count does not fit the offset range");
         }
         if header
@@ -785,7 +791,10 @@ impl Batch {
     pub fn rebased(&self, base: u64) -> Option<EncodedBatch> {
         let delta = |offset: u64| u32::try_from(offset.checked_sub(base)?).ok();
         let last = delta(self.header.last_offset())?;
-        let mut records = Vec::with_capacity(self.header.record_count as usize);
+        // A record takes at least a byte: a count the bytes cannot hold (a CRC-valid lie)
+        // reserves no more than they can.
+        let room = self.bytes.len() - self.header.records_start();
+        let mut records = Vec::with_capacity((self.header.record_count as usize).min(room));
         for r in self.records() {
             let r = r.ok()?;
             records.push((delta(r.offset)?, Record::from(r)));
@@ -1268,6 +1277,56 @@ mod tests {
             ),
             "an empty batch from anywhere but the Raft log is refused"
         );
+    }
+
+    /// Found by the `batch` fuzz target: the widest offset range (a delta of `u32::MAX`) made
+    /// the count check overflow (a panic with overflow checks, a wrong refusal without).
+    #[test]
+    fn a_batch_spanning_the_widest_offset_range_parses() {
+        let mut b = EncodedBatch::new(&[rec(1, Some("k"), Some("v"))]);
+        let mut bytes = b.seal(0).to_vec();
+        bytes[LAST_OFFSET_DELTA_OFFSET..RECORD_COUNT_OFFSET]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        let Decoded::Valid(h) = BatchHeader::parse(&bytes) else {
+            panic!("refused: {:?}", BatchHeader::parse(&bytes));
+        };
+        assert_eq!(h.last_offset(), u64::from(u32::MAX));
+        // At the top of the offset space the same range overflows: refused, not wrapped.
+        bytes[BASE_OFFSET_OFFSET..LAST_OFFSET_DELTA_OFFSET]
+            .copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(BatchHeader::parse(&bytes), Decoded::Corrupt(_)));
+    }
+
+    /// Found by the `batch` fuzz target: a CRC-valid batch whose header counts four billion
+    /// records reserved room for all of them (274 GB) before reading the first.
+    #[test]
+    fn a_record_count_the_bytes_cannot_hold_reserves_nothing_for_it() {
+        let mut b = EncodedBatch::new(&[rec(1, Some("k"), Some("v"))]);
+        b.buf[LAST_OFFSET_DELTA_OFFSET..RECORD_COUNT_OFFSET]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        b.buf[RECORD_COUNT_OFFSET..RECORD_COUNT_OFFSET + 4]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        let bytes = Bytes::from(b.seal(5).to_vec());
+        let Decoded::Valid(batch) = Batch::decode(&bytes) else {
+            panic!("the lying batch is CRC-valid and frames");
+        };
+        // One record is there, not four billion: it does not rebase (and does not abort).
+        assert!(batch.rebased(0).is_none());
+    }
+
+    /// Found by the `batch` fuzz target: a proposal with no records over the widest offset
+    /// range overflowed the gap check of a merge (a panic with overflow checks; without, four
+    /// billion offsets with no record passed for a proposal without gaps).
+    #[test]
+    fn a_proposal_with_no_records_over_the_widest_range_is_not_merged() {
+        let mut b = EncodedBatch::new(&[rec(1, Some("k"), Some("v"))]);
+        b.buf[LAST_OFFSET_DELTA_OFFSET..RECORD_COUNT_OFFSET]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        b.buf[RECORD_COUNT_OFFSET..RECORD_COUNT_OFFSET + 4].copy_from_slice(&0u32.to_le_bytes());
+        let p = Bytes::from(b.buf.clone());
+        let h = BatchHeader::of_proposal(&p).expect("it frames");
+        assert!(!h.is_dense());
+        assert!(EncodedBatch::merge_proposals(&[p.clone(), p]).is_err());
     }
 
     #[test]
