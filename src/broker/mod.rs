@@ -300,6 +300,12 @@ impl Broker {
         Ok(broker)
     }
 
+    /// The data directory, to learn when every holder has let go of it (its `LOCK` is released
+    /// with the last one).
+    pub fn data_dir_handle(&self) -> std::sync::Weak<crate::storage::DataDir> {
+        Arc::downgrade(self.topics.data())
+    }
+
     /// The audit trail (`_audit`).
     pub fn audit(&self) -> &AuditTrail {
         &self.audit

@@ -119,6 +119,8 @@ pub async fn start_with_io(
     http_state.serve(Arc::clone(&broker), Arc::clone(&front));
     let stopped = stop.clone();
     let state = Arc::clone(&http_state);
+    let data = broker.data_dir_handle();
+    let let_go_within = Duration::from_millis(config.shutdown_timeout_ms);
     let done = tokio::spawn(async move {
         let shutting = broker.shutdown_token();
         let closing = Arc::clone(&state);
@@ -134,6 +136,7 @@ pub async fn start_with_io(
         if let Some(task) = http_task {
             let _ = task.await;
         }
+        let_go(&data, let_go_within).await;
         result
     });
     Ok(Running {
@@ -143,6 +146,24 @@ pub async fn start_with_io(
         stop,
         done,
     })
+}
+
+/// Waits until nothing holds the data directory any more (its `LOCK` goes with the last holder),
+/// so that a start in this process right after finds it free: a task that held the broker as it
+/// stopped (a read on the blocking pool, a metrics sample) lets go within moments. Past
+/// `deadline` it says so and returns.
+async fn let_go(data: &std::sync::Weak<crate::storage::DataDir>, deadline: Duration) {
+    let until = tokio::time::Instant::now() + deadline;
+    while data.strong_count() > 0 {
+        if tokio::time::Instant::now() >= until {
+            tracing::error!(
+                holders = data.strong_count(),
+                "the data directory is still held after the stop; a start in this process would find it locked"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 async fn serve(

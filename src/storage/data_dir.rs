@@ -38,13 +38,28 @@ fn unique_name(prefix: &str) -> String {
 
 /// Takes the data directory's lock (`flock`, exclusive) or fails at once with
 /// [`Error::Locked`].
+/// How long a held `LOCK` is waited for before [`Error::Locked`]. A lock can stay held for a
+/// moment after its holder let go: `flock` belongs to the open file, and a child process forked
+/// by any thread of the holder's process shares it until the child's `exec` closes it — so a
+/// broker stopped and started again in a process that runs commands could find its own lock
+/// still held for as long as a fork takes on a loaded machine.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn take_lock(lock: &File, lock_path: &Path) -> Result<()> {
-    match lock.try_lock() {
-        Ok(()) => Ok(()),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
-            path: lock_path.to_path_buf(),
-        }),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io(lock_path, e)),
+    let until = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: lock_path.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
+        }
     }
 }
 
@@ -65,8 +80,8 @@ pub fn not_a_data_dir(root: &Path) -> String {
 }
 
 impl DataDir {
-    /// Opens (creating if needed) a data directory and takes its lock. Fails at once with
-    /// [`Error::Locked`] when another process holds it.
+    /// Opens (creating if needed) a data directory and takes its lock. Fails with
+    /// [`Error::Locked`] when another process holds it (after [`LOCK_PATIENCE`]).
     pub fn open(root: &Path, io: Arc<dyn FileIo>) -> Result<DataDir> {
         // Each new directory's entry is synced into its parent (the root's too, and its own
         // parent's when the root is new): the first topics must not vanish with a power cut.

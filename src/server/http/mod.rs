@@ -82,8 +82,11 @@ pub fn spawn(
         .fallback(no_such_path)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state);
-    tokio::spawn(sample_rates(sampled, stop.clone()));
-    tokio::spawn(connections::serve(listener, app, limits, stop))
+    let sampling = tokio::spawn(sample_rates(sampled, stop.clone()));
+    tokio::spawn(async move {
+        connections::serve(listener, app, limits, stop).await;
+        let _ = sampling.await;
+    })
 }
 
 async fn no_such_path(uri: axum::http::Uri) -> Refusal {
