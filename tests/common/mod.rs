@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod pki;
+pub mod power;
 pub mod server;
 
 use std::fs::File;
