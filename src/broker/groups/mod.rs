@@ -45,4 +45,4 @@ pub use self::group::{
 };
 pub use self::members::{GroupMember, MAX_NACK_DELAY, MemberGuard, Membership, Relayed};
 pub use self::registry::Groups;
-pub use self::replay::{Opening, event_log_config};
+pub use self::replay::{Opening, event_log_config, fold};

@@ -170,15 +170,30 @@ pub(super) fn replay(log: &Partition, partitions: usize) -> Result<Option<Vec<Pa
                         format!("group event: {why}"),
                     ))
                 })?;
-                let Some(s) = state.get_mut(event.partition() as usize) else {
-                    continue;
-                };
-                apply(s, event);
+                apply_to(&mut state, event);
             }
             next = next.max(batch.header().next_offset());
         }
     }
     Ok(Some(state))
+}
+
+/// The partitions' state after `events`, from nothing: what opening a group computes from its
+/// log (public for the fuzz target of the group log).
+pub fn fold(events: impl IntoIterator<Item = Event>, partitions: usize) -> Vec<PartitionSnapshot> {
+    let mut state = vec![PartitionSnapshot::default(); partitions];
+    for event in events {
+        apply_to(&mut state, event);
+    }
+    state
+}
+
+/// Applies `event` to its partition's state; an event of a partition the topic no longer has is
+/// skipped.
+fn apply_to(state: &mut [PartitionSnapshot], event: Event) {
+    if let Some(s) = state.get_mut(event.partition() as usize) {
+        apply(s, event);
+    }
 }
 
 pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {

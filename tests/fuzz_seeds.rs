@@ -1,0 +1,128 @@
+//! The fuzz targets' seed corpora (`fuzz/seeds/<target>/`) are what the formats' own encoders
+//! write today: a seed that no longer decodes would start the fuzzer from nothing (a CRC or a
+//! footer is out of its reach by chance). Each seed is made here and compared with the committed
+//! file; `SLUICE_WRITE_SEEDS=1 cargo test --release --test fuzz_seeds` writes them again after a
+//! format change.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use sluice::broker::groups::events::{Event, PartitionSnapshot};
+use sluice::storage::RealIo;
+use sluice::storage::ids::{Entry, Key, Run, run};
+use sluice::storage::record::{Batch, Decoded, EncodedBatch};
+
+fn seed_path(target: &str, name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/seeds")
+        .join(target)
+        .join(name)
+}
+
+/// Compares `bytes` with the committed seed (or writes it when asked to).
+fn seed(target: &str, name: &str, bytes: &[u8]) {
+    let path = seed_path(target, name);
+    if std::env::var_os("SLUICE_WRITE_SEEDS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        committed == bytes,
+        "{} is not what the encoder writes today (SLUICE_WRITE_SEEDS=1 writes it again)",
+        path.display()
+    );
+}
+
+#[test]
+fn a_batch_seed_is_a_valid_batch_of_three_records() {
+    let mut b = EncodedBatch::new(&[
+        common::record(0, 40),
+        common::record(1, 10),
+        common::record(2, 90),
+    ]);
+    let bytes = b.seal(5).to_vec();
+    let Decoded::Valid(batch) = Batch::decode(&Bytes::from(bytes.clone())) else {
+        panic!("the seed batch does not decode");
+    };
+    assert_eq!(batch.records().filter(Result::is_ok).count(), 3);
+    seed("batch", "three-records", &bytes);
+}
+
+#[test]
+fn the_group_events_seed_holds_one_event_of_each_kind() {
+    let events = [
+        Event::Delivered {
+            partition: 0,
+            deliveries: vec![(3, 0), (4, 1)],
+        },
+        Event::Handed {
+            partition: 0,
+            deliveries: vec![(3, 1), (4, 2)],
+        },
+        Event::Acked {
+            partition: 0,
+            offsets: vec![3],
+        },
+        Event::Delayed {
+            partition: 1,
+            delays: vec![(4, 1_700_000_000_000)],
+        },
+        Event::DeadLettered {
+            partition: 0,
+            offset: 4,
+        },
+        Event::Reset {
+            partition: 2,
+            cursor: 9,
+        },
+        Event::Snapshot {
+            partition: 1,
+            state: PartitionSnapshot {
+                cursor: 7,
+                ..PartitionSnapshot::default()
+            },
+        },
+    ];
+    // As the target reads them: a length byte, then the event.
+    let mut log = Vec::new();
+    for e in &events {
+        let bytes = e.encode();
+        assert_eq!(Event::decode(&bytes).unwrap(), *e);
+        log.push(u8::try_from(bytes.len()).unwrap());
+        log.extend_from_slice(&bytes);
+    }
+    seed("group_events", "one-of-each", &log);
+}
+
+#[test]
+fn the_id_run_seed_is_a_run_whose_every_id_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut entries: Vec<(Key, Entry)> = (0..40u64)
+        .map(|i| {
+            let key = Key::of(format!("submission-{i}").as_bytes());
+            let entry = Entry {
+                partition: (i % 2) as u32,
+                offset: i,
+                stored_ms: 1_700_000_000_000,
+            };
+            (key, entry)
+        })
+        .collect();
+    entries.sort_by_key(|(k, _)| *k);
+    let spec = run::Spec {
+        lo: 0,
+        hi: 100,
+        tier: 0,
+        watermarks: &[40, 40],
+    };
+    let made = run::write(dir.path(), &RealIo, &spec, 40, entries.clone().into_iter()).unwrap();
+    let reopened = Run::open(made.path(), 2).unwrap();
+    for (k, e) in &entries {
+        assert_eq!(reopened.get(k).unwrap(), Some(*e));
+    }
+    seed("id_run", "forty-ids", &std::fs::read(made.path()).unwrap());
+}
