@@ -1,7 +1,7 @@
 //! The fuzz targets' seed corpora (`fuzz/seeds/<target>/`) are what the formats' own encoders
 //! write today: a seed that no longer decodes would start the fuzzer from nothing (a CRC or a
 //! footer is out of its reach by chance). Each seed is made here and compared with the committed
-//! file; `SLUICE_WRITE_SEEDS=1 cargo test --release --test fuzz_seeds` writes them again after a
+//! file; `WRITE_FUZZ_SEEDS=1 cargo test --release --test fuzz_seeds` writes them again after a
 //! format change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,14 +25,14 @@ fn seed_path(target: &str, name: &str) -> PathBuf {
 /// Compares `bytes` with the committed seed (or writes it when asked to).
 fn seed(target: &str, name: &str, bytes: &[u8]) {
     let path = seed_path(target, name);
-    if std::env::var_os("SLUICE_WRITE_SEEDS").is_some() {
+    if std::env::var_os("WRITE_FUZZ_SEEDS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
     }
     let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
         committed == bytes,
-        "{} is not what the encoder writes today (SLUICE_WRITE_SEEDS=1 writes it again)",
+        "{} is not what the encoder writes today (WRITE_FUZZ_SEEDS=1 writes it again)",
         path.display()
     );
 }
