@@ -202,13 +202,13 @@ pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
             for (offset, handed_before) in deliveries {
                 s.outstanding.insert(offset, handed_before);
                 s.delayed.remove(&offset);
-                s.cursor = s.cursor.max(offset + 1);
+                s.cursor = s.cursor.max(offset.saturating_add(1));
             }
         }
         Event::Handed { deliveries, .. } => {
             for (offset, attempt) in deliveries {
                 if attempt > 1 {
-                    s.redeliveries += 1;
+                    s.redeliveries = s.redeliveries.saturating_add(1);
                 }
                 s.outstanding.insert(offset, attempt);
                 s.delayed.remove(&offset);
@@ -236,7 +236,7 @@ pub(super) fn apply(s: &mut PartitionSnapshot, event: Event) {
             let before = s.dead_letters.len();
             s.dead_letters.retain(|d| d.offset != offset);
             if s.dead_letters.len() < before {
-                s.dead_lettered += 1;
+                s.dead_lettered = s.dead_lettered.saturating_add(1);
             }
         }
         Event::Delayed { delays, .. } => {
@@ -265,6 +265,50 @@ mod tests {
     /// A Nack's delay is part of the replayed state while its delivery is outstanding, through
     /// a snapshot (which carries it as a `Delayed` event after the `Snapshot`), and is gone as
     /// soon as anything settles or re-delivers that offset.
+    /// Found by the `group_events` fuzz target: counters and the cursor restored at their
+    /// largest values overflowed on the next event (a panic with overflow checks; wrapped to 0
+    /// without). They stay at their largest.
+    #[test]
+    fn replay_saturates_at_the_largest_counters_and_offsets() {
+        let top = PartitionSnapshot {
+            cursor: u64::MAX,
+            redeliveries: u64::MAX,
+            dead_lettered: u64::MAX,
+            ..PartitionSnapshot::default()
+        };
+        let s = replayed(vec![
+            Event::Snapshot {
+                partition: 0,
+                state: top,
+            },
+            Event::Delivered {
+                partition: 0,
+                deliveries: vec![(u64::MAX, 0)],
+            },
+            Event::Handed {
+                partition: 0,
+                deliveries: vec![(u64::MAX, 2)],
+            },
+            Event::DeadLetterPending {
+                partition: 0,
+                dead_letter: super::super::events::DeadLetter {
+                    offset: u64::MAX,
+                    attempts: 2,
+                    dlq_mark: 0,
+                    reason: Reason::Nacked,
+                },
+            },
+            Event::DeadLettered {
+                partition: 0,
+                offset: u64::MAX,
+            },
+        ]);
+        assert_eq!(
+            (s.cursor, s.redeliveries, s.dead_lettered),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
+    }
+
     #[test]
     fn a_nack_delay_lasts_until_its_offset_moves_on() {
         let delivered = || Event::Delivered {
