@@ -139,6 +139,30 @@ async fn readers_get_every_intact_record_before_damage_then_data_loss_and_groups
     let got = take(&mut s, (N - next) as usize).await;
     assert_eq!(got.last().unwrap().offset, N - 1);
 
+    // Whatever a member's window, it gets every intact record (acking as it goes) before it
+    // hears DATA_LOSS: the error never overtakes records read before the damage.
+    for window in [1, 64, 700] {
+        let group = format!("window-{window}");
+        let mut member = join_group(&mut client, "t", &group, window, false).await;
+        let mut offsets = Vec::new();
+        let status = loop {
+            match member.message().await {
+                Ok(Some(r)) => {
+                    offsets.extend(r.deliveries.iter().map(|d| d.offset));
+                    ack_deliveries(&mut client, "t", &group, &r.deliveries).await;
+                }
+                Ok(None) => panic!("window {window}: the stream ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::DataLoss, "window {window}: {status:?}");
+        assert_eq!(
+            offsets,
+            (0..intact_end).collect::<Vec<_>>(),
+            "window {window}"
+        );
+    }
+
     // A group member: every intact record, then DATA_LOSS on its stream, and DescribeGroup says
     // why; a reset of the partition past the damage lets the group go on.
     let mut member = join_group(&mut client, "t", "g", 5000, false).await;
@@ -223,7 +247,14 @@ async fn a_redelivery_that_meets_damage_stops_the_group_and_tells_its_members() 
         })
         .await
         .unwrap();
-    let (_, status) = read_to_end(&mut member, u64::MAX).await;
+    let (after, status) = read_to_end(&mut member, u64::MAX).await;
+    // Nothing at or past the damage goes out (the rest of the damaged batch, the records after
+    // it): the group waits there for a reset.
+    assert!(
+        after.is_empty(),
+        "{:?}",
+        after.iter().map(|d| d.offset).collect::<Vec<_>>()
+    );
     let status = status.expect("the member is told");
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
     assert!(

@@ -151,7 +151,7 @@ impl GroupTopic {
                     }
                     Err(e) => match e.in_partition(&topic.name, p) {
                         // Damaged since it was first delivered: the partition stops here.
-                        Error::Damaged(why) => damaged.push((p, why)),
+                        Error::Damaged(why) => damaged.push((p, offset, why)),
                         e => return Err(e),
                     },
                 }
@@ -161,9 +161,11 @@ impl GroupTopic {
         .await
         .map_err(|e| Error::Internal(format!("group read task: {e}")))??;
         let mut st = lock(&self.state);
-        for (p, why) in damaged {
+        for (p, at, why) in damaged {
             tracing::error!(group = %self.group, error = %why, "group redelivery stopped at damage");
-            st.parts[p as usize].blocked.get_or_insert(why);
+            st.parts[p as usize]
+                .blocked
+                .get_or_insert(Blocked { at, why });
         }
         st.tell_blocked();
         for (p, offset, record) in fetched {
@@ -235,7 +237,7 @@ impl GroupTopic {
                     // Not retried: the group waits here until an operator moves it past the
                     // damage (`groups reset --partition`); every member is told.
                     tracing::error!(group = %self.group, error = %why, "group deliveries stopped at damage");
-                    part.blocked = Some(why);
+                    part.blocked = Some(Blocked { at: from, why });
                     st.tell_blocked();
                     return;
                 }
@@ -298,11 +300,16 @@ impl GroupTopic {
                     continue;
                 }
                 let mut delivered = Vec::new();
+                // Nothing at or past damage goes out: the partition waits there for a reset.
+                let stop = part.blocked.as_ref().map_or(u64::MAX, |b| b.at);
                 // Redeliveries first, oldest first.
                 while out.len() < room {
                     let Some(offset) = part.ready.keys().next().copied() else {
                         break;
                     };
+                    if offset >= stop {
+                        break;
+                    }
                     let Some(record) = part.ready.remove(&offset) else {
                         break;
                     };
@@ -314,6 +321,9 @@ impl GroupTopic {
                     out.push((p as u32, record, attempt));
                 }
                 while out.len() < room {
+                    if part.lookahead.front().is_none_or(|r| r.offset >= stop) {
+                        break;
+                    }
                     let Some(record) = part.lookahead.pop_front() else {
                         break;
                     };

@@ -348,7 +348,7 @@ impl GroupTopic {
                         ack_timeouts: part.ack_timeouts,
                         dead_lettered: part.dead_lettered,
                         owner: part.owner,
-                        blocked: part.blocked.clone(),
+                        blocked: part.blocked.as_ref().map(|b| b.why.clone()),
                     }
                 })
                 .collect(),

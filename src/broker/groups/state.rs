@@ -58,8 +58,16 @@ pub(super) struct PState {
     pub(super) dead_lettered: u64,
     /// Deliveries whose ack timeout passed, since this broker opened the group (not persisted).
     pub(super) ack_timeouts: u64,
-    /// Reads stopped at a damaged batch: why. Cleared by a reset.
-    pub(super) blocked: Option<String>,
+    /// Reads stopped at a damaged batch: where and why. Cleared by a reset.
+    pub(super) blocked: Option<Blocked>,
+}
+
+/// A partition's deliveries stopped at damage.
+#[derive(Debug, Clone)]
+pub(super) struct Blocked {
+    /// The first offset not delivered: the damaged read's start.
+    pub(super) at: u64,
+    pub(super) why: String,
 }
 
 impl PState {
@@ -202,11 +210,17 @@ impl Flight {
 }
 
 impl State {
-    /// Tells every member not told yet (on its stream) why a partition is blocked by damage;
-    /// one whose buffer is full is told by a later dispatch round.
+    /// Tells every member not told yet (on its stream) why a partition is blocked by damage,
+    /// once every intact record before the damage has gone out (so the error follows them,
+    /// whatever the members' windows); one whose buffer is full is told by a later dispatch
+    /// round.
     pub(super) fn tell_blocked(&mut self) {
         let State { parts, members, .. } = self;
-        let Some(why) = parts.iter().find_map(|p| p.blocked.as_ref()) else {
+        let Some(why) = parts.iter().find_map(|p| {
+            let b = p.blocked.as_ref()?;
+            let before = p.lookahead.front().is_some_and(|r| r.offset < b.at);
+            (!before).then_some(&b.why)
+        }) else {
             return;
         };
         for m in members.values_mut().filter(|m| !m.told_blocked) {
