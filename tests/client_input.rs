@@ -4,9 +4,9 @@
 //! apart from a group that does not exist.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
-use common::server::{TestServer, ack_deliveries, join_group, message, test_config};
+use crate::common::server::{TestServer, ack_deliveries, join_group, message, test_config};
 use sluice::proto::seed;
 use sluice::proto::seed::broker_client::BrokerClient as SeedClient;
 use sluice::proto::v1 as pb;

@@ -14,10 +14,8 @@
 //! `sluice audit`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "cluster/groups.rs"]
+use crate::common;
 mod groups;
-#[path = "cluster/links.rs"]
 mod links;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::server::bin;
+use crate::common::server::bin;
 use sluice::proto::seed as seed_pb;
 use sluice::proto::seed::broker_client::BrokerClient as SeedClient;
 use sluice::proto::v1 as pb;

@@ -2,16 +2,14 @@
 //! seam, and compaction online while a producer and a group consumer run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::common::server::{TestServer, subscribe_from, take, test_config};
+use crate::common::{FaultyIo, read_all};
 use bytes::Bytes;
-use common::server::{TestServer, subscribe_from, take, test_config};
-use common::{FaultyIo, read_all};
 use proptest::prelude::*;
 use sluice::proto::v1 as pb;
 use sluice::storage::{

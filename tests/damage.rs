@@ -5,12 +5,12 @@
 //! a data directory; `compact --dry-run` reports what the real run drops.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::server::{
+use crate::common::server::{
     TestServer, ack_deliveries, bin, join_group, keyed, message, subscribe_from, take, test_config,
 };
 use sluice::proto::v1 as pb;

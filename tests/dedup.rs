@@ -3,14 +3,14 @@
 //! restart, a crash, retention, compaction), and the answer is always the original position.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::server::{TestServer, test_config};
 use bytes::Bytes;
-use common::server::{TestServer, test_config};
 use proptest::prelude::*;
 use sluice::broker::{Broker, NewMessage, Placed};
 use sluice::config::Config;

@@ -3,12 +3,12 @@
 //! and the log holds every id exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
+use crate::common::server::BrokerProcess;
 use bytes::Bytes;
-use common::server::BrokerProcess;
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::admin_client::AdminClient;
 use sluice::proto::v1::broker_client::BrokerClient;

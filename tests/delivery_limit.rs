@@ -7,14 +7,14 @@
 //! beside the cluster harness it needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::server::{
+use crate::common::server::{
     BrokerProcess, TestServer, ack_deliveries, assert_succeeded, bin, join_group, message, take,
     test_config,
 };

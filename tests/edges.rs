@@ -3,7 +3,7 @@
 //! clients out, and every new directory entry is durable before an answer depends on it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::server::{TestServer, keyed, message, test_config};
 use bytes::{Buf, BufMut, Bytes};
-use common::server::{TestServer, keyed, message, test_config};
 use sluice::broker::groups::Membership;
 use sluice::broker::topic::key_partition;
 use sluice::broker::{Broker, Deliveries, NewMessage, Start};

@@ -5,12 +5,10 @@
 //! the partition to recover. After each, a reopen reads exactly the acknowledged records.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{FaultyIo, append_each, assert_records, read_all, record, small_config};
+use crate::common::{FaultyIo, append_each, assert_records, read_all, record, small_config};
 use sluice::storage::{Error, FsyncPolicy, Partition, RealIo, Record};
 
 fn open_with(dir: &std::path::Path, io: Arc<FaultyIo>) -> Partition {

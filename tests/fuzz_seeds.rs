@@ -1,11 +1,11 @@
 //! The fuzz targets' seed corpora (`fuzz/seeds/<target>/`) are what the formats' own encoders
 //! write today: a seed that no longer decodes would start the fuzzer from nothing (a CRC or a
 //! footer is out of its reach by chance). Each seed is made here and compared with the committed
-//! file; `WRITE_FUZZ_SEEDS=1 cargo test --release --test fuzz_seeds` writes them again after a
+//! file; `WRITE_FUZZ_SEEDS=1 cargo test --release --test suite fuzz_seeds::` writes them again after a
 //! format change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -3,12 +3,10 @@
 //! design's API.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::server::{
+use crate::common::server::{
     BrokerProcess, TestServer, ack_deliveries as ack, join_group as join, message, subscribe_from,
     take, test_config,
 };

@@ -3,12 +3,12 @@
 //! the JSON API, and bad requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::http::{Reply, get, request, topic_names};
-use common::server::{TestServer, keyed, message, start, take, test_config};
+use crate::common::http::{Reply, get, request, topic_names};
+use crate::common::server::{TestServer, keyed, message, start, take, test_config};
 use openmetrics_parser::{HistogramValue, MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use sluice::proto::v1 as pb;
 

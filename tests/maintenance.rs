@@ -3,14 +3,14 @@
 //! `compact` works offline and through a running broker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::server::{
+use crate::common::server::{
     BrokerProcess, TestServer, ack_deliveries, assert_succeeded, bin, join_group, message, take,
     test_config,
 };

@@ -3,8 +3,6 @@
 //! offline commands pointed at directories that are not data directories, or run dry.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::net::SocketAddr;
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{BrokerProcess, assert_succeeded, bin, cli, listening_addr};
+use crate::common::server::{BrokerProcess, assert_succeeded, bin, cli, listening_addr};
 
 /// How the broker's stderr goes away.
 #[derive(Debug, Clone, Copy)]

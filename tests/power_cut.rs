@@ -11,15 +11,13 @@
 //! - the group delivers every stored message it had not acknowledged, and none it had.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::power::{PowerIo, Rng};
+use crate::common::server::test_config;
 use bytes::Bytes;
-use common::power::{PowerIo, Rng};
-use common::server::test_config;
 use proptest::prelude::*;
 use sluice::broker::groups::Membership;
 use sluice::broker::{Broker, Deliveries, NewMessage, Start};

@@ -8,14 +8,12 @@
 //! test. A command must exit 0; a `#=> TEXT` comment is output it must print.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{bin, listening_addr};
+use crate::common::server::{bin, listening_addr};
 
 /// One command line of a code block, continuation lines joined, and the output it promises.
 #[derive(Debug, Clone)]

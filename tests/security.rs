@@ -3,16 +3,16 @@
 //! its hash chain checked by `verify`), private files, and start-up errors that name the file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::common::pki::Ca;
+use crate::common::server::{TestServer, message, test_config};
 use bytes::Bytes;
-use common::pki::Ca;
-use common::server::{TestServer, message, test_config};
 use sluice::auth::policy::{AuthConfig, GrantConfig, PrincipalConfig, to_hex, token_hash};
 use sluice::auth::{Action, ClientAuth, TlsConfig};
 use sluice::broker::audit::{AuditRecord, Decision, check_chain};

@@ -2,15 +2,13 @@
 //! SIGHUP that brings in new principals and a new certificate while a stream goes on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pki::{Ca, Pair};
-use common::server::{BrokerProcess, assert_succeeded, bin, cli, message, take};
+use crate::common::pki::{Ca, Pair};
+use crate::common::server::{BrokerProcess, assert_succeeded, bin, cli, message, take};
 use sluice::auth::policy::{to_hex, token_hash};
 use sluice::cli::{Credentials, link_with};
 use sluice::proto::v1 as pb;

@@ -2,14 +2,12 @@
 //! concurrent producers, restarts, and every error status.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::FaultyIo;
-use common::server::{TestServer, keyed, message, start, subscribe_from, take, test_config};
+use crate::common::FaultyIo;
+use crate::common::server::{TestServer, keyed, message, start, subscribe_from, take, test_config};
 use sluice::proto::v1 as pb;
 use sluice::proto::v1::start_position::Kind;
 use tonic::Code;

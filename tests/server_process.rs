@@ -3,12 +3,14 @@
 //! subscriber.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use common::server::{BrokerProcess, assert_succeeded, bin, cli, message, subscribe_from, take};
+use crate::common::server::{
+    BrokerProcess, assert_succeeded, bin, cli, message, subscribe_from, take,
+};
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};
 use tonic::Code;

@@ -2,14 +2,14 @@
 //! every partition and group log closed cleanly; and it says what file descriptors it needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::server::{BrokerProcess, bin, join_group, message, subscribe_from, take};
+use crate::common::server::{BrokerProcess, bin, join_group, message, subscribe_from, take};
 use sluice::proto::seed;
 use sluice::proto::v1 as pb;
 use sluice::storage::{LogConfig, Partition, RealIo};

@@ -2,12 +2,10 @@
 //! retention, group commit and injected I/O faults.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{FaultyIo, assert_records, open, read_all, record, small_config};
+use crate::common::{FaultyIo, assert_records, open, read_all, record, small_config};
 use sluice::storage::{AppendMode, EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record};
 
 #[test]

@@ -3,7 +3,7 @@
 //! from every offset returns exactly what was appended, and a timestamp lookup equals a scan.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

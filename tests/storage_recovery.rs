@@ -3,13 +3,11 @@
 //! stops without a final sync or clean marker, as a killed process would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::{append_each, assert_records, open, read_all, record, small_config};
+use crate::common::{append_each, assert_records, open, read_all, record, small_config};
 use sluice::storage::segment::{FileKind, segment_path};
 use sluice::storage::{FsyncPolicy, Partition, Record};
 

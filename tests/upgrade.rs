@@ -4,14 +4,12 @@
 //! byte for byte, and a crash at any step of the conversion finished by the next start.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{FaultyIo, read_all, record};
+use crate::common::{FaultyIo, read_all, record};
 use sluice::broker::upgrade::{PRE_CLUSTER, adopt_single_node};
 use sluice::replication::config::Members;
 use sluice::storage::raft_log::RaftLog;
