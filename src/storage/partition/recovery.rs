@@ -134,13 +134,15 @@ pub(super) fn push_entries(seg: &Segment, (entry, time): (IndexEntry, Option<Tim
 }
 
 /// A closed segment: its indexes are trusted when they check out, else rebuilt by a full scan.
+/// `report` is the recovery's, where a rebuild is news; without one (a segment compaction has
+/// just written, indexes to be made) it is the expected way to make them.
 pub(super) fn open_closed_segment(
     mut seg: Segment,
     index_ok: bool,
     next_base: u64,
     config: &LogConfig,
     io: &dyn FileIo,
-    report: &mut RecoveryReport,
+    mut report: Option<&mut RecoveryReport>,
 ) -> Result<Segment> {
     let len = seg.visible_len();
     if index_ok && closed_indexes_check_out(&seg, next_base) {
@@ -165,9 +167,11 @@ pub(super) fn open_closed_segment(
         };
         tracing::error!(path = %seg.log_path().display(), position = scan.position, reason = why,
             "damage inside a closed segment; reads that reach it will fail");
-        report
-            .damaged
-            .push((seg.log_path().to_path_buf(), scan.position, why.to_string()));
+        if let Some(report) = report.as_deref_mut() {
+            report
+                .damaged
+                .push((seg.log_path().to_path_buf(), scan.position, why.to_string()));
+        }
     }
     if entries.has_records {
         let rel = next_base
@@ -179,8 +183,13 @@ pub(super) fn open_closed_segment(
         });
     }
     trim(&seg, io);
-    report.rebuilt_indexes.push(seg.index.path().to_path_buf());
-    tracing::warn!(path = %seg.log_path().display(), "rebuilt the indexes of a closed segment");
+    match report {
+        Some(report) => {
+            report.rebuilt_indexes.push(seg.index.path().to_path_buf());
+            tracing::warn!(path = %seg.log_path().display(), "rebuilt the indexes of a closed segment");
+        }
+        None => tracing::debug!(path = %seg.log_path().display(), "indexed a compacted segment"),
+    }
     seg.publish(len, next_base, entries.max_ts);
     Ok(seg)
 }

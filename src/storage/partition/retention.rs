@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::recovery::open_closed_segment;
-use super::{Partition, RecoveryReport};
+use super::Partition;
 use crate::storage::compaction::{CompactionOptions, CompactionOutcome};
 use crate::storage::error::{Error, Result};
 use crate::storage::segment::{LOG_HEADER_LEN, Segment};
@@ -365,7 +365,7 @@ impl Partition {
             next_base,
             &self.shared.config,
             io,
-            &mut RecoveryReport::default(),
+            None,
         )?;
         let seg = Arc::new(seg);
         self.shared.set_segments(|list| {
