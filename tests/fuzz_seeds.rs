@@ -126,3 +126,129 @@ fn the_id_run_seed_is_a_run_whose_every_id_is_found() {
     }
     seed("id_run", "forty-ids", &std::fs::read(made.path()).unwrap());
 }
+
+/// The `requests` target's seeds: one valid request for each RPC (the first byte picks it, in
+/// the target's order), so that the fuzzer starts from requests that reach the broker's logic.
+#[test]
+fn the_request_seeds_are_valid_requests_of_every_rpc() {
+    use prost::Message;
+    use sluice::proto::seed;
+    use sluice::proto::v1 as pb;
+    let start = |offset| {
+        Some(pb::StartPosition {
+            kind: Some(pb::start_position::Kind::Offset(offset)),
+        })
+    };
+    let message = pb::Message {
+        key: Some(Bytes::from_static(b"k")),
+        value: Some(Bytes::from_static(b"v")),
+        headers: vec![pb::Header {
+            key: "h".into(),
+            value: Bytes::from_static(b"x"),
+        }],
+        partition: Some(0),
+        id: Some(Bytes::from_static(&[7; 16])),
+    };
+    let requests: Vec<(u8, &str, Vec<u8>)> = vec![
+        (0, "send", pb::SendRequest {
+            topic: "t".into(),
+            messages: vec![message],
+        }
+        .encode_to_vec()),
+        (1, "subscribe-group", pb::SubscribeRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            max_in_flight: 3,
+            ..Default::default()
+        }
+        .encode_to_vec()),
+        (1, "subscribe-offset", pb::SubscribeRequest {
+            topic: "t".into(),
+            partitions: vec![0],
+            start: start(2),
+            limit: 2,
+            ..Default::default()
+        }
+        .encode_to_vec()),
+        (2, "ack", pb::AckRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            ack_ids: vec!["0:1".into()],
+        }
+        .encode_to_vec()),
+        (3, "nack", pb::NackRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            ack_ids: vec!["0:1".into()],
+            delay_ms: 10,
+        }
+        .encode_to_vec()),
+        (4, "create-topic", pb::CreateTopicRequest {
+            name: "c".into(),
+            settings: Some(pb::TopicSettings {
+                partitions: 2,
+                retention_ms: Some(60_000),
+                dedup_window_ms: Some(60_000),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()),
+        (5, "delete-topic", pb::DeleteTopicRequest { name: "c".into() }.encode_to_vec()),
+        (7, "describe-topic", pb::DescribeTopicRequest { name: "t".into() }.encode_to_vec()),
+        (9, "describe-group", pb::DescribeGroupRequest { group: "g".into() }.encode_to_vec()),
+        (10, "reset-group", pb::ResetGroupRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            to: start(1),
+            force: true,
+            partitions: vec![0],
+        }
+        .encode_to_vec()),
+        (11, "delete-group", pb::DeleteGroupRequest { group: "g".into() }.encode_to_vec()),
+        (12, "compact", pb::CompactRequest {
+            topic: "t".into(),
+            dry_run: true,
+        }
+        .encode_to_vec()),
+        (14, "transfer-leader", pb::TransferLeaderRequest {
+            topic: "t".into(),
+            partition: 0,
+            to: 2,
+        }
+        .encode_to_vec()),
+        (16, "seed-send", seed::SendRequest {
+            msg: Some(seed::Message {
+                topic: "t".into(),
+                payload: b"p".to_vec().into(),
+            }),
+        }
+        .encode_to_vec()),
+        (17, "seed-subscribe", seed::SubscribeRequest {
+            topic: "t".into(),
+            consumer_group: "g".into(),
+        }
+        .encode_to_vec()),
+    ];
+    for (rpc, name, body) in requests {
+        let mut bytes = vec![rpc];
+        bytes.extend_from_slice(&body);
+        seed("requests", name, &bytes);
+    }
+}
+
+/// The `http` target's seeds: a route (the first byte) and the text that fills it.
+#[test]
+fn the_http_seeds_name_each_route() {
+    for (pick, name, text) in [
+        (0u8, "topic", "t"),
+        (1, "dead-letters", "limit=3&group=g"),
+        (2, "dead-letters-of", "t"),
+        (3, "group", "g"),
+        (4, "groups", "x=1"),
+        (8, "console", "index.html"),
+    ] {
+        let mut bytes = vec![pick];
+        bytes.extend_from_slice(text.as_bytes());
+        seed("http", name, &bytes);
+    }
+}

@@ -162,3 +162,76 @@ pub fn assert_lookups(p: &Partition, what: &str) {
         assert_eq!(at, seq, "{what}: the timestamp of {seq} finds {at}");
     }
 }
+
+/// A broker serving on loopback ports (gRPC and HTTP) for the life of the fuzzing process, with
+/// a topic `t` holding a few messages and a group `g` that has read them, so that inputs meet
+/// existing things as well as absent ones.
+pub struct Broker {
+    pub rt: tokio::runtime::Runtime,
+    pub channel: tonic::transport::Channel,
+    pub http: std::net::SocketAddr,
+    _running: sluice::server::Running,
+    _dir: tempfile::TempDir,
+}
+
+pub fn broker() -> &'static Broker {
+    static B: OnceLock<Broker> = OnceLock::new();
+    B.get_or_init(|| {
+        use sluice::proto::v1 as pb;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = scratch();
+        let mut config = sluice::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..sluice::config::Config::default()
+        };
+        config.http.listen = "127.0.0.1:0".into();
+        config.log.segment_bytes = 64 << 10;
+        let (running, channel) = rt.block_on(async {
+            let running = sluice::server::start(config, Default::default())
+                .await
+                .unwrap();
+            let channel = sluice::cli::connect(&running.addr.to_string())
+                .await
+                .unwrap();
+            let mut client = pb::broker_client::BrokerClient::new(channel.clone());
+            client
+                .send(pb::SendRequest {
+                    topic: "t".into(),
+                    messages: (0..5)
+                        .map(|i| pb::Message {
+                            key: Some(Bytes::from(format!("k{i}"))),
+                            value: Some(Bytes::from(format!("v{i}"))),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })
+                .await
+                .unwrap();
+            let mut member = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "t".into(),
+                    group: "g".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = member.message().await.unwrap().unwrap();
+            assert!(!first.deliveries.is_empty());
+            (running, channel)
+        });
+        let http = running.http_addr.unwrap();
+        Broker {
+            rt,
+            channel,
+            http,
+            _running: running,
+            _dir: dir,
+        }
+    })
+}

@@ -7,14 +7,19 @@
 //! | offset | size | field        | notes                                   |
 //! |-------:|-----:|--------------|-----------------------------------------|
 //! |      0 |    4 | `magic`      | `SLIX` (offset index), `SLTI` (time)    |
-//! |      4 |    2 | `version`    | 1                                       |
+//! |      4 |    2 | `version`    | 2 (version 1 files are rebuilt)         |
 //! |      6 |    2 | `entry_size` | bytes per entry                         |
 //! |      8 |    8 | `base_offset`| the segment's base offset               |
-//! |     16 |    … | entries      | `entry_size` bytes each                 |
+//! |     16 |    4 | `sealed`     | entries sealed + 1; 0 = not sealed      |
+//! |     20 |    4 | `seal_crc`   | CRC-32 of bytes 0..20 and the entries   |
+//! |     24 |    … | entries      | `entry_size` bytes each                 |
 //!
 //! The active segment's file is preallocated to its capacity (zeros past the last entry) and
-//! trimmed to its entries on roll and clean close. The file is derived data: it is never synced
-//! per write and is rebuilt from the log whenever it does not check out.
+//! trimmed to its entries on roll and clean close. Trimming seals it: the entry count and a CRC
+//! of the header and every entry, checked at open, so that a damaged entry is found (and the
+//! index rebuilt) instead of trusted. The seal is cleared on disk before the file grows or is
+//! cut again. The file is derived data: it is never synced per write and is rebuilt from the log
+//! whenever it does not check out (a version 1 file, which has no seal, included).
 //!
 //! # Concurrency
 //! One writer appends while any number of readers search. Entries are written through the raw
@@ -28,14 +33,16 @@ use std::marker::PhantomData;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::io::{FileIo, PRIVATE_FILE};
 
-pub const HEADER_LEN: usize = 16;
-pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 24;
+pub const VERSION: u16 = 2;
+/// Where the seal (entry count + 1, CRC) sits in the header.
+const SEAL_AT: usize = 16;
 
 /// Why an existing entries file cannot be used as it is.
 #[derive(Debug)]
@@ -65,6 +72,8 @@ pub struct MappedEntries<const N: usize> {
     file_entries: AtomicUsize,
     /// Entries published to readers.
     len: AtomicUsize,
+    /// The file on disk carries a seal (cleared before the entries change).
+    sealed: AtomicBool,
     write: Mutex<()>,
 }
 
@@ -97,7 +106,7 @@ impl<const N: usize> MappedEntries<N> {
         header[8..16].copy_from_slice(&base_offset.to_le_bytes());
         io.write_at(path, &file, &header, 0)?;
         io.set_len(path, &file, (HEADER_LEN + capacity * N) as u64)?;
-        Self::map(path, &file, capacity, capacity, 0)
+        Self::map(path, &file, (capacity, capacity, 0), false)
     }
 
     /// Opens an existing file. Every whole entry in it counts (as in a trimmed file), up to
@@ -135,16 +144,54 @@ impl<const N: usize> MappedEntries<N> {
             ));
         }
         let in_file = (len - HEADER_LEN) / N;
+        let seal = u32::from_le_bytes([header[16], header[17], header[18], header[19]]);
+        let sealed = seal != 0;
+        if sealed {
+            if seal as usize - 1 != in_file {
+                return Err(OpenProblem::Invalid(
+                    "sealed with another number of entries",
+                ));
+            }
+            let mut entries = vec![0u8; len - HEADER_LEN];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut entries, HEADER_LEN as u64)?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&header[..SEAL_AT + 4]);
+            crc.update(&entries);
+            if crc.finalize().to_le_bytes() != header[SEAL_AT + 4..HEADER_LEN] {
+                return Err(OpenProblem::Invalid("the entries do not match their seal"));
+            }
+        }
         let entries = max_entries.map_or(in_file, |m| m.min(in_file));
-        Self::map(path, &file, in_file.max(map_capacity), in_file, entries).map_err(OpenProblem::Io)
+        Self::map(
+            path,
+            &file,
+            (in_file.max(map_capacity), in_file, entries),
+            sealed,
+        )
+        .map_err(OpenProblem::Io)
+    }
+
+    /// Whether the file on disk is sealed (its entries checked against their CRC at open, or
+    /// sealed by a trim since).
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Clears the seal on disk before the entries change (the caller holds the writer's lock or
+    /// `&mut self`).
+    fn unseal(&self, file: &File, io: &dyn FileIo) -> io::Result<()> {
+        if self.sealed.load(Ordering::Acquire) {
+            io.write_at(&self.path, file, &[0u8; 8], SEAL_AT as u64)?;
+            self.sealed.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn map(
         path: &Path,
         file: &File,
-        capacity: usize,
-        file_entries: usize,
-        len: usize,
+        (capacity, file_entries, len): (usize, usize, usize),
+        sealed: bool,
     ) -> io::Result<Self> {
         let map = MmapOptions::new()
             .len(HEADER_LEN + capacity * N)
@@ -155,6 +202,7 @@ impl<const N: usize> MappedEntries<N> {
             capacity: AtomicUsize::new(capacity),
             file_entries: AtomicUsize::new(file_entries),
             len: AtomicUsize::new(len),
+            sealed: AtomicBool::new(sealed),
             write: Mutex::new(()),
         })
     }
@@ -165,6 +213,7 @@ impl<const N: usize> MappedEntries<N> {
         let capacity = capacity.max(len);
         let bytes = HEADER_LEN + capacity * N;
         let file = open_rw(&self.path)?;
+        self.unseal(&file, io)?;
         io.set_len(&self.path, &file, bytes as u64)?;
         self.map = MmapOptions::new().len(bytes).map_raw(&file)?;
         *self.capacity.get_mut() = capacity;
@@ -181,6 +230,7 @@ impl<const N: usize> MappedEntries<N> {
             return Ok(());
         }
         let file = open_rw(&self.path)?;
+        self.unseal(&file, io)?;
         io.set_len(&self.path, &file, (HEADER_LEN + capacity * N) as u64)?;
         self.file_entries.store(capacity, Ordering::Relaxed);
         Ok(())
@@ -262,15 +312,39 @@ impl<const N: usize> MappedEntries<N> {
         true
     }
 
-    /// Cuts the file to its entries; no entry can be appended afterwards. The mapping stays (the
-    /// pages past the new end are never touched again).
+    /// Cuts the file to its entries and seals them; no entry can be appended afterwards. The
+    /// mapping stays (the pages past the new end are never touched again).
     pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let len = self.len.load(Ordering::Relaxed);
         self.capacity.store(len, Ordering::Release);
         self.file_entries.store(len, Ordering::Relaxed);
+        if self.sealed.load(Ordering::Acquire) {
+            // Sealed and not grown since: already trimmed to these entries.
+            return Ok(());
+        }
         let file = open_rw(&self.path)?;
-        io.set_len(&self.path, &file, (HEADER_LEN + len * N) as u64)
+        io.set_len(&self.path, &file, (HEADER_LEN + len * N) as u64)?;
+        let count = u32::try_from(len + 1)
+            .map_err(|_| io::Error::other("too many index entries to seal"))?;
+        let mut seal = [0u8; 8];
+        seal[..4].copy_from_slice(&count.to_le_bytes());
+        // SAFETY: the mapping covers the header and every entry below `len`; the writer's lock
+        // is held, so no entry is being written, and readers only read.
+        let (head, entries) = unsafe {
+            (
+                std::slice::from_raw_parts(self.map.as_ptr(), SEAL_AT),
+                std::slice::from_raw_parts(self.map.as_ptr().add(HEADER_LEN), len * N),
+            )
+        };
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(head);
+        crc.update(&seal[..4]);
+        crc.update(entries);
+        seal[4..].copy_from_slice(&crc.finalize().to_le_bytes());
+        io.write_at(&self.path, &file, &seal, SEAL_AT as u64)?;
+        self.sealed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Writes the mapped entries back to the file and syncs it (checkpoints, rolls and close).
@@ -383,6 +457,11 @@ impl<E: Entry<N>, const N: usize> MappedIndex<E, N> {
 
     pub fn grow(&self, io: &dyn FileIo) -> io::Result<()> {
         self.entries.grow(io)
+    }
+
+    /// See [`MappedEntries::is_sealed`].
+    pub fn is_sealed(&self) -> bool {
+        self.entries.is_sealed()
     }
 
     pub fn trim(&self, io: &dyn FileIo) -> io::Result<()> {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::checkpoint::{self, Checkpoint};
 use super::index;
-use super::mapped::HEADER_LEN;
+use super::mapped::{HEADER_LEN, VERSION};
 use super::record::{Batch, BatchHeader, Decoded, StoredRecord, read_i64, read_u32, read_u64};
 use super::segment::{FileKind, LOG_HEADER_LEN, LOG_MAGIC, parse_segment_file_name, segment_path};
 use super::timeindex;
@@ -279,21 +279,21 @@ impl Verifier {
         // Past damage the log was not read: index entries there cannot be judged.
         let damaged = self.problems.last().is_some_and(|p| p.path == path);
         let scanned_to = if damaged { next - base } else { u64::MAX };
-        if let Some(entries) = index {
+        if let Some((header, entries)) = index {
             self.check_offset_index(
                 &index_path,
-                &entries,
+                (header, &entries),
                 base,
                 &batches,
                 (data_end, if damaged { data_end } else { u64::MAX }),
                 index_limit.map(|l| l.0),
             );
         }
-        if let Some(entries) = time {
+        if let Some((header, entries)) = time {
             let closed_end = next_base.filter(|_| !damaged).map(|nb| nb - base);
             self.check_time_index(
                 &time_path,
-                &entries,
+                (header, &entries),
                 base,
                 &max_before,
                 (max_ts, closed_end),
@@ -309,7 +309,7 @@ impl Verifier {
         magic: [u8; 4],
         base: u64,
         entry: usize,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(usize, Vec<u8>)> {
         let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) => {
@@ -317,7 +317,11 @@ impl Verifier {
                 return None;
             }
         };
-        if bytes.len() < HEADER_LEN {
+        // A version 1 index (a 16-byte header, no seal) is still checked against the log; the
+        // broker rebuilds it at its next start.
+        let version = bytes.get(4..6).map(|v| u16::from_le_bytes([v[0], v[1]]));
+        let header = if version == Some(1) { 16 } else { HEADER_LEN };
+        if bytes.len() < header {
             self.problem(path, bytes.len() as u64, "index shorter than its header");
             return None;
         }
@@ -332,7 +336,11 @@ impl Verifier {
             );
             return None;
         }
-        let whole = HEADER_LEN + (bytes.len() - HEADER_LEN) / entry * entry;
+        if version != Some(1) && version != Some(VERSION) {
+            self.problem(path, 4, "unknown index version");
+            return None;
+        }
+        let whole = header + (bytes.len() - header) / entry * entry;
         if whole != bytes.len() {
             self.problem(
                 path,
@@ -343,13 +351,28 @@ impl Verifier {
                 ),
             );
         }
-        Some(bytes[HEADER_LEN..whole].to_vec())
+        let seal = if header == HEADER_LEN {
+            read_u32(&bytes, 16)
+        } else {
+            0
+        };
+        if seal != 0 {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&bytes[..HEADER_LEN - 4]);
+            crc.update(&bytes[HEADER_LEN..]);
+            if seal as usize - 1 != (bytes.len() - header) / entry
+                || crc.finalize() != read_u32(&bytes, HEADER_LEN - 4)
+            {
+                self.problem(path, 16, "the index entries do not match their seal");
+            }
+        }
+        Some((header, bytes[header..whole].to_vec()))
     }
 
     fn check_offset_index(
         &mut self,
         path: &Path,
-        entries: &[u8],
+        (header, entries): (usize, &[u8]),
         base: u64,
         batches: &HashMap<u64, u64>,
         (data_end, judged_end): (u64, u64),
@@ -364,7 +387,7 @@ impl Verifier {
             if position == 0 {
                 break; // preallocated, unused
             }
-            let at = (HEADER_LEN + i * index::ENTRY_LEN) as u64;
+            let at = (header + i * index::ENTRY_LEN) as u64;
             if u64::from(position) >= judged_end {
                 break;
             }
@@ -399,7 +422,7 @@ impl Verifier {
     fn check_time_index(
         &mut self,
         path: &Path,
-        entries: &[u8],
+        (header, entries): (usize, &[u8]),
         base: u64,
         max_before: &[(u64, i64)],
         (max_ts, closed_end): (i64, Option<u64>),
@@ -415,7 +438,7 @@ impl Verifier {
             if ts == 0 && rel == 0 {
                 break; // preallocated, unused
             }
-            let at = (HEADER_LEN + i * timeindex::ENTRY_LEN) as u64;
+            let at = (header + i * timeindex::ENTRY_LEN) as u64;
             if rel >= scanned_to {
                 break;
             }

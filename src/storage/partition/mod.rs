@@ -480,14 +480,8 @@ fn load(dir: &Path, config: &LogConfig, io: &dyn FileIo) -> Result<Loaded> {
             break;
         };
         let (seg, index_ok) = Segment::open(dir, base, None, io)?;
-        let seg = recovery::open_closed_segment(
-            seg,
-            index_ok,
-            next_base,
-            config,
-            io,
-            Some(&mut report),
-        )?;
+        let seg =
+            recovery::open_closed_segment(seg, index_ok, next_base, config, io, Some(&mut report))?;
         segments.push(Arc::new(seg));
     }
 

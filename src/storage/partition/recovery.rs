@@ -200,9 +200,13 @@ pub(super) fn trim(seg: &Segment, io: &dyn FileIo) {
     }
 }
 
-/// Cheap checks of a closed segment's trimmed indexes: the last offset entry names a real batch
-/// and the time index ends with the roll's final entry.
+/// Checks of a closed segment's trimmed indexes: both sealed (every entry matched its CRC at
+/// open), the last offset entry names a real batch, and the time index ends with the roll's
+/// final entry.
 fn closed_indexes_check_out(seg: &Segment, next_base: u64) -> bool {
+    if !seg.index.is_sealed() || !seg.time_index.is_sealed() {
+        return false;
+    }
     let has_records = seg.visible_len() > LOG_HEADER_LEN;
     let Some(last) = seg.index.last() else {
         return !has_records;
@@ -320,10 +324,14 @@ pub(super) fn recover_active(
             .map(|h| h.first_timestamp)
     };
 
+    // A clean close seals the indexes: after one, an index without its seal was changed since
+    // and is not trusted (rebuilt by the scan below).
+    let sealed = seg.index.is_sealed() && seg.time_index.is_sealed();
     if let Some(c) = cp
         && c.clean
         && c.log_position == file_len
         && index_ok
+        && sealed
         && seg.index.len() == c.index_entries as usize
         && seg.time_index.len() == c.time_entries as usize
     {
@@ -349,6 +357,7 @@ pub(super) fn recover_active(
     // Resume from the checkpoint when it and the index files are usable.
     let resume = cp.filter(|c| {
         index_ok
+            && (sealed || !c.clean)
             && c.log_position >= LOG_HEADER_LEN
             && seg.index.len() >= c.index_entries as usize
             && seg.time_index.len() >= c.time_entries as usize

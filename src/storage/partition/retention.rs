@@ -7,8 +7,8 @@ use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::recovery::open_closed_segment;
 use super::Partition;
+use super::recovery::open_closed_segment;
 use crate::storage::compaction::{CompactionOptions, CompactionOutcome};
 use crate::storage::error::{Error, Result};
 use crate::storage::segment::{LOG_HEADER_LEN, Segment};
@@ -359,14 +359,7 @@ impl Partition {
         crate::storage::compaction::write_cleaned(dir, bases[0], body, io)?;
         crate::storage::compaction::install(dir, bases, io)?;
         let (seg, index_ok) = Segment::open(dir, bases[0], None, io)?;
-        let seg = open_closed_segment(
-            seg,
-            index_ok,
-            next_base,
-            &self.shared.config,
-            io,
-            None,
-        )?;
+        let seg = open_closed_segment(seg, index_ok, next_base, &self.shared.config, io, None)?;
         let seg = Arc::new(seg);
         self.shared.set_segments(|list| {
             if let Some(i) = list.iter().position(|s| s.base_offset() == bases[0]) {
