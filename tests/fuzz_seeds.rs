@@ -150,84 +150,144 @@ fn the_request_seeds_are_valid_requests_of_every_rpc() {
         id: Some(Bytes::from_static(&[7; 16])),
     };
     let requests: Vec<(u8, &str, Vec<u8>)> = vec![
-        (0, "send", pb::SendRequest {
-            topic: "t".into(),
-            messages: vec![message],
-        }
-        .encode_to_vec()),
-        (1, "subscribe-group", pb::SubscribeRequest {
-            topic: "t".into(),
-            group: "g".into(),
-            max_in_flight: 3,
-            ..Default::default()
-        }
-        .encode_to_vec()),
-        (1, "subscribe-offset", pb::SubscribeRequest {
-            topic: "t".into(),
-            partitions: vec![0],
-            start: start(2),
-            limit: 2,
-            ..Default::default()
-        }
-        .encode_to_vec()),
-        (2, "ack", pb::AckRequest {
-            group: "g".into(),
-            topic: "t".into(),
-            ack_ids: vec!["0:1".into()],
-        }
-        .encode_to_vec()),
-        (3, "nack", pb::NackRequest {
-            group: "g".into(),
-            topic: "t".into(),
-            ack_ids: vec!["0:1".into()],
-            delay_ms: 10,
-        }
-        .encode_to_vec()),
-        (4, "create-topic", pb::CreateTopicRequest {
-            name: "c".into(),
-            settings: Some(pb::TopicSettings {
-                partitions: 2,
-                retention_ms: Some(60_000),
-                dedup_window_ms: Some(60_000),
-                ..Default::default()
-            }),
-        }
-        .encode_to_vec()),
-        (5, "delete-topic", pb::DeleteTopicRequest { name: "c".into() }.encode_to_vec()),
-        (7, "describe-topic", pb::DescribeTopicRequest { name: "t".into() }.encode_to_vec()),
-        (9, "describe-group", pb::DescribeGroupRequest { group: "g".into() }.encode_to_vec()),
-        (10, "reset-group", pb::ResetGroupRequest {
-            group: "g".into(),
-            topic: "t".into(),
-            to: start(1),
-            force: true,
-            partitions: vec![0],
-        }
-        .encode_to_vec()),
-        (11, "delete-group", pb::DeleteGroupRequest { group: "g".into() }.encode_to_vec()),
-        (12, "compact", pb::CompactRequest {
-            topic: "t".into(),
-            dry_run: true,
-        }
-        .encode_to_vec()),
-        (14, "transfer-leader", pb::TransferLeaderRequest {
-            topic: "t".into(),
-            partition: 0,
-            to: 2,
-        }
-        .encode_to_vec()),
-        (16, "seed-send", seed::SendRequest {
-            msg: Some(seed::Message {
+        (
+            0,
+            "send",
+            pb::SendRequest {
                 topic: "t".into(),
-                payload: b"p".to_vec().into(),
-            }),
-        }
-        .encode_to_vec()),
-        (17, "seed-subscribe", seed::SubscribeRequest {
-            topic: "t".into(),
-            consumer_group: "g".into(),
-        }
-        .encode_to_vec()),
+                messages: vec![message],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            1,
+            "subscribe-group",
+            pb::SubscribeRequest {
+                topic: "t".into(),
+                group: "g".into(),
+                max_in_flight: 3,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            1,
+            "subscribe-offset",
+            pb::SubscribeRequest {
+                topic: "t".into(),
+                partitions: vec![0],
+                start: start(2),
+                limit: 2,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            2,
+            "ack",
+            pb::AckRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                ack_ids: vec!["0:1".into()],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            3,
+            "nack",
+            pb::NackRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                ack_ids: vec!["0:1".into()],
+                delay_ms: 10,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            4,
+            "create-topic",
+            pb::CreateTopicRequest {
+                name: "c".into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 2,
+                    retention_ms: Some(60_000),
+                    dedup_window_ms: Some(60_000),
+                    ..Default::default()
+                }),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            5,
+            "delete-topic",
+            pb::DeleteTopicRequest { name: "c".into() }.encode_to_vec(),
+        ),
+        (
+            7,
+            "describe-topic",
+            pb::DescribeTopicRequest { name: "t".into() }.encode_to_vec(),
+        ),
+        (
+            9,
+            "describe-group",
+            pb::DescribeGroupRequest { group: "g".into() }.encode_to_vec(),
+        ),
+        (
+            10,
+            "reset-group",
+            pb::ResetGroupRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                to: start(1),
+                force: true,
+                partitions: vec![0],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            11,
+            "delete-group",
+            pb::DeleteGroupRequest { group: "g".into() }.encode_to_vec(),
+        ),
+        (
+            12,
+            "compact",
+            pb::CompactRequest {
+                topic: "t".into(),
+                dry_run: true,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            14,
+            "transfer-leader",
+            pb::TransferLeaderRequest {
+                topic: "t".into(),
+                partition: 0,
+                to: 2,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            16,
+            "seed-send",
+            seed::SendRequest {
+                msg: Some(seed::Message {
+                    topic: "t".into(),
+                    payload: b"p".to_vec().into(),
+                }),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            17,
+            "seed-subscribe",
+            seed::SubscribeRequest {
+                topic: "t".into(),
+                consumer_group: "g".into(),
+            }
+            .encode_to_vec(),
+        ),
     ];
     for (rpc, name, body) in requests {
         let mut bytes = vec![rpc];
