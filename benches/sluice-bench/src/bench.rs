@@ -36,6 +36,8 @@ pub enum BenchCommand {
     Partitions(crate::partitions::PartitionsBench),
     /// Many seed-API Sends at once (one per patient): how long the last one waits.
     Burst(crate::burst::BurstBench),
+    /// A broker process under mixed work and restarts for a set time (`benches/soak.sh`).
+    Soak(crate::soak::SoakBench),
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +231,9 @@ pub async fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Rpc(b) => rpc(b).await,
         BenchCommand::Partitions(b) => crate::partitions::run(b).await,
         BenchCommand::Burst(b) => crate::burst::burst(b).await,
+        BenchCommand::Soak(b) => crate::soak::run(b)
+            .await
+            .map_err(|e| CliError::Unhealthy(format!("soak: {e}"))),
     }
 }
 

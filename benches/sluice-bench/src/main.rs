@@ -6,6 +6,7 @@
 //! - `bench`: `produce`, `consume` and `rpc` against a running broker, with either client.
 //! - `partitions`: many topics, partitions and groups; the broker's threads, files and memory.
 //! - `burst`: the seed's burst of one seed-API Send per patient.
+//! - `soak`: a broker process under mixed work and restarts for a set time, then checked.
 //! - `lean`: a minimal unary gRPC client straight on HTTP/2 (`--client lean`), whose figures are
 //!   always printed beside the same run with tonic's client by the scripts.
 
@@ -13,6 +14,7 @@ mod bench;
 mod burst;
 mod lean;
 mod partitions;
+mod soak;
 
 use std::process::ExitCode;
 
