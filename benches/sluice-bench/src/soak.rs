@@ -13,8 +13,8 @@
 //! - two groups on topic `work`, two members each that come and go, ack most deliveries, Nack
 //!   some (with a delay), leave some to their ack timeout and never ack a few (dead letters).
 //!
-//! Every topic but the compacted one is bounded by `retention_bytes` (4 MiB a partition, 512 KiB
-//! segments), so that after a few minutes the data directory, and with it the files the broker
+//! Every topic but the compacted one is bounded by `retention_bytes` (4 MiB a partition, the
+//! dead-letter topic 1 MiB, 512 KiB segments), so that after a few minutes the data directory, and with it the files the broker
 //! holds open, stops growing: what still grows then is a leak.
 
 use std::collections::{BTreeMap, HashMap};
@@ -204,6 +204,9 @@ async fn setup(l: &Shared) -> Result<(), Fail> {
         ("ids", 1, pb::CleanupPolicy::Delete, Some(4 << 20)),
         ("keyed", 1, pb::CleanupPolicy::Compact, None),
         ("work", 2, pb::CleanupPolicy::Delete, Some(4 << 20)),
+        // The groups' dead letters go here: made beforehand to bound it like the others (made
+        // when needed, it would keep every dead letter, as an operator's DLQ should).
+        ("work.dlq", 1, pb::CleanupPolicy::Delete, Some(1 << 20)),
     ];
     for (name, partitions, policy, retention_bytes) in topics {
         let r = admin
