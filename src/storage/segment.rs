@@ -661,6 +661,8 @@ impl Segment {
                     let h = *batch.header();
                     if h.base_offset < expected_next {
                         Some(ScanStop::Corrupt("batch offsets go backwards"))
+                    } else if let Err(why) = batch.records_check_out() {
+                        Some(ScanStop::Corrupt(why))
                     } else {
                         each(pos, &h);
                         pos += h.size as u64;
