@@ -44,6 +44,16 @@ pub const VERSION: u16 = 2;
 /// Where the seal (entry count + 1, CRC) sits in the header.
 const SEAL_AT: usize = 16;
 
+/// The seal's CRC: of the header up to the CRC (`head`: magic, version, entry size, base offset,
+/// sealed count) and of the entries. Written by [`MappedEntries::trim`], checked at open and by
+/// `sluice verify`.
+pub fn seal_crc(head: &[u8], entries: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head);
+    crc.update(entries);
+    crc.finalize()
+}
+
 /// Why an existing entries file cannot be used as it is.
 #[derive(Debug)]
 pub enum OpenProblem {
@@ -154,10 +164,9 @@ impl<const N: usize> MappedEntries<N> {
             }
             let mut entries = vec![0u8; len - HEADER_LEN];
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut entries, HEADER_LEN as u64)?;
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&header[..SEAL_AT + 4]);
-            crc.update(&entries);
-            if crc.finalize().to_le_bytes() != header[SEAL_AT + 4..HEADER_LEN] {
+            if seal_crc(&header[..SEAL_AT + 4], &entries).to_le_bytes()
+                != header[SEAL_AT + 4..HEADER_LEN]
+            {
                 return Err(OpenProblem::Invalid("the entries do not match their seal"));
             }
         }
@@ -327,21 +336,20 @@ impl<const N: usize> MappedEntries<N> {
         io.set_len(&self.path, &file, (HEADER_LEN + len * N) as u64)?;
         let count = u32::try_from(len + 1)
             .map_err(|_| io::Error::other("too many index entries to seal"))?;
-        let mut seal = [0u8; 8];
-        seal[..4].copy_from_slice(&count.to_le_bytes());
         // SAFETY: the mapping covers the header and every entry below `len`; the writer's lock
         // is held, so no entry is being written, and readers only read.
-        let (head, entries) = unsafe {
+        let (fixed, entries) = unsafe {
             (
                 std::slice::from_raw_parts(self.map.as_ptr(), SEAL_AT),
                 std::slice::from_raw_parts(self.map.as_ptr().add(HEADER_LEN), len * N),
             )
         };
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(head);
-        crc.update(&seal[..4]);
-        crc.update(entries);
-        seal[4..].copy_from_slice(&crc.finalize().to_le_bytes());
+        let mut head = [0u8; SEAL_AT + 4];
+        head[..SEAL_AT].copy_from_slice(fixed);
+        head[SEAL_AT..].copy_from_slice(&count.to_le_bytes());
+        let mut seal = [0u8; 8];
+        seal[..4].copy_from_slice(&count.to_le_bytes());
+        seal[4..].copy_from_slice(&seal_crc(&head, entries).to_le_bytes());
         io.write_at(&self.path, &file, &seal, SEAL_AT as u64)?;
         self.sealed.store(true, Ordering::Release);
         Ok(())

@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::checkpoint::{self, Checkpoint};
 use super::index;
-use super::mapped::{HEADER_LEN, VERSION};
+use super::mapped::{HEADER_LEN, VERSION, seal_crc};
 use super::record::{Batch, BatchHeader, Decoded, StoredRecord, read_i64, read_u32, read_u64};
 use super::segment::{FileKind, LOG_HEADER_LEN, LOG_MAGIC, parse_segment_file_name, segment_path};
 use super::timeindex;
@@ -357,11 +357,9 @@ impl Verifier {
             0
         };
         if seal != 0 {
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&bytes[..HEADER_LEN - 4]);
-            crc.update(&bytes[HEADER_LEN..]);
+            let crc = seal_crc(&bytes[..HEADER_LEN - 4], &bytes[HEADER_LEN..]);
             if seal as usize - 1 != (bytes.len() - header) / entry
-                || crc.finalize() != read_u32(&bytes, HEADER_LEN - 4)
+                || crc != read_u32(&bytes, HEADER_LEN - 4)
             {
                 self.problem(path, 16, "the index entries do not match their seal");
             }
