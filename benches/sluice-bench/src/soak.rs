@@ -229,14 +229,16 @@ async fn setup(l: &Shared) -> Result<(), Fail> {
     Ok(())
 }
 
+/// One Send on the shared connection; a failed one may or may not be stored.
+async fn send(l: &Shared, request: pb::SendRequest) -> Result<pb::SendResponse, Fail> {
+    let mut c = broker_client(connect(l).await?);
+    Ok(c.send(request).await?.into_inner())
+}
+
 /// Sends `request` until it is answered (across restarts).
 async fn send_until_answered(l: &Shared, request: &pb::SendRequest) -> pb::SendResponse {
     loop {
-        let sent = async {
-            let mut c = broker_client(connect(l).await?);
-            Ok::<_, Fail>(c.send(request.clone()).await?.into_inner())
-        };
-        match sent.await {
+        match send(l, request.clone()).await {
             Ok(r) => return r,
             Err(_) => pause().await,
         }
@@ -258,11 +260,7 @@ async fn plain_producer(l: Shared, partition: u32, until: Instant) {
             messages,
         };
         // A failed Send may or may not be stored: only what was answered is counted.
-        let sent = async {
-            let mut c = broker_client(connect(&l).await?);
-            Ok::<_, Fail>(c.send(request).await?.into_inner())
-        };
-        match sent.await {
+        match send(&l, request).await {
             Ok(r) => {
                 let mut led = lock(&l);
                 for (i, p) in r.positions.iter().enumerate() {
@@ -356,11 +354,7 @@ async fn keyed_producer(l: Shared, until: Instant) {
             topic: "keyed".into(),
             messages,
         };
-        let sent = async {
-            let mut c = broker_client(connect(&l).await?);
-            Ok::<_, Fail>(c.send(request).await?.into_inner())
-        };
-        if sent.await.is_ok() {
+        if send(&l, request).await.is_ok() {
             let mut led = lock(&l);
             for i in 0..10 {
                 led.keyed.insert(((seq + i) % 100) as u32, seq + i);
@@ -521,11 +515,7 @@ async fn work_producer(l: Shared, until: Instant) {
                 })
                 .collect(),
         };
-        let sent = async {
-            let mut c = broker_client(connect(&l).await?);
-            Ok::<_, Fail>(c.send(request).await?.into_inner())
-        };
-        if sent.await.is_err() {
+        if send(&l, request).await.is_err() {
             pause().await;
         }
         seq += 10;
