@@ -91,8 +91,5 @@ fn seal_holds(b: &[u8], entry: usize) -> bool {
     if sealed == 0 || !(b.len() - 24).is_multiple_of(entry) || sealed as usize - 1 != (b.len() - 24) / entry {
         return false;
     }
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..20]);
-    h.update(&b[24..]);
-    h.finalize() == crc
+    sluice::storage::mapped::seal_crc(&b[..20], &b[24..]) == crc
 }
