@@ -88,7 +88,10 @@ fn seal_holds(b: &[u8], entry: usize) -> bool {
     }
     let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let (sealed, crc) = (word(16), word(20));
-    if sealed == 0 || !(b.len() - 24).is_multiple_of(entry) || sealed as usize - 1 != (b.len() - 24) / entry {
+    if sealed == 0
+        || !(b.len() - 24).is_multiple_of(entry)
+        || sealed as usize - 1 != (b.len() - 24) / entry
+    {
         return false;
     }
     sluice::storage::mapped::seal_crc(&b[..20], &b[24..]) == crc

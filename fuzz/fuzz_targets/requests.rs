@@ -92,7 +92,11 @@ fuzz_target!(|data: &[u8]| {
             Bytes::from(canary.encode_to_vec()),
         )
         .await;
-        assert_eq!(code, Code::Ok, "after {path}, a valid Send is not acknowledged");
+        assert_eq!(
+            code,
+            Code::Ok,
+            "after {path}, a valid Send is not acknowledged"
+        );
     });
 });
 
