@@ -463,7 +463,7 @@ async fn ctrl_c_while_sends_are_in_flight_keeps_every_send_it_answered() {
                         acked.lock().unwrap().push(value);
                         count.send_modify(|n| *n += 1);
                     }
-                    Err(status) => return status.code(),
+                    Err(status) => return status,
                 }
             }
             unreachable!()
@@ -476,11 +476,19 @@ async fn ctrl_c_while_sends_are_in_flight_keeps_every_send_it_answered() {
         .unwrap();
     assert!(status.success(), "SIGINT: {status:?}");
     // Refused once stopping (or cut when the connection closed), never a failure of its own.
-    while let Some(code) = producers.join_next().await {
-        let code = code.unwrap();
+    // A Send still on its way as the connection closed is refused by HTTP/2's GOAWAY, unread:
+    // tonic reports that as INTERNAL with HTTP/2's NO_ERROR (docs/api.md, "Shutdown").
+    while let Some(status) = producers.join_next().await {
+        let status = status.unwrap();
+        let goaway = status.code() == Code::Internal
+            && status.message().contains("not a result of an error");
         assert!(
-            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
-            "{code:?}"
+            goaway
+                || matches!(
+                    status.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ),
+            "{status:?}"
         );
     }
     // Every Send it answered is there after a restart.
