@@ -17,6 +17,7 @@
 use crate::common;
 mod groups;
 mod links;
+mod nodes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -61,6 +62,8 @@ struct TestCluster {
     addrs: Arc<Mutex<Vec<Option<String>>>>,
     /// Each node's HTTP address, when `env` turns the HTTP port on.
     http: Vec<Option<std::net::SocketAddr>>,
+    /// Each node's own cluster port (the others reach the founding three through links).
+    cluster_ports: Vec<u16>,
 }
 
 /// `n` loopback ports free now, for listeners the test binds again later (a node's cluster port after
@@ -223,7 +226,42 @@ impl TestCluster {
             nodes,
             addrs: Arc::new(Mutex::new(vec![None; 3])),
             http: vec![None; 3],
+            cluster_ports: ports[..3].to_vec(),
         }
+    }
+
+    /// Starts one more node to join the cluster (`cluster.join = true`), reaching the others
+    /// straight at their cluster ports; not in the clients' list (`addrs`) until the test puts
+    /// it there. Its index, its cluster port and its client address.
+    fn start_joining(&mut self) -> (usize, u16, String) {
+        let i = self.nodes.len();
+        self.cluster_ports.push(free_ports(1)[0]);
+        self.peers.push(peers_of(&self.cluster_ports));
+        let id = i as u64 + 1;
+        self.nodes.push(Node {
+            id,
+            dir: self._tmp.path().join(format!("node{id}")),
+            child: None,
+        });
+        self.http.push(None);
+        self.addrs.lock().unwrap().push(None);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("SLUICE_CLUSTER_JOIN", "true")])
+            .collect();
+        let (child, addr, http) = serve_http(&self.nodes[i].dir, id, &self.peers[i], &env)
+            .unwrap_or_else(|e| panic!("node {id} did not start: {e}"));
+        self.nodes[i].child = Some(child);
+        self.http[i] = http;
+        (i, self.cluster_ports[i], addr)
+    }
+
+    /// The nodes in the clients' list now, by index.
+    fn running(&self) -> Vec<usize> {
+        let addrs = self.addrs.lock().unwrap();
+        (0..addrs.len()).filter(|&i| addrs[i].is_some()).collect()
     }
 
     fn restart(&mut self, i: usize) {
@@ -237,7 +275,9 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("node {} did not start: {e}", node.id));
         node.child = Some(child);
         self.http[i] = http;
-        self.links.set_up(i, true);
+        if i < 3 {
+            self.links.set_up(i, true);
+        }
         self.addrs.lock().unwrap()[i] = Some(addr);
     }
 
@@ -274,7 +314,9 @@ impl TestCluster {
         self.signal(i, "TERM");
         let status = self.nodes[i].child.take().unwrap().wait().unwrap();
         assert!(status.success(), "node {} stopped with {status}", i + 1);
-        self.links.set_up(i, false);
+        if i < 3 {
+            self.links.set_up(i, false);
+        }
         started.elapsed()
     }
 
@@ -871,9 +913,10 @@ async fn produce_ids(
 /// Once every node serves the same log end of each of `partitions`: those ends.
 async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
     let ends = tokio::time::timeout(DEADLINE, async {
+        let running = cluster.running();
         loop {
             let mut ends = Vec::new();
-            for i in 0..3 {
+            for &i in &running {
                 if let Some(d) = describe_if_up(&cluster.addr(i)).await {
                     ends.push(
                         d.partitions
@@ -883,7 +926,7 @@ async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
                     );
                 }
             }
-            if ends.len() == 3 && ends.iter().all(|e| *e == ends[0]) {
+            if ends.len() == running.len() && ends.iter().all(|e| *e == ends[0]) {
                 return ends[0].clone();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -899,7 +942,8 @@ async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
 /// same on every node at dense offsets.
 async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(u32, u64), String> {
     let mut logs: Vec<BTreeMap<(u32, u64), String>> = Vec::new();
-    for i in 0..3 {
+    let running = cluster.running();
+    for &i in &running {
         let mut log = BTreeMap::new();
         for (p, &end) in (0u32..).zip(ends) {
             let read = read_all(&cluster.addr(i), p, end).await;
@@ -916,8 +960,9 @@ async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(
         logs.push(log);
     }
     // Inconsistent offsets: every replica holds the same message at every offset.
-    for (i, log) in logs.iter().enumerate().skip(1) {
-        assert!(*log == logs[0], "node {} and node 1 differ", i + 1);
+    for (k, log) in logs.iter().enumerate().skip(1) {
+        let (a, b) = (running[k] + 1, running[0] + 1);
+        assert!(*log == logs[0], "node {a} and node {b} differ");
     }
     logs.swap_remove(0)
 }

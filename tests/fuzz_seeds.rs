@@ -259,6 +259,20 @@ fn the_request_seeds_are_valid_requests_of_every_rpc() {
             .encode_to_vec(),
         ),
         (
+            18,
+            "add-node",
+            pb::AddNodeRequest {
+                node_id: 4,
+                address: "127.0.0.1:7174".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            19,
+            "remove-node",
+            pb::RemoveNodeRequest { node_id: 3 }.encode_to_vec(),
+        ),
+        (
             14,
             "transfer-leader",
             pb::TransferLeaderRequest {

@@ -272,6 +272,17 @@ async fn call(rpc: &str, link: &Link) -> Result<(), tonic::Status> {
             .rebalance_leaders(pb::RebalanceLeadersRequest { dry_run: false })
             .await
             .map(drop),
+        "AddNode" => admin(link)
+            .add_node(pb::AddNodeRequest {
+                node_id: 4,
+                address: "127.0.0.1:7174".into(),
+            })
+            .await
+            .map(drop),
+        "RemoveNode" => admin(link)
+            .remove_node(pb::RemoveNodeRequest { node_id: 3 })
+            .await
+            .map(drop),
         "seed Send" => seed::broker_client::BrokerClient::new(link.clone())
             .send(seed::SendRequest {
                 msg: Some(seed::Message {
@@ -295,7 +306,7 @@ async fn call(rpc: &str, link: &Link) -> Result<(), tonic::Status> {
 /// (RPC, whether it is administrative and so recorded when allowed).
 /// Every RPC: whether it is administrative (recorded when allowed), and what it answers when
 /// allowed (`None`: success; on a single node the cluster's calls are refused as such).
-const RPCS: [(&str, bool, Option<Code>); 17] = [
+const RPCS: [(&str, bool, Option<Code>); 19] = [
     ("Send", false, None),
     ("Send(auto-create)", true, None),
     ("Subscribe", false, None),
@@ -311,6 +322,8 @@ const RPCS: [(&str, bool, Option<Code>); 17] = [
     ("Compact", true, None),
     ("TransferLeader", true, Some(Code::FailedPrecondition)),
     ("RebalanceLeaders", true, Some(Code::FailedPrecondition)),
+    ("AddNode", true, Some(Code::FailedPrecondition)),
+    ("RemoveNode", true, Some(Code::FailedPrecondition)),
     ("seed Send", false, None),
     ("seed Subscribe", false, None),
 ];

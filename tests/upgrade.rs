@@ -39,6 +39,7 @@ fn members() -> Members {
         election_timeout_ms: 800,
         heartbeat_ms: 200,
         leader_balance_interval_ms: 0,
+        join: false,
     }
 }
 

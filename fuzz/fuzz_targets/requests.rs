@@ -37,6 +37,8 @@ const RPCS: &[(&str, bool)] = &[
     ("/sluice.v1.Admin/RebalanceLeaders", false),
     ("/broker.Broker/Send", false),
     ("/broker.Broker/Subscribe", true),
+    ("/sluice.v1.Admin/AddNode", false),
+    ("/sluice.v1.Admin/RemoveNode", false),
 ];
 
 /// The answer of a call: a status code, or OK.

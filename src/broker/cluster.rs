@@ -24,7 +24,7 @@
 //! ([`Cluster::trim`], [`Cluster::compact`]); every replica applies them alike.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,7 @@ use super::upgrade::PRE_CLUSTER;
 
 mod identity;
 mod leaders;
+mod members;
 pub use leaders::{LeaderMove, Rebalanced};
 
 /// The metadata group's name on the cluster port.
@@ -112,6 +113,8 @@ pub struct Cluster {
     port_stop: CancellationToken,
     /// The cluster port's server task and its TLS acceptor.
     port_tasks: TaskTracker,
+    /// Who may connect to the cluster port: the cluster's nodes.
+    admitted: Arc<members::Admitted>,
 }
 
 /// What `/metrics` reads of a partition group besides openraft's metrics.
@@ -265,15 +268,11 @@ impl Cluster {
             observed: Mutex::default(),
             port_stop: CancellationToken::new(),
             port_tasks: TaskTracker::new(),
+            admitted: Arc::default(),
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
-        let peer_ips = peer_ips(&cluster.members).await?;
-        let peer_hosts: HashSet<String> = cluster
-            .members
-            .peers
-            .values()
-            .filter_map(|a| a.rsplit_once(':').map(|(host, _)| host_name(host)))
-            .collect();
+        cluster.admitted.admit(&cluster.members.peers).await?;
+        let admitted = Arc::clone(&cluster.admitted);
         // Forwarded Sends share one connection per peer: thousands at once must neither split
         // into tiny DATA frames (h2 answers a flood of them with GOAWAY) nor wait on a small
         // window. At most 1,024 streams at once, each with a 1 MiB window, 16 MiB in all.
@@ -297,7 +296,7 @@ impl Cluster {
                 let incoming = tokio_stream::StreamExt::filter(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     move |conn| match conn {
-                        Ok(stream) => from_peer(stream, &peer_ips),
+                        Ok(stream) => from_peer(stream, &admitted),
                         Err(_) => true,
                     },
                 );
@@ -308,8 +307,7 @@ impl Cluster {
                 cluster.port_tasks.spawn(accept_peers_tls(
                     listener,
                     acceptor,
-                    peer_ips,
-                    peer_hosts,
+                    admitted,
                     tx,
                     cluster.port_stop.clone(),
                 ));
@@ -322,9 +320,12 @@ impl Cluster {
                 tracing::error!(error = %e, "the cluster port stopped");
             }
         });
-        cluster
-            .initialize(&cluster.meta, META_GROUP, None, &cluster.members.ids())
-            .await?;
+        // A node joining a running cluster forms nothing: the metadata group's leader adds it.
+        if !cluster.members.join {
+            cluster
+                .initialize(&cluster.meta, META_GROUP, None, &cluster.members.ids())
+                .await?;
+        }
         // The groups of the topics this node already holds, before the catalog is known again
         // (it is rebuilt from the metadata log once a leader says what is committed).
         for topic in topics.all() {
@@ -339,6 +340,7 @@ impl Cluster {
         }
         tasks.spawn(Arc::clone(&cluster).found(identity, shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).follow_catalog(shutdown.clone()));
+        tasks.spawn(Arc::clone(&cluster).keep_voters(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).catch_up(shutdown.clone()));
         tasks.spawn(Arc::clone(&cluster).take_snapshots(trims, shutdown.clone()));
         tasks.spawn(compact_replicas(compactions, shutdown.clone()));
@@ -384,9 +386,10 @@ impl Cluster {
     pub async fn status(&self) -> ClusterView {
         let me = self.members.node_id;
         let mut asks = tokio::task::JoinSet::new();
-        for (&id, addr) in &self.members.peers {
+        for id in self.node_ids() {
             if id != me {
-                let (forwarder, addr) = (Arc::clone(&self.forwarder), addr.clone());
+                let forwarder = Arc::clone(&self.forwarder);
+                let addr = forwarder.peers().addr(id, "");
                 asks.spawn(async move { (id, addr, forwarder.status(id, STATUS_DEADLINE).await) });
             }
         }
@@ -538,8 +541,19 @@ impl Cluster {
             Some(t) if t.config.incarnation == topic.config.incarnation => {
                 t.replicas_of(partition).to_vec()
             }
-            _ => self.members.ids(),
+            _ => catalog.node_ids(&self.members.ids()),
         }
+    }
+
+    /// Whether a node of the group of partition `partition` of `topic` may form it: not once
+    /// the topic's replicas have moved (it formed long before; a node now joining it waits to
+    /// be added by its leader).
+    fn formable(&self, topic: &Topic) -> bool {
+        let catalog = self.catalog.borrow();
+        !catalog
+            .topics
+            .get(&*topic.name)
+            .is_some_and(|t| t.config.incarnation == topic.config.incarnation && t.moved)
     }
 
     /// The catalog as this node has applied it, following every change.
@@ -557,9 +571,10 @@ impl Cluster {
         )
     }
 
-    /// Every node of the cluster, by id.
+    /// Every node of the cluster, by id: as the catalog has them (nodes added and removed),
+    /// else the founding peers.
     pub(super) fn node_ids(&self) -> Vec<u64> {
-        self.members.ids()
+        self.catalog.borrow().node_ids(&self.members.ids())
     }
 
     /// Serves the cluster port's `Consume` and `Settle` with `host` (the broker's consumer
@@ -576,13 +591,16 @@ impl Cluster {
         name: &str,
         log: &Arc<Partition>,
         members: &[u64],
+        formable: bool,
     ) -> Result<Raft<PartitionRaft>> {
         let _joining = self.joining.lock().await;
         if let Some(raft) = self.running().get(name) {
             return Ok(raft.clone());
         }
         let (raft, observed) = self.start_group(name, log, 0, None).await?;
-        self.initialize(&raft, name, None, members).await?;
+        if formable {
+            self.initialize(&raft, name, None, members).await?;
+        }
         self.service.add(name.to_string(), raft.clone());
         self.observing().insert(name.to_string(), observed);
         self.running().insert(name.to_string(), raft.clone());
@@ -688,7 +706,7 @@ impl Cluster {
             let keep = topic.config.delete_retention_ms;
             let ids = self.id_hooks(topic, handle.id);
             let (raft, observed) = self.start_group(&group, &handle.log, keep, ids).await?;
-            if let Some(members) = members {
+            if let Some(members) = members.filter(|_| self.formable(topic)) {
                 self.initialize(&raft, &group, topic.config.formed_by, &members)
                     .await?;
             }
@@ -1020,6 +1038,9 @@ impl Cluster {
     /// catalog this node lacks and joins its groups.
     async fn reconcile(&self, catalog: &Catalog) -> Result<()> {
         let _one_at_a_time = self.reconciling.lock().await;
+        // Nodes added since: reached at the catalog's address, and let in.
+        self.forwarder.peers().learn(&catalog.nodes);
+        self.admitted.admit(&catalog.nodes).await?;
         self.remove_stale(catalog).await?;
         for (name, entry) in &catalog.topics {
             let topic = match self.topics.get(name) {
@@ -1097,7 +1118,7 @@ impl Cluster {
         match applied {
             Some(c) => {
                 self.reconcile(&c).await?;
-                let everyone = self.members.ids();
+                let everyone = self.node_ids();
                 let groups: Vec<(String, Vec<u64>)> = (0..partitions)
                     .map(|p| (group_name(name, p, incarnation), everyone.clone()))
                     .collect();
@@ -1147,7 +1168,7 @@ impl Cluster {
     async fn until_peers(&self, groups: &[(String, Vec<u64>)], present: bool) {
         let me = self.members.node_id;
         let until = tokio::time::Instant::now() + self.write_timeout;
-        for &id in self.members.peers.keys().filter(|&&id| id != me) {
+        for id in self.node_ids().into_iter().filter(|&id| id != me) {
             while tokio::time::Instant::now() < until {
                 let Ok(report) = self.forwarder.status(id, STATUS_DEADLINE).await else {
                     break;
@@ -1205,7 +1226,7 @@ impl Cluster {
                 let command = Command::CreateTopic {
                     name: name.clone(),
                     config: topic.config.clone(),
-                    replicas: self.members.ids(),
+                    replicas: self.node_ids(),
                     first_offsets: topic.partitions.iter().map(|h| h.log.log_start()).collect(),
                     // Every node: the data starts on this one, whatever the factor.
                     placement: Vec::new(),
@@ -1252,10 +1273,14 @@ impl Cluster {
 
     async fn create_topic(&self, name: &str, mut config: storage::TopicConfig) -> Result<()> {
         config.formed_by = None;
-        let nodes = self.members.ids();
-        let factor = config
-            .replication_factor
-            .unwrap_or(self.members.replication_factor);
+        let nodes = self.node_ids();
+        // The cluster's setting, as far as there are nodes (fewer for a while, with a node
+        // removed and its replacement not added yet); a topic's own is checked as given.
+        let factor = config.replication_factor.unwrap_or_else(|| {
+            self.members
+                .replication_factor
+                .min(nodes.len().max(1) as u32)
+        });
         if factor == 0 || factor as usize > nodes.len() {
             return Err(storage::Error::InvalidConfig(format!(
                 "replication_factor = {factor} must be between 1 and the number of nodes ({})",
@@ -1565,21 +1590,7 @@ fn random_below(n: u64) -> u64 {
     h.finish() % n.max(1)
 }
 
-/// The IP addresses of every peer: the cluster port serves no one else.
-async fn peer_ips(members: &Members) -> Result<HashSet<IpAddr>> {
-    let mut ips = HashSet::new();
-    for (id, addr) in &members.peers {
-        let found = tokio::net::lookup_host(addr.as_str()).await.map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "cluster.peers: cannot resolve node {id}'s address {addr}: {e}"
-            ))
-        })?;
-        ips.extend(found.map(|a| canonical(a.ip())));
-    }
-    Ok(ips)
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(super) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -1592,23 +1603,21 @@ fn canonical(ip: IpAddr) -> IpAddr {
 async fn accept_peers_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    peer_ips: HashSet<IpAddr>,
-    peer_hosts: HashSet<String>,
+    admitted: Arc<members::Admitted>,
     accepted: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
     shutdown: CancellationToken,
 ) {
-    let peer_hosts = Arc::new(peer_hosts);
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
             () = shutdown.cancelled() => return,
         };
         let Ok((stream, from)) = conn else { continue };
-        if !from_peer(&stream, &peer_ips) {
+        if !from_peer(&stream, &admitted) {
             continue;
         }
         let (acceptor, hosts, accepted) =
-            (acceptor.clone(), Arc::clone(&peer_hosts), accepted.clone());
+            (acceptor.clone(), Arc::clone(&admitted), accepted.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream));
             let tls = match handshake.await {
@@ -1630,7 +1639,7 @@ async fn accept_peers_tls(
                 .is_some_and(|cert| {
                     crate::auth::tls::certificate_hosts(cert)
                         .iter()
-                        .any(|h| hosts.contains(h))
+                        .any(|h| hosts.host(h))
                 });
             if !names_a_peer {
                 tracing::warn!(%from, "cluster port: the certificate names no peer's host \
@@ -1644,7 +1653,7 @@ async fn accept_peers_tls(
 
 /// A host as certificates name it: a DNS name in lower case, an IP address as text (brackets
 /// of an IPv6 address dropped).
-fn host_name(host: &str) -> String {
+pub(super) fn host_name(host: &str) -> String {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match host.parse::<IpAddr>() {
         Ok(ip) => ip.to_string(),
@@ -1656,9 +1665,9 @@ fn host_name(host: &str) -> String {
 /// at once, and said in the log. A peer's is set to send without delay: with Nagle's
 /// algorithm, the last frames of an answer waited for the peer's delayed ACK of the first
 /// (a lone producer's p99.9 was 44 ms in a cluster, 1.6 ms on one node).
-fn from_peer(stream: &tokio::net::TcpStream, peers: &HashSet<IpAddr>) -> bool {
+fn from_peer(stream: &tokio::net::TcpStream, peers: &members::Admitted) -> bool {
     match stream.peer_addr() {
-        Ok(addr) if peers.contains(&canonical(addr.ip())) => {
+        Ok(addr) if peers.ip(addr.ip()) => {
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(from = %addr, error = %e, "cluster port: cannot set TCP_NODELAY");
             }

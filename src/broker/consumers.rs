@@ -76,7 +76,6 @@ struct Hosted {
     topic: Arc<Topic>,
     raft: Raft<PartitionRaft>,
     log: Arc<Partition>,
-    replicas: Vec<u64>,
     /// Where a new group starts in each partition.
     starts: Vec<u64>,
     /// The group, while this node leads it.
@@ -219,7 +218,9 @@ impl Consumers {
             Ok(Arc::new(Partition::open(&dir, config, io, None)?))
         })
         .await?;
-        let raft = self.cluster.run_group(&name, &log, &entry.replicas).await?;
+        let raft = (self.cluster)
+            .run_group(&name, &log, &entry.replicas, !entry.moved)
+            .await?;
         let hosted = Arc::new(Hosted {
             name: name.clone(),
             group: group.to_string(),
@@ -227,7 +228,6 @@ impl Consumers {
             topic: Arc::clone(topic),
             raft,
             log,
-            replicas: entry.replicas.clone(),
             starts: entry.starts.clone(),
             led: watch::Sender::new(None),
             stop: CancellationToken::new(),
@@ -480,9 +480,14 @@ impl Consumers {
     }
 
     /// The nodes of `h`'s group other than this one.
+    /// The group's other voters, as its Raft group now has them (nodes added or removed since
+    /// it was created included).
     fn others(&self, h: &Hosted) -> Vec<u64> {
         let me = self.me();
-        h.replicas.iter().copied().filter(|&n| n != me).collect()
+        let metrics = h.raft.metrics();
+        let m = metrics.borrow();
+        let voters = m.membership_config.membership().voter_ids();
+        voters.filter(|&n| n != me).collect()
     }
 
     /// Acknowledges (`nack`: gives back after the delay) deliveries of `group` on `topic`, at

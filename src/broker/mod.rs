@@ -361,6 +361,21 @@ impl Broker {
         cluster.transfer_leader(&t, partition, to).await
     }
 
+    /// Cluster mode: adds node `id` (cluster port `addr`), running already with `join`, to the
+    /// cluster; how many groups have it as a voter once done.
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<usize> {
+        self.cluster_or_refuse("add a node to")?
+            .add_node(id, addr)
+            .await
+    }
+
+    /// Cluster mode: removes node `id` from the cluster; how many groups changed their voters.
+    pub async fn remove_node(&self, id: u64) -> Result<usize> {
+        self.cluster_or_refuse("remove a node from")?
+            .remove_node(id)
+            .await
+    }
+
     /// Cluster mode: spreads partition leaders across the nodes (`dry_run`: says how only).
     pub async fn rebalance_leaders(&self, dry_run: bool) -> Result<Rebalanced> {
         self.cluster_or_refuse("balance leaders in")?

@@ -122,6 +122,23 @@ pub enum ClusterCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Adds a node, started first with `cluster.join = true`, to the cluster: every topic held
+    /// by every node gains a replica on it. Shows progress; returns once every such group has
+    /// it as a voter.
+    AddNode {
+        #[command(flatten)]
+        broker: BrokerArg,
+        /// The node's id and cluster port, `ID@HOST:PORT`.
+        node: String,
+    },
+    /// Removes a node from the cluster: every replica it holds goes. Shows progress; returns
+    /// once no group has it as a voter (then stop its process).
+    RemoveNode {
+        #[command(flatten)]
+        broker: BrokerArg,
+        /// The node's id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -205,6 +205,68 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
     })
 }
 
+/// `sluice cluster add-node ID@HOST:PORT`.
+pub async fn add_node(broker: BrokerArg, node: &str) -> Result<(), CliError> {
+    let (id, address) = crate::replication::config::parse_peer(node)
+        .map_err(|e| CliError::Usage(e.replace("cluster.peers entry", "node")))?;
+    let mut client = AdminClient::new(link(&broker).await?);
+    let request = pb::AddNodeRequest {
+        node_id: id,
+        address,
+    };
+    let change = async move { client.add_node(request).await };
+    let done = with_progress(&broker, id, change).await?;
+    println!("node {id} added: {} groups have it as a voter", done.groups);
+    Ok(())
+}
+
+/// `sluice cluster remove-node ID`.
+pub async fn remove_node(broker: BrokerArg, id: u64) -> Result<(), CliError> {
+    let mut client = AdminClient::new(link(&broker).await?);
+    let change = async move {
+        client
+            .remove_node(pb::RemoveNodeRequest { node_id: id })
+            .await
+    };
+    let done = with_progress(&broker, id, change).await?;
+    println!(
+        "node {id} removed: {} groups changed their voters; its process may stop now",
+        done.groups
+    );
+    Ok(())
+}
+
+/// Runs `change`, printing every two seconds meanwhile how many groups have node `id` as a
+/// voter (as `cluster status` shows them).
+async fn with_progress(
+    broker: &BrokerArg,
+    id: u64,
+    change: impl std::future::Future<
+        Output = Result<tonic::Response<pb::ChangeNodesResponse>, tonic::Status>,
+    >,
+) -> Result<pb::ChangeNodesResponse, CliError> {
+    let mut watcher = AdminClient::new(link(broker).await?);
+    tokio::pin!(change);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut change => return Ok(done?.into_inner()),
+            _ = tick.tick() => {
+                if let Ok(s) = watcher.cluster_status(pb::ClusterStatusRequest {}).await {
+                    let s = s.into_inner();
+                    let holding = s.partitions.iter().map(|p| &p.replicas)
+                        .chain(s.consumer_groups.iter().map(|g| &g.replicas))
+                        .filter(|r| r.iter().any(|r| r.node_id == id))
+                        .count();
+                    let all = s.partitions.len() + s.consumer_groups.len();
+                    eprintln!("… {holding} of {all} groups have node {id} as a voter");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

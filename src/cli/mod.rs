@@ -99,6 +99,12 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Cluster(ClusterCommand::Rebalance { broker, dry_run }) => {
                 cluster::rebalance(broker, dry_run).await
             }
+            Command::Cluster(ClusterCommand::AddNode { broker, node }) => {
+                cluster::add_node(broker, &node).await
+            }
+            Command::Cluster(ClusterCommand::RemoveNode { broker, id }) => {
+                cluster::remove_node(broker, id).await
+            }
         }
     });
     exit_code(result)

@@ -33,6 +33,10 @@ pub struct CatalogTopic {
     /// ([`consumer_group_name`]) on the topic's nodes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consumer_groups: BTreeMap<String, CatalogGroup>,
+    /// Its replicas changed since it was created (a node added or removed): its groups formed
+    /// long ago, and a node now joining them must never form them anew.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moved: bool,
 }
 
 /// A consumer group's state on one topic, replicated by a Raft group of its own.
@@ -45,6 +49,9 @@ pub struct CatalogGroup {
     pub starts: Vec<u64>,
     /// The nodes holding its replicas.
     pub replicas: Vec<u64>,
+    /// Its replicas changed since it was created (see [`CatalogTopic::moved`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moved: bool,
 }
 
 /// Every replicated topic, by name, and the deletions that happened.
@@ -61,6 +68,10 @@ pub struct Catalog {
     /// The cluster's id, drawn once by a leader of the metadata group (empty until then).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_id: String,
+    /// The cluster's nodes (id → cluster port), once a node was added or removed; empty
+    /// before: the founding peers (each node's `cluster.peers`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<u64, String>,
 }
 
 impl CatalogTopic {
@@ -92,6 +103,108 @@ pub fn place(nodes: &[u64], partitions: u32, factor: usize, first: usize) -> Vec
 }
 
 impl Catalog {
+    /// The cluster's nodes: as the catalog has them, or `founders` (this node's
+    /// `cluster.peers`) while no node was ever added or removed.
+    pub fn node_ids(&self, founders: &[u64]) -> Vec<u64> {
+        if self.nodes.is_empty() {
+            founders.to_vec()
+        } else {
+            self.nodes.keys().copied().collect()
+        }
+    }
+
+    /// Every Raft group the catalog places, by name, with the nodes that hold its replicas (and
+    /// so its voters): each partition's group and each consumer group's.
+    pub fn placed_groups(&self) -> BTreeMap<String, Vec<u64>> {
+        let mut groups = BTreeMap::new();
+        for (name, t) in &self.topics {
+            for p in 0..t.config.partitions {
+                let mut replicas = t.replicas_of(p).to_vec();
+                replicas.sort_unstable();
+                groups.insert(group_name(name, p, t.config.incarnation), replicas);
+            }
+            for (group, g) in &t.consumer_groups {
+                let mut replicas = g.replicas.clone();
+                replicas.sort_unstable();
+                groups.insert(consumer_group_name(name, group, g.id), replicas);
+            }
+        }
+        groups
+    }
+
+    /// A topic with a replica on `node` that is not held by every node: its replica would
+    /// have to move to another node, which is not built yet.
+    pub fn subset_topic_on(&self, node: u64, nodes: &[u64]) -> Option<&str> {
+        self.topics
+            .iter()
+            .find(|(_, t)| {
+                let partitions = 0..t.config.partitions;
+                partitions.clone().any(|p| t.replicas_of(p).contains(&node))
+                    && !partitions
+                        .into_iter()
+                        .all(|p| same_nodes(t.replicas_of(p), nodes))
+            })
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Node `id` (at `addr`) joins: it becomes one of the nodes, and every topic held by every
+    /// node before (and each of its consumer groups) gains a replica on it. `known`: the
+    /// nodes as the proposer knew them, for a catalog that has none yet.
+    fn add_node(&mut self, id: u64, addr: String, known: Vec<(u64, String)>) {
+        if self.nodes.is_empty() {
+            self.nodes = known.into_iter().collect();
+        }
+        if self.nodes.contains_key(&id) {
+            return;
+        }
+        let before: Vec<u64> = self.nodes.keys().copied().collect();
+        for t in self.topics.values_mut() {
+            let everywhere =
+                (0..t.config.partitions).all(|p| same_nodes(t.replicas_of(p), &before));
+            if !everywhere {
+                continue;
+            }
+            t.replicas = before.iter().copied().chain([id]).collect();
+            t.placement = Vec::new();
+            t.moved = true;
+            for g in t.consumer_groups.values_mut() {
+                if same_nodes(&g.replicas, &before) {
+                    g.replicas = t.replicas.clone();
+                    g.moved = true;
+                }
+            }
+        }
+        self.nodes.insert(id, addr);
+    }
+
+    /// Node `id` leaves: no topic or consumer group keeps a replica on it (the caller made
+    /// sure each of those topics is held by every node, so the others hold them still).
+    fn remove_node(&mut self, id: u64, known: Vec<(u64, String)>) {
+        if self.nodes.is_empty() {
+            self.nodes = known.into_iter().collect();
+        }
+        if self.nodes.remove(&id).is_none() {
+            return;
+        }
+        for t in self.topics.values_mut() {
+            let held = (0..t.config.partitions).any(|p| t.replicas_of(p).contains(&id));
+            if !held {
+                continue;
+            }
+            t.replicas.retain(|&n| n != id);
+            for p in &mut t.placement {
+                p.retain(|&n| n != id);
+            }
+            t.moved = true;
+            for g in t.consumer_groups.values_mut() {
+                if g.replicas.contains(&id) {
+                    g.replicas.retain(|&n| n != id);
+                    g.moved = true;
+                }
+            }
+        }
+    }
+
     /// Whether a topic held here as `incarnation` of `name` is gone from the cluster: deleted,
     /// or created again since. Only ever turns true as the catalog applies more of its log (a
     /// catalog still catching up never condemns a topic it has not heard the end of).
@@ -102,6 +215,16 @@ impl Catalog {
                 .get(name)
                 .is_some_and(|t| t.config.incarnation > incarnation)
     }
+}
+
+/// Whether `a` and `b` name the same nodes, in any order.
+fn same_nodes(a: &[u64], b: &[u64]) -> bool {
+    let set = |x: &[u64]| {
+        x.iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<u64>>()
+    };
+    set(a) == set(b)
 }
 
 /// The name of a partition's Raft group on the cluster port: `<topic>/<partition>`, and for a
@@ -172,6 +295,18 @@ pub enum Command {
         /// Topic → the group's id there.
         ids: BTreeMap<String, u64>,
     },
+    /// Node `id` joins the cluster at cluster port `addr` (a repeat changes nothing); every
+    /// topic held by every node gains a replica on it. `known`: the nodes as the proposer
+    /// knew them (the founding peers, for a catalog that lists none yet).
+    /// (A list of pairs, not a map: a map with number keys does not survive the command's
+    /// tagged JSON.)
+    AddNode {
+        id: u64,
+        addr: String,
+        known: Vec<(u64, String)>,
+    },
+    /// Node `id` leaves the cluster (a repeat changes nothing): every replica it held goes.
+    RemoveNode { id: u64, known: Vec<(u64, String)> },
 }
 
 impl Command {
@@ -253,6 +388,7 @@ impl GroupState for Catalog {
                     first_offsets,
                     placement,
                     consumer_groups: BTreeMap::new(),
+                    moved: false,
                 });
             }
             Command::DeleteTopic { name, incarnation } => {
@@ -287,6 +423,7 @@ impl GroupState for Catalog {
                         id: self.next_group_id,
                         starts,
                         replicas,
+                        moved: false,
                     });
                     self.next_group_id += 1;
                 }
@@ -300,6 +437,8 @@ impl GroupState for Catalog {
                     }
                 }
             }
+            Command::AddNode { id, addr, known } => self.add_node(id, addr, known),
+            Command::RemoveNode { id, known } => self.remove_node(id, known),
         }
     }
 }
@@ -411,6 +550,7 @@ mod tests {
             placement: Vec::new(),
             first_offsets: Vec::new(),
             consumer_groups: BTreeMap::new(),
+            moved: false,
         };
         assert_eq!(everywhere.replicas_of(5), &[1, 2, 3]);
         let placed = CatalogTopic {
@@ -419,6 +559,96 @@ mod tests {
         };
         assert_eq!(placed.replicas_of(0), &[1, 2]);
         assert_eq!(placed.replicas_of(1), &[3, 1]);
+    }
+
+    /// Adding and removing nodes, as every node applies it: a topic held by every node (and
+    /// each of its consumer groups) follows the nodes, marked moved so that no node forms its
+    /// groups again; a topic on some of the nodes keeps its placement (and removing a node it
+    /// is on is what `subset_topic_on` finds first); repeats change nothing; every placed
+    /// group lists exactly the nodes it is on.
+    #[test]
+    fn nodes_added_and_removed_move_every_replica_of_topics_held_everywhere() {
+        let founders: Vec<(u64, String)> = (1..=3)
+            .map(|id| (id, format!("10.0.0.{id}:7170")))
+            .collect();
+        let mut catalog = Catalog::default();
+        let apply = |c: &mut Catalog, command: Command| {
+            c.apply(&command.to_proposal(1).unwrap());
+        };
+        let topic = |name: &str, partitions: u32, placement: Vec<Vec<u64>>| Command::CreateTopic {
+            name: name.into(),
+            config: TopicConfig {
+                partitions,
+                ..TopicConfig::default()
+            },
+            replicas: vec![1, 2, 3],
+            first_offsets: Vec::new(),
+            placement,
+        };
+        apply(&mut catalog, topic("all", 2, Vec::new()));
+        apply(&mut catalog, topic("placed", 3, place(&[1, 2, 3], 3, 2, 0)));
+        for (topic, group) in [("all", "g"), ("placed", "h")] {
+            let create = Command::CreateGroup {
+                topic: topic.into(),
+                incarnation: 0,
+                group: group.into(),
+                starts: vec![0; 3],
+                replicas: vec![1, 2, 3],
+            };
+            apply(&mut catalog, create);
+        }
+        assert_eq!(catalog.node_ids(&[1, 2, 3]), vec![1, 2, 3]);
+        assert_eq!(catalog.subset_topic_on(1, &[1, 2, 3]), Some("placed"));
+
+        let add = Command::AddNode {
+            id: 4,
+            addr: "10.0.0.4:7170".into(),
+            known: founders.clone(),
+        };
+        apply(&mut catalog, add.clone());
+        let after_add = catalog.clone();
+        apply(&mut catalog, add);
+        assert_eq!(catalog, after_add, "a repeated AddNode changes nothing");
+        assert_eq!(catalog.node_ids(&[1, 2, 3]), vec![1, 2, 3, 4]);
+        assert_eq!(catalog.nodes[&4], "10.0.0.4:7170");
+        let groups = catalog.placed_groups();
+        assert_eq!(groups["all/0"], vec![1, 2, 3, 4]);
+        assert_eq!(groups["all/1"], vec![1, 2, 3, 4]);
+        assert_eq!(groups["all:g#0"], vec![1, 2, 3, 4]);
+        assert!(catalog.topics["all"].moved && catalog.topics["all"].consumer_groups["g"].moved);
+        // On some nodes: untouched, its group included.
+        assert_eq!(groups["placed/0"], vec![1, 2]);
+        assert_eq!(groups["placed/1"], vec![1, 3]);
+        assert_eq!(groups["placed:h#1"], vec![1, 2, 3]);
+        assert!(!catalog.topics["placed"].moved);
+
+        // Removing a node every topic on it is everywhere: every group leaves it.
+        let mut only_all = after_add.clone();
+        only_all.topics.remove("placed");
+        assert_eq!(only_all.subset_topic_on(2, &[1, 2, 3, 4]), None);
+        let remove = Command::RemoveNode {
+            id: 2,
+            known: Vec::new(),
+        };
+        apply(&mut only_all, remove.clone());
+        let after_remove = only_all.clone();
+        apply(&mut only_all, remove);
+        assert_eq!(
+            only_all, after_remove,
+            "a repeated RemoveNode changes nothing"
+        );
+        assert_eq!(only_all.node_ids(&[1, 2, 3]), vec![1, 3, 4]);
+        for (group, replicas) in only_all.placed_groups() {
+            assert_eq!(replicas, vec![1, 3, 4], "{group}");
+        }
+        // A catalog that never listed its nodes takes the proposer's.
+        let mut fresh = Catalog::default();
+        let remove = Command::RemoveNode {
+            id: 3,
+            known: founders,
+        };
+        apply(&mut fresh, remove);
+        assert_eq!(fresh.node_ids(&[1, 2, 3]), vec![1, 2]);
     }
 
     /// Deletion and re-creation: each creation after a deletion is the next incarnation; a

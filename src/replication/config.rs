@@ -35,6 +35,10 @@ pub struct ClusterConfig {
     /// leader balancer, as `sluice cluster rebalance` does on demand), in ms; 0: never.
     /// Default: 300000 (5 minutes).
     pub leader_balance_interval_ms: u64,
+    /// This node joins a running cluster (`sluice cluster add-node`) instead of founding one:
+    /// `peers` then lists the cluster's nodes it can reach and itself, and the node forms no
+    /// group; it waits, not ready, until the cluster adds it. Default: false.
+    pub join: bool,
 }
 
 impl Default for ClusterConfig {
@@ -47,6 +51,7 @@ impl Default for ClusterConfig {
             election_timeout_ms: 800,
             heartbeat_ms: 200,
             leader_balance_interval_ms: 300_000,
+            join: false,
         }
     }
 }
@@ -64,6 +69,8 @@ pub struct Members {
     pub heartbeat_ms: u64,
     /// 0: no leader balancer.
     pub leader_balance_interval_ms: u64,
+    /// Joins a running cluster rather than founding one ([`ClusterConfig::join`]).
+    pub join: bool,
 }
 
 impl Members {
@@ -168,12 +175,13 @@ impl ClusterConfig {
             election_timeout_ms: self.election_timeout_ms,
             heartbeat_ms: self.heartbeat_ms,
             leader_balance_interval_ms: self.leader_balance_interval_ms,
+            join: self.join,
         }))
     }
 }
 
 /// `<id>@<host>:<port>`.
-fn parse_peer(peer: &str) -> Result<(u64, String), String> {
+pub fn parse_peer(peer: &str) -> Result<(u64, String), String> {
     let bad = |why: &str| {
         Err(format!(
             "cluster.peers entry {peer:?}: {why}; expected `<id>@<host>:<port>` such as \

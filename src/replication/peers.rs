@@ -5,7 +5,7 @@
 //! the others do: a NAT, a proxy, the test harness's cuttable links).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -21,6 +21,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default)]
 pub struct Peers {
     addresses: Arc<BTreeMap<u64, String>>,
+    /// The cluster's nodes as the catalog records them (nodes added since this node's
+    /// configuration was written).
+    learned: Arc<RwLock<BTreeMap<u64, String>>>,
     tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     heartbeats: Heartbeats,
@@ -30,6 +33,7 @@ impl Peers {
     pub fn new(addresses: BTreeMap<u64, String>) -> Self {
         Peers {
             addresses: Arc::new(addresses),
+            learned: Arc::default(),
             tls: None,
             channels: Arc::default(),
             heartbeats: Heartbeats::default(),
@@ -81,12 +85,24 @@ impl Peers {
         }
     }
 
-    /// Node `id`'s cluster address, or `fallback` (what Raft's membership says) when this node's
-    /// configuration does not name it.
+    /// Node `id`'s cluster address: this node's configuration's, else the catalog's, else
+    /// `fallback` (what Raft's membership says).
     pub fn addr(&self, id: u64, fallback: &str) -> String {
-        self.addresses
+        if let Some(addr) = self.addresses.get(&id) {
+            return addr.clone();
+        }
+        let learned = self.learned.read().unwrap_or_else(|p| p.into_inner());
+        learned
             .get(&id)
             .cloned()
             .unwrap_or_else(|| fallback.to_string())
+    }
+
+    /// The cluster's nodes as the catalog now records them (id → cluster port).
+    pub fn learn(&self, nodes: &BTreeMap<u64, String>) {
+        let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
+        if *learned != *nodes {
+            learned.clone_from(nodes);
+        }
     }
 }

@@ -28,6 +28,7 @@ pub fn group_status(group: &str, raft: &Raft<PartitionRaft>) -> pb::GroupStatus 
         last_log_index: m.last_log_index,
         last_applied: m.last_applied.map(|l| l.index),
         voters: m.membership_config.membership().voter_ids().collect(),
+        joint: m.membership_config.membership().get_joint_config().len() > 1,
         matched,
         millis_since_quorum_ack: m.millis_since_quorum_ack,
     }
@@ -167,6 +168,7 @@ mod tests {
                 .map(|&(node_id, index)| pb::Matched { node_id, index })
                 .collect(),
             millis_since_quorum_ack: (leader == Some(1) || !matched.is_empty()).then_some(100),
+            joint: false,
         }
     }
 

@@ -919,8 +919,17 @@ impl Forwarder {
 
     /// Node `id`'s report of its groups, asked over its cluster port within `deadline`.
     pub async fn status(&self, id: u64, deadline: Duration) -> Result<pb::StatusResponse, String> {
-        let addr = self.peers.addr(id, "");
-        let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+        self.status_at(&self.peers.addr(id, ""), deadline).await
+    }
+
+    /// The report of the node whose cluster port is at `addr` (a node not yet in the cluster
+    /// included), asked within `deadline`.
+    pub async fn status_at(
+        &self,
+        addr: &str,
+        deadline: Duration,
+    ) -> Result<pb::StatusResponse, String> {
+        let mut client = self.client(addr).map_err(|e| e.to_string())?;
         let mut request = tonic::Request::new(pb::StatusRequest {});
         request.set_timeout(deadline);
         match tokio::time::timeout(deadline, client.status(request)).await {

@@ -26,6 +26,11 @@ const DELETE_TOPIC: &str = "sluice.v1.Admin/DeleteTopic";
 const DESCRIBE_TOPIC: &str = "sluice.v1.Admin/DescribeTopic";
 const TRANSFER_LEADER: &str = "sluice.v1.Admin/TransferLeader";
 const REBALANCE_LEADERS: &str = "sluice.v1.Admin/RebalanceLeaders";
+const ADD_NODE: &str = "sluice.v1.Admin/AddNode";
+const REMOVE_NODE: &str = "sluice.v1.Admin/RemoveNode";
+/// Changing the cluster's nodes moves replicas of every topic, present and future: `admin` on
+/// every topic, which only a grant whose pattern matches any name (`*`) gives.
+const EVERY_TOPIC: &str = "*";
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -493,6 +498,50 @@ impl pb::admin_server::Admin for AdminService {
             .record_admin(event, rebalanced)
             .await
             .map(Response::new)
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::ChangeNodesResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let add = async {
+            (self.broker)
+                .add_node(req.node_id, &req.address)
+                .await
+                .map_err(to_status)
+        };
+        let before = serde_json::json!({ "node_id": req.node_id, "address": req.address });
+        let resource = Resource::Topic(EVERY_TOPIC);
+        let groups = self
+            .admin(&caller, ADD_NODE, resource, Some(before), add)
+            .await?;
+        Ok(Response::new(pb::ChangeNodesResponse {
+            groups: groups as u32,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::ChangeNodesResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let remove = async {
+            (self.broker)
+                .remove_node(req.node_id)
+                .await
+                .map_err(to_status)
+        };
+        let before = serde_json::json!({ "node_id": req.node_id });
+        let resource = Resource::Topic(EVERY_TOPIC);
+        let groups = self
+            .admin(&caller, REMOVE_NODE, resource, Some(before), remove)
+            .await?;
+        Ok(Response::new(pb::ChangeNodesResponse {
+            groups: groups as u32,
+        }))
     }
 
     async fn describe_topic(

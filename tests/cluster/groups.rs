@@ -47,7 +47,8 @@ impl GroupHistory {
 /// The first running node from `first` on, round the ring.
 fn running(addrs: &Mutex<Vec<Option<String>>>, first: usize) -> Option<String> {
     let addrs = addrs.lock().unwrap();
-    (0..3).find_map(|k| addrs[(first + k) % 3].clone())
+    let n = addrs.len();
+    (0..n).find_map(|k| addrs[(first + k) % n].clone())
 }
 
 /// One member: subscribes through node `k` (or the next running one), acks each delivery

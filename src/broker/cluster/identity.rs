@@ -57,10 +57,13 @@ pub(super) fn check_identity(dir: &Path, members: &Members, io: &dyn FileIo) -> 
                     want.node_id
                 )));
             }
-            if found.peers != want.peers {
+            // Once the cluster has an id, that id tells clusters apart ([`check_peers`]):
+            // `cluster.peers` may then name nodes added since, and leave out removed ones.
+            if found.peers != want.peers && found.cluster_id.is_none() {
                 return Err(Error::FailedPrecondition(format!(
                     "this data directory belongs to a cluster founded by {:?}, not by \
-                     cluster.peers = {:?} (says {}); changing the members is not supported yet",
+                     cluster.peers = {:?} (says {}); start it with its founding peers until \
+                     the cluster has drawn its id",
                     found.peers,
                     want.peers,
                     path.display()

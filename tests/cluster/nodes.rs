@@ -1,0 +1,189 @@
+//! Changing the cluster's nodes under load: a fourth node added (`sluice cluster add-node`) while
+//! 16 producers send ids through random nodes and a consumer group acks, then the first node
+//! removed (`remove-node`) and stopped: nothing acknowledged lost or stored twice, no ack
+//! forgotten, no Send refused by a running node; and what the two commands refuse.
+
+use super::*;
+
+/// The voters of every partition and consumer group as node `addr` reports the cluster.
+async fn voters(addr: &str) -> BTreeMap<String, BTreeSet<u64>> {
+    let s = AdminClient::new(connect(addr).await.unwrap())
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = |r: &[pb::ReplicaStatus]| r.iter().map(|r| r.node_id).collect();
+    s.partitions
+        .iter()
+        .map(|p| (format!("{}/{}", p.topic, p.partition), ids(&p.replicas)))
+        .chain(
+            s.consumer_groups
+                .iter()
+                .map(|g| (format!("{}:{}", g.topic, g.group), ids(&g.replicas))),
+        )
+        .collect()
+}
+
+/// Runs `sluice cluster add-node`/`remove-node`, asserting it succeeded; its stdout.
+fn change(addr: &str, args: &[&str]) -> String {
+    let (code, out, err) = cluster_cli(addr, args);
+    assert_eq!(code, 0, "sluice cluster {args:?}: {out}{err}");
+    out
+}
+
+#[test]
+fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut cluster = TestCluster::start_with(&[
+            ("SLUICE_HTTP_LISTEN", "127.0.0.1:0"),
+            ("SLUICE_GROUPS_ACK_TIMEOUT_MS", "5000"),
+        ]);
+        let partitions = 3;
+        create_id_topic(&cluster, partitions).await;
+        let history = Arc::new(Mutex::new(IdHistory::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
+        let members = groups::Members::spawn(2, &cluster.addrs, &consumed);
+        progress(&acks, 100, "before the changes").await;
+
+        // Refused, changing nothing: an id in use, an address in use, a node that does not
+        // run, an unknown node to remove.
+        let before = voters(&cluster.addr(1)).await;
+        let port0 = cluster.cluster_ports[0];
+        let refusals: [(&[&str], &str); 4] = [
+            (
+                &["add-node", "2@127.0.0.1:1"],
+                "one of the cluster's nodes already",
+            ),
+            (
+                &["add-node", &format!("7@127.0.0.1:{port0}")],
+                "answers as node 1",
+            ),
+            (&["add-node", "7@127.0.0.1:1"], "does not answer"),
+            (&["remove-node", "7"], "not one of the cluster's nodes"),
+        ];
+        for (args, says) in refusals {
+            let (code, out, err) = cluster_cli(&cluster.addr(1), args);
+            assert_ne!(code, 0, "{args:?} refused: {out}");
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+        assert_eq!(
+            voters(&cluster.addr(1)).await,
+            before,
+            "the refusals changed nothing"
+        );
+
+        // A fourth node, started to join, added through node 2 while the load runs: every
+        // partition and the consumer group gain it as a voter.
+        let (four, port, addr) = cluster.start_joining();
+        let node = format!("4@127.0.0.1:{port}");
+        let said = change(&cluster.addr(1), &["add-node", &node]);
+        assert!(said.contains("node 4 added"), "{said}");
+        let all: BTreeSet<u64> = [1, 2, 3, 4].into();
+        let now = voters(&cluster.addr(2)).await;
+        assert!(
+            now.len() as u32 > partitions,
+            "the group is listed: {now:?}"
+        );
+        for (group, v) in &now {
+            assert_eq!(*v, all, "{group} after add-node");
+        }
+        // Asked again: it is there already, and nothing changes.
+        change(&cluster.addr(2), &["add-node", &node]);
+        // Clients are sent to it once it is ready (caught up with its groups' leaders).
+        let http = cluster.http[four].expect("the HTTP port is on");
+        tokio::time::timeout(DEADLINE, async {
+            while common::http::get(http, "/readyz").await.status != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the added node became ready");
+        cluster.addrs.lock().unwrap()[four] = Some(addr);
+        progress(&acks, 100, "with the fourth node").await;
+
+        // Node 1 removed: taken out of the clients' list first, removed through node 3, and
+        // stopped once the command returns.
+        cluster.addrs.lock().unwrap()[0] = None;
+        let said = change(&cluster.addr(2), &["remove-node", "1"]);
+        assert!(said.contains("node 1 removed"), "{said}");
+        let rest: BTreeSet<u64> = [2, 3, 4].into();
+        for (group, v) in voters(&cluster.addr(3)).await {
+            assert_eq!(v, rest, "{group} after remove-node");
+        }
+        cluster.stop(0);
+        progress(&acks, 100, "without the first node").await;
+
+        stop_tx.send_replace(true);
+        for p in producers {
+            p.await.unwrap();
+        }
+        let history = std::mem::take(&mut *history.lock().unwrap());
+        // On every remaining node, each id once at its acknowledged position.
+        ids_stored_once(&cluster, partitions, &history).await;
+        let everything = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let settled = {
+                    let c = consumed.lock().unwrap();
+                    history
+                        .acked
+                        .keys()
+                        .all(|id| c.acked.contains_key(id) || c.uncertain.contains(id))
+                };
+                if settled {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        let consumed = members.stop(&consumed).await;
+        assert!(
+            everything.is_ok(),
+            "acknowledged Sends the group never acknowledged ({} acked of {})",
+            consumed.acked.len(),
+            history.acked.len()
+        );
+        let twice: Vec<_> = consumed.acked.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "acks that applied twice: {twice:?}");
+        let refused: Vec<&String> = history
+            .errors
+            .keys()
+            .filter(|e| !e.starts_with(STOPPING))
+            .collect();
+        assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+
+        // A topic on some of the nodes: removing a node it is on is refused (its replica
+        // would have to move), and changes nothing.
+        AdminClient::new(connect(&cluster.addr(1)).await.unwrap())
+            .create_topic(pb::CreateTopicRequest {
+                name: "pairs".into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 3,
+                    replication_factor: Some(2),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let before = voters(&cluster.addr(1)).await;
+        let (code, _, err) = cluster_cli(&cluster.addr(1), &["remove-node", "2"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("moving a replica"), "{err}");
+        assert_eq!(voters(&cluster.addr(1)).await, before);
+        eprintln!(
+            "nodes changed under load: {} acknowledged, the slowest Send {:?}; errors: {:#?}; \
+             the group: {} acked",
+            history.acked.len(),
+            history.slowest_ack,
+            history.errors,
+            consumed.acked.len()
+        );
+    });
+}
