@@ -372,6 +372,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// [`runtime`] with four worker threads: many clients at once (producers, group members).
+fn busy_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Creates topic `name` with `partitions` through `channel`'s node.
 async fn create_topic(channel: Channel, name: &str, partitions: u32) {
     AdminClient::new(channel)
@@ -1113,11 +1122,7 @@ async fn terms(cluster: &TestCluster, i: usize, partitions: u32) -> Vec<f64> {
 
 #[test]
 fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothing() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = busy_runtime();
     runtime.block_on(async {
         // A delivery cut short by a stop comes back after the ack timeout: shorter than the
         // default, so the run stays short.
@@ -1178,39 +1183,7 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         ids_stored_once(&cluster, partitions, &history).await;
         // The group is handed every acknowledged message, and no ack applies twice (a second
         // one would mean the group forgot the first across a stop and delivered it again).
-        let everything = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let settled = {
-                    let c = consumed.lock().unwrap();
-                    history
-                        .acked
-                        .keys()
-                        .all(|id| c.acked.contains_key(id) || c.uncertain.contains(id))
-                };
-                if settled {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await;
-        let consumed = members.stop(&consumed).await;
-        let unsettled: Vec<&String> = history
-            .acked
-            .keys()
-            .filter(|id| !consumed.acked.contains_key(*id) && !consumed.uncertain.contains(*id))
-            .take(5)
-            .collect();
-        assert!(
-            everything.is_ok(),
-            "acknowledged Sends the group never acknowledged: {unsettled:?} ({} acked)",
-            consumed.acked.len()
-        );
-        let twice: Vec<_> = consumed.acked.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            twice.is_empty(),
-            "acks that applied twice (forgotten): {twice:?}"
-        );
+        let consumed = members.acked_every_id_once(&consumed, &history).await;
         // A running node refused nothing; only the node being stopped answered a Send that
         // reached it as it stopped.
         let refused: Vec<&String> = history

@@ -137,6 +137,49 @@ impl Members {
         }
         std::mem::take(&mut *history.lock().unwrap())
     }
+
+    /// Waits until the members have acknowledged every id the producers had acknowledged
+    /// (`sent`), stops them, and checks that none was missed and no ack applied twice (a second
+    /// one would mean the group forgot the first and delivered it again). What they saw.
+    pub(super) async fn acked_every_id_once(
+        self,
+        history: &Mutex<GroupHistory>,
+        sent: &super::IdHistory,
+    ) -> GroupHistory {
+        let everything = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let settled = {
+                    let c = history.lock().unwrap();
+                    sent.acked
+                        .keys()
+                        .all(|id| c.acked.contains_key(id) || c.uncertain.contains(id))
+                };
+                if settled {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        let consumed = self.stop(history).await;
+        let unsettled: Vec<&String> = sent
+            .acked
+            .keys()
+            .filter(|id| !consumed.acked.contains_key(*id) && !consumed.uncertain.contains(*id))
+            .take(5)
+            .collect();
+        assert!(
+            everything.is_ok(),
+            "acknowledged Sends the group never acknowledged: {unsettled:?} ({} acked)",
+            consumed.acked.len()
+        );
+        let twice: Vec<_> = consumed.acked.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "acks that applied twice (forgotten): {twice:?}"
+        );
+        consumed
+    }
 }
 
 /// Acks (nacks a poison message) through the first running node from `first`, trying the
@@ -295,11 +338,7 @@ async fn acked_at_least(history: &Mutex<GroupHistory>, n: usize, what: &str) {
 
 #[test]
 fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cuts_of_its_leader() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = busy_runtime();
     runtime.block_on(async {
         let max = MAX_DELIVERIES.to_string();
         // A delivery the faults cut short (its member's node killed or cut off) comes back
