@@ -272,6 +272,20 @@ impl Cluster {
         });
         cluster.service.add(META_GROUP, cluster.meta.clone());
         cluster.admitted.admit(&cluster.members.peers).await?;
+        // Nodes added since this node's configuration was written, as its metadata log's
+        // membership records them: reached and let in before the catalog is known again (one
+        // of them may lead the metadata group this node must catch up from).
+        let added: BTreeMap<u64, String> = {
+            let m = cluster.meta.metrics().borrow().clone();
+            let membership = m.membership_config.membership().clone();
+            let nodes = membership.nodes();
+            nodes
+                .filter(|(_, node)| !node.addr.is_empty())
+                .map(|(&id, node)| (id, node.addr.clone()))
+                .collect()
+        };
+        cluster.forwarder.peers().learn(&added);
+        cluster.admitted.admit(&added).await?;
         let admitted = Arc::clone(&cluster.admitted);
         // Forwarded Sends share one connection per peer: thousands at once must neither split
         // into tiny DATA frames (h2 answers a flood of them with GOAWAY) nor wait on a small

@@ -98,11 +98,15 @@ impl Peers {
             .unwrap_or_else(|| fallback.to_string())
     }
 
-    /// The cluster's nodes as the catalog now records them (id → cluster port).
+    /// Nodes' cluster ports as the catalog (or the metadata log's membership) records them:
+    /// each replaces what was known of that node; nodes known before stay known.
     pub fn learn(&self, nodes: &BTreeMap<u64, String>) {
-        let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
-        if *learned != *nodes {
-            learned.clone_from(nodes);
+        let known = self.learned.read().unwrap_or_else(|p| p.into_inner());
+        if nodes.iter().all(|(id, addr)| known.get(id) == Some(addr)) {
+            return;
         }
+        drop(known);
+        let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
+        learned.extend(nodes.iter().map(|(&id, addr)| (id, addr.clone())));
     }
 }

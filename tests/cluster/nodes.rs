@@ -1,7 +1,8 @@
 //! Changing the cluster's nodes under load: a fourth node added (`sluice cluster add-node`) while
 //! 16 producers send ids through random nodes and a consumer group acks, then the first node
-//! removed (`remove-node`) and stopped: nothing acknowledged lost or stored twice, no ack
-//! forgotten, no Send refused by a running node; and what the two commands refuse.
+//! removed (`remove-node`) and stopped, then the second restarted with its founding
+//! configuration: nothing acknowledged lost or stored twice, no ack forgotten, no Send refused
+//! by a running node; and what the two commands refuse.
 
 use super::*;
 
@@ -115,6 +116,12 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         }
         cluster.stop(0);
         progress(&acks, 100, "without the first node").await;
+        // A node restarted with the configuration it was founded with (peers 1, 2, 3) learns
+        // the added node from its metadata log and catches up.
+        cluster.stop(1);
+        progress(&acks, 100, "with node 2 stopped").await;
+        cluster.restart_until_ready(1).await;
+        progress(&acks, 100, "with node 2 back").await;
 
         stop_tx.send_replace(true);
         for p in producers {

@@ -41,6 +41,8 @@ const CAUGHT_UP_WITHIN: u64 = 64;
 pub(super) struct Admitted {
     ips: RwLock<HashSet<IpAddr>>,
     hosts: RwLock<HashSet<String>>,
+    /// The addresses admitted already (each resolved once).
+    addresses: RwLock<HashSet<String>>,
 }
 
 impl Admitted {
@@ -51,6 +53,9 @@ impl Admitted {
         addresses: impl IntoIterator<Item = (&'a u64, &'a String)>,
     ) -> Result<()> {
         for (id, addr) in addresses {
+            if read(&self.addresses).contains(addr) {
+                continue;
+            }
             let found = tokio::net::lookup_host(addr.as_str()).await.map_err(|e| {
                 Error::FailedPrecondition(format!(
                     "cannot resolve node {id}'s cluster address {addr}: {e}"
@@ -61,23 +66,22 @@ impl Admitted {
             if let Some((host, _)) = addr.rsplit_once(':') {
                 write(&self.hosts).insert(host_name(host));
             }
+            write(&self.addresses).insert(addr.clone());
         }
         Ok(())
     }
 
     pub(super) fn ip(&self, ip: IpAddr) -> bool {
-        self.ips
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&canonical(ip))
+        read(&self.ips).contains(&canonical(ip))
     }
 
     pub(super) fn host(&self, host: &str) -> bool {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(host)
+        read(&self.hosts).contains(host)
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
