@@ -25,7 +25,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -589,6 +589,191 @@ impl Cluster {
     /// else the founding peers.
     pub(super) fn node_ids(&self) -> Vec<u64> {
         self.catalog.borrow().node_ids(&self.members.ids())
+    }
+
+    /// The cluster's nodes and their cluster ports: the catalog's, else the founding peers.
+    fn known_nodes(&self) -> BTreeMap<u64, String> {
+        let catalog = self.catalog.borrow();
+        if catalog.nodes.is_empty() {
+            self.members.peers.clone()
+        } else {
+            catalog.nodes.clone()
+        }
+    }
+
+    /// Adds node `id`, whose cluster port is `addr`, to the cluster (`members::check_add`,
+    /// `check_answer`): every topic held by every node gains a replica on it. Returns once every
+    /// group that should have it as a voter has, with how many those are. A repeat (same id and
+    /// address) waits for the same.
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<usize> {
+        let known = self.known_nodes();
+        let (addr, there) = members::check_add(&known, id, addr)?;
+        if !there {
+            let answer = self.forwarder.status_at(&addr, STATUS_DEADLINE * 5).await;
+            let ours = self.catalog.borrow().cluster_id.clone();
+            members::check_answer(answer, id, &addr, &ours)?;
+            let known = known.into_iter().collect();
+            let command = Command::AddNode { id, addr, known };
+            self.commit_to_catalog(command, |c| c.nodes.contains_key(&id))
+                .await?
+                .ok_or_else(|| self.not_heard("added"))?;
+            tracing::info!(
+                node = id,
+                "node added to the catalog; its replicas are being added"
+            );
+        }
+        self.until_voters(id, true).await
+    }
+
+    /// Removes node `id` from the cluster (`members::check_remove`): every replica it holds
+    /// goes, then it leaves the metadata group. Returns once no group has it as a voter, with
+    /// how many groups there are.
+    pub async fn remove_node(&self, id: u64) -> Result<usize> {
+        let known = self.known_nodes();
+        members::check_remove(&self.catalog.borrow(), &known, id)?;
+        let known = known.into_iter().collect();
+        let command = Command::RemoveNode { id, known };
+        let gone = |c: &Catalog| !c.nodes.is_empty() && !c.nodes.contains_key(&id);
+        self.commit_to_catalog(command, gone)
+            .await?
+            .ok_or_else(|| self.not_heard("removed"))?;
+        tracing::info!(
+            node = id,
+            "node removed from the catalog; its replicas are being removed"
+        );
+        self.until_voters(id, false).await
+    }
+
+    fn not_heard(&self, what: &str) -> Error {
+        Error::Unavailable(format!(
+            "the node was {what} in the catalog but this node has not heard of it within {} \
+             ms; ask again to wait for its replicas",
+            self.write_timeout.as_millis()
+        ))
+    }
+
+    /// Waits until the leader of every group with node `id` among its voters (`present`), or of
+    /// every group (not `present`: none may keep it), reports the voters the catalog places;
+    /// says how far it got every few seconds. The number of groups, or how many are left at
+    /// the deadline.
+    async fn until_voters(&self, id: u64, present: bool) -> Result<usize> {
+        let deadline = tokio::time::Instant::now() + members::MOVE_DEADLINE;
+        let mut said = tokio::time::Instant::now();
+        loop {
+            let catalog = Arc::clone(&self.catalog.borrow());
+            let mut wanted = members::wanted_voters(&catalog, META_GROUP, &self.members.ids());
+            wanted.retain(|_, voters| !present || voters.contains(&id));
+            // The removed node's own view (it may still think it leads) does not count.
+            let reports = self.reports(&catalog, (!present).then_some(id)).await;
+            let left = members::not_done(&wanted, &reports);
+            let Some(first) = left.first() else {
+                tracing::info!(
+                    node = id,
+                    groups = wanted.len(),
+                    present,
+                    "every group has its new voters"
+                );
+                return Ok(wanted.len());
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "{} of {} groups do not have their new voters yet (first: {first}); they \
+                     change as soon as their leaders can",
+                    left.len(),
+                    wanted.len()
+                )));
+            }
+            if now >= said + Duration::from_secs(5) {
+                said = now;
+                tracing::info!(
+                    node = id,
+                    done = wanted.len() - left.len(),
+                    of = wanted.len(),
+                    "groups with their new voters"
+                );
+            }
+            tokio::time::sleep(members::VOTERS_RETRY).await;
+        }
+    }
+
+    /// Every node's report of its groups (this one's included), but `without`'s.
+    async fn reports(
+        &self,
+        catalog: &Catalog,
+        without: Option<u64>,
+    ) -> Vec<(u64, crate::proto::cluster::StatusResponse)> {
+        let me = self.members.node_id;
+        let mut asks = tokio::task::JoinSet::new();
+        for id in catalog.node_ids(&self.members.ids()) {
+            if id != me && Some(id) != without {
+                let forwarder = Arc::clone(&self.forwarder);
+                asks.spawn(async move { (id, forwarder.status(id, STATUS_DEADLINE).await) });
+            }
+        }
+        let mut reports = vec![(me, self.service.status())];
+        while let Some(answer) = asks.join_next().await {
+            if let Ok((id, Ok(report))) = answer {
+                reports.push((id, report));
+            }
+        }
+        reports
+    }
+
+    /// Keeps the voters of every group this node leads as the catalog places its replicas (the
+    /// metadata group's: the catalog's nodes), each time the catalog changes and, while a group
+    /// anywhere is not there yet, every [`members::VOTERS_RETRY`] (its leader may change).
+    async fn keep_voters(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut catalog = self.catalog.clone();
+        loop {
+            let current = Arc::clone(&catalog.borrow_and_update());
+            let pending = self.set_voters(&current).await;
+            tokio::select! {
+                changed = catalog.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(members::VOTERS_RETRY), if pending => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pass of [`Cluster::keep_voters`]: whether some group's voters still differ.
+    async fn set_voters(&self, catalog: &Catalog) -> bool {
+        if catalog.nodes.is_empty() {
+            return false; // no node was ever added or removed
+        }
+        let wanted = members::wanted_voters(catalog, META_GROUP, &self.members.ids());
+        let mut groups: Vec<(String, Raft<PartitionRaft>)> =
+            vec![(META_GROUP.to_string(), self.meta.clone())];
+        groups.extend(self.running().iter().map(|(n, r)| (n.clone(), r.clone())));
+        let me = self.members.node_id;
+        let mut pending = false;
+        for (name, raft) in groups {
+            let Some(want) = wanted.get(&name) else {
+                continue;
+            };
+            let (voters, joint, leads) = members::voters_of(&raft, me);
+            if voters.is_empty() || (voters == *want && !joint) {
+                continue; // not formed here yet, or as it should be
+            }
+            pending = true;
+            if !leads {
+                continue; // its leader changes it
+            }
+            let (nodes, forwarder) = (&catalog.nodes, &self.forwarder);
+            let changed = members::change_voters(
+                &raft,
+                &name,
+                want,
+                nodes,
+                me,
+                forwarder,
+                self.write_timeout,
+            );
+            if let Err(e) = changed.await {
+                tracing::info!(group = %name, error = %e, "voters not changed yet; trying again");
+            }
+        }
+        pending
     }
 
     /// Serves the cluster port's `Consume` and `Settle` with `host` (the broker's consumer
@@ -1604,13 +1789,6 @@ fn random_below(n: u64) -> u64 {
     h.finish() % n.max(1)
 }
 
-pub(super) fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// The cluster port under mutual TLS: a connection from a peer's address whose certificate
 /// (signed by `tls.client_ca_file`, checked in the handshake) names a peer's host is served;
 /// any other is closed, and said in the log. Handshakes run apart, at most 5 s each.
@@ -1662,16 +1840,6 @@ async fn accept_peers_tls(
             }
             let _ = accepted.send(Ok(tls)).await;
         });
-    }
-}
-
-/// A host as certificates name it: a DNS name in lower case, an IP address as text (brackets
-/// of an IPv6 address dropped).
-pub(super) fn host_name(host: &str) -> String {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    match host.parse::<IpAddr>() {
-        Ok(ip) => ip.to_string(),
-        Err(_) => host.to_ascii_lowercase(),
     }
 }
 
