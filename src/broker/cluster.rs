@@ -747,6 +747,10 @@ impl Cluster {
         groups.extend(self.running().iter().map(|(n, r)| (n.clone(), r.clone())));
         let me = self.members.node_id;
         let mut pending = false;
+        // The groups this node leads change side by side (a leaving leader's handovers each
+        // wait out a lease), at most CHANGES_AT_ONCE at a time.
+        let permits = Arc::new(tokio::sync::Semaphore::new(members::CHANGES_AT_ONCE));
+        let mut changes = tokio::task::JoinSet::new();
         for (name, raft) in groups {
             let Some(want) = wanted.get(&name) else {
                 continue;
@@ -759,20 +763,19 @@ impl Cluster {
             if !leads {
                 continue; // its leader changes it
             }
-            let (nodes, forwarder) = (&catalog.nodes, &self.forwarder);
-            let changed = members::change_voters(
-                &raft,
-                &name,
-                want,
-                nodes,
-                me,
-                forwarder,
-                self.write_timeout,
-            );
-            if let Err(e) = changed.await {
-                tracing::info!(group = %name, error = %e, "voters not changed yet; trying again");
-            }
+            let (want, nodes) = (want.clone(), catalog.nodes.clone());
+            let (forwarder, deadline) = (Arc::clone(&self.forwarder), self.write_timeout);
+            let permits = Arc::clone(&permits);
+            changes.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let changed =
+                    members::change_voters(&raft, &name, &want, &nodes, me, &forwarder, deadline);
+                if let Err(e) = changed.await {
+                    tracing::info!(group = %name, error = %e, "voters not changed yet; trying again");
+                }
+            });
         }
+        while changes.join_next().await.is_some() {}
         pending
     }
 
@@ -1217,7 +1220,11 @@ impl Cluster {
         let mut catalog = self.catalog.clone();
         loop {
             let current = Arc::clone(&catalog.borrow_and_update());
-            let failed = match self.reconcile(&current).await {
+            // Nodes added since: reached at the catalog's address, and let in (one whose
+            // address does not resolve yet is tried again with the topics, every second).
+            self.forwarder.peers().learn(&current.nodes);
+            let admitted = self.admitted.admit(&current.nodes).await;
+            let failed = match self.reconcile(&current).await.and(admitted) {
                 Ok(()) => false,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot bring this node's topics in line with \
@@ -1237,9 +1244,6 @@ impl Cluster {
     /// catalog this node lacks and joins its groups.
     async fn reconcile(&self, catalog: &Catalog) -> Result<()> {
         let _one_at_a_time = self.reconciling.lock().await;
-        // Nodes added since: reached at the catalog's address, and let in.
-        self.forwarder.peers().learn(&catalog.nodes);
-        self.admitted.admit(&catalog.nodes).await?;
         self.remove_stale(catalog).await?;
         for (name, entry) in &catalog.topics {
             let topic = match self.topics.get(name) {

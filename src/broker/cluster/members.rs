@@ -30,6 +30,8 @@ use crate::replication::write::Forwarder;
 pub(super) const MOVE_DEADLINE: Duration = Duration::from_secs(600);
 /// How often a node looks again at groups whose voters are not yet the catalog's.
 pub(super) const VOTERS_RETRY: Duration = Duration::from_millis(500);
+/// How many groups one node changes the voters of at once.
+pub(super) const CHANGES_AT_ONCE: usize = 64;
 /// How far behind its leader a new replica may be when it becomes a voter, in entries: close
 /// enough that it is not the one slow member that every commit waits for.
 const CAUGHT_UP_WITHIN: u64 = 64;
