@@ -3135,10 +3135,22 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
             }
         }
     });
-    // Every node describes and reads the same: replicas, leader among them, end, records.
+    // Every node describes and reads the same: replicas, leader among them, end, records (a
+    // follower applies the last entry once it hears it is committed: waited for).
     rt.block_on(async {
         for i in 0..3 {
-            let d = describe(&cluster.addr(i)).await.unwrap();
+            let caught_up = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let d = describe(&cluster.addr(i)).await.unwrap();
+                    if d.partitions.iter().all(|p| p.next_offset == per) {
+                        return d;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            let d = caught_up
+                .await
+                .unwrap_or_else(|_| panic!("node {} caught up", i + 1));
             for (p, part) in d.partitions.iter().enumerate() {
                 assert_eq!(part.replicas, placement[p], "node {} partition {p}", i + 1);
                 assert!(

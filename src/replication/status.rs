@@ -111,9 +111,10 @@ pub fn merge(
                 (None, true) => None,
                 (None, false) => newest().find_map(|(_, g)| g.leader),
             };
-            let voters = reports
-                .iter()
-                .max_by_key(|(_, g)| g.term)
+            // The leader's voters (a follower may not have the newest change yet), else those
+            // of the newest term.
+            let voters = leading
+                .or_else(|| reports.iter().max_by_key(|(_, g)| g.term))
                 .map(|(_, g)| g.voters.clone())
                 .unwrap_or_default();
             let replicas = voters
