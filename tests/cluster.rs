@@ -295,6 +295,13 @@ impl TestCluster {
     async fn restart_until_ready(&mut self, i: usize) {
         self.restart(i);
         let addr = self.addrs.lock().unwrap()[i].take();
+        self.until_ready(i).await;
+        self.addrs.lock().unwrap()[i] = addr;
+    }
+
+    /// Waits until node `i`'s `/readyz` answers 200 (caught up with its groups' leaders).
+    /// Needs the HTTP port on.
+    async fn until_ready(&self, i: usize) {
         let http = self.http[i].expect("the HTTP port is on");
         tokio::time::timeout(DEADLINE, async {
             while common::http::get(http, "/readyz").await.status != 200 {
@@ -302,8 +309,7 @@ impl TestCluster {
             }
         })
         .await
-        .expect("the restarted node became ready");
-        self.addrs.lock().unwrap()[i] = addr;
+        .unwrap_or_else(|_| panic!("node {} became ready", i + 1));
     }
 
     /// Stops node `i` as an operator does: taken out of the clients' list first (a load

@@ -94,14 +94,7 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         // Asked again: it is there already, and nothing changes.
         change(&cluster.addr(2), &["add-node", &node]);
         // Clients are sent to it once it is ready (caught up with its groups' leaders).
-        let http = cluster.http[four].expect("the HTTP port is on");
-        tokio::time::timeout(DEADLINE, async {
-            while common::http::get(http, "/readyz").await.status != 200 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the added node became ready");
+        cluster.until_ready(four).await;
         cluster.addrs.lock().unwrap()[four] = Some(addr);
         progress(&acks, 100, "with the fourth node").await;
 
