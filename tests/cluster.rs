@@ -345,7 +345,7 @@ impl TestCluster {
     async fn leader(&self, ask: usize, partition: u32, among: &[usize]) -> usize {
         let found = tokio::time::timeout(DEADLINE, async {
             loop {
-                if let Some(d) = describe_if_up(&self.addr(ask)).await
+                if let Some(d) = describe_if_up(&self.addr(ask), TOPIC).await
                     && let Some(l) = d.partitions[partition as usize].leader
                     && among.contains(&(l as usize - 1))
                 {
@@ -410,14 +410,19 @@ async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 async fn describe(addr: &str) -> Result<pb::DescribeTopicResponse, String> {
-    describe_status(addr).await.map_err(|e| e.to_string())
+    describe_status(addr, TOPIC)
+        .await
+        .map_err(|e| e.to_string())
 }
 
-async fn describe_status(addr: &str) -> Result<pb::DescribeTopicResponse, tonic::Status> {
+async fn describe_status(
+    addr: &str,
+    topic: &str,
+) -> Result<pb::DescribeTopicResponse, tonic::Status> {
     let channel = connect(addr)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut request = tonic::Request::new(pb::DescribeTopicRequest { name: TOPIC.into() });
+    let mut request = tonic::Request::new(pb::DescribeTopicRequest { name: topic.into() });
     request.set_timeout(Duration::from_secs(2));
     AdminClient::new(channel)
         .describe_topic(request)
@@ -429,8 +434,8 @@ async fn describe_status(addr: &str) -> Result<pb::DescribeTopicResponse, tonic:
 /// starting, cut off, too slow) or has not learnt of the topic yet (`NOT_FOUND`: a node learns
 /// topics from the metadata log); any other answer is the subject failing, and fails the test
 /// at once instead of being waited out as "not yet".
-async fn describe_if_up(addr: &str) -> Option<pb::DescribeTopicResponse> {
-    match describe_status(addr).await {
+async fn describe_if_up(addr: &str, topic: &str) -> Option<pb::DescribeTopicResponse> {
+    match describe_status(addr, topic).await {
         Ok(d) => Some(d),
         Err(s) if common::not_yet(&s) || s.code() == tonic::Code::NotFound => None,
         Err(s) => panic!("{addr} answered DescribeTopic with {s:?}"),
@@ -611,13 +616,13 @@ async fn follow(
 }
 
 /// Every message of `partition` on the node at `addr`, up to `end`.
-async fn read_all(addr: &str, partition: u32, end: u64) -> Vec<(u64, String)> {
+async fn read_all(addr: &str, topic: &str, partition: u32, end: u64) -> Vec<(u64, String)> {
     if end == 0 {
         return Vec::new();
     }
     let mut client = BrokerClient::new(connect(addr).await.unwrap());
     let request = pb::SubscribeRequest {
-        topic: TOPIC.into(),
+        topic: topic.into(),
         partitions: vec![partition],
         start: Some(pb::StartPosition {
             kind: Some(pb::start_position::Kind::Earliest(true)),
@@ -738,9 +743,9 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
         for p in producers {
             p.await.unwrap();
         }
-        let ends = converged_ends(&cluster, PARTITIONS).await;
+        let ends = converged_ends(&cluster, TOPIC, PARTITIONS).await;
         let history = std::mem::take(&mut *history.lock().unwrap());
-        let log = &same_logs_everywhere(&cluster, &ends).await;
+        let log = &same_logs_everywhere(&cluster, TOPIC, &ends).await;
         // Lost writes: every acknowledged message is at the offset it was acknowledged with.
         for (at, value) in &history.acked {
             assert_eq!(
@@ -825,6 +830,7 @@ const STOPPING: &str = "[a node taken out] ";
 /// acknowledged is sometimes sent again through another node, which must answer `duplicate` at
 /// the first position.
 async fn produce_ids(
+    topic: &'static str,
     producer: u32,
     addrs: Arc<Mutex<Vec<Option<String>>>>,
     history: Arc<Mutex<IdHistory>>,
@@ -851,7 +857,7 @@ async fn produce_ids(
             vec![message]
         };
         let mut request = tonic::Request::new(pb::SendRequest {
-            topic: TOPIC.into(),
+            topic: topic.into(),
             messages,
         });
         request.set_timeout(Duration::from_secs(3));
@@ -926,13 +932,13 @@ async fn produce_ids(
 }
 
 /// Once every node serves the same log end of each of `partitions`: those ends.
-async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
+async fn converged_ends(cluster: &TestCluster, topic: &str, partitions: u32) -> Vec<u64> {
     let ends = tokio::time::timeout(DEADLINE, async {
         let running = cluster.running();
         loop {
             let mut ends = Vec::new();
             for &i in &running {
-                if let Some(d) = describe_if_up(&cluster.addr(i)).await {
+                if let Some(d) = describe_if_up(&cluster.addr(i), topic).await {
                     ends.push(
                         d.partitions
                             .iter()
@@ -955,13 +961,17 @@ async fn converged_ends(cluster: &TestCluster, partitions: u32) -> Vec<u64> {
 
 /// Every message of every partition (up to `ends`) as each node serves it, checked to be the
 /// same on every node at dense offsets.
-async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(u32, u64), String> {
+async fn same_logs_everywhere(
+    cluster: &TestCluster,
+    topic: &str,
+    ends: &[u64],
+) -> BTreeMap<(u32, u64), String> {
     let mut logs: Vec<BTreeMap<(u32, u64), String>> = Vec::new();
     let running = cluster.running();
     for &i in &running {
         let mut log = BTreeMap::new();
         for (p, &end) in (0u32..).zip(ends) {
-            let read = read_all(&cluster.addr(i), p, end).await;
+            let read = read_all(&cluster.addr(i), topic, p, end).await;
             let offsets: Vec<u64> = read.iter().map(|(o, _)| *o).collect();
             let dense: Vec<u64> = (0..end).collect();
             assert_eq!(
@@ -985,9 +995,14 @@ async fn same_logs_everywhere(cluster: &TestCluster, ends: &[u64]) -> BTreeMap<(
 /// Once the replicas converged: each id stored once, wherever and however often it was sent;
 /// nothing stored that was not sent; each acknowledged id where it was acknowledged. Returns
 /// the partitions' ends.
-async fn ids_stored_once(cluster: &TestCluster, partitions: u32, history: &IdHistory) -> Vec<u64> {
-    let ends = converged_ends(cluster, partitions).await;
-    let log = same_logs_everywhere(cluster, &ends).await;
+async fn ids_stored_once(
+    cluster: &TestCluster,
+    topic: &str,
+    partitions: u32,
+    history: &IdHistory,
+) -> Vec<u64> {
+    let ends = converged_ends(cluster, topic, partitions).await;
+    let log = same_logs_everywhere(cluster, topic, &ends).await;
     let mut stored = BTreeMap::new();
     for (at, id) in &log {
         assert!(history.sent.contains(id), "stored but never sent: {id}");
@@ -1029,7 +1044,10 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
         create_id_topic(&cluster, partitions).await;
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) = spawn_producers(4, &cluster, &history, &acks, produce_ids);
+        let (stop_tx, producers) =
+            spawn_producers(4, &cluster, &history, &acks, |p, a, h, k, s| {
+                produce_ids(TOPIC, p, a, h, k, s)
+            });
         progress(&acks, 50, "before any fault").await;
         let all = [0, 1, 2];
         // A leader killed (Sends in flight on it: their outcome unknown, sent again elsewhere),
@@ -1062,7 +1080,7 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
         }
 
         let history = std::mem::take(&mut *history.lock().unwrap());
-        let ends = ids_stored_once(&cluster, partitions, &history).await;
+        let ends = ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // Every node killed and started again: each rebuilds its id index (its runs, and the
         // entries it applies again), so an id sent again through any node is still answered
         // at its first position, and nothing more is stored.
@@ -1106,7 +1124,7 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
                 "{id} after the restart"
             );
         }
-        assert_eq!(converged_ends(&cluster, partitions).await, ends);
+        assert_eq!(converged_ends(&cluster, TOPIC, partitions).await, ends);
         eprintln!(
             "ids run: {} acknowledged, {} answered duplicate when sent again, ends {ends:?}; \
              errors: {:#?}",
@@ -1140,7 +1158,10 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         create_id_topic(&cluster, partitions).await;
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        let (stop_tx, producers) =
+            spawn_producers(16, &cluster, &history, &acks, |p, a, h, k, s| {
+                produce_ids(TOPIC, p, a, h, k, s)
+            });
         // A consumer group of two members, each through its own node (the next running one
         // when that stops), acking what it is handed.
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
@@ -1186,7 +1207,7 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
             p.await.unwrap();
         }
         let history = std::mem::take(&mut *history.lock().unwrap());
-        ids_stored_once(&cluster, partitions, &history).await;
+        ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // The group is handed every acknowledged message, and no ack applies twice (a second
         // one would mean the group forgot the first across a stop and delivered it again).
         let consumed = members.acked_every_id_once(&consumed, &history).await;
@@ -1247,7 +1268,10 @@ fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose
         create_id_topic(&cluster, partitions).await;
         let history = Arc::new(Mutex::new(IdHistory::default()));
         let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) = spawn_producers(16, &cluster, &history, &acks, produce_ids);
+        let (stop_tx, producers) =
+            spawn_producers(16, &cluster, &history, &acks, |p, a, h, k, s| {
+                produce_ids(TOPIC, p, a, h, k, s)
+            });
         progress(&acks, 100, "before the moves").await;
 
         // Every partition's leadership to node 1, each asked through a different node.
@@ -1318,7 +1342,7 @@ fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose
             p.await.unwrap();
         }
         let history = std::mem::take(&mut *history.lock().unwrap());
-        ids_stored_once(&cluster, partitions, &history).await;
+        ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // Sends waited while a leadership moved; none was refused.
         assert!(history.errors.is_empty(), "refused: {:#?}", history.errors);
         eprintln!(
@@ -1822,7 +1846,7 @@ fn with_two_of_three_nodes_down_nothing_is_acknowledged_and_what_was_committed_s
         cluster.kill(1);
         let refused = send("no majority").await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        let read = read_all(&cluster.addr(2), 0, 1).await;
+        let read = read_all(&cluster.addr(2), TOPIC, 0, 1).await;
         assert_eq!(read, vec![(0, "committed".to_string())]);
         // What the lone node may hold of the refused Send is not committed: not readable.
         let d = describe(&cluster.addr(2)).await.unwrap();
@@ -1847,7 +1871,7 @@ async fn first_offsets_agree(cluster: &TestCluster, among: &[usize], end: u64) {
         loop {
             let mut firsts = BTreeSet::new();
             for &i in among {
-                match describe_if_up(&cluster.addr(i)).await {
+                match describe_if_up(&cluster.addr(i), TOPIC).await {
                     Some(d) if d.partitions[0].next_offset == end => {
                         firsts.insert(d.partitions[0].first_offset)
                     }
@@ -2232,7 +2256,7 @@ async fn compact_on_demand(factor: u32) {
 /// Every message of partition 0 of `TOPIC` the node at `addr` serves, from the first offset.
 async fn values(addr: &str) -> Vec<String> {
     let end = describe(addr).await.unwrap().partitions[0].next_offset;
-    read_all(addr, 0, end)
+    read_all(addr, TOPIC, 0, end)
         .await
         .into_iter()
         .map(|(_, v)| v)
@@ -2307,7 +2331,7 @@ fn a_deleted_topic_goes_from_every_node_and_a_new_one_of_its_name_never_mixes_wi
         cluster.restart(2);
         let settled = tokio::time::timeout(DEADLINE, async {
             loop {
-                if let Some(d) = describe_if_up(&cluster.addr(2)).await
+                if let Some(d) = describe_if_up(&cluster.addr(2), TOPIC).await
                     && d.partitions.len() == 2
                     && d.partitions[0].next_offset == 5
                 {
@@ -2992,7 +3016,7 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
                     i + 1
                 );
                 assert_eq!(
-                    &read_all(&cluster.addr(i), p as u32, end - first).await,
+                    &read_all(&cluster.addr(i), TOPIC, p as u32, end - first).await,
                     messages,
                     "node {} partition {p}",
                     i + 1
@@ -3027,7 +3051,7 @@ fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster() {
         messages.push((end, value(sent)));
         for i in 1..3 {
             assert_eq!(
-                read_all(&cluster.addr(i), 0, end + 1 - first).await,
+                read_all(&cluster.addr(i), TOPIC, 0, end + 1 - first).await,
                 messages,
                 "node {}",
                 i + 1
@@ -3166,7 +3190,7 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
                     part.leader
                 );
                 assert_eq!(part.next_offset, per, "node {} partition {p}", i + 1);
-                let read = read_all(&cluster.addr(i), p as u32, per).await;
+                let read = read_all(&cluster.addr(i), TOPIC, p as u32, per).await;
                 let want: Vec<(u64, String)> = (0..per).map(|n| (n, format!("{p}-{n}"))).collect();
                 assert_eq!(read, want, "node {} partition {p}", i + 1);
             }
@@ -3236,10 +3260,10 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
     let other = placement[0][1] as usize - 1;
     cluster.kill(replica);
     rt.block_on(async {
-        let read = read_all(&cluster.addr(outsider), 0, per + 5).await;
+        let read = read_all(&cluster.addr(outsider), TOPIC, 0, per + 5).await;
         assert_eq!(read.len() as u64, per + 5);
         assert_eq!(read.last().unwrap().1, format!("0-{}", per + 4));
-        let read = read_all(&cluster.addr(other), 0, per + 5).await;
+        let read = read_all(&cluster.addr(other), TOPIC, 0, per + 5).await;
         assert_eq!(read.len() as u64, per + 5);
     });
     // Back: a Send through the outsider finds the partition's leader again (the one it saw last
@@ -3260,7 +3284,7 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
             .unwrap()
             .into_inner();
         assert_eq!(placed.positions[0].offset, per + 5);
-        let read = read_all(&cluster.addr(replica), 0, per + 6).await;
+        let read = read_all(&cluster.addr(replica), TOPIC, 0, per + 6).await;
         assert_eq!(read.last().unwrap(), &(per + 5, "after".to_string()));
         // A message with an id through the outsider is checked by the partition's leader: sent
         // again through every node (holder or not), it is answered at its first position and
@@ -3291,7 +3315,7 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
             assert!(again.duplicate, "through node {}: {again:?}", node + 1);
             assert_eq!(again.offset, per + 6, "through node {}", node + 1);
         }
-        let read = read_all(&cluster.addr(replica), 0, per + 7).await;
+        let read = read_all(&cluster.addr(replica), TOPIC, 0, per + 7).await;
         assert_eq!(read.len() as u64, per + 7);
     });
     // The outsider restarted (before it knows the catalog again) joins only the groups it
@@ -3323,7 +3347,7 @@ fn a_topic_on_fewer_nodes_than_the_cluster_is_served_alike_through_every_node() 
         .await
         .expect("the restarted outsider takes Sends again");
         assert_eq!(sent, per + 7);
-        let read = read_all(&cluster.addr(outsider), 0, per + 8).await;
+        let read = read_all(&cluster.addr(outsider), TOPIC, 0, per + 8).await;
         assert_eq!(read.last().unwrap(), &(per + 7, "restarted".to_string()));
     });
     let stored = partition_bytes(&cluster.nodes[replica].dir, 0);

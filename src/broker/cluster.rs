@@ -626,11 +626,12 @@ impl Cluster {
     }
 
     /// Removes node `id` from the cluster (`members::check_remove`): every replica it holds
-    /// goes, then it leaves the metadata group. Returns once no group has it as a voter, with
+    /// goes (to another node, for a topic on some of the nodes), then it leaves the metadata
+    /// group. Returns once no group has it as a voter, with
     /// how many groups there are.
     pub async fn remove_node(&self, id: u64) -> Result<usize> {
         let known = self.known_nodes();
-        members::check_remove(&self.catalog.borrow(), &known, id)?;
+        members::check_remove(&known, id)?;
         let known = known.into_iter().collect();
         let command = Command::RemoveNode { id, known };
         let gone = |c: &Catalog| !c.nodes.is_empty() && !c.nodes.contains_key(&id);
@@ -900,7 +901,7 @@ impl Cluster {
             } else {
                 let members = self.replicas_of(topic, handle.id);
                 if !members.contains(&self.members.node_id) {
-                    let _ = handle.remote.set(members);
+                    handle.remote.set(Some(members));
                     continue;
                 }
                 Some(members)
@@ -919,10 +920,31 @@ impl Cluster {
             };
             self.service.add_log(group.clone(), log);
             let _ = handle.replica.set(raft.clone());
+            if handle.remote.get().is_some() {
+                self.serve_once_voter(handle, &raft);
+            }
             self.observing().insert(group.clone(), observed);
             self.running().insert(group, raft);
         }
         Ok(())
+    }
+
+    /// A replica moving here (the catalog placed it on this node, which served the partition
+    /// from its nodes until now): served by those nodes, not by this catching-up copy, until
+    /// its group's leader makes this node a voter (within 64 entries of the leader).
+    fn serve_once_voter(&self, handle: &Arc<PartitionHandle>, raft: &Raft<PartitionRaft>) {
+        let (handle, mut metrics, me) = (Arc::clone(handle), raft.metrics(), self.members.node_id);
+        self.tasks.spawn(async move {
+            let voter = metrics.wait_for(|m| {
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == me)
+            });
+            if voter.await.is_ok() {
+                handle.remote.set(None);
+            }
+        });
     }
 
     /// How a replica of `topic`'s partition `partition` keeps the topic's id index (when it

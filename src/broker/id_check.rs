@@ -97,7 +97,7 @@ impl IdCheck {
                     let voters = m.membership_config.membership().voter_ids().collect();
                     (known_leader(raft, self.forwarder.peers()), voters)
                 }
-                (None, Some(replicas)) => (None, replicas.clone()),
+                (None, Some(replicas)) => (None, replicas),
                 (None, None) => {
                     return Err(Error::Unavailable(format!(
                         "{what} has not joined its Raft group yet; retry"

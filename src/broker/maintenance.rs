@@ -201,7 +201,7 @@ impl Maintenance {
                 if let Some(replicas) = handle.remote.get() {
                     if let (true, Some(cluster)) = (on_demand, &self.cluster) {
                         let group = topic.group_name(handle.id);
-                        let answer = cluster.maintain_remote(&group, replicas, dry_run).await?;
+                        let answer = cluster.maintain_remote(&group, &replicas, dry_run).await?;
                         let done = serde_json::from_slice(&answer).map_err(|e| {
                             Error::Internal(format!(
                                 "{group:?}: a report that does not decode: {e}"

@@ -466,7 +466,7 @@ impl Broker {
             for (p, handle) in description.partitions.iter_mut().zip(&topic.partitions) {
                 if let Some(replicas) = handle.remote.get() {
                     *p = cluster
-                        .describe_remote(&topic.group_name(handle.id), handle.id, replicas)
+                        .describe_remote(&topic.group_name(handle.id), handle.id, &replicas)
                         .await?;
                 }
             }

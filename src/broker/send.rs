@@ -506,7 +506,7 @@ async fn propose_planned(
     for b in plan {
         let what = format!("partition {:?}/{}", topic.name, b.partition);
         let handle = &topic.partitions[b.partition as usize];
-        let (raft, remote) = (handle.replica.get().cloned(), handle.remote.get().cloned());
+        let (raft, remote) = (handle.replica.get().cloned(), handle.remote.get());
         if raft.is_none() && remote.is_none() {
             return Err(Error::Unavailable(format!(
                 "{what} has not joined its Raft group yet; retry"

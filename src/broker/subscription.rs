@@ -74,7 +74,7 @@ pub async fn subscribe(
         let source = match (handle.remote.get(), remote) {
             (Some(replicas), Some(forwarder)) => Source::Remote(Arc::new(Remote {
                 forwarder: Arc::clone(forwarder),
-                replicas: replicas.clone(),
+                replicas,
                 group: topic.group_name(p),
             })),
             _ => Source::Local,

@@ -63,9 +63,26 @@ pub struct PartitionHandle {
     /// Cluster mode: the partition's Raft group, once this node has joined it. Sends are
     /// proposed to it (the log is written by Raft), and are refused until it is set.
     pub replica: OnceLock<openraft::Raft<PartitionRaft>>,
-    /// Cluster mode, a partition this node holds no replica of: the nodes that do. Sends go to
-    /// its leader among them, reads come from one of them; the local log stays empty.
-    pub remote: OnceLock<Vec<u64>>,
+    /// Cluster mode, a partition this node holds no replica of (or one moving here that is
+    /// not a voter yet): the nodes that do. Sends go to its leader among them, reads come from
+    /// one of them; the local log stays empty (or catches up).
+    pub remote: Holders,
+}
+
+/// The nodes holding a partition's replicas, as a node that holds none of them knows them;
+/// changes as the catalog moves replicas.
+#[derive(Debug, Default)]
+pub struct Holders(std::sync::RwLock<Option<Vec<u64>>>);
+
+impl Holders {
+    /// The nodes, unless this node holds a replica itself.
+    pub fn get(&self) -> Option<Vec<u64>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, nodes: Option<Vec<u64>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+    }
 }
 
 #[derive(Debug)]
@@ -127,7 +144,7 @@ impl Topic {
                 high_water: rx,
                 permits: Arc::new(Semaphore::new(permits)),
                 replica: OnceLock::new(),
-                remote: OnceLock::new(),
+                remote: Holders::default(),
             }));
         }
         let dedup = if config.dedup_window_ms > 0 {

@@ -131,7 +131,8 @@ pub enum ClusterCommand {
         /// The node's id and cluster port, `ID@HOST:PORT`.
         node: String,
     },
-    /// Removes a node from the cluster: every replica it holds goes. Shows progress; returns
+    /// Removes a node from the cluster: every replica it holds goes (a topic on some of the
+    /// nodes gets a replica on another node in its place). Shows progress; returns
     /// once no group has it as a voter (then stop its process).
     RemoveNode {
         #[command(flatten)]

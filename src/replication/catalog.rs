@@ -132,21 +132,6 @@ impl Catalog {
         groups
     }
 
-    /// A topic with a replica on `node` that is not held by every node: its replica would
-    /// have to move to another node, which is not built yet.
-    pub fn subset_topic_on(&self, node: u64, nodes: &[u64]) -> Option<&str> {
-        self.topics
-            .iter()
-            .find(|(_, t)| {
-                let partitions = 0..t.config.partitions;
-                partitions.clone().any(|p| t.replicas_of(p).contains(&node))
-                    && !partitions
-                        .into_iter()
-                        .all(|p| same_nodes(t.replicas_of(p), nodes))
-            })
-            .map(|(name, _)| name.as_str())
-    }
-
     /// Node `id` (at `addr`) joins: it becomes one of the nodes, and every topic held by every
     /// node before (and each of its consumer groups) gains a replica on it. `known`: the
     /// nodes as the proposer knew them, for a catalog that has none yet.
@@ -177,8 +162,12 @@ impl Catalog {
         self.nodes.insert(id, addr);
     }
 
-    /// Node `id` leaves: no topic or consumer group keeps a replica on it (the caller made
-    /// sure each of those topics is held by every node, so the others hold them still).
+    /// Node `id` leaves: no topic or consumer group keeps a replica on it. Each partition
+    /// replica it held moves to a node not holding that partition yet: the one holding the
+    /// fewest partition replicas at that point (the lowest id of equals), the partitions with
+    /// the fewest such nodes placed first; the same on every node, as the catalog applies
+    /// commands in log order. A partition every remaining node holds already (a topic held by
+    /// every node) just loses it. Consumer groups keep their other replicas.
     fn remove_node(&mut self, id: u64, known: Vec<(u64, String)>) {
         if self.nodes.is_empty() {
             self.nodes = known.into_iter().collect();
@@ -186,15 +175,55 @@ impl Catalog {
         if self.nodes.remove(&id).is_none() {
             return;
         }
-        for t in self.topics.values_mut() {
-            let held = (0..t.config.partitions).any(|p| t.replicas_of(p).contains(&id));
-            if !held {
+        let mut load: BTreeMap<u64, usize> = self.nodes.keys().map(|&n| (n, 0)).collect();
+        let mut placements = BTreeMap::new();
+        for (name, t) in &self.topics {
+            let placement: Vec<Vec<u64>> = (0..t.config.partitions)
+                .map(|p| t.replicas_of(p).to_vec())
+                .collect();
+            for n in placement.iter().flatten() {
+                load.entry(*n).and_modify(|count| *count += 1);
+            }
+            if placement.iter().any(|replicas| replicas.contains(&id)) {
+                placements.insert(name.clone(), placement);
+            }
+        }
+        let candidates = |replicas: &[u64]| load.keys().filter(|n| !replicas.contains(n)).count();
+        let mut moving: Vec<(usize, String, usize)> = placements
+            .iter()
+            .flat_map(|(name, placement)| {
+                let on_it = placement.iter().enumerate();
+                on_it
+                    .filter(|(_, replicas)| replicas.contains(&id))
+                    .map(|(p, replicas)| (candidates(replicas), name.clone(), p))
+            })
+            .collect();
+        moving.sort();
+        for (_, name, p) in moving {
+            let Some(replicas) = placements.get_mut(&name).and_then(|t| t.get_mut(p)) else {
                 continue;
+            };
+            let to = load
+                .iter()
+                .filter(|(n, _)| !replicas.contains(n))
+                .min_by_key(|&(&n, &count)| (count, n))
+                .map(|(&n, _)| n);
+            let at = replicas.iter().position(|&n| n == id);
+            match (to, at) {
+                (Some(to), Some(at)) => {
+                    replicas[at] = to;
+                    load.entry(to).and_modify(|count| *count += 1);
+                }
+                (None, _) => replicas.retain(|&n| n != id),
+                (_, None) => {}
             }
+        }
+        for (name, placement) in placements {
+            let Some(t) = self.topics.get_mut(&name) else {
+                continue;
+            };
+            t.placement = placement;
             t.replicas.retain(|&n| n != id);
-            for p in &mut t.placement {
-                p.retain(|&n| n != id);
-            }
             t.moved = true;
             for g in t.consumer_groups.values_mut() {
                 if g.replicas.contains(&id) {
@@ -563,11 +592,12 @@ mod tests {
 
     /// Adding and removing nodes, as every node applies it: a topic held by every node (and
     /// each of its consumer groups) follows the nodes, marked moved so that no node forms its
-    /// groups again; a topic on some of the nodes keeps its placement (and removing a node it
-    /// is on is what `subset_topic_on` finds first); repeats change nothing; every placed
-    /// group lists exactly the nodes it is on.
+    /// groups again; a topic on some of the nodes keeps its placement when a node is added, and
+    /// when a node it is on is removed, that node's replicas move to the least loaded nodes not
+    /// holding them, keeping the factor; repeats change nothing; every placed group lists
+    /// exactly the nodes it is on.
     #[test]
-    fn nodes_added_and_removed_move_every_replica_of_topics_held_everywhere() {
+    fn nodes_added_and_removed_move_every_replica_the_catalog_places() {
         let founders: Vec<(u64, String)> = (1..=3)
             .map(|id| (id, format!("10.0.0.{id}:7170")))
             .collect();
@@ -587,18 +617,15 @@ mod tests {
         };
         apply(&mut catalog, topic("all", 2, Vec::new()));
         apply(&mut catalog, topic("placed", 3, place(&[1, 2, 3], 3, 2, 0)));
-        for (topic, group) in [("all", "g"), ("placed", "h")] {
-            let create = Command::CreateGroup {
-                topic: topic.into(),
-                incarnation: 0,
-                group: group.into(),
-                starts: vec![0; 3],
-                replicas: vec![1, 2, 3],
-            };
-            apply(&mut catalog, create);
-        }
+        let create = Command::CreateGroup {
+            topic: "all".into(),
+            incarnation: 0,
+            group: "g".into(),
+            starts: vec![0; 2],
+            replicas: vec![1, 2, 3],
+        };
+        apply(&mut catalog, create);
         assert_eq!(catalog.node_ids(&[1, 2, 3]), vec![1, 2, 3]);
-        assert_eq!(catalog.subset_topic_on(1, &[1, 2, 3]), Some("placed"));
 
         let add = Command::AddNode {
             id: 4,
@@ -616,30 +643,56 @@ mod tests {
         assert_eq!(groups["all/1"], vec![1, 2, 3, 4]);
         assert_eq!(groups["all:g#0"], vec![1, 2, 3, 4]);
         assert!(catalog.topics["all"].moved && catalog.topics["all"].consumer_groups["g"].moved);
-        // On some nodes: untouched, its group included.
+        // On some nodes: untouched.
         assert_eq!(groups["placed/0"], vec![1, 2]);
         assert_eq!(groups["placed/1"], vec![1, 3]);
-        assert_eq!(groups["placed:h#1"], vec![1, 2, 3]);
+        assert_eq!(groups["placed/2"], vec![2, 3]);
         assert!(!catalog.topics["placed"].moved);
 
-        // Removing a node every topic on it is everywhere: every group leaves it.
-        let mut only_all = after_add.clone();
-        only_all.topics.remove("placed");
-        assert_eq!(only_all.subset_topic_on(2, &[1, 2, 3, 4]), None);
+        // Node 1 removed: "all" leaves it; each replica of "placed" on it moves to the node with
+        // the fewest replicas (4: two, against 2 and 3's four), the factor kept.
         let remove = Command::RemoveNode {
-            id: 2,
+            id: 1,
             known: Vec::new(),
         };
-        apply(&mut only_all, remove.clone());
-        let after_remove = only_all.clone();
-        apply(&mut only_all, remove);
+        apply(&mut catalog, remove.clone());
+        let after_remove = catalog.clone();
+        apply(&mut catalog, remove);
         assert_eq!(
-            only_all, after_remove,
+            catalog, after_remove,
             "a repeated RemoveNode changes nothing"
         );
-        assert_eq!(only_all.node_ids(&[1, 2, 3]), vec![1, 3, 4]);
-        for (group, replicas) in only_all.placed_groups() {
-            assert_eq!(replicas, vec![1, 3, 4], "{group}");
+        assert_eq!(catalog.node_ids(&[1, 2, 3]), vec![2, 3, 4]);
+        let groups = catalog.placed_groups();
+        assert_eq!(groups["all/0"], vec![2, 3, 4]);
+        assert_eq!(groups["all:g#0"], vec![2, 3, 4]);
+        assert_eq!(groups["placed/0"], vec![2, 4]);
+        assert_eq!(groups["placed/1"], vec![3, 4]);
+        assert_eq!(
+            groups["placed/2"],
+            vec![2, 3],
+            "a partition not on node 1 stays"
+        );
+        assert!(catalog.topics["placed"].moved);
+        // Node 4 removed too: a partition whose other replica is on 2 goes to 3 and the other
+        // way round; "placed/2" is on both already, so it is held by the nodes left.
+        apply(
+            &mut catalog,
+            Command::RemoveNode {
+                id: 4,
+                known: Vec::new(),
+            },
+        );
+        let groups = catalog.placed_groups();
+        for p in 0..3 {
+            assert_eq!(groups[&format!("placed/{p}")], vec![2, 3], "placed/{p}");
+        }
+        // No group is left on a removed node, none without a replica.
+        for (group, replicas) in &groups {
+            assert!(
+                !replicas.is_empty() && replicas.iter().all(|n| [2, 3].contains(n)),
+                "{group}"
+            );
         }
         // A catalog that never listed its nodes takes the proposer's.
         let mut fresh = Catalog::default();
@@ -649,6 +702,79 @@ mod tests {
         };
         apply(&mut fresh, remove);
         assert_eq!(fresh.node_ids(&[1, 2, 3]), vec![1, 2]);
+    }
+
+    /// Removing nodes one after another from a cluster of many topics on some of the nodes keeps
+    /// every partition's factor (as long as there are that many nodes) and spreads the moved
+    /// replicas: the gap between the nodes holding the most and the fewest partition replicas
+    /// does not grow (beyond one).
+    #[test]
+    fn removed_nodes_replicas_keep_their_factor_and_spread() {
+        let mut catalog = Catalog::default();
+        let nodes: Vec<u64> = (1..=6).collect();
+        catalog.nodes = nodes.iter().map(|&n| (n, format!("h{n}:1"))).collect();
+        for (turn, (partitions, factor)) in [(5, 2), (3, 3), (7, 1), (4, 2), (1, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let command = Command::CreateTopic {
+                name: format!("t{turn}"),
+                config: TopicConfig {
+                    partitions,
+                    ..TopicConfig::default()
+                },
+                replicas: nodes.clone(),
+                first_offsets: Vec::new(),
+                placement: place(&nodes, partitions, factor, turn),
+            };
+            catalog.apply(&command.to_proposal(1).unwrap());
+        }
+        let factors: BTreeMap<String, usize> = catalog
+            .placed_groups()
+            .into_iter()
+            .map(|(g, r)| (g, r.len()))
+            .collect();
+        let spread = |c: &Catalog, nodes: &[u64]| {
+            let mut held: BTreeMap<u64, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+            for replicas in c.placed_groups().values() {
+                for n in replicas {
+                    held.entry(*n).and_modify(|h| *h += 1);
+                }
+            }
+            held.values().max().unwrap() - held.values().min().unwrap()
+        };
+        for gone in [3, 1, 6] {
+            let stay: Vec<u64> = catalog
+                .node_ids(&[])
+                .into_iter()
+                .filter(|&n| n != gone)
+                .collect();
+            let before = spread(&catalog, &stay);
+            let remove = Command::RemoveNode {
+                id: gone,
+                known: Vec::new(),
+            };
+            catalog.apply(&remove.to_proposal(1).unwrap());
+            let left = catalog.node_ids(&[]);
+            let mut held: BTreeMap<u64, usize> = left.iter().map(|&n| (n, 0)).collect();
+            for (group, replicas) in catalog.placed_groups() {
+                let mut distinct = replicas.clone();
+                distinct.dedup();
+                assert_eq!(distinct, replicas, "{group}: distinct nodes");
+                assert_eq!(
+                    replicas.len(),
+                    factors[&group].min(left.len()),
+                    "{group} after {gone}"
+                );
+                for n in replicas {
+                    *held
+                        .get_mut(&n)
+                        .unwrap_or_else(|| panic!("{group} on removed {n}")) += 1;
+                }
+            }
+            let after = spread(&catalog, &left);
+            assert!(after <= before.max(1), "after removing {gone}: {held:?}");
+        }
     }
 
     /// Deletion and re-creation: each creation after a deletion is the next incarnation; a

@@ -4,7 +4,8 @@
 //!
 //! The catalog is what should be: `Command::AddNode` and `Command::RemoveNode`, committed in the
 //! metadata group, change its nodes and the replicas of every topic held by every node (and of
-//! those topics' consumer groups). Every node then keeps the voters of each group it leads equal
+//! those topics' consumer groups); a removed node's replicas of a topic on some of the nodes
+//! move to other nodes (`Catalog::remove_node`). Every node then keeps the voters of each group it leads equal
 //! to the replicas the catalog gives it: a new replica is added as a learner first and catches
 //! up from the log (or a snapshot), then the voters change with openraft's `change_membership` —
 //! joint consensus: until the new voters alone are committed, every entry needs a majority of
@@ -161,13 +162,8 @@ pub(super) fn check_answer(
     Ok(())
 }
 
-/// Refuses a `remove-node` of `id`: an unknown node, the last one, or one holding a replica
-/// of a topic some nodes do not hold (moving a replica to another node is not built yet).
-pub(super) fn check_remove(
-    catalog: &Catalog,
-    known: &BTreeMap<u64, String>,
-    id: u64,
-) -> Result<()> {
+/// Refuses a `remove-node` of `id`: an unknown node, or the last one.
+pub(super) fn check_remove(known: &BTreeMap<u64, String>, id: u64) -> Result<()> {
     let nodes: Vec<u64> = known.keys().copied().collect();
     if !known.contains_key(&id) {
         return Err(Error::InvalidArgument(format!(
@@ -177,13 +173,6 @@ pub(super) fn check_remove(
     if nodes.len() == 1 {
         return Err(Error::FailedPrecondition(format!(
             "node {id} is the cluster's last node"
-        )));
-    }
-    if let Some(topic) = catalog.subset_topic_on(id, &nodes) {
-        return Err(Error::FailedPrecondition(format!(
-            "node {id} holds replicas of topic {topic:?}, which some nodes do not hold (its \
-             replication_factor): moving a replica to another node is not built yet \
-             (docs/replication.md)"
         )));
     }
     Ok(())
