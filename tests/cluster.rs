@@ -1165,7 +1165,7 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         // A consumer group of two members, each through its own node (the next running one
         // when that stops), acking what it is handed.
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
-        let members = groups::Members::spawn(2, &cluster.addrs, &consumed);
+        let members = groups::Members::spawn(TOPIC, 2, &cluster.addrs, &consumed);
         progress(&acks, 100, "before the restarts").await;
         // Every node in turn, the leader of partition 0 first (so at least one stop hands a
         // leadership over), each started again and ready before the next stops.

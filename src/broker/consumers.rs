@@ -37,6 +37,7 @@ use super::groups::{
     Relayed, ack_id, event_log_config,
 };
 use super::message::{Deliveries, Delivery, DeliveryBatch, Start};
+use super::remote::RemoteLog;
 use super::topic::Topic;
 use super::topics::Topics;
 
@@ -294,25 +295,14 @@ impl Consumers {
                 .topics
                 .get(&*topic.name)
                 .filter(|t| t.config.incarnation == topic.config.incarnation)
-                .map(|t| {
-                    let everywhere = (0..t.config.partitions)
-                        .all(|p| t.replicas_of(p).len() == self.cluster.node_ids().len());
-                    (t.consumer_groups.get(group).cloned(), everywhere)
-                })
+                .map(|t| t.consumer_groups.get(group).cloned())
         };
-        let Some((entry, everywhere)) = known else {
+        let Some(entry) = known else {
             return Err(Error::Unavailable(format!(
                 "topic {:?} is not in this node's catalog yet; retry",
                 &*topic.name
             )));
         };
-        if !everywhere {
-            return Err(Error::FailedPrecondition(format!(
-                "consumer groups on a cluster read topics held by every node; {:?} is held by \
-                 fewer (its replication_factor): see docs/replication.md",
-                &*topic.name
-            )));
-        }
         let entry = match (entry, create) {
             (Some(entry), _) => entry,
             (None, None) => return Err(storage::Error::GroupNotFound(group.to_string()).into()),
@@ -326,7 +316,11 @@ impl Consumers {
     async fn create(&self, topic: &Arc<Topic>, group: &str, start: Start) -> Result<CatalogGroup> {
         let mut starts = Vec::with_capacity(topic.partitions.len());
         for handle in &topic.partitions {
-            starts.push(handle.start_offset(start).await?);
+            let forwarder = self.cluster.forwarder();
+            starts.push(match RemoteLog::of(topic, handle, forwarder) {
+                Some(remote) => remote.start_offset(start).await?,
+                None => handle.start_offset(start).await?,
+            });
         }
         let command = Command::CreateGroup {
             topic: topic.name.to_string(),

@@ -79,8 +79,10 @@ impl IdCheck {
         let handle = &topic.partitions[partition as usize];
         loop {
             let left = until.saturating_duration_since(Instant::now());
+            // A replica still catching up here (moving to this node) is not asked: its
+            // holders are, until it is a voter.
             let (leader, nodes) = match (handle.replica.get(), handle.remote.get()) {
-                (Some(raft), _) => {
+                (Some(raft), None) => {
                     let m = raft.metrics().borrow().clone();
                     if m.current_leader == Some(m.id) {
                         match self.here(topic, partition, &share, left).await {
@@ -97,7 +99,7 @@ impl IdCheck {
                     let voters = m.membership_config.membership().voter_ids().collect();
                     (known_leader(raft, self.forwarder.peers()), voters)
                 }
-                (None, Some(replicas)) => (None, replicas),
+                (_, Some(replicas)) => (None, replicas),
                 (None, None) => {
                     return Err(Error::Unavailable(format!(
                         "{what} has not joined its Raft group yet; retry"

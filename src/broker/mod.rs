@@ -50,6 +50,7 @@ mod id_check;
 mod maintenance;
 mod message;
 pub mod refusals;
+mod remote;
 mod send;
 mod settings;
 mod subscription;
@@ -233,7 +234,7 @@ impl Broker {
             shutdown.clone(),
         );
         let groups = Arc::new(match &cluster {
-            Some(_) => groups.led_only(),
+            Some(c) => groups.led_only(Arc::clone(c.forwarder())),
             None => groups,
         });
         let consumers = cluster.as_ref().map(|c| {

@@ -515,9 +515,11 @@ async fn propose_planned(
         let proposal = Proposal::Records(b.batch.into_bytes());
         let (forwarder, group) = (Arc::clone(forwarder), topic.group_name(b.partition));
         let proposed = tokio::spawn(async move {
+            // A replica still catching up here (moving to this node) is not asked: its holders
+            // are, until it is a voter.
             let outcome = match (raft, remote) {
-                (Some(raft), _) => forwarder.propose(&raft, &group, proposal, deadline).await,
-                (None, replicas) => {
+                (Some(raft), None) => forwarder.propose(&raft, &group, proposal, deadline).await,
+                (_, replicas) => {
                     let replicas = replicas.unwrap_or_default();
                     (forwarder.propose_remote(&group, &replicas, proposal, deadline)).await
                 }

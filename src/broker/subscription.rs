@@ -8,7 +8,6 @@
 //! when the subscriber leaves, and with an error when the topic is deleted or a read fails.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,19 +16,10 @@ use tokio_util::task::TaskTracker;
 
 use super::error::{Error, Result};
 use super::message::{Deliveries, DeliveryBatch, Start};
+use super::remote::{REMOTE_WAIT, RemoteLog};
 use super::topic::{PartitionHandle, Topic};
-use crate::proto::cluster as pb;
 use crate::replication::write::Forwarder;
-use crate::storage::record::Decoded;
-use crate::storage::{self, Batch};
-
-/// How long a read of a partition this node holds no replica of waits at the end of the log
-/// for more, on the node that holds one.
-const REMOTE_WAIT: Duration = Duration::from_secs(1);
-
-/// How long such a read may take in all before the subscription ends with `UNAVAILABLE`
-/// (every node holding the partition down or cut off).
-const REMOTE_DEADLINE: Duration = Duration::from_secs(10);
+use crate::storage::Batch;
 
 /// How subscriptions buffer and read.
 #[derive(Debug, Clone, Copy)]
@@ -71,13 +61,9 @@ pub async fn subscribe(
                 partition: p,
                 count,
             })?;
-        let source = match (handle.remote.get(), remote) {
-            (Some(replicas), Some(forwarder)) => Source::Remote(Arc::new(Remote {
-                forwarder: Arc::clone(forwarder),
-                replicas,
-                group: topic.group_name(p),
-            })),
-            _ => Source::Local,
+        let source = match remote.and_then(|f| RemoteLog::of(&topic, handle, f)) {
+            Some(log) => Source::Remote(Arc::new(log)),
+            None => Source::Local,
         };
         let offset = match &source {
             Source::Local => handle.start_offset(start).await?,
@@ -106,76 +92,7 @@ enum Source {
     /// This node's log.
     Local,
     /// A node holding a replica (this node holds none).
-    Remote(Arc<Remote>),
-}
-
-struct Remote {
-    forwarder: Arc<Forwarder>,
-    /// The nodes holding the partition.
-    replicas: Vec<u64>,
-    group: String,
-}
-
-impl Remote {
-    async fn read(
-        &self,
-        offset: Option<u64>,
-        timestamp_ms: Option<i64>,
-        max_bytes: usize,
-        wait: Duration,
-    ) -> Result<pb::ReadResponse> {
-        let req = pb::ReadRequest {
-            group: self.group.clone(),
-            offset,
-            timestamp_ms,
-            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
-            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
-        };
-        match self
-            .forwarder
-            .read_remote(&self.replicas, req, wait + REMOTE_DEADLINE)
-            .await
-        {
-            Ok(r) => Ok(r),
-            Err(s) if s.code() == tonic::Code::OutOfRange => {
-                // Say what the range is, as a local read would.
-                let state = Box::pin(self.read(None, None, 0, Duration::ZERO)).await?;
-                Err(storage::Error::OffsetOutOfRange {
-                    requested: offset.unwrap_or_default(),
-                    start: state.log_start,
-                    end: state.high_water,
-                }
-                .into())
-            }
-            Err(s) => Err(Error::no_holder_answered(
-                &self.group,
-                &self.replicas,
-                s.message(),
-            )),
-        }
-    }
-
-    /// [`PartitionHandle::start_offset`], from a node holding the partition.
-    async fn start_offset(&self, start: Start) -> Result<u64> {
-        let at = match start {
-            Start::Timestamp(ts) => Some(ts),
-            _ => None,
-        };
-        let state = self.read(None, at, 0, Duration::ZERO).await?;
-        let (first, end) = (state.log_start, state.high_water);
-        match start {
-            Start::Earliest => Ok(first),
-            Start::Latest => Ok(end),
-            Start::Offset(o) if o < first || o > end => Err(storage::Error::OffsetOutOfRange {
-                requested: o,
-                start: first,
-                end,
-            }
-            .into()),
-            Start::Offset(o) => Ok(o),
-            Start::Timestamp(_) => Ok(state.from.unwrap_or(end)),
-        }
-    }
+    Remote(Arc<RemoteLog>),
 }
 
 struct Pump {
@@ -233,9 +150,9 @@ impl Pump {
 
     /// [`Pump::pump`] from a node holding the partition: each read waits there at the end of
     /// the log for more.
-    async fn pump_remote(&mut self, remote: &Remote) -> Result<()> {
+    async fn pump_remote(&mut self, remote: &RemoteLog) -> Result<()> {
         loop {
-            let read = remote.read(Some(self.cursor), None, self.batch_bytes, REMOTE_WAIT);
+            let read = remote.batches(self.cursor, self.batch_bytes, REMOTE_WAIT);
             let r = tokio::select! {
                 r = read => r?,
                 () = self.tx.closed() => return Ok(()),
@@ -244,19 +161,7 @@ impl Pump {
                     return Err(Error::TopicDeleted(self.topic.name.to_string()));
                 }
             };
-            let mut batches = Vec::with_capacity(r.batches.len());
-            for bytes in &r.batches {
-                match Batch::decode(bytes) {
-                    Decoded::Valid(b) => batches.push(b),
-                    _ => {
-                        return Err(Error::Internal(format!(
-                            "partition {:?}: a node sent a batch that does not decode",
-                            remote.group
-                        )));
-                    }
-                }
-            }
-            self.deliver_read(batches).await?;
+            self.deliver_read(r.batches).await?;
         }
     }
 

@@ -80,6 +80,11 @@ impl Holders {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether this node holds no replica (no copy of the nodes made).
+    pub fn is_set(&self) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     pub fn set(&self, nodes: Option<Vec<u64>>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = nodes;
     }

@@ -133,7 +133,8 @@ impl Catalog {
     }
 
     /// Node `id` (at `addr`) joins: it becomes one of the nodes, and every topic held by every
-    /// node before (and each of its consumer groups) gains a replica on it. `known`: the
+    /// node before, and every consumer group held by every node (whatever its topic's
+    /// placement), gains a replica on it. `known`: the
     /// nodes as the proposer knew them, for a catalog that has none yet.
     fn add_node(&mut self, id: u64, addr: String, known: Vec<(u64, String)>) {
         if self.nodes.is_empty() {
@@ -143,18 +144,19 @@ impl Catalog {
             return;
         }
         let before: Vec<u64> = self.nodes.keys().copied().collect();
+        let after: Vec<u64> = before.iter().copied().chain([id]).collect();
         for t in self.topics.values_mut() {
             let everywhere =
                 (0..t.config.partitions).all(|p| same_nodes(t.replicas_of(p), &before));
-            if !everywhere {
-                continue;
+            if everywhere {
+                t.replicas = after.clone();
+                t.placement = Vec::new();
+                t.moved = true;
             }
-            t.replicas = before.iter().copied().chain([id]).collect();
-            t.placement = Vec::new();
-            t.moved = true;
+            // A consumer group's Raft group is on every node, whatever its topic's placement.
             for g in t.consumer_groups.values_mut() {
                 if same_nodes(&g.replicas, &before) {
-                    g.replicas = t.replicas.clone();
+                    g.replicas = after.clone();
                     g.moved = true;
                 }
             }
@@ -617,14 +619,16 @@ mod tests {
         };
         apply(&mut catalog, topic("all", 2, Vec::new()));
         apply(&mut catalog, topic("placed", 3, place(&[1, 2, 3], 3, 2, 0)));
-        let create = Command::CreateGroup {
-            topic: "all".into(),
-            incarnation: 0,
-            group: "g".into(),
-            starts: vec![0; 2],
-            replicas: vec![1, 2, 3],
-        };
-        apply(&mut catalog, create);
+        for (topic, group) in [("all", "g"), ("placed", "h")] {
+            let create = Command::CreateGroup {
+                topic: topic.into(),
+                incarnation: 0,
+                group: group.into(),
+                starts: vec![0; 3],
+                replicas: vec![1, 2, 3],
+            };
+            apply(&mut catalog, create);
+        }
         assert_eq!(catalog.node_ids(&[1, 2, 3]), vec![1, 2, 3]);
 
         let add = Command::AddNode {
@@ -643,11 +647,13 @@ mod tests {
         assert_eq!(groups["all/1"], vec![1, 2, 3, 4]);
         assert_eq!(groups["all:g#0"], vec![1, 2, 3, 4]);
         assert!(catalog.topics["all"].moved && catalog.topics["all"].consumer_groups["g"].moved);
-        // On some nodes: untouched.
+        // On some nodes: untouched; its consumer group, on every node, gains the new one.
         assert_eq!(groups["placed/0"], vec![1, 2]);
         assert_eq!(groups["placed/1"], vec![1, 3]);
         assert_eq!(groups["placed/2"], vec![2, 3]);
         assert!(!catalog.topics["placed"].moved);
+        assert_eq!(groups["placed:h#1"], vec![1, 2, 3, 4]);
+        assert!(catalog.topics["placed"].consumer_groups["h"].moved);
 
         // Node 1 removed: "all" leaves it; each replica of "placed" on it moves to the node with
         // the fewest replicas (4: two, against 2 and 3's four), the factor kept.
@@ -673,6 +679,7 @@ mod tests {
             vec![2, 3],
             "a partition not on node 1 stays"
         );
+        assert_eq!(groups["placed:h#1"], vec![2, 3, 4]);
         assert!(catalog.topics["placed"].moved);
         // Node 4 removed too: a partition whose other replica is on 2 goes to 3 and the other
         // way round; "placed/2" is on both already, so it is held by the nodes left.

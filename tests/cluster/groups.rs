@@ -55,6 +55,7 @@ fn running(addrs: &Mutex<Vec<Option<String>>>, first: usize) -> Option<String> {
 /// (nacks the poison ones) through the same node (the next ones when that fails), and
 /// subscribes again, through the next running node, whenever its stream ends; until `done`.
 async fn member(
+    topic: &'static str,
     k: usize,
     addrs: Arc<Mutex<Vec<Option<String>>>>,
     history: Arc<Mutex<GroupHistory>>,
@@ -73,7 +74,7 @@ async fn member(
         let mut client = BrokerClient::new(channel);
         let subscribed = client
             .subscribe(pb::SubscribeRequest {
-                topic: TOPIC.into(),
+                topic: topic.into(),
                 group: GROUP.into(),
                 max_in_flight: 8,
                 ..pb::SubscribeRequest::default()
@@ -100,7 +101,7 @@ async fn member(
                     .unwrap()
                     .delivered
                     .push((value.clone(), d.attempt));
-                settle(&addrs, turn, &value, d.ack_id, &history).await;
+                settle(topic, &addrs, turn, &value, d.ack_id, &history).await;
             }
         }
     }
@@ -113,8 +114,9 @@ pub(super) struct Members {
 }
 
 impl Members {
-    /// `n` members recording into `history`.
+    /// `n` members of the group on `topic`, recording into `history`.
     pub(super) fn spawn(
+        topic: &'static str,
         n: usize,
         addrs: &Arc<Mutex<Vec<Option<String>>>>,
         history: &Arc<Mutex<GroupHistory>>,
@@ -123,7 +125,7 @@ impl Members {
         let tasks = (0..n)
             .map(|k| {
                 let (addrs, history) = (Arc::clone(addrs), Arc::clone(history));
-                tokio::spawn(member(k, addrs, history, stopped.clone()))
+                tokio::spawn(member(topic, k, addrs, history, stopped.clone()))
             })
             .collect();
         Members { done, tasks }
@@ -185,6 +187,7 @@ impl Members {
 /// Acks (nacks a poison message) through the first running node from `first`, trying the
 /// next ones while it fails; records an ack that applied.
 async fn settle(
+    topic: &str,
     addrs: &Mutex<Vec<Option<String>>>,
     first: usize,
     value: &str,
@@ -203,7 +206,7 @@ async fn settle(
             let nacked = client
                 .nack(pb::NackRequest {
                     group: GROUP.into(),
-                    topic: TOPIC.into(),
+                    topic: topic.into(),
                     ack_ids: vec![ack_id.clone()],
                     delay_ms: 0,
                 })
@@ -215,7 +218,7 @@ async fn settle(
             let acked = client
                 .ack(pb::AckRequest {
                     group: GROUP.into(),
-                    topic: TOPIC.into(),
+                    topic: topic.into(),
                     ack_ids: vec![ack_id.clone()],
                 })
                 .await;
@@ -316,7 +319,7 @@ async fn describe_topic(addr: &str, name: &str) -> Result<pb::DescribeTopicRespo
 }
 
 /// Waits until `n` acks applied (or `DEADLINE`), saying which step stalled.
-async fn acked_at_least(history: &Mutex<GroupHistory>, n: usize, what: &str) {
+pub(super) async fn acked_at_least(history: &Mutex<GroupHistory>, n: usize, what: &str) {
     let reached = tokio::time::timeout(DEADLINE, async {
         while history.lock().unwrap().settled() < n {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -365,7 +368,7 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
                 .unwrap();
         }
         let history = Arc::new(Mutex::new(GroupHistory::default()));
-        let members = Members::spawn(4, &cluster.addrs, &history);
+        let members = Members::spawn(TOPIC, 4, &cluster.addrs, &history);
         let good = (MESSAGES - MESSAGES / POISON) as usize;
         acked_at_least(&history, good / 6, "before any fault").await;
 

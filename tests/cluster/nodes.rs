@@ -1,6 +1,6 @@
 //! Changing the cluster's nodes under load: a fourth node added (`sluice cluster add-node`) while
 //! 16 producers send ids through random nodes to a topic held by every node, 4 more to a topic
-//! held by two nodes of each partition, and a consumer group acks; then the first node removed
+//! held by two nodes of each partition, and a consumer group on each acks; then the first node removed
 //! (`remove-node`: the second topic's replicas on it move to another node) and stopped, then
 //! the second restarted with its founding configuration: nothing acknowledged lost or stored
 //! twice, no ack forgotten, no Send refused by a running node; and what the two commands
@@ -72,8 +72,15 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
                 produce_ids(PAIRS, p + 100, a, h, k, s)
             });
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
-        let members = groups::Members::spawn(2, &cluster.addrs, &consumed);
+        let members = groups::Members::spawn(TOPIC, 2, &cluster.addrs, &consumed);
+        // The same group on the pairs: its Raft group on every node, each partition read from
+        // the nodes holding it by the node leading the group.
+        let pairs_consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
+        let pair_members = groups::Members::spawn(PAIRS, 2, &cluster.addrs, &pairs_consumed);
         progress(&acks, 100, "before the changes").await;
+        // Both groups exist (their first Subscribe created them) before the voters are looked at.
+        groups::acked_at_least(&consumed, 1, "the group on the first topic").await;
+        groups::acked_at_least(&pairs_consumed, 1, "the group on the pairs").await;
 
         // Refused, changing nothing: an id in use, an address in use, a node that does not
         // run, an unknown node to remove.
@@ -116,7 +123,7 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
             "the group is listed: {now:?}"
         );
         for (group, v) in &now {
-            if group.starts_with(PAIRS) {
+            if group.starts_with(&format!("{PAIRS}/")) {
                 assert_eq!(Some(v), before.get(group), "{group} after add-node");
             } else {
                 assert_eq!(*v, all, "{group} after add-node");
@@ -140,12 +147,14 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         let rest: BTreeSet<u64> = [2, 3, 4].into();
         for (group, v) in voters(&cluster.addr(3)).await {
             match before.get(&group) {
-                Some(was) if group.starts_with(PAIRS) && was.contains(&1) => {
+                Some(was) if group.starts_with(&format!("{PAIRS}/")) && was.contains(&1) => {
                     let moved: BTreeSet<u64> =
                         was.iter().map(|&n| if n == 1 { 4 } else { n }).collect();
                     assert_eq!(v, moved, "{group} after remove-node");
                 }
-                Some(was) if group.starts_with(PAIRS) => assert_eq!(&v, was, "{group} stays"),
+                Some(was) if group.starts_with(&format!("{PAIRS}/")) => {
+                    assert_eq!(&v, was, "{group} stays")
+                }
                 _ => assert_eq!(v, rest, "{group} after remove-node"),
             }
         }
@@ -175,8 +184,11 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         // each node serves them, from its own replica or from its pair's).
         ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         ids_stored_once(&cluster, PAIRS, partitions, &paired).await;
-        // The group acknowledged every acknowledged id, none twice.
+        // Each group acknowledged every acknowledged id, none twice.
         let consumed = members.acked_every_id_once(&consumed, &history).await;
+        let pairs_consumed = pair_members
+            .acked_every_id_once(&pairs_consumed, &paired)
+            .await;
         let refused: Vec<&String> = (history.errors.keys())
             .chain(paired.errors.keys())
             .filter(|e| !e.starts_with(STOPPING))
@@ -185,14 +197,16 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
 
         eprintln!(
             "nodes changed under load: {} acknowledged, the slowest Send {:?}; errors: {:#?}; \
-             the group: {} acked; the pairs: {} acknowledged, the slowest {:?}, errors {:#?}",
+             the group: {} acked; the pairs: {} acknowledged, the slowest {:?}, errors {:#?}, \
+             {} acked by their group",
             history.acked.len(),
             history.slowest_ack,
             history.errors,
             consumed.acked.len(),
             paired.acked.len(),
             paired.slowest_ack,
-            paired.errors
+            paired.errors,
+            pairs_consumed.acked.len()
         );
     });
 }

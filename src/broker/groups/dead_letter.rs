@@ -152,14 +152,14 @@ impl GroupTopic {
             // A crash came between the DLQ append and the final event.
             return self.finish_dead_letter(p, d.offset).await;
         }
-        let partition = &self.topic.partitions[p as usize];
-        let record = match partition.read_record(d.offset).await {
+        let record = match self.record_at(p, d.offset).await {
             Ok(record) => record,
             // Removed by retention (or lost with an unsynced tail on one node): the dead letter
-            // carries the headers only. On a cluster a record past this replica's end is not
-            // applied here yet: the error has the dead-lettering tried again shortly.
-            Err(Error::Storage(storage::Error::OffsetOutOfRange { .. }))
-                if !(by_id && d.offset >= partition.log.log_start()) =>
+            // carries the headers only. On a cluster a record past this replica's end (or the
+            // end of the node it was read from) is not applied there yet: the error has the
+            // dead-lettering tried again shortly.
+            Err(Error::Storage(storage::Error::OffsetOutOfRange { start, .. }))
+                if !(by_id && d.offset >= start) =>
             {
                 None
             }

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::storage::{self};
+use crate::storage::{self, StoredRecord};
 
 use crate::broker::error::{Error, Result};
 use crate::broker::message::{Deliveries, Delivery};
+use crate::broker::remote::{REMOTE_WAIT, RemoteLog};
 use crate::broker::topic::read_record;
 
 use super::events::Event;
@@ -23,6 +24,12 @@ const READ_AHEAD_BYTES: usize = 256 << 10;
 const ROUND_QUOTA: usize = 512;
 /// How soon a round that failed (dead-lettering, reading) is tried again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// How soon a partition read from other nodes is read again after no holder answered.
+const REMOTE_RETRY: Duration = Duration::from_millis(500);
+
+/// A read-ahead: where it started, the offset after it, its records, and for a partition read
+/// from other nodes the end the node that answered has.
+type AheadRead = (u64, u64, Vec<StoredRecord>, Option<u64>);
 
 impl GroupTopic {
     pub(super) async fn run(self: Arc<Self>) {
@@ -93,13 +100,16 @@ impl GroupTopic {
             // The next read starts when less than one read is left, also while every member is
             // full: it is in when their acks come. At most two reads' worth is held.
             let mut refill = Vec::new();
+            // A partition read from other nodes always has a read under way (it waits there
+            // at the end of the log for more).
             let members = !st.members.is_empty();
             for (p, part) in st.parts.iter_mut().enumerate() {
                 if members
                     && part.blocked.is_none()
                     && part.reading.is_none()
                     && part.lookahead_bytes < READ_AHEAD_BYTES
-                    && part.read_pos < self.topic.partitions[p].log.high_water()
+                    && (self.is_remote(p as u32)
+                        || part.read_pos < self.topic.partitions[p].log.high_water())
                 {
                     part.reading = Some(part.read_pos);
                     refill.push((p as u32, part.read_pos));
@@ -128,12 +138,15 @@ impl GroupTopic {
             self.tasks
                 .spawn(async move { me.read_ahead(p, from).await });
         }
-        if fetch.is_empty() {
+        let (remote, fetch): (Vec<_>, Vec<_>) =
+            fetch.into_iter().partition(|&(p, _)| self.is_remote(p));
+        let mut fetched = self.fetch_remote(remote).await;
+        if fetch.is_empty() && fetched.is_empty() {
             return Ok(());
         }
         let topic = Arc::clone(&self.topic);
         let replicated = self.log.is_replicated();
-        let (fetched, damaged) = tokio::task::spawn_blocking(move || {
+        let (fetched_here, damaged) = tokio::task::spawn_blocking(move || {
             let mut fetched = Vec::new();
             let mut damaged = Vec::new();
             for (p, offset) in fetch {
@@ -160,6 +173,7 @@ impl GroupTopic {
         })
         .await
         .map_err(|e| Error::Internal(format!("group read task: {e}")))??;
+        fetched.extend(fetched_here);
         let mut st = lock(&self.state);
         for (p, at, why) in damaged {
             tracing::error!(group = %self.group, error = %why, "group redelivery stopped at damage");
@@ -184,11 +198,45 @@ impl GroupTopic {
         Ok(())
     }
 
-    /// Reads the records after a partition's look-ahead, on the blocking pool, while the
-    /// dispatcher goes on assigning what it has; wakes the dispatcher when they are in. Started
-    /// when the look-ahead runs low, so that deliveries rarely wait for the disk.
+    /// The records at due pending offsets of partitions read from other nodes, as
+    /// [`GroupTopic::fill`] takes them (`None`: gone from the log). One that cannot be read
+    /// now (no holder answers, or it is past the end a holder has applied) is left out: it is
+    /// fetched again at the next round.
+    async fn fetch_remote(&self, due: Vec<(u32, u64)>) -> Vec<(u32, u64, Option<StoredRecord>)> {
+        let mut fetched = Vec::new();
+        for (p, offset) in due {
+            match self.record_at(p, offset).await {
+                Ok(record) => fetched.push((p, offset, record)),
+                Err(Error::Storage(storage::Error::OffsetOutOfRange { start, .. }))
+                    if offset < start =>
+                {
+                    fetched.push((p, offset, None));
+                }
+                Err(e) => {
+                    tracing::debug!(group = %self.group, partition = p, offset, error = %e, "redelivery not read from the partition's nodes yet");
+                }
+            }
+        }
+        fetched
+    }
+
+    /// Reads the records after a partition's look-ahead, on the blocking pool (or from the
+    /// nodes holding it), while the dispatcher goes on assigning what it has; wakes the
+    /// dispatcher when they are in. Started when the look-ahead runs low, so that deliveries
+    /// rarely wait for the disk.
     pub(super) async fn read_ahead(self: Arc<Self>, p: u32, from: u64) {
         if self.stop.is_cancelled() {
+            return;
+        }
+        if let Some(remote) = self.remote_log(p) {
+            let read = self.read_remote(&remote, from).await;
+            if read.is_err() && !self.stop.is_cancelled() {
+                // No holder answered: tried again a little later, not in a tight loop.
+                tokio::time::sleep(REMOTE_RETRY).await;
+            }
+            self.read_done(p, from, read);
+            // Also after a failed read (which wakes no one): the next round reads again.
+            self.wake.notify_one();
             return;
         }
         let topic = Arc::clone(&self.topic);
@@ -213,14 +261,56 @@ impl GroupTopic {
         .await
         .map_err(|e| Error::Internal(format!("group read task: {e}")))
         .and_then(|r| r);
+        self.read_done(
+            p,
+            from,
+            read.map(|(start, next, records)| (start, next, records, None)),
+        );
+    }
+
+    /// One read of partition `p` from the nodes holding it, from `from` (or its first offset,
+    /// when retention removed `from`): what [`GroupTopic::read_done`] takes, with the end the
+    /// node that answered has.
+    async fn read_remote(&self, remote: &RemoteLog, from: u64) -> Result<AheadRead> {
+        let read = match remote.batches(from, READ_AHEAD_BYTES, REMOTE_WAIT).await {
+            Err(Error::Storage(storage::Error::OffsetOutOfRange { start, .. })) if from < start => {
+                remote
+                    .batches(start, READ_AHEAD_BYTES, Duration::ZERO)
+                    .await?
+            }
+            read => read?,
+        };
+        let start = from.max(read.log_start);
+        let mut records = Vec::new();
+        let mut next = start;
+        for batch in &read.batches {
+            for r in batch.records() {
+                let r = r.map_err(|why| {
+                    Error::Internal(format!("undecodable record in a valid batch: {why}"))
+                })?;
+                if r.offset >= start {
+                    records.push(r);
+                }
+            }
+            next = next.max(batch.header().next_offset());
+        }
+        Ok((start, next, records, Some(read.high_water)))
+    }
+
+    /// Takes a read-ahead's records (start, next offset, records, and for a partition read
+    /// from other nodes its end) into partition `p`'s look-ahead, and wakes the dispatcher.
+    fn read_done(&self, p: u32, from: u64, read: Result<AheadRead>) {
         let mut st = lock(&self.state);
         let part = &mut st.parts[p as usize];
         if part.reading == Some(from) {
             part.reading = None;
         }
+        if let Ok((_, _, _, Some(end))) = &read {
+            part.remote_end = *end;
+        }
         match read {
             // A reset (or another read) moved the look-ahead on while this one ran: stale.
-            Ok((start, next, records)) if part.read_pos == from => {
+            Ok((start, next, records, _)) if part.read_pos == from => {
                 if part.lookahead.is_empty() && part.cursor < start {
                     // Retention removed what the cursor pointed at. (With records still in the
                     // look-ahead, the cursor is behind `start` and moves on as they go out.)

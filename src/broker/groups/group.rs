@@ -12,9 +12,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::error::{Error, Result};
 use crate::broker::message::Start;
+use crate::broker::remote::RemoteLog;
 use crate::broker::send::DeadLetterAppender;
-use crate::broker::topic::Topic;
+use crate::broker::topic::{PartitionHandle, Topic};
+use crate::replication::write::Forwarder;
 use crate::storage::FsyncPolicy;
+use crate::storage::StoredRecord;
 
 use super::event_log::{EventLog, Then};
 use super::events::Event;
@@ -38,6 +41,8 @@ pub struct Provided {
     pub settings: GroupSettings,
     pub dead_letters: DeadLetterAppender,
     pub tasks: TaskTracker,
+    /// Cluster mode: how partitions this node holds no replica of are read.
+    pub remote: Option<Arc<Forwarder>>,
 }
 
 impl GroupSettings {
@@ -106,6 +111,8 @@ pub struct GroupTopic {
     pub(super) ended: Arc<Mutex<Option<String>>>,
     /// Bytes of events since the last snapshot.
     pub(super) since_snapshot: std::sync::atomic::AtomicU64,
+    /// Cluster mode: how partitions this node holds no replica of are read.
+    pub(super) remote: Option<Arc<Forwarder>>,
 }
 
 impl std::fmt::Debug for GroupTopic {
@@ -130,6 +137,56 @@ pub fn ack_id(partition: u32, offset: u64) -> String {
 }
 
 impl GroupTopic {
+    /// Cluster mode: partition `p`, when this node holds no replica of it (read from the nodes
+    /// that do; its local log is empty).
+    pub(super) fn remote_log(&self, p: u32) -> Option<RemoteLog> {
+        let forwarder = self.remote.as_ref()?;
+        RemoteLog::of(
+            &self.topic,
+            self.topic.partitions.get(p as usize)?,
+            forwarder,
+        )
+    }
+
+    /// Whether partition `p` is read from other nodes ([`GroupTopic::remote_log`]).
+    pub(super) fn is_remote(&self, p: u32) -> bool {
+        self.remote.is_some()
+            && self
+                .topic
+                .partitions
+                .get(p as usize)
+                .is_some_and(|h| h.remote.is_set())
+    }
+
+    /// The record at `offset` of partition `p`, from this node's copy or, cluster mode, from
+    /// the nodes holding it ([`PartitionHandle::read_record`]).
+    pub(super) async fn record_at(&self, p: u32, offset: u64) -> Result<Option<StoredRecord>> {
+        match self.remote_log(p) {
+            Some(remote) => remote.record(offset).await,
+            None => self.handle(p)?.read_record(offset).await,
+        }
+    }
+
+    /// Where a reader of partition `p` starting at `start` begins, as this node's copy or,
+    /// cluster mode, a node holding it places it.
+    pub(super) async fn start_offset(&self, p: u32, start: Start) -> Result<u64> {
+        match self.remote_log(p) {
+            Some(remote) => remote.start_offset(start).await,
+            None => self.handle(p)?.start_offset(start).await,
+        }
+    }
+
+    fn handle(&self, p: u32) -> Result<&Arc<PartitionHandle>> {
+        self.topic
+            .partitions
+            .get(p as usize)
+            .ok_or_else(|| Error::PartitionNotFound {
+                topic: self.topic.name.to_string(),
+                partition: p,
+                count: self.topic.partitions.len() as u32,
+            })
+    }
+
     /// Starts the dispatcher and the partition watchers; they end with `stop`.
     pub(crate) fn start(self: &Arc<Self>) {
         let tracker = &self.tasks;
@@ -259,7 +316,7 @@ impl GroupTopic {
         for handle in &self.topic.partitions {
             let chosen = only.is_empty() || only.contains(&handle.id);
             cursors.push(if chosen {
-                handle.start_offset(to).await?
+                self.start_offset(handle.id, to).await?
             } else {
                 0
             });
@@ -335,7 +392,10 @@ impl GroupTopic {
                 .iter()
                 .enumerate()
                 .map(|(p, part)| {
-                    let end = self.topic.partitions[p].log.high_water();
+                    let end = match self.is_remote(p as u32) {
+                        true => part.remote_end,
+                        false => self.topic.partitions[p].log.high_water(),
+                    };
                     let committed = part.committed();
                     GroupPartitionDescription {
                         partition: p as u32,

@@ -15,6 +15,7 @@ use crate::broker::error::{Error, Result};
 use crate::broker::message::{DeliveryBatch, Start};
 use crate::broker::send::DeadLetterAppender;
 use crate::broker::topics::Topics;
+use crate::replication::write::Forwarder;
 use crate::storage::{self, validate_group_name};
 
 use super::group::{GroupSettings, GroupTopic, GroupTopicDescription, Provided, parse_ack_id};
@@ -39,6 +40,8 @@ pub struct Groups {
     /// the cluster layer as leadership comes and goes; nothing is opened here on demand (the
     /// event logs are Raft logs, written through their groups).
     led_only: bool,
+    /// Cluster mode: how partitions this node holds no replica of are read.
+    remote: Option<Arc<Forwarder>>,
 }
 
 impl Groups {
@@ -57,12 +60,15 @@ impl Groups {
             tasks,
             shutdown,
             led_only: false,
+            remote: None,
         }
     }
 
-    /// Cluster mode: groups are led, not opened, here (see [`Groups::install`]).
-    pub fn led_only(mut self) -> Groups {
+    /// Cluster mode: groups are led, not opened, here (see [`Groups::install`]); partitions
+    /// this node holds no replica of are read through `remote`.
+    pub fn led_only(mut self, remote: Arc<Forwarder>) -> Groups {
         self.led_only = true;
+        self.remote = Some(remote);
         self
     }
 
@@ -72,6 +78,7 @@ impl Groups {
             settings: self.settings.clone(),
             dead_letters: self.dead_letters.clone(),
             tasks: self.tasks.clone(),
+            remote: self.remote.clone(),
         }
     }
 

@@ -44,6 +44,7 @@ impl GroupTopic {
             settings,
             dead_letters,
             tasks,
+            remote,
         } = provided;
         let config = LogConfig {
             queue_depth: 1 << 16,
@@ -117,6 +118,7 @@ impl GroupTopic {
             stop: CancellationToken::new(),
             ended: Arc::default(),
             since_snapshot: std::sync::atomic::AtomicU64::new(0),
+            remote,
         });
         if fresh {
             let events: Vec<Event> = snapshots

@@ -60,6 +60,8 @@ pub(super) struct PState {
     pub(super) ack_timeouts: u64,
     /// Reads stopped at a damaged batch: where and why. Cleared by a reset.
     pub(super) blocked: Option<Blocked>,
+    /// Cluster mode, a partition read from other nodes: its end as one of them last said.
+    pub(super) remote_end: u64,
 }
 
 /// A partition's deliveries stopped at damage.
