@@ -16,6 +16,7 @@
 //! | [`refusals`]      | failed authentications and denials counted and summarised per source |
 //! | [`cluster`]       | cluster mode: the metadata group, the partitions' groups, the cluster port |
 //! | [`consumers`]     | cluster mode: consumer groups, each replicated by a Raft group of its own |
+//! | [`remote`]        | cluster mode: reading a partition held only by other nodes           |
 //! | [`upgrade`]       | a single node's data directory turned into a cluster node's, once   |
 //! | [`message`]       | the vocabulary: messages, positions, deliveries                     |
 //! | [`settings`]      | what the broker uses of the configuration                           |
