@@ -243,19 +243,7 @@ impl GroupTopic {
         let read = tokio::task::spawn_blocking(move || {
             let log = &topic.partitions[p as usize].log;
             let start = from.max(log.log_start());
-            let mut records = Vec::new();
-            let mut next = start;
-            for batch in log.read(start, READ_AHEAD_BYTES)? {
-                for r in batch.records() {
-                    let r = r.map_err(|why| {
-                        Error::Internal(format!("undecodable record in a valid batch: {why}"))
-                    })?;
-                    if r.offset >= start {
-                        records.push(r);
-                    }
-                }
-                next = next.max(batch.header().next_offset());
-            }
+            let (next, records) = records_from(start, &log.read(start, READ_AHEAD_BYTES)?)?;
             Ok::<_, Error>((start, next, records))
         })
         .await
@@ -281,19 +269,7 @@ impl GroupTopic {
             read => read?,
         };
         let start = from.max(read.log_start);
-        let mut records = Vec::new();
-        let mut next = start;
-        for batch in &read.batches {
-            for r in batch.records() {
-                let r = r.map_err(|why| {
-                    Error::Internal(format!("undecodable record in a valid batch: {why}"))
-                })?;
-                if r.offset >= start {
-                    records.push(r);
-                }
-            }
-            next = next.max(batch.header().next_offset());
-        }
+        let (next, records) = records_from(start, &read.batches)?;
         Ok((start, next, records, Some(read.high_water)))
     }
 
@@ -544,4 +520,22 @@ impl GroupTopic {
         // Everything before the snapshot is no longer needed.
         self.log.drop_below(log_offset)
     }
+}
+
+/// The records at or after `start` in `batches` (read from `start`), and the offset after them.
+fn records_from(start: u64, batches: &[storage::Batch]) -> Result<(u64, Vec<StoredRecord>)> {
+    let mut records = Vec::new();
+    let mut next = start;
+    for batch in batches {
+        for r in batch.records() {
+            let r = r.map_err(|why| {
+                Error::Internal(format!("undecodable record in a valid batch: {why}"))
+            })?;
+            if r.offset >= start {
+                records.push(r);
+            }
+        }
+        next = next.max(batch.header().next_offset());
+    }
+    Ok((next, records))
 }
