@@ -7,17 +7,17 @@
 //! - **A partition's group** (`<topic>/<partition>`) writes the partition's own log: a Send is a
 //!   proposal, answered once committed on a majority and applied here ([`PartitionHandle`]'s
 //!   `replica`).
-//! - **Forming**: every founding node initialises each group with the same members (all peers;
-//!   this version places every partition on every node), which openraft allows: the first entry
-//!   is the same everywhere, and an election follows once a majority is up.
+//! - **Forming**: every founding node of a group initialises it with the same members (the
+//!   nodes the catalog places its replicas on), which openraft allows: the first entry is the
+//!   same everywhere, and an election follows once a majority is up.
 //!
 //! - **Deleting a topic** goes through the metadata group too; each creation of a name is an
 //!   incarnation, part of its groups' names ([`group_name`]), so the groups of a name created
 //!   again never meet the old ones on a node that slept through it.
 //!
-//! What is not replicated yet is refused by the broker in cluster mode (consumer groups on a
-//! topic held by fewer nodes than the cluster): see
-//! docs/replication.md. Message ids are checked by each partition's leader
+//! A partition this node holds no replica of is served through the nodes that do (Sends
+//! forwarded to its leader, reads through `super::remote`). Message ids are checked by each
+//! partition's leader
 //! ([`super::id_check`]); every replica learns the ids of what it applies
 //! ([`Cluster::id_hooks`]). Retention and key compaction are replicated: each partition's
 //! leader proposes them periodically, and any node on demand (`Compact`) through the leader
