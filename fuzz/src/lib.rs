@@ -78,7 +78,17 @@ pub fn copy_of(from: &Path) -> tempfile::TempDir {
     let to = scratch();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
+        // libFuzzer's timer signal can interrupt the copy (`std::fs::copy` does not retry):
+        // copied again whole.
+        loop {
+            match std::fs::copy(e.path(), to.path().join(e.file_name())) {
+                Err(x) if x.kind() == std::io::ErrorKind::Interrupted => continue,
+                copied => {
+                    copied.unwrap();
+                    break;
+                }
+            }
+        }
     }
     to
 }

@@ -229,10 +229,18 @@ impl GroupTopic {
             return;
         }
         if let Some(remote) = self.remote_log(p) {
-            let read = self.read_remote(&remote, from).await;
-            if read.is_err() && !self.stop.is_cancelled() {
+            // A read waits up to a second at the end of the log there (longer while no holder
+            // answers): the group's stop does not wait for it.
+            let read = tokio::select! {
+                read = self.read_remote(&remote, from) => read,
+                () = self.stop.cancelled() => return,
+            };
+            if read.is_err() {
                 // No holder answered: tried again a little later, not in a tight loop.
-                tokio::time::sleep(REMOTE_RETRY).await;
+                tokio::select! {
+                    () = tokio::time::sleep(REMOTE_RETRY) => {}
+                    () = self.stop.cancelled() => return,
+                }
             }
             self.read_done(p, from, read);
             // Also after a failed read (which wakes no one): the next round reads again.

@@ -162,7 +162,11 @@ impl GroupTopic {
     /// the nodes holding it ([`PartitionHandle::read_record`]).
     pub(super) async fn record_at(&self, p: u32, offset: u64) -> Result<Option<StoredRecord>> {
         match self.remote_log(p) {
-            Some(remote) => remote.record(offset).await,
+            // Not waited for once the group stops (no holder may answer for a while).
+            Some(remote) => tokio::select! {
+                record = remote.record(offset) => record,
+                () = self.stop.cancelled() => Err(Error::ShuttingDown),
+            },
             None => self.handle(p)?.read_record(offset).await,
         }
     }
