@@ -103,8 +103,10 @@ pub struct Cluster {
     /// Partitions that applied a compaction point, with their topic's `delete_retention_ms`:
     /// their compaction to it is due.
     compacted: mpsc::UnboundedSender<(Arc<Partition>, u64)>,
-    /// Runs the id indexes' background writes.
+    /// Runs the id indexes' background writes, and the watches of replicas moving here.
     tasks: TaskTracker,
+    /// The broker's shutdown: the tasks on `tasks` end with it.
+    stopping: CancellationToken,
     /// What `/metrics` reads of each partition group this node runs, by name.
     observed: Mutex<HashMap<String, Observed>>,
     /// Stops the cluster port: at the end of [`Cluster::shutdown`], not with the broker's
@@ -265,6 +267,7 @@ impl Cluster {
             trimmed,
             compacted,
             tasks: tasks.clone(),
+            stopping: shutdown.clone(),
             observed: Mutex::default(),
             port_stop: CancellationToken::new(),
             port_tasks: TaskTracker::new(),
@@ -934,6 +937,7 @@ impl Cluster {
     /// its group's leader makes this node a voter (within 64 entries of the leader).
     fn serve_once_voter(&self, handle: &Arc<PartitionHandle>, raft: &Raft<PartitionRaft>) {
         let (handle, mut metrics, me) = (Arc::clone(handle), raft.metrics(), self.members.node_id);
+        let stopping = self.stopping.clone();
         self.tasks.spawn(async move {
             let voter = metrics.wait_for(|m| {
                 m.membership_config
@@ -941,8 +945,12 @@ impl Cluster {
                     .voter_ids()
                     .any(|v| v == me)
             });
-            if voter.await.is_ok() {
-                handle.remote.set(None);
+            // The broker waits for its tasks before it stops the groups: not for this one.
+            tokio::select! {
+                voted = voter => if voted.is_ok() {
+                    handle.remote.set(None);
+                },
+                () = stopping.cancelled() => {}
             }
         });
     }
