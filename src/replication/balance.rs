@@ -7,8 +7,11 @@
 //! always possible (no partition of the first has a replica on the second); then a chain of
 //! moves does it (A's partition to B, one of B's to C). The plan finds such chains as shortest
 //! paths, one unit of overload at a time, so it reaches every node within its share whenever
-//! the replicas allow it, and otherwise stops where no chain is left (each chain lowers one
-//! overloaded node by one and raises only a node below its share, so it ends).
+//! the replicas allow it (each chain lowers one overloaded node by one and raises only a node
+//! below its share). Where they do not, it goes on with chains from an overloaded node to one
+//! leading at least two fewer (each lowers the first by one and raises the last to at most one
+//! below where the first was, so the sum of the squared loads falls and it ends): with none
+//! left, no choice of leaders has a lower largest load.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -55,7 +58,18 @@ pub fn plan(nodes: &[u64], groups: &[Led]) -> Vec<Move> {
         let path = leads
             .iter()
             .filter(|(_, l)| l.len() > cap)
-            .find_map(|(&over, _)| chain(&leads, groups, over, cap));
+            .find_map(|(&over, _)| chain(&leads, groups, over, cap))
+            .or_else(|| {
+                // No node below its share is in reach: the most loaded first, to one leading
+                // at least two fewer.
+                let mut over: Vec<(usize, u64)> = (leads.iter())
+                    .filter(|(_, l)| l.len() > cap)
+                    .map(|(&n, l)| (l.len(), n))
+                    .collect();
+                over.sort_unstable_by(|a, b| b.cmp(a));
+                over.into_iter()
+                    .find_map(|(load, n)| chain(&leads, groups, n, load - 1))
+            });
         let Some(path) = path else {
             return moves;
         };
@@ -74,8 +88,8 @@ pub fn plan(nodes: &[u64], groups: &[Led]) -> Vec<Move> {
     }
 }
 
-/// The shortest chain of moves `(group, from, to)` from node `start` to a node below `cap`,
-/// each moving a group its `from` leads to another replica of it.
+/// The shortest chain of moves `(group, from, to)` from node `start` to a node leading fewer
+/// than `cap`, each moving a group its `from` leads to another replica of it.
 fn chain(
     leads: &BTreeMap<u64, Vec<usize>>,
     groups: &[Led],
@@ -230,6 +244,24 @@ mod tests {
             loads[k] -= 1;
         }
         best
+    }
+
+    /// Found by the property below (CI, a random seed): node 1 is at its share (2) and node 3
+    /// holds no replica, so no chain reaches a node below the share; moving one of the groups
+    /// on nodes 1 and 2 to node 1 still lowers the largest load from 4 to 3.
+    #[test]
+    fn a_node_above_its_share_is_lowered_even_when_no_node_below_it_is_in_reach() {
+        let nodes = [1, 2, 3];
+        let groups = [
+            led("g0", 2, &[2]),
+            led("g1", 1, &[1]),
+            led("g2", 2, &[1, 2]),
+            led("g3", 2, &[2]),
+            led("g4", 1, &[1]),
+            led("g5", 2, &[1, 2]),
+        ];
+        let counts = apply(&nodes, &mut groups.clone(), &plan(&nodes, &groups));
+        assert_eq!(counts.values().copied().max(), Some(3), "{counts:?}");
     }
 
     proptest! {
