@@ -183,6 +183,19 @@ fn ack_ids(u: &mut Unstructured) -> arbitrary::Result<Vec<String>> {
         .collect()
 }
 
+/// A list of partitions to choose (empty: all of them).
+fn partitions(u: &mut Unstructured) -> arbitrary::Result<Vec<u32>> {
+    (0..u.int_in_range(0..=3usize)?).map(|_| small(u)).collect()
+}
+
+/// A group name, or none (a plain subscription).
+fn name_or_none(u: &mut Unstructured) -> arbitrary::Result<String> {
+    match bool::arbitrary(u)? {
+        true => name(u),
+        false => Ok(String::new()),
+    }
+}
+
 fn optional(u: &mut Unstructured) -> arbitrary::Result<Option<u64>> {
     Ok(match bool::arbitrary(u)? {
         true => Some(number(u)?),
@@ -226,14 +239,9 @@ fn structured(rpc: usize, u: &mut Unstructured) -> arbitrary::Result<Bytes> {
         }
         "/sluice.v1.Broker/Subscribe" => pb::SubscribeRequest {
             topic: name(u)?,
-            partitions: (0..u.int_in_range(0..=3usize)?)
-                .map(|_| small(u))
-                .collect::<arbitrary::Result<_>>()?,
+            partitions: partitions(u)?,
             start: start(u)?,
-            group: match bool::arbitrary(u)? {
-                true => name(u)?,
-                false => String::new(),
-            },
+            group: name_or_none(u)?,
             max_in_flight: small(u)?,
             exclusive: bool::arbitrary(u)?,
             limit: number(u)?,
@@ -283,9 +291,7 @@ fn structured(rpc: usize, u: &mut Unstructured) -> arbitrary::Result<Bytes> {
             topic: name(u)?,
             to: start(u)?,
             force: bool::arbitrary(u)?,
-            partitions: (0..u.int_in_range(0..=3usize)?)
-                .map(|_| small(u))
-                .collect::<arbitrary::Result<_>>()?,
+            partitions: partitions(u)?,
         }
         .encode_to_vec(),
         "/sluice.v1.Admin/DeleteGroup" => {
@@ -330,10 +336,7 @@ fn structured(rpc: usize, u: &mut Unstructured) -> arbitrary::Result<Bytes> {
         .encode_to_vec(),
         "/broker.Broker/Subscribe" => seed::SubscribeRequest {
             topic: name(u)?,
-            consumer_group: match bool::arbitrary(u)? {
-                true => name(u)?,
-                false => String::new(),
-            },
+            consumer_group: name_or_none(u)?,
         }
         .encode_to_vec(),
         // ListTopics, ListGroups, ClusterStatus: requests without fields.

@@ -37,7 +37,7 @@ use super::groups::{
     Relayed, ack_id, event_log_config,
 };
 use super::message::{Deliveries, Delivery, DeliveryBatch, Start};
-use super::remote::RemoteLog;
+use super::remote;
 use super::topic::Topic;
 use super::topics::Topics;
 
@@ -315,12 +315,9 @@ impl Consumers {
     /// node's copy of each partition places it), unless another creation came first.
     async fn create(&self, topic: &Arc<Topic>, group: &str, start: Start) -> Result<CatalogGroup> {
         let mut starts = Vec::with_capacity(topic.partitions.len());
+        let forwarder = Some(self.cluster.forwarder());
         for handle in &topic.partitions {
-            let forwarder = self.cluster.forwarder();
-            starts.push(match RemoteLog::of(topic, handle, forwarder) {
-                Some(remote) => remote.start_offset(start).await?,
-                None => handle.start_offset(start).await?,
-            });
+            starts.push(remote::start_offset(topic, handle, forwarder, start).await?);
         }
         let command = Command::CreateGroup {
             topic: topic.name.to_string(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::error::{Error, Result};
 use super::message::Start;
-use super::topic::{PartitionHandle, Topic};
+use super::topic::{PartitionHandle, Topic, record_in};
 use crate::proto::cluster as pb;
 use crate::replication::write::Forwarder;
 use crate::storage::record::Decoded;
@@ -19,6 +19,21 @@ pub const REMOTE_WAIT: Duration = Duration::from_secs(1);
 /// How long a read may take in all before it fails with `UNAVAILABLE` (every node holding the
 /// partition down or cut off).
 const REMOTE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Where a reader of partition `handle` of `topic` starting at `start` begins: as this node's
+/// copy places it or, for a partition this node holds no replica of (cluster mode: `forwarder`
+/// given), as a node holding it does.
+pub async fn start_offset(
+    topic: &Topic,
+    handle: &Arc<PartitionHandle>,
+    forwarder: Option<&Arc<Forwarder>>,
+    start: Start,
+) -> Result<u64> {
+    match forwarder.and_then(|f| RemoteLog::of(topic, handle, f)) {
+        Some(remote) => remote.start_offset(start).await,
+        None => handle.start_offset(start).await,
+    }
+}
 
 /// A partition read from the nodes holding it.
 pub struct RemoteLog {
@@ -131,15 +146,7 @@ impl RemoteLog {
             }
             .into());
         }
-        for batch in &read.batches {
-            for r in batch.records() {
-                let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;
-                if r.offset >= offset {
-                    return Ok((r.offset == offset).then_some(r));
-                }
-            }
-        }
-        Ok(None)
+        record_in(&read.batches, offset)
     }
 
     /// [`PartitionHandle::start_offset`], from a node holding the partition.

@@ -387,14 +387,16 @@ pub fn read_record(log: &Partition, offset: u64) -> Result<Option<StoredRecord>>
         }
         .into());
     }
-    for batch in log.read(offset, 1)? {
+    record_in(&log.read(offset, 1)?, offset)
+}
+
+/// The record at `offset` among `batches` read from it (`None`: none there, compacted away).
+pub fn record_in(batches: &[storage::Batch], offset: u64) -> Result<Option<StoredRecord>> {
+    for batch in batches {
         for r in batch.records() {
             let r = r.map_err(|why| Error::Internal(format!("undecodable record: {why}")))?;
-            if r.offset == offset {
-                return Ok(Some(r));
-            }
-            if r.offset > offset {
-                return Ok(None);
+            if r.offset >= offset {
+                return Ok((r.offset == offset).then_some(r));
             }
         }
     }

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::error::{Error, Result};
 use crate::broker::message::Start;
-use crate::broker::remote::RemoteLog;
+use crate::broker::remote::{self, RemoteLog};
 use crate::broker::send::DeadLetterAppender;
 use crate::broker::topic::{PartitionHandle, Topic};
 use crate::replication::write::Forwarder;
@@ -174,10 +174,8 @@ impl GroupTopic {
     /// Where a reader of partition `p` starting at `start` begins, as this node's copy or,
     /// cluster mode, a node holding it places it.
     pub(super) async fn start_offset(&self, p: u32, start: Start) -> Result<u64> {
-        match self.remote_log(p) {
-            Some(remote) => remote.start_offset(start).await,
-            None => self.handle(p)?.start_offset(start).await,
-        }
+        let forwarder = self.remote.as_ref();
+        remote::start_offset(&self.topic, self.handle(p)?, forwarder, start).await
     }
 
     fn handle(&self, p: u32) -> Result<&Arc<PartitionHandle>> {
