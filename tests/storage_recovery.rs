@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::common::{append_each, assert_records, open, read_all, record, small_config};
+use sluice::storage::checkpoint::Checkpoint;
+use sluice::storage::record::Decoded;
 use sluice::storage::segment::{FileKind, segment_path};
 use sluice::storage::{FsyncPolicy, LogConfig, Partition, Record};
 
@@ -292,37 +294,116 @@ fn preallocated_zeros_are_cut_by_recovery_and_by_a_clean_close_without_counting_
 /// Index files carry 24 bytes of header, the last 8 the seal (entries + 1, CRC).
 const INDEX_HEADER: usize = 24;
 
+/// After a crash the active segment's indexes carry no seal (they were growing); recovery
+/// resumes from the last checkpoint, trusting the index entries it covers only while they match
+/// the CRCs the checkpoint recorded of them. Any changed byte of those entries, in either index,
+/// is found and the index rebuilt: every record reads from its offset and every timestamp finds
+/// its record. (Before checkpoints carried those CRCs, a changed entry below the checkpoint was
+/// trusted, and a lookup by time could miss its record.)
 #[test]
-fn a_wrong_index_entry_that_passes_the_open_checks_is_caught_by_the_read_that_uses_it() {
+fn after_a_crash_a_changed_index_entry_the_checkpoint_covers_is_found_and_the_index_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    // Checkpoints every 4 KiB: after a crash, recovery trusts the active segment's index up to
-    // the last one (an index that is not sealed, as it grows).
+    // Synced as it goes, with a checkpoint every 4 KiB of log.
     let config = LogConfig {
         checkpoint_bytes: 4096,
-        ..small_config(FsyncPolicy::Never)
+        ..small_config(FsyncPolicy::Always)
     };
     let p = open(dir.path(), config.clone());
     let want = append_each(&p, (0..300).map(|i| record(i, 300)));
     let active = *p.segment_bases().last().unwrap();
+    let log_len = p.stats().active_segment_bytes;
     drop(p); // a crash
-    // An early entry's position (well before the last checkpoint) moved one byte into its
-    // batch: still increasing.
-    let index = segment_path(dir.path(), active, FileKind::Index);
-    let mut bytes = fs::read(&index).unwrap();
-    assert_eq!(bytes[16..20], [0; 4], "the active index is not sealed");
-    let entries = (bytes.len() - INDEX_HEADER) / 8;
-    assert!(entries >= 8);
-    let at = INDEX_HEADER + 2 * 8 + 4;
-    let pos = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) + 1;
-    bytes[at..at + 4].copy_from_slice(&pos.to_le_bytes());
-    fs::write(&index, bytes).unwrap();
-    let p = open(dir.path(), config);
-    assert!(
-        p.recovery_report().rebuilt_indexes.is_empty(),
-        "the open checks pass"
-    );
-    assert_every_offset_reads_from_itself(&p);
-    assert_records(&read_all(&p), &want, 0);
+    let cp = match Checkpoint::decode(&fs::read(dir.path().join("checkpoint")).unwrap()) {
+        Decoded::Valid(c) => c,
+        other => panic!("no valid checkpoint: {other:?}"),
+    };
+    assert_eq!(cp.active_base, active);
+    assert!(!cp.clean);
+    assert!(cp.index_entries >= 8 && cp.time_entries >= 8, "{cp:?}");
+    let index_path = |case: &Path| segment_path(case, active, FileKind::Index);
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let case = scratch.path().join(name);
+        fs::create_dir(&case).unwrap();
+        for e in fs::read_dir(dir.path()).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), case.join(e.file_name())).unwrap();
+        }
+        case
+    };
+    let assert_found = |p: &Partition, what: &str| {
+        assert_records(&read_all(p), &want, 0);
+        for (i, r) in want.iter().enumerate().step_by(7) {
+            assert_eq!(
+                p.read(i as u64, 1).unwrap()[0].header().base_offset,
+                i as u64
+            );
+            assert_eq!(
+                p.offset_for_timestamp(r.timestamp).unwrap(),
+                Some(i as u64),
+                "{what}: the time of {i}"
+            );
+        }
+    };
+
+    // Unchanged, recovery resumes from the checkpoint: the entries are kept, the log below it is
+    // not scanned again.
+    let case = copy("unchanged");
+    let p = open(&case, config.clone());
+    let report = p.recovery_report();
+    assert!(report.rebuilt_indexes.is_empty(), "{report:?}");
+    assert!(report.scanned_bytes < log_len / 2, "{report:?}");
+    assert_found(&p, "unchanged");
+    drop(p);
+    fs::remove_dir_all(&case).unwrap();
+
+    // A version 1 checkpoint (no entry CRCs, as the version before wrote) is resumed from as
+    // before, and the broker's next checkpoint is version 2.
+    let case = copy("version 1");
+    let v1 = Checkpoint {
+        entries_crc: None,
+        ..cp
+    };
+    fs::write(case.join("checkpoint"), v1.encode()).unwrap();
+    let p = open(&case, config.clone());
+    let report = p.recovery_report();
+    assert!(report.rebuilt_indexes.is_empty(), "{report:?}");
+    assert!(report.scanned_bytes < log_len / 2, "{report:?}");
+    assert_found(&p, "version 1");
+    p.close().unwrap();
+    let written = fs::read(case.join("checkpoint")).unwrap();
+    assert!(matches!(Checkpoint::decode(&written), Decoded::Valid(c) if c.entries_crc.is_some()));
+    fs::remove_dir_all(&case).unwrap();
+
+    let mut cases = 0;
+    for (kind, entry, covered) in [
+        (FileKind::Index, 8, cp.index_entries),
+        (FileKind::TimeIndex, 12, cp.time_entries),
+    ] {
+        let entries = INDEX_HEADER..INDEX_HEADER + covered as usize * entry;
+        // Every other byte (each field's lowest among them), its lowest bit (an entry moved by
+        // one: a lookup by time missed a record when this was trusted) and its highest.
+        for (at, flip) in entries.step_by(2).flat_map(|at| [(at, 0x01), (at, 0x80)]) {
+            let case = copy(&format!("{cases}"));
+            cases += 1;
+            let path = segment_path(&case, active, kind);
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[at] ^= flip;
+            fs::write(&path, bytes).unwrap();
+            let p = open(&case, config.clone());
+            let what = format!("{kind:?}, byte {at} xor {flip:#x}");
+            assert!(
+                p.recovery_report()
+                    .rebuilt_indexes
+                    .contains(&index_path(&case)),
+                "{what}: not rebuilt"
+            );
+            assert_found(&p, &what);
+            drop(p);
+            fs::remove_dir_all(&case).unwrap();
+        }
+    }
+    assert!(cases > 100);
 }
 
 /// A sealed index (a closed segment's, or any after a clean close) with any byte changed —

@@ -8,11 +8,13 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sluice::storage::checkpoint::Checkpoint;
 use sluice::storage::record::Decoded;
-use sluice_fuzz::{RECORDS, assert_as_written, assert_lookups, copy_of, open, read_all, template};
+use sluice_fuzz::{
+    Left, RECORDS, assert_as_written, assert_lookups, copy_of, open, read_all, template,
+};
 
 #[derive(Debug, Arbitrary)]
 struct Input {
-    clean: bool,
+    left: Left,
     /// Flip bytes of the real checkpoint (or of an empty one) instead of replacing it.
     flip: bool,
     bytes: Vec<u8>,
@@ -27,7 +29,7 @@ fuzz_target!(|input: Input| {
             "a checkpoint does not read back"
         );
     }
-    let dir = copy_of(template(input.clean));
+    let dir = copy_of(template(input.left));
     let path = dir.path().join("checkpoint");
     let contents = if input.flip {
         let mut b = std::fs::read(&path).unwrap_or_default();

@@ -1,15 +1,21 @@
-//! The offset index (`<base>.index`) and the time index (`<base>.timeindex`) of any sealed
-//! segment (every closed one; the active one after a clean close), damaged or replaced. They
-//! are derived data: what must hold is that the partition opens and every record is found where
-//! it was written — a read from any offset starts at the batch holding it, a timestamp finds its
-//! record, a full read returns every record as written — whatever the index files say, unless
-//! the damaged file still matches its own seal (a file made to lie, which the fuzzer can forge).
+//! The offset index (`<base>.index`) and the time index (`<base>.timeindex`) of any segment,
+//! after a clean close or a crash, damaged or replaced. They are derived data: what must hold is
+//! that the partition opens and every record is found where it was written — a read from any
+//! offset starts at the batch holding it, a timestamp finds its record, a full read returns
+//! every record as written — whatever the index files say, unless the damaged file still
+//! matches what vouches for it (a file made to lie, which the fuzzer can forge): its own seal,
+//! or for the active segment after a crash (not sealed: it was growing) the CRC of its entries
+//! in the recovery checkpoint.
 #![no_main]
 
 use arbitrary::Arbitrary;
+use std::path::Path;
+
 use libfuzzer_sys::fuzz_target;
+use sluice::storage::checkpoint::Checkpoint;
+use sluice::storage::record::Decoded;
 use sluice_fuzz::{
-    RECORDS, assert_as_written, assert_lookups, copy_of, files, open, read_all, template,
+    Left, RECORDS, assert_as_written, assert_lookups, copy_of, files, open, read_all, template,
 };
 
 #[derive(Debug, Arbitrary)]
@@ -26,14 +32,14 @@ enum Damage {
 
 #[derive(Debug, Arbitrary)]
 struct Input {
-    clean: bool,
+    left: Left,
     time_index: bool,
     segment: u8,
     damage: Damage,
 }
 
 fuzz_target!(|input: Input| {
-    let dir = copy_of(template(input.clean));
+    let dir = copy_of(template(input.left));
     let ext = if input.time_index {
         "timeindex"
     } else {
@@ -41,11 +47,7 @@ fuzz_target!(|input: Input| {
     };
     let all = files(dir.path(), ext);
     let path = &all[input.segment as usize % all.len()];
-    // After a crash the active segment's index is not sealed: its entries up to the checkpoint
-    // are trusted unchecked (docs/fuzzing.md, "Open"). Every other index is sealed.
-    if !input.clean && Some(path) == all.last() {
-        return;
-    }
+    let crashed_active = input.left != Left::Clean && Some(path) == all.last();
     let before = std::fs::read(path).unwrap();
     let after = match input.damage {
         Damage::Replace(b) => b,
@@ -69,8 +71,12 @@ fuzz_target!(|input: Input| {
             b
         }
     };
-    if after != before && seal_holds(&after, if input.time_index { 12 } else { 8 }) {
+    let entry = if input.time_index { 12 } else { 8 };
+    if after != before && seal_holds(&after, entry) {
         return; // Changed, yet its seal holds: forged, not damaged.
+    }
+    if crashed_active && checkpoint_vouches(dir.path(), input.time_index, &before, &after, entry) {
+        return; // Changed where the checkpoint vouches for it, yet its CRC holds: forged.
     }
     std::fs::write(path, &after).unwrap();
     let p = open(dir.path()).expect("a damaged index never keeps the partition from opening");
@@ -95,4 +101,30 @@ fn seal_holds(b: &[u8], entry: usize) -> bool {
         return false;
     }
     sluice::storage::mapped::seal_crc(&b[..20], &b[24..]) == crc
+}
+
+/// Whether the entries of a crashed active index that the recovery checkpoint covers changed
+/// from `before` to `after` while still matching the CRC the checkpoint recorded of them.
+fn checkpoint_vouches(
+    dir: &Path,
+    time_index: bool,
+    before: &[u8],
+    after: &[u8],
+    entry: usize,
+) -> bool {
+    let Decoded::Valid(c) = Checkpoint::decode(&std::fs::read(dir.join("checkpoint")).unwrap())
+    else {
+        return false;
+    };
+    let Some(crc) = c.entries_crc else {
+        return false;
+    };
+    let (count, want) = if time_index {
+        (c.time_entries as usize, crc.time)
+    } else {
+        (c.index_entries as usize, crc.index)
+    };
+    let covered = |b: &[u8]| b.get(24..24 + count * entry).map(<[u8]>::to_vec);
+    let (was, now) = (covered(before), covered(after));
+    now.is_some() && was != now && now.is_some_and(|e| crc32fast::hash(&e) == want)
 }

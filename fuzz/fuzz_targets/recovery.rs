@@ -9,7 +9,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sluice::storage::record::{Batch, Decoded};
 use sluice::storage::segment::{LOG_HEADER_LEN, parse_segment_file_name};
-use sluice_fuzz::{RECORDS, assert_as_written, copy_of, files, open, read_all, template};
+use sluice_fuzz::{Left, RECORDS, assert_as_written, copy_of, files, open, read_all, template};
 
 #[derive(Debug, Arbitrary)]
 struct Damage {
@@ -22,7 +22,7 @@ struct Damage {
 }
 
 fuzz_target!(|damage: Damage| {
-    let dir = copy_of(template(false));
+    let dir = copy_of(template(Left::Crashed));
     let logs = files(dir.path(), "log");
     let active = logs.last().expect("a segment");
     let pristine = std::fs::read(active).unwrap();

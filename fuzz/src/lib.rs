@@ -42,25 +42,45 @@ pub fn record(seq: u64) -> Record {
     }
 }
 
-/// A partition of [`RECORDS`] records written one batch each (`clean`: closed cleanly, else
-/// left as after a crash), kept for the life of the process.
-pub fn template(clean: bool) -> &'static Path {
-    static CLEAN: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static CRASHED: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let cell = if clean { &CLEAN } else { &CRASHED };
-    cell.get_or_init(|| {
-        let dir = scratch();
-        let p = Partition::open(dir.path(), config(), Arc::new(RealIo), None).unwrap();
-        for seq in 0..RECORDS {
-            p.append_blocking(&[record(seq)]).unwrap();
-        }
-        if clean {
-            p.close().unwrap();
-        }
-        drop(p);
-        dir
-    })
-    .path()
+/// How a template partition was left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, arbitrary::Arbitrary)]
+pub enum Left {
+    /// Closed cleanly: every index sealed, a clean checkpoint.
+    Clean,
+    /// As after a crash, with no checkpoint inside the active segment (recovery scans it all).
+    Crashed,
+    /// As after a crash, synced as it went with a checkpoint every 2 KiB of log: recovery resumes
+    /// from the last one, trusting the active index's entries the checkpoint's CRCs vouch for.
+    CrashedAfterCheckpoints,
+}
+
+/// A partition of [`RECORDS`] records written one batch each, left as `left` says, kept for the
+/// life of the process.
+pub fn template(left: Left) -> &'static Path {
+    static TEMPLATES: [OnceLock<tempfile::TempDir>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    TEMPLATES[left as usize]
+        .get_or_init(|| {
+            let dir = scratch();
+            let config = match left {
+                Left::CrashedAfterCheckpoints => LogConfig {
+                    fsync: FsyncPolicy::Always,
+                    checkpoint_bytes: 2 << 10,
+                    ..config()
+                },
+                Left::Clean | Left::Crashed => config(),
+            };
+            let p = Partition::open(dir.path(), config, Arc::new(RealIo), None).unwrap();
+            for seq in 0..RECORDS {
+                p.append_blocking(&[record(seq)]).unwrap();
+            }
+            if left == Left::Clean {
+                p.close().unwrap();
+            }
+            drop(p);
+            dir
+        })
+        .path()
 }
 
 /// A temporary directory, in memory where the machine has one.

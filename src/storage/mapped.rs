@@ -355,6 +355,18 @@ impl<const N: usize> MappedEntries<N> {
         Ok(())
     }
 
+    /// The CRC-32 of the first `count` entries (`count` at most [`len`](Self::len)): what a
+    /// recovery checkpoint records of the entries it covers, so that recovery after a crash
+    /// checks them (an active segment's index carries no seal).
+    pub fn entries_crc(&self, count: usize) -> u32 {
+        let count = count.min(self.len());
+        // SAFETY: the mapping covers every entry below the published `len`, which is at least
+        // `count`; those slots are never written again while shared.
+        let entries =
+            unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(HEADER_LEN), count * N) };
+        crc32fast::hash(entries)
+    }
+
     /// Writes the mapped entries back to the file and syncs it (checkpoints, rolls and close).
     pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
         let len = self.len();
@@ -478,5 +490,10 @@ impl<E: Entry<N>, const N: usize> MappedIndex<E, N> {
 
     pub fn sync(&self, io: &dyn FileIo) -> io::Result<()> {
         self.entries.sync(io)
+    }
+
+    /// See [`MappedEntries::entries_crc`].
+    pub fn entries_crc(&self, count: usize) -> u32 {
+        self.entries.entries_crc(count)
     }
 }

@@ -305,6 +305,16 @@ impl ActiveState {
     }
 }
 
+/// Whether the active segment's index entries that checkpoint `c` covers are the ones it
+/// recorded (a version 1 checkpoint recorded no CRC: trusted as they are). After a crash the
+/// index carries no seal, so this is what finds a damaged entry there.
+fn entries_match(seg: &Segment, c: &Checkpoint) -> bool {
+    c.entries_crc.is_none_or(|crc| {
+        seg.index.entries_crc(c.index_entries as usize) == crc.index
+            && seg.time_index.entries_crc(c.time_entries as usize) == crc.time
+    })
+}
+
 /// Recovers the active segment; returns it with the writer's state.
 pub(super) fn recover_active(
     mut seg: Segment,
@@ -361,6 +371,7 @@ pub(super) fn recover_active(
             && c.log_position >= LOG_HEADER_LEN
             && seg.index.len() >= c.index_entries as usize
             && seg.time_index.len() >= c.time_entries as usize
+            && entries_match(&seg, c)
     });
     if let Some(c) = cp
         && c.log_position > file_len

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::recovery::{ActiveState, push_entries, trim};
 use super::{Appended, Completion, Shared};
-use crate::storage::checkpoint::{self, Checkpoint};
+use crate::storage::checkpoint::{self, Checkpoint, EntriesCrc};
 use crate::storage::config::{FsyncPolicy, LogConfig};
 use crate::storage::error::{Error, Result};
 use crate::storage::index::IndexEntry;
@@ -391,14 +391,19 @@ impl Writer {
         let seg = &self.active;
         let io = sh.io.as_ref();
         seg.sync_indexes(io)?;
+        let (index_entries, time_entries) = (seg.index.len(), seg.time_index.len());
         let cp = Checkpoint {
             clean,
             active_base: seg.base_offset(),
             log_position: self.synced_len,
             next_offset: self.state.next_offset,
             max_timestamp: self.state.max_timestamp,
-            index_entries: seg.index.len() as u32,
-            time_entries: seg.time_index.len() as u32,
+            index_entries: index_entries as u32,
+            time_entries: time_entries as u32,
+            entries_crc: Some(EntriesCrc {
+                index: seg.index.entries_crc(index_entries),
+                time: seg.time_index.entries_crc(time_entries),
+            }),
         };
         let path = sh.dir.join(checkpoint::FILE_NAME);
         replace_file_unsynced(io, &path, &cp.encode()).map_err(|e| Error::io(&path, e))?;
