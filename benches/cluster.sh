@@ -21,6 +21,7 @@
 #     group commits each delivery's and each ack's events before they count; then GROUP_RUNS
 #     (default 3) more groups on the same messages through each node in turn, each run saying
 #     whether its member was on the group's leader or relayed to it
+#     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK)
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
 #        [ONLY="lone batched failover burst idle ids groups", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
@@ -174,7 +175,13 @@ if want groups; then
   for k in $(seq "${GROUP_RUNS:-3}"); do
     through=${addrs[$(((k - 1) % 3))]}
     c0=$(cpu "${cpids[@]}")
-    "$bench" consume --topic grp --group "g$k" --broker "$through"
+    if [ -n "${PERF_OUT:-}" ]; then
+      # A sampled profile of the three brokers for this group's run (perf report -i FILE).
+      perf record -q -F 999 -g -p "$(IFS=,; echo "${cpids[*]}")" -o "$PERF_OUT.g$k" -- \
+        "$bench" consume --topic grp --group "g$k" --broker "$through"
+    else
+      "$bench" consume --topic grp --group "g$k" --broker "$through"
+    fi
     c1=$(cpu "${cpids[@]}")
     echo "brokers' CPU: $(echo "$c1 - $c0" | bc) s; member connected to node $(node_of "$through"), group led by node $(group_leader "g$k" grp "$through")"
   done
