@@ -21,7 +21,8 @@
 #     group commits each delivery's and each ack's events before they count; then GROUP_RUNS
 #     (default 3) more groups on the same messages through each node in turn, each run saying
 #     whether its member was on the group's leader or relayed to it
-#     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK)
+#     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK;
+#     GROUP_MAX_IN_FLIGHT: the members' max_in_flight, default 1000, the same on one node and three)
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
 #        [ONLY="lone batched failover burst idle ids groups", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
@@ -31,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
 only="${ONLY:-lone batched failover burst idle ids groups}"
+window="${GROUP_MAX_IN_FLIGHT:-1000}"
 want() { [[ " $only " == *" $1 "* ]]; }
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench
@@ -101,7 +103,7 @@ groups() { # groups ADDR PIDS...: fills topic grp through ADDR, then one group r
     --broker "$addr" >/dev/null
   local c0 c1
   c0=$(cpu "$@")
-  "$bench" consume --topic grp --group g --broker "$addr"
+  "$bench" consume --topic grp --group g --max-in-flight "$window" --broker "$addr"
   c1=$(cpu "$@")
   echo "brokers' CPU for the group's run: $(echo "$c1 - $c0" | bc) s"
 }
@@ -178,9 +180,9 @@ if want groups; then
     if [ -n "${PERF_OUT:-}" ]; then
       # A sampled profile of the three brokers for this group's run (perf report -i FILE).
       perf record -q -F 999 -g -p "$(IFS=,; echo "${cpids[*]}")" -o "$PERF_OUT.g$k" -- \
-        "$bench" consume --topic grp --group "g$k" --broker "$through"
+        "$bench" consume --topic grp --group "g$k" --max-in-flight "$window" --broker "$through"
     else
-      "$bench" consume --topic grp --group "g$k" --broker "$through"
+      "$bench" consume --topic grp --group "g$k" --max-in-flight "$window" --broker "$through"
     fi
     c1=$(cpu "${cpids[@]}")
     echo "brokers' CPU: $(echo "$c1 - $c0" | bc) s; member connected to node $(node_of "$through"), group led by node $(group_leader "g$k" grp "$through")"
