@@ -322,29 +322,8 @@ fn after_a_crash_a_changed_index_entry_the_checkpoint_covers_is_found_and_the_in
     assert!(cp.index_entries >= 8 && cp.time_entries >= 8, "{cp:?}");
     let index_path = |case: &Path| segment_path(case, active, FileKind::Index);
     let scratch = tempfile::tempdir().unwrap();
-    let copy = |name: &str| {
-        let case = scratch.path().join(name);
-        fs::create_dir(&case).unwrap();
-        for e in fs::read_dir(dir.path()).unwrap() {
-            let e = e.unwrap();
-            fs::copy(e.path(), case.join(e.file_name())).unwrap();
-        }
-        case
-    };
-    let assert_found = |p: &Partition, what: &str| {
-        assert_records(&read_all(p), &want, 0);
-        for (i, r) in want.iter().enumerate().step_by(7) {
-            assert_eq!(
-                p.read(i as u64, 1).unwrap()[0].header().base_offset,
-                i as u64
-            );
-            assert_eq!(
-                p.offset_for_timestamp(r.timestamp).unwrap(),
-                Some(i as u64),
-                "{what}: the time of {i}"
-            );
-        }
-    };
+    let copy = |name: &str| copy_partition(dir.path(), &scratch.path().join(name));
+    let assert_found = |p: &Partition, what: &str| assert_found(p, &want, 7, what);
 
     // Unchanged, recovery resumes from the checkpoint: the entries are kept, the log below it is
     // not scanned again.
@@ -429,13 +408,8 @@ fn a_changed_byte_anywhere_in_a_sealed_index_is_found_and_the_index_rebuilt() {
             // Every header byte, then every 5th byte of the entries.
             let positions = (0..INDEX_HEADER).chain((INDEX_HEADER..len).step_by(5));
             for at in positions {
-                let case = scratch.path().join(cases.to_string());
+                let case = copy_partition(dir.path(), &scratch.path().join(cases.to_string()));
                 cases += 1;
-                fs::create_dir(&case).unwrap();
-                for e in fs::read_dir(dir.path()).unwrap() {
-                    let e = e.unwrap();
-                    fs::copy(e.path(), case.join(e.file_name())).unwrap();
-                }
                 let path = segment_path(&case, base, kind);
                 let mut bytes = fs::read(&path).unwrap();
                 bytes[at] ^= 0x10;
@@ -448,24 +422,42 @@ fn a_changed_byte_anywhere_in_a_sealed_index_is_found_and_the_index_rebuilt() {
                         || rebuilt.contains(&segment_path(&case, base, FileKind::Index)),
                     "{kind:?} of segment {base}, byte {at} changed: not rebuilt"
                 );
-                assert_records(&read_all(&p), &want, 0);
-                for (i, r) in want.iter().enumerate().step_by(13) {
-                    assert_eq!(
-                        p.read(i as u64, 1).unwrap()[0].header().base_offset,
-                        i as u64
-                    );
-                    assert_eq!(
-                        p.offset_for_timestamp(r.timestamp).unwrap(),
-                        Some(i as u64),
-                        "{kind:?} of segment {base}, byte {at} changed: the time of {i}"
-                    );
-                }
+                let what = format!("{kind:?} of segment {base}, byte {at} changed");
+                assert_found(&p, &want, 13, &what);
                 drop(p);
                 fs::remove_dir_all(&case).unwrap();
             }
         }
     }
     assert!(cases > 100);
+}
+
+/// A copy of partition directory `from` at `to` (created); returns `to`.
+fn copy_partition(from: &Path, to: &Path) -> PathBuf {
+    fs::create_dir(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+/// Every record of `want` reads back as written, and every `step`th is found from its offset
+/// and by its timestamp (through whatever index entries `p` has).
+fn assert_found(p: &Partition, want: &[Record], step: usize, what: &str) {
+    assert_records(&read_all(p), want, 0);
+    for (i, r) in want.iter().enumerate().step_by(step) {
+        assert_eq!(
+            p.read(i as u64, 1).unwrap()[0].header().base_offset,
+            i as u64,
+            "{what}: the read from {i}"
+        );
+        assert_eq!(
+            p.offset_for_timestamp(r.timestamp).unwrap(),
+            Some(i as u64),
+            "{what}: the time of {i}"
+        );
+    }
 }
 
 /// A read from each offset starts its records at that offset (through whatever index entry
