@@ -648,6 +648,56 @@ async fn read_all(addr: &str, topic: &str, partition: u32, end: u64) -> Vec<(u64
 }
 
 /// Waits until `n` more Sends than now have been acknowledged: the cluster makes progress.
+/// Producers sending ids to one topic through random nodes ([`produce_ids`]), and what they saw.
+struct IdProducers {
+    history: Arc<Mutex<IdHistory>>,
+    acks: Arc<watch::Sender<u64>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl IdProducers {
+    /// `count` producers of ids to `topic`, numbered from `first` (their ids differ by number).
+    fn spawn(cluster: &TestCluster, topic: &'static str, count: u32, first: u32) -> IdProducers {
+        let history = Arc::new(Mutex::new(IdHistory::default()));
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (stop, tasks) = spawn_producers(count, cluster, &history, &acks, |p, a, h, k, s| {
+            produce_ids(topic, first + p, a, h, k, s)
+        });
+        IdProducers {
+            history,
+            acks,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits for `n` more acknowledged Sends ([`progress`]).
+    async fn progress(&self, n: u64, what: &str) {
+        progress(&self.acks, n, what).await;
+    }
+
+    /// Stops them; what they saw.
+    async fn stop(self) -> IdHistory {
+        self.stop.send_replace(true);
+        for p in self.tasks {
+            p.await.unwrap();
+        }
+        std::mem::take(&mut *self.history.lock().unwrap())
+    }
+}
+
+/// Asserts that no running node refused a Send: the only errors are from a node taken out (being
+/// stopped or killed) as the Send reached it.
+fn assert_no_running_node_refused(histories: &[&IdHistory]) {
+    let refused: Vec<&String> = histories
+        .iter()
+        .flat_map(|h| h.errors.keys())
+        .filter(|e| !e.starts_with(STOPPING))
+        .collect();
+    assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+}
+
 async fn progress(acks: &watch::Sender<u64>, n: u64, what: &str) {
     let target = *acks.borrow() + n;
     let mut rx = acks.subscribe();
@@ -1042,44 +1092,34 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
         let mut cluster = TestCluster::start();
         let partitions = 3;
         create_id_topic(&cluster, partitions).await;
-        let history = Arc::new(Mutex::new(IdHistory::default()));
-        let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) =
-            spawn_producers(4, &cluster, &history, &acks, |p, a, h, k, s| {
-                produce_ids(TOPIC, p, a, h, k, s)
-            });
-        progress(&acks, 50, "before any fault").await;
+        let producers = IdProducers::spawn(&cluster, TOPIC, 4, 0);
+        producers.progress(50, "before any fault").await;
         let all = [0, 1, 2];
         // A leader killed (Sends in flight on it: their outcome unknown, sent again elsewhere),
         // and back.
         let victim = cluster.leader(0, 0, &all).await;
         cluster.kill(victim);
-        progress(&acks, 50, "after killing a leader").await;
+        producers.progress(50, "after killing a leader").await;
         cluster.restart(victim);
-        progress(&acks, 20, "after restarting it").await;
+        producers.progress(20, "after restarting it").await;
         // A leader paused past the election timeout, then resumed.
         let paused = cluster.leader(0, 1, &all).await;
         cluster.signal(paused, "STOP");
         let others: Vec<usize> = all.iter().copied().filter(|&i| i != paused).collect();
         cluster.leader(others[0], 1, &others).await;
-        progress(&acks, 30, "while a leader is paused").await;
+        producers.progress(30, "while a leader is paused").await;
         cluster.signal(paused, "CONT");
-        progress(&acks, 20, "after it resumed").await;
+        producers.progress(20, "after it resumed").await;
         // A leader cut off from the other nodes: what it appended is never committed; the
         // same ids, sent again through the others, are stored by the new leader.
         let cut = cluster.leader(0, 2, &all).await;
         cluster.links.isolate(cut, true);
         let others: Vec<usize> = all.iter().copied().filter(|&i| i != cut).collect();
         cluster.leader(others[0], 2, &others).await;
-        progress(&acks, 30, "while a leader is cut off").await;
+        producers.progress(30, "while a leader is cut off").await;
         cluster.links.isolate(cut, false);
-        progress(&acks, 30, "after its links healed").await;
-        stop_tx.send_replace(true);
-        for p in producers {
-            p.await.unwrap();
-        }
-
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        producers.progress(30, "after its links healed").await;
+        let history = producers.stop().await;
         let ends = ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // Every node killed and started again: each rebuilds its id index (its runs, and the
         // entries it applies again), so an id sent again through any node is still answered
@@ -1156,17 +1196,12 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
         ]);
         let partitions = 3;
         create_id_topic(&cluster, partitions).await;
-        let history = Arc::new(Mutex::new(IdHistory::default()));
-        let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) =
-            spawn_producers(16, &cluster, &history, &acks, |p, a, h, k, s| {
-                produce_ids(TOPIC, p, a, h, k, s)
-            });
+        let producers = IdProducers::spawn(&cluster, TOPIC, 16, 0);
         // A consumer group of two members, each through its own node (the next running one
         // when that stops), acking what it is handed.
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
         let members = groups::Members::spawn(TOPIC, 2, &cluster.addrs, &consumed);
-        progress(&acks, 100, "before the restarts").await;
+        producers.progress(100, "before the restarts").await;
         // Every node in turn, the leader of partition 0 first (so at least one stop hands a
         // leadership over), each started again and ready before the next stops.
         let all = [0, 1, 2];
@@ -1198,27 +1233,18 @@ fn a_rolling_restart_hands_each_leadership_over_in_one_election_and_loses_nothin
                 );
                 handed += 1;
             }
-            progress(&acks, 100, "while a node is down").await;
+            producers.progress(100, "while a node is down").await;
             cluster.restart_until_ready(i).await;
-            progress(&acks, 100, "after it came back").await;
+            producers.progress(100, "after it came back").await;
         }
-        stop_tx.send_replace(true);
-        for p in producers {
-            p.await.unwrap();
-        }
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        let history = producers.stop().await;
         ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // The group is handed every acknowledged message, and no ack applies twice (a second
         // one would mean the group forgot the first across a stop and delivered it again).
         let consumed = members.acked_every_id_once(&consumed, &history).await;
         // A running node refused nothing; only the node being stopped answered a Send that
         // reached it as it stopped.
-        let refused: Vec<&String> = history
-            .errors
-            .keys()
-            .filter(|e| !e.starts_with(STOPPING))
-            .collect();
-        assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+        assert_no_running_node_refused(&[&history]);
         assert!(handed > 0);
         eprintln!(
             "rolling restart: {} acknowledged, {handed} leaderships handed over, stops took \
@@ -1266,13 +1292,8 @@ fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose
         let cluster = TestCluster::start_with(&[]);
         let partitions = 6;
         create_id_topic(&cluster, partitions).await;
-        let history = Arc::new(Mutex::new(IdHistory::default()));
-        let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) =
-            spawn_producers(16, &cluster, &history, &acks, |p, a, h, k, s| {
-                produce_ids(TOPIC, p, a, h, k, s)
-            });
-        progress(&acks, 100, "before the moves").await;
+        let producers = IdProducers::spawn(&cluster, TOPIC, 16, 0);
+        producers.progress(100, "before the moves").await;
 
         // Every partition's leadership to node 1, each asked through a different node.
         for p in 0..partitions {
@@ -1292,7 +1313,7 @@ fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose
             assert!(out.contains("leader node 1"), "{out}");
         }
         assert_eq!(leaders_per_node(&cluster, 1), [6, 0, 0]);
-        progress(&acks, 100, "with every leader on node 1").await;
+        producers.progress(100, "with every leader on node 1").await;
 
         // What cannot be moved is refused, saying why, and moves nothing.
         for (args, says) in [
@@ -1335,13 +1356,9 @@ fn leaderships_move_on_demand_and_the_balancer_spreads_them_while_producers_lose
         let (code, out, err) = cluster_cli(&cluster.addr(0), &["rebalance"]);
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("nothing to move"), "{out}");
-        progress(&acks, 100, "after the rebalance").await;
+        producers.progress(100, "after the rebalance").await;
 
-        stop_tx.send_replace(true);
-        for p in producers {
-            p.await.unwrap();
-        }
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        let history = producers.stop().await;
         ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         // Sends waited while a leadership moved; none was refused.
         assert!(history.errors.is_empty(), "refused: {:#?}", history.errors);

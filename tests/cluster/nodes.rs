@@ -60,25 +60,15 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
             })
             .await
             .unwrap();
-        let history = Arc::new(Mutex::new(IdHistory::default()));
-        let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) =
-            spawn_producers(16, &cluster, &history, &acks, |p, a, h, k, s| {
-                produce_ids(TOPIC, p, a, h, k, s)
-            });
-        let paired = Arc::new(Mutex::new(IdHistory::default()));
-        let pair_acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_pairs, pair_producers) =
-            spawn_producers(4, &cluster, &paired, &pair_acks, |p, a, h, k, s| {
-                produce_ids(PAIRS, p + 100, a, h, k, s)
-            });
+        let producers = IdProducers::spawn(&cluster, TOPIC, 16, 0);
+        let pair_producers = IdProducers::spawn(&cluster, PAIRS, 4, 100);
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
         let members = groups::Members::spawn(TOPIC, 2, &cluster.addrs, &consumed);
         // The same group on the pairs: its Raft group on every node, each partition read from
         // the nodes holding it by the node leading the group.
         let pairs_consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
         let pair_members = groups::Members::spawn(PAIRS, 2, &cluster.addrs, &pairs_consumed);
-        progress(&acks, 100, "before the changes").await;
+        producers.progress(100, "before the changes").await;
         // Both groups exist (their first Subscribe created them) before the voters are looked at.
         groups::acked_at_least(&consumed, 1, "the group on the first topic").await;
         groups::acked_at_least(&pairs_consumed, 1, "the group on the pairs").await;
@@ -135,9 +125,9 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         // Clients are sent to it once it is ready (caught up with its groups' leaders).
         cluster.until_ready(four).await;
         cluster.addrs.lock().unwrap()[four] = Some(addr);
-        progress(&acks, 100, "with the fourth node").await;
+        producers.progress(100, "with the fourth node").await;
 
-        progress(&pair_acks, 20, "with the fourth node").await;
+        pair_producers.progress(20, "with the fourth node").await;
 
         // Node 1 removed: taken out of the clients' list first, removed through node 3, and
         // stopped once the command returns. Each pair it was in moves to node 4 (the node
@@ -160,27 +150,19 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
             }
         }
         cluster.stop(0);
-        progress(&acks, 100, "without the first node").await;
-        progress(&pair_acks, 20, "without the first node").await;
+        producers.progress(100, "without the first node").await;
+        pair_producers.progress(20, "without the first node").await;
         // The pairs' producers stop before a node of theirs does (a pair with one node down
         // takes no Sends: a majority of two is both).
-        stop_pairs.send_replace(true);
-        for p in pair_producers {
-            p.await.unwrap();
-        }
-        let paired = std::mem::take(&mut *paired.lock().unwrap());
+        let paired = pair_producers.stop().await;
         // A node restarted with the configuration it was founded with (peers 1, 2, 3) learns
         // the added node from its metadata log and catches up.
         cluster.stop(1);
-        progress(&acks, 100, "with node 2 stopped").await;
+        producers.progress(100, "with node 2 stopped").await;
         cluster.restart_until_ready(1).await;
-        progress(&acks, 100, "with node 2 back").await;
+        producers.progress(100, "with node 2 back").await;
 
-        stop_tx.send_replace(true);
-        for p in producers {
-            p.await.unwrap();
-        }
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        let history = producers.stop().await;
         // On every remaining node, each id once at its acknowledged position (the pairs' as
         // each node serves them, from its own replica or from its pair's).
         ids_stored_once(&cluster, TOPIC, partitions, &history).await;
@@ -190,11 +172,7 @@ fn a_node_added_and_another_removed_under_load_lose_duplicate_and_refuse_nothing
         let pairs_consumed = pair_members
             .acked_every_id_once(&pairs_consumed, &paired)
             .await;
-        let refused: Vec<&String> = (history.errors.keys())
-            .chain(paired.errors.keys())
-            .filter(|e| !e.starts_with(STOPPING))
-            .collect();
-        assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+        assert_no_running_node_refused(&[&history, &paired]);
 
         eprintln!(
             "nodes changed under load: {} acknowledged, the slowest Send {:?}; errors: {:#?}; \
@@ -228,19 +206,14 @@ fn a_failed_node_is_replaced_while_it_is_down_under_load() {
         ]);
         let partitions = 2;
         create_id_topic(&cluster, partitions).await;
-        let history = Arc::new(Mutex::new(IdHistory::default()));
-        let acks = Arc::new(watch::Sender::new(0u64));
-        let (stop_tx, producers) =
-            spawn_producers(8, &cluster, &history, &acks, |p, a, h, k, s| {
-                produce_ids(TOPIC, p, a, h, k, s)
-            });
+        let producers = IdProducers::spawn(&cluster, TOPIC, 8, 0);
         let consumed = Arc::new(Mutex::new(groups::GroupHistory::default()));
         let members = groups::Members::spawn(TOPIC, 2, &cluster.addrs, &consumed);
-        progress(&acks, 100, "before the failure").await;
+        producers.progress(100, "before the failure").await;
         groups::acked_at_least(&consumed, 1, "the group").await;
 
         cluster.kill(2);
-        progress(&acks, 100, "with node 3 down").await;
+        producers.progress(100, "with node 3 down").await;
         let (four, port, addr) = cluster.start_joining();
         let said = change(
             &cluster.addr(0),
@@ -260,24 +233,19 @@ fn a_failed_node_is_replaced_while_it_is_down_under_load() {
         for (group, v) in &now {
             assert_eq!(*v, replaced, "{group} after the replacement");
         }
-        progress(&acks, 100, "with node 4 in node 3's place").await;
+        producers
+            .progress(100, "with node 4 in node 3's place")
+            .await;
         // Node 4 counts: with node 1 stopped, nodes 2 and 4 are the majority.
         cluster.stop(0);
-        progress(&acks, 100, "with node 1 stopped").await;
+        producers.progress(100, "with node 1 stopped").await;
         cluster.restart_until_ready(0).await;
-        progress(&acks, 100, "with node 1 back").await;
+        producers.progress(100, "with node 1 back").await;
 
-        stop_tx.send_replace(true);
-        for p in producers {
-            p.await.unwrap();
-        }
-        let history = std::mem::take(&mut *history.lock().unwrap());
+        let history = producers.stop().await;
         ids_stored_once(&cluster, TOPIC, partitions, &history).await;
         let consumed = members.acked_every_id_once(&consumed, &history).await;
-        let refused: Vec<&String> = (history.errors.keys())
-            .filter(|e| !e.starts_with(STOPPING))
-            .collect();
-        assert!(refused.is_empty(), "refused by a running node: {refused:?}");
+        assert_no_running_node_refused(&[&history]);
         eprintln!(
             "a failed node replaced: {} acknowledged, the slowest Send {:?}; errors: {:#?}; \
              the group: {} acked",
