@@ -257,5 +257,20 @@ pub fn not_yet(status: &tonic::Status) -> bool {
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Cancelled
             | tonic::Code::Unknown
-    )
+    ) || refused_by_goaway(status)
+}
+
+/// Whether a call was refused by HTTP/2's `GOAWAY` without error (the server closing the
+/// connection before it read the call: not processed). tonic answers it as `INTERNAL`, with a
+/// message that varies ("h2 protocol error: http2 error", "… not a result of an error"): the
+/// h2 error it carries says what it is.
+pub fn refused_by_goaway(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        source = e.source();
+    }
+    false
 }
