@@ -340,7 +340,13 @@ impl Cluster {
         // A node joining a running cluster forms nothing: the metadata group's leader adds it.
         if !cluster.members.join {
             cluster
-                .initialize(&cluster.meta, META_GROUP, None, &cluster.members.ids())
+                .initialize(
+                    &cluster.meta,
+                    META_GROUP,
+                    None,
+                    &cluster.members.ids(),
+                    None,
+                )
                 .await?;
         }
         // The groups of the topics this node already holds, before the catalog is known again
@@ -499,9 +505,10 @@ impl Cluster {
     }
 
     /// Initialises a group with `members` (every node for the metadata group, a partition's
-    /// replicas' nodes for its group) unless it already is. One founder,
-    /// chosen by the group's name (so first leaders spread over the nodes), does so at once and
-    /// so becomes the group's first leader; each other founder waits a random E to 2 E first
+    /// replicas' nodes for its group) unless it already is. One founder, `first` when given (a
+    /// consumer group's: the node its first member came through) else chosen by the group's
+    /// name (so first leaders spread over the nodes), does so at once and so becomes the
+    /// group's first leader; each other founder waits a random E to 2 E first
     /// (in the background) and does nothing if the group formed meanwhile. Founders that
     /// initialise together also vote for themselves together, and with one founder down the
     /// other two can tie round after round. A group whose first entries one node brought from
@@ -513,6 +520,7 @@ impl Cluster {
         group: &str,
         formed_by: Option<u64>,
         members: &[u64],
+        first: Option<u64>,
     ) -> Result<()> {
         if formed_by.is_some_and(|n| n != self.members.node_id) {
             return Ok(());
@@ -531,7 +539,9 @@ impl Cluster {
             .map(|&id| (id, BasicNode::default()))
             .collect();
         let ids: Vec<u64> = voters.keys().copied().collect();
-        let first = ids[crc32fast::hash(group.as_bytes()) as usize % ids.len().max(1)];
+        let first = first
+            .filter(|n| ids.contains(n))
+            .unwrap_or_else(|| ids[crc32fast::hash(group.as_bytes()) as usize % ids.len().max(1)]);
         if first == self.members.node_id {
             return form(raft, voters, group).await;
         }
@@ -798,6 +808,7 @@ impl Cluster {
         log: &Arc<Partition>,
         members: &[u64],
         formable: bool,
+        first: Option<u64>,
     ) -> Result<Raft<PartitionRaft>> {
         let _joining = self.joining.lock().await;
         if let Some(raft) = self.running().get(name) {
@@ -805,12 +816,24 @@ impl Cluster {
         }
         let (raft, observed) = self.start_group(name, log, 0, None).await?;
         if formable {
-            self.initialize(&raft, name, None, members).await?;
+            self.initialize(&raft, name, None, members, first).await?;
         }
         self.service.add(name.to_string(), raft.clone());
         self.observing().insert(name.to_string(), observed);
         self.running().insert(name.to_string(), raft.clone());
         Ok(raft)
+    }
+
+    /// Moves the leadership of group `name` (a consumer group's, led here) to member `to`; see
+    /// `handover::transfer`.
+    pub(super) async fn transfer_led(
+        &self,
+        name: &str,
+        raft: &Raft<PartitionRaft>,
+        to: u64,
+    ) -> std::result::Result<(u64, u64), handover::TransferError> {
+        let (peers, proposals) = (self.forwarder.peers(), self.forwarder.proposals());
+        handover::transfer(raft, name, to, peers, &self.elections, proposals).await
     }
 
     /// Stops group `name` here (its consumer group was deleted).
@@ -913,7 +936,7 @@ impl Cluster {
             let ids = self.id_hooks(topic, handle.id);
             let (raft, observed) = self.start_group(&group, &handle.log, keep, ids).await?;
             if let Some(members) = members.filter(|_| self.formable(topic)) {
-                self.initialize(&raft, &group, topic.config.formed_by, &members)
+                self.initialize(&raft, &group, topic.config.formed_by, &members, None)
                     .await?;
             }
             self.service.add(group.clone(), raft.clone());

@@ -24,7 +24,7 @@ use crate::replication::catalog::{Catalog, CatalogGroup, Command, consumer_group
 use crate::replication::write::{
     MERGED_BYTES, Submitted, WriteError, outcome, submit, wait_for_leader,
 };
-use crate::replication::{PartitionRaft, Proposal};
+use crate::replication::{PartitionRaft, Proposal, balance};
 use crate::storage::record::{Batch, BatchHeader, Decoded};
 use crate::storage::{self, EncodedBatch, Partition, validate_group_name};
 
@@ -220,7 +220,7 @@ impl Consumers {
         })
         .await?;
         let raft = (self.cluster)
-            .run_group(&name, &log, &entry.replicas, !entry.moved)
+            .run_group(&name, &log, &entry.replicas, !entry.moved, entry.first)
             .await?;
         let hosted = Arc::new(Hosted {
             name: name.clone(),
@@ -325,6 +325,7 @@ impl Consumers {
             group: group.to_string(),
             starts,
             replicas: self.cluster.node_ids(),
+            first: Some(self.me()),
         };
         let found = |c: &Catalog| {
             c.topics
@@ -394,6 +395,7 @@ impl Consumers {
             max_in_flight: membership.max_in_flight as u64,
             exclusive: membership.exclusive,
             limit: membership.limit,
+            via: self.me(),
         };
         let others = self.others(h);
         let forwarder = Arc::clone(self.cluster.forwarder());
@@ -694,8 +696,9 @@ impl Consumers {
         group: &str,
         topic: &str,
         membership: Membership,
+        via: Option<u64>,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
-        self.led(group, topic)?.join(membership)
+        self.led(group, topic)?.join_via(membership, via)
     }
 
     /// For acks relayed here: settles deliveries of `group` on `topic`, which this node must
@@ -838,23 +841,74 @@ impl ConsumersRef {
                     }
                 }
             };
+            let mut moving = None;
             tokio::select! {
                 () = deposed => {}
+                to = members_elsewhere(&g, me, &h.raft, lease) => moving = Some(to),
                 () = g.stop.cancelled() => {}
                 () = h.stop.cancelled() => {}
                 () = self.shutdown.cancelled() => {}
             }
             h.led.send_replace(None);
             self.groups.uninstall(&g);
-            g.end(format!(
-                "node {me} no longer leads consumer group {:?} on {:?}; subscribe again",
-                h.group, &*h.topic.name
-            ));
+            let (group, topic) = (&h.group, &*h.topic.name);
+            g.end(match moving {
+                Some(to) => format!(
+                    "consumer group {group:?} on {topic:?} moves to node {to}, where most of its \
+                     members are connected; subscribe again"
+                ),
+                None => format!(
+                    "node {me} no longer leads consumer group {group:?} on {topic:?}; subscribe again"
+                ),
+            });
             events.close().await;
             if h.stop.is_cancelled() || self.shutdown.is_cancelled() {
                 return;
             }
+            if let Some(to) = moving {
+                // The group stopped here first, so no event is proposed while `to` catches up.
+                match self.cluster.transfer_led(&h.name, &h.raft, to).await {
+                    Ok(_) => {
+                        tracing::info!(
+                            group,
+                            topic,
+                            to,
+                            "consumer group moved to the node most of its members are on"
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(group, topic, to, error = %e, "consumer group not moved; it runs here again")
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Resolves with the node most of `g`'s members are connected to, once it is another node
+/// with more of them than this one (`me`, leading `raft`'s group) and has stayed so at two
+/// looks `every` apart (a member passing through does not move the group); never otherwise.
+async fn members_elsewhere(
+    g: &GroupTopic,
+    me: u64,
+    raft: &Raft<PartitionRaft>,
+    every: Duration,
+) -> u64 {
+    let mut seen = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let voters: Vec<u64> = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        let home = balance::group_home(me, &g.members_by_node(), &voters);
+        if let Some(to) = home
+            && seen == home
+        {
+            return to;
+        }
+        seen = home;
     }
 }
 

@@ -596,9 +596,10 @@ impl Broker {
         group: &str,
         topic: &str,
         membership: Membership,
+        via: Option<u64>,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         match &self.consumers {
-            Some(consumers) => consumers.join_led(group, topic, membership),
+            Some(consumers) => consumers.join_led(group, topic, membership, via),
             None => Err(Error::FailedPrecondition("not a cluster node".into())),
         }
     }

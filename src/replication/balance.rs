@@ -88,6 +88,24 @@ pub fn plan(nodes: &[u64], groups: &[Led]) -> Vec<Move> {
     }
 }
 
+/// Where a consumer group's leadership belongs, given how many of its members are connected to
+/// each node (`None`: to `me`, its leader now): the voter with the most members, when it has
+/// more than `me` (ties: the lowest id). `None`: it stays. A group led where its members are
+/// sends their deliveries and takes their acks itself instead of through another node.
+pub fn group_home(me: u64, members: &BTreeMap<Option<u64>, usize>, voters: &[u64]) -> Option<u64> {
+    let on = |node: u64| {
+        let here = if node == me { members.get(&None) } else { None };
+        here.copied().unwrap_or(0) + members.get(&Some(node)).copied().unwrap_or(0)
+    };
+    let here = on(me);
+    let (best, most) = voters
+        .iter()
+        .filter(|&&v| v != me)
+        .map(|&v| (v, on(v)))
+        .min_by_key(|&(v, n)| (std::cmp::Reverse(n), v))?;
+    (most > here).then_some(best)
+}
+
 /// The shortest chain of moves `(group, from, to)` from node `start` to a node leading fewer
 /// than `cap`, each moving a group its `from` leads to another replica of it.
 fn chain(
@@ -127,6 +145,44 @@ fn chain(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A group moves only to a voter with more members than its leader has, the one with the
+    /// most (ties: lowest id); never to a node that is not a voter, never on a tie with here.
+    #[test]
+    fn a_group_goes_where_most_of_its_members_are() {
+        let voters = [1, 2, 3];
+        // (members here on node 1, members via other nodes, expected home)
+        type Case = (usize, &'static [(u64, usize)], Option<u64>);
+        let table: &[Case] = &[
+            (0, &[], None),
+            (1, &[], None),
+            (0, &[(2, 1)], Some(2)),
+            (1, &[(2, 1)], None),
+            (1, &[(2, 2)], Some(2)),
+            (0, &[(2, 1), (3, 1)], Some(2)),
+            (0, &[(2, 1), (3, 2)], Some(3)),
+            (2, &[(2, 2), (3, 2)], None),
+            (1, &[(2, 2), (3, 2)], Some(2)),
+            (0, &[(4, 5)], None),
+            (0, &[(4, 5), (3, 1)], Some(3)),
+            // A member relayed from the leader's own node counts as here.
+            (0, &[(1, 1), (2, 1)], None),
+        ];
+        for &(here, via, home) in table {
+            let mut members = BTreeMap::new();
+            if here > 0 {
+                members.insert(None, here);
+            }
+            for &(node, n) in via {
+                members.insert(Some(node), n);
+            }
+            assert_eq!(
+                group_home(1, &members, &voters),
+                home,
+                "{here} here, {via:?}"
+            );
+        }
+    }
 
     fn led(group: &str, leader: u64, replicas: &[u64]) -> Led {
         Led {

@@ -52,6 +52,10 @@ pub struct CatalogGroup {
     /// Its replicas changed since it was created (see [`CatalogTopic::moved`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub moved: bool,
+    /// The node that forms its Raft group, and so leads it first: the one its first member
+    /// subscribed through, so that member is not relayed (absent: chosen by the group's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<u64>,
 }
 
 /// Every replicated topic, by name, and the deletions that happened.
@@ -318,6 +322,9 @@ pub enum Command {
         group: String,
         starts: Vec<u64>,
         replicas: Vec<u64>,
+        /// The node its first member subscribed through (see [`CatalogGroup::first`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first: Option<u64>,
     },
     /// Deletes consumer group `group` on each topic of `ids` where it is still the creation
     /// with that id (a group created again since stays).
@@ -439,6 +446,7 @@ impl GroupState for Catalog {
                 group,
                 starts,
                 replicas,
+                first,
             } => {
                 let Some(t) = self
                     .topics
@@ -455,6 +463,7 @@ impl GroupState for Catalog {
                         starts,
                         replicas,
                         moved: false,
+                        first,
                     });
                     self.next_group_id += 1;
                 }
@@ -626,6 +635,7 @@ mod tests {
                 group: group.into(),
                 starts: vec![0; 3],
                 replicas: vec![1, 2, 3],
+                first: None,
             };
             apply(&mut catalog, create);
         }
@@ -890,6 +900,7 @@ mod tests {
             group: name.into(),
             starts: vec![start],
             replicas: vec![1, 2, 3],
+            first: Some(1),
         };
         let mut catalog = Catalog::default();
         let apply = |c: &mut Catalog, command: Command| c.apply(&command.to_proposal(0).unwrap());

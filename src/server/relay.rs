@@ -50,7 +50,12 @@ impl GroupHost for LedGroups {
                 limit: req.limit,
             };
             let (member, rx) = broker
-                .join_led_group(&req.group, &req.topic, membership)
+                .join_led_group(
+                    &req.group,
+                    &req.topic,
+                    membership,
+                    (req.via != 0).then_some(req.via),
+                )
                 .map_err(to_status)?;
             // The member stays while the stream lives: the relaying node's cancel ends both.
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |batch| {

@@ -254,21 +254,27 @@ async fn settle(
 async fn group_leader(cluster: &TestCluster, ask: usize) -> usize {
     let found = tokio::time::timeout(DEADLINE, async {
         loop {
-            let (_, status, _) = cluster_status(&cluster.addr(ask));
-            let leader = status["consumer_groups"].as_array().and_then(|groups| {
-                groups
-                    .iter()
-                    .find(|g| g["group"] == GROUP && g["topic"] == TOPIC)
-                    .and_then(|g| g["leader"].as_u64())
-            });
-            if let Some(l) = leader {
-                return l as usize - 1;
+            if let Some(l) = leader_of(cluster, ask, GROUP) {
+                return l;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
     found.expect("the consumer group has a leader")
+}
+
+/// The index of the node leading consumer group `group` on [`TOPIC`], as node `ask` reports it
+/// now (`None`: no leader, or no such group yet).
+fn leader_of(cluster: &TestCluster, ask: usize, group: &str) -> Option<usize> {
+    let (_, status, _) = cluster_status(&cluster.addr(ask));
+    let leader = status["consumer_groups"].as_array().and_then(|groups| {
+        groups
+            .iter()
+            .find(|g| g["group"] == group && g["topic"] == TOPIC)
+            .and_then(|g| g["leader"].as_u64())
+    });
+    leader.map(|l| l as usize - 1)
 }
 
 /// The dead letters in `<TOPIC>.dlq`, read through node `i`: their source values.
@@ -969,5 +975,112 @@ fn a_new_groups_first_subscribe_is_taken_through_any_node() {
             let got = next_deliveries(&mut stream, 1).await;
             assert_eq!(got[0].offset, 0, "{group}");
         }
+    });
+}
+
+/// A consumer group runs on the node its members are connected to, so that its deliveries and
+/// acks do not cross the cluster port: a new group on the node its first member subscribed
+/// through (one through each node), and a group whose members all connect to another node
+/// moves there while they consume; the move ends their streams (`UNAVAILABLE`, subscribe
+/// again), and loses and re-acknowledges nothing: each of the 300 messages acked exactly once,
+/// none delivered again after its ack applied.
+#[test]
+fn a_group_runs_on_the_node_its_members_are_connected_to() {
+    const N: u64 = 300;
+    let runtime = runtime();
+    runtime.block_on(async {
+        let cluster = TestCluster::start();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+        send_values(&cluster.addr(0), N, 1).await;
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), N, "the messages").await;
+        }
+        let led_by = |group: String, i: usize| {
+            let cluster = &cluster;
+            async move {
+                let moved = tokio::time::timeout(DEADLINE, async {
+                    while leader_of(cluster, i, &group) != Some(i) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                });
+                moved.await.unwrap_or_else(|_| {
+                    panic!("{group} is not led by node {} (its member's)", i + 1)
+                });
+            }
+        };
+        let subscribe = |addr: String, group: String| async move {
+            let mut client = BrokerClient::new(connect(&addr).await.ok()?);
+            let request = pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                group,
+                max_in_flight: 16,
+                ..pb::SubscribeRequest::default()
+            };
+            Some(client.subscribe(request).await.ok()?.into_inner())
+        };
+        // New groups, one through each node; the member of `home-0` stays on node 1.
+        let mut first = None;
+        for i in 0..3 {
+            let group = format!("home-{i}");
+            let mut stream = subscribe(cluster.addr(i), group.clone()).await.unwrap();
+            next_deliveries(&mut stream, 1).await;
+            led_by(group, i).await;
+            if i == 0 {
+                first = Some(stream);
+            }
+        }
+
+        // `home-0`'s member moves to node 3 and consumes there, acking through node 3.
+        drop(first);
+        let through = cluster.addr(2);
+        let mut acked: BTreeMap<String, u32> = BTreeMap::new();
+        let mut after_ack = Vec::new();
+        let mut streams_ended = 0;
+        // Until every message is acknowledged and the group has moved (its stream ended).
+        let consumed = tokio::time::timeout(DEADLINE, async {
+            while (acked.len() as u64) < N || streams_ended == 0 {
+                let Some(mut stream) = subscribe(through.clone(), "home-0".into()).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let mut client = BrokerClient::new(connect(&through).await.unwrap());
+                while let Ok(Some(response)) = stream.message().await {
+                    for d in response.deliveries {
+                        let value = d.value.as_deref().unwrap_or_default();
+                        let value = String::from_utf8_lossy(value).into_owned();
+                        if acked.contains_key(&value) {
+                            after_ack.push(value.clone());
+                        }
+                        let answer = client
+                            .ack(pb::AckRequest {
+                                group: "home-0".into(),
+                                topic: TOPIC.into(),
+                                ack_ids: vec![d.ack_id],
+                            })
+                            .await;
+                        if answer.is_ok_and(|a| !a.into_inner().acked.is_empty()) {
+                            *acked.entry(value).or_default() += 1;
+                        }
+                    }
+                    if acked.len() as u64 == N && streams_ended > 0 {
+                        break;
+                    }
+                }
+                streams_ended += 1;
+            }
+        });
+        consumed
+            .await
+            .unwrap_or_else(|_| panic!("{} of {N} acknowledged", acked.len()));
+        led_by("home-0".into(), 2).await;
+        assert_eq!(
+            after_ack,
+            Vec::<String>::new(),
+            "delivered again after their ack"
+        );
+        let twice: Vec<_> = acked.iter().filter(|&(_, &n)| n > 1).collect();
+        assert!(twice.is_empty(), "acknowledged twice: {twice:?}");
+        let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+        assert_eq!(acked.keys().cloned().collect::<BTreeSet<_>>(), expected);
     });
 }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
@@ -344,27 +344,42 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         })
         .await?
         .into_inner();
-    let mut remaining: u64 = described
+    let ends: Vec<u64> = described.partitions.iter().map(|p| p.next_offset).collect();
+    let firsts: Vec<u64> = described
         .partitions
         .iter()
-        .map(|p| p.next_offset - p.first_offset)
-        .sum();
-    let ends: Vec<u64> = described.partitions.iter().map(|p| p.next_offset).collect();
+        .map(|p| p.first_offset)
+        .collect();
+    // Each message stored now, counted once when first received (a redelivery after its
+    // group moved or its ack was lost is not a new message).
+    let mut unseen: Vec<Vec<bool>> = (firsts.iter().zip(&ends))
+        .map(|(&first, &end)| vec![true; (end - first) as usize])
+        .collect();
+    let mut remaining: u64 = unseen.iter().map(|p| p.len() as u64).sum();
     let mut client = broker_client(channel);
     let group = b.group.clone().unwrap_or_default();
     // Acks go out from their own task so that receiving never waits for them, up to
     // `ACKS_IN_FLIGHT` at once: an ack answers once it is durable (an fsync), and the broker
-    // frees a member's in-flight slots when an ack arrives, not when it is answered.
+    // frees a member's in-flight slots when an ack arrives, not when it is answered. An ack
+    // refused as UNAVAILABLE (the group moving to another node) is dropped: its message comes
+    // again and is acked then.
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
     let acker = {
         let client = client.clone();
         let (group, topic) = (group.clone(), b.topic.clone());
         tokio::spawn(async move {
             let mut acks = tokio::task::JoinSet::new();
+            let settled =
+                |done: Result<Result<(), tonic::Status>, tokio::task::JoinError>| match done
+                    .map_err(|e| CliError::Usage(format!("ack task: {e}")))?
+                {
+                    Err(s) if s.code() != tonic::Code::Unavailable => Err(CliError::from(s)),
+                    _ => Ok(()),
+                };
             while let Some(mut ids) = ack_rx.recv().await {
                 while acks.len() >= ACKS_IN_FLIGHT {
                     if let Some(done) = acks.join_next().await {
-                        done.map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
+                        settled(done)?;
                     }
                 }
                 while let Ok(more) = ack_rx.try_recv() {
@@ -379,50 +394,69 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
                 acks.spawn(async move { client.ack(request).await.map(drop) });
             }
             while let Some(done) = acks.join_next().await {
-                done.map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
+                settled(done)?;
             }
             Ok::<_, CliError>(())
         })
     };
     let cpu = BrokerCpu::start(b.broker_pid)?;
     let start = Instant::now();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            group: group.clone(),
-            max_in_flight: if group.is_empty() { 0 } else { b.max_in_flight },
-            exclusive: false,
-            limit: 0,
-            topic: b.topic.clone(),
-            partitions: Vec::new(),
-            start: Some(pb::StartPosition {
-                kind: Some(pb::start_position::Kind::Earliest(true)),
-            }),
-        })
-        .await?
-        .into_inner();
-    let (mut messages, mut bytes) = (0u64, 0u64);
-    while remaining > 0 {
-        let Some(response) = stream.message().await? else {
-            break;
-        };
-        let mut ids = Vec::new();
-        for d in response.deliveries {
-            // Redeliveries (attempt > 1) are not new messages.
-            if ends
-                .get(d.partition as usize)
-                .is_some_and(|&end| d.offset < end)
-                && d.attempt == 1
+    let request = pb::SubscribeRequest {
+        group: group.clone(),
+        max_in_flight: if group.is_empty() { 0 } else { b.max_in_flight },
+        exclusive: false,
+        limit: 0,
+        topic: b.topic.clone(),
+        partitions: Vec::new(),
+        start: Some(pb::StartPosition {
+            kind: Some(pb::start_position::Kind::Earliest(true)),
+        }),
+    };
+    let (mut messages, mut bytes, mut resubscribed) = (0u64, 0u64, 0u32);
+    'subscriptions: while remaining > 0 {
+        // A group member's stream ends UNAVAILABLE when its group moves to another node (or
+        // its leader changes): it subscribes again, as any member must.
+        let mut stream = match client.subscribe(request.clone()).await {
+            Ok(s) => s.into_inner(),
+            Err(s)
+                if !group.is_empty()
+                    && s.code() == tonic::Code::Unavailable
+                    && resubscribed < 100 =>
             {
-                remaining -= 1;
-                messages += 1;
-                bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
+                resubscribed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            if !group.is_empty() {
-                ids.push(d.ack_id);
+            Err(s) => return Err(s.into()),
+        };
+        while remaining > 0 {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => break 'subscriptions,
+                Err(s) if !group.is_empty() && s.code() == tonic::Code::Unavailable => {
+                    resubscribed += 1;
+                    continue 'subscriptions;
+                }
+                Err(s) => return Err(s.into()),
+            };
+            let mut ids = Vec::new();
+            for d in response.deliveries {
+                let p = d.partition as usize;
+                let fresh = (firsts.get(p).zip(unseen.get_mut(p)))
+                    .and_then(|(&first, u)| u.get_mut(d.offset.checked_sub(first)? as usize))
+                    .is_some_and(|u| std::mem::replace(u, false));
+                if fresh {
+                    remaining -= 1;
+                    messages += 1;
+                    bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
+                }
+                if !group.is_empty() {
+                    ids.push(d.ack_id);
+                }
             }
-        }
-        if !ids.is_empty() {
-            let _ = ack_tx.send(ids);
+            if !ids.is_empty() {
+                let _ = ack_tx.send(ids);
+            }
         }
     }
     drop(ack_tx);
@@ -431,7 +465,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         .map_err(|e| CliError::Usage(format!("ack task: {e}")))??;
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "consume{}: {} messages, {:.1} MB of values in {:.2} s = {:.0} msg/s, {:.1} MB/s",
+        "consume{}: {} messages, {:.1} MB of values in {:.2} s = {:.0} msg/s, {:.1} MB/s{}",
         if group.is_empty() {
             String::new()
         } else {
@@ -441,7 +475,12 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         bytes as f64 / 1e6,
         secs,
         messages as f64 / secs,
-        bytes as f64 / secs / 1e6
+        bytes as f64 / secs / 1e6,
+        if resubscribed > 0 {
+            format!(" (subscribed again {resubscribed} times)")
+        } else {
+            String::new()
+        }
     );
     if remaining > 0 {
         return Err(CliError::Usage(format!(

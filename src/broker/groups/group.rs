@@ -3,6 +3,7 @@
 //! dead-lettering and opening are in the files beside this one, as `impl GroupTopic` blocks on
 //! this state.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -301,6 +302,15 @@ impl GroupTopic {
 
     pub fn member_count(&self) -> usize {
         lock(&self.state).members.len()
+    }
+
+    /// How many members are connected to each node of a cluster (`None`: this node).
+    pub fn members_by_node(&self) -> BTreeMap<Option<u64>, usize> {
+        let mut by_node = BTreeMap::new();
+        for m in lock(&self.state).members.values() {
+            *by_node.entry(m.via).or_default() += 1;
+        }
+        by_node
     }
 
     /// Moves the chosen partitions (all when `only` is empty) to `to`, as this node's copy of

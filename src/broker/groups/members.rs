@@ -126,6 +126,16 @@ impl GroupTopic {
         self: &Arc<Self>,
         membership: Membership,
     ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
+        self.join_via(membership, None)
+    }
+
+    /// [`join`](Self::join) for a member connected to node `via` of a cluster, which relays it
+    /// here (`None`: connected to this node).
+    pub fn join_via(
+        self: &Arc<Self>,
+        membership: Membership,
+        via: Option<u64>,
+    ) -> Result<(MemberGuard, mpsc::Receiver<DeliveryBatch>)> {
         let Membership {
             max_in_flight,
             exclusive,
@@ -163,6 +173,7 @@ impl GroupTopic {
                 taken: 0,
                 exclusive,
                 told_blocked: false,
+                via,
             },
         );
         // A partition stopped at damage: the new member hears of it at once, like the others.

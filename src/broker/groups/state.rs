@@ -169,6 +169,8 @@ pub(super) struct Member {
     pub(super) exclusive: bool,
     /// Told (on its stream) that a partition is blocked by damage.
     pub(super) told_blocked: bool,
+    /// The cluster node it is connected to, which relays it here (`None`: this node).
+    pub(super) via: Option<u64>,
 }
 
 impl Member {
