@@ -20,7 +20,9 @@
 #     every response, through the partition's leader; on the cluster the group's own Raft
 #     group commits each delivery's and each ack's events before they count; then GROUP_RUNS
 #     (default 3) more groups on the same messages through each node in turn, each run saying
-#     whether its member was on the group's leader or relayed to it
+#     which node leads its group (the node its member subscribed through forms a new group, so
+#     the member is on its leader; a member relayed to another node costs about twice the CPU:
+#     docs/benchmarks.md)
 #     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK;
 #     GROUP_MAX_IN_FLIGHT: the members' max_in_flight, default 1000, the same on one node and three)
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
@@ -170,10 +172,9 @@ if want groups; then
   "$bin" topics create grp --partitions 1 --broker "${addrs[0]}" >/dev/null
   lead=$(leader_addr grp 0 "${addrs[0]}")
   groups "$lead" "${cpids[@]}"
-  # The group's own leader may be another node (the member is then relayed to it).
+  # The group is formed by the node its member subscribed through (docs/replication.md).
   echo "member connected to node $(node_of "$lead"), group led by node $(group_leader g grp "$lead")"
-  # More groups on the same messages, each through another node: whichever node each group's
-  # election chose, some runs have the member on the group's leader (no relay) and some not.
+  # More groups on the same messages, each through another node in turn (each led there).
   for k in $(seq "${GROUP_RUNS:-3}"); do
     through=${addrs[$(((k - 1) % 3))]}
     c0=$(cpu "${cpids[@]}")
