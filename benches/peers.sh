@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Sluice beside Redis Streams in one sitting: unbatched durable sends from many clients.
-#   Redis: appendonly yes, appendfsync always; redis-benchmark -c 50 -P 1 -x XADD (1 KB values)
+#   Redis: appendonly yes, appendfsync always; redis-benchmark -c 64 -P 1 -x XADD (1 KB values),
+#          then the seed burst: -c 1000 -n 10000 XADD of 4 KB values (its makespan: the run's
+#          wall time, 1000 connections opened included); the server's CPU per XADD (user +
+#          system from /proc, the client not counted)
 #   Sluice: fsync = always (default); sluice-bench produce, 64 producers x 1 message per request,
-#           1 KB values, with tonic's generated client and with the lean one.
+#           1 KB values, with tonic's generated client and with the lean one (its broker CPU
+#           per message: --broker-pid); the seed burst is benches/send_floor.sh's.
 # Installs redis-server/redis-tools with apt when missing. Not part of CI.
 # Usage: benches/peers.sh [ROUNDS]   (rounds are interleaved: redis, sluice tonic, sluice lean)
 set -euo pipefail
@@ -18,6 +22,8 @@ bench=target/release/sluice-bench
 work=$(mktemp -d)
 trap 'kill -9 "${rpid:-0}" "${spid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c 1024 /dev/zero | tr '\0' 'v' >"$work/value"
+head -c 4096 /dev/zero | tr '\0' 'v' >"$work/value4k"
+ticks() { awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/proc/$1/stat"; }
 
 redis_round() {
     rm -rf "$work/redis"; mkdir -p "$work/redis"
@@ -25,8 +31,17 @@ redis_round() {
         --save '' --daemonize no >/dev/null &
     rpid=$!
     until redis-cli -p 6399 ping >/dev/null 2>&1; do sleep 0.05; done
-    redis-benchmark -p 6399 -c 50 -P 1 -n "$n" -x XADD s '*' f <"$work/value" 2>/dev/null \
-        | tr '\r' '\n' | grep -E "requests per second" | tail -1 | sed 's/^/redis XADD (c50, P1): /'
+    local t0 t1 s0 s1
+    t0=$(ticks "$rpid")
+    redis-benchmark -p 6399 -c 64 -P 1 -n "$n" -x XADD s '*' f <"$work/value" 2>/dev/null \
+        | tr '\r' '\n' | grep -E "requests per second" | tail -1 | sed 's/^/redis XADD (c64, P1): /'
+    t1=$(ticks "$rpid")
+    echo "redis XADD (c64, P1): $(echo "scale=1; ($t1 - $t0) * 10000 / $n" | bc) us server CPU per XADD"
+    t0=$(ticks "$rpid"); s0=$(date +%s.%N)
+    redis-benchmark -p 6399 -c 1000 -P 1 -n 10000 -x XADD b '*' f <"$work/value4k" >/dev/null 2>&1
+    s1=$(date +%s.%N); t1=$(ticks "$rpid")
+    echo "redis burst (c1000, 10,000 XADD of 4 KB): makespan $(echo "($s1 - $s0) * 1000 / 1" | bc) ms," \
+        "$(echo "scale=1; ($t1 - $t0) * 10000 / 10000" | bc) us server CPU per XADD"
     kill "$rpid"; wait "$rpid" 2>/dev/null || true
 }
 

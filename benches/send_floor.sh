@@ -8,7 +8,7 @@
 #     (`sluice-bench produce --producers 64 --connections 64 --batch 1`)
 #   - the seed burst: 10,000 concurrent seed-API Sends of 4 KB over 16 connections
 #     (`sluice-bench burst`)
-#   - a lone producer, 1 KB per Send, tonic's client: p50 / p99
+#   - a lone producer, 1 KB per Send, tonic's client and the lean one: p50 / p99
 # and prints the server's CPU per Send (user + system from /proc, the client not counted).
 # With CALLGRIND=1 each server instead runs under `valgrind --tool=callgrind` for two lengths of
 # the 64 x 1 load (N and 2N Sends); the difference of their instruction counts over N is the
@@ -80,8 +80,10 @@ for r in $(seq "$rounds"); do
     line=$("$bench" burst --broker "$addr" --topic seed --sends 10000)
     t1=$(ticks "$pid")
     echo "round $r $name burst: $(per_send "$t0" "$t1" 10000) us CPU per Send; $line"
-    line=$("$bench" produce --broker "$addr" --topic lone --messages 3000 --client tonic)
-    echo "round $r $name lone: $line"
+    for client in tonic lean; do
+      line=$("$bench" produce --broker "$addr" --topic lone --messages 3000 --client "$client")
+      echo "round $r $name lone ($client): $line"
+    done
     stop
   done
 done
