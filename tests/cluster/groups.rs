@@ -1084,3 +1084,81 @@ fn a_group_runs_on_the_node_its_members_are_connected_to() {
         assert_eq!(acked.keys().cloned().collect::<BTreeSet<_>>(), expected);
     });
 }
+
+/// `sluice consume --group` follows its group when it moves: a member through node 3 of a
+/// group led by node 1 is moved there mid-run (its stream ends `UNAVAILABLE`), subscribes
+/// again and prints every message once, in one run that exits 0. Half the messages are sent
+/// only once the group has moved, so the run spans the move whatever the machine's speed.
+#[test]
+fn sluice_consume_follows_its_group_when_it_moves() {
+    const N: u64 = 600;
+    let runtime = runtime();
+    runtime.block_on(async {
+        let cluster = TestCluster::start();
+        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+        send_values(&cluster.addr(0), N / 2, 1).await;
+        for i in 0..3 {
+            readable_up_to(&cluster.addr(i), N / 2, "the messages").await;
+        }
+        // The group, made through node 1, is led there; its first member leaves.
+        let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        let mut first = client
+            .subscribe(pb::SubscribeRequest {
+                topic: TOPIC.into(),
+                group: "cli".into(),
+                max_in_flight: 1,
+                ..pb::SubscribeRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next_deliveries(&mut first, 1).await;
+        drop(first);
+        assert_eq!(leader_of(&cluster, 0, "cli"), Some(0));
+
+        let (addr, count) = (cluster.addr(2), N.to_string());
+        let run = tokio::task::spawn_blocking(move || {
+            common::server::cli(
+                &[
+                    "consume", "--topic", TOPIC, "--group", "cli", "--count", &count, "--broker",
+                    &addr,
+                ],
+                "",
+            )
+        });
+        let moved = tokio::time::timeout(DEADLINE, async {
+            while leader_of(&cluster, 2, "cli") != Some(2) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        moved
+            .await
+            .expect("the group moves to node 3, where its member is");
+        let mut producer = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        producer
+            .send(pb::SendRequest {
+                topic: TOPIC.into(),
+                messages: (N / 2..N)
+                    .map(|i| pb::Message {
+                        value: Some(format!("m-{i}").into()),
+                        ..pb::Message::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        let out = run.await.unwrap();
+        common::server::assert_succeeded(&out, "sluice consume --group through node 3: ");
+        let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let unique: BTreeSet<&String> = printed.iter().collect();
+        assert_eq!(printed.len(), unique.len(), "printed twice");
+        let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+        assert_eq!(
+            unique.into_iter().cloned().collect::<BTreeSet<_>>(),
+            expected
+        );
+    });
+}
