@@ -989,25 +989,7 @@ fn a_group_runs_on_the_node_its_members_are_connected_to() {
     const N: u64 = 300;
     let runtime = runtime();
     runtime.block_on(async {
-        let cluster = TestCluster::start();
-        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
-        send_values(&cluster.addr(0), N, 1).await;
-        for i in 0..3 {
-            readable_up_to(&cluster.addr(i), N, "the messages").await;
-        }
-        let led_by = |group: String, i: usize| {
-            let cluster = &cluster;
-            async move {
-                let moved = tokio::time::timeout(DEADLINE, async {
-                    while leader_of(cluster, i, &group) != Some(i) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                });
-                moved.await.unwrap_or_else(|_| {
-                    panic!("{group} is not led by node {} (its member's)", i + 1)
-                });
-            }
-        };
+        let cluster = cluster_holding(N).await;
         let subscribe = |addr: String, group: String| async move {
             let mut client = BrokerClient::new(connect(&addr).await.ok()?);
             let request = pb::SubscribeRequest {
@@ -1024,7 +1006,7 @@ fn a_group_runs_on_the_node_its_members_are_connected_to() {
             let group = format!("home-{i}");
             let mut stream = subscribe(cluster.addr(i), group.clone()).await.unwrap();
             next_deliveries(&mut stream, 1).await;
-            led_by(group, i).await;
+            until_led_by(&cluster, &group, i).await;
             if i == 0 {
                 first = Some(stream);
             }
@@ -1072,7 +1054,7 @@ fn a_group_runs_on_the_node_its_members_are_connected_to() {
         consumed
             .await
             .unwrap_or_else(|_| panic!("{} of {N} acknowledged", acked.len()));
-        led_by("home-0".into(), 2).await;
+        until_led_by(&cluster, "home-0", 2).await;
         assert_eq!(
             after_ack,
             Vec::<String>::new(),
@@ -1094,12 +1076,7 @@ fn sluice_consume_follows_its_group_when_it_moves() {
     const N: u64 = 600;
     let runtime = runtime();
     runtime.block_on(async {
-        let cluster = TestCluster::start();
-        create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
-        send_values(&cluster.addr(0), N / 2, 1).await;
-        for i in 0..3 {
-            readable_up_to(&cluster.addr(i), N / 2, "the messages").await;
-        }
+        let cluster = cluster_holding(N / 2).await;
         // The group, made through node 1, is led there; its first member leaves.
         let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
         let mut first = client
@@ -1126,14 +1103,7 @@ fn sluice_consume_follows_its_group_when_it_moves() {
                 "",
             )
         });
-        let moved = tokio::time::timeout(DEADLINE, async {
-            while leader_of(&cluster, 2, "cli") != Some(2) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        moved
-            .await
-            .expect("the group moves to node 3, where its member is");
+        until_led_by(&cluster, "cli", 2).await;
         let mut producer = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
         producer
             .send(pb::SendRequest {
@@ -1161,4 +1131,27 @@ fn sluice_consume_follows_its_group_when_it_moves() {
             expected
         );
     });
+}
+
+/// A three-node cluster whose [`TOPIC`] (one partition) holds `m-0` … `m-<n-1>`, readable
+/// through every node.
+async fn cluster_holding(n: u64) -> TestCluster {
+    let cluster = TestCluster::start();
+    create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, 1).await;
+    send_values(&cluster.addr(0), n, 1).await;
+    for i in 0..3 {
+        readable_up_to(&cluster.addr(i), n, "the messages").await;
+    }
+    cluster
+}
+
+/// Waits until node `i` reports that it leads consumer group `group` on [`TOPIC`].
+async fn until_led_by(cluster: &TestCluster, group: &str, i: usize) {
+    let led = tokio::time::timeout(DEADLINE, async {
+        while leader_of(cluster, i, group) != Some(i) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    led.await
+        .unwrap_or_else(|_| panic!("{group} is not led by node {} (its member's)", i + 1));
 }
