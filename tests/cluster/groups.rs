@@ -1155,3 +1155,108 @@ async fn until_led_by(cluster: &TestCluster, group: &str, i: usize) {
     led.await
         .unwrap_or_else(|_| panic!("{group} is not led by node {} (its member's)", i + 1));
 }
+
+/// A group led by a node that holds no replica of its partition reads the partition from the
+/// nodes that do, redeliveries included: every message nacked comes back once, with its own
+/// value and its attempt counted on, when the redeliveries span several reads (scattered
+/// offsets, more bytes than one read takes) and every other offset between them is acked.
+#[test]
+fn a_group_led_by_a_node_holding_no_replica_delivers_every_nacked_message_again_whole() {
+    const MESSAGES: usize = 600;
+    runtime().block_on(async {
+        let cluster = TestCluster::start();
+        AdminClient::new(connect(&cluster.addr(0)).await.unwrap())
+            .create_topic(pb::CreateTopicRequest {
+                name: TOPIC.into(),
+                settings: Some(pb::TopicSettings {
+                    partitions: 1,
+                    replication_factor: Some(2),
+                    ..pb::TopicSettings::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let replicas = describe(&cluster.addr(0)).await.unwrap().partitions[0]
+            .replicas
+            .clone();
+        let outside = (0..3)
+            .find(|&i| !replicas.contains(&(i as u64 + 1)))
+            .expect("one node of three holds no replica");
+        // 1 KB each: the redeliveries below take more than one read of 256 KiB.
+        let value = |i: usize| format!("m-{i}-{}", "x".repeat(1000));
+        let mut producer = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
+        for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(100) {
+            producer
+                .send(pb::SendRequest {
+                    topic: TOPIC.into(),
+                    messages: chunk
+                        .iter()
+                        .map(|&i| pb::Message {
+                            value: Some(value(i).into()),
+                            ..pb::Message::default()
+                        })
+                        .collect(),
+                })
+                .await
+                .unwrap();
+        }
+        // Formed, and led, by the node the first member subscribed through.
+        let mut member = joined(&cluster.addr(outside), MESSAGES as u32).await;
+        assert_eq!(group_leader(&cluster, outside).await, outside);
+        let first = next_deliveries(&mut member, MESSAGES).await;
+        let values: BTreeMap<u64, String> = first
+            .iter()
+            .map(|d| (d.offset, String::from_utf8_lossy(d.value()).to_string()))
+            .collect();
+        assert_eq!(values.len(), MESSAGES);
+        // Two of every three nacked, the third acked.
+        let (nacked, acked): (Vec<_>, Vec<_>) = first.iter().partition(|d| d.offset % 3 != 0);
+        let ids = |ds: &[&pb::Delivery]| ds.iter().map(|d| d.ack_id.clone()).collect();
+        let mut client = BrokerClient::new(connect(&cluster.addr(outside)).await.unwrap());
+        let answer = client
+            .ack(pb::AckRequest {
+                group: GROUP.into(),
+                topic: TOPIC.into(),
+                ack_ids: ids(&acked),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.acked.len(), acked.len());
+        let answer = client
+            .nack(pb::NackRequest {
+                group: GROUP.into(),
+                topic: TOPIC.into(),
+                ack_ids: ids(&nacked),
+                delay_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.nacked.len(), nacked.len());
+        let nacked_at = std::time::Instant::now();
+        let again = next_deliveries(&mut member, nacked.len()).await;
+        eprintln!(
+            "{} redeliveries read from the partition's nodes in {:?}",
+            again.len(),
+            nacked_at.elapsed()
+        );
+        let mut seen = BTreeSet::new();
+        for d in &again {
+            assert!(
+                seen.insert(d.offset),
+                "offset {} delivered again twice",
+                d.offset
+            );
+            assert!(d.offset % 3 != 0, "offset {} was acked", d.offset);
+            assert_eq!(d.attempt, 2, "offset {}", d.offset);
+            assert_eq!(
+                String::from_utf8_lossy(d.value()),
+                values[&d.offset],
+                "offset {}",
+                d.offset
+            );
+        }
+        assert_eq!(seen.len(), nacked.len());
+    });
+}

@@ -2,6 +2,7 @@
 //! messages to members with room (taking turns), and snapshots the state into the group log
 //! from time to time so that replay stays short.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,22 +200,65 @@ impl GroupTopic {
     }
 
     /// The records at due pending offsets of partitions read from other nodes, as
-    /// [`GroupTopic::fill`] takes them (`None`: gone from the log). One that cannot be read
-    /// now (no holder answers, or it is past the end a holder has applied) is left out: it is
-    /// fetched again at the next round.
+    /// [`GroupTopic::fill`] takes them (`None`: gone from the log). Each partition's are read
+    /// in runs: one read from the lowest offset not yet read, as many bytes as a look-ahead
+    /// read, answers every due offset it covers. One that cannot be read now (no holder
+    /// answers, or it is past the end a holder has applied) is left out: it is fetched again
+    /// at the next round.
     async fn fetch_remote(&self, due: Vec<(u32, u64)>) -> Vec<(u32, u64, Option<StoredRecord>)> {
-        let mut fetched = Vec::new();
+        let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for (p, offset) in due {
-            match self.record_at(p, offset).await {
-                Ok(record) => fetched.push((p, offset, record)),
-                Err(Error::Storage(storage::Error::OffsetOutOfRange { start, .. }))
-                    if offset < start =>
-                {
-                    fetched.push((p, offset, None));
-                }
-                Err(e) => {
-                    tracing::debug!(group = %self.group, partition = p, offset, error = %e, "redelivery not read from the partition's nodes yet");
-                }
+            by_partition.entry(p).or_default().push(offset);
+        }
+        let mut fetched = Vec::new();
+        for (p, mut offsets) in by_partition {
+            let Some(remote) = self.remote_log(p) else {
+                continue;
+            };
+            offsets.sort_unstable();
+            offsets.dedup();
+            let mut offsets = offsets.as_slice();
+            while let Some(&from) = offsets.first() {
+                // Not waited for once the group stops (no holder may answer for a while).
+                let read = tokio::select! {
+                    read = remote.batches(from, READ_AHEAD_BYTES, Duration::ZERO) => read,
+                    () = self.stop.cancelled() => break,
+                };
+                let covered = match read.and_then(|r| {
+                    let (next, records) = records_from(from, &r.batches)?;
+                    Ok((next.min(r.high_water), records))
+                }) {
+                    // Every due offset below the read's end is answered by it: its record, or
+                    // none (compacted away).
+                    Ok((next, records)) if next > from => {
+                        let n = offsets.partition_point(|&o| o < next);
+                        for &o in &offsets[..n] {
+                            let record = records
+                                .binary_search_by_key(&o, |r| r.offset)
+                                .ok()
+                                .map(|i| records[i].clone());
+                            fetched.push((p, o, record));
+                        }
+                        n
+                    }
+                    // Retention removed the offsets below the log's start.
+                    Err(Error::Storage(storage::Error::OffsetOutOfRange { start, .. }))
+                        if from < start =>
+                    {
+                        let n = offsets.partition_point(|&o| o < start);
+                        fetched.extend(offsets[..n].iter().map(|&o| (p, o, None)));
+                        n
+                    }
+                    Ok(_) => {
+                        tracing::debug!(group = %self.group, partition = p, offset = from, "redelivery past the end its partition's nodes have applied");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = %self.group, partition = p, offset = from, error = %e, "redelivery not read from the partition's nodes yet");
+                        break;
+                    }
+                };
+                offsets = &offsets[covered..];
             }
         }
         fetched
