@@ -9,6 +9,8 @@
 //! - `offline.rs`: `verify` and `dump` of a data directory; `data_dir.rs`: the check every
 //!   offline command makes first.
 //! - `audit.rs`: `audit` and `auth token`.
+//! - `subscription.rs`: a consumer-group member's subscription and acks as every client here
+//!   keeps them (subscribed again, sent again, when the group moves).
 //!
 //! The benchmarks' load generator is another binary, `sluice-bench` (`benches/sluice-bench`).
 
@@ -26,6 +28,7 @@ mod lines;
 mod offline;
 mod produce;
 mod serve;
+pub mod subscription;
 mod time;
 mod topics;
 

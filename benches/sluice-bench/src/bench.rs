@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
@@ -21,6 +21,7 @@ use sluice::proto::v1 as pb;
 use sluice::proto::v1::admin_client::AdminClient;
 
 use crate::lean::LeanChannel;
+use sluice::cli::subscription::{self, Subscription};
 use sluice::cli::{BrokerArg, CliError};
 use sluice::cli::{Link, broker_client, link};
 
@@ -356,26 +357,23 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         .map(|(&first, &end)| vec![true; (end - first) as usize])
         .collect();
     let mut remaining: u64 = unseen.iter().map(|p| p.len() as u64).sum();
-    let mut client = broker_client(channel);
+    let client = broker_client(channel);
     let group = b.group.clone().unwrap_or_default();
     // Acks go out from their own task so that receiving never waits for them, up to
     // `ACKS_IN_FLIGHT` at once: an ack answers once it is durable (an fsync), and the broker
     // frees a member's in-flight slots when an ack arrives, not when it is answered. An ack
-    // refused as UNAVAILABLE (the group moving to another node) is dropped: its message comes
-    // again and is acked then.
+    // refused as UNAVAILABLE (the group moving to another node) is sent again.
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
     let acker = {
         let client = client.clone();
         let (group, topic) = (group.clone(), b.topic.clone());
         tokio::spawn(async move {
             let mut acks = tokio::task::JoinSet::new();
-            let settled =
-                |done: Result<Result<(), tonic::Status>, tokio::task::JoinError>| match done
-                    .map_err(|e| CliError::Usage(format!("ack task: {e}")))?
-                {
-                    Err(s) if s.code() != tonic::Code::Unavailable => Err(CliError::from(s)),
-                    _ => Ok(()),
-                };
+            let settled = |done: Result<Result<_, tonic::Status>, tokio::task::JoinError>| {
+                done.map_err(|e| CliError::Usage(format!("ack task: {e}")))?
+                    .map(drop)
+                    .map_err(CliError::from)
+            };
             while let Some(mut ids) = ack_rx.recv().await {
                 while acks.len() >= ACKS_IN_FLIGHT {
                     if let Some(done) = acks.join_next().await {
@@ -391,7 +389,7 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
                     topic: topic.clone(),
                     ack_ids: ids,
                 };
-                acks.spawn(async move { client.ack(request).await.map(drop) });
+                acks.spawn(async move { subscription::ack(&mut client, request).await });
             }
             while let Some(done) = acks.join_next().await {
                 settled(done)?;
@@ -412,53 +410,33 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
             kind: Some(pb::start_position::Kind::Earliest(true)),
         }),
     };
-    let (mut messages, mut bytes, mut resubscribed) = (0u64, 0u64, 0u32);
-    'subscriptions: while remaining > 0 {
-        // A group member's stream ends UNAVAILABLE when its group moves to another node (or
-        // its leader changes): it subscribes again, as any member must.
-        let mut stream = match client.subscribe(request.clone()).await {
-            Ok(s) => s.into_inner(),
-            Err(s)
-                if !group.is_empty()
-                    && s.code() == tonic::Code::Unavailable
-                    && resubscribed < 100 =>
-            {
-                resubscribed += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(s) => return Err(s.into()),
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    // A group member subscribes again when its group moves (or its leader changes).
+    let mut subscription = Subscription::new(client, request);
+    while remaining > 0 {
+        let Some(response) = subscription.next().await? else {
+            break;
         };
-        while remaining > 0 {
-            let response = match stream.message().await {
-                Ok(Some(response)) => response,
-                Ok(None) => break 'subscriptions,
-                Err(s) if !group.is_empty() && s.code() == tonic::Code::Unavailable => {
-                    resubscribed += 1;
-                    continue 'subscriptions;
-                }
-                Err(s) => return Err(s.into()),
-            };
-            let mut ids = Vec::new();
-            for d in response.deliveries {
-                let p = d.partition as usize;
-                let fresh = (firsts.get(p).zip(unseen.get_mut(p)))
-                    .and_then(|(&first, u)| u.get_mut(d.offset.checked_sub(first)? as usize))
-                    .is_some_and(|u| std::mem::replace(u, false));
-                if fresh {
-                    remaining -= 1;
-                    messages += 1;
-                    bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
-                }
-                if !group.is_empty() {
-                    ids.push(d.ack_id);
-                }
+        let mut ids = Vec::new();
+        for d in response.deliveries {
+            let p = d.partition as usize;
+            let fresh = (firsts.get(p).zip(unseen.get_mut(p)))
+                .and_then(|(&first, u)| u.get_mut(d.offset.checked_sub(first)? as usize))
+                .is_some_and(|u| std::mem::replace(u, false));
+            if fresh {
+                remaining -= 1;
+                messages += 1;
+                bytes += d.value.as_ref().map_or(0, |v| v.len() as u64);
             }
-            if !ids.is_empty() {
-                let _ = ack_tx.send(ids);
+            if !group.is_empty() {
+                ids.push(d.ack_id);
             }
         }
+        if !ids.is_empty() {
+            let _ = ack_tx.send(ids);
+        }
     }
+    let resubscribed = subscription.resubscribed();
     drop(ack_tx);
     acker
         .await
