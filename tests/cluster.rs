@@ -739,10 +739,7 @@ fn kills_pauses_and_cuts_of_leaders_and_followers_lose_duplicate_and_reorder_not
         progress(&acks, 50, "before any fault").await;
         // CLUSTER_ROUNDS=N runs the schedule N times (1 in CI; docs/benchmarks.md records a
         // longer run), alternating which partition's leader is killed and which paused.
-        let rounds: u32 = std::env::var("CLUSTER_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(1);
+        let rounds = cluster_rounds();
         let all = [0, 1, 2];
         for round in 0..rounds {
             let killed = round % PARTITIONS;
@@ -1178,6 +1175,14 @@ fn ids_sent_again_through_any_node_across_kills_pauses_and_cuts_are_stored_once(
             history.errors
         );
     });
+}
+
+/// How many rounds of faults the harnesses run: `CLUSTER_ROUNDS`, 1 by default (CI).
+fn cluster_rounds() -> u32 {
+    std::env::var("CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Node `i`'s view of every partition's term (`sluice_raft_term`).

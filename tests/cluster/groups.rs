@@ -357,8 +357,12 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
             ("SLUICE_GROUPS_ACK_TIMEOUT_MS", "5000"),
         ]);
         create_topic(connect(&cluster.addr(0)).await.unwrap(), TOPIC, PARTITIONS).await;
+        // CLUSTER_ROUNDS=N runs the faults N times (1 in CI; docs/benchmarks.md records a
+        // longer run) over N times the messages.
+        let rounds = cluster_rounds() as usize;
+        let messages = MESSAGES * rounds as u64;
         let mut client = BrokerClient::new(connect(&cluster.addr(0)).await.unwrap());
-        for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(50) {
+        for chunk in (0..messages).collect::<Vec<_>>().chunks(50) {
             client
                 .send(pb::SendRequest {
                     topic: TOPIC.into(),
@@ -375,33 +379,38 @@ fn a_group_of_four_members_over_three_nodes_consumes_through_kills_pauses_and_cu
         }
         let history = Arc::new(Mutex::new(GroupHistory::default()));
         let members = Members::spawn(TOPIC, 4, &cluster.addrs, &history);
-        let good = (MESSAGES - MESSAGES / POISON) as usize;
-        acked_at_least(&history, good / 6, "before any fault").await;
+        // Each fault lasts until another share of the messages is acknowledged (a sixth each
+        // in one round; the last sixth after the faults).
+        let good = (messages - messages / POISON) as usize;
+        let share = good / (3 * rounds + 3);
+        acked_at_least(&history, share, "before any fault").await;
+        let mut ask = 0;
+        for round in 0..rounds {
+            let shares = |k: usize| (3 * round + k) * share;
+            // Killed: another node leads the group from its log; the killed one comes back.
+            let leader = group_leader(&cluster, ask).await;
+            cluster.kill(leader);
+            acked_at_least(&history, shares(2), "with the group's leader killed").await;
+            cluster.restart(leader);
 
-        // Killed: another node leads the group from its log; the killed one comes back.
-        let leader = group_leader(&cluster, 0).await;
-        cluster.kill(leader);
-        acked_at_least(&history, good / 3, "with the group's leader killed").await;
-        cluster.restart(leader);
+            // Paused past the election timeout, then resumed: it finds a newer term.
+            let leader = group_leader(&cluster, (leader + 1) % 3).await;
+            cluster.signal(leader, "STOP");
+            tokio::time::sleep(Duration::from_secs(3)).await; // the fault's length, not a wait for state
+            cluster.signal(leader, "CONT");
+            acked_at_least(&history, shares(3), "after the leader's pause").await;
 
-        // Paused past the election timeout, then resumed: it finds a newer term.
-        let ask = (leader + 1) % 3;
-        let leader = group_leader(&cluster, ask).await;
-        cluster.signal(leader, "STOP");
-        tokio::time::sleep(Duration::from_secs(3)).await; // the fault's length, not a wait for state
-        cluster.signal(leader, "CONT");
-        acked_at_least(&history, good / 2, "after the leader's pause").await;
-
-        // Cut off from the other nodes (clients still reach it): the others elect a leader.
-        let ask = (leader + 1) % 3;
-        let leader = group_leader(&cluster, ask).await;
-        cluster.links.isolate(leader, true);
-        acked_at_least(&history, 2 * good / 3, "with the leader cut off").await;
-        cluster.links.isolate(leader, false);
+            // Cut off from the other nodes (clients still reach it): the others elect a leader.
+            let leader = group_leader(&cluster, (leader + 1) % 3).await;
+            cluster.links.isolate(leader, true);
+            acked_at_least(&history, shares(4), "with the leader cut off").await;
+            cluster.links.isolate(leader, false);
+            ask = (leader + 1) % 3;
+        }
 
         // Every message ends acknowledged or dead-lettered (a message whose deliveries were
         // cut short by the faults `max_deliveries` times is dead-lettered too).
-        let all: BTreeSet<String> = (0..MESSAGES).map(|i| format!("m-{i}")).collect();
+        let all: BTreeSet<String> = (0..messages).map(|i| format!("m-{i}")).collect();
         let mut dead = Vec::new();
         let everything = tokio::time::timeout(DEADLINE, async {
             loop {
