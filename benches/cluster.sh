@@ -24,7 +24,8 @@
 #     the member is on its leader; a member relayed to another node costs about twice the CPU:
 #     docs/benchmarks.md)
 #     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK;
-#     GROUP_MAX_IN_FLIGHT: the members' max_in_flight, default 1000, the same on one node and three)
+#     GROUP_MAX_IN_FLIGHT: the members' max_in_flight, the same on one node and three; default 0,
+#     the brokers' own default, groups.default_in_flight)
 # Usage: [N=messages for the lone producer, default 3000] [FAILOVERS=k, default 1]
 #        [ONLY="lone batched failover burst idle ids groups", default all] benches/cluster.sh
 # The cluster's timings are the defaults, or SLUICE_CLUSTER_ELECTION_TIMEOUT_MS and
@@ -34,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${N:-3000}"
 only="${ONLY:-lone batched failover burst idle ids groups}"
-window="${GROUP_MAX_IN_FLIGHT:-1000}"
+window="${GROUP_MAX_IN_FLIGHT:-0}"
 want() { [[ " $only " == *" $1 "* ]]; }
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench

@@ -184,7 +184,8 @@ pub struct GroupsConfig {
     pub max_deliveries: u32,
     /// Most unacknowledged deliveries a group member may ask for. Default: 10000.
     pub max_in_flight: usize,
-    /// Unacknowledged deliveries per member when the subscription does not say. Default: 1000.
+    /// Unacknowledged deliveries per member when the subscription does not say. Default: 2000,
+    /// enough to cover a cluster's commit of each delivery (docs/consumer-groups.md).
     pub default_in_flight: usize,
 }
 
@@ -194,7 +195,7 @@ impl Default for GroupsConfig {
             ack_timeout_ms: 30_000,
             max_deliveries: 5,
             max_in_flight: 10_000,
-            default_in_flight: 1000,
+            default_in_flight: 2000,
         }
     }
 }

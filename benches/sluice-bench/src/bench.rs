@@ -167,8 +167,9 @@ pub struct ConsumeBench {
     /// Consume as a member of this (new) group, acknowledging every response.
     #[arg(long)]
     pub group: Option<String>,
-    /// With --group: unacknowledged deliveries held at most.
-    #[arg(long, default_value_t = 1000)]
+    /// With --group: unacknowledged deliveries held at most (0: the broker's default,
+    /// `groups.default_in_flight`).
+    #[arg(long, default_value_t = 0)]
     pub max_in_flight: u32,
     /// The broker's process id (a broker on this machine): prints the CPU time it spent.
     #[arg(long)]
@@ -447,7 +448,10 @@ async fn consume(b: ConsumeBench) -> Result<(), CliError> {
         if group.is_empty() {
             String::new()
         } else {
-            format!(" as group {group} (max_in_flight {})", b.max_in_flight)
+            match b.max_in_flight {
+                0 => format!(" as group {group} (the broker's default max_in_flight)"),
+                w => format!(" as group {group} (max_in_flight {w})"),
+            }
         },
         messages,
         bytes as f64 / 1e6,
