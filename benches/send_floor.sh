@@ -14,11 +14,17 @@
 # the 64 x 1 load (N and 2N Sends); the difference of their instruction counts over N is the
 # instructions per Send, start-up excluded (they repeat to the instruction; CPU-seconds move
 # +-30 % between identical runs on the 2-core VM).
-# Usage: [ROUNDS=3] [N=20000 Sends per 64 x 1 run] [CALLGRIND=1] benches/send_floor.sh
+# BENV="NAME=value ..." is passed to the broker only (an A/B of one setting, e.g.
+# BENV=SLUICE_SEND_INLINE_SYNC_US=0); ONLY="64x1 burst lone" runs only those parts.
+# Usage: [ROUNDS=3] [N=20000 Sends per 64 x 1 run] [CALLGRIND=1] [BENV=...] [ONLY=...]
+#        benches/send_floor.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${ROUNDS:-3}"
 n="${N:-20000}"
+only="${ONLY:-64x1 burst lone}"
+want() { [[ " $only " == *" $1 "* ]]; }
+read -r -a benv <<<"${BENV:-}"
 cargo build --release --quiet --workspace
 bench=target/release/sluice-bench
 root="${BENCH_DATA_DIR:-target/bench-data}/send-floor"
@@ -35,7 +41,9 @@ start() { # start NAME [WRAPPER...]: the server NAME (floor or broker) on a fres
   [ "$name" = floor ] && bin=target/release/sluice-floor args=()
   rm -rf "$dir" "$dir.out"
   mkdir -p "$dir"
-  RUST_LOG=warn "$@" "$bin" "${args[@]}" --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" \
+  local envs=(RUST_LOG=warn)
+  [ "$name" = broker ] && envs+=("${benv[@]}")
+  env "${envs[@]}" "$@" "$bin" "${args[@]}" --data-dir "$dir" --listen 127.0.0.1:0 --http-listen "" \
     --fsync always >"$dir.out" 2>"$dir.err" &
   pid=$!
   for _ in $(seq 600); do grep -q listening "$dir.out" && break; sleep 0.1; done
@@ -70,20 +78,27 @@ fi
 for r in $(seq "$rounds"); do
   for name in floor broker; do
     start "$name"
-    unbatched 1000 >/dev/null # connections, topic, warm caches
-    t0=$(ticks "$pid")
-    line=$(unbatched "$n")
-    t1=$(ticks "$pid")
-    echo "round $r $name 64x1: $(per_send "$t0" "$t1" "$n") us CPU per Send; $line"
-    "$bench" burst --broker "$addr" --topic seed --sends 100 >/dev/null
-    t0=$(ticks "$pid")
-    line=$("$bench" burst --broker "$addr" --topic seed --sends 10000)
-    t1=$(ticks "$pid")
-    echo "round $r $name burst: $(per_send "$t0" "$t1" 10000) us CPU per Send; $line"
-    for client in tonic lean; do
-      line=$("$bench" produce --broker "$addr" --topic lone --messages 3000 --client "$client")
-      echo "round $r $name lone ($client): $line"
-    done
+    if want 64x1; then
+      unbatched 1000 >/dev/null # connections, topic, warm caches
+      t0=$(ticks "$pid")
+      line=$(unbatched "$n")
+      t1=$(ticks "$pid")
+      echo "round $r $name 64x1: $(per_send "$t0" "$t1" "$n") us CPU per Send; $line"
+    fi
+    if want burst; then
+      "$bench" burst --broker "$addr" --topic seed --sends 100 >/dev/null
+      t0=$(ticks "$pid")
+      line=$("$bench" burst --broker "$addr" --topic seed --sends 10000)
+      t1=$(ticks "$pid")
+      echo "round $r $name burst: $(per_send "$t0" "$t1" 10000) us CPU per Send; $line"
+    fi
+    if want lone; then
+      "$bench" produce --broker "$addr" --topic lone --messages 300 --client lean >/dev/null
+      for client in tonic lean; do
+        line=$("$bench" produce --broker "$addr" --topic lone --messages 3000 --client "$client")
+        echo "round $r $name lone ($client): $line"
+      done
+    fi
     stop
   done
 done

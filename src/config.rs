@@ -136,6 +136,12 @@ pub struct Config {
     /// without a thread wake-up. At most one Send in the broker polls at a time. 0 turns it
     /// off. Default: 500.
     pub send_spin_us: u64,
+    /// A Send to one partition that arrives while the writer pool has nothing to do is written
+    /// and synced on the worker thread that received it, when that partition's last sync took
+    /// no longer than this many microseconds: a lone producer's acknowledgement then needs no
+    /// hand-off between threads. At most one worker thread at a time is held this way, and
+    /// only when the runtime has two or more. 0 turns it off. Default: 2000.
+    pub send_inline_sync_us: u64,
     /// Threads of the writer pool that runs group commit for every partition and group log
     /// (see docs/storage.md); 0 means one per core. Default: 0.
     pub writer_threads: usize,
@@ -265,6 +271,7 @@ impl Default for Config {
             delivery_batch_bytes: 256 << 10,
             retention_check_ms: 300_000,
             send_spin_us: 500,
+            send_inline_sync_us: 2000,
             writer_threads: 0,
             log_format: LogFormat::Text,
             log_filter: "info".into(),

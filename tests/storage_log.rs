@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::common::{FaultyIo, assert_records, open, read_all, record, small_config};
-use sluice::storage::{AppendMode, EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record};
+use sluice::storage::{
+    AppendMode, EncodedBatch, Error, FsyncPolicy, LogConfig, Partition, Record, WriterPool,
+};
 
 #[test]
 fn appended_batches_read_back_in_order_across_rolls_and_a_clean_reopen() {
@@ -306,9 +309,9 @@ fn the_interval_policy_syncs_on_its_timer_without_further_appends() {
     p.append_blocking(&[record(0, 10)]).unwrap();
     assert_eq!(p.stats().syncs, before, "acknowledged before any sync");
     // Wait (bounded) for the writer's timer to fire; the assertion is that it does at all.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while p.stats().syncs == before && std::time::Instant::now() < deadline {
-        std::thread::park_timeout(std::time::Duration::from_millis(10));
+        std::thread::park_timeout(Duration::from_millis(10));
     }
     assert!(
         p.stats().syncs > before,
@@ -352,7 +355,7 @@ fn a_writer_polling_for_a_lone_appender_still_stops_like_a_crash_when_dropped() 
         let _ = dropped_tx.send(());
     });
     dropped
-        .recv_timeout(std::time::Duration::from_secs(60))
+        .recv_timeout(Duration::from_secs(60))
         .expect("dropping the partition must end its writer's poll at once");
     let p = open(dir.path(), config);
     assert!(!p.recovery_report().clean, "a drop is not a clean close");
@@ -394,4 +397,199 @@ fn a_writer_that_batches_appends_stops_calling_itself_lone() {
         None,
         "a round of several appends is not a lone producer's"
     );
+}
+
+/// Where an append's completion ran, and with what.
+type Done = std::sync::mpsc::Receiver<(std::thread::ThreadId, Option<String>, u64)>;
+
+/// [`Partition::append_here_when_quiet`] of one record: the receiver hears the completion's
+/// thread (id and name) and the offset; the flag says whether the completion ran on the calling
+/// thread before the call returned.
+fn append_here(p: &Partition, rec: &Record, max_sync: Duration) -> (Done, bool) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    p.append_here_when_quiet(
+        EncodedBatch::new(std::slice::from_ref(rec)),
+        AppendMode::DURABLE,
+        max_sync,
+        Box::new(move |r| {
+            let t = std::thread::current();
+            tx.send((t.id(), t.name().map(str::to_owned), r.unwrap().base_offset))
+                .unwrap();
+        }),
+    );
+    match rx.try_recv() {
+        Ok(done) => {
+            let here = done.0 == std::thread::current().id();
+            let (tx, rx) = std::sync::mpsc::channel();
+            tx.send(done).unwrap();
+            (rx, here)
+        }
+        Err(_) => (rx, false),
+    }
+}
+
+#[test]
+fn a_lone_appender_is_served_on_its_own_thread_while_the_writers_sleep_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new();
+    let pool = WriterPool::new(1).unwrap();
+    let config = small_config(FsyncPolicy::Always);
+    let p = Partition::open_in(&pool, dir.path(), config.clone(), io.clone(), None).unwrap();
+    let syncs_before = io.syncs.load(Ordering::SeqCst);
+    let want: Vec<Record> = (0..100).map(|i| record(i, 300)).collect();
+    let mut here = Vec::new();
+    for (i, rec) in want.iter().enumerate() {
+        let (done, served_here) = append_here(&p, rec, Duration::from_secs(1));
+        let (_, _, offset) = done.recv().unwrap();
+        assert_eq!(offset, i as u64);
+        here.push(served_here);
+        // Acknowledged means durable and visible, whoever wrote it.
+        assert_eq!(p.high_water(), i as u64 + 1);
+    }
+    // The pool's one thread sleeps once it has started: from then on, every append is served
+    // by its caller (one sync each: nothing else shares it).
+    let first = here
+        .iter()
+        .position(|&h| h)
+        .expect("no append served by its caller");
+    assert!(here[first..].iter().all(|&h| h), "{here:?}");
+    assert!(io.syncs.load(Ordering::SeqCst) - syncs_before >= 100);
+    assert_records(&read_all(&p), &want, 0);
+    drop(p);
+    let p = Partition::open_in(&pool, dir.path(), config, io, None).unwrap();
+    assert_records(&read_all(&p), &want, 0);
+}
+
+#[test]
+fn an_append_is_queued_for_the_writers_unless_they_sleep_and_its_partition_syncs_fast_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let (slow_io, io) = (FaultyIo::new(), FaultyIo::new());
+    let pool = WriterPool::new(1).unwrap();
+    let config = small_config(FsyncPolicy::Always);
+    let open = |name: &str, io: &Arc<FaultyIo>| {
+        let io: Arc<FaultyIo> = Arc::clone(io);
+        Partition::open_in(&pool, &dir.path().join(name), config.clone(), io, None).unwrap()
+    };
+    let (busy, p) = (open("busy", &slow_io), open("p", &io));
+    // The writer busy with another partition's sync, held until the gate opens.
+    let gate = slow_io.sync_gate.write().unwrap();
+    let (tx, held) = std::sync::mpsc::channel();
+    busy.append(
+        EncodedBatch::new(&[record(0, 100)]),
+        AppendMode::DURABLE,
+        Box::new(move |r| tx.send(r.map(|a| a.base_offset)).unwrap()),
+    );
+    let (done, served_here) = append_here(&p, &record(1, 100), Duration::from_secs(1));
+    assert!(!served_here, "served by its caller while a writer works");
+    assert!(
+        done.try_recv().is_err(),
+        "acknowledged before any writer got to it"
+    );
+    drop(gate);
+    assert_eq!(held.recv().unwrap().unwrap(), 0);
+    let (_, name, offset) = done.recv().unwrap();
+    assert_eq!(offset, 0);
+    assert!(name.is_some_and(|n| n.starts_with("sluice-writer")));
+
+    // A partition whose last sync took longer than the caller allows is written by the pool.
+    // The pool sleeps again once its round is done; from the first append served here on,
+    // nothing wakes it but what is queued for it.
+    let second = Duration::from_secs(1);
+    let mut n = 2;
+    while !append_here(&p, &record(n, 100), second).1 {
+        n += 1;
+    }
+    io.sync_delay_us.store(3000, Ordering::SeqCst);
+    assert!(
+        append_here(&p, &record(n + 1, 100), second).1,
+        "a slow sync, served here"
+    );
+    io.sync_delay_us.store(0, Ordering::SeqCst);
+    let (done, served_here) = append_here(&p, &record(n + 2, 100), Duration::from_millis(1));
+    assert!(!served_here, "served here after a sync slower than allowed");
+    let (_, name, offset) = done.recv().unwrap();
+    assert!(name.is_some_and(|n| n.starts_with("sluice-writer")));
+    assert_eq!(offset, n + 1);
+    assert_eq!(read_all(&p).len() as u64, n + 2);
+}
+
+#[test]
+fn appenders_served_on_their_own_threads_and_by_the_writers_at_once_lose_and_reorder_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = WriterPool::new(2).unwrap();
+    let config = small_config(FsyncPolicy::Always);
+    let p = Arc::new(
+        Partition::open_in(
+            &pool,
+            dir.path(),
+            config.clone(),
+            Arc::new(sluice::storage::RealIo),
+            None,
+        )
+        .unwrap(),
+    );
+    let (threads, per_thread) = (8u64, 40u64);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let p = Arc::clone(&p);
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0..per_thread {
+                    let rec = record(t * 1000 + i, 200);
+                    // Half the threads always ask to be served here, the others alternate.
+                    let offset = if t % 2 == 0 || i % 2 == 0 {
+                        append_here(&p, &rec, Duration::from_secs(1))
+                            .0
+                            .recv()
+                            .unwrap()
+                            .2
+                    } else {
+                        p.append_blocking(std::slice::from_ref(&rec))
+                            .unwrap()
+                            .base_offset
+                    };
+                    acked.push((offset, rec));
+                }
+                acked
+            })
+        })
+        .collect();
+    let acked: Vec<Vec<(u64, Record)>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let stored = read_all(&p);
+    assert_eq!(
+        stored.len() as u64,
+        threads * per_thread,
+        "every acknowledged append stored once"
+    );
+    let at: std::collections::HashMap<Vec<u8>, u64> = stored
+        .iter()
+        .map(|r| (r.value.clone().unwrap().to_vec(), r.offset))
+        .collect();
+    for mine in &acked {
+        let offsets: Vec<u64> = mine
+            .iter()
+            .map(|(offset, rec)| {
+                let stored_at = at[&rec.value.clone().unwrap().to_vec()];
+                assert_eq!(
+                    *offset, stored_at,
+                    "the acknowledged offset is where it is stored"
+                );
+                stored_at
+            })
+            .collect();
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "one appender's order kept: {offsets:?}"
+        );
+    }
+    drop(p);
+    let p = Partition::open_in(
+        &pool,
+        dir.path(),
+        config,
+        Arc::new(sluice::storage::RealIo),
+        None,
+    )
+    .unwrap();
+    assert_eq!(read_all(&p), stored, "the same after a reopen");
 }

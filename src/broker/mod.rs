@@ -211,6 +211,8 @@ impl Broker {
                 replicated: cluster.as_ref().map(|c| c.write_timeout()),
             },
             acks: AckPoller::new(Duration::from_micros(settings.send_spin_us)),
+            inline_sync: (settings.send_inline_sync_us > 0)
+                .then(|| Duration::from_micros(settings.send_inline_sync_us)),
             metrics: Arc::clone(&metrics),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),

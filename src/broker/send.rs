@@ -52,6 +52,12 @@ pub struct Sends {
     pub(super) limits: SendLimits,
     /// Lets a lone producer's Send poll for its acknowledgement (see [`super::ack_poll`]).
     pub(super) acks: AckPoller,
+    /// A Send to one partition is served on its own thread while the writers have nothing to
+    /// do and the partition's last sync took at most this ([`Partition::append_here_when_quiet`]);
+    /// `None`: never.
+    ///
+    /// [`Partition::append_here_when_quiet`]: crate::storage::Partition::append_here_when_quiet
+    pub(super) inline_sync: Option<std::time::Duration>,
     pub(super) metrics: Arc<Metrics>,
     /// Runs the id index's background writes and merges.
     pub(super) tasks: TaskTracker,
@@ -450,6 +456,11 @@ impl Sends {
             ids.claimed.hand_over();
             (ids.dedup, ids.keys)
         });
+        // One partition, on a runtime with another worker to go on meanwhile: its batch may be
+        // written and synced on this thread (docs/storage.md, "A lone producer").
+        let inline = self
+            .inline_sync
+            .filter(|_| plan.len() == 1 && other_workers());
         // Hand every batch to its writer first, then wait: the partitions sync in parallel.
         let mut pending = Vec::with_capacity(plan.len());
         for (b, permit) in plan.into_iter().zip(permits) {
@@ -464,17 +475,20 @@ impl Sends {
                 partition,
                 timestamp,
             });
-            topic.partitions[partition as usize].log.append(
-                b.batch,
-                AppendMode::DURABLE,
-                Box::new(move |r| {
-                    if let Some(ids) = ids {
-                        ids.settle(&r);
-                    }
-                    drop(permit);
-                    let _ = tx.send(r);
-                }),
-            );
+            let done: storage::Completion = Box::new(move |r| {
+                if let Some(ids) = ids {
+                    ids.settle(&r);
+                }
+                drop(permit);
+                let _ = tx.send(r);
+            });
+            let log = &topic.partitions[partition as usize].log;
+            match inline {
+                Some(max_sync) => {
+                    log.append_here_when_quiet(b.batch, AppendMode::DURABLE, max_sync, done)
+                }
+                None => log.append(b.batch, AppendMode::DURABLE, done),
+            }
             pending.push((partition, b.indexes, rx));
         }
         for (p, indexes, rx) in pending {
@@ -577,6 +591,12 @@ impl BatchIds {
             }
         }
     }
+}
+
+/// The runtime running this task has another worker thread to go on while this one is held by
+/// a sync.
+fn other_workers() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() > 1)
 }
 
 /// The partition of a message among `count`: its own choice, its key's, or the request's

@@ -27,6 +27,8 @@ pub struct Settings {
     pub retention_check_ms: u64,
     /// How long a lone producer's Send polls for its acknowledgement.
     pub send_spin_us: u64,
+    /// Longest last sync of a partition whose Send is served on its own thread; 0: never.
+    pub send_inline_sync_us: u64,
     /// Age after which `_audit` records go; 0: kept.
     pub audit_retention_ms: u64,
     pub log: LogConfig,
@@ -49,6 +51,7 @@ impl From<&Config> for Settings {
             delivery_batch_bytes: c.delivery_batch_bytes,
             retention_check_ms: c.retention_check_ms,
             send_spin_us: c.send_spin_us,
+            send_inline_sync_us: c.send_inline_sync_us,
             audit_retention_ms: c.auth.audit_retention_ms,
             log: LogConfig {
                 // A replicated partition's next entry follows a round trip to a follower, longer

@@ -37,6 +37,8 @@ pub struct FaultyIo {
     pub fail_from: AtomicU64,
     /// `sync_data` waits while a test holds this lock for writing.
     pub sync_gate: RwLock<()>,
+    /// Each data sync takes at least this many microseconds more (a slow disk).
+    pub sync_delay_us: AtomicU64,
 }
 
 impl Default for FaultyIo {
@@ -51,6 +53,7 @@ impl Default for FaultyIo {
             ops: AtomicU64::new(0),
             fail_from: AtomicU64::new(u64::MAX),
             sync_gate: RwLock::new(()),
+            sync_delay_us: AtomicU64::new(0),
         }
     }
 }
@@ -105,6 +108,9 @@ impl FileIo for FaultyIo {
 
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
         drop(self.sync_gate.read().unwrap());
+        std::thread::sleep(std::time::Duration::from_micros(
+            self.sync_delay_us.load(Ordering::SeqCst),
+        ));
         self.step()?;
         self.syncs.fetch_add(1, Ordering::SeqCst);
         let index = matches!(

@@ -123,8 +123,9 @@ impl Shared {
     }
 
     /// After a round: true to serve another one on this thread. Otherwise the partition is either
-    /// idle (nothing queued) or back in the pool's queue behind the partitions waiting there.
-    pub(super) fn more_work(self: &Arc<Self>, pool: &PoolInner) -> bool {
+    /// idle (nothing queued) or back in the pool's queue behind the partitions waiting there
+    /// (with `hand_off`, from a thread outside the pool: whether any wait or not).
+    pub(super) fn more_work(self: &Arc<Self>, pool: &PoolInner, hand_off: bool) -> bool {
         let mut inbox = self.inbox();
         if inbox.cmds.is_empty() && !inbox.tick {
             inbox.scheduled = false;
@@ -138,7 +139,7 @@ impl Shared {
             }
             return false;
         }
-        !(pool.others_waiting() && pool.schedule(Arc::clone(self)))
+        !((hand_off || pool.others_waiting()) && pool.schedule(Arc::clone(self)))
     }
 
     /// An interval sync is due (from the pool's timer).

@@ -307,6 +307,48 @@ impl Partition {
         );
     }
 
+    /// [`Partition::append`], served on the calling thread when nothing else is being written:
+    /// if every thread of the writer pool sleeps with nothing queued, no other caller is
+    /// serving a round this way, this partition is idle and not in lone mode (its writer would
+    /// poll for this append: `writer_spin_us`), and its last sync took at most `max_sync`, the
+    /// batch (with whatever queues meanwhile) is written and synced here and `done` called
+    /// before this returns. Otherwise it is queued as `append` queues it.
+    ///
+    /// For a lone producer's Send whose appends come further apart than the writer polls for:
+    /// its acknowledgement then needs no hand-off to a writer thread and no wake-up back, at
+    /// the cost of holding the caller's thread for one sync, and only one caller's thread in
+    /// the process at a time.
+    pub fn append_here_when_quiet(
+        &self,
+        batch: EncodedBatch,
+        mode: AppendMode,
+        max_sync: Duration,
+        done: Completion,
+    ) {
+        let sh = &self.shared;
+        if let Some(e) = sh.poisoned_error() {
+            return done(Err(e));
+        }
+        let last_sync = Duration::from_micros(sh.last_sync_micros.load(Ordering::Relaxed));
+        let turn = (last_sync <= max_sync)
+            .then(|| sh.pool.inline_turn())
+            .flatten();
+        let cmd = Command::Append(batch, done, mode.durable);
+        let Some(turn) = turn else {
+            return sh.post(cmd, mode.wait_for_room);
+        };
+        let mut inbox = sh.inbox();
+        if inbox.scheduled || inbox.closed || !inbox.cmds.is_empty() {
+            drop((inbox, turn));
+            return sh.post(cmd, mode.wait_for_room);
+        }
+        inbox.cmds.push_back(cmd);
+        inbox.scheduled = true;
+        drop(inbox);
+        pool::serve_round_here(&sh.pool, sh);
+        drop(turn);
+    }
+
     /// Appends records and waits until they are durable, on the calling thread (offline tools,
     /// tests): [`Partition::append`] with [`AppendMode::DURABLE`].
     pub fn append_blocking(&self, records: &[Record]) -> Result<Appended> {

@@ -15,12 +15,12 @@
 use std::cell::Cell;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::writer::{MAX_GATHER_BYTES, MAX_GATHER_COMMANDS};
+use super::writer::{MAX_GATHER_BYTES, MAX_GATHER_COMMANDS, Writer};
 use super::{Command, Shared};
 
 /// A pool of partition writer threads. Dropping it stops its threads once their queue is empty;
@@ -37,6 +37,10 @@ pub(super) struct PoolInner {
     wake: Condvar,
     /// Partitions in the ready queue, readable without the lock (a polling writer checks it).
     ready_len: AtomicUsize,
+    /// Threads not asleep: serving, firing timers, or about to sleep.
+    awake: AtomicUsize,
+    /// A caller is serving a round on its own thread ([`PoolInner::inline_turn`]).
+    inline: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +106,8 @@ impl WriterPool {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             ready_len: AtomicUsize::new(0),
+            awake: AtomicUsize::new(threads.max(1)),
+            inline: AtomicBool::new(false),
         });
         let mut pool = WriterPool {
             inner,
@@ -185,6 +191,20 @@ impl PoolInner {
         self.ready_len.load(Ordering::Acquire) > 0
     }
 
+    /// The right to serve a round on the caller's own thread: given only while every pool
+    /// thread sleeps with nothing queued (the process writes nothing else) and no other caller
+    /// holds it, so at most one caller's thread is ever held by a sync this way.
+    pub(super) fn inline_turn(&self) -> Option<InlineTurn<'_>> {
+        let quiet =
+            self.awake.load(Ordering::Acquire) == 0 && self.ready_len.load(Ordering::Acquire) == 0;
+        (quiet
+            && self
+                .inline
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok())
+        .then_some(InlineTurn(&self.inline))
+    }
+
     /// Asks for `part` to be scheduled for a sync round at `at`.
     pub(super) fn add_timer(&self, at: Instant, part: &Arc<Shared>) {
         let mut q = lock(&self.queue);
@@ -232,6 +252,7 @@ impl PoolInner {
                 return;
             }
             q.sleeping += 1;
+            self.awake.fetch_sub(1, Ordering::Release);
             q = match q.timers.peek().map(|t| t.at.saturating_duration_since(now)) {
                 Some(wait) => {
                     self.wake
@@ -241,8 +262,18 @@ impl PoolInner {
                 }
                 None => self.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
             };
+            self.awake.fetch_add(1, Ordering::Release);
             q.sleeping -= 1;
         }
+    }
+}
+
+/// See [`PoolInner::inline_turn`]; given back when dropped.
+pub(super) struct InlineTurn<'a>(&'a AtomicBool);
+
+impl Drop for InlineTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -359,50 +390,7 @@ pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
     let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
     let spin = part.config.writer_spin();
     loop {
-        let idle = w.round_end.elapsed();
-        let (cmds, tick) = part.take_commands(MAX_GATHER_COMMANDS);
-        let taken = cmds.len();
-        for c in cmds {
-            match c {
-                Command::Append(batch, done, _) if w.closed => {
-                    drop(batch);
-                    done(Err(part.closed_error()));
-                }
-                Command::Append(batch, done, durable) => {
-                    // After staging: a roll inside `stage` commits, which clears the flag.
-                    w.stage(part, batch, done);
-                    w.needs_sync |= durable;
-                    if w.staged_bytes >= MAX_GATHER_BYTES {
-                        w.flush(part);
-                    }
-                }
-                Command::Roll(reply) if w.closed => {
-                    let _ = reply.send(Err(part.closed_error()));
-                }
-                Command::Roll(reply) => {
-                    let r = w.roll(part);
-                    let _ = reply.send(r);
-                }
-                Command::Close(reply) => {
-                    let r = if w.closed { Ok(()) } else { w.close(part) };
-                    w.closed = true;
-                    let _ = reply.send(r);
-                }
-            }
-        }
-        if tick {
-            w.timer_pending = false;
-        }
-        w.lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
-            w.lone_rounds.saturating_add(1)
-        } else {
-            0
-        };
-        // Before the round completes, so its senders see how the writer serves them.
-        let polling = w.lone_rounds >= 2 && !w.closed;
-        if part.polling.load(Ordering::Relaxed) != polling {
-            part.polling.store(polling, Ordering::Relaxed);
-        }
+        let (tick, polling) = take_round(part, &mut w, spin);
         ctx.priority
             .set(if polling { 0 } else { part.config.writer_nice });
         w.flush(part);
@@ -415,15 +403,94 @@ pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
                 std::thread::yield_now();
             }
         }
-        if !part.more_work(pool) {
-            if !w.timer_pending
-                && !w.closed
-                && let Some(wait) = w.next_wait(part)
-            {
-                w.timer_pending = true;
-                pool.add_timer(Instant::now() + wait, part);
-            }
+        if !part.more_work(pool, false) {
+            arm_timer(pool, part, &mut w);
             return;
         }
     }
+}
+
+/// Serves one round of a partition on the calling thread, which claimed it (set `scheduled`)
+/// holding an [`InlineTurn`]: the commands queued, written and synced here, their completions
+/// called before it returns. What queued meanwhile goes to the pool; the thread never polls
+/// and keeps its priority. Its rounds count toward the writer's lone mode as the pool's do:
+/// a producer whose appends come within `writer_spin_us` is left to a polling writer.
+pub(super) fn serve_round_here(pool: &PoolInner, part: &Arc<Shared>) {
+    SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
+    let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let (tick, _) = take_round(part, &mut w, None);
+        w.flush(part);
+        w.commit(part, tick);
+        w.round_end = Instant::now();
+        // Only a pool that has stopped leaves the rest here.
+        if !part.more_work(pool, true) {
+            arm_timer(pool, part, &mut w);
+            break;
+        }
+    }
+    drop(w);
+    SERVING.with(|s| s.set(0));
+}
+
+/// A partition going idle under `fsync = interval` asks for its next sync round.
+fn arm_timer(pool: &PoolInner, part: &Arc<Shared>, w: &mut Writer) {
+    if !w.timer_pending
+        && !w.closed
+        && let Some(wait) = w.next_wait(part)
+    {
+        w.timer_pending = true;
+        pool.add_timer(Instant::now() + wait, part);
+    }
+}
+
+/// A round's first half: takes the queued commands and stages them. Returns whether an
+/// interval sync is due and whether the writer now serves a lone producer (with `spin`: two
+/// single appends in a row, each within the window of the previous round's end).
+fn take_round(part: &Arc<Shared>, w: &mut Writer, spin: Option<Duration>) -> (bool, bool) {
+    let idle = w.round_end.elapsed();
+    let (cmds, tick) = part.take_commands(MAX_GATHER_COMMANDS);
+    let taken = cmds.len();
+    for c in cmds {
+        match c {
+            Command::Append(batch, done, _) if w.closed => {
+                drop(batch);
+                done(Err(part.closed_error()));
+            }
+            Command::Append(batch, done, durable) => {
+                // After staging: a roll inside `stage` commits, which clears the flag.
+                w.stage(part, batch, done);
+                w.needs_sync |= durable;
+                if w.staged_bytes >= MAX_GATHER_BYTES {
+                    w.flush(part);
+                }
+            }
+            Command::Roll(reply) if w.closed => {
+                let _ = reply.send(Err(part.closed_error()));
+            }
+            Command::Roll(reply) => {
+                let r = w.roll(part);
+                let _ = reply.send(r);
+            }
+            Command::Close(reply) => {
+                let r = if w.closed { Ok(()) } else { w.close(part) };
+                w.closed = true;
+                let _ = reply.send(r);
+            }
+        }
+    }
+    if tick {
+        w.timer_pending = false;
+    }
+    w.lone_rounds = if taken == 1 && spin.is_some_and(|window| idle <= window) {
+        w.lone_rounds.saturating_add(1)
+    } else {
+        0
+    };
+    // Before the round completes, so its senders see how the writer serves them.
+    let polling = w.lone_rounds >= 2 && !w.closed;
+    if part.polling.load(Ordering::Relaxed) != polling {
+        part.polling.store(polling, Ordering::Relaxed);
+    }
+    (tick, polling)
 }
