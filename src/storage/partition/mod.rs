@@ -308,16 +308,15 @@ impl Partition {
     }
 
     /// [`Partition::append`], served on the calling thread when nothing else is being written:
-    /// if every thread of the writer pool sleeps with nothing queued, no other caller is
-    /// serving a round this way, this partition is idle and not in lone mode (its writer would
-    /// poll for this append: `writer_spin_us`), and its last sync took at most `max_sync`, the
-    /// batch (with whatever queues meanwhile) is written and synced here and `done` called
-    /// before this returns. Otherwise it is queued as `append` queues it.
+    /// if every thread of the writer pool sleeps with nothing queued (a writer polling for a
+    /// lone producer is awake), no other caller is serving a round this way, this partition is
+    /// idle and its last sync took at most `max_sync`, the batch (with whatever queues
+    /// meanwhile) is written and synced here and `done` called before this returns. Otherwise
+    /// it is queued as `append` queues it.
     ///
-    /// For a lone producer's Send whose appends come further apart than the writer polls for:
-    /// its acknowledgement then needs no hand-off to a writer thread and no wake-up back, at
-    /// the cost of holding the caller's thread for one sync, and only one caller's thread in
-    /// the process at a time.
+    /// For a lone producer's Send: its acknowledgement then needs no hand-off to a writer
+    /// thread and no wake-up back, at the cost of holding the caller's thread for one sync,
+    /// and only one caller's thread in the process at a time.
     pub fn append_here_when_quiet(
         &self,
         batch: EncodedBatch,

@@ -413,8 +413,8 @@ pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
 /// Serves one round of a partition on the calling thread, which claimed it (set `scheduled`)
 /// holding an [`InlineTurn`]: the commands queued, written and synced here, their completions
 /// called before it returns. What queued meanwhile goes to the pool; the thread never polls
-/// and keeps its priority. Its rounds count toward the writer's lone mode as the pool's do:
-/// a producer whose appends come within `writer_spin_us` is left to a polling writer.
+/// and keeps its priority. Its rounds never count toward the writer's lone mode (sending a
+/// producer back and forth between the two paths measured slower than either).
 pub(super) fn serve_round_here(pool: &PoolInner, part: &Arc<Shared>) {
     SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
     let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
