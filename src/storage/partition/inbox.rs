@@ -51,7 +51,8 @@ impl Shared {
     pub(super) fn post(self: &Arc<Self>, cmd: Command, bounded: bool) {
         let mut inbox = self.inbox();
         while bounded && inbox.cmds.len() >= self.config.queue_depth && !inbox.closed {
-            inbox = self.changed.wait(inbox).unwrap_or_else(|p| p.into_inner());
+            // Counted as a waiter: the writer wakes `changed` only when someone waits on it.
+            inbox = self.wait_changed(inbox);
         }
         if inbox.closed {
             drop(inbox);
@@ -80,6 +81,8 @@ impl Shared {
         inbox
     }
 
+    /// Waits on `changed`, counted in `waiters` (every wait on it must be: the writer notifies
+    /// only when the count is above zero).
     pub(super) fn wait_changed<'a>(
         &self,
         mut inbox: MutexGuard<'a, Inbox>,
