@@ -648,8 +648,12 @@ fn appenders_waiting_for_room_in_a_full_inbox_are_all_woken_and_lose_nothing() {
                         }
                         Way::Blocking => {
                             let (tx, rx) = std::sync::mpsc::channel();
-                            tx.send(p.append_blocking(&[rec.clone()]).unwrap().base_offset)
-                                .unwrap();
+                            tx.send(
+                                p.append_blocking(std::slice::from_ref(&rec))
+                                    .unwrap()
+                                    .base_offset,
+                            )
+                            .unwrap();
                             acks.push((rec, rx));
                         }
                     }
