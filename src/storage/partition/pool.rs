@@ -87,11 +87,27 @@ thread_local! {
     static SERVING: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Marks the calling thread as serving a partition until dropped (also when a completion
+/// panics).
+struct Serving;
+
+impl Serving {
+    fn enter(part: &Arc<Shared>) -> Serving {
+        SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
+        Serving
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.set(0));
+    }
+}
+
 /// Serves `part` on the calling thread, which must have claimed it (set `scheduled`).
 pub(super) fn serve_here(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
-    SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
+    let _serving = Serving::enter(part);
     serve(pool, part, ctx);
-    SERVING.with(|s| s.set(0));
 }
 
 /// True when the calling thread is serving `part` right now.
@@ -416,7 +432,7 @@ pub(super) fn serve(pool: &PoolInner, part: &Arc<Shared>, ctx: &mut ThreadCtx) {
 /// and keeps its priority. Its rounds never count toward the writer's lone mode (sending a
 /// producer back and forth between the two paths measured slower than either).
 pub(super) fn serve_round_here(pool: &PoolInner, part: &Arc<Shared>) {
-    SERVING.with(|s| s.set(Arc::as_ptr(part) as usize));
+    let _serving = Serving::enter(part);
     let mut w = part.writer.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         let (tick, _) = take_round(part, &mut w, None);
@@ -429,8 +445,6 @@ pub(super) fn serve_round_here(pool: &PoolInner, part: &Arc<Shared>) {
             break;
         }
     }
-    drop(w);
-    SERVING.with(|s| s.set(0));
 }
 
 /// A partition going idle under `fsync = interval` asks for its next sync round.
