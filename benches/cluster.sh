@@ -16,13 +16,15 @@
 #   - ids: Sends with ids against Sends without on the same cluster and partition leader,
 #     interleaved ABBA (ROUNDS, default 2): 64 producers x 1 message per Send, and x 100-message
 #     batches (`sluice-bench produce --ids`: every message a new 16-byte id)
-#   - groups: a consumer group reading GROUP_MESSAGES (default 200,000) messages of 1 KB (stored beforehand), acking
-#     every response, through the partition's leader; on the cluster the group's own Raft
-#     group commits each delivery's and each ack's events before they count; then GROUP_RUNS
-#     (default 3) more groups on the same messages through each node in turn, each run saying
-#     which node leads its group (the node its member subscribed through forms a new group, so
-#     the member is on its leader; a member relayed to another node costs about twice the CPU:
-#     docs/benchmarks.md)
+#   - groups: a consumer group reading GROUP_MESSAGES (default 1,000,000: a run of about two
+#     seconds; at 200,000 a run lasts a third of a second and single runs moved by ±20 %)
+#     messages of 1 KB (stored beforehand), acking every response, through the partition's
+#     leader; on the cluster the group's own Raft group commits each delivery's and each ack's
+#     events before they count; then GROUP_RUNS (default 3) more groups on the same messages,
+#     on one node through it, on the cluster through each node in turn, each run saying which
+#     node leads its group (the node its member subscribed through forms a new group, so the
+#     member is on its leader; a member relayed to another node costs about twice the CPU:
+#     docs/benchmarks.md). Last, the median of each side's runs and their ratio.
 #     (PERF_OUT=FILE: each of those runs is profiled, perf record of the three brokers into FILE.gK;
 #     GROUP_MAX_IN_FLIGHT: the members' max_in_flight, the same on one node and three; default 0,
 #     the brokers' own default, groups.default_in_flight)
@@ -100,13 +102,25 @@ group_leader() { # group_leader GROUP TOPIC ADDR: the node leading the consumer 
   "$bin" cluster status --broker "$3" | awk -v g="$1" -v t="$2" '$1 == g && $2 == t { print $3 }'
 }
 
+group_rates=() # msg/s of each group run on the current side
+consume_group() { # consume_group GROUP ADDR: one group reads topic grp through ADDR
+  local out
+  out=$("$bench" consume --topic grp --group "$1" --max-in-flight "$window" --broker "$2")
+  echo "$out"
+  group_rates+=("$(sed -n 's/.* = \([0-9]*\) msg\/s.*/\1/p' <<<"$out")")
+}
+
+median() { # median N...: the middle value (the lower middle of an even count)
+  printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+
 groups() { # groups ADDR PIDS...: fills topic grp through ADDR, then one group reads it all
   local addr=$1; shift
-  "$bench" produce --topic grp --producers 16 --connections 4 --batch 100 --messages "${GROUP_MESSAGES:-200000}" \
+  "$bench" produce --topic grp --producers 16 --connections 4 --batch 100 --messages "${GROUP_MESSAGES:-1000000}" \
     --broker "$addr" >/dev/null
   local c0 c1
   c0=$(cpu "$@")
-  "$bench" consume --topic grp --group g --max-in-flight "$window" --broker "$addr"
+  consume_group g "$addr"
   c1=$(cpu "$@")
   echo "brokers' CPU for the group's run: $(echo "$c1 - $c0" | bc) s"
 }
@@ -120,6 +134,14 @@ if want lone || want batched || want groups; then
     "$bin" topics create grp --partitions 1 --broker "$single" >/dev/null
     echo "-- groups"
     groups "$single" "$spid"
+    for k in $(seq "${GROUP_RUNS:-3}"); do
+      c0=$(cpu "$spid")
+      consume_group "g$k" "$single"
+      c1=$(cpu "$spid")
+      echo "broker CPU: $(echo "$c1 - $c0" | bc) s"
+    done
+    one_node_rates=("${group_rates[@]}")
+    group_rates=()
   fi
   if want lone; then
     "$bench" produce --topic lone --producers 1 --batch 1 --messages "$n" --broker "$single"
@@ -184,11 +206,14 @@ if want groups; then
       perf record -q -F 999 -g -p "$(IFS=,; echo "${cpids[*]}")" -o "$PERF_OUT.g$k" -- \
         "$bench" consume --topic grp --group "g$k" --max-in-flight "$window" --broker "$through"
     else
-      "$bench" consume --topic grp --group "g$k" --max-in-flight "$window" --broker "$through"
+      consume_group "g$k" "$through"
     fi
     c1=$(cpu "${cpids[@]}")
     echo "brokers' CPU: $(echo "$c1 - $c0" | bc) s; member connected to node $(node_of "$through"), group led by node $(group_leader "g$k" grp "$through")"
   done
+  one=$(median "${one_node_rates[@]}")
+  three=$(median "${group_rates[@]}")
+  echo "groups, median of $((${GROUP_RUNS:-3} + 1)) runs each: one node $one msg/s, three nodes $three msg/s: $((100 * three / one)) % of one node"
 fi
 
 if want burst; then
