@@ -627,10 +627,12 @@ fn appenders_waiting_for_room_in_a_full_inbox_are_all_woken_and_lose_nothing() {
         for t in 0..threads as u64 {
             let (p, finished_tx) = (Arc::clone(&p), finished_tx.clone());
             std::thread::spawn(move || {
+                // Each append's offset, read once every append of this thread is queued.
                 let mut acks = Vec::new();
                 for i in 0..per_thread {
                     let rec = record(t * 1000 + i, 100);
-                    match ways[(t + i) as usize % ways.len()] {
+                    let offset: Box<dyn FnOnce() -> u64> = match ways[(t + i) as usize % ways.len()]
+                    {
                         Way::Append => {
                             let (tx, rx) = std::sync::mpsc::channel();
                             p.append(
@@ -638,29 +640,22 @@ fn appenders_waiting_for_room_in_a_full_inbox_are_all_woken_and_lose_nothing() {
                                 AppendMode::DURABLE,
                                 Box::new(move |r| tx.send(r.unwrap().base_offset).unwrap()),
                             );
-                            acks.push((rec, rx));
+                            Box::new(move || rx.recv().unwrap())
                         }
                         Way::Here => {
-                            let (rx, _) = append_here(&p, &rec, Duration::from_secs(1));
-                            let (tx, offset) = std::sync::mpsc::channel();
-                            std::thread::spawn(move || tx.send(rx.recv().unwrap().2).unwrap());
-                            acks.push((rec, offset));
+                            let (done, _) = append_here(&p, &rec, Duration::from_secs(1));
+                            Box::new(move || done.recv().unwrap().2)
                         }
                         Way::Blocking => {
-                            let (tx, rx) = std::sync::mpsc::channel();
-                            tx.send(
-                                p.append_blocking(std::slice::from_ref(&rec))
-                                    .unwrap()
-                                    .base_offset,
-                            )
-                            .unwrap();
-                            acks.push((rec, rx));
+                            let appended = p.append_blocking(std::slice::from_ref(&rec)).unwrap();
+                            Box::new(move || appended.base_offset)
                         }
-                    }
+                    };
+                    acks.push((rec, offset));
                 }
                 let acked: Vec<(Record, u64)> = acks
                     .into_iter()
-                    .map(|(rec, rx)| (rec, rx.recv().unwrap()))
+                    .map(|(rec, offset)| (rec, offset()))
                     .collect();
                 finished_tx.send(acked).unwrap();
             });
