@@ -103,9 +103,10 @@ group_leader() { # group_leader GROUP TOPIC ADDR: the node leading the consumer 
 }
 
 group_rates=() # msg/s of each group run on the current side
-consume_group() { # consume_group GROUP ADDR: one group reads topic grp through ADDR
-  local out
-  out=$("$bench" consume --topic grp --group "$1" --max-in-flight "$window" --broker "$2")
+consume_group() { # consume_group GROUP ADDR [COMMAND...]: one group reads topic grp through ADDR (under COMMAND)
+  local group=$1 addr=$2 out
+  shift 2
+  out=$("$@" "$bench" consume --topic grp --group "$group" --max-in-flight "$window" --broker "$addr")
   echo "$out"
   group_rates+=("$(sed -n 's/.* = \([0-9]*\) msg\/s.*/\1/p' <<<"$out")")
 }
@@ -201,13 +202,12 @@ if want groups; then
   for k in $(seq "${GROUP_RUNS:-3}"); do
     through=${addrs[$(((k - 1) % 3))]}
     c0=$(cpu "${cpids[@]}")
+    profile=()
     if [ -n "${PERF_OUT:-}" ]; then
       # A sampled profile of the three brokers for this group's run (perf report -i FILE).
-      perf record -q -F 999 -g -p "$(IFS=,; echo "${cpids[*]}")" -o "$PERF_OUT.g$k" -- \
-        "$bench" consume --topic grp --group "g$k" --max-in-flight "$window" --broker "$through"
-    else
-      consume_group "g$k" "$through"
+      profile=(perf record -q -F 999 -g -p "$(IFS=,; echo "${cpids[*]}")" -o "$PERF_OUT.g$k" --)
     fi
+    consume_group "g$k" "$through" "${profile[@]}"
     c1=$(cpu "${cpids[@]}")
     echo "brokers' CPU: $(echo "$c1 - $c0" | bc) s; member connected to node $(node_of "$through"), group led by node $(group_leader "g$k" grp "$through")"
   done
